@@ -1,0 +1,1 @@
+"""The ``gateway`` command line: thin commands that parse, call a service, print."""

@@ -1,0 +1,88 @@
+"""``gateway init``: create a node home."""
+
+from __future__ import annotations
+
+import click
+
+from gateway.cli.base import GatewayCommand
+from gateway.cli.context import AppContext, pass_app
+from gateway.node.runtime import utc_now
+from gateway.node.setup import init_node
+
+__all__ = ["init"]
+
+
+@click.command(cls=GatewayCommand)
+@click.option(
+    "--node",
+    "node_id",
+    type=click.Choice(["jp", "pk"]),
+    required=True,
+    help="Which contact point this node is: jp (Tokyo) or pk (Islamabad).",
+)
+@click.option(
+    "--listen", metavar="HOST:PORT", help="Peer API listen address (default 127.0.0.1:8701)."
+)
+@click.option(
+    "--api-listen", metavar="HOST:PORT", help="Local API listen address (default 127.0.0.1:8702)."
+)
+@click.option(
+    "--peer-url", metavar="URL", help="Base URL of the peer node, e.g. https://pk.example:8701."
+)
+@click.option(
+    "--db",
+    "db_url",
+    metavar="URL",
+    help="Database URL (default: SQLite file in the home; postgresql://user@host/db for production).",
+)
+@pass_app
+def init(
+    app: AppContext,
+    node_id: str,
+    listen: str | None,
+    api_listen: str | None,
+    peer_url: str | None,
+    db_url: str | None,
+) -> None:
+    """Create a new node home: configuration, database, keys and first admin.
+
+    Refuses to touch a home that holds a node already.
+
+    \b
+    Example:
+      gateway init --home /srv/gw-jp --node jp --listen 0.0.0.0:8701 \\
+          --peer-url https://pk.example:8701 --db postgresql://gw@db/gateway
+    """
+    home = app.home()
+    result = init_node(
+        home,
+        node_id,
+        now=utc_now(),
+        listen=listen,
+        api_listen=api_listen,
+        peer_url=peer_url,
+        db_url=db_url,
+        environ=dict(app.environ),
+    )
+    data = {
+        "home": result.home,
+        "node": result.node_id,
+        "config": result.config_path,
+        "database": result.database_url,
+        "migrations": result.migrations,
+        "made": result.made,
+        **result.facts,
+    }
+
+    def human() -> str:
+        lines = [
+            f"Created node {result.node_id!r} in {result.home}",
+            f"  config:     {result.config_path}",
+            f"  database:   {result.database_url.split('@')[-1]}",
+            f"  migrations: {', '.join(result.migrations) or 'none'}",
+        ]
+        for key, value in result.facts.items():
+            lines.append(f"  {key}: {value}")
+        return "\n".join(lines)
+
+    app.emit(data, human)

@@ -1,0 +1,58 @@
+"""Entry point of the ``gateway`` command.
+
+Exit codes (SPEC §8): 0 done; 1 error; 2 usage; 3 refused by the consent
+ledger; 4 verification failed. The mapping from the exception tree to exit
+codes lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from gateway import __version__, log
+from gateway.cli.base import GatewayGroup
+from gateway.cli.context import AppContext
+
+__all__ = ["cli", "main"]
+
+
+@click.group(cls=GatewayGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Print a traceback on errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Log debug lines to stderr.")
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File holding the acting user's token (default: $GATEWAY_TOKEN).",
+)
+@click.version_option(__version__, prog_name="gateway")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: bool, token_file: Path | None) -> None:
+    """ssw-gateway: signed, encrypted case exchange between the Japan (jp) and
+    Pakistan (pk) contact points of the Specified Skilled Worker cooperation.
+
+    \b
+    Exit codes: 0 done, 1 error, 2 usage, 3 refused by the consent ledger,
+    4 verification failed (tampering, bad signature, broken chain).
+    """
+    app = ctx.ensure_object(AppContext)
+    app.debug = debug
+    app.verbose = verbose
+    app.token_file = token_file
+    log.configure(level="debug" if verbose else "warning")
+
+
+def _register() -> None:
+    from gateway.cli import db_cmd, demo_cmd, init_cmd  # noqa: PLC0415
+
+    cli.add_command(init_cmd.init)
+    cli.add_command(db_cmd.db)
+    cli.add_command(demo_cmd.demo)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="gateway")

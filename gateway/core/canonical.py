@@ -1,0 +1,90 @@
+"""Canonical JSON (RFC 8785, JCS) and bounded JSON parsing.
+
+What is signed is always the canonical bytes; those bytes are kept and
+verified as they are, never re-serialised. Every parse of untrusted JSON is
+bounded in size and nesting depth before ``json`` sees it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import rfc8785
+
+from gateway.errors import InvalidInput
+
+__all__ = ["DEFAULT_MAX_DEPTH", "canonical_bytes", "parse_bounded_json", "parse_canonical"]
+
+DEFAULT_MAX_DEPTH = 32
+
+
+def canonical_bytes(value: Any) -> bytes:
+    """The RFC 8785 canonical form of a JSON value (no floats with ambiguity, sorted keys)."""
+    try:
+        return bytes(rfc8785.dumps(value))
+    except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
+        raise InvalidInput(f"value cannot be canonicalised as JSON: {exc}") from None
+
+
+def _depth_within(data: bytes, max_depth: int) -> bool:
+    depth = 0
+    in_string = False
+    escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+            continue
+        if byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > max_depth:
+                return False
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return True
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise InvalidInput(f"duplicate JSON key {key!r}")
+        result[key] = value
+    return result
+
+
+def _no_constants(name: str) -> Any:
+    raise InvalidInput(f"JSON constant {name} is not allowed")
+
+
+def parse_bounded_json(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+    """Parse untrusted JSON: size and depth checked first, duplicate keys and NaN refused."""
+    if len(data) > max_bytes:
+        raise InvalidInput(f"JSON document of {len(data)} bytes exceeds the limit of {max_bytes}")
+    if not _depth_within(data, max_depth):
+        raise InvalidInput(f"JSON nesting deeper than {max_depth} levels")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("JSON document is not valid UTF-8") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(
+            f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+
+
+def parse_canonical(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
+    """Parse JSON that must already be in canonical form; anything else is refused."""
+    value = parse_bounded_json(data, max_bytes=max_bytes, max_depth=max_depth)
+    if canonical_bytes(value) != data:
+        raise InvalidInput("JSON is not in canonical (RFC 8785) form")
+    return value

@@ -1,0 +1,1 @@
+"""Services that join the pure core to the storage and key shells."""

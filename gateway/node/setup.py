@@ -1,0 +1,149 @@
+"""Creating a node home: configuration, directories, database.
+
+``init_node`` is all-or-nothing: if any step fails, what it created is removed
+again, and a home that holds a node already is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+import gateway
+from gateway.errors import AlreadyExists, ConfigError
+from gateway.settings import CONFIG_FILE, Settings, load_settings, parse_host_port, write_config
+from gateway.store.db import open_database
+from gateway.store.models import NodeRecord
+
+__all__ = ["InitResult", "InitStep", "init_node", "register_init_step"]
+
+HOME_MODE = 0o700
+
+
+@dataclass
+class InitResult:
+    """What ``gateway init`` made, to print for the administrator."""
+
+    home: Path
+    node_id: str
+    config_path: Path
+    database_url: str
+    migrations: list[str]
+    made: list[str] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+InitStep = Callable[[Settings, Session, datetime, InitResult], None]
+"""A later stage of node creation (keys, first admin user): gets the loaded
+settings, the open transaction that also records the node row (so a failing
+stage leaves no row behind), the time, and the result to add what it made to."""
+
+_STEPS: list[tuple[int, str, InitStep]] = []
+
+
+def register_init_step(order: int, name: str, step: InitStep) -> None:
+    """Register a stage of ``init_node``; stages run by ascending ``order``."""
+    if any(existing == name for _, existing, _ in _STEPS):
+        return
+    _STEPS.append((order, name, step))
+    _STEPS.sort(key=lambda item: item[0])
+
+
+def _validate_inputs(node_id: str, listen: str | None, peer_url: str | None) -> None:
+    if node_id not in ("jp", "pk"):
+        raise ConfigError(f"node must be 'jp' or 'pk', not {node_id!r}", reason="config.node")
+    if listen is not None:
+        try:
+            parse_host_port(listen)
+        except ValueError as exc:
+            raise ConfigError(f"--listen: {exc}", reason="config.value") from None
+    if peer_url is not None and not peer_url.startswith(("http://", "https://")):
+        raise ConfigError("--peer-url must start with http:// or https://", reason="config.value")
+
+
+def init_node(
+    home: Path,
+    node_id: str,
+    *,
+    now: datetime,
+    listen: str | None = None,
+    api_listen: str | None = None,
+    peer_url: str | None = None,
+    db_url: str | None = None,
+    environ: dict[str, str] | None = None,
+) -> InitResult:
+    """Create a node home with its configuration and database."""
+    _validate_inputs(node_id, listen, peer_url)
+    if (home / CONFIG_FILE).exists():
+        raise AlreadyExists(
+            f"{home} holds a node already ({CONFIG_FILE} exists); nothing was changed"
+        )
+    created_home = not home.exists()
+    if home.exists() and not home.is_dir():
+        raise ConfigError(f"{home} exists and is not a directory")
+    made_paths: list[Path] = []
+    try:
+        home.mkdir(mode=HOME_MODE, parents=True, exist_ok=True)
+        for sub in ("keys", "data", "data/blobs"):
+            path = home / sub
+            if not path.exists():
+                path.mkdir(mode=HOME_MODE)
+                made_paths.append(path)
+            path.chmod(HOME_MODE)
+        config_path = write_config(
+            home,
+            {
+                "node": {"id": node_id},
+                "server": {"listen": listen, "api_listen": api_listen, "peer_url": peer_url},
+                "database": {"url": db_url},
+            },
+        )
+        made_paths.append(config_path)
+        settings = load_settings(home, environ=environ if environ is not None else dict(os.environ))
+        db = open_database(settings.database_url)
+        try:
+            migrations = db.upgrade()
+            result = InitResult(
+                home=home,
+                node_id=node_id,
+                config_path=config_path,
+                database_url=settings.database_url,
+                migrations=migrations,
+                made=[str(config_path), str(home / "keys"), str(home / "data")],
+            )
+            with db.transaction() as session:
+                owners = session.scalars(select(NodeRecord.node_id)).all()
+                if owners:
+                    raise AlreadyExists(
+                        f"the database given already belongs to node {owners[0]!r}; "
+                        "each node needs its own database"
+                    )
+                session.add(
+                    NodeRecord(
+                        node_id=node_id, created_at=now, software_version=gateway.__version__
+                    )
+                )
+                session.flush()
+                for _order, _name, step in _STEPS:
+                    step(settings, session, now, result)
+        finally:
+            db.dispose()
+    except BaseException:
+        if created_home:
+            shutil.rmtree(home, ignore_errors=True)
+        else:
+            for path in reversed(made_paths):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+        raise
+    return result

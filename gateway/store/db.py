@@ -1,0 +1,166 @@
+"""Engine factory and the one session/transaction pattern of the code base.
+
+Every unit of work is::
+
+    with db.transaction() as session:
+        ...  # reads and writes; commit on normal exit, rollback on any exception
+
+There is no other way to write. On SQLite every transaction starts with
+``BEGIN IMMEDIATE`` (one writer at a time, decided at the start, so no
+transaction fails half-way on a lock upgrade), the journal is WAL and
+``synchronous=FULL`` so that an acknowledged commit survives power loss, and
+foreign keys are enforced. On PostgreSQL the default isolation is READ
+COMMITTED; a unit of work that must see a stable snapshot and serialise
+against concurrent writers asks for ``transaction(serializable=True)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from gateway.errors import StorageError
+from gateway.store.base import Base
+
+__all__ = ["Database", "load_models", "open_database"]
+
+_MIGRATIONS = Path(__file__).parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 15_000
+
+
+def load_models() -> None:
+    """Import every model module under ``gateway.store`` so the metadata is whole."""
+    import gateway.store as package  # noqa: PLC0415
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("models"):
+            importlib.import_module(f"gateway.store.{info.name}")
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Autocommit at the driver level: SQLAlchemy's "begin" event issues BEGIN itself.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    finally:
+        cursor.close()
+
+
+def _sqlite_begin(connection: Any) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _normalise_url(url: str) -> str:
+    if url.startswith("postgresql://"):
+        return "postgresql+psycopg://" + url[len("postgresql://") :]
+    return url
+
+
+class Database:
+    """A node's database: engine, sessions and migrations."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = _normalise_url(url)
+        self.is_sqlite = self.url.startswith("sqlite")
+        options: dict[str, Any] = {"echo": echo, "future": True}
+        if self.is_sqlite:
+            options["connect_args"] = {
+                "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+                "check_same_thread": False,
+            }
+        else:
+            options["pool_pre_ping"] = True
+            options["connect_args"] = {"connect_timeout": 10}
+        try:
+            self.engine: Engine = create_engine(self.url, **options)
+        except (SQLAlchemyError, ValueError) as exc:
+            raise StorageError(f"database URL not usable: {type(exc).__name__}") from None
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine, "begin", _sqlite_begin)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._serializable = sessionmaker(
+            self.engine.execution_options(isolation_level="SERIALIZABLE")
+            if not self.is_sqlite
+            else self.engine,
+            expire_on_commit=False,
+        )
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextmanager
+    def transaction(self, *, serializable: bool = False) -> Iterator[Session]:
+        """One unit of work: commit on normal exit, roll back on any exception."""
+        factory = self._serializable if serializable else self._sessions
+        try:
+            with factory() as session, session.begin():
+                yield session
+        except OperationalError as exc:
+            raise StorageError(f"database unavailable or locked: {exc.orig!s}".strip()) from exc
+
+    def alembic_config(self) -> Config:
+        config = Config()
+        config.set_main_option("script_location", str(_MIGRATIONS))
+        config.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        return config
+
+    def upgrade(self) -> list[str]:
+        """Apply every pending migration (all branches); return the revisions applied."""
+        before = set(self.current_revisions())
+        config = self.alembic_config()
+        with self.engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "heads")
+        after = self.current_revisions()
+        script = ScriptDirectory.from_config(config)
+        applied = [rev for rev in after if rev not in before]
+        # Report every revision between the old and new heads, oldest first.
+        walked: list[str] = []
+        for head in applied:
+            for revision in script.iterate_revisions(head, "base"):
+                if revision.revision in before:
+                    break
+                if revision.revision not in walked:
+                    walked.append(revision.revision)
+        return list(reversed(walked))
+
+    def current_revisions(self) -> tuple[str, ...]:
+        try:
+            with self.engine.connect() as connection:
+                return tuple(MigrationContext.configure(connection).get_current_heads())
+        except OperationalError as exc:
+            raise StorageError(f"database unavailable: {exc.orig!s}".strip()) from exc
+
+    def pending_revisions(self) -> bool:
+        script = ScriptDirectory.from_config(self.alembic_config())
+        return set(script.get_heads()) != set(self.current_revisions())
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def open_database(url: str, *, echo: bool = False) -> Database:
+    """Build the database object for ``url`` (nothing is connected yet)."""
+    load_models()
+    return Database(url, echo=echo)
+
+
+__all__ += ["Base"]

@@ -1,0 +1,77 @@
+"""Storage on both engines: migrations from empty, and all-or-nothing transactions."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import func, inspect, select
+
+from gateway.store.db import open_database
+from gateway.store.models import NodeRecord
+
+
+def test_migrations_run_up_from_empty(database_url: str) -> None:
+    db = open_database(database_url)
+    try:
+        assert db.current_revisions() == ()
+        assert db.pending_revisions()
+        applied = db.upgrade()
+        assert "0001_foundation" in applied
+        assert not db.pending_revisions()
+        assert "node" in inspect(db.engine).get_table_names()
+        assert db.upgrade() == []  # a second run has nothing to do
+    finally:
+        db.dispose()
+
+
+def test_a_failing_transaction_leaves_no_row(database_url: str) -> None:
+    db = open_database(database_url)
+    try:
+        db.upgrade()
+        now = datetime(2026, 1, 1, tzinfo=UTC)
+        with pytest.raises(RuntimeError), db.transaction() as session:
+            session.add(NodeRecord(node_id="jp", created_at=now, software_version="t"))
+            session.flush()  # the row reached the database inside the transaction ...
+            raise RuntimeError("crash before commit")
+        with db.transaction() as session:  # ... and is gone after the rollback
+            assert session.scalar(select(func.count()).select_from(NodeRecord)) == 0
+    finally:
+        db.dispose()
+
+
+def test_times_come_back_aware_and_in_utc(database_url: str) -> None:
+    db = open_database(database_url)
+    try:
+        db.upgrade()
+        tokyo = timezone(timedelta(hours=9))
+        with db.transaction() as session:
+            session.add(NodeRecord(node_id="pk", created_at=datetime(2026, 1, 1, 9, tzinfo=tokyo), software_version="t"))
+        with db.transaction() as session:
+            stored = session.scalars(select(NodeRecord)).one().created_at
+        assert stored == datetime(2026, 1, 1, 0, tzinfo=UTC)
+        assert stored.tzinfo is not None
+    finally:
+        db.dispose()
+
+
+def test_naive_times_are_refused(database_url: str) -> None:
+    db = open_database(database_url)
+    try:
+        db.upgrade()
+        with pytest.raises(Exception, match="naive datetime"), db.transaction() as session:
+            session.add(NodeRecord(node_id="jp", created_at=datetime(2026, 1, 1), software_version="t"))  # noqa: DTZ001
+            session.flush()
+    finally:
+        db.dispose()
+
+
+def test_sqlite_runs_in_wal_with_full_sync_and_foreign_keys(tmp_path: object) -> None:
+    db = open_database(f"sqlite:///{tmp_path}/x.sqlite3")
+    try:
+        with db.engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert connection.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    finally:
+        db.dispose()
