@@ -19,10 +19,13 @@ from typing import Any
 import click
 
 from gateway import log
+from gateway.core.roles import Actor, authorize_role
+from gateway.errors import AccessDenied
 from gateway.node.runtime import Node
+from gateway.node.users import authorize
 from gateway.settings import Settings, load_settings, resolve_home
 
-__all__ = ["AppContext", "pass_app", "to_jsonable"]
+__all__ = ["AppContext", "pass_app", "read_token_file", "to_jsonable"]
 
 
 def to_jsonable(value: Any) -> Any:
@@ -54,6 +57,7 @@ class AppContext:
     token_file: Path | None = None
     _settings: Settings | None = None
     _node: Node | None = None
+    _actor: Actor | None = None
 
     def home(self) -> Path:
         return resolve_home(self.home_option, self.environ)
@@ -74,6 +78,24 @@ class AppContext:
             self._node = Node.open(self.settings(), upgrade=upgrade)
             click.get_current_context().call_on_close(self.close)
         return self._node
+
+    def token(self) -> str | None:
+        """The acting user's token: ``--token-file`` first, else ``GATEWAY_TOKEN``."""
+        if self.token_file is not None:
+            return read_token_file(self.token_file)
+        return self.environ.get("GATEWAY_TOKEN") or None
+
+    def actor(self, action: str) -> Actor:
+        """Authenticate the acting user and check its role may perform ``action``."""
+        if self._actor is None:
+            node = self.node()
+            token = self.token()
+            with node.db.transaction() as session:
+                self._actor = authorize(session, token, action)
+            return self._actor
+        assert self._actor.role is not None
+        authorize_role(self._actor.role, action)
+        return self._actor
 
     def close(self) -> None:
         if self._node is not None:
@@ -97,6 +119,27 @@ class AppContext:
     @staticmethod
     def stderr_is_tty() -> bool:
         return sys.stderr.isatty()
+
+
+def read_token_file(path: Path) -> str:
+    """Read a token file; refuse one that others than its owner may read."""
+    try:
+        mode = path.stat().st_mode
+        if mode & 0o077:
+            raise AccessDenied(
+                f"{path} may be read by other users: restrict it with 'chmod 600 {path}'",
+                reason="access.token-file",
+            )
+        text = path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        raise AccessDenied(
+            f"token file {path} does not exist", reason="access.token-file"
+        ) from None
+    except (OSError, UnicodeDecodeError):
+        raise AccessDenied(
+            f"token file {path} cannot be read", reason="access.token-file"
+        ) from None
+    return text
 
 
 pass_app = click.make_pass_decorator(AppContext, ensure=True)

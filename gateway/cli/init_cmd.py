@@ -35,6 +35,14 @@ __all__ = ["init"]
     metavar="URL",
     help="Database URL (default: SQLite file in the home; postgresql://user@host/db for production).",
 )
+@click.option(
+    "--admin",
+    "admin_name",
+    default="admin",
+    show_default=True,
+    metavar="NAME",
+    help="Name of the first administrator (its token is printed once).",
+)
 @pass_app
 def init(
     app: AppContext,
@@ -43,6 +51,7 @@ def init(
     api_listen: str | None,
     peer_url: str | None,
     db_url: str | None,
+    admin_name: str,
 ) -> None:
     """Create a new node home: configuration, database, keys and first admin.
 
@@ -62,6 +71,7 @@ def init(
         api_listen=api_listen,
         peer_url=peer_url,
         db_url=db_url,
+        admin_name=admin_name,
         environ=dict(app.environ),
     )
     data = {
@@ -71,6 +81,8 @@ def init(
         "database": result.database_url,
         "migrations": result.migrations,
         "made": result.made,
+        "admin": result.admin_name,
+        "admin_token": result.admin_token,
         **result.facts,
     }
 
@@ -83,6 +95,12 @@ def init(
         ]
         for key, value in result.facts.items():
             lines.append(f"  {key}: {value}")
+        lines += [
+            f"  first admin: {result.admin_name}",
+            "",
+            "Token of the first admin (shown once; keep it secret, e.g. in a 0600 file):",
+            f"  {result.admin_token}",
+        ]
         return "\n".join(lines)
 
     app.emit(data, human)

@@ -44,11 +44,12 @@ def cli(ctx: click.Context, debug: bool, verbose: bool, token_file: Path | None)
 
 
 def _register() -> None:
-    from gateway.cli import db_cmd, demo_cmd, init_cmd  # noqa: PLC0415
+    from gateway.cli import db_cmd, demo_cmd, init_cmd, users_cmd  # noqa: PLC0415
 
     cli.add_command(init_cmd.init)
     cli.add_command(db_cmd.db)
     cli.add_command(demo_cmd.demo)
+    cli.add_command(users_cmd.users)
 
 
 _register()

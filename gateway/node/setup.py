@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 import gateway
 from gateway.errors import AlreadyExists, ConfigError
+from gateway.node.users import add_user
 from gateway.settings import CONFIG_FILE, Settings, load_settings, parse_host_port, write_config
 from gateway.store.db import open_database
 from gateway.store.models import NodeRecord
@@ -39,6 +40,8 @@ class InitResult:
     migrations: list[str]
     made: list[str] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
+    admin_name: str = ""
+    admin_token: str = field(default="", repr=False)
 
 
 InitStep = Callable[[Settings, Session, datetime, InitResult], None]
@@ -78,6 +81,7 @@ def init_node(
     api_listen: str | None = None,
     peer_url: str | None = None,
     db_url: str | None = None,
+    admin_name: str = "admin",
     environ: dict[str, str] | None = None,
 ) -> InitResult:
     """Create a node home with its configuration and database."""
@@ -134,6 +138,9 @@ def init_node(
                 session.flush()
                 for _order, _name, step in _STEPS:
                     step(settings, session, now, result)
+                admin = add_user(session, admin_name, "admin", created_by="init", now=now)
+                result.admin_name = admin.name
+                result.admin_token = admin.token.text
         finally:
             db.dispose()
     except BaseException:

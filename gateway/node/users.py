@@ -1,0 +1,155 @@
+"""Users of a node: creation, listing, disabling, and token authentication.
+
+One authorization layer serves the CLI and the local API alike:
+:func:`authenticate` turns a presented token into an :class:`Actor`, and
+:func:`authorize` adds the role check of :mod:`gateway.core.roles`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gateway.core.roles import Actor, Role, authorize_role
+from gateway.core.tokens import IssuedToken, issue_token, parse_token, token_hash, token_matches
+from gateway.errors import AccessDenied, AlreadyExists, InvalidInput, NotFound
+from gateway.log import get_logger
+from gateway.store.models_users import UserRecord
+
+__all__ = [
+    "NewUser",
+    "UserView",
+    "add_user",
+    "authenticate",
+    "authorize",
+    "disable_user",
+    "list_users",
+    "reissue_token",
+]
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
+# Compared against when the token id is unknown, so both paths cost the same.
+_DUMMY_DIGEST = token_hash("0" * 16, "x" * 43)
+_log = get_logger("users")
+
+
+@dataclass(frozen=True)
+class UserView:
+    name: str
+    role: str
+    created_at: datetime
+    created_by: str
+    disabled: bool
+
+
+@dataclass(frozen=True)
+class NewUser:
+    name: str
+    role: Role
+    token: IssuedToken
+
+
+def _check_name(name: str) -> str:
+    if not _NAME.fullmatch(name):
+        raise InvalidInput(
+            f"user name {name!r} is not allowed: use 1-64 lower-case letters, digits, '.', '_', '@', '-'"
+        )
+    return name
+
+
+def _role(role: str) -> Role:
+    try:
+        return Role(role)
+    except ValueError:
+        raise InvalidInput(f"role must be admin, officer or compliance, not {role!r}") from None
+
+
+def add_user(session: Session, name: str, role: str, *, created_by: str, now: datetime) -> NewUser:
+    """Create a user and its first token (the caller shows the token once)."""
+    _check_name(name)
+    chosen = _role(role)
+    if session.scalar(select(UserRecord.id).where(UserRecord.name == name)) is not None:
+        raise AlreadyExists(f"user {name!r} exists already")
+    token = issue_token()
+    session.add(
+        UserRecord(
+            name=name,
+            role=chosen.value,
+            token_id=token.token_id,
+            token_hash=token.digest,
+            created_at=now,
+            created_by=created_by,
+            token_issued_at=now,
+        )
+    )
+    session.flush()
+    _log.info("user_added", user=name, role=chosen.value, by=created_by)
+    return NewUser(name=name, role=chosen, token=token)
+
+
+def reissue_token(session: Session, name: str, *, now: datetime, by: str) -> IssuedToken:
+    """Replace a user's token: the old one stops working at once."""
+    user = _get(session, name)
+    token = issue_token()
+    user.token_id = token.token_id
+    user.token_hash = token.digest
+    user.token_issued_at = now
+    _log.info("user_token_reissued", user=name, by=by)
+    return token
+
+
+def disable_user(session: Session, name: str, *, now: datetime, by: str) -> None:
+    """Disable a user: its token is refused from now on. Idempotent."""
+    user = _get(session, name)
+    if user.disabled_at is None:
+        user.disabled_at = now
+    _log.info("user_disabled", user=name, by=by)
+
+
+def list_users(session: Session) -> list[UserView]:
+    rows = session.scalars(select(UserRecord).order_by(UserRecord.name)).all()
+    return [
+        UserView(
+            name=row.name,
+            role=row.role,
+            created_at=row.created_at,
+            created_by=row.created_by,
+            disabled=row.disabled_at is not None,
+        )
+        for row in rows
+    ]
+
+
+def authenticate(session: Session, token_text: str | None) -> Actor:
+    """The actor a token belongs to; refuse a missing, wrong or disabled one."""
+    if not token_text:
+        raise AccessDenied(
+            "no user token: set GATEWAY_TOKEN or pass --token-file", reason="access.no-token"
+        )
+    token_id, secret = parse_token(token_text)
+    user = session.scalar(select(UserRecord).where(UserRecord.token_id == token_id))
+    digest = user.token_hash if user is not None else _DUMMY_DIGEST
+    if not token_matches(digest, token_id, secret) or user is None:
+        raise AccessDenied("the token is not valid", reason="access.token")
+    if user.disabled_at is not None:
+        raise AccessDenied(f"user {user.name!r} is disabled", reason="access.disabled")
+    return Actor(name=user.name, role=Role(user.role))
+
+
+def authorize(session: Session, token_text: str | None, action: str) -> Actor:
+    """Authenticate and check the role for ``action`` in one step."""
+    actor = authenticate(session, token_text)
+    assert actor.role is not None
+    authorize_role(actor.role, action)
+    return actor
+
+
+def _get(session: Session, name: str) -> UserRecord:
+    user = session.scalar(select(UserRecord).where(UserRecord.name == name))
+    if user is None:
+        raise NotFound(f"no user named {name!r}")
+    return user

@@ -1,0 +1,135 @@
+"""Users on both engines: the first admin, adding users, disabling, token files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import create_engine, text
+
+from gateway.cli.main import cli
+
+
+def run(*args: str, token: str | None = None) -> tuple[int, str, str]:
+    env = {"GATEWAY_TOKEN": token} if token is not None else {}
+    result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def node(tmp_path: Path, database_url: str, clean_environ: dict[str, str]) -> tuple[Path, str]:
+    home = tmp_path / "jp"
+    code, out, err = run(
+        "--home",
+        str(home),
+        "init",
+        "--node",
+        "jp",
+        "--db",
+        database_url,
+        "--admin",
+        "root-admin",
+        "--json",
+    )
+    assert code == 0, err
+    return home, json.loads(out)["admin_token"]
+
+
+def test_first_admin_can_add_and_list_users(node: tuple[Path, str]) -> None:
+    home, admin = node
+    code, out, err = run(
+        "--home", str(home), "users", "add", "tanaka", "--role", "officer", "--json", token=admin
+    )
+    assert code == 0, err
+    officer = json.loads(out)["token"]
+    assert officer.startswith("ssw_")
+    code, out, _ = run("--home", str(home), "users", "list", "--json", token=admin)
+    assert code == 0
+    names = {u["name"]: u["role"] for u in json.loads(out)}
+    assert names == {"root-admin": "admin", "tanaka": "officer"}
+    assert officer not in out and admin not in out
+
+
+def test_officer_cannot_manage_users_and_nothing_changes(node: tuple[Path, str]) -> None:
+    home, admin = node
+    officer = json.loads(
+        run(
+            "--home",
+            str(home),
+            "users",
+            "add",
+            "tanaka",
+            "--role",
+            "officer",
+            "--json",
+            token=admin,
+        )[1]
+    )["token"]
+    code, _out, err = run(
+        "--home", str(home), "users", "add", "mallory", "--role", "admin", token=officer
+    )
+    assert code == 1
+    assert "needs the admin role" in err
+    names = [
+        u["name"]
+        for u in json.loads(run("--home", str(home), "users", "list", "--json", token=admin)[1])
+    ]
+    assert "mallory" not in names
+
+
+@pytest.mark.parametrize("token", [None, "", "ssw_0000000000000000_" + "A" * 43, "nonsense"])
+def test_missing_or_wrong_token_is_refused(node: tuple[Path, str], token: str | None) -> None:
+    home, _admin = node
+    code, _out, err = run("--home", str(home), "users", "list", token=token)
+    assert code == 1
+    assert "token" in err
+
+
+def test_disabled_user_is_refused_and_new_token_replaces_old(node: tuple[Path, str]) -> None:
+    home, admin = node
+    second = json.loads(
+        run("--home", str(home), "users", "add", "sato", "--role", "admin", "--json", token=admin)[
+            1
+        ]
+    )["token"]
+    assert run("--home", str(home), "users", "list", token=second)[0] == 0
+    fresh = json.loads(
+        run("--home", str(home), "users", "new-token", "sato", "--json", token=admin)[1]
+    )["token"]
+    assert run("--home", str(home), "users", "list", token=second)[0] == 1
+    assert run("--home", str(home), "users", "list", token=fresh)[0] == 0
+    assert run("--home", str(home), "users", "disable", "sato", token=admin)[0] == 0
+    code, _out, err = run("--home", str(home), "users", "list", token=fresh)
+    assert code == 1
+    assert "disabled" in err
+
+
+def test_token_file_must_be_private(node: tuple[Path, str], tmp_path: Path) -> None:
+    home, admin = node
+    path = tmp_path / "token"
+    path.write_text(admin + "\n")
+    path.chmod(0o644)
+    code, _out, err = run("--home", str(home), "--token-file", str(path), "users", "list")
+    assert code == 1
+    assert "chmod 600" in err
+    path.chmod(0o600)
+    assert run("--home", str(home), "--token-file", str(path), "users", "list")[0] == 0
+
+
+def test_tokens_are_stored_only_as_hashes(node: tuple[Path, str], database_url: str) -> None:
+    home, admin = node
+    engine = create_engine(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.connect() as connection:
+        rows = connection.execute(text("SELECT token_id, token_hash FROM users")).all()
+    engine.dispose()
+    secret = admin.rsplit("_", 1)[1]
+    for token_id, digest in rows:
+        assert secret not in token_id
+        assert secret.encode() not in bytes(digest)
+    if database_url.startswith("sqlite"):
+        db_file = Path(database_url.removeprefix("sqlite:///"))
+        assert secret.encode() not in db_file.read_bytes()
+    assert os.environ.get("GATEWAY_TOKEN") is None
