@@ -50,7 +50,8 @@ def test_first_admin_can_add_and_list_users(node: tuple[Path, str]) -> None:
     assert code == 0
     names = {u["name"]: u["role"] for u in json.loads(out)}
     assert names == {"root-admin": "admin", "tanaka": "officer"}
-    assert officer not in out and admin not in out
+    assert officer not in out
+    assert admin not in out
 
 
 def test_officer_cannot_manage_users_and_nothing_changes(node: tuple[Path, str]) -> None:
@@ -120,7 +121,7 @@ def test_token_file_must_be_private(node: tuple[Path, str], tmp_path: Path) -> N
 
 
 def test_tokens_are_stored_only_as_hashes(node: tuple[Path, str], database_url: str) -> None:
-    home, admin = node
+    _home, admin = node
     engine = create_engine(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
     with engine.connect() as connection:
         rows = connection.execute(text("SELECT token_id, token_hash FROM users")).all()
