@@ -105,26 +105,26 @@ class Receipt:
 
 
 class ReceiptSigner(Protocol):
-    """What issuing a receipt needs of the receiver's keyring."""
+    """What issuing a receipt needs of the receiver's keyring (a ``NodeKeyring``)."""
 
     @property
     def signing_key_id(self) -> str: ...
 
-    def sign(self, message: bytes) -> bytes: ...
+    def sign(self, purpose: bytes, payload: bytes) -> bytes: ...
 
 
 class ReceiptVerifyKeys(Protocol):
-    """What verifying a receipt needs of the peer's pinned key manifest.
+    """What verifying a receipt needs of the peer's pinned key manifest (a ``KeyManifest``).
 
-    ``verify_key(key_id, at=...)`` returns the raw 32-byte Ed25519 public key
-    the peer used at that time, or raises when the key is unknown, revoked or
+    ``signing_key(key_id, at=...)`` returns the verify key the peer may have
+    signed with at that time, or raises when the key is unknown, revoked or
     outside its validity window.
     """
 
     @property
     def node(self) -> str: ...
 
-    def verify_key(self, key_id: str, *, at: datetime) -> bytes: ...
+    def signing_key(self, key_id: str, *, at: datetime) -> VerifyKey: ...
 
 
 def envelope_sha256(data: bytes) -> str:
@@ -218,7 +218,7 @@ def issue_receipt(
         sender=sender,
         checkpoint=checkpoint,
     )
-    signature = signer.sign(tagged(Purpose.RECEIPT, payload))
+    signature = signer.sign(Purpose.RECEIPT, payload)
     return canonical_bytes(
         {"format": RECEIPT_FORMAT, "payload": _b64(payload), "signature": _b64(signature)}
     )
@@ -314,14 +314,14 @@ def verify_receipt(
             check="receipt-receiver",
         )
     try:
-        public = peer_manifest.verify_key(receipt.receiver_key_id, at=receipt.received_at)
+        verify_key = peer_manifest.signing_key(receipt.receiver_key_id, at=receipt.received_at)
     except Exception as exc:  # noqa: BLE001 - any failure to find a valid key refuses
         raise ReceiptInvalid(
             f"receipt key {receipt.receiver_key_id} is not a valid signing key of the peer: {exc}",
             check="receipt-key",
         ) from None
     try:
-        VerifyKey(public).verify(tagged(Purpose.RECEIPT, receipt.payload), receipt.signature)
+        verify_key.verify(tagged(Purpose.RECEIPT, receipt.payload), receipt.signature)
     except (BadSignatureError, CryptoError, ValueError, TypeError):
         raise ReceiptInvalid(
             "receipt signature does not verify", check="receipt-signature"

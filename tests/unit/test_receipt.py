@@ -9,10 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
 from gateway.core.canonical import canonical_bytes
 from gateway.core.domain import Purpose, tagged
+from gateway.core.keys import (
+    KeyManifest,
+    ManifestKey,
+    Revocation,
+    key_id,
+    manifest_payload,
+    parse_manifest,
+    sign_manifest,
+)
 from gateway.core.receipt import (
     MAX_RECEIPT_BYTES,
     Checkpoint,
@@ -32,31 +42,47 @@ BUNDLE = "01JDQ0000000000000000000AB"
 HASH = "cd" * 32
 
 
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+T1 = datetime(2027, 1, 1, tzinfo=UTC)
+ROOT = SigningKey(bytes(range(100, 132)))
+
+
 class Signer:
-    def __init__(self, seed: bytes, key_id: str = "pk-op-1") -> None:
+    """A receiver's signing key seen through the keyring's ``sign(purpose, payload)``."""
+
+    def __init__(self, seed: bytes, kid: str | None = None) -> None:
         self.key = SigningKey(seed)
-        self.signing_key_id = key_id
+        self.signing_key_id = kid if kid is not None else key_id(bytes(self.key.verify_key))
 
-    def sign(self, message: bytes) -> bytes:
-        return bytes(self.key.sign(message).signature)
+    def sign(self, purpose: bytes, payload: bytes) -> bytes:
+        return bytes(self.key.sign(tagged(purpose, payload)).signature)
 
 
-class PeerKeys:
-    """The peer's signing keys by id, each valid from a time on (a manifest's view)."""
-
-    def __init__(self, node: str, keys: dict[str, tuple[bytes, datetime | None]]) -> None:
-        self.node = node
-        self.keys = keys
-
-    def verify_key(self, key_id: str, *, at: datetime) -> bytes:
-        public, revoked_at = self.keys[key_id]
-        if revoked_at is not None and at >= revoked_at:
-            raise ValueError("key revoked")
-        return public
+def manifest_for(
+    node: str, signers: list[Signer], revoked: dict[str, datetime] | None = None
+) -> KeyManifest:
+    """A real root-signed key manifest listing ``signers`` (and one encryption key)."""
+    enc = PrivateKey(bytes(range(200, 232))).public_key
+    keys = [
+        ManifestKey(s.signing_key_id, "sign", bytes(s.key.verify_key), T0, T1) for s in signers
+    ] + [ManifestKey(key_id(bytes(enc)), "encrypt", bytes(enc), T0, T1)]
+    revocations = [Revocation(kid, at, "compromised") for kid, at in (revoked or {}).items()]
+    payload = manifest_payload(
+        node=node,
+        version=1,
+        issued_at=T0,
+        expires_at=T1,
+        root_public=bytes(ROOT.verify_key),
+        keys=keys,
+        revocations=revocations,
+    )
+    return parse_manifest(sign_manifest(payload, [ROOT]))
 
 
 SIGNER = Signer(bytes(range(32)))
-PEER = PeerKeys("pk", {"pk-op-1": (bytes(SIGNER.key.verify_key), None)})
+SPARE = Signer(bytes(range(50, 82)))
+PEER = manifest_for("pk", [SIGNER, SPARE])
+OTHER_SIGNER = Signer(bytes(range(1, 33)))
 
 
 def issue(**overrides: Any) -> bytes:
@@ -82,7 +108,7 @@ def rewrap(
         body = canonical_bytes(payload)
         outer["payload"] = base64.urlsafe_b64encode(body).rstrip(b"=").decode()
         if sign_with is not None:
-            sig = sign_with.sign(tagged(Purpose.RECEIPT, body))
+            sig = sign_with.sign(Purpose.RECEIPT, body)
             outer["signature"] = base64.urlsafe_b64encode(sig).rstrip(b"=").decode()
     return canonical_bytes(outer)
 
@@ -93,7 +119,8 @@ def body_of(raw: bytes) -> dict[str, Any]:
 
 @pytest.mark.parametrize("vector", VECTORS, ids=[v["name"] for v in VECTORS])
 def test_known_answer_vectors_are_reproduced_and_verify(vector: dict[str, Any]) -> None:
-    signer = Signer(bytes.fromhex(vector["signing_seed_hex"]), vector["receiver_key_id"])
+    signer = Signer(bytes.fromhex(vector["signing_seed_hex"]))
+    assert signer.signing_key_id == vector["receiver_key_id"]
     cp = vector["checkpoint"]
     raw = issue_receipt(
         signer,
@@ -105,9 +132,8 @@ def test_known_answer_vectors_are_reproduced_and_verify(vector: dict[str, Any]) 
         checkpoint=None if cp is None else Checkpoint(size=cp["size"], root=cp["root"]),
     )
     assert raw == vector["receipt"].encode()
-    peer = PeerKeys(
-        "pk", {vector["receiver_key_id"]: (bytes.fromhex(vector["verify_key_hex"]), None)}
-    )
+    assert bytes(signer.key.verify_key).hex() == vector["verify_key_hex"]
+    peer = manifest_for("pk", [signer])
     receipt = verify_receipt(
         raw,
         peer_manifest=peer,
@@ -134,7 +160,7 @@ def test_a_valid_receipt_verifies_and_keeps_its_bytes() -> None:
         "pk",
         "jp",
     )
-    assert receipt.receiver_key_id == "pk-op-1"
+    assert receipt.receiver_key_id == SIGNER.signing_key_id
     assert receipt.checkpoint == Checkpoint(size=7, root="ef" * 32)
 
 
@@ -153,9 +179,6 @@ def _flip_signature(raw: bytes) -> bytes:
     return canonical_bytes(outer)
 
 
-OTHER_SIGNER = Signer(bytes(range(1, 33)))
-
-
 @pytest.mark.parametrize(
     ("name", "make", "check"),
     [
@@ -167,12 +190,12 @@ OTHER_SIGNER = Signer(bytes(range(1, 33)))
         ),
         (
             "signed-by-a-stranger",
-            lambda: issue(signer=Signer(bytes(range(1, 33)))),
+            lambda: issue(signer=Signer(bytes(range(1, 33)), SIGNER.signing_key_id)),
             "receipt-signature",
         ),
         (
             "unknown-key-id",
-            lambda: issue(signer=Signer(bytes(range(32)), "pk-op-9")),
+            lambda: issue(signer=OTHER_SIGNER),
             "receipt-key",
         ),
         ("receiver-is-not-the-peer", lambda: issue(receiver="jp", sender="pk"), "receipt-receiver"),
@@ -239,10 +262,8 @@ def test_bad_receipts_are_refused_naming_the_check(name: str, make: Any, check: 
     assert caught.value.exit_code == 4
 
 
-def test_receipt_by_a_key_revoked_before_receipt_time_is_refused() -> None:
-    revoked = PeerKeys(
-        "pk", {"pk-op-1": (bytes(SIGNER.key.verify_key), datetime(2026, 11, 1, tzinfo=UTC))}
-    )
+def test_receipt_by_a_revoked_key_is_refused() -> None:
+    revoked = manifest_for("pk", [SIGNER, SPARE], {SIGNER.signing_key_id: T0})
     with pytest.raises(ReceiptInvalid) as caught:
         verify_receipt(
             issue(), peer_manifest=revoked, expected_bundle_id=BUNDLE, expected_envelope_hash=HASH
