@@ -1,0 +1,155 @@
+"""The node policy: limits, markings, internal recipients, consent and retention.
+
+Pure: a validated, immutable value built from the data of ``policies/policy.toml``
+(the loader in :mod:`gateway.node.policy` reads the file and names file and key
+in its errors). The policy version travels in every envelope header, so both
+sides can tell under which rules a bundle was made (MOC item 7: reviewed and
+amended by written mutual consent).
+
+Small decisions live here as methods that explain themselves:
+:meth:`Policy.is_internal` (is a recipient one of this side's own
+authorities?) and :meth:`Limits.check_envelope` (may an envelope of this
+shape be accepted?).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from gateway.errors import PolicyRefused
+
+__all__ = [
+    "GIB",
+    "KIB",
+    "MIB",
+    "ConsentPolicy",
+    "Limits",
+    "Marking",
+    "Policy",
+    "Recipient",
+    "RetentionPolicy",
+]
+
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+
+Marking = Literal["confidential", "public"]
+RecipientName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Limits(_Frozen):
+    """Hard bounds on what a node builds and accepts; past them: refused, not crashed."""
+
+    max_envelope_bytes: Annotated[int, Field(ge=4 * KIB, le=64 * GIB)] = 4 * GIB
+    max_attachments: Annotated[int, Field(ge=0, le=10_000)] = 64
+    max_attachment_bytes: Annotated[int, Field(ge=1, le=64 * GIB)] = 2 * GIB
+    max_case_bytes: Annotated[int, Field(ge=1 * KIB, le=64 * MIB)] = 1 * MIB
+    max_header_bytes: Annotated[int, Field(ge=1 * KIB, le=1 * MIB)] = 64 * KIB
+    clock_skew_seconds: Annotated[int, Field(ge=0, le=3600)] = 300
+    max_envelope_age_seconds: Annotated[int, Field(ge=60, le=366 * 86400)] = 30 * 86400
+    peer_batch_size: Annotated[int, Field(ge=1, le=10_000)] = 100
+    peer_requests_per_minute: Annotated[int, Field(ge=1, le=1_000_000)] = 600
+    peer_body_bytes: Annotated[int, Field(ge=4 * KIB, le=64 * GIB)] = 4 * GIB
+
+    @property
+    def clock_skew(self) -> timedelta:
+        return timedelta(seconds=self.clock_skew_seconds)
+
+    @property
+    def max_envelope_age(self) -> timedelta:
+        return timedelta(seconds=self.max_envelope_age_seconds)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Limits:
+        if self.max_attachment_bytes > self.max_envelope_bytes:
+            raise ValueError("max_attachment_bytes exceeds max_envelope_bytes")
+        if self.max_case_bytes > self.max_envelope_bytes:
+            raise ValueError("max_case_bytes exceeds max_envelope_bytes")
+        return self
+
+    def check_attachments(self, sizes: list[int]) -> None:
+        """Refuse (:class:`PolicyRefused`) too many or too large attachments."""
+        if len(sizes) > self.max_attachments:
+            raise PolicyRefused(
+                f"{len(sizes)} attachments exceed the limit of {self.max_attachments}",
+                reason="policy.attachments",
+            )
+        for index, size in enumerate(sizes):
+            if size > self.max_attachment_bytes:
+                raise PolicyRefused(
+                    f"attachment {index} of {size} bytes exceeds the limit of "
+                    f"{self.max_attachment_bytes}",
+                    reason="policy.attachment-size",
+                )
+
+
+class Recipient(_Frozen):
+    """An authority of one side that may receive the other side's items as internal."""
+
+    name: RecipientName
+    display_name: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class ConsentPolicy(_Frozen):
+    max_validity_days: Annotated[int, Field(ge=1, le=3660)] = 365
+    max_uses_limit: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+
+    @property
+    def max_validity(self) -> timedelta:
+        return timedelta(days=self.max_validity_days)
+
+
+class RetentionPolicy(_Frozen):
+    """How long things are kept; ``None`` means for as long as the node lives."""
+
+    envelopes_days: Annotated[int, Field(ge=1)] | None = 3650
+    decrypted_output_days: Annotated[int, Field(ge=1)] | None = 30
+    ledger_days: None = None
+    """The ledger is append-only and never trimmed (MOC item 8: evidence)."""
+
+
+class Policy(_Frozen):
+    """Everything the rules say, for both sides (both nodes load the same files)."""
+
+    version: Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z.\-]{0,31}$")]
+    default_marking: Marking = "confidential"
+    limits: Limits = Limits()
+    recipients: dict[Literal["jp", "pk"], list[Recipient]]
+    consent: ConsentPolicy = ConsentPolicy()
+    retention: RetentionPolicy = RetentionPolicy()
+
+    @model_validator(mode="after")
+    def _both_sides(self) -> Policy:
+        for side in ("jp", "pk"):
+            entries = self.recipients.get(side)
+            if not entries:
+                raise ValueError(f"recipients.{side}: at least one internal recipient is needed")
+            names = [entry.name for entry in entries]
+            if len(set(names)) != len(names):
+                raise ValueError(f"recipients.{side}: a recipient name is listed twice")
+        return self
+
+    def internal_recipients(self, node: str) -> tuple[Recipient, ...]:
+        """The internal recipients of ``node``'s side; empty for an unknown node."""
+        for side, entries in self.recipients.items():
+            if side == node:
+                return tuple(entries)
+        return ()
+
+    def is_internal(self, node: str, recipient: str) -> bool:
+        """True when ``recipient`` (a short name) is one of ``node``'s own authorities."""
+        return any(entry.name == recipient for entry in self.internal_recipients(node))
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> Policy:
+        """Build from parsed TOML or JSON; raises pydantic's ``ValidationError``."""
+        return cls.model_validate(dict(data))
