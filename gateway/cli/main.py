@@ -45,6 +45,7 @@ def cli(ctx: click.Context, debug: bool, verbose: bool, token_file: Path | None)
 
 def _register() -> None:
     from gateway.cli import db_cmd, demo_cmd, init_cmd, users_cmd  # noqa: PLC0415
+    from gateway.node import policy  # noqa: F401, PLC0415 - registers the "policies" init step
 
     cli.add_command(init_cmd.init)
     cli.add_command(db_cmd.db)
