@@ -52,6 +52,7 @@ _NOT_SETTINGS = frozenset(
     {
         "GATEWAY_HOME",
         "GATEWAY_PASSPHRASE",
+        "GATEWAY_KEYSTORE_STRENGTH",
         "GATEWAY_TOKEN",
         "GATEWAY_CRASH_AT",
         "GATEWAY_TEST_PG_URL",
