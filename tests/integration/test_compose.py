@@ -1,0 +1,371 @@
+"""The deployment files say only what the software can do.
+
+``docker-compose.yml`` is checked against the Compose Specification schema
+(``tests/data/compose-spec.json``); every ``gateway`` command it runs must
+exist in the CLI; every host path it mounts must exist in the repository or
+be key material that git keeps out; every ``GATEWAY_*`` variable it sets must
+load as a real setting. The Dockerfile's health probe is run against a real
+socket.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import shlex
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import jsonschema
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from gateway.cli.main import cli
+from gateway.settings import load_settings
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO / "docker-compose.yml"
+DOCKERFILE = REPO / "Dockerfile"
+SCHEMA_FILE = REPO / "tests" / "data" / "compose-spec.json"
+NOT_SETTINGS = {"GATEWAY_HOME", "GATEWAY_PASSPHRASE", "GATEWAY_TOKEN"}
+NODE_OF_SERVICE = {"tokyo": "jp", "islamabad": "pk"}
+
+
+def interpolate(value: str) -> str:
+    """Compose interpolation with an empty environment: defaults apply, ``$$`` is ``$``."""
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        default = match.group("default")
+        if default is None:
+            raise AssertionError(f"{value!r} needs a variable without a default")
+        return default
+
+    return re.sub(
+        r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}", substitute, value
+    )
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    document = yaml.safe_load(COMPOSE_FILE.read_text(encoding="utf-8"))
+    assert isinstance(document, dict)
+    return document
+
+
+@pytest.fixture(scope="module")
+def schema() -> dict[str, Any]:
+    loaded = json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
+    jsonschema.Draft7Validator.check_schema(loaded)
+    return dict(loaded)
+
+
+def gateway_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Services that run the gateway image (their entrypoint ends in ``gateway``)."""
+    found = {}
+    for name, service in compose["services"].items():
+        entrypoint = service.get("entrypoint") or []
+        if service.get("image", "").startswith("ssw-gateway") and entrypoint:
+            found[name] = service
+    return found
+
+
+def entrypoint_script(service: dict[str, Any]) -> str:
+    entrypoint = service["entrypoint"]
+    assert entrypoint[:2] == ["/bin/sh", "-c"], entrypoint
+    assert entrypoint[3] == "gateway", "the command list must be passed to gateway as $@"
+    return interpolate(entrypoint[2])
+
+
+# ---------------------------------------------------------------- the schema
+
+
+def test_compose_file_satisfies_the_compose_specification(
+    compose: dict[str, Any], schema: dict[str, Any]
+) -> None:
+    validator = jsonschema.Draft7Validator(schema, format_checker=jsonschema.FormatChecker())
+    problems = [
+        f"{'/'.join(map(str, error.absolute_path))}: {error.message}"
+        for error in validator.iter_errors(compose)
+    ]
+    assert problems == []
+
+
+BAD_DOCUMENTS = [
+    pytest.param({"services": {"a": {"image": "x", "imagee": "typo"}}}, id="unknown-service-key"),
+    pytest.param({"servics": {}}, id="unknown-top-level-key"),
+    pytest.param(
+        {"services": {"a": {"image": "x", "depends_on": {"b": {"condition": "service_ready"}}}}},
+        id="unknown-depends-on-condition",
+    ),
+    pytest.param(
+        {"services": {"a": {"image": "x", "depends_on": {"b": {}}}}},
+        id="depends-on-without-condition",
+    ),
+    pytest.param(
+        {"services": {"a": {"image": "x", "volumes": [{"source": "./k", "target": "/k"}]}}},
+        id="long-volume-without-type",
+    ),
+    pytest.param(
+        {"services": {"a": {"image": "x", "volumes": [{"type": "bind", "bind": {"create": 1}}]}}},
+        id="unknown-bind-option",
+    ),
+    pytest.param(
+        {"services": {"a": {"image": "x", "healthcheck": {"test": 5}}}},
+        id="healthcheck-test-number",
+    ),
+    pytest.param(
+        {"services": {"a": {"image": "x", "command": {"serve": True}}}}, id="command-mapping"
+    ),
+    pytest.param({"secrets": {"s": {"path": "./x"}}}, id="secret-with-unknown-key"),
+    pytest.param({"volumes": {"v": {"drivr": "local"}}}, id="volume-with-unknown-key"),
+    pytest.param({"networks": {"n": {"internal": [True]}}}, id="network-internal-list"),
+    pytest.param(
+        {"services": {"a": {"image": "x", "environment": {"A": {"b": 1}}}}}, id="environment-nested"
+    ),
+]
+
+
+@pytest.mark.parametrize("document", BAD_DOCUMENTS)
+def test_schema_rejects_malformed_compose_documents(
+    document: dict[str, Any], schema: dict[str, Any]
+) -> None:
+    assert not jsonschema.Draft7Validator(schema).is_valid(document)
+
+
+# ------------------------------------------------------------- the services
+
+
+def test_each_node_has_its_own_postgres_with_volume_and_healthcheck(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    for node in ("tokyo", "islamabad"):
+        db = services[f"{node}-db"]
+        assert db["image"] == "postgres:15"
+        assert db["healthcheck"]["test"][0] in ("CMD", "CMD-SHELL")
+        assert any(str(v).startswith(f"{node}-db-data:") for v in db["volumes"])
+        assert f"{node}-db-data" in compose["volumes"]
+        assert "POSTGRES_PASSWORD" not in db["environment"], "the password comes from a secret file"
+        assert db["environment"]["POSTGRES_PASSWORD_FILE"].startswith("/run/secrets/")
+        url = interpolate(services[node]["environment"]["GATEWAY_DATABASE_URL"])
+        assert f"@{node}-db:" in url
+        assert services[node]["depends_on"][f"{node}-db"]["condition"] == "service_healthy"
+        assert (
+            services[node]["depends_on"][f"{node}-migrate"]["condition"]
+            == "service_completed_successfully"
+        )
+        assert services[node]["restart"] == "unless-stopped"
+        assert "/v1/health" in interpolate(services[node]["environment"]["SSW_HEALTH_URL"])
+
+
+def test_a_database_is_reachable_only_from_its_own_node(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for node, other in (("tokyo", "islamabad"), ("islamabad", "tokyo")):
+        (db_network,) = services[f"{node}-db"]["networks"]
+        assert compose["networks"][db_network]["internal"] is True
+        assert db_network in services[node]["networks"]
+        assert db_network not in services[other]["networks"]
+
+
+def test_peer_urls_point_each_node_at_the_other(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert (
+        interpolate(services["tokyo"]["environment"]["GATEWAY_SERVER_PEER_URL"])
+        == "https://islamabad:8701"
+    )
+    assert (
+        interpolate(services["islamabad"]["environment"]["GATEWAY_SERVER_PEER_URL"])
+        == "https://tokyo:8701"
+    )
+
+
+def test_every_gateway_command_the_compose_file_runs_exists(compose: dict[str, Any]) -> None:
+    services = gateway_services(compose)
+    commands = {name: service["command"] for name, service in services.items()}
+    assert {tuple(c[:1]) for c in commands.values()} >= {("serve",), ("init",), ("db",)}
+    runner = CliRunner()
+    for name, command in commands.items():
+        result = runner.invoke(cli, [*command, "--help"], env={}, catch_exceptions=False)
+        assert result.exit_code == 0, f"{name}: gateway {' '.join(command)}: {result.output}"
+        assert "Usage:" in result.stdout
+
+
+def test_entrypoint_reads_only_declared_secrets_and_execs_gateway(compose: dict[str, Any]) -> None:
+    for name, service in gateway_services(compose).items():
+        script = entrypoint_script(service)
+        subprocess.run(["/bin/sh", "-n", "-c", script], check=True)
+        assert script.rstrip().endswith('exec gateway "$@"')
+        read = set(re.findall(r"cat /run/secrets/([a-z_]+)", script))
+        declared = {secret["target"] for secret in service["secrets"]}
+        assert read == declared, name
+        for secret in service["secrets"]:
+            assert secret["source"] in compose["secrets"], name
+
+
+def test_no_secret_value_is_written_into_the_compose_file(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        for key, raw in (service.get("environment") or {}).items():
+            value = interpolate(str(raw))
+            if any(word in key for word in ("PASSWORD", "PASSPHRASE", "TOKEN", "SECRET")):
+                assert key.endswith("_FILE"), f"{name}: {key} holds a secret value"
+                assert value.startswith("/run/secrets/"), f"{name}: {key}"
+            if "://" in value:
+                assert urlsplit(value).password is None, f"{name}: {key} holds a password"
+
+
+def host_paths(compose: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    for name, service in compose["services"].items():
+        build = service.get("build")
+        if isinstance(build, dict):
+            yield name, build["context"]
+            yield name, f"./{Path(build['context']) / build['dockerfile']}"
+        for volume in service.get("volumes") or []:
+            if isinstance(volume, dict) and volume["type"] == "bind":
+                yield name, volume["source"]
+            elif isinstance(volume, str) and volume.startswith((".", "/")):
+                yield name, volume.split(":")[0]
+    for name, secret in compose["secrets"].items():
+        yield f"secret {name}", secret["file"]
+
+
+def test_every_mounted_host_path_exists_or_is_key_material_git_keeps_out(
+    compose: dict[str, Any],
+) -> None:
+    seen = set()
+    for owner, raw in host_paths(compose):
+        assert raw.startswith("./") or raw == ".", (
+            f"{owner}: {raw} must be relative to the repository"
+        )
+        path = (REPO / raw).resolve()
+        assert path.is_relative_to(REPO), f"{owner}: {raw} leaves the repository"
+        seen.add(raw)
+        if path.exists():
+            continue
+        # Made by the deployment during the key ceremony (docs/operations.md):
+        # it must live under keys/ and be ignored by git, so it is never committed.
+        assert path.is_relative_to(REPO / "keys"), f"{owner}: {raw} does not exist"
+        ignored = subprocess.run(
+            ["git", "-C", str(REPO), "check-ignore", "--no-index", "-q", raw], check=False
+        )
+        assert ignored.returncode == 0, f"{owner}: {raw} is key material but git would track it"
+    assert {"./keys/jp", "./keys/pk", "./policies", "./Dockerfile"} <= seen
+
+
+def test_keys_and_policies_are_mounted_where_the_settings_look(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for node, node_id in NODE_OF_SERVICE.items():
+        service = services[node]
+        env = {k: interpolate(str(v)) for k, v in service["environment"].items()}
+        mounts = {v["source"]: v for v in service["volumes"] if isinstance(v, dict)}
+        home = "/var/lib/ssw-gateway"
+        assert mounts[f"./keys/{node_id}"]["target"] == f"{home}/keys"
+        assert mounts["./policies"]["read_only"] is True
+        assert mounts["./policies"]["target"] == env["GATEWAY_POLICY_DIR"]
+        for key in ("GATEWAY_SERVER_TLS_CERT", "GATEWAY_SERVER_TLS_KEY", "GATEWAY_SERVER_TLS_CA"):
+            assert env[key].startswith(f"{home}/keys/"), key
+
+
+@pytest.mark.parametrize("service_name", ["tokyo", "islamabad", "tokyo-migrate", "islamabad-init"])
+def test_gateway_variables_load_as_real_settings(
+    compose: dict[str, Any], service_name: str, tmp_path: Path
+) -> None:
+    service = compose["services"][service_name]
+    env = {k: interpolate(str(v)) for k, v in service["environment"].items()}
+    gateway_vars = {k: v for k, v in env.items() if k.startswith("GATEWAY_")}
+    assert not set(gateway_vars) & NOT_SETTINGS
+    node_id = "jp" if service_name.startswith("tokyo") else "pk"
+    (tmp_path / "gateway.toml").write_text(f'[node]\nid = "{node_id}"\n', encoding="utf-8")
+    settings = load_settings(tmp_path, environ=gateway_vars)
+    assert settings.server.listen == env["GATEWAY_SERVER_LISTEN"]
+    assert settings.server.peer_url == env["GATEWAY_SERVER_PEER_URL"]
+    assert settings.database_url == env["GATEWAY_DATABASE_URL"]
+    assert settings.server.tls_cert == Path(env["GATEWAY_SERVER_TLS_CERT"])
+    assert settings.server.tls_key == Path(env["GATEWAY_SERVER_TLS_KEY"])
+    assert settings.server.tls_ca == Path(env["GATEWAY_SERVER_TLS_CA"])
+    assert settings.policy_dir == Path(env["GATEWAY_POLICY_DIR"])
+    assert settings.log.format == env["GATEWAY_LOG_FORMAT"]
+
+
+# ---------------------------------------------------------------- Dockerfile
+
+
+def dockerfile_instructions() -> list[tuple[str, str]]:
+    text = DOCKERFILE.read_text(encoding="utf-8").replace("\\\n", " ")
+    pairs = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            keyword, _, rest = stripped.partition(" ")
+            pairs.append((keyword.upper(), rest.strip()))
+    return pairs
+
+
+def test_dockerfile_runs_gateway_as_a_non_root_user_from_python_slim() -> None:
+    instructions = dockerfile_instructions()
+    froms = [rest for keyword, rest in instructions if keyword == "FROM"]
+    assert froms
+    assert all(f.split()[0] == "python:3.11-slim" for f in froms)
+    users = [rest for keyword, rest in instructions if keyword == "USER"]
+    assert users
+    assert users[-1].split(":")[0] not in ("root", "0")
+    (entrypoint,) = [rest for keyword, rest in instructions if keyword == "ENTRYPOINT"]
+    assert json.loads(entrypoint) == ["gateway"]
+    assert any(keyword == "RUN" and "pip install ." in rest for keyword, rest in instructions)
+
+
+def dockerfile_health_probe() -> list[str]:
+    (healthcheck,) = [
+        rest for keyword, rest in dockerfile_instructions() if keyword == "HEALTHCHECK"
+    ]
+    command = json.loads(healthcheck[healthcheck.index("CMD") + 3 :].strip())
+    assert command[:2] == ["python", "-c"]
+    return [sys.executable, "-c", command[2]]
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    status_for_health = 200
+
+    def do_GET(self) -> None:
+        status = self.status_for_health if self.path == "/v1/health" else 404
+        self.send_response(status)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+@pytest.mark.parametrize(
+    ("status", "path", "expected_exit"),
+    [(200, "/v1/health", 0), (503, "/v1/health", 1), (200, "/nothing", 1)],
+)
+def test_dockerfile_health_probe_reports_what_the_endpoint_answers(
+    status: int, path: str, expected_exit: int
+) -> None:
+    handler = type("Handler", (_Health,), {"status_for_health": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}{path}"
+        result = subprocess.run(
+            dockerfile_health_probe(),
+            env={"SSW_HEALTH_URL": url},
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == expected_exit, shlex.join(["probe", url]) + result.stderr.decode()
