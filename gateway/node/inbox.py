@@ -1,0 +1,393 @@
+"""The inbox: accept the peer's envelopes exactly once and answer with signed receipts.
+
+:func:`receive_envelope` is what the peer server calls for each envelope (in a
+worker thread). Everything is checked before anything is stored; then one
+transaction decides:
+
+* the same envelope again (same SHA-256) answers the receipt stored the first
+  time, byte for byte, and stores nothing new (a lost response is recovered
+  by resending);
+* a *different* envelope under a bundle id already received is refused
+  (:class:`EquivocationRefused`, reason ``equivocation``) and kept as evidence
+  with a ledger entry;
+* a new envelope is stored as received (still encrypted), gaps in the
+  channel's sequence numbers are recorded, a ``bundle-received`` ledger entry
+  is written and a receipt is signed and stored; all in one commit.
+
+An envelope that fails verification leaves no trace in the inbox, so the
+clean retry of the same bundle succeeds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from gateway import log
+from gateway.core.receipt import Checkpoint, ReceiptSigner, issue_receipt
+from gateway.core.roles import SYSTEM
+from gateway.errors import NotFound, RefusedError, VerificationError
+from gateway.node.crash import crash_point
+from gateway.node.runtime import Node
+from gateway.store.models_exchange import (
+    Equivocation,
+    InboxEntry,
+    SequenceGap,
+    store_envelope_file,
+)
+
+__all__ = [
+    "ChannelGaps",
+    "EnvelopeFacts",
+    "EquivocationRefused",
+    "WrongRecipient",
+    "accept_envelope",
+    "channel_name",
+    "inbox_entry",
+    "ledger_checkpoint",
+    "list_gaps",
+    "list_inbox",
+]
+
+_CHUNK = 1 << 20
+_log = log.get_logger("inbox")
+
+
+class EquivocationRefused(RefusedError):
+    """The peer sent a different envelope under a bundle id it had already used."""
+
+    reason = "equivocation"
+
+
+class WrongRecipient(VerificationError):
+    """The envelope is addressed to another node."""
+
+    reason = "envelope.recipient"
+    check = "recipient"
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeFacts:
+    """What the inbox keeps from a verified envelope header."""
+
+    bundle_id: str
+    sender: str
+    recipient: str
+    sequence: int
+    case_type: str
+    created_at: datetime
+    marking: str
+    reply_to: str | None
+    signing_key_id: str
+    header: bytes
+
+
+Verifier = Callable[[BinaryIO], EnvelopeFacts]
+"""Checks an envelope completely (everything but decryption) and returns its facts."""
+
+CheckpointSource = Callable[[Session], Checkpoint | None]
+
+
+class InboxSigner(ReceiptSigner, Protocol):
+    """The keyring as the inbox needs it: a node id and a signing key."""
+
+    @property
+    def node(self) -> str: ...
+
+
+def channel_name(sender: str, recipient: str) -> str:
+    """The name of the one-way channel from ``sender`` to ``recipient``."""
+    return f"{sender}->{recipient}"
+
+
+def _hash_file(path: Path) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _stored_receipt_for(session: Session, sha: str) -> bytes | None:
+    return session.scalars(
+        select(InboxEntry.receipt).where(InboxEntry.envelope_sha256 == sha).limit(1)
+    ).first()
+
+
+def _record_gap(session: Session, channel: str, sequence: int, now: datetime) -> None:
+    """Keep the channel's missing sequence numbers as ranges, before inserting ``sequence``."""
+    highest = session.scalar(
+        select(func.max(InboxEntry.sequence)).where(InboxEntry.channel == channel)
+    )
+    top = int(highest or 0)
+    if sequence > top + 1:
+        session.add(
+            SequenceGap(
+                channel=channel, first_missing=top + 1, last_missing=sequence - 1, noticed_at=now
+            )
+        )
+        return
+    if sequence > top:
+        return
+    gap = session.scalars(
+        select(SequenceGap)
+        .where(
+            SequenceGap.channel == channel,
+            SequenceGap.first_missing <= sequence,
+            SequenceGap.last_missing >= sequence,
+        )
+        .with_for_update()
+    ).first()
+    if gap is None:
+        return
+    first, last = gap.first_missing, gap.last_missing
+    session.execute(delete(SequenceGap).where(SequenceGap.id == gap.id))
+    if first < sequence:
+        session.add(
+            SequenceGap(
+                channel=channel, first_missing=first, last_missing=sequence - 1, noticed_at=now
+            )
+        )
+    if sequence < last:
+        session.add(
+            SequenceGap(
+                channel=channel, first_missing=sequence + 1, last_missing=last, noticed_at=now
+            )
+        )
+
+
+def _ledger_event(
+    session: Session, *, kind: str, now: datetime, bundle_id: str, body: dict[str, object]
+) -> None:
+    from gateway.node import ledger  # noqa: PLC0415 - the ledger joins the exchange, not the reverse
+
+    ledger.record_event(session, kind=kind, actor=SYSTEM, now=now, bundle_id=bundle_id, body=body)
+
+
+def ledger_checkpoint(session: Session) -> Checkpoint | None:
+    """This node's newest signed ledger checkpoint, as a receipt names it."""
+    from gateway.node import ledger  # noqa: PLC0415
+
+    latest = ledger.latest_checkpoint(session)
+    if latest is None:
+        return None
+    return Checkpoint(size=latest.checkpoint.size, root=latest.checkpoint.root.hex())
+
+
+def accept_envelope(
+    node: Node,
+    signer: InboxSigner,
+    path: Path,
+    *,
+    verify: Verifier,
+    now: datetime,
+    checkpoint: CheckpointSource = ledger_checkpoint,
+) -> bytes:
+    """Verify, store and receipt one envelope file; return the receipt bytes.
+
+    ``verify`` does every check of the envelope but decryption and raises on
+    the first failure; nothing is stored before it has passed.
+    """
+    sha, size = _hash_file(path)
+    with node.db.transaction() as session:
+        replay = _stored_receipt_for(session, sha)
+    if replay is not None:
+        _log.info("envelope_replayed", envelope_sha256=sha)
+        return replay
+    with path.open("rb") as stream:
+        facts = verify(stream)
+    if facts.recipient != signer.node or facts.recipient != node.node_id:
+        raise WrongRecipient(
+            f"envelope {facts.bundle_id} is addressed to {facts.recipient!r}, "
+            f"not to this node {node.node_id!r}"
+        )
+    with path.open("rb") as stream:
+        stored_sha, stored_size, _ = store_envelope_file(node.settings.blob_dir, stream)
+    if (stored_sha, stored_size) != (sha, size):
+        raise VerificationError(
+            "the envelope changed while it was being received", check="envelope-stable"
+        )
+    for attempt in range(2):
+        try:
+            return _commit(node, signer, facts, sha, size, now=now, checkpoint=checkpoint)
+        except IntegrityError:
+            # A concurrent receive of the same bundle id committed first; the
+            # second pass finds its row and answers as for a replay.
+            if attempt:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _commit(
+    node: Node,
+    signer: InboxSigner,
+    facts: EnvelopeFacts,
+    sha: str,
+    size: int,
+    *,
+    now: datetime,
+    checkpoint: CheckpointSource,
+) -> bytes:
+    equivocated: Equivocation | None = None
+    with node.db.transaction() as session:
+        existing = session.scalars(
+            select(InboxEntry).where(
+                InboxEntry.sender == facts.sender, InboxEntry.bundle_id == facts.bundle_id
+            )
+        ).first()
+        if existing is not None and existing.envelope_sha256 == sha:
+            return existing.receipt
+        if existing is not None:
+            equivocated = _record_equivocation(session, existing, facts, sha, now)
+        else:
+            channel = channel_name(facts.sender, facts.recipient)
+            _record_gap(session, channel, facts.sequence, now)
+            _ledger_event(
+                session,
+                kind="bundle-received",
+                now=now,
+                bundle_id=facts.bundle_id,
+                body={
+                    "sender": facts.sender,
+                    "type": facts.case_type,
+                    "sequence": facts.sequence,
+                    "marking": facts.marking,
+                    "envelope_sha256": sha,
+                },
+            )
+            receipt = issue_receipt(
+                signer,
+                bundle_id=facts.bundle_id,
+                envelope_hash=sha,
+                received_at=now,
+                receiver=facts.recipient,
+                sender=facts.sender,
+                checkpoint=checkpoint(session),
+            )
+            session.add(
+                InboxEntry(
+                    sender=facts.sender,
+                    bundle_id=facts.bundle_id,
+                    channel=channel,
+                    sequence=facts.sequence,
+                    case_type=facts.case_type,
+                    marking=facts.marking,
+                    reply_to=facts.reply_to,
+                    signing_key_id=facts.signing_key_id,
+                    created_at=facts.created_at,
+                    received_at=now,
+                    envelope_sha256=sha,
+                    envelope_size=size,
+                    receipt=receipt,
+                )
+            )
+            session.flush()
+    if equivocated is not None:
+        _log.warning(
+            "equivocation_refused",
+            sender=facts.sender,
+            bundle_id=facts.bundle_id,
+            first_sha256=equivocated.first_envelope_sha256,
+            other_sha256=sha,
+        )
+        raise EquivocationRefused(
+            f"bundle {facts.bundle_id} from {facts.sender} was received before with another "
+            "envelope; the new one is refused and recorded as equivocation"
+        )
+    crash_point("after-inbox-commit")
+    _log.info("envelope_received", sender=facts.sender, bundle_id=facts.bundle_id)
+    return receipt
+
+
+def _record_equivocation(
+    session: Session, existing: InboxEntry, facts: EnvelopeFacts, sha: str, now: datetime
+) -> Equivocation:
+    known = session.scalars(
+        select(Equivocation).where(
+            Equivocation.sender == facts.sender,
+            Equivocation.bundle_id == facts.bundle_id,
+            Equivocation.other_envelope_sha256 == sha,
+        )
+    ).first()
+    if known is not None:
+        return known
+    record = Equivocation(
+        sender=facts.sender,
+        bundle_id=facts.bundle_id,
+        first_envelope_sha256=existing.envelope_sha256,
+        other_envelope_sha256=sha,
+        other_header=facts.header,
+        detected_at=now,
+    )
+    session.add(record)
+    _ledger_event(
+        session,
+        kind="equivocation",
+        now=now,
+        bundle_id=facts.bundle_id,
+        body={
+            "sender": facts.sender,
+            "first_envelope_sha256": existing.envelope_sha256,
+            "other_envelope_sha256": sha,
+        },
+    )
+    session.flush()
+    return record
+
+
+# -- listing -------------------------------------------------------------------------
+
+
+def list_inbox(node: Node, *, case_type: str | None = None) -> list[InboxEntry]:
+    """Received bundles, oldest first, optionally of one type."""
+    with node.db.transaction() as session:
+        query = select(InboxEntry).order_by(InboxEntry.received_at, InboxEntry.id)
+        if case_type is not None:
+            query = query.where(InboxEntry.case_type == case_type)
+        return list(session.scalars(query))
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelGaps:
+    channel: str
+    highest: int
+    missing: Sequence[tuple[int, int]]
+
+
+def list_gaps(node: Node) -> list[ChannelGaps]:
+    """Per incoming channel: the highest sequence seen and the missing ranges."""
+    with node.db.transaction() as session:
+        highest = dict(
+            session.execute(
+                select(InboxEntry.channel, func.max(InboxEntry.sequence)).group_by(
+                    InboxEntry.channel
+                )
+            ).tuples()
+        )
+        gaps = session.scalars(
+            select(SequenceGap).order_by(SequenceGap.channel, SequenceGap.first_missing)
+        ).all()
+    result: list[ChannelGaps] = []
+    for channel in sorted(highest):
+        missing = [(g.first_missing, g.last_missing) for g in gaps if g.channel == channel]
+        result.append(ChannelGaps(channel=channel, highest=int(highest[channel]), missing=missing))
+    return result
+
+
+def inbox_entry(node: Node, bundle_id: str) -> InboxEntry:
+    """The received bundle with this id, or :class:`NotFound`."""
+    with node.db.transaction() as session:
+        entry = session.scalars(select(InboxEntry).where(InboxEntry.bundle_id == bundle_id)).first()
+    if entry is None:
+        raise NotFound(f"no received bundle with id {bundle_id!r}")
+    return entry

@@ -1,0 +1,563 @@
+"""The outbox and the sender: every bundle ``send`` accepted reaches the peer exactly once.
+
+* :func:`send_case` validates the case, seals it to the peer's current
+  encryption key and queues it in ONE transaction with its per-channel
+  sequence number and a ``bundle-sent`` ledger entry. The envelope file is
+  written and synced before that transaction commits; it is never sealed
+  again, so every retry sends the very same bytes.
+* :func:`deliver_once` first sends any key manifest the peer has not seen,
+  then the queued envelopes in sequence order, in batches. A bundle counts as
+  delivered only when the receipt that comes back verifies against the
+  peer's pinned manifest and names exactly its bundle id and envelope hash.
+* :func:`run_sender` is the worker inside ``gateway serve``: it calls
+  :func:`deliver_once` forever, backing off exponentially with jitter while
+  the peer is unreachable, and wakes early when a bundle is queued in this
+  process.
+
+Exactly once: the receiver is idempotent on (sender, bundle id, envelope
+hash), so a crash anywhere between queueing and storing the receipt only
+leads to a resend of identical bytes, answered with the identical receipt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import random
+import secrets
+import threading
+from collections.abc import Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from gateway import log
+from gateway.core.receipt import ReceiptInvalid, ReceiptVerifyKeys, verify_receipt
+from gateway.core.roles import Actor
+from gateway.errors import NotFound, StorageError
+from gateway.node.crash import crash_point
+from gateway.node.runtime import Node, utc_now
+from gateway.store.models_exchange import (
+    ENVELOPE_DIR,
+    OutboxEntry,
+    OutboxState,
+    SequenceCounter,
+    envelope_path,
+)
+
+__all__ = [
+    "BATCH_MAX_BYTES",
+    "BATCH_MAX_ENVELOPES",
+    "DeliveryReport",
+    "SentBundle",
+    "list_outbox",
+    "new_bundle_id",
+    "notify_queued",
+    "outbox_entry",
+    "queue_sealed",
+    "retry_delay",
+]
+
+BATCH_MAX_ENVELOPES = 64
+BATCH_MAX_BYTES = 16 * 1024 * 1024
+RETRY_BASE_SECONDS = 1.0
+RETRY_CAP_SECONDS = 300.0
+_CHUNK = 1 << 20
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_log = log.get_logger("outbox")
+
+
+@dataclass(frozen=True, slots=True)
+class SentBundle:
+    """What ``send`` reports: the bundle queued for delivery."""
+
+    bundle_id: str
+    sequence: int
+    case_type: str
+    recipient: str
+    marking: str
+    envelope_sha256: str
+    envelope_size: int
+    created_at: datetime
+
+
+@dataclass
+class DeliveryReport:
+    """What one delivery pass did."""
+
+    manifests_sent: int = 0
+    delivered: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
+    retry_later: dict[str, str] = field(default_factory=dict)
+    remaining: int = 0
+
+    @property
+    def attempted(self) -> int:
+        return len(self.delivered) + len(self.refused) + len(self.retry_later)
+
+
+def new_bundle_id(now: datetime, *, _random: Callable[[int], bytes] = os.urandom) -> str:
+    """A bundle id: 48-bit milliseconds and 80 random bits in Crockford base32 (26 chars)."""
+    millis = int(now.timestamp() * 1000)
+    value = (millis << 80) | int.from_bytes(_random(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def retry_delay(
+    failures: int,
+    *,
+    base: float = RETRY_BASE_SECONDS,
+    cap: float = RETRY_CAP_SECONDS,
+    rng: Callable[[], float] = random.random,
+) -> float:
+    """Exponential backoff with jitter: uniform in [d/2, d], d = min(cap, base * 2^(n-1))."""
+    if failures <= 0:
+        return 0.0
+    ceiling = min(cap, base * (2 ** min(failures - 1, 32)))
+    return float(ceiling / 2 + (ceiling / 2) * rng())
+
+
+# -- queueing ------------------------------------------------------------------------
+
+_waiters_lock = threading.Lock()
+_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+
+def notify_queued() -> None:
+    """Wake every sender worker of this process (a bundle was queued)."""
+    with _waiters_lock:
+        waiters = list(_waiters)
+    for loop, event in waiters:
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(event.set)
+
+
+def _next_sequence(session: Session, channel: str) -> int:
+    """Take the next sequence number of ``channel`` under a row lock."""
+    counter = session.get(SequenceCounter, channel, with_for_update=True)
+    if counter is None:
+        try:
+            with session.begin_nested():
+                session.add(SequenceCounter(channel=channel, last_sequence=0))
+        except IntegrityError:
+            pass  # a concurrent first send created it; lock that row below
+        counter = session.get(
+            SequenceCounter, channel, with_for_update=True, populate_existing=True
+        )
+        if counter is None:
+            raise StorageError(f"sequence counter of channel {channel} could not be created")
+    counter.last_sequence += 1
+    session.flush()
+    return counter.last_sequence
+
+
+def _ledger_event(
+    session: Session,
+    *,
+    kind: str,
+    actor: Actor,
+    now: datetime,
+    bundle_id: str,
+    body: dict[str, object],
+) -> None:
+    from gateway.node import ledger  # noqa: PLC0415 - the ledger joins the exchange, not the reverse
+
+    ledger.record_event(session, kind=kind, actor=actor, now=now, bundle_id=bundle_id, body=body)
+
+
+class Sealer(Protocol):
+    """Writes the envelope of bundle ``bundle_id`` with ``sequence`` to ``out``."""
+
+    def __call__(self, out: BinaryIO, *, bundle_id: str, sequence: int) -> None: ...
+
+
+def _write_envelope(blob_dir: Path, seal: Sealer, bundle_id: str, sequence: int) -> Path:
+    directory = blob_dir / ENVELOPE_DIR
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = directory / f".tmp-{secrets.token_hex(8)}"
+    try:
+        with tmp.open("xb") as out:
+            seal(out, bundle_id=bundle_id, sequence=sequence)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def _commit_envelope_file(blob_dir: Path, tmp: Path) -> tuple[str, int]:
+    import hashlib  # noqa: PLC0415
+
+    digest = hashlib.sha256()
+    size = 0
+    with tmp.open("rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    sha = digest.hexdigest()
+    final = envelope_path(blob_dir, sha)
+    final.parent.mkdir(exist_ok=True, mode=0o700)
+    tmp.replace(final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return sha, size
+
+
+def queue_sealed(
+    node: Node,
+    *,
+    actor: Actor,
+    recipient: str,
+    case_type: str,
+    marking: str,
+    reply_to: str | None,
+    seal: Sealer,
+    now: datetime,
+    _random: Callable[[int], bytes] = os.urandom,
+) -> SentBundle:
+    """Assign the sequence number, seal, store and queue in one transaction.
+
+    The envelope file is synced to disk before the row naming it commits; if
+    anything fails, the transaction rolls back and at most an orphan file
+    (never named by a row) is left for :func:`sweep_orphan_envelopes`.
+    """
+    channel = f"{node.node_id}->{recipient}"
+    blob_dir = node.settings.blob_dir
+    bundle_id = new_bundle_id(now, _random=_random)
+    with node.db.transaction() as session:
+        sequence = _next_sequence(session, channel)
+        tmp = _write_envelope(blob_dir, seal, bundle_id, sequence)
+        try:
+            sha, size = _commit_envelope_file(blob_dir, tmp)
+        finally:
+            tmp.unlink(missing_ok=True)
+        session.add(
+            OutboxEntry(
+                bundle_id=bundle_id,
+                channel=channel,
+                recipient=recipient,
+                sequence=sequence,
+                case_type=case_type,
+                marking=marking,
+                reply_to=reply_to,
+                envelope_sha256=sha,
+                envelope_size=size,
+                state=OutboxState.QUEUED,
+                attempts=0,
+                next_attempt_at=now,
+                created_at=now,
+                actor=actor.label,
+            )
+        )
+        _ledger_event(
+            session,
+            kind="bundle-sent",
+            actor=actor,
+            now=now,
+            bundle_id=bundle_id,
+            body={
+                "recipient": recipient,
+                "type": case_type,
+                "sequence": sequence,
+                "marking": marking,
+                "envelope_sha256": sha,
+                "state": OutboxState.QUEUED,
+            },
+        )
+        session.flush()
+    crash_point("after-outbox-insert")
+    _log.info("bundle_queued", bundle_id=bundle_id, sequence=sequence, type=case_type)
+    notify_queued()
+    return SentBundle(
+        bundle_id=bundle_id,
+        sequence=sequence,
+        case_type=case_type,
+        recipient=recipient,
+        marking=marking,
+        envelope_sha256=sha,
+        envelope_size=size,
+        created_at=now,
+    )
+
+
+# -- delivery ------------------------------------------------------------------------
+
+
+class EnvelopeOutcome(Protocol):
+    """One result of ``PeerClient.post_envelopes``."""
+
+    @property
+    def status(self) -> str: ...
+
+    @property
+    def receipt(self) -> bytes | None: ...
+
+    @property
+    def reason(self) -> str | None: ...
+
+
+class DeliveryClient(Protocol):
+    """What delivery needs of ``PeerClient``."""
+
+    async def post_envelopes(self, paths: Sequence[Path]) -> Sequence[EnvelopeOutcome]: ...
+
+    async def post_manifest(self, raw: bytes) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    id: int
+    bundle_id: str
+    sequence: int
+    envelope_sha256: str
+    envelope_size: int
+    attempts: int
+    path: Path
+
+
+def _next_batch(node: Node, *, after: int, due_before: datetime | None) -> list[_Pending]:
+    with node.db.transaction() as session:
+        query = (
+            select(OutboxEntry)
+            .where(OutboxEntry.state == OutboxState.QUEUED, OutboxEntry.id > after)
+            .order_by(OutboxEntry.id)
+            .limit(BATCH_MAX_ENVELOPES)
+        )
+        if due_before is not None:
+            query = query.where(OutboxEntry.next_attempt_at <= due_before)
+        rows = session.scalars(query).all()
+    batch: list[_Pending] = []
+    total = 0
+    for row in rows:
+        if batch and total + row.envelope_size > BATCH_MAX_BYTES:
+            break
+        path = envelope_path(node.settings.blob_dir, row.envelope_sha256)
+        if not path.is_file():
+            raise StorageError(
+                f"envelope file of queued bundle {row.bundle_id} is missing from the blob store"
+            )
+        batch.append(
+            _Pending(
+                row.id,
+                row.bundle_id,
+                row.sequence,
+                row.envelope_sha256,
+                row.envelope_size,
+                row.attempts,
+                path,
+            )
+        )
+        total += row.envelope_size
+    return batch
+
+
+def _count_queued(node: Node) -> int:
+    from sqlalchemy import func  # noqa: PLC0415
+
+    with node.db.transaction() as session:
+        return int(
+            session.scalar(
+                select(func.count())
+                .select_from(OutboxEntry)
+                .where(OutboxEntry.state == OutboxState.QUEUED)
+            )
+            or 0
+        )
+
+
+def _store_outcomes(
+    node: Node,
+    delivered: list[tuple[_Pending, bytes]],
+    failed: list[tuple[_Pending, str]],
+    *,
+    now: datetime,
+) -> None:
+    with node.db.transaction() as session:
+        for item, receipt in delivered:
+            session.execute(
+                update(OutboxEntry)
+                .where(OutboxEntry.id == item.id, OutboxEntry.state == OutboxState.QUEUED)
+                .values(
+                    state=OutboxState.DELIVERED,
+                    receipt=receipt,
+                    delivered_at=now,
+                    attempts=OutboxEntry.attempts + 1,
+                    last_error=None,
+                )
+            )
+        for item, why in failed:
+            delay = retry_delay(item.attempts + 1)
+            session.execute(
+                update(OutboxEntry)
+                .where(OutboxEntry.id == item.id, OutboxEntry.state == OutboxState.QUEUED)
+                .values(
+                    attempts=OutboxEntry.attempts + 1,
+                    last_error=why[:300],
+                    next_attempt_at=now + timedelta(seconds=delay),
+                )
+            )
+
+
+PeerManifestSource = Callable[[Node], ReceiptVerifyKeys]
+ManifestQueue = Callable[[Node], Sequence[tuple[object, bytes]]]
+ManifestDone = Callable[[Node, object, datetime], None]
+
+
+async def deliver_pending(
+    node: Node,
+    client: DeliveryClient,
+    *,
+    peer_manifest: PeerManifestSource,
+    pending_manifests: ManifestQueue,
+    mark_manifest_delivered: ManifestDone,
+    now_fn: Callable[[], datetime] = utc_now,
+    due_only: bool = False,
+    progress: Callable[[DeliveryReport], None] | None = None,
+) -> DeliveryReport:
+    """One delivery pass: manifests first, then every queued envelope in order.
+
+    Network failures (:class:`~gateway.errors.TransportError`) propagate: the
+    caller decides to report (``gateway sync``) or to back off (the worker).
+    """
+    report = DeliveryReport()
+    for handle, raw in await asyncio.to_thread(pending_manifests, node):
+        await client.post_manifest(raw)
+        await asyncio.to_thread(mark_manifest_delivered, node, handle, now_fn())
+        report.manifests_sent += 1
+    manifest = await asyncio.to_thread(peer_manifest, node)
+    after = 0
+    while True:
+        batch = await asyncio.to_thread(
+            _next_batch, node, after=after, due_before=now_fn() if due_only else None
+        )
+        if not batch:
+            break
+        after = batch[-1].id
+        results = await client.post_envelopes([item.path for item in batch])
+        crash_point("after-send")
+        delivered: list[tuple[_Pending, bytes]] = []
+        failed: list[tuple[_Pending, str]] = []
+        for item, result in zip(batch, results, strict=True):
+            if result.status == "accepted" and result.receipt is not None:
+                try:
+                    verify_receipt(
+                        result.receipt,
+                        peer_manifest=manifest,
+                        expected_bundle_id=item.bundle_id,
+                        expected_envelope_hash=item.envelope_sha256,
+                        expected_sender=node.node_id,
+                    )
+                except ReceiptInvalid as exc:
+                    _log.warning("receipt_refused", bundle_id=item.bundle_id, check=exc.check)
+                    failed.append((item, f"receipt refused: {exc.check}"))
+                    report.retry_later[item.bundle_id] = f"receipt refused: {exc.check}"
+                    continue
+                delivered.append((item, result.receipt))
+                report.delivered.append(item.bundle_id)
+            else:
+                why = f"{result.status}: {result.reason or 'unknown'}"
+                failed.append((item, why))
+                if result.status == "refused":
+                    report.refused[item.bundle_id] = why
+                else:
+                    report.retry_later[item.bundle_id] = why
+        crash_point("before-receipt-store")
+        await asyncio.to_thread(_store_outcomes, node, delivered, failed, now=now_fn())
+        if progress is not None:
+            progress(report)
+    report.remaining = await asyncio.to_thread(_count_queued, node)
+    return report
+
+
+async def run_sender_loop(
+    node: Node,
+    client_factory: Callable[[], AbstractAsyncContextManager[DeliveryClient]],
+    stop: asyncio.Event,
+    *,
+    deliver: Callable[[DeliveryClient], object],
+    interval: float,
+    rng: Callable[[], float] = random.random,
+) -> None:
+    """Call ``deliver`` until ``stop`` is set; back off on failures, never give up."""
+    wake = asyncio.Event()
+    entry = (asyncio.get_running_loop(), wake)
+    with _waiters_lock:
+        _waiters.append(entry)
+    failures = 0
+    try:
+        while not stop.is_set():
+            wake.clear()
+            try:
+                async with client_factory() as client:
+                    result = deliver(client)
+                    if asyncio.iscoroutine(result):
+                        await result
+                failures = 0
+                delay = interval
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the worker never dies; it backs off
+                failures += 1
+                delay = retry_delay(failures, rng=rng)
+                _log.warning(
+                    "delivery_failed",
+                    error_type=type(exc).__name__,
+                    reason=getattr(exc, "reason", "internal"),
+                    detail=str(exc)[:200],
+                    failures=failures,
+                    retry_in=round(delay, 2),
+                )
+            stopper = asyncio.ensure_future(stop.wait())
+            waker = asyncio.ensure_future(wake.wait())
+            try:
+                await asyncio.wait(
+                    {stopper, waker}, timeout=delay, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                stopper.cancel()
+                waker.cancel()
+    finally:
+        with _waiters_lock:
+            _waiters.remove(entry)
+
+
+# -- listing -------------------------------------------------------------------------
+
+
+def list_outbox(node: Node, *, state: str | None = None) -> list[OutboxEntry]:
+    """Queued and delivered bundles in sequence order."""
+    with node.db.transaction() as session:
+        query = select(OutboxEntry).order_by(OutboxEntry.channel, OutboxEntry.sequence)
+        if state is not None:
+            query = query.where(OutboxEntry.state == state)
+        return list(session.scalars(query))
+
+
+def outbox_entry(node: Node, bundle_id: str) -> OutboxEntry:
+    with node.db.transaction() as session:
+        entry = session.scalars(
+            select(OutboxEntry).where(OutboxEntry.bundle_id == bundle_id)
+        ).first()
+    if entry is None:
+        raise NotFound(f"no sent bundle with id {bundle_id!r}")
+    return entry
+
+
+def receipt_text(raw: bytes | None) -> str | None:
+    """A receipt for JSON output (base64)."""
+    return None if raw is None else base64.b64encode(raw).decode("ascii")
