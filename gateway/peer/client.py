@@ -1,0 +1,345 @@
+"""The peer client: signed requests to the peer node over one session per process.
+
+Use it as an async context manager; it opens one :class:`aiohttp.ClientSession`
+with explicit timeouts and the TLS context of the node's settings, and closes
+it on exit::
+
+    async with PeerClient(settings, keyring) as client:
+        results = await client.post_envelopes([path1, path2])
+
+Failures: the network (refused connection, timeout, TLS failure, a 5xx
+answer, an unreadable answer) raises :class:`~gateway.errors.TransportError`,
+which the sender retries; a 4xx answer raises :class:`PeerRefused` with the
+status and the peer's reason code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import os
+import struct
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Literal
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from gateway.core.peer_auth import NONCE_BYTES, RequestSigner, sign_request
+from gateway.errors import ConfigError, RefusedError, TransportError
+from gateway.node.runtime import utc_now
+from gateway.peer.server import (
+    BATCH_CONTENT_TYPE,
+    BATCH_MAGIC,
+    MANIFEST_CONTENT_TYPE,
+)
+from gateway.peer.tls import client_ssl_context
+from gateway.settings import Settings
+
+__all__ = ["EnvelopeResult", "PeerClient", "PeerRefused", "peer_of"]
+
+_CHUNK = 64 * 1024
+MAX_RESPONSE_BYTES: Final = 8 * 1024 * 1024
+_RETRYABLE_STATUSES = frozenset({408, 429})
+
+
+def peer_of(node_id: str) -> str:
+    """The other node of the pair."""
+    if node_id not in ("jp", "pk"):
+        raise ConfigError(f"unknown node {node_id!r}")
+    return "pk" if node_id == "jp" else "jp"
+
+
+class PeerRefused(RefusedError):
+    """The peer answered 4xx: ``status`` and the peer's ``reason`` code.
+
+    ``retryable`` is True for answers that may succeed later unchanged (429
+    rate limit, 408 slow body).
+    """
+
+    reason = "peer.refused"
+
+    def __init__(self, message: str, *, status: int, reason: str) -> None:
+        super().__init__(message, reason=reason)
+        self.status = status
+        self.retryable = status in _RETRYABLE_STATUSES
+
+
+@dataclass(frozen=True, slots=True)
+class EnvelopeResult:
+    """The peer's answer for one envelope of a batch."""
+
+    path: Path
+    status: Literal["accepted", "refused", "error"]
+    receipt: bytes | None
+    reason: str | None
+    retryable: bool
+
+    @property
+    def accepted(self) -> bool:
+        return self.status == "accepted"
+
+
+def _default_timeout() -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, connect=15, sock_connect=15, sock_read=60)
+
+
+def _file_digest(paths: Sequence[Path]) -> tuple[bytes, int]:
+    """SHA-256 and length of the batch body the files make."""
+    digest = hashlib.sha256()
+    header = BATCH_MAGIC + struct.pack(">I", len(paths))
+    digest.update(header)
+    total = len(header)
+    for path in paths:
+        size = path.stat().st_size
+        prefix = struct.pack(">Q", size)
+        digest.update(prefix)
+        total += len(prefix)
+        with path.open("rb") as handle:
+            read = 0
+            while chunk := handle.read(_CHUNK):
+                digest.update(chunk)
+                read += len(chunk)
+        if read != size:
+            raise TransportError(f"{path} changed while it was being read", reason="transport.file")
+        total += size
+    return digest.digest(), total
+
+
+async def _batch_body(paths: Sequence[Path]) -> AsyncIterator[bytes]:
+    yield BATCH_MAGIC + struct.pack(">I", len(paths))
+    for path in paths:
+        yield struct.pack(">Q", path.stat().st_size)
+        with path.open("rb") as handle:
+            while chunk := await asyncio.to_thread(handle.read, _CHUNK):
+                yield chunk
+
+
+class PeerClient:
+    """Signed requests to the peer; one session for the life of the context."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        keyring: RequestSigner,
+        *,
+        peer_url: str | None = None,
+        timeout: aiohttp.ClientTimeout | None = None,
+        clock: Callable[[], datetime] = utc_now,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        url = peer_url if peer_url is not None else settings.server.peer_url
+        if not url:
+            raise ConfigError(
+                "no peer URL: set [server] peer_url (or pass --peer-url at init)",
+                reason="config.peer-url",
+            )
+        self._base = url.rstrip("/")
+        self._ssl = client_ssl_context(settings.server, peer_url=self._base)
+        self._recipient = peer_of(settings.node_id)
+        self._keyring = keyring
+        self._timeout = timeout or _default_timeout()
+        self._clock = clock
+        self._random = random
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> PeerClient:
+        connector = aiohttp.TCPConnector(
+            ssl=self._ssl if self._ssl is not None else False, limit=8, force_close=False
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector, timeout=self._timeout, raise_for_status=False
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def base_url(self) -> str:
+        return self._base
+
+    def _session_or_fail(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("PeerClient used outside 'async with'")
+        return self._session
+
+    def _signed_headers(self, method: str, path: str, body_sha256: bytes) -> dict[str, str]:
+        return sign_request(
+            self._keyring,
+            method=method,
+            path=path,
+            body_sha256=body_sha256,
+            recipient=self._recipient,
+            now=self._clock(),
+            nonce=self._random(NONCE_BYTES),
+        )
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str],
+        data: Any,
+    ) -> bytes:
+        session = self._session_or_fail()
+        url = self._base + path
+        try:
+            async with session.request(method, url, headers=headers, data=data) as response:
+                body = await _read_bounded(response)
+                status = response.status
+        except TransportError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TransportError(
+                f"peer at {urlsplit(url).netloc} unreachable: {type(exc).__name__}",
+                reason="transport.unreachable",
+            ) from None
+        if status < 400:
+            return body
+        reason = _reason_from(body)
+        if status >= 500:
+            raise TransportError(
+                f"peer answered {status} ({reason}) to {method} {path}", reason="transport.server"
+            )
+        raise PeerRefused(
+            f"peer refused {method} {path}: {status} {reason}", status=status, reason=reason
+        )
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes = b"",
+        *,
+        content_type: str = "application/json",
+    ) -> bytes:
+        """A signed request with a small body; returns the answer's body (2xx only)."""
+        headers = self._signed_headers(method, path, hashlib.sha256(body).digest())
+        if body or method != "GET":
+            headers["Content-Type"] = content_type
+        return await self._send(method, path, headers=headers, data=body if body else None)
+
+    async def request_json(self, method: str, path: str, payload: Any = None) -> Any:
+        """A signed JSON request; the answer parsed as JSON."""
+        body = b"" if payload is None else json.dumps(payload, separators=(",", ":")).encode()
+        answer = await self.request(method, path, body)
+        try:
+            return json.loads(answer)
+        except ValueError:
+            raise TransportError(
+                "peer answered with malformed JSON", reason="transport.answer"
+            ) from None
+
+    async def health(self) -> dict[str, Any]:
+        """``GET /v1/health`` (unsigned): the peer's liveness answer."""
+        answer = await self._send("GET", "/v1/health", headers={}, data=None)
+        try:
+            value = json.loads(answer)
+        except ValueError:
+            raise TransportError(
+                "peer health answer is not JSON", reason="transport.answer"
+            ) from None
+        if not isinstance(value, dict):
+            raise TransportError("peer health answer is not an object", reason="transport.answer")
+        return value
+
+    async def post_envelopes(self, paths: Sequence[Path]) -> list[EnvelopeResult]:
+        """Stream envelope files as one batch; one result per file, in order."""
+        if not paths:
+            return []
+        try:
+            digest, length = await asyncio.to_thread(_file_digest, list(paths))
+        except OSError as exc:
+            raise TransportError(
+                f"cannot read an envelope file: {exc.strerror}", reason="transport.file"
+            ) from None
+        headers = self._signed_headers("POST", "/v1/envelopes", digest)
+        headers["Content-Type"] = BATCH_CONTENT_TYPE
+        headers["Content-Length"] = str(length)
+        answer = await self._send("POST", "/v1/envelopes", headers=headers, data=_batch_body(paths))
+        return _parse_results(answer, paths)
+
+    async def post_manifest(self, raw: bytes) -> None:
+        """Send this node's new signed key manifest to the peer."""
+        await self.request("POST", "/v1/manifests", raw, content_type=MANIFEST_CONTENT_TYPE)
+
+
+async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(_CHUNK):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise TransportError("peer answer is too large", reason="transport.answer")
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _reason_from(body: bytes) -> str:
+    try:
+        value = json.loads(body[:4096])
+        reason = value["error"]["reason"]
+    except (ValueError, KeyError, TypeError):
+        return "unknown"
+    if not isinstance(reason, str) or len(reason) > 64:
+        return "unknown"
+    return reason
+
+
+def _parse_results(answer: bytes, paths: Sequence[Path]) -> list[EnvelopeResult]:
+    def bad(why: str) -> TransportError:
+        return TransportError(
+            f"peer's envelope answer is unusable: {why}", reason="transport.answer"
+        )
+
+    try:
+        value = json.loads(answer)
+    except ValueError:
+        raise bad("not JSON") from None
+    items = value.get("results") if isinstance(value, dict) else None
+    if not isinstance(items, list) or len(items) != len(paths):
+        raise bad("not one result per envelope")
+    results: list[EnvelopeResult] = []
+    for index, (item, path) in enumerate(zip(items, paths, strict=True)):
+        if not isinstance(item, dict) or item.get("index") != index:
+            raise bad(f"result {index} is malformed")
+        status = item.get("status")
+        if status == "accepted":
+            encoded = item.get("receipt")
+            if not isinstance(encoded, str):
+                raise bad(f"result {index} has no receipt")
+            try:
+                receipt = base64.b64decode(encoded.encode("ascii"), validate=True)
+            except (binascii.Error, UnicodeEncodeError, ValueError):
+                raise bad(f"result {index} receipt is not base64") from None
+            results.append(EnvelopeResult(path, "accepted", receipt, None, False))
+        elif status in ("refused", "error"):
+            reason = item.get("reason")
+            results.append(
+                EnvelopeResult(
+                    path,
+                    status,
+                    None,
+                    reason if isinstance(reason, str) else "unknown",
+                    status == "error",
+                )
+            )
+        else:
+            raise bad(f"result {index} has unknown status")
+    return results

@@ -1,0 +1,675 @@
+"""The peer server: the aiohttp application a node serves to its one peer.
+
+Routes (docs/protocol.md has the byte-level detail):
+
+- ``GET /v1/health``: no authentication, answers ``{"status":"ok"}`` and nothing else.
+- ``POST /v1/envelopes``: one envelope (``application/vnd.ssw-gateway.envelope``)
+  or a batch (``application/vnd.ssw-gateway.batch``), streamed to spool files
+  while the body is hashed; answers one result per envelope (a signed receipt
+  or an opaque reason code).
+- ``POST /v1/manifests``: the peer's new signed key manifest.
+
+Middlewares, outermost first: the request context (request id, one summary
+log line, the exception tree mapped to statuses and reason codes, never a
+trace to the peer), limits (header size 431, declared body size 413, request
+rate 429), and peer authentication (signature checked before the body is
+read; the body is checked against the signed digest as it streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Final, Protocol
+
+import structlog
+from aiohttp import web
+
+from gateway import log
+from gateway.core.peer_auth import (
+    BodyDigest,
+    KeyLookup,
+    NonceRecorder,
+    PeerAuthFailed,
+    SignedRequest,
+    parse_signed_request,
+    verify_request,
+)
+from gateway.errors import (
+    GatewayError,
+    InvalidInput,
+    NotFound,
+    RefusedError,
+    StorageError,
+    TransportError,
+    VerificationError,
+)
+from gateway.node.runtime import utc_now
+from gateway.store.db import Database
+from gateway.store.models_peer import prune_nonces, remember_nonce
+
+__all__ = [
+    "BATCH_CONTENT_TYPE",
+    "BATCH_MAGIC",
+    "ENVELOPE_CONTENT_TYPE",
+    "MANIFEST_CONTENT_TYPE",
+    "PEER_AUTH",
+    "PEER_SERVICES",
+    "TRANSPORT_LIMITS",
+    "EnvelopeHandler",
+    "ManifestHandler",
+    "PeerServer",
+    "PeerServices",
+    "TransportLimits",
+    "create_peer_app",
+    "database_nonce_recorder",
+    "read_signed_body",
+]
+
+ENVELOPE_CONTENT_TYPE: Final = "application/vnd.ssw-gateway.envelope"
+BATCH_CONTENT_TYPE: Final = "application/vnd.ssw-gateway.batch"
+MANIFEST_CONTENT_TYPE: Final = "application/vnd.ssw-gateway.manifest"
+BATCH_MAGIC: Final = b"SGB1"
+_CHUNK = 64 * 1024
+HEALTH_PATH: Final = "/v1/health"
+MANIFESTS_PATH: Final = "/v1/manifests"
+
+_log = log.get_logger("peer.server")
+
+
+@dataclass(frozen=True, slots=True)
+class TransportLimits:
+    """The limits the peer server enforces; built from the node's policy."""
+
+    max_header_bytes: int
+    max_body_bytes: int
+    max_envelope_bytes: int
+    max_batch_envelopes: int
+    max_small_body_bytes: int
+    rate_per_second: float
+    rate_burst: int
+    body_idle_timeout: float
+    body_total_timeout: float
+    clock_skew: timedelta
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_header_bytes",
+            "max_body_bytes",
+            "max_envelope_bytes",
+            "max_batch_envelopes",
+            "max_small_body_bytes",
+            "rate_burst",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"transport limit {name} must be at least 1")
+        if self.rate_per_second <= 0 or self.body_idle_timeout <= 0:
+            raise ValueError("transport rate and timeouts must be positive")
+        if self.body_total_timeout < self.body_idle_timeout:
+            raise ValueError("body_total_timeout must not be shorter than body_idle_timeout")
+
+
+class EnvelopeHandler(Protocol):
+    """Receives one spooled envelope; returns the signed receipt bytes.
+
+    Raises :class:`VerificationError` or :class:`RefusedError` to refuse it.
+    Runs in a worker thread (it does blocking database and file work).
+    """
+
+    def __call__(self, path: Path, *, now: datetime) -> bytes: ...
+
+
+class ManifestHandler(Protocol):
+    """Verifies and pins the peer's new manifest in one transaction.
+
+    ``authenticate`` is None when the request was already authenticated with a
+    key of the pinned manifest. Otherwise the handler must call it, after the
+    new manifest verified against the pinned one and before committing, with a
+    key lookup over the new manifest; it raises to refuse (and roll back).
+    """
+
+    def __call__(
+        self,
+        raw: bytes,
+        *,
+        now: datetime,
+        authenticate: Callable[[KeyLookup], None] | None,
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class PeerServices:
+    """What the peer server needs from the node: identities, keys, handlers."""
+
+    node_id: str
+    peer_id: str
+    spool_dir: Path
+    lookup_key: KeyLookup
+    remember_nonce: NonceRecorder
+    receive_envelope: EnvelopeHandler
+    apply_manifest: ManifestHandler | None = None
+    clock: Callable[[], datetime] = field(default=utc_now)
+
+
+def database_nonce_recorder(
+    db: Database, *, skew: timedelta, clock: Callable[[], datetime] = utc_now
+) -> NonceRecorder:
+    """A nonce recorder over the node's database: replays refused across restarts.
+
+    Each call prunes the nonces whose requests are too old to verify any more
+    (their time is outside the skew window) in the same transaction.
+    """
+
+    def remember(sender: str, nonce: bytes, request_time: datetime) -> bool:
+        now = clock()
+        with db.transaction() as session:
+            prune_nonces(session, older_than=now - skew)
+            return remember_nonce(session, sender, nonce, request_time=request_time, now=now)
+
+    return remember
+
+
+PEER_SERVICES: Final = web.AppKey("peer_services", PeerServices)
+TRANSPORT_LIMITS: Final = web.AppKey("transport_limits", TransportLimits)
+PEER_AUTH: Final = web.RequestKey("peer_auth", SignedRequest)
+_Verifier = Callable[[KeyLookup], SignedRequest]
+_DEFERRED_AUTH: Final[web.RequestKey[_Verifier]] = web.RequestKey("peer_auth_deferred")
+_REASON: Final = web.RequestKey("summary_reason", str)
+
+
+class _RateLimiter:
+    """A token bucket per remote address (monotonic clock, injected by the caller)."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def allow(self, key: str, now: float) -> bool:
+        tokens, last = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - last) * self.rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return False
+        self._buckets[key] = (tokens - 1.0, now)
+        if len(self._buckets) > 4096:
+            self._forget_full(now)
+        return True
+
+    def _forget_full(self, now: float) -> None:
+        for key, (tokens, last) in list(self._buckets.items()):
+            if tokens + (now - last) * self.rate >= self.burst:
+                del self._buckets[key]
+
+
+RATE_LIMITER: Final = web.AppKey("rate_limiter", _RateLimiter)
+
+
+class _Refusal(Exception):
+    """An HTTP refusal with a reason code, raised inside handlers and middlewares."""
+
+    def __init__(self, status: int, reason: str, message: str, *, close: bool = True) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.close = close
+
+
+def _status_for(error: GatewayError) -> int:
+    if isinstance(error, PeerAuthFailed):
+        return 401
+    if isinstance(error, (VerificationError, InvalidInput)):
+        return 400
+    if isinstance(error, NotFound):
+        return 404
+    if isinstance(error, RefusedError):
+        return 409
+    if isinstance(error, (StorageError, TransportError)):
+        return 503
+    return 500
+
+
+def _error_response(
+    status: int, reason: str, request_id: str, *, close: bool, **extra: Any
+) -> web.Response:
+    body = {"error": {"status": status, "reason": reason, "request_id": request_id, **extra}}
+    response = web.json_response(body, status=status)
+    if close:
+        response.force_close()
+    return response
+
+
+@web.middleware
+async def _context_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    request_id = uuid.uuid4().hex
+    started = time.monotonic()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    status = 500
+    reason = "ok"
+    try:
+        try:
+            response = await handler(request)
+        except _Refusal as refusal:
+            _log.info("peer_request_refused", reason=refusal.reason, detail=str(refusal))
+            response = _error_response(
+                refusal.status, refusal.reason, request_id, close=refusal.close
+            )
+        except GatewayError as exc:
+            _log.info("peer_request_refused", reason=exc.reason, detail=exc.diagnostics())
+            response = _error_response(_status_for(exc), exc.reason, request_id, close=True)
+        except web.HTTPException as exc:
+            code = "not-found" if exc.status == 404 else f"http.{exc.status}"
+            if exc.status == 405:
+                code = "method-not-allowed"
+            response = _error_response(exc.status, code, request_id, close=exc.status >= 400)
+        except (asyncio.CancelledError, ConnectionResetError):
+            reason = "disconnected"
+            raise
+        except Exception:  # noqa: BLE001 - the peer gets an opaque id, the log keeps the trace
+            _log.exception("peer_request_internal_error")
+            response = _error_response(500, "internal", request_id, close=True)
+        status = response.status
+        reason = str(request.get(_REASON, "ok"))
+        if status >= 400 and isinstance(response, web.Response):
+            reason = _reason_of(response)
+        response.headers["X-Request-Id"] = request_id
+        # No software or version banner: the peer learns liveness, nothing more.
+        response.headers["Server"] = "ssw-gateway"
+        return response
+    finally:
+        auth = request.get(PEER_AUTH)
+        _log.info(
+            "peer_request",
+            method=request.method,
+            path=request.path,
+            status=status,
+            reason=reason,
+            peer=auth.sender if isinstance(auth, SignedRequest) else None,
+            remote=request.remote,
+            duration_ms=round((time.monotonic() - started) * 1000, 1),
+        )
+        structlog.contextvars.unbind_contextvars("request_id")
+
+
+def _reason_of(response: web.Response) -> str:
+    try:
+        payload = json.loads(response.body if isinstance(response.body, bytes) else b"{}")
+        return str(payload["error"]["reason"])
+    except (ValueError, KeyError, TypeError):
+        return "error"
+
+
+@web.middleware
+async def _limits_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    limits = request.app[TRANSPORT_LIMITS]
+    header_bytes = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
+    if header_bytes > limits.max_header_bytes:
+        raise _Refusal(
+            431,
+            "limit.headers",
+            f"request headers of {header_bytes} bytes exceed {limits.max_header_bytes}",
+        )
+    limiter = request.app[RATE_LIMITER]
+    if not limiter.allow(request.remote or "-", time.monotonic()):
+        raise _Refusal(429, "limit.rate", "request rate of this peer exceeds the policy")
+    declared = request.content_length
+    if declared is not None and declared > limits.max_body_bytes:
+        raise _Refusal(
+            413,
+            "limit.body",
+            f"declared body of {declared} bytes exceeds {limits.max_body_bytes}",
+        )
+    return await handler(request)
+
+
+def _verify_headers(
+    request: web.Request, services: PeerServices, limits: TransportLimits
+) -> Callable[[KeyLookup], SignedRequest]:
+    """Parse the headers and return a verifier bound to this request's facts."""
+    parsed = parse_signed_request(request.headers)
+    now = services.clock()
+    path = request.raw_path
+
+    def verify(lookup: KeyLookup) -> SignedRequest:
+        return verify_request(
+            parsed,
+            method=request.method,
+            path=path,
+            recipient=services.node_id,
+            expected_sender=services.peer_id,
+            now=now,
+            lookup_key=lookup,
+            remember_nonce=services.remember_nonce,
+            skew=limits.clock_skew,
+        )
+
+    return verify
+
+
+@web.middleware
+async def _auth_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if request.method == "GET" and request.path == HEALTH_PATH:
+        return await handler(request)
+    services = request.app[PEER_SERVICES]
+    verify = _verify_headers(request, services, request.app[TRANSPORT_LIMITS])
+    try:
+        request[PEER_AUTH] = await asyncio.to_thread(verify, services.lookup_key)
+    except PeerAuthFailed as exc:
+        # After a rotation the peer signs with a key only its new manifest
+        # lists: the manifest route finishes authentication once that
+        # manifest verified against the pinned one.
+        if (
+            exc.reason == "auth.unknown-key"
+            and request.method == "POST"
+            and request.path == MANIFESTS_PATH
+            and services.apply_manifest is not None
+        ):
+            request[_DEFERRED_AUTH] = verify
+        else:
+            raise
+    return await handler(request)
+
+
+async def _read_chunk(
+    request: web.Request, size: int, limits: TransportLimits, deadline: float
+) -> bytes:
+    """Up to ``size`` bytes; idle and total read timeouts cut slow bodies."""
+    loop_now = asyncio.get_running_loop().time()
+    budget = min(limits.body_idle_timeout, deadline - loop_now)
+    if budget <= 0:
+        raise _Refusal(408, "limit.timeout", "request body took too long")
+    try:
+        async with asyncio.timeout(budget):
+            return await request.content.read(size)
+    except TimeoutError:
+        raise _Refusal(408, "limit.timeout", "request body stalled") from None
+
+
+async def _read_exactly(
+    request: web.Request, size: int, limits: TransportLimits, deadline: float, digest: BodyDigest
+) -> bytes:
+    parts: list[bytes] = []
+    remaining = size
+    while remaining:
+        chunk = await _read_chunk(request, min(remaining, _CHUNK), limits, deadline)
+        if not chunk:
+            raise _Refusal(400, "request.framing", "request body ended inside a frame")
+        digest.update(chunk)
+        parts.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(parts)
+
+
+def _expected_digest(request: web.Request) -> bytes:
+    auth = request.get(PEER_AUTH)
+    if isinstance(auth, SignedRequest):
+        return auth.body_sha256
+    return parse_signed_request(request.headers).body_sha256
+
+
+async def read_signed_body(request: web.Request, *, max_bytes: int) -> bytes:
+    """Read a small request body whole, bounded, and check it against the signed digest.
+
+    For routes whose body is a small JSON document or manifest (the ledger
+    routes use it); large bodies are streamed by the envelope route instead.
+    """
+    limits = request.app[TRANSPORT_LIMITS]
+    cap = min(max_bytes, limits.max_body_bytes)
+    declared = request.content_length
+    if declared is not None and declared > cap:
+        raise _Refusal(413, "limit.body", f"declared body of {declared} bytes exceeds {cap}")
+    digest = BodyDigest(_expected_digest(request))
+    deadline = asyncio.get_running_loop().time() + limits.body_total_timeout
+    parts: list[bytes] = []
+    while True:
+        chunk = await _read_chunk(request, _CHUNK, limits, deadline)
+        if not chunk:
+            break
+        digest.update(chunk)
+        if digest.size > cap:
+            raise _Refusal(413, "limit.body", f"body exceeds {cap} bytes")
+        parts.append(chunk)
+    digest.check()
+    return b"".join(parts)
+
+
+async def _health(_request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+def _spool_file(directory: Path, index: int) -> tuple[Path, Any]:
+    path = directory / f"envelope-{index:04d}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    return path, os.fdopen(fd, "wb")
+
+
+async def _spool_envelopes(
+    request: web.Request, directory: Path, limits: TransportLimits
+) -> list[Path]:
+    """Stream the body into one spool file per envelope; check digest and framing."""
+    digest = BodyDigest(_expected_digest(request))
+    deadline = asyncio.get_running_loop().time() + limits.body_total_timeout
+    content_type = request.content_type
+    paths: list[Path] = []
+    if content_type == ENVELOPE_CONTENT_TYPE:
+        path, handle = _spool_file(directory, 0)
+        paths.append(path)
+        with handle:
+            while True:
+                chunk = await _read_chunk(request, _CHUNK, limits, deadline)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                if digest.size > limits.max_envelope_bytes:
+                    raise _Refusal(
+                        413, "limit.envelope", f"envelope exceeds {limits.max_envelope_bytes}"
+                    )
+                handle.write(chunk)
+        if digest.size == 0:
+            raise _Refusal(400, "request.framing", "empty request body")
+    elif content_type == BATCH_CONTENT_TYPE:
+        preface = await _read_exactly(request, 8, limits, deadline, digest)
+        if preface[:4] != BATCH_MAGIC:
+            raise _Refusal(400, "request.framing", "batch body does not start with SGB1")
+        (count,) = struct.unpack(">I", preface[4:])
+        if count == 0:
+            raise _Refusal(400, "request.framing", "batch of zero envelopes")
+        if count > limits.max_batch_envelopes:
+            raise _Refusal(
+                413,
+                "limit.batch",
+                f"batch of {count} envelopes exceeds {limits.max_batch_envelopes}",
+            )
+        for index in range(count):
+            (length,) = struct.unpack(
+                ">Q", await _read_exactly(request, 8, limits, deadline, digest)
+            )
+            if length == 0:
+                raise _Refusal(400, "request.framing", f"envelope {index} is empty")
+            if length > limits.max_envelope_bytes:
+                raise _Refusal(
+                    413,
+                    "limit.envelope",
+                    f"envelope {index} of {length} bytes exceeds {limits.max_envelope_bytes}",
+                )
+            if digest.size + length > limits.max_body_bytes:
+                raise _Refusal(413, "limit.body", f"body exceeds {limits.max_body_bytes} bytes")
+            path, handle = _spool_file(directory, index)
+            paths.append(path)
+            with handle:
+                remaining = length
+                while remaining:
+                    chunk = await _read_chunk(request, min(remaining, _CHUNK), limits, deadline)
+                    if not chunk:
+                        raise _Refusal(400, "request.framing", "body ended inside an envelope")
+                    digest.update(chunk)
+                    handle.write(chunk)
+                    remaining -= len(chunk)
+        trailing = await _read_chunk(request, 1, limits, deadline)
+        if trailing:
+            raise _Refusal(400, "request.framing", "bytes after the last envelope of the batch")
+    else:
+        raise _Refusal(
+            415,
+            "request.content-type",
+            f"content type must be {ENVELOPE_CONTENT_TYPE} or {BATCH_CONTENT_TYPE}",
+        )
+    if digest.size > limits.max_body_bytes:
+        raise _Refusal(413, "limit.body", f"body exceeds {limits.max_body_bytes} bytes")
+    digest.check()
+    return paths
+
+
+def _receive_one(services: PeerServices, path: Path, index: int) -> dict[str, Any]:
+    try:
+        receipt = services.receive_envelope(path, now=services.clock())
+    except (VerificationError, RefusedError, InvalidInput) as exc:
+        _log.warning("envelope_refused", index=index, reason=exc.reason, detail=exc.diagnostics())
+        return {"index": index, "status": "refused", "reason": exc.reason}
+    except GatewayError as exc:
+        _log.error("envelope_failed", index=index, reason=exc.reason, detail=exc.diagnostics())
+        return {"index": index, "status": "error", "reason": exc.reason, "retryable": True}
+    except Exception:  # noqa: BLE001 - one envelope's failure never takes the batch down
+        error_id = uuid.uuid4().hex
+        _log.exception("envelope_internal_error", index=index, error_id=error_id)
+        return {
+            "index": index,
+            "status": "error",
+            "reason": "internal",
+            "error_id": error_id,
+            "retryable": True,
+        }
+    return {
+        "index": index,
+        "status": "accepted",
+        "receipt": base64.b64encode(receipt).decode("ascii"),
+    }
+
+
+async def _post_envelopes(request: web.Request) -> web.Response:
+    services = request.app[PEER_SERVICES]
+    limits = request.app[TRANSPORT_LIMITS]
+    directory = Path(tempfile.mkdtemp(prefix="req-", dir=services.spool_dir))
+    try:
+        paths = await _spool_envelopes(request, directory, limits)
+        results = []
+        for index, path in enumerate(paths):
+            results.append(await asyncio.to_thread(_receive_one, services, path, index))
+    finally:
+        await asyncio.to_thread(shutil.rmtree, directory, True)
+    accepted = sum(1 for result in results if result["status"] == "accepted")
+    request[_REASON] = f"accepted {accepted}/{len(results)}"
+    return web.json_response({"results": results})
+
+
+async def _post_manifest(request: web.Request) -> web.Response:
+    services = request.app[PEER_SERVICES]
+    limits = request.app[TRANSPORT_LIMITS]
+    if services.apply_manifest is None:
+        raise _Refusal(404, "not-found", "this node takes no manifests")
+    raw = await read_signed_body(request, max_bytes=limits.max_small_body_bytes)
+    deferred = request.get(_DEFERRED_AUTH)
+    authenticate: Callable[[KeyLookup], None] | None = None
+    if deferred is not None:
+
+        def authenticate(lookup: KeyLookup) -> None:
+            request[PEER_AUTH] = deferred(lookup)
+
+    apply = services.apply_manifest
+    await asyncio.to_thread(lambda: apply(raw, now=services.clock(), authenticate=authenticate))
+    if not isinstance(request.get(PEER_AUTH), SignedRequest):
+        raise PeerAuthFailed("request was never authenticated", reason="auth.unknown-key")
+    return web.json_response({"status": "applied"})
+
+
+async def _spool_context(app: web.Application) -> AsyncIterator[None]:
+    spool = app[PEER_SERVICES].spool_dir
+    spool.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Leftovers of a process that died mid-request are never half-received.
+    for leftover in spool.iterdir():
+        if leftover.name.startswith("req-"):
+            shutil.rmtree(leftover, ignore_errors=True)
+    yield
+
+
+def create_peer_app(
+    services: PeerServices,
+    limits: TransportLimits,
+    *,
+    extra_routes: Callable[[web.Application], None] | None = None,
+) -> web.Application:
+    """The peer application of one node (the aiohttp app factory)."""
+    app = web.Application(
+        middlewares=[_context_middleware, _limits_middleware, _auth_middleware],
+        client_max_size=limits.max_small_body_bytes,
+    )
+    app[PEER_SERVICES] = services
+    app[TRANSPORT_LIMITS] = limits
+    app[RATE_LIMITER] = _RateLimiter(limits.rate_per_second, limits.rate_burst)
+    app.cleanup_ctx.append(_spool_context)
+    app.router.add_get(HEALTH_PATH, _health, allow_head=False)
+    app.router.add_post("/v1/envelopes", _post_envelopes)
+    app.router.add_post(MANIFESTS_PATH, _post_manifest)
+    if extra_routes is not None:
+        extra_routes(app)
+    return app
+
+
+class PeerServer:
+    """A running peer application on one listening socket, stopped with draining."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        limits: TransportLimits,
+        *,
+        drain_timeout: float = 30.0,
+    ) -> None:
+        self.app = app
+        self._limits = limits
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=drain_timeout,
+            max_line_size=max(8190, limits.max_header_bytes),
+            max_field_size=max(8190, limits.max_header_bytes),
+            keepalive_timeout=limits.body_idle_timeout,
+            # After an early refusal (413, 401) the unread rest of a body is
+            # drained for at most this long before the connection is closed.
+            lingering_time=min(1.0, limits.body_idle_timeout),
+        )
+        self._site: web.TCPSite | None = None
+        self.port: int | None = None
+
+    async def start(self, host: str, port: int, *, ssl_context: Any = None) -> int:
+        """Start listening; returns the bound port (useful with port 0)."""
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, backlog=128)
+        await self._site.start()
+        bound = [a for a in self._runner.addresses if isinstance(a, tuple) and len(a) >= 2]
+        self.port = int(bound[0][1]) if bound else port
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to the drain timeout)."""
+        with contextlib.suppress(RuntimeError):
+            await self._runner.cleanup()

@@ -1,0 +1,563 @@
+"""The peer server over real sockets: authentication, limits, batches, nothing stored on refusal."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import struct
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import nacl.signing
+import pytest
+from sqlalchemy import func, select
+
+from gateway.core.peer_auth import (
+    HEADER_SIGNATURE,
+    KeyLookup,
+    PeerAuthFailed,
+    sign_request,
+)
+from gateway.errors import RefusedError, TransportError
+from gateway.node.runtime import utc_now
+from gateway.peer.client import PeerClient, PeerRefused
+from gateway.peer.server import BATCH_CONTENT_TYPE, BATCH_MAGIC, ENVELOPE_CONTENT_TYPE
+from gateway.settings import Settings
+from gateway.store.db import Database
+from gateway.store.models_peer import PeerNonce
+from tests.nodes import (
+    TEST_LIMITS,
+    EnvelopeStore,
+    KeyTable,
+    RawSigner,
+    ServerThread,
+    make_services,
+    migrated_database,
+    raw_exchange,
+    start_test_server,
+    status_of,
+)
+
+JP = RawSigner.make("jp", "jp-op-1")
+PK = RawSigner.make("pk", "pk-op-1")
+
+
+def jp_settings(tmp_path: Path, url: str) -> Settings:
+    return Settings.model_validate(
+        {"home": tmp_path / "jp", "node": {"id": "jp"}, "server": {"peer_url": url}}
+    )
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, db: Database, server: ServerThread, store: EnvelopeStore):
+        self.tmp_path = tmp_path
+        self.db = db
+        self.server = server
+        self.store = store
+
+    def client(self, signer: RawSigner = JP, **kwargs: Any) -> PeerClient:
+        return PeerClient(jp_settings(self.tmp_path, self.server.url), signer, **kwargs)
+
+    def nonce_count(self) -> int:
+        with self.db.transaction() as session:
+            return int(session.scalar(select(func.count()).select_from(PeerNonce)) or 0)
+
+    def spool_empty(self) -> bool:
+        spool = self.tmp_path / "spool"
+        return not any(spool.iterdir())
+
+    def raw(self, head: str, body: bytes = b"") -> tuple[int, bytes, bool]:
+        response, closed = raw_exchange(self.server.port, head.encode() + body)
+        return status_of(response), response, closed
+
+    def assert_nothing_stored(self) -> None:
+        assert self.store.stored() == []
+        assert self.spool_empty()
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    db = migrated_database(f"sqlite:///{tmp_path / 'pk.sqlite3'}")
+    services, store = make_services(
+        tmp_path, db, keys=KeyTable({"jp-op-1": JP.public_key}), receiver=PK
+    )
+    with start_test_server(services) as server:
+        yield Harness(tmp_path, db, server, store)
+    db.dispose()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def envelope_files(tmp_path: Path, *contents: bytes) -> list[Path]:
+    paths = []
+    for index, content in enumerate(contents):
+        path = tmp_path / f"out-{index}.env"
+        path.write_bytes(content)
+        paths.append(path)
+    return paths
+
+
+def signed_head(
+    signer: RawSigner,
+    body: bytes,
+    *,
+    path: str = "/v1/envelopes",
+    content_type: str = ENVELOPE_CONTENT_TYPE,
+    now: datetime | None = None,
+    nonce: bytes | None = None,
+    extra: str = "",
+    length: bool = True,
+) -> str:
+    headers = sign_request(
+        signer,
+        method="POST",
+        path=path,
+        body_sha256=hashlib.sha256(body).digest(),
+        recipient="pk",
+        now=now or utc_now(),
+        nonce=nonce or __import__("os").urandom(16),
+    )
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", f"Content-Type: {content_type}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    if length:
+        lines.append(f"Content-Length: {len(body)}")
+    return "\r\n".join(lines) + "\r\n" + extra + "\r\n"
+
+
+def batch(*envelopes: bytes) -> bytes:
+    out = BATCH_MAGIC + struct.pack(">I", len(envelopes))
+    for envelope in envelopes:
+        out += struct.pack(">Q", len(envelope)) + envelope
+    return out
+
+
+def error_reason(response: bytes) -> str:
+    body = response.partition(b"\r\n\r\n")[2]
+    return str(json.loads(body)["error"]["reason"])
+
+
+# --- what works -------------------------------------------------------------------------------
+
+
+def test_health_answers_without_authentication_and_reveals_only_liveness(harness: Harness) -> None:
+    status, response, _ = harness.raw(
+        "GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    assert status == 200
+    assert json.loads(response.partition(b"\r\n\r\n")[2]) == {"status": "ok"}
+    head = response.partition(b"\r\n\r\n")[0].lower()
+    assert b"aiohttp" not in head
+    assert b"python" not in head
+    assert run(_health(harness)) == {"status": "ok"}
+
+
+async def _health(harness: Harness) -> dict[str, Any]:
+    async with harness.client() as client:
+        return await client.health()
+
+
+def test_batch_delivered_with_one_receipt_per_envelope(harness: Harness, tmp_path: Path) -> None:
+    paths = envelope_files(tmp_path, b"first envelope", b"second REFUSE envelope", b"third")
+
+    async def send() -> Any:
+        async with harness.client() as client:
+            return await client.post_envelopes(paths)
+
+    results = run(send())
+    assert [r.status for r in results] == ["accepted", "refused", "accepted"]
+    assert results[1].reason == "envelope.signature"
+    for result, content in ((results[0], b"first envelope"), (results[2], b"third")):
+        assert result.receipt is not None
+        PK.key.verify_key.verify(
+            b"ssw-gateway/receipt/v1\x00" + hashlib.sha256(content).digest(), result.receipt
+        )
+    assert harness.store.stored() == [b"first envelope", b"third"]
+    assert harness.spool_empty()
+    assert harness.nonce_count() == 1
+
+
+def test_single_envelope_with_chunked_body_accepted(harness: Harness) -> None:
+    body = b"x" * 3000
+    head = signed_head(JP, body, length=False, extra="Transfer-Encoding: chunked\r\n")
+    chunked = (
+        b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in (body[:1000], body[1000:])) + b"0\r\n\r\n"
+    )
+    status, response, _ = harness.raw(head, chunked)
+    assert status == 200, response
+    assert json.loads(response.partition(b"\r\n\r\n")[2])["results"][0]["status"] == "accepted"
+    assert harness.store.stored() == [body]
+
+
+def test_generic_signed_request_reaches_an_extra_route(tmp_path: Path) -> None:
+    from aiohttp import web  # noqa: PLC0415
+
+    from gateway.peer.server import PEER_AUTH, create_peer_app, read_signed_body  # noqa: PLC0415
+
+    async def echo(request: web.Request) -> web.Response:
+        body = await read_signed_body(request, max_bytes=1024)
+        return web.json_response({"sender": request[PEER_AUTH].sender, "echo": body.decode()})
+
+    db = migrated_database(f"sqlite:///{tmp_path / 'pk.sqlite3'}")
+    services, _ = make_services(
+        tmp_path, db, keys=KeyTable({"jp-op-1": JP.public_key}), receiver=PK
+    )
+    app = create_peer_app(
+        services, TEST_LIMITS, extra_routes=lambda a: a.router.add_post("/v1/echo", echo)
+    )
+
+    async def call(url: str) -> Any:
+        async with PeerClient(jp_settings(tmp_path, url), JP) as client:
+            return await client.request_json("POST", "/v1/echo", {"hello": "pk"})
+
+    with ServerThread(app) as server:
+        assert run(call(server.url)) == {"sender": "jp", "echo": '{"hello":"pk"}'}
+    db.dispose()
+
+
+# --- authentication refusals --------------------------------------------------------------------
+
+
+def test_replayed_request_refused(harness: Harness) -> None:
+    body = b"an envelope"
+    head = signed_head(JP, body)
+    first, _, _ = harness.raw(head, body)
+    assert first == 200
+    status, response, _ = harness.raw(head, body)
+    assert status == 401
+    assert error_reason(response) == "auth.replay"
+    assert harness.store.stored() == [body]
+    assert harness.nonce_count() == 1
+
+
+def test_replay_refused_after_server_restart(tmp_path: Path) -> None:
+    db = migrated_database(f"sqlite:///{tmp_path / 'pk.sqlite3'}")
+    keys = KeyTable({"jp-op-1": JP.public_key})
+    body = b"an envelope"
+    head = signed_head(JP, body)
+    statuses = []
+    for _ in range(2):
+        services, _store = make_services(tmp_path, db, keys=keys, receiver=PK)
+        with start_test_server(services) as server:
+            response, _ = raw_exchange(server.port, head.encode() + body)
+            statuses.append((status_of(response), response))
+    assert statuses[0][0] == 200
+    assert statuses[1][0] == 401
+    assert error_reason(statuses[1][1]) == "auth.replay"
+    db.dispose()
+
+
+def test_nonce_store_refuses_a_replay_on_each_engine(database_url: str) -> None:
+    from gateway.peer.server import database_nonce_recorder  # noqa: PLC0415
+
+    db = migrated_database(database_url)
+    now = utc_now()
+    remember = database_nonce_recorder(db, skew=timedelta(minutes=5), clock=lambda: now)
+    assert remember("jp", b"n" * 16, now) is True
+    assert remember("jp", b"n" * 16, now) is False
+    assert remember("pk", b"n" * 16, now) is True
+    later = now + timedelta(minutes=6)
+    remember_later = database_nonce_recorder(db, skew=timedelta(minutes=5), clock=lambda: later)
+    assert remember_later("jp", b"m" * 16, later) is True
+    with db.transaction() as session:
+        left = session.scalars(select(PeerNonce.nonce)).all()
+    assert left == [b"m" * 16]
+    db.dispose()
+
+
+def _headers_without_signature(body: bytes) -> str:
+    head = signed_head(JP, body)
+    return "\r\n".join(line for line in head.split("\r\n") if not line.startswith(HEADER_SIGNATURE))
+
+
+@pytest.mark.parametrize(
+    ("case", "make_head", "reason"),
+    [
+        (
+            "unsigned",
+            lambda body: (
+                f"POST /v1/envelopes HTTP/1.1\r\nHost: x\r\nContent-Type: {ENVELOPE_CONTENT_TYPE}\r\nContent-Length: {len(body)}\r\n\r\n"
+            ),
+            "auth.missing",
+        ),
+        ("signature header dropped", _headers_without_signature, "auth.missing"),
+        (
+            "wrong key",
+            lambda body: signed_head(
+                RawSigner("jp", "jp-op-1", nacl.signing.SigningKey.generate()), body
+            ),
+            "auth.signature",
+        ),
+        (
+            "unknown key id",
+            lambda body: signed_head(RawSigner("jp", "jp-op-2", JP.key), body),
+            "auth.unknown-key",
+        ),
+        (
+            "stale time",
+            lambda body: signed_head(JP, body, now=utc_now() - timedelta(minutes=30)),
+            "auth.stale",
+        ),
+        (
+            "future time",
+            lambda body: signed_head(JP, body, now=utc_now() + timedelta(minutes=30)),
+            "auth.stale",
+        ),
+        (
+            "signed for another path",
+            lambda body: signed_head(JP, body, path="/v1/manifests").replace(
+                "POST /v1/manifests", "POST /v1/envelopes"
+            ),
+            "auth.signature",
+        ),
+        (
+            "claims to be this node",
+            lambda body: signed_head(RawSigner("pk", "jp-op-1", JP.key), body),
+            "auth.unknown-key",
+        ),
+    ],
+)
+def test_unauthenticated_request_refused_with_401_and_nothing_stored(
+    harness: Harness, case: str, make_head: Callable[[bytes], str], reason: str
+) -> None:
+    body = b"an envelope"
+    status, response, closed = harness.raw(make_head(body), body)
+    assert status == 401, case
+    assert error_reason(response) == reason, case
+    assert closed, case
+    harness.assert_nothing_stored()
+    assert harness.nonce_count() == 0
+
+
+def test_body_not_matching_signed_digest_refused_and_discarded(harness: Harness) -> None:
+    head = signed_head(JP, b"the signed envelope")
+    status, response, _ = harness.raw(head, b"the forged envelope")
+    assert status == 401
+    assert error_reason(response) == "auth.digest"
+    harness.assert_nothing_stored()
+
+
+def test_batch_with_tampered_last_byte_stores_none_of_its_envelopes(harness: Harness) -> None:
+    signed = batch(b"one", b"two")
+    tampered = signed[:-1] + b"X"
+    status, response, _ = harness.raw(
+        signed_head(JP, signed, content_type=BATCH_CONTENT_TYPE), tampered
+    )
+    assert status == 401
+    assert error_reason(response) == "auth.digest"
+    harness.assert_nothing_stored()
+
+
+def test_client_turns_a_401_into_peer_refused(harness: Harness, tmp_path: Path) -> None:
+    stranger = RawSigner.make("jp", "jp-op-7")
+    paths = envelope_files(tmp_path, b"envelope")
+
+    async def send() -> Any:
+        async with harness.client(stranger) as client:
+            return await client.post_envelopes(paths)
+
+    with pytest.raises(PeerRefused) as caught:
+        run(send())
+    assert (caught.value.status, caught.value.reason) == (401, "auth.unknown-key")
+    assert isinstance(caught.value, RefusedError)
+    harness.assert_nothing_stored()
+
+
+def test_unreachable_peer_is_a_transport_error(tmp_path: Path) -> None:
+    from tests.nodes import free_port  # noqa: PLC0415
+
+    async def send() -> Any:
+        url = f"http://127.0.0.1:{free_port()}"
+        async with PeerClient(jp_settings(tmp_path, url), JP) as client:
+            return await client.health()
+
+    with pytest.raises(TransportError) as caught:
+        run(send())
+    assert caught.value.reason == "transport.unreachable"
+
+
+# --- limits ---------------------------------------------------------------------------------------
+
+
+def test_oversize_content_length_refused_before_reading(harness: Harness) -> None:
+    too_big = TEST_LIMITS.max_body_bytes + 1
+    head = signed_head(JP, b"").replace("Content-Length: 0", f"Content-Length: {too_big}")
+    status, response, closed = harness.raw(head, b"only a few bytes")
+    assert status == 413
+    assert error_reason(response) == "limit.body"
+    assert closed
+    harness.assert_nothing_stored()
+
+
+def test_oversize_chunked_body_refused_while_streaming(harness: Harness) -> None:
+    body = b"y" * (TEST_LIMITS.max_envelope_bytes + 10)
+    head = signed_head(JP, body, length=False, extra="Transfer-Encoding: chunked\r\n")
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (4096, body[i : i + 4096]) for i in range(0, len(body) - 10, 4096)
+    )
+    status, response, closed = harness.raw(head, chunks + b"a\r\n" + b"y" * 10 + b"\r\n0\r\n\r\n")
+    assert status == 413
+    assert error_reason(response) == "limit.envelope"
+    assert closed
+    harness.assert_nothing_stored()
+
+
+def test_batch_with_too_many_envelopes_refused(harness: Harness) -> None:
+    body = batch(*[b"e%d" % i for i in range(TEST_LIMITS.max_batch_envelopes + 1)])
+    status, response, _ = harness.raw(signed_head(JP, body, content_type=BATCH_CONTENT_TYPE), body)
+    assert status == 413
+    assert error_reason(response) == "limit.batch"
+    harness.assert_nothing_stored()
+
+
+def test_batch_frame_larger_than_envelope_limit_refused(harness: Harness) -> None:
+    body = (
+        BATCH_MAGIC
+        + struct.pack(">I", 1)
+        + struct.pack(">Q", TEST_LIMITS.max_envelope_bytes + 1)
+        + b"z" * 100
+    )
+    status, response, _ = harness.raw(signed_head(JP, body, content_type=BATCH_CONTENT_TYPE), body)
+    assert status == 413
+    assert error_reason(response) == "limit.envelope"
+    harness.assert_nothing_stored()
+
+
+@pytest.mark.parametrize(
+    ("case", "body"),
+    [
+        ("bad magic", b"XXXX" + struct.pack(">I", 1) + struct.pack(">Q", 1) + b"a"),
+        ("zero envelopes", BATCH_MAGIC + struct.pack(">I", 0)),
+        ("empty envelope", BATCH_MAGIC + struct.pack(">I", 1) + struct.pack(">Q", 0)),
+        ("truncated envelope", BATCH_MAGIC + struct.pack(">I", 1) + struct.pack(">Q", 10) + b"abc"),
+        ("trailing bytes", batch(b"abc") + b"extra"),
+        ("truncated preface", BATCH_MAGIC),
+    ],
+)
+def test_malformed_batch_framing_refused(harness: Harness, case: str, body: bytes) -> None:
+    status, response, _ = harness.raw(signed_head(JP, body, content_type=BATCH_CONTENT_TYPE), body)
+    assert status == 400, case
+    assert error_reason(response) == "request.framing", case
+    harness.assert_nothing_stored()
+
+
+def test_unknown_content_type_refused(harness: Harness) -> None:
+    body = b"{}"
+    status, response, _ = harness.raw(signed_head(JP, body, content_type="application/json"), body)
+    assert status == 415
+    assert error_reason(response) == "request.content-type"
+    harness.assert_nothing_stored()
+
+
+def test_request_rate_above_policy_refused_with_429(tmp_path: Path) -> None:
+    from dataclasses import replace  # noqa: PLC0415
+
+    limits = replace(TEST_LIMITS, rate_per_second=0.01, rate_burst=3)
+    db = migrated_database(f"sqlite:///{tmp_path / 'pk.sqlite3'}")
+    services, _ = make_services(
+        tmp_path, db, keys=KeyTable({"jp-op-1": JP.public_key}), receiver=PK
+    )
+    request = b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with start_test_server(services, limits) as server:
+        statuses = [status_of(raw_exchange(server.port, request)[0]) for _ in range(5)]
+        last, _ = raw_exchange(server.port, request)
+    assert statuses == [200, 200, 200, 429, 429]
+    assert error_reason(last) == "limit.rate"
+    db.dispose()
+
+
+def test_oversized_headers_refused_with_431(harness: Harness) -> None:
+    filler = "".join(f"X-Filler-{i}: {'a' * 500}\r\n" for i in range(10))
+    status, response, closed = harness.raw(f"GET /v1/health HTTP/1.1\r\nHost: x\r\n{filler}\r\n")
+    assert status == 431
+    assert error_reason(response) == "limit.headers"
+    assert closed
+
+
+def test_stalled_body_cut_by_read_timeout(harness: Harness) -> None:
+    body = b"z" * 100
+    head = signed_head(JP, body)
+    status, response, closed = harness.raw(head, body[:10])
+    assert status == 408
+    assert error_reason(response) == "limit.timeout"
+    assert closed
+    harness.assert_nothing_stored()
+
+
+# --- manifests after a rotation ------------------------------------------------------------------
+
+
+class ManifestBook:
+    """A real manifest handler for transport tests: a manifest is JSON naming keys,
+    "verified" when its "approved_by" equals a key id of the pinned table."""
+
+    def __init__(self, keys: KeyTable) -> None:
+        self.keys = keys
+        self.applied: list[bytes] = []
+
+    def __call__(
+        self, raw: bytes, *, now: datetime, authenticate: Callable[[KeyLookup], None] | None
+    ) -> None:
+        from gateway.errors import VerificationError  # noqa: PLC0415
+
+        manifest = json.loads(raw)
+        if manifest.get("approved_by") not in self.keys.keys:
+            raise VerificationError(
+                "manifest not signed by the pinned key", reason="manifest.signature"
+            )
+        new_keys = {k: base64.b64decode(v) for k, v in manifest["keys"].items()}
+        if authenticate is not None:
+            authenticate(KeyTable(new_keys).lookup)
+        self.keys.keys = new_keys
+        self.applied.append(raw)
+
+
+def test_request_signed_with_a_key_only_the_new_manifest_lists_accepted(tmp_path: Path) -> None:
+    db = migrated_database(f"sqlite:///{tmp_path / 'pk.sqlite3'}")
+    keys = KeyTable({"jp-op-1": JP.public_key})
+    book = ManifestBook(keys)
+    services, _ = make_services(tmp_path, db, keys=keys, receiver=PK, apply_manifest=book)
+    rotated = RawSigner.make("jp", "jp-op-2")
+    good = json.dumps(
+        {
+            "approved_by": "jp-op-1",
+            "keys": {"jp-op-2": base64.b64encode(rotated.public_key).decode()},
+        }
+    ).encode()
+    forged = json.dumps(
+        {
+            "approved_by": "someone",
+            "keys": {"jp-op-2": base64.b64encode(rotated.public_key).decode()},
+        }
+    ).encode()
+    other = RawSigner.make("jp", "jp-op-2")
+
+    async def post(url: str, signer: RawSigner, raw: bytes) -> None:
+        async with PeerClient(jp_settings(tmp_path, url), signer) as client:
+            await client.post_manifest(raw)
+
+    with start_test_server(services) as server:
+        with pytest.raises(PeerRefused) as forged_refusal:
+            run(post(server.url, rotated, forged))
+        with pytest.raises(PeerRefused) as wrong_key:
+            run(post(server.url, other, good))
+        assert book.applied == []
+        run(post(server.url, rotated, good))
+        assert book.applied == [good]
+        assert keys.keys == {"jp-op-2": rotated.public_key}
+    assert (forged_refusal.value.status, forged_refusal.value.reason) == (400, "manifest.signature")
+    assert (wrong_key.value.status, wrong_key.value.reason) == (401, "auth.signature")
+    db.dispose()
+
+
+def test_unknown_key_on_envelopes_is_not_rescued_by_the_manifest_rule(harness: Harness) -> None:
+    body = b"envelope"
+    status, response, _ = harness.raw(signed_head(RawSigner("jp", "jp-op-2", JP.key), body), body)
+    assert status == 401
+    assert error_reason(response) == "auth.unknown-key"
+    assert isinstance(PeerAuthFailed("x", reason="auth.missing"), RefusedError) is False

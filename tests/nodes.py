@@ -1,0 +1,368 @@
+"""Test helpers for the peer transport and for real node processes.
+
+Two kinds of helpers live here:
+
+- an in-process peer server (:class:`ServerThread`) running the real aiohttp
+  application on a real socket in a background thread, with real Ed25519 keys
+  (:class:`RawSigner`) and the real database nonce store, for transport tests;
+- real ``gateway serve`` processes (:func:`start_serve`, :func:`stop`,
+  :func:`kill`, :func:`wait_ready`, :func:`wait_health`) for end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nacl.signing
+from aiohttp import web
+
+from gateway.core.domain import tagged
+from gateway.errors import NotFound
+from gateway.peer.server import (
+    PeerServer,
+    PeerServices,
+    TransportLimits,
+    create_peer_app,
+    database_nonce_recorder,
+)
+from gateway.store.db import Database, open_database
+
+T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parent.parent
+GATEWAY = [sys.executable, "-c", "from gateway.cli.main import main; main()"]
+
+TEST_LIMITS = TransportLimits(
+    max_header_bytes=4096,
+    max_body_bytes=64 * 1024,
+    max_envelope_bytes=16 * 1024,
+    max_batch_envelopes=4,
+    max_small_body_bytes=16 * 1024,
+    rate_per_second=1000.0,
+    rate_burst=1000,
+    body_idle_timeout=1.0,
+    body_total_timeout=5.0,
+    clock_skew=timedelta(minutes=5),
+)
+
+
+@dataclass
+class RawSigner:
+    """A node's operational signing key as a plain libsodium key."""
+
+    node: str
+    signing_key_id: str
+    key: nacl.signing.SigningKey
+
+    @classmethod
+    def make(cls, node: str, key_id: str) -> RawSigner:
+        return cls(node, key_id, nacl.signing.SigningKey.generate())
+
+    def sign(self, purpose: bytes, payload: bytes) -> bytes:
+        return bytes(self.key.sign(tagged(purpose, payload)).signature)
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(self.key.verify_key)
+
+
+@dataclass
+class KeyTable:
+    """The peer's signing keys a server accepts (stands in for the pinned manifest)."""
+
+    keys: dict[str, bytes] = field(default_factory=dict)
+
+    def lookup(self, key_id: str, _at: datetime) -> bytes:
+        try:
+            return self.keys[key_id]
+        except KeyError:
+            raise NotFound(f"no signing key {key_id}") from None
+
+
+@dataclass
+class EnvelopeStore:
+    """A real receiving handler: keeps envelopes in a folder, answers a fake-free receipt.
+
+    The receipt is the SHA-256 of the envelope signed by the receiving node's
+    key, which is enough for transport tests to check that the right bytes
+    arrived and the receipt bytes travel unchanged.
+    """
+
+    folder: Path
+    signer: RawSigner
+    refuse_containing: bytes = b"REFUSE"
+
+    def __call__(self, path: Path, *, now: datetime) -> bytes:
+        from gateway.errors import VerificationError  # noqa: PLC0415
+
+        data = path.read_bytes()
+        if self.refuse_containing in data:
+            raise VerificationError("test envelope is marked bad", reason="envelope.signature")
+        import hashlib  # noqa: PLC0415
+
+        digest = hashlib.sha256(data).hexdigest()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / digest).write_bytes(data)
+        return self.signer.sign(b"ssw-gateway/receipt/v1", bytes.fromhex(digest))
+
+    def stored(self) -> list[bytes]:
+        if not self.folder.exists():
+            return []
+        return sorted(p.read_bytes() for p in self.folder.iterdir())
+
+
+def migrated_database(url: str) -> Database:
+    db = open_database(url)
+    db.upgrade()
+    return db
+
+
+def make_services(
+    tmp_path: Path,
+    db: Database,
+    *,
+    keys: KeyTable,
+    receiver: RawSigner,
+    node_id: str = "pk",
+    peer_id: str = "jp",
+    clock: Callable[[], datetime] | None = None,
+    apply_manifest: Any = None,
+) -> tuple[PeerServices, EnvelopeStore]:
+    from gateway.node.runtime import utc_now  # noqa: PLC0415
+
+    now = clock or utc_now
+    store = EnvelopeStore(tmp_path / "received", receiver)
+    services = PeerServices(
+        node_id=node_id,
+        peer_id=peer_id,
+        spool_dir=tmp_path / "spool",
+        lookup_key=keys.lookup,
+        remember_nonce=database_nonce_recorder(db, skew=timedelta(minutes=5), clock=now),
+        receive_envelope=store,
+        apply_manifest=apply_manifest,
+        clock=now,
+    )
+    return services, store
+
+
+class ServerThread:
+    """The peer application served on 127.0.0.1 from a background event loop."""
+
+    def __init__(
+        self,
+        app: web.Application,
+        limits: TransportLimits = TEST_LIMITS,
+        *,
+        host: str = "127.0.0.1",
+        ssl_context: Any = None,
+    ) -> None:
+        self.app = app
+        self.limits = limits
+        self.host = host
+        self.ssl_context = ssl_context
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._server: PeerServer | None = None
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=30)
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self._server = PeerServer(self.app, self.limits, drain_timeout=2.0)
+        server = self._server
+        self.port = self._call(server.start(self.host, 0, ssl_context=self.ssl_context))
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._server is not None:
+            self._call(self._server.stop())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+    @property
+    def url(self) -> str:
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+
+def start_test_server(
+    services: PeerServices, limits: TransportLimits = TEST_LIMITS, **kwargs: Any
+) -> ServerThread:
+    return ServerThread(create_peer_app(services, limits), limits, **kwargs)
+
+
+# --- raw sockets ---------------------------------------------------------------------------
+
+
+def raw_exchange(port: int, data: bytes, *, timeout: float = 5.0) -> tuple[bytes, bool]:
+    """Send raw bytes; return what came back and whether the server closed the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        chunks: list[bytes] = []
+        closed = False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            except ConnectionResetError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            chunks.append(chunk)
+            if _complete_response(b"".join(chunks)):
+                sock.settimeout(3.0)
+        return b"".join(chunks), closed
+
+
+def _complete_response(data: bytes) -> bool:
+    head, sep, body = data.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return len(body) >= int(value.strip())
+    return True
+
+
+def status_of(response: bytes) -> int:
+    line = response.split(b"\r\n", 1)[0]
+    parts = line.split(b" ")
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+        raise AssertionError(f"not an HTTP response: {response[:80]!r}")
+    return int(parts[1])
+
+
+# --- real gateway processes -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def gateway_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_HOME"] = str(home)
+    env.setdefault("GATEWAY_PASSPHRASE", "correct horse battery staple")
+    if "GATEWAY_TEST_PG_URL" in os.environ:
+        env["GATEWAY_TEST_PG_URL"] = os.environ["GATEWAY_TEST_PG_URL"]
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+def run_gateway(
+    home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run one ``gateway`` command to completion for the node at ``home``."""
+    return subprocess.run(  # noqa: PLW1510 - callers check returncode themselves
+        [*GATEWAY, "--home", str(home), *args],
+        env=env or gateway_env(home),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+@dataclass
+class ServeProcess:
+    """A running ``gateway serve``; stderr is collected in the background."""
+
+    home: Path
+    process: subprocess.Popen[str]
+    stderr_lines: list[str] = field(default_factory=list)
+    _reader: threading.Thread | None = None
+
+    def stderr_text(self) -> str:
+        return "".join(self.stderr_lines)
+
+
+def start_serve(home: Path, *, env: dict[str, str] | None = None) -> ServeProcess:
+    """Start ``gateway serve`` for the node at ``home`` (does not wait for readiness)."""
+    process = subprocess.Popen(
+        [*GATEWAY, "--home", str(home), "serve"],
+        env=env or gateway_env(home),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    serve = ServeProcess(home, process)
+
+    def read() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            serve.stderr_lines.append(line)
+
+    serve._reader = threading.Thread(target=read, daemon=True)
+    serve._reader.start()
+    return serve
+
+
+def wait_ready(serve: ServeProcess, *, timeout: float = 60.0) -> str:
+    """Wait for the "serving <node> on HOST:PORT" line; return it. Fails if the process dies."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in list(serve.stderr_lines):
+            if line.startswith("serving "):
+                return line.strip()
+        if serve.process.poll() is not None:
+            time.sleep(0.2)
+            raise AssertionError(
+                f"gateway serve exited with {serve.process.returncode}:\n{serve.stderr_text()}"
+            )
+        time.sleep(0.05)
+    raise AssertionError(f"gateway serve not ready after {timeout} s:\n{serve.stderr_text()}")
+
+
+def wait_health(url: str, *, timeout: float = 60.0) -> None:
+    """Poll ``GET /v1/health`` until it answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url.rstrip("/") + "/v1/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{url} did not become healthy in {timeout} s")
+
+
+def stop(serve: ServeProcess, sig: int = signal.SIGTERM, *, timeout: float = 60.0) -> int:
+    """Signal the process and wait for its exit code."""
+    if serve.process.poll() is None:
+        serve.process.send_signal(sig)
+    code = serve.process.wait(timeout=timeout)
+    if serve._reader is not None:
+        serve._reader.join(timeout=5)
+    return code
+
+
+def kill(serve: ServeProcess) -> int:
+    """SIGKILL the process (a crash) and reap it."""
+    return stop(serve, signal.SIGKILL)
