@@ -1,0 +1,293 @@
+"""The local API for users: officers, administrators and compliance officers.
+
+``gateway serve`` runs it on ``[server] api_listen`` (loopback by default),
+apart from the peer API. Every route lives under ``/api/v1/`` and is the same
+action as a CLI command, authorized with the same action name of
+:data:`gateway.core.roles.ACTIONS` and served by the same service function.
+
+Nothing answers without a user token: the authentication middleware runs
+before routing, so even an unknown path gets 401 without one (no route list
+leaks to strangers). The token is checked by
+:func:`gateway.node.users.authenticate` (constant-time against the stored
+hash); the role check of the route's action runs before the request body is
+read. Refusals are 401 (no, wrong or disabled token) or 403 (the role may not).
+
+Every answer is JSON. Errors of the :mod:`gateway.errors` tree become
+``{"error": {"reason": ..., "message": ...}}`` with a status chosen by family;
+an unexpected failure becomes a 500 naming only its request id, never a
+traceback. One summary log line is written per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from gateway.api import routes_users
+from gateway.api.routes_common import DEFAULT_MAX_BODY, ApiRoute, Call, KeyringProvider
+from gateway.core.roles import ACTIONS, Actor, authorize_role
+from gateway.errors import (
+    AccessDenied,
+    AlreadyExists,
+    ConfigError,
+    ConsentRefused,
+    GatewayError,
+    InvalidInput,
+    NotFound,
+    PolicyRefused,
+    RefusedError,
+    StorageError,
+    TransportError,
+    VerificationError,
+)
+from gateway.log import get_logger
+from gateway.node.runtime import Node
+from gateway.node.users import authenticate
+
+__all__ = [
+    "ACTOR_KEY",
+    "EXECUTOR_KEY",
+    "KEYRING_KEY",
+    "NODE_KEY",
+    "REQUEST_ID_KEY",
+    "ROUTES_KEY",
+    "all_routes",
+    "create_api_app",
+    "error_status",
+]
+
+NODE_KEY = web.AppKey("node", Node)
+KEYRING_KEY: web.AppKey[KeyringProvider] = web.AppKey("keyring_provider")
+EXECUTOR_KEY = web.AppKey("executor", Executor)
+ROUTES_KEY = web.AppKey("routes", tuple[ApiRoute, ...])
+ACTOR_KEY = web.RequestKey("actor", Actor)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+
+_log = get_logger("api")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_MAX_AUTHORIZATION = 512
+_BEARER = "bearer "
+_DB_THREADS = 4
+
+
+def all_routes() -> tuple[ApiRoute, ...]:
+    """Every route of the local API, in the order they are registered."""
+    return tuple(routes_users.ROUTES)
+
+
+def error_status(exc: GatewayError) -> int:
+    """The HTTP status for an error of the gateway's tree (one table, here)."""
+    if isinstance(exc, AccessDenied):
+        return 403 if exc.reason in ("access.role", "access.unknown-action") else 401
+    if isinstance(exc, PolicyRefused):
+        if exc.reason.endswith("too-large") or exc.reason.endswith(".size"):
+            return 413
+        if exc.reason.endswith(".rate"):
+            return 429
+        return 422
+    if isinstance(exc, ConsentRefused):
+        return 403
+    table: tuple[tuple[type[GatewayError], int], ...] = (
+        (NotFound, 404),
+        (AlreadyExists, 409),
+        (RefusedError, 409),
+        (VerificationError, 422),
+        (InvalidInput, 422),
+        (TransportError, 502),
+        (StorageError, 503),
+        (ConfigError, 500),
+    )
+    for family, status in table:
+        if isinstance(exc, family):
+            if isinstance(exc, InvalidInput) and exc.reason.startswith("request."):
+                return 415 if exc.reason == "request.content-type" else 400
+            return status
+    return 400
+
+
+def _error(status: int, reason: str, message: str, **extra: Any) -> web.Response:
+    body: dict[str, Any] = {"reason": reason, "message": message, **extra}
+    response = web.json_response({"error": body}, status=status)
+    if status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="ssw-gateway"'
+    return response
+
+
+def _bearer_token(request: web.Request) -> str:
+    header = request.headers.get("Authorization")
+    if header is None:
+        raise AccessDenied(
+            "no user token: send 'Authorization: Bearer <token>'", reason="access.no-token"
+        )
+    if len(header) > _MAX_AUTHORIZATION or not header.lower().startswith(_BEARER):
+        raise AccessDenied(
+            "the Authorization header must read 'Bearer <token>'", reason="access.token"
+        )
+    return header[len(_BEARER) :].strip()
+
+
+@web.middleware
+async def _request_log(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Give every request an id and write one summary line when it ends."""
+    offered = request.headers.get("X-Request-Id", "")
+    request_id = offered if _REQUEST_ID.fullmatch(offered) else secrets.token_hex(8)
+    request[REQUEST_ID_KEY] = request_id
+    started = time.monotonic()
+    status = 500
+    with structlog.contextvars.bound_contextvars(request_id=request_id):
+        try:
+            response = await handler(request)
+            status = response.status
+            response.headers["X-Request-Id"] = request_id
+            response.headers["Cache-Control"] = "no-store"
+            response.headers["X-Content-Type-Options"] = "nosniff"
+            return response
+        finally:
+            actor = request.get(ACTOR_KEY)
+            _log.info(
+                "api_request",
+                method=request.method,
+                route=_route_template(request),
+                status=status,
+                user=actor.name if isinstance(actor, Actor) else None,
+                duration_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+
+
+def _route_template(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "(no route)"
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Map every failure to a JSON error; never send a traceback."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        status = error_status(exc)
+        extra: dict[str, Any] = {}
+        if isinstance(exc, VerificationError):
+            extra["check"] = exc.check
+        log = _log.warning if status >= 500 else _log.info
+        log("api_refused", reason=exc.reason, status=status)
+        return _error(status, exc.reason, exc.diagnostics(), **extra)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reason = {
+            404: "not-found",
+            405: "method-not-allowed",
+            413: "request.too-large",
+        }.get(exc.status, "request")
+        return _error(exc.status, reason, exc.reason)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence answers 500, no trace
+        _log.error("api_internal_error", error_type=type(exc).__name__)
+        return _error(
+            500,
+            "internal",
+            f"internal error; quote request id {request.get(REQUEST_ID_KEY)} to the administrator",
+        )
+
+
+@web.middleware
+async def _authenticate(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Refuse any request, to any path, that carries no valid user token."""
+    token = _bearer_token(request)
+    node = request.app[NODE_KEY]
+    executor = request.app[EXECUTOR_KEY]
+
+    def check() -> Actor:
+        with node.db.transaction() as session:
+            return authenticate(session, token)
+
+    actor = await asyncio.get_running_loop().run_in_executor(executor, check)
+    request[ACTOR_KEY] = actor
+    structlog.contextvars.bind_contextvars(user=actor.name)
+    return await handler(request)
+
+
+def _bind(route: ApiRoute) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """The aiohttp handler of a route: role check first, then the route's handler."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        actor = request[ACTOR_KEY]
+        if route.action is not None:
+            if actor.role is None:
+                raise AccessDenied("the node itself cannot act through the local API")
+            authorize_role(actor.role, route.action)
+        call = Call(
+            request=request,
+            node=request.app[NODE_KEY],
+            actor=actor,
+            keyring_provider=request.app[KEYRING_KEY],
+            executor=request.app[EXECUTOR_KEY],
+            max_body=route.max_body,
+        )
+        return await route.handler(call)
+
+    return handle
+
+
+def _check_routes(routes: Iterable[ApiRoute]) -> tuple[ApiRoute, ...]:
+    chosen = tuple(routes)
+    seen: set[tuple[str, str]] = set()
+    for route in chosen:
+        if not route.path.startswith("/api/v1/"):
+            raise ValueError(f"route {route.path} is outside /api/v1/")
+        if route.action is not None and route.action not in ACTIONS:
+            raise ValueError(
+                f"route {route.method} {route.path} names unknown action {route.action!r}"
+            )
+        if (route.method, route.path) in seen:
+            raise ValueError(f"route {route.method} {route.path} is registered twice")
+        seen.add((route.method, route.path))
+    return chosen
+
+
+def create_api_app(
+    node: Node,
+    keyring_provider: KeyringProvider,
+    *,
+    routes: Iterable[ApiRoute] | None = None,
+    db_threads: int = _DB_THREADS,
+) -> web.Application:
+    """Build the local API application for an opened node.
+
+    ``keyring_provider`` gives the unlocked keyring to routes that seal or
+    open bundles. The caller owns ``node`` and closes it after the app stops;
+    the app owns its worker threads (opened and closed in ``cleanup_ctx``).
+    """
+    chosen = _check_routes(all_routes() if routes is None else routes)
+    largest = max((route.max_body for route in chosen), default=DEFAULT_MAX_BODY)
+    app = web.Application(
+        middlewares=[_request_log, _errors, _authenticate], client_max_size=largest
+    )
+    app[NODE_KEY] = node
+    app[KEYRING_KEY] = keyring_provider
+    app[ROUTES_KEY] = chosen
+
+    async def threads(app: web.Application) -> AsyncIterator[None]:
+        pool = ThreadPoolExecutor(max_workers=db_threads, thread_name_prefix="api-db")
+        app[EXECUTOR_KEY] = pool
+        yield
+        pool.shutdown(wait=True)
+
+    app.cleanup_ctx.append(threads)
+    for route in chosen:
+        app.router.add_route(route.method, route.path, _bind(route))
+    return app

@@ -1,0 +1,93 @@
+"""Local API routes for the acting user and for user management (administrators)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.api.routes_common import (
+    ApiRoute,
+    Call,
+    json_response,
+    refuse_unknown_fields,
+    require_str,
+)
+from gateway.node.runtime import utc_now
+from gateway.node.users import add_user, disable_user, list_users, reissue_token
+
+__all__ = ["ROUTES"]
+
+
+async def whoami(call: Call) -> web.StreamResponse:
+    role = call.actor.role.value if call.actor.role is not None else None
+    return json_response({"name": call.actor.name, "role": role, "node": call.node.node_id})
+
+
+async def users_list(call: Call) -> web.StreamResponse:
+    rows = await call.in_transaction(list_users)
+    return json_response(
+        [
+            {
+                "name": r.name,
+                "role": r.role,
+                "created_at": r.created_at,
+                "created_by": r.created_by,
+                "disabled": r.disabled,
+            }
+            for r in rows
+        ]
+    )
+
+
+async def users_add(call: Call) -> web.StreamResponse:
+    body = await call.json_body()
+    refuse_unknown_fields(body, {"name", "role"})
+    name = require_str(body, "name", max_length=64)
+    role = require_str(body, "role", max_length=16)
+    created = await call.in_transaction(
+        lambda session: add_user(session, name, role, created_by=call.actor.name, now=utc_now())
+    )
+    return json_response(
+        {"name": created.name, "role": created.role.value, "token": created.token.text},
+        status=201,
+    )
+
+
+async def users_disable(call: Call) -> web.StreamResponse:
+    name = call.path("name")
+    await call.json_body()
+    await call.in_transaction(
+        lambda session: disable_user(session, name, now=utc_now(), by=call.actor.name)
+    )
+    return json_response({"name": name, "disabled": True})
+
+
+async def users_new_token(call: Call) -> web.StreamResponse:
+    name = call.path("name")
+    await call.json_body()
+    token = await call.in_transaction(
+        lambda session: reissue_token(session, name, now=utc_now(), by=call.actor.name)
+    )
+    return json_response({"name": name, "token": token.text})
+
+
+ROUTES = (
+    ApiRoute("GET", "/api/v1/whoami", None, whoami, "The acting user, its role and the node"),
+    ApiRoute("GET", "/api/v1/users", "users.list", users_list, "List users (never tokens)"),
+    ApiRoute(
+        "POST", "/api/v1/users", "users.add", users_add, "Add a user; its token is shown once"
+    ),
+    ApiRoute(
+        "POST",
+        "/api/v1/users/{name}/disable",
+        "users.disable",
+        users_disable,
+        "Disable a user: its token is refused from now on",
+    ),
+    ApiRoute(
+        "POST",
+        "/api/v1/users/{name}/token",
+        "users.add",
+        users_new_token,
+        "Replace a user's token; the old one stops working",
+    ),
+)

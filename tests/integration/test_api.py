@@ -1,0 +1,477 @@
+"""The local API over a real loopback socket, on SQLite and PostgreSQL.
+
+Authentication before routing, the error mapping, bounded bodies, request ids,
+one log line per request, and user management through the same service
+functions the CLI uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+from sqlalchemy import func, select
+from structlog.testing import capture_logs
+
+from gateway.api.app import all_routes, create_api_app
+from gateway.api.routes_common import ApiRoute, Call
+from gateway.node.runtime import Node, utc_now
+from gateway.node.setup import init_node
+from gateway.node.users import add_user, disable_user
+from gateway.settings import load_settings
+from gateway.store.models_users import UserRecord
+
+PASSPHRASE = "correct horse battery staple for tests"
+
+
+@dataclass
+class ApiNode:
+    """A node home with one user of each role (and a disabled one), opened."""
+
+    home: Path
+    node: Node
+    environ: dict[str, str]
+    tokens: dict[str, str]
+
+
+def make_node(tmp_path: Path, database_url: str, environ: dict[str, str]) -> ApiNode:
+    env = {**environ, "GATEWAY_PASSPHRASE": PASSPHRASE}
+    home = tmp_path / "jp"
+    result = init_node(home, "jp", now=utc_now(), db_url=database_url, environ=env)
+    node = Node.open(load_settings(home, environ=env))
+    tokens = {"admin": result.admin_token}
+    with node.db.transaction() as session:
+        for name, role in (("officer", "officer"), ("compliance", "compliance")):
+            tokens[name] = add_user(
+                session, name, role, created_by="test", now=utc_now()
+            ).token.text
+        tokens["disabled"] = add_user(
+            session, "gone", "officer", created_by="test", now=utc_now()
+        ).token.text
+        disable_user(session, "gone", now=utc_now(), by="test")
+    return ApiNode(home=home, node=node, environ=env, tokens=tokens)
+
+
+@pytest.fixture
+def api_node(
+    tmp_path: Path,
+    database_url: str,
+    clean_environ: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[ApiNode]:
+    monkeypatch.setenv("GATEWAY_PASSPHRASE", PASSPHRASE)
+    made = make_node(tmp_path, database_url, clean_environ)
+    try:
+        yield made
+    finally:
+        made.node.close()
+
+
+@pytest.fixture
+def sqlite_api_node(
+    tmp_path: Path, clean_environ: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ApiNode]:
+    """For tests of the HTTP plumbing, which does not depend on the engine."""
+    monkeypatch.setenv("GATEWAY_PASSPHRASE", PASSPHRASE)
+    made = make_node(tmp_path, f"sqlite:///{tmp_path / 'api.sqlite3'}", clean_environ)
+    try:
+        yield made
+    finally:
+        made.node.close()
+
+
+def no_keyring() -> Any:
+    raise AssertionError("these routes must not touch the keyring")
+
+
+@asynccontextmanager
+async def serve_api(app: web.Application) -> AsyncIterator[str]:
+    """Run ``app`` on a free loopback port; yield its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@dataclass
+class Answer:
+    status: int
+    body: Any
+    headers: CIMultiDict[str]
+
+    @property
+    def reason(self) -> str | None:
+        if isinstance(self.body, dict) and isinstance(self.body.get("error"), dict):
+            return str(self.body["error"]["reason"])
+        return None
+
+
+class Client:
+    def __init__(self, session: aiohttp.ClientSession, base: str) -> None:
+        self.session = session
+        self.base = base
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        body: Any = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Answer:
+        sent = dict(headers or {})
+        if token is not None:
+            sent["Authorization"] = f"Bearer {token}"
+        data: bytes | None = raw
+        if body is not None:
+            data = json.dumps(body).encode()
+            sent["Content-Type"] = "application/json"
+        async with self.session.request(method, self.base + path, data=data, headers=sent) as resp:
+            content = await resp.read()
+            try:
+                parsed: Any = json.loads(content) if content else None
+            except ValueError:
+                parsed = content
+            return Answer(resp.status, parsed, CIMultiDict(resp.headers))
+
+
+def run_api(
+    made: ApiNode,
+    scenario: Callable[[Client], Awaitable[None]],
+    *,
+    routes: tuple[ApiRoute, ...] | None = None,
+    keyring: Callable[[], Any] = no_keyring,
+) -> None:
+    """Serve the node's API on loopback and run ``scenario`` against it."""
+
+    async def main() -> None:
+        app = create_api_app(made.node, keyring, routes=routes)
+        async with serve_api(app) as base, aiohttp.ClientSession() as session:
+            await scenario(Client(session, base))
+
+    asyncio.run(main())
+
+
+def user_count(made: ApiNode) -> int:
+    with made.node.db.transaction() as session:
+        return int(session.scalar(select(func.count()).select_from(UserRecord)) or 0)
+
+
+# --- authentication -------------------------------------------------------------
+
+
+def test_whoami_names_the_owner_of_each_token(api_node: ApiNode) -> None:
+    async def scenario(client: Client) -> None:
+        for name in ("admin", "officer", "compliance"):
+            answer = await client.call("GET", "/api/v1/whoami", token=api_node.tokens[name])
+            assert answer.status == 200
+            assert answer.body == {"name": name, "role": name, "node": "jp"}
+
+    run_api(api_node, scenario)
+
+
+BAD_AUTHORIZATION = [
+    (None, "access.no-token"),
+    ("Basic YWRtaW46YWRtaW4=", "access.token"),
+    ("Bearer", "access.token"),
+    ("Bearer nonsense", "access.token"),
+    ("Bearer ssw_0000000000000000_" + "A" * 43, "access.token"),
+    ("Bearer " + "x" * 5000, "access.token"),
+]
+PATHS_TRIED_WITHOUT_TOKEN = [
+    ("GET", "/api/v1/whoami"),
+    ("GET", "/api/v1/users"),
+    ("POST", "/api/v1/users"),
+    ("GET", "/api/v1/no-such-route"),
+    ("DELETE", "/"),
+]
+
+
+def test_missing_or_bad_token_gets_401_on_known_and_unknown_paths(api_node: ApiNode) -> None:
+    checked: list[tuple[str | None, str]] = []
+
+    async def scenario(client: Client) -> None:
+        for header, reason in BAD_AUTHORIZATION:
+            headers = {} if header is None else {"Authorization": header}
+            for method, path in PATHS_TRIED_WITHOUT_TOKEN:
+                answer = await client.call(method, path, headers=headers)
+                assert (answer.status, answer.reason) == (401, reason), (header, method, path)
+                assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+                checked.append((header, path))
+
+    run_api(api_node, scenario)
+    assert len(checked) == len(BAD_AUTHORIZATION) * len(PATHS_TRIED_WITHOUT_TOKEN)
+
+
+def test_wrong_secret_for_a_known_token_id_is_refused(sqlite_api_node: ApiNode) -> None:
+    real = sqlite_api_node.tokens["admin"]
+    forged = real[:-1] + ("A" if real[-1] != "A" else "B")
+
+    async def scenario(client: Client) -> None:
+        answer = await client.call("GET", "/api/v1/whoami", token=forged)
+        assert (answer.status, answer.reason) == (401, "access.token")
+
+    run_api(sqlite_api_node, scenario)
+
+
+def test_disabled_user_is_refused_with_401(api_node: ApiNode) -> None:
+    async def scenario(client: Client) -> None:
+        answer = await client.call("GET", "/api/v1/whoami", token=api_node.tokens["disabled"])
+        assert (answer.status, answer.reason) == (401, "access.disabled")
+
+    run_api(api_node, scenario)
+
+
+def test_unknown_route_with_valid_token_is_a_json_404(sqlite_api_node: ApiNode) -> None:
+    async def scenario(client: Client) -> None:
+        answer = await client.call(
+            "GET", "/api/v1/nothing", token=sqlite_api_node.tokens["officer"]
+        )
+        assert (answer.status, answer.reason) == (404, "not-found")
+        answer = await client.call("DELETE", "/api/v1/users", token=sqlite_api_node.tokens["admin"])
+        assert (answer.status, answer.reason) == (405, "method-not-allowed")
+
+    run_api(sqlite_api_node, scenario)
+
+
+# --- users through the API --------------------------------------------------------
+
+
+def test_admin_manages_users_and_tokens_through_the_api(api_node: ApiNode) -> None:
+    admin = api_node.tokens["admin"]
+
+    async def scenario(client: Client) -> None:
+        added = await client.call(
+            "POST", "/api/v1/users", token=admin, body={"name": "tanaka", "role": "officer"}
+        )
+        assert added.status == 201
+        assert added.body["name"] == "tanaka"
+        first = added.body["token"]
+        me = await client.call("GET", "/api/v1/whoami", token=first)
+        assert me.body["role"] == "officer"
+
+        listed = await client.call("GET", "/api/v1/users", token=admin)
+        assert listed.status == 200
+        assert {u["name"] for u in listed.body} == {
+            "admin",
+            "officer",
+            "compliance",
+            "gone",
+            "tanaka",
+        }
+        assert admin not in json.dumps(listed.body)
+        assert first not in json.dumps(listed.body)
+
+        renewed = await client.call("POST", "/api/v1/users/tanaka/token", token=admin)
+        assert renewed.status == 200
+        second = renewed.body["token"]
+        assert (await client.call("GET", "/api/v1/whoami", token=first)).status == 401
+        assert (await client.call("GET", "/api/v1/whoami", token=second)).status == 200
+
+        disabled = await client.call("POST", "/api/v1/users/tanaka/disable", token=admin)
+        assert disabled.body == {"name": "tanaka", "disabled": True}
+        refused = await client.call("GET", "/api/v1/whoami", token=second)
+        assert (refused.status, refused.reason) == (401, "access.disabled")
+
+    run_api(api_node, scenario)
+
+
+BAD_USER_BODIES: list[tuple[str, bytes, str, int, str]] = [
+    (
+        "truncated-json",
+        b'{"name": "sato", "role": "officer"',
+        "application/json",
+        400,
+        "request.json",
+    ),
+    ("not-an-object", b'["sato", "officer"]', "application/json", 400, "request.json"),
+    (
+        "duplicate-key",
+        b'{"name": "a", "name": "b", "role": "officer"}',
+        "application/json",
+        400,
+        "request.json",
+    ),
+    ("too-deep", b"[" * 100 + b"]" * 100, "application/json", 400, "request.json"),
+    (
+        "wrong-content-type",
+        b'{"name": "sato", "role": "officer"}',
+        "text/plain",
+        415,
+        "request.content-type",
+    ),
+    ("unknown-role", b'{"name": "sato", "role": "king"}', "application/json", 422, "invalid-input"),
+    ("bad-name", b'{"name": "Sato!", "role": "officer"}', "application/json", 422, "invalid-input"),
+    ("missing-field", b'{"name": "sato"}', "application/json", 422, "invalid-input"),
+    (
+        "unknown-field",
+        b'{"name": "sato", "role": "officer", "x": 1}',
+        "application/json",
+        422,
+        "invalid-input",
+    ),
+    ("existing-user", b'{"name": "officer", "role": "officer"}', "application/json", 409, "exists"),
+    (
+        "body-too-large",
+        b'{"name": "sato", "role": "officer", "pad": "' + b"x" * 70_000 + b'"}',
+        "application/json",
+        413,
+        "request.too-large",
+    ),
+]
+
+
+def test_bad_user_input_is_refused_by_family_and_nothing_is_written(api_node: ApiNode) -> None:
+    before = user_count(api_node)
+    checked: list[str] = []
+
+    async def scenario(client: Client) -> None:
+        for case, raw, content_type, status, reason in BAD_USER_BODIES:
+            answer = await client.call(
+                "POST",
+                "/api/v1/users",
+                token=api_node.tokens["admin"],
+                raw=raw,
+                headers={"Content-Type": content_type},
+            )
+            assert (answer.status, answer.reason) == (status, reason), case
+            assert answer.body["error"]["message"], case
+            checked.append(case)
+
+    run_api(api_node, scenario)
+    assert checked == [case[0] for case in BAD_USER_BODIES]
+    assert user_count(api_node) == before
+
+
+def test_disabling_an_unknown_user_is_a_404(api_node: ApiNode) -> None:
+    async def scenario(client: Client) -> None:
+        answer = await client.call(
+            "POST", "/api/v1/users/nobody/disable", token=api_node.tokens["admin"]
+        )
+        assert (answer.status, answer.reason) == (404, "not-found")
+        assert "nobody" in answer.body["error"]["message"]
+
+    run_api(api_node, scenario)
+
+
+def test_officer_cannot_add_a_user_and_nothing_is_written(api_node: ApiNode) -> None:
+    before = user_count(api_node)
+
+    async def scenario(client: Client) -> None:
+        answer = await client.call(
+            "POST",
+            "/api/v1/users",
+            token=api_node.tokens["officer"],
+            body={"name": "mallory", "role": "admin"},
+        )
+        assert (answer.status, answer.reason) == (403, "access.role")
+        assert "needs the admin role" in answer.body["error"]["message"]
+
+    run_api(api_node, scenario)
+    assert user_count(api_node) == before
+
+
+# --- plumbing: request ids, logs, internal errors -----------------------------------
+
+
+def test_request_id_is_echoed_when_sane_and_made_otherwise(sqlite_api_node: ApiNode) -> None:
+    async def scenario(client: Client) -> None:
+        token = sqlite_api_node.tokens["officer"]
+        given = await client.call(
+            "GET", "/api/v1/whoami", token=token, headers={"X-Request-Id": "abc-123"}
+        )
+        assert given.headers["X-Request-Id"] == "abc-123"
+        odd = await client.call(
+            "GET", "/api/v1/whoami", token=token, headers={"X-Request-Id": "a b\tc;<script>"}
+        )
+        made = odd.headers["X-Request-Id"]
+        assert made != "a b\tc;<script>"
+        assert len(made) == 16
+        int(made, 16)
+        refused = await client.call("GET", "/api/v1/whoami")
+        assert len(refused.headers["X-Request-Id"]) == 16
+        assert refused.headers["Cache-Control"] == "no-store"
+
+    run_api(sqlite_api_node, scenario)
+
+
+def test_one_summary_log_line_per_request_and_no_token_in_logs(sqlite_api_node: ApiNode) -> None:
+    admin = sqlite_api_node.tokens["admin"]
+
+    async def scenario(client: Client) -> None:
+        await client.call("GET", "/api/v1/whoami", token=admin)
+        await client.call("GET", "/api/v1/users", token=sqlite_api_node.tokens["officer"])
+        created = await client.call(
+            "POST", "/api/v1/users", token=admin, body={"name": "sato", "role": "officer"}
+        )
+        await client.call("GET", "/api/v1/whoami", token=created.body["token"])
+        await client.call("GET", "/api/v1/whoami", token="ssw_" + "0" * 16 + "_" + "B" * 43)
+
+    with capture_logs() as logs:
+        run_api(sqlite_api_node, scenario)
+    summaries = [entry for entry in logs if entry["event"] == "api_request"]
+    assert [(s["method"], s["route"], s["status"], s["user"]) for s in summaries] == [
+        ("GET", "/api/v1/whoami", 200, "admin"),
+        ("GET", "/api/v1/users", 403, "officer"),
+        ("POST", "/api/v1/users", 201, "admin"),
+        ("GET", "/api/v1/whoami", 200, "sato"),
+        ("GET", "/api/v1/whoami", 401, None),
+    ]
+    text = repr(logs)
+    assert admin.rsplit("_", 1)[1] not in text
+    assert "B" * 43 not in text
+
+
+def test_unexpected_failure_answers_500_without_traceback_or_detail(
+    sqlite_api_node: ApiNode,
+) -> None:
+    async def explode(_call: Call) -> web.StreamResponse:
+        raise RuntimeError("secret detail /srv/gw/keys/op.key")
+
+    routes = (*all_routes(), ApiRoute("GET", "/api/v1/explode", None, explode, "fails"))
+
+    async def scenario(client: Client) -> None:
+        answer = await client.call(
+            "GET", "/api/v1/explode", token=sqlite_api_node.tokens["officer"]
+        )
+        assert (answer.status, answer.reason) == (500, "internal")
+        text = json.dumps(answer.body)
+        assert "Traceback" not in text
+        assert "secret detail" not in text
+        assert answer.headers["X-Request-Id"] in answer.body["error"]["message"]
+
+    run_api(sqlite_api_node, scenario, routes=routes)
+
+
+def test_routes_must_name_known_actions_and_stay_under_api_v1(sqlite_api_node: ApiNode) -> None:
+    async def handler(_call: Call) -> web.StreamResponse:
+        return web.json_response({})
+
+    with pytest.raises(ValueError, match="unknown action"):
+        create_api_app(
+            sqlite_api_node.node,
+            no_keyring,
+            routes=[ApiRoute("GET", "/api/v1/x", "x.y", handler, "")],
+        )
+    with pytest.raises(ValueError, match="outside /api/v1/"):
+        create_api_app(
+            sqlite_api_node.node, no_keyring, routes=[ApiRoute("GET", "/v1/x", None, handler, "")]
+        )
+    with pytest.raises(ValueError, match="twice"):
+        create_api_app(sqlite_api_node.node, no_keyring, routes=[*all_routes(), all_routes()[0]])
