@@ -108,6 +108,12 @@ def database_url(engine_name: str, tmp_path: Path) -> Iterator[str]:
 def clean_environ(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """The process environment without any GATEWAY_* variable."""
     for name in list(os.environ):
-        if name.startswith("GATEWAY_") and name != "GATEWAY_TEST_PG_URL":
+        if name.startswith("GATEWAY_") and name not in _KEPT:
             monkeypatch.delenv(name)
-    return {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    return {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") or k in _KEPT}
+
+
+# Key files made by tests use libsodium's minimum Argon2id cost so the suite stays
+# fast; production files use the moderate cost (docs/keys.md). Subprocesses inherit it.
+os.environ.setdefault("GATEWAY_KEYSTORE_STRENGTH", "min")
+_KEPT = frozenset({"GATEWAY_TEST_PG_URL", "GATEWAY_KEYSTORE_STRENGTH"})

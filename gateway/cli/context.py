@@ -19,8 +19,10 @@ from typing import Any
 import click
 
 from gateway import log
+from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, authorize_role
 from gateway.errors import AccessDenied
+from gateway.node.keystore import read_passphrase, unlock_keyring
 from gateway.node.runtime import Node
 from gateway.node.users import authorize
 from gateway.settings import Settings, load_settings, resolve_home
@@ -55,9 +57,11 @@ class AppContext:
     debug: bool = False
     verbose: bool = False
     token_file: Path | None = None
+    passphrase_file: Path | None = None
     _settings: Settings | None = None
     _node: Node | None = None
     _actor: Actor | None = None
+    _keyring: NodeKeyring | None = field(default=None, repr=False)
 
     def home(self) -> Path:
         return resolve_home(self.home_option, self.environ)
@@ -96,6 +100,19 @@ class AppContext:
         assert self._actor.role is not None
         authorize_role(self._actor.role, action)
         return self._actor
+
+    def passphrase(self, new: bool = False) -> bytes:
+        """The keystore passphrase: ``--passphrase-file``, ``GATEWAY_PASSPHRASE`` or a prompt."""
+        return read_passphrase(self.environ, self.passphrase_file, prompt=True, new=new)
+
+    def keyring(self) -> NodeKeyring:
+        """This node's unlocked operational keys (unlocked once per process)."""
+        if self._keyring is None:
+            node = self.node()
+            passphrase = self.passphrase()
+            with node.db.transaction() as session:
+                self._keyring = unlock_keyring(node.settings, passphrase, session)
+        return self._keyring
 
     def close(self) -> None:
         if self._node is not None:

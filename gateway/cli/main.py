@@ -14,6 +14,7 @@ import click
 from gateway import __version__, log
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext
+from gateway.node import keystore
 
 __all__ = ["cli", "main"]
 
@@ -26,9 +27,20 @@ __all__ = ["cli", "main"]
     type=click.Path(dir_okay=False, path_type=Path),
     help="File holding the acting user's token (default: $GATEWAY_TOKEN).",
 )
+@click.option(
+    "--passphrase-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File holding the keystore passphrase (default: $GATEWAY_PASSPHRASE, else a prompt).",
+)
 @click.version_option(__version__, prog_name="gateway")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, verbose: bool, token_file: Path | None) -> None:
+def cli(
+    ctx: click.Context,
+    debug: bool,
+    verbose: bool,
+    token_file: Path | None,
+    passphrase_file: Path | None,
+) -> None:
     """ssw-gateway: signed, encrypted case exchange between the Japan (jp) and
     Pakistan (pk) contact points of the Specified Skilled Worker cooperation.
 
@@ -40,12 +52,18 @@ def cli(ctx: click.Context, debug: bool, verbose: bool, token_file: Path | None)
     app.debug = debug
     app.verbose = verbose
     app.token_file = token_file
+    app.passphrase_file = passphrase_file
+    source = keystore.passphrase_source.set(app.passphrase)
+    ctx.call_on_close(lambda: keystore.passphrase_source.reset(source))
     log.configure(level="debug" if verbose else "warning")
 
 
 def _register() -> None:
     from gateway.cli import db_cmd, demo_cmd, init_cmd, users_cmd  # noqa: PLC0415
-    from gateway.node import policy  # noqa: F401, PLC0415 - registers the "policies" init step
+    from gateway.node import (  # noqa: PLC0415 - importing registers their init steps
+        keys,  # noqa: F401 - registers the "keys" init step
+        policy,  # noqa: F401 - registers the "policies" init step
+    )
 
     cli.add_command(init_cmd.init)
     cli.add_command(db_cmd.db)

@@ -42,6 +42,8 @@ class InitResult:
     facts: dict[str, Any] = field(default_factory=dict)
     admin_name: str = ""
     admin_token: str = field(default="", repr=False)
+    environ: dict[str, str] = field(default_factory=dict, repr=False)
+    """The environment ``init_node`` was given (steps read e.g. the passphrase from it)."""
 
 
 InitStep = Callable[[Settings, Session, datetime, InitResult], None]
@@ -122,6 +124,7 @@ def init_node(
                 database_url=settings.database_url,
                 migrations=migrations,
                 made=[str(config_path), str(home / "keys"), str(home / "data")],
+                environ=dict(environ) if environ is not None else dict(os.environ),
             )
             with db.transaction() as session:
                 owners = session.scalars(select(NodeRecord.node_id)).all()

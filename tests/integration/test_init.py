@@ -13,7 +13,8 @@ from gateway.cli.main import cli
 
 def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     runner = CliRunner()
-    result = runner.invoke(cli, list(args), env=env or {}, catch_exceptions=False)
+    keystore = {"GATEWAY_PASSPHRASE": "test passphrase, not a secret"}
+    result = runner.invoke(cli, list(args), env={**keystore, **(env or {})}, catch_exceptions=False)
     return result.exit_code, result.stdout, result.stderr
 
 

@@ -14,7 +14,9 @@ from gateway.cli.main import cli
 
 
 def run(*args: str, token: str | None = None) -> tuple[int, str, str]:
-    env = {"GATEWAY_TOKEN": token} if token is not None else {}
+    env = {"GATEWAY_PASSPHRASE": "test passphrase, not a secret"}
+    if token is not None:
+        env["GATEWAY_TOKEN"] = token
     result = CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
     return result.exit_code, result.stdout, result.stderr
 

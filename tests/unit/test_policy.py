@@ -153,6 +153,8 @@ def test_new_node_home_gets_its_own_policy(tmp_path: Path) -> None:
 
     home = tmp_path / "jp"
     environ = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    environ["GATEWAY_PASSPHRASE"] = "test passphrase, not a secret"
+    environ["GATEWAY_KEYSTORE_STRENGTH"] = "min"
     result = init_node(home, "jp", now=datetime(2026, 11, 25, tzinfo=UTC), environ=environ)
     assert (home / "policies" / POLICY_FILE).read_bytes() == SHIPPED.read_bytes()
     assert result.facts["policy_version"] == load_policy_file(SHIPPED).version

@@ -1,0 +1,732 @@
+"""Key service: create, rotate and revoke this node's keys; pin and update the peer's.
+
+Joins the pure rules of :mod:`gateway.core.keys` with the keystore files and
+the database. Every function writes inside the caller's transaction; key
+files are written (atomically) before the manifest row, and a file always
+holds a superset of what the committed manifest needs, so a failure between
+the two leaves a node that still unlocks.
+
+Every key event is logged (ids and versions only, never private material) and
+recorded in the ledger as a ``key-event`` entry.
+"""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import nacl.public
+import nacl.signing
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gateway.core.keys import (
+    KeyManifest,
+    ManifestKey,
+    Revocation,
+    fingerprint,
+    format_time,
+    key_id,
+    manifest_payload,
+    parse_manifest,
+    sign_manifest,
+    verify_manifest,
+)
+from gateway.core.ledger import EntryKind
+from gateway.core.roles import SYSTEM, Actor
+from gateway.errors import AlreadyExists, ConfigError, InvalidInput, NotFound, StorageError
+from gateway.log import get_logger
+from gateway.node import keystore
+from gateway.node.keystore import OPERATIONAL_FILE, OperationalKeys, Strength
+from gateway.node.ledger import record_event
+from gateway.node.setup import InitResult, register_init_step
+from gateway.settings import Settings
+from gateway.store.models_keys import OwnManifestRecord, PeerManifestRecord
+
+__all__ = [
+    "MANIFEST_VALIDITY",
+    "ROTATION_OVERLAP",
+    "KeyChange",
+    "apply_peer_manifest",
+    "create_node_keys",
+    "describe_manifest",
+    "export_manifest",
+    "mark_manifest_delivered",
+    "own_manifest",
+    "peer_node_of",
+    "pending_manifests",
+    "pin_peer",
+    "pinned_peer_manifest",
+    "remove_retired_roots",
+    "revoke_key",
+    "rotate_keys",
+    "rotate_root",
+]
+
+MANIFEST_VALIDITY = timedelta(days=365)
+"""How long a new manifest (and the keys it introduces) is valid."""
+ROTATION_OVERLAP = timedelta(hours=24)
+"""How long keys replaced by an ordinary rotation stay valid, so that running
+processes and the peer move over without refusing in-flight work."""
+
+_log = get_logger("keys")
+_PEERS = {"jp": "pk", "pk": "jp"}
+
+
+def peer_node_of(node: str) -> str:
+    """The other node of the pair."""
+    try:
+        return _PEERS[node]
+    except KeyError:
+        raise ConfigError(f"node {node!r} has no peer (expected jp or pk)") from None
+
+
+def _second(now: datetime) -> datetime:
+    if now.tzinfo is None:
+        raise ValueError("naive datetime refused: pass times in UTC with tzinfo")
+    return now.replace(microsecond=0)
+
+
+def _record(session: Session, actor: Actor, now: datetime, body: dict[str, Any]) -> None:
+    fields = {("key_event" if k == "event" else k): v for k, v in body.items()}
+    _log.info("key_event", actor=actor.label, **fields)
+    record_event(session, kind=EntryKind.KEY_EVENT, actor=actor, now=now, body=body)
+
+
+# -- reading ------------------------------------------------------------------------------
+
+
+def own_manifest(session: Session) -> KeyManifest:
+    """This node's current (highest version) manifest."""
+    row = session.scalars(
+        select(OwnManifestRecord).order_by(OwnManifestRecord.version.desc()).limit(1)
+    ).first()
+    if row is None:
+        raise NotFound("this node has no keys: its home was made without the keys step")
+    return parse_manifest(bytes(row.raw))
+
+
+def pinned_peer_manifest(session: Session) -> KeyManifest | None:
+    """The peer's pinned manifest (the latest accepted), or None before ``peer add``."""
+    row = session.scalars(
+        select(PeerManifestRecord).order_by(PeerManifestRecord.id.desc()).limit(1)
+    ).first()
+    return None if row is None else parse_manifest(bytes(row.raw))
+
+
+def pending_manifests(session: Session) -> list[tuple[int, bytes]]:
+    """Manifests the peer has not accepted yet, oldest first: ``(id, raw)``."""
+    rows = session.execute(
+        select(OwnManifestRecord.id, OwnManifestRecord.raw)
+        .where(OwnManifestRecord.delivered_at.is_(None))
+        .order_by(OwnManifestRecord.version)
+    ).all()
+    return [(int(row.id), bytes(row.raw)) for row in rows]
+
+
+def mark_manifest_delivered(session: Session, manifest_id: int, now: datetime) -> None:
+    """Record that the peer accepted manifest ``manifest_id`` (idempotent)."""
+    row = session.get(OwnManifestRecord, manifest_id)
+    if row is None:
+        raise NotFound(f"no published manifest with id {manifest_id}")
+    if row.delivered_at is None:
+        row.delivered_at = now
+        _log.info("manifest_delivered", version=row.version)
+
+
+# -- node keys ----------------------------------------------------------------------------
+
+
+def _new_keys(
+    start: datetime, end: datetime
+) -> tuple[nacl.signing.SigningKey, nacl.public.PrivateKey, list[ManifestKey]]:
+    signing = nacl.signing.SigningKey.generate()
+    box = nacl.public.PrivateKey.generate()
+    sign_pub, box_pub = bytes(signing.verify_key), bytes(box.public_key)
+    return (
+        signing,
+        box,
+        [
+            ManifestKey(key_id(sign_pub), "sign", sign_pub, start, end),
+            ManifestKey(key_id(box_pub), "encrypt", box_pub, start, end),
+        ],
+    )
+
+
+def _store_own(
+    session: Session, raw: bytes, *, event: str, actor: Actor, now: datetime, delivered: bool
+) -> KeyManifest:
+    manifest = parse_manifest(raw)
+    session.add(
+        OwnManifestRecord(
+            node=manifest.node,
+            version=manifest.version,
+            root_key_id=manifest.root_key_id,
+            event=event,
+            raw=raw,
+            created_at=now,
+            created_by=actor.name,
+            delivered_at=now if delivered else None,
+        )
+    )
+    session.flush()
+    return manifest
+
+
+def create_node_keys(
+    settings: Settings,
+    session: Session,
+    passphrase: bytes,
+    *,
+    now: datetime,
+    strength: Strength,
+    actor: Actor = SYSTEM,
+) -> KeyManifest:
+    """Make the root and first operational keys and publish manifest version 1."""
+    keystore.check_new_passphrase(passphrase)
+    if session.scalar(select(OwnManifestRecord.id).limit(1)) is not None:
+        raise AlreadyExists("this node has keys already; use 'gateway keys rotate'")
+    node = settings.node_id
+    start = _second(now)
+    root = nacl.signing.SigningKey.generate()
+    signing, box, keys = _new_keys(start, start + MANIFEST_VALIDITY)
+    payload = manifest_payload(
+        node=node,
+        version=1,
+        issued_at=start,
+        expires_at=start + MANIFEST_VALIDITY,
+        root_public=bytes(root.verify_key),
+        keys=keys,
+    )
+    raw = sign_manifest(payload, [root])
+    ops, mem = keystore.STRENGTHS[strength]
+    root_id = key_id(bytes(root.verify_key))
+    keystore.write_root(
+        settings.keys_dir / keystore.root_file_name(root_id),
+        root,
+        node=node,
+        passphrase=passphrase,
+        strength=strength,
+    )
+    keystore.write_operational(
+        settings.keys_dir / OPERATIONAL_FILE,
+        OperationalKeys(
+            signing={keys[0].key_id: signing},
+            encryption={keys[1].key_id: box},
+            opslimit=ops,
+            memlimit=mem,
+        ),
+        node=node,
+        passphrase=passphrase,
+    )
+    manifest = _store_own(session, raw, event="init", actor=actor, now=now, delivered=True)
+    _record(
+        session,
+        actor,
+        now,
+        {
+            "event": "keys-created",
+            "manifest_version": 1,
+            "root_key_id": root_id,
+            "root_fingerprint": fingerprint(bytes(root.verify_key)),
+            "key_ids": [k.key_id for k in keys],
+        },
+    )
+    return manifest
+
+
+def _root_path(settings: Settings, manifest: KeyManifest, root_key_file: Path | None) -> Path:
+    path = root_key_file or settings.keys_dir / keystore.root_file_name(manifest.root_key_id)
+    if not path.is_file():
+        raise ConfigError(
+            f"the root key {manifest.root_key_id} is not at {path}: bring the root key "
+            "file back from offline storage into keys/, or pass --root-key FILE",
+            reason="keystore.root-missing",
+        )
+    return path
+
+
+def _load_root(
+    settings: Settings, manifest: KeyManifest, passphrase: bytes, root_key_file: Path | None
+) -> nacl.signing.SigningKey:
+    return keystore.read_root(
+        _root_path(settings, manifest, root_key_file),
+        passphrase,
+        node=settings.node_id,
+        expected_key_id=manifest.root_key_id,
+    )
+
+
+def _current_locked(session: Session) -> KeyManifest:
+    """The current manifest, its row locked against a concurrent key change."""
+    row = session.scalars(
+        select(OwnManifestRecord)
+        .order_by(OwnManifestRecord.version.desc())
+        .limit(1)
+        .with_for_update()
+    ).first()
+    if row is None:
+        raise NotFound("this node has no keys: its home was made without the keys step")
+    return parse_manifest(bytes(row.raw))
+
+
+@dataclass(frozen=True)
+class KeyChange:
+    """What a key command made, for the administrator."""
+
+    manifest: KeyManifest
+    event: str
+    added: tuple[str, ...]
+    revoked: tuple[str, ...] = ()
+    old_root_key_id: str | None = None
+
+
+def _retire(keys: tuple[ManifestKey, ...], until: datetime) -> list[ManifestKey]:
+    """Shorten every window to end by ``until`` (never lengthen one)."""
+    return [
+        ManifestKey(k.key_id, k.use, k.public, k.not_before, min(k.not_after, until))
+        if k.not_after > until
+        else k
+        for k in keys
+    ]
+
+
+def _prune(
+    keys: list[ManifestKey], revocations: list[Revocation], at: datetime
+) -> tuple[list[ManifestKey], list[Revocation]]:
+    """Drop encryption keys whose window has ended (the peer never seals to them again;
+    this node keeps their private keys to read old data). Signing keys stay listed so
+    old signatures still verify."""
+    kept = [k for k in keys if k.use == "sign" or k.not_after > at]
+    ids = {k.key_id for k in kept}
+    return kept, [r for r in revocations if r.key_id in ids]
+
+
+def _publish(
+    settings: Settings,
+    session: Session,
+    *,
+    current: KeyManifest,
+    signers: list[nacl.signing.SigningKey],
+    root_public: bytes,
+    previous_root_public: bytes | None,
+    keys: list[ManifestKey],
+    revocations: list[Revocation],
+    issued: datetime,
+    event: str,
+    actor: Actor,
+    now: datetime,
+) -> KeyManifest:
+    keys, revocations = _prune(keys, revocations, issued)
+    expires = max(k.not_after for k in keys)
+    expires = max(expires, issued + MANIFEST_VALIDITY)
+    payload = manifest_payload(
+        node=settings.node_id,
+        version=current.version + 1,
+        issued_at=issued,
+        expires_at=expires,
+        root_public=root_public,
+        keys=keys,
+        revocations=revocations,
+        previous_root_public=previous_root_public,
+    )
+    raw = sign_manifest(payload, signers)
+    return _store_own(session, raw, event=event, actor=actor, now=now, delivered=False)
+
+
+def rotate_keys(
+    settings: Settings,
+    session: Session,
+    passphrase: bytes,
+    *,
+    now: datetime,
+    actor: Actor,
+    root_key_file: Path | None = None,
+) -> KeyChange:
+    """New operational keys; the old ones stay valid for :data:`ROTATION_OVERLAP`.
+
+    The new manifest (version + 1, signed by the root) waits for delivery to
+    the peer. Old encryption private keys are kept to read old data.
+    """
+    current = _current_locked(session)
+    root = _load_root(settings, current, passphrase, root_key_file)
+    ops_path = settings.keys_dir / OPERATIONAL_FILE
+    held = keystore.read_operational(ops_path, passphrase, node=settings.node_id)
+    start = _second(now)
+    signing, box, new = _new_keys(start, start + MANIFEST_VALIDITY)
+    keys = _retire(current.keys, start + ROTATION_OVERLAP) + new
+    # Keep the signing keys a running process may still use, and every encryption key.
+    held.signing = {
+        kid: k
+        for kid, k in held.signing.items()
+        if any(m.key_id == kid and m.not_after > start for m in keys)
+    }
+    held.signing[new[0].key_id] = signing
+    held.encryption[new[1].key_id] = box
+    keystore.write_operational(ops_path, held, node=settings.node_id, passphrase=passphrase)
+    manifest = _publish(
+        settings,
+        session,
+        current=current,
+        signers=[root],
+        root_public=current.root_public,
+        previous_root_public=None,
+        keys=keys,
+        revocations=list(current.revocations),
+        issued=start,
+        event="rotate",
+        actor=actor,
+        now=now,
+    )
+    _record(
+        session,
+        actor,
+        now,
+        {
+            "event": "keys-rotated",
+            "manifest_version": manifest.version,
+            "added": [k.key_id for k in new],
+            "overlap_until": format_time(start + ROTATION_OVERLAP),
+        },
+    )
+    return KeyChange(manifest=manifest, event="rotate", added=tuple(k.key_id for k in new))
+
+
+def revoke_key(
+    settings: Settings,
+    session: Session,
+    passphrase: bytes,
+    kid: str,
+    reason: str,
+    *,
+    now: datetime,
+    actor: Actor,
+    root_key_file: Path | None = None,
+) -> KeyChange:
+    """Revoke an operational key for good; replace it at once if it was in use.
+
+    A revoked signing key's private key is destroyed; a revoked encryption
+    key's private key is kept so that what was stored under it stays readable.
+    """
+    reason = reason.strip()
+    if not reason or len(reason) > 500 or not reason.isprintable():
+        raise InvalidInput("--reason must be 1 to 500 printable characters")
+    current = _current_locked(session)
+    if kid in (current.root_key_id,):
+        raise InvalidInput(
+            f"{kid} is the root key: a root is replaced with 'gateway keys rotate-root'"
+        )
+    listed = {k.key_id: k for k in current.keys}
+    if kid not in listed:
+        raise NotFound(f"key {kid!r} is not in this node's manifest (see 'gateway keys show')")
+    if current.revocation(kid) is not None:
+        raise AlreadyExists(f"key {kid} is revoked already")
+    root = _load_root(settings, current, passphrase, root_key_file)
+    ops_path = settings.keys_dir / OPERATIONAL_FILE
+    held = keystore.read_operational(ops_path, passphrase, node=settings.node_id)
+    start = _second(now)
+    revocations = [*current.revocations, Revocation(kid, start, reason)]
+    revoked_ids = {r.key_id for r in revocations}
+    keys = list(current.keys)
+    added: list[ManifestKey] = []
+    for use in ("sign", "encrypt"):
+        # A key only inside its rotation overlap does not count: it ends too soon.
+        still = [
+            k
+            for k in keys
+            if k.use == use
+            and k.key_id not in revoked_ids
+            and k.not_before <= start
+            and k.not_after > start + ROTATION_OVERLAP
+        ]
+        if still:
+            continue
+        signing, box, new = _new_keys(start, start + MANIFEST_VALIDITY)
+        pick = new[0] if use == "sign" else new[1]
+        added.append(pick)
+        keys.append(pick)
+        if use == "sign":
+            held.signing[pick.key_id] = signing
+        else:
+            held.encryption[pick.key_id] = box
+    write_held = OperationalKeys(
+        signing={k: v for k, v in held.signing.items() if k != kid},
+        encryption=held.encryption,
+        opslimit=held.opslimit,
+        memlimit=held.memlimit,
+    )
+    keystore.write_operational(ops_path, write_held, node=settings.node_id, passphrase=passphrase)
+    manifest = _publish(
+        settings,
+        session,
+        current=current,
+        signers=[root],
+        root_public=current.root_public,
+        previous_root_public=None,
+        keys=keys,
+        revocations=revocations,
+        issued=start,
+        event="revoke",
+        actor=actor,
+        now=now,
+    )
+    _record(
+        session,
+        actor,
+        now,
+        {
+            "event": "key-revoked",
+            "manifest_version": manifest.version,
+            "key_id": kid,
+            "use": listed[kid].use,
+            "reason": reason,
+            "replaced_by": [k.key_id for k in added],
+        },
+    )
+    return KeyChange(
+        manifest=manifest, event="revoke", added=tuple(k.key_id for k in added), revoked=(kid,)
+    )
+
+
+def rotate_root(
+    settings: Settings,
+    session: Session,
+    passphrase: bytes,
+    *,
+    now: datetime,
+    actor: Actor,
+    root_key_file: Path | None = None,
+) -> KeyChange:
+    """A new root: the next manifest names it and is signed by the old and the new root.
+
+    The new root key file is written beside the others; the old one is removed
+    by :func:`remove_retired_roots` once the transaction has committed.
+    """
+    current = _current_locked(session)
+    old_root = _load_root(settings, current, passphrase, root_key_file)
+    held = keystore.read_operational(
+        settings.keys_dir / OPERATIONAL_FILE, passphrase, node=settings.node_id
+    )
+    new_root = nacl.signing.SigningKey.generate()
+    new_id = key_id(bytes(new_root.verify_key))
+    keystore.write_root(
+        settings.keys_dir / keystore.root_file_name(new_id),
+        new_root,
+        node=settings.node_id,
+        passphrase=passphrase,
+        strength=(held.opslimit, held.memlimit),
+    )
+    start = _second(now)
+    manifest = _publish(
+        settings,
+        session,
+        current=current,
+        signers=[new_root, old_root],
+        root_public=bytes(new_root.verify_key),
+        previous_root_public=current.root_public,
+        keys=list(current.keys),
+        revocations=list(current.revocations),
+        issued=start,
+        event="rotate-root",
+        actor=actor,
+        now=now,
+    )
+    _record(
+        session,
+        actor,
+        now,
+        {
+            "event": "root-rotated",
+            "manifest_version": manifest.version,
+            "old_root_key_id": current.root_key_id,
+            "root_key_id": new_id,
+            "root_fingerprint": manifest.root_fingerprint,
+        },
+    )
+    return KeyChange(
+        manifest=manifest,
+        event="rotate-root",
+        added=(new_id,),
+        old_root_key_id=current.root_key_id,
+    )
+
+
+def remove_retired_roots(settings: Settings, current_root_key_id: str) -> list[Path]:
+    """Delete root key files in ``keys/`` other than the current root's."""
+    keep = keystore.root_file_name(current_root_key_id)
+    removed: list[Path] = []
+    for path in sorted(settings.keys_dir.glob("root-*.key")):
+        if path.name != keep:
+            path.unlink()
+            removed.append(path)
+            _log.info("retired_root_removed", path=str(path))
+    return removed
+
+
+def export_manifest(session: Session, out: Path) -> KeyManifest:
+    """Write the current signed manifest to ``out`` (never overwrites a file)."""
+    manifest = own_manifest(session)
+    try:
+        with out.open("xb") as handle:
+            handle.write(manifest.raw)
+    except FileExistsError:
+        raise AlreadyExists(f"{out} exists already; choose another --out") from None
+    except OSError as exc:
+        raise StorageError(f"cannot write {out}: {exc.strerror}") from None
+    return manifest
+
+
+# -- the peer -----------------------------------------------------------------------------
+
+
+def _store_peer(
+    session: Session, manifest: KeyManifest, *, source: str, actor: Actor, now: datetime
+) -> None:
+    session.add(
+        PeerManifestRecord(
+            node=manifest.node,
+            version=manifest.version,
+            root_key_id=manifest.root_key_id,
+            source=source,
+            raw=manifest.raw,
+            accepted_at=now,
+            accepted_by=actor.name,
+        )
+    )
+    session.flush()
+
+
+def pin_peer(
+    session: Session,
+    raw: bytes,
+    *,
+    node: str,
+    expected_fingerprint: str,
+    now: datetime,
+    actor: Actor,
+    replace: bool = False,
+) -> KeyManifest:
+    """Pin the peer's manifest after checking its root fingerprint (read out of band).
+
+    With a peer pinned already, a manifest with the same root must be newer
+    (it is then an ordinary update); one with another root is refused unless
+    ``replace`` is given (the peer lost its root and was set up anew).
+    """
+    pinned = pinned_peer_manifest(session)
+    if pinned is not None and not replace:
+        manifest = verify_manifest(
+            raw, node=node, pinned=pinned, expected_fingerprint=expected_fingerprint, now=now
+        )
+        source = "update"
+    else:
+        manifest = verify_manifest(
+            raw, node=node, pinned=None, expected_fingerprint=expected_fingerprint, now=now
+        )
+        source = "pinned" if pinned is None else "re-pinned"
+    _store_peer(session, manifest, source=source, actor=actor, now=now)
+    _record(
+        session,
+        actor,
+        now,
+        {
+            "event": "peer-pinned" if source != "update" else "peer-manifest-accepted",
+            "peer": node,
+            "manifest_version": manifest.version,
+            "root_key_id": manifest.root_key_id,
+            "root_fingerprint": manifest.root_fingerprint,
+            "replaced_root_key_id": pinned.root_key_id if pinned and replace else None,
+        },
+    )
+    return manifest
+
+
+def apply_peer_manifest(session: Session, raw: bytes, *, node: str, now: datetime) -> KeyManifest:
+    """Verify a manifest the peer sent against the pinned one, and pin it.
+
+    The exact bytes of the pinned manifest again are accepted as a no-op (a
+    redelivery after a lost answer); anything else must pass every rule of
+    :func:`gateway.core.keys.verify_manifest`.
+    """
+    pinned = pinned_peer_manifest(session)
+    if pinned is None:
+        raise ConfigError(
+            f"no manifest of node {node!r} is pinned: an administrator must first run "
+            "'gateway peer add MANIFEST_FILE --fingerprint FP'",
+            reason="keys.not-pinned",
+        )
+    if len(raw) == len(pinned.raw) and hmac.compare_digest(raw, pinned.raw):
+        return pinned
+    manifest = verify_manifest(raw, node=node, pinned=pinned, expected_fingerprint=None, now=now)
+    _store_peer(session, manifest, source="update", actor=SYSTEM, now=now)
+    _record(
+        session,
+        SYSTEM,
+        now,
+        {
+            "event": "peer-manifest-accepted",
+            "peer": node,
+            "manifest_version": manifest.version,
+            "root_key_id": manifest.root_key_id,
+            "root_rotated": manifest.root_key_id != pinned.root_key_id,
+            "revoked": sorted(r.key_id for r in manifest.revocations),
+        },
+    )
+    return manifest
+
+
+# -- display ------------------------------------------------------------------------------
+
+
+def describe_manifest(manifest: KeyManifest, *, now: datetime) -> dict[str, Any]:
+    """A manifest as plain data for ``keys show`` / ``peer show`` (public values only)."""
+    keys = []
+    for k in manifest.keys:
+        revoked = manifest.revocation(k.key_id)
+        if revoked is not None:
+            state = "revoked"
+        elif k.valid_at(now):
+            state = "valid"
+        elif now < k.not_before:
+            state = "not yet valid"
+        else:
+            state = "retired"
+        keys.append(
+            {
+                "key_id": k.key_id,
+                "use": k.use,
+                "state": state,
+                "not_before": k.not_before,
+                "not_after": k.not_after,
+                "revoked_at": revoked.revoked_at if revoked else None,
+                "revocation_reason": revoked.reason if revoked else None,
+            }
+        )
+    return {
+        "node": manifest.node,
+        "version": manifest.version,
+        "issued_at": manifest.issued_at,
+        "expires_at": manifest.expires_at,
+        "expired": now >= manifest.expires_at,
+        "root_key_id": manifest.root_key_id,
+        "root_fingerprint": manifest.root_fingerprint,
+        "keys": keys,
+    }
+
+
+# -- gateway init -------------------------------------------------------------------------
+
+
+def _init_step(settings: Settings, session: Session, now: datetime, result: InitResult) -> None:
+    passphrase = keystore.obtain_passphrase(result.environ, new=True)
+    strength = keystore.strength_from_environ(result.environ)
+    manifest = create_node_keys(settings, session, passphrase, now=now, strength=strength)
+    result.made.append(str(settings.keys_dir / keystore.root_file_name(manifest.root_key_id)))
+    result.made.append(str(settings.keys_dir / OPERATIONAL_FILE))
+    result.facts["root fingerprint"] = manifest.root_fingerprint
+    result.facts["key manifest version"] = manifest.version
+
+
+register_init_step(order=10, name="keys", step=_init_step)
