@@ -509,7 +509,7 @@ def read_header(stream: BinaryIO, limits: Limits) -> tuple[EnvelopeHeader, bytes
     ``size`` only: nothing in the header is trusted until verified.
     """
     prefix = read_exact(stream, PREFIX_BYTES)
-    if prefix is None:
+    if len(prefix) != PREFIX_BYTES:
         raise _fail_format("truncated before the end of the prefix")
     magic, version, header_length = _PREFIX.unpack(prefix)
     if not hmac.compare_digest(magic, MAGIC):
@@ -522,7 +522,7 @@ def read_header(stream: BinaryIO, limits: Limits) -> tuple[EnvelopeHeader, bytes
             f"{limits.max_header_bytes}"
         )
     raw = read_exact(stream, header_length)
-    if raw is None:
+    if len(raw) != header_length:
         raise _fail_format("truncated inside the header")
     return _parse_header(raw, limits), raw
 
@@ -745,7 +745,7 @@ def _verify(
     except KeyNotUsable as exc:
         raise EnvelopeSigningKeyInvalid(f"envelope signing key refused: {exc.message}") from None
     signature = read_exact(stream, SIGNATURE_BYTES)
-    if signature is None:
+    if len(signature) != SIGNATURE_BYTES:
         raise _fail_format("truncated inside the signature")
     try:
         verify_key.verify(tagged(Purpose.ENVELOPE_HEADER, raw), signature)

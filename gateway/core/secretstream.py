@@ -75,14 +75,14 @@ def ciphertext_size(size: int, chunk_size: int = CHUNK_SIZE) -> int:
     return HEADER_BYTES + size + ABYTES * chunk_count(size, chunk_size)
 
 
-def read_exact(source: BinaryIO, count: int) -> bytes | None:
-    """Exactly ``count`` bytes from ``source``, or None if it ends sooner."""
+def read_exact(source: BinaryIO, count: int) -> bytes:
+    """``count`` bytes from ``source``; fewer only if it ends sooner."""
     parts: list[bytes] = []
     missing = count
     while missing > 0:
         part = source.read(missing)
         if not part:
-            return None
+            break
         parts.append(part)
         missing -= len(part)
     return b"".join(parts) if len(parts) != 1 else parts[0]
@@ -116,8 +116,10 @@ def encrypt_stream(
     for index in range(chunks):
         want = min(chunk_size, remaining)
         plain = read_exact(source, want) if want else b""
-        if plain is None:
-            raise StreamSourceError(f"source ended {remaining} bytes before its stated size")
+        if len(plain) != want:
+            raise StreamSourceError(
+                f"source ended {remaining - len(plain)} bytes before its stated size"
+            )
         remaining -= want
         last = index == chunks - 1
         if last and source.read(1):
@@ -143,7 +145,7 @@ def decrypt_stream(
     a wrong tag or a short input raises :class:`StreamDecryptError`.
     """
     header = read_exact(source, HEADER_BYTES)
-    if header is None:
+    if len(header) != HEADER_BYTES:
         raise StreamDecryptError("stream ends inside its header")
     state = sodium.crypto_secretstream_xchacha20poly1305_state()
     sodium.crypto_secretstream_xchacha20poly1305_init_pull(state, header, key)
@@ -152,7 +154,7 @@ def decrypt_stream(
     for index in range(chunks):
         want = min(chunk_size, remaining)
         sealed = read_exact(source, want + ABYTES)
-        if sealed is None:
+        if len(sealed) != want + ABYTES:
             raise StreamDecryptError(f"stream ends inside chunk {index}")
         try:
             plain, tag = sodium.crypto_secretstream_xchacha20poly1305_pull(state, sealed, None)

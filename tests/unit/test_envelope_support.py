@@ -79,16 +79,25 @@ def node_keys(
     sign_id = key_id(bytes(sign.verify_key))
     enc_id = key_id(bytes(enc.public_key))
     which = {"sign": sign_id, "encrypt": enc_id}
+    listed = [
+        ManifestKey(sign_id, "sign", bytes(sign.verify_key), *sign_window),
+        ManifestKey(enc_id, "encrypt", bytes(enc.public_key), T0, T1),
+    ]
+    if revoked:
+        # A manifest always lists usable keys; the revoked ones have successors.
+        for use, seed in (("sign", tag + 3), ("encrypt", tag + 4)):
+            if use == "sign":
+                public = bytes(SigningKey(bytes([seed]) * 32).verify_key)
+            else:
+                public = bytes(PrivateKey(bytes([seed]) * 32).public_key)
+            listed.append(ManifestKey(key_id(public), use, public, T0, T1))  # type: ignore[arg-type]
     payload = manifest_payload(
         node=node,
         version=1,
         issued_at=T0,
         expires_at=T1,
         root_public=bytes(root.verify_key),
-        keys=[
-            ManifestKey(sign_id, "sign", bytes(sign.verify_key), *sign_window),
-            ManifestKey(enc_id, "encrypt", bytes(enc.public_key), T0, T1),
-        ],
+        keys=listed,
         revocations=[Revocation(which[use], T0, "compromised") for use in revoked],
     )
     manifest = parse_manifest(sign_manifest(payload, [root]))
