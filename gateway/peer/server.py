@@ -22,6 +22,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -36,6 +37,7 @@ from typing import Any, Final, Protocol
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from gateway import log
 from gateway.core.peer_auth import (
@@ -325,6 +327,10 @@ async def _limits_middleware(
             "limit.headers",
             f"request headers of {header_bytes} bytes exceed {limits.max_header_bytes}",
         )
+    # aiohttp's parser already refuses these; kept as a second line should it ever not.
+    lengths = request.headers.getall("Content-Length", [])
+    if len(lengths) > 1 or (lengths and "Transfer-Encoding" in request.headers):
+        raise _Refusal(400, "request.framing", "ambiguous message framing")
     limiter = request.app[RATE_LIMITER]
     if not limiter.allow(request.remote or "-", time.monotonic()):
         raise _Refusal(429, "limit.rate", "request rate of this peer exceeds the policy")
@@ -633,6 +639,28 @@ def create_peer_app(
     return app
 
 
+class _ParserErrorFilter(logging.Filter):
+    """One line, no traceback, for malformed requests aiohttp's parser refuses.
+
+    Garbage from the network is expected; a traceback per bad request would let
+    anyone fill the log.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        info = record.exc_info
+        if info and info[1] is not None and isinstance(info[1], BadHttpMessage):
+            _log.info("peer_request_malformed", error=type(info[1]).__name__)
+            return False
+        return True
+
+
+def quiet_parser_errors() -> None:
+    """Install the filter on aiohttp's server logger (idempotent)."""
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ParserErrorFilter) for f in logger.filters):
+        logger.addFilter(_ParserErrorFilter())
+
+
 class PeerServer:
     """A running peer application on one listening socket, stopped with draining."""
 
@@ -658,6 +686,7 @@ class PeerServer:
             lingering_time=min(1.0, limits.body_idle_timeout),
         )
         self._site: web.TCPSite | None = None
+        quiet_parser_errors()
         self.port: int | None = None
 
     async def start(self, host: str, port: int, *, ssl_context: Any = None) -> int:

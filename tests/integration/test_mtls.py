@@ -1,0 +1,301 @@
+"""Mutual TLS on the peer link, with a CA and certificates this test makes."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from gateway.errors import ConfigError, TransportError
+from gateway.peer.client import PeerClient
+from gateway.peer.tls import client_ssl_context, server_ssl_context
+from gateway.settings import ServerSettings, Settings
+from tests.nodes import (
+    KeyTable,
+    RawSigner,
+    ServerThread,
+    make_services,
+    migrated_database,
+    start_test_server,
+)
+
+JP = RawSigner.make("jp", "jp-op-1")
+PK = RawSigner.make("pk", "pk-op-1")
+NOW = datetime.now(UTC)
+
+
+@dataclass
+class Issued:
+    cert: Path
+    key: Path
+
+
+def _name(common: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+
+def _write(
+    folder: Path, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey
+) -> Issued:
+    cert_path, key_path = folder / f"{stem}.crt", folder / f"{stem}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    key_path.chmod(0o600)
+    return Issued(cert_path, key_path)
+
+
+class Authority:
+    def __init__(self, folder: Path, name: str) -> None:
+        self.folder = folder
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.name = _name(name)
+        self.cert = (
+            x509.CertificateBuilder()
+            .subject_name(self.name)
+            .issuer_name(self.name)
+            .public_key(self.key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - timedelta(hours=1))
+            .not_valid_after(NOW + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        self.path = folder / f"{name}-ca.crt"
+        self.path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, stem: str, *, server: bool) -> Issued:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(stem))
+            .issuer_name(self.name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(NOW - timedelta(hours=1))
+            .not_valid_after(NOW + timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+        return _write(self.folder, stem, builder.sign(self.key, hashes.SHA256()), key)
+
+
+@dataclass
+class Pki:
+    ca: Authority
+    rogue: Authority
+    server: Issued
+    client: Issued
+    rogue_client: Issued
+    rogue_server: Issued
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    folder = tmp_path_factory.mktemp("pki")
+    ca = Authority(folder, "gateway")
+    rogue = Authority(folder, "rogue")
+    return Pki(
+        ca=ca,
+        rogue=rogue,
+        server=ca.issue("pk-server", server=True),
+        client=ca.issue("jp-client", server=False),
+        rogue_client=rogue.issue("rogue-client", server=False),
+        rogue_server=rogue.issue("rogue-server", server=True),
+    )
+
+
+def server_tls(pki: Pki, issued: Issued | None = None) -> ServerSettings:
+    chosen = issued or pki.server
+    return ServerSettings(
+        tls_cert=chosen.cert,
+        tls_key=chosen.key,
+        tls_ca=pki.ca.path,
+    )
+
+
+def client_settings(tmp_path: Path, url: str, *, cert: Issued | None, ca: Path) -> Settings:
+    server: dict[str, Any] = {"peer_url": url, "tls_ca": ca}
+    if cert is not None:
+        server |= {"tls_cert": cert.cert, "tls_key": cert.key}
+    return Settings.model_validate(
+        {"home": tmp_path / "jp", "node": {"id": "jp"}, "server": server}
+    )
+
+
+@pytest.fixture
+def tls_server(tmp_path: Path, pki: Pki) -> Iterator[ServerThread]:
+    db = migrated_database(f"sqlite:///{tmp_path / 'pk.sqlite3'}")
+    services, _ = make_services(
+        tmp_path, db, keys=KeyTable({"jp-op-1": JP.public_key}), receiver=PK
+    )
+    context = server_ssl_context(server_tls(pki), host="127.0.0.1")
+    with start_test_server(services, ssl_context=context) as running:
+        yield running
+    db.dispose()
+
+
+def _post_one(settings: Settings, tmp_path: Path) -> Any:
+    envelope = tmp_path / "one.env"
+    envelope.write_bytes(b"an envelope over mutual TLS")
+
+    async def go() -> Any:
+        async with PeerClient(settings, JP) as client:
+            return await client.post_envelopes([envelope])
+
+    return asyncio.run(go())
+
+
+def test_mutual_tls_client_with_certificate_from_the_ca_is_served(
+    tls_server: ServerThread, pki: Pki, tmp_path: Path
+) -> None:
+    settings = client_settings(tmp_path, tls_server.url, cert=pki.client, ca=pki.ca.path)
+    assert tls_server.url.startswith("https://")
+    results = _post_one(settings, tmp_path)
+    assert [r.status for r in results] == ["accepted"]
+
+
+@pytest.mark.parametrize("who", ["rogue CA", "no certificate"])
+def test_client_certificate_not_from_the_ca_refused_at_handshake(
+    tls_server: ServerThread, pki: Pki, tmp_path: Path, who: str
+) -> None:
+    cert = pki.rogue_client if who == "rogue CA" else None
+    settings = client_settings(tmp_path, tls_server.url, cert=cert, ca=pki.ca.path)
+    with pytest.raises(TransportError) as caught:
+        _post_one(settings, tmp_path)
+    assert caught.value.reason == "transport.unreachable"
+    assert not (tmp_path / "received").exists()
+
+
+def test_client_refuses_server_certificate_from_another_ca(tmp_path: Path, pki: Pki) -> None:
+    db = migrated_database(f"sqlite:///{tmp_path / 'pk.sqlite3'}")
+    services, _ = make_services(
+        tmp_path, db, keys=KeyTable({"jp-op-1": JP.public_key}), receiver=PK
+    )
+    rogue = ServerSettings(tls_cert=pki.rogue_server.cert, tls_key=pki.rogue_server.key)
+    context = server_ssl_context(rogue, host="127.0.0.1")
+    with start_test_server(services, ssl_context=context) as running:
+        settings = client_settings(tmp_path, running.url, cert=pki.client, ca=pki.ca.path)
+        with pytest.raises(TransportError):
+            _post_one(settings, tmp_path)
+    assert not (tmp_path / "received").exists()
+    db.dispose()
+
+
+def test_handshake_with_raw_tls_socket_without_client_certificate_fails(
+    tls_server: ServerThread, pki: Pki
+) -> None:
+    import socket  # noqa: PLC0415
+
+    context = ssl.create_default_context(cafile=str(pki.ca.path))
+
+    def talk() -> bytes:
+        with (
+            socket.create_connection(("127.0.0.1", tls_server.port), timeout=5) as sock,
+            context.wrap_socket(sock, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = tls.recv(1024)
+            if not answer:
+                raise ConnectionResetError("closed without an answer")
+            return answer
+
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        talk()
+
+
+@pytest.mark.parametrize(
+    ("listen_host", "insecure", "allowed"),
+    [
+        ("127.0.0.1", False, True),
+        ("::1", False, True),
+        ("localhost", False, True),
+        ("0.0.0.0", False, False),
+        ("192.0.2.10", False, False),
+        ("gateway.example.org", False, False),
+        ("0.0.0.0", True, True),
+    ],
+)
+def test_plain_http_refused_off_loopback_without_the_insecure_flag(
+    listen_host: str, insecure: bool, allowed: bool
+) -> None:
+    settings = ServerSettings(insecure_http=insecure)
+    if allowed:
+        assert server_ssl_context(settings, host=listen_host) is None
+    else:
+        with pytest.raises(ConfigError, match="refusing plain HTTP") as caught:
+            server_ssl_context(settings, host=listen_host)
+        assert caught.value.reason == "config.tls"
+
+
+@pytest.mark.parametrize(
+    ("url", "insecure", "allowed"),
+    [
+        ("http://127.0.0.1:8701", False, True),
+        ("http://peer.example.org:8701", False, False),
+        ("http://peer.example.org:8701", True, True),
+    ],
+)
+def test_client_refuses_plain_http_to_a_remote_peer(
+    url: str, insecure: bool, allowed: bool
+) -> None:
+    settings = ServerSettings(insecure_http=insecure)
+    if allowed:
+        assert client_ssl_context(settings, peer_url=url) is None
+    else:
+        with pytest.raises(ConfigError, match="refusing plain HTTP"):
+            client_ssl_context(settings, peer_url=url)
+
+
+@pytest.mark.parametrize("half", ["cert only", "key only", "ca only"])
+def test_half_configured_tls_refused_at_start(pki: Pki, half: str) -> None:
+    values: dict[str, Any] = {
+        "cert only": {"tls_cert": pki.server.cert},
+        "key only": {"tls_key": pki.server.key},
+        "ca only": {"tls_ca": pki.ca.path},
+    }[half]
+    with pytest.raises(ConfigError) as caught:
+        server_ssl_context(ServerSettings(**values), host="127.0.0.1")
+    assert caught.value.reason == "config.tls"
