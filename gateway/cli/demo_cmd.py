@@ -1,7 +1,8 @@
-"""``gateway demo``: two nodes on loopback, the whole story."""
+"""``gateway demo``: two real nodes on loopback, the whole story, in one command."""
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -9,10 +10,50 @@ import click
 
 from gateway.cli.base import GatewayCommand
 from gateway.cli.context import AppContext, pass_app
-from gateway.node.runtime import utc_now
-from gateway.node.setup import init_node
+from gateway.errors import EXIT_ERROR, ConfigError
+from gateway.node.demo import THIRD_PARTY, DemoInterrupted, DemoStory, StepOutcome
 
 __all__ = ["demo"]
+
+
+def _command_exists(root: click.Command, path: str) -> bool:
+    """True when ``gateway <path>`` (e.g. ``"consent grant"``) is a command of this build."""
+    command: click.Command | None = root
+    for part in path.split():
+        if not isinstance(command, click.Group):
+            return False
+        command = command.commands.get(part)
+        if command is None:
+            return False
+    return True
+
+
+def _prepare_root(base: Path | None) -> tuple[Path, bool]:
+    """The folder for the two homes, and whether the demo made it itself."""
+    if base is None:
+        return Path(tempfile.mkdtemp(prefix="ssw-gateway-demo-")), True
+    base = base.expanduser().resolve()
+    if base.exists():
+        if not base.is_dir():
+            raise ConfigError(f"--dir {base} exists and is not a directory")
+        if any(base.iterdir()):
+            raise ConfigError(
+                f"--dir {base} is not empty: give a new or empty folder so no node is overwritten"
+            )
+        return base, False
+    base.mkdir(parents=True, mode=0o700)
+    return base, True
+
+
+def _remove(root: Path, made_root: bool) -> None:
+    if made_root:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for child in root.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 @click.command(cls=GatewayCommand)
@@ -20,31 +61,122 @@ __all__ = ["demo"]
     "--dir",
     "base",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Where to create the two node homes (default: a new temporary folder).",
+    help="New or empty folder for the two node homes (default: a new temporary folder).",
 )
+@click.option("--keep", is_flag=True, help="Leave the homes (and their secrets) for exploring.")
 @pass_app
-def demo(app: AppContext, base: Path | None) -> None:
-    """Create a Tokyo (jp) and an Islamabad (pk) node side by side on loopback."""
-    root = base if base is not None else Path(tempfile.mkdtemp(prefix="ssw-gateway-demo-"))
-    made = {}
-    for node_id, port in (("jp", 18701), ("pk", 18711)):
-        peer_port = 18711 if node_id == "jp" else 18701
-        app.progress(f"[demo] initialising node {node_id} ...")
-        result = init_node(
-            root / node_id,
-            node_id,
-            now=utc_now(),
-            listen=f"127.0.0.1:{port}",
-            api_listen=f"127.0.0.1:{port + 1}",
-            peer_url=f"http://127.0.0.1:{peer_port}",
-            environ=dict(app.environ),
-        )
-        made[node_id] = str(result.home)
-    app.emit(
-        {"homes": made},
-        "\n".join(
-            ["Two node homes are ready:"]
-            + [f"  {k}: {v}" for k, v in made.items()]
-            + ["(the exchange story runs here once keys, envelopes and sync are in place)"]
-        ),
+@click.pass_context
+def demo(ctx: click.Context, app: AppContext, base: Path | None, keep: bool) -> None:
+    """Run Tokyo (jp) and Islamabad (pk) on loopback and walk the whole story.
+
+    Two real `gateway serve` processes exchange a broker-misconduct case; a
+    disclosure to a third party is blocked until Islamabad grants written
+    consent, and blocked again after it revokes; compliance officers verify
+    and export both ledgers; Islamabad rotates its keys. Every step runs the
+    real `gateway` command line. Exit 0 when every step succeeded.
+
+    \b
+    Examples:
+      gateway demo
+      gateway demo --keep --dir ./demo-homes
+      gateway demo --json
+    """
+    root, made_root = _prepare_root(base)
+    cli_root = ctx.find_root().command
+    human = not app.as_json
+
+    def on_start(number: int, total: int, title: str) -> None:
+        line = f"[{number:>2}/{total}] {title}"
+        if human:
+            click.echo(click.style(line, bold=True))
+        else:
+            app.progress(line)
+
+    def on_command(line: str) -> None:
+        if human:
+            click.echo(click.style(f"        $ {line}", dim=True))
+
+    def on_step(outcome: StepOutcome) -> None:
+        if outcome.ok:
+            mark = click.style("ok", fg="green", bold=True)
+        elif not outcome.available:
+            mark = click.style("n/a", fg="yellow", bold=True)
+        else:
+            mark = click.style("FAILED", fg="red", bold=True)
+        text = f"        {mark}  {outcome.detail}"
+        if human:
+            click.echo(text)
+        else:
+            app.progress(click.unstyle(text))
+
+    story = DemoStory(
+        root,
+        available=lambda path: _command_exists(cli_root, path),
+        on_step=on_step,
+        on_start=on_start,
+        on_command=on_command,
+        environ=app.environ,
     )
+    if human:
+        click.echo(
+            "ssw-gateway demo: Tokyo (jp) and Islamabad (pk) exchange a broker-misconduct case;\n"
+            f"the consent ledger guards its onward disclosure to {THIRD_PARTY}.\n"
+        )
+    interrupted = False
+    try:
+        outcomes = story.run()
+    except DemoInterrupted:
+        interrupted = True
+        outcomes = story.outcomes
+    kept: dict[str, Path] = {}
+    if keep and story.nodes:
+        kept = story.write_secret_files()
+    elif not keep:
+        _remove(root, made_root)
+    passed = sum(1 for o in outcomes if o.ok)
+    all_ok = not interrupted and len(outcomes) == story.total and passed == story.total
+    data = {
+        "ok": all_ok,
+        "interrupted": interrupted,
+        "passed": passed,
+        "total": story.total,
+        "steps": [o.as_json() for o in outcomes],
+        "dir": root,
+        "kept": keep,
+        "homes": {k: n.home for k, n in story.nodes.items()},
+        "files": story.files if keep else {},
+        "secret_files": kept,
+    }
+
+    def summary() -> str:
+        lines = [""]
+        if interrupted:
+            lines.append("Interrupted: both nodes were stopped.")
+        unavailable = [o for o in outcomes if not o.available]
+        failed = [o for o in outcomes if o.available and not o.ok]
+        lines.append(f"Summary: {passed} of {story.total} steps succeeded.")
+        for o in failed:
+            lines.append(f"  failed:        {o.number:>2}. {o.title}")
+        for o in unavailable:
+            lines.append(f"  not available: {o.number:>2}. {o.title}")
+        if keep and story.nodes:
+            lines.append(f"\nThe homes are kept in {root}:")
+            for node in story.nodes.values():
+                lines.append(f"  {node.city:<9} {node.home}")
+            for name, path in story.files.items():
+                lines.append(f"  {name:<16} {path}")
+            jp = story.nodes.get("jp")
+            if jp is not None:
+                secrets_dir = jp.home / "demo-secrets"
+                lines += [
+                    "Explore Tokyo as its officer, e.g.:",
+                    f'  GATEWAY_PASSPHRASE="$(cat {secrets_dir}/passphrase)" gateway '
+                    f"--home {jp.home} --token-file {secrets_dir}/officer.token inbox",
+                ]
+        else:
+            lines.append(f"The homes in {root} were removed (use --keep to explore them).")
+        return "\n".join(lines)
+
+    app.emit(data, summary)
+    if not all_ok:
+        ctx.exit(130 if interrupted else EXIT_ERROR)

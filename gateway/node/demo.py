@@ -1,0 +1,868 @@
+"""The demonstration story: two real nodes on loopback, driven through the real CLI.
+
+Every step runs the ``gateway`` command line as a separate process, exactly as
+an officer, administrator or compliance officer would type it, and both nodes
+run as real ``gateway serve`` processes talking HTTP on loopback. The story
+therefore proves the whole product (exit codes, JSON output, processes, the
+peer protocol, the databases) rather than a shortcut through in-process
+service calls, and every command it shows can be copied and run by hand
+against the homes ``--keep`` leaves behind.
+
+A step whose command does not exist in this build is reported as not
+available (``ok`` false); a step that needs an earlier step's result is not
+run when that step did not succeed. Nothing is ever reported as done that was
+not done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+__all__ = [
+    "THIRD_PARTY",
+    "CommandResult",
+    "DemoInterrupted",
+    "DemoNode",
+    "DemoStory",
+    "StepOutcome",
+    "free_port",
+]
+
+THIRD_PARTY = "Aichi Prefectural Police HQ"
+PURPOSE = "criminal investigation of broker fraud against SSW workers in Aichi"
+GATEWAY = (sys.executable, "-c", "from gateway.cli.main import main; main()")
+COMMAND_TIMEOUT = 60.0
+DELIVERY_TIMEOUT = 30.0
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+# Argon2id cost of the demo's key files: "interactive" keeps the story quick;
+# a real node uses the default ("moderate") or stronger.
+DEMO_KEYSTORE_STRENGTH = "interactive"
+CITY = {"jp": "Tokyo", "pk": "Islamabad"}
+PEER = {"jp": "pk", "pk": "jp"}
+
+
+class StepFailed(Exception):
+    """A step did not reach its expected result; the message says what happened."""
+
+
+class _NotAvailable(Exception):
+    """A command the step needs is missing from this build."""
+
+
+class DemoInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived while the story ran; the nodes are being stopped."""
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """The result of one step, as printed and as ``gateway demo --json`` reports it."""
+
+    number: int
+    total: int
+    name: str
+    title: str
+    ok: bool
+    detail: str
+    available: bool = True
+    seconds: float = 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "step": self.number,
+            "name": self.name,
+            "title": self.title,
+            "ok": self.ok,
+            "available": self.available,
+            "detail": self.detail,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """One finished ``gateway`` command."""
+
+    display: str
+    code: int
+    stdout: str
+    stderr: str
+
+    def data(self) -> Any:
+        """The command's ``--json`` output, parsed."""
+        try:
+            return json.loads(self.stdout)
+        except json.JSONDecodeError:
+            raise StepFailed(
+                f"`{self.display}` printed no JSON (exit {self.code}): {self.error_line()}"
+            ) from None
+
+    def error_line(self) -> str:
+        lines = [line for line in self.stderr.splitlines() if line.strip()]
+        return lines[-1][:300] if lines else "(no message)"
+
+
+@dataclass
+class DemoNode:
+    """One of the two demo nodes: its home, addresses, secrets and process."""
+
+    node_id: str
+    home: Path
+    port: int
+    api_port: int
+    passphrase: str
+    tokens: dict[str, str] = field(default_factory=dict, repr=False)
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def city(self) -> str:
+        return CITY[self.node_id]
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "serve.log"
+
+
+def free_port() -> int:
+    """A TCP port on loopback that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _broker_case() -> dict[str, Any]:
+    """The MOC 4(1) case Islamabad reports: a sending broker collecting deposits."""
+    return {
+        "broker": {
+            "kind": "corporation",
+            "name": "Green Crescent Overseas Employment Promoters (Pvt) Ltd",
+            "country": "PAK",
+            "licence_number": "OEP-3120/RWP",
+            "registration_number": "0123456",
+            "address": "Plot 14, I-9 Markaz, Islamabad",
+            "representative": "Imran Qureshi",
+        },
+        "acts": ["a", "e"],
+        "summary": (
+            "The promoter collected a deposit of PKR 450,000 from each of three candidates "
+            "for food-service placements in Aichi, to be forfeited on resignation, and charged "
+            "fees without showing how they were calculated."
+        ),
+        "period": {"start": "2026-03-01", "end": "2026-09-30"},
+        "affected": [
+            {
+                "family_name": "Khan",
+                "given_names": "Ayesha",
+                "passport_number": "AB1234561",
+                "nationality": "PAK",
+                "date_of_birth": "1998-04-12",
+                "status": "worker",
+            },
+            {
+                "family_name": "Ahmed",
+                "given_names": "Bilal",
+                "passport_number": "CD7654321",
+                "nationality": "PAK",
+                "date_of_birth": "2000-11-02",
+                "status": "candidate",
+            },
+        ],
+        "measures_taken": "Licence suspended by the Bureau of Emigration on 2026-10-15.",
+    }
+
+
+_EVIDENCE = (
+    b"RECEIPT No. 0457\n"
+    b"Received from Ayesha Khan the sum of PKR 450,000 as security deposit,\n"
+    b"not refundable if the candidate leaves the employer before three years.\n"
+    b"Green Crescent Overseas Employment Promoters (Pvt) Ltd\n"
+)
+
+
+def _find(data: Any, *keys: str) -> Any:
+    """The first of ``keys`` present in a JSON object (commands name ids plainly)."""
+    if isinstance(data, dict):
+        for key in keys:
+            if key in data and data[key] not in (None, ""):
+                return data[key]
+    raise StepFailed(f"the command's JSON output has none of {', '.join(keys)}: {data!r:.200}")
+
+
+Step = Callable[[], str]
+
+
+@dataclass
+class _StepSpec:
+    name: str
+    title: str
+    commands: tuple[str, ...]
+    requires: tuple[str, ...]
+    run: Step
+
+
+class DemoStory:
+    """Runs the story in ``root``; reports each step through ``on_step``.
+
+    ``available`` says whether a ``gateway`` command path (``"consent grant"``)
+    exists in this build; ``on_command`` sees each command line as it runs
+    (tokens and passphrases are never part of it).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        available: Callable[[str], bool],
+        on_step: Callable[[StepOutcome], None],
+        on_start: Callable[[int, int, str], None] | None = None,
+        on_command: Callable[[str], None] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.root = root
+        self.available = available
+        self.on_step = on_step
+        self.on_start = on_start or (lambda _number, _total, _title: None)
+        self.on_command = on_command or (lambda _line: None)
+        base = dict(os.environ if environ is None else environ)
+        self._base_env = {k: v for k, v in base.items() if not k.startswith("GATEWAY_")}
+        self.nodes: dict[str, DemoNode] = {}
+        self.outcomes: list[StepOutcome] = []
+        self.files: dict[str, Path] = {}
+        self._facts: dict[str, Any] = {}
+        self._steps = self._plan()
+
+    # -- running -------------------------------------------------------------------
+
+    @property
+    def total(self) -> int:
+        return len(self._steps)
+
+    def run(self) -> list[StepOutcome]:
+        """Run every step, then stop the nodes (also when interrupted)."""
+        previous = self._install_signal_handlers()
+        try:
+            for number, spec in enumerate(self._steps, start=1):
+                self.on_start(number, self.total, spec.title)
+                self.outcomes.append(self._run_step(number, spec))
+                self.on_step(self.outcomes[-1])
+        finally:
+            try:
+                self.stop_nodes()
+            finally:
+                self._restore_signal_handlers(previous)
+        return self.outcomes
+
+    def _run_step(self, number: int, spec: _StepSpec) -> StepOutcome:
+        missing = [c for c in spec.commands if not self.available(c)]
+        if missing:
+            return StepOutcome(
+                number,
+                self.total,
+                spec.name,
+                spec.title,
+                ok=False,
+                available=False,
+                detail="not available in this build: " + ", ".join(f"gateway {c}" for c in missing),
+            )
+        failed = [o.name for o in self.outcomes if o.name in spec.requires and not o.ok]
+        if failed:
+            return StepOutcome(
+                number,
+                self.total,
+                spec.name,
+                spec.title,
+                ok=False,
+                detail=f"not run: it needs step(s) {', '.join(failed)}, which did not succeed",
+            )
+        started = time.monotonic()
+        try:
+            detail = spec.run()
+            ok = True
+        except StepFailed as exc:
+            detail, ok = str(exc), False
+        except _NotAvailable as exc:
+            return StepOutcome(
+                number,
+                self.total,
+                spec.name,
+                spec.title,
+                ok=False,
+                available=False,
+                detail=f"not available in this build: {exc}",
+            )
+        return StepOutcome(
+            number,
+            self.total,
+            spec.name,
+            spec.title,
+            ok=ok,
+            detail=detail,
+            seconds=time.monotonic() - started,
+        )
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def interrupted(signum: int, _frame: FrameType | None) -> None:
+            raise DemoInterrupted(signal.Signals(signum).name)
+
+        previous: dict[int, Any] = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, interrupted)
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    # -- commands ------------------------------------------------------------------
+
+    def _env(self, node: DemoNode, user: str | None) -> dict[str, str]:
+        env = dict(self._base_env)
+        env["GATEWAY_HOME"] = str(node.home)
+        env["GATEWAY_PASSPHRASE"] = node.passphrase
+        env["GATEWAY_KEYSTORE_STRENGTH"] = DEMO_KEYSTORE_STRENGTH
+        if user is not None:
+            env["GATEWAY_TOKEN"] = node.tokens[user]
+        return env
+
+    def gateway(
+        self, node: DemoNode, user: str | None, *args: str, expect: Sequence[int] = (0,)
+    ) -> CommandResult:
+        """Run ``gateway --home <node> ARGS --json`` as ``user``; check its exit code."""
+        argv = ["--home", str(node.home), *args, "--json"]
+        who = f"{node.node_id}/{user}" if user else node.node_id
+        display = f"[{who}] gateway " + shlex.join(
+            ["--home", node.home.name, *args] if node.home.parent == self.root else argv
+        )
+        self.on_command(display)
+        try:
+            done = subprocess.run(  # noqa: S603 - our own interpreter and fixed arguments
+                [*GATEWAY, *argv],
+                env=self._env(node, user),
+                capture_output=True,
+                text=True,
+                timeout=COMMAND_TIMEOUT,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            raise StepFailed(f"`{display}` did not finish in {COMMAND_TIMEOUT:.0f} s") from None
+        result = CommandResult(display, done.returncode, done.stdout, done.stderr)
+        if result.code not in expect:
+            raise StepFailed(
+                f"`{display}` exited {result.code}, expected "
+                f"{' or '.join(map(str, expect))}: {result.error_line()}"
+            )
+        return result
+
+    def _wait_for(self, what: str, check: Callable[[], bool]) -> None:
+        deadline = time.monotonic() + DELIVERY_TIMEOUT
+        while True:
+            if check():
+                return
+            if time.monotonic() > deadline:
+                raise StepFailed(f"{what} did not happen within {DELIVERY_TIMEOUT:.0f} s")
+            time.sleep(0.3)
+
+    def _deliver(self, sender: DemoNode) -> None:
+        """Deliver the sender's outbox now (the running node would within seconds)."""
+        if self.available("sync"):
+            self.gateway(sender, "admin", "sync")
+
+    # -- nodes ---------------------------------------------------------------------
+
+    def start_node(self, node: DemoNode) -> None:
+        if node.process is not None and node.process.poll() is None:
+            return
+        log = node.log_path.open("ab")
+        try:
+            node.process = subprocess.Popen(  # noqa: S603 - our own interpreter
+                [*GATEWAY, "--home", str(node.home), "serve"],
+                env=self._env(node, None),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if node.process.poll() is not None:
+                raise StepFailed(
+                    f"gateway serve for {node.node_id} exited with {node.process.returncode}; "
+                    f"see {node.log_path}"
+                )
+            try:
+                with urllib.request.urlopen(f"{node.url}/v1/health", timeout=2) as answer:  # noqa: S310 - fixed loopback URL
+                    if answer.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise StepFailed(f"{node.city} did not answer /v1/health within {START_TIMEOUT:.0f} s")
+
+    def stop_node(self, node: DemoNode) -> int | None:
+        """SIGTERM the node and wait; SIGKILL only if it does not stop in time."""
+        process = node.process
+        if process is None:
+            return None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        node.process = None
+        return process.returncode
+
+    def stop_nodes(self) -> dict[str, int | None]:
+        codes = {}
+        for node in self.nodes.values():
+            with contextlib.suppress(DemoInterrupted):
+                codes[node.node_id] = self.stop_node(node)
+        return codes
+
+    # -- the story -----------------------------------------------------------------
+
+    def _plan(self) -> list[_StepSpec]:
+        def step(
+            name: str, title: str, commands: tuple[str, ...], requires: tuple[str, ...], run: Step
+        ) -> _StepSpec:
+            return _StepSpec(name, title, commands, requires, run)
+
+        return [
+            step(
+                "init", "Create the Tokyo (jp) and Islamabad (pk) nodes", ("init",), (), self._init
+            ),
+            step(
+                "users",
+                "Add an officer and a compliance officer on each side",
+                ("users add",),
+                ("init",),
+                self._users,
+            ),
+            step(
+                "pin-refused",
+                "Pinning the peer with a wrong root fingerprint is refused",
+                ("keys export", "peer add"),
+                ("init",),
+                self._pin_refused,
+            ),
+            step(
+                "keys-exchange",
+                "Exchange key manifests, each pinned by its root fingerprint",
+                ("keys show", "keys export", "peer add"),
+                ("init",),
+                self._keys_exchange,
+            ),
+            step(
+                "start",
+                "Start both nodes (gateway serve) on loopback",
+                ("serve",),
+                ("keys-exchange",),
+                self._start,
+            ),
+            step(
+                "send",
+                "Islamabad sends a broker-misconduct case with an attachment",
+                ("send",),
+                ("start", "users"),
+                self._send,
+            ),
+            step(
+                "receive",
+                "Tokyo receives and verifies it; an officer opens it",
+                ("inbox", "show"),
+                ("send",),
+                self._receive,
+            ),
+            step(
+                "disclose-blocked",
+                f"Disclosure to {THIRD_PARTY} without consent is blocked",
+                ("disclose",),
+                ("receive",),
+                self._disclose_blocked,
+            ),
+            step(
+                "consent-request",
+                "Tokyo asks Islamabad for written consent",
+                ("consent request", "consent list"),
+                ("receive",),
+                self._consent_request,
+            ),
+            step(
+                "consent-grant",
+                "Islamabad grants written consent",
+                ("consent grant", "consent list"),
+                ("consent-request",),
+                self._consent_grant,
+            ),
+            step(
+                "disclose-allowed",
+                f"Disclosure to {THIRD_PARTY} now succeeds",
+                ("disclose",),
+                ("consent-grant",),
+                self._disclose_allowed,
+            ),
+            step(
+                "consent-revoke",
+                "Islamabad revokes its consent",
+                ("consent revoke", "consent list"),
+                ("consent-grant",),
+                self._consent_revoke,
+            ),
+            step(
+                "disclose-revoked",
+                "The next disclosure is blocked again",
+                ("disclose",),
+                ("consent-revoke",),
+                self._disclose_revoked,
+            ),
+            step(
+                "ledgers",
+                "Compliance officers verify and export both ledgers",
+                ("ledger verify", "ledger export"),
+                ("users",),
+                self._ledgers,
+            ),
+            step(
+                "key-rotation",
+                "Islamabad rotates its keys; Tokyo accepts the new manifest",
+                ("keys rotate", "keys show", "send", "inbox"),
+                ("start", "keys-exchange"),
+                self._key_rotation,
+            ),
+            step("stop", "Stop both nodes cleanly", ("serve",), ("start",), self._stop),
+        ]
+
+    def _init(self) -> str:
+        self.root.mkdir(parents=True, exist_ok=True)
+        ports = {node_id: (free_port(), free_port()) for node_id in ("jp", "pk")}
+        for node_id in ("jp", "pk"):
+            port, api_port = ports[node_id]
+            node = DemoNode(
+                node_id=node_id,
+                home=self.root / node_id,
+                port=port,
+                api_port=api_port,
+                passphrase=secrets.token_urlsafe(24),
+            )
+            self.nodes[node_id] = node
+            result = self.gateway(
+                node,
+                None,
+                "init",
+                "--node",
+                node_id,
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--api-listen",
+                f"127.0.0.1:{api_port}",
+                "--peer-url",
+                f"http://127.0.0.1:{ports[PEER[node_id]][0]}",
+            )
+            node.tokens["admin"] = str(_find(result.data(), "admin_token"))
+        jp, pk = self.nodes["jp"], self.nodes["pk"]
+        return f"Tokyo on {jp.url}, Islamabad on {pk.url}; homes in {self.root}"
+
+    def _users(self) -> str:
+        made = []
+        for node in self.nodes.values():
+            for name, role in (
+                (f"{node.node_id}-officer", "officer"),
+                (f"{node.node_id}-compliance", "compliance"),
+            ):
+                result = self.gateway(node, "admin", "users", "add", name, "--role", role)
+                node.tokens[role] = str(_find(result.data(), "token"))
+                made.append(name)
+        return "added " + ", ".join(made)
+
+    def _export_manifest(self, node: DemoNode) -> Path:
+        """The node's signed key manifest, exported once per key version."""
+        key = f"{node.node_id}-manifest"
+        if key not in self.files:
+            path = self.root / f"{node.node_id}-manifest.json"
+            path.unlink(missing_ok=True)
+            self.gateway(node, "admin", "keys", "export", "--out", str(path))
+            if not path.is_file():
+                raise StepFailed(f"gateway keys export wrote no file at {path}")
+            self.files[key] = path
+        return self.files[key]
+
+    def _fingerprint(self, node: DemoNode) -> str:
+        key = f"{node.node_id}-fingerprint"
+        if key not in self._facts:
+            data = self.gateway(node, "admin", "keys", "show").data()
+            self._facts[key] = str(_find(data, "root_fingerprint", "fingerprint"))
+        return str(self._facts[key])
+
+    def _pin_refused(self) -> str:
+        jp, pk = self.nodes["jp"], self.nodes["pk"]
+        manifest = self._export_manifest(pk)
+        # Tokyo's own fingerprint stands for one misread on the phone.
+        wrong = self._fingerprint(jp) if self.available("keys show") else "0" * 64
+        result = self.gateway(
+            jp, "admin", "peer", "add", str(manifest), "--fingerprint", wrong, expect=(1, 4)
+        )
+        return f"refused with exit {result.code}: {result.error_line()}"
+
+    def _keys_exchange(self) -> str:
+        shown = []
+        for node in self.nodes.values():
+            peer = self.nodes[PEER[node.node_id]]
+            manifest = self._export_manifest(peer)
+            # The fingerprint is read out of band (a call between the two
+            # administrators); here the peer's own `keys show` stands for it.
+            fingerprint = self._fingerprint(peer)
+            self.gateway(node, "admin", "peer", "add", str(manifest), "--fingerprint", fingerprint)
+            shown.append(f"{node.city} pinned {peer.city} ({fingerprint[:16]}...)")
+        return "; ".join(shown)
+
+    def _start(self) -> str:
+        for node in self.nodes.values():
+            self.start_node(node)
+        return ", ".join(f"{n.city} healthy at {n.url}" for n in self.nodes.values())
+
+    def _send(self) -> str:
+        pk, jp = self.nodes["pk"], self.nodes["jp"]
+        case_file = self.root / "broker-case.json"
+        case_file.write_text(json.dumps(_broker_case(), indent=2), encoding="utf-8")
+        evidence = self.root / "deposit-receipt.txt"
+        evidence.write_bytes(_EVIDENCE)
+        result = self.gateway(
+            pk, "officer", "send", "broker-misconduct", str(case_file), "--attach", str(evidence)
+        )
+        bundle_id = str(_find(result.data(), "bundle_id", "id"))
+        self._facts["bundle_id"] = bundle_id
+        self._deliver(pk)
+        self._wait_for(
+            f"delivery of bundle {bundle_id} to Tokyo",
+            lambda: bundle_id in self._inbox_ids(jp),
+        )
+        return f"bundle {bundle_id} delivered to Tokyo with a signed receipt"
+
+    def _inbox_ids(self, node: DemoNode) -> set[str]:
+        data = self.gateway(node, "officer", "inbox").data()
+        rows = data if isinstance(data, list) else _find(data, "bundles", "items")
+        return {str(_find(row, "bundle_id", "id")) for row in rows}
+
+    def _receive(self) -> str:
+        jp = self.nodes["jp"]
+        bundle_id = self._facts["bundle_id"]
+        out = self.root / "tokyo-read"
+        result = self.gateway(jp, "officer", "show", bundle_id, "--out", str(out))
+        copies = [p for p in out.rglob("*") if p.is_file() and p.read_bytes() == _EVIDENCE]
+        if not copies:
+            raise StepFailed(f"the attachment was not written intact under {out}")
+        data = result.data()
+        case_type = data.get("type") if isinstance(data, dict) else None
+        self.files["tokyo-read"] = out
+        return (
+            f"signature, recipient and ciphertext hash verified; {case_type or 'case'} "
+            f"decrypted, attachment intact at {copies[0]}"
+        )
+
+    def _disclose(self, expect: int, out_name: str) -> CommandResult:
+        jp = self.nodes["jp"]
+        out = self.root / out_name
+        return self.gateway(
+            jp,
+            "officer",
+            "disclose",
+            self._facts["bundle_id"],
+            "--recipient",
+            THIRD_PARTY,
+            "--purpose",
+            PURPOSE,
+            "--out",
+            str(out),
+            expect=(expect,),
+        )
+
+    def _disclose_blocked(self) -> str:
+        result = self._disclose(3, "disclosed-without-consent")
+        leaked = self.root / "disclosed-without-consent"
+        if leaked.exists() and any(p.is_file() for p in leaked.rglob("*")):
+            raise StepFailed(f"exit 3, but files were written under {leaked}")
+        return f"exit 3, nothing released, attempt recorded: {result.error_line()}"
+
+    def _consent_rows(self, node: DemoNode) -> list[dict[str, Any]]:
+        data = self.gateway(node, "officer", "consent", "list").data()
+        rows = data if isinstance(data, list) else _find(data, "consents", "items", "requests")
+        return [row for row in rows if isinstance(row, dict)]
+
+    def _consent_request(self) -> str:
+        jp, pk = self.nodes["jp"], self.nodes["pk"]
+        result = self.gateway(
+            jp,
+            "officer",
+            "consent",
+            "request",
+            self._facts["bundle_id"],
+            "--recipient",
+            THIRD_PARTY,
+            "--purpose",
+            PURPOSE,
+        )
+        request_id = str(_find(result.data(), "request_id", "id"))
+        self._facts["request_id"] = request_id
+        self._deliver(jp)
+        self._wait_for(
+            f"consent request {request_id} reaching Islamabad",
+            lambda: any(request_id in json.dumps(row) for row in self._consent_rows(pk)),
+        )
+        return f"request {request_id} delivered to Islamabad"
+
+    def _consent_grant(self) -> str:
+        jp, pk = self.nodes["jp"], self.nodes["pk"]
+        valid_until = (date.today() + timedelta(days=30)).isoformat()  # noqa: DTZ011 - a calendar date for the officer
+        result = self.gateway(
+            pk,
+            "officer",
+            "consent",
+            "grant",
+            self._facts["request_id"],
+            "--valid-until",
+            valid_until,
+            "--max-uses",
+            "5",
+        )
+        consent_id = str(_find(result.data(), "consent_id", "id"))
+        self._facts["consent_id"] = consent_id
+        self._deliver(pk)
+        self._wait_for(
+            f"consent {consent_id} reaching Tokyo",
+            lambda: any(consent_id in json.dumps(row) for row in self._consent_rows(jp)),
+        )
+        return (
+            f"written consent {consent_id} (valid until {valid_until}, 5 uses) signed and delivered"
+        )
+
+    def _disclose_allowed(self) -> str:
+        self._disclose(0, "disclosed-to-aichi")
+        out = self.root / "disclosed-to-aichi"
+        released = [p for p in out.rglob("*") if p.is_file()]
+        if not released:
+            raise StepFailed(f"exit 0 but nothing was written under {out}")
+        self.files["disclosed"] = out
+        return (
+            f"released {len(released)} file(s) under consent {self._facts['consent_id']} to {out}"
+        )
+
+    def _consent_revoke(self) -> str:
+        jp, pk = self.nodes["jp"], self.nodes["pk"]
+        consent_id = self._facts["consent_id"]
+        self.gateway(
+            pk,
+            "officer",
+            "consent",
+            "revoke",
+            consent_id,
+            "--reason",
+            "investigation handed to the National Police Agency",
+        )
+        self._deliver(pk)
+
+        def revoked() -> bool:
+            for row in self._consent_rows(jp):
+                if consent_id in json.dumps(row) and "revoked" in json.dumps(row).lower():
+                    return True
+            return False
+
+        self._wait_for(f"revocation of {consent_id} reaching Tokyo", revoked)
+        return f"revocation of {consent_id} signed and delivered"
+
+    def _disclose_revoked(self) -> str:
+        result = self._disclose(3, "disclosed-after-revocation")
+        return f"exit 3 after revocation: {result.error_line()}"
+
+    def _ledgers(self) -> str:
+        parts = []
+        for node in self.nodes.values():
+            self.gateway(node, "compliance", "ledger", "verify")
+            for fmt in ("jsonl", "csv"):
+                out = self.root / f"ledger-{node.node_id}.{fmt}"
+                self.gateway(
+                    node, "compliance", "ledger", "export", "--format", fmt, "--out", str(out)
+                )
+                if not out.is_file():
+                    raise StepFailed(f"gateway ledger export wrote no file at {out}")
+                self.files[f"ledger-{node.node_id}-{fmt}"] = out
+            entries = sum(
+                1 for line in (self.root / f"ledger-{node.node_id}.jsonl").open() if line.strip()
+            )
+            parts.append(f"{node.city}: intact, {entries} entries exported")
+        return "; ".join(parts)
+
+    def _key_rotation(self) -> str:
+        jp, pk = self.nodes["jp"], self.nodes["pk"]
+        before = self.gateway(pk, "admin", "keys", "show").data()
+        self.gateway(pk, "admin", "keys", "rotate")
+        after = self.gateway(pk, "admin", "keys", "show").data()
+        old_version = _find(before, "version", "manifest_version")
+        new_version = _find(after, "version", "manifest_version")
+        if new_version == old_version:
+            raise StepFailed(f"the manifest version stayed {old_version} after rotation")
+        case_file = self.root / "broker-case.json"
+        result = self.gateway(pk, "officer", "send", "broker-misconduct", str(case_file))
+        bundle_id = str(_find(result.data(), "bundle_id", "id"))
+        self._deliver(pk)
+        self._wait_for(
+            f"delivery of {bundle_id}, signed with the new key, to Tokyo",
+            lambda: bundle_id in self._inbox_ids(jp),
+        )
+        return (
+            f"manifest v{old_version} -> v{new_version}; Tokyo accepted it and a bundle "
+            f"({bundle_id}) signed with the new key"
+        )
+
+    def _stop(self) -> str:
+        codes = self.stop_nodes()
+        bad = {k: v for k, v in codes.items() if v not in (0, None)}
+        if bad:
+            raise StepFailed(
+                "a node did not stop cleanly: "
+                + ", ".join(f"{k} exited {v}" for k, v in bad.items())
+            )
+        return "both nodes stopped (exit 0)"
+
+    def write_secret_files(self) -> dict[str, Path]:
+        """Keep each node's passphrase and user tokens in 0600 files for exploring."""
+        written = {}
+        for node in self.nodes.values():
+            folder = node.home / "demo-secrets"
+            folder.mkdir(mode=0o700, exist_ok=True)
+            for name, value in (("passphrase", node.passphrase), *node.tokens.items()):
+                path = folder / (name if name == "passphrase" else f"{name}.token")
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                with os.fdopen(fd, "w", encoding="ascii") as handle:
+                    handle.write(value + "\n")
+                written[f"{node.node_id}/{path.name}"] = path
+        return written
