@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import threading
 from collections.abc import Iterator
@@ -90,17 +91,22 @@ def test_entries_are_appended_in_sequence_and_chained(db: Database) -> None:
         entries = ledger.list_entries(session)
     assert [e.seq for e in entries] == [0, 1, 2, 3, 4]
     assert entries[0].prev_hash == bytes(32)
-    for before, after in zip(entries, entries[1:], strict=False):
+    for before, after in itertools.pairwise(entries):
         assert after.prev_hash == before.entry_hash
     assert entries[3].actor_name == "aiko"
     assert entries[3].actor_role == "officer"
     assert entries[3].time == T0 + timedelta(seconds=3)
 
 
-def test_entry_rolls_back_with_the_callers_transaction(db: Database) -> None:
-    with pytest.raises(RuntimeError), db.transaction() as session:
+def _append_then_fail(db: Database) -> None:
+    with db.transaction() as session:
         ledger.record_event(session, kind="bundle-sent", actor=OFFICER, now=T0, bundle_id="x")
         raise RuntimeError("the send failed after the entry was written")
+
+
+def test_entry_rolls_back_with_the_callers_transaction(db: Database) -> None:
+    with pytest.raises(RuntimeError):
+        _append_then_fail(db)
     with db.transaction() as session:
         assert ledger.list_entries(session) == []
 
@@ -185,9 +191,11 @@ def test_database_refuses_update_delete_truncate(db: Database) -> None:
         "UPDATE ledger_witnessed SET size = 1",
         "DELETE FROM ledger_witnessed",
     ):
-        with pytest.raises((DBAPIError, StorageError), match="append-only"):
-            with db.transaction() as session:
-                session.execute(text(statement))
+        with (
+            pytest.raises((DBAPIError, StorageError), match="append-only"),
+            db.transaction() as session,
+        ):
+            session.execute(text(statement))
     if db.dialect == "postgresql":
         with pytest.raises(DBAPIError, match="append-only"), db.transaction() as session:
             session.execute(text("TRUNCATE ledger_entry"))
@@ -274,7 +282,7 @@ def test_export_holds_every_entry_and_can_be_reverified(db: Database, fmt: str) 
         # The export alone lets anyone recompute the chain.
         parsed = [parse_entry(line["entry"].encode()) for line in lines]
         assert [p.entry_hash.hex() for p in parsed] == [line["entry_hash"] for line in lines]
-        for before, after in zip(parsed, parsed[1:], strict=False):
+        for before, after in itertools.pairwise(parsed):
             assert after.prev_hash == before.entry_hash
 
 
@@ -301,13 +309,15 @@ def _without_triggers(db: Database, *statements: str) -> None:
 # --- witnessing between two nodes ------------------------------------------
 
 
+def _second_url(engine_name: str, tmp_path: object, factory: object, name: str) -> str:
+    if engine_name == "sqlite":
+        return f"sqlite:///{tmp_path}/{name}.sqlite3"
+    return str(factory())  # type: ignore[operator]
+
+
 @pytest.fixture
 def peer_db(engine_name: str, tmp_path: object, pg_database_factory: object) -> Iterator[Database]:
-    if engine_name == "sqlite":
-        url = f"sqlite:///{tmp_path}/peer.sqlite3"
-    else:
-        url = pg_database_factory()  # type: ignore[operator]
-    database = open_node_db(url, "pk")
+    database = open_node_db(_second_url(engine_name, tmp_path, pg_database_factory, "peer"), "pk")
     yield database
     database.dispose()
 
@@ -404,11 +414,9 @@ def test_audit_catches_peer_that_rewrote_witnessed_history(
     with db.transaction() as session:
         ledger.store_peer_checkpoint(session, honest.to_wire(), RawKeys(pk), peer_node="pk", now=T0)
     # A rebuilt ledger: same key, same length, entry 2 says something else; then it grows.
-    if engine_name == "sqlite":
-        url = f"sqlite:///{tmp_path}/rewritten.sqlite3"
-    else:
-        url = pg_database_factory()  # type: ignore[operator]
-    rewritten = open_node_db(url, "pk")
+    rewritten = open_node_db(
+        _second_url(engine_name, tmp_path, pg_database_factory, "rewritten"), "pk"
+    )
     try:
         with rewritten.transaction() as session:
             for i in range(4):
