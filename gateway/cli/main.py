@@ -59,7 +59,7 @@ def cli(
 
 
 def _register() -> None:
-    from gateway.cli import db_cmd, demo_cmd, init_cmd, users_cmd  # noqa: PLC0415
+    from gateway.cli import db_cmd, demo_cmd, init_cmd, keys_cmd, peer_cmd, users_cmd  # noqa: PLC0415
     from gateway.node import (  # noqa: PLC0415 - importing registers their init steps
         keys,  # noqa: F401 - registers the "keys" init step
         policy,  # noqa: F401 - registers the "policies" init step
@@ -69,6 +69,8 @@ def _register() -> None:
     cli.add_command(db_cmd.db)
     cli.add_command(demo_cmd.demo)
     cli.add_command(users_cmd.users)
+    cli.add_command(keys_cmd.keys)
+    cli.add_command(peer_cmd.peer)
 
 
 _register()

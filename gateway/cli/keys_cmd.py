@@ -1,0 +1,218 @@
+"""``gateway keys``: this node's key manifest, rotation and revocation (admin role)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gateway.cli.base import GatewayGroup
+from gateway.cli.context import AppContext, pass_app
+from gateway.core.keys import KeyManifest, format_time
+from gateway.node import keys as key_service
+from gateway.node.runtime import utc_now
+
+__all__ = ["keys", "manifest_text"]
+
+_ROOT_KEY_OPTION = click.option(
+    "--root-key",
+    "root_key",
+    type=click.Path(dir_okay=False, exists=False, path_type=Path),
+    help="The root key file, when it is kept offline (default: keys/root-<id>.key).",
+)
+
+
+def manifest_text(data: dict[str, Any], title: str) -> str:
+    """The human form of a described manifest (see ``describe_manifest``)."""
+    lines = [
+        f"{title} of node {data['node']!r}, version {data['version']}",
+        f"  root key:         {data['root_key_id']}",
+        f"  root fingerprint: {data['root_fingerprint']}",
+        f"  issued:           {format_time(data['issued_at'])}",
+        f"  expires:          {format_time(data['expires_at'])}"
+        + ("  (EXPIRED)" if data["expired"] else ""),
+        "",
+        f"  {'KEY ID':<17} {'USE':<8} {'STATE':<14} {'VALID FROM':<21} VALID UNTIL",
+    ]
+    for key in data["keys"]:
+        lines.append(
+            f"  {key['key_id']:<17} {key['use']:<8} {key['state']:<14} "
+            f"{format_time(key['not_before']):<21} {format_time(key['not_after'])}"
+        )
+        if key["revoked_at"] is not None:
+            lines.append(
+                f"  {'':<17} revoked {format_time(key['revoked_at'])}: {key['revocation_reason']}"
+            )
+    return "\n".join(lines)
+
+
+@click.group(cls=GatewayGroup)
+def keys() -> None:
+    """This node's keys: show, export, rotate, revoke, rotate the root.
+
+    \b
+    The root key only certifies the key manifest; the operational keys sign
+    and decrypt. Every change makes a new manifest version, queued for the
+    peer. The ceremony is described in docs/keys.md.
+    """
+
+
+@keys.command("show")
+@pass_app
+def show(app: AppContext) -> None:
+    """Show the current key manifest and the root fingerprint."""
+    app.actor("keys.show")
+    now = utc_now()
+    with app.node().db.transaction() as session:
+        manifest = key_service.own_manifest(session)
+        pending = key_service.pending_manifests(session)
+    data = key_service.describe_manifest(manifest, now=now)
+    data["pending_delivery"] = len(pending)
+
+    def human() -> str:
+        text = manifest_text(data, "Key manifest")
+        if pending:
+            text += f"\n\n  {len(pending)} manifest(s) wait for delivery to the peer."
+        return text
+
+    app.emit(data, human)
+
+
+@keys.command("export")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="File to write the signed manifest to (must not exist).",
+)
+@pass_app
+def export(app: AppContext, out: Path) -> None:
+    """Write the signed public key manifest for the peer's administrator.
+
+    Send the file by any channel; read the root fingerprint to the peer's
+    administrator by another one (telephone, in person).
+    """
+    app.actor("keys.export")
+    with app.node().db.transaction() as session:
+        manifest = key_service.export_manifest(session, out)
+    app.emit(
+        {
+            "out": out,
+            "node": manifest.node,
+            "version": manifest.version,
+            "root_fingerprint": manifest.root_fingerprint,
+        },
+        f"Wrote key manifest version {manifest.version} of node {manifest.node!r} to {out}\n"
+        f"Root fingerprint (read it to the peer's administrator out of band):\n"
+        f"  {manifest.root_fingerprint}",
+    )
+
+
+def _change_text(manifest: KeyManifest, lines: list[str]) -> str:
+    return "\n".join(
+        [
+            *lines,
+            f"Key manifest version {manifest.version} is queued for delivery to the peer "
+            "(gateway sync, or the running server).",
+        ]
+    )
+
+
+@keys.command("rotate")
+@_ROOT_KEY_OPTION
+@pass_app
+def rotate(app: AppContext, root_key: Path | None) -> None:
+    """Make new operational keys; the old ones stay valid for a 24-hour overlap.
+
+    Old encryption keys are kept to read what was stored under them.
+    """
+    actor = app.actor("keys.rotate")
+    node = app.node()
+    passphrase = app.passphrase()
+    with node.db.transaction() as session:
+        change = key_service.rotate_keys(
+            node.settings, session, passphrase, now=utc_now(), actor=actor, root_key_file=root_key
+        )
+    app.emit(
+        {"version": change.manifest.version, "event": change.event, "added": change.added},
+        lambda: _change_text(
+            change.manifest, [f"Rotated: new operational keys {', '.join(change.added)}."]
+        ),
+    )
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.option("--reason", required=True, help="Why the key is withdrawn (kept in the manifest).")
+@_ROOT_KEY_OPTION
+@pass_app
+def revoke(app: AppContext, key_id: str, reason: str, root_key: Path | None) -> None:
+    """Revoke an operational key for good (compromise, loss).
+
+    A key in use is replaced at once. The peer refuses anything signed with a
+    revoked key from the moment it has the new manifest.
+    """
+    actor = app.actor("keys.revoke")
+    node = app.node()
+    passphrase = app.passphrase()
+    with node.db.transaction() as session:
+        change = key_service.revoke_key(
+            node.settings,
+            session,
+            passphrase,
+            key_id,
+            reason,
+            now=utc_now(),
+            actor=actor,
+            root_key_file=root_key,
+        )
+    lines = [f"Revoked key {key_id}."]
+    if change.added:
+        lines.append(f"Replaced by new key(s) {', '.join(change.added)}.")
+    app.emit(
+        {
+            "version": change.manifest.version,
+            "event": change.event,
+            "revoked": change.revoked,
+            "added": change.added,
+        },
+        lambda: _change_text(change.manifest, lines),
+    )
+
+
+@keys.command("rotate-root")
+@_ROOT_KEY_OPTION
+@pass_app
+def rotate_root(app: AppContext, root_key: Path | None) -> None:
+    """Replace the root key: the new manifest is signed by the old and the new root.
+
+    Read the new root fingerprint to the peer's administrator; move the new
+    root key file offline when the ceremony is over.
+    """
+    actor = app.actor("keys.rotate-root")
+    node = app.node()
+    passphrase = app.passphrase()
+    with node.db.transaction() as session:
+        change = key_service.rotate_root(
+            node.settings, session, passphrase, now=utc_now(), actor=actor, root_key_file=root_key
+        )
+    removed = key_service.remove_retired_roots(node.settings, change.manifest.root_key_id)
+    app.emit(
+        {
+            "version": change.manifest.version,
+            "event": change.event,
+            "root_key_id": change.manifest.root_key_id,
+            "root_fingerprint": change.manifest.root_fingerprint,
+            "old_root_key_id": change.old_root_key_id,
+            "removed": removed,
+        },
+        lambda: _change_text(
+            change.manifest,
+            [
+                f"New root key {change.manifest.root_key_id} replaces {change.old_root_key_id}.",
+                f"New root fingerprint: {change.manifest.root_fingerprint}",
+                *(f"Removed the retired root key file {p}." for p in removed),
+            ],
+        ),
+    )

@@ -1,0 +1,97 @@
+"""``gateway peer``: pin the peer node's key manifest and show it (admin role)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from gateway.cli.base import GatewayGroup
+from gateway.cli.context import AppContext, pass_app
+from gateway.cli.keys_cmd import manifest_text
+from gateway.core.keys import MAX_MANIFEST_BYTES
+from gateway.errors import InvalidInput
+from gateway.node import keys as key_service
+from gateway.node.runtime import utc_now
+
+__all__ = ["peer"]
+
+
+def _read_manifest_file(path: Path) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        raise InvalidInput(f"manifest file {path} does not exist") from None
+    except OSError as exc:
+        raise InvalidInput(f"manifest file {path} cannot be read: {exc.strerror}") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise InvalidInput(f"manifest file {path} is larger than {MAX_MANIFEST_BYTES} bytes")
+    return data
+
+
+@click.group(cls=GatewayGroup)
+def peer() -> None:
+    """The peer node: pin its key manifest, show what is pinned."""
+
+
+@peer.command("add")
+@click.argument("manifest_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--fingerprint",
+    "expected",
+    required=True,
+    help="The peer's root fingerprint, read to you out of band by its administrator.",
+)
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Replace a pinned peer whose root changed without a signed hand-over "
+    "(the peer lost its root key and was set up anew).",
+)
+@pass_app
+def add(app: AppContext, manifest_file: Path, expected: str, replace: bool) -> None:
+    """Pin the peer's key manifest after checking its root fingerprint.
+
+    A fingerprint that does not match refuses the import (exit 4) and pins
+    nothing.
+
+    \b
+    Example:
+      gateway peer add pk-manifest.json --fingerprint ABCD-EFGH-IJKL-MNOP-QRST-UVWX-YZ23-4567
+    """
+    actor = app.actor("peer.add")
+    node = app.node()
+    raw = _read_manifest_file(manifest_file)
+    peer_node = key_service.peer_node_of(node.settings.node_id)
+    now = utc_now()
+    with node.db.transaction() as session:
+        manifest = key_service.pin_peer(
+            session,
+            raw,
+            node=peer_node,
+            expected_fingerprint=expected,
+            now=now,
+            actor=actor,
+            replace=replace,
+        )
+    data = key_service.describe_manifest(manifest, now=now)
+    app.emit(data, lambda: manifest_text(data, "Pinned the key manifest"))
+
+
+@peer.command("show")
+@pass_app
+def show(app: AppContext) -> None:
+    """Show the peer's pinned key manifest."""
+    app.actor("peer.show")
+    now = utc_now()
+    with app.node().db.transaction() as session:
+        manifest = key_service.pinned_peer_manifest(session)
+    if manifest is None:
+        app.emit(
+            {"pinned": None},
+            "No peer is pinned yet: run 'gateway peer add MANIFEST_FILE --fingerprint FP'.",
+        )
+        return
+    data = key_service.describe_manifest(manifest, now=now)
+    app.emit({"pinned": data}, lambda: manifest_text(data, "Pinned key manifest"))
