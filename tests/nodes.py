@@ -141,6 +141,7 @@ def make_services(
     peer_id: str = "jp",
     clock: Callable[[], datetime] | None = None,
     apply_manifest: Any = None,
+    preview_manifest: Any = None,
 ) -> tuple[PeerServices, EnvelopeStore]:
     from gateway.node.runtime import utc_now  # noqa: PLC0415
 
@@ -154,6 +155,7 @@ def make_services(
         remember_nonce=database_nonce_recorder(db, skew=timedelta(minutes=5), clock=now),
         receive_envelope=store,
         apply_manifest=apply_manifest,
+        preview_manifest=preview_manifest,
         clock=now,
     )
     return services, store

@@ -72,6 +72,7 @@ __all__ = [
     "TRANSPORT_LIMITS",
     "EnvelopeHandler",
     "ManifestHandler",
+    "ManifestPreview",
     "PeerServer",
     "PeerServices",
     "TransportLimits",
@@ -134,21 +135,24 @@ class EnvelopeHandler(Protocol):
 
 
 class ManifestHandler(Protocol):
-    """Verifies and pins the peer's new manifest in one transaction.
+    """Verifies the peer's new manifest against the pinned one and pins it.
 
-    ``authenticate`` is None when the request was already authenticated with a
-    key of the pinned manifest. Otherwise the handler must call it, after the
-    new manifest verified against the pinned one and before committing, with a
-    key lookup over the new manifest; it raises to refuse (and roll back).
+    Raises :class:`VerificationError` (or :class:`RefusedError`) to refuse.
     """
 
-    def __call__(
-        self,
-        raw: bytes,
-        *,
-        now: datetime,
-        authenticate: Callable[[KeyLookup], None] | None,
-    ) -> None: ...
+    def __call__(self, raw: bytes, *, now: datetime) -> None: ...
+
+
+class ManifestPreview(Protocol):
+    """Verifies a manifest against the pinned one *without* storing anything,
+    and returns a key lookup over the keys it lists.
+
+    Used when a request is signed with a key only the new manifest lists (the
+    first request after a rotation): the request is authenticated with the
+    verified new manifest before that manifest is applied.
+    """
+
+    def __call__(self, raw: bytes, *, now: datetime) -> KeyLookup: ...
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ class PeerServices:
     remember_nonce: NonceRecorder
     receive_envelope: EnvelopeHandler
     apply_manifest: ManifestHandler | None = None
+    preview_manifest: ManifestPreview | None = None
     clock: Callable[[], datetime] = field(default=utc_now)
 
 
@@ -386,7 +391,7 @@ async def _auth_middleware(
             exc.reason == "auth.unknown-key"
             and request.method == "POST"
             and request.path == MANIFESTS_PATH
-            and services.apply_manifest is not None
+            and services.preview_manifest is not None
         ):
             request[_DEFERRED_AUTH] = verify
         else:
@@ -589,20 +594,24 @@ async def _post_envelopes(request: web.Request) -> web.Response:
 async def _post_manifest(request: web.Request) -> web.Response:
     services = request.app[PEER_SERVICES]
     limits = request.app[TRANSPORT_LIMITS]
-    if services.apply_manifest is None:
+    apply = services.apply_manifest
+    if apply is None:
         raise _Refusal(404, "not-found", "this node takes no manifests")
     raw = await read_signed_body(request, max_bytes=limits.max_small_body_bytes)
+    now = services.clock()
     deferred = request.get(_DEFERRED_AUTH)
-    authenticate: Callable[[KeyLookup], None] | None = None
     if deferred is not None:
-
-        def authenticate(lookup: KeyLookup) -> None:
-            request[PEER_AUTH] = deferred(lookup)
-
-    apply = services.apply_manifest
-    await asyncio.to_thread(lambda: apply(raw, now=services.clock(), authenticate=authenticate))
+        preview = services.preview_manifest
+        if preview is None:
+            raise PeerAuthFailed(
+                "request key is not in the pinned manifest", reason="auth.unknown-key"
+            )
+        lookup = await asyncio.to_thread(lambda: preview(raw, now=now))
+        request[PEER_AUTH] = await asyncio.to_thread(deferred, lookup)
     if not isinstance(request.get(PEER_AUTH), SignedRequest):
         raise PeerAuthFailed("request was never authenticated", reason="auth.unknown-key")
+    await asyncio.to_thread(lambda: apply(raw, now=now))
+    request[_REASON] = "manifest applied"
     return web.json_response({"status": "applied"})
 
 

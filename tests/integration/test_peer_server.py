@@ -500,9 +500,7 @@ class ManifestBook:
         self.keys = keys
         self.applied: list[bytes] = []
 
-    def __call__(
-        self, raw: bytes, *, now: datetime, authenticate: Callable[[KeyLookup], None] | None
-    ) -> None:
+    def _verified(self, raw: bytes) -> dict[str, bytes]:
         from gateway.errors import VerificationError  # noqa: PLC0415
 
         manifest = json.loads(raw)
@@ -510,10 +508,13 @@ class ManifestBook:
             raise VerificationError(
                 "manifest not signed by the pinned key", reason="manifest.signature"
             )
-        new_keys = {k: base64.b64decode(v) for k, v in manifest["keys"].items()}
-        if authenticate is not None:
-            authenticate(KeyTable(new_keys).lookup)
-        self.keys.keys = new_keys
+        return {k: base64.b64decode(v) for k, v in manifest["keys"].items()}
+
+    def preview(self, raw: bytes, *, now: datetime) -> KeyLookup:
+        return KeyTable(self._verified(raw)).lookup
+
+    def apply(self, raw: bytes, *, now: datetime) -> None:
+        self.keys.keys = self._verified(raw)
         self.applied.append(raw)
 
 
@@ -521,7 +522,14 @@ def test_request_signed_with_a_key_only_the_new_manifest_lists_accepted(tmp_path
     db = migrated_database(f"sqlite:///{tmp_path / 'pk.sqlite3'}")
     keys = KeyTable({"jp-op-1": JP.public_key})
     book = ManifestBook(keys)
-    services, _ = make_services(tmp_path, db, keys=keys, receiver=PK, apply_manifest=book)
+    services, _ = make_services(
+        tmp_path,
+        db,
+        keys=keys,
+        receiver=PK,
+        apply_manifest=book.apply,
+        preview_manifest=book.preview,
+    )
     rotated = RawSigner.make("jp", "jp-op-2")
     good = json.dumps(
         {
