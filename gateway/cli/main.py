@@ -71,6 +71,12 @@ def _register() -> None:
     cli.add_command(users_cmd.users)
     cli.add_command(keys_cmd.keys)
     cli.add_command(peer_cmd.peer)
+    from gateway.cli import ledger_cmd  # noqa: PLC0415
+
+    cli.add_command(ledger_cmd.ledger_group)
+    from gateway.cli import serve_cmd  # noqa: PLC0415
+
+    cli.add_command(serve_cmd.serve)
 
 
 _register()

@@ -1,0 +1,145 @@
+"""Peer routes for ledger witnessing, added to the peer app behind its authentication.
+
+- ``POST /v1/checkpoints``: the peer's signed checkpoint; verified against the
+  pinned peer manifest and kept as its witness. Another root for a size
+  already witnessed is recorded as an ``equivocation`` entry and refused.
+- ``GET /v1/ledger/consistency?first=N[&second=M]``: our signed checkpoint of
+  size ``M`` (default: the newest) and the RFC 9162 consistency proof from
+  size ``N`` to it.
+
+Use ``create_peer_app(services, limits, extra_routes=ledger_routes(db))``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+from aiohttp import web
+
+from gateway.core.keys import KeyManifest
+from gateway.core.ledger import EntryKind, SignedCheckpoint, WitnessMismatch
+from gateway.core.roles import SYSTEM
+from gateway.errors import InvalidInput, NotFound, VerificationError
+from gateway.node import ledger
+from gateway.node.keys import pinned_peer_manifest
+from gateway.peer.ledger_client import CHECKPOINTS_PATH, CONSISTENCY_PATH
+from gateway.peer.server import PEER_SERVICES, read_signed_body
+from gateway.store.db import Database
+
+__all__ = ["LEDGER_ROUTES", "LedgerRoutes", "add_ledger_routes", "ledger_routes"]
+
+_MAX_CHECKPOINT_BODY = 8 * 1024
+_MAX_SIZE = 2**62
+
+
+@dataclass(frozen=True)
+class LedgerRoutes:
+    """What the ledger routes need beyond the peer services: the node's database."""
+
+    db: Database
+
+
+LEDGER_ROUTES: Final = web.AppKey("ledger_routes", LedgerRoutes)
+
+
+def _peer_keys(db: Database) -> KeyManifest:
+    with db.transaction() as session:
+        manifest = pinned_peer_manifest(session)
+    if manifest is None:
+        raise VerificationError("no peer manifest is pinned", check="peer-pinned")
+    return manifest
+
+
+def _store(db: Database, raw: bytes, peer: str, now: datetime) -> dict[str, Any]:
+    keys = _peer_keys(db)
+    try:
+        with db.transaction() as session:
+            checkpoint = ledger.store_peer_checkpoint(session, raw, keys, peer_node=peer, now=now)
+    except WitnessMismatch as exc:
+        with db.transaction() as session:
+            ledger.record_event(
+                session,
+                kind=EntryKind.EQUIVOCATION,
+                actor=SYSTEM,
+                now=now,
+                body={"node": peer, "problem": exc.message[:500]},
+            )
+        raise
+    return {"status": "witnessed", "size": checkpoint.size, "root": checkpoint.root.hex()}
+
+
+async def _post_checkpoint(request: web.Request) -> web.Response:
+    services = request.app[PEER_SERVICES]
+    db = request.app[LEDGER_ROUTES].db
+    raw = await read_signed_body(request, max_bytes=_MAX_CHECKPOINT_BODY)
+    now = services.clock()
+    result = await asyncio.to_thread(_store, db, raw, services.peer_id, now)
+    return web.json_response(result)
+
+
+def _size_param(request: web.Request, name: str, *, required: bool) -> int | None:
+    text = request.query.get(name)
+    if text is None:
+        if required:
+            raise InvalidInput(f"query parameter {name} is required")
+        return None
+    if not text.isdigit() or len(text) > 19:
+        raise InvalidInput(f"query parameter {name} is not a size")
+    value = int(text)
+    if value > _MAX_SIZE:
+        raise InvalidInput(f"query parameter {name} is too large")
+    return value
+
+
+def _answer(db: Database, first: int, second: int | None) -> dict[str, Any]:
+    with db.transaction() as session:
+        signed: SignedCheckpoint | None
+        if second is None:
+            signed = ledger.latest_checkpoint(session)
+            if signed is None:
+                raise NotFound("this node has published no checkpoint yet")
+        else:
+            signed = ledger.checkpoint_at(session, second)
+        size = signed.checkpoint.size
+        if not 0 < first <= size:
+            raise InvalidInput(f"no consistency proof from size {first} to size {size}")
+        proof = ledger.consistency_proof(session, first, size)
+    return {
+        "first": first,
+        "checkpoint": {
+            "body": signed.body.decode("utf-8"),
+            "signature": base64.b64encode(signed.signature).decode("ascii"),
+        },
+        "proof": [base64.b64encode(item).decode("ascii") for item in proof],
+    }
+
+
+async def _get_consistency(request: web.Request) -> web.Response:
+    db = request.app[LEDGER_ROUTES].db
+    first = _size_param(request, "first", required=True)
+    second = _size_param(request, "second", required=False)
+    assert first is not None
+    return web.json_response(await asyncio.to_thread(_answer, db, first, second))
+
+
+def add_ledger_routes(app: web.Application) -> None:
+    """Add the witnessing routes; ``app[LEDGER_ROUTES]`` must be set first."""
+    if LEDGER_ROUTES not in app:
+        raise RuntimeError("set app[LEDGER_ROUTES] before adding the ledger routes")
+    app.router.add_post(CHECKPOINTS_PATH, _post_checkpoint)
+    app.router.add_get(CONSISTENCY_PATH, _get_consistency, allow_head=False)
+
+
+def ledger_routes(db: Database) -> Callable[[web.Application], None]:
+    """The ``extra_routes`` hook for ``create_peer_app``: sets the database, adds the routes."""
+
+    def install(app: web.Application) -> None:
+        app[LEDGER_ROUTES] = LedgerRoutes(db=db)
+        add_ledger_routes(app)
+
+    return install
