@@ -1,0 +1,337 @@
+"""Every command and every local API route, tried with every identity.
+
+The identities are one user of each role, no token, a wrong token and a
+disabled user's token. For each (command or route, identity) the test asserts
+exactly what the role table (:data:`gateway.core.roles.ACTIONS`) says:
+
+- an allowed role gets past authorization: the command may still fail on the
+  placeholder arguments the table gives it, but never with an ``access.*``
+  reason;
+- a role that is not allowed is refused with ``access.role`` ("needs the X
+  role"), exit code 1 or HTTP 403;
+- no token, a wrong token and a disabled user are refused with
+  ``access.no-token``, ``access.token`` and ``access.disabled``, exit code 1 or
+  HTTP 401;
+- every refusal leaves the database (every row of every table) and the node
+  home's files exactly as they were.
+
+The commands are found by walking the click tree, and each command's action is
+read from its own source (the ``app.actor("...")`` call), so a new command is
+checked without editing this file; one that neither names an action nor is a
+host operation fails the test. The number of cases checked is asserted, so the
+table cannot pass by checking nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import click
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import create_engine, text
+from sqlalchemy import inspect as sa_inspect
+
+from gateway.api.app import ROUTES_KEY, create_api_app
+from gateway.cli.main import cli
+from gateway.core.roles import ACTIONS, Role
+from tests.integration.test_api import (
+    PASSPHRASE,
+    ApiNode,
+    Client,
+    make_node,
+    no_keyring,
+    serve_api,
+)
+
+HOST_COMMANDS = {
+    ("init",),
+    ("serve",),
+    ("sync",),
+    ("db", "upgrade"),
+    ("db", "status"),
+    ("demo",),
+}
+"""Operations on the host itself: they need the node home and its passphrase,
+not a user token (see gateway.core.roles)."""
+
+IDENTITIES = ("admin", "officer", "compliance", "none", "wrong", "disabled")
+WRONG_TOKEN = "ssw_0123456789abcdef_" + "Q" * 43
+PLACEHOLDER = "nobody-x"
+_ACTOR_CALL = re.compile(r"""\.actor\(\s*["']([a-z0-9.-]+)["']""")
+
+
+# --- the commands --------------------------------------------------------------------
+
+
+def leaf_commands(
+    group: click.Group, prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    for name in sorted(group.commands):
+        command = group.commands[name]
+        path = (*prefix, name)
+        if isinstance(command, click.Group):
+            yield from leaf_commands(command, path)
+        else:
+            yield path, command
+
+
+def action_of(command: click.Command) -> str | None:
+    """The action a command authorizes, read from its source; None if it names none."""
+    assert command.callback is not None
+    source = inspect.getsource(inspect.unwrap(command.callback))
+    found = set(_ACTOR_CALL.findall(source))
+    assert len(found) <= 1, f"{command.name} authorizes as several actions: {found}"
+    return found.pop() if found else None
+
+
+def placeholder_args(command: click.Command, scratch: Path) -> list[str]:
+    """Arguments that get a command past click's parsing: every argument and
+    required option gets a placeholder of its type (files that exist when the
+    type demands it)."""
+    args: list[str] = []
+    for param in command.params:
+        if param.expose_value is False:
+            continue
+        if isinstance(param, click.Option) and not param.required:
+            continue
+        value = placeholder_value(param, scratch)
+        if isinstance(param, click.Option):
+            args += [param.opts[0], value]
+        else:
+            args.append(value)
+    return args
+
+
+def placeholder_value(param: click.Parameter, scratch: Path) -> str:
+    kind = param.type
+    if isinstance(kind, click.Choice):
+        return str(kind.choices[0])
+    if isinstance(kind, click.Path):
+        if kind.exists:
+            if kind.file_okay:
+                made = scratch / f"{param.name}.json"
+                made.write_text('{"placeholder": true}\n')
+                return str(made)
+            folder = scratch / f"{param.name}-dir"
+            folder.mkdir(exist_ok=True)
+            return str(folder)
+        return str(scratch / f"out-{param.name}")
+    if isinstance(kind, click.File):
+        made = scratch / f"{param.name}.json"
+        made.write_text('{"placeholder": true}\n')
+        return str(made)
+    if isinstance(kind, (click.types.IntParamType, click.types.FloatParamType)):
+        return "1"
+    if isinstance(kind, click.DateTime):
+        return "2030-01-01"
+    return PLACEHOLDER
+
+
+# --- what a refusal must leave alone ------------------------------------------------
+
+
+def snapshot(made: ApiNode, database_url: str) -> dict[str, Any]:
+    """Every row of every table, and every file of the home but the SQLite file."""
+    engine = create_engine(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    tables: dict[str, list[str]] = {}
+    try:
+        with engine.connect() as connection:
+            for name in sorted(sa_inspect(connection).get_table_names()):
+                rows = connection.execute(text(f'SELECT * FROM "{name}"')).all()
+                tables[name] = sorted(repr(tuple(row)) for row in rows)
+    finally:
+        engine.dispose()
+    files = {}
+    for path in sorted(made.home.rglob("*")):
+        if path.is_file() and ".sqlite3" not in path.name:
+            files[str(path.relative_to(made.home))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"tables": tables, "files": files}
+
+
+# --- expectations ---------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    refused: bool
+    reason: str | None
+    detail: str
+
+
+def expected_reason(identity: str, action: str | None) -> str | None:
+    """The access reason an identity must be refused with, or None if allowed."""
+    if identity == "none":
+        return "access.no-token"
+    if identity == "wrong":
+        return "access.token"
+    if identity == "disabled":
+        return "access.disabled"
+    if action is None:
+        return None
+    return None if Role(identity) in ACTIONS[action] else "access.role"
+
+
+def token_for(made: ApiNode, identity: str) -> str | None:
+    if identity == "none":
+        return None
+    if identity == "wrong":
+        return WRONG_TOKEN
+    return made.tokens[identity]
+
+
+@pytest.fixture
+def table_node(
+    tmp_path: Path,
+    database_url: str,
+    clean_environ: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[ApiNode, str]]:
+    monkeypatch.setenv("GATEWAY_PASSPHRASE", PASSPHRASE)
+    monkeypatch.setenv("GATEWAY_KEYSTORE_STRENGTH", "min")
+    environ = {**clean_environ, "GATEWAY_KEYSTORE_STRENGTH": "min"}
+    made = make_node(tmp_path, database_url, environ)
+    try:
+        yield made, database_url
+    finally:
+        made.node.close()
+
+
+# --- the CLI --------------------------------------------------------------------------
+
+
+def cli_commands() -> list[tuple[tuple[str, ...], click.Command, str]]:
+    """(path, command, action) of every command that acts as a user."""
+    found = []
+    unclassified = []
+    for path, command in leaf_commands(cli):
+        action = action_of(command)
+        if path in HOST_COMMANDS:
+            assert action is None, f"host command {' '.join(path)} asks for a user token"
+            continue
+        if action is None:
+            unclassified.append(" ".join(path))
+            continue
+        assert action in ACTIONS, f"{' '.join(path)} authorizes as unknown action {action!r}"
+        found.append((path, command, action))
+    assert not unclassified, (
+        f"commands that name no action and are no host operation: {unclassified}"
+    )
+    return found
+
+
+def run_cli(made: ApiNode, identity: str, path: tuple[str, ...], args: list[str]) -> Outcome:
+    token = token_for(made, identity)
+    env: dict[str, str | None] = {
+        "GATEWAY_TOKEN": token,
+        "GATEWAY_PASSPHRASE": PASSPHRASE,
+        "GATEWAY_HOME": str(made.home),
+    }
+    result = CliRunner().invoke(cli, [*path, *args, "--json"], env=env, catch_exceptions=False)
+    if result.exit_code == 0:
+        return Outcome(refused=False, reason=None, detail="")
+    reason = None
+    for line in result.stdout.splitlines():
+        if line.startswith('{"error"'):
+            reason = json.loads(line)["error"]["reason"]
+    return Outcome(
+        refused=reason is not None and reason.startswith("access."),
+        reason=reason,
+        detail=f"exit {result.exit_code}: {result.stderr.strip()}",
+    )
+
+
+def test_every_command_with_every_identity(table_node: tuple[ApiNode, str], tmp_path: Path) -> None:
+    made, database_url = table_node
+    commands = cli_commands()
+    assert len(commands) >= 4
+    checked = 0
+    for path, command, action in commands:
+        scratch = tmp_path / "args" / "-".join(path)
+        scratch.mkdir(parents=True)
+        args = placeholder_args(command, scratch)
+        for identity in IDENTITIES:
+            wanted = expected_reason(identity, action)
+            before = snapshot(made, database_url) if wanted is not None else None
+            outcome = run_cli(made, identity, path, args)
+            where = f"gateway {' '.join(path)} as {identity}: {outcome.detail}"
+            if wanted is None:
+                assert not outcome.refused, where
+            else:
+                assert outcome.reason == wanted, where
+                assert outcome.detail.startswith("exit 1:"), where
+                if wanted == "access.role":
+                    needed = " or ".join(sorted(r.value for r in ACTIONS[action]))
+                    assert f"needs the {needed} role" in outcome.detail, where
+                if wanted in ("access.no-token", "access.token"):
+                    assert "token" in outcome.detail, where
+                assert snapshot(made, database_url) == before, f"{where}: state changed"
+            checked += 1
+    assert checked == len(commands) * len(IDENTITIES)
+
+
+# --- the local API ----------------------------------------------------------------------
+
+
+def test_every_api_route_with_every_identity(table_node: tuple[ApiNode, str]) -> None:
+    made, database_url = table_node
+    checked: list[tuple[str, str, str]] = []
+
+    async def scenario() -> int:
+        app = create_api_app(made.node, no_keyring)
+        routes = app[ROUTES_KEY]
+        async with serve_api(app) as base, aiohttp.ClientSession() as session:
+            client = Client(session, base)
+            for route in routes:
+                url = re.sub(r"{[^}]+}", PLACEHOLDER, route.path)
+                for identity in IDENTITIES:
+                    wanted = expected_reason(identity, route.action)
+                    before = (
+                        await asyncio.to_thread(snapshot, made, database_url)
+                        if wanted is not None
+                        else None
+                    )
+                    body: dict[str, Any] | None = {} if route.method == "POST" else None
+                    answer = await client.call(
+                        route.method, url, token=token_for(made, identity), body=body
+                    )
+                    where = (
+                        f"{route.method} {route.path} as {identity}: {answer.status} {answer.body}"
+                    )
+                    if wanted is None:
+                        assert not (answer.reason or "").startswith("access."), where
+                        assert answer.status not in (401, 403) or answer.reason == "consent", where
+                    else:
+                        assert answer.reason == wanted, where
+                        assert answer.status == (403 if wanted == "access.role" else 401), where
+                        after = await asyncio.to_thread(snapshot, made, database_url)
+                        assert after == before, f"{where}: state changed"
+                    checked.append((route.method, route.path, identity))
+        return len(routes)
+
+    route_count = asyncio.run(scenario())
+    assert route_count >= 5
+    assert len(checked) == route_count * len(IDENTITIES)
+    assert len(set(checked)) == len(checked)
+
+
+def test_actions_of_cli_and_api_are_all_in_the_role_table(table_node: tuple[ApiNode, str]) -> None:
+    made, _url = table_node
+    cli_actions = {action for _path, _command, action in cli_commands()}
+    api_actions = {r.action for r in create_api_app(made.node, no_keyring)[ROUTES_KEY]}
+    assert cli_actions <= set(ACTIONS)
+    assert api_actions - {None} <= set(ACTIONS)
+    # Every action the API offers is also a CLI command, so both are tried above.
+    assert api_actions - {None} <= cli_actions
+    # Only whoami is open to every authenticated user, whatever the role.
+    routes = create_api_app(made.node, no_keyring)[ROUTES_KEY]
+    assert [r.path for r in routes if r.action is None] == ["/api/v1/whoami"]
