@@ -121,6 +121,7 @@ def demo(ctx: click.Context, app: AppContext, base: Path | None, keep: bool) -> 
         click.echo(
             "ssw-gateway demo: Tokyo (jp) and Islamabad (pk) exchange a broker-misconduct case;\n"
             f"the consent ledger guards its onward disclosure to {THIRD_PARTY}.\n"
+            f"Every step runs the real gateway command line; paths are relative to {root}\n"
         )
     interrupted = False
     try:

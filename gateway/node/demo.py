@@ -356,8 +356,10 @@ class DemoStory:
         """Run ``gateway --home <node> ARGS --json`` as ``user``; check its exit code."""
         argv = ["--home", str(node.home), *args, "--json"]
         who = f"{node.node_id}/{user}" if user else node.node_id
+        # Shown relative to the demo folder, which is printed once at the start.
+        prefix = f"{self.root}{os.sep}"
         display = f"[{who}] gateway " + shlex.join(
-            ["--home", node.home.name, *args] if node.home.parent == self.root else argv
+            a.removeprefix(prefix) for a in ["--home", str(node.home), *args]
         )
         self.on_command(display)
         try:
@@ -392,7 +394,7 @@ class DemoStory:
     def _deliver(self, sender: DemoNode) -> None:
         """Deliver the sender's outbox now (the running node would within seconds)."""
         if self.available("sync"):
-            self.gateway(sender, "admin", "sync")
+            self.gateway(sender, None, "sync")
 
     # -- nodes ---------------------------------------------------------------------
 
@@ -555,7 +557,7 @@ class DemoStory:
             step(
                 "key-rotation",
                 "Islamabad rotates its keys; Tokyo accepts the new manifest",
-                ("keys rotate", "keys show", "send", "inbox"),
+                ("keys rotate", "keys show", "peer show", "send", "inbox"),
                 ("start", "keys-exchange"),
                 self._key_rotation,
             ),
@@ -821,15 +823,23 @@ class DemoStory:
             parts.append(f"{node.city}: intact, {entries} entries exported")
         return "; ".join(parts)
 
+    def _pinned_version(self, node: DemoNode) -> Any:
+        data = self.gateway(node, "admin", "peer", "show").data()
+        return _find(_find(data, "pinned"), "version")
+
     def _key_rotation(self) -> str:
         jp, pk = self.nodes["jp"], self.nodes["pk"]
-        before = self.gateway(pk, "admin", "keys", "show").data()
-        self.gateway(pk, "admin", "keys", "rotate")
-        after = self.gateway(pk, "admin", "keys", "show").data()
-        old_version = _find(before, "version", "manifest_version")
-        new_version = _find(after, "version", "manifest_version")
+        old_version = _find(self.gateway(pk, "admin", "keys", "show").data(), "version")
+        rotated = self.gateway(pk, "admin", "keys", "rotate").data()
+        new_version = _find(rotated, "version")
         if new_version == old_version:
             raise StepFailed(f"the manifest version stayed {old_version} after rotation")
+        # The signed manifest goes to the peer ahead of any bundle.
+        self._deliver(pk)
+        self._wait_for(
+            f"Tokyo pinning Islamabad's manifest version {new_version}",
+            lambda: self._pinned_version(jp) == new_version,
+        )
         case_file = self.root / "broker-case.json"
         result = self.gateway(pk, "officer", "send", "broker-misconduct", str(case_file))
         bundle_id = str(_find(result.data(), "bundle_id", "id"))
@@ -839,8 +849,9 @@ class DemoStory:
             lambda: bundle_id in self._inbox_ids(jp),
         )
         return (
-            f"manifest v{old_version} -> v{new_version}; Tokyo accepted it and a bundle "
-            f"({bundle_id}) signed with the new key"
+            f"manifest v{old_version} -> v{new_version} "
+            f"(new keys {', '.join(map(str, rotated.get('added', [])))}); Tokyo pinned it "
+            f"and accepted bundle {bundle_id} signed with the new key"
         )
 
     def _stop(self) -> str:
