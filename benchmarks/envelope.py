@@ -1,0 +1,233 @@
+"""Envelope throughput beside the bare libsodium work it is made of, in one run.
+
+Prints seal and open rates for small cases (about 4 KiB of case JSON) and for
+one 256 MiB attachment, next to the *floor*: the same bytes through bare
+secretstream (64 KiB chunks) plus one Ed25519 signature and the sealed boxes
+(two to seal: recipient and archive; one to open), with the same file I/O.
+The ratio says what the envelope's own work costs (canonical header, schema
+validation, SHA-256 of the ciphertext, the separate verification pass when
+opening). Run: ``.venv/bin/python benchmarks/envelope.py [--mib 256] [--cases 300]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import nacl.bindings as sodium
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gateway.core.envelope import AttachmentSource, open_envelope, seal
+from gateway.core.secretstream import CHUNK_SIZE
+from tests.unit.test_envelope_support import JP, NOW, PK, POLICY, example
+
+_PUSH = sodium.crypto_secretstream_xchacha20poly1305_push
+_PULL = sodium.crypto_secretstream_xchacha20poly1305_pull
+_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
+_MESSAGE = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
+
+
+def timed(action: Callable[[], object], repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        action()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def floor_seal(source: io.RawIOBase | io.BufferedIOBase, size: int, out: io.BufferedIOBase) -> None:
+    key = sodium.crypto_secretstream_xchacha20poly1305_keygen()
+    state = sodium.crypto_secretstream_xchacha20poly1305_state()
+    out.write(sodium.crypto_secretstream_xchacha20poly1305_init_push(state, key))
+    left = size
+    while True:
+        take = min(CHUNK_SIZE, left)
+        left -= take
+        out.write(_PUSH(state, source.read(take), None, _FINAL if left == 0 else _MESSAGE))
+        if left == 0:
+            break
+    recipient = PK.manifest.current_encryption_key(now=NOW).public
+    archive = bytes(JP.keyring.encryption_private(JP.keyring.current_encryption_key_id).public_key)
+    sodium.crypto_box_seal(key, recipient)
+    sodium.crypto_box_seal(key, archive)
+    JP.keyring.signing_key.sign(b"h" * 900)
+
+
+def floor_open(stream: io.BufferedIOBase, size: int, key: bytes, signed: bytes) -> None:
+    private = PK.keyring.encryption_private(PK.keyring.current_encryption_key_id)
+    sealed = sodium.crypto_box_seal(key, bytes(private.public_key))
+    sodium.crypto_box_seal_open(sealed, bytes(private.public_key), bytes(private))
+    JP.keyring.signing_key.verify_key.verify(signed)
+    state = sodium.crypto_secretstream_xchacha20poly1305_state()
+    sodium.crypto_secretstream_xchacha20poly1305_init_pull(state, stream.read(24), key)
+    left = size
+    while True:
+        take = min(CHUNK_SIZE, left)
+        left -= take
+        _PULL(state, stream.read(take + 17), None)
+        if left == 0:
+            break
+
+
+def row(label: str, ours: float, floor: float, unit_size: float, unit: str) -> None:
+    print(
+        f"{label:<28} {unit_size / ours:>12.1f} {unit:<8} floor {unit_size / floor:>12.1f} "
+        f"{unit:<8} ratio {ours / floor:>5.2f}x"
+    )
+
+
+def small_cases(count: int) -> None:
+    case = example("consultation")
+    case["minutes"] = "Minutes of the session. " * 160  # about 4 KiB of case JSON
+    envelopes: list[bytes] = []
+
+    def ours_seal() -> None:
+        envelopes.clear()
+        for number in range(count):
+            out = io.BytesIO()
+            seal(
+                out,
+                case_type="consultation",
+                case=case,
+                keyring=JP.keyring,
+                peer_manifest=PK.manifest,
+                policy=POLICY,
+                sequence=number + 1,
+                now=NOW,
+            )
+            envelopes.append(out.getvalue())
+
+    def ours_open() -> None:
+        for envelope in envelopes:
+            open_envelope(
+                io.BytesIO(envelope),
+                keyring=PK.keyring,
+                peer_manifest=JP.manifest,
+                policy=POLICY,
+                now=NOW,
+            )
+
+    content = b"c" * 4400
+    sealed_streams: list[tuple[bytes, bytes]] = []
+
+    def bare_seal() -> None:
+        sealed_streams.clear()
+        for _ in range(count):
+            out = io.BytesIO()
+            floor_seal(io.BytesIO(content), len(content), out)
+            sealed_streams.append((out.getvalue(), b""))
+
+    key = sodium.crypto_secretstream_xchacha20poly1305_keygen()
+    state = sodium.crypto_secretstream_xchacha20poly1305_state()
+    header = sodium.crypto_secretstream_xchacha20poly1305_init_push(state, key)
+    stream = header + _PUSH(state, content, None, _FINAL)
+    signed = JP.keyring.signing_key.sign(b"h" * 900)
+
+    def bare_open() -> None:
+        for _ in range(count):
+            floor_open(io.BytesIO(stream), len(content), key, signed)
+
+    print(f"\n{count} cases of about 4 KiB (best of 3):")
+    row("seal", timed(ours_seal, 3), timed(bare_seal, 3), count, "cases/s")
+    row("open (verify + decrypt)", timed(ours_open, 3), timed(bare_open, 3), count, "cases/s")
+
+
+def large_attachment(mib: int) -> None:
+    size = mib * 1024 * 1024
+    with tempfile.TemporaryDirectory() as folder:
+        work = Path(folder)
+        source = work / "source.bin"
+        block = hashlib.shake_256(b"bench").digest(1 << 20)
+        with source.open("wb") as handle:
+            for _ in range(mib):
+                handle.write(block)
+        envelope = work / "bundle.env"
+        bare = work / "bare.bin"
+
+        def ours_seal() -> None:
+            with source.open("rb") as src, envelope.open("w+b") as out:
+                seal(
+                    out,
+                    case_type="consultation",
+                    case=example("consultation"),
+                    attachments=[AttachmentSource("source.bin", size, src)],
+                    keyring=JP.keyring,
+                    peer_manifest=PK.manifest,
+                    policy=POLICY,
+                    sequence=1,
+                    now=NOW,
+                )
+
+        def ours_open() -> None:
+            with envelope.open("rb") as stream, (work / "out.bin").open("wb") as sink:
+                open_envelope(
+                    stream,
+                    keyring=PK.keyring,
+                    peer_manifest=JP.manifest,
+                    policy=POLICY,
+                    now=NOW,
+                    sink_factory=lambda info: sink,
+                )
+
+        key = sodium.crypto_secretstream_xchacha20poly1305_keygen()
+
+        def bare_seal() -> None:
+            with source.open("rb") as src, bare.open("wb") as out:
+                floor_seal(src, size, out)
+
+        def bare_seal_fixed_key() -> None:
+            state = sodium.crypto_secretstream_xchacha20poly1305_state()
+            with source.open("rb") as src, bare.open("wb") as out:
+                out.write(sodium.crypto_secretstream_xchacha20poly1305_init_push(state, key))
+                left = size
+                while left:
+                    take = min(CHUNK_SIZE, left)
+                    left -= take
+                    out.write(_PUSH(state, src.read(take), None, _FINAL if not left else _MESSAGE))
+
+        signed = JP.keyring.signing_key.sign(b"h" * 900)
+
+        def bare_open() -> None:
+            with bare.open("rb") as stream, (work / "out.bin").open("wb") as sink:
+                floor_open(_Tee(stream, sink), size, key, signed)
+
+        print(f"\none attachment of {mib} MiB, file to file (best of 2):")
+        row("seal", timed(ours_seal, 2), timed(bare_seal, 2), mib, "MiB/s")
+        bare_seal_fixed_key()
+        row("open (verify + decrypt)", timed(ours_open, 2), timed(bare_open, 2), mib, "MiB/s")
+
+
+class _Tee:
+    """Reads from the stream; the floor's plaintext writes are modelled by writing
+    what it reads (same number of bytes as the decrypted output)."""
+
+    def __init__(self, stream: io.BufferedIOBase, sink: io.BufferedIOBase) -> None:
+        self.stream = stream
+        self.sink = sink
+
+    def read(self, count: int) -> bytes:
+        data = self.stream.read(count)
+        self.sink.write(data)
+        return data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--cases", type=int, default=300)
+    args = parser.parse_args()
+    print("ssw-gateway envelope benchmark (ratio = ours / floor time; 1.00x is the floor)")
+    small_cases(args.cases)
+    large_attachment(args.mib)
+
+
+if __name__ == "__main__":
+    main()
