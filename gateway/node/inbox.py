@@ -21,26 +21,32 @@ clean retry of the same bundle succeeds.
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gateway import log
+from gateway.core.canonical import canonical_bytes
+from gateway.core.envelope import EnvelopeHeader
+from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.receipt import Checkpoint, ReceiptSigner, issue_receipt
-from gateway.core.roles import SYSTEM
-from gateway.errors import NotFound, RefusedError, VerificationError
+from gateway.core.roles import SYSTEM, Actor
+from gateway.errors import InvalidInput, NotFound, RefusedError, VerificationError
 from gateway.node.crash import crash_point
 from gateway.node.runtime import Node
 from gateway.store.models_exchange import (
     Equivocation,
     InboxEntry,
+    OutboxEntry,
     SequenceGap,
+    envelope_path,
     store_envelope_file,
 )
 
@@ -48,6 +54,7 @@ __all__ = [
     "ChannelGaps",
     "EnvelopeFacts",
     "EquivocationRefused",
+    "ReadBundle",
     "WrongRecipient",
     "accept_envelope",
     "channel_name",
@@ -55,6 +62,8 @@ __all__ = [
     "ledger_checkpoint",
     "list_gaps",
     "list_inbox",
+    "read_bundle",
+    "receive_envelope",
 ]
 
 _CHUNK = 1 << 20
@@ -367,13 +376,14 @@ class ChannelGaps:
 def list_gaps(node: Node) -> list[ChannelGaps]:
     """Per incoming channel: the highest sequence seen and the missing ranges."""
     with node.db.transaction() as session:
-        highest = dict(
-            session.execute(
+        highest = {
+            str(channel): int(top)
+            for channel, top in session.execute(
                 select(InboxEntry.channel, func.max(InboxEntry.sequence)).group_by(
                     InboxEntry.channel
                 )
-            ).tuples()
-        )
+            )
+        }
         gaps = session.scalars(
             select(SequenceGap).order_by(SequenceGap.channel, SequenceGap.first_missing)
         ).all()
@@ -391,3 +401,194 @@ def inbox_entry(node: Node, bundle_id: str) -> InboxEntry:
     if entry is None:
         raise NotFound(f"no received bundle with id {bundle_id!r}")
     return entry
+
+
+# -- the node's own receiving and reading ---------------------------------------------
+
+
+def _pinned_peer_manifest(node: Node) -> KeyManifest:
+    from gateway.node.keys import pinned_peer_manifest  # noqa: PLC0415
+
+    with node.db.transaction() as session:
+        manifest = pinned_peer_manifest(session)
+    if manifest is None:
+        raise RefusedError("no peer is pinned: nothing can be received", reason="peer.unpinned")
+    return manifest
+
+
+def _facts(header: EnvelopeHeader) -> EnvelopeFacts:
+    return EnvelopeFacts(
+        bundle_id=header.bundle_id,
+        sender=header.sender,
+        recipient=header.recipient,
+        sequence=header.sequence,
+        case_type=header.type,
+        created_at=header.created_at,
+        marking=header.marking,
+        reply_to=header.reply_to,
+        signing_key_id=header.signing_key_id,
+        header=header.raw,
+    )
+
+
+def receive_envelope(node: Node, keyring: NodeKeyring, path: Path, *, now: datetime) -> bytes:
+    """Check, store and receipt one envelope the peer posted; return the receipt.
+
+    Called by the peer server (in a thread) for every envelope of a request.
+    Every check of :func:`~gateway.core.envelope.verify_envelope` runs before
+    anything is stored; a refusal raises its
+    :class:`~gateway.errors.VerificationError` (or
+    :class:`EquivocationRefused`) and leaves no trace of the bundle id.
+    """
+    from gateway.core.envelope import verify_envelope  # noqa: PLC0415
+    from gateway.node.policy import load_policy  # noqa: PLC0415
+
+    policy = load_policy(node.settings)
+    peer = _pinned_peer_manifest(node)
+
+    def verify(stream: BinaryIO) -> EnvelopeFacts:
+        header = verify_envelope(
+            stream, keyring=keyring, peer_manifest=peer, policy=policy, now=now
+        )
+        return _facts(header)
+
+    return accept_envelope(node, keyring, path, verify=verify, now=now)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBundle:
+    """A bundle decrypted for an officer, and where its parts were written."""
+
+    bundle_id: str
+    sender: str
+    recipient: str
+    case_type: str
+    marking: str
+    created_at: datetime
+    sequence: int
+    reply_to: str | None
+    case: dict[str, Any]
+    written: list[Path]
+
+
+def read_bundle(
+    node: Node,
+    keyring: NodeKeyring,
+    actor: Actor,
+    bundle_id: str,
+    *,
+    out_dir: Path | None,
+    now: datetime,
+) -> ReadBundle:
+    """Decrypt a received (or our own sent) bundle for ``actor``; log the read.
+
+    The envelope is verified again from the store before a byte is
+    decrypted. With ``out_dir``, the case (``<bundle id>.json``) and each
+    attachment (sanitised name, never overwriting) are written there; files
+    appear only once everything has decrypted and verified. The read is
+    recorded in the ledger (``bundle-read``, naming the officer) in the same
+    step; if that fails, nothing is shown and written files are removed.
+    """
+    from gateway.core.envelope import AttachmentInfo, open_envelope  # noqa: PLC0415
+    from gateway.node.bundles import safe_output_path  # noqa: PLC0415
+    from gateway.node.policy import load_policy  # noqa: PLC0415
+
+    with node.db.transaction() as session:
+        received = session.scalars(
+            select(InboxEntry).where(InboxEntry.bundle_id == bundle_id)
+        ).first()
+        sent = None
+        if received is None:
+            sent = session.scalars(
+                select(OutboxEntry).where(OutboxEntry.bundle_id == bundle_id)
+            ).first()
+    if received is not None:
+        sha, opened_at, direction = received.envelope_sha256, received.received_at, "received"
+    elif sent is not None:
+        sha, opened_at, direction = sent.envelope_sha256, sent.created_at, "sent"
+    else:
+        raise NotFound(f"no bundle with id {bundle_id!r} in the inbox or the outbox")
+    if out_dir is not None and not out_dir.is_dir():
+        raise InvalidInput(f"{out_dir}: the output folder does not exist or is not a folder")
+    policy = load_policy(node.settings)
+    peer = _pinned_peer_manifest(node)
+    path = envelope_path(node.settings.blob_dir, sha)
+    temps: list[tuple[Path, AttachmentInfo]] = []
+    handles: list[BinaryIO] = []
+
+    def sink(info: AttachmentInfo) -> BinaryIO:
+        assert out_dir is not None
+        tmp = out_dir / f".partial-{secrets.token_hex(8)}"
+        handle = tmp.open("xb")
+        temps.append((tmp, info))
+        handles.append(handle)
+        return handle
+
+    written: list[Path] = []
+    try:
+        try:
+            with path.open("rb") as stream:
+                opened = open_envelope(
+                    stream,
+                    keyring=keyring,
+                    peer_manifest=peer,
+                    policy=policy,
+                    now=opened_at,
+                    sink_factory=sink if out_dir is not None else None,
+                )
+        finally:
+            for handle in handles:
+                handle.close()
+        header = opened.header
+        if out_dir is not None:
+            case_path = safe_output_path(out_dir, f"{header.bundle_id}.json")
+            with case_path.open("xb") as out:
+                out.write(canonical_bytes(opened.case_data))
+            written.append(case_path)
+            for tmp, info in temps:
+                target = safe_output_path(out_dir, info.name)
+                tmp.rename(target)
+                written.append(target)
+            temps.clear()
+        with node.db.transaction() as session:
+            _record_read(
+                session,
+                actor=actor,
+                now=now,
+                bundle_id=header.bundle_id,
+                body={
+                    "direction": direction,
+                    "sender": header.sender,
+                    "type": header.type,
+                    "attachments": header.attachment_count,
+                    "written_to_disk": bool(written),
+                },
+            )
+    except BaseException:
+        for tmp, _info in temps:
+            tmp.unlink(missing_ok=True)
+        for done in written:
+            done.unlink(missing_ok=True)
+        raise
+    return ReadBundle(
+        bundle_id=header.bundle_id,
+        sender=header.sender,
+        recipient=header.recipient,
+        case_type=header.type,
+        marking=header.marking,
+        created_at=header.created_at,
+        sequence=header.sequence,
+        reply_to=header.reply_to,
+        case=opened.case_data,
+        written=written,
+    )
+
+
+def _record_read(
+    session: Session, *, actor: Actor, now: datetime, bundle_id: str, body: dict[str, object]
+) -> None:
+    from gateway.node import ledger  # noqa: PLC0415
+
+    ledger.record_event(
+        session, kind="bundle-read", actor=actor, now=now, bundle_id=bundle_id, body=body
+    )

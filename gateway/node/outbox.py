@@ -27,21 +27,23 @@ import os
 import random
 import secrets
 import threading
-from collections.abc import Callable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gateway import log
+from gateway.core.keys import KeyManifest, NodeKeyring
+from gateway.core.policy import Marking
 from gateway.core.receipt import ReceiptInvalid, ReceiptVerifyKeys, verify_receipt
 from gateway.core.roles import Actor
-from gateway.errors import NotFound, StorageError
+from gateway.errors import ConfigError, InvalidInput, NotFound, StorageError
 from gateway.node.crash import crash_point
 from gateway.node.runtime import Node, utc_now
 from gateway.store.models_exchange import (
@@ -56,13 +58,19 @@ __all__ = [
     "BATCH_MAX_BYTES",
     "BATCH_MAX_ENVELOPES",
     "DeliveryReport",
+    "Sealed",
+    "Sealer",
     "SentBundle",
+    "deliver_once",
+    "deliver_pending",
     "list_outbox",
-    "new_bundle_id",
     "notify_queued",
     "outbox_entry",
     "queue_sealed",
     "retry_delay",
+    "run_sender",
+    "run_sender_loop",
+    "send_case",
 ]
 
 BATCH_MAX_ENVELOPES = 64
@@ -70,7 +78,6 @@ BATCH_MAX_BYTES = 16 * 1024 * 1024
 RETRY_BASE_SECONDS = 1.0
 RETRY_CAP_SECONDS = 300.0
 _CHUNK = 1 << 20
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _log = log.get_logger("outbox")
 
 
@@ -101,17 +108,6 @@ class DeliveryReport:
     @property
     def attempted(self) -> int:
         return len(self.delivered) + len(self.refused) + len(self.retry_later)
-
-
-def new_bundle_id(now: datetime, *, _random: Callable[[int], bytes] = os.urandom) -> str:
-    """A bundle id: 48-bit milliseconds and 80 random bits in Crockford base32 (26 chars)."""
-    millis = int(now.timestamp() * 1000)
-    value = (millis << 80) | int.from_bytes(_random(10), "big")
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
 
 
 def retry_delay(
@@ -176,25 +172,33 @@ def _ledger_event(
     ledger.record_event(session, kind=kind, actor=actor, now=now, bundle_id=bundle_id, body=body)
 
 
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """What a sealer reports of the envelope it wrote."""
+
+    bundle_id: str
+    marking: str
+
+
 class Sealer(Protocol):
-    """Writes the envelope of bundle ``bundle_id`` with ``sequence`` to ``out``."""
+    """Writes the envelope carrying ``sequence`` to ``out``; says which bundle it is."""
 
-    def __call__(self, out: BinaryIO, *, bundle_id: str, sequence: int) -> None: ...
+    def __call__(self, out: BinaryIO, *, sequence: int) -> Sealed: ...
 
 
-def _write_envelope(blob_dir: Path, seal: Sealer, bundle_id: str, sequence: int) -> Path:
+def _write_envelope(blob_dir: Path, seal: Sealer, sequence: int) -> tuple[Path, Sealed]:
     directory = blob_dir / ENVELOPE_DIR
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = directory / f".tmp-{secrets.token_hex(8)}"
     try:
-        with tmp.open("xb") as out:
-            seal(out, bundle_id=bundle_id, sequence=sequence)
+        with tmp.open("x+b") as out:
+            sealed = seal(out, sequence=sequence)
             out.flush()
             os.fsync(out.fileno())
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return tmp
+    return tmp, sealed
 
 
 def _commit_envelope_file(blob_dir: Path, tmp: Path) -> tuple[str, int]:
@@ -224,11 +228,9 @@ def queue_sealed(
     actor: Actor,
     recipient: str,
     case_type: str,
-    marking: str,
     reply_to: str | None,
     seal: Sealer,
     now: datetime,
-    _random: Callable[[int], bytes] = os.urandom,
 ) -> SentBundle:
     """Assign the sequence number, seal, store and queue in one transaction.
 
@@ -238,10 +240,10 @@ def queue_sealed(
     """
     channel = f"{node.node_id}->{recipient}"
     blob_dir = node.settings.blob_dir
-    bundle_id = new_bundle_id(now, _random=_random)
     with node.db.transaction() as session:
         sequence = _next_sequence(session, channel)
-        tmp = _write_envelope(blob_dir, seal, bundle_id, sequence)
+        tmp, sealed = _write_envelope(blob_dir, seal, sequence)
+        bundle_id, marking = sealed.bundle_id, sealed.marking
         try:
             sha, size = _commit_envelope_file(blob_dir, tmp)
         finally:
@@ -293,6 +295,73 @@ def queue_sealed(
         envelope_size=size,
         created_at=now,
     )
+
+
+def send_case(
+    node: Node,
+    keyring: NodeKeyring,
+    actor: Actor,
+    case_type: str,
+    case_data: Mapping[str, Any],
+    attachments: Sequence[Path],
+    *,
+    public: bool,
+    reply_to: str | None,
+    now: datetime,
+) -> SentBundle:
+    """Validate, seal to the pinned peer's current encryption key, and queue a case.
+
+    Bad case data raises :class:`~gateway.core.cases.InvalidCase` naming the
+    field, before anything is written; an attachment that cannot be read
+    raises :class:`~gateway.errors.InvalidInput` naming the file.
+    """
+    from gateway.core.cases import validate_case  # noqa: PLC0415
+    from gateway.core.envelope import AttachmentSource, seal  # noqa: PLC0415
+    from gateway.node.policy import load_policy  # noqa: PLC0415
+
+    policy = load_policy(node.settings)
+    validate_case(case_type, dict(case_data), max_bytes=policy.limits.max_case_bytes)
+    peer = _pinned_peer_manifest(node)
+    marking: Marking = "public" if public else "confidential"
+    with ExitStack() as stack:
+        sources: list[AttachmentSource] = []
+        for path in attachments:
+            try:
+                handle = stack.enter_context(path.open("rb"))
+                size = os.fstat(handle.fileno()).st_size
+            except OSError as exc:
+                raise InvalidInput(f"attachment {path}: cannot be read ({exc.strerror})") from None
+            if not path.is_file():
+                raise InvalidInput(f"attachment {path}: not a regular file")
+            sources.append(AttachmentSource(name=path.name, size=size, stream=handle))
+
+        def sealer(out: BinaryIO, *, sequence: int) -> Sealed:
+            for source in sources:
+                source.stream.seek(0)
+            sealed = seal(
+                out,
+                case_type=case_type,
+                case=case_data,
+                attachments=sources,
+                keyring=keyring,
+                peer_manifest=peer,
+                policy=policy,
+                sequence=sequence,
+                now=now,
+                marking=marking,
+                reply_to=reply_to,
+            )
+            return Sealed(bundle_id=sealed.bundle_id, marking=sealed.header.marking)
+
+        return queue_sealed(
+            node,
+            actor=actor,
+            recipient=peer.node,
+            case_type=case_type,
+            reply_to=reply_to,
+            seal=sealer,
+            now=now,
+        )
 
 
 # -- delivery ------------------------------------------------------------------------
@@ -534,6 +603,106 @@ async def run_sender_loop(
     finally:
         with _waiters_lock:
             _waiters.remove(entry)
+
+
+# -- the node's own delivery ----------------------------------------------------------
+
+
+def _pinned_peer(node: Node) -> ReceiptVerifyKeys:
+    return _pinned_peer_manifest(node)
+
+
+def _pinned_peer_manifest(node: Node) -> KeyManifest:
+    from gateway.node.keys import pinned_peer_manifest  # noqa: PLC0415
+
+    with node.db.transaction() as session:
+        manifest = pinned_peer_manifest(session)
+    if manifest is None:
+        raise ConfigError(
+            "no peer is pinned: import the peer's key manifest with 'gateway peer add' first",
+            reason="config.peer",
+        )
+    return manifest
+
+
+def _pending_manifests(node: Node) -> Sequence[tuple[object, bytes]]:
+    from gateway.node.keys import pending_manifests  # noqa: PLC0415
+
+    with node.db.transaction() as session:
+        return list(pending_manifests(session))
+
+
+def _mark_manifest_delivered(node: Node, handle: object, now: datetime) -> None:
+    from gateway.node.keys import mark_manifest_delivered  # noqa: PLC0415
+
+    if not isinstance(handle, int):
+        raise TypeError("manifest handle must be the id pending_manifests gave")
+    with node.db.transaction() as session:
+        mark_manifest_delivered(session, handle, now)
+
+
+async def deliver_once(
+    node: Node,
+    keyring: object,
+    client: DeliveryClient,
+    *,
+    now_fn: Callable[[], datetime] = utc_now,
+    due_only: bool = False,
+    progress: Callable[[DeliveryReport], None] | None = None,
+) -> DeliveryReport:
+    """Deliver what is pending once: new key manifests, then the queued envelopes.
+
+    ``client`` is an open :class:`~gateway.peer.client.PeerClient` (it signs
+    with ``keyring``). With ``due_only`` only bundles whose retry time has
+    come are tried (the worker); ``gateway sync`` tries every queued bundle.
+    """
+    del keyring  # the client signs; delivery itself needs no private key
+    return await deliver_pending(
+        node,
+        client,
+        peer_manifest=_pinned_peer,
+        pending_manifests=_pending_manifests,
+        mark_manifest_delivered=_mark_manifest_delivered,
+        now_fn=now_fn,
+        due_only=due_only,
+        progress=progress,
+    )
+
+
+async def run_sender(
+    node: Node,
+    keyring: object,
+    client_factory: Callable[[], AbstractAsyncContextManager[DeliveryClient]],
+    stop: asyncio.Event,
+    *,
+    now_fn: Callable[[], datetime] = utc_now,
+) -> None:
+    """The sender worker of ``gateway serve``: deliver until ``stop`` is set.
+
+    Polls every ``[server] sync_interval_seconds``, wakes at once when this
+    process queues a bundle, backs off exponentially with jitter (1 s doubling
+    to 5 min) while the peer is unreachable, and never gives up.
+    """
+
+    async def deliver(client: DeliveryClient) -> None:
+        report = await deliver_once(node, keyring, client, now_fn=now_fn, due_only=True)
+        if report.attempted or report.manifests_sent:
+            _log.info(
+                "delivery_pass",
+                delivered=len(report.delivered),
+                refused=len(report.refused),
+                retry_later=len(report.retry_later),
+                manifests=report.manifests_sent,
+                remaining=report.remaining,
+            )
+
+    await run_sender_loop(
+        node,
+        client_factory,
+        stop,
+        deliver=deliver,
+        interval=node.settings.server.sync_interval_seconds,
+    )
 
 
 # -- listing -------------------------------------------------------------------------

@@ -1,64 +1,198 @@
-"""Outbox and inbox on both engines: atomic queueing, sequence numbers, gaps, orphans.
+"""Outbox and inbox on both engines: atomic queueing, sequence numbers, receipts,
+idempotency, equivocation, tampering, gaps, reading.
 
-Envelopes here are real ones sealed and verified by the envelope core; the
-delivery over sockets is covered by ``tests/e2e``.
+Two real nodes (jp and pk) live in the test's folder, each with its own
+database, keys and pinned peer; envelopes are sealed and verified by the
+envelope core. The receiver is called the way the peer server calls it; the
+same over real sockets and processes is covered by ``tests/e2e``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pytest
 from sqlalchemy import func, select
 
+import gateway.node.keys
+import gateway.node.policy
+from gateway.core.cases import validate_case
+from gateway.core.envelope import seal
+from gateway.core.keys import NodeKeyring
+from gateway.core.receipt import parse_receipt, verify_receipt
 from gateway.core.roles import Actor, Role
-from gateway.node.outbox import list_outbox, new_bundle_id, queue_sealed, retry_delay
+from gateway.errors import VerificationError
+from gateway.node import ledger
+from gateway.node.inbox import (
+    EquivocationRefused,
+    list_gaps,
+    list_inbox,
+    read_bundle,
+    receive_envelope,
+)
+from gateway.node.keystore import unlock_keyring
+from gateway.node.outbox import (
+    Sealed,
+    deliver_once,
+    list_outbox,
+    queue_sealed,
+    retry_delay,
+    send_case,
+)
 from gateway.node.runtime import Node
 from gateway.node.setup import init_node
 from gateway.settings import load_settings
 from gateway.store.models_exchange import (
+    Equivocation,
+    InboxEntry,
     OutboxEntry,
     envelope_path,
     store_envelope_file,
     sweep_orphan_envelopes,
 )
 
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
+PASSPHRASE = "correct horse battery staple"
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 OFFICER = Actor(name="tanaka", role=Role.OFFICER)
 
 
+PK_OFFICER = Actor(name="bilal", role=Role.OFFICER)
+
+
+@dataclass
+class Side:
+    node: Node
+    keyring: NodeKeyring
+
+
+@dataclass
+class Pair:
+    jp: Side
+    pk: Side
+
+
+def _environ(clean: dict[str, str]) -> dict[str, str]:
+    return {**clean, "GATEWAY_PASSPHRASE": PASSPHRASE, "GATEWAY_KEYSTORE_STRENGTH": "min"}
+
+
+def _second_url(first: str, tmp_path: Path, make_pg: Callable[[], str]) -> str:
+    return f"sqlite:///{tmp_path / 'pk.sqlite3'}" if first.startswith("sqlite") else make_pg()
+
+
+def _unlock(node: Node) -> NodeKeyring:
+    with node.db.transaction() as session:
+        return unlock_keyring(node.settings, PASSPHRASE.encode(), session, now=NOW)
+
+
 @pytest.fixture
-def jp_node(tmp_path: Path, database_url: str, clean_environ: dict[str, str]) -> Node:
-    home = tmp_path / "jp"
-    init_node(home, "jp", now=NOW, db_url=database_url, environ=clean_environ)
-    node = Node.open(load_settings(home, environ=clean_environ))
-    yield node  # type: ignore[misc]
-    node.close()
+def pair(
+    tmp_path: Path,
+    database_url: str,
+    pg_database_factory: Callable[[], str],
+    clean_environ: dict[str, str],
+) -> Iterator[Pair]:
+    """Two nodes with keys, each pinning the other's manifest."""
+    env = _environ(clean_environ)
+    urls = {"jp": database_url, "pk": _second_url(database_url, tmp_path, pg_database_factory)}
+    nodes: dict[str, Node] = {}
+    for node_id in ("jp", "pk"):
+        init_node(tmp_path / node_id, node_id, now=NOW, db_url=urls[node_id], environ=env)
+        nodes[node_id] = Node.open(load_settings(tmp_path / node_id, environ=env))
+    manifests = {}
+    for node_id, node in nodes.items():
+        with node.db.transaction() as session:
+            manifests[node_id] = gateway.node.keys.own_manifest(session)
+    admin = Actor(name="admin", role=Role.ADMIN)
+    for node_id, node in nodes.items():
+        peer = "pk" if node_id == "jp" else "jp"
+        with node.db.transaction() as session:
+            gateway.node.keys.pin_peer(
+                session,
+                manifests[peer].raw,
+                node=peer,
+                expected_fingerprint=manifests[peer].root_fingerprint,
+                now=NOW,
+                actor=admin,
+            )
+    made = Pair(
+        jp=Side(nodes["jp"], _unlock(nodes["jp"])), pk=Side(nodes["pk"], _unlock(nodes["pk"]))
+    )
+    yield made
+    for node in nodes.values():
+        node.close()
 
 
-def fixed_sealer(payload: bytes):  # type: ignore[no-untyped-def]
-    def seal(out: BinaryIO, *, bundle_id: str, sequence: int) -> None:
-        out.write(f"{bundle_id}:{sequence}:".encode() + payload)
-
-    return seal
+def example(case_type: str) -> dict[str, Any]:
+    return dict(json.loads((EXAMPLES / f"{case_type}.json").read_text()))
 
 
-def queue(node: Node, payload: bytes = b"x", **kw: object) -> object:
+def send(side: Side, case_type: str = "exam-fraud", *, when: datetime = NOW, **kw: Any) -> Any:
+    return send_case(
+        side.node,
+        side.keyring,
+        OFFICER,
+        case_type,
+        example(case_type),
+        kw.pop("attachments", []),
+        public=kw.pop("public", False),
+        reply_to=kw.pop("reply_to", None),
+        now=when,
+    )
+
+
+def stored_envelope(side: Side, bundle_id: str) -> Path:
+    with side.node.db.transaction() as session:
+        sha = session.scalars(
+            select(OutboxEntry.envelope_sha256).where(OutboxEntry.bundle_id == bundle_id)
+        ).one()
+    return envelope_path(side.node.settings.blob_dir, sha)
+
+
+def count(side: Side, model: type[Any]) -> int:
+    with side.node.db.transaction() as session:
+        return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def ledger_kinds(side: Side) -> list[str]:
+    with side.node.db.transaction() as session:
+        return [str(e.kind) for e in ledger.list_entries(session)]
+
+
+def raw_sealer(payload: bytes) -> Callable[..., Sealed]:
+    """Writes opaque bytes: for the storage guarantees, which do not look inside."""
+
+    def write(out: BinaryIO, *, sequence: int) -> Sealed:
+        out.write(f"{sequence}:".encode() + payload)
+        return Sealed(bundle_id=str(uuid.uuid4()), marking="confidential")
+
+    return write
+
+
+def queue(node: Node, payload: bytes = b"x") -> Any:
     return queue_sealed(
         node,
         actor=OFFICER,
         recipient="pk",
         case_type="exam-fraud",
-        marking="confidential",
         reply_to=None,
-        seal=fixed_sealer(payload),
+        seal=raw_sealer(payload),
         now=NOW,
-        **kw,  # type: ignore[arg-type]
     )
+
+
+@pytest.fixture
+def jp_node(pair: Pair) -> Node:
+    return pair.jp.node
 
 
 def test_sequence_numbers_count_up_per_channel_from_one(jp_node: Node) -> None:
@@ -91,7 +225,7 @@ def test_concurrent_sends_never_share_a_sequence_number(jp_node: Node) -> None:
 
 
 def test_a_failing_seal_leaves_no_row_no_file_and_no_sequence_taken(jp_node: Node) -> None:
-    def broken(out: BinaryIO, *, bundle_id: str, sequence: int) -> None:
+    def broken(out: BinaryIO, *, sequence: int) -> Sealed:
         out.write(b"partial")
         raise RuntimeError("sealing failed half-way")
 
@@ -101,7 +235,6 @@ def test_a_failing_seal_leaves_no_row_no_file_and_no_sequence_taken(jp_node: Nod
             actor=OFFICER,
             recipient="pk",
             case_type="exam-fraud",
-            marking="confidential",
             reply_to=None,
             seal=broken,
             now=NOW,
@@ -142,15 +275,6 @@ def test_a_fresh_orphan_is_kept_during_the_grace_period(jp_node: Node, tmp_path:
     assert path.is_file()
 
 
-def test_bundle_ids_sort_by_time_and_do_not_repeat() -> None:
-    ids = [new_bundle_id(NOW + timedelta(milliseconds=i)) for i in range(50)]
-    assert ids == sorted(ids)
-    assert len(set(ids)) == 50
-    assert all(len(i) == 26 for i in ids)
-    # 2026-11-25T12:00Z in milliseconds, then 80 zero bits: a fixed known answer.
-    assert new_bundle_id(NOW, _random=bytes) == "01M8997DG00000000000000000"
-
-
 @pytest.mark.parametrize(
     ("failures", "low", "high"),
     [(0, 0.0, 0.0), (1, 0.5, 1.0), (2, 1.0, 2.0), (5, 8.0, 16.0), (30, 150.0, 300.0)],
@@ -160,3 +284,265 @@ def test_retry_delay_grows_exponentially_with_jitter_and_a_cap(
 ) -> None:
     assert retry_delay(failures, rng=lambda: 0.0) == low
     assert retry_delay(failures, rng=lambda: 1.0) == high
+
+
+# -- real envelopes between the two nodes ----------------------------------------------
+
+
+def test_a_sent_case_is_stored_once_at_the_peer_with_a_receipt_that_verifies(pair: Pair) -> None:
+    sent = send(pair.jp, "broker-misconduct")
+    receipt = receive_envelope(
+        pair.pk.node, pair.pk.keyring, stored_envelope(pair.jp, sent.bundle_id), now=NOW
+    )
+    verified = verify_receipt(
+        receipt,
+        peer_manifest=pair.pk.keyring.manifest,
+        expected_bundle_id=sent.bundle_id,
+        expected_envelope_hash=sent.envelope_sha256,
+        expected_sender="jp",
+    )
+    assert (verified.receiver, verified.sender, verified.received_at) == ("pk", "jp", NOW)
+    [row] = list_inbox(pair.pk.node)
+    assert (row.bundle_id, row.sender, row.sequence, row.case_type, row.marking) == (
+        sent.bundle_id,
+        "jp",
+        1,
+        "broker-misconduct",
+        "confidential",
+    )
+    assert row.receipt == receipt
+    assert "bundle-received" in ledger_kinds(pair.pk)
+    assert "bundle-sent" in ledger_kinds(pair.jp)
+
+
+def test_the_same_envelope_again_gets_the_identical_receipt_and_stores_nothing(
+    pair: Pair,
+) -> None:
+    sent = send(pair.jp)
+    path = stored_envelope(pair.jp, sent.bundle_id)
+    first = receive_envelope(pair.pk.node, pair.pk.keyring, path, now=NOW)
+    entries = len(ledger_kinds(pair.pk))
+    again = receive_envelope(pair.pk.node, pair.pk.keyring, path, now=NOW + timedelta(hours=1))
+    assert again == first
+    assert count(pair.pk, InboxEntry) == 1
+    assert len(ledger_kinds(pair.pk)) == entries
+
+
+def _seal_with_bundle_bytes(side: Side, case: dict[str, Any], sequence: int, out: Path) -> str:
+    """Seal with the first 16 random bytes (the bundle id) pinned, the rest fresh."""
+    draws = iter([b"\x42" * 16])
+
+    def random(n: int) -> bytes:
+        return next(draws, None) or os.urandom(n)
+
+    policy = gateway.node.policy.load_policy(side.node.settings)
+    with side.node.db.transaction() as session:
+        peer = gateway.node.keys.pinned_peer_manifest(session)
+    assert peer is not None
+    with out.open("w+b") as handle:
+        sealed = seal(
+            handle,
+            case_type="exam-fraud",
+            case=case,
+            keyring=side.keyring,
+            peer_manifest=peer,
+            policy=policy,
+            sequence=sequence,
+            now=NOW,
+            random=random,
+        )
+    return sealed.bundle_id
+
+
+def test_a_different_envelope_under_a_known_id_is_refused_and_recorded(
+    pair: Pair, tmp_path: Path
+) -> None:
+    case = example("exam-fraud")
+    first_id = _seal_with_bundle_bytes(pair.jp, case, 1, tmp_path / "a")
+    other_id = _seal_with_bundle_bytes(
+        pair.jp, {**case, "description": "changed"}, 1, tmp_path / "b"
+    )
+    assert first_id == other_id
+    receipt = receive_envelope(pair.pk.node, pair.pk.keyring, tmp_path / "a", now=NOW)
+    with pytest.raises(EquivocationRefused) as caught:
+        receive_envelope(pair.pk.node, pair.pk.keyring, tmp_path / "b", now=NOW)
+    assert caught.value.reason == "equivocation"
+    with pytest.raises(EquivocationRefused):  # again: refused, recorded once
+        receive_envelope(pair.pk.node, pair.pk.keyring, tmp_path / "b", now=NOW)
+    with pair.pk.node.db.transaction() as session:
+        [record] = session.scalars(select(Equivocation)).all()
+        assert record.bundle_id == first_id
+        assert record.first_envelope_sha256 == parse_receipt(receipt).envelope_sha256
+        assert record.other_header
+    assert ledger_kinds(pair.pk).count("equivocation") == 1
+    [row] = list_inbox(pair.pk.node)
+    assert row.receipt == receipt
+    assert receive_envelope(pair.pk.node, pair.pk.keyring, tmp_path / "a", now=NOW) == receipt
+
+
+def _flip(data: bytes, where: str) -> bytes:
+    header_len = int.from_bytes(data[10:14], "big")
+    offset = {
+        "prefix": 3,
+        "header": 14 + header_len // 2,
+        "signature": 14 + header_len + 10,
+        "ciphertext": 14 + header_len + 64 + 5,
+        "last-byte": len(data) - 1,
+    }[where]
+    tampered = bytearray(data)
+    tampered[offset] ^= 0x01
+    return bytes(tampered)
+
+
+def test_a_flipped_bit_is_refused_without_a_trace_and_the_clean_retry_succeeds(
+    pair: Pair, tmp_path: Path
+) -> None:
+    for where in ("prefix", "header", "signature", "ciphertext", "last-byte"):
+        sent = send(pair.jp)
+        clean_path = stored_envelope(pair.jp, sent.bundle_id)
+        bad = tmp_path / f"tampered-{where}"
+        bad.write_bytes(_flip(clean_path.read_bytes(), where))
+        before = (count(pair.pk, InboxEntry), ledger_kinds(pair.pk))
+        with pytest.raises(VerificationError):
+            receive_envelope(pair.pk.node, pair.pk.keyring, bad, now=NOW)
+        assert (count(pair.pk, InboxEntry), ledger_kinds(pair.pk)) == before, where
+        receipt = receive_envelope(pair.pk.node, pair.pk.keyring, clean_path, now=NOW)
+        assert parse_receipt(receipt).bundle_id == sent.bundle_id
+        assert count(pair.pk, InboxEntry) == before[0] + 1
+
+
+def test_an_envelope_addressed_to_another_node_is_refused_with_nothing_stored(
+    pair: Pair,
+) -> None:
+    sent = send(pair.jp)
+    with pytest.raises(VerificationError) as caught:
+        receive_envelope(
+            pair.jp.node, pair.jp.keyring, stored_envelope(pair.jp, sent.bundle_id), now=NOW
+        )
+    assert caught.value.check == "recipient"
+    assert count(pair.jp, InboxEntry) == 0
+
+
+def test_missing_sequence_numbers_are_reported_as_gaps_until_they_arrive(pair: Pair) -> None:
+    sent = [send(pair.jp) for _ in range(6)]
+    paths = {s.sequence: stored_envelope(pair.jp, s.bundle_id) for s in sent}
+    for seq in (1, 3, 6):
+        receive_envelope(pair.pk.node, pair.pk.keyring, paths[seq], now=NOW)
+    [gaps] = list_gaps(pair.pk.node)
+    assert (gaps.channel, gaps.highest, list(gaps.missing)) == ("jp->pk", 6, [(2, 2), (4, 5)])
+    receive_envelope(pair.pk.node, pair.pk.keyring, paths[4], now=NOW)
+    assert list(list_gaps(pair.pk.node)[0].missing) == [(2, 2), (5, 5)]
+    for seq in (2, 5):
+        receive_envelope(pair.pk.node, pair.pk.keyring, paths[seq], now=NOW)
+    assert list(list_gaps(pair.pk.node)[0].missing) == []
+
+
+@dataclass
+class _Result:
+    status: str
+    receipt: bytes | None
+    reason: str | None
+
+
+class DirectClient:
+    """Hands envelopes to the peer's receiving function in this process (no HTTP)."""
+
+    def __init__(self, peer: Side, *, lose_answers: bool = False, now: datetime = NOW) -> None:
+        self.peer = peer
+        self.now = now
+        self.lose_answers = lose_answers
+        self.received: list[Path] = []
+        self.manifests: list[bytes] = []
+
+    async def post_envelopes(self, paths: Sequence[Path]) -> list[_Result]:
+        results = []
+        for path in paths:
+            self.received.append(path)
+            try:
+                receipt = receive_envelope(self.peer.node, self.peer.keyring, path, now=self.now)
+            except VerificationError as exc:
+                results.append(_Result("refused", None, exc.reason))
+                continue
+            results.append(_Result("accepted", receipt, None))
+        if self.lose_answers:
+            raise ConnectionResetError("answer lost")
+        return results
+
+    async def post_manifest(self, raw: bytes) -> None:
+        self.manifests.append(raw)
+        sender = "jp" if self.peer.node.node_id == "pk" else "pk"
+        with self.peer.node.db.transaction() as session:
+            gateway.node.keys.apply_peer_manifest(session, raw, node=sender, now=self.now)
+
+
+def test_delivery_counts_only_verified_receipts_and_a_lost_answer_is_resent(pair: Pair) -> None:
+    sent = [send(pair.jp) for _ in range(3)]
+    lossy = DirectClient(pair.pk, lose_answers=True)
+    with pytest.raises(ConnectionResetError):
+        asyncio.run(deliver_once(pair.jp.node, pair.jp.keyring, lossy, now_fn=lambda: NOW))
+    assert {r.state for r in list_outbox(pair.jp.node)} == {"queued"}
+    assert count(pair.pk, InboxEntry) == 3
+    receipts = {r.bundle_id: r.receipt for r in list_inbox(pair.pk.node)}
+    report = asyncio.run(
+        deliver_once(pair.jp.node, pair.jp.keyring, DirectClient(pair.pk), now_fn=lambda: NOW)
+    )
+    assert sorted(report.delivered) == sorted(s.bundle_id for s in sent)
+    assert report.remaining == 0
+    for row in list_outbox(pair.jp.node):
+        assert row.state == "delivered"
+        assert row.receipt == receipts[row.bundle_id]
+    assert count(pair.pk, InboxEntry) == 3
+
+
+def test_after_a_key_rotation_the_new_manifest_goes_first_and_new_bundles_are_accepted(
+    pair: Pair,
+) -> None:
+    later = NOW + timedelta(minutes=1)
+    with pair.jp.node.db.transaction() as session:
+        gateway.node.keys.rotate_keys(
+            pair.jp.node.settings,
+            session,
+            PASSPHRASE.encode(),
+            now=later,
+            actor=Actor(name="admin", role=Role.ADMIN),
+        )
+    with pair.jp.node.db.transaction() as session:
+        rotated = unlock_keyring(pair.jp.node.settings, PASSPHRASE.encode(), session, now=later)
+    assert rotated.signing_key_id != pair.jp.keyring.signing_key_id
+    pair.jp.keyring = rotated
+    sent = send(pair.jp, when=later)
+    client = DirectClient(pair.pk, now=later)
+    report = asyncio.run(deliver_once(pair.jp.node, rotated, client, now_fn=lambda: later))
+    assert report.manifests_sent == 1
+    assert client.manifests == [rotated.manifest.raw]
+    assert report.delivered == [sent.bundle_id]
+    [row] = list_inbox(pair.pk.node)
+    assert row.signing_key_id == rotated.signing_key_id
+    again = asyncio.run(deliver_once(pair.jp.node, rotated, client, now_fn=lambda: later))
+    assert (again.manifests_sent, again.attempted) == (0, 0)
+
+
+def test_an_officer_reads_a_received_bundle_and_the_read_is_logged(
+    pair: Pair, tmp_path: Path
+) -> None:
+    attachment = tmp_path / "passport scan.pdf"
+    attachment.write_bytes(b"%PDF-1.7 " + os.urandom(3000))
+    sent = send(pair.jp, "return-assistance", attachments=[attachment])
+    receive_envelope(
+        pair.pk.node, pair.pk.keyring, stored_envelope(pair.jp, sent.bundle_id), now=NOW
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    shown = read_bundle(
+        pair.pk.node, pair.pk.keyring, PK_OFFICER, sent.bundle_id, out_dir=out, now=NOW
+    )
+    assert shown.case == validate_case(
+        "return-assistance", example("return-assistance")
+    ).model_dump(mode="json")
+    names = sorted(p.name for p in out.iterdir())
+    assert names == sorted([f"{sent.bundle_id}.json", "passport scan.pdf"])
+    assert (out / "passport scan.pdf").read_bytes() == attachment.read_bytes()
+    with pair.pk.node.db.transaction() as session:
+        [entry] = ledger.list_entries(session, kind="bundle-read")
+    assert entry.actor_name == "bilal"
+    assert entry.bundle_id == sent.bundle_id
