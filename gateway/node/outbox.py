@@ -231,12 +231,16 @@ def queue_sealed(
     reply_to: str | None,
     seal: Sealer,
     now: datetime,
+    in_transaction: Callable[[Session, str], None] | None = None,
 ) -> SentBundle:
     """Assign the sequence number, seal, store and queue in one transaction.
 
     The envelope file is synced to disk before the row naming it commits; if
     anything fails, the transaction rolls back and at most an orphan file
     (never named by a row) is left for :func:`sweep_orphan_envelopes`.
+    ``in_transaction(session, bundle_id)``, when given, runs last inside the
+    same transaction, so a feature's own rows commit or roll back with the
+    queued bundle (the consent protocol records its requests and grants so).
     """
     channel = f"{node.node_id}->{recipient}"
     blob_dir = node.settings.blob_dir
@@ -282,6 +286,8 @@ def queue_sealed(
             },
         )
         session.flush()
+        if in_transaction is not None:
+            in_transaction(session, bundle_id)
     crash_point("after-outbox-insert")
     _log.info("bundle_queued", bundle_id=bundle_id, sequence=sequence, type=case_type)
     notify_queued()
@@ -308,6 +314,7 @@ def send_case(
     public: bool,
     reply_to: str | None,
     now: datetime,
+    in_transaction: Callable[[Session, str], None] | None = None,
 ) -> SentBundle:
     """Validate, seal to the pinned peer's current encryption key, and queue a case.
 
@@ -361,6 +368,7 @@ def send_case(
             reply_to=reply_to,
             seal=sealer,
             now=now,
+            in_transaction=in_transaction,
         )
 
 
