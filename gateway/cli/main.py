@@ -77,6 +77,10 @@ def _register() -> None:
     from gateway.cli import serve_cmd  # noqa: PLC0415
 
     cli.add_command(serve_cmd.serve)
+    from gateway.cli import exchange_cmd  # noqa: PLC0415
+
+    for command in exchange_cmd.COMMANDS:
+        cli.add_command(command)
 
 
 _register()

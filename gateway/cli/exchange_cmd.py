@@ -1,0 +1,304 @@
+"""``gateway send | sync | inbox | outbox | show``: the exchange with the peer.
+
+Thin: each command parses, calls :mod:`gateway.node.outbox` or
+:mod:`gateway.node.inbox`, and prints. ``send``, ``inbox``, ``outbox`` and
+``show`` act as an officer (token); ``sync`` is a host operation (the node's
+keys, no user token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gateway.cli.base import GatewayCommand
+from gateway.cli.context import AppContext, pass_app
+from gateway.core.canonical import parse_bounded_json
+from gateway.errors import InvalidInput
+from gateway.node.inbox import list_gaps, list_inbox, read_bundle
+from gateway.node.outbox import DeliveryReport, deliver_once, list_outbox, send_case
+from gateway.node.runtime import utc_now
+
+__all__ = ["COMMANDS", "inbox", "outbox", "send", "show", "sync"]
+
+MAX_CASE_FILE_BYTES = 4 * 1024 * 1024
+
+
+def _read_case(source: str) -> dict[str, Any]:
+    """The case JSON from a file (or ``-`` for standard input), bounded and strict."""
+    if source == "-":
+        data = sys.stdin.buffer.read(MAX_CASE_FILE_BYTES + 1)
+        where = "standard input"
+    else:
+        path = Path(source)
+        try:
+            with path.open("rb") as handle:
+                data = handle.read(MAX_CASE_FILE_BYTES + 1)
+        except OSError as exc:
+            raise InvalidInput(f"{source}: cannot be read ({exc.strerror})") from None
+        where = source
+    try:
+        value = parse_bounded_json(data, max_bytes=MAX_CASE_FILE_BYTES)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{where}: {exc.message}") from None
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where}: the case must be a JSON object")
+    return value
+
+
+@click.command(cls=GatewayCommand)
+@click.argument("case_type", metavar="TYPE")
+@click.argument("case_json", metavar="CASE_JSON")
+@click.option(
+    "--attach",
+    "attachments",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A file to send with the case (repeatable).",
+)
+@click.option("--public", is_flag=True, help="Mark the bundle public (default: confidential).")
+@click.option("--reply-to", help="The id of the bundle this one answers.")
+@pass_app
+def send(
+    app: AppContext,
+    case_type: str,
+    case_json: str,
+    attachments: Sequence[Path],
+    public: bool,
+    reply_to: str | None,
+) -> None:
+    """Seal a case (CASE_JSON file, or - for stdin) for the peer and queue it; print its id.
+
+    \b
+    Types: broker-misconduct, exam-fraud, consultation, acceptance-suspension,
+    return-assistance, information-request, information-reply, consent-*.
+    """
+    actor = app.actor("send")
+    case = _read_case(case_json)
+    node = app.node()
+    sent = send_case(
+        node,
+        app.keyring(),
+        actor,
+        case_type,
+        case,
+        list(attachments),
+        public=public,
+        reply_to=reply_to,
+        now=utc_now(),
+    )
+    app.emit(
+        {
+            "bundle_id": sent.bundle_id,
+            "sequence": sent.sequence,
+            "type": sent.case_type,
+            "recipient": sent.recipient,
+            "marking": sent.marking,
+            "envelope_sha256": sent.envelope_sha256,
+            "envelope_bytes": sent.envelope_size,
+        },
+        sent.bundle_id,
+    )
+
+
+@click.command(cls=GatewayCommand)
+@pass_app
+def sync(app: AppContext) -> None:
+    """Deliver the outbox to the peer once, then exit (1 if the peer is unreachable)."""
+    from gateway.peer.client import PeerClient  # noqa: PLC0415
+
+    node = app.node()
+    keyring = app.keyring()
+    settings = app.settings()
+
+    def progress(report: DeliveryReport) -> None:
+        app.progress(
+            f"[sync] delivered {len(report.delivered)}, refused {len(report.refused)}, "
+            f"to retry {len(report.retry_later)}"
+        )
+
+    async def run() -> DeliveryReport:
+        async with PeerClient(settings, keyring) as client:
+            return await deliver_once(node, keyring, client, now_fn=utc_now, progress=progress)
+
+    app.progress(f"[sync] delivering to {settings.server.peer_url} ...")
+    report = asyncio.run(run())
+    data = {
+        "manifests_sent": report.manifests_sent,
+        "delivered": report.delivered,
+        "refused": report.refused,
+        "retry_later": report.retry_later,
+        "remaining": report.remaining,
+    }
+
+    def human() -> str:
+        lines = [
+            f"delivered {len(report.delivered)} bundle(s)"
+            + (f", {report.manifests_sent} key manifest(s)" if report.manifests_sent else "")
+            + f"; {report.remaining} still queued"
+        ]
+        lines += [f"  refused {bid}: {why}" for bid, why in sorted(report.refused.items())]
+        lines += [f"  to retry {bid}: {why}" for bid, why in sorted(report.retry_later.items())]
+        return "\n".join(lines)
+
+    app.emit(data, human)
+
+
+def _time(value: Any) -> str:
+    return str(value.strftime("%Y-%m-%dT%H:%M:%SZ")) if value is not None else "-"
+
+
+@click.command(cls=GatewayCommand)
+@click.option("--type", "case_type", help="Only bundles of this type.")
+@click.option("--gaps", is_flag=True, help="Show missing sequence numbers per channel instead.")
+@pass_app
+def inbox(app: AppContext, case_type: str | None, gaps: bool) -> None:
+    """List the bundles received from the peer (metadata only; `show` decrypts)."""
+    app.actor("inbox")
+    node = app.node()
+    if gaps:
+        channels = list_gaps(node)
+        gap_data = [
+            {
+                "channel": c.channel,
+                "highest": c.highest,
+                "missing": [{"first": a, "last": b} for a, b in c.missing],
+            }
+            for c in channels
+        ]
+
+        def gap_text() -> str:
+            if not channels:
+                return "nothing received yet"
+            lines = []
+            for c in channels:
+                missing = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in c.missing)
+                lines.append(f"{c.channel}: highest {c.highest}; missing: {missing or 'none'}")
+            return "\n".join(lines)
+
+        app.emit({"gaps": gap_data}, gap_text)
+        return
+    rows = list_inbox(node, case_type=case_type)
+    data = [
+        {
+            "bundle_id": r.bundle_id,
+            "type": r.case_type,
+            "sender": r.sender,
+            "sequence": r.sequence,
+            "created": r.created_at,
+            "received": r.received_at,
+            "marking": r.marking,
+            "reply_to": r.reply_to,
+        }
+        for r in rows
+    ]
+
+    def text() -> str:
+        if not rows:
+            return "inbox is empty"
+        return "\n".join(
+            f"{r.bundle_id}  {r.case_type:<22} from {r.sender}  #{r.sequence:<6} "
+            f"{_time(r.created_at)}  {r.marking}"
+            for r in rows
+        )
+
+    app.emit({"bundles": data}, text)
+
+
+@click.command(cls=GatewayCommand)
+@click.option(
+    "--state", type=click.Choice(["queued", "delivered"]), help="Only bundles in this state."
+)
+@pass_app
+def outbox(app: AppContext, state: str | None) -> None:
+    """List the bundles sent: queued (with attempts and last error) or delivered (receipted)."""
+    app.actor("inbox")
+    node = app.node()
+    rows = list_outbox(node, state=state)
+    data = [
+        {
+            "bundle_id": r.bundle_id,
+            "type": r.case_type,
+            "recipient": r.recipient,
+            "sequence": r.sequence,
+            "state": r.state,
+            "created": r.created_at,
+            "attempts": r.attempts,
+            "next_attempt": r.next_attempt_at if r.state == "queued" else None,
+            "last_error": r.last_error,
+            "delivered": r.delivered_at,
+            "receipt": r.receipt.decode("utf-8") if r.receipt is not None else None,
+        }
+        for r in rows
+    ]
+
+    def text() -> str:
+        if not rows:
+            return "outbox is empty"
+        lines = []
+        for r in rows:
+            if r.state == "delivered":
+                status = f"delivered {_time(r.delivered_at)}, receipt verified"
+            else:
+                status = f"queued, {r.attempts} attempt(s)" + (
+                    f", last: {r.last_error}" if r.last_error else ""
+                )
+            lines.append(
+                f"{r.bundle_id}  {r.case_type:<22} to {r.recipient}  #{r.sequence:<6} {status}"
+            )
+        return "\n".join(lines)
+
+    app.emit({"bundles": data}, text)
+
+
+@click.command(cls=GatewayCommand)
+@click.argument("bundle_id")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write the case and its attachments into this folder (made if missing).",
+)
+@pass_app
+def show(app: AppContext, bundle_id: str, out_dir: Path | None) -> None:
+    """Decrypt a bundle for the acting officer and print its case; the read is logged."""
+    actor = app.actor("show")
+    node = app.node()
+    if out_dir is not None:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise InvalidInput(f"{out_dir}: cannot be made ({exc.strerror})") from None
+    shown = read_bundle(node, app.keyring(), actor, bundle_id, out_dir=out_dir, now=utc_now())
+    data = {
+        "bundle_id": shown.bundle_id,
+        "type": shown.case_type,
+        "sender": shown.sender,
+        "recipient": shown.recipient,
+        "sequence": shown.sequence,
+        "created": shown.created_at,
+        "marking": shown.marking,
+        "reply_to": shown.reply_to,
+        "case": shown.case,
+        "written": [str(p) for p in shown.written],
+    }
+
+    def text() -> str:
+        lines = [
+            f"bundle {shown.bundle_id}: {shown.case_type} from {shown.sender} "
+            f"({shown.marking}), created {_time(shown.created_at)}",
+            json.dumps(shown.case, indent=2, ensure_ascii=False, sort_keys=True),
+        ]
+        lines += [f"written: {p}" for p in shown.written]
+        return "\n".join(lines)
+
+    app.emit(data, text)
+
+
+COMMANDS = (send, sync, inbox, outbox, show)
