@@ -452,7 +452,8 @@ class ChainVerifier:
             return ChainProblem(
                 row.seq,
                 "chain",
-                f"ledger entry {row.seq} does not follow entry {row.seq - 1}: the chain is broken",
+                f"ledger entry {row.seq} does not follow entry {row.seq - 1}: the chain breaks "
+                f"between entries {row.seq - 1} and {row.seq} (one of them was altered)",
             )
         self._prev_hash = entry.entry_hash
         self._tree.append_leaf_hash(entry.leaf_hash)
