@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import selectors
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import click
@@ -11,7 +19,14 @@ import click
 from gateway.cli.base import GatewayCommand
 from gateway.cli.context import AppContext, pass_app
 from gateway.errors import EXIT_ERROR, ConfigError
-from gateway.node.demo import THIRD_PARTY, DemoInterrupted, DemoStory, StepOutcome
+from gateway.node.demo import (
+    THIRD_PARTY,
+    DemoInterrupted,
+    DemoStory,
+    Runner,
+    StepOutcome,
+    exec_runner,
+)
 
 __all__ = ["demo"]
 
@@ -26,6 +41,107 @@ def _command_exists(root: click.Command, path: str) -> bool:
         if command is None:
             return False
     return True
+
+
+def _fork_runner(root_command: click.Command) -> Runner:
+    """Run each command in a forked child: its own process, environment and exit
+    code, with the command line already imported, so a command costs
+    milliseconds instead of a fresh interpreter's start."""
+
+    def run(argv: Sequence[str], env: Mapping[str, str], timeout: float) -> tuple[int, str, str]:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            _child(root_command, argv, env, (out_r, out_w, err_r, err_w))
+        os.close(out_w)
+        os.close(err_w)
+        try:
+            out, err = _collect(pid, out_r, err_r, timeout, argv)
+        except BaseException:
+            _reap(pid, kill=True)
+            raise
+        finally:
+            os.close(out_r)
+            os.close(err_r)
+        code = _reap(pid, kill=False)
+        return code, out.decode("utf-8", "replace"), err.decode("utf-8", "replace")
+
+    return run
+
+
+def _child(
+    root_command: click.Command,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    fds: tuple[int, int, int, int],
+) -> None:
+    """The forked child: wire stdin/stdout/stderr, set the environment, run, exit."""
+    code = 1
+    try:
+        out_r, out_w, err_r, err_w = fds
+        os.close(out_r)
+        os.close(err_r)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        for fd in (null, out_w, err_w):
+            os.close(fd)
+        sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115 - the process's own descriptors
+        sys.stdout = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+        sys.stderr = open(2, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
+        os.environ.clear()
+        os.environ.update(env)
+        try:
+            root_command.main(args=list(argv), prog_name="gateway", standalone_mode=True)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException as exc:  # noqa: BLE001 - a child never returns into the demo's stack
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"error: internal error ({type(exc).__name__})\n")
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+
+
+def _collect(
+    pid: int, out_r: int, err_r: int, timeout: float, argv: Sequence[str]
+) -> tuple[bytes, bytes]:
+    chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(out_r, selectors.EVENT_READ)
+        selector.register(err_r, selectors.EVENT_READ)
+        open_fds = 2
+        while open_fds:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise subprocess.TimeoutExpired(["gateway", *argv], timeout)
+            for key, _events in selector.select(timeout=min(remaining, 1.0)):
+                fd = int(key.fd)
+                data = os.read(fd, 65536)
+                if data:
+                    chunks[fd].append(data)
+                else:
+                    selector.unregister(fd)
+                    open_fds -= 1
+    return b"".join(chunks[out_r]), b"".join(chunks[err_r])
+
+
+def _reap(pid: int, *, kill: bool) -> int:
+    if kill:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    _pid, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
 
 
 def _prepare_root(base: Path | None) -> tuple[Path, bool]:
@@ -116,6 +232,7 @@ def demo(ctx: click.Context, app: AppContext, base: Path | None, keep: bool) -> 
         on_start=on_start,
         on_command=on_command,
         environ=app.environ,
+        runner=_fork_runner(cli_root) if hasattr(os, "fork") else exec_runner,
     )
     if human:
         click.echo(

@@ -42,7 +42,9 @@ __all__ = [
     "DemoInterrupted",
     "DemoNode",
     "DemoStory",
+    "Runner",
     "StepOutcome",
+    "exec_runner",
     "free_port",
 ]
 
@@ -212,6 +214,26 @@ def _find(data: Any, *keys: str) -> Any:
 
 Step = Callable[[], str]
 
+Runner = Callable[[Sequence[str], Mapping[str, str], float], tuple[int, str, str]]
+"""Runs ``gateway ARGV`` as its own process with exactly the environment given;
+returns (exit code, stdout, stderr); raises ``subprocess.TimeoutExpired``."""
+
+
+def exec_runner(
+    argv: Sequence[str], env: Mapping[str, str], timeout: float
+) -> tuple[int, str, str]:
+    """A fresh interpreter per command: the plain way, and the fallback."""
+    done = subprocess.run(  # noqa: S603 - our own interpreter and fixed arguments
+        [*GATEWAY, *argv],
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    return done.returncode, done.stdout, done.stderr
+
 
 @dataclass
 class _StepSpec:
@@ -239,8 +261,10 @@ class DemoStory:
         on_start: Callable[[int, int, str], None] | None = None,
         on_command: Callable[[str], None] | None = None,
         environ: Mapping[str, str] | None = None,
+        runner: Runner = exec_runner,
     ) -> None:
         self.root = root
+        self.runner = runner
         self.available = available
         self.on_step = on_step
         self.on_start = on_start or (lambda _number, _total, _title: None)
@@ -363,18 +387,10 @@ class DemoStory:
         )
         self.on_command(display)
         try:
-            done = subprocess.run(  # noqa: S603 - our own interpreter and fixed arguments
-                [*GATEWAY, *argv],
-                env=self._env(node, user),
-                capture_output=True,
-                text=True,
-                timeout=COMMAND_TIMEOUT,
-                check=False,
-                stdin=subprocess.DEVNULL,
-            )
+            code, stdout, stderr = self.runner(argv, self._env(node, user), COMMAND_TIMEOUT)
         except subprocess.TimeoutExpired:
             raise StepFailed(f"`{display}` did not finish in {COMMAND_TIMEOUT:.0f} s") from None
-        result = CommandResult(display, done.returncode, done.stdout, done.stderr)
+        result = CommandResult(display, code, stdout, stderr)
         if result.code not in expect:
             raise StepFailed(
                 f"`{display}` exited {result.code}, expected "
@@ -684,11 +700,11 @@ class DemoStory:
         if not copies:
             raise StepFailed(f"the attachment was not written intact under {out}")
         data = result.data()
-        case_type = data.get("type") if isinstance(data, dict) else None
         self.files["tokyo-read"] = out
         return (
-            f"signature, recipient and ciphertext hash verified; {case_type or 'case'} "
-            f"decrypted, attachment intact at {copies[0]}"
+            f"{_find(data, 'type')} from {_find(data, 'sender')} "
+            f"(sequence {_find(data, 'sequence')}, {_find(data, 'marking')}) verified and "
+            f"decrypted; the read is logged; attachment intact at {copies[0]}"
         )
 
     def _disclose(self, expect: int, out_name: str) -> CommandResult:
