@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from gateway.cli.context import to_jsonable
 from gateway.core.canonical import parse_bounded_json
+from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor
 from gateway.errors import InvalidInput, PolicyRefused
 from gateway.node.runtime import Node
@@ -42,7 +43,7 @@ T = TypeVar("T")
 DEFAULT_MAX_BODY = 64 * 1024
 """Largest JSON body a route accepts unless it says otherwise (bytes)."""
 
-KeyringProvider = Callable[[], Any]
+KeyringProvider = Callable[[], NodeKeyring]
 """Gives the node's unlocked keyring (private keys) to routes that seal or open
 bundles; ``gateway serve`` unlocks it once at start with the node passphrase."""
 

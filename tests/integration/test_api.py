@@ -8,6 +8,8 @@ functions the CLI uses.
 from __future__ import annotations
 
 import asyncio
+import base64
+import io
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -22,8 +24,11 @@ from multidict import CIMultiDict
 from sqlalchemy import func, select
 from structlog.testing import capture_logs
 
+from gateway import log
 from gateway.api.app import all_routes, create_api_app
 from gateway.api.routes_common import ApiRoute, Call
+from gateway.node import keys as key_service
+from gateway.node import ledger
 from gateway.node.runtime import Node, utc_now
 from gateway.node.setup import init_node
 from gateway.node.users import add_user, disable_user
@@ -112,6 +117,7 @@ class Answer:
     status: int
     body: Any
     headers: CIMultiDict[str]
+    content: bytes
 
     @property
     def reason(self) -> str | None:
@@ -148,7 +154,7 @@ class Client:
                 parsed: Any = json.loads(content) if content else None
             except ValueError:
                 parsed = content
-            return Answer(resp.status, parsed, CIMultiDict(resp.headers))
+            return Answer(resp.status, parsed, CIMultiDict(resp.headers), content)
 
 
 def run_api(
@@ -423,6 +429,8 @@ def test_one_summary_log_line_per_request_and_no_token_in_logs(sqlite_api_node: 
         await client.call("GET", "/api/v1/whoami", token=created.body["token"])
         await client.call("GET", "/api/v1/whoami", token="ssw_" + "0" * 16 + "_" + "B" * 43)
 
+    # Earlier commands in this process may have raised the level to warning.
+    log.configure(level="info")
     with capture_logs() as logs:
         run_api(sqlite_api_node, scenario)
     summaries = [entry for entry in logs if entry["event"] == "api_request"]
@@ -475,3 +483,105 @@ def test_routes_must_name_known_actions_and_stay_under_api_v1(sqlite_api_node: A
         )
     with pytest.raises(ValueError, match="twice"):
         create_api_app(sqlite_api_node.node, no_keyring, routes=[*all_routes(), all_routes()[0]])
+
+
+# --- keys, peer and ledger through the API -----------------------------------------------
+
+
+def test_admin_sees_the_same_manifest_as_the_key_service(api_node: ApiNode) -> None:
+    with api_node.node.db.transaction() as session:
+        manifest = key_service.own_manifest(session)
+
+    async def scenario(client: Client) -> None:
+        answer = await client.call("GET", "/api/v1/keys", token=api_node.tokens["admin"])
+        assert answer.status == 200
+        assert answer.body["root_fingerprint"] == manifest.root_fingerprint
+        assert answer.body["version"] == manifest.version
+        assert answer.body["node"] == "jp"
+        nobody = await client.call("GET", "/api/v1/peer", token=api_node.tokens["admin"])
+        assert nobody.body == {"pinned": None}
+
+    run_api(api_node, scenario)
+
+
+def test_peer_is_pinned_only_with_its_true_fingerprint(
+    api_node: ApiNode, tmp_path: Path, clean_environ: dict[str, str]
+) -> None:
+    env = {**clean_environ, "GATEWAY_PASSPHRASE": PASSPHRASE}
+    pk_home = tmp_path / "pk"
+    init_node(pk_home, "pk", now=utc_now(), environ=env)
+    exported = tmp_path / "pk-manifest.json"
+    with Node.open(load_settings(pk_home, environ=env)) as pk, pk.db.transaction() as session:
+        pk_manifest = key_service.export_manifest(session, exported)
+    encoded = base64.b64encode(exported.read_bytes()).decode()
+    admin = api_node.tokens["admin"]
+    wrong = "-".join(["AAAA"] * 8)
+
+    async def scenario(client: Client) -> None:
+        refused = await client.call(
+            "POST",
+            "/api/v1/peer",
+            token=admin,
+            body={"manifest_base64": encoded, "fingerprint": wrong},
+        )
+        assert refused.status == 422
+        assert (await client.call("GET", "/api/v1/peer", token=admin)).body == {"pinned": None}
+        garbled = await client.call(
+            "POST",
+            "/api/v1/peer",
+            token=admin,
+            body={"manifest_base64": "not base64!", "fingerprint": wrong},
+        )
+        assert (garbled.status, garbled.reason) == (422, "invalid-input")
+        pinned = await client.call(
+            "POST",
+            "/api/v1/peer",
+            token=admin,
+            body={"manifest_base64": encoded, "fingerprint": pk_manifest.root_fingerprint},
+        )
+        assert pinned.status == 201, pinned.body
+        assert pinned.body["node"] == "pk"
+        shown = await client.call("GET", "/api/v1/peer", token=admin)
+        assert shown.body["pinned"]["root_fingerprint"] == pk_manifest.root_fingerprint
+
+    run_api(api_node, scenario)
+
+
+def test_compliance_lists_verifies_and_exports_the_ledger(api_node: ApiNode) -> None:
+    expected: dict[str, bytes] = {}
+    for fmt in ("csv", "jsonl"):
+        out = io.BytesIO()
+        with api_node.node.db.transaction() as session:
+            ledger.export(session, fmt, out)
+        expected[fmt] = out.getvalue()
+    token = api_node.tokens["compliance"]
+
+    async def scenario(client: Client) -> None:
+        listed = await client.call("GET", "/api/v1/ledger", token=token)
+        assert listed.status == 200
+        assert listed.body, "init records the key creation in the ledger"
+        assert [e["seq"] for e in listed.body] == sorted(e["seq"] for e in listed.body)
+        one = await client.call("GET", "/api/v1/ledger?limit=1", token=token)
+        assert len(one.body) == 1
+        verified = await client.call("POST", "/api/v1/ledger/verify", token=token)
+        assert verified.status == 200
+        assert verified.body["intact"] is True
+        assert verified.body["entries"] == len(listed.body)
+        for fmt, media in (("csv", "text/csv"), ("jsonl", "application/x-ndjson")):
+            exported = await client.call("GET", f"/api/v1/ledger/export?format={fmt}", token=token)
+            assert exported.status == 200
+            assert exported.headers["Content-Type"].startswith(media)
+            assert exported.headers["X-Entry-Count"] == str(len(listed.body))
+            assert exported.content == expected[fmt]
+        for query, reason in (
+            ("/api/v1/ledger/export?format=xml", "invalid-input"),
+            ("/api/v1/ledger/export", "invalid-input"),
+            ("/api/v1/ledger?limit=0", "invalid-input"),
+            ("/api/v1/ledger?since=yesterday", "invalid-input"),
+            ("/api/v1/ledger?kind=no-such-kind", "invalid-input"),
+            ("/api/v1/ledger?limit=1&limit=2", "invalid-input"),
+        ):
+            bad = await client.call("GET", query, token=token)
+            assert (bad.status, bad.reason) == (422, reason), query
+
+    run_api(api_node, scenario)

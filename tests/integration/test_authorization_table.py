@@ -59,6 +59,7 @@ HOST_COMMANDS = {
     ("sync",),
     ("db", "upgrade"),
     ("db", "status"),
+    ("ledger", "checkpoint"),
     ("demo",),
 }
 """Operations on the host itself: they need the node home and its passphrase,

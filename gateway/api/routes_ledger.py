@@ -1,0 +1,150 @@
+"""Local API routes for the ledger (compliance officers): metadata, never case content."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from datetime import UTC, datetime
+from typing import BinaryIO, cast
+
+from aiohttp import web
+from sqlalchemy.orm import Session
+
+from gateway.api.routes_common import ApiRoute, Call, json_response
+from gateway.errors import ConfigError, InvalidInput, NotFound
+from gateway.node import ledger
+from gateway.node.keys import own_manifest, peer_node_of, pinned_peer_manifest
+from gateway.node.runtime import utc_now
+
+__all__ = ["DEFAULT_LIST_LIMIT", "ROUTES"]
+
+DEFAULT_LIST_LIMIT = 1000
+"""Entries a list answers with when the request names no ``limit``."""
+_EXPORT_CHUNK = 64 * 1024
+_SPOOL_IN_MEMORY = 4 * 1024 * 1024
+_EXPORT_TYPES = {"csv": "text/csv", "jsonl": "application/x-ndjson"}
+
+
+def _since(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(
+            f"since={text!r} is not an ISO 8601 time (e.g. 2026-11-25 or 2026-11-25T09:00:00Z)"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+def _limit(text: str | None) -> int:
+    if text is None:
+        return DEFAULT_LIST_LIMIT
+    if not text.isdigit() or not 0 < int(text) <= ledger.MAX_LIST_LIMIT:
+        raise InvalidInput(f"limit must be a number from 1 to {ledger.MAX_LIST_LIMIT}")
+    return int(text)
+
+
+async def ledger_list(call: Call) -> web.StreamResponse:
+    bundle = call.query("bundle")
+    kind = call.query("kind")
+    since = _since(call.query("since"))
+    limit = _limit(call.query("limit"))
+    entries = await call.in_transaction(
+        lambda session: ledger.list_entries(
+            session, bundle=bundle, kind=kind, since=since, limit=limit
+        )
+    )
+    return json_response([entry.to_dict() for entry in entries])
+
+
+async def ledger_verify(call: Call) -> web.StreamResponse:
+    peer = peer_node_of(call.node.node_id)
+
+    def verify(session: Session) -> ledger.VerifyReport:
+        try:
+            own = own_manifest(session)
+        except NotFound:
+            own = None
+        return ledger.verify_ledger(
+            session, own_keys=own, peer_keys=pinned_peer_manifest(session), peer_node=peer
+        )
+
+    report = await call.in_transaction(verify)
+    report.raise_for_problem()
+    return json_response(report.to_dict())
+
+
+async def ledger_export(call: Call) -> web.StreamResponse:
+    fmt = call.query("format")
+    if fmt not in _EXPORT_TYPES:
+        raise InvalidInput("query parameter format must be csv or jsonl")
+    chosen = cast(ledger.ExportFormat, fmt)
+    spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)  # noqa: SIM115 - closed below
+    try:
+        count = await call.in_transaction(
+            lambda session: ledger.export(session, chosen, cast(BinaryIO, spool))
+        )
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": f"{_EXPORT_TYPES[fmt]}; charset=utf-8",
+                "Content-Disposition": f'attachment; filename="ledger-{call.node.node_id}.{fmt}"',
+                "X-Entry-Count": str(count),
+            }
+        )
+        await response.prepare(call.request)
+        spool.seek(0)
+        while chunk := await call.run(lambda: spool.read(_EXPORT_CHUNK)):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        spool.close()
+
+
+async def ledger_audit_peer(call: Call) -> web.StreamResponse:
+    await call.json_body()
+    node = call.node
+    peer = peer_node_of(node.node_id)
+    pinned = await call.in_transaction(pinned_peer_manifest)
+    if pinned is None:
+        raise ConfigError("no peer is pinned: run 'gateway peer add' first", reason="config.peer")
+    keyring = call.keyring_provider()
+    loop = asyncio.get_running_loop()
+    from gateway.peer.client import PeerClient  # noqa: PLC0415 - only this route talks to the peer
+    from gateway.peer.ledger_client import fetch_consistency  # noqa: PLC0415
+
+    async def ask(first: int) -> ledger.PeerAnswer:
+        async with PeerClient(node.settings, keyring) as client:
+            return await fetch_consistency(client, first)
+
+    def fetch(first: int) -> ledger.PeerAnswer:
+        # audit_peer runs on a worker thread; the request goes out on the server's loop.
+        return asyncio.run_coroutine_threadsafe(ask(first), loop).result()
+
+    result = await call.run(
+        lambda: ledger.audit_peer(
+            node.db, pinned, peer_node=peer, fetch=fetch, now=utc_now, actor=call.actor
+        )
+    )
+    return json_response(result.to_dict())
+
+
+ROUTES = (
+    ApiRoute("GET", "/api/v1/ledger", "ledger.list", ledger_list, "List ledger entries"),
+    ApiRoute("POST", "/api/v1/ledger/verify", "ledger.verify", ledger_verify, "Verify the ledger"),
+    ApiRoute(
+        "GET",
+        "/api/v1/ledger/export",
+        "ledger.export",
+        ledger_export,
+        "Export every entry as CSV or JSON Lines",
+    ),
+    ApiRoute(
+        "POST",
+        "/api/v1/ledger/audit-peer",
+        "ledger.audit-peer",
+        ledger_audit_peer,
+        "Ask the peer to prove its ledger extends what we witnessed",
+    ),
+)
