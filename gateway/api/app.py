@@ -31,7 +31,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gateway.api import routes_keys, routes_ledger, routes_users
+from gateway.api import routes_exchange, routes_keys, routes_ledger, routes_users
 from gateway.api.routes_common import DEFAULT_MAX_BODY, ApiRoute, Call, KeyringProvider
 from gateway.core.roles import ACTIONS, Actor, authorize_role
 from gateway.errors import (
@@ -80,7 +80,12 @@ _DB_THREADS = 4
 
 def all_routes() -> tuple[ApiRoute, ...]:
     """Every route of the local API, in the order they are registered."""
-    return (*routes_users.ROUTES, *routes_keys.ROUTES, *routes_ledger.ROUTES)
+    return (
+        *routes_users.ROUTES,
+        *routes_keys.ROUTES,
+        *routes_exchange.ROUTES,
+        *routes_ledger.ROUTES,
+    )
 
 
 def error_status(exc: GatewayError) -> int:

@@ -13,7 +13,7 @@ import io
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,10 @@ from structlog.testing import capture_logs
 from gateway import log
 from gateway.api.app import all_routes, create_api_app
 from gateway.api.routes_common import ApiRoute, Call
+from gateway.core.keys import NodeKeyring
 from gateway.node import keys as key_service
 from gateway.node import ledger
+from gateway.node.keystore import unlock_keyring
 from gateway.node.runtime import Node, utc_now
 from gateway.node.setup import init_node
 from gateway.node.users import add_user, disable_user
@@ -46,10 +48,20 @@ class ApiNode:
     node: Node
     environ: dict[str, str]
     tokens: dict[str, str]
+    unlocked: list[NodeKeyring] = field(default_factory=list)
+
+    def keyring(self) -> NodeKeyring:
+        """The node's unlocked keyring, as ``gateway serve`` provides it (unlocked once)."""
+        if not self.unlocked:
+            with self.node.db.transaction() as session:
+                self.unlocked.append(
+                    unlock_keyring(self.node.settings, PASSPHRASE.encode(), session)
+                )
+        return self.unlocked[0]
 
 
 def make_node(tmp_path: Path, database_url: str, environ: dict[str, str]) -> ApiNode:
-    env = {**environ, "GATEWAY_PASSPHRASE": PASSPHRASE}
+    env = {**environ, "GATEWAY_PASSPHRASE": PASSPHRASE, "GATEWAY_KEYSTORE_STRENGTH": "min"}
     home = tmp_path / "jp"
     result = init_node(home, "jp", now=utc_now(), db_url=database_url, environ=env)
     node = Node.open(load_settings(home, environ=env))
@@ -94,7 +106,7 @@ def sqlite_api_node(
         made.node.close()
 
 
-def no_keyring() -> Any:
+def no_keyring() -> NodeKeyring:
     raise AssertionError("these routes must not touch the keyring")
 
 
@@ -162,12 +174,12 @@ def run_api(
     scenario: Callable[[Client], Awaitable[None]],
     *,
     routes: tuple[ApiRoute, ...] | None = None,
-    keyring: Callable[[], Any] = no_keyring,
+    keyring: Callable[[], NodeKeyring] | None = None,
 ) -> None:
     """Serve the node's API on loopback and run ``scenario`` against it."""
 
     async def main() -> None:
-        app = create_api_app(made.node, keyring, routes=routes)
+        app = create_api_app(made.node, keyring or made.keyring, routes=routes)
         async with serve_api(app) as base, aiohttp.ClientSession() as session:
             await scenario(Client(session, base))
 
@@ -507,7 +519,7 @@ def test_admin_sees_the_same_manifest_as_the_key_service(api_node: ApiNode) -> N
 def test_peer_is_pinned_only_with_its_true_fingerprint(
     api_node: ApiNode, tmp_path: Path, clean_environ: dict[str, str]
 ) -> None:
-    env = {**clean_environ, "GATEWAY_PASSPHRASE": PASSPHRASE}
+    env = {**clean_environ, "GATEWAY_PASSPHRASE": PASSPHRASE, "GATEWAY_KEYSTORE_STRENGTH": "min"}
     pk_home = tmp_path / "pk"
     init_node(pk_home, "pk", now=utc_now(), environ=env)
     exported = tmp_path / "pk-manifest.json"

@@ -288,7 +288,7 @@ def test_every_api_route_with_every_identity(table_node: tuple[ApiNode, str]) ->
     checked: list[tuple[str, str, str]] = []
 
     async def scenario() -> int:
-        app = create_api_app(made.node, no_keyring)
+        app = create_api_app(made.node, made.keyring)
         routes = app[ROUTES_KEY]
         async with serve_api(app) as base, aiohttp.ClientSession() as session:
             client = Client(session, base)
