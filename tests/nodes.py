@@ -368,3 +368,101 @@ def stop(serve: ServeProcess, sig: int = signal.SIGTERM, *, timeout: float = 60.
 def kill(serve: ServeProcess) -> int:
     """SIGKILL the process (a crash) and reap it."""
     return stop(serve, signal.SIGKILL)
+
+
+# --- two node homes with keys exchanged and pinned -------------------------------------------
+
+
+@dataclass
+class NodeHome:
+    """One initialised node home and what tests need to drive it."""
+
+    node_id: str
+    home: Path
+    port: int
+    api_port: int
+    passphrase: str
+    admin_token: str
+    db_url: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def env(self, *, token: str | None = None, **extra: str) -> dict[str, str]:
+        env = gateway_env(self.home, GATEWAY_PASSPHRASE=self.passphrase, **extra)
+        env["GATEWAY_KEYSTORE_STRENGTH"] = "interactive"
+        env["GATEWAY_TOKEN"] = token if token is not None else self.admin_token
+        return env
+
+    def run(self, *args: str, token: str | None = None, check: bool = True) -> Any:
+        """Run ``gateway --json ARGS`` for this node; return the parsed JSON output."""
+        import json  # noqa: PLC0415
+
+        done = run_gateway(self.home, "--json", *args, env=self.env(token=token))
+        if check and done.returncode != 0:
+            raise AssertionError(
+                f"gateway {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+            )
+        return json.loads(done.stdout) if done.stdout.strip() else None
+
+    def serve(self, **extra: str) -> ServeProcess:
+        return start_serve(self.home, env=self.env(**extra))
+
+    def keyring(self) -> Any:
+        """This node's unlocked keyring, in this process (to sign requests by hand)."""
+        from gateway.node.keystore import unlock_keyring  # noqa: PLC0415
+        from gateway.settings import load_settings  # noqa: PLC0415
+
+        settings = load_settings(self.home, environ=self.env())
+        db = open_database(settings.database_url)
+        try:
+            with db.transaction() as session:
+                return unlock_keyring(settings, self.passphrase.encode(), session)
+        finally:
+            db.dispose()
+
+
+def init_pair(root: Path, *, db_urls: dict[str, str] | None = None) -> dict[str, NodeHome]:
+    """Initialise ``jp`` and ``pk`` under ``root`` on free loopback ports, each
+    pinning the other's key manifest by its root fingerprint."""
+    import json  # noqa: PLC0415
+    import secrets  # noqa: PLC0415
+
+    ports = {node_id: (free_port(), free_port()) for node_id in ("jp", "pk")}
+    nodes: dict[str, NodeHome] = {}
+    for node_id, peer in (("jp", "pk"), ("pk", "jp")):
+        home = root / node_id
+        passphrase = secrets.token_urlsafe(18)
+        args = [
+            "--json",
+            "init",
+            "--node",
+            node_id,
+            "--listen",
+            f"127.0.0.1:{ports[node_id][0]}",
+            "--api-listen",
+            f"127.0.0.1:{ports[node_id][1]}",
+            "--peer-url",
+            f"http://127.0.0.1:{ports[peer][0]}",
+        ]
+        url = (db_urls or {}).get(node_id)
+        if url is not None:
+            args += ["--db", url]
+        env = gateway_env(
+            home, GATEWAY_PASSPHRASE=passphrase, GATEWAY_KEYSTORE_STRENGTH="interactive"
+        )
+        done = run_gateway(home, *args, env=env)
+        if done.returncode != 0:
+            raise AssertionError(f"gateway init {node_id} failed:\n{done.stdout}\n{done.stderr}")
+        token = json.loads(done.stdout)["admin_token"]
+        nodes[node_id] = NodeHome(
+            node_id, home, ports[node_id][0], ports[node_id][1], passphrase, token, url
+        )
+    for node_id, peer in (("jp", "pk"), ("pk", "jp")):
+        manifest = root / f"{peer}-manifest.json"
+        if not manifest.exists():
+            nodes[peer].run("keys", "export", "--out", str(manifest))
+        fingerprint = nodes[peer].run("keys", "show")["root_fingerprint"]
+        nodes[node_id].run("peer", "add", str(manifest), "--fingerprint", fingerprint)
+    return nodes

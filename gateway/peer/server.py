@@ -40,6 +40,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from gateway import log
+from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.peer_auth import (
     BodyDigest,
     KeyLookup,
@@ -49,6 +50,7 @@ from gateway.core.peer_auth import (
     parse_signed_request,
     verify_request,
 )
+from gateway.core.policy import Limits as PolicyLimits
 from gateway.errors import (
     GatewayError,
     InvalidInput,
@@ -58,7 +60,7 @@ from gateway.errors import (
     TransportError,
     VerificationError,
 )
-from gateway.node.runtime import utc_now
+from gateway.node.runtime import Node, utc_now
 from gateway.store.db import Database
 from gateway.store.models_peer import prune_nonces, remember_nonce
 
@@ -66,7 +68,9 @@ __all__ = [
     "BATCH_CONTENT_TYPE",
     "BATCH_MAGIC",
     "ENVELOPE_CONTENT_TYPE",
+    "KEYRING",
     "MANIFEST_CONTENT_TYPE",
+    "NODE",
     "PEER_AUTH",
     "PEER_SERVICES",
     "TRANSPORT_LIMITS",
@@ -76,8 +80,11 @@ __all__ = [
     "PeerServer",
     "PeerServices",
     "TransportLimits",
+    "create_node_peer_app",
     "create_peer_app",
     "database_nonce_recorder",
+    "limits_from_policy",
+    "node_services",
     "read_signed_body",
 ]
 
@@ -224,6 +231,27 @@ class _RateLimiter:
 RATE_LIMITER: Final = web.AppKey("rate_limiter", _RateLimiter)
 
 
+class _InFlight:
+    """Requests being handled now, so that a stop can wait for them."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self.idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self.idle.set()
+
+
+IN_FLIGHT: Final = web.AppKey("in_flight", _InFlight)
+
+
 class _Refusal(Exception):
     """An HTTP refusal with a reason code, raised inside handlers and middlewares."""
 
@@ -267,6 +295,8 @@ async def _context_middleware(
     structlog.contextvars.bind_contextvars(request_id=request_id)
     status = 500
     reason = "ok"
+    in_flight = request.app[IN_FLIGHT]
+    in_flight.enter()
     try:
         try:
             response = await handler(request)
@@ -298,6 +328,7 @@ async def _context_middleware(
         response.headers["Server"] = "ssw-gateway"
         return response
     finally:
+        in_flight.leave()
         auth = request.get(PEER_AUTH)
         _log.info(
             "peer_request",
@@ -639,6 +670,7 @@ def create_peer_app(
     app[PEER_SERVICES] = services
     app[TRANSPORT_LIMITS] = limits
     app[RATE_LIMITER] = _RateLimiter(limits.rate_per_second, limits.rate_burst)
+    app[IN_FLIGHT] = _InFlight()
     app.cleanup_ctx.append(_spool_context)
     app.router.add_get(HEALTH_PATH, _health, allow_head=False)
     app.router.add_post("/v1/envelopes", _post_envelopes)
@@ -682,6 +714,7 @@ class PeerServer:
     ) -> None:
         self.app = app
         self._limits = limits
+        self._drain_timeout = drain_timeout
         self._runner = web.AppRunner(
             app,
             access_log=None,
@@ -708,6 +741,118 @@ class PeerServer:
         return self.port
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to the drain timeout)."""
+        """Stop accepting, let in-flight requests finish (up to the drain timeout).
+
+        The listening socket closes first; requests already being handled,
+        including those whose bodies are still arriving, may complete; then
+        the connections close. aiohttp alone would stop reading bodies at once.
+        """
+        for site in list(self._runner.sites):
+            with contextlib.suppress(RuntimeError):
+                await site.stop()
+        in_flight = self.app.get(IN_FLIGHT)
+        if in_flight is not None and in_flight.count:
+            _log.info("draining", requests=in_flight.count)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._drain_timeout):
+                    await in_flight.idle.wait()
         with contextlib.suppress(RuntimeError):
             await self._runner.cleanup()
+
+
+# -- binding to an opened node ----------------------------------------------------------------
+
+HTTP_HEADER_LIMIT: Final = 16 * 1024
+"""Bytes of request line plus headers the peer server reads (431 beyond)."""
+SMALL_BODY_LIMIT: Final = 4 * 1024 * 1024
+"""Largest body of a non-envelope peer request (manifests, ledger documents)."""
+BODY_IDLE_TIMEOUT: Final = 60.0
+BODY_TOTAL_TIMEOUT: Final = 6 * 3600.0
+
+
+def limits_from_policy(limits: PolicyLimits) -> TransportLimits:
+    """The transport limits of the node's policy (``[limits]`` of ``policy.toml``)."""
+    per_minute = limits.peer_requests_per_minute
+    return TransportLimits(
+        max_header_bytes=HTTP_HEADER_LIMIT,
+        max_body_bytes=limits.peer_body_bytes,
+        max_envelope_bytes=limits.max_envelope_bytes,
+        max_batch_envelopes=limits.peer_batch_size,
+        max_small_body_bytes=SMALL_BODY_LIMIT,
+        rate_per_second=per_minute / 60.0,
+        rate_burst=max(1, min(per_minute, max(10, per_minute // 6))),
+        body_idle_timeout=BODY_IDLE_TIMEOUT,
+        body_total_timeout=BODY_TOTAL_TIMEOUT,
+        clock_skew=limits.clock_skew,
+    )
+
+
+def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerServices:
+    """The peer services of an opened node: its pinned peer, nonce store, inbox."""
+    from gateway.core.keys import verify_manifest  # noqa: PLC0415
+    from gateway.node.inbox import receive_envelope  # noqa: PLC0415
+    from gateway.node.keys import (  # noqa: PLC0415
+        apply_peer_manifest,
+        peer_node_of,
+        pinned_peer_manifest,
+    )
+
+    peer = peer_node_of(node.node_id)
+
+    def pinned() -> KeyManifest:
+        with node.db.transaction() as session:
+            manifest = pinned_peer_manifest(session)
+        if manifest is None:
+            raise PeerAuthFailed(f"no manifest of node {peer} is pinned", reason="auth.unknown-key")
+        return manifest
+
+    def lookup_key(key_id: str, at: datetime) -> bytes:
+        return bytes(pinned().signing_key(key_id, at=at))
+
+    def receive(path: Path, *, now: datetime) -> bytes:
+        return receive_envelope(node, keyring, path, now=now)
+
+    def preview(raw: bytes, *, now: datetime) -> KeyLookup:
+        manifest = verify_manifest(
+            raw, node=peer, pinned=pinned(), expected_fingerprint=None, now=now
+        )
+        return lambda key_id, at: bytes(manifest.signing_key(key_id, at=at))
+
+    def apply(raw: bytes, *, now: datetime) -> None:
+        with node.db.transaction() as session:
+            apply_peer_manifest(session, raw, node=peer, now=now)
+
+    return PeerServices(
+        node_id=node.node_id,
+        peer_id=peer,
+        spool_dir=node.settings.data_dir / "spool",
+        lookup_key=lookup_key,
+        remember_nonce=database_nonce_recorder(node.db, skew=skew),
+        receive_envelope=receive,
+        apply_manifest=apply,
+        preview_manifest=preview,
+    )
+
+
+NODE: Final[web.AppKey[Node]] = web.AppKey("node")
+KEYRING: Final[web.AppKey[NodeKeyring]] = web.AppKey("keyring")
+
+
+def create_node_peer_app(
+    node: Node,
+    keyring: NodeKeyring,
+    limits: TransportLimits,
+    *,
+    extra_routes: Callable[[web.Application], None] | None = None,
+) -> web.Application:
+    """The peer application of an opened node; routes added later find the node
+    and its keyring under the :data:`NODE` and :data:`KEYRING` app keys."""
+    services = node_services(node, keyring, skew=limits.clock_skew)
+
+    def routes(app: web.Application) -> None:
+        app[NODE] = node
+        app[KEYRING] = keyring
+        if extra_routes is not None:
+            extra_routes(app)
+
+    return create_peer_app(services, limits, extra_routes=routes)

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from gateway.errors import ConfigError
 from gateway.settings import ServerSettings, is_loopback
 
-__all__ = ["client_ssl_context", "plain_http_allowed", "server_ssl_context"]
+__all__ = ["api_ssl_context", "client_ssl_context", "plain_http_allowed", "server_ssl_context"]
 
 
 def _check_pair(server: ServerSettings) -> tuple[Path, Path] | None:
@@ -95,6 +95,25 @@ def server_ssl_context(server: ServerSettings, *, host: str) -> ssl.SSLContext |
     if server.tls_ca is not None:
         _load_ca(context, server.tls_ca)
         context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def api_ssl_context(server: ServerSettings, *, host: str) -> ssl.SSLContext | None:
+    """TLS for the local user API: the node's certificate, no client certificate
+    (users authenticate with tokens); plain HTTP under the same rule as the peer port."""
+    pair = _check_pair(server)
+    if pair is None:
+        if not plain_http_allowed(host, server):
+            raise ConfigError(
+                f"refusing plain HTTP for the local API on {host}, which is not a loopback "
+                "address: set [server] tls_cert and tls_key, or insecure_http = true",
+                reason="config.tls",
+            )
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.options |= ssl.OP_NO_COMPRESSION
+    _load_chain(context, *pair)
     return context
 
 

@@ -569,3 +569,116 @@ def test_unknown_key_on_envelopes_is_not_rescued_by_the_manifest_rule(harness: H
     assert status == 401
     assert error_reason(response) == "auth.unknown-key"
     assert isinstance(PeerAuthFailed("x", reason="auth.missing"), RefusedError) is False
+
+
+# --- real `gateway serve` processes -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from tests.nodes import init_pair  # noqa: PLC0415
+
+    return init_pair(tmp_path_factory.mktemp("pair"))
+
+
+def _signed_envelope_request(node: Any, body: bytes) -> bytes:
+    """A request signed by ``node``'s real operational key, addressed to its peer."""
+    keyring = node.keyring()
+    headers = sign_request(
+        keyring,
+        method="POST",
+        path="/v1/envelopes",
+        body_sha256=hashlib.sha256(body).digest(),
+        recipient="pk" if node.node_id == "jp" else "jp",
+        now=utc_now(),
+        nonce=__import__("os").urandom(16),
+    )
+    lines = [
+        "POST /v1/envelopes HTTP/1.1",
+        "Host: 127.0.0.1",
+        f"Content-Type: {ENVELOPE_CONTENT_TYPE}",
+    ]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_serve_stops_cleanly_with_exit_0(pair: dict[str, Any], sig: str) -> None:
+    import signal  # noqa: PLC0415
+
+    from tests.nodes import stop, wait_health, wait_ready  # noqa: PLC0415
+
+    pk = pair["pk"]
+    serve = pk.serve()
+    try:
+        line = wait_ready(serve)
+        assert line.startswith(f"serving pk on 127.0.0.1:{pk.port}")
+        wait_health(pk.url)
+    finally:
+        code = stop(serve, getattr(signal, sig))
+    assert code == 0, serve.stderr_text()
+    assert "stopped pk" in serve.stderr_text()
+    assert '"event": "stopping"' in serve.stderr_text()
+
+
+@pytest.mark.slow
+def test_serve_drains_a_request_in_flight_before_exiting(pair: dict[str, Any]) -> None:
+    import signal  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from tests.nodes import stop, wait_ready  # noqa: PLC0415
+
+    jp, pk = pair["jp"], pair["pk"]
+    body = b"not an envelope, but a signed request body " * 20
+    head = _signed_envelope_request(jp, body)
+    serve = pk.serve()
+    try:
+        wait_ready(serve)
+        with socket.create_connection(("127.0.0.1", pk.port), timeout=20) as sock:
+            sock.sendall(head + body[:100])
+            time.sleep(0.3)
+            serve.process.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert serve.process.poll() is None, "exited with a request in flight"
+            sock.sendall(body[100:])
+            response = b""
+            while b"\r\n\r\n" not in response or not response.rstrip().endswith(b"}"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                response += chunk
+    finally:
+        code = stop(serve)
+    assert status_of(response) == 200, response
+    results = json.loads(response.partition(b"\r\n\r\n")[2])["results"]
+    assert [r["status"] for r in results] == ["refused"]
+    assert code == 0, serve.stderr_text()
+
+
+@pytest.mark.slow
+def test_serve_authenticates_with_the_pinned_manifest_and_refuses_replays(
+    pair: dict[str, Any],
+) -> None:
+    from tests.nodes import stop, wait_ready  # noqa: PLC0415
+
+    jp, pk = pair["jp"], pair["pk"]
+    body = b"garbage that the inbox refuses"
+    request = _signed_envelope_request(jp, body) + body
+    forged = _signed_envelope_request(pk, body) + body
+    serve = pk.serve()
+    try:
+        wait_ready(serve)
+        first, _ = raw_exchange(pk.port, request)
+        replay, _ = raw_exchange(pk.port, request)
+        own_key, _ = raw_exchange(pk.port, forged)
+    finally:
+        assert stop(serve) == 0
+    assert status_of(first) == 200
+    assert json.loads(first.partition(b"\r\n\r\n")[2])["results"][0]["status"] == "refused"
+    assert (status_of(replay), error_reason(replay)) == (401, "auth.replay")
+    assert (status_of(own_key), error_reason(own_key)) == (401, "auth.unknown-key")
+    spool = pk.home / "data" / "spool"
+    assert not any(spool.iterdir())

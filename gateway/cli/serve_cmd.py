@@ -1,0 +1,191 @@
+"""``gateway serve``: the peer server, the sender worker and the local API, until stopped.
+
+Starts in this order, refusing to start at all on a configuration error (plain
+HTTP off loopback, half-configured TLS, no policy, locked keys): open the node
+with migrations applied, unlock the keyring, load the policy, bind the peer
+port, bind the local API port, start the sender worker. Prints
+``serving <node> on HOST:PORT`` on stderr once everything listens.
+
+SIGTERM or SIGINT stops it: no new connections are accepted, requests in
+flight finish (up to the drain timeout), the sender worker finishes its
+current pass, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import click
+from aiohttp import web
+
+from gateway import log
+from gateway.cli.base import GatewayCommand
+from gateway.cli.context import AppContext, pass_app
+from gateway.core.keys import NodeKeyring
+from gateway.errors import ConfigError
+from gateway.node.runtime import Node
+from gateway.peer.client import PeerClient
+from gateway.peer.server import (
+    PeerServer,
+    TransportLimits,
+    create_node_peer_app,
+    limits_from_policy,
+)
+from gateway.peer.tls import api_ssl_context, client_ssl_context, server_ssl_context
+from gateway.settings import Settings, is_loopback
+
+__all__ = ["serve"]
+
+DRAIN_SECONDS = 30.0
+_log = log.get_logger("serve")
+
+
+def _ledger_routes(node: Node) -> Callable[[web.Application], None]:
+    """The ledger's peer routes (checkpoint witnessing, consistency proofs)."""
+    from gateway.peer.ledger_routes import ledger_routes  # noqa: PLC0415
+
+    return ledger_routes(node.db)
+
+
+def _api_app(node: Node, keyring: NodeKeyring) -> web.Application:
+    from gateway.api.app import create_api_app  # noqa: PLC0415
+
+    return create_api_app(node, lambda: keyring)
+
+
+async def _start_api(app: web.Application, host: str, port: int, ssl_context: Any) -> web.AppRunner:
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=DRAIN_SECONDS
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    await site.start()
+    return runner
+
+
+async def _run(
+    settings: Settings,
+    node: Node,
+    keyring: NodeKeyring,
+    limits: TransportLimits,
+    announce: Callable[[str], None],
+) -> None:
+    from gateway.node.outbox import run_sender  # noqa: PLC0415
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(name: str) -> None:
+        received.append(name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+
+    host, port = settings.server.listen_address
+    peer_ssl = server_ssl_context(settings.server, host=host)
+    api_host, api_port = settings.server.api_listen_address
+    api_ssl = api_ssl_context(settings.server, host=api_host)
+    if settings.server.peer_url is not None:
+        client_ssl_context(settings.server, peer_url=settings.server.peer_url)
+    for what, where, context in (("peer", host, peer_ssl), ("api", api_host, api_ssl)):
+        if context is None and not is_loopback(where):
+            _log.warning("insecure_plain_http", listener=what, host=where)
+
+    peer_server = PeerServer(
+        create_node_peer_app(node, keyring, limits, extra_routes=_ledger_routes(node)),
+        limits,
+        drain_timeout=DRAIN_SECONDS,
+    )
+    api_runner: web.AppRunner | None = None
+    sender: asyncio.Task[None] | None = None
+    client: PeerClient | None = None
+    try:
+        try:
+            bound = await peer_server.start(host, port, ssl_context=peer_ssl)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {host}:{port} for the peer: {exc.strerror}",
+                reason="config.listen",
+            ) from None
+        try:
+            api_runner = await _start_api(_api_app(node, keyring), api_host, api_port, api_ssl)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {api_host}:{api_port} for the local API: {exc.strerror}",
+                reason="config.listen",
+            ) from None
+        if settings.server.peer_url is not None:
+            client = PeerClient(settings, keyring)
+            await client.__aenter__()
+            shared = client
+
+            @asynccontextmanager
+            async def shared_client() -> AsyncIterator[PeerClient]:
+                # One session for the whole process: each delivery pass borrows it.
+                yield shared
+
+            factory: Callable[[], AbstractAsyncContextManager[Any]] = shared_client
+            sender = asyncio.create_task(run_sender(node, keyring, factory, stop))
+        _log.info(
+            "serving",
+            peer_listen=f"{host}:{bound}",
+            api_listen=f"{api_host}:{api_port}",
+            tls=peer_ssl is not None,
+            mutual_tls=settings.server.tls_ca is not None,
+            sender=sender is not None,
+        )
+        announce(f"serving {node.node_id} on {host}:{bound} (local API on {api_host}:{api_port})")
+        if sender is not None:
+            stopper = asyncio.ensure_future(stop.wait())
+            await asyncio.wait({stopper, sender}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if sender.done() and not stop.is_set():
+                sender.result()
+        else:
+            await stop.wait()
+        _log.info("stopping", signal=received[0] if received else None)
+    finally:
+        await peer_server.stop()
+        if api_runner is not None:
+            await api_runner.cleanup()
+        stop.set()
+        if sender is not None:
+            try:
+                await asyncio.wait_for(sender, timeout=DRAIN_SECONDS)
+            except TimeoutError:
+                _log.warning("sender_drain_timeout")
+        if client is not None:
+            await client.__aexit__(None, None, None)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.remove_signal_handler(sig)
+
+
+@click.command(cls=GatewayCommand)
+@pass_app
+def serve(app: AppContext) -> None:
+    """Serve the peer protocol and the local API, and deliver the outbox, until stopped.
+
+    Stops cleanly on SIGTERM or SIGINT (Ctrl-C): finishes the requests in
+    flight and the current delivery pass, then exits 0.
+    """
+    from gateway.node.policy import load_policy  # noqa: PLC0415
+
+    settings = app.settings()
+    log.configure(
+        node=settings.node_id,
+        level="debug" if app.verbose else settings.log.level,
+        fmt=settings.log.format,
+    )
+    node = app.node(upgrade=True)
+    keyring = app.keyring()
+    limits = limits_from_policy(load_policy(settings).limits)
+    asyncio.run(_run(settings, node, keyring, limits, lambda line: click.echo(line, err=True)))
+    click.echo(f"stopped {node.node_id}", err=True)
