@@ -603,7 +603,8 @@ def seal(
             f"case content of {len(content)} bytes exceeds the limit", reason="policy.case-size"
         )
 
-    keyring.manifest.signing_key(keyring.signing_key_id, at=now)  # may our key sign now?
+    created = now.replace(microsecond=0)  # the header carries whole seconds
+    keyring.manifest.signing_key(keyring.signing_key_id, at=created)  # may our key sign now?
     recipient_entry = peer_manifest.current_encryption_key(now=now)
     archive_key_id = keyring.current_encryption_key_id
     archive_public = bytes(keyring.encryption_private(archive_key_id).public_key)
@@ -623,7 +624,7 @@ def seal(
         "sender": keyring.node,
         "recipient": peer_manifest.node,
         "sequence": sequence,
-        "created_at": format_time(now),
+        "created_at": format_time(created),
         "signing_key_id": keyring.signing_key_id,
         "recipient_key_id": recipient_entry.key_id,
         "archive_key_id": archive_key_id,

@@ -1,7 +1,13 @@
 """Large attachments are sealed and opened with memory that does not grow with them.
 
 Each run happens in a fresh subprocess that reports its own peak resident set
-(``ru_maxrss``), so nothing else in the test process counts against the bound.
+(``ru_maxrss``, cross-checked with ``VmHWM`` from ``/proc/self/status``).
+
+Linux carries the high-water mark of the memory a process had before ``exec``
+into the new program's ``ru_maxrss``: a child started straight from a large
+pytest process would report the parent's size. So the measured child is
+started by a small launcher process, whose own small footprint is all it can
+inherit.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PEAK_RSS_LIMIT_KIB = 150 * 1024
 MIB = 1024 * 1024
+
+LAUNCHER = "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"
 
 SCRIPT = r"""
 import hashlib, json, resource, sys
@@ -53,8 +61,11 @@ digest_out = hashlib.sha256()
 with written.path.open("rb") as handle:
     while chunk := handle.read(1 << 20):
         digest_out.update(chunk)
+status = Path("/proc/self/status").read_text()
+hwm = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
 print(json.dumps({
     "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    "vm_hwm_kib": hwm,
     "sha256_in": digest_in.hexdigest(),
     "sha256_out": digest_out.hexdigest(),
     "sha256_reported": written.sha256,
@@ -69,7 +80,7 @@ print(json.dumps({
 def run_large(tmp_path: Path, size: int) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tmp_path), str(size)],
+        [sys.executable, "-c", LAUNCHER, sys.executable, "-c", SCRIPT, str(tmp_path), str(size)],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -88,6 +99,7 @@ def check_result(result: dict[str, Any], size: int) -> None:
     assert result["envelope_on_disk"] == result["envelope_size"] > size
     assert result["files_in_out"] == ["scan.bin"]  # no temporary file left behind
     assert result["peak_rss_kib"] < PEAK_RSS_LIMIT_KIB
+    assert result["vm_hwm_kib"] < PEAK_RSS_LIMIT_KIB
 
 
 def test_64_mib_attachment_round_trips_in_bounded_memory(tmp_path: Path) -> None:
