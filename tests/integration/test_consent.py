@@ -1,0 +1,498 @@
+"""The consent protocol and disclosure over real services and databases (both engines).
+
+Two real nodes (jp, pk), each with its own database, keys and pinned peer.
+Bundles travel the way the peer server moves them: the sender's stored
+envelope is handed to the receiver's ``receive_envelope``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+import gateway.node.keys
+import gateway.node.policy  # noqa: F401 - registers the init step that installs policies
+from gateway.core.consent import ConsentGrant, sign_grant
+from gateway.core.keys import NodeKeyring
+from gateway.core.roles import Actor, Role
+from gateway.errors import ConsentRefused, InvalidInput, NotFound, PolicyRefused
+from gateway.node import consent, ledger
+from gateway.node.inbox import receive_envelope
+from gateway.node.keystore import unlock_keyring
+from gateway.node.outbox import send_case
+from gateway.node.runtime import Node
+from gateway.node.setup import init_node
+from gateway.settings import load_settings
+from gateway.store.models_consent import DisclosureRecord
+from gateway.store.models_exchange import OutboxEntry, envelope_path
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
+PASSPHRASE = "correct horse battery staple"
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+JP_OFFICER = Actor(name="tanaka", role=Role.OFFICER)
+PK_OFFICER = Actor(name="bilal", role=Role.OFFICER)
+EMBASSY = "Embassy of Example"
+PURPOSE = "visa screening of the broker's workers"
+
+
+@dataclass
+class Side:
+    node: Node
+    keyring: NodeKeyring
+    officer: Actor
+
+
+@dataclass
+class Pair:
+    jp: Side
+    pk: Side
+
+
+@pytest.fixture
+def pair(
+    tmp_path: Path,
+    database_url: str,
+    pg_database_factory: Callable[[], str],
+    clean_environ: dict[str, str],
+) -> Iterator[Pair]:
+    env = {**clean_environ, "GATEWAY_PASSPHRASE": PASSPHRASE, "GATEWAY_KEYSTORE_STRENGTH": "min"}
+    second = (
+        f"sqlite:///{tmp_path / 'pk.sqlite3'}"
+        if database_url.startswith("sqlite")
+        else pg_database_factory()
+    )
+    urls = {"jp": database_url, "pk": second}
+    nodes: dict[str, Node] = {}
+    for node_id in ("jp", "pk"):
+        init_node(tmp_path / node_id, node_id, now=NOW, db_url=urls[node_id], environ=env)
+        nodes[node_id] = Node.open(load_settings(tmp_path / node_id, environ=env))
+    manifests = {}
+    for node_id, node in nodes.items():
+        with node.db.transaction() as session:
+            manifests[node_id] = gateway.node.keys.own_manifest(session)
+    admin = Actor(name="admin", role=Role.ADMIN)
+    for node_id, node in nodes.items():
+        peer = "pk" if node_id == "jp" else "jp"
+        with node.db.transaction() as session:
+            gateway.node.keys.pin_peer(
+                session,
+                manifests[peer].raw,
+                node=peer,
+                expected_fingerprint=manifests[peer].root_fingerprint,
+                now=NOW,
+                actor=admin,
+            )
+    keyrings = {}
+    for node_id, node in nodes.items():
+        with node.db.transaction() as session:
+            keyrings[node_id] = unlock_keyring(node.settings, PASSPHRASE.encode(), session, now=NOW)
+    yield Pair(
+        jp=Side(nodes["jp"], keyrings["jp"], JP_OFFICER),
+        pk=Side(nodes["pk"], keyrings["pk"], PK_OFFICER),
+    )
+    for node in nodes.values():
+        node.close()
+
+
+def example(case_type: str) -> dict[str, Any]:
+    return dict(json.loads((EXAMPLES / f"{case_type}.json").read_text()))
+
+
+def deliver(sender: Side, receiver: Side, bundle_id: str, *, when: datetime = NOW) -> None:
+    with sender.node.db.transaction() as session:
+        sha = session.scalars(
+            select(OutboxEntry.envelope_sha256).where(OutboxEntry.bundle_id == bundle_id)
+        ).one()
+    path = envelope_path(sender.node.settings.blob_dir, sha)
+    receive_envelope(receiver.node, receiver.keyring, path, now=when)
+
+
+def send_case_to_peer(sender: Side, receiver: Side, *, public: bool = False) -> str:
+    sent = send_case(
+        sender.node,
+        sender.keyring,
+        sender.officer,
+        "exam-fraud",
+        example("exam-fraud"),
+        [],
+        public=public,
+        reply_to=None,
+        now=NOW,
+    )
+    deliver(sender, receiver, sent.bundle_id)
+    return sent.bundle_id
+
+
+def entries(side: Side, kind: str | None = None) -> list[Any]:
+    with side.node.db.transaction() as session:
+        found = ledger.list_entries(session)
+    return [e for e in found if kind is None or str(e.kind) == kind]
+
+
+def do_disclose(side: Side, ids: list[str], out: Path, **kw: Any) -> consent.DisclosureResult:
+    return consent.disclose(
+        side.node,
+        side.keyring,
+        side.officer,
+        ids,
+        kw.get("recipient", EMBASSY),
+        kw.get("purpose", PURPOSE),
+        out,
+        now=kw.get("now", NOW),
+    )
+
+
+def grant_for(pair: Pair, ids: list[str], **kw: Any) -> consent.SentConsent:
+    """pk asks jp about jp's items; jp grants; the grant reaches pk."""
+    asked = consent.request_consent(
+        pair.pk.node, pair.pk.keyring, PK_OFFICER, ids, EMBASSY, PURPOSE, now=NOW
+    )
+    deliver(pair.pk, pair.jp, asked.bundle_id)
+    granted = consent.grant(
+        pair.jp.node,
+        pair.jp.keyring,
+        JP_OFFICER,
+        asked.request_id,
+        valid_until=kw.get("valid_until"),
+        max_uses=kw.get("max_uses"),
+        conditions=kw.get("conditions", "Only for the screening named."),
+        now=NOW,
+    )
+    deliver(pair.jp, pair.pk, granted.bundle_id)
+    return granted
+
+
+def assert_blocked(side: Side, ids: list[str], out: Path, missing: str, **kw: Any) -> None:
+    before = len(entries(side, "disclosure-blocked"))
+    with pytest.raises(ConsentRefused, match=missing) as caught:
+        do_disclose(side, ids, out, **kw)
+    assert caught.value.exit_code == 3
+    assert not out.exists() or not any(out.iterdir())
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".ssw-disclose-")]
+    assert len(entries(side, "disclosure-blocked")) == before + 1
+
+
+# -- the main path -----------------------------------------------------------------------
+
+
+def test_disclosure_blocked_until_consent_then_allowed_then_blocked_after_revocation(
+    pair: Pair, tmp_path: Path
+) -> None:
+    case_id = send_case_to_peer(pair.jp, pair.pk)
+    assert_blocked(pair.pk, [case_id], tmp_path / "out0", "no consent")
+
+    granted = grant_for(pair, [case_id], max_uses=5)
+    result = do_disclose(pair.pk, [case_id], tmp_path / "out1")
+    assert result.kind == "disclosure-made"
+    assert result.consent_id == granted.consent_id
+    manifest = json.loads((tmp_path / "out1" / "disclosure.json").read_text())
+    assert manifest["consent_id"] == granted.consent_id
+    assert manifest["ledger_seq"] == result.ledger_seq
+    case_file = tmp_path / "out1" / case_id / "case.json"
+    decoded = json.loads(case_file.read_text())
+    assert all(decoded[key] == value for key, value in example("exam-fraud").items())
+    import hashlib
+
+    assert (
+        manifest["files_sha256"][f"{case_id}/case.json"]
+        == hashlib.sha256(case_file.read_bytes()).hexdigest()
+    )
+    made = entries(pair.pk, "disclosure-made")
+    assert [e.seq for e in made] == [result.ledger_seq]
+    assert made[0].actor_name == "bilal"
+    assert made[0].consent_id == granted.consent_id
+
+    assert granted.consent_id is not None
+    revoked = consent.revoke(
+        pair.jp.node,
+        pair.jp.keyring,
+        JP_OFFICER,
+        granted.consent_id,
+        reason="the investigation is still open",
+        now=NOW,
+    )
+    deliver(pair.jp, pair.pk, revoked.bundle_id)
+    assert_blocked(pair.pk, [case_id], tmp_path / "out2", "consent revoked")
+    # the disclosure before the revocation stays on record as allowed
+    with pair.pk.node.db.transaction() as session:
+        records = session.scalars(
+            select(DisclosureRecord).order_by(DisclosureRecord.ledger_seq)
+        ).all()
+    assert [(r.kind, r.allowed) for r in records] == [
+        ("disclosure-blocked", False),
+        ("disclosure-made", True),
+        ("disclosure-blocked", False),
+    ]
+    kinds_jp = [str(e.kind) for e in entries(pair.jp)]
+    assert {"consent-requested", "consent-granted", "consent-revoked"} <= set(kinds_jp)
+    listing = consent.list_consents(pair.pk.node, pair.pk.keyring, now=NOW)
+    (held,) = listing["consents"]
+    assert (held["state"], held["uses_spent"]) == ("revoked", 1)
+
+
+def test_blocked_message_names_each_missing_item(pair: Pair, tmp_path: Path) -> None:
+    first = send_case_to_peer(pair.jp, pair.pk)
+    second = send_case_to_peer(pair.jp, pair.pk)
+    grant_for(pair, [first])
+    with pytest.raises(ConsentRefused) as caught:
+        do_disclose(pair.pk, [first, second], tmp_path / "out")
+    message = str(caught.value)
+    assert f"{second}: consent does not cover this item" in message
+    assert f"{first}: covered by consent" in message
+
+
+@pytest.mark.parametrize(
+    ("kw", "missing"),
+    [
+        ({"recipient": "Press Agency"}, "consent is for another recipient"),
+        ({"purpose": "publication"}, "consent is for another purpose"),
+        ({"now": NOW + timedelta(days=11)}, "consent expired"),
+    ],
+)
+def test_consent_does_not_stretch(pair: Pair, tmp_path: Path, kw: Any, missing: str) -> None:
+    case_id = send_case_to_peer(pair.jp, pair.pk)
+    grant_for(pair, [case_id], valid_until=NOW + timedelta(days=10))
+    assert_blocked(pair.pk, [case_id], tmp_path / "out", missing, **kw)
+
+
+def test_last_use_then_uses_spent(pair: Pair, tmp_path: Path) -> None:
+    case_id = send_case_to_peer(pair.jp, pair.pk)
+    grant_for(pair, [case_id], max_uses=1)
+    do_disclose(pair.pk, [case_id], tmp_path / "first")
+    assert_blocked(pair.pk, [case_id], tmp_path / "second", "uses spent")
+
+
+def test_internal_public_and_own_items_need_no_consent(pair: Pair, tmp_path: Path) -> None:
+    confidential = send_case_to_peer(pair.jp, pair.pk)
+    public = send_case_to_peer(pair.jp, pair.pk, public=True)
+    own = send_case_to_peer(pair.pk, pair.jp)
+    shared = do_disclose(pair.pk, [confidential], tmp_path / "a", recipient="beoe")
+    assert shared.kind == "internal-share"
+    made = do_disclose(pair.pk, [public, own], tmp_path / "b")
+    assert made.kind == "disclosure-made"
+    assert made.consent_id is None
+    assert [e.seq for e in entries(pair.pk, "internal-share")] == [shared.ledger_seq]
+
+
+def test_denial_reaches_the_requester(pair: Pair) -> None:
+    case_id = send_case_to_peer(pair.jp, pair.pk)
+    asked = consent.request_consent(
+        pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
+    )
+    deliver(pair.pk, pair.jp, asked.bundle_id)
+    denied = consent.deny(
+        pair.jp.node, pair.jp.keyring, JP_OFFICER, asked.request_id, reason="no", now=NOW
+    )
+    deliver(pair.jp, pair.pk, denied.bundle_id)
+    listing = consent.list_consents(pair.pk.node, pair.pk.keyring, now=NOW)
+    (request,) = listing["requests"]
+    assert (request["status"], request["denial_reason"]) == ("denied", "no")
+    assert [e.actor_name for e in entries(pair.jp, "consent-denied")] == ["tanaka"]
+    with pytest.raises(Exception, match="denied already"):
+        consent.grant(
+            pair.jp.node,
+            pair.jp.keyring,
+            JP_OFFICER,
+            asked.request_id,
+            valid_until=None,
+            max_uses=None,
+            conditions="",
+            now=NOW,
+        )
+
+
+def test_validity_beyond_policy_maximum_is_refused(pair: Pair) -> None:
+    case_id = send_case_to_peer(pair.jp, pair.pk)
+    asked = consent.request_consent(
+        pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
+    )
+    deliver(pair.pk, pair.jp, asked.bundle_id)
+    before = len(entries(pair.jp))
+    with pytest.raises(PolicyRefused, match="maximum validity"):
+        consent.grant(
+            pair.jp.node,
+            pair.jp.keyring,
+            JP_OFFICER,
+            asked.request_id,
+            valid_until=NOW + timedelta(days=366),
+            max_uses=None,
+            conditions="",
+            now=NOW,
+        )
+    # the request was applied on the way in; the refused grant added nothing
+    assert len(entries(pair.jp)) == before + 1
+
+
+@pytest.mark.parametrize(
+    ("ids", "recipient", "error"),
+    [
+        (["no-such-bundle"], EMBASSY, NotFound),
+        ([], EMBASSY, InvalidInput),
+        (None, "mofa", InvalidInput),
+    ],
+)
+def test_pointless_or_bad_requests_are_refused(
+    pair: Pair, ids: list[str] | None, recipient: str, error: type[Exception]
+) -> None:
+    if ids is None:
+        ids = [send_case_to_peer(pair.pk, pair.jp)]
+        side = pair.jp
+    else:
+        side = pair.pk
+    with pytest.raises(error):
+        consent.request_consent(
+            side.node, side.keyring, side.officer, ids, recipient, PURPOSE, now=NOW
+        )
+
+
+def test_grant_signed_by_another_key_is_refused_and_never_used(pair: Pair, tmp_path: Path) -> None:
+    """A consent-grant bundle whose written consent is not signed by the originator's key."""
+    import nacl.signing
+
+    case_id = send_case_to_peer(pair.jp, pair.pk)
+    asked = consent.request_consent(
+        pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
+    )
+    deliver(pair.pk, pair.jp, asked.bundle_id)
+    forged = ConsentGrant(
+        consent_id="6f1c2a54-0000-4000-8000-000000000001",
+        request_id=asked.request_id,
+        items=(case_id,),
+        third_party=EMBASSY,
+        purpose=PURPOSE,
+        valid_from=NOW,
+        valid_until=NOW + timedelta(days=30),
+        max_uses=None,
+        conditions="",
+        granting_officer="tanaka",
+        granting_node="jp",
+        key_id=pair.jp.keyring.signing_key_id,
+    )
+    other = nacl.signing.SigningKey.generate()
+    signed = sign_grant(forged, lambda message: other.sign(message).signature)
+    attachment = tmp_path / consent.GRANT_ATTACHMENT
+    attachment.write_bytes(json.dumps(signed.to_wire()).encode())
+    sent = send_case(
+        pair.jp.node,
+        pair.jp.keyring,
+        JP_OFFICER,
+        "consent-grant",
+        {
+            "consent_id": forged.consent_id,
+            "request_id": asked.request_id,
+            "items": [case_id],
+            "third_party": EMBASSY,
+            "purpose": PURPOSE,
+            "valid_until": "2026-12-25T12:00:00Z",
+            "max_uses": None,
+            "conditions": [],
+            "granting_officer": "tanaka",
+        },
+        [attachment],
+        public=False,
+        reply_to=None,
+        now=NOW,
+    )
+    deliver(pair.jp, pair.pk, sent.bundle_id)
+    assert_blocked(pair.pk, [case_id], tmp_path / "out", "no consent")
+    listing = consent.list_consents(pair.pk.node, pair.pk.keyring, now=NOW)
+    assert listing["consents"] == []
+    (refused,) = listing["refused_bundles"]
+    assert refused["bundle_id"] == sent.bundle_id
+    assert "signature" in refused["detail"]
+
+
+def test_revocation_before_its_grant_revokes_it_on_arrival(pair: Pair, tmp_path: Path) -> None:
+    case_id = send_case_to_peer(pair.jp, pair.pk)
+    asked = consent.request_consent(
+        pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
+    )
+    deliver(pair.pk, pair.jp, asked.bundle_id)
+    granted = consent.grant(
+        pair.jp.node,
+        pair.jp.keyring,
+        JP_OFFICER,
+        asked.request_id,
+        valid_until=None,
+        max_uses=None,
+        conditions="",
+        now=NOW,
+    )
+    assert granted.consent_id is not None
+    revoked = consent.revoke(
+        pair.jp.node, pair.jp.keyring, JP_OFFICER, granted.consent_id, reason="r", now=NOW
+    )
+    deliver(pair.jp, pair.pk, revoked.bundle_id)
+    deliver(pair.jp, pair.pk, granted.bundle_id)
+    assert_blocked(pair.pk, [case_id], tmp_path / "out", "consent revoked")
+
+
+# -- concurrency -------------------------------------------------------------------------
+
+
+def test_revocation_concurrent_with_disclosures_never_follows_a_recorded_disclosure(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """Disclosures run in a loop while the revocation arrives: none is made after it."""
+    case_id = send_case_to_peer(pair.jp, pair.pk)
+    granted = grant_for(pair, [case_id])
+    assert granted.consent_id is not None
+    revoked = consent.revoke(
+        pair.jp.node, pair.jp.keyring, JP_OFFICER, granted.consent_id, reason="r", now=NOW
+    )
+    # A second connection pool to pk's database, as a separate receiver would have.
+    receiver = Side(Node.open(pair.pk.node.settings), pair.pk.keyring, PK_OFFICER)
+    outcomes: list[str] = []
+    started = threading.Event()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def disclose_loop() -> None:
+        try:
+            for index in range(200):
+                try:
+                    do_disclose(pair.pk, [case_id], tmp_path / f"loop-{index}")
+                    outcomes.append("made")
+                except ConsentRefused:
+                    outcomes.append("blocked")
+                started.set()
+                if stop.is_set() and outcomes[-1] == "blocked":
+                    return
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+            started.set()
+
+    worker = threading.Thread(target=disclose_loop)
+    worker.start()
+    try:
+        started.wait(30)
+        deliver(pair.jp, receiver, revoked.bundle_id)
+        stop.set()
+    finally:
+        worker.join(120)
+        receiver.node.close()
+    assert not errors, errors
+    assert outcomes[0] == "made"
+    assert outcomes[-1] == "blocked"
+    # Allowed attempts all come before the first blocked one: no flip back.
+    first_blocked = outcomes.index("blocked")
+    assert "made" not in outcomes[first_blocked:]
+    # In the ledger's total order, the revocation's arrival precedes every block
+    # and follows every disclosure made.
+    (arrived,) = [
+        e for e in entries(pair.pk, "bundle-received") if e.bundle_id == revoked.bundle_id
+    ]
+    made = entries(pair.pk, "disclosure-made")
+    blocked = entries(pair.pk, "disclosure-blocked")
+    assert made and blocked
+    assert max(e.seq for e in made) < arrived.seq
+    assert min(e.seq for e in blocked) > arrived.seq
+    assert len(made) + len(blocked) == len(outcomes)
