@@ -299,3 +299,88 @@ def test_half_configured_tls_refused_at_start(pki: Pki, half: str) -> None:
     with pytest.raises(ConfigError) as caught:
         server_ssl_context(ServerSettings(**values), host="127.0.0.1")
     assert caught.value.reason == "config.tls"
+
+
+# --- the real `gateway serve` process ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    from tests.nodes import init_pair  # noqa: PLC0415
+
+    return init_pair(tmp_path_factory.mktemp("pair"))
+
+
+def _tls_env(pki: Pki, issued: Issued) -> dict[str, str]:
+    return {
+        "GATEWAY_SERVER_TLS_CERT": str(issued.cert),
+        "GATEWAY_SERVER_TLS_KEY": str(issued.key),
+        "GATEWAY_SERVER_TLS_CA": str(pki.ca.path),
+    }
+
+
+@pytest.mark.slow
+def test_serve_over_mutual_tls_admits_only_clients_of_the_ca(
+    pair: dict[str, Any], pki: Pki, tmp_path: Path
+) -> None:
+    from tests.nodes import stop, wait_ready  # noqa: PLC0415
+
+    jp, pk = pair["jp"], pair["pk"]
+    serve = pk.serve(**_tls_env(pki, pki.server))
+    url = f"https://127.0.0.1:{pk.port}"
+    keyring = jp.keyring()
+    envelope = tmp_path / "one.env"
+    envelope.write_bytes(b"not a real envelope: the inbox refuses it after TLS and auth pass")
+
+    def settings_with(cert: Issued) -> Settings:
+        return Settings.model_validate(
+            {
+                "home": jp.home,
+                "node": {"id": "jp"},
+                "server": {
+                    "peer_url": url,
+                    "tls_cert": cert.cert,
+                    "tls_key": cert.key,
+                    "tls_ca": pki.ca.path,
+                },
+            }
+        )
+
+    async def post(cert: Issued) -> Any:
+        async with PeerClient(settings_with(cert), keyring) as client:
+            health = await client.health()
+            return health, await client.post_envelopes([envelope])
+
+    try:
+        wait_ready(serve)
+        health, results = asyncio.run(post(pki.client))
+        with pytest.raises(TransportError) as rogue:
+            asyncio.run(post(pki.rogue_client))
+    finally:
+        code = stop(serve)
+    assert health == {"status": "ok"}
+    assert [(r.status, r.reason) for r in results] == [("refused", "envelope.format")]
+    assert rogue.value.reason == "transport.unreachable"
+    assert code == 0, serve.stderr_text()
+    assert '"mutual_tls": true' in serve.stderr_text()
+
+
+@pytest.mark.slow
+def test_serve_refuses_plain_http_off_loopback_at_start(pair: dict[str, Any]) -> None:
+    from tests.nodes import free_port, run_gateway, stop, wait_ready  # noqa: PLC0415
+
+    pk = pair["pk"]
+    listen = f"0.0.0.0:{free_port()}"
+    refused = run_gateway(pk.home, "serve", env=pk.env(GATEWAY_SERVER_LISTEN=listen), timeout=60)
+    assert refused.returncode == 1
+    assert "refusing plain HTTP on 0.0.0.0" in refused.stderr
+    assert "serving" not in refused.stderr
+
+    allowed = pk.serve(GATEWAY_SERVER_LISTEN=listen, GATEWAY_SERVER_INSECURE_HTTP="true")
+    try:
+        line = wait_ready(allowed)
+    finally:
+        code = stop(allowed)
+    assert line.startswith(f"serving pk on {listen}")
+    assert '"event": "insecure_plain_http"' in allowed.stderr_text()
+    assert code == 0
