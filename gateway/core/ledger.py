@@ -114,6 +114,10 @@ class EntryKind(StrEnum):
     EQUIVOCATION = "equivocation"
 
 
+_KINDS = {kind.value: kind for kind in EntryKind}
+_DECODER = json.JSONDecoder()
+
+
 class LedgerVerificationFailed(VerificationError):
     """The ledger is not what was recorded: ``seq`` names the first bad entry.
 
@@ -174,8 +178,17 @@ def format_time(moment: datetime) -> str:
 def parse_time(text: Any) -> datetime:
     if not isinstance(text, str) or not _TIME_PATTERN.fullmatch(text):
         raise InvalidInput(f"time {text!r} is not YYYY-MM-DDTHH:MM:SS.ffffffZ")
-    try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    try:  # fields sliced by position: the pattern above fixed every one of them
+        return datetime(
+            int(text[0:4]),
+            int(text[5:7]),
+            int(text[8:10]),
+            int(text[11:13]),
+            int(text[14:16]),
+            int(text[17:19]),
+            int(text[20:26]),
+            tzinfo=UTC,
+        )
     except ValueError:
         raise InvalidInput(f"time {text!r} is not a real date and time") from None
 
@@ -301,7 +314,7 @@ def parse_entry(canonical: bytes) -> LedgerEntry:
     if len(canonical) > MAX_ENTRY_BYTES:
         raise InvalidInput(f"entry of {len(canonical)} bytes exceeds {MAX_ENTRY_BYTES}")
     try:
-        fields = json.loads(canonical)
+        fields = _DECODER.decode(canonical.decode("utf-8"))
     except (ValueError, RecursionError):
         raise InvalidInput("entry bytes are not JSON") from None
     if not isinstance(fields, dict) or set(fields) != _ENTRY_KEYS:
@@ -311,10 +324,9 @@ def parse_entry(canonical: bytes) -> LedgerEntry:
     seq = fields["seq"]
     if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
         raise InvalidInput("entry seq is not a non-negative integer")
-    try:
-        kind = EntryKind(fields["kind"])
-    except ValueError:
-        raise InvalidInput(f"entry kind {fields['kind']!r} is unknown") from None
+    kind = _KINDS.get(fields["kind"]) if isinstance(fields["kind"], str) else None
+    if kind is None:
+        raise InvalidInput(f"entry kind {fields['kind']!r} is unknown")
     actor = fields["actor"]
     if not isinstance(actor, dict) or set(actor) != {"name", "role"}:
         raise InvalidInput("entry actor is not {name, role}")

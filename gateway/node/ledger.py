@@ -156,30 +156,55 @@ def record_event(
 # --- reading -------------------------------------------------------------
 
 
-def _stored(row: LedgerEntryRow) -> StoredEntry:
-    return StoredEntry(
-        seq=row.seq,
-        time=row.time,
-        kind=row.kind,
-        actor_name=row.actor_name,
-        actor_role=row.actor_role,
-        bundle_id=row.bundle_id,
-        consent_id=row.consent_id,
-        prev_hash=bytes(row.prev_hash),
-        entry_hash=bytes(row.entry_hash),
-        canonical=bytes(row.canonical),
-    )
+_EntrySelect = Select[*tuple[Any, ...]]
+_ENTRY_COLUMNS = (
+    LedgerEntryRow.seq,
+    LedgerEntryRow.time,
+    LedgerEntryRow.kind,
+    LedgerEntryRow.actor_name,
+    LedgerEntryRow.actor_role,
+    LedgerEntryRow.bundle_id,
+    LedgerEntryRow.consent_id,
+    LedgerEntryRow.prev_hash,
+    LedgerEntryRow.entry_hash,
+    LedgerEntryRow.canonical,
+)
 
 
-def _stream(session: Session, statement: Select[Any]) -> Iterator[StoredEntry]:
-    """Rows in batches through a server-side cursor; the session keeps none of them."""
+def _select_entries() -> _EntrySelect:
+    """Plain column rows (no ORM objects, no identity map): what streaming needs."""
+    return select(*_ENTRY_COLUMNS).order_by(LedgerEntryRow.seq)
+
+
+def _stream(session: Session, statement: _EntrySelect) -> Iterator[StoredEntry]:
+    """Rows in batches through a server-side cursor; memory stays bounded."""
     result = session.execute(
         statement.execution_options(yield_per=_STREAM_BATCH, stream_results=True)
     )
-    for partition in result.scalars().partitions():
-        for row in partition:
-            yield _stored(row)
-        session.expunge_all()
+    for (
+        seq,
+        time,
+        kind,
+        actor_name,
+        actor_role,
+        bundle_id,
+        consent_id,
+        prev,
+        entry_hash,
+        canonical,
+    ) in result:
+        yield StoredEntry(
+            seq=seq,
+            time=time,
+            kind=kind,
+            actor_name=actor_name,
+            actor_role=actor_role,
+            bundle_id=bundle_id,
+            consent_id=consent_id,
+            prev_hash=bytes(prev),
+            entry_hash=bytes(entry_hash),
+            canonical=bytes(canonical),
+        )
 
 
 def _entry_of(row: StoredEntry) -> LedgerEntry:
@@ -203,7 +228,7 @@ def iter_entries(
     limit: int | None = None,
 ) -> Iterator[LedgerEntry]:
     """Entries in sequence order, filtered, streamed."""
-    statement = select(LedgerEntryRow).order_by(LedgerEntryRow.seq)
+    statement = _select_entries()
     if bundle is not None:
         statement = statement.where(LedgerEntryRow.bundle_id == bundle)
     if kind is not None:
@@ -282,7 +307,7 @@ def make_checkpoint(
     previous = latest_checkpoint(session)
     sizes = frozenset(session.scalars(select(LedgerCheckpointRow.size)).all())
     verifier = ChainVerifier(root_sizes=sizes)
-    for row in _stream(session, select(LedgerEntryRow).order_by(LedgerEntryRow.seq)):
+    for row in _stream(session, _select_entries()):
         problem = verifier.feed(row)
         if problem is not None:
             raise problem.error()
@@ -540,7 +565,7 @@ def verify_ledger(
     verifier = ChainVerifier(root_sizes=sizes)
     made_entries: dict[int, dict[str, Any]] = {}
     report = VerifyReport()
-    for row in _stream(session, select(LedgerEntryRow).order_by(LedgerEntryRow.seq)):
+    for row in _stream(session, _select_entries()):
         if verifier.feed(row) is not None:
             break
         last = verifier.last

@@ -485,5 +485,5 @@ def test_stale_peer_checkpoint_is_refused(db: Database, peer_db: Database) -> No
 def test_chain_of_stored_rows_verifies_in_core(db: Database) -> None:
     fill(db, 3)
     with db.transaction() as session:
-        rows = list(ledger._stream(session, ledger.select(ledger.LedgerEntryRow)))
+        rows = list(ledger._stream(session, ledger._select_entries()))
     assert verify_chain(rows) is None
