@@ -295,18 +295,19 @@ async def _context_middleware(
     structlog.contextvars.bind_contextvars(request_id=request_id)
     status = 500
     reason = "ok"
+    detail: str | None = None
     in_flight = request.app[IN_FLIGHT]
     in_flight.enter()
     try:
         try:
             response = await handler(request)
         except _Refusal as refusal:
-            _log.info("peer_request_refused", reason=refusal.reason, detail=str(refusal))
+            detail = str(refusal)
             response = _error_response(
                 refusal.status, refusal.reason, request_id, close=refusal.close
             )
         except GatewayError as exc:
-            _log.info("peer_request_refused", reason=exc.reason, detail=exc.diagnostics())
+            detail = exc.diagnostics()
             response = _error_response(_status_for(exc), exc.reason, request_id, close=True)
         except web.HTTPException as exc:
             code = "not-found" if exc.status == 404 else f"http.{exc.status}"
@@ -338,6 +339,7 @@ async def _context_middleware(
             reason=reason,
             peer=auth.sender if isinstance(auth, SignedRequest) else None,
             remote=request.remote,
+            detail=detail,
             duration_ms=round((time.monotonic() - started) * 1000, 1),
         )
         structlog.contextvars.unbind_contextvars("request_id")

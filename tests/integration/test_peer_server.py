@@ -19,7 +19,6 @@ from sqlalchemy import func, select
 from gateway.core.peer_auth import (
     HEADER_SIGNATURE,
     KeyLookup,
-    PeerAuthFailed,
     sign_request,
 )
 from gateway.errors import RefusedError, TransportError
@@ -568,7 +567,7 @@ def test_unknown_key_on_envelopes_is_not_rescued_by_the_manifest_rule(harness: H
     status, response, _ = harness.raw(signed_head(RawSigner("jp", "jp-op-2", JP.key), body), body)
     assert status == 401
     assert error_reason(response) == "auth.unknown-key"
-    assert isinstance(PeerAuthFailed("x", reason="auth.missing"), RefusedError) is False
+    harness.assert_nothing_stored()
 
 
 # --- real `gateway serve` processes -----------------------------------------------------------
@@ -682,3 +681,95 @@ def test_serve_authenticates_with_the_pinned_manifest_and_refuses_replays(
     assert (status_of(own_key), error_reason(own_key)) == (401, "auth.unknown-key")
     spool = pk.home / "data" / "spool"
     assert not any(spool.iterdir())
+
+
+# --- failures inside the node never become a crash -------------------------------------------
+
+
+def test_unexpected_exception_answers_500_with_an_opaque_reason(tmp_path: Path) -> None:
+    from aiohttp import web  # noqa: PLC0415
+
+    from gateway.peer.server import create_peer_app  # noqa: PLC0415
+
+    async def broken(_request: web.Request) -> web.Response:
+        raise KeyError("secret detail that must not reach the peer")
+
+    db = migrated_database(f"sqlite:///{tmp_path / 'pk.sqlite3'}")
+    services, _ = make_services(
+        tmp_path, db, keys=KeyTable({"jp-op-1": JP.public_key}), receiver=PK
+    )
+    app = create_peer_app(
+        services, TEST_LIMITS, extra_routes=lambda a: a.router.add_post("/v1/broken", broken)
+    )
+    with ServerThread(app) as server:
+        response, closed = raw_exchange(
+            server.port, signed_head(JP, b"", path="/v1/broken").encode()
+        )
+        health, _ = raw_exchange(
+            server.port, b"GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+    assert status_of(response) == 500
+    assert error_reason(response) == "internal"
+    assert b"secret detail" not in response
+    assert closed
+    assert status_of(health) == 200
+    db.dispose()
+
+
+def test_envelope_handler_crash_is_reported_per_envelope(tmp_path: Path) -> None:
+    from dataclasses import replace  # noqa: PLC0415
+
+    db = migrated_database(f"sqlite:///{tmp_path / 'pk.sqlite3'}")
+    services, store = make_services(
+        tmp_path, db, keys=KeyTable({"jp-op-1": JP.public_key}), receiver=PK
+    )
+
+    def flaky(path: Path, *, now: datetime) -> bytes:
+        if path.read_bytes() == b"boom":
+            raise RuntimeError("disk on fire")
+        return store(path, now=now)
+
+    body = batch(b"fine", b"boom")
+    with start_test_server(replace(services, receive_envelope=flaky)) as server:
+        response, _ = raw_exchange(
+            server.port,
+            signed_head(JP, body, content_type=BATCH_CONTENT_TYPE).encode() + body,
+        )
+    results = json.loads(response.partition(b"\r\n\r\n")[2])["results"]
+    assert [(r["status"], r.get("reason")) for r in results] == [
+        ("accepted", None),
+        ("error", "internal"),
+    ]
+    assert results[1]["retryable"] is True
+    assert store.stored() == [b"fine"]
+    db.dispose()
+
+
+def test_policy_limits_become_transport_limits() -> None:
+    from gateway.core.policy import Limits  # noqa: PLC0415
+    from gateway.peer.server import limits_from_policy  # noqa: PLC0415
+
+    limits = limits_from_policy(
+        Limits(peer_batch_size=7, peer_requests_per_minute=120, peer_body_bytes=1 << 20)
+    )
+    assert limits.max_batch_envelopes == 7
+    assert limits.max_body_bytes == 1 << 20
+    assert limits.rate_per_second == 2.0
+    assert limits.rate_burst == 20
+    assert limits.clock_skew == timedelta(seconds=300)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"max_body_bytes": 0},
+        {"max_batch_envelopes": 0},
+        {"rate_per_second": 0.0},
+        {"body_idle_timeout": 10.0, "body_total_timeout": 5.0},
+    ],
+)
+def test_nonsensical_transport_limits_refused(change: dict[str, Any]) -> None:
+    from dataclasses import replace  # noqa: PLC0415
+
+    with pytest.raises(ValueError, match="must"):
+        replace(TEST_LIMITS, **change)
