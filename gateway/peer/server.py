@@ -522,6 +522,8 @@ async def _spool_envelopes(
                 if not chunk:
                     break
                 digest.update(chunk)
+                if digest.size > limits.max_body_bytes:
+                    raise _Refusal(413, "limit.body", f"body exceeds {limits.max_body_bytes} bytes")
                 if digest.size > limits.max_envelope_bytes:
                     raise _Refusal(
                         413, "limit.envelope", f"envelope exceeds {limits.max_envelope_bytes}"

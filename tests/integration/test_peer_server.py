@@ -773,3 +773,33 @@ def test_nonsensical_transport_limits_refused(change: dict[str, Any]) -> None:
 
     with pytest.raises(ValueError, match="must"):
         replace(TEST_LIMITS, **change)
+
+
+def test_slow_headers_cut_by_the_connection_timeout(harness: Harness) -> None:
+    response, closed = raw_exchange(
+        harness.server.port, b"GET /v1/health HTTP/1.1\r\nHost: x\r\nX-Slow: ", timeout=10
+    )
+    assert closed
+    assert response == b""
+
+
+def test_single_envelope_larger_than_the_body_limit_refused_while_streaming(
+    tmp_path: Path,
+) -> None:
+    from dataclasses import replace  # noqa: PLC0415
+
+    limits = replace(TEST_LIMITS, max_body_bytes=2048, max_envelope_bytes=8192)
+    db = migrated_database(f"sqlite:///{tmp_path / 'pk.sqlite3'}")
+    services, store = make_services(
+        tmp_path, db, keys=KeyTable({"jp-op-1": JP.public_key}), receiver=PK
+    )
+    body = b"q" * 4096
+    head = signed_head(JP, body, length=False, extra="Transfer-Encoding: chunked\r\n")
+    with start_test_server(services, limits) as server:
+        response, _ = raw_exchange(
+            server.port, head.encode() + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        )
+    assert status_of(response) == 413
+    assert error_reason(response) == "limit.body"
+    assert store.stored() == []
+    db.dispose()
