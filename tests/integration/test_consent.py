@@ -7,6 +7,7 @@ envelope is handed to the receiver's ``receive_envelope``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -15,11 +16,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import nacl.signing
 import pytest
 from sqlalchemy import select
 
 import gateway.node.keys
-import gateway.node.policy  # noqa: F401 - registers the init step that installs policies
+import gateway.node.policy  # registers the init step that installs policies
 from gateway.core.consent import ConsentGrant, sign_grant
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
@@ -199,8 +201,6 @@ def test_disclosure_blocked_until_consent_then_allowed_then_blocked_after_revoca
     case_file = tmp_path / "out1" / case_id / "case.json"
     decoded = json.loads(case_file.read_text())
     assert all(decoded[key] == value for key, value in example("exam-fraud").items())
-    import hashlib
-
     assert (
         manifest["files_sha256"][f"{case_id}/case.json"]
         == hashlib.sha256(case_file.read_bytes()).hexdigest()
@@ -249,18 +249,22 @@ def test_blocked_message_names_each_missing_item(pair: Pair, tmp_path: Path) -> 
     assert f"{first}: covered by consent" in message
 
 
-@pytest.mark.parametrize(
-    ("kw", "missing"),
-    [
-        ({"recipient": "Press Agency"}, "consent is for another recipient"),
-        ({"purpose": "publication"}, "consent is for another purpose"),
-        ({"now": NOW + timedelta(days=11)}, "consent expired"),
-    ],
-)
-def test_consent_does_not_stretch(pair: Pair, tmp_path: Path, kw: Any, missing: str) -> None:
+STRETCHES = [
+    ({"recipient": "Press Agency"}, "consent is for another recipient"),
+    ({"purpose": "publication"}, "consent is for another purpose"),
+    ({"now": NOW + timedelta(days=11)}, "consent expired"),
+]
+
+
+def test_consent_does_not_stretch_to_other_recipients_purposes_or_times(
+    pair: Pair, tmp_path: Path
+) -> None:
     case_id = send_case_to_peer(pair.jp, pair.pk)
     grant_for(pair, [case_id], valid_until=NOW + timedelta(days=10))
-    assert_blocked(pair.pk, [case_id], tmp_path / "out", missing, **kw)
+    for index, (kw, missing) in enumerate(STRETCHES):
+        assert_blocked(pair.pk, [case_id], tmp_path / f"out{index}", missing, **kw)
+    # and within its terms it is still good
+    assert do_disclose(pair.pk, [case_id], tmp_path / "ok").kind == "disclosure-made"
 
 
 def test_last_use_then_uses_spent(pair: Pair, tmp_path: Path) -> None:
@@ -331,32 +335,27 @@ def test_validity_beyond_policy_maximum_is_refused(pair: Pair) -> None:
     assert len(entries(pair.jp)) == before + 1
 
 
-@pytest.mark.parametrize(
-    ("ids", "recipient", "error"),
-    [
-        (["no-such-bundle"], EMBASSY, NotFound),
-        ([], EMBASSY, InvalidInput),
-        (None, "mofa", InvalidInput),
-    ],
-)
-def test_pointless_or_bad_requests_are_refused(
-    pair: Pair, ids: list[str] | None, recipient: str, error: type[Exception]
-) -> None:
-    if ids is None:
-        ids = [send_case_to_peer(pair.pk, pair.jp)]
-        side = pair.jp
-    else:
-        side = pair.pk
-    with pytest.raises(error):
-        consent.request_consent(
-            side.node, side.keyring, side.officer, ids, recipient, PURPOSE, now=NOW
-        )
+def test_pointless_or_bad_requests_are_refused(pair: Pair) -> None:
+    own = send_case_to_peer(pair.pk, pair.jp)
+    public = send_case_to_peer(pair.jp, pair.pk, public=True)
+    cases: list[tuple[Side, list[str], str, type[Exception], str]] = [
+        (pair.pk, ["no-such-bundle"], EMBASSY, NotFound, "not in the inbox"),
+        (pair.pk, [], EMBASSY, InvalidInput, "at least one"),
+        (pair.pk, [own], EMBASSY, NotFound, "not in the inbox"),
+        (pair.pk, [public], EMBASSY, InvalidInput, "marked public"),
+        (pair.jp, [own], "mofa", InvalidInput, "internal recipient"),
+    ]
+    before = {side.node.node_id: len(entries(side)) for side in (pair.jp, pair.pk)}
+    for side, ids, recipient, error, message in cases:
+        with pytest.raises(error, match=message):
+            consent.request_consent(
+                side.node, side.keyring, side.officer, ids, recipient, PURPOSE, now=NOW
+            )
+    assert {side.node.node_id: len(entries(side)) for side in (pair.jp, pair.pk)} == before
 
 
 def test_grant_signed_by_another_key_is_refused_and_never_used(pair: Pair, tmp_path: Path) -> None:
     """A consent-grant bundle whose written consent is not signed by the originator's key."""
-    import nacl.signing
-
     case_id = send_case_to_peer(pair.jp, pair.pk)
     asked = consent.request_consent(
         pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
@@ -492,7 +491,8 @@ def test_revocation_concurrent_with_disclosures_never_follows_a_recorded_disclos
     ]
     made = entries(pair.pk, "disclosure-made")
     blocked = entries(pair.pk, "disclosure-blocked")
-    assert made and blocked
+    assert made
+    assert blocked
     assert max(e.seq for e in made) < arrived.seq
     assert min(e.seq for e in blocked) > arrived.seq
     assert len(made) + len(blocked) == len(outcomes)
