@@ -81,6 +81,10 @@ def _register() -> None:
 
     for command in exchange_cmd.COMMANDS:
         cli.add_command(command)
+    from gateway.cli import consent_cmd, disclose_cmd  # noqa: PLC0415
+
+    cli.add_command(consent_cmd.consent_group)
+    cli.add_command(disclose_cmd.disclose)
 
 
 _register()

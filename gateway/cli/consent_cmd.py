@@ -1,0 +1,173 @@
+"""``gateway consent request | grant | deny | revoke | list``: written consent (MOC item 3).
+
+Thin: each command parses, calls :mod:`gateway.node.consent`, and prints. All
+act as an officer (token) and use the node's keys: the request, the grant,
+the denial and the revocation travel to the peer as bundles, and every step
+is recorded in the ledger under the acting officer's name.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+
+import click
+
+from gateway.cli.base import GatewayGroup
+from gateway.cli.context import AppContext, pass_app
+from gateway.errors import InvalidInput
+from gateway.node import consent
+from gateway.node.runtime import utc_now
+
+__all__ = ["consent_group", "parse_valid_until"]
+
+
+def parse_valid_until(text: str | None) -> datetime | None:
+    """``YYYY-MM-DD`` (valid through that whole day, UTC) or an ISO 8601 time with a zone."""
+    if text is None:
+        return None
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        pass
+    else:
+        return datetime.combine(day, time(0), tzinfo=UTC) + timedelta(days=1)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(
+            f"--valid-until {text!r} is neither a date (2026-12-31) nor a time with a zone "
+            "(2026-12-31T12:00:00Z)"
+        ) from None
+    if moment.tzinfo is None:
+        raise InvalidInput(f"--valid-until {text!r}: give the time zone (e.g. Z for UTC)")
+    return moment.astimezone(UTC)
+
+
+def _when(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return "-" if value is None else str(value)
+
+
+@click.group(cls=GatewayGroup, name="consent")
+def consent_group() -> None:
+    """Ask for, grant, deny, revoke and list written consent to disclose the peer's items."""
+
+
+@consent_group.command(name="request")
+@click.argument("bundle_ids", metavar="BUNDLE_ID...", nargs=-1, required=True)
+@click.option("--recipient", required=True, help="The third party the items would go to.")
+@click.option("--purpose", required=True, help="What the third party needs them for.")
+@pass_app
+def request_command(
+    app: AppContext, bundle_ids: tuple[str, ...], recipient: str, purpose: str
+) -> None:
+    """Ask the originating side for consent to pass its bundles to a third party."""
+    actor = app.actor("consent.request")
+    node = app.node()
+    sent = consent.request_consent(
+        node, app.keyring(), actor, list(bundle_ids), recipient, purpose, now=utc_now()
+    )
+    app.emit(
+        sent.to_dict(),
+        f"consent request {sent.request_id} queued for the peer "
+        f"({len(bundle_ids)} item(s), recipient {recipient!r})",
+    )
+
+
+@consent_group.command(name="grant")
+@click.argument("request_id")
+@click.option(
+    "--valid-until",
+    metavar="DATE",
+    help="Last day (YYYY-MM-DD, UTC) or exact end time; default and maximum: the policy's.",
+)
+@click.option("--max-uses", type=click.IntRange(1), help="How many disclosures it allows.")
+@click.option("--conditions", default="", help="Conditions the recipient must keep.")
+@pass_app
+def grant_command(
+    app: AppContext,
+    request_id: str,
+    valid_until: str | None,
+    max_uses: int | None,
+    conditions: str,
+) -> None:
+    """Give the peer written consent for its request; it is signed and sent."""
+    actor = app.actor("consent.grant")
+    node = app.node()
+    sent = consent.grant(
+        node,
+        app.keyring(),
+        actor,
+        request_id,
+        valid_until=parse_valid_until(valid_until),
+        max_uses=max_uses,
+        conditions=conditions,
+        now=utc_now(),
+    )
+    uses = "unlimited uses" if sent.max_uses is None else f"at most {sent.max_uses} use(s)"
+    app.emit(
+        sent.to_dict(),
+        f"consent {sent.consent_id} granted for request {request_id}, valid until "
+        f"{_when(sent.valid_until)}, {uses}; queued for the peer",
+    )
+
+
+@consent_group.command(name="deny")
+@click.argument("request_id")
+@click.option("--reason", required=True, help="Why consent is refused (sent to the peer).")
+@pass_app
+def deny_command(app: AppContext, request_id: str, reason: str) -> None:
+    """Refuse the peer's consent request; the peer is told the reason."""
+    actor = app.actor("consent.deny")
+    node = app.node()
+    sent = consent.deny(node, app.keyring(), actor, request_id, reason=reason, now=utc_now())
+    app.emit(sent.to_dict(), f"consent request {request_id} denied; queued for the peer")
+
+
+@consent_group.command(name="revoke")
+@click.argument("consent_id")
+@click.option("--reason", required=True, help="Why consent is withdrawn (sent to the peer).")
+@pass_app
+def revoke_command(app: AppContext, consent_id: str, reason: str) -> None:
+    """Withdraw a consent this side granted; the peer refuses its use once it arrives."""
+    actor = app.actor("consent.revoke")
+    node = app.node()
+    sent = consent.revoke(node, app.keyring(), actor, consent_id, reason=reason, now=utc_now())
+    app.emit(sent.to_dict(), f"consent {consent_id} revoked; queued for the peer")
+
+
+@consent_group.command(name="list")
+@pass_app
+def list_command(app: AppContext) -> None:
+    """Consent requests and consents, both directions, with each consent's state."""
+    app.actor("consent.list")
+    node = app.node()
+    listing = consent.list_consents(node, app.keyring(), now=utc_now())
+
+    def text() -> str:
+        lines = ["requests:"] if listing["requests"] else ["requests: none"]
+        for r in listing["requests"]:
+            arrow = "we asked" if r["direction"] == "outgoing" else "peer asked"
+            lines.append(
+                f"  {r['request_id']}  {arrow:<10} {r['status']:<8} "
+                f"to {r['third_party']!r} for {r['purpose']!r}: {', '.join(r['items'])}"
+            )
+        lines.append("consents:" if listing["consents"] else "consents: none")
+        for c in listing["consents"]:
+            side = "granted by us" if c["direction"] == "issued" else "granted to us"
+            uses = (
+                f"{c['uses_spent']} used"
+                if c["max_uses"] is None
+                else f"{c['uses_spent']}/{c['max_uses']} used"
+            )
+            lines.append(
+                f"  {c['consent_id']}  {side:<13} {c['state']:<8} until {_when(c['valid_until'])}"
+                f"  {uses}  to {c['third_party']!r} for {c['purpose']!r}: {', '.join(c['items'])}"
+            )
+        for b in listing["refused_bundles"]:
+            lines.append(f"refused bundle {b['bundle_id']} ({b['type']}): {b['detail']}")
+        return "\n".join(lines)
+
+    app.emit(listing, text)
