@@ -9,6 +9,8 @@ import json
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import nacl.signing
 import pytest
@@ -487,3 +489,55 @@ def test_chain_of_stored_rows_verifies_in_core(db: Database) -> None:
     with db.transaction() as session:
         rows = list(ledger._stream(session, ledger._select_entries()))
     assert verify_chain(rows) is None
+
+
+# --- end to end over HTTP: two real nodes serving each other ---------------------
+
+
+@pytest.mark.slow
+def test_audit_over_http_catches_a_peer_that_rewrote_history(tmp_path: Path) -> None:
+    """pk's checkpoints are witnessed by jp over HTTP; pk's administrator then rebuilds
+    pk's ledger with the real signing key; jp's ``ledger audit-peer`` exits 4."""
+    from gateway.node.keys import own_manifest  # noqa: PLC0415
+    from gateway.settings import load_settings  # noqa: PLC0415
+    from tests.nodes import init_pair, stop, wait_ready  # noqa: PLC0415
+
+    nodes = init_pair(tmp_path)
+    jp, pk = nodes["jp"], nodes["pk"]
+    kenji = jp.run("users", "add", "kenji", "--role", "compliance")["token"]
+    pk_db = open_database(load_settings(pk.home, environ=pk.env()).database_url)
+    serving = [jp.serve(), pk.serve()]
+    try:
+        for serve in serving:
+            wait_ready(serve)
+        fill(pk_db, 4, start=0)
+        first = pk.run("ledger", "checkpoint", "--send")
+        assert first["sent"] is True
+        fill(pk_db, 3, start=50)
+        pk.run("ledger", "checkpoint")
+        grown = jp.run("ledger", "audit-peer", token=kenji)
+        assert grown["consistent"] is True
+        assert grown["witnessed_size"] == first["size"]
+        # The rewrite: triggers off, history replaced, re-signed with pk's own key.
+        keyring = pk.keyring()
+        _without_triggers(pk_db, "DELETE FROM ledger_checkpoint", "DELETE FROM ledger_entry")
+        fill(pk_db, 12, start=1000)
+        with pk_db.transaction() as session:
+            ledger.make_checkpoint(session, keyring, T0 + timedelta(days=1))
+            assert ledger.verify_ledger(session, own_keys=own_manifest(session)).ok
+        done = run_gateway_json(jp, kenji, "ledger", "audit-peer")
+        assert done.returncode == 4, done.stderr
+        assert "rewritten" in done.stderr or "shrank" in done.stderr
+        equivocations = jp.run("ledger", "list", "--kind", "equivocation", token=kenji)
+        assert len(equivocations) == 1
+        assert jp.run("ledger", "verify", token=kenji)["intact"] is True
+    finally:
+        for serve in serving:
+            stop(serve)
+        pk_db.dispose()
+
+
+def run_gateway_json(node: Any, token: str, *args: str) -> Any:
+    from tests.nodes import run_gateway  # noqa: PLC0415
+
+    return run_gateway(node.home, "--json", *args, env=node.env(token=token))
