@@ -60,10 +60,12 @@ class ApiNode:
         return self.unlocked[0]
 
 
-def make_node(tmp_path: Path, database_url: str, environ: dict[str, str]) -> ApiNode:
+def make_node(
+    tmp_path: Path, database_url: str, environ: dict[str, str], node_id: str = "jp"
+) -> ApiNode:
     env = {**environ, "GATEWAY_PASSPHRASE": PASSPHRASE, "GATEWAY_KEYSTORE_STRENGTH": "min"}
-    home = tmp_path / "jp"
-    result = init_node(home, "jp", now=utc_now(), db_url=database_url, environ=env)
+    home = tmp_path / node_id
+    result = init_node(home, node_id, now=utc_now(), db_url=database_url, environ=env)
     node = Node.open(load_settings(home, environ=env))
     tokens = {"admin": result.admin_token}
     with node.db.transaction() as session:
