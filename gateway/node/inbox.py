@@ -201,15 +201,20 @@ def accept_envelope(
     verify: Verifier,
     now: datetime,
     checkpoint: CheckpointSource = ledger_checkpoint,
+    prepare: Callable[[Session], None] | None = None,
 ) -> bytes:
     """Verify, store and receipt one envelope file; return the receipt bytes.
 
     ``verify`` does every check of the envelope but decryption and raises on
-    the first failure; nothing is stored before it has passed.
+    the first failure; nothing is stored before it has passed. ``prepare``
+    reads what ``verify`` needs in the same short transaction that looks for
+    a replay.
     """
     sha, size = _hash_file(path)
     with node.db.transaction() as session:
         replay = _stored_receipt_for(session, sha)
+        if replay is None and prepare is not None:
+            prepare(session)
     if replay is not None:
         _log.info("envelope_replayed", envelope_sha256=sha)
         return replay
@@ -441,18 +446,25 @@ def receive_envelope(node: Node, keyring: NodeKeyring, path: Path, *, now: datet
     :class:`EquivocationRefused`) and leaves no trace of the bundle id.
     """
     from gateway.core.envelope import verify_envelope  # noqa: PLC0415
+    from gateway.node.keys import pinned_peer_manifest  # noqa: PLC0415
     from gateway.node.policy import load_policy  # noqa: PLC0415
 
     policy = load_policy(node.settings)
-    peer = _pinned_peer_manifest(node)
+    peers: list[KeyManifest] = []
+
+    def prepare(session: Session) -> None:
+        peer = pinned_peer_manifest(session)
+        if peer is None:
+            raise RefusedError("no peer is pinned: nothing can be received", reason="peer.unpinned")
+        peers.append(peer)
 
     def verify(stream: BinaryIO) -> EnvelopeFacts:
         header = verify_envelope(
-            stream, keyring=keyring, peer_manifest=peer, policy=policy, now=now
+            stream, keyring=keyring, peer_manifest=peers[0], policy=policy, now=now
         )
         return _facts(header)
 
-    return accept_envelope(node, keyring, path, verify=verify, now=now)
+    return accept_envelope(node, keyring, path, verify=verify, now=now, prepare=prepare)
 
 
 @dataclass(frozen=True, slots=True)
