@@ -407,13 +407,15 @@ class _Pending:
     path: Path
 
 
-def _next_batch(node: Node, *, after: int, due_before: datetime | None) -> list[_Pending]:
+def _next_batch(
+    node: Node, *, after: int, due_before: datetime | None, limit: int = BATCH_MAX_ENVELOPES
+) -> list[_Pending]:
     with node.db.transaction() as session:
         query = (
             select(OutboxEntry)
             .where(OutboxEntry.state == OutboxState.QUEUED, OutboxEntry.id > after)
             .order_by(OutboxEntry.id)
-            .limit(BATCH_MAX_ENVELOPES)
+            .limit(max(1, min(limit, BATCH_MAX_ENVELOPES)))
         )
         if due_before is not None:
             query = query.where(OutboxEntry.next_attempt_at <= due_before)
@@ -505,6 +507,7 @@ async def deliver_pending(
     now_fn: Callable[[], datetime] = utc_now,
     due_only: bool = False,
     progress: Callable[[DeliveryReport], None] | None = None,
+    batch_size: int = BATCH_MAX_ENVELOPES,
 ) -> DeliveryReport:
     """One delivery pass: manifests first, then every queued envelope in order.
 
@@ -520,7 +523,11 @@ async def deliver_pending(
     after = 0
     while True:
         batch = await asyncio.to_thread(
-            _next_batch, node, after=after, due_before=now_fn() if due_only else None
+            _next_batch,
+            node,
+            after=after,
+            due_before=now_fn() if due_only else None,
+            limit=batch_size,
         )
         if not batch:
             break
@@ -664,7 +671,10 @@ async def deliver_once(
     with ``keyring``). With ``due_only`` only bundles whose retry time has
     come are tried (the worker); ``gateway sync`` tries every queued bundle.
     """
+    from gateway.node.policy import load_policy  # noqa: PLC0415
+
     del keyring  # the client signs; delivery itself needs no private key
+    policy = load_policy(node.settings)
     return await deliver_pending(
         node,
         client,
@@ -674,6 +684,7 @@ async def deliver_once(
         now_fn=now_fn,
         due_only=due_only,
         progress=progress,
+        batch_size=policy.limits.peer_batch_size,
     )
 
 

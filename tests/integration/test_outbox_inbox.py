@@ -43,6 +43,7 @@ from gateway.node.keystore import unlock_keyring
 from gateway.node.outbox import (
     Sealed,
     deliver_once,
+    deliver_pending,
     list_outbox,
     queue_sealed,
     retry_delay,
@@ -546,3 +547,76 @@ def test_an_officer_reads_a_received_bundle_and_the_read_is_logged(
         [entry] = ledger.list_entries(session, kind="bundle-read")
     assert entry.actor_name == "bilal"
     assert entry.bundle_id == sent.bundle_id
+
+
+def test_envelopes_go_in_sequence_order_in_bounded_batches(pair: Pair) -> None:
+    sent = [send(pair.jp) for _ in range(10)]
+    client = DirectClient(pair.pk)
+    calls: list[int] = []
+    original = client.post_envelopes
+
+    async def counting(paths: Sequence[Path]) -> list[_Result]:
+        calls.append(len(paths))
+        return await original(paths)
+
+    client.post_envelopes = counting  # type: ignore[method-assign]
+    report = asyncio.run(
+        deliver_pending(
+            pair.jp.node,
+            client,
+            peer_manifest=lambda node: pair.pk.keyring.manifest,
+            pending_manifests=lambda node: [],
+            mark_manifest_delivered=lambda node, handle, now: None,
+            now_fn=lambda: NOW,
+            batch_size=4,
+        )
+    )
+    assert calls == [4, 4, 2]
+    assert report.delivered == [s.bundle_id for s in sent]
+    order = {p: i for i, p in enumerate(client.received)}
+    assert [order[stored_envelope(pair.jp, s.bundle_id)] for s in sent] == list(range(10))
+
+
+def test_a_refused_bundle_stays_queued_with_backoff_and_does_not_block_the_others(
+    pair: Pair,
+) -> None:
+    first, second = send(pair.jp), send(pair.jp)
+    bad = stored_envelope(pair.jp, first.bundle_id)
+
+    class Refusing(DirectClient):
+        async def post_envelopes(self, paths: Sequence[Path]) -> list[_Result]:
+            results = await super().post_envelopes([p for p in paths if p != bad])
+            by_path = dict(zip([p for p in paths if p != bad], results, strict=True))
+            return [by_path.get(p, _Result("refused", None, "policy.size")) for p in paths]
+
+    report = asyncio.run(
+        deliver_once(pair.jp.node, pair.jp.keyring, Refusing(pair.pk), now_fn=lambda: NOW)
+    )
+    assert report.delivered == [second.bundle_id]
+    assert report.refused == {first.bundle_id: "refused: policy.size"}
+    rows = {r.bundle_id: r for r in list_outbox(pair.jp.node)}
+    queued = rows[first.bundle_id]
+    assert (queued.state, queued.attempts, queued.last_error) == (
+        "queued",
+        1,
+        "refused: policy.size",
+    )
+    assert queued.next_attempt_at > NOW
+    assert rows[second.bundle_id].state == "delivered"
+    not_due = asyncio.run(
+        deliver_once(
+            pair.jp.node, pair.jp.keyring, DirectClient(pair.pk), now_fn=lambda: NOW, due_only=True
+        )
+    )
+    assert not_due.attempted == 0
+    later = queued.next_attempt_at + timedelta(seconds=1)
+    due = asyncio.run(
+        deliver_once(
+            pair.jp.node,
+            pair.jp.keyring,
+            DirectClient(pair.pk),
+            now_fn=lambda: later,
+            due_only=True,
+        )
+    )
+    assert due.delivered == [first.bundle_id]
