@@ -18,10 +18,12 @@ from typing import Any
 
 import nacl.signing
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import select
 
 import gateway.node.keys
 import gateway.node.policy  # registers the init step that installs policies
+from gateway.cli.main import cli
 from gateway.core.consent import ConsentGrant, sign_grant
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
@@ -30,8 +32,9 @@ from gateway.node import consent, ledger
 from gateway.node.inbox import receive_envelope
 from gateway.node.keystore import unlock_keyring
 from gateway.node.outbox import send_case
-from gateway.node.runtime import Node
+from gateway.node.runtime import Node, utc_now
 from gateway.node.setup import init_node
+from gateway.node.users import add_user
 from gateway.settings import load_settings
 from gateway.store.models_consent import DisclosureRecord
 from gateway.store.models_exchange import OutboxEntry, envelope_path
@@ -59,11 +62,19 @@ class Pair:
 
 
 @pytest.fixture
+def clock(request: pytest.FixtureRequest) -> datetime:
+    """The time the nodes are made at: NOW, or the real time for tests of the CLI."""
+    chosen = getattr(request, "param", NOW)
+    return utc_now() if chosen is None else chosen
+
+
+@pytest.fixture
 def pair(
     tmp_path: Path,
     database_url: str,
     pg_database_factory: Callable[[], str],
     clean_environ: dict[str, str],
+    clock: datetime,
 ) -> Iterator[Pair]:
     env = {**clean_environ, "GATEWAY_PASSPHRASE": PASSPHRASE, "GATEWAY_KEYSTORE_STRENGTH": "min"}
     second = (
@@ -74,7 +85,7 @@ def pair(
     urls = {"jp": database_url, "pk": second}
     nodes: dict[str, Node] = {}
     for node_id in ("jp", "pk"):
-        init_node(tmp_path / node_id, node_id, now=NOW, db_url=urls[node_id], environ=env)
+        init_node(tmp_path / node_id, node_id, now=clock, db_url=urls[node_id], environ=env)
         nodes[node_id] = Node.open(load_settings(tmp_path / node_id, environ=env))
     manifests = {}
     for node_id, node in nodes.items():
@@ -89,13 +100,15 @@ def pair(
                 manifests[peer].raw,
                 node=peer,
                 expected_fingerprint=manifests[peer].root_fingerprint,
-                now=NOW,
+                now=clock,
                 actor=admin,
             )
     keyrings = {}
     for node_id, node in nodes.items():
         with node.db.transaction() as session:
-            keyrings[node_id] = unlock_keyring(node.settings, PASSPHRASE.encode(), session, now=NOW)
+            keyrings[node_id] = unlock_keyring(
+                node.settings, PASSPHRASE.encode(), session, now=clock
+            )
     yield Pair(
         jp=Side(nodes["jp"], keyrings["jp"], JP_OFFICER),
         pk=Side(nodes["pk"], keyrings["pk"], PK_OFFICER),
@@ -117,7 +130,9 @@ def deliver(sender: Side, receiver: Side, bundle_id: str, *, when: datetime = NO
     receive_envelope(receiver.node, receiver.keyring, path, now=when)
 
 
-def send_case_to_peer(sender: Side, receiver: Side, *, public: bool = False) -> str:
+def send_case_to_peer(
+    sender: Side, receiver: Side, *, public: bool = False, when: datetime = NOW
+) -> str:
     sent = send_case(
         sender.node,
         sender.keyring,
@@ -127,9 +142,9 @@ def send_case_to_peer(sender: Side, receiver: Side, *, public: bool = False) -> 
         [],
         public=public,
         reply_to=None,
-        now=NOW,
+        now=when,
     )
-    deliver(sender, receiver, sent.bundle_id)
+    deliver(sender, receiver, sent.bundle_id, when=when)
     return sent.bundle_id
 
 
@@ -496,3 +511,91 @@ def test_revocation_concurrent_with_disclosures_never_follows_a_recorded_disclos
     assert max(e.seq for e in made) < arrived.seq
     assert min(e.seq for e in blocked) > arrived.seq
     assert len(made) + len(blocked) == len(outcomes)
+
+
+# -- the command line --------------------------------------------------------------------
+
+
+def _officer_env(side: Side, name: str) -> dict[str, str]:
+    with side.node.db.transaction() as session:
+        made = add_user(session, name, "officer", created_by="admin", now=utc_now())
+    return {
+        "GATEWAY_HOME": str(side.node.settings.home),
+        "GATEWAY_PASSPHRASE": PASSPHRASE,
+        "GATEWAY_TOKEN": made.token.text,
+    }
+
+
+def _run(env: dict[str, str], *args: str) -> Any:
+    return CliRunner().invoke(cli, list(args), env=env, catch_exceptions=False)
+
+
+@pytest.mark.parametrize("clock", [None], indirect=True)
+def test_cli_blocked_disclosure_exits_3_writes_nothing_and_is_recorded_once(
+    pair: Pair, tmp_path: Path
+) -> None:
+    case_id = send_case_to_peer(pair.jp, pair.pk, when=utc_now())
+    pk_env = _officer_env(pair.pk, "bilal")
+    jp_env = _officer_env(pair.jp, "tanaka")
+    out = tmp_path / "for-embassy"
+    disclose_args = ["disclose", case_id, "--recipient", EMBASSY, "--purpose", PURPOSE]
+
+    refused = _run(pk_env, *disclose_args, "--out", str(out))
+    assert refused.exit_code == 3
+    assert f"{case_id}: no consent" in refused.stderr
+    assert not out.exists()
+    (blocked,) = entries(pair.pk, "disclosure-blocked")
+    assert (blocked.actor_name, blocked.actor_role) == ("bilal", "officer")
+
+    asked = _run(
+        pk_env,
+        "--json",
+        "consent",
+        "request",
+        case_id,
+        "--recipient",
+        EMBASSY,
+        "--purpose",
+        PURPOSE,
+    )
+    assert asked.exit_code == 0, asked.stderr
+    request_id = json.loads(asked.stdout)["request_id"]
+    deliver(pair.pk, pair.jp, request_id, when=utc_now())
+    last_day = (utc_now() + timedelta(days=30)).date().isoformat()
+    granted = _run(
+        jp_env,
+        "--json",
+        "consent",
+        "grant",
+        request_id,
+        "--valid-until",
+        last_day,
+        "--max-uses",
+        "1",
+        "--conditions",
+        "screening only",
+    )
+    assert granted.exit_code == 0, granted.stderr
+    grant_data = json.loads(granted.stdout)
+    assert grant_data["valid_until"].startswith((utc_now() + timedelta(days=31)).date().isoformat())
+    deliver(pair.jp, pair.pk, grant_data["bundle_id"], when=utc_now())
+
+    listed = _run(pk_env, "consent", "list")
+    assert listed.exit_code == 0, listed.stderr
+    assert f"{grant_data['consent_id']}  granted to us valid" in listed.stdout
+
+    made = _run(pk_env, "--json", *disclose_args, "--out", str(out))
+    assert made.exit_code == 0, made.stderr
+    assert json.loads(made.stdout)["consent_id"] == grant_data["consent_id"]
+    assert (out / "disclosure.json").is_file()
+
+    again = _run(pk_env, *disclose_args, "--out", str(tmp_path / "again"))
+    assert again.exit_code == 3
+    assert "uses spent" in again.stderr
+    assert not (tmp_path / "again").exists()
+    assert len(entries(pair.pk, "disclosure-blocked")) == 2
+
+    too_long = (utc_now() + timedelta(days=400)).date().isoformat()
+    refused_grant = _run(jp_env, "consent", "grant", request_id, "--valid-until", too_long)
+    assert refused_grant.exit_code == 1
+    assert "maximum validity of 365 days" in refused_grant.stderr
