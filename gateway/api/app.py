@@ -31,7 +31,13 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from gateway.api import routes_exchange, routes_keys, routes_ledger, routes_users
+from gateway.api import (
+    routes_consent,
+    routes_exchange,
+    routes_keys,
+    routes_ledger,
+    routes_users,
+)
 from gateway.api.routes_common import DEFAULT_MAX_BODY, ApiRoute, Call, KeyringProvider
 from gateway.core.roles import ACTIONS, Actor, authorize_role
 from gateway.errors import (
@@ -84,6 +90,7 @@ def all_routes() -> tuple[ApiRoute, ...]:
         *routes_users.ROUTES,
         *routes_keys.ROUTES,
         *routes_exchange.ROUTES,
+        *routes_consent.ROUTES,
         *routes_ledger.ROUTES,
     )
 

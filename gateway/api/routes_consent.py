@@ -1,0 +1,236 @@
+"""Local API routes for written consent and disclosure (officers, MOC item 3).
+
+The same services as ``gateway consent ...`` and ``gateway disclose``. A
+disclosure refused by the consent ledger answers 403 with reason ``consent``
+(the CLI's exit code 3), names what is missing, and is recorded in the ledger
+as a blocked attempt. An allowed disclosure returns the released files in the
+answer (base64), so nothing decrypted stays on the server.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway.api.routes_common import (
+    ApiRoute,
+    Call,
+    json_response,
+    optional_str,
+    refuse_unknown_fields,
+    require_str,
+)
+from gateway.cli.consent_cmd import parse_valid_until
+from gateway.errors import InvalidInput, NotFound, PolicyRefused
+from gateway.node import consent
+from gateway.node.inbox import inbox_entry
+from gateway.node.outbox import outbox_entry
+from gateway.node.runtime import Node, utc_now
+
+__all__ = ["MAX_DISCLOSURE_BYTES", "ROUTES"]
+
+MAX_DISCLOSURE_BYTES = 16 * 1024 * 1024
+"""Largest total of envelopes a disclosure through the API may release; larger
+ones go through ``gateway disclose --out DIR``. Checked before anything is
+decrypted or recorded, so a refusal spends no use of a consent."""
+_MAX_ITEMS = 1000
+
+
+def _bundle_ids(body: dict[str, Any]) -> list[str]:
+    value = body.get("bundle_ids")
+    if not isinstance(value, list) or not value:
+        raise InvalidInput("field 'bundle_ids' is required and must be a non-empty list")
+    if len(value) > _MAX_ITEMS:
+        raise InvalidInput(f"field 'bundle_ids' names more than {_MAX_ITEMS} bundles")
+    if not all(isinstance(item, str) and 0 < len(item) <= 64 for item in value):
+        raise InvalidInput("field 'bundle_ids' must hold bundle ids (strings of 1-64 characters)")
+    return list(value)
+
+
+async def consent_request(call: Call) -> web.StreamResponse:
+    body = await call.json_body()
+    refuse_unknown_fields(body, {"bundle_ids", "recipient", "purpose"})
+    bundle_ids = _bundle_ids(body)
+    recipient = require_str(body, "recipient", max_length=500)
+    purpose = require_str(body, "purpose", max_length=2000)
+    keyring = call.keyring_provider()
+    sent = await call.run(
+        lambda: consent.request_consent(
+            call.node, keyring, call.actor, bundle_ids, recipient, purpose, now=utc_now()
+        )
+    )
+    return json_response(sent.to_dict(), status=201)
+
+
+async def consent_grant(call: Call) -> web.StreamResponse:
+    request_id = call.path("request_id")
+    body = await call.json_body()
+    refuse_unknown_fields(body, {"valid_until", "max_uses", "conditions"})
+    valid_until = parse_valid_until(optional_str(body, "valid_until", max_length=64))
+    max_uses = body.get("max_uses")
+    if max_uses is not None and (
+        not isinstance(max_uses, int) or isinstance(max_uses, bool) or max_uses < 1
+    ):
+        raise InvalidInput("field 'max_uses' must be a whole number of at least 1")
+    conditions = optional_str(body, "conditions", max_length=4000) or ""
+    keyring = call.keyring_provider()
+    sent = await call.run(
+        lambda: consent.grant(
+            call.node,
+            keyring,
+            call.actor,
+            request_id,
+            valid_until=valid_until,
+            max_uses=max_uses,
+            conditions=conditions,
+            now=utc_now(),
+        )
+    )
+    return json_response(sent.to_dict(), status=201)
+
+
+async def consent_deny(call: Call) -> web.StreamResponse:
+    request_id = call.path("request_id")
+    body = await call.json_body()
+    refuse_unknown_fields(body, {"reason"})
+    reason = require_str(body, "reason", max_length=2000)
+    keyring = call.keyring_provider()
+    sent = await call.run(
+        lambda: consent.deny(
+            call.node, keyring, call.actor, request_id, reason=reason, now=utc_now()
+        )
+    )
+    return json_response(sent.to_dict(), status=201)
+
+
+async def consent_revoke(call: Call) -> web.StreamResponse:
+    consent_id = call.path("consent_id")
+    body = await call.json_body()
+    refuse_unknown_fields(body, {"reason"})
+    reason = require_str(body, "reason", max_length=2000)
+    keyring = call.keyring_provider()
+    sent = await call.run(
+        lambda: consent.revoke(
+            call.node, keyring, call.actor, consent_id, reason=reason, now=utc_now()
+        )
+    )
+    return json_response(sent.to_dict(), status=201)
+
+
+async def consent_list(call: Call) -> web.StreamResponse:
+    keyring = call.keyring_provider()
+    listing = await call.run(lambda: consent.list_consents(call.node, keyring, now=utc_now()))
+    return json_response(listing)
+
+
+def _envelope_bytes(node: Node, bundle_ids: list[str]) -> int:
+    """The stored size of the named bundles (unknown ids are left to the service)."""
+    total = 0
+    for bundle_id in bundle_ids:
+        try:
+            total += inbox_entry(node, bundle_id).envelope_size
+        except NotFound:
+            try:
+                total += outbox_entry(node, bundle_id).envelope_size
+            except NotFound:
+                continue
+    return total
+
+
+def _disclose(call: Call, bundle_ids: list[str], recipient: str, purpose: str) -> dict[str, Any]:
+    size = _envelope_bytes(call.node, bundle_ids)
+    if size > MAX_DISCLOSURE_BYTES:
+        raise PolicyRefused(
+            f"the bundles hold {size} bytes, more than the API releases inline "
+            f"({MAX_DISCLOSURE_BYTES}); use 'gateway disclose ... --out DIR'",
+            reason="request.too-large",
+        )
+    keyring = call.keyring_provider()
+    parent = Path(tempfile.mkdtemp(prefix="gateway-api-disclose-"))
+    try:
+        result = consent.disclose(
+            call.node,
+            keyring,
+            call.actor,
+            bundle_ids,
+            recipient,
+            purpose,
+            parent / "out",
+            now=utc_now(),
+        )
+        data = result.to_dict()
+        data.pop("out_dir", None)
+        data["contents"] = [
+            {
+                "name": path.relative_to(result.out_dir).as_posix(),
+                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                "content_base64": base64.b64encode(path.read_bytes()).decode("ascii"),
+            }
+            for path in sorted(result.out_dir.rglob("*"))
+            if path.is_file()
+        ]
+        return data
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+async def disclosures_make(call: Call) -> web.StreamResponse:
+    body = await call.json_body()
+    refuse_unknown_fields(body, {"bundle_ids", "recipient", "purpose"})
+    bundle_ids = _bundle_ids(body)
+    recipient = require_str(body, "recipient", max_length=500)
+    purpose = require_str(body, "purpose", max_length=2000)
+    data = await call.run(lambda: _disclose(call, bundle_ids, recipient, purpose))
+    return json_response(data, status=201)
+
+
+ROUTES = (
+    ApiRoute(
+        "POST",
+        "/api/v1/consents/requests",
+        "consent.request",
+        consent_request,
+        "Ask the originating side for consent to pass its bundles to a third party",
+    ),
+    ApiRoute(
+        "POST",
+        "/api/v1/consents/requests/{request_id}/grant",
+        "consent.grant",
+        consent_grant,
+        "Give the peer written consent for its request (signed and sent)",
+    ),
+    ApiRoute(
+        "POST",
+        "/api/v1/consents/requests/{request_id}/deny",
+        "consent.deny",
+        consent_deny,
+        "Refuse the peer's consent request",
+    ),
+    ApiRoute(
+        "POST",
+        "/api/v1/consents/{consent_id}/revoke",
+        "consent.revoke",
+        consent_revoke,
+        "Withdraw a consent this side granted",
+    ),
+    ApiRoute(
+        "GET",
+        "/api/v1/consents",
+        "consent.list",
+        consent_list,
+        "Consent requests and consents, both directions, with their state",
+    ),
+    ApiRoute(
+        "POST",
+        "/api/v1/disclosures",
+        "disclose",
+        disclosures_make,
+        "Disclose bundles to a recipient if the consent ledger allows",
+    ),
+)
