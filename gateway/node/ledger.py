@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, BinaryIO, Literal
 
+from nacl.signing import VerifyKey
 from sqlalchemy import Select, select, text
 from sqlalchemy.orm import Session
 
@@ -51,7 +52,7 @@ from gateway.core.ledger import (
     verify_checkpoint,
 )
 from gateway.core.roles import SYSTEM, Actor
-from gateway.errors import InvalidInput, NotFound, RefusedError, StorageError
+from gateway.errors import GatewayError, InvalidInput, NotFound, RefusedError, StorageError
 from gateway.store.db import Database
 from gateway.store.models import NodeRecord
 from gateway.store.models_ledger import LedgerCheckpointRow, LedgerEntryRow, WitnessedCheckpointRow
@@ -429,12 +430,48 @@ class VerifyReport:
         }
 
 
+class _TrustedUntil:
+    """A key lookup that also accepts a signing key revoked only *after* ``moment``.
+
+    A manifest refuses a revoked key at every time, because a thief could
+    backdate what they sign. A checkpoint we stored before the revocation
+    (our own, signed then; or the peer's, received then) was made while the
+    key was trusted, so it still counts; each such use is noted in the report.
+    """
+
+    def __init__(self, keys: SigningKeyLookup, moment: datetime, notes: list[str]) -> None:
+        self._keys = keys
+        self._moment = moment
+        self._notes = notes
+
+    def signing_key(self, key_id: str, *, at: datetime) -> VerifyKey:
+        try:
+            return self._keys.signing_key(key_id, at=at)
+        except GatewayError:
+            revocation = getattr(self._keys, "revocation", None)
+            listed = getattr(self._keys, "key", None)
+            if revocation is None or listed is None:
+                raise
+            revoked = revocation(key_id)
+            if revoked is None or not self._moment < revoked.revoked_at:
+                raise
+            entry = listed(key_id)
+            if entry.use != "sign" or not entry.valid_at(at):
+                raise
+            self._notes.append(
+                f"a checkpoint of {format_time(at)} is signed by key {key_id}, revoked later "
+                f"({format_time(revoked.revoked_at)}); it was stored while the key was trusted"
+            )
+            return VerifyKey(bytes(entry.public))
+
+
 def _checkpoint_problems(
     session: Session,
     verifier: ChainVerifier,
     made_entries: dict[int, dict[str, Any]],
     own_keys: SigningKeyLookup | None,
     node: str,
+    notes: list[str],
 ) -> list[ChainProblem]:
     problems: list[ChainProblem] = []
     rows = session.scalars(select(LedgerCheckpointRow).order_by(LedgerCheckpointRow.size)).all()
@@ -446,7 +483,7 @@ def _checkpoint_problems(
         try:
             signed = _own_signed(row)
             if own_keys is not None:
-                verify_checkpoint(signed, own_keys, node=node)
+                verify_checkpoint(signed, _TrustedUntil(own_keys, row.time, notes), node=node)
             checkpoint = signed.checkpoint
             if (checkpoint.size, checkpoint.root, checkpoint.key_id) != (
                 row.size,
@@ -520,7 +557,7 @@ def _checkpoint_problems(
 
 
 def _witness_problems(
-    session: Session, peer_keys: SigningKeyLookup, peer_node: str
+    session: Session, peer_keys: SigningKeyLookup, peer_node: str, notes: list[str]
 ) -> tuple[int, list[ChainProblem]]:
     rows = session.scalars(
         select(WitnessedCheckpointRow)
@@ -531,7 +568,8 @@ def _witness_problems(
     for row in rows:
         try:
             signed = _own_signed(row)
-            checkpoint = verify_checkpoint(signed, peer_keys, node=peer_node)
+            keys = _TrustedUntil(peer_keys, row.received_at, notes)
+            checkpoint = verify_checkpoint(signed, keys, node=peer_node)
             if (checkpoint.size, checkpoint.root) != (row.size, bytes(row.root)):
                 raise CheckpointInvalid("stored columns differ from the signed checkpoint")
         except CheckpointInvalid as exc:
@@ -579,11 +617,13 @@ def verify_ledger(
     problems: list[ChainProblem] = []
     if verifier.problem is not None:
         problems.append(verifier.problem)
-    problems.extend(_checkpoint_problems(session, verifier, made_entries, own_keys, node))
+    problems.extend(
+        _checkpoint_problems(session, verifier, made_entries, own_keys, node, report.notes)
+    )
     if own_keys is None:
         report.notes.append("checkpoint signatures not checked: no key manifest given")
     if peer_keys is not None and peer_node is not None:
-        report.witnessed, witness = _witness_problems(session, peer_keys, peer_node)
+        report.witnessed, witness = _witness_problems(session, peer_keys, peer_node, report.notes)
         problems.extend(witness)
     if problems:
         # The chain problem (if any) comes first: it names the exact entry.
