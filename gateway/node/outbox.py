@@ -52,6 +52,7 @@ from gateway.store.models_exchange import (
     OutboxState,
     SequenceCounter,
     envelope_path,
+    sweep_orphan_envelopes,
 )
 
 __all__ = [
@@ -688,6 +689,14 @@ async def deliver_once(
     )
 
 
+SWEEP_INTERVAL = timedelta(hours=1)
+
+
+def _sweep(node: Node, now: datetime) -> int:
+    with node.db.transaction() as session:
+        return len(sweep_orphan_envelopes(session, node.settings.blob_dir, now=now))
+
+
 async def run_sender(
     node: Node,
     keyring: object,
@@ -700,10 +709,19 @@ async def run_sender(
 
     Polls every ``[server] sync_interval_seconds``, wakes at once when this
     process queues a bundle, backs off exponentially with jitter (1 s doubling
-    to 5 min) while the peer is unreachable, and never gives up.
+    to 5 min) while the peer is unreachable, and never gives up. At start and
+    then hourly it removes orphan envelope files (written by a ``send`` whose
+    transaction never committed).
     """
+    swept_at: list[datetime] = []
 
     async def deliver(client: DeliveryClient) -> None:
+        now = now_fn()
+        if not swept_at or now - swept_at[-1] >= SWEEP_INTERVAL:
+            swept_at[:] = [now]
+            removed = await asyncio.to_thread(_sweep, node, now)
+            if removed:
+                _log.info("orphan_envelopes_removed", count=removed)
         report = await deliver_once(node, keyring, client, now_fn=now_fn, due_only=True)
         if report.attempted or report.manifests_sent:
             _log.info(

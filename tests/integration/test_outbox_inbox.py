@@ -14,7 +14,8 @@ import json
 import os
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -30,7 +31,7 @@ from gateway.core.envelope import seal
 from gateway.core.keys import NodeKeyring
 from gateway.core.receipt import parse_receipt, verify_receipt
 from gateway.core.roles import Actor, Role
-from gateway.errors import VerificationError
+from gateway.errors import TransportError, VerificationError
 from gateway.node import ledger
 from gateway.node.inbox import (
     EquivocationRefused,
@@ -47,6 +48,7 @@ from gateway.node.outbox import (
     list_outbox,
     queue_sealed,
     retry_delay,
+    run_sender_loop,
     send_case,
 )
 from gateway.node.runtime import Node
@@ -620,3 +622,51 @@ def test_a_refused_bundle_stays_queued_with_backoff_and_does_not_block_the_other
         )
     )
     assert due.delivered == [first.bundle_id]
+
+
+def test_the_sender_worker_retries_through_failures_and_wakes_when_a_bundle_is_queued(
+    pair: Pair,
+) -> None:
+    first = send(pair.jp)
+    attempts: list[str] = []
+
+    @asynccontextmanager
+    async def flaky() -> AsyncIterator[DirectClient]:
+        attempts.append("try")
+        if len(attempts) <= 2:
+            raise TransportError("peer unreachable (test)", reason="transport.unreachable")
+        yield DirectClient(pair.pk)
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        worker = asyncio.create_task(
+            run_sender_loop(
+                pair.jp.node,
+                flaky,
+                stop,
+                deliver=lambda client: deliver_once(
+                    pair.jp.node, pair.jp.keyring, client, now_fn=lambda: NOW
+                ),
+                interval=3600.0,  # only a wake-up can bring the second bundle in time
+                rng=lambda: 0.0,
+            )
+        )
+        await _until(lambda: count(pair.pk, InboxEntry) == 1)
+        second = await asyncio.to_thread(send, pair.jp)
+        await _until(lambda: count(pair.pk, InboxEntry) == 2)
+        stop.set()
+        await asyncio.wait_for(worker, timeout=30)
+        assert {r.bundle_id for r in list_inbox(pair.pk.node)} == {
+            first.bundle_id,
+            second.bundle_id,
+        }
+
+    asyncio.run(scenario())
+    assert len(attempts) >= 4  # two failures, the first delivery, the wake-up
+    assert {r.state for r in list_outbox(pair.jp.node)} == {"delivered"}
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    async with asyncio.timeout(60):
+        while not await asyncio.to_thread(predicate):  # noqa: ASYNC110 - polls a database
+            await asyncio.sleep(0.05)
