@@ -442,3 +442,56 @@ def test_audit_from_an_empty_witness_accepts_anything_grown() -> None:
     bogus_empty = dataclasses.replace(empty, root=b"\x01" * 32)
     with pytest.raises(WitnessMismatch, match="non-empty root"):
         audit_peer_answer(bogus_empty, _signed(4, SIGNER).checkpoint, [])
+
+
+# --- the peer's consistency answer, parsed with bounds ----------------------------
+
+
+def _answer_doc(**changes: Any) -> bytes:
+    signed = _signed(3, SIGNER)
+    doc: dict[str, Any] = {
+        "first": 2,
+        "checkpoint": json.loads(signed.to_wire()),
+        "proof": [base64.b64encode(b"\x01" * 32).decode()],
+    }
+    doc.update(changes)
+    return json.dumps(doc).encode()
+
+
+def test_consistency_answer_keeps_the_signed_checkpoint_bytes() -> None:
+    from gateway.peer.ledger_client import parse_consistency_answer  # noqa: PLC0415
+
+    answer = parse_consistency_answer(_answer_doc())
+    assert answer.proof == [b"\x01" * 32]
+    assert parse_signed_checkpoint(answer.checkpoint).body == _signed(3, SIGNER).body
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"[]", "not {checkpoint, proof}"),
+        (_answer_doc(proof="AAAA"), "list of at most 128"),
+        (_answer_doc(proof=["x"] * 129), "list of at most 128"),
+        (_answer_doc(proof=[7]), "not text"),
+        (_answer_doc(proof=["%%%"]), "not base64"),
+        (_answer_doc(checkpoint=[]), "not an object"),
+        (b"{" * 100, "nesting"),
+        (b" " * 70000, "exceeds"),
+    ],
+    ids=[
+        "not-object",
+        "proof-not-list",
+        "proof-too-long",
+        "proof-item",
+        "proof-b64",
+        "checkpoint",
+        "deep",
+        "huge",
+    ],
+)
+def test_unusable_consistency_answer_is_refused(raw: bytes, message: str) -> None:
+    from gateway.errors import TransportError  # noqa: PLC0415
+    from gateway.peer.ledger_client import parse_consistency_answer  # noqa: PLC0415
+
+    with pytest.raises(TransportError, match=message):
+        parse_consistency_answer(raw)
