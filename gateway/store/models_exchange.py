@@ -136,7 +136,11 @@ class SequenceGap(Base):
 
 
 class Equivocation(Base):
-    """A second, different envelope the peer sent under a bundle id already received."""
+    """A second, different envelope the peer sent under a bundle id already received.
+
+    Its signed header is kept here and the whole envelope stays in the
+    envelope store (named by ``other_envelope_sha256``) as evidence.
+    """
 
     __tablename__ = "equivocation"
     __table_args__ = (
@@ -212,6 +216,7 @@ def store_envelope_file(blob_dir: Path, source: BinaryIO) -> tuple[str, int, Pat
 def _referenced(session: Session) -> set[str]:
     refs: set[str] = set(session.scalars(select(OutboxEntry.envelope_sha256)))
     refs.update(session.scalars(select(InboxEntry.envelope_sha256)))
+    refs.update(session.scalars(select(Equivocation.other_envelope_sha256)))
     return refs
 
 

@@ -378,6 +378,11 @@ def test_a_different_envelope_under_a_known_id_is_refused_and_recorded(
         assert record.first_envelope_sha256 == parse_receipt(receipt).envelope_sha256
         assert record.other_header
     assert ledger_kinds(pair.pk).count("equivocation") == 1
+    evidence = envelope_path(pair.pk.node.settings.blob_dir, record.other_envelope_sha256)
+    assert evidence.read_bytes() == (tmp_path / "b").read_bytes()
+    with pair.pk.node.db.transaction() as session:
+        sweep_orphan_envelopes(session, pair.pk.node.settings.blob_dir, now=NOW + timedelta(days=1))
+    assert evidence.is_file()  # kept as evidence, never swept
     [row] = list_inbox(pair.pk.node)
     assert row.receipt == receipt
     assert receive_envelope(pair.pk.node, pair.pk.keyring, tmp_path / "a", now=NOW) == receipt
