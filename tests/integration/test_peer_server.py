@@ -803,3 +803,18 @@ def test_single_envelope_larger_than_the_body_limit_refused_while_streaming(
     assert error_reason(response) == "limit.body"
     assert store.stored() == []
     db.dispose()
+
+
+def test_racing_copies_of_one_nonce_are_admitted_exactly_once(database_url: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    from gateway.peer.server import database_nonce_recorder  # noqa: PLC0415
+
+    db = migrated_database(database_url)
+    now = utc_now()
+    remember = database_nonce_recorder(db, skew=timedelta(minutes=5), clock=lambda: now)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(lambda _: remember("jp", b"r" * 16, now), range(16)))
+    assert outcomes.count(True) == 1
+    assert outcomes.count(False) == 15
+    db.dispose()
