@@ -181,6 +181,46 @@ def revoke(app: AppContext, key_id: str, reason: str, root_key: Path | None) -> 
     )
 
 
+@keys.command("recover")
+@click.option("--reason", required=True, help="What happened to the operational keys.")
+@_ROOT_KEY_OPTION
+@pass_app
+def recover(app: AppContext, reason: str, root_key: Path | None) -> None:
+    """Recover from a lost or damaged operational key file, with the root key.
+
+    Revokes every operational key of the current manifest and makes fresh
+    ones. Data sealed to the lost encryption keys stays unreadable.
+    """
+    actor = app.actor("keys.revoke")
+    node = app.node()
+    passphrase = app.passphrase()
+    with node.db.transaction() as session:
+        change = key_service.recover_keys(
+            node.settings,
+            session,
+            passphrase,
+            reason,
+            now=utc_now(),
+            actor=actor,
+            root_key_file=root_key,
+        )
+    app.emit(
+        {
+            "version": change.manifest.version,
+            "event": change.event,
+            "revoked": change.revoked,
+            "added": change.added,
+        },
+        lambda: _change_text(
+            change.manifest,
+            [
+                f"Revoked the lost keys {', '.join(change.revoked)}.",
+                f"New operational keys {', '.join(change.added)}.",
+            ],
+        ),
+    )
+
+
 @keys.command("rotate-root")
 @_ROOT_KEY_OPTION
 @pass_app

@@ -60,6 +60,7 @@ __all__ = [
     "pending_manifests",
     "pin_peer",
     "pinned_peer_manifest",
+    "recover_keys",
     "remove_retired_roots",
     "revoke_key",
     "rotate_keys",
@@ -488,6 +489,91 @@ def revoke_key(
     )
     return KeyChange(
         manifest=manifest, event="revoke", added=tuple(k.key_id for k in added), revoked=(kid,)
+    )
+
+
+def recover_keys(
+    settings: Settings,
+    session: Session,
+    passphrase: bytes,
+    reason: str,
+    *,
+    now: datetime,
+    actor: Actor,
+    root_key_file: Path | None = None,
+) -> KeyChange:
+    """Recover from a lost or damaged ``operational.key`` with the root key.
+
+    Every unrevoked operational key of the current manifest is revoked (its
+    private key may be in someone else's hands) and fresh keys are made in a
+    new ``operational.key``. A damaged file is kept aside as
+    ``operational.key.damaged-<time>``. What was sealed to the lost
+    encryption keys stays unreadable: that is what encryption at rest means.
+    """
+    reason = reason.strip()
+    if not reason or len(reason) > 500 or not reason.isprintable():
+        raise InvalidInput("--reason must be 1 to 500 printable characters")
+    current = _current_locked(session)
+    root_path = _root_path(settings, current, root_key_file)
+    root = _load_root(settings, current, passphrase, root_key_file)
+    ops_path = settings.keys_dir / OPERATIONAL_FILE
+    start = _second(now)
+    if ops_path.exists():
+        try:
+            keystore.read_operational(ops_path, passphrase, node=settings.node_id)
+        except (keystore.KeystoreCorrupt, keystore.KeystoreLocked, ConfigError):
+            aside = ops_path.with_name(f"{OPERATIONAL_FILE}.damaged-{start:%Y%m%dT%H%M%SZ}")
+            ops_path.rename(aside)
+            _log.warning("damaged_key_file_kept_aside", path=str(aside))
+        else:
+            raise InvalidInput(
+                f"{ops_path} opens with this passphrase: nothing to recover "
+                "(use 'gateway keys rotate' or 'gateway keys revoke')"
+            )
+    revocations = list(current.revocations)
+    lost = [k.key_id for k in current.keys if current.revocation(k.key_id) is None]
+    revocations.extend(Revocation(kid, start, reason) for kid in lost)
+    signing, box, new = _new_keys(start, start + MANIFEST_VALIDITY)
+    ops, mem = keystore.root_limits(root_path, passphrase, node=settings.node_id)
+    keystore.write_operational(
+        ops_path,
+        OperationalKeys(
+            signing={new[0].key_id: signing},
+            encryption={new[1].key_id: box},
+            opslimit=ops,
+            memlimit=mem,
+        ),
+        node=settings.node_id,
+        passphrase=passphrase,
+    )
+    manifest = _publish(
+        settings,
+        session,
+        current=current,
+        signers=[root],
+        root_public=current.root_public,
+        previous_root_public=None,
+        keys=[*current.keys, *new],
+        revocations=revocations,
+        issued=start,
+        event="revoke",
+        actor=actor,
+        now=now,
+    )
+    _record(
+        session,
+        actor,
+        now,
+        {
+            "event": "keys-recovered",
+            "manifest_version": manifest.version,
+            "revoked": lost,
+            "added": [k.key_id for k in new],
+            "reason": reason,
+        },
+    )
+    return KeyChange(
+        manifest=manifest, event="recover", added=tuple(k.key_id for k in new), revoked=tuple(lost)
     )
 
 

@@ -74,6 +74,7 @@ __all__ = [
     "read_passphrase",
     "read_root",
     "root_file_name",
+    "root_limits",
     "strength_from_environ",
     "unlock_keyring",
     "write_operational",
@@ -406,6 +407,12 @@ def write_root(
     )
     _write_atomic(path, data)
     _log.info("key_file_written", kind="root", key_id=kid, path=str(path))
+
+
+def root_limits(path: Path, passphrase: bytes, *, node: str) -> tuple[int, int]:
+    """The Argon2id limits a root key file was written with (it is opened to check them)."""
+    opened = _open_file(path, passphrase, kind="root", node=node)
+    return int(opened.header["kdf"]["opslimit"]), int(opened.header["kdf"]["memlimit"])
 
 
 def read_root(

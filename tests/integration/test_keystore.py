@@ -459,3 +459,35 @@ def test_repinning_another_root_needs_replace(
             replace=True,
         )
     assert got.root_public == fresh.root_public
+
+
+# -- recovery from a lost operational key file --------------------------------------------
+
+
+@pytest.mark.parametrize("loss", ["missing", "damaged"])
+def test_recovery_revokes_every_lost_key_and_makes_new_ones(jp: Node, loss: str) -> None:
+    ops_path = jp.settings.keys_dir / OPERATIONAL_FILE
+    with jp.db.transaction() as session:
+        before = key_service.own_manifest(session)
+    if loss == "missing":
+        ops_path.unlink()
+    else:
+        ops_path.write_bytes(b"{}")
+    with jp.db.transaction() as session:
+        change = key_service.recover_keys(
+            jp.settings, session, PASSPHRASE, "server disk lost", now=NOW, actor=ADMIN
+        )
+    assert set(change.revoked) == {k.key_id for k in before.keys}
+    with jp.db.transaction() as session:
+        ring = unlock_keyring(jp.settings, PASSPHRASE, session, now=NOW)
+    assert ring.signing_key_id in change.added
+    assert ring.current_encryption_key_id in change.added
+    for old in before.keys:
+        assert ring.manifest.revocation(old.key_id) is not None
+    damaged = list(jp.settings.keys_dir.glob(f"{OPERATIONAL_FILE}.damaged-*"))
+    assert len(damaged) == (1 if loss == "damaged" else 0)
+
+
+def test_recovery_is_refused_while_the_key_file_opens(jp: Node) -> None:
+    with jp.db.transaction() as session, pytest.raises(InvalidInput, match="nothing to recover"):
+        key_service.recover_keys(jp.settings, session, PASSPHRASE, "why", now=NOW, actor=ADMIN)
