@@ -731,10 +731,18 @@ class DemoStory:
             raise StepFailed(f"exit 3, but files were written under {leaked}")
         return f"exit 3, nothing released, attempt recorded: {result.error_line()}"
 
-    def _consent_rows(self, node: DemoNode) -> list[dict[str, Any]]:
-        data = self.gateway(node, "officer", "consent", "list").data()
-        rows = data if isinstance(data, list) else _find(data, "consents", "items", "requests")
+    def _consent_rows(self, node: DemoNode, kind: str) -> list[dict[str, Any]]:
+        """The ``requests`` or ``consents`` listed by ``gateway consent list``."""
+        rows = _find(self.gateway(node, "officer", "consent", "list").data(), kind)
+        if not isinstance(rows, list):
+            raise StepFailed(f"gateway consent list: {kind} is not a list")
         return [row for row in rows if isinstance(row, dict)]
+
+    def _consent_state(self, node: DemoNode, consent_id: str) -> str | None:
+        for row in self._consent_rows(node, "consents"):
+            if row.get("consent_id") == consent_id:
+                return str(row.get("state"))
+        return None
 
     def _consent_request(self) -> str:
         jp, pk = self.nodes["jp"], self.nodes["pk"]
@@ -754,7 +762,9 @@ class DemoStory:
         self._deliver(jp)
         self._wait_for(
             f"consent request {request_id} reaching Islamabad",
-            lambda: any(request_id in json.dumps(row) for row in self._consent_rows(pk)),
+            lambda: any(
+                row.get("request_id") == request_id for row in self._consent_rows(pk, "requests")
+            ),
         )
         return f"request {request_id} delivered to Islamabad"
 
@@ -777,7 +787,7 @@ class DemoStory:
         self._deliver(pk)
         self._wait_for(
             f"consent {consent_id} reaching Tokyo",
-            lambda: any(consent_id in json.dumps(row) for row in self._consent_rows(jp)),
+            lambda: self._consent_state(jp, consent_id) == "valid",
         )
         return (
             f"written consent {consent_id} (valid until {valid_until}, 5 uses) signed and delivered"
@@ -809,10 +819,7 @@ class DemoStory:
         self._deliver(pk)
 
         def revoked() -> bool:
-            for row in self._consent_rows(jp):
-                if consent_id in json.dumps(row) and "revoked" in json.dumps(row).lower():
-                    return True
-            return False
+            return self._consent_state(jp, consent_id) == "revoked"
 
         self._wait_for(f"revocation of {consent_id} reaching Tokyo", revoked)
         return f"revocation of {consent_id} signed and delivered"
