@@ -151,7 +151,14 @@ def section_verify(ctx: Context) -> None:
     ]
 
 
-SECTIONS: list[Callable[[Context], None]] = [section_verify]
+def section_consent(ctx: Context) -> None:
+    """Consent-check latency beside a bare indexed lookup (``benchmarks/consent.py``)."""
+    from consent import section_consent_check  # noqa: PLC0415 - the script beside this one
+
+    section_consent_check(ctx)
+
+
+SECTIONS: list[Callable[[Context], None]] = [section_verify, section_consent]
 """Benchmark sections, run in order on the same database. Add new ones here."""
 
 

@@ -48,7 +48,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gateway import log
-from gateway.core.canonical import canonical_bytes, parse_bounded_json, parse_canonical
+from gateway.core.canonical import canonical_bytes, parse_bounded_json
 from gateway.core.cases import validate_case
 from gateway.core.consent import (
     MAX_GRANT_BYTES,
@@ -77,6 +77,7 @@ from gateway.errors import (
     NotFound,
     PolicyRefused,
     RefusedError,
+    StorageError,
 )
 from gateway.node import ledger
 from gateway.node.runtime import Node
@@ -942,49 +943,45 @@ def apply_pending(node: Node, keyring: NodeKeyring, *, now: datetime) -> list[st
 def load_consent_states(session: Session, bundle_ids: Sequence[str]) -> list[ConsentState]:
     """The received consents naming any of ``bundle_ids``, with revocation and uses.
 
-    Read from the signed documents as received (the lookup columns only find
-    them); revocations and uses are counted at the time of the call.
+    One query: read from the signed documents as received (the lookup columns
+    only find them); revocations and uses as committed at the time of the call.
     """
-    ids = select(ConsentGrantItem.consent_id).where(ConsentGrantItem.bundle_id.in_(bundle_ids))
+    naming = (
+        select(ConsentGrantItem.consent_id)
+        .where(ConsentGrantItem.bundle_id.in_(bundle_ids))
+        .scalar_subquery()
+    )
+    spent = (
+        select(func.count())
+        .select_from(ConsentUse)
+        .where(ConsentUse.consent_id == ConsentGrantRecord.consent_id)
+        .scalar_subquery()
+    )
     rows = session.execute(
-        select(ConsentGrantRecord.consent_id, ConsentGrantRecord.document)
+        select(
+            ConsentGrantRecord.consent_id,
+            ConsentGrantRecord.document,
+            ConsentRevocationRecord.revoked_at,
+            spent,
+        )
+        .outerjoin(
+            ConsentRevocationRecord,
+            ConsentRevocationRecord.consent_id == ConsentGrantRecord.consent_id,
+        )
         .where(
-            ConsentGrantRecord.consent_id.in_(ids.scalar_subquery()),
+            ConsentGrantRecord.consent_id.in_(naming),
             ConsentGrantRecord.direction == Direction.RECEIVED,
         )
         .order_by(ConsentGrantRecord.consent_id)
     ).all()
-    if not rows:
-        return []
-    consent_ids = [row.consent_id for row in rows]
-    revoked = {
-        row[0]: row[1]
-        for row in session.execute(
-            select(ConsentRevocationRecord.consent_id, ConsentRevocationRecord.revoked_at).where(
-                ConsentRevocationRecord.consent_id.in_(consent_ids)
-            )
-        )
-    }
-    uses = {
-        row[0]: row[1]
-        for row in session.execute(
-            select(ConsentUse.consent_id, func.count())
-            .where(ConsentUse.consent_id.in_(consent_ids))
-            .group_by(ConsentUse.consent_id)
-        )
-    }
     states: list[ConsentState] = []
-    for row in rows:
+    for consent_id, document, revoked_at, uses in rows:
         written = ConsentGrant.from_document(
-            parse_canonical(bytes(row.document), max_bytes=MAX_GRANT_BYTES)
+            parse_bounded_json(bytes(document), max_bytes=MAX_GRANT_BYTES)
         )
-        states.append(
-            ConsentState(
-                written,
-                revoked_at=revoked.get(row.consent_id),
-                uses_spent=int(uses.get(row.consent_id, 0)),
-            )
-        )
+        if written.consent_id != consent_id:
+            raise StorageError(f"stored consent {consent_id} holds another consent's document")
+        states.append(ConsentState(written, revoked_at=revoked_at, uses_spent=int(uses or 0)))
     return states
 
 

@@ -1,0 +1,250 @@
+"""Consent-check latency beside a bare indexed lookup, in the same run, as ratios.
+
+Claim measured here: deciding a disclosure (the check ``gateway disclose``
+runs under the ledger lock: load every received consent naming the items,
+with its revocation and uses, read from the signed documents, then apply
+the rule) costs a small constant factor over the floor, a bare indexed
+lookup of the consent ids naming one bundle with the plain ``sqlite3``
+module.
+
+Run alone: ``.venv/bin/python benchmarks/consent.py [--consents N] [--checks N]``.
+It is also a section of ``benchmarks/ledger.py`` (:func:`section_consent_check`),
+run on that benchmark's database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+import nacl.signing
+from sqlalchemy import func, insert, select
+
+from gateway.core.consent import ConsentGrant, DisclosureItem, decide_disclosure, sign_grant
+from gateway.node.consent import load_consent_states
+from gateway.store.db import Database, open_database
+from gateway.store.models import NodeRecord
+from gateway.store.models_consent import (
+    ConsentGrantItem,
+    ConsentGrantRecord,
+    ConsentRevocationRecord,
+    ConsentUse,
+    DisclosureRecord,
+)
+
+T0 = datetime(2026, 11, 25, tzinfo=UTC)
+NOW = T0 + timedelta(days=10)
+RECIPIENTS = ("Embassy of Example", "Press Agency", "Labour Attache")
+PURPOSES = ("visa screening", "broker investigation")
+INTERNAL = ("moj-isa", "mofa", "mhlw", "npa")
+ITEMS_PER_CONSENT = 3
+
+
+class _Ctx(Protocol):
+    db: Database
+    path: Path
+    results: list[tuple[str, str]]
+
+
+@dataclass
+class Context:
+    db: Database
+    path: Path
+    results: list[tuple[str, str]] = field(default_factory=list)
+
+
+def populate(db: Database, consents: int, *, seed: int = 7) -> list[str]:
+    """``consents`` received grants from pk (signed), a tenth revoked, some uses; return bundle ids."""
+    rng = random.Random(seed)
+    key = nacl.signing.SigningKey(bytes(32))
+    bundles = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(consents * 2)]
+    grants, items, revocations, disclosures, uses = [], [], [], [], []
+    for index in range(consents):
+        chosen = tuple(sorted(rng.sample(bundles, ITEMS_PER_CONSENT)))
+        consent_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        written = ConsentGrant(
+            consent_id=consent_id,
+            request_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            items=chosen,
+            third_party=rng.choice(RECIPIENTS),
+            purpose=rng.choice(PURPOSES),
+            valid_from=T0,
+            valid_until=T0 + timedelta(days=rng.randint(5, 60)),
+            max_uses=rng.choice((None, 1, 3)),
+            conditions="",
+            granting_officer="bilal",
+            granting_node="pk",
+            key_id="k-bench",
+        )
+        signed = sign_grant(written, lambda message: key.sign(message).signature)
+        grants.append(
+            {
+                "consent_id": consent_id,
+                "request_id": written.request_id,
+                "direction": "received",
+                "granting_node": "pk",
+                "key_id": "k-bench",
+                "document": signed.document,
+                "signature": signed.signature,
+                "third_party": written.third_party,
+                "purpose": written.purpose,
+                "valid_from": written.valid_from,
+                "valid_until": written.valid_until,
+                "max_uses": written.max_uses,
+                "bundle_id": str(uuid.uuid4()),
+                "recorded_at": T0,
+                "actor": "system",
+            }
+        )
+        items += [{"consent_id": consent_id, "bundle_id": b} for b in chosen]
+        if index % 10 == 0:
+            revocations.append(
+                {
+                    "consent_id": consent_id,
+                    "direction": "received",
+                    "reason": "bench",
+                    "revoking_officer": "bilal",
+                    "revoked_at": T0,
+                    "bundle_id": str(uuid.uuid4()),
+                    "actor": "system",
+                }
+            )
+        if index % 7 == 0:
+            disclosure_id = str(uuid.uuid4())
+            disclosures.append(
+                {
+                    "disclosure_id": disclosure_id,
+                    "kind": "disclosure-made",
+                    "allowed": True,
+                    "recipient": written.third_party,
+                    "purpose": written.purpose,
+                    "items_json": "[]",
+                    "decision_json": "{}",
+                    "consent_id": consent_id,
+                    "decided_at": T0,
+                    "actor": "bilal (officer)",
+                    "ledger_seq": None,
+                    "ledger_hash": None,
+                }
+            )
+            uses.append(
+                {
+                    "consent_id": consent_id,
+                    "disclosure_id": disclosure_id,
+                    "used_at": T0,
+                    "actor": "bilal (officer)",
+                }
+            )
+    with db.transaction() as session:
+        for table, rows in (
+            (ConsentGrantRecord, grants),
+            (ConsentGrantItem, items),
+            (ConsentRevocationRecord, revocations),
+            (DisclosureRecord, disclosures),
+            (ConsentUse, uses),
+        ):
+            for start in range(0, len(rows), 5000):
+                session.execute(insert(table), rows[start : start + 5000])
+    return bundles
+
+
+def _percentiles(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    p50 = statistics.median(ordered)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return p50, p99
+
+
+def section_consent_check(ctx: _Ctx, *, consents: int = 20_000, checks: int = 2_000) -> None:
+    """Consent check (load + rule) against a bare indexed lookup, p50 and p99."""
+    with ctx.db.transaction() as session:
+        held = int(session.scalar(select(func.count()).select_from(ConsentGrantRecord)) or 0)
+    if held == 0:
+        print(f"adding {consents:,} received consents ...", file=sys.stderr)
+        populate(ctx.db, consents)
+    with ctx.db.transaction() as session:
+        bundles = sorted(set(session.scalars(select(ConsentGrantItem.bundle_id))))
+    rng = random.Random(11)
+    asks = [rng.sample(bundles, rng.randint(1, 2)) for _ in range(checks)]
+
+    floor: list[float] = []
+    connection = sqlite3.connect(ctx.path)
+    try:
+        for ask in asks:
+            start = time.perf_counter()
+            for bundle_id in ask:
+                connection.execute(
+                    "SELECT consent_id FROM consent_grant_item WHERE bundle_id = ?", (bundle_id,)
+                ).fetchall()
+            floor.append(time.perf_counter() - start)
+    finally:
+        connection.close()
+
+    measured: list[float] = []
+    outcomes = {True: 0, False: 0}
+    for ask in asks:
+        recipient, purpose = rng.choice(RECIPIENTS), rng.choice(PURPOSES)
+        start = time.perf_counter()
+        with ctx.db.transaction() as session:
+            states = load_consent_states(session, ask)
+            decision = decide_disclosure(
+                [DisclosureItem(b, "pk", "confidential") for b in ask],
+                recipient,
+                purpose,
+                own_node="jp",
+                internal_recipients=INTERNAL,
+                consents=states,
+                now=NOW,
+            )
+        measured.append(time.perf_counter() - start)
+        outcomes[decision.allowed] += 1
+    floor_p50, floor_p99 = _percentiles(floor)
+    check_p50, check_p99 = _percentiles(measured)
+    ctx.results += [
+        (
+            "bare indexed lookup p50 / p99 (floor)",
+            f"{floor_p50 * 1e6:8.1f} / {floor_p99 * 1e6:8.1f} us",
+        ),
+        ("consent check p50 / p99", f"{check_p50 * 1e6:8.1f} / {check_p99 * 1e6:8.1f} us"),
+        (
+            "ratio check / floor, p50 / p99",
+            f"{check_p50 / floor_p50:8.1f} / {check_p99 / floor_p99:8.1f} x",
+        ),
+        ("checks allowed / refused", f"{outcomes[True]} / {outcomes[False]}"),
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--consents", type=int, default=20_000)
+    parser.add_argument("--checks", type=int, default=2_000)
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "consent-bench.sqlite3"
+        db = open_database(f"sqlite:///{path}")
+        db.upgrade()
+        with db.transaction() as session:
+            session.add(NodeRecord(node_id="jp", created_at=T0, software_version="bench"))
+        ctx: Any = Context(db=db, path=path)
+        try:
+            section_consent_check(ctx, consents=args.consents, checks=args.checks)
+        finally:
+            db.dispose()
+    width = max(len(name) for name, _ in ctx.results)
+    print(f"consent benchmarks, {args.consents:,} received consents on SQLite")
+    for name, value in ctx.results:
+        print(f"  {name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
