@@ -675,3 +675,103 @@ async def _until(predicate: Callable[[], bool]) -> None:
     async with asyncio.timeout(60):
         while not await asyncio.to_thread(predicate):  # noqa: ASYNC110 - polls a database
             await asyncio.sleep(0.05)
+
+
+# -- the commands ----------------------------------------------------------------------
+
+
+def _token(side: Side, name: str, role: str) -> str:
+    from gateway.node.users import add_user  # noqa: PLC0415
+
+    with side.node.db.transaction() as session:
+        return add_user(session, name, role, created_by="test", now=NOW).token.text
+
+
+def _cli(side: Side, token: str, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
+    from click.testing import CliRunner  # noqa: PLC0415
+
+    from gateway.cli.main import cli  # noqa: PLC0415
+
+    env = {
+        "GATEWAY_HOME": str(side.node.settings.home),
+        "GATEWAY_TOKEN": token,
+        "GATEWAY_PASSPHRASE": PASSPHRASE,
+    }
+    if side.node.settings.database.url is not None:
+        env["GATEWAY_DATABASE_URL"] = side.node.settings.database.url
+    result = CliRunner().invoke(cli, ["--json", *args], env=env, input=stdin)
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "message"),
+    [
+        (("send", "exam-fraud", "-"), '{"fraud": "impersonation"}', "exam-fraud: "),
+        (("send", "no-such-type", "-"), "{}", "unknown case type"),
+        (("send", "exam-fraud", "-"), "[1, 2]", "must be a JSON object"),
+        (("send", "exam-fraud", "-"), '{"a": 1, "a": 2}', "duplicate JSON key"),
+        (("send", "exam-fraud", "/no/such/file.json"), None, "cannot be read"),
+    ],
+)
+def test_send_refuses_bad_input_naming_the_problem_and_queues_nothing(
+    pair: Pair, args: tuple[str, ...], stdin: str | None, message: str
+) -> None:
+    officer = _token(pair.jp, "tanaka", "officer")
+    code, out, err = _cli(pair.jp, officer, *args, stdin=stdin)
+    assert code == 1
+    assert message in json.loads(out)["error"]["message"]
+    assert message in err
+    assert count(pair.jp, OutboxEntry) == 0
+
+
+def test_send_inbox_outbox_and_show_work_for_officers_and_refuse_other_roles(
+    pair: Pair, tmp_path: Path
+) -> None:
+    officer = _token(pair.jp, "tanaka", "officer")
+    compliance = _token(pair.jp, "audit", "compliance")
+    case_file = EXAMPLES / "consultation.json"
+    code, out, err = _cli(pair.jp, compliance, "send", "consultation", str(case_file))
+    assert code == 1
+    assert "officer" in err
+    code, out, err = _cli(pair.jp, officer, "send", "consultation", str(case_file))
+    assert code == 0, err
+    sent = json.loads(out)
+    assert (sent["type"], sent["sequence"]) == ("consultation", 1)
+    code, out, err = _cli(pair.jp, officer, "outbox")
+    assert code == 0, err
+    [row] = json.loads(out)["bundles"]
+    assert (row["bundle_id"], row["state"], row["receipt"]) == (sent["bundle_id"], "queued", None)
+    receive_envelope(
+        pair.pk.node,
+        pair.pk.keyring,
+        stored_envelope(pair.jp, sent["bundle_id"]),
+        now=datetime.now(UTC),  # the command sealed at the real time
+    )
+    pk_officer = _token(pair.pk, "bilal", "officer")
+    code, out, err = _cli(pair.pk, pk_officer, "inbox", "--type", "consultation")
+    assert code == 0, err
+    [listed] = json.loads(out)["bundles"]
+    assert (listed["bundle_id"], listed["sender"], listed["marking"]) == (
+        sent["bundle_id"],
+        "jp",
+        "confidential",
+    )
+    code, out, err = _cli(pair.pk, pk_officer, "inbox", "--gaps")
+    assert json.loads(out)["gaps"] == [{"channel": "jp->pk", "highest": 1, "missing": []}]
+    code, out, err = _cli(
+        pair.pk, _token(pair.pk, "audit", "compliance"), "show", sent["bundle_id"]
+    )
+    assert code == 1
+    assert "case" not in json.loads(out)
+    code, out, err = _cli(
+        pair.pk, pk_officer, "show", sent["bundle_id"], "--out", str(tmp_path / "o")
+    )
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["case"] == validate_case("consultation", example("consultation")).model_dump(
+        mode="json"
+    )
+    assert (tmp_path / "o" / f"{sent['bundle_id']}.json").is_file()
+    code, out, err = _cli(pair.pk, pk_officer, "show", "00000000-0000-4000-8000-000000000000")
+    assert code == 1
+    assert "no bundle" in err
