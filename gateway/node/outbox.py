@@ -22,7 +22,7 @@ leads to a resend of identical bytes, answered with the identical receipt.
 from __future__ import annotations
 
 import asyncio
-import base64
+import hashlib
 import os
 import random
 import secrets
@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -203,8 +203,7 @@ def _write_envelope(blob_dir: Path, seal: Sealer, sequence: int) -> tuple[Path, 
 
 
 def _commit_envelope_file(blob_dir: Path, tmp: Path) -> tuple[str, int]:
-    import hashlib  # noqa: PLC0415
-
+    """Rename a synced envelope file to its SHA-256 name in the store; sync the folder."""
     digest = hashlib.sha256()
     size = 0
     with tmp.open("rb") as handle:
@@ -447,8 +446,6 @@ def _next_batch(
 
 
 def _count_queued(node: Node) -> int:
-    from sqlalchemy import func  # noqa: PLC0415
-
     with node.db.transaction() as session:
         return int(
             session.scalar(
@@ -762,8 +759,3 @@ def outbox_entry(node: Node, bundle_id: str) -> OutboxEntry:
     if entry is None:
         raise NotFound(f"no sent bundle with id {bundle_id!r}")
     return entry
-
-
-def receipt_text(raw: bytes | None) -> str | None:
-    """A receipt for JSON output (base64)."""
-    return None if raw is None else base64.b64encode(raw).decode("ascii")
