@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -24,20 +25,28 @@ from multidict import CIMultiDict
 from sqlalchemy import func, select
 from structlog.testing import capture_logs
 
+import gateway.node.keys
+import gateway.node.policy
 from gateway import log
 from gateway.api.app import all_routes, create_api_app
 from gateway.api.routes_common import ApiRoute, Call
 from gateway.core.keys import NodeKeyring
+from gateway.core.roles import Actor, Role
 from gateway.node import keys as key_service
 from gateway.node import ledger
+from gateway.node.inbox import receive_envelope
 from gateway.node.keystore import unlock_keyring
 from gateway.node.runtime import Node, utc_now
 from gateway.node.setup import init_node
 from gateway.node.users import add_user, disable_user
 from gateway.settings import load_settings
+from gateway.store.models_exchange import envelope_path
 from gateway.store.models_users import UserRecord
 
 PASSPHRASE = "correct horse battery staple for tests"
+# Importing these registers their stages of node creation (keys, policies),
+# exactly as the CLI does.
+INIT_STAGES = (gateway.node.keys.__name__, gateway.node.policy.__name__)
 
 
 @dataclass
@@ -599,3 +608,139 @@ def test_compliance_lists_verifies_and_exports_the_ledger(api_node: ApiNode) -> 
             assert (bad.status, bad.reason) == (422, reason), query
 
     run_api(api_node, scenario)
+
+
+# --- two pinned nodes and a bundle sent through the API ----------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
+PLANTED = "PLANTED-CASE-TEXT-7Q4Z"
+PLANTED_ATTACHMENT = "PLANTED-ATTACHMENT-TEXT-K2M9"
+
+
+@pytest.fixture
+def exchanged(
+    tmp_path: Path,
+    database_url: str,
+    pg_database_factory: Callable[[], str],
+    clean_environ: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[ApiNode, ApiNode, str]]:
+    """jp and pk pinned to each other; a jp officer sent a case through the API and
+    pk received it. Yields (jp, pk, bundle id)."""
+    yield from exchange_pair(
+        tmp_path, database_url, pg_database_factory, clean_environ, monkeypatch
+    )
+
+
+def exchange_pair(
+    tmp_path: Path,
+    database_url: str,
+    pg_database_factory: Callable[[], str],
+    clean_environ: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[ApiNode, ApiNode, str]]:
+    """The body of the ``exchanged`` fixture, for other modules' fixtures."""
+    monkeypatch.setenv("GATEWAY_PASSPHRASE", PASSPHRASE)
+    monkeypatch.setenv("GATEWAY_KEYSTORE_STRENGTH", "min")
+    second = (
+        f"sqlite:///{tmp_path / 'pk.sqlite3'}"
+        if database_url.startswith("sqlite")
+        else pg_database_factory()
+    )
+    jp = make_node(tmp_path, database_url, clean_environ, "jp")
+    pk = make_node(tmp_path, second, clean_environ, "pk")
+    try:
+        manifests = {}
+        for side in (jp, pk):
+            with side.node.db.transaction() as session:
+                manifests[side.node.node_id] = key_service.own_manifest(session)
+        admin = Actor(name="admin", role=Role.ADMIN)
+        for side, peer in ((jp, "pk"), (pk, "jp")):
+            with side.node.db.transaction() as session:
+                key_service.pin_peer(
+                    session,
+                    manifests[peer].raw,
+                    node=peer,
+                    expected_fingerprint=manifests[peer].root_fingerprint,
+                    now=utc_now(),
+                    actor=admin,
+                )
+        case = json.loads((EXAMPLES / "broker-misconduct.json").read_text())
+        case["summary"] = f"{case['summary']} {PLANTED}"
+        attachment = base64.b64encode(f"statement: {PLANTED_ATTACHMENT}\n".encode()).decode()
+        sent: dict[str, Any] = {}
+
+        async def send(client: Client) -> None:
+            answer = await client.call(
+                "POST",
+                "/api/v1/bundles",
+                token=jp.tokens["officer"],
+                body={
+                    "type": "broker-misconduct",
+                    "case": case,
+                    "attachments": [{"name": "statement.txt", "content_base64": attachment}],
+                },
+            )
+            assert answer.status == 201, answer.body
+            sent.update(answer.body)
+
+        run_api(jp, send)
+        envelope = envelope_path(jp.node.settings.blob_dir, sent["envelope_sha256"])
+        receive_envelope(pk.node, pk.keyring(), envelope, now=utc_now())
+        yield jp, pk, str(sent["bundle_id"])
+    finally:
+        jp.node.close()
+        pk.node.close()
+
+
+def test_disclosure_through_the_api_follows_the_consent_ledger(
+    exchanged: tuple[ApiNode, ApiNode, str],
+) -> None:
+    _jp, pk, bundle_id = exchanged
+    officer = pk.tokens["officer"]
+
+    async def scenario(client: Client) -> None:
+        blocked = await client.call(
+            "POST",
+            "/api/v1/disclosures",
+            token=officer,
+            body={"bundle_ids": [bundle_id], "recipient": "Daily News", "purpose": "a story"},
+        )
+        assert (blocked.status, blocked.reason) == (403, "consent"), blocked.body
+        assert bundle_id in blocked.body["error"]["message"]
+        assert PLANTED not in json.dumps(blocked.body)
+
+        internal = await client.call(
+            "POST",
+            "/api/v1/disclosures",
+            token=officer,
+            body={"bundle_ids": [bundle_id], "recipient": "beoe", "purpose": "inquiry"},
+        )
+        assert internal.status == 201, internal.body
+        released = b"".join(
+            base64.b64decode(f["content_base64"]) for f in internal.body["contents"]
+        )
+        assert PLANTED.encode() in released
+        assert PLANTED_ATTACHMENT.encode() in released
+        for item in internal.body["contents"]:
+            content = base64.b64decode(item["content_base64"])
+            assert hashlib.sha256(content).hexdigest() == item["sha256"]
+
+        asked = await client.call(
+            "POST",
+            "/api/v1/consents/requests",
+            token=officer,
+            body={"bundle_ids": [bundle_id], "recipient": "Daily News", "purpose": "a story"},
+        )
+        assert asked.status == 201, asked.body
+        listing = await client.call("GET", "/api/v1/consents", token=officer)
+        assert [r["request_id"] for r in listing.body["requests"]] == [asked.body["request_id"]]
+
+        kinds = await client.call(
+            "GET", f"/api/v1/ledger?bundle={bundle_id}", token=pk.tokens["compliance"]
+        )
+        recorded = [(e["kind"], e["actor"]) for e in kinds.body]
+        assert ("disclosure-blocked", "officer") in recorded
+        assert ("internal-share", "officer") in recorded
+
+    run_api(pk, scenario)

@@ -44,23 +44,20 @@ from sqlalchemy import text
 
 from gateway.api.app import ROUTES_KEY, create_api_app
 from gateway.cli.main import cli
-from gateway.core.roles import ACTIONS, Actor, Role
-from gateway.node import keys as key_service
-from gateway.node.inbox import receive_envelope
-from gateway.node.runtime import utc_now
-from gateway.store.models_exchange import envelope_path
+from gateway.core.roles import ACTIONS, Role
 from tests.conftest import create_pg_database, drop_pg_database
 from tests.integration.test_api import (
     PASSPHRASE,
+    PLANTED,
+    PLANTED_ATTACHMENT,
     ApiNode,
     Client,
+    exchange_pair,
     make_node,
     no_keyring,
     run_api,
     serve_api,
 )
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
 
 HOST_COMMANDS = {
     ("init",),
@@ -382,8 +379,12 @@ def test_actions_of_cli_and_api_are_all_in_the_role_table(table_node: tuple[ApiN
 
 # --- compliance sees metadata, never case content ----------------------------------------
 
-PLANTED = "PLANTED-CASE-TEXT-7Q4Z"
-PLANTED_ATTACHMENT = "PLANTED-ATTACHMENT-TEXT-K2M9"
+
+def assert_no_content(where: str, text: str | bytes) -> None:
+    data = text.encode() if isinstance(text, str) else text
+    for planted in (PLANTED, PLANTED_ATTACHMENT):
+        assert planted.encode() not in data, f"{where} revealed case content"
+        assert base64.b64encode(planted.encode()) not in data, f"{where} revealed case content"
 
 
 @pytest.fixture
@@ -394,66 +395,10 @@ def exchanged(
     clean_environ: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[tuple[ApiNode, ApiNode, str]]:
-    """jp and pk pinned to each other; a jp officer sent a case through the API and
-    pk received it. Yields (jp, pk, bundle id)."""
-    monkeypatch.setenv("GATEWAY_PASSPHRASE", PASSPHRASE)
-    monkeypatch.setenv("GATEWAY_KEYSTORE_STRENGTH", "min")
-    second = (
-        f"sqlite:///{tmp_path / 'pk.sqlite3'}"
-        if database_url.startswith("sqlite")
-        else pg_database_factory()
+    """jp sent a case with planted text through the API; pk received it."""
+    yield from exchange_pair(
+        tmp_path, database_url, pg_database_factory, clean_environ, monkeypatch
     )
-    jp = make_node(tmp_path, database_url, clean_environ, "jp")
-    pk = make_node(tmp_path, second, clean_environ, "pk")
-    try:
-        manifests = {}
-        for side in (jp, pk):
-            with side.node.db.transaction() as session:
-                manifests[side.node.node_id] = key_service.own_manifest(session)
-        admin = Actor(name="admin", role=Role.ADMIN)
-        for side, peer in ((jp, "pk"), (pk, "jp")):
-            with side.node.db.transaction() as session:
-                key_service.pin_peer(
-                    session,
-                    manifests[peer].raw,
-                    node=peer,
-                    expected_fingerprint=manifests[peer].root_fingerprint,
-                    now=utc_now(),
-                    actor=admin,
-                )
-        case = json.loads((EXAMPLES / "broker-misconduct.json").read_text())
-        case["summary"] = f"{case['summary']} {PLANTED}"
-        attachment = base64.b64encode(f"statement: {PLANTED_ATTACHMENT}\n".encode()).decode()
-        sent: dict[str, Any] = {}
-
-        async def send(client: Client) -> None:
-            answer = await client.call(
-                "POST",
-                "/api/v1/bundles",
-                token=jp.tokens["officer"],
-                body={
-                    "type": "broker-misconduct",
-                    "case": case,
-                    "attachments": [{"name": "statement.txt", "content_base64": attachment}],
-                },
-            )
-            assert answer.status == 201, answer.body
-            sent.update(answer.body)
-
-        run_api(jp, send)
-        envelope = envelope_path(jp.node.settings.blob_dir, sent["envelope_sha256"])
-        receive_envelope(pk.node, pk.keyring(), envelope, now=utc_now())
-        yield jp, pk, str(sent["bundle_id"])
-    finally:
-        jp.node.close()
-        pk.node.close()
-
-
-def assert_no_content(where: str, text: str | bytes) -> None:
-    data = text.encode() if isinstance(text, str) else text
-    for planted in (PLANTED, PLANTED_ATTACHMENT):
-        assert planted.encode() not in data, f"{where} revealed case content"
-        assert base64.b64encode(planted.encode()) not in data, f"{where} revealed case content"
 
 
 def test_compliance_gets_no_case_content_from_any_command_or_route(
