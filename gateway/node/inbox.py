@@ -46,8 +46,8 @@ from gateway.store.models_exchange import (
     InboxEntry,
     OutboxEntry,
     SequenceGap,
+    adopt_envelope_file,
     envelope_path,
-    store_envelope_file,
 )
 
 __all__ = [
@@ -225,12 +225,7 @@ def accept_envelope(
             f"envelope {facts.bundle_id} is addressed to {facts.recipient!r}, "
             f"not to this node {node.node_id!r}"
         )
-    with path.open("rb") as stream:
-        stored_sha, stored_size, _ = store_envelope_file(node.settings.blob_dir, stream)
-    if (stored_sha, stored_size) != (sha, size):
-        raise VerificationError(
-            "the envelope changed while it was being received", check="envelope-stable"
-        )
+    adopt_envelope_file(node.settings.blob_dir, path, sha)
     for attempt in range(2):
         try:
             return _commit(node, signer, facts, sha, size, now=now, checkpoint=checkpoint)

@@ -39,6 +39,7 @@ __all__ = [
     "OutboxState",
     "SequenceCounter",
     "SequenceGap",
+    "adopt_envelope_file",
     "envelope_path",
     "store_envelope_file",
     "sweep_orphan_envelopes",
@@ -211,6 +212,39 @@ def store_envelope_file(blob_dir: Path, source: BinaryIO) -> tuple[str, int, Pat
         tmp.unlink(missing_ok=True)
         raise
     return sha, size, final
+
+
+def adopt_envelope_file(blob_dir: Path, source: Path, sha256_hex: str) -> Path:
+    """Put the file ``source`` (whose SHA-256 the caller computed) into the store, durably.
+
+    A hard link when the store is on the same file system (a received
+    envelope of any size costs no copy), else a copy checked against the
+    hash. The caller must not change ``source`` afterwards.
+    """
+    final = envelope_path(blob_dir, sha256_hex)
+    final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = final.parent / f".tmp-{secrets.token_hex(8)}"
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            with source.open("rb") as handle:
+                copied, _, path = store_envelope_file(blob_dir, handle)
+            if copied != sha256_hex:
+                raise StorageError("the envelope changed while it was being stored") from None
+            return path
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        tmp.replace(final)
+        _fsync_dir(final.parent)
+    except OSError as exc:
+        raise StorageError(f"envelope could not be stored: {exc.strerror}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
 
 
 def _referenced(session: Session) -> set[str]:

@@ -10,6 +10,7 @@ same over real sockets and processes is covered by ``tests/e2e``.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import threading
@@ -31,7 +32,7 @@ from gateway.core.envelope import seal
 from gateway.core.keys import NodeKeyring
 from gateway.core.receipt import parse_receipt, verify_receipt
 from gateway.core.roles import Actor, Role
-from gateway.errors import TransportError, VerificationError
+from gateway.errors import StorageError, TransportError, VerificationError
 from gateway.node import ledger
 from gateway.node.inbox import (
     EquivocationRefused,
@@ -58,6 +59,7 @@ from gateway.store.models_exchange import (
     Equivocation,
     InboxEntry,
     OutboxEntry,
+    adopt_envelope_file,
     envelope_path,
     store_envelope_file,
     sweep_orphan_envelopes,
@@ -276,6 +278,30 @@ def test_a_fresh_orphan_is_kept_during_the_grace_period(jp_node: Node, tmp_path:
             sweep_orphan_envelopes(session, jp_node.settings.blob_dir, now=datetime.now(UTC)) == []
         )
     assert path.is_file()
+
+
+def test_a_received_file_is_adopted_by_link_or_by_checked_copy(tmp_path: Path) -> None:
+    blob_dir = tmp_path / "blobs"
+    same_fs = tmp_path / "spooled"
+    same_fs.write_bytes(b"envelope bytes " * 100)
+    sha = hashlib.sha256(same_fs.read_bytes()).hexdigest()
+    linked = adopt_envelope_file(blob_dir, same_fs, sha)
+    assert linked.read_bytes() == same_fs.read_bytes()
+    assert linked.stat().st_ino == same_fs.stat().st_ino  # no copy on one file system
+    other_fs = Path("/dev/shm")
+    if other_fs.is_dir() and other_fs.stat().st_dev != tmp_path.stat().st_dev:
+        elsewhere = other_fs / f"gw-test-{uuid.uuid4().hex}"
+        try:
+            elsewhere.write_bytes(b"another envelope")
+            other_sha = hashlib.sha256(b"another envelope").hexdigest()
+            copied = adopt_envelope_file(blob_dir, elsewhere, other_sha)
+            assert copied.read_bytes() == b"another envelope"
+            assert copied.stat().st_ino != elsewhere.stat().st_ino
+            with pytest.raises(StorageError):  # a copy that does not match its hash
+                adopt_envelope_file(blob_dir, elsewhere, "0" * 64)
+        finally:
+            elsewhere.unlink(missing_ok=True)
+    assert [p.name for p in (blob_dir / "envelopes").rglob(".tmp-*")] == []
 
 
 @pytest.mark.parametrize(
