@@ -262,16 +262,30 @@ def _load_root(
 
 
 def _current_locked(session: Session) -> KeyManifest:
-    """The current manifest, its row locked against a concurrent key change."""
-    row = session.scalars(
-        select(OwnManifestRecord)
+    """The current manifest, read after locking against a concurrent key change.
+
+    On PostgreSQL the lock waits for a concurrent change to commit; the second
+    read (a new statement, so a new snapshot under READ COMMITTED) then sees
+    the manifest that change made. SQLite serialises with BEGIN IMMEDIATE.
+    """
+    session.execute(
+        select(OwnManifestRecord.id)
         .order_by(OwnManifestRecord.version.desc())
         .limit(1)
         .with_for_update()
     ).first()
-    if row is None:
-        raise NotFound("this node has no keys: its home was made without the keys step")
-    return parse_manifest(bytes(row.raw))
+    return own_manifest(session)
+
+
+def _peer_locked(session: Session) -> KeyManifest | None:
+    """The pinned peer manifest, read after locking as :func:`_current_locked` does."""
+    session.execute(
+        select(PeerManifestRecord.id)
+        .order_by(PeerManifestRecord.id.desc())
+        .limit(1)
+        .with_for_update()
+    ).first()
+    return pinned_peer_manifest(session)
 
 
 @dataclass(frozen=True)
@@ -701,7 +715,7 @@ def pin_peer(
     (it is then an ordinary update); one with another root is refused unless
     ``replace`` is given (the peer lost its root and was set up anew).
     """
-    pinned = pinned_peer_manifest(session)
+    pinned = _peer_locked(session)
     if pinned is not None and not replace:
         manifest = verify_manifest(
             raw, node=node, pinned=pinned, expected_fingerprint=expected_fingerprint, now=now
@@ -736,7 +750,7 @@ def apply_peer_manifest(session: Session, raw: bytes, *, node: str, now: datetim
     redelivery after a lost answer); anything else must pass every rule of
     :func:`gateway.core.keys.verify_manifest`.
     """
-    pinned = pinned_peer_manifest(session)
+    pinned = _peer_locked(session)
     if pinned is None:
         raise ConfigError(
             f"no manifest of node {node!r} is pinned: an administrator must first run "

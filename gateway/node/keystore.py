@@ -563,7 +563,12 @@ def unlock_keyring(
             f"unrevoked signing key of manifest version {manifest.version}"
         )
     valid = [entry for entry in candidates if entry.valid_at(at)] or candidates
-    chosen = max(valid, key=lambda entry: entry.not_before).key_id
+    # Ties on not_before go to the key listed last, as KeyManifest.current_signing_key does.
+    chosen = valid[0].key_id
+    newest = valid[0].not_before
+    for entry in valid[1:]:
+        if entry.not_before >= newest:
+            chosen, newest = entry.key_id, entry.not_before
     ring = NodeKeyring(
         node=settings.node_id,
         manifest=manifest,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import stat
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 
 from gateway.core.canonical import canonical_bytes
 from gateway.core.domain import Purpose, tagged
-from gateway.core.keys import KeyNotUsable, ManifestRejected, fingerprint, key_id
+from gateway.core.keys import KeyNotUsable, ManifestRejected, fingerprint, key_id, parse_manifest
 from gateway.core.roles import Actor, Role
 from gateway.errors import AlreadyExists, ConfigError, InvalidInput, NotFound
 from gateway.node import keys as key_service
@@ -491,3 +492,29 @@ def test_recovery_revokes_every_lost_key_and_makes_new_ones(jp: Node, loss: str)
 def test_recovery_is_refused_while_the_key_file_opens(jp: Node) -> None:
     with jp.db.transaction() as session, pytest.raises(InvalidInput, match="nothing to recover"):
         key_service.recover_keys(jp.settings, session, PASSPHRASE, "why", now=NOW, actor=ADMIN)
+
+
+def test_concurrent_rotations_serialise_into_consecutive_versions(jp_any: Node) -> None:
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def rotate() -> None:
+        try:
+            barrier.wait()
+            with jp_any.db.transaction() as session:
+                key_service.rotate_keys(jp_any.settings, session, PASSPHRASE, now=NOW, actor=ADMIN)
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rotate) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with jp_any.db.transaction() as session:
+        pending = key_service.pending_manifests(session)
+        ring = unlock_keyring(jp_any.settings, PASSPHRASE, session, now=NOW)
+    assert [parse_manifest(raw).version for _, raw in pending] == [2, 3]
+    assert ring.manifest.version == 3
+    assert ring.signing_key_id == ring.manifest.current_signing_key(now=NOW).key_id
