@@ -42,6 +42,7 @@ from gateway.node.users import add_user, disable_user
 from gateway.settings import load_settings
 from gateway.store.models_exchange import envelope_path
 from gateway.store.models_users import UserRecord
+from tests.nodes import free_port, gateway_env, start_serve, stop, wait_ready
 
 PASSPHRASE = "correct horse battery staple for tests"
 # Importing these registers their stages of node creation (keys, policies),
@@ -744,3 +745,41 @@ def test_disclosure_through_the_api_follows_the_consent_ledger(
         assert ("internal-share", "officer") in recorded
 
     run_api(pk, scenario)
+
+
+# --- the API as `gateway serve` runs it ------------------------------------------------------
+
+
+def test_gateway_serve_answers_the_local_api_on_its_own_port(sqlite_api_node: ApiNode) -> None:
+    peer_port, api_port = free_port(), free_port()
+    env = gateway_env(
+        sqlite_api_node.home,
+        GATEWAY_PASSPHRASE=PASSPHRASE,
+        GATEWAY_SERVER_LISTEN=f"127.0.0.1:{peer_port}",
+        GATEWAY_SERVER_API_LISTEN=f"127.0.0.1:{api_port}",
+    )
+    serve = start_serve(sqlite_api_node.home, env=env)
+    try:
+        ready = wait_ready(serve)
+        assert f"127.0.0.1:{api_port}" in ready
+
+        async def scenario() -> None:
+            base = f"http://127.0.0.1:{api_port}"
+            async with aiohttp.ClientSession() as session:
+                client = Client(session, base)
+                me = await client.call(
+                    "GET", "/api/v1/whoami", token=sqlite_api_node.tokens["officer"]
+                )
+                assert me.body == {"name": "officer", "role": "officer", "node": "jp"}
+                assert (await client.call("GET", "/api/v1/whoami")).status == 401
+                # The peer port serves the peer protocol, not the user API.
+                peer = Client(session, f"http://127.0.0.1:{peer_port}")
+                wrong_door = await peer.call(
+                    "GET", "/api/v1/whoami", token=sqlite_api_node.tokens["officer"]
+                )
+                assert wrong_door.status in (401, 404)
+
+        asyncio.run(scenario())
+    finally:
+        assert stop(serve) == 0, serve.stderr_text()
+    assert sqlite_api_node.tokens["officer"].rsplit("_", 1)[1] not in serve.stderr_text()
