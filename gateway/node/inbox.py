@@ -260,7 +260,6 @@ def _commit(
             equivocated = _record_equivocation(session, existing, facts, sha, now)
         else:
             channel = channel_name(facts.sender, facts.recipient)
-            _record_gap(session, channel, facts.sequence, now)
             _ledger_event(
                 session,
                 kind="bundle-received",
@@ -274,6 +273,10 @@ def _commit(
                     "envelope_sha256": sha,
                 },
             )
+            # After the ledger append, which serialises receivers (BEGIN IMMEDIATE on
+            # SQLite, an advisory lock on PostgreSQL): the highest sequence read here
+            # is not racing a concurrent receive of the same channel.
+            _record_gap(session, channel, facts.sequence, now)
             receipt = issue_receipt(
                 signer,
                 bundle_id=facts.bundle_id,

@@ -801,3 +801,34 @@ def test_send_inbox_outbox_and_show_work_for_officers_and_refuse_other_roles(
     code, out, err = _cli(pair.pk, pk_officer, "show", "00000000-0000-4000-8000-000000000000")
     assert code == 1
     assert "no bundle" in err
+
+
+def test_concurrent_receives_store_each_bundle_once_and_report_no_false_gaps(pair: Pair) -> None:
+    sent = [send(pair.jp) for _ in range(12)]
+    paths = [stored_envelope(pair.jp, s.bundle_id) for s in sent]
+    work = paths + paths[:4]  # four of them arrive twice at the same time
+    receipts: dict[Path, set[bytes]] = {p: set() for p in paths}
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def receive(path: Path) -> None:
+        try:
+            receipt = receive_envelope(pair.pk.node, pair.pk.keyring, path, now=NOW)
+        except BaseException as exc:
+            errors.append(exc)
+            return
+        with lock:
+            receipts[path].add(receipt)
+
+    threads = [threading.Thread(target=receive, args=(p,)) for p in work]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert all(len(r) == 1 for r in receipts.values())  # duplicates got the identical receipt
+    assert sorted(r.bundle_id for r in list_inbox(pair.pk.node)) == sorted(
+        s.bundle_id for s in sent
+    )
+    [gaps] = list_gaps(pair.pk.node)
+    assert (gaps.highest, list(gaps.missing)) == (12, [])
