@@ -791,6 +791,18 @@ def limits_from_policy(limits: PolicyLimits) -> TransportLimits:
     )
 
 
+def _apply_consent_bundles(node: Node, keyring: NodeKeyring, *, now: datetime) -> None:
+    """Right after a receipt: store received consent requests, grants, denials and
+    revocations with their ledger entries. The receipt stands whatever happens here;
+    anything left pending is applied before the next consent decision anyway."""
+    from gateway.node.consent import apply_pending  # noqa: PLC0415
+
+    try:
+        apply_pending(node, keyring, now=now)
+    except GatewayError as exc:
+        _log.warning("consent_apply_deferred", error=type(exc).__name__, reason=exc.reason)
+
+
 def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerServices:
     """The peer services of an opened node: its pinned peer, nonce store, inbox."""
     from gateway.core.keys import verify_manifest  # noqa: PLC0415
@@ -814,7 +826,9 @@ def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerS
         return bytes(pinned().signing_key(key_id, at=at))
 
     def receive(path: Path, *, now: datetime) -> bytes:
-        return receive_envelope(node, keyring, path, now=now)
+        receipt = receive_envelope(node, keyring, path, now=now)
+        _apply_consent_bundles(node, keyring, now=now)
+        return receipt
 
     def preview(raw: bytes, *, now: datetime) -> KeyLookup:
         manifest = verify_manifest(

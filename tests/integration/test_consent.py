@@ -35,6 +35,7 @@ from gateway.node.outbox import send_case
 from gateway.node.runtime import Node, utc_now
 from gateway.node.setup import init_node
 from gateway.node.users import add_user
+from gateway.peer.server import node_services
 from gateway.settings import load_settings
 from gateway.store.models_consent import DisclosureRecord
 from gateway.store.models_exchange import OutboxEntry, envelope_path
@@ -121,13 +122,17 @@ def example(case_type: str) -> dict[str, Any]:
     return dict(json.loads((EXAMPLES / f"{case_type}.json").read_text()))
 
 
-def deliver(sender: Side, receiver: Side, bundle_id: str, *, when: datetime = NOW) -> None:
+def outbox_envelope(sender: Side, bundle_id: str) -> Path:
     with sender.node.db.transaction() as session:
         sha = session.scalars(
             select(OutboxEntry.envelope_sha256).where(OutboxEntry.bundle_id == bundle_id)
         ).one()
-    path = envelope_path(sender.node.settings.blob_dir, sha)
-    receive_envelope(receiver.node, receiver.keyring, path, now=when)
+    return envelope_path(sender.node.settings.blob_dir, sha)
+
+
+def deliver(sender: Side, receiver: Side, bundle_id: str, *, when: datetime = NOW) -> None:
+    """The inbox step alone: consent bundles wait until a consent command applies them."""
+    receive_envelope(receiver.node, receiver.keyring, outbox_envelope(sender, bundle_id), now=when)
 
 
 def send_case_to_peer(
@@ -599,3 +604,29 @@ def test_cli_blocked_disclosure_exits_3_writes_nothing_and_is_recorded_once(
     refused_grant = _run(jp_env, "consent", "grant", request_id, "--valid-until", too_long)
     assert refused_grant.exit_code == 1
     assert "maximum validity of 365 days" in refused_grant.stderr
+
+
+def test_peer_server_applies_consent_bundles_as_they_arrive(pair: Pair) -> None:
+    """Through the peer server's receive step, a grant is on record (ledger
+    entry, consent listed) without any officer command having run."""
+    case_id = send_case_to_peer(pair.jp, pair.pk)
+    asked = consent.request_consent(
+        pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
+    )
+    jp_services = node_services(pair.jp.node, pair.jp.keyring, skew=timedelta(minutes=5))
+    jp_services.receive_envelope(outbox_envelope(pair.pk, asked.bundle_id), now=NOW)
+    assert [e.bundle_id for e in entries(pair.jp, "consent-requested")] == [asked.bundle_id]
+    granted = consent.grant(
+        pair.jp.node,
+        pair.jp.keyring,
+        JP_OFFICER,
+        asked.request_id,
+        valid_until=None,
+        max_uses=None,
+        conditions="",
+        now=NOW,
+    )
+    pk_services = node_services(pair.pk.node, pair.pk.keyring, skew=timedelta(minutes=5))
+    pk_services.receive_envelope(outbox_envelope(pair.jp, granted.bundle_id), now=NOW)
+    (recorded,) = entries(pair.pk, "consent-granted")
+    assert (recorded.consent_id, recorded.actor_name) == (granted.consent_id, "system")
