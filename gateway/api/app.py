@@ -122,7 +122,8 @@ def error_status(exc: GatewayError) -> int:
             if isinstance(exc, InvalidInput) and exc.reason.startswith("request."):
                 return 415 if exc.reason == "request.content-type" else 400
             return status
-    return 400
+    # An error of no family (a locked or corrupt keystore, say) is the server's.
+    return 500
 
 
 def _error(status: int, reason: str, message: str, **extra: Any) -> web.Response:

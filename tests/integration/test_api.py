@@ -28,10 +28,24 @@ from structlog.testing import capture_logs
 import gateway.node.keys
 import gateway.node.policy
 from gateway import log
-from gateway.api.app import all_routes, create_api_app
+from gateway.api.app import all_routes, create_api_app, error_status
 from gateway.api.routes_common import ApiRoute, Call
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
+from gateway.errors import (
+    AccessDenied,
+    AlreadyExists,
+    ConfigError,
+    ConsentRefused,
+    GatewayError,
+    InvalidInput,
+    NotFound,
+    PolicyRefused,
+    RefusedError,
+    StorageError,
+    TransportError,
+    VerificationError,
+)
 from gateway.node import keys as key_service
 from gateway.node import ledger
 from gateway.node.inbox import receive_envelope
@@ -783,3 +797,34 @@ def test_gateway_serve_answers_the_local_api_on_its_own_port(sqlite_api_node: Ap
     finally:
         assert stop(serve) == 0, serve.stderr_text()
     assert sqlite_api_node.tokens["officer"].rsplit("_", 1)[1] not in serve.stderr_text()
+
+
+ERROR_STATUSES: list[tuple[GatewayError, int]] = [
+    (AccessDenied("x", reason="access.no-token"), 401),
+    (AccessDenied("x", reason="access.token"), 401),
+    (AccessDenied("x", reason="access.disabled"), 401),
+    (AccessDenied("x", reason="access.role"), 403),
+    (AccessDenied("x", reason="access.unknown-action"), 403),
+    (ConsentRefused("x"), 403),
+    (InvalidInput("x", reason="request.json"), 400),
+    (InvalidInput("x", reason="request.content-type"), 415),
+    (InvalidInput("x"), 422),
+    (NotFound("x"), 404),
+    (AlreadyExists("x"), 409),
+    (RefusedError("x"), 409),
+    (PolicyRefused("x", reason="request.too-large"), 413),
+    (PolicyRefused("x", reason="policy.size"), 413),
+    (PolicyRefused("x", reason="policy.rate"), 429),
+    (PolicyRefused("x"), 422),
+    (VerificationError("x", check="signature"), 422),
+    (TransportError("x"), 502),
+    (StorageError("x"), 503),
+    (ConfigError("x"), 500),
+    (GatewayError("x"), 500),
+]
+
+
+def test_each_error_family_maps_to_its_status() -> None:
+    got = [(type(exc).__name__, exc.reason, error_status(exc)) for exc, _ in ERROR_STATUSES]
+    want = [(type(exc).__name__, exc.reason, status) for exc, status in ERROR_STATUSES]
+    assert got == want
