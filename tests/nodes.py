@@ -269,6 +269,8 @@ def gateway_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     env["GATEWAY_HOME"] = str(home)
     env.setdefault("GATEWAY_PASSPHRASE", "correct horse battery staple")
+    # Key files made in tests use the cheapest Argon2id cost; production keeps the default.
+    env.setdefault("GATEWAY_KEYSTORE_STRENGTH", os.environ.get("GATEWAY_KEYSTORE_STRENGTH", "min"))
     if "GATEWAY_TEST_PG_URL" in os.environ:
         env["GATEWAY_TEST_PG_URL"] = os.environ["GATEWAY_TEST_PG_URL"]
     env["PYTHONPATH"] = str(REPO)
