@@ -34,7 +34,6 @@ import hashlib
 import io
 import json
 import os
-import secrets
 import shutil
 import tempfile
 import uuid
@@ -1206,7 +1205,8 @@ def _sha256_file(path: Path) -> str:
 def _decrypt_items(
     node: Node, keyring: NodeKeyring, policy: Policy, items: list[_Item], staging: Path
 ) -> dict[str, str]:
-    """Decrypt every item into ``staging/<bundle id>/``; return relative path -> SHA-256."""
+    """Decrypt every item into ``staging/<bundle id>/``: ``case.json`` and the
+    attachments under ``attachments/``; return relative path -> SHA-256."""
     from gateway.node.bundles import open_to_dir  # noqa: PLC0415
 
     with node.db.transaction() as session:
@@ -1214,20 +1214,22 @@ def _decrypt_items(
     files: dict[str, str] = {}
     for entry in items:
         folder = staging / entry.item.bundle_id
-        folder.mkdir(mode=0o700)
+        attachments = folder / "attachments"
+        attachments.mkdir(mode=0o700, parents=True)
         opened = open_to_dir(
             envelope_path(node.settings.blob_dir, entry.envelope_sha256),
-            folder,
+            attachments,
             keyring=keyring,
             peer_manifest=peer,
             policy=policy,
             now=entry.opened_at,
         )
-        case_path = folder / "case.json"
-        if case_path.exists():
-            case_path = folder / f"case-{secrets.token_hex(4)}.json"
-        with case_path.open("xb") as out:
+        if not opened.files:
+            attachments.rmdir()
+        with (folder / "case.json").open("xb") as out:
             out.write(canonical_bytes(opened.envelope.case_data))
+            out.flush()
+            os.fsync(out.fileno())
         for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             files[path.relative_to(staging).as_posix()] = _sha256_file(path)
     return files

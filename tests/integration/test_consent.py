@@ -630,3 +630,39 @@ def test_peer_server_applies_consent_bundles_as_they_arrive(pair: Pair) -> None:
     pk_services.receive_envelope(outbox_envelope(pair.jp, granted.bundle_id), now=NOW)
     (recorded,) = entries(pair.pk, "consent-granted")
     assert (recorded.consent_id, recorded.actor_name) == (granted.consent_id, "system")
+
+
+def test_disclosed_package_holds_case_and_attachments_with_their_hashes(
+    pair: Pair, tmp_path: Path
+) -> None:
+    evidence = tmp_path / "case.json"  # named like the case file on purpose
+    evidence.write_bytes(b"scanned contract\x00\x01" * 100)
+    sent = send_case(
+        pair.jp.node,
+        pair.jp.keyring,
+        JP_OFFICER,
+        "exam-fraud",
+        example("exam-fraud"),
+        [evidence],
+        public=False,
+        reply_to=None,
+        now=NOW,
+    )
+    deliver(pair.jp, pair.pk, sent.bundle_id)
+    grant_for(pair, [sent.bundle_id])
+    out = tmp_path / "package"
+    result = do_disclose(pair.pk, [sent.bundle_id], out)
+    attachment = out / sent.bundle_id / "attachments" / "case.json"
+    assert attachment.read_bytes() == evidence.read_bytes()
+    on_disk = {
+        p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in out.rglob("*")
+        if p.is_file() and p.name != "disclosure.json"
+    }
+    assert result.files == on_disk
+    assert sorted(on_disk) == [
+        f"{sent.bundle_id}/attachments/case.json",
+        f"{sent.bundle_id}/case.json",
+    ]
+    (made,) = entries(pair.pk, "disclosure-made")
+    assert made.body["files_sha256"] == on_disk
