@@ -840,10 +840,22 @@ class DemoStory:
                 if not out.is_file():
                     raise StepFailed(f"gateway ledger export wrote no file at {out}")
                 self.files[f"ledger-{node.node_id}-{fmt}"] = out
-            entries = sum(
-                1 for line in (self.root / f"ledger-{node.node_id}.jsonl").open() if line.strip()
+            kinds = [
+                str(json.loads(line).get("kind"))
+                for line in (self.root / f"ledger-{node.node_id}.jsonl")
+                .read_text("utf-8")
+                .splitlines()
+                if line.strip()
+            ]
+            counted = ", ".join(
+                f"{kinds.count(kind)} {kind}"
+                for kind in ("disclosure-blocked", "disclosure-made", "consent-granted")
+                if kind in kinds
             )
-            parts.append(f"{node.city}: intact, {entries} entries exported")
+            parts.append(
+                f"{node.city}: chain intact, {len(kinds)} entries exported"
+                + (f" ({counted})" if counted else "")
+            )
         return "; ".join(parts)
 
     def _pinned_version(self, node: DemoNode) -> Any:

@@ -101,6 +101,20 @@ def test_demo_runs_every_step_of_the_story_and_keeps_the_homes(tmp_path: Path) -
         assert Path(data["files"][f"ledger-{node}-csv"]).stat().st_size > 0
         for secret in Path(data["secret_files"][f"{node}/passphrase"]).parent.iterdir():
             assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    kinds = {
+        node: [
+            json.loads(line)["kind"]
+            for line in Path(data["files"][f"ledger-{node}-jsonl"]).read_text("utf-8").splitlines()
+        ]
+        for node in ("jp", "pk")
+    }
+    # Tokyo recorded both blocked attempts and the one disclosure made under
+    # consent; Islamabad recorded granting and revoking it.
+    assert kinds["jp"].count("disclosure-blocked") == 2
+    assert kinds["jp"].count("disclosure-made") == 1
+    assert kinds["jp"].index("consent-granted") < kinds["jp"].index("disclosure-made")
+    assert kinds["jp"].index("disclosure-made") < kinds["jp"].index("consent-revoked")
+    assert {"consent-granted", "consent-revoked"} <= set(kinds["pk"])
     assert any(p.is_file() for p in Path(data["files"]["disclosed"]).rglob("*"))
     assert not any((root / "disclosed-without-consent").rglob("*"))
     assert not any((root / "disclosed-after-revocation").rglob("*"))
@@ -137,9 +151,12 @@ def test_interrupting_the_demo_stops_both_nodes(tmp_path: Path) -> None:
     assert len(started) == 2
     assert all(answers_health(url) for url in started)
     process.send_signal(signal.SIGINT)
-    out, _err = process.communicate(timeout=60)
+    out, err = process.communicate(timeout=60)
+    outcome = json.loads(out)
+    done = [step["name"] for step in outcome["steps"]]
+    assert outcome["interrupted"] is True, f"steps run: {done}\n{err}"
     assert process.returncode == 130
-    assert json.loads(out)["interrupted"] is True
+    assert len(done) < len(STORY)
     assert not any(answers_health(url) for url in started)
 
 
