@@ -1235,6 +1235,22 @@ def _decrypt_items(
     return files
 
 
+def _foresee(
+    node: Node,
+    keyring: NodeKeyring,
+    policy: Policy,
+    ids: list[str],
+    recipient: str,
+    purpose: str,
+    now: datetime,
+) -> tuple[list[_Item], Decision]:
+    """The first look, without the lock: is there any point in decrypting?"""
+    apply_pending(node, keyring, now=now)
+    with node.db.transaction() as session:
+        items = _locate(session, node.node_id, ids)
+        return items, _decide(session, node.node_id, policy, items, recipient, purpose, now)
+
+
 def disclose(
     node: Node,
     keyring: NodeKeyring,
@@ -1261,16 +1277,13 @@ def disclose(
     validate_text(purpose, field="purpose", max_chars=_MAX_REASON)
     target = _check_out_dir(out_dir)
     policy = _policy(node)
-    apply_pending(node, keyring, now=now)
-    with node.db.transaction() as session:
-        items = _locate(session, node.node_id, ids)
-        foreseen = _decide(session, node.node_id, policy, items, recipient, purpose, now)
+    items, foreseen = _foresee(node, keyring, policy, ids, recipient, purpose, now)
     if not foreseen.allowed:
-        # Decided again under the lock, and recorded, without decrypting anything.
-        _decide_and_record(
+        # Decided again under the lock and recorded, without decrypting anything;
+        # should a consent have arrived in between, it starts again with the files.
+        return _decide_and_record(
             node, keyring, policy, actor, items, recipient, purpose, now, None, target
         )
-        raise AssertionError("unreachable: a refusal raises")
     staging = Path(tempfile.mkdtemp(prefix=_PARTIAL_PREFIX, dir=target.parent))
     try:
         files = _decrypt_items(node, keyring, policy, items, staging)
@@ -1296,6 +1309,7 @@ def _decide_and_record(
 ) -> DisclosureResult:
     refused: Decision | None = None
     placed = False
+    again = False
     try:
         with node.db.transaction() as session:
             _lock_ledger(session)
@@ -1305,8 +1319,9 @@ def _decide_and_record(
                 _record_attempt(session, decision=decision, actor=actor, now=now, files={})
                 refused = decision
             elif staged is None:
-                # Allowed now, though it was not a moment ago: start again with the files.
-                raise _Again
+                # Allowed now, though it was not a moment ago (a consent arrived):
+                # commit what was applied, record nothing, start again with the files.
+                again = True
             else:
                 staging, files = staged
                 disclosure_id, entry = _record_attempt(
@@ -1346,27 +1361,15 @@ def _decide_and_record(
                     files=files,
                     decision=decision,
                 )
-    except _Again:
-        return disclose(
-            node,
-            keyring,
-            actor,
-            [i.item.bundle_id for i in items],
-            recipient,
-            purpose,
-            target,
-            now=now,
-        )
     except BaseException:
         if placed:
             shutil.rmtree(target, ignore_errors=True)
         raise
+    if again:
+        ids = [i.item.bundle_id for i in items]
+        return disclose(node, keyring, actor, ids, recipient, purpose, target, now=now)
     if refused is not None:
         _log.info("disclosure_blocked", recipient=recipient, items=len(items))
         raise _refusal(refused)
     _log.info("disclosure_made", kind=result.kind, consent_id=result.consent_id, items=len(items))
     return result
-
-
-class _Again(Exception):
-    """The decision changed to allowed between the first look and the locked one."""

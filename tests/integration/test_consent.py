@@ -666,3 +666,42 @@ def test_disclosed_package_holds_case_and_attachments_with_their_hashes(
     ]
     (made,) = entries(pair.pk, "disclosure-made")
     assert made.body["files_sha256"] == on_disk
+
+
+def test_grant_arriving_between_first_look_and_decision_is_honoured(
+    pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first look (no lock) finds no consent; the grant lands in the inbox right
+    after; the locked decision sees it, and the disclosure is made with the files."""
+    case_id = send_case_to_peer(pair.jp, pair.pk)
+    asked = consent.request_consent(
+        pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
+    )
+    deliver(pair.pk, pair.jp, asked.bundle_id)
+    granted = consent.grant(
+        pair.jp.node,
+        pair.jp.keyring,
+        JP_OFFICER,
+        asked.request_id,
+        valid_until=None,
+        max_uses=None,
+        conditions="",
+        now=NOW,
+    )
+    first_look = consent._foresee
+    looks: list[bool] = []
+
+    def then_the_grant_arrives(*args: Any) -> Any:
+        found = first_look(*args)
+        looks.append(found[1].allowed)
+        if len(looks) == 1:
+            deliver(pair.jp, pair.pk, granted.bundle_id)
+        return found
+
+    monkeypatch.setattr(consent, "_foresee", then_the_grant_arrives)
+    result = do_disclose(pair.pk, [case_id], tmp_path / "out")
+    assert looks == [False, True]
+    assert result.consent_id == granted.consent_id
+    assert (tmp_path / "out" / case_id / "case.json").is_file()
+    assert entries(pair.pk, "disclosure-blocked") == []
+    assert len(entries(pair.pk, "disclosure-made")) == 1
