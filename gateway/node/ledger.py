@@ -303,9 +303,10 @@ def make_checkpoint(
     """Sign a checkpoint of the whole ledger as it stands, and record that we did.
 
     The chain is verified first and the roots of earlier checkpoints are
-    recomputed, so a tampered ledger is never signed over. A ledger that is
-    no larger than the last checkpoint gets that checkpoint back (nothing
-    new is signed); one that is *smaller* is refused.
+    recomputed, so a tampered ledger is never signed over. When nothing
+    happened since the last checkpoint (its own ``checkpoint-made`` entry
+    aside) that checkpoint is returned and nothing new is signed; a ledger
+    *smaller* than the last checkpoint is refused.
     """
     _lock_for_append(session)
     node = _node_id(session)
@@ -334,7 +335,12 @@ def make_checkpoint(
                 check="checkpoint",
                 seq=verifier.size,
             )
-        if verifier.size == previous.checkpoint.size:
+        only_its_own_record = (
+            verifier.size == previous.checkpoint.size + 1
+            and verifier.last is not None
+            and verifier.last.kind is EntryKind.CHECKPOINT_MADE
+        )
+        if verifier.size == previous.checkpoint.size or only_its_own_record:
             return previous
     checkpoint = core.make_checkpoint(
         node=node,

@@ -230,11 +230,15 @@ def test_checkpoint_of_unchanged_ledger_is_the_same_one(db: Database) -> None:
     with db.transaction() as session:
         first = ledger.make_checkpoint(session, signer, T0)
     with db.transaction() as session:
-        # Only the checkpoint-made entry was added since: a new, larger checkpoint.
+        # Only the checkpoint-made entry was added since: nothing new to sign.
         second = ledger.make_checkpoint(session, signer, T0 + timedelta(minutes=1))
-    assert second.checkpoint.size == first.checkpoint.size + 1
+        assert ledger.ledger_size(session) == 3
+    assert second == first
+    fill(db, 1, start=10)
     with db.transaction() as session:
-        assert ledger.latest_checkpoint(session) == second
+        third = ledger.make_checkpoint(session, signer, T0 + timedelta(minutes=2))
+        assert ledger.latest_checkpoint(session) == third
+    assert third.checkpoint.size == 4
 
 
 def test_checkpoint_refused_over_a_tampered_ledger(db: Database) -> None:
