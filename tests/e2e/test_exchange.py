@@ -251,6 +251,7 @@ def post(side: Side, paths: list[Path]) -> list[Any]:
 # -- tests ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cases_of_every_type_travel_both_ways_and_officers_read_them(
     pair: Pair, tmp_path: Path
 ) -> None:
@@ -305,6 +306,7 @@ def test_a_thousand_bundles_arrive_exactly_once_with_verified_receipts(pair: Pai
     _bulk(pair, 1000)
 
 
+@pytest.mark.slow
 def test_killing_receiver_and_sender_mid_delivery_loses_and_doubles_nothing(pair: Pair) -> None:
     pair.jp.stop()
     pair.pk.start()
@@ -323,6 +325,7 @@ def test_killing_receiver_and_sender_mid_delivery_loses_and_doubles_nothing(pair
     assert_exactly_once(pair.jp, pair.pk, sent)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "point", ["after-outbox-insert", "after-send", "before-receipt-store", "after-inbox-commit"]
 )
@@ -473,6 +476,7 @@ def test_peer_unreachable_makes_sync_fail_saying_so(pair: Pair) -> None:
     assert_exactly_once(pair.jp, pair.pk, [bundle_id])
 
 
+@pytest.mark.slow
 def test_after_key_rotation_the_peer_accepts_new_keys_and_refuses_the_revoked_one(
     pair: Pair, tmp_path: Path
 ) -> None:
