@@ -438,3 +438,32 @@ def test_checkpoints_signed_before_a_key_revocation_still_verify(node: LedgerNod
     assert any("revoked later" in note for note in report["notes"])
     # A checkpoint made now is signed by the new key and verifies without a note.
     assert run(node.home, "ledger", "checkpoint", db_url=node.db_url)[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "seqs"),
+    [
+        (["--kind", "checkpoint-made"], [6, 10]),
+        (["--bundle", "bundle-101"], [8]),
+        # T0 + 100 s onwards; entries 7-9 are at T0 + 100..102 s (the others are at now).
+        (["--since", "2026-11-25T21:01:40Z", "--kind", "bundle-read"], [8]),
+        (["--since", "2100-01-01"], []),
+        (["--limit", "2"], [0, 1]),
+    ],
+    ids=["kind", "bundle", "since-and-kind", "since-future", "limit"],
+)
+def test_list_filters(node: LedgerNode, args: list[str], seqs: list[int]) -> None:
+    code, out, err = node.run("ledger", "list", "--json", *args)
+    assert code == 0, err
+    assert [entry["seq"] for entry in json.loads(out)] == seqs
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [(["--kind", "gossip"], "kinds are"), (["--since", "last week"], "ISO 8601")],
+    ids=["unknown-kind", "bad-time"],
+)
+def test_list_refuses_bad_filters(node: LedgerNode, args: list[str], words: str) -> None:
+    code, _out, err = node.run("ledger", "list", *args)
+    assert code == 1
+    assert words in err
