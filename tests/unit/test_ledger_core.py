@@ -11,6 +11,8 @@ from typing import Any
 
 import nacl.signing
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.core import merkle
 from gateway.core.domain import Purpose, tagged, tagged_sha256
@@ -495,3 +497,41 @@ def test_unusable_consistency_answer_is_refused(raw: bytes, message: str) -> Non
 
     with pytest.raises(TransportError, match=message):
         parse_consistency_answer(raw)
+
+
+# --- property: any single change to any stored row is caught at that row -----------
+
+_FIELDS = (
+    "time",
+    "kind",
+    "actor_name",
+    "actor_role",
+    "bundle_id",
+    "consent_id",
+    "prev_hash",
+    "entry_hash",
+    "canonical",
+)
+
+
+def _mutated(row: StoredEntry, name: str) -> StoredEntry:
+    value = getattr(row, name)
+    if isinstance(value, bytes):
+        flipped = bytearray(value)
+        flipped[len(flipped) // 2] ^= 0x01
+        return dataclasses.replace(row, **{name: bytes(flipped)})
+    if isinstance(value, datetime):
+        return dataclasses.replace(row, time=value + timedelta(microseconds=1))
+    return dataclasses.replace(row, **{name: f"{value}x"})
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(min_value=1, max_value=10), st.data())
+def test_any_single_field_change_is_caught_at_its_row(n: int, data: st.DataObject) -> None:
+    rows = [stored(e) for e in RAW[:n]]
+    seq = data.draw(st.integers(min_value=0, max_value=n - 1))
+    name = data.draw(st.sampled_from(_FIELDS))
+    rows[seq] = _mutated(rows[seq], name)
+    problem = verify_chain(rows)
+    assert problem is not None
+    assert problem.seq == seq
