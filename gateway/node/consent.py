@@ -97,7 +97,6 @@ from gateway.store.models_exchange import InboxEntry, OutboxEntry, envelope_path
 __all__ = [
     "CONSENT_TYPES",
     "GRANT_ATTACHMENT",
-    "ConsentBundleRefused",
     "DisclosureResult",
     "SentConsent",
     "apply_pending",
@@ -116,12 +115,6 @@ MANIFEST_NAME = "disclosure.json"
 _PARTIAL_PREFIX = ".ssw-disclose-"
 _MAX_REASON = 20_000
 _log = log.get_logger("consent")
-
-
-class ConsentBundleRefused(GatewayError):
-    """A received consent-* bundle could not be applied (kept as evidence, not used)."""
-
-    reason = "consent.bundle"
 
 
 @dataclass(frozen=True, slots=True)
