@@ -220,14 +220,14 @@ def user_count(made: ApiNode) -> int:
 # --- authentication -------------------------------------------------------------
 
 
-def test_whoami_names_the_owner_of_each_token(api_node: ApiNode) -> None:
+def test_whoami_names_the_owner_of_each_token(sqlite_api_node: ApiNode) -> None:
     async def scenario(client: Client) -> None:
         for name in ("admin", "officer", "compliance"):
-            answer = await client.call("GET", "/api/v1/whoami", token=api_node.tokens[name])
+            answer = await client.call("GET", "/api/v1/whoami", token=sqlite_api_node.tokens[name])
             assert answer.status == 200
             assert answer.body == {"name": name, "role": name, "node": "jp"}
 
-    run_api(api_node, scenario)
+    run_api(sqlite_api_node, scenario)
 
 
 BAD_AUTHORIZATION = [
@@ -247,7 +247,7 @@ PATHS_TRIED_WITHOUT_TOKEN = [
 ]
 
 
-def test_missing_or_bad_token_gets_401_on_known_and_unknown_paths(api_node: ApiNode) -> None:
+def test_missing_or_bad_token_gets_401_on_known_and_unknown_paths(sqlite_api_node: ApiNode) -> None:
     checked: list[tuple[str | None, str]] = []
 
     async def scenario(client: Client) -> None:
@@ -259,7 +259,7 @@ def test_missing_or_bad_token_gets_401_on_known_and_unknown_paths(api_node: ApiN
                 assert answer.headers["WWW-Authenticate"].startswith("Bearer")
                 checked.append((header, path))
 
-    run_api(api_node, scenario)
+    run_api(sqlite_api_node, scenario)
     assert len(checked) == len(BAD_AUTHORIZATION) * len(PATHS_TRIED_WITHOUT_TOKEN)
 
 
@@ -274,12 +274,14 @@ def test_wrong_secret_for_a_known_token_id_is_refused(sqlite_api_node: ApiNode) 
     run_api(sqlite_api_node, scenario)
 
 
-def test_disabled_user_is_refused_with_401(api_node: ApiNode) -> None:
+def test_disabled_user_is_refused_with_401(sqlite_api_node: ApiNode) -> None:
     async def scenario(client: Client) -> None:
-        answer = await client.call("GET", "/api/v1/whoami", token=api_node.tokens["disabled"])
+        answer = await client.call(
+            "GET", "/api/v1/whoami", token=sqlite_api_node.tokens["disabled"]
+        )
         assert (answer.status, answer.reason) == (401, "access.disabled")
 
-    run_api(api_node, scenario)
+    run_api(sqlite_api_node, scenario)
 
 
 def test_unknown_route_with_valid_token_is_a_json_404(sqlite_api_node: ApiNode) -> None:
@@ -403,32 +405,32 @@ def test_bad_user_input_is_refused_by_family_and_nothing_is_written(api_node: Ap
     assert user_count(api_node) == before
 
 
-def test_disabling_an_unknown_user_is_a_404(api_node: ApiNode) -> None:
+def test_disabling_an_unknown_user_is_a_404(sqlite_api_node: ApiNode) -> None:
     async def scenario(client: Client) -> None:
         answer = await client.call(
-            "POST", "/api/v1/users/nobody/disable", token=api_node.tokens["admin"]
+            "POST", "/api/v1/users/nobody/disable", token=sqlite_api_node.tokens["admin"]
         )
         assert (answer.status, answer.reason) == (404, "not-found")
         assert "nobody" in answer.body["error"]["message"]
 
-    run_api(api_node, scenario)
+    run_api(sqlite_api_node, scenario)
 
 
-def test_officer_cannot_add_a_user_and_nothing_is_written(api_node: ApiNode) -> None:
-    before = user_count(api_node)
+def test_officer_cannot_add_a_user_and_nothing_is_written(sqlite_api_node: ApiNode) -> None:
+    before = user_count(sqlite_api_node)
 
     async def scenario(client: Client) -> None:
         answer = await client.call(
             "POST",
             "/api/v1/users",
-            token=api_node.tokens["officer"],
+            token=sqlite_api_node.tokens["officer"],
             body={"name": "mallory", "role": "admin"},
         )
         assert (answer.status, answer.reason) == (403, "access.role")
         assert "needs the admin role" in answer.body["error"]["message"]
 
-    run_api(api_node, scenario)
-    assert user_count(api_node) == before
+    run_api(sqlite_api_node, scenario)
+    assert user_count(sqlite_api_node) == before
 
 
 # --- plumbing: request ids, logs, internal errors -----------------------------------
