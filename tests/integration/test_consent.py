@@ -705,3 +705,26 @@ def test_grant_arriving_between_first_look_and_decision_is_honoured(
     assert (tmp_path / "out" / case_id / "case.json").is_file()
     assert entries(pair.pk, "disclosure-blocked") == []
     assert len(entries(pair.pk, "disclosure-made")) == 1
+
+
+def test_bad_disclosure_input_is_refused_before_any_decision(pair: Pair, tmp_path: Path) -> None:
+    case_id = send_case_to_peer(pair.jp, pair.pk)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("someone else's file")
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases: list[tuple[list[str], Path, str, type[Exception], str]] = [
+        ([case_id], busy, EMBASSY, InvalidInput, "must not exist yet"),
+        ([case_id], a_file, EMBASSY, InvalidInput, "must not exist yet"),
+        ([case_id], tmp_path / "no" / "parent", EMBASSY, InvalidInput, "does not exist"),
+        (["0f0f0f0f-0000-4000-8000-000000000000"], tmp_path / "x", EMBASSY, NotFound, "no bundle"),
+        ([case_id, case_id], tmp_path / "x", EMBASSY, InvalidInput, "named twice"),
+        ([case_id], tmp_path / "x", "  ", InvalidInput, "recipient"),
+    ]
+    for ids, out, recipient, error, message in cases:
+        with pytest.raises(error, match=message):
+            do_disclose(pair.pk, ids, out, recipient=recipient)
+    assert entries(pair.pk, "disclosure-blocked") == []
+    assert (busy / "keep.txt").read_text() == "someone else's file"
+    assert not (tmp_path / "x").exists()
