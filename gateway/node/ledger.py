@@ -269,7 +269,7 @@ def list_entries(
 # --- checkpoints ----------------------------------------------------------
 
 
-def _own_signed(row: LedgerCheckpointRow | WitnessedCheckpointRow) -> SignedCheckpoint:
+def _signed_of(row: LedgerCheckpointRow | WitnessedCheckpointRow) -> SignedCheckpoint:
     """A stored checkpoint as signed: parsed from the kept body bytes."""
     return load_signed_checkpoint(bytes(row.body), bytes(row.signature))
 
@@ -279,7 +279,7 @@ def latest_checkpoint(session: Session) -> SignedCheckpoint | None:
     row = session.scalars(
         select(LedgerCheckpointRow).order_by(LedgerCheckpointRow.size.desc()).limit(1)
     ).first()
-    return None if row is None else _own_signed(row)
+    return None if row is None else _signed_of(row)
 
 
 def checkpoint_at(session: Session, size: int) -> SignedCheckpoint:
@@ -287,7 +287,7 @@ def checkpoint_at(session: Session, size: int) -> SignedCheckpoint:
     row = session.get(LedgerCheckpointRow, size)
     if row is None:
         raise NotFound(f"no checkpoint of size {size} was published")
-    return _own_signed(row)
+    return _signed_of(row)
 
 
 def _node_id(session: Session) -> str:
@@ -491,7 +491,7 @@ def _checkpoint_problems(
         sizes.add(row.size)
         last = row.size - 1
         try:
-            signed = _own_signed(row)
+            signed = _signed_of(row)
             if own_keys is not None:
                 verify_checkpoint(signed, _TrustedUntil(own_keys, row.time, notes), node=node)
             checkpoint = signed.checkpoint
@@ -577,7 +577,7 @@ def _witness_problems(
     problems: list[ChainProblem] = []
     for row in rows:
         try:
-            signed = _own_signed(row)
+            signed = _signed_of(row)
             keys = _TrustedUntil(peer_keys, row.received_at, notes)
             checkpoint = verify_checkpoint(signed, keys, node=peer_node)
             if (checkpoint.size, checkpoint.root) != (row.size, bytes(row.root)):
@@ -715,7 +715,7 @@ def last_witnessed(session: Session, peer_node: str) -> Checkpoint | None:
         .order_by(WitnessedCheckpointRow.size.desc())
         .limit(1)
     ).first()
-    return None if row is None else _own_signed(row).checkpoint
+    return None if row is None else _signed_of(row).checkpoint
 
 
 def store_peer_checkpoint(
