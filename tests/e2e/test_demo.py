@@ -79,7 +79,8 @@ def answers_health(url: str) -> bool:
         return False
 
 
-@pytest.mark.slow
+# The acceptance test of `make demo`: it stays in the default run although it
+# takes tens of seconds; its variants below are marked slow.
 def test_demo_runs_every_step_of_the_story_and_keeps_the_homes(tmp_path: Path) -> None:
     root = tmp_path / "demo"
     code, data, stderr = run_demo("--dir", str(root), "--keep")
