@@ -417,6 +417,9 @@ class DemoStory:
     def start_node(self, node: DemoNode) -> None:
         if node.process is not None and node.process.poll() is None:
             return
+        self.on_command(
+            f"[{node.node_id}] gateway --home {node.home.name} serve    (logs: {node.home.name}/serve.log)"
+        )
         log = node.log_path.open("ab")
         try:
             node.process = subprocess.Popen(  # noqa: S603 - our own interpreter
