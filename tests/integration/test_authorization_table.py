@@ -71,6 +71,9 @@ HOST_COMMANDS = {
 """Operations on the host itself: they need the node home and its passphrase,
 not a user token (see gateway.core.roles)."""
 
+KEY_CEREMONIES = {"keys.export", "keys.rotate", "keys.rotate-root", "keys.revoke"}
+"""CLI-only actions: they need the root key or the passphrase (docs/users.md)."""
+
 IDENTITIES = ("admin", "officer", "compliance", "none", "wrong", "disabled")
 WRONG_TOKEN = "ssw_0123456789abcdef_" + "Q" * 43
 PLACEHOLDER = "nobody-x"
@@ -372,6 +375,9 @@ def test_actions_of_cli_and_api_are_all_in_the_role_table(table_node: tuple[ApiN
     assert api_actions - {None} <= set(ACTIONS)
     # Every action the API offers is also a CLI command, so both are tried above.
     assert api_actions - {None} <= cli_actions
+    # And every user action of the CLI is in the API, except the key ceremonies that
+    # need the root key or the passphrase, which the serving process never holds.
+    assert cli_actions - api_actions == KEY_CEREMONIES
     # Only whoami is open to every authenticated user, whatever the role.
     routes = create_api_app(made.node, no_keyring)[ROUTES_KEY]
     assert [r.path for r in routes if r.action is None] == ["/api/v1/whoami"]
