@@ -100,7 +100,7 @@ def error_status(exc: GatewayError) -> int:
     if isinstance(exc, AccessDenied):
         return 403 if exc.reason in ("access.role", "access.unknown-action") else 401
     if isinstance(exc, PolicyRefused):
-        if exc.reason.endswith("too-large") or exc.reason.endswith(".size"):
+        if exc.reason.endswith(("too-large", "size")):
             return 413
         if exc.reason.endswith(".rate"):
             return 429
