@@ -161,9 +161,6 @@ async def _request_log(
         try:
             response = await handler(request)
             status = response.status
-            response.headers["X-Request-Id"] = request_id
-            response.headers["Cache-Control"] = "no-store"
-            response.headers["X-Content-Type-Options"] = "nosniff"
             return response
         finally:
             actor = request.get(ACTOR_KEY)
@@ -175,6 +172,15 @@ async def _request_log(
                 user=actor.name if isinstance(actor, Actor) else None,
                 duration_ms=round((time.monotonic() - started) * 1000, 1),
             )
+
+
+async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every answer, streamed ones too, before its headers are sent."""
+    request_id = request.get(REQUEST_ID_KEY)
+    if request_id is not None:
+        response.headers["X-Request-Id"] = request_id
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["X-Content-Type-Options"] = "nosniff"
 
 
 def _route_template(request: web.Request) -> str:
@@ -230,8 +236,9 @@ async def _authenticate(
 
     actor = await asyncio.get_running_loop().run_in_executor(executor, check)
     request[ACTOR_KEY] = actor
-    structlog.contextvars.bind_contextvars(user=actor.name)
-    return await handler(request)
+    # Bound for this request only: a kept-alive connection serves the next one anew.
+    with structlog.contextvars.bound_contextvars(user=actor.name):
+        return await handler(request)
 
 
 def _bind(route: ApiRoute) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -301,6 +308,7 @@ def create_api_app(
         pool.shutdown(wait=True)
 
     app.cleanup_ctx.append(threads)
+    app.on_response_prepare.append(_common_headers)
     for route in chosen:
         app.router.add_route(route.method, route.path, _bind(route))
     return app

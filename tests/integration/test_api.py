@@ -612,6 +612,8 @@ def test_compliance_lists_verifies_and_exports_the_ledger(api_node: ApiNode) -> 
             assert exported.status == 200
             assert exported.headers["Content-Type"].startswith(media)
             assert exported.headers["X-Entry-Count"] == str(len(listed.body))
+            assert exported.headers["Cache-Control"] == "no-store"
+            assert len(exported.headers["X-Request-Id"]) == 16
             assert exported.content == expected[fmt]
         for query, reason in (
             ("/api/v1/ledger/export?format=xml", "invalid-input"),
