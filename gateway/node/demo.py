@@ -203,13 +203,11 @@ _EVIDENCE = (
 )
 
 
-def _find(data: Any, *keys: str) -> Any:
-    """The first of ``keys`` present in a JSON object (commands name ids plainly)."""
-    if isinstance(data, dict):
-        for key in keys:
-            if key in data and data[key] not in (None, ""):
-                return data[key]
-    raise StepFailed(f"the command's JSON output has none of {', '.join(keys)}: {data!r:.200}")
+def _find(data: Any, key: str) -> Any:
+    """``data[key]`` from a command's JSON output, or a step failure naming what is missing."""
+    if isinstance(data, dict) and data.get(key) not in (None, ""):
+        return data[key]
+    raise StepFailed(f"the command's JSON output has no {key}: {data!r:.200}")
 
 
 Step = Callable[[], str]
@@ -641,7 +639,7 @@ class DemoStory:
         key = f"{node.node_id}-fingerprint"
         if key not in self._facts:
             data = self.gateway(node, "admin", "keys", "show").data()
-            self._facts[key] = str(_find(data, "root_fingerprint", "fingerprint"))
+            self._facts[key] = str(_find(data, "root_fingerprint"))
         return str(self._facts[key])
 
     def _pin_refused(self) -> str:
@@ -680,7 +678,7 @@ class DemoStory:
         result = self.gateway(
             pk, "officer", "send", "broker-misconduct", str(case_file), "--attach", str(evidence)
         )
-        bundle_id = str(_find(result.data(), "bundle_id", "id"))
+        bundle_id = str(_find(result.data(), "bundle_id"))
         self._facts["bundle_id"] = bundle_id
         self._deliver(pk)
         self._wait_for(
@@ -691,8 +689,10 @@ class DemoStory:
 
     def _inbox_ids(self, node: DemoNode) -> set[str]:
         data = self.gateway(node, "officer", "inbox").data()
-        rows = data if isinstance(data, list) else _find(data, "bundles", "items")
-        return {str(_find(row, "bundle_id", "id")) for row in rows}
+        rows = _find(data, "bundles")
+        if not isinstance(rows, list):
+            raise StepFailed("gateway inbox: bundles is not a list")
+        return {str(_find(row, "bundle_id")) for row in rows}
 
     def _receive(self) -> str:
         jp = self.nodes["jp"]
@@ -760,7 +760,7 @@ class DemoStory:
             "--purpose",
             PURPOSE,
         )
-        request_id = str(_find(result.data(), "request_id", "id"))
+        request_id = str(_find(result.data(), "request_id"))
         self._facts["request_id"] = request_id
         self._deliver(jp)
         self._wait_for(
@@ -785,7 +785,7 @@ class DemoStory:
             "--max-uses",
             "5",
         )
-        consent_id = str(_find(result.data(), "consent_id", "id"))
+        consent_id = str(_find(result.data(), "consent_id"))
         self._facts["consent_id"] = consent_id
         self._deliver(pk)
         self._wait_for(
@@ -880,7 +880,7 @@ class DemoStory:
         )
         case_file = self.root / "broker-case.json"
         result = self.gateway(pk, "officer", "send", "broker-misconduct", str(case_file))
-        bundle_id = str(_find(result.data(), "bundle_id", "id"))
+        bundle_id = str(_find(result.data(), "bundle_id"))
         self._deliver(pk)
         self._wait_for(
             f"delivery of {bundle_id}, signed with the new key, to Tokyo",
