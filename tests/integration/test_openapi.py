@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+from openapi_spec_validator import validate
 
 from gateway.api.app import ROUTES_KEY, create_api_app
 from tests.integration.test_api import ApiNode, make_node, no_keyring
@@ -56,6 +57,10 @@ def test_document_is_openapi_3_1_with_bearer_scheme(document: dict[str, Any]) ->
     scheme = document["components"]["securitySchemes"]["bearerAuth"]
     assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
     assert document["security"] == [{"bearerAuth": []}]
+
+
+def test_document_validates_against_the_openapi_3_1_schema(document: dict[str, Any]) -> None:
+    validate(document)
 
 
 def test_documented_operations_equal_registered_routes(
