@@ -1,12 +1,15 @@
 """The demonstration story: two real nodes on loopback, driven through the real CLI.
 
-Every step runs the ``gateway`` command line as a separate process, exactly as
-an officer, administrator or compliance officer would type it, and both nodes
-run as real ``gateway serve`` processes talking HTTP on loopback. The story
-therefore proves the whole product (exit codes, JSON output, processes, the
-peer protocol, the databases) rather than a shortcut through in-process
-service calls, and every command it shows can be copied and run by hand
-against the homes ``--keep`` leaves behind.
+Every step runs the ``gateway`` command line as its own process with its own
+environment (the acting user's token, the node's passphrase) and exit code,
+exactly as an officer, administrator or compliance officer would type it; both
+nodes run as real ``gateway serve`` processes talking HTTP on loopback. The
+story therefore proves the whole product (argument parsing, exit codes, JSON
+output, the peer protocol, the databases) rather than a shortcut through
+in-process service calls, and every command it shows can be run by hand
+against the homes ``--keep`` leaves behind. How a command process is made is a
+:data:`Runner`: a fresh interpreter (:func:`exec_runner`), or the CLI's
+forked runner, which skips the interpreter start.
 
 A step whose command does not exist in this build is reported as not
 available (``ok`` false); a step that needs an earlier step's result is not
@@ -64,10 +67,6 @@ PEER = {"jp": "pk", "pk": "jp"}
 
 class StepFailed(Exception):
     """A step did not reach its expected result; the message says what happened."""
-
-
-class _NotAvailable(Exception):
-    """A command the step needs is missing from this build."""
 
 
 class DemoInterrupted(KeyboardInterrupt):
@@ -324,16 +323,6 @@ class DemoStory:
             ok = True
         except StepFailed as exc:
             detail, ok = str(exc), False
-        except _NotAvailable as exc:
-            return StepOutcome(
-                number,
-                self.total,
-                spec.name,
-                spec.title,
-                ok=False,
-                available=False,
-                detail=f"not available in this build: {exc}",
-            )
         return StepOutcome(
             number,
             self.total,
