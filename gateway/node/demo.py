@@ -19,7 +19,6 @@ not done.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -444,18 +443,15 @@ class DemoStory:
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, DemoInterrupted):
+                # Too slow, or a second Ctrl-C while stopping: stop it hard.
                 process.kill()
                 process.wait()
         node.process = None
         return process.returncode
 
     def stop_nodes(self) -> dict[str, int | None]:
-        codes = {}
-        for node in self.nodes.values():
-            with contextlib.suppress(DemoInterrupted):
-                codes[node.node_id] = self.stop_node(node)
-        return codes
+        return {node.node_id: self.stop_node(node) for node in self.nodes.values()}
 
     # -- the story -----------------------------------------------------------------
 
