@@ -59,7 +59,7 @@ def _fork_runner(root_command: click.Command) -> Runner:
         os.close(out_w)
         os.close(err_w)
         try:
-            out, err = _collect(pid, out_r, err_r, timeout, argv)
+            out, err = _collect(out_r, err_r, timeout, argv)
         except BaseException:
             _reap(pid, kill=True)
             raise
@@ -112,9 +112,8 @@ def _child(
         os._exit(code)
 
 
-def _collect(
-    pid: int, out_r: int, err_r: int, timeout: float, argv: Sequence[str]
-) -> tuple[bytes, bytes]:
+def _collect(out_r: int, err_r: int, timeout: float, argv: Sequence[str]) -> tuple[bytes, bytes]:
+    """Read the child's stdout and stderr to their end, within ``timeout``."""
     chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
     deadline = time.monotonic() + timeout
     with selectors.DefaultSelector() as selector:
