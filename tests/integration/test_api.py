@@ -48,7 +48,7 @@ from gateway.errors import (
 )
 from gateway.node import keys as key_service
 from gateway.node import ledger
-from gateway.node.inbox import receive_envelope
+from gateway.node.inbox import read_bundle, receive_envelope
 from gateway.node.keystore import unlock_keyring
 from gateway.node.runtime import Node, utc_now
 from gateway.node.setup import init_node
@@ -833,3 +833,60 @@ def test_each_error_family_maps_to_its_status() -> None:
     got = [(type(exc).__name__, exc.reason, error_status(exc)) for exc, _ in ERROR_STATUSES]
     want = [(type(exc).__name__, exc.reason, status) for exc, status in ERROR_STATUSES]
     assert got == want
+
+
+def test_compliance_audits_the_peer_through_the_api_over_a_real_peer_server(
+    exchanged: tuple[ApiNode, ApiNode, str],
+) -> None:
+    jp, pk, bundle_id = exchanged
+    from gateway.peer.ledger_routes import ledger_routes  # noqa: PLC0415
+    from gateway.peer.server import create_node_peer_app, limits_from_policy  # noqa: PLC0415
+
+    # jp witnesses a checkpoint of pk's ledger, then pk's ledger grows and is signed again.
+    with pk.node.db.transaction() as session:
+        witnessed = ledger.make_checkpoint(session, pk.keyring(), utc_now())
+    with jp.node.db.transaction() as session:
+        pinned = key_service.pinned_peer_manifest(session)
+        assert pinned is not None
+        ledger.store_peer_checkpoint(
+            session, witnessed.to_wire(), pinned, peer_node="pk", now=utc_now()
+        )
+    read_bundle(
+        pk.node,
+        pk.keyring(),
+        Actor("officer", Role.OFFICER),
+        bundle_id,
+        out_dir=None,
+        now=utc_now(),
+    )
+    with pk.node.db.transaction() as session:
+        grown = ledger.make_checkpoint(session, pk.keyring(), utc_now())
+    assert grown.checkpoint.size > witnessed.checkpoint.size
+
+    limits = limits_from_policy(gateway.node.policy.load_policy(pk.node.settings).limits)
+    answers: list[Answer] = []
+
+    async def main() -> None:
+        peer_app = create_node_peer_app(
+            pk.node, pk.keyring(), limits, extra_routes=ledger_routes(pk.node.db)
+        )
+        async with serve_api(peer_app) as pk_url:
+            settings = load_settings(
+                jp.home, environ=jp.environ, overrides={"server": {"peer_url": pk_url}}
+            )
+            with Node.open(settings) as jp_node:
+                app = create_api_app(jp_node, jp.keyring)
+                async with serve_api(app) as base, aiohttp.ClientSession() as session:
+                    client = Client(session, base)
+                    answers.append(
+                        await client.call(
+                            "POST", "/api/v1/ledger/audit-peer", token=jp.tokens["compliance"]
+                        )
+                    )
+
+    asyncio.run(main())
+    audit = answers[0]
+    assert audit.status == 200, audit.body
+    assert audit.body["consistent"] is True
+    assert audit.body["witnessed_size"] == witnessed.checkpoint.size
+    assert audit.body["current_size"] == grown.checkpoint.size
