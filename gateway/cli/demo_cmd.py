@@ -240,6 +240,7 @@ def demo(ctx: click.Context, app: AppContext, base: Path | None, keep: bool) -> 
             f"Every step runs the real gateway command line; paths are relative to {root}\n"
         )
     interrupted = False
+    started = time.monotonic()
     try:
         outcomes = story.run()
     except DemoInterrupted:
@@ -250,6 +251,7 @@ def demo(ctx: click.Context, app: AppContext, base: Path | None, keep: bool) -> 
         kept = story.write_secret_files()
     elif not keep:
         _remove(root, made_root)
+    seconds = time.monotonic() - started
     passed = sum(1 for o in outcomes if o.ok)
     all_ok = not interrupted and len(outcomes) == story.total and passed == story.total
     data = {
@@ -257,6 +259,7 @@ def demo(ctx: click.Context, app: AppContext, base: Path | None, keep: bool) -> 
         "interrupted": interrupted,
         "passed": passed,
         "total": story.total,
+        "seconds": round(seconds, 1),
         "steps": [o.as_json() for o in outcomes],
         "dir": root,
         "kept": keep,
@@ -271,7 +274,7 @@ def demo(ctx: click.Context, app: AppContext, base: Path | None, keep: bool) -> 
             lines.append("Interrupted: both nodes were stopped.")
         unavailable = [o for o in outcomes if not o.available]
         failed = [o for o in outcomes if o.available and not o.ok]
-        lines.append(f"Summary: {passed} of {story.total} steps succeeded.")
+        lines.append(f"Summary: {passed} of {story.total} steps succeeded in {seconds:.0f} s.")
         for o in failed:
             lines.append(f"  failed:        {o.number:>2}. {o.title}")
         for o in unavailable:
