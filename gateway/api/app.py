@@ -104,6 +104,8 @@ def error_status(exc: GatewayError) -> int:
             return 413
         if exc.reason.endswith(".rate"):
             return 429
+        if exc.reason == "request.timeout":
+            return 408
         return 422
     if isinstance(exc, ConsentRefused):
         return 403

@@ -27,6 +27,7 @@ from gateway.errors import InvalidInput, PolicyRefused
 from gateway.node.runtime import Node
 
 __all__ = [
+    "BODY_TIMEOUT_SECONDS",
     "DEFAULT_MAX_BODY",
     "ApiRoute",
     "Call",
@@ -42,6 +43,9 @@ T = TypeVar("T")
 
 DEFAULT_MAX_BODY = 64 * 1024
 """Largest JSON body a route accepts unless it says otherwise (bytes)."""
+
+BODY_TIMEOUT_SECONDS = 60.0
+"""A request body must arrive whole within this time (a stalled client is refused)."""
 
 KeyringProvider = Callable[[], NodeKeyring]
 """Gives the node's unlocked keyring (private keys) to routes that seal or open
@@ -87,14 +91,21 @@ class Call:
             )
         chunks: list[bytes] = []
         total = 0
-        while chunk := await self.request.content.read(64 * 1024):
-            total += len(chunk)
-            if total > self.max_body:
-                raise PolicyRefused(
-                    f"request body exceeds the limit of {self.max_body} bytes",
-                    reason="request.too-large",
-                )
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+                while chunk := await self.request.content.read(64 * 1024):
+                    total += len(chunk)
+                    if total > self.max_body:
+                        raise PolicyRefused(
+                            f"request body exceeds the limit of {self.max_body} bytes",
+                            reason="request.too-large",
+                        )
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise PolicyRefused(
+                f"request body not complete within {BODY_TIMEOUT_SECONDS:g} s",
+                reason="request.timeout",
+            ) from None
         data = b"".join(chunks)
         if not data.strip():
             return {}

@@ -28,6 +28,7 @@ from structlog.testing import capture_logs
 import gateway.node.keys
 import gateway.node.policy
 from gateway import log
+from gateway.api import routes_common
 from gateway.api.app import all_routes, create_api_app, error_status
 from gateway.api.routes_common import ApiRoute, Call
 from gateway.core.keys import NodeKeyring
@@ -820,6 +821,7 @@ ERROR_STATUSES: list[tuple[GatewayError, int]] = [
     (PolicyRefused("x", reason="policy.attachment-size"), 413),
     (PolicyRefused("x", reason="policy.case-size"), 413),
     (PolicyRefused("x", reason="policy.rate"), 429),
+    (PolicyRefused("x", reason="request.timeout"), 408),
     (PolicyRefused("x"), 422),
     (VerificationError("x", check="signature"), 422),
     (TransportError("x"), 502),
@@ -890,3 +892,30 @@ def test_compliance_audits_the_peer_through_the_api_over_a_real_peer_server(
     assert audit.body["consistent"] is True
     assert audit.body["witnessed_size"] == witnessed.checkpoint.size
     assert audit.body["current_size"] == grown.checkpoint.size
+
+
+def test_a_stalled_body_is_refused_and_writes_nothing(
+    sqlite_api_node: ApiNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(routes_common, "BODY_TIMEOUT_SECONDS", 0.5)
+    before = user_count(sqlite_api_node)
+    replies: list[bytes] = []
+
+    async def main() -> None:
+        app = create_api_app(sqlite_api_node.node, no_keyring)
+        async with serve_api(app) as base:
+            port = int(base.rsplit(":", 1)[1])
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            head = (
+                "POST /api/v1/users HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {sqlite_api_node.tokens['admin']}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
+            )
+            writer.write(head.encode() + b'{"name": "sato", ')
+            await writer.drain()
+            replies.append(await reader.readuntil(b"\r\n\r\n"))
+            writer.close()
+
+    asyncio.run(main())
+    assert replies[0].startswith(b"HTTP/1.1 408")
+    assert user_count(sqlite_api_node) == before
