@@ -30,6 +30,8 @@ from gateway.node.demo import (
 
 __all__ = ["demo"]
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
 
 def _command_exists(root: click.Command, path: str) -> bool:
     """True when ``gateway <path>`` (e.g. ``"consent grant"``) is a command of this build."""
@@ -53,12 +55,21 @@ def _fork_runner(root_command: click.Command) -> Runner:
         sys.stderr.flush()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        pid = os.fork()
+        # No signal handler may run inside fork(): the interpreter's at-fork
+        # hooks would swallow the exception a Ctrl-C raises. Blocked signals
+        # wait and are handled right after, in ordinary code.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            pid = os.fork()
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            raise
         if pid == 0:
-            _child(root_command, argv, env, (out_r, out_w, err_r, err_w))
+            _child(root_command, argv, env, (out_r, out_w, err_r, err_w), mask)
         os.close(out_w)
         os.close(err_w)
         try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             out, err = _collect(out_r, err_r, timeout, argv)
         except BaseException:
             _reap(pid, kill=True)
@@ -77,6 +88,7 @@ def _child(
     argv: Sequence[str],
     env: Mapping[str, str],
     fds: tuple[int, int, int, int],
+    mask: set[int | signal.Signals],
 ) -> None:
     """The forked child: wire stdin/stdout/stderr, set the environment, run, exit."""
     code = 1
@@ -84,8 +96,9 @@ def _child(
         out_r, out_w, err_r, err_w = fds
         os.close(out_r)
         os.close(err_r)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for signum in _STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(out_w, 1)

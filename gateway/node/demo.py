@@ -271,6 +271,7 @@ class DemoStory:
         self.outcomes: list[StepOutcome] = []
         self.files: dict[str, Path] = {}
         self._facts: dict[str, Any] = {}
+        self.signalled: str | None = None
         self._steps = self._plan()
 
     # -- running -------------------------------------------------------------------
@@ -284,6 +285,7 @@ class DemoStory:
         previous = self._install_signal_handlers()
         try:
             for number, spec in enumerate(self._steps, start=1):
+                self._check_signalled()
                 self.on_start(number, self.total, spec.title)
                 self.outcomes.append(self._run_step(number, spec))
                 self.on_step(self.outcomes[-1])
@@ -332,12 +334,19 @@ class DemoStory:
             seconds=time.monotonic() - started,
         )
 
+    def _check_signalled(self) -> None:
+        if self.signalled is not None:
+            raise DemoInterrupted(self.signalled)
+
     def _install_signal_handlers(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
             return {}
 
         def interrupted(signum: int, _frame: FrameType | None) -> None:
-            raise DemoInterrupted(signal.Signals(signum).name)
+            # Remembered as well as raised: should the exception be swallowed
+            # (a hook that ignores errors), the story still stops at the next check.
+            self.signalled = signal.Signals(signum).name
+            raise DemoInterrupted(self.signalled)
 
         previous: dict[int, Any] = {}
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -371,6 +380,7 @@ class DemoStory:
         display = f"[{who}] gateway " + shlex.join(
             a.removeprefix(prefix) for a in ["--home", str(node.home), *args]
         )
+        self._check_signalled()
         self.on_command(display)
         try:
             code, stdout, stderr = self.runner(argv, self._env(node, user), COMMAND_TIMEOUT)
