@@ -485,3 +485,42 @@ def test_compose_health_probe_passes_mutual_tls_only_with_the_node_certificate(
         server.shutdown()
         server.server_close()
     assert result.returncode == expected_exit, result.stderr.decode()
+
+
+@pytest.mark.parametrize("missing", [None, "gateway_passphrase", "db_password"])
+def test_entrypoint_hands_the_secrets_to_gateway_and_refuses_without_them(
+    compose: dict[str, Any], tmp_path: Path, missing: str | None
+) -> None:
+    """The entrypoint, run for real with the secrets folder moved into tmp_path
+    and a stand-in ``gateway`` that reports what it was given."""
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    values = {"gateway_passphrase": "pass phrase with spaces $HOME", "db_password": "pg-secret"}
+    for name, value in values.items():
+        if name != missing:
+            (secrets_dir / name).write_text(value + "\n", encoding="utf-8")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_in = bin_dir / "gateway"
+    stand_in.write_text(
+        '#!/bin/sh\nprintf "%s\\n" "$GATEWAY_PASSPHRASE" "$PGPASSWORD" "$#" "$@"\n',
+        encoding="utf-8",
+    )
+    stand_in.chmod(0o755)
+    script = entrypoint_script(compose["services"]["tokyo"]).replace(
+        "/run/secrets/", f"{secrets_dir}/"
+    )
+    result = subprocess.run(
+        ["/bin/sh", "-c", script, "gateway", "serve", "--json"],
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if missing is None:
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines() == [*values.values(), "2", "serve", "--json"]
+    else:
+        assert result.returncode != 0
+        assert result.stdout == "", "gateway must not start without its secrets"
