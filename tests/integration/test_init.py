@@ -18,9 +18,13 @@ def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def test_init_creates_home_config_and_database(tmp_path: Path, database_url: str, clean_environ: dict[str, str]) -> None:
+def test_init_creates_home_config_and_database(
+    tmp_path: Path, database_url: str, clean_environ: dict[str, str]
+) -> None:
     home = tmp_path / "jp"
-    code, out, err = run("--home", str(home), "init", "--node", "jp", "--db", database_url, "--json")
+    code, out, err = run(
+        "--home", str(home), "init", "--node", "jp", "--db", database_url, "--json"
+    )
     assert code == 0, err
     data = json.loads(out)
     assert data["node"] == "jp"
@@ -32,7 +36,9 @@ def test_init_creates_home_config_and_database(tmp_path: Path, database_url: str
     assert json.loads(out)["pending"] is False
 
 
-def test_init_twice_is_refused_and_changes_nothing(tmp_path: Path, clean_environ: dict[str, str]) -> None:
+def test_init_twice_is_refused_and_changes_nothing(
+    tmp_path: Path, clean_environ: dict[str, str]
+) -> None:
     home = tmp_path / "pk"
     assert run("--home", str(home), "init", "--node", "pk")[0] == 0
     before = (home / "gateway.toml").read_bytes()
@@ -46,7 +52,9 @@ def test_init_on_a_database_of_another_node_is_refused_and_leaves_no_home(
     tmp_path: Path, database_url: str, clean_environ: dict[str, str]
 ) -> None:
     assert run("--home", str(tmp_path / "a"), "init", "--node", "jp", "--db", database_url)[0] == 0
-    code, _out, err = run("--home", str(tmp_path / "b"), "init", "--node", "pk", "--db", database_url)
+    code, _out, err = run(
+        "--home", str(tmp_path / "b"), "init", "--node", "pk", "--db", database_url
+    )
     assert code == 1
     assert "belongs to node 'jp'" in err
     assert not (tmp_path / "b").exists()
@@ -60,13 +68,17 @@ def test_bad_node_name_is_a_usage_error(tmp_path: Path, clean_environ: dict[str,
 
 
 def test_bad_listen_address_is_named(tmp_path: Path, clean_environ: dict[str, str]) -> None:
-    code, _out, err = run("--home", str(tmp_path / "x"), "init", "--node", "jp", "--listen", "nowhere")
+    code, _out, err = run(
+        "--home", str(tmp_path / "x"), "init", "--node", "jp", "--listen", "nowhere"
+    )
     assert code == 1
     assert "--listen" in err
     assert not (tmp_path / "x").exists()
 
 
-def test_json_errors_carry_reason_and_exit_code(tmp_path: Path, clean_environ: dict[str, str]) -> None:
+def test_json_errors_carry_reason_and_exit_code(
+    tmp_path: Path, clean_environ: dict[str, str]
+) -> None:
     code, out, _err = run("--home", str(tmp_path / "none"), "db", "status", "--json")
     assert code == 1
     error = json.loads(out)["error"]

@@ -30,10 +30,15 @@ def test_a_failing_transaction_leaves_no_row(database_url: str) -> None:
     try:
         db.upgrade()
         now = datetime(2026, 1, 1, tzinfo=UTC)
-        with pytest.raises(RuntimeError), db.transaction() as session:
-            session.add(NodeRecord(node_id="jp", created_at=now, software_version="t"))
-            session.flush()  # the row reached the database inside the transaction ...
-            raise RuntimeError("crash before commit")
+
+        def write_then_crash() -> None:
+            with db.transaction() as session:
+                session.add(NodeRecord(node_id="jp", created_at=now, software_version="t"))
+                session.flush()  # the row reached the database inside the transaction ...
+                raise RuntimeError("crash before commit")
+
+        with pytest.raises(RuntimeError):
+            write_then_crash()
         with db.transaction() as session:  # ... and is gone after the rollback
             assert session.scalar(select(func.count()).select_from(NodeRecord)) == 0
     finally:
@@ -46,7 +51,13 @@ def test_times_come_back_aware_and_in_utc(database_url: str) -> None:
         db.upgrade()
         tokyo = timezone(timedelta(hours=9))
         with db.transaction() as session:
-            session.add(NodeRecord(node_id="pk", created_at=datetime(2026, 1, 1, 9, tzinfo=tokyo), software_version="t"))
+            session.add(
+                NodeRecord(
+                    node_id="pk",
+                    created_at=datetime(2026, 1, 1, 9, tzinfo=tokyo),
+                    software_version="t",
+                )
+            )
         with db.transaction() as session:
             stored = session.scalars(select(NodeRecord)).one().created_at
         assert stored == datetime(2026, 1, 1, 0, tzinfo=UTC)
@@ -59,9 +70,15 @@ def test_naive_times_are_refused(database_url: str) -> None:
     db = open_database(database_url)
     try:
         db.upgrade()
-        with pytest.raises(Exception, match="naive datetime"), db.transaction() as session:
-            session.add(NodeRecord(node_id="jp", created_at=datetime(2026, 1, 1), software_version="t"))  # noqa: DTZ001
-            session.flush()
+        naive = datetime(2026, 1, 1)
+
+        def write_naive() -> None:
+            with db.transaction() as session:
+                session.add(NodeRecord(node_id="jp", created_at=naive, software_version="t"))
+                session.flush()
+
+        with pytest.raises(Exception, match="naive datetime"):
+            write_naive()
     finally:
         db.dispose()
 

@@ -25,9 +25,14 @@ def test_defaults_fill_what_the_file_leaves_out(tmp_path: Path) -> None:
 
 
 def test_environment_beats_file_and_flag_beats_environment(tmp_path: Path) -> None:
-    write(tmp_path, '[node]\nid = "jp"\n[server]\nlisten = "127.0.0.1:1000"\npeer_url = "http://a:1"\n')
+    write(
+        tmp_path,
+        '[node]\nid = "jp"\n[server]\nlisten = "127.0.0.1:1000"\npeer_url = "http://a:1"\n',
+    )
     env = {"GATEWAY_SERVER_LISTEN": "127.0.0.1:2000", "GATEWAY_SERVER_PEER_URL": "http://b:2"}
-    settings = load_settings(tmp_path, environ=env, overrides={"server": {"listen": "127.0.0.1:3000"}})
+    settings = load_settings(
+        tmp_path, environ=env, overrides={"server": {"listen": "127.0.0.1:3000"}}
+    )
     assert settings.server.listen == "127.0.0.1:3000"
     assert settings.server.peer_url == "http://b:2"
     assert load_settings(tmp_path, environ=env).server.listen == "127.0.0.1:2000"
@@ -41,7 +46,9 @@ def test_environment_values_are_typed(tmp_path: Path) -> None:
 
 
 def test_relative_paths_resolve_against_the_home(tmp_path: Path) -> None:
-    write(tmp_path, '[node]\nid = "jp"\n[server]\ntls_cert = "tls/cert.pem"\n[policy]\ndir = "pol"\n')
+    write(
+        tmp_path, '[node]\nid = "jp"\n[server]\ntls_cert = "tls/cert.pem"\n[policy]\ndir = "pol"\n'
+    )
     settings = load_settings(tmp_path, environ={})
     assert settings.server.tls_cert == tmp_path / "tls/cert.pem"
     assert settings.policy_dir == tmp_path / "pol"
@@ -52,14 +59,30 @@ def test_relative_paths_resolve_against_the_home(tmp_path: Path) -> None:
     [
         ('[node]\nid = "xx"\n', {}, ["gateway.toml", "node.id"]),
         ("[server]\n", {}, ["gateway.toml", "node", "missing"]),
-        ('[node]\nid = "jp"\n[server]\nlisten = "nowhere"\n', {}, ["gateway.toml", "server.listen", "HOST:PORT"]),
+        (
+            '[node]\nid = "jp"\n[server]\nlisten = "nowhere"\n',
+            {},
+            ["gateway.toml", "server.listen", "HOST:PORT"],
+        ),
         ('[node]\nid = "jp"\n[server]\nlisten = "1.2.3.4:99999"\n', {}, ["server.listen", "port"]),
-        ('[node]\nid = "jp"\n[server]\nlistn = "1.2.3.4:1"\n', {}, ["gateway.toml", "server.listn", "unknown"]),
+        (
+            '[node]\nid = "jp"\n[server]\nlistn = "1.2.3.4:1"\n',
+            {},
+            ["gateway.toml", "server.listn", "unknown"],
+        ),
         ('[node]\nid = "jp"\n[surver]\n', {}, ["gateway.toml", "surver"]),
-        ('[node]\nid = "jp"\n', {"GATEWAY_SERVER_LISTEN": "bad"}, ["GATEWAY_SERVER_LISTEN", "server.listen"]),
+        (
+            '[node]\nid = "jp"\n',
+            {"GATEWAY_SERVER_LISTEN": "bad"},
+            ["GATEWAY_SERVER_LISTEN", "server.listen"],
+        ),
         ('[node]\nid = "jp"\n', {"GATEWAY_SERVR_LISTEN": "x"}, ["GATEWAY_SERVR_LISTEN"]),
         ('[node]\nid = "jp"\n', {"GATEWAY_SERVER_LISTN": "x"}, ["GATEWAY_SERVER_LISTN", "listn"]),
-        ('[node]\nid = "jp"\n', {"GATEWAY_DATABASE_URL": "mysql://x"}, ["GATEWAY_DATABASE_URL", "database.url"]),
+        (
+            '[node]\nid = "jp"\n',
+            {"GATEWAY_DATABASE_URL": "mysql://x"},
+            ["GATEWAY_DATABASE_URL", "database.url"],
+        ),
         ('[node]\nid = "jp"\n[server]\npeer_url = "ftp://x"\n', {}, ["server.peer_url", "http"]),
         ("[node\n", {}, ["gateway.toml", "TOML"]),
     ],
@@ -88,7 +111,11 @@ def test_home_comes_from_flag_then_environment(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("127.0.0.1:80", ("127.0.0.1", 80)), ("[::1]:8443", ("::1", 8443)), ("host.example:1", ("host.example", 1))],
+    [
+        ("127.0.0.1:80", ("127.0.0.1", 80)),
+        ("[::1]:8443", ("::1", 8443)),
+        ("host.example:1", ("host.example", 1)),
+    ],
 )
 def test_host_port_parses(text: str, expected: tuple[str, int]) -> None:
     assert parse_host_port(text) == expected
