@@ -19,8 +19,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 from sqlalchemy.orm import Session
 
-from gateway.cli.context import to_jsonable
 from gateway.core.canonical import parse_bounded_json
+from gateway.core.jsonable import to_jsonable
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor
 from gateway.errors import InvalidInput, PolicyRefused

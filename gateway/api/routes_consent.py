@@ -26,7 +26,7 @@ from gateway.api.routes_common import (
     refuse_unknown_fields,
     require_str,
 )
-from gateway.cli.consent_cmd import parse_valid_until
+from gateway.core.consent import parse_valid_until
 from gateway.errors import InvalidInput, NotFound, PolicyRefused
 from gateway.node import consent
 from gateway.node.inbox import inbox_entry

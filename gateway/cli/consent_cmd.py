@@ -8,40 +8,18 @@ is recorded in the ledger under the acting officer's name.
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import click
 
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
-from gateway.errors import InvalidInput
+from gateway.core.consent import parse_valid_until
 from gateway.node import consent
 from gateway.node.runtime import utc_now
 
-__all__ = ["consent_group", "parse_valid_until"]
-
-
-def parse_valid_until(text: str | None) -> datetime | None:
-    """``YYYY-MM-DD`` (valid through that whole day, UTC) or an ISO 8601 time with a zone."""
-    if text is None:
-        return None
-    try:
-        day = date.fromisoformat(text)
-    except ValueError:
-        pass
-    else:
-        return datetime.combine(day, time(0), tzinfo=UTC) + timedelta(days=1)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise InvalidInput(
-            f"--valid-until {text!r} is neither a date (2026-12-31) nor a time with a zone "
-            "(2026-12-31T12:00:00Z)"
-        ) from None
-    if moment.tzinfo is None:
-        raise InvalidInput(f"--valid-until {text!r}: give the time zone (e.g. Z for UTC)")
-    return moment.astimezone(UTC)
+__all__ = ["consent_group"]
 
 
 def _when(value: Any) -> str:

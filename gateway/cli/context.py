@@ -12,13 +12,13 @@ import os
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 import click
 
 from gateway import log
+from gateway.core.jsonable import to_jsonable
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, authorize_role
 from gateway.errors import AccessDenied
@@ -28,23 +28,6 @@ from gateway.node.users import authorize
 from gateway.settings import Settings, load_settings, resolve_home
 
 __all__ = ["AppContext", "pass_app", "read_token_file", "to_jsonable"]
-
-
-def to_jsonable(value: Any) -> Any:
-    """Plain JSON types for ``--json`` output (times as RFC 3339, paths as text)."""
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, datetime):
-        return value.isoformat().replace("+00:00", "Z")
-    if isinstance(value, date):
-        return value.isoformat()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, bytes):
-        return value.hex()
-    return value
 
 
 @dataclass

@@ -49,7 +49,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from enum import StrEnum
 from typing import Any, Final
 
@@ -82,6 +82,7 @@ __all__ = [
     "format_time",
     "normalise_name",
     "parse_time",
+    "parse_valid_until",
     "sign_grant",
     "validate_items",
     "validate_text",
@@ -671,3 +672,25 @@ def _explain_missing(
         verdicts[item.bundle_id] = ItemDecision(
             item.bundle_id, Basis.MISSING, consent_id=closest.consent_id, missing=reason
         )
+
+
+def parse_valid_until(text: str | None) -> datetime | None:
+    """``YYYY-MM-DD`` (valid through that whole day, UTC) or an ISO 8601 time with a zone."""
+    if text is None:
+        return None
+    try:
+        day = date.fromisoformat(text)
+    except ValueError:
+        pass
+    else:
+        return datetime.combine(day, time(0), tzinfo=UTC) + timedelta(days=1)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(
+            f"valid-until {text!r} is neither a date (2026-12-31) nor a time with a zone "
+            "(2026-12-31T12:00:00Z)"
+        ) from None
+    if moment.tzinfo is None:
+        raise InvalidInput(f"valid-until {text!r}: give the time zone (e.g. Z for UTC)")
+    return moment.astimezone(UTC)

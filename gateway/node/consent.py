@@ -232,7 +232,7 @@ def _send(
 
 def _lock_ledger(session: Session) -> None:
     """Take the ledger's append lock now: the linearisation point of consent decisions."""
-    ledger._lock_for_append(session)
+    ledger.lock_for_append(session)
 
 
 # -- the receiving side asks -------------------------------------------------------------

@@ -71,6 +71,7 @@ __all__ = [
     "latest_checkpoint",
     "ledger_size",
     "list_entries",
+    "lock_for_append",
     "make_checkpoint",
     "record_event",
     "store_peer_checkpoint",
@@ -86,7 +87,7 @@ _STREAM_BATCH = 5000
 MAX_LIST_LIMIT = 100_000
 
 
-def _lock_for_append(session: Session) -> None:
+def lock_for_append(session: Session) -> None:
     """Serialise appends: an advisory lock on PostgreSQL; SQLite's BEGIN IMMEDIATE suffices."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK_KEY})
@@ -124,7 +125,7 @@ def record_event(
     ``body`` holds metadata only (ids, hashes, recipient names, purposes,
     reasons), never decrypted case content: compliance officers read it.
     """
-    _lock_for_append(session)
+    lock_for_append(session)
     seq, prev_hash = _head(session)
     entry = make_entry(
         seq=seq,
@@ -308,7 +309,7 @@ def make_checkpoint(
     aside) that checkpoint is returned and nothing new is signed; a ledger
     *smaller* than the last checkpoint is refused.
     """
-    _lock_for_append(session)
+    lock_for_append(session)
     node = _node_id(session)
     previous = latest_checkpoint(session)
     sizes = frozenset(session.scalars(select(LedgerCheckpointRow.size)).all())
