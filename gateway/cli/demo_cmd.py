@@ -254,16 +254,19 @@ def demo(ctx: click.Context, app: AppContext, base: Path | None, keep: bool) -> 
         )
     interrupted = False
     started = time.monotonic()
-    try:
-        outcomes = story.run()
-    except DemoInterrupted:
-        interrupted = True
-        outcomes = story.outcomes
     kept: dict[str, Path] = {}
-    if keep and story.nodes:
-        kept = story.write_secret_files()
-    elif not keep:
-        _remove(root, made_root)
+    try:
+        try:
+            outcomes = story.run()
+        except DemoInterrupted:
+            interrupted = True
+            outcomes = story.outcomes
+        if keep and story.nodes:
+            kept = story.write_secret_files()
+    finally:
+        # Also when the story ends by surprise (a closed pipe, an internal error).
+        if not keep:
+            _remove(root, made_root)
     seconds = time.monotonic() - started
     passed = sum(1 for o in outcomes if o.ok)
     all_ok = not interrupted and len(outcomes) == story.total and passed == story.total
