@@ -9,13 +9,22 @@ port, bind the local API port, start the sender worker. Prints
 SIGTERM or SIGINT stops it: no new connections are accepted, requests in
 flight finish (up to the drain timeout), the sender worker finishes its
 current pass, and the process exits 0.
+
+Beside them run the checkpoint publisher (signs a ledger checkpoint every
+``checkpoint_interval_seconds`` when the ledger grew and gives it to the peer
+as a witness) and a watch on this node's own key manifest: when an
+administrator rotates or revokes keys from another process, the server drains
+as on SIGTERM and starts itself again in the same process (same pid), so it
+never keeps signing with superseded or revoked keys.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -74,12 +83,19 @@ async def _run(
     keyring: NodeKeyring,
     limits: TransportLimits,
     announce: Callable[[str], None],
-) -> None:
+) -> bool:
+    """Serve until stopped; True when the stop was to restart with new keys."""
+    from gateway.node.housekeeping import publish_checkpoints, watch_own_keys  # noqa: PLC0415
     from gateway.node.outbox import run_sender  # noqa: PLC0415
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[str] = []
+    restart: list[bool] = []
+
+    def on_keys_changed() -> None:
+        restart.append(True)
+        stop.set()
 
     def on_signal(name: str) -> None:
         received.append(name)
@@ -106,6 +122,7 @@ async def _run(
     api_runner: web.AppRunner | None = None
     sender: asyncio.Task[None] | None = None
     client: PeerClient | None = None
+    background: list[asyncio.Task[None]] = []
     try:
         try:
             bound = await peer_server.start(host, port, ssl_context=peer_ssl)
@@ -133,6 +150,18 @@ async def _run(
 
             factory: Callable[[], AbstractAsyncContextManager[Any]] = shared_client
             sender = asyncio.create_task(run_sender(node, keyring, factory, stop))
+        background.append(
+            asyncio.create_task(
+                publish_checkpoints(
+                    node,
+                    keyring,
+                    client,
+                    stop,
+                    interval=settings.server.checkpoint_interval_seconds,
+                )
+            )
+        )
+        background.append(asyncio.create_task(watch_own_keys(node, keyring, stop, on_keys_changed)))
         _log.info(
             "serving",
             peer_listen=f"{host}:{bound}",
@@ -150,7 +179,9 @@ async def _run(
                 sender.result()
         else:
             await stop.wait()
-        _log.info("stopping", signal=received[0] if received else None)
+        _log.info(
+            "stopping", signal=received[0] if received else None, restart_for_new_keys=bool(restart)
+        )
     finally:
         await peer_server.stop()
         if api_runner is not None:
@@ -161,11 +192,17 @@ async def _run(
                 await asyncio.wait_for(sender, timeout=DRAIN_SECONDS)
             except TimeoutError:
                 _log.warning("sender_drain_timeout")
+        for task in background:
+            try:
+                await asyncio.wait_for(task, timeout=DRAIN_SECONDS)
+            except TimeoutError:
+                task.cancel()
         if client is not None:
             await client.__aexit__(None, None, None)
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(sig)
+    return bool(restart) and not received
 
 
 @click.command(cls=GatewayCommand)
@@ -187,5 +224,13 @@ def serve(app: AppContext) -> None:
     node = app.node(upgrade=True)
     keyring = app.keyring()
     limits = limits_from_policy(load_policy(settings).limits)
-    asyncio.run(_run(settings, node, keyring, limits, lambda line: click.echo(line, err=True)))
+    restart = asyncio.run(
+        _run(settings, node, keyring, limits, lambda line: click.echo(line, err=True))
+    )
+    if restart:
+        click.echo(f"restarting {node.node_id} with its new keys", err=True)
+        app.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606
     click.echo(f"stopped {node.node_id}", err=True)

@@ -1,0 +1,106 @@
+"""Periodic work of a serving node: publishing ledger checkpoints, watching keys.
+
+Both run inside ``gateway serve`` beside the peer server and the sender worker.
+
+* **Checkpoints** (SPEC §7): every ``[server] checkpoint_interval_seconds`` the
+  node signs a checkpoint of its ledger when the ledger grew since the last
+  one, and gives its newest checkpoint to the peer, which keeps it as a
+  witness. A peer that is unreachable is tried again at the next interval;
+  the checkpoint stays signed and recorded meanwhile.
+* **Keys**: ``gateway keys rotate`` / ``revoke`` / ``rotate-root`` run in
+  another process and publish a new manifest of this node. A serving process
+  notices the newer manifest and asks to be restarted, so that it signs with
+  the new keys from then on and never with a revoked one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import datetime
+
+from gateway.core.keys import NodeKeyring
+from gateway.core.ledger import SignedCheckpoint
+from gateway.errors import GatewayError, TransportError
+from gateway.log import get_logger
+from gateway.node import ledger
+from gateway.node.keys import own_manifest
+from gateway.node.runtime import Node, utc_now
+from gateway.peer.client import PeerClient
+from gateway.peer.ledger_client import send_checkpoint
+
+__all__ = ["checkpoint_once", "manifest_changed", "publish_checkpoints", "watch_own_keys"]
+
+_log = get_logger("housekeeping")
+KEY_WATCH_SECONDS = 5.0
+
+
+def checkpoint_once(node: Node, keyring: NodeKeyring, *, now: datetime) -> SignedCheckpoint | None:
+    """Sign a checkpoint when the ledger grew since the last one; return the newest."""
+    with node.db.transaction() as session:
+        latest = ledger.latest_checkpoint(session)
+        size = ledger.ledger_size(session)
+        # The last checkpoint's own "checkpoint-made" entry is not growth.
+        if latest is not None and size <= latest.checkpoint.size + 1:
+            return latest
+        if size == 0:
+            return None
+        return ledger.make_checkpoint(session, keyring, now)
+
+
+async def publish_checkpoints(
+    node: Node,
+    keyring: NodeKeyring,
+    client: PeerClient | None,
+    stop: asyncio.Event,
+    *,
+    interval: float,
+    clock: Callable[[], datetime] = utc_now,
+) -> None:
+    """Sign and send checkpoints every ``interval`` seconds until ``stop`` is set."""
+    sent_size = -1
+    while not stop.is_set():
+        try:
+            signed = await asyncio.to_thread(checkpoint_once, node, keyring, now=clock())
+            if signed is not None and client is not None and signed.checkpoint.size != sent_size:
+                await send_checkpoint(client, signed)
+                sent_size = signed.checkpoint.size
+                _log.info("checkpoint_sent", size=sent_size)
+        except TransportError as exc:
+            _log.warning("checkpoint_send_failed", reason=exc.reason)
+        except GatewayError as exc:
+            # A ledger that fails its own verification is never signed over: say so loudly.
+            _log.error("checkpoint_failed", reason=exc.reason, error=exc.message)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+        except TimeoutError:
+            continue
+
+
+def manifest_changed(node: Node, keyring: NodeKeyring) -> bool:
+    """True when this node published a manifest newer than the one its keyring holds."""
+    with node.db.transaction() as session:
+        return own_manifest(session).version != keyring.manifest.version
+
+
+async def watch_own_keys(
+    node: Node,
+    keyring: NodeKeyring,
+    stop: asyncio.Event,
+    on_change: Callable[[], None],
+    *,
+    interval: float = KEY_WATCH_SECONDS,
+) -> None:
+    """Call ``on_change`` once when a newer own manifest appears, then return."""
+    while not stop.is_set():
+        try:
+            if await asyncio.to_thread(manifest_changed, node, keyring):
+                _log.info("own_keys_changed", held_version=keyring.manifest.version)
+                on_change()
+                return
+        except GatewayError as exc:
+            _log.warning("key_watch_failed", reason=exc.reason)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+        except TimeoutError:
+            continue
