@@ -55,7 +55,7 @@ class Limits(_Frozen):
     max_case_bytes: Annotated[int, Field(ge=1 * KIB, le=64 * MIB)] = 1 * MIB
     max_header_bytes: Annotated[int, Field(ge=1 * KIB, le=1 * MIB)] = 64 * KIB
     clock_skew_seconds: Annotated[int, Field(ge=0, le=3600)] = 300
-    max_envelope_age_seconds: Annotated[int, Field(ge=60, le=366 * 86400)] = 30 * 86400
+    max_envelope_age_seconds: Annotated[int, Field(ge=60, le=366 * 86400)] = 365 * 86400
     peer_batch_size: Annotated[int, Field(ge=1, le=10_000)] = 100
     peer_requests_per_minute: Annotated[int, Field(ge=1, le=1_000_000)] = 600
     peer_body_bytes: Annotated[int, Field(ge=4 * KIB, le=64 * GIB)] = 4 * GIB

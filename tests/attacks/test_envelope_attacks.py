@@ -7,6 +7,7 @@ import hashlib
 import io
 import struct
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -23,6 +24,7 @@ from gateway.core.envelope import (
     verify_envelope,
 )
 from gateway.core.secretstream import ciphertext_size
+from gateway.errors import VerificationError
 from tests.unit.test_envelope_support import (
     IMPOSTOR_JP,
     IMPOSTOR_PK,
@@ -331,8 +333,16 @@ def test_missing_header_field_refused_even_when_signed() -> None:
 
 
 def test_replay_of_an_old_envelope_refused() -> None:
-    old, _ = seal_bytes(JP, PK, now=NOW.replace(year=2026, month=9))
-    assert refused_by(old) == "freshness"
+    """An envelope older than the policy's freshness window is refused as stale."""
+    strict = POLICY.model_copy(
+        update={"limits": POLICY.limits.model_copy(update={"max_envelope_age_seconds": 30 * 86400})}
+    )
+    old, _ = seal_bytes(JP, PK, now=NOW - timedelta(days=31))
+    with pytest.raises(VerificationError) as caught:
+        verify_envelope(
+            io.BytesIO(old), keyring=PK.keyring, peer_manifest=JP.manifest, policy=strict, now=NOW
+        )
+    assert caught.value.check == "freshness"
 
 
 def test_envelope_from_the_future_refused() -> None:
