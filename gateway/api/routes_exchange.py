@@ -28,8 +28,14 @@ from gateway.api.routes_common import (
     require_str,
 )
 from gateway.errors import InvalidInput, PolicyRefused
-from gateway.node.inbox import ReadBundle, list_gaps, list_inbox, read_bundle
-from gateway.node.outbox import list_outbox, send_case
+from gateway.node.inbox import (
+    ReadBundle,
+    describe_inbox_entry,
+    list_gaps,
+    list_inbox,
+    read_bundle,
+)
+from gateway.node.outbox import describe_outbox_entry, list_outbox, send_case
 from gateway.node.runtime import utc_now
 
 __all__ = ["MAX_INLINE_ATTACHMENT_BYTES", "MAX_SEND_BODY", "ROUTES"]
@@ -132,54 +138,16 @@ async def bundles_send(call: Call) -> web.StreamResponse:
             shutil.rmtree(folder, ignore_errors=True)
 
     sent = await call.run(send)
-    return json_response(
-        {
-            "bundle_id": sent.bundle_id,
-            "sequence": sent.sequence,
-            "type": sent.case_type,
-            "recipient": sent.recipient,
-            "marking": sent.marking,
-            "envelope_sha256": sent.envelope_sha256,
-            "envelope_bytes": sent.envelope_size,
-        },
-        status=201,
-    )
+    return json_response(sent.to_dict(), status=201)
 
 
 async def inbox_list(call: Call) -> web.StreamResponse:
     if call.query("gaps") in ("true", "1"):
         channels = await call.run(lambda: list_gaps(call.node))
-        return json_response(
-            {
-                "gaps": [
-                    {
-                        "channel": c.channel,
-                        "highest": c.highest,
-                        "missing": [{"first": a, "last": b} for a, b in c.missing],
-                    }
-                    for c in channels
-                ]
-            }
-        )
+        return json_response({"gaps": [c.to_dict() for c in channels]})
     case_type = call.query("type")
     rows = await call.run(lambda: list_inbox(call.node, case_type=case_type))
-    return json_response(
-        {
-            "bundles": [
-                {
-                    "bundle_id": r.bundle_id,
-                    "type": r.case_type,
-                    "sender": r.sender,
-                    "sequence": r.sequence,
-                    "created": r.created_at,
-                    "received": r.received_at,
-                    "marking": r.marking,
-                    "reply_to": r.reply_to,
-                }
-                for r in rows
-            ]
-        }
-    )
+    return json_response({"bundles": [describe_inbox_entry(r) for r in rows]})
 
 
 async def outbox_list(call: Call) -> web.StreamResponse:
@@ -187,26 +155,7 @@ async def outbox_list(call: Call) -> web.StreamResponse:
     if state not in (None, "queued", "delivered"):
         raise InvalidInput("query parameter state must be queued or delivered")
     rows = await call.run(lambda: list_outbox(call.node, state=state))
-    return json_response(
-        {
-            "bundles": [
-                {
-                    "bundle_id": r.bundle_id,
-                    "type": r.case_type,
-                    "recipient": r.recipient,
-                    "sequence": r.sequence,
-                    "state": r.state,
-                    "created": r.created_at,
-                    "attempts": r.attempts,
-                    "next_attempt": r.next_attempt_at if r.state == "queued" else None,
-                    "last_error": r.last_error,
-                    "delivered": r.delivered_at,
-                    "receipt": r.receipt.decode("utf-8") if r.receipt is not None else None,
-                }
-                for r in rows
-            ]
-        }
-    )
+    return json_response({"bundles": [describe_outbox_entry(r) for r in rows]})
 
 
 def _read_with_attachments(call: Call, bundle_id: str) -> tuple[ReadBundle, list[dict[str, Any]]]:
@@ -253,17 +202,7 @@ async def bundles_show(call: Call) -> web.StreamResponse:
                 call.node, keyring, call.actor, bundle_id, out_dir=None, now=utc_now()
             )
         )
-    data: dict[str, Any] = {
-        "bundle_id": shown.bundle_id,
-        "type": shown.case_type,
-        "sender": shown.sender,
-        "recipient": shown.recipient,
-        "sequence": shown.sequence,
-        "created": shown.created_at,
-        "marking": shown.marking,
-        "reply_to": shown.reply_to,
-        "case": shown.case,
-    }
+    data = shown.to_dict()
     if attachments is not None:
         data["attachments"] = attachments
     return json_response(data)

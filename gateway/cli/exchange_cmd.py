@@ -21,8 +21,14 @@ from gateway.cli.base import GatewayCommand
 from gateway.cli.context import AppContext, pass_app
 from gateway.core.canonical import parse_bounded_json
 from gateway.errors import InvalidInput
-from gateway.node.inbox import list_gaps, list_inbox, read_bundle
-from gateway.node.outbox import DeliveryReport, deliver_once, list_outbox, send_case
+from gateway.node.inbox import describe_inbox_entry, list_gaps, list_inbox, read_bundle
+from gateway.node.outbox import (
+    DeliveryReport,
+    deliver_once,
+    describe_outbox_entry,
+    list_outbox,
+    send_case,
+)
 from gateway.node.runtime import utc_now
 
 __all__ = ["COMMANDS", "inbox", "outbox", "send", "show", "sync"]
@@ -93,18 +99,7 @@ def send(
         reply_to=reply_to,
         now=utc_now(),
     )
-    app.emit(
-        {
-            "bundle_id": sent.bundle_id,
-            "sequence": sent.sequence,
-            "type": sent.case_type,
-            "recipient": sent.recipient,
-            "marking": sent.marking,
-            "envelope_sha256": sent.envelope_sha256,
-            "envelope_bytes": sent.envelope_size,
-        },
-        sent.bundle_id,
-    )
+    app.emit(sent.to_dict(), sent.bundle_id)
 
 
 @click.command(cls=GatewayCommand)
@@ -164,14 +159,7 @@ def inbox(app: AppContext, case_type: str | None, gaps: bool) -> None:
     node = app.node()
     if gaps:
         channels = list_gaps(node)
-        gap_data = [
-            {
-                "channel": c.channel,
-                "highest": c.highest,
-                "missing": [{"first": a, "last": b} for a, b in c.missing],
-            }
-            for c in channels
-        ]
+        gap_data = [c.to_dict() for c in channels]
 
         def gap_text() -> str:
             if not channels:
@@ -185,19 +173,7 @@ def inbox(app: AppContext, case_type: str | None, gaps: bool) -> None:
         app.emit({"gaps": gap_data}, gap_text)
         return
     rows = list_inbox(node, case_type=case_type)
-    data = [
-        {
-            "bundle_id": r.bundle_id,
-            "type": r.case_type,
-            "sender": r.sender,
-            "sequence": r.sequence,
-            "created": r.created_at,
-            "received": r.received_at,
-            "marking": r.marking,
-            "reply_to": r.reply_to,
-        }
-        for r in rows
-    ]
+    data = [describe_inbox_entry(r) for r in rows]
 
     def text() -> str:
         if not rows:
@@ -221,22 +197,7 @@ def outbox(app: AppContext, state: str | None) -> None:
     app.actor("inbox")
     node = app.node()
     rows = list_outbox(node, state=state)
-    data = [
-        {
-            "bundle_id": r.bundle_id,
-            "type": r.case_type,
-            "recipient": r.recipient,
-            "sequence": r.sequence,
-            "state": r.state,
-            "created": r.created_at,
-            "attempts": r.attempts,
-            "next_attempt": r.next_attempt_at if r.state == "queued" else None,
-            "last_error": r.last_error,
-            "delivered": r.delivered_at,
-            "receipt": r.receipt.decode("utf-8") if r.receipt is not None else None,
-        }
-        for r in rows
-    ]
+    data = [describe_outbox_entry(r) for r in rows]
 
     def text() -> str:
         if not rows:
@@ -276,18 +237,7 @@ def show(app: AppContext, bundle_id: str, out_dir: Path | None) -> None:
         except OSError as exc:
             raise InvalidInput(f"{out_dir}: cannot be made ({exc.strerror})") from None
     shown = read_bundle(node, app.keyring(), actor, bundle_id, out_dir=out_dir, now=utc_now())
-    data = {
-        "bundle_id": shown.bundle_id,
-        "type": shown.case_type,
-        "sender": shown.sender,
-        "recipient": shown.recipient,
-        "sequence": shown.sequence,
-        "created": shown.created_at,
-        "marking": shown.marking,
-        "reply_to": shown.reply_to,
-        "case": shown.case,
-        "written": [str(p) for p in shown.written],
-    }
+    data = {**shown.to_dict(), "written": [str(p) for p in shown.written]}
 
     def text() -> str:
         lines = [

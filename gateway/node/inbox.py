@@ -58,6 +58,7 @@ __all__ = [
     "WrongRecipient",
     "accept_envelope",
     "channel_name",
+    "describe_inbox_entry",
     "inbox_entry",
     "ledger_checkpoint",
     "list_gaps",
@@ -369,11 +370,33 @@ def list_inbox(node: Node, *, case_type: str | None = None) -> list[InboxEntry]:
         return list(session.scalars(query))
 
 
+def describe_inbox_entry(entry: InboxEntry) -> dict[str, Any]:
+    """One row of ``gateway inbox`` and ``GET /api/v1/inbox`` (metadata only)."""
+    return {
+        "bundle_id": entry.bundle_id,
+        "type": entry.case_type,
+        "sender": entry.sender,
+        "sequence": entry.sequence,
+        "created": entry.created_at,
+        "received": entry.received_at,
+        "marking": entry.marking,
+        "reply_to": entry.reply_to,
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class ChannelGaps:
     channel: str
     highest: int
     missing: Sequence[tuple[int, int]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """One channel of ``gateway inbox --gaps`` and ``GET /api/v1/inbox?gaps=true``."""
+        return {
+            "channel": self.channel,
+            "highest": self.highest,
+            "missing": [{"first": a, "last": b} for a, b in self.missing],
+        }
 
 
 def list_gaps(node: Node) -> list[ChannelGaps]:
@@ -479,6 +502,24 @@ class ReadBundle:
     reply_to: str | None
     case: dict[str, Any]
     written: list[Path]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The bundle as ``gateway show`` and ``GET /api/v1/bundles/{id}`` answer it.
+
+        ``written`` is left out: the paths are the caller's own folder, and
+        only the CLI names them.
+        """
+        return {
+            "bundle_id": self.bundle_id,
+            "type": self.case_type,
+            "sender": self.sender,
+            "recipient": self.recipient,
+            "sequence": self.sequence,
+            "created": self.created_at,
+            "marking": self.marking,
+            "reply_to": self.reply_to,
+            "case": self.case,
+        }
 
 
 def read_bundle(

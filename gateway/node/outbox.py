@@ -64,6 +64,7 @@ __all__ = [
     "SentBundle",
     "deliver_once",
     "deliver_pending",
+    "describe_outbox_entry",
     "list_outbox",
     "notify_queued",
     "outbox_entry",
@@ -94,6 +95,18 @@ class SentBundle:
     envelope_sha256: str
     envelope_size: int
     created_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``gateway send`` and ``POST /api/v1/bundles`` answer."""
+        return {
+            "bundle_id": self.bundle_id,
+            "sequence": self.sequence,
+            "type": self.case_type,
+            "recipient": self.recipient,
+            "marking": self.marking,
+            "envelope_sha256": self.envelope_sha256,
+            "envelope_bytes": self.envelope_size,
+        }
 
 
 @dataclass
@@ -749,6 +762,23 @@ def list_outbox(node: Node, *, state: str | None = None) -> list[OutboxEntry]:
         if state is not None:
             query = query.where(OutboxEntry.state == state)
         return list(session.scalars(query))
+
+
+def describe_outbox_entry(entry: OutboxEntry) -> dict[str, Any]:
+    """One row of ``gateway outbox`` and ``GET /api/v1/outbox``."""
+    return {
+        "bundle_id": entry.bundle_id,
+        "type": entry.case_type,
+        "recipient": entry.recipient,
+        "sequence": entry.sequence,
+        "state": entry.state,
+        "created": entry.created_at,
+        "attempts": entry.attempts,
+        "next_attempt": entry.next_attempt_at if entry.state == "queued" else None,
+        "last_error": entry.last_error,
+        "delivered": entry.delivered_at,
+        "receipt": entry.receipt.decode("utf-8") if entry.receipt is not None else None,
+    }
 
 
 def outbox_entry(node: Node, bundle_id: str) -> OutboxEntry:
