@@ -202,6 +202,8 @@ async def _run(
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(sig)
+            # Shutting down already: a repeated signal must not kill the last steps.
+            signal.signal(sig, signal.SIG_IGN)
     return bool(restart) and not received
 
 
@@ -232,5 +234,7 @@ def serve(app: AppContext) -> None:
         app.close()
         sys.stdout.flush()
         sys.stderr.flush()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)  # ignored dispositions would survive exec
         os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606
     click.echo(f"stopped {node.node_id}", err=True)

@@ -531,7 +531,9 @@ def test_audit_over_http_catches_a_peer_that_rewrote_history(tmp_path: Path) -> 
             assert ledger.verify_ledger(session, own_keys=own_manifest(session)).ok
         done = run_gateway_json(jp, kenji, "ledger", "audit-peer")
         assert done.returncode == 4, done.stderr
-        assert "rewritten" in done.stderr or "shrank" in done.stderr
+        # Named as a rewrite, a shrink, or (when serve's timed publisher had already
+        # given jp a checkpoint of the same size) two different roots for one size.
+        assert any(word in done.stderr for word in ("rewritten", "shrank", "equivocation"))
         equivocations = jp.run("ledger", "list", "--kind", "equivocation", token=kenji)
         assert len(equivocations) == 1
         assert jp.run("ledger", "verify", token=kenji)["intact"] is True
