@@ -24,18 +24,7 @@ async def whoami(call: Call) -> web.StreamResponse:
 
 async def users_list(call: Call) -> web.StreamResponse:
     rows = await call.in_transaction(list_users)
-    return json_response(
-        [
-            {
-                "name": r.name,
-                "role": r.role,
-                "created_at": r.created_at,
-                "created_by": r.created_by,
-                "disabled": r.disabled,
-            }
-            for r in rows
-        ]
-    )
+    return json_response([r.to_dict() for r in rows])
 
 
 async def users_add(call: Call) -> web.StreamResponse:
@@ -46,10 +35,7 @@ async def users_add(call: Call) -> web.StreamResponse:
     created = await call.in_transaction(
         lambda session: add_user(session, name, role, created_by=call.actor.name, now=utc_now())
     )
-    return json_response(
-        {"name": created.name, "role": created.role.value, "token": created.token.text},
-        status=201,
-    )
+    return json_response(created.to_dict(), status=201)
 
 
 async def users_disable(call: Call) -> web.StreamResponse:

@@ -44,7 +44,7 @@ def add(app: AppContext, name: str, role: str) -> None:
     with app.node().db.transaction() as session:
         created = add_user(session, name, role, created_by=actor.name, now=utc_now())
     app.emit(
-        {"name": created.name, "role": created.role.value, "token": created.token.text},
+        created.to_dict(),
         f"Added {created.name} ({created.role.value}).\n"
         "Token (shown once; keep it secret, e.g. in a 0600 file):\n"
         f"  {created.token.text}",
@@ -58,16 +58,7 @@ def list_(app: AppContext) -> None:
     app.actor("users.list")
     with app.node().db.transaction() as session:
         rows = list_users(session)
-    data = [
-        {
-            "name": r.name,
-            "role": r.role,
-            "created_at": r.created_at,
-            "created_by": r.created_by,
-            "disabled": r.disabled,
-        }
-        for r in rows
-    ]
+    data = [r.to_dict() for r in rows]
 
     def human() -> str:
         lines = [f"{'NAME':<24} {'ROLE':<11} {'STATE':<9} CREATED"]

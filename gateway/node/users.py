@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -45,12 +46,26 @@ class UserView:
     created_by: str
     disabled: bool
 
+    def to_dict(self) -> dict[str, Any]:
+        """One row of ``gateway users list`` and ``GET /api/v1/users`` (never a token)."""
+        return {
+            "name": self.name,
+            "role": self.role,
+            "created_at": self.created_at,
+            "created_by": self.created_by,
+            "disabled": self.disabled,
+        }
+
 
 @dataclass(frozen=True)
 class NewUser:
     name: str
     role: Role
     token: IssuedToken
+
+    def to_dict(self) -> dict[str, Any]:
+        """The answer to adding a user; it holds the token, shown this once."""
+        return {"name": self.name, "role": self.role.value, "token": self.token.text}
 
 
 def _check_name(name: str) -> str:
