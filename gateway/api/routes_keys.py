@@ -11,7 +11,6 @@ import base64
 import binascii
 
 from aiohttp import web
-from sqlalchemy.orm import Session
 
 from gateway.api.routes_common import (
     ApiRoute,
@@ -20,7 +19,7 @@ from gateway.api.routes_common import (
     refuse_unknown_fields,
     require_str,
 )
-from gateway.core.keys import MAX_MANIFEST_BYTES, KeyManifest
+from gateway.core.keys import MAX_MANIFEST_BYTES
 from gateway.errors import InvalidInput
 from gateway.node import keys as key_service
 from gateway.node.runtime import utc_now
@@ -32,13 +31,9 @@ _MANIFEST_FIELD_CHARS = (MAX_MANIFEST_BYTES + 2) // 3 * 4
 
 async def keys_show(call: Call) -> web.StreamResponse:
     now = utc_now()
-
-    def read(session: Session) -> tuple[KeyManifest, int]:
-        return key_service.own_manifest(session), len(key_service.pending_manifests(session))
-
-    manifest, pending = await call.in_transaction(read)
-    data = key_service.describe_manifest(manifest, now=now)
-    data["pending_delivery"] = pending
+    data = await call.in_transaction(
+        lambda session: key_service.describe_own_keys(session, now=now)
+    )
     return json_response(data)
 
 

@@ -65,15 +65,13 @@ def show(app: AppContext) -> None:
     app.actor("keys.show")
     now = utc_now()
     with app.node().db.transaction() as session:
-        manifest = key_service.own_manifest(session)
-        pending = key_service.pending_manifests(session)
-    data = key_service.describe_manifest(manifest, now=now)
-    data["pending_delivery"] = len(pending)
+        data = key_service.describe_own_keys(session, now=now)
+    pending = data["pending_delivery"]
 
     def human() -> str:
         text = manifest_text(data, "Key manifest")
         if pending:
-            text += f"\n\n  {len(pending)} manifest(s) wait for delivery to the peer."
+            text += f"\n\n  {pending} manifest(s) wait for delivery to the peer."
         return text
 
     app.emit(data, human)
@@ -107,6 +105,16 @@ def export(app: AppContext, out: Path) -> None:
         f"Root fingerprint (read it to the peer's administrator out of band):\n"
         f"  {manifest.root_fingerprint}",
     )
+
+
+def _revocation_data(change: key_service.KeyChange) -> dict[str, Any]:
+    """What ``keys revoke`` and ``keys recover`` print: the keys withdrawn and their successors."""
+    return {
+        "version": change.manifest.version,
+        "event": change.event,
+        "revoked": change.revoked,
+        "added": change.added,
+    }
 
 
 def _change_text(manifest: KeyManifest, lines: list[str]) -> str:
@@ -171,12 +179,7 @@ def revoke(app: AppContext, key_id: str, reason: str, root_key: Path | None) -> 
     if change.added:
         lines.append(f"Replaced by new key(s) {', '.join(change.added)}.")
     app.emit(
-        {
-            "version": change.manifest.version,
-            "event": change.event,
-            "revoked": change.revoked,
-            "added": change.added,
-        },
+        _revocation_data(change),
         lambda: _change_text(change.manifest, lines),
     )
 
@@ -205,12 +208,7 @@ def recover(app: AppContext, reason: str, root_key: Path | None) -> None:
             root_key_file=root_key,
         )
     app.emit(
-        {
-            "version": change.manifest.version,
-            "event": change.event,
-            "revoked": change.revoked,
-            "added": change.added,
-        },
+        _revocation_data(change),
         lambda: _change_text(
             change.manifest,
             [

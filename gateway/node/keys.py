@@ -53,6 +53,7 @@ __all__ = [
     "apply_peer_manifest",
     "create_node_keys",
     "describe_manifest",
+    "describe_own_keys",
     "export_manifest",
     "mark_manifest_delivered",
     "own_manifest",
@@ -814,6 +815,17 @@ def describe_manifest(manifest: KeyManifest, *, now: datetime) -> dict[str, Any]
         "root_fingerprint": manifest.root_fingerprint,
         "keys": keys,
     }
+
+
+def describe_own_keys(session: Session, *, now: datetime) -> dict[str, Any]:
+    """This node's manifest for ``keys show`` and ``GET /api/v1/keys``.
+
+    Adds ``pending_delivery``: how many manifest versions the peer has not
+    accepted yet.
+    """
+    data = describe_manifest(own_manifest(session), now=now)
+    data["pending_delivery"] = len(pending_manifests(session))
+    return data
 
 
 # -- gateway init -------------------------------------------------------------------------
