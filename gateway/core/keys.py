@@ -23,7 +23,8 @@ node, keys well-formed. The first manifest of a peer is anchored by its root
 fingerprint, read out of band.
 
 Revocation is total: a revoked key is refused for every time, because whoever
-holds a compromised key can claim any signing time. A key retired by ordinary
+holds a compromised key can claim any signing time, and for good: a later
+manifest that still lists the key must still revoke it. A key retired by ordinary
 rotation is not revoked: its window ends, and signatures made inside the window
 still verify.
 """
@@ -106,7 +107,7 @@ class ManifestRejected(VerificationError):
 
     Checks: ``manifest-format``, ``manifest-node``, ``manifest-signature``,
     ``manifest-root``, ``manifest-rollback``, ``manifest-replay``,
-    ``manifest-expired``, ``manifest-future``, ``fingerprint``.
+    ``manifest-revocation``, ``manifest-expired``, ``manifest-future``, ``fingerprint``.
     """
 
     check = "manifest"
@@ -619,7 +620,8 @@ def verify_manifest(
     trust and must match the root. With a pinned manifest, the new one must
     be signed by the pinned root (or by it and a new root it hands over to),
     and its version must be higher (an equal version is a replay, a lower one
-    a rollback). It must not be expired at ``now`` nor issued in the future.
+    a rollback), and every key the pinned one revoked must stay revoked if it is
+    still listed. It must not be expired at ``now`` nor issued in the future.
     """
     manifest = parse_manifest(raw)
     if manifest.node != node:
@@ -669,6 +671,19 @@ def verify_manifest(
                 f"key manifest of node {node!r} version {manifest.version} is older than "
                 f"the pinned version {pinned.version} (rollback refused)",
                 check="manifest-rollback",
+            )
+        still_revoked = {r.key_id for r in manifest.revocations}
+        unrevoked = sorted(
+            r.key_id
+            for r in pinned.revocations
+            if r.key_id not in still_revoked and any(k.key_id == r.key_id for k in manifest.keys)
+        )
+        if unrevoked:
+            raise ManifestRejected(
+                f"key manifest of node {node!r} version {manifest.version} lists key(s) "
+                f"{', '.join(unrevoked)} without the revocation the pinned version carries "
+                "(a revoked key stays revoked)",
+                check="manifest-revocation",
             )
     if now >= manifest.expires_at:
         raise ManifestRejected(

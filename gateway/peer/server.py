@@ -183,11 +183,18 @@ def database_nonce_recorder(
     """A nonce recorder over the node's database: replays refused across restarts.
 
     Each call prunes the nonces whose requests are too old to verify any more
-    (their time is outside the skew window) in the same transaction.
+    (their time is outside the skew window) in the same transaction, and a
+    request whose time is already outside the window by this store's clock is
+    refused as a replay: its nonce may be among those pruned.
     """
 
     def remember(sender: str, nonce: bytes, request_time: datetime) -> bool:
         now = clock()
+        if request_time < now - skew:
+            # Its nonce may be pruned already, so a replay could not be told
+            # from a first use: refused as one (the verifier read its clock
+            # earlier, at the edge of the window or before a slow body).
+            return False
         with db.transaction() as session:
             prune_nonces(session, older_than=now - skew)
             return remember_nonce(session, sender, nonce, request_time=request_time, now=now)

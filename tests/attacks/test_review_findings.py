@@ -1,0 +1,135 @@
+"""Attacks found in a security review, each reproduced and shown refused.
+
+Every test is named after the attack it replays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+
+import pytest
+
+from gateway.core.keys import (
+    KeyNotUsable,
+    ManifestKey,
+    ManifestRejected,
+    Revocation,
+    key_id,
+    parse_manifest,
+    verify_manifest,
+)
+from gateway.core.peer_auth import PeerAuthFailed, parse_signed_request, verify_request
+from gateway.node.runtime import utc_now
+from gateway.peer.server import database_nonce_recorder
+from tests.nodes import migrated_database
+from tests.unit.test_keys import T0, YEAR, Builder, seeded_signing
+from tests.unit.test_peer_auth import headers_for, lookup
+
+# -- replayed peer request ------------------------------------------------------------------
+
+
+def test_replayed_peer_request_at_the_edge_of_the_window_is_refused(database_url: str) -> None:
+    """A captured request replayed as its time leaves the skew window.
+
+    The verifier judges the request time against the clock it read when the
+    headers arrived; the nonce store reads its clock a moment later and first
+    forgets every nonce older than the window. Between the two readings the
+    original's nonce is forgotten and the replay recorded as new, unless the
+    store refuses a request time it can no longer vouch for.
+    """
+    skew = timedelta(minutes=5)
+    db = migrated_database(database_url)
+    try:
+        sent = utc_now().replace(microsecond=0)
+        headers = headers_for(now=sent, body=b"envelope")
+        request = parse_signed_request(headers)
+        first = database_nonce_recorder(db, skew=skew, clock=lambda: sent)
+        verify_request(
+            request,
+            method="POST",
+            path="/v1/envelopes",
+            recipient="pk",
+            expected_sender="jp",
+            now=sent,
+            lookup_key=lookup,
+            remember_nonce=first,
+        )
+        # The replay: its headers are checked at the very edge of the window,
+        # its nonce is recorded a little later (a database round trip, a thread hop).
+        checked_at = sent + skew
+        recorded_at = checked_at + timedelta(milliseconds=5)
+        later = database_nonce_recorder(db, skew=skew, clock=lambda: recorded_at)
+        with pytest.raises(PeerAuthFailed) as caught:
+            verify_request(
+                request,
+                method="POST",
+                path="/v1/envelopes",
+                recipient="pk",
+                expected_sender="jp",
+                now=checked_at,
+                lookup_key=lookup,
+                remember_nonce=later,
+            )
+        assert caught.value.reason == "auth.replay"
+    finally:
+        db.dispose()
+
+
+def test_nonce_store_still_admits_a_fresh_request_after_pruning(database_url: str) -> None:
+    skew = timedelta(minutes=5)
+    db = migrated_database(database_url)
+    try:
+        now = utc_now()
+        remember = database_nonce_recorder(db, skew=skew, clock=lambda: now)
+        assert remember("jp", hashlib.sha256(b"a").digest()[:16], now - skew) is True
+        assert remember("jp", hashlib.sha256(b"b").digest()[:16], now + skew) is True
+    finally:
+        db.dispose()
+
+
+# -- a revoked key brought back ---------------------------------------------------------------
+
+
+def _revoking_then_unrevoking() -> tuple[bytes, bytes, str]:
+    builder = Builder()
+    revoked = key_id(bytes(builder.sign.verify_key))
+    spare = seeded_signing(12)
+    keys = [
+        *builder.keys(),
+        ManifestKey(
+            key_id(bytes(spare.verify_key)), "sign", bytes(spare.verify_key), T0, T0 + YEAR
+        ),
+    ]
+    at = T0 + timedelta(days=10)
+    v2 = builder.manifest(
+        2, issued=at, keys=keys, revocations=[Revocation(revoked, at, "key compromised")]
+    )
+    v3 = builder.manifest(3, issued=at + timedelta(days=1), keys=keys, revocations=[])
+    return v2, v3, revoked
+
+
+def test_manifest_that_unrevokes_a_revoked_signing_key_is_refused() -> None:
+    """Revocation is for good (SPEC §4): a later manifest may not list the key as usable again."""
+    v2, v3, revoked = _revoking_then_unrevoking()
+    now = T0 + timedelta(days=12)
+    pinned = parse_manifest(v2)
+    with pytest.raises(KeyNotUsable):
+        pinned.signing_key(revoked, at=now)
+    with pytest.raises(ManifestRejected) as caught:
+        verify_manifest(v3, node="jp", pinned=pinned, expected_fingerprint=None, now=now)
+    assert caught.value.check == "manifest-revocation"
+
+
+def test_manifest_that_keeps_a_revocation_or_drops_the_key_passes() -> None:
+    v2, _, revoked = _revoking_then_unrevoking()
+    builder = Builder()
+    pinned = parse_manifest(v2)
+    now = T0 + timedelta(days=12)
+    kept = builder.manifest(
+        3, issued=now, keys=list(pinned.keys), revocations=list(pinned.revocations)
+    )
+    assert verify_manifest(kept, node="jp", pinned=pinned, expected_fingerprint=None, now=now)
+    dropped_keys = [k for k in pinned.keys if k.key_id != revoked]
+    dropped = builder.manifest(4, issued=now, keys=dropped_keys, revocations=[])
+    assert verify_manifest(dropped, node="jp", pinned=pinned, expected_fingerprint=None, now=now)
