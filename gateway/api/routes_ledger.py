@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-from datetime import UTC, datetime
 from typing import BinaryIO, cast
 
 from aiohttp import web
@@ -25,18 +24,6 @@ _SPOOL_IN_MEMORY = 4 * 1024 * 1024
 _EXPORT_TYPES = {"csv": "text/csv", "jsonl": "application/x-ndjson"}
 
 
-def _since(text: str | None) -> datetime | None:
-    if text is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise InvalidInput(
-            f"since={text!r} is not an ISO 8601 time (e.g. 2026-11-25 or 2026-11-25T09:00:00Z)"
-        ) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
-
-
 def _limit(text: str | None) -> int:
     if text is None:
         return DEFAULT_LIST_LIMIT
@@ -48,7 +35,7 @@ def _limit(text: str | None) -> int:
 async def ledger_list(call: Call) -> web.StreamResponse:
     bundle = call.query("bundle")
     kind = call.query("kind")
-    since = _since(call.query("since"))
+    since = ledger.parse_since(call.query("since"), named="since=")
     limit = _limit(call.query("limit"))
     entries = await call.in_transaction(
         lambda session: ledger.list_entries(

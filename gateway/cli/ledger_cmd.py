@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import os
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,19 +26,6 @@ from gateway.node.keys import own_manifest, peer_node_of, pinned_peer_manifest
 from gateway.node.runtime import utc_now
 
 __all__ = ["ledger_group"]
-
-
-def _parse_since(text: str | None) -> datetime | None:
-    if text is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise InvalidInput(
-            f"--since {text!r} is not an ISO 8601 time (e.g. 2026-11-25 or 2026-11-25T09:00:00Z)"
-        ) from None
-    # A time without a zone is read as UTC, the ledger's own zone.
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 def _line(entry: LedgerEntry) -> str:
@@ -77,7 +63,11 @@ def list_command(
     node = app.node()
     with node.db.transaction() as session:
         entries = ledger.list_entries(
-            session, bundle=bundle, kind=kind, since=_parse_since(since), limit=limit
+            session,
+            bundle=bundle,
+            kind=kind,
+            since=ledger.parse_since(since, named="--since "),
+            limit=limit,
         )
     app.emit(
         [entry.to_dict() for entry in entries],

@@ -20,7 +20,7 @@ import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, BinaryIO, Literal
 
 from nacl.signing import VerifyKey
@@ -73,6 +73,7 @@ __all__ = [
     "list_entries",
     "lock_for_append",
     "make_checkpoint",
+    "parse_since",
     "record_event",
     "store_peer_checkpoint",
     "verify_ledger",
@@ -253,6 +254,24 @@ def iter_entries(
         statement = statement.limit(limit)
     for row in _stream(session, statement):
         yield _entry_of(row)
+
+
+def parse_since(text: str | None, *, named: str) -> datetime | None:
+    """The lower time bound of a listing, from ISO 8601 text; ``None`` for none.
+
+    ``named`` is how the user gave the value (``--since `` on the
+    command line, ``since=`` in a query) and starts the error message. A time
+    without a zone is read as UTC, the ledger's own zone.
+    """
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(
+            f"{named}{text!r} is not an ISO 8601 time (e.g. 2026-11-25 or 2026-11-25T09:00:00Z)"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
 
 
 def list_entries(
