@@ -42,6 +42,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 from gateway import log
 from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.peer_auth import (
+    HEADER_NODE,
     BodyDigest,
     KeyLookup,
     NonceRecorder,
@@ -426,9 +427,12 @@ async def _auth_middleware(
     except PeerAuthFailed as exc:
         # After a rotation the peer signs with a key only its new manifest
         # lists: the manifest route finishes authentication once that
-        # manifest verified against the pinned one.
+        # manifest verified against the pinned one. Only for the peer's own,
+        # fresh request (sender and time are checked before the key): anyone
+        # else is refused before a byte of the body is read.
         if (
             exc.reason == "auth.unknown-key"
+            and request.headers.get(HEADER_NODE) == services.peer_id
             and request.method == "POST"
             and request.path == MANIFESTS_PATH
             and services.preview_manifest is not None

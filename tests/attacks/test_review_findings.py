@@ -5,8 +5,11 @@ Every test is named after the attack it replays.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
-from datetime import timedelta
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,10 +22,18 @@ from gateway.core.keys import (
     parse_manifest,
     verify_manifest,
 )
-from gateway.core.peer_auth import PeerAuthFailed, parse_signed_request, verify_request
+from gateway.core.peer_auth import (
+    KeyLookup,
+    PeerAuthFailed,
+    parse_signed_request,
+    verify_request,
+)
+from gateway.errors import VerificationError
 from gateway.node.runtime import utc_now
+from gateway.peer.client import PeerClient, PeerRefused
 from gateway.peer.server import database_nonce_recorder
-from tests.nodes import migrated_database
+from gateway.settings import Settings
+from tests.nodes import KeyTable, RawSigner, make_services, migrated_database, start_test_server
 from tests.unit.test_keys import T0, YEAR, Builder, seeded_signing
 from tests.unit.test_peer_auth import headers_for, lookup
 
@@ -133,3 +144,73 @@ def test_manifest_that_keeps_a_revocation_or_drops_the_key_passes() -> None:
     dropped_keys = [k for k in pinned.keys if k.key_id != revoked]
     dropped = builder.manifest(4, issued=now, keys=dropped_keys, revocations=[])
     assert verify_manifest(dropped, node="jp", pinned=pinned, expected_fingerprint=None, now=now)
+
+
+# -- manifest route before authentication -----------------------------------------------------
+
+
+class _CountingPreview:
+    """Verifies nothing and counts how often the server asked it to (each call is work
+    done, and a body read, for a caller who has not authenticated)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, raw: bytes, *, now: datetime) -> KeyLookup:
+        self.calls += 1
+        raise VerificationError("manifest not signed by the pinned key", reason="manifest.x")
+
+
+def _post_manifest(tmp_path: Path, url: str, signer: RawSigner, clock: Any) -> PeerRefused:
+    settings = Settings.model_validate(
+        {"home": tmp_path / "jp", "node": {"id": "jp"}, "server": {"peer_url": url}}
+    )
+
+    async def post() -> None:
+        async with PeerClient(settings, signer, clock=clock) as client:
+            await client.post_manifest(b'{"keys": {}}')
+
+    with pytest.raises(PeerRefused) as caught:
+        asyncio.run(post())
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    ("case", "signer", "offset"),
+    [
+        ("claims to be this node", RawSigner.make("pk", "pk-op-9"), timedelta(0)),
+        ("out of the time window", RawSigner.make("jp", "jp-op-9"), timedelta(hours=3)),
+    ],
+)
+def test_stranger_posting_a_manifest_gets_401_before_the_body_is_read(
+    tmp_path: Path, case: str, signer: RawSigner, offset: timedelta
+) -> None:
+    """The manifest route finishes authentication after reading the body only for the
+    pinned peer's fresh request signed by a key the pinned manifest does not list yet;
+    a request from another sender, or out of the time window, is refused at once."""
+    db = migrated_database(f"sqlite:///{tmp_path / 'pk.sqlite3'}")
+    preview = _CountingPreview()
+    applied: list[bytes] = []
+
+    def apply(raw: bytes, *, now: datetime) -> None:
+        applied.append(raw)
+
+    services, _ = make_services(
+        tmp_path,
+        db,
+        keys=KeyTable({}),
+        receiver=RawSigner.make("pk", "pk-op-1"),
+        apply_manifest=apply,
+        preview_manifest=preview,
+    )
+    try:
+        with start_test_server(services) as server:
+            refusal = _post_manifest(tmp_path, server.url, signer, lambda: utc_now() - offset)
+        assert (refusal.status, refusal.reason) == (
+            401,
+            "auth.unknown-key" if not offset else "auth.stale",
+        ), case
+        assert preview.calls == 0
+        assert applied == []
+    finally:
+        db.dispose()
