@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -214,3 +214,79 @@ def test_stranger_posting_a_manifest_gets_401_before_the_body_is_read(
         assert applied == []
     finally:
         db.dispose()
+
+
+# -- rewritten peer history pushed as a larger checkpoint ------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "store_peer_checkpoint (gateway/node/ledger.py) keeps a larger pushed checkpoint "
+        "without a consistency proof, and audit_peer only proves from the newest one "
+        "witnessed: a rewritten history pushed as a bigger tree is never audited against "
+        "the checkpoints witnessed before it"
+    ),
+)
+def test_peer_rewrites_witnessed_history_then_pushes_a_larger_checkpoint(
+    tmp_path: Path,
+) -> None:
+    from gateway.core.ledger import EntryKind, WitnessMismatch  # noqa: PLC0415
+    from gateway.core.roles import Actor, Role  # noqa: PLC0415
+    from gateway.node import ledger  # noqa: PLC0415
+    from tests.integration.test_ledger import RawKeys, open_node_db  # noqa: PLC0415
+    from tests.integration.test_ledger import RawSigner as LedgerSigner  # noqa: PLC0415
+
+    t0 = datetime(2026, 11, 25, 21, 0, tzinfo=UTC)
+    officer = Actor(name="aiko", role=Role.OFFICER)
+    pk = LedgerSigner(b"p" * 32)
+
+    def build(name: str, bodies: list[Any]) -> Any:
+        database = open_node_db(f"sqlite:///{tmp_path / name}.sqlite3", name[:2])
+        with database.transaction() as session:
+            for i, body in enumerate(bodies):
+                ledger.record_event(
+                    session,
+                    kind=EntryKind.BUNDLE_READ,
+                    actor=officer,
+                    now=t0 + timedelta(seconds=i),
+                    bundle_id="b-1",
+                    body=body,
+                )
+        return database
+
+    witness = open_node_db(f"sqlite:///{tmp_path / 'jp'}.sqlite3", "jp")
+    honest = build("pk-honest", [{"n": i} for i in range(4)])
+    # The peer's administrator rebuilds the ledger with entry 2 changed, and one entry more.
+    forged = build("pk-forged", [{"n": 0}, {"n": 1}, {"n": "hidden"}, {"n": 3}, {"n": 4}])
+    try:
+        with honest.transaction() as session:
+            first = ledger.make_checkpoint(session, pk, t0)
+        with forged.transaction() as session:
+            bigger = ledger.make_checkpoint(session, pk, t0 + timedelta(hours=1))
+        with witness.transaction() as session:
+            ledger.store_peer_checkpoint(
+                session, first.to_wire(), RawKeys(pk), peer_node="pk", now=t0
+            )
+        caught = False
+        try:
+            # Pushed as POST /v1/checkpoints pushes it: no proof.
+            with witness.transaction() as session:
+                ledger.store_peer_checkpoint(
+                    session, bigger.to_wire(), RawKeys(pk), peer_node="pk", now=t0
+                )
+
+            def answer(first_size: int) -> ledger.PeerAnswer:
+                with forged.transaction() as session:
+                    latest = ledger.latest_checkpoint(session)
+                    assert latest is not None
+                    proof = ledger.consistency_proof(session, first_size, latest.checkpoint.size)
+                return ledger.PeerAnswer(checkpoint=latest.to_wire(), proof=proof)
+
+            ledger.audit_peer(witness, RawKeys(pk), peer_node="pk", fetch=answer, now=lambda: t0)
+        except WitnessMismatch:
+            caught = True
+        assert caught, "the rewritten history went unseen by the witness"
+    finally:
+        for database in (witness, honest, forged):
+            database.dispose()
