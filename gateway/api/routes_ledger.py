@@ -7,12 +7,11 @@ import tempfile
 from typing import BinaryIO, cast
 
 from aiohttp import web
-from sqlalchemy.orm import Session
 
 from gateway.api.routes_common import ApiRoute, Call, json_response
-from gateway.errors import ConfigError, InvalidInput, NotFound
+from gateway.errors import ConfigError, InvalidInput
 from gateway.node import ledger
-from gateway.node.keys import own_manifest, peer_node_of, pinned_peer_manifest
+from gateway.node.keys import peer_node_of, pinned_peer_manifest, verify_ledger_with_keys
 from gateway.node.runtime import utc_now
 
 __all__ = ["DEFAULT_LIST_LIMIT", "ROUTES"]
@@ -46,18 +45,9 @@ async def ledger_list(call: Call) -> web.StreamResponse:
 
 
 async def ledger_verify(call: Call) -> web.StreamResponse:
-    peer = peer_node_of(call.node.node_id)
-
-    def verify(session: Session) -> ledger.VerifyReport:
-        try:
-            own = own_manifest(session)
-        except NotFound:
-            own = None
-        return ledger.verify_ledger(
-            session, own_keys=own, peer_keys=pinned_peer_manifest(session), peer_node=peer
-        )
-
-    report = await call.in_transaction(verify)
+    report = await call.in_transaction(
+        lambda session: verify_ledger_with_keys(session, node_id=call.node.node_id)
+    )
     report.raise_for_problem()
     return json_response(report.to_dict())
 

@@ -20,9 +20,9 @@ from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
 from gateway.core.ledger import LedgerEntry
 from gateway.core.roles import SYSTEM
-from gateway.errors import AlreadyExists, ConfigError, InvalidInput, NotFound, StorageError
+from gateway.errors import AlreadyExists, ConfigError, InvalidInput, StorageError
 from gateway.node import ledger
-from gateway.node.keys import own_manifest, peer_node_of, pinned_peer_manifest
+from gateway.node.keys import peer_node_of, pinned_peer_manifest, verify_ledger_with_keys
 from gateway.node.runtime import utc_now
 
 __all__ = ["ledger_group"]
@@ -84,18 +84,10 @@ def verify(app: AppContext) -> None:
     """
     app.actor("ledger.verify")
     node = app.node()
-    peer = peer_node_of(node.node_id)
     with node.db.transaction() as session:
-        try:
-            own = own_manifest(session)
-        except NotFound:
-            own = None
-        pinned = pinned_peer_manifest(session)
-        report = ledger.verify_ledger(
+        report = verify_ledger_with_keys(
             session,
-            own_keys=own,
-            peer_keys=pinned,
-            peer_node=peer,
+            node_id=node.node_id,
             progress=lambda n: app.progress(f"verified {n} entries ..."),
         )
     report.raise_for_problem()

@@ -13,6 +13,7 @@ recorded in the ledger as a ``key-event`` entry.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -41,7 +42,7 @@ from gateway.errors import AlreadyExists, ConfigError, InvalidInput, NotFound, S
 from gateway.log import get_logger
 from gateway.node import keystore
 from gateway.node.keystore import OPERATIONAL_FILE, OperationalKeys, Strength
-from gateway.node.ledger import record_event
+from gateway.node.ledger import VerifyReport, record_event, verify_ledger
 from gateway.node.setup import InitResult, register_init_step
 from gateway.settings import Settings
 from gateway.store.models_keys import OwnManifestRecord, PeerManifestRecord
@@ -66,6 +67,7 @@ __all__ = [
     "revoke_key",
     "rotate_keys",
     "rotate_root",
+    "verify_ledger_with_keys",
 ]
 
 MANIFEST_VALIDITY = timedelta(days=365)
@@ -779,6 +781,27 @@ def apply_peer_manifest(session: Session, raw: bytes, *, node: str, now: datetim
 
 
 # -- display ------------------------------------------------------------------------------
+
+
+def verify_ledger_with_keys(
+    session: Session, *, node_id: str, progress: Callable[[int], None] | None = None
+) -> VerifyReport:
+    """Verify this node's ledger with its own manifest and the pinned peer's.
+
+    Either manifest may be missing (a node without keys, no peer pinned yet);
+    the report then says what could not be checked.
+    """
+    try:
+        own = own_manifest(session)
+    except NotFound:
+        own = None
+    return verify_ledger(
+        session,
+        own_keys=own,
+        peer_keys=pinned_peer_manifest(session),
+        peer_node=peer_node_of(node_id),
+        progress=progress,
+    )
 
 
 def describe_manifest(manifest: KeyManifest, *, now: datetime) -> dict[str, Any]:
