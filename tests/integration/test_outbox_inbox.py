@@ -693,7 +693,10 @@ def test_the_sender_worker_retries_through_failures_and_wakes_when_a_bundle_is_q
         }
 
     asyncio.run(scenario())
-    assert len(attempts) >= 4  # two failures, the first delivery, the wake-up
+    # Two failures, then the delivery of the first bundle; the second arrived within
+    # the 60 s wait although the poll interval is an hour: either the wake-up started a
+    # fourth pass, or the third pass was still running and took it along.
+    assert len(attempts) >= 3
     assert {r.state for r in list_outbox(pair.jp.node)} == {"delivered"}
 
 
