@@ -165,7 +165,7 @@ def checkpoint(app: AppContext, send: bool) -> None:
 
         async def _send() -> None:
             async with PeerClient(node.settings, keyring) as client:
-                await send_checkpoint(client, signed)
+                await send_checkpoint(client, signed, prove=ledger.consistency_prover(node.db))
 
         asyncio.run(_send())
         sent = True

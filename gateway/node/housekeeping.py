@@ -63,7 +63,7 @@ async def publish_checkpoints(
         try:
             signed = await asyncio.to_thread(checkpoint_once, node, keyring, now=clock())
             if signed is not None and client is not None and signed.checkpoint.size != sent_size:
-                await send_checkpoint(client, signed)
+                await send_checkpoint(client, signed, prove=ledger.consistency_prover(node.db))
                 sent_size = signed.checkpoint.size
                 _log.info("checkpoint_sent", size=sent_size)
         except TransportError as exc:

@@ -59,12 +59,14 @@ from gateway.store.models_ledger import LedgerCheckpointRow, LedgerEntryRow, Wit
 
 __all__ = [
     "AuditResult",
+    "ConsistencyProofRequired",
     "ExportFormat",
     "PeerAnswer",
     "VerifyReport",
     "audit_peer",
     "checkpoint_at",
     "consistency_proof",
+    "consistency_prover",
     "export",
     "inclusion_proof",
     "last_witnessed",
@@ -86,6 +88,16 @@ _LOCK_KEY = int.from_bytes(
 )
 _STREAM_BATCH = 5000
 MAX_LIST_LIMIT = 100_000
+
+
+class ConsistencyProofRequired(RefusedError):
+    """A larger peer checkpoint came without a proof that it extends our witness."""
+
+    reason = "ledger.proof-required"
+
+    def __init__(self, message: str, *, witnessed_size: int) -> None:
+        super().__init__(message)
+        self.witnessed_size = witnessed_size
 
 
 def lock_for_append(session: Session) -> None:
@@ -750,9 +762,11 @@ def store_peer_checkpoint(
     """Verify a checkpoint the peer signed and keep it as its witness.
 
     Refused: a bad signature or wrong node (:class:`CheckpointInvalid`); a
-    checkpoint older than the newest one witnessed (:class:`RefusedError`);
-    another root for a size already witnessed, or, when ``proof`` is given, a
-    tree that does not extend the newest one witnessed
+    checkpoint older than the newest one witnessed (:class:`RefusedError`); a
+    larger one without a consistency proof from the newest one witnessed
+    (:class:`ConsistencyProofRequired`, which names that size); another root
+    for a size already witnessed, or a tree the proof does not show to extend
+    the newest one witnessed
     (:class:`WitnessMismatch`: the caller records the equivocation in its
     own transaction, as this one rolls back). The same checkpoint again is
     accepted and changes nothing.
@@ -779,6 +793,15 @@ def store_peer_checkpoint(
             raise RefusedError(
                 f"checkpoint of size {checkpoint.size} is older than the {newest.size} witnessed",
                 reason="ledger.stale-checkpoint",
+            )
+        if proof is None:
+            # Every witnessed checkpoint is proven to extend the one before it, so the
+            # witness is one consistent history: a larger tree without that proof could
+            # be a rewritten ledger that merely grew.
+            raise ConsistencyProofRequired(
+                f"a checkpoint of size {checkpoint.size} needs a consistency proof from "
+                f"the size {newest.size} witnessed",
+                witnessed_size=newest.size,
             )
     session.add(
         WitnessedCheckpointRow(
@@ -833,6 +856,16 @@ class AuditResult:
             "consistent": self.consistent,
             "message": self.message,
         }
+
+
+def consistency_prover(db: Database) -> Callable[[int, int], list[bytes]]:
+    """A function giving our consistency proof between two sizes, each in its own read."""
+
+    def prove(first: int, second: int) -> list[bytes]:
+        with db.transaction() as session:
+            return consistency_proof(session, first, second)
+
+    return prove
 
 
 def audit_peer(

@@ -66,10 +66,14 @@ class PeerRefused(RefusedError):
 
     reason = "peer.refused"
 
-    def __init__(self, message: str, *, status: int, reason: str) -> None:
+    def __init__(
+        self, message: str, *, status: int, reason: str, detail: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(message, reason=reason)
         self.status = status
         self.retryable = status in _RETRYABLE_STATUSES
+        self.detail: dict[str, Any] = detail or {}
+        """The other fields of the peer's ``error`` object (e.g. ``witnessed_size``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +222,10 @@ class PeerClient:
                 f"peer answered {status} ({reason}) to {method} {path}", reason="transport.server"
             )
         raise PeerRefused(
-            f"peer refused {method} {path}: {status} {reason}", status=status, reason=reason
+            f"peer refused {method} {path}: {status} {reason}",
+            status=status,
+            reason=reason,
+            detail=_error_detail(body),
         )
 
     async def request(
@@ -289,6 +296,21 @@ async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
             raise TransportError("peer answer is too large", reason="transport.answer")
         parts.append(chunk)
     return b"".join(parts)
+
+
+def _error_detail(body: bytes) -> dict[str, Any]:
+    """The scalar fields of a refusal's ``error`` object (bounded; nothing nested)."""
+    try:
+        error = json.loads(body[:4096])["error"]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    if not isinstance(error, dict):
+        return {}
+    return {
+        str(k)[:64]: v
+        for k, v in list(error.items())[:16]
+        if isinstance(v, (int, str, bool)) and not (isinstance(v, str) and len(v) > 256)
+    }
 
 
 def _reason_from(body: bytes) -> str:

@@ -7,8 +7,11 @@ proofs is the caller's (``gateway.node.ledger``), against the pinned manifest.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import json
+from collections.abc import Callable
 from typing import Any, Final
 
 from gateway.core import merkle
@@ -16,7 +19,7 @@ from gateway.core.canonical import canonical_bytes, parse_bounded_json
 from gateway.core.ledger import MAX_CHECKPOINT_BYTES, SignedCheckpoint
 from gateway.errors import InvalidInput, TransportError
 from gateway.node.ledger import PeerAnswer
-from gateway.peer.client import PeerClient
+from gateway.peer.client import PeerClient, PeerRefused
 
 __all__ = [
     "CHECKPOINTS_PATH",
@@ -76,8 +79,35 @@ async def fetch_consistency(client: PeerClient, first: int) -> PeerAnswer:
     return parse_consistency_answer(answer)
 
 
-async def send_checkpoint(client: PeerClient, signed: SignedCheckpoint) -> None:
-    """Give the peer our signed checkpoint to keep as its witness."""
-    await client.request(
-        "POST", CHECKPOINTS_PATH, signed.to_wire(), content_type=CHECKPOINT_CONTENT_TYPE
+async def send_checkpoint(
+    client: PeerClient,
+    signed: SignedCheckpoint,
+    *,
+    prove: Callable[[int, int], list[bytes]],
+) -> None:
+    """Give the peer our signed checkpoint to keep as its witness.
+
+    A peer that witnessed an earlier checkpoint answers 409
+    ``ledger.proof-required`` naming its size; the checkpoint is then sent again
+    with ``prove(witnessed_size, size)``, the consistency proof between them.
+    """
+    try:
+        await client.request(
+            "POST", CHECKPOINTS_PATH, signed.to_wire(), content_type=CHECKPOINT_CONTENT_TYPE
+        )
+    except PeerRefused as refusal:
+        witnessed = refusal.detail.get("witnessed_size")
+        if refusal.reason != "ledger.proof-required" or not isinstance(witnessed, int):
+            raise
+    else:
+        return
+    size = signed.checkpoint.size
+    proof = await asyncio.to_thread(prove, witnessed, size)
+    body = canonical_bytes(
+        {
+            "checkpoint": json.loads(signed.to_wire()),
+            "from": witnessed,
+            "proof": [base64.b64encode(item).decode("ascii") for item in proof],
+        }
     )
+    await client.request("POST", CHECKPOINTS_PATH, body, content_type=CHECKPOINT_CONTENT_TYPE)

@@ -1,8 +1,12 @@
 """Peer routes for ledger witnessing, added to the peer app behind its authentication.
 
-- ``POST /v1/checkpoints``: the peer's signed checkpoint; verified against the
-  pinned peer manifest and kept as its witness. Another root for a size
-  already witnessed is recorded as an ``equivocation`` entry and refused.
+- ``POST /v1/checkpoints``: the peer's signed checkpoint, either bare (the
+  first one) or as ``{"checkpoint": <signed>, "from": S, "proof": [...]}``
+  with the RFC 9162 consistency proof from the size ``S`` we witnessed last;
+  verified against the pinned peer manifest and kept as its witness. A larger
+  checkpoint without that proof gets 409 ``ledger.proof-required`` naming
+  ``witnessed_size``. Another root for a size already witnessed, or a proof
+  that fails, is recorded as an ``equivocation`` entry and refused.
 - ``GET /v1/ledger/consistency?first=N[&second=M]``: our signed checkpoint of
   size ``M`` (default: the newest) and the RFC 9162 consistency proof from
   size ``N`` to it.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +26,8 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from gateway.core import merkle
+from gateway.core.canonical import canonical_bytes, parse_bounded_json
 from gateway.core.keys import KeyManifest
 from gateway.core.ledger import EntryKind, SignedCheckpoint, WitnessMismatch
 from gateway.core.roles import SYSTEM
@@ -55,11 +62,41 @@ def _peer_keys(db: Database) -> KeyManifest:
     return manifest
 
 
+def _split_push(raw: bytes) -> tuple[bytes, int | None, list[bytes] | None]:
+    """(signed checkpoint wire bytes, proof's first size, proof) of a push body."""
+    value = parse_bounded_json(raw, max_bytes=_MAX_CHECKPOINT_BODY, max_depth=4)
+    if not isinstance(value, dict) or "checkpoint" not in value:
+        return raw, None, None
+    if set(value) != {"checkpoint", "from", "proof"}:
+        raise InvalidInput("a checkpoint push is {checkpoint, from, proof}")
+    first, items = value["from"], value["proof"]
+    if not isinstance(first, int) or isinstance(first, bool) or not 0 < first <= _MAX_SIZE:
+        raise InvalidInput("'from' is not a size")
+    if not isinstance(items, list) or len(items) > merkle.MAX_PROOF_LENGTH:
+        raise InvalidInput("'proof' is not a list of at most 128 hashes")
+    proof: list[bytes] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise InvalidInput("a proof hash is not text")
+        try:
+            proof.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidInput("a proof hash is not base64") from None
+    return canonical_bytes(value["checkpoint"]), first, proof
+
+
 def _store(db: Database, raw: bytes, peer: str, now: datetime) -> dict[str, Any]:
     keys = _peer_keys(db)
+    signed, first, proof = _split_push(raw)
     try:
         with db.transaction() as session:
-            checkpoint = ledger.store_peer_checkpoint(session, raw, keys, peer_node=peer, now=now)
+            newest = ledger.last_witnessed(session, peer)
+            if proof is not None and (newest is None or first != newest.size):
+                # A proof from another size proves nothing about our witness.
+                proof = None
+            checkpoint = ledger.store_peer_checkpoint(
+                session, signed, keys, peer_node=peer, now=now, proof=proof
+            )
     except WitnessMismatch as exc:
         with db.transaction() as session:
             ledger.record_event(
@@ -78,7 +115,19 @@ async def _post_checkpoint(request: web.Request) -> web.Response:
     db = request.app[LEDGER_ROUTES].db
     raw = await read_signed_body(request, max_bytes=_MAX_CHECKPOINT_BODY)
     now = services.clock()
-    result = await asyncio.to_thread(_store, db, raw, services.peer_id, now)
+    try:
+        result = await asyncio.to_thread(_store, db, raw, services.peer_id, now)
+    except ledger.ConsistencyProofRequired as exc:
+        return web.json_response(
+            {
+                "error": {
+                    "status": 409,
+                    "reason": exc.reason,
+                    "witnessed_size": exc.witnessed_size,
+                }
+            },
+            status=409,
+        )
     return web.json_response(result)
 
 

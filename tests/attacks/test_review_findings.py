@@ -219,15 +219,6 @@ def test_stranger_posting_a_manifest_gets_401_before_the_body_is_read(
 # -- rewritten peer history pushed as a larger checkpoint ------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "store_peer_checkpoint (gateway/node/ledger.py) keeps a larger pushed checkpoint "
-        "without a consistency proof, and audit_peer only proves from the newest one "
-        "witnessed: a rewritten history pushed as a bigger tree is never audited against "
-        "the checkpoints witnessed before it"
-    ),
-)
 def test_peer_rewrites_witnessed_history_then_pushes_a_larger_checkpoint(
     tmp_path: Path,
 ) -> None:
@@ -268,25 +259,36 @@ def test_peer_rewrites_witnessed_history_then_pushes_a_larger_checkpoint(
             ledger.store_peer_checkpoint(
                 session, first.to_wire(), RawKeys(pk), peer_node="pk", now=t0
             )
-        caught = False
-        try:
-            # Pushed as POST /v1/checkpoints pushes it: no proof.
-            with witness.transaction() as session:
-                ledger.store_peer_checkpoint(
-                    session, bigger.to_wire(), RawKeys(pk), peer_node="pk", now=t0
-                )
+        # Pushed without a proof, the larger tree is not taken as a witness.
+        with (
+            pytest.raises(ledger.ConsistencyProofRequired) as required,
+            witness.transaction() as session,
+        ):
+            ledger.store_peer_checkpoint(
+                session, bigger.to_wire(), RawKeys(pk), peer_node="pk", now=t0
+            )
+        assert required.value.witnessed_size == first.checkpoint.size
+        # With the only proof the forger can make (from its own rebuilt tree), it is caught.
+        with forged.transaction() as session:
+            forged_proof = ledger.consistency_proof(
+                session, first.checkpoint.size, bigger.checkpoint.size
+            )
+        with pytest.raises(WitnessMismatch), witness.transaction() as session:
+            ledger.store_peer_checkpoint(
+                session, bigger.to_wire(), RawKeys(pk), peer_node="pk", now=t0, proof=forged_proof
+            )
 
-            def answer(first_size: int) -> ledger.PeerAnswer:
-                with forged.transaction() as session:
-                    latest = ledger.latest_checkpoint(session)
-                    assert latest is not None
-                    proof = ledger.consistency_proof(session, first_size, latest.checkpoint.size)
-                return ledger.PeerAnswer(checkpoint=latest.to_wire(), proof=proof)
+        def answer(first_size: int) -> ledger.PeerAnswer:
+            with forged.transaction() as session:
+                latest = ledger.latest_checkpoint(session)
+                assert latest is not None
+                proof = ledger.consistency_proof(session, first_size, latest.checkpoint.size)
+            return ledger.PeerAnswer(checkpoint=latest.to_wire(), proof=proof)
 
+        with pytest.raises(WitnessMismatch):
             ledger.audit_peer(witness, RawKeys(pk), peer_node="pk", fetch=answer, now=lambda: t0)
-        except WitnessMismatch:
-            caught = True
-        assert caught, "the rewritten history went unseen by the witness"
+        with witness.transaction() as session:
+            assert ledger.last_witnessed(session, "pk") == first.checkpoint
     finally:
         for database in (witness, honest, forged):
             database.dispose()
