@@ -45,6 +45,7 @@ class AppContext:
     _node: Node | None = None
     _actor: Actor | None = None
     _keyring: NodeKeyring | None = field(default=None, repr=False)
+    _passphrase: bytes | None = field(default=None, repr=False)
 
     def home(self) -> Path:
         return resolve_home(self.home_option, self.environ)
@@ -88,13 +89,18 @@ class AppContext:
         """The keystore passphrase: ``--passphrase-file``, ``GATEWAY_PASSPHRASE`` or a prompt."""
         return read_passphrase(self.environ, self.passphrase_file, prompt=True, new=new)
 
-    def keyring(self) -> NodeKeyring:
-        """This node's unlocked operational keys (unlocked once per process)."""
-        if self._keyring is None:
+    def keyring(self, *, reload: bool = False) -> NodeKeyring:
+        """This node's unlocked operational keys (unlocked once per process).
+
+        ``reload`` unlocks again against the node's current manifest (after a
+        rotation), with the passphrase this process was given.
+        """
+        if self._keyring is None or reload:
             node = self.node()
-            passphrase = self.passphrase()
+            if self._passphrase is None:
+                self._passphrase = self.passphrase()
             with node.db.transaction() as session:
-                self._keyring = unlock_keyring(node.settings, passphrase, session)
+                self._keyring = unlock_keyring(node.settings, self._passphrase, session)
         return self._keyring
 
     def close(self) -> None:

@@ -14,17 +14,15 @@ Beside them run the checkpoint publisher (signs a ledger checkpoint every
 ``checkpoint_interval_seconds`` when the ledger grew and gives it to the peer
 as a witness) and a watch on this node's own key manifest: when an
 administrator rotates or revokes keys from another process, the server drains
-as on SIGTERM and starts itself again in the same process (same pid), so it
-never keeps signing with superseded or revoked keys.
+as on SIGTERM, unlocks the keys again and serves anew in the same process, so
+it never keeps signing with superseded or revoked keys.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
-import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -51,6 +49,13 @@ from gateway.settings import Settings, is_loopback
 __all__ = ["serve"]
 
 DRAIN_SECONDS = 30.0
+_signals_between_runs: list[str] = []
+
+
+def _remember_signal(signum: int, _frame: object) -> None:
+    _signals_between_runs.append(signal.Signals(signum).name)
+
+
 _log = log.get_logger("serve")
 
 
@@ -103,6 +108,9 @@ async def _run(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
+    if _signals_between_runs:
+        # A stop asked for while the previous run was winding down still counts.
+        on_signal(_signals_between_runs.pop())
 
     host, port = settings.server.listen_address
     peer_ssl = server_ssl_context(settings.server, host=host)
@@ -202,8 +210,9 @@ async def _run(
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(sig)
-            # Shutting down already: a repeated signal must not kill the last steps.
-            signal.signal(sig, signal.SIG_IGN)
+            # Winding down already: a signal now must neither kill the last steps
+            # nor be lost if the node serves again with new keys.
+            signal.signal(sig, _remember_signal)
     return bool(restart) and not received
 
 
@@ -226,15 +235,13 @@ def serve(app: AppContext) -> None:
     node = app.node(upgrade=True)
     keyring = app.keyring()
     limits = limits_from_policy(load_policy(settings).limits)
-    restart = asyncio.run(
-        _run(settings, node, keyring, limits, lambda line: click.echo(line, err=True))
-    )
-    if restart:
-        click.echo(f"restarting {node.node_id} with its new keys", err=True)
-        app.close()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)  # ignored dispositions would survive exec
-        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])  # noqa: S606
+
+    def announce(line: str) -> None:
+        click.echo(line, err=True)
+
+    while asyncio.run(_run(settings, node, keyring, limits, announce)):
+        if _signals_between_runs:
+            break
+        announce(f"restarting {node.node_id} with its new keys")
+        keyring = app.keyring(reload=True)
     click.echo(f"stopped {node.node_id}", err=True)
