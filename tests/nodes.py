@@ -468,3 +468,40 @@ def init_pair(root: Path, *, db_urls: dict[str, str] | None = None) -> dict[str,
         fingerprint = nodes[peer].run("keys", "show")["root_fingerprint"]
         nodes[node_id].run("peer", "add", str(manifest), "--fingerprint", fingerprint)
     return nodes
+
+
+# --- two nodes opened in this process, keys exchanged and pinned -----------------------------
+
+
+def open_pinned_pair(
+    root: Path, urls: dict[str, str], environ: dict[str, str], *, now: datetime
+) -> dict[str, Any]:
+    """``init_node`` jp and pk under ``root`` on the given databases, open both in this
+    process and pin each one's manifest at the other (what ``peer add`` does)."""
+    import gateway.node.keys  # noqa: PLC0415
+    from gateway.core.roles import Actor, Role  # noqa: PLC0415
+    from gateway.node.runtime import Node  # noqa: PLC0415
+    from gateway.node.setup import init_node  # noqa: PLC0415
+    from gateway.settings import load_settings  # noqa: PLC0415
+
+    nodes: dict[str, Node] = {}
+    for node_id in ("jp", "pk"):
+        init_node(root / node_id, node_id, now=now, db_url=urls[node_id], environ=environ)
+        nodes[node_id] = Node.open(load_settings(root / node_id, environ=environ))
+    manifests = {}
+    for node_id, node in nodes.items():
+        with node.db.transaction() as session:
+            manifests[node_id] = gateway.node.keys.own_manifest(session)
+    admin = Actor(name="admin", role=Role.ADMIN)
+    for node_id, node in nodes.items():
+        peer = "pk" if node_id == "jp" else "jp"
+        with node.db.transaction() as session:
+            gateway.node.keys.pin_peer(
+                session,
+                manifests[peer].raw,
+                node=peer,
+                expected_fingerprint=manifests[peer].root_fingerprint,
+                now=now,
+                actor=admin,
+            )
+    return nodes

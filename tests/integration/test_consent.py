@@ -21,8 +21,6 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import select
 
-import gateway.node.keys
-import gateway.node.policy  # registers the init step that installs policies
 from gateway.cli.main import cli
 from gateway.core.consent import ConsentGrant, sign_grant
 from gateway.core.keys import NodeKeyring
@@ -33,12 +31,11 @@ from gateway.node.inbox import receive_envelope
 from gateway.node.keystore import unlock_keyring
 from gateway.node.outbox import send_case
 from gateway.node.runtime import Node, utc_now
-from gateway.node.setup import init_node
 from gateway.node.users import add_user
 from gateway.peer.server import node_services
-from gateway.settings import load_settings
 from gateway.store.models_consent import DisclosureRecord
 from gateway.store.models_exchange import OutboxEntry, envelope_path
+from tests.nodes import open_pinned_pair
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
 PASSPHRASE = "correct horse battery staple"
@@ -84,26 +81,7 @@ def pair(
         else pg_database_factory()
     )
     urls = {"jp": database_url, "pk": second}
-    nodes: dict[str, Node] = {}
-    for node_id in ("jp", "pk"):
-        init_node(tmp_path / node_id, node_id, now=clock, db_url=urls[node_id], environ=env)
-        nodes[node_id] = Node.open(load_settings(tmp_path / node_id, environ=env))
-    manifests = {}
-    for node_id, node in nodes.items():
-        with node.db.transaction() as session:
-            manifests[node_id] = gateway.node.keys.own_manifest(session)
-    admin = Actor(name="admin", role=Role.ADMIN)
-    for node_id, node in nodes.items():
-        peer = "pk" if node_id == "jp" else "jp"
-        with node.db.transaction() as session:
-            gateway.node.keys.pin_peer(
-                session,
-                manifests[peer].raw,
-                node=peer,
-                expected_fingerprint=manifests[peer].root_fingerprint,
-                now=clock,
-                actor=admin,
-            )
+    nodes = open_pinned_pair(tmp_path, urls, env, now=clock)
     keyrings = {}
     for node_id, node in nodes.items():
         with node.db.transaction() as session:

@@ -53,8 +53,6 @@ from gateway.node.outbox import (
     send_case,
 )
 from gateway.node.runtime import Node
-from gateway.node.setup import init_node
-from gateway.settings import load_settings
 from gateway.store.models_exchange import (
     Equivocation,
     InboxEntry,
@@ -64,6 +62,7 @@ from gateway.store.models_exchange import (
     store_envelope_file,
     sweep_orphan_envelopes,
 )
+from tests.nodes import open_pinned_pair
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
 PASSPHRASE = "correct horse battery staple"
@@ -109,26 +108,7 @@ def pair(
     """Two nodes with keys, each pinning the other's manifest."""
     env = _environ(clean_environ)
     urls = {"jp": database_url, "pk": _second_url(database_url, tmp_path, pg_database_factory)}
-    nodes: dict[str, Node] = {}
-    for node_id in ("jp", "pk"):
-        init_node(tmp_path / node_id, node_id, now=NOW, db_url=urls[node_id], environ=env)
-        nodes[node_id] = Node.open(load_settings(tmp_path / node_id, environ=env))
-    manifests = {}
-    for node_id, node in nodes.items():
-        with node.db.transaction() as session:
-            manifests[node_id] = gateway.node.keys.own_manifest(session)
-    admin = Actor(name="admin", role=Role.ADMIN)
-    for node_id, node in nodes.items():
-        peer = "pk" if node_id == "jp" else "jp"
-        with node.db.transaction() as session:
-            gateway.node.keys.pin_peer(
-                session,
-                manifests[peer].raw,
-                node=peer,
-                expected_fingerprint=manifests[peer].root_fingerprint,
-                now=NOW,
-                actor=admin,
-            )
+    nodes = open_pinned_pair(tmp_path, urls, env, now=NOW)
     made = Pair(
         jp=Side(nodes["jp"], _unlock(nodes["jp"])), pk=Side(nodes["pk"], _unlock(nodes["pk"]))
     )
