@@ -230,11 +230,6 @@ def _send(
     return sent.bundle_id
 
 
-def _lock_ledger(session: Session) -> None:
-    """Take the ledger's append lock now: the linearisation point of consent decisions."""
-    ledger.lock_for_append(session)
-
-
 # -- the receiving side asks -------------------------------------------------------------
 
 
@@ -925,7 +920,7 @@ def apply_pending(node: Node, keyring: NodeKeyring, *, now: datetime) -> list[st
     """Apply every received consent-* bundle not applied yet; return what happened to each."""
     policy = _policy(node)
     with node.db.transaction() as session:
-        _lock_ledger(session)
+        ledger.lock_for_append(session)  # the linearisation point of consent decisions
         return _apply_pending_in(session, node, keyring, policy, now)
 
 
@@ -1305,7 +1300,7 @@ def _decide_and_record(
     again = False
     try:
         with node.db.transaction() as session:
-            _lock_ledger(session)
+            ledger.lock_for_append(session)  # the linearisation point of consent decisions
             _apply_pending_in(session, node, keyring, policy, now)
             decision = _decide(session, node.node_id, policy, items, recipient, purpose, now)
             if not decision.allowed:

@@ -150,8 +150,10 @@ def do_disclose(side: Side, ids: list[str], out: Path, **kw: Any) -> consent.Dis
     )
 
 
-def grant_for(pair: Pair, ids: list[str], **kw: Any) -> consent.SentConsent:
-    """pk asks jp about jp's items; jp grants; the grant reaches pk."""
+def grant_undelivered(
+    pair: Pair, ids: list[str], **kw: Any
+) -> tuple[consent.SentConsent, consent.SentConsent]:
+    """pk asks jp about jp's items; jp grants; the grant has not reached pk yet."""
     asked = consent.request_consent(
         pair.pk.node, pair.pk.keyring, PK_OFFICER, ids, EMBASSY, PURPOSE, now=NOW
     )
@@ -166,6 +168,12 @@ def grant_for(pair: Pair, ids: list[str], **kw: Any) -> consent.SentConsent:
         conditions=kw.get("conditions", "Only for the screening named."),
         now=NOW,
     )
+    return asked, granted
+
+
+def grant_for(pair: Pair, ids: list[str], **kw: Any) -> consent.SentConsent:
+    """pk asks jp about jp's items; jp grants; the grant reaches pk."""
+    _asked, granted = grant_undelivered(pair, ids, **kw)
     deliver(pair.jp, pair.pk, granted.bundle_id)
     return granted
 
@@ -409,20 +417,7 @@ def test_grant_signed_by_another_key_is_refused_and_never_used(pair: Pair, tmp_p
 
 def test_revocation_before_its_grant_revokes_it_on_arrival(pair: Pair, tmp_path: Path) -> None:
     case_id = send_case_to_peer(pair.jp, pair.pk)
-    asked = consent.request_consent(
-        pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
-    )
-    deliver(pair.pk, pair.jp, asked.bundle_id)
-    granted = consent.grant(
-        pair.jp.node,
-        pair.jp.keyring,
-        JP_OFFICER,
-        asked.request_id,
-        valid_until=None,
-        max_uses=None,
-        conditions="",
-        now=NOW,
-    )
+    _asked, granted = grant_undelivered(pair, [case_id], conditions="")
     assert granted.consent_id is not None
     revoked = consent.revoke(
         pair.jp.node, pair.jp.keyring, JP_OFFICER, granted.consent_id, reason="r", now=NOW
@@ -652,20 +647,7 @@ def test_grant_arriving_between_first_look_and_decision_is_honoured(
     """The first look (no lock) finds no consent; the grant lands in the inbox right
     after; the locked decision sees it, and the disclosure is made with the files."""
     case_id = send_case_to_peer(pair.jp, pair.pk)
-    asked = consent.request_consent(
-        pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
-    )
-    deliver(pair.pk, pair.jp, asked.bundle_id)
-    granted = consent.grant(
-        pair.jp.node,
-        pair.jp.keyring,
-        JP_OFFICER,
-        asked.request_id,
-        valid_until=None,
-        max_uses=None,
-        conditions="",
-        now=NOW,
-    )
+    _asked, granted = grant_undelivered(pair, [case_id], conditions="")
     first_look = consent._foresee
     looks: list[bool] = []
 
