@@ -11,7 +11,6 @@ socket.
 from __future__ import annotations
 
 import http.server
-import ipaddress
 import json
 import re
 import shlex
@@ -20,7 +19,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -29,13 +27,10 @@ import jsonschema
 import pytest
 import yaml
 from click.testing import CliRunner
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.cli.main import cli
 from gateway.settings import load_settings
+from tests.pki import Authority
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -381,67 +376,6 @@ def test_dockerfile_health_probe_reports_what_the_endpoint_answers(
 # ----------------------------------------------- the compose probe over mutual TLS
 
 
-def _authority(name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _node_certificate(
-    folder: Path, name: str, ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
-) -> tuple[Path, Path]:
-    """A node certificate as the deployment needs it: server and client use, SAN names."""
-    ca_key, ca_cert = ca
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(hours=1))
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(name), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path
-
-
 def compose_health_probe(compose: dict[str, Any], service: str) -> list[str]:
     test = compose["services"][service]["healthcheck"]["test"]
     assert test[:3] == ["CMD", "python", "-c"]
@@ -452,14 +386,15 @@ def compose_health_probe(compose: dict[str, Any], service: str) -> list[str]:
 def test_compose_health_probe_passes_mutual_tls_only_with_the_node_certificate(
     compose: dict[str, Any], tmp_path: Path, client_ca_matches: bool, expected_exit: int
 ) -> None:
-    pair_ca = _authority("pair-ca")
-    other_ca = _authority("other-ca")
-    server_cert, server_key = _node_certificate(tmp_path, "tokyo", pair_ca)
-    node_cert, node_key = _node_certificate(
-        tmp_path, "tokyo-probe", pair_ca if client_ca_matches else other_ca
+    pair_ca = Authority(tmp_path, "pair-ca")
+    other_ca = Authority(tmp_path, "other-ca")
+    server = pair_ca.issue("tokyo", server=True, client=True, dns="tokyo")
+    probe = (pair_ca if client_ca_matches else other_ca).issue(
+        "tokyo-probe", server=True, client=True, dns="tokyo-probe"
     )
-    ca_file = tmp_path / "ca.crt"
-    ca_file.write_bytes(pair_ca[1].public_bytes(serialization.Encoding.PEM))
+    server_cert, server_key = server.cert, server.key
+    node_cert, node_key = probe.cert, probe.key
+    ca_file = pair_ca.path
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(server_cert, server_key)
     context.load_verify_locations(cafile=ca_file)
