@@ -212,6 +212,21 @@ class LedgerEntry:
     canonical: bytes
     entry_hash: bytes
 
+    def as_stored(self) -> StoredEntry:
+        """The row a store keeps for this entry: query columns beside the hashed bytes."""
+        return StoredEntry(
+            seq=self.seq,
+            time=self.time,
+            kind=self.kind.value,
+            actor_name=self.actor_name,
+            actor_role=self.actor_role,
+            bundle_id=self.bundle_id,
+            consent_id=self.consent_id,
+            prev_hash=self.prev_hash,
+            entry_hash=self.entry_hash,
+            canonical=self.canonical,
+        )
+
     @property
     def leaf_hash(self) -> bytes:
         return merkle.leaf_hash(self.entry_hash)

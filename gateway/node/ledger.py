@@ -15,6 +15,7 @@ roll back.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -150,20 +151,7 @@ def record_event(
         consent_id=consent_id,
         body=body,
     )
-    session.add(
-        LedgerEntryRow(
-            seq=entry.seq,
-            time=entry.time,
-            kind=entry.kind.value,
-            actor_name=entry.actor_name,
-            actor_role=entry.actor_role,
-            bundle_id=entry.bundle_id,
-            consent_id=entry.consent_id,
-            prev_hash=entry.prev_hash,
-            entry_hash=entry.entry_hash,
-            canonical=entry.canonical,
-        )
-    )
+    session.add(LedgerEntryRow(**dataclasses.asdict(entry.as_stored())))
     session.flush()
     return entry
 

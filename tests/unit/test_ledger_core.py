@@ -82,19 +82,7 @@ def chain(n: int) -> list[LedgerEntry]:
 
 
 def stored(entry: LedgerEntry, **changes: Any) -> StoredEntry:
-    row = StoredEntry(
-        seq=entry.seq,
-        time=entry.time,
-        kind=entry.kind.value,
-        actor_name=entry.actor_name,
-        actor_role=entry.actor_role,
-        bundle_id=entry.bundle_id,
-        consent_id=entry.consent_id,
-        prev_hash=entry.prev_hash,
-        entry_hash=entry.entry_hash,
-        canonical=entry.canonical,
-    )
-    return dataclasses.replace(row, **changes)
+    return dataclasses.replace(entry.as_stored(), **changes)
 
 
 # --- known answers -----------------------------------------------------------
