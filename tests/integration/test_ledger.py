@@ -74,14 +74,17 @@ def db(database_url: str) -> Iterator[Database]:
     database.dispose()
 
 
-def fill(db: Database, count: int, *, start: int = 0) -> None:
+def fill(db: Database, count: int, *, start: int = 0, at: datetime | None = None) -> None:
+    """Append read entries ``start`` .. ``start + count - 1``, one second apart from
+    ``at`` (default: the pinned ``T0`` + ``start`` seconds)."""
+    base = at if at is not None else T0 + timedelta(seconds=start)
     with db.transaction() as session:
         for i in range(start, start + count):
             ledger.record_event(
                 session,
                 kind=EntryKind.BUNDLE_READ,
                 actor=OFFICER,
-                now=T0 + timedelta(seconds=i),
+                now=base + timedelta(seconds=i - start),
                 bundle_id=f"b-{i % 3}",
                 body={"n": i},
             )
@@ -508,16 +511,19 @@ def test_audit_over_http_catches_a_peer_that_rewrote_history(tmp_path: Path) -> 
 
     nodes = init_pair(tmp_path)
     jp, pk = nodes["jp"], nodes["pk"]
+    # The nodes' keys, rows and commands live at the real time: so do the entries and the
+    # checkpoint this test writes beside them (a pinned clock would fall outside the keys'
+    # validity once the calendar moved on).
     kenji = jp.run("users", "add", "kenji", "--role", "compliance")["token"]
     pk_db = open_database(load_settings(pk.home, environ=pk.env()).database_url)
     serving = [jp.serve(), pk.serve()]
     try:
         for serve in serving:
             wait_ready(serve)
-        fill(pk_db, 4, start=0)
+        fill(pk_db, 4, start=0, at=datetime.now(UTC))
         first = pk.run("ledger", "checkpoint", "--send")
         assert first["sent"] is True
-        fill(pk_db, 3, start=50)
+        fill(pk_db, 3, start=50, at=datetime.now(UTC))
         pk.run("ledger", "checkpoint")
         grown = jp.run("ledger", "audit-peer", token=kenji)
         assert grown["consistent"] is True
@@ -525,9 +531,9 @@ def test_audit_over_http_catches_a_peer_that_rewrote_history(tmp_path: Path) -> 
         # The rewrite: triggers off, history replaced, re-signed with pk's own key.
         keyring = pk.keyring()
         _without_triggers(pk_db, "DELETE FROM ledger_checkpoint", "DELETE FROM ledger_entry")
-        fill(pk_db, 12, start=1000)
+        fill(pk_db, 12, start=1000, at=datetime.now(UTC))
         with pk_db.transaction() as session:
-            ledger.make_checkpoint(session, keyring, T0 + timedelta(days=1))
+            ledger.make_checkpoint(session, keyring, datetime.now(UTC))
             assert ledger.verify_ledger(session, own_keys=own_manifest(session)).ok
         done = run_gateway_json(jp, kenji, "ledger", "audit-peer")
         assert done.returncode == 4, done.stderr
