@@ -702,9 +702,9 @@ async def deliver_once(
 SWEEP_INTERVAL = timedelta(hours=1)
 
 
-def _sweep(node: Node, now: datetime) -> int:
+def _sweep(node: Node) -> int:
     with node.db.transaction() as session:
-        return len(sweep_orphan_envelopes(session, node.settings.blob_dir, now=now))
+        return len(sweep_orphan_envelopes(session, node.settings.blob_dir))
 
 
 async def run_sender(
@@ -729,7 +729,7 @@ async def run_sender(
         now = now_fn()
         if not swept_at or now - swept_at[-1] >= SWEEP_INTERVAL:
             swept_at[:] = [now]
-            removed = await asyncio.to_thread(_sweep, node, now)
+            removed = await asyncio.to_thread(_sweep, node)
             if removed:
                 _log.info("orphan_envelopes_removed", count=removed)
         report = await deliver_once(node, keyring, client, now_fn=now_fn, due_only=True)

@@ -254,24 +254,46 @@ def _referenced(session: Session) -> set[str]:
     return refs
 
 
+_CLOCK_PROBE = ".clock-probe"
+
+
+def _filesystem_now(root: Path) -> float:
+    """The blob store's own idea of now (seconds since the epoch, as in ``st_mtime``).
+
+    A one-byte write stamps the probe the way a write stamps an envelope file, so
+    ages are measured on the clock that stamped the files (a network file system's
+    server clock, say) and never against the process clock, which may differ.
+    """
+    probe = root / _CLOCK_PROBE
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, b".")
+    finally:
+        os.close(fd)
+    return probe.stat().st_mtime
+
+
 def sweep_orphan_envelopes(
-    session: Session, blob_dir: Path, *, now: datetime, grace: timedelta = timedelta(hours=1)
+    session: Session, blob_dir: Path, *, grace: timedelta = timedelta(hours=1)
 ) -> list[Path]:
     """Remove envelope files no row names and older than ``grace``; return them.
 
     The grace period keeps a file that a ``send`` or a receive is about to
     commit: a file is only an orphan once no transaction can still name it.
+    Age is file modification time against the blob store's own clock
+    (:func:`_filesystem_now`): a process clock ahead of the file system's must
+    never make a file being committed look old.
     """
     root = _envelope_dir(blob_dir)
     if not root.is_dir():
         return []
     refs = _referenced(session)
-    cutoff = (now - grace).timestamp()
+    cutoff = _filesystem_now(root) - grace.total_seconds()
     removed: list[Path] = []
     candidates: Iterable[Path] = (p for p in root.rglob("*") if p.is_file())
     for path in candidates:
         name = path.name
-        if name in refs:
+        if name in refs or name == _CLOCK_PROBE:
             continue
         try:
             if path.stat().st_mtime > cutoff:
