@@ -93,9 +93,28 @@ def _second_url(first: str, tmp_path: Path, make_pg: Callable[[], str]) -> str:
     return f"sqlite:///{tmp_path / 'pk.sqlite3'}" if first.startswith("sqlite") else make_pg()
 
 
-def _unlock(node: Node) -> NodeKeyring:
+def _unlock(node: Node, now: datetime) -> NodeKeyring:
     with node.db.transaction() as session:
-        return unlock_keyring(node.settings, PASSPHRASE.encode(), session, now=NOW)
+        return unlock_keyring(node.settings, PASSPHRASE.encode(), session, now=now)
+
+
+def _open_pair(
+    tmp_path: Path,
+    database_url: str,
+    pg_database_factory: Callable[[], str],
+    clean_environ: dict[str, str],
+    now: datetime,
+) -> Iterator[Pair]:
+    env = _environ(clean_environ)
+    urls = {"jp": database_url, "pk": _second_url(database_url, tmp_path, pg_database_factory)}
+    nodes = open_pinned_pair(tmp_path, urls, env, now=now)
+    made = Pair(
+        jp=Side(nodes["jp"], _unlock(nodes["jp"], now)),
+        pk=Side(nodes["pk"], _unlock(nodes["pk"], now)),
+    )
+    yield made
+    for node in nodes.values():
+        node.close()
 
 
 @pytest.fixture
@@ -105,16 +124,28 @@ def pair(
     pg_database_factory: Callable[[], str],
     clean_environ: dict[str, str],
 ) -> Iterator[Pair]:
-    """Two nodes with keys, each pinning the other's manifest."""
-    env = _environ(clean_environ)
-    urls = {"jp": database_url, "pk": _second_url(database_url, tmp_path, pg_database_factory)}
-    nodes = open_pinned_pair(tmp_path, urls, env, now=NOW)
-    made = Pair(
-        jp=Side(nodes["jp"], _unlock(nodes["jp"])), pk=Side(nodes["pk"], _unlock(nodes["pk"]))
-    )
-    yield made
-    for node in nodes.values():
-        node.close()
+    """Two nodes with keys made at the pinned ``NOW``, each pinning the other's manifest.
+
+    Every step of a test on this pair passes ``now=NOW`` (or a time derived from it):
+    the commands, which read the real clock, take :func:`live_pair` instead.
+    """
+    yield from _open_pair(tmp_path, database_url, pg_database_factory, clean_environ, NOW)
+
+
+@pytest.fixture
+def live_pair(
+    tmp_path: Path,
+    database_url: str,
+    pg_database_factory: Callable[[], str],
+    clean_environ: dict[str, str],
+) -> Iterator[Pair]:
+    """The same pair with keys made at the real time, for tests that run CLI commands.
+
+    A command signs with the real clock; keys made at a pinned time would stop being
+    valid for it once the calendar passed their validity window.
+    """
+    now = datetime.now(UTC)
+    yield from _open_pair(tmp_path, database_url, pg_database_factory, clean_environ, now)
 
 
 def example(case_type: str) -> dict[str, Any]:
@@ -237,12 +268,12 @@ def test_orphan_envelope_files_are_swept_and_named_ones_kept(jp_node: Node, tmp_
     orphan_src.write_bytes(b"an envelope whose transaction never committed")
     with orphan_src.open("rb") as handle:
         _sha, _, orphan = store_envelope_file(jp_node.settings.blob_dir, handle)
-    old = (NOW - timedelta(hours=2)).timestamp()
+    old = orphan.stat().st_mtime - timedelta(hours=2).total_seconds()  # the store's own clock
     os.utime(orphan, (old, old))
     kept_path = envelope_path(jp_node.settings.blob_dir, kept.envelope_sha256)  # type: ignore[attr-defined]
     os.utime(kept_path, (old, old))
     with jp_node.db.transaction() as session:
-        removed = sweep_orphan_envelopes(session, jp_node.settings.blob_dir, now=NOW)
+        removed = sweep_orphan_envelopes(session, jp_node.settings.blob_dir)
     assert removed == [orphan]
     assert kept_path.is_file()
     assert not orphan.exists()
@@ -254,9 +285,7 @@ def test_a_fresh_orphan_is_kept_during_the_grace_period(jp_node: Node, tmp_path:
     with src.open("rb") as handle:
         _, _, path = store_envelope_file(jp_node.settings.blob_dir, handle)
     with jp_node.db.transaction() as session:
-        assert (
-            sweep_orphan_envelopes(session, jp_node.settings.blob_dir, now=datetime.now(UTC)) == []
-        )
+        assert sweep_orphan_envelopes(session, jp_node.settings.blob_dir) == []
     assert path.is_file()
 
 
@@ -387,7 +416,7 @@ def test_a_different_envelope_under_a_known_id_is_refused_and_recorded(
     evidence = envelope_path(pair.pk.node.settings.blob_dir, record.other_envelope_sha256)
     assert evidence.read_bytes() == (tmp_path / "b").read_bytes()
     with pair.pk.node.db.transaction() as session:
-        sweep_orphan_envelopes(session, pair.pk.node.settings.blob_dir, now=NOW + timedelta(days=1))
+        sweep_orphan_envelopes(session, pair.pk.node.settings.blob_dir, grace=timedelta(0))
     assert evidence.is_file()  # kept as evidence, never swept
     [row] = list_inbox(pair.pk.node)
     assert row.receipt == receipt
@@ -693,7 +722,7 @@ def _token(side: Side, name: str, role: str) -> str:
     from gateway.node.users import add_user  # noqa: PLC0415
 
     with side.node.db.transaction() as session:
-        return add_user(session, name, role, created_by="test", now=NOW).token.text
+        return add_user(session, name, role, created_by="test", now=datetime.now(UTC)).token.text
 
 
 def _cli(side: Side, token: str, *args: str, stdin: str | None = None) -> tuple[int, str, str]:
@@ -723,41 +752,41 @@ def _cli(side: Side, token: str, *args: str, stdin: str | None = None) -> tuple[
     ],
 )
 def test_send_refuses_bad_input_naming_the_problem_and_queues_nothing(
-    pair: Pair, args: tuple[str, ...], stdin: str | None, message: str
+    live_pair: Pair, args: tuple[str, ...], stdin: str | None, message: str
 ) -> None:
-    officer = _token(pair.jp, "tanaka", "officer")
-    code, out, err = _cli(pair.jp, officer, *args, stdin=stdin)
+    officer = _token(live_pair.jp, "tanaka", "officer")
+    code, out, err = _cli(live_pair.jp, officer, *args, stdin=stdin)
     assert code == 1
     assert message in json.loads(out)["error"]["message"]
     assert message in err
-    assert count(pair.jp, OutboxEntry) == 0
+    assert count(live_pair.jp, OutboxEntry) == 0
 
 
 def test_send_inbox_outbox_and_show_work_for_officers_and_refuse_other_roles(
-    pair: Pair, tmp_path: Path
+    live_pair: Pair, tmp_path: Path
 ) -> None:
-    officer = _token(pair.jp, "tanaka", "officer")
-    compliance = _token(pair.jp, "audit", "compliance")
+    officer = _token(live_pair.jp, "tanaka", "officer")
+    compliance = _token(live_pair.jp, "audit", "compliance")
     case_file = EXAMPLES / "consultation.json"
-    code, out, err = _cli(pair.jp, compliance, "send", "consultation", str(case_file))
+    code, out, err = _cli(live_pair.jp, compliance, "send", "consultation", str(case_file))
     assert code == 1
     assert "officer" in err
-    code, out, err = _cli(pair.jp, officer, "send", "consultation", str(case_file))
+    code, out, err = _cli(live_pair.jp, officer, "send", "consultation", str(case_file))
     assert code == 0, err
     sent = json.loads(out)
     assert (sent["type"], sent["sequence"]) == ("consultation", 1)
-    code, out, err = _cli(pair.jp, officer, "outbox")
+    code, out, err = _cli(live_pair.jp, officer, "outbox")
     assert code == 0, err
     [row] = json.loads(out)["bundles"]
     assert (row["bundle_id"], row["state"], row["receipt"]) == (sent["bundle_id"], "queued", None)
     receive_envelope(
-        pair.pk.node,
-        pair.pk.keyring,
-        stored_envelope(pair.jp, sent["bundle_id"]),
+        live_pair.pk.node,
+        live_pair.pk.keyring,
+        stored_envelope(live_pair.jp, sent["bundle_id"]),
         now=datetime.now(UTC),  # the command sealed at the real time
     )
-    pk_officer = _token(pair.pk, "bilal", "officer")
-    code, out, err = _cli(pair.pk, pk_officer, "inbox", "--type", "consultation")
+    pk_officer = _token(live_pair.pk, "bilal", "officer")
+    code, out, err = _cli(live_pair.pk, pk_officer, "inbox", "--type", "consultation")
     assert code == 0, err
     [listed] = json.loads(out)["bundles"]
     assert (listed["bundle_id"], listed["sender"], listed["marking"]) == (
@@ -765,15 +794,15 @@ def test_send_inbox_outbox_and_show_work_for_officers_and_refuse_other_roles(
         "jp",
         "confidential",
     )
-    code, out, err = _cli(pair.pk, pk_officer, "inbox", "--gaps")
+    code, out, err = _cli(live_pair.pk, pk_officer, "inbox", "--gaps")
     assert json.loads(out)["gaps"] == [{"channel": "jp->pk", "highest": 1, "missing": []}]
     code, out, err = _cli(
-        pair.pk, _token(pair.pk, "audit", "compliance"), "show", sent["bundle_id"]
+        live_pair.pk, _token(live_pair.pk, "audit", "compliance"), "show", sent["bundle_id"]
     )
     assert code == 1
     assert "case" not in json.loads(out)
     code, out, err = _cli(
-        pair.pk, pk_officer, "show", sent["bundle_id"], "--out", str(tmp_path / "o")
+        live_pair.pk, pk_officer, "show", sent["bundle_id"], "--out", str(tmp_path / "o")
     )
     assert code == 0, err
     shown = json.loads(out)
@@ -781,7 +810,7 @@ def test_send_inbox_outbox_and_show_work_for_officers_and_refuse_other_roles(
         mode="json"
     )
     assert (tmp_path / "o" / f"{sent['bundle_id']}.json").is_file()
-    code, out, err = _cli(pair.pk, pk_officer, "show", "00000000-0000-4000-8000-000000000000")
+    code, out, err = _cli(live_pair.pk, pk_officer, "show", "00000000-0000-4000-8000-000000000000")
     assert code == 1
     assert "no bundle" in err
 
