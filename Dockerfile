@@ -3,8 +3,11 @@
 #   docker build -t ssw-gateway .
 #   docker run --rm ssw-gateway --help
 #
-# The node home is /var/lib/ssw-gateway (a volume); the deployment mounts the
-# node's keys at /var/lib/ssw-gateway/keys and the policies read-only at
+# The node home is /var/lib/ssw-gateway (a volume). The package carries the
+# default policy files (policies/, installed as package data), so
+#   docker run --rm -e GATEWAY_PASSPHRASE=... -v gw-home:/var/lib/ssw-gateway ssw-gateway init --node jp
+# works without any mount; the compose deployment mounts the node's keys at
+# /var/lib/ssw-gateway/keys and the agreed policies read-only at
 # /etc/ssw-gateway/policies. See docker-compose.yml and docs/operations.md.
 
 FROM python:3.11-slim AS build
@@ -12,6 +15,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
+# gateway/policies links to ../policies: the wheel built here carries a copy.
+COPY policies ./policies
 RUN python -m venv /opt/ssw-gateway \
     && /opt/ssw-gateway/bin/pip install --upgrade pip \
     && /opt/ssw-gateway/bin/pip install .
