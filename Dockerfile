@@ -29,6 +29,11 @@ ENV PATH=/opt/ssw-gateway/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     GATEWAY_HOME=/var/lib/ssw-gateway
 COPY --from=build /opt/ssw-gateway /opt/ssw-gateway
+# pg_dump and pg_restore for `gateway backup` / `gateway restore` of a
+# PostgreSQL node; the client's major version must be at least the server's.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends postgresql-client \
+    && rm -rf /var/lib/apt/lists/*
 # A fixed, unprivileged uid/gid so host directories (keys/jp, keys/pk) can be
 # given to it with `chown 10001:10001`.
 RUN groupadd --system --gid 10001 gateway \

@@ -10,25 +10,43 @@ clear; a changed byte anywhere is refused and leaves nothing behind.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
 import shutil
 import time
+import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import nacl.pwhash
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from sqlalchemy import create_engine, text
 
-from gateway.core.backup import TRAILER_BYTES, BackupDamaged
-from gateway.errors import AlreadyExists, ConfigError, InvalidInput
+import gateway.node.policy  # noqa: F401 - registers the "policies" init step
+from gateway.core.backup import (
+    MANIFEST_MEMBER,
+    SALT_BYTES,
+    TRAILER_BYTES,
+    ArchiveFile,
+    BackupDamaged,
+    Trailer,
+    archive_mac,
+    derive_keys,
+)
+from gateway.core.canonical import canonical_bytes
+from gateway.errors import AlreadyExists, ConfigError, InvalidInput, VerificationError
 from gateway.node.backup import make_backup, restore_backup
 from gateway.node.runtime import utc_now
+from gateway.node.setup import init_node
 from gateway.settings import load_settings
-from tests.nodes import NodeHome, init_pair, run_gateway, stop, wait_ready
+from gateway.store.db import open_database
+from tests.attacks.test_ledger_tampering import sql, tamper
+from tests.nodes import NodeHome, gateway_env, init_pair, run_gateway, stop, wait_ready
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "exam-fraud.json"
 
@@ -148,15 +166,42 @@ def test_a_serving_node_is_backed_up_restored_into_a_new_home_and_verifies(
     assert _leftovers(new_home.parent) == []
 
 
+PASSPHRASE = "backup test passphrase"
+
+
+@dataclass
+class Made:
+    """A node home made in this process, and its archive."""
+
+    home: Path
+    archive: Path
+    passphrase: bytes = PASSPHRASE.encode()
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return gateway_env(self.home, GATEWAY_PASSPHRASE=PASSPHRASE, **extra)
+
+
+def _made(folder: Path, node_id: str, db_url: str | None = None) -> Made:
+    """``init_node`` and ``make_backup`` in this process (no pairing needed to back up)."""
+    environ = {"GATEWAY_PASSPHRASE": PASSPHRASE, "GATEWAY_KEYSTORE_STRENGTH": "min"}
+    home = folder / node_id
+    init_node(home, node_id, now=utc_now(), db_url=db_url, environ=environ)
+    _tls_key(home)
+    archive = folder / f"{node_id}.gwbackup"
+    make_backup(
+        load_settings(home, environ={}),
+        passphrase=PASSPHRASE.encode(),
+        out=archive,
+        now=utc_now(),
+        environ=environ,
+    )
+    return Made(home, archive)
+
+
 @pytest.fixture
-def backed_up(tmp_path: Path) -> tuple[NodeHome, Path]:
+def backed_up(tmp_path: Path) -> Made:
     """A SQLite node (not serving) with its archive, for the refusal tests."""
-    nodes = init_pair(tmp_path / "homes")
-    pk = nodes["pk"]
-    _tls_key(pk.home)
-    archive = tmp_path / "pk.gwbackup"
-    pk.run("backup", "--out", str(archive))
-    return pk, archive
+    return _made(tmp_path, "pk")
 
 
 def _positions(archive: bytes) -> dict[str, int]:
@@ -183,9 +228,9 @@ def _positions(archive: bytes) -> dict[str, int]:
 
 
 def test_a_flipped_byte_anywhere_is_refused_and_leaves_nothing(
-    backed_up: tuple[NodeHome, Path], tmp_path: Path
+    backed_up: Made, tmp_path: Path
 ) -> None:
-    pk, archive = backed_up
+    pk, archive = backed_up, backed_up.archive
     original = archive.read_bytes()
     target = tmp_path / "target"
     target.mkdir()
@@ -195,7 +240,7 @@ def test_a_flipped_byte_anywhere_is_refused_and_leaves_nothing(
         bad = tmp_path / "damaged.gwbackup"
         bad.write_bytes(bytes(damaged))
         with pytest.raises(BackupDamaged):
-            restore_backup(bad, target / "pk", passphrase=pk.passphrase.encode(), db_url=None)
+            restore_backup(bad, target / "pk", passphrase=pk.passphrase, db_url=None)
         assert list(target.iterdir()) == [], name
     done = run_gateway(tmp_path / "target" / "pk", "restore", str(bad), env=pk.env())
     assert done.returncode == 4
@@ -212,9 +257,9 @@ def test_a_flipped_byte_anywhere_is_refused_and_leaves_nothing(
     ],
 )
 def test_an_archive_that_does_not_authenticate_is_refused(
-    backed_up: tuple[NodeHome, Path], tmp_path: Path, damage: str, message: str
+    backed_up: Made, tmp_path: Path, damage: str, message: str
 ) -> None:
-    pk, archive = backed_up
+    pk, archive = backed_up, backed_up.archive
     env = pk.env()
     if damage == "wrong passphrase":
         env["GATEWAY_PASSPHRASE"] = "another passphrase entirely"
@@ -230,22 +275,18 @@ def test_an_archive_that_does_not_authenticate_is_refused(
     assert not (tmp_path / "new").exists()
 
 
-def test_restore_refuses_a_home_that_is_not_empty(
-    backed_up: tuple[NodeHome, Path], tmp_path: Path
-) -> None:
-    pk, archive = backed_up
+def test_restore_refuses_a_home_that_is_not_empty(backed_up: Made, tmp_path: Path) -> None:
+    pk, archive = backed_up, backed_up.archive
     home = tmp_path / "busy"
     home.mkdir()
     (home / "something").write_text("kept")
     with pytest.raises(AlreadyExists):
-        restore_backup(archive, home, passphrase=pk.passphrase.encode(), db_url=None)
+        restore_backup(archive, home, passphrase=pk.passphrase, db_url=None)
     assert [p.name for p in home.iterdir()] == ["something"]
 
 
-def test_a_backup_never_overwrites_and_never_lands_in_the_home(
-    backed_up: tuple[NodeHome, Path],
-) -> None:
-    pk, archive = backed_up
+def test_a_backup_never_overwrites_and_never_lands_in_the_home(backed_up: Made) -> None:
+    pk, archive = backed_up, backed_up.archive
     before = archive.read_bytes()
     again = run_gateway(pk.home, "backup", "--out", str(archive), env=pk.env())
     assert again.returncode == 1
@@ -260,27 +301,17 @@ def test_a_backup_never_overwrites_and_never_lands_in_the_home(
 def test_postgresql_restore_refuses_a_database_that_is_not_empty(
     tmp_path: Path, pg_database_factory: Callable[[], str]
 ) -> None:
-    source = pg_database_factory()
-    nodes = init_pair(tmp_path / "pg", db_urls={"jp": source, "pk": pg_database_factory()})
-    archive = tmp_path / "jp-pg.gwbackup"
-    nodes["jp"].run("backup", "--out", str(archive))
+    jp = _made(tmp_path, "jp", pg_database_factory())
     busy = pg_database_factory()
     engine = create_engine(busy)
     with engine.begin() as connection:
         connection.execute(text("CREATE TABLE kept (x int)"))
     engine.dispose()
     with pytest.raises(AlreadyExists, match="not empty"):
-        restore_backup(
-            archive,
-            tmp_path / "new",
-            passphrase=nodes["jp"].passphrase.encode(),
-            db_url=busy,
-        )
+        restore_backup(jp.archive, tmp_path / "new", passphrase=jp.passphrase, db_url=busy)
     assert not (tmp_path / "new").exists()
     with pytest.raises(InvalidInput, match="holds a PostgreSQL database"):
-        restore_backup(
-            archive, tmp_path / "new", passphrase=nodes["jp"].passphrase.encode(), db_url=None
-        )
+        restore_backup(jp.archive, tmp_path / "new", passphrase=jp.passphrase, db_url=None)
     assert not (tmp_path / "new").exists()
 
 
@@ -288,23 +319,139 @@ def test_postgresql_restore_refuses_a_database_that_is_not_empty(
 def test_a_postgresql_backup_without_pg_dump_is_refused_naming_it(
     tmp_path: Path, pg_database_factory: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    nodes = init_pair(
-        tmp_path / "pg", db_urls={"jp": pg_database_factory(), "pk": pg_database_factory()}
-    )
-    jp = nodes["jp"]
+    environ = {"GATEWAY_PASSPHRASE": PASSPHRASE, "GATEWAY_KEYSTORE_STRENGTH": "min"}
+    home = tmp_path / "jp"
+    init_node(home, "jp", now=utc_now(), db_url=pg_database_factory(), environ=environ)
     no_tools = tmp_path / "bin"
     no_tools.mkdir()
     monkeypatch.setenv("PATH", str(no_tools))
     assert shutil.which("pg_dump") is None
-    settings = load_settings(jp.home, environ=jp.env())
     out = tmp_path / "jp.gwbackup"
     with pytest.raises(ConfigError, match="needs pg_dump"):
         make_backup(
-            settings,
-            passphrase=jp.passphrase.encode(),
+            load_settings(home, environ={}),
+            passphrase=PASSPHRASE.encode(),
             out=out,
             now=utc_now(),
-            environ=jp.env(),
+            environ=environ,
         )
     assert not out.exists()
     assert _leftovers(tmp_path) == []
+
+
+def _forge(path: Path, members: dict[str, bytes], listed: list[str], *, deflate: str = "") -> None:
+    """An archive authenticated with the right passphrase but breaking a format rule
+    (what only someone holding the passphrase could make)."""
+    entries = [
+        ArchiveFile(name, len(data), hashlib.sha256(data).hexdigest(), 0o600, sealed=False)
+        for name, data in members.items()
+        if name in listed
+    ]
+    database = next(e for e in entries if e.path.startswith("database/"))
+    manifest = {
+        "format": "ssw-gateway/backup/v1",
+        "node": "pk",
+        "created_at": "2026-11-29T00:00:00Z",
+        "software_version": "0.1.0",
+        "engine": "sqlite",
+        "database": database.to_dict(),
+        "files": [e.to_dict() for e in entries if e is not database],
+        "not_archived": [],
+    }
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, data in members.items():
+            method = zipfile.ZIP_DEFLATED if name == deflate else zipfile.ZIP_STORED
+            archive.writestr(name, data, compress_type=method)
+        archive.writestr(MANIFEST_MEMBER, canonical_bytes(manifest))
+        archive.comment = b"\0" * TRAILER_BYTES
+    body = path.read_bytes()[:-TRAILER_BYTES]
+    salt = b"\x05" * SALT_BYTES
+    ops, mem = nacl.pwhash.argon2id.OPSLIMIT_MIN, nacl.pwhash.argon2id.MEMLIMIT_MIN
+    keys = derive_keys(PASSPHRASE.encode(), salt, ops, mem)
+    digest = hashlib.sha256(body).digest()
+    path.write_bytes(body + Trailer(salt, ops, mem, digest, archive_mac(keys, digest)).to_bytes())
+
+
+FORGED = {
+    "a path that climbs out": (
+        {"database/gateway.sqlite3": b"x" * 64, "home/../../escaped": b"owned"},
+        ["database/gateway.sqlite3", "home/../../escaped"],
+        "",
+    ),
+    "a member the manifest does not list": (
+        {"database/gateway.sqlite3": b"x" * 64, "home/extra": b"unlisted"},
+        ["database/gateway.sqlite3"],
+        "",
+    ),
+    "a compressed member": (
+        {"database/gateway.sqlite3": b"\0" * 100_000, "home/gateway.toml": b"[node]\n"},
+        ["database/gateway.sqlite3", "home/gateway.toml"],
+        "database/gateway.sqlite3",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(FORGED))
+def test_an_authenticated_archive_breaking_a_format_rule_is_refused_before_writing(
+    tmp_path: Path, case: str
+) -> None:
+    members, listed, deflate = FORGED[case]
+    forged = tmp_path / "forged.gwbackup"
+    _forge(forged, members, listed, deflate=deflate)
+    target = tmp_path / "restore-here"
+    target.mkdir()
+    with pytest.raises(BackupDamaged) as refused:
+        restore_backup(forged, target / "pk", passphrase=PASSPHRASE.encode(), db_url=None)
+    assert refused.value.check == {"a path that climbs out": "member-path"}.get(case, "members")
+    assert list(target.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["forged.gwbackup", "restore-here"]
+
+
+def _objects_in(url: str) -> int:
+    engine = create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return int(
+                connection.execute(
+                    text(
+                        "SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
+                        " ON n.oid = c.relnamespace WHERE n.nspname = 'public'"
+                    )
+                ).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+def test_a_backup_whose_ledger_fails_verification_is_not_restored_and_leaves_nothing(
+    tmp_path: Path, engine_name: str, pg_database_factory: Callable[[], str]
+) -> None:
+    source_url = pg_database_factory() if engine_name == "postgresql" else None
+    environ = {"GATEWAY_PASSPHRASE": PASSPHRASE, "GATEWAY_KEYSTORE_STRENGTH": "min"}
+    home = tmp_path / "jp"
+    init_node(home, "jp", now=utc_now(), db_url=source_url, environ=environ)
+    settings = load_settings(home, environ={})
+    db = open_database(settings.database_url)
+    try:
+        tamper(
+            db,
+            sql(
+                "UPDATE ledger_entry SET actor_name = 'someone else' "
+                "WHERE seq = (SELECT min(seq) FROM ledger_entry)"
+            ),
+        )
+    finally:
+        db.dispose()
+    archive = tmp_path / "jp.gwbackup"
+    make_backup(
+        settings, passphrase=PASSPHRASE.encode(), out=archive, now=utc_now(), environ=environ
+    )
+    target_url = pg_database_factory() if engine_name == "postgresql" else None
+    target = tmp_path / "restored"
+    target.mkdir()
+    with pytest.raises(VerificationError) as refused:
+        restore_backup(archive, target / "jp", passphrase=PASSPHRASE.encode(), db_url=target_url)
+    assert not isinstance(refused.value, BackupDamaged), "the archive itself is intact"
+    assert list(target.iterdir()) == []
+    if target_url is not None:
+        assert _objects_in(target_url) == 0, "the database is left as empty as it was found"
