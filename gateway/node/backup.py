@@ -113,7 +113,13 @@ class RestoreReport:
 
 
 def _engine_of(url: str) -> Engine:
-    return "sqlite" if url.startswith("sqlite") else "postgresql"
+    if url.startswith(("sqlite:", "sqlite+pysqlite:")):
+        return "sqlite"
+    if url.startswith(("postgresql:", "postgresql+psycopg:")):
+        return "postgresql"
+    raise InvalidInput(
+        "only sqlite:/// and postgresql:// database URLs are supported", reason="config.value"
+    )
 
 
 def _sqlite_path(url: str) -> Path:
@@ -361,11 +367,7 @@ def make_backup(
             os.fsync(handle.fileno())
             handle.seek(0)
             whole = _hash_prefix(handle, size)
-        try:
-            os.link(temp, out)
-        except FileExistsError:
-            raise AlreadyExists(f"{out} exists; a backup never overwrites a file") from None
-        _fsync_dir(out.parent)
+        _publish(temp, out)
     finally:
         temp.unlink(missing_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
@@ -379,6 +381,26 @@ def make_backup(
         sha256=whole.hex(),
         not_archived=notes,
     )
+
+
+def _publish(temp: Path, out: Path) -> None:
+    """Give the finished archive its name without ever replacing a file.
+
+    A hard link fails when ``out`` exists; where the file system has no hard
+    links (some network shares), the name is reserved with an exclusive
+    create and the archive renamed over that empty reservation.
+    """
+    try:
+        os.link(temp, out)
+    except FileExistsError:
+        raise AlreadyExists(f"{out} exists; a backup never overwrites a file") from None
+    except OSError:
+        try:
+            os.close(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            raise AlreadyExists(f"{out} exists; a backup never overwrites a file") from None
+        temp.replace(out)
+    _fsync_dir(out.parent)
 
 
 def _archive_file(
@@ -521,13 +543,44 @@ def _database_is_empty(url: str) -> None:
         )
 
 
+_RESTORED_OBJECTS = (
+    (
+        "VIEW",
+        "SELECT format('%I.%I', schemaname, viewname) FROM pg_views WHERE schemaname = 'public'",
+    ),
+    (
+        "TABLE",
+        "SELECT format('%I.%I', schemaname, tablename) FROM pg_tables WHERE schemaname = 'public'",
+    ),
+    (
+        "SEQUENCE",
+        "SELECT format('%I.%I', schemaname, sequencename) FROM pg_sequences "
+        "WHERE schemaname = 'public'",
+    ),
+    (
+        "FUNCTION",
+        "SELECT p.oid::regprocedure::text FROM pg_proc p "
+        "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'public'",
+    ),
+    (
+        "TYPE",
+        "SELECT format('%I.%I', n.nspname, t.typname) FROM pg_type t "
+        "JOIN pg_namespace n ON n.oid = t.typnamespace "
+        "WHERE n.nspname = 'public' AND t.typtype IN ('e', 'd', 'c') "
+        "AND NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = t.typrelid AND c.relkind <> 'c')",
+    ),
+)
+
+
 def _empty_postgres(url: str) -> None:
-    """Undo a restore into a database that was empty before it."""
+    """Undo a restore into a database that was empty before it: drop what it made in
+    ``public`` (the schema itself and its privileges stay as they were)."""
     db = Database(url)
     try:
         with db.engine.begin() as connection:
-            connection.execute(text("DROP SCHEMA public CASCADE"))
-            connection.execute(text("CREATE SCHEMA public"))
+            for kind, query in _RESTORED_OBJECTS:
+                for (name,) in connection.execute(text(query)).all():
+                    connection.execute(text(f"DROP {kind} IF EXISTS {name} CASCADE"))
     finally:
         db.dispose()
 

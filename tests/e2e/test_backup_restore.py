@@ -414,8 +414,12 @@ def _objects_in(url: str) -> int:
             return int(
                 connection.execute(
                     text(
-                        "SELECT count(*) FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n"
-                        " ON n.oid = c.relnamespace WHERE n.nspname = 'public'"
+                        "SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n"
+                        " ON n.oid = c.relnamespace WHERE n.nspname = 'public')"
+                        " + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n"
+                        " ON n.oid = p.pronamespace WHERE n.nspname = 'public')"
+                        " + (SELECT count(*) FROM pg_type t JOIN pg_namespace n"
+                        " ON n.oid = t.typnamespace WHERE n.nspname = 'public')"
                     )
                 ).scalar_one()
             )
@@ -455,3 +459,34 @@ def test_a_backup_whose_ledger_fails_verification_is_not_restored_and_leaves_not
     assert list(target.iterdir()) == []
     if target_url is not None:
         assert _objects_in(target_url) == 0, "the database is left as empty as it was found"
+
+
+def test_on_a_file_system_without_hard_links_the_archive_still_never_overwrites(
+    backed_up: Made, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.node.backup as backup_module  # noqa: PLC0415
+
+    def no_links(*_args: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(backup_module.os, "link", no_links)
+    environ = {"GATEWAY_PASSPHRASE": PASSPHRASE, "GATEWAY_KEYSTORE_STRENGTH": "min"}
+    settings = load_settings(backed_up.home, environ={})
+    share = tmp_path / "share"
+    share.mkdir()
+    out = share / "again.gwbackup"
+    made = make_backup(
+        settings, passphrase=backed_up.passphrase, out=out, now=utc_now(), environ=environ
+    )
+    assert out.stat().st_size == made.size > 0
+    with pytest.raises(AlreadyExists):
+        make_backup(
+            settings, passphrase=backed_up.passphrase, out=out, now=utc_now(), environ=environ
+        )
+    assert out.stat().st_size == made.size
+    assert sorted(p.name for p in share.iterdir()) == ["again.gwbackup"]
+    (tmp_path / "r").mkdir()
+    restored = restore_backup(
+        out, tmp_path / "r" / "pk", passphrase=backed_up.passphrase, db_url=None
+    )
+    assert restored.node == "pk"
