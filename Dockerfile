@@ -3,8 +3,11 @@
 #   docker build -t ssw-gateway .
 #   docker run --rm ssw-gateway --help
 #
-# The node home is /var/lib/ssw-gateway (a volume); the deployment mounts the
-# node's keys at /var/lib/ssw-gateway/keys and the policies read-only at
+# The node home is /var/lib/ssw-gateway (a volume). The package carries the
+# default policy files (policies/, installed as package data), so
+#   docker run --rm -e GATEWAY_PASSPHRASE=... -v gw-home:/var/lib/ssw-gateway ssw-gateway init --node jp
+# works without any mount; the compose deployment mounts the node's keys at
+# /var/lib/ssw-gateway/keys and the agreed policies read-only at
 # /etc/ssw-gateway/policies. See docker-compose.yml and docs/operations.md.
 
 FROM python:3.11-slim AS build
@@ -12,6 +15,8 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
+# gateway/policies links to ../policies: the wheel built here carries a copy.
+COPY policies ./policies
 RUN python -m venv /opt/ssw-gateway \
     && /opt/ssw-gateway/bin/pip install --upgrade pip \
     && /opt/ssw-gateway/bin/pip install .
@@ -24,6 +29,11 @@ ENV PATH=/opt/ssw-gateway/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     GATEWAY_HOME=/var/lib/ssw-gateway
 COPY --from=build /opt/ssw-gateway /opt/ssw-gateway
+# pg_dump and pg_restore for `gateway backup` / `gateway restore` of a
+# PostgreSQL node; the client's major version must be at least the server's.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends postgresql-client \
+    && rm -rf /var/lib/apt/lists/*
 # A fixed, unprivileged uid/gid so host directories (keys/jp, keys/pk) can be
 # given to it with `chown 10001:10001`.
 RUN groupadd --system --gid 10001 gateway \

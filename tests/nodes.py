@@ -46,6 +46,20 @@ T = TypeVar("T")
 REPO = Path(__file__).resolve().parent.parent
 GATEWAY = [sys.executable, "-c", "from gateway.cli.main import main; main()"]
 
+
+@dataclass(frozen=True)
+class Program:
+    """How a test starts ``gateway``: the command, its working folder, and whether
+    the source tree is put on ``PYTHONPATH`` (not for an installed package)."""
+
+    argv: tuple[str, ...] = tuple(GATEWAY)
+    cwd: Path = REPO
+    source_on_path: bool = True
+
+
+SOURCE = Program()
+"""``gateway`` run from this source tree by the test interpreter."""
+
 TEST_LIMITS = TransportLimits(
     max_header_bytes=4096,
     max_body_bytes=64 * 1024,
@@ -265,30 +279,37 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def gateway_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+def gateway_env(home: Path, *, program: Program = SOURCE, **extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "PYTHONPATH"
+    }
     env["GATEWAY_HOME"] = str(home)
     env.setdefault("GATEWAY_PASSPHRASE", "correct horse battery staple")
     # Key files made in tests use the cheapest Argon2id cost; production keeps the default.
     env.setdefault("GATEWAY_KEYSTORE_STRENGTH", os.environ.get("GATEWAY_KEYSTORE_STRENGTH", "min"))
     if "GATEWAY_TEST_PG_URL" in os.environ:
         env["GATEWAY_TEST_PG_URL"] = os.environ["GATEWAY_TEST_PG_URL"]
-    env["PYTHONPATH"] = str(REPO)
+    if program.source_on_path:
+        env["PYTHONPATH"] = str(REPO)
     env.update(extra)
     return env
 
 
 def run_gateway(
-    home: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+    home: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    program: Program = SOURCE,
 ) -> subprocess.CompletedProcess[str]:
     """Run one ``gateway`` command to completion for the node at ``home``."""
     return subprocess.run(  # noqa: PLW1510 - callers check returncode themselves
-        [*GATEWAY, "--home", str(home), *args],
-        env=env or gateway_env(home),
+        [*program.argv, "--home", str(home), *args],
+        env=env or gateway_env(home, program=program),
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=REPO,
+        cwd=program.cwd,
     )
 
 
@@ -305,15 +326,17 @@ class ServeProcess:
         return "".join(self.stderr_lines)
 
 
-def start_serve(home: Path, *, env: dict[str, str] | None = None) -> ServeProcess:
+def start_serve(
+    home: Path, *, env: dict[str, str] | None = None, program: Program = SOURCE
+) -> ServeProcess:
     """Start ``gateway serve`` for the node at ``home`` (does not wait for readiness)."""
     process = subprocess.Popen(
-        [*GATEWAY, "--home", str(home), "serve"],
-        env=env or gateway_env(home),
+        [*program.argv, "--home", str(home), "serve"],
+        env=env or gateway_env(home, program=program),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        cwd=REPO,
+        cwd=program.cwd,
     )
     serve = ServeProcess(home, process)
 
@@ -386,13 +409,16 @@ class NodeHome:
     passphrase: str
     admin_token: str
     db_url: str | None = None
+    program: Program = SOURCE
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def env(self, *, token: str | None = None, **extra: str) -> dict[str, str]:
-        env = gateway_env(self.home, GATEWAY_PASSPHRASE=self.passphrase, **extra)
+        env = gateway_env(
+            self.home, program=self.program, GATEWAY_PASSPHRASE=self.passphrase, **extra
+        )
         env["GATEWAY_KEYSTORE_STRENGTH"] = "interactive"
         env["GATEWAY_TOKEN"] = token if token is not None else self.admin_token
         return env
@@ -401,7 +427,9 @@ class NodeHome:
         """Run ``gateway --json ARGS`` for this node; return the parsed JSON output."""
         import json  # noqa: PLC0415
 
-        done = run_gateway(self.home, "--json", *args, env=self.env(token=token))
+        done = run_gateway(
+            self.home, "--json", *args, env=self.env(token=token), program=self.program
+        )
         if check and done.returncode != 0:
             raise AssertionError(
                 f"gateway {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
@@ -409,7 +437,7 @@ class NodeHome:
         return json.loads(done.stdout) if done.stdout.strip() else None
 
     def serve(self, **extra: str) -> ServeProcess:
-        return start_serve(self.home, env=self.env(**extra))
+        return start_serve(self.home, env=self.env(**extra), program=self.program)
 
     def keyring(self) -> Any:
         """This node's unlocked keyring, in this process (to sign requests by hand)."""
@@ -425,9 +453,12 @@ class NodeHome:
             db.dispose()
 
 
-def init_pair(root: Path, *, db_urls: dict[str, str] | None = None) -> dict[str, NodeHome]:
+def init_pair(
+    root: Path, *, db_urls: dict[str, str] | None = None, program: Program = SOURCE
+) -> dict[str, NodeHome]:
     """Initialise ``jp`` and ``pk`` under ``root`` on free loopback ports, each
-    pinning the other's key manifest by its root fingerprint."""
+    pinning the other's key manifest by its root fingerprint; ``program`` says
+    which ``gateway`` runs (this source tree by default, or an installed one)."""
     import json  # noqa: PLC0415
     import secrets  # noqa: PLC0415
 
@@ -452,14 +483,17 @@ def init_pair(root: Path, *, db_urls: dict[str, str] | None = None) -> dict[str,
         if url is not None:
             args += ["--db", url]
         env = gateway_env(
-            home, GATEWAY_PASSPHRASE=passphrase, GATEWAY_KEYSTORE_STRENGTH="interactive"
+            home,
+            program=program,
+            GATEWAY_PASSPHRASE=passphrase,
+            GATEWAY_KEYSTORE_STRENGTH="interactive",
         )
-        done = run_gateway(home, *args, env=env)
+        done = run_gateway(home, *args, env=env, program=program)
         if done.returncode != 0:
             raise AssertionError(f"gateway init {node_id} failed:\n{done.stdout}\n{done.stderr}")
         token = json.loads(done.stdout)["admin_token"]
         nodes[node_id] = NodeHome(
-            node_id, home, ports[node_id][0], ports[node_id][1], passphrase, token, url
+            node_id, home, ports[node_id][0], ports[node_id][1], passphrase, token, url, program
         )
     for node_id, peer in (("jp", "pk"), ("pk", "jp")):
         manifest = root / f"{peer}-manifest.json"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from gateway.cli.base import GatewayCommand
 from gateway.cli.context import AppContext, pass_app
+from gateway.node.policy import POLICY_FILE
 from gateway.node.runtime import utc_now
 from gateway.node.setup import init_node
 
@@ -36,6 +39,14 @@ __all__ = ["init"]
     help="Database URL (default: SQLite file in the home; postgresql://user@host/db for production).",
 )
 @click.option(
+    "--policy-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    metavar="DIR",
+    help="Folder holding the agreed policy.toml, used as it is and recorded as "
+    "[policy] dir (default: <home>/policies, filled from the files shipped with the "
+    "package). $GATEWAY_POLICY_DIR overrides both.",
+)
+@click.option(
     "--admin",
     "admin_name",
     default="admin",
@@ -51,11 +62,15 @@ def init(
     api_listen: str | None,
     peer_url: str | None,
     db_url: str | None,
+    policy_dir: Path | None,
     admin_name: str,
 ) -> None:
     """Create a new node home: configuration, database, keys and first admin.
 
-    Refuses to touch a home that holds a node already.
+    Refuses to touch a home that holds a node already. The node's policy
+    comes from the files shipped with the package (copied into
+    <home>/policies) unless --policy-dir or GATEWAY_POLICY_DIR names a folder
+    holding the agreed policy.toml.
 
     \b
     Example:
@@ -63,6 +78,11 @@ def init(
           --peer-url https://pk.example:8701 --db postgresql://gw@db/gateway
     """
     home = app.home()
+    if policy_dir is not None and not (policy_dir / POLICY_FILE).is_file():
+        raise click.BadParameter(
+            f"{policy_dir} holds no {POLICY_FILE}; name the folder of the agreed policy files",
+            param_hint="--policy-dir",
+        )
     result = init_node(
         home,
         node_id,
@@ -72,6 +92,7 @@ def init(
         peer_url=peer_url,
         db_url=db_url,
         admin_name=admin_name,
+        policy_dir=policy_dir.expanduser().resolve() if policy_dir is not None else None,
         environ=dict(app.environ),
     )
     data = {

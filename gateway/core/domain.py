@@ -26,6 +26,7 @@ class Purpose:
     CONSENT: Final = b"ssw-gateway/consent/v1"
     KEYSTORE: Final = b"ssw-gateway/keystore/v1"
     USER_TOKEN: Final = b"ssw-gateway/user-token/v1"
+    BACKUP: Final = b"ssw-gateway/backup/v1"
 
 
 def tagged(purpose: bytes, payload: bytes) -> bytes:

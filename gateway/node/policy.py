@@ -5,9 +5,12 @@ The policy is validated when the node starts; a bad file is a
 (``/srv/gw/policies/policy.toml: limits.max_attachments: ...``), so the node
 never runs under rules it misread.
 
-``gateway init`` copies the repository's ``policies/`` files into the new home
-(init step ``policies``, order 20), so a node home is self-contained and its
-rules change only when an administrator replaces the files.
+``gateway init`` copies the policy files shipped with the package (the
+repository's ``policies/``, carried inside the wheel as package data) into the
+new home (init step ``policies``, order 20), so a node home is self-contained
+and its rules change only when an administrator replaces the files. A policy
+folder named by ``--policy-dir``, ``GATEWAY_POLICY_DIR`` or ``[policy] dir``
+that already holds ``policy.toml`` is used as it is.
 """
 
 from __future__ import annotations
@@ -39,12 +42,20 @@ _MAX_POLICY_BYTES = 256 * 1024
 
 
 def shipped_policy_dir() -> Path:
-    """The ``policies/`` folder beside the installed ``gateway`` package."""
-    candidate = Path(gateway.__file__).resolve().parents[1] / "policies"
+    """The default policy files shipped inside the ``gateway`` package.
+
+    ``gateway/policies`` is package data: in a source checkout it is a link to
+    the repository's ``policies/`` (the one source of truth), in a built wheel
+    a copy of those files made at build time (``pyproject.toml``,
+    ``[tool.setuptools.package-data]``). Raises :class:`ConfigError` when the
+    installation lacks them.
+    """
+    candidate = Path(gateway.__file__).resolve().parent / "policies"
     if not (candidate / POLICY_FILE).is_file():
         raise ConfigError(
-            f"the shipped policy files are not found at {candidate} "
-            f"(expected {POLICY_FILE}); install the gateway from its repository",
+            f"the policy files shipped with the package are not found at {candidate} "
+            f"(expected {POLICY_FILE}): reinstall ssw-gateway, or name a folder holding "
+            "the agreed policy files with --policy-dir or GATEWAY_POLICY_DIR",
             reason="config.policy",
         )
     return candidate
@@ -57,7 +68,8 @@ def load_policy_file(path: Path) -> Policy:
             raw = handle.read(_MAX_POLICY_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(
-            f"{path}: policy file missing (copy the repository's policies/ into the node home)",
+            f"{path}: policy file missing (copy the agreed policy files there, "
+            "or point [policy] dir / GATEWAY_POLICY_DIR at the folder holding them)",
             reason="config.policy",
         ) from None
     except OSError as exc:

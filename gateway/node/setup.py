@@ -84,9 +84,15 @@ def init_node(
     peer_url: str | None = None,
     db_url: str | None = None,
     admin_name: str = "admin",
+    policy_dir: Path | None = None,
     environ: dict[str, str] | None = None,
 ) -> InitResult:
-    """Create a node home with its configuration and database."""
+    """Create a node home with its configuration and database.
+
+    ``policy_dir`` is recorded as ``[policy] dir``: the node then reads its
+    policy there instead of ``<home>/policies`` (the folder is used as it is
+    when it holds ``policy.toml``, else the shipped files are copied into it).
+    """
     _validate_inputs(node_id, listen, peer_url)
     if (home / CONFIG_FILE).exists():
         raise AlreadyExists(
@@ -110,6 +116,7 @@ def init_node(
                 "node": {"id": node_id},
                 "server": {"listen": listen, "api_listen": api_listen, "peer_url": peer_url},
                 "database": {"url": db_url},
+                "policy": {"dir": str(policy_dir) if policy_dir is not None else None},
             },
         )
         made_paths.append(config_path)

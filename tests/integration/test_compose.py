@@ -10,10 +10,13 @@ socket.
 
 from __future__ import annotations
 
+import fnmatch
 import http.server
 import json
+import os
 import re
 import shlex
+import shutil
 import ssl
 import subprocess
 import sys
@@ -30,6 +33,7 @@ from click.testing import CliRunner
 
 from gateway.cli.main import cli
 from gateway.settings import load_settings
+from tests.packaging import build_wheel, wheel_files
 from tests.pki import Authority
 
 REPO = Path(__file__).resolve().parents[2]
@@ -459,3 +463,95 @@ def test_entrypoint_hands_the_secrets_to_gateway_and_refuses_without_them(
     else:
         assert result.returncode != 0
         assert result.stdout == "", "gateway must not start without its secrets"
+
+
+# ------------------------------------------- the image carries its default policy
+
+
+def dockerignore_patterns() -> list[str]:
+    lines = (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+
+
+def ignored_by_docker(relative: str, patterns: list[str]) -> bool:
+    """Docker's rule: a pattern matches from the context root; ``**/`` any depth;
+    an excluded folder takes everything under it."""
+    parts = relative.split("/")
+    for end in range(1, len(parts) + 1):
+        candidate = "/".join(parts[:end])
+        for pattern in patterns:
+            if fnmatch.fnmatchcase(candidate, pattern):
+                return True
+            if pattern.startswith("**/"):
+                tail = pattern[3:]
+                if any(
+                    fnmatch.fnmatchcase("/".join(parts[start:end]), tail) for start in range(end)
+                ):
+                    return True
+    return False
+
+
+def build_stage_copies() -> list[tuple[list[str], str]]:
+    """``COPY`` sources and destination of the image's build stage (before the second FROM)."""
+    copies: list[tuple[list[str], str]] = []
+    stages = 0
+    for keyword, rest in dockerfile_instructions():
+        if keyword == "FROM":
+            stages += 1
+        elif keyword == "COPY" and stages == 1:
+            *sources, destination = rest.split()
+            copies.append((sources, destination))
+    return copies
+
+
+def copy_as_docker_does(source: Path, target: Path, patterns: list[str]) -> None:
+    relative = source.relative_to(REPO).as_posix()
+    if ignored_by_docker(relative, patterns):
+        return
+    if source.is_symlink():
+        target.symlink_to(os.readlink(source))
+    elif source.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        for child in sorted(source.iterdir()):
+            copy_as_docker_does(child, target / child.name, patterns)
+    else:
+        shutil.copy2(source, target)
+
+
+def test_the_image_build_stage_gets_the_policies_into_the_wheel(tmp_path: Path) -> None:
+    """The build context (.dockerignore applied) and the build stage's COPY lines,
+    replayed into a folder, give a wheel that carries policies/ unchanged, so
+    `docker run ... init` needs no policy mount."""
+    patterns = dockerignore_patterns()
+    stage = tmp_path / "src"
+    stage.mkdir()
+    for sources, destination in build_stage_copies():
+        for source in sources:
+            into_folder = destination.endswith("/") or len(sources) > 1
+            target = stage / destination / Path(source).name if into_folder else stage / destination
+            target.parent.mkdir(parents=True, exist_ok=True)
+            copy_as_docker_does(REPO / source, target, patterns)
+    wheel = build_wheel(stage, tmp_path / "dist")
+    shipped = {p.name: p.read_bytes() for p in (REPO / "policies").iterdir() if p.is_file()}
+    assert wheel_files(wheel, "gateway/policies/") == shipped
+    assert not any(
+        keyword == "ENV" and "GATEWAY_POLICY_DIR" in rest
+        for keyword, rest in dockerfile_instructions()
+    ), "the image must find its policy without a mount"
+
+
+@pytest.mark.parametrize(
+    ("path", "ignored"),
+    [
+        ("keys/jp/operational.key", True),
+        ("gateway/node/__pycache__/x.pyc", True),
+        ("data/gateway.sqlite3", True),
+        ("policies/policy.toml", False),
+        ("gateway/policies", False),
+        ("gateway/node/keys.py", False),
+    ],
+)
+def test_the_build_context_keeps_key_material_out_and_the_policies_in(
+    path: str, ignored: bool
+) -> None:
+    assert ignored_by_docker(path, dockerignore_patterns()) is ignored

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
+import tomllib
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from gateway.cli.main import cli
@@ -91,3 +94,65 @@ def test_home_from_environment(tmp_path: Path, clean_environ: dict[str, str]) ->
     code, _out, err = run("init", "--node", "jp", env={"GATEWAY_HOME": str(home)})
     assert code == 0, err
     assert (home / "gateway.toml").exists()
+
+
+def _own_policy(folder: Path, version: str) -> Path:
+    folder.mkdir()
+    shipped = (Path(__file__).resolve().parents[2] / "policies" / "policy.toml").read_text("utf-8")
+    text = re.sub(r'(?m)^version = "[^"]*"', f'version = "{version}"', shipped, count=1)
+    assert text != shipped
+    (folder / "policy.toml").write_text(text, encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("how", ["flag", "environment"])
+def test_a_policy_folder_given_at_init_is_used_as_it_is(
+    tmp_path: Path, clean_environ: dict[str, str], how: str
+) -> None:
+    folder = _own_policy(tmp_path / "agreed", "2031.7")
+    home = tmp_path / "jp"
+    if how == "flag":
+        code, out, err = run(
+            "--home", str(home), "init", "--node", "jp", "--policy-dir", str(folder), "--json"
+        )
+    else:
+        code, out, err = run(
+            "--home",
+            str(home),
+            "init",
+            "--node",
+            "jp",
+            "--json",
+            env={"GATEWAY_POLICY_DIR": str(folder)},
+        )
+    assert code == 0, err
+    assert json.loads(out)["policy_version"] == "2031.7"
+    assert not (home / "policies").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["policy.toml"]
+    recorded = tomllib.loads((home / "gateway.toml").read_text("utf-8"))
+    assert recorded.get("policy", {}).get("dir") == (str(folder) if how == "flag" else None)
+
+
+def test_without_a_policy_folder_init_copies_the_shipped_files(
+    tmp_path: Path, clean_environ: dict[str, str]
+) -> None:
+    home = tmp_path / "pk"
+    code, _out, err = run("--home", str(home), "init", "--node", "pk", "--json")
+    assert code == 0, err
+    shipped = Path(__file__).resolve().parents[2] / "policies"
+    for name in ("policy.toml", "README.md"):
+        assert (home / "policies" / name).read_bytes() == (shipped / name).read_bytes()
+
+
+def test_a_policy_folder_without_policy_toml_is_a_usage_error(
+    tmp_path: Path, clean_environ: dict[str, str]
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _out, err = run(
+        "--home", str(tmp_path / "jp"), "init", "--node", "jp", "--policy-dir", str(empty)
+    )
+    assert code == 2
+    assert "holds no policy.toml" in err
+    assert not (tmp_path / "jp").exists()
+    assert list(empty.iterdir()) == []

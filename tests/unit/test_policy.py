@@ -33,7 +33,32 @@ def test_shipped_policy_is_valid_and_names_every_internal_recipient() -> None:
     assert policy.default_marking == "confidential"
     assert [r.name for r in policy.internal_recipients("jp")] == ["moj-isa", "mofa", "mhlw", "npa"]
     assert [r.name for r in policy.internal_recipients("pk")] == ["mophrd", "beoe"]
-    assert shipped_policy_dir() == SHIPPED.parent
+
+
+def test_the_package_ships_the_repository_policies_unchanged() -> None:
+    """``gateway/policies`` (package data) is the repository's ``policies/``, file for file;
+    the built wheel's copy is compared in tests/e2e/test_wheel_install.py."""
+    shipped = shipped_policy_dir()
+    assert shipped.parent.name == "gateway"
+    assert shipped.resolve() == SHIPPED.parent
+    assert {p.name: p.read_bytes() for p in shipped.iterdir()} == {
+        p.name: p.read_bytes() for p in SHIPPED.parent.iterdir()
+    }
+
+
+def test_a_package_without_its_policy_files_names_the_overrides(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway  # noqa: PLC0415
+
+    (tmp_path / "gateway").mkdir()
+    monkeypatch.setattr(gateway, "__file__", str(tmp_path / "gateway" / "__init__.py"))
+    with pytest.raises(ConfigError) as caught:
+        shipped_policy_dir()
+    message = str(caught.value)
+    assert str(tmp_path / "gateway" / "policies") in message
+    assert "--policy-dir" in message
+    assert "GATEWAY_POLICY_DIR" in message
 
 
 @pytest.mark.parametrize(
