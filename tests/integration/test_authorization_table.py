@@ -63,6 +63,7 @@ HOST_COMMANDS = {
     ("init",),
     ("serve",),
     ("sync",),
+    ("purge",),
     ("db", "upgrade"),
     ("db", "status"),
     ("ledger", "checkpoint"),
