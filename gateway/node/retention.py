@@ -14,6 +14,9 @@ the rule, and destroys. Both callers run the same :func:`purge`.
    unlinked (:func:`~gateway.store.models_exchange.destroy_envelope_file`).
    Envelopes live only as files; the database keeps no copy of a body.
 
+Envelopes the peer sent under the same bundle id as equivocation evidence are
+destroyed with it (their signed headers stay in the database as the proof).
+
 A crash between 1 and 2 leaves a purged bundle whose file still exists; every
 run first destroys such leftovers, so a rerun completes what was begun. A
 failure before 1 commits changes nothing. Each bundle is thus all-or-nothing,
@@ -60,6 +63,7 @@ from gateway.node.crash import crash_point
 from gateway.node.runtime import Node
 from gateway.store.models_consent import ConsentApplied
 from gateway.store.models_exchange import (
+    Equivocation,
     InboxEntry,
     OutboxEntry,
     OutboxState,
@@ -325,11 +329,26 @@ def _held_bundles(session: Session, retention: RetentionPolicy, now: datetime) -
     return held
 
 
-def _purge_one(node: Node, decision: RetentionDecision, actor: Actor, now: datetime) -> str | None:
-    """Record one bundle as purged (ledger entry and row, one commit); return its envelope
-    SHA-256, or ``None`` if it is not to be purged after all (done meanwhile, or changed)."""
+def _evidence_of(session: Session, direction: str, bundle_id: str) -> list[str]:
+    """SHA-256 of the other envelopes the peer sent under a received bundle's id
+    (equivocation evidence): whole envelopes, so their bodies go with the bundle's.
+    The signed headers stay in the database, and prove the equivocation alone."""
+    if direction != Direction.RECEIVED.value:
+        return []
+    found = session.scalars(
+        select(Equivocation.other_envelope_sha256).where(Equivocation.bundle_id == bundle_id)
+    )
+    return sorted(set(found))
+
+
+def _purge_one(
+    node: Node, decision: RetentionDecision, actor: Actor, now: datetime
+) -> list[str] | None:
+    """Record one bundle as purged (ledger entry and row, one commit); return the SHA-256
+    of its envelope and of any equivocation evidence under its id, or ``None`` if it is
+    not to be purged after all (purged meanwhile, or no longer eligible)."""
     held = decision.bundle
-    days = decision_days(decision)
+    days = _decision_days(decision)
     with node.db.transaction() as session:
         ledger.lock_for_append(session)  # serialises concurrent purges and receivers
         done = session.scalars(
@@ -367,7 +386,10 @@ def _purge_one(node: Node, decision: RetentionDecision, actor: Actor, now: datet
                 created=format_time(out.created_at),
                 delivered=format_time(out.delivered_at) if out.delivered_at else None,
             )
+        evidence = _evidence_of(session, held.direction.value, held.bundle_id)
         body.update(envelope_sha256=sha, envelope_size=size, retention_days=days)
+        if evidence:
+            body["equivocation_evidence_sha256"] = evidence
         entry = ledger.record_event(
             session,
             kind=EntryKind.BUNDLE_PURGED,
@@ -390,10 +412,10 @@ def _purge_one(node: Node, decision: RetentionDecision, actor: Actor, now: datet
             )
         )
         session.flush()
-    return sha
+    return [sha, *evidence]
 
 
-def decision_days(decision: RetentionDecision) -> int:
+def _decision_days(decision: RetentionDecision) -> int:
     """The period (days) a purge decision applied."""
     assert decision.due_at is not None
     return (decision.due_at - decision.bundle.kept_since).days
@@ -402,14 +424,23 @@ def decision_days(decision: RetentionDecision) -> int:
 def _finish_interrupted(node: Node, *, dry_run: bool) -> list[str]:
     """Destroy envelope files left by a purge that committed but did not finish."""
     with node.db.transaction() as session:
-        rows = session.execute(select(PurgedBundle.bundle_id, PurgedBundle.envelope_sha256)).all()
+        rows = [
+            (
+                row.bundle_id,
+                [row.envelope_sha256, *_evidence_of(session, row.direction, row.bundle_id)],
+            )
+            for row in session.scalars(select(PurgedBundle).order_by(PurgedBundle.id))
+        ]
     blob_dir = node.settings.blob_dir
     finished: list[str] = []
-    for bundle_id, sha in rows:
-        if not envelope_path(blob_dir, sha).exists():
+    for bundle_id, shas in rows:
+        left = [sha for sha in shas if envelope_path(blob_dir, sha).exists()]
+        if not left:
             continue
-        if dry_run or destroy_envelope_file(blob_dir, sha):
-            finished.append(str(bundle_id))
+        if not dry_run:
+            for sha in left:
+                destroy_envelope_file(blob_dir, sha)
+        finished.append(bundle_id)
     return finished
 
 
@@ -545,11 +576,12 @@ def purge(
         if dry_run:
             report.purged.append(decision)
             continue
-        sha = _purge_one(node, decision, actor, now)
-        if sha is None:
+        shas = _purge_one(node, decision, actor, now)
+        if shas is None:
             continue
         crash_point("after-purge-commit")
-        destroy_envelope_file(node.settings.blob_dir, sha)
+        for sha in shas:
+            destroy_envelope_file(node.settings.blob_dir, sha)
         report.purged.append(decision)
         _log.info(
             "bundle_purged",

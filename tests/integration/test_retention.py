@@ -27,19 +27,20 @@ from sqlalchemy import func, select
 
 from gateway.api.app import create_api_app
 from gateway.cli.main import cli
+from gateway.core.envelope import seal
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
 from gateway.errors import StorageError
 from gateway.node import consent, ledger, retention
 from gateway.node.housekeeping import enforce_retention
-from gateway.node.inbox import read_bundle, receive_envelope
+from gateway.node.inbox import EquivocationRefused, read_bundle, receive_envelope
 from gateway.node.keys import pinned_peer_manifest, verify_ledger_with_keys
 from gateway.node.keystore import unlock_keyring
 from gateway.node.outbox import SentBundle, deliver_once, send_case
 from gateway.node.policy import load_policy
 from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user
-from gateway.store.models_exchange import OutboxEntry, envelope_path
+from gateway.store.models_exchange import Equivocation, OutboxEntry, envelope_path
 from gateway.store.models_retention import DecryptedOutput, PurgedBundle
 from tests.nodes import GATEWAY, REPO, open_pinned_pair
 
@@ -653,6 +654,57 @@ def test_api_reads_leave_nothing_to_track(pair: Pair) -> None:
     assert (status, body["bundle_id"]) == (200, sent.bundle_id)
     with pair.pk.node.db.transaction() as session:
         assert session.scalar(select(func.count()).select_from(DecryptedOutput)) == 0
+
+
+def _seal_under_id(side: Side, description: str, out: Path, when: datetime) -> str:
+    """Seal a case whose bundle id is pinned (the first 16 random bytes), the rest fresh."""
+    draws = iter([b"\x42" * 16])
+
+    def random(n: int) -> bytes:
+        return next(draws, None) or os.urandom(n)
+
+    case = json.loads((EXAMPLES / "exam-fraud.json").read_text())
+    with side.node.db.transaction() as session:
+        peer = pinned_peer_manifest(session)
+    assert peer is not None
+    with out.open("w+b") as handle:
+        sealed = seal(
+            handle,
+            case_type="exam-fraud",
+            case={**case, "description": description},
+            keyring=side.keyring,
+            peer_manifest=peer,
+            policy=load_policy(side.node.settings),
+            sequence=1,
+            now=when,
+            random=random,
+        )
+    return sealed.bundle_id
+
+
+def test_equivocation_evidence_body_goes_with_the_purged_bundle_and_its_header_stays(
+    pair: Pair, tmp_path: Path
+) -> None:
+    t0 = pair.t0
+    first = _seal_under_id(pair.jp, "as first sent", tmp_path / "a", t0)
+    assert _seal_under_id(pair.jp, "another story", tmp_path / "b", t0) == first
+    receive_envelope(pair.pk.node, pair.pk.keyring, tmp_path / "a", now=t0)
+    with pytest.raises(EquivocationRefused):
+        receive_envelope(pair.pk.node, pair.pk.keyring, tmp_path / "b", now=t0)
+    with pair.pk.node.db.transaction() as session:
+        (record,) = session.scalars(select(Equivocation)).all()
+    evidence = envelope_path(pair.pk.blob_dir, record.other_envelope_sha256)
+    assert evidence.is_file()
+    policy = load_policy(pair.pk.node.settings).retention
+    retention.purge(pair.pk.node, policy, now=t0 + timedelta(days=ENVELOPE_DAYS))
+    assert not evidence.exists()
+    assert not envelope_path(pair.pk.blob_dir, record.first_envelope_sha256).exists()
+    with pair.pk.node.db.transaction() as session:
+        (kept,) = session.scalars(select(Equivocation)).all()
+    assert kept.other_header == record.other_header  # the signed header still proves it
+    (entry,) = entries(pair.pk, "bundle-purged")
+    assert entry.body["equivocation_evidence_sha256"] == [record.other_envelope_sha256]
+    assert_ledger_verifies(pair.pk)
 
 
 # -- destroying an envelope file --------------------------------------------------------------
