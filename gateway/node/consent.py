@@ -78,6 +78,7 @@ from gateway.errors import (
     PolicyRefused,
     RefusedError,
     StorageError,
+    VerificationError,
 )
 from gateway.node import ledger
 from gateway.node.retention import WrittenOutput, ensure_not_purged, record_outputs
@@ -1278,7 +1279,13 @@ def disclose(
         )
     staging = Path(tempfile.mkdtemp(prefix=_PARTIAL_PREFIX, dir=target.parent))
     try:
-        files = _decrypt_items(node, keyring, policy, items, staging)
+        try:
+            files = _decrypt_items(node, keyring, policy, items, staging)
+        except (InvalidInput, VerificationError):
+            # A purge that committed meanwhile destroys envelopes under the reader: say so.
+            with node.db.transaction() as session:
+                _locate(session, node.node_id, ids)
+            raise
         return _decide_and_record(
             node, keyring, policy, actor, items, recipient, purpose, now, (staging, files), target
         )

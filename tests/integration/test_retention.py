@@ -601,6 +601,56 @@ def test_output_purge_killed_midway_is_recorded_as_deleted_by_the_next_run(
     assert (entry.body["deleted"], entry.body["missing"]) == (1, 0)
 
 
+@pytest.mark.parametrize("reader", ["show", "disclose"])
+def test_a_read_overtaken_by_a_purge_says_purged(
+    pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    """The purge commits and destroys the file after the reader looked the bundle up and
+    before it opened the envelope: the reader answers "purged", not "missing" or "tampered"."""
+    import gateway.node.policy  # noqa: PLC0415
+
+    sent = send(pair.jp, pair.t0)
+    deliver(pair.jp, pair.pk, sent, pair.t0)
+    policy = load_policy(pair.pk.node.settings).retention
+    due = pair.t0 + timedelta(days=ENVELOPE_DAYS)
+
+    def purge_first(real: Callable[..., Any]) -> Callable[..., Any]:
+        def step(*args: Any, **kwargs: Any) -> Any:
+            if not purged_rows(pair.pk):
+                retention.purge(pair.pk.node, policy, now=due)
+            return real(*args, **kwargs)
+
+        return step
+
+    if reader == "show":
+        # read_bundle loads the policy between its look-up and opening the envelope.
+        monkeypatch.setattr(
+            gateway.node.policy, "load_policy", purge_first(gateway.node.policy.load_policy)
+        )
+        with pytest.raises(retention.BundlePurged, match="purged on"):
+            read_bundle(
+                pair.pk.node, pair.pk.keyring, PK_OFFICER, sent.bundle_id, out_dir=None, now=due
+            )
+    else:
+        # disclose reads the pinned peer once it decided, just before decrypting.
+        monkeypatch.setattr(consent, "_peer_manifest", purge_first(consent._peer_manifest))
+        out = tmp_path / "package"
+        with pytest.raises(retention.BundlePurged, match="purged on"):
+            consent.disclose(
+                pair.pk.node,
+                pair.pk.keyring,
+                PK_OFFICER,
+                [sent.bundle_id],
+                "beoe",
+                "return assistance",
+                out,
+                now=due,
+            )
+        assert not out.exists()
+    assert set(purged_rows(pair.pk)) == {sent.bundle_id}
+    assert not entries(pair.pk, "bundle-read")
+
+
 # -- decrypted outputs: only what the node wrote is deleted ----------------------------------
 
 
