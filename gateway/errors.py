@@ -25,6 +25,7 @@ __all__ = [
     "ConfigError",
     "ConsentRefused",
     "GatewayError",
+    "Gone",
     "InvalidInput",
     "NotFound",
     "PolicyRefused",
@@ -83,6 +84,12 @@ class NotFound(GatewayError):
     """The named object (bundle, user, consent, key) does not exist."""
 
     reason = "not-found"
+
+
+class Gone(NotFound):
+    """The named object existed and was destroyed on purpose (retention). HTTP 410."""
+
+    reason = "gone"
 
 
 class AlreadyExists(GatewayError):

@@ -105,6 +105,7 @@ class ServerSettings(_Section):
     insecure_http: bool = False
     sync_interval_seconds: float = Field(default=2.0, gt=0, le=3600)
     checkpoint_interval_seconds: float = Field(default=60.0, gt=0, le=86400)
+    retention_interval_seconds: float = Field(default=3600.0, gt=0, le=86400)
 
     @field_validator("listen", "api_listen")
     @classmethod

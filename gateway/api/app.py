@@ -46,6 +46,7 @@ from gateway.errors import (
     ConfigError,
     ConsentRefused,
     GatewayError,
+    Gone,
     InvalidInput,
     NotFound,
     PolicyRefused,
@@ -110,6 +111,7 @@ def error_status(exc: GatewayError) -> int:
     if isinstance(exc, ConsentRefused):
         return 403
     table: tuple[tuple[type[GatewayError], int], ...] = (
+        (Gone, 410),
         (NotFound, 404),
         (AlreadyExists, 409),
         (RefusedError, 409),

@@ -27,6 +27,7 @@ from gateway.api.routes_common import (
     refuse_unknown_fields,
     require_str,
 )
+from gateway.core.retention import Direction
 from gateway.errors import InvalidInput, PolicyRefused
 from gateway.node.inbox import (
     ReadBundle,
@@ -36,6 +37,7 @@ from gateway.node.inbox import (
     read_bundle,
 )
 from gateway.node.outbox import describe_outbox_entry, list_outbox, send_case
+from gateway.node.retention import purged_dates_of
 from gateway.node.runtime import utc_now
 
 __all__ = ["MAX_INLINE_ATTACHMENT_BYTES", "MAX_SEND_BODY", "ROUTES"]
@@ -147,7 +149,10 @@ async def inbox_list(call: Call) -> web.StreamResponse:
         return json_response({"gaps": [c.to_dict() for c in channels]})
     case_type = call.query("type")
     rows = await call.run(lambda: list_inbox(call.node, case_type=case_type))
-    return json_response({"bundles": [describe_inbox_entry(r) for r in rows]})
+    purged = await call.run(lambda: purged_dates_of(call.node, Direction.RECEIVED))
+    return json_response(
+        {"bundles": [describe_inbox_entry(r, purged.get(r.bundle_id)) for r in rows]}
+    )
 
 
 async def outbox_list(call: Call) -> web.StreamResponse:
@@ -155,15 +160,25 @@ async def outbox_list(call: Call) -> web.StreamResponse:
     if state not in (None, "queued", "delivered"):
         raise InvalidInput("query parameter state must be queued or delivered")
     rows = await call.run(lambda: list_outbox(call.node, state=state))
-    return json_response({"bundles": [describe_outbox_entry(r) for r in rows]})
+    purged = await call.run(lambda: purged_dates_of(call.node, Direction.SENT))
+    return json_response(
+        {"bundles": [describe_outbox_entry(r, purged.get(r.bundle_id)) for r in rows]}
+    )
 
 
 def _read_with_attachments(call: Call, bundle_id: str) -> tuple[ReadBundle, list[dict[str, Any]]]:
     keyring = call.keyring_provider()
     folder = Path(tempfile.mkdtemp(prefix="gateway-api-show-"))
     try:
+        # The folder is removed below: nothing stays on the node to track for retention.
         shown = read_bundle(
-            call.node, keyring, call.actor, bundle_id, out_dir=folder, now=utc_now()
+            call.node,
+            keyring,
+            call.actor,
+            bundle_id,
+            out_dir=folder,
+            now=utc_now(),
+            track_outputs=False,
         )
         case_file = f"{shown.bundle_id}.json"
         parts = [path for path in shown.written if path.name != case_file]

@@ -12,6 +12,7 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import click
 from gateway.cli.base import GatewayCommand
 from gateway.cli.context import AppContext, pass_app
 from gateway.core.canonical import parse_bounded_json
+from gateway.core.retention import Direction
 from gateway.errors import InvalidInput
 from gateway.node.inbox import describe_inbox_entry, list_gaps, list_inbox, read_bundle
 from gateway.node.outbox import (
@@ -29,6 +31,7 @@ from gateway.node.outbox import (
     list_outbox,
     send_case,
 )
+from gateway.node.retention import purged_dates_of
 from gateway.node.runtime import utc_now
 
 __all__ = ["COMMANDS", "inbox", "outbox", "send", "show", "sync"]
@@ -149,6 +152,10 @@ def _time(value: Any) -> str:
     return str(value.strftime("%Y-%m-%dT%H:%M:%SZ")) if value is not None else "-"
 
 
+def _purged_note(purged_at: datetime | None) -> str:
+    return f"  purged {purged_at.strftime('%Y-%m-%d')}" if purged_at is not None else ""
+
+
 @click.command(cls=GatewayCommand)
 @click.option("--type", "case_type", help="Only bundles of this type.")
 @click.option("--gaps", is_flag=True, help="Show missing sequence numbers per channel instead.")
@@ -173,14 +180,15 @@ def inbox(app: AppContext, case_type: str | None, gaps: bool) -> None:
         app.emit({"gaps": gap_data}, gap_text)
         return
     rows = list_inbox(node, case_type=case_type)
-    data = [describe_inbox_entry(r) for r in rows]
+    purged = purged_dates_of(node, Direction.RECEIVED)
+    data = [describe_inbox_entry(r, purged.get(r.bundle_id)) for r in rows]
 
     def text() -> str:
         if not rows:
             return "inbox is empty"
         return "\n".join(
             f"{r.bundle_id}  {r.case_type:<22} from {r.sender}  #{r.sequence:<6} "
-            f"{_time(r.created_at)}  {r.marking}"
+            f"{_time(r.created_at)}  {r.marking}" + _purged_note(purged.get(r.bundle_id))
             for r in rows
         )
 
@@ -197,7 +205,8 @@ def outbox(app: AppContext, state: str | None) -> None:
     app.actor("inbox")
     node = app.node()
     rows = list_outbox(node, state=state)
-    data = [describe_outbox_entry(r) for r in rows]
+    purged = purged_dates_of(node, Direction.SENT)
+    data = [describe_outbox_entry(r, purged.get(r.bundle_id)) for r in rows]
 
     def text() -> str:
         if not rows:
@@ -212,6 +221,7 @@ def outbox(app: AppContext, state: str | None) -> None:
                 )
             lines.append(
                 f"{r.bundle_id}  {r.case_type:<22} to {r.recipient}  #{r.sequence:<6} {status}"
+                + _purged_note(purged.get(r.bundle_id))
             )
         return "\n".join(lines)
 

@@ -10,7 +10,8 @@ SIGTERM or SIGINT stops it: no new connections are accepted, requests in
 flight finish (up to the drain timeout), the sender worker finishes its
 current pass, and the process exits 0.
 
-Beside them run the checkpoint publisher (signs a ledger checkpoint every
+Beside them run the retention pass (the purge of ``gateway purge``, at start
+and every ``retention_interval_seconds``), the checkpoint publisher (signs a ledger checkpoint every
 ``checkpoint_interval_seconds`` when the ledger grew and gives it to the peer
 as a witness) and a watch on this node's own key manifest: when an
 administrator rotates or revokes keys from another process, the server drains
@@ -90,7 +91,11 @@ async def _run(
     announce: Callable[[str], None],
 ) -> bool:
     """Serve until stopped; True when the stop was to restart with new keys."""
-    from gateway.node.housekeeping import publish_checkpoints, watch_own_keys  # noqa: PLC0415
+    from gateway.node.housekeeping import (  # noqa: PLC0415
+        enforce_retention,
+        publish_checkpoints,
+        watch_own_keys,
+    )
     from gateway.node.outbox import run_sender  # noqa: PLC0415
 
     loop = asyncio.get_running_loop()
@@ -170,6 +175,11 @@ async def _run(
             )
         )
         background.append(asyncio.create_task(watch_own_keys(node, keyring, stop, on_keys_changed)))
+        background.append(
+            asyncio.create_task(
+                enforce_retention(node, stop, interval=settings.server.retention_interval_seconds)
+            )
+        )
         _log.info(
             "serving",
             peer_listen=f"{host}:{bound}",

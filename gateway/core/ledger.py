@@ -112,6 +112,8 @@ class EntryKind(StrEnum):
     CHECKPOINT_MADE = "checkpoint-made"
     CHECKPOINT_RECEIVED = "checkpoint-received"
     EQUIVOCATION = "equivocation"
+    BUNDLE_PURGED = "bundle-purged"
+    OUTPUT_PURGED = "output-purged"
 
 
 _KINDS = {kind.value: kind for kind in EntryKind}

@@ -109,10 +109,15 @@ class ConsentPolicy(_Frozen):
 
 
 class RetentionPolicy(_Frozen):
-    """How long things are kept; ``None`` means for as long as the node lives."""
+    """How long things are kept; ``None`` means for as long as the node lives.
 
-    envelopes_days: Annotated[int, Field(ge=1)] | None = 3650
-    decrypted_output_days: Annotated[int, Field(ge=1)] | None = 30
+    Enforced by :mod:`gateway.core.retention` (the rule) and
+    :mod:`gateway.node.retention` (``gateway purge`` and ``serve``
+    housekeeping). Periods are whole days, at most 100 years.
+    """
+
+    envelopes_days: Annotated[int, Field(ge=1, le=36_600)] | None = 3650
+    decrypted_output_days: Annotated[int, Field(ge=1, le=36_600)] | None = 30
     ledger_days: None = None
     """The ledger is append-only and never trimmed (MOC item 8: evidence)."""
 

@@ -2,7 +2,7 @@
 
 One authorization rule serves the CLI and the local API alike: an action name
 is looked up here, and a refusal names the role(s) that would be allowed.
-Operations on the host itself (``init``, ``serve``, ``sync``, ``db upgrade``,
+Operations on the host itself (``init``, ``serve``, ``sync``, ``purge``, ``db upgrade``,
 ``demo``) need access to the node home and its passphrase, not a user token.
 """
 

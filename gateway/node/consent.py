@@ -67,6 +67,7 @@ from gateway.core.consent import (
 from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.ledger import LedgerEntry
 from gateway.core.policy import Policy
+from gateway.core.retention import Direction as StoredDirection
 from gateway.core.roles import SYSTEM, Actor
 from gateway.errors import (
     AlreadyExists,
@@ -77,8 +78,10 @@ from gateway.errors import (
     PolicyRefused,
     RefusedError,
     StorageError,
+    VerificationError,
 )
 from gateway.node import ledger
+from gateway.node.retention import WrittenOutput, ensure_not_purged, record_outputs
 from gateway.node.runtime import Node
 from gateway.store.models_consent import (
     ConsentApplied,
@@ -1087,6 +1090,8 @@ def _locate(session: Session, node_id: str, bundle_ids: Sequence[str]) -> list[_
     missing = [b for b in bundle_ids if b not in found]
     if missing:
         raise NotFound(f"no bundle {missing[0]} in the inbox or the outbox")
+    for located in found.values():
+        ensure_not_purged(session, StoredDirection(located.direction), located.item.bundle_id)
     return [found[b] for b in bundle_ids]
 
 
@@ -1274,7 +1279,13 @@ def disclose(
         )
     staging = Path(tempfile.mkdtemp(prefix=_PARTIAL_PREFIX, dir=target.parent))
     try:
-        files = _decrypt_items(node, keyring, policy, items, staging)
+        try:
+            files = _decrypt_items(node, keyring, policy, items, staging)
+        except (InvalidInput, VerificationError):
+            # A purge that committed meanwhile destroys envelopes under the reader: say so.
+            with node.db.transaction() as session:
+                _locate(session, node.node_id, ids)
+            raise
         return _decide_and_record(
             node, keyring, policy, actor, items, recipient, purpose, now, (staging, files), target
         )
@@ -1337,6 +1348,21 @@ def _decide_and_record(
                     target.rmdir()  # empty, checked before; replaced by the staged folder
                 staging.rename(target)
                 placed = True
+                # What stays on this node is tracked for the retention of decrypted
+                # outputs; the package handed to the recipient is the recipient's.
+                record_outputs(
+                    session,
+                    [
+                        WrittenOutput(target / rel, rel.split("/", 1)[0], sha)
+                        for rel, sha in sorted(files.items())
+                    ]
+                    + [WrittenOutput(target / MANIFEST_NAME, None)],
+                    command="disclose",
+                    actor=actor,
+                    now=now,
+                    folder=target,
+                    disclosure_id=disclosure_id,
+                )
                 result = DisclosureResult(
                     disclosure_id=disclosure_id,
                     kind=decision.entry_kind.value,

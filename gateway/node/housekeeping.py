@@ -7,6 +7,11 @@ Both run inside ``gateway serve`` beside the peer server and the sender worker.
   one, and gives its newest checkpoint to the peer, which keeps it as a
   witness. A peer that is unreachable is tried again at the next interval;
   the checkpoint stays signed and recorded meanwhile.
+* **Retention** (SPEC §8a): every ``[server] retention_interval_seconds`` (an
+  hour by default) the node runs the same purge as ``gateway purge``, under
+  the policy as it is on disk at that moment: envelope bodies and decrypted
+  outputs past their period are destroyed (:mod:`gateway.node.retention`). A
+  pass that fails is logged and tried again at the next interval.
 * **Keys**: ``gateway keys rotate`` / ``revoke`` / ``rotate-root`` run in
   another process and publish a new manifest of this node. A serving process
   notices the newer manifest and asks to be restarted, so that it signs with
@@ -25,11 +30,20 @@ from gateway.errors import GatewayError, TransportError
 from gateway.log import get_logger
 from gateway.node import ledger
 from gateway.node.keys import own_manifest
+from gateway.node.policy import load_policy
+from gateway.node.retention import PurgeReport, purge
 from gateway.node.runtime import Node, utc_now
 from gateway.peer.client import PeerClient
 from gateway.peer.ledger_client import send_checkpoint
 
-__all__ = ["checkpoint_once", "manifest_changed", "publish_checkpoints", "watch_own_keys"]
+__all__ = [
+    "checkpoint_once",
+    "enforce_retention",
+    "manifest_changed",
+    "publish_checkpoints",
+    "retention_once",
+    "watch_own_keys",
+]
 
 _log = get_logger("housekeeping")
 KEY_WATCH_SECONDS = 5.0
@@ -71,6 +85,39 @@ async def publish_checkpoints(
         except GatewayError as exc:
             # A ledger that fails its own verification is never signed over: say so loudly.
             _log.error("checkpoint_failed", reason=exc.reason, error=exc.message)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+        except TimeoutError:
+            continue
+
+
+def retention_once(node: Node, *, now: datetime) -> PurgeReport:
+    """One purge pass under the policy as it is on disk now (what ``gateway purge`` does)."""
+    policy = load_policy(node.settings)
+    return purge(node, policy.retention, now=now)
+
+
+async def enforce_retention(
+    node: Node,
+    stop: asyncio.Event,
+    *,
+    interval: float,
+    clock: Callable[[], datetime] = utc_now,
+) -> None:
+    """Run a purge pass at once, then every ``interval`` seconds, until ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            report = await asyncio.to_thread(retention_once, node, now=clock())
+            if report.purged or report.outputs or report.completed:
+                _log.info(
+                    "retention_enforced",
+                    purged=len(report.purged),
+                    held=len(report.held),
+                    outputs=len(report.outputs),
+                    finished=len(report.completed),
+                )
+        except GatewayError as exc:
+            _log.error("retention_failed", reason=exc.reason, error=exc.message)
         try:
             await asyncio.wait_for(stop.wait(), timeout=interval)
         except TimeoutError:

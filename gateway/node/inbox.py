@@ -37,9 +37,11 @@ from gateway.core.canonical import canonical_bytes
 from gateway.core.envelope import EnvelopeHeader
 from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.receipt import Checkpoint, ReceiptSigner, issue_receipt
+from gateway.core.retention import Direction
 from gateway.core.roles import SYSTEM, Actor
 from gateway.errors import InvalidInput, NotFound, RefusedError, VerificationError
 from gateway.node.crash import crash_point
+from gateway.node.retention import WrittenOutput, ensure_not_purged, record_outputs
 from gateway.node.runtime import Node
 from gateway.store.models_exchange import (
     Equivocation,
@@ -370,8 +372,12 @@ def list_inbox(node: Node, *, case_type: str | None = None) -> list[InboxEntry]:
         return list(session.scalars(query))
 
 
-def describe_inbox_entry(entry: InboxEntry) -> dict[str, Any]:
-    """One row of ``gateway inbox`` and ``GET /api/v1/inbox`` (metadata only)."""
+def describe_inbox_entry(entry: InboxEntry, purged_at: datetime | None = None) -> dict[str, Any]:
+    """One row of ``gateway inbox`` and ``GET /api/v1/inbox`` (metadata only).
+
+    ``purged`` is the time the envelope body was destroyed under the retention
+    policy, or ``None`` while it is held.
+    """
     return {
         "bundle_id": entry.bundle_id,
         "type": entry.case_type,
@@ -381,6 +387,7 @@ def describe_inbox_entry(entry: InboxEntry) -> dict[str, Any]:
         "received": entry.received_at,
         "marking": entry.marking,
         "reply_to": entry.reply_to,
+        "purged": purged_at,
     }
 
 
@@ -530,6 +537,7 @@ def read_bundle(
     *,
     out_dir: Path | None,
     now: datetime,
+    track_outputs: bool = True,
 ) -> ReadBundle:
     """Decrypt a received (or our own sent) bundle for ``actor``; log the read.
 
@@ -539,6 +547,11 @@ def read_bundle(
     appear only once everything has decrypted and verified. The read is
     recorded in the ledger (``bundle-read``, naming the officer) in the same
     step; if that fails, nothing is shown and written files are removed.
+
+    Files written are tracked for the retention of decrypted outputs
+    (:func:`gateway.node.retention.record_outputs`) unless ``track_outputs``
+    is false (a caller that removes its own temporary folder at once). A
+    purged bundle raises :class:`~gateway.node.retention.BundlePurged`.
     """
     from gateway.core.envelope import AttachmentInfo, open_envelope  # noqa: PLC0415
     from gateway.node.bundles import safe_output_path  # noqa: PLC0415
@@ -553,12 +566,13 @@ def read_bundle(
             sent = session.scalars(
                 select(OutboxEntry).where(OutboxEntry.bundle_id == bundle_id)
             ).first()
-    if received is not None:
-        sha, opened_at, direction = received.envelope_sha256, received.received_at, "received"
-    elif sent is not None:
-        sha, opened_at, direction = sent.envelope_sha256, sent.created_at, "sent"
-    else:
-        raise NotFound(f"no bundle with id {bundle_id!r} in the inbox or the outbox")
+        if received is not None:
+            sha, opened_at, direction = received.envelope_sha256, received.received_at, "received"
+        elif sent is not None:
+            sha, opened_at, direction = sent.envelope_sha256, sent.created_at, "sent"
+        else:
+            raise NotFound(f"no bundle with id {bundle_id!r} in the inbox or the outbox")
+        ensure_not_purged(session, Direction(direction), bundle_id)
     if out_dir is not None and not out_dir.is_dir():
         raise InvalidInput(f"{out_dir}: the output folder does not exist or is not a folder")
     policy = load_policy(node.settings)
@@ -587,6 +601,12 @@ def read_bundle(
                     now=opened_at,
                     sink_factory=sink if out_dir is not None else None,
                 )
+        except (FileNotFoundError, VerificationError):
+            # A purge that committed while this read began destroys the file under it:
+            # say so, rather than "missing" or "tampered".
+            with node.db.transaction() as session:
+                ensure_not_purged(session, Direction(direction), bundle_id)
+            raise
         finally:
             for handle in handles:
                 handle.close()
@@ -615,6 +635,14 @@ def read_bundle(
                     "written_to_disk": bool(written),
                 },
             )
+            if written and track_outputs:
+                record_outputs(
+                    session,
+                    [WrittenOutput(p, header.bundle_id) for p in written],
+                    command="show",
+                    actor=actor,
+                    now=now,
+                )
     except BaseException:
         for tmp, _info in temps:
             tmp.unlink(missing_ok=True)

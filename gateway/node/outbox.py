@@ -764,8 +764,8 @@ def list_outbox(node: Node, *, state: str | None = None) -> list[OutboxEntry]:
         return list(session.scalars(query))
 
 
-def describe_outbox_entry(entry: OutboxEntry) -> dict[str, Any]:
-    """One row of ``gateway outbox`` and ``GET /api/v1/outbox``."""
+def describe_outbox_entry(entry: OutboxEntry, purged_at: datetime | None = None) -> dict[str, Any]:
+    """One row of ``gateway outbox`` and ``GET /api/v1/outbox``; ``purged`` as in the inbox."""
     return {
         "bundle_id": entry.bundle_id,
         "type": entry.case_type,
@@ -778,6 +778,7 @@ def describe_outbox_entry(entry: OutboxEntry) -> dict[str, Any]:
         "last_error": entry.last_error,
         "delivered": entry.delivered_at,
         "receipt": entry.receipt.decode("utf-8") if entry.receipt is not None else None,
+        "purged": purged_at,
     }
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "SequenceCounter",
     "SequenceGap",
     "adopt_envelope_file",
+    "destroy_envelope_file",
     "envelope_path",
     "store_envelope_file",
     "sweep_orphan_envelopes",
@@ -48,6 +49,10 @@ __all__ = [
 ENVELOPE_DIR = "envelopes"
 _CHUNK = 1 << 20
 _HEX64 = frozenset("0123456789abcdef")
+_ENVELOPE_MAGIC = b"SSWG-ENV"
+_PREFIX_BYTES = 14  # magic (8), format version (2), header length (4): docs/envelope.md
+_SIGNATURE_BYTES = 64
+_MAX_HEADER_REGION = _PREFIX_BYTES + (1 << 20) + _SIGNATURE_BYTES
 
 
 class OutboxState:
@@ -245,6 +250,59 @@ def adopt_envelope_file(blob_dir: Path, source: Path, sha256_hex: str) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return final
+
+
+def _header_region(handle: BinaryIO, size: int) -> int:
+    """Bytes from the start of an envelope file up to the end of its signature.
+
+    The header holds the sealed copies of the content key (docs/envelope.md);
+    a file that does not start like an envelope is treated as all header, up
+    to the largest header a policy allows.
+    """
+    prefix = handle.read(_PREFIX_BYTES)
+    if len(prefix) == _PREFIX_BYTES and prefix[:8] == _ENVELOPE_MAGIC:
+        header_length = int.from_bytes(prefix[10:14], "big")
+        return min(size, _PREFIX_BYTES + header_length + _SIGNATURE_BYTES, _MAX_HEADER_REGION)
+    return min(size, _MAX_HEADER_REGION)
+
+
+def destroy_envelope_file(blob_dir: Path, sha256_hex: str) -> bool:
+    """Destroy the stored envelope with this SHA-256; True if there was one.
+
+    First the header (which holds every sealed copy of the content key) is
+    overwritten with zeros in place and synced, so that the ciphertext left on
+    the disk until its blocks are reused can no longer be decrypted with any
+    key of this node; then the file is unlinked and its folder synced. Links
+    are never followed. Idempotent: a missing file is not an error.
+    """
+    path = envelope_path(blob_dir, sha256_hex)
+    try:
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StorageError(
+            f"envelope {sha256_hex[:12]} cannot be destroyed: {exc.strerror}"
+        ) from None
+    try:
+        with os.fdopen(fd, "r+b") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            region = _header_region(handle, size)
+            handle.seek(0)
+            remaining = region
+            while remaining:
+                step = min(remaining, _CHUNK)
+                handle.write(bytes(step))
+                remaining -= step
+            handle.flush()
+            os.fsync(handle.fileno())
+        path.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise StorageError(
+            f"envelope {sha256_hex[:12]} cannot be destroyed: {exc.strerror}"
+        ) from None
+    return True
 
 
 def _referenced(session: Session) -> set[str]:
