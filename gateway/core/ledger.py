@@ -112,6 +112,9 @@ class EntryKind(StrEnum):
     CHECKPOINT_MADE = "checkpoint-made"
     CHECKPOINT_RECEIVED = "checkpoint-received"
     EQUIVOCATION = "equivocation"
+    BUNDLE_SUSPECT = "bundle-suspect"
+    SUSPECT_ACCEPTED = "suspect-accepted"
+    BUNDLE_RESENT = "bundle-resent"
 
 
 _KINDS = {kind.value: kind for kind in EntryKind}

@@ -705,6 +705,7 @@ def _open_consent_bundle(
             policy=policy,
             now=entry.received_at,
             sink_factory=sink_factory,
+            stored_at=entry.received_at,  # a key revoked since: verified while trusted
         )
     if opened.header.type != entry.case_type or opened.header.bundle_id != entry.bundle_id:
         raise InvalidInput("the stored envelope does not match its inbox row")
@@ -763,7 +764,9 @@ def _apply_one(
         if raw is None:
             raise InvalidInput(f"consent grant carries no {GRANT_ATTACHMENT}")
         signed = SignedGrant.from_wire(parse_bounded_json(raw, max_bytes=2 * MAX_GRANT_BYTES))
-        key = peer.signing_key(entry.signing_key_id, at=entry.created_at)
+        key, _trust = peer.stored_signing_key(
+            entry.signing_key_id, at=entry.created_at, stored_at=entry.received_at
+        )
         written = verify_grant(
             signed,
             public_key=bytes(key),
