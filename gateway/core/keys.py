@@ -411,8 +411,8 @@ class KeyManifest:
                     f"signing key {key_id!r} of node {self.node!r} is distrusted from "
                     f"{format_time(revoked.distrusted_from)} ({revoked.reason}); this was "
                     f"stored at {format_time(stored_at)}, after that: it is suspect. "
-                    "Ask the sender to resend it ('gateway resend'), or open it with "
-                    "--accept-suspect (recorded in the ledger)"
+                    "Ask the sender to resend it ('gateway resend'); an officer may open "
+                    "it with 'gateway show --accept-suspect' (recorded in the ledger)"
                 )
             trust = StoredTrust.SUSPECT_ACCEPTED
         return nacl.signing.VerifyKey(entry.public), trust

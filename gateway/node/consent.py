@@ -1214,6 +1214,7 @@ def _decrypt_items(
             peer_manifest=peer,
             policy=policy,
             now=entry.opened_at,
+            stored_at=entry.opened_at,  # a key revoked since: trusted if stored before
         )
         if not opened.files:
             attachments.rmdir()
