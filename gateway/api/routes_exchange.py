@@ -182,8 +182,8 @@ async def resend(call: Call) -> web.StreamResponse:
 
 async def outbox_list(call: Call) -> web.StreamResponse:
     state = call.query("state")
-    if state not in (None, "queued", "delivered"):
-        raise InvalidInput("query parameter state must be queued or delivered")
+    if state not in (None, "queued", "delivered", "replaced"):
+        raise InvalidInput("query parameter state must be queued, delivered or replaced")
     rows = await call.run(lambda: list_outbox(call.node, state=state))
     return json_response({"bundles": [describe_outbox_entry(r) for r in rows]})
 

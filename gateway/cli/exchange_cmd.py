@@ -213,7 +213,9 @@ def inbox(app: AppContext, case_type: str | None, gaps: bool, suspect: bool) -> 
 
 @click.command(cls=GatewayCommand)
 @click.option(
-    "--state", type=click.Choice(["queued", "delivered"]), help="Only bundles in this state."
+    "--state",
+    type=click.Choice(["queued", "delivered", "replaced"]),
+    help="Only bundles in this state (replaced: never delivered, re-sent as another).",
 )
 @pass_app
 def outbox(app: AppContext, state: str | None) -> None:

@@ -160,12 +160,18 @@ def _impact_text(impact: dict[str, Any]) -> str:
             "nothing stored becomes suspect."
         )
     suspect = impact["suspect_at_peer"]
+    queued = len(impact["undelivered"])
     return (
         f"Key {impact['key_id']} is distrusted from {format_time(impact['distrusted_from'])}. "
         f"Of the bundles this node sent under it, {impact['verified_while_trusted_at_peer']} "
-        "stay readable at the peer (verified while trusted) and "
-        f"{suspect} become suspect there"
-        + (": re-send them with 'gateway resend --suspect'." if suspect else ".")
+        f"stay readable at the peer (verified while trusted) and {suspect} become suspect "
+        "there"
+        + (
+            f"; {queued} still queued under it will be refused by the peer as they are"
+            if queued
+            else ""
+        )
+        + (": re-send them with 'gateway resend --suspect'." if suspect or queued else ".")
     )
 
 

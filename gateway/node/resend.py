@@ -15,7 +15,9 @@ outbox: it is what a holder of the stolen key forged.
 
 Each resend commits on its own: the new bundle queued, the original's
 ``replaced_by`` set and a ``bundle-resent`` ledger entry written in one
-transaction. Consent documents (``consent-*``) are not re-sent: a grant's
+transaction. An original still queued (never delivered: the peer refuses it
+once its key is revoked) becomes ``replaced`` and is no longer sent; its
+content travels in the replacement. Consent documents (``consent-*``) are not re-sent: a grant's
 signature is bound to the key that signed its envelope, and the consent state
 machine keys on bundle ids; a consent is issued anew with the consent commands.
 """
@@ -46,7 +48,7 @@ from gateway.node.outbox import Sealed, queue_sealed
 from gateway.node.policy import load_policy
 from gateway.node.revocation import outbox_signing_key, suspect_sent
 from gateway.node.runtime import Node
-from gateway.store.models_exchange import OutboxEntry, envelope_path
+from gateway.store.models_exchange import OutboxEntry, OutboxState, envelope_path
 
 __all__ = ["MAX_RESEND", "ResendReport", "Resent", "resend_bundles"]
 
@@ -255,6 +257,10 @@ def _resend_one(
                         f"bundle {original.bundle_id} was re-sent already as {row.replaced_by}"
                     )
                 row.replaced_by = bundle_id
+                was = row.state
+                if row.state == OutboxState.QUEUED:
+                    # Never delivered: the replacement carries it; stop sending this one.
+                    row.state = OutboxState.REPLACED
                 record_event(
                     session,
                     kind=EntryKind.BUNDLE_RESENT,
@@ -266,6 +272,7 @@ def _resend_one(
                         "type": header.type,
                         "original_signing_key_id": original.signing_key_id,
                         "signing_key_id": keyring.signing_key_id,
+                        "original_state": was,
                     },
                 )
 

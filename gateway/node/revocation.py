@@ -42,7 +42,7 @@ from gateway.errors import StorageError
 from gateway.log import get_logger
 from gateway.node.ledger import record_event
 from gateway.settings import Settings
-from gateway.store.models_exchange import InboxEntry, OutboxEntry, envelope_path
+from gateway.store.models_exchange import InboxEntry, OutboxEntry, OutboxState, envelope_path
 
 __all__ = [
     "PeerRevocation",
@@ -63,7 +63,10 @@ class RevocationImpact:
     ``suspect``: ids of bundles this node sent signed by the key and made at
     or after ``distrusted_from``; the peer marks its copies suspect (and
     ``gateway resend --suspect`` re-seals them). ``trusted``: how many it sent
-    under the key before, which stay readable at the peer.
+    under the key before, which stay readable at the peer. ``undelivered``:
+    ids of bundles signed by the key and still queued; the peer refuses
+    anything new under a revoked key, so these are never delivered as they are
+    (``resend --suspect`` re-seals them too).
     """
 
     key_id: str
@@ -71,6 +74,7 @@ class RevocationImpact:
     distrusted_from: datetime
     suspect: tuple[str, ...]
     trusted: int
+    undelivered: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -80,6 +84,7 @@ class RevocationImpact:
             "suspect_at_peer": len(self.suspect),
             "suspect_bundles": list(self.suspect),
             "verified_while_trusted_at_peer": self.trusted,
+            "undelivered": list(self.undelivered),
         }
 
 
@@ -118,12 +123,16 @@ def revocation_impact(
     """What ``revocation`` of our key ``kid`` marks suspect at the peer (see the class)."""
     use = manifest.key(kid).use
     suspect: list[str] = []
+    undelivered: list[str] = []
     trusted = 0
     if use == "sign":
-        for entry in session.scalars(select(OutboxEntry).order_by(OutboxEntry.sequence)):
+        query = select(OutboxEntry).where(OutboxEntry.state != OutboxState.REPLACED)
+        for entry in session.scalars(query.order_by(OutboxEntry.sequence)):
             if outbox_signing_key(settings, entry) != kid:
                 continue
-            if revocation.distrusts(entry.created_at):
+            if entry.state == OutboxState.QUEUED:
+                undelivered.append(entry.bundle_id)
+            elif revocation.distrusts(entry.created_at):
                 suspect.append(entry.bundle_id)
             else:
                 trusted += 1
@@ -133,14 +142,16 @@ def revocation_impact(
         distrusted_from=revocation.distrusted_from,
         suspect=tuple(suspect),
         trusted=trusted,
+        undelivered=tuple(undelivered),
     )
 
 
 def suspect_sent(settings: Settings, session: Session, manifest: KeyManifest) -> list[OutboxEntry]:
     """This node's sent bundles whose peer copies are suspect and not yet re-sent.
 
-    Signed by one of our revoked signing keys, made at or after the moment it
-    is distrusted from, and not replaced by a later ``resend``; in sequence order.
+    Signed by one of our revoked signing keys, not replaced by a later
+    ``resend``, and either made at or after the moment the key is distrusted
+    from, or still queued (the peer refuses it as it is); in sequence order.
     """
     revoked = {r.key_id: r for r in manifest.revocations}
     if not revoked:
@@ -153,7 +164,9 @@ def suspect_sent(settings: Settings, session: Session, manifest: KeyManifest) ->
     )
     for entry in session.scalars(query):
         revocation = revoked.get(outbox_signing_key(settings, entry))
-        if revocation is not None and revocation.distrusts(entry.created_at):
+        if revocation is None:
+            continue
+        if entry.state == OutboxState.QUEUED or revocation.distrusts(entry.created_at):
             found.append(entry)
     return found
 

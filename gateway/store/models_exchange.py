@@ -53,6 +53,9 @@ _HEX64 = frozenset("0123456789abcdef")
 class OutboxState:
     QUEUED = "queued"
     DELIVERED = "delivered"
+    REPLACED = "replaced"
+    """Never delivered, and re-sent as another bundle (``gateway resend``): the
+    replacement carries the same content, so this one is no longer sent."""
 
 
 class SequenceCounter(Base):

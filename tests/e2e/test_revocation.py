@@ -127,6 +127,7 @@ def test_revoking_a_key_keeps_what_was_trusted_marks_the_rest_and_resend_replace
     assert revoked["revoked"] == [old_key]
     assert revoked["impact"]["suspect_bundles"] == after
     assert revoked["impact"]["verified_while_trusted_at_peer"] == len(before)
+    assert revoked["impact"]["undelivered"] == []
     assert synced(pk)["manifests_sent"] == 1
 
     # Tokyo marked exactly the bundles it received after T.

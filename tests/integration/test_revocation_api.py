@@ -9,6 +9,8 @@ API. Times derive from the real clock, as the keys do.
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -20,11 +22,21 @@ from gateway.core.roles import Actor, Role
 from gateway.node import keys as key_service
 from gateway.node.inbox import receive_envelope
 from gateway.node.ledger import list_entries
+from gateway.node.outbox import send_case
+from gateway.node.resend import resend_bundles
 from gateway.node.runtime import utc_now
-from gateway.store.models_exchange import OutboxEntry, envelope_path
-from tests.integration.test_api import PASSPHRASE, ApiNode, Client, exchange_pair, run_api
+from gateway.store.models_exchange import InboxEntry, OutboxEntry, OutboxState, envelope_path
+from tests.integration.test_api import (
+    EXAMPLES,
+    PASSPHRASE,
+    ApiNode,
+    Client,
+    exchange_pair,
+    run_api,
+)
 
 ADMIN = Actor(name="admin", role=Role.ADMIN)
+OFFICER = Actor(name="officer", role=Role.OFFICER)
 
 
 @pytest.fixture
@@ -40,6 +52,24 @@ def exchanged(
     )
 
 
+def later_second() -> None:
+    """Wait for the real clock to pass into the next whole second."""
+    start = utc_now().replace(microsecond=0)
+    while utc_now().replace(microsecond=0) <= start:
+        time.sleep(0.02)
+
+
+def receipted(sender: ApiNode, receiver: ApiNode, bundle_id: str) -> None:
+    """Store the receiver's receipt at the sender, as sync does when it comes back."""
+    with receiver.node.db.transaction() as session:
+        receipt = session.scalars(
+            select(InboxEntry.receipt).where(InboxEntry.bundle_id == bundle_id)
+        ).one()
+    with sender.node.db.transaction() as session:
+        row = session.scalars(select(OutboxEntry).where(OutboxEntry.bundle_id == bundle_id)).one()
+        row.state, row.receipt, row.delivered_at = OutboxState.DELIVERED, receipt, utc_now()
+
+
 def deliver(sender: ApiNode, receiver: ApiNode, bundle_id: str) -> None:
     with sender.node.db.transaction() as session:
         sha = session.scalars(
@@ -53,6 +83,7 @@ def test_suspect_bundles_are_listed_refused_accepted_and_replaced_through_the_ap
     exchanged: tuple[ApiNode, ApiNode, str],
 ) -> None:
     jp, pk, bundle_id = exchanged
+    receipted(jp, pk, bundle_id)
     old_key = jp.keyring().signing_key_id
     with jp.node.db.transaction() as session:
         # A row from before the signing-key column: the key is read from its header.
@@ -142,3 +173,58 @@ def test_suspect_bundles_are_listed_refused_accepted_and_replaced_through_the_ap
     assert resent_entry.bundle_id == bundle_id
     assert resent_entry.body["replaced_by"] == replaced[bundle_id]
     assert resent_entry.body["original_signing_key_id"] == old_key
+
+
+def test_a_bundle_still_queued_under_a_revoked_key_is_resent_and_no_longer_sent(
+    exchanged: tuple[ApiNode, ApiNode, str],
+) -> None:
+    jp, pk, delivered = exchanged
+    old_key = jp.keyring().signing_key_id
+    receipted(jp, pk, delivered)
+    queued = send_case(
+        jp.node,
+        jp.keyring(),
+        OFFICER,
+        "exam-fraud",
+        json.loads((EXAMPLES / "exam-fraud.json").read_text()),
+        [],
+        public=False,
+        reply_to=None,
+        now=utc_now(),
+    ).bundle_id
+    # Revoked without a compromise time: what pk holds stays trusted, but the
+    # queued bundle would be refused as it is. Revocation times are whole seconds
+    # (a bundle stored in the second of the revocation counts as after it): start
+    # the revocation in a later second than everything stored so far.
+    later_second()
+    with jp.node.db.transaction() as session:
+        change = key_service.revoke_key(
+            jp.node.settings,
+            session,
+            PASSPHRASE.encode(),
+            old_key,
+            "retired and revoked",
+            now=utc_now(),
+            actor=ADMIN,
+        )
+    assert change.impact is not None
+    assert (change.impact.suspect, change.impact.trusted) == ((), 1)
+    assert change.impact.undelivered == (queued,)
+    jp.unlocked.clear()
+    report = resend_bundles(jp.node, jp.keyring(), OFFICER, [], suspect=True, now=utc_now())
+    [resent] = report.resent
+    assert resent.original == queued
+    with jp.node.db.transaction() as session:
+        rows = {r.bundle_id: r for r in session.scalars(select(OutboxEntry))}
+    assert rows[queued].state == OutboxState.REPLACED
+    assert rows[queued].replaced_by == resent.bundle_id
+    assert rows[resent.bundle_id].state == OutboxState.QUEUED
+    assert rows[delivered].replaced_by is None  # delivered before the revocation: left alone
+    with pk.node.db.transaction() as session:
+        key_service.apply_peer_manifest(session, change.manifest.raw, node="jp", now=utc_now())
+    deliver(jp, pk, resent.bundle_id)
+    with pk.node.db.transaction() as session:
+        received = {r.bundle_id: r for r in session.scalars(select(InboxEntry))}
+    assert queued not in received
+    assert received[resent.bundle_id].replaces == queued  # named, though never seen here
+    assert received[delivered].suspect_since is None
