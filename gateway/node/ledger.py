@@ -489,9 +489,9 @@ class _TrustedUntil:
             if entry.use != "sign" or not entry.valid_at(at):
                 raise
             self._notes.append(
-                f"a checkpoint of {format_time(at)} is signed by key {key_id}, distrusted later "
-                f"(from {format_time(revoked.distrusted_from)}); it was stored while the key "
-                "was trusted"
+                f"a checkpoint of {format_time(at)} is signed by key {key_id}, revoked later "
+                f"(distrusted from {format_time(revoked.distrusted_from)}); it was stored "
+                "while the key was trusted"
             )
             return VerifyKey(bytes(entry.public))
 
