@@ -37,6 +37,7 @@ from gateway.node.inbox import (
     read_bundle,
 )
 from gateway.node.outbox import describe_outbox_entry, list_outbox, send_case
+from gateway.node.resend import MAX_RESEND, resend_bundles
 from gateway.node.retention import purged_dates_of
 from gateway.node.runtime import utc_now
 
@@ -148,17 +149,46 @@ async def inbox_list(call: Call) -> web.StreamResponse:
         channels = await call.run(lambda: list_gaps(call.node))
         return json_response({"gaps": [c.to_dict() for c in channels]})
     case_type = call.query("type")
-    rows = await call.run(lambda: list_inbox(call.node, case_type=case_type))
+    suspect = _flag(call, "suspect")
+    rows = await call.run(lambda: list_inbox(call.node, case_type=case_type, suspect=suspect))
     purged = await call.run(lambda: purged_dates_of(call.node, Direction.RECEIVED))
     return json_response(
         {"bundles": [describe_inbox_entry(r, purged.get(r.bundle_id)) for r in rows]}
     )
 
 
+def _flag(call: Call, name: str) -> bool:
+    """A true/false query parameter (absent: false)."""
+    value = call.query(name)
+    if value not in (None, "true", "false"):
+        raise InvalidInput(f"query parameter {name} must be true or false")
+    return value == "true"
+
+
+async def resend(call: Call) -> web.StreamResponse:
+    body = await call.json_body()
+    refuse_unknown_fields(body, {"bundle_ids", "suspect"})
+    ids = body.get("bundle_ids", [])
+    if (
+        not isinstance(ids, list)
+        or len(ids) > MAX_RESEND
+        or not all(isinstance(i, str) and 0 < len(i) <= 64 for i in ids)
+    ):
+        raise InvalidInput(f"field 'bundle_ids' must be a list of at most {MAX_RESEND} bundle ids")
+    suspect = body.get("suspect", False)
+    if not isinstance(suspect, bool):
+        raise InvalidInput("field 'suspect' must be true or false")
+    keyring = call.keyring_provider()
+    report = await call.run(
+        lambda: resend_bundles(call.node, keyring, call.actor, ids, suspect=suspect, now=utc_now())
+    )
+    return json_response(report.to_dict(), status=201 if report.resent else 200)
+
+
 async def outbox_list(call: Call) -> web.StreamResponse:
     state = call.query("state")
-    if state not in (None, "queued", "delivered"):
-        raise InvalidInput("query parameter state must be queued or delivered")
+    if state not in (None, "queued", "delivered", "replaced"):
+        raise InvalidInput("query parameter state must be queued, delivered or replaced")
     rows = await call.run(lambda: list_outbox(call.node, state=state))
     purged = await call.run(lambda: purged_dates_of(call.node, Direction.SENT))
     return json_response(
@@ -166,7 +196,9 @@ async def outbox_list(call: Call) -> web.StreamResponse:
     )
 
 
-def _read_with_attachments(call: Call, bundle_id: str) -> tuple[ReadBundle, list[dict[str, Any]]]:
+def _read_with_attachments(
+    call: Call, bundle_id: str, *, accept_suspect: bool
+) -> tuple[ReadBundle, list[dict[str, Any]]]:
     keyring = call.keyring_provider()
     folder = Path(tempfile.mkdtemp(prefix="gateway-api-show-"))
     try:
@@ -179,6 +211,7 @@ def _read_with_attachments(call: Call, bundle_id: str) -> tuple[ReadBundle, list
             out_dir=folder,
             now=utc_now(),
             track_outputs=False,
+            accept_suspect=accept_suspect,
         )
         case_file = f"{shown.bundle_id}.json"
         parts = [path for path in shown.written if path.name != case_file]
@@ -207,14 +240,23 @@ async def bundles_show(call: Call) -> web.StreamResponse:
     with_parts = call.query("attachments")
     if with_parts not in (None, "true", "false"):
         raise InvalidInput("query parameter attachments must be true or false")
+    accept_suspect = _flag(call, "accept_suspect")
     attachments: list[dict[str, Any]] | None = None
     if with_parts == "true":
-        shown, attachments = await call.run(lambda: _read_with_attachments(call, bundle_id))
+        shown, attachments = await call.run(
+            lambda: _read_with_attachments(call, bundle_id, accept_suspect=accept_suspect)
+        )
     else:
         keyring = call.keyring_provider()
         shown = await call.run(
             lambda: read_bundle(
-                call.node, keyring, call.actor, bundle_id, out_dir=None, now=utc_now()
+                call.node,
+                keyring,
+                call.actor,
+                bundle_id,
+                out_dir=None,
+                now=utc_now(),
+                accept_suspect=accept_suspect,
             )
         )
     data = shown.to_dict()
@@ -240,5 +282,12 @@ ROUTES = (
         "show",
         bundles_show,
         "Decrypt a bundle for the acting officer; the read is recorded",
+    ),
+    ApiRoute(
+        "POST",
+        "/api/v1/resend",
+        "resend",
+        resend,
+        "Re-seal sent bundles under the current keys, each naming the one it replaces",
     ),
 )

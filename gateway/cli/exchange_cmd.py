@@ -31,10 +31,11 @@ from gateway.node.outbox import (
     list_outbox,
     send_case,
 )
+from gateway.node.resend import resend_bundles
 from gateway.node.retention import purged_dates_of
 from gateway.node.runtime import utc_now
 
-__all__ = ["COMMANDS", "inbox", "outbox", "send", "show", "sync"]
+__all__ = ["COMMANDS", "inbox", "outbox", "resend", "send", "show", "sync"]
 
 MAX_CASE_FILE_BYTES = 4 * 1024 * 1024
 
@@ -156,12 +157,35 @@ def _purged_note(purged_at: datetime | None) -> str:
     return f"  purged {purged_at.strftime('%Y-%m-%d')}" if purged_at is not None else ""
 
 
+def _links(row: Any) -> str:
+    """The flags of an inbox or outbox row: suspect, and the resend links."""
+    parts = []
+    if getattr(row, "suspect_since", None) is not None:
+        parts.append("SUSPECT")
+    if row.replaces:
+        parts.append(f"replaces {row.replaces}")
+    if row.replaced_by:
+        parts.append(f"replaced by {row.replaced_by}")
+    return ("  " + "; ".join(parts)) if parts else ""
+
+
 @click.command(cls=GatewayCommand)
 @click.option("--type", "case_type", help="Only bundles of this type.")
 @click.option("--gaps", is_flag=True, help="Show missing sequence numbers per channel instead.")
+@click.option(
+    "--suspect",
+    is_flag=True,
+    help="Only bundles marked suspect: signed by a key the peer revoked, received after "
+    "the key was distrusted.",
+)
 @pass_app
-def inbox(app: AppContext, case_type: str | None, gaps: bool) -> None:
-    """List the bundles received from the peer (metadata only; `show` decrypts)."""
+def inbox(app: AppContext, case_type: str | None, gaps: bool, suspect: bool) -> None:
+    """List the bundles received from the peer (metadata only; `show` decrypts).
+
+    A bundle is flagged SUSPECT when the peer revoked its signing key with a
+    distrust time before the bundle arrived; "replaces X" / "replaced by Y"
+    link a bundle the peer re-sent under its new keys (gateway resend).
+    """
     app.actor("inbox")
     node = app.node()
     if gaps:
@@ -179,16 +203,18 @@ def inbox(app: AppContext, case_type: str | None, gaps: bool) -> None:
 
         app.emit({"gaps": gap_data}, gap_text)
         return
-    rows = list_inbox(node, case_type=case_type)
+    rows = list_inbox(node, case_type=case_type, suspect=suspect)
     purged = purged_dates_of(node, Direction.RECEIVED)
     data = [describe_inbox_entry(r, purged.get(r.bundle_id)) for r in rows]
 
     def text() -> str:
         if not rows:
-            return "inbox is empty"
+            return "no suspect bundles" if suspect else "inbox is empty"
         return "\n".join(
             f"{r.bundle_id}  {r.case_type:<22} from {r.sender}  #{r.sequence:<6} "
-            f"{_time(r.created_at)}  {r.marking}" + _purged_note(purged.get(r.bundle_id))
+            f"{_time(r.created_at)}  {r.marking}"
+            + _purged_note(purged.get(r.bundle_id))
+            + _links(r)
             for r in rows
         )
 
@@ -197,7 +223,9 @@ def inbox(app: AppContext, case_type: str | None, gaps: bool) -> None:
 
 @click.command(cls=GatewayCommand)
 @click.option(
-    "--state", type=click.Choice(["queued", "delivered"]), help="Only bundles in this state."
+    "--state",
+    type=click.Choice(["queued", "delivered", "replaced"]),
+    help="Only bundles in this state (replaced: never delivered, re-sent as another).",
 )
 @pass_app
 def outbox(app: AppContext, state: str | None) -> None:
@@ -222,6 +250,7 @@ def outbox(app: AppContext, state: str | None) -> None:
             lines.append(
                 f"{r.bundle_id}  {r.case_type:<22} to {r.recipient}  #{r.sequence:<6} {status}"
                 + _purged_note(purged.get(r.bundle_id))
+                + _links(r)
             )
         return "\n".join(lines)
 
@@ -236,9 +265,19 @@ def outbox(app: AppContext, state: str | None) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Write the case and its attachments into this folder (made if missing).",
 )
+@click.option(
+    "--accept-suspect",
+    is_flag=True,
+    help="Open a suspect bundle (signed by a key distrusted before it arrived); the "
+    "acceptance is recorded in the ledger under your name.",
+)
 @pass_app
-def show(app: AppContext, bundle_id: str, out_dir: Path | None) -> None:
-    """Decrypt a bundle for the acting officer and print its case; the read is logged."""
+def show(app: AppContext, bundle_id: str, out_dir: Path | None, accept_suspect: bool) -> None:
+    """Decrypt a bundle for the acting officer and print its case; the read is logged.
+
+    A bundle whose signing key was revoked after it arrived opens as "verified
+    while trusted"; a suspect one is refused (exit 4) unless --accept-suspect.
+    """
     actor = app.actor("show")
     node = app.node()
     if out_dir is not None:
@@ -246,13 +285,27 @@ def show(app: AppContext, bundle_id: str, out_dir: Path | None) -> None:
             out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise InvalidInput(f"{out_dir}: cannot be made ({exc.strerror})") from None
-    shown = read_bundle(node, app.keyring(), actor, bundle_id, out_dir=out_dir, now=utc_now())
+    shown = read_bundle(
+        node,
+        app.keyring(),
+        actor,
+        bundle_id,
+        out_dir=out_dir,
+        now=utc_now(),
+        accept_suspect=accept_suspect,
+    )
     data = {**shown.to_dict(), "written": [str(p) for p in shown.written]}
+    notes = {
+        "verified-while-trusted": "its signing key was revoked later: verified while trusted",
+        "suspect-accepted": "SUSPECT: opened on your acceptance, recorded in the ledger",
+    }
 
     def text() -> str:
         lines = [
             f"bundle {shown.bundle_id}: {shown.case_type} from {shown.sender} "
             f"({shown.marking}), created {_time(shown.created_at)}",
+            *([notes[shown.trust]] if shown.trust in notes else []),
+            *([f"replaces {shown.replaces}"] if shown.replaces else []),
             json.dumps(shown.case, indent=2, ensure_ascii=False, sort_keys=True),
         ]
         lines += [f"written: {p}" for p in shown.written]
@@ -261,4 +314,43 @@ def show(app: AppContext, bundle_id: str, out_dir: Path | None) -> None:
     app.emit(data, text)
 
 
-COMMANDS = (send, sync, inbox, outbox, show)
+@click.command(cls=GatewayCommand)
+@click.argument("bundle_ids", nargs=-1, metavar="[BUNDLE_ID]...")
+@click.option(
+    "--suspect",
+    is_flag=True,
+    help="Every sent bundle whose copy at the peer is suspect (signed by a key of ours "
+    "revoked with a distrust time before it was made) and not re-sent yet.",
+)
+@pass_app
+def resend(app: AppContext, bundle_ids: Sequence[str], suspect: bool) -> None:
+    """Re-seal bundles this node sent under the current keys; each names the one it replaces.
+
+    \b
+    The peer links the new bundle to the original ("replaced by" in its inbox).
+    A suspect bundle at the peer that no resend replaces was not sent by this
+    node. Consent documents are not re-sent: issue the consent again.
+    """
+    actor = app.actor("resend")
+    node = app.node()
+    if bool(bundle_ids) == suspect:
+        raise click.UsageError("give the ids of bundles to resend, or --suspect, not both")
+    report = resend_bundles(
+        node, app.keyring(), actor, list(bundle_ids), suspect=suspect, now=utc_now()
+    )
+
+    def text() -> str:
+        lines = [f"{r.bundle_id}  {r.case_type:<22} replaces {r.original}" for r in report.resent]
+        if not lines:
+            lines.append("nothing to resend")
+        lines += [
+            f"not re-sent (consent document, issue it again): {b}" for b in report.skipped_consent
+        ]
+        if report.resent:
+            lines.append(f"{len(report.resent)} bundle(s) queued for the peer")
+        return "\n".join(lines)
+
+    app.emit(report.to_dict(), text)
+
+
+COMMANDS = (send, sync, inbox, outbox, show, resend)

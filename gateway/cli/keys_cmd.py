@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
 from gateway.core.keys import KeyManifest, format_time
 from gateway.node import keys as key_service
+from gateway.node.ledger import parse_since
 from gateway.node.runtime import utc_now
 
 __all__ = ["keys", "manifest_text"]
@@ -150,19 +152,77 @@ def rotate(app: AppContext, root_key: Path | None) -> None:
     )
 
 
+def _impact_text(impact: dict[str, Any]) -> str:
+    """What a revocation marks suspect at the peer, in words (see ``revocation_impact``)."""
+    if impact["use"] != "sign":
+        return (
+            f"Key {impact['key_id']} is an encryption key: the peer stops sealing to it; "
+            "nothing stored becomes suspect."
+        )
+    suspect = impact["suspect_at_peer"]
+    queued = len(impact["undelivered"])
+    return (
+        f"Key {impact['key_id']} is distrusted from {format_time(impact['distrusted_from'])}. "
+        f"Of the bundles this node sent under it, {impact['verified_while_trusted_at_peer']} "
+        f"stay readable at the peer (verified while trusted) and {suspect} become suspect "
+        "there"
+        + (
+            f"; {queued} still queued under it will be refused by the peer as they are"
+            if queued
+            else ""
+        )
+        + (": re-send them with 'gateway resend --suspect'." if suspect or queued else ".")
+    )
+
+
 @keys.command("revoke")
 @click.argument("key_id")
 @click.option("--reason", required=True, help="Why the key is withdrawn (kept in the manifest).")
+@click.option(
+    "--compromised-since",
+    "compromised_since",
+    metavar="TIME",
+    help="When the key may have left your control (ISO 8601, UTC if no zone). What the "
+    "peer received under it from then on is marked suspect. Default: the revocation time.",
+)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
 @_ROOT_KEY_OPTION
 @pass_app
-def revoke(app: AppContext, key_id: str, reason: str, root_key: Path | None) -> None:
-    """Revoke an operational key for good (compromise, loss).
+def revoke(
+    app: AppContext,
+    key_id: str,
+    reason: str,
+    compromised_since: str | None,
+    yes: bool,
+    root_key: Path | None,
+) -> None:
+    """Revoke an operational key for good (compromise, loss), from a given time.
 
-    A key in use is replaced at once. The peer refuses anything signed with a
-    revoked key from the moment it has the new manifest.
+    \b
+    A key in use is replaced at once. The peer refuses anything new signed
+    with the key from the moment it has the new manifest; what it received
+    before the key was distrusted (the revocation time, or --compromised-since)
+    stays readable as "verified while trusted", what it received after is
+    marked suspect. Before acting, the command says how many of the bundles
+    this node sent become suspect at the peer, and asks to confirm (--yes for
+    scripts; without a terminal, --yes is required).
     """
     actor = app.actor("keys.revoke")
     node = app.node()
+    since = parse_since(compromised_since, named="--compromised-since ")
+    now = utc_now()
+    with node.db.transaction() as session:
+        preview = key_service.preview_revocation(
+            node.settings, session, key_id, reason, now=now, compromised_since=since
+        )
+    if not yes:
+        if app.as_json or not sys.stdin.isatty():
+            raise click.UsageError(
+                f"revoking {key_id} needs confirmation: {_impact_text(preview.to_dict())} "
+                "Run it on a terminal, or add --yes."
+            )
+        click.echo(_impact_text(preview.to_dict()), err=True)
+        click.confirm(f"Revoke key {key_id} for good?", abort=True, err=True)
     passphrase = app.passphrase()
     with node.db.transaction() as session:
         change = key_service.revoke_key(
@@ -174,12 +234,15 @@ def revoke(app: AppContext, key_id: str, reason: str, root_key: Path | None) -> 
             now=utc_now(),
             actor=actor,
             root_key_file=root_key,
+            compromised_since=since,
         )
-    lines = [f"Revoked key {key_id}."]
+    assert change.impact is not None
+    impact = change.impact.to_dict()
+    lines = [f"Revoked key {key_id}.", _impact_text(impact)]
     if change.added:
         lines.append(f"Replaced by new key(s) {', '.join(change.added)}.")
     app.emit(
-        _revocation_data(change),
+        {**_revocation_data(change), "impact": impact},
         lambda: _change_text(change.manifest, lines),
     )
 

@@ -409,6 +409,7 @@ class Missing(StrEnum):
     EXPIRED = "consent expired"
     NOT_YET_VALID = "consent not yet valid"
     REVOKED = "consent revoked"
+    SUSPECT = "consent suspect: its signing key was distrusted before it arrived"
     USES_SPENT = "uses spent"
     OTHER_RECIPIENT = "consent is for another recipient"
     OTHER_PURPOSE = "consent is for another purpose"
@@ -420,6 +421,7 @@ class Missing(StrEnum):
 _CHECK_ORDER = (
     Missing.OTHER_RECIPIENT,
     Missing.OTHER_PURPOSE,
+    Missing.SUSPECT,
     Missing.REVOKED,
     Missing.NOT_YET_VALID,
     Missing.EXPIRED,
@@ -451,6 +453,10 @@ class ConsentState:
     grant: ConsentGrant
     revoked_at: datetime | None = None
     uses_spent: int = 0
+    suspect: bool = False
+    """The grant arrived in a bundle marked suspect (its signing key was revoked
+    and distrusted from before it arrived): it authorises nothing; the
+    originator issues the consent again."""
 
     @property
     def consent_id(self) -> str:
@@ -466,6 +472,8 @@ def consent_problem(
         return Missing.OTHER_RECIPIENT
     if grant.purpose_key != normalise_name(purpose):
         return Missing.OTHER_PURPOSE
+    if state.suspect:
+        return Missing.SUSPECT
     if state.revoked_at is not None:
         return Missing.REVOKED
     if now < grant.valid_from:

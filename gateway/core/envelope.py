@@ -74,7 +74,15 @@ from pydantic import BaseModel
 from gateway.core.canonical import canonical_bytes, parse_canonical
 from gateway.core.cases import CASE_TYPES, InvalidCase, case_type_for, validate_case
 from gateway.core.domain import Purpose, tagged
-from gateway.core.keys import KeyManifest, KeyNotUsable, NodeKeyring, format_time, parse_time
+from gateway.core.keys import (
+    KeyManifest,
+    KeyNotUsable,
+    NodeKeyring,
+    SignatureSuspect,
+    StoredTrust,
+    format_time,
+    parse_time,
+)
 from gateway.core.policy import Limits, Marking, Policy
 from gateway.core.secretstream import (
     CHUNK_SIZE,
@@ -109,6 +117,7 @@ __all__ = [
     "EnvelopeSignatureInvalid",
     "EnvelopeSigningKeyInvalid",
     "EnvelopeStale",
+    "EnvelopeSuspect",
     "EnvelopeTooLarge",
     "OpenedAttachment",
     "OpenedEnvelope",
@@ -164,6 +173,8 @@ _HEADER_FIELDS = frozenset(
         "ciphertext_sha256",
     }
 )
+_OPTIONAL_HEADER_FIELDS = frozenset({"replaces"})
+"""Header fields present only when used; absent, the header is byte for byte as before."""
 _MAX_SEQUENCE = 2**53 - 1
 
 
@@ -193,6 +204,13 @@ class EnvelopeSenderInvalid(EnvelopeInvalid):
 
 class EnvelopeSigningKeyInvalid(EnvelopeInvalid):
     check = "signing-key"
+
+
+class EnvelopeSuspect(EnvelopeInvalid):
+    """A stored envelope signed by a key distrusted before it was stored (see
+    :meth:`~gateway.core.keys.KeyManifest.stored_signing_key`)."""
+
+    check = "suspect"
 
 
 class EnvelopeRecipientInvalid(EnvelopeInvalid):
@@ -278,6 +296,8 @@ class EnvelopeHeader:
     attachment_sizes: tuple[int, ...]
     ciphertext_sha256: bytes
     raw: bytes
+    replaces: str | None = None
+    """The bundle this one re-sends under current keys (``gateway resend``), if any."""
 
     @property
     def attachment_count(self) -> int:
@@ -316,6 +336,9 @@ class OpenedEnvelope:
     attachments: tuple[AttachmentInfo, ...]
     written: tuple[OpenedAttachment, ...]
     """The attachments decrypted into sinks (all of them when a sink factory was given)."""
+    trust: StoredTrust = StoredTrust.VALID
+    """How the signing key was judged (``verified-while-trusted`` for a key revoked
+    after the envelope was stored; ``suspect-accepted`` when a person accepted it)."""
 
 
 # --- primitives --------------------------------------------------------------------
@@ -406,7 +429,7 @@ def _parse_header(raw: bytes, limits: Limits) -> EnvelopeHeader:
     if not isinstance(body, dict):
         raise _fail_format("header must be a JSON object")
     missing = _HEADER_FIELDS - set(body)
-    extra = set(body) - _HEADER_FIELDS
+    extra = set(body) - _HEADER_FIELDS - _OPTIONAL_HEADER_FIELDS
     if missing or extra:
         raise _fail_format(
             "header fields "
@@ -437,6 +460,13 @@ def _parse_header(raw: bytes, limits: Limits) -> EnvelopeHeader:
         not isinstance(reply_to, str) or not _BUNDLE_ID_RE.fullmatch(reply_to)
     ):
         raise _fail_format("header field reply_to is malformed")
+    replaces = None
+    if "replaces" in body:
+        replaces = body["replaces"]
+        if not isinstance(replaces, str) or not _BUNDLE_ID_RE.fullmatch(replaces):
+            raise _fail_format("header field replaces is malformed")
+        if replaces == body.get("bundle_id"):
+            raise _fail_format("a bundle cannot replace itself")
     chunk_size = _int_field(body, "chunk_size", CHUNK_SIZE, CHUNK_SIZE)
     sizes = body["attachment_sizes"]
     if not isinstance(sizes, list) or len(sizes) > limits.max_attachments:
@@ -489,6 +519,7 @@ def _parse_header(raw: bytes, limits: Limits) -> EnvelopeHeader:
         attachment_sizes=tuple(attachment_sizes),
         ciphertext_sha256=bytes.fromhex(_str_field(body, "ciphertext_sha256", _HEX64_RE)),
         raw=raw,
+        replaces=replaces,
     )
     if header.envelope_size > limits.max_envelope_bytes:
         raise EnvelopeTooLarge(
@@ -559,6 +590,7 @@ def seal(
     now: datetime,
     marking: Marking | None = None,
     reply_to: str | None = None,
+    replaces: str | None = None,
     random: Callable[[int], bytes] = nacl.utils.random,
 ) -> SealedEnvelope:
     """Seal a case and its attachments for the peer (and for our own archive).
@@ -580,6 +612,8 @@ def seal(
         raise InvalidInput("sequence must be a positive integer")
     if reply_to is not None and not _BUNDLE_ID_RE.fullmatch(reply_to):
         raise InvalidInput("reply_to must be a bundle id")
+    if replaces is not None and not _BUNDLE_ID_RE.fullmatch(replaces):
+        raise InvalidInput("replaces must be a bundle id")
     chosen_marking: Marking = marking if marking is not None else policy.default_marking
     if chosen_marking not in ("confidential", "public"):
         raise InvalidInput("marking must be confidential or public")
@@ -638,6 +672,8 @@ def seal(
         "attachment_sizes": sizes,
         "ciphertext_sha256": "0" * 64,
     }
+    if replaces is not None:
+        fields["replaces"] = replaces  # signed with the rest of the header
     placeholder = _header_json(fields)
     if len(placeholder) > limits.max_header_bytes:
         raise PolicyRefused("envelope header exceeds the limit", reason="policy.header-size")
@@ -704,6 +740,7 @@ class _Verified:
     header: EnvelopeHeader
     content_key: bytes
     ciphertext_offset: int
+    trust: StoredTrust
 
 
 def _verify(
@@ -714,6 +751,8 @@ def _verify(
     policy: Policy,
     now: datetime,
     allow_archive: bool,
+    stored_at: datetime | None = None,
+    accept_suspect: bool = False,
 ) -> _Verified:
     limits = policy.limits
     start = stream.tell() if stream.seekable() else 0
@@ -742,7 +781,18 @@ def _verify(
             f"envelope is sealed to encryption key {our_key_id}, which this node does not hold"
         )
     try:
-        verify_key = signer.signing_key(header.signing_key_id, at=header.created_at)
+        if stored_at is None:
+            verify_key = signer.signing_key(header.signing_key_id, at=header.created_at)
+            trust = StoredTrust.VALID
+        else:
+            verify_key, trust = signer.stored_signing_key(
+                header.signing_key_id,
+                at=header.created_at,
+                stored_at=stored_at,
+                accept_suspect=accept_suspect,
+            )
+    except SignatureSuspect as exc:
+        raise EnvelopeSuspect(f"envelope {header.bundle_id}: {exc.message}") from None
     except KeyNotUsable as exc:
         raise EnvelopeSigningKeyInvalid(f"envelope signing key refused: {exc.message}") from None
     signature = read_exact(stream, SIGNATURE_BYTES)
@@ -798,6 +848,7 @@ def _verify(
         header=header,
         content_key=content_key,
         ciphertext_offset=start + PREFIX_BYTES + len(raw) + SIGNATURE_BYTES,
+        trust=trust,
     )
 
 
@@ -894,8 +945,18 @@ def open_envelope(
     policy: Policy,
     now: datetime,
     sink_factory: Callable[[AttachmentInfo], BinaryIO] | None = None,
+    stored_at: datetime | None = None,
+    accept_suspect: bool = False,
 ) -> OpenedEnvelope:
     """Verify everything (as :func:`verify_envelope`), then decrypt.
+
+    ``stored_at`` is given when opening an envelope this node stored earlier:
+    the time it recorded it (received it, or for an archive copy made it). A
+    signing key revoked since is then judged by
+    :meth:`~gateway.core.keys.KeyManifest.stored_signing_key`: stored before the
+    key was distrusted, it opens (``trust`` says ``verified-while-trusted``);
+    stored after, :class:`EnvelopeSuspect` unless ``accept_suspect``. Without
+    ``stored_at`` a revoked key is refused, as on receipt.
 
     ``stream`` must be seekable: the first pass verifies the signature and the
     ciphertext hash without decrypting a byte; the second decrypts. The case is
@@ -913,6 +974,8 @@ def open_envelope(
         policy=policy,
         now=now,
         allow_archive=True,
+        stored_at=stored_at,
+        accept_suspect=accept_suspect,
     )
     header = verified.header
     stream.seek(verified.ciphertext_offset)
@@ -958,4 +1021,5 @@ def open_envelope(
         case_data=case_data,
         attachments=infos,
         written=tuple(written),
+        trust=verified.trust,
     )

@@ -22,11 +22,17 @@ version strictly higher than the pinned one, not expired, for the expected
 node, keys well-formed. The first manifest of a peer is anchored by its root
 fingerprint, read out of band.
 
-Revocation is total: a revoked key is refused for every time, because whoever
-holds a compromised key can claim any signing time, and for good: a later
-manifest that still lists the key must still revoke it. A key retired by ordinary
-rotation is not revoked: its window ends, and signatures made inside the window
-still verify.
+Revocation has a time. A revoked key is refused for every *new* signature,
+whatever signing time it claims (whoever holds a compromised key can claim any),
+and for good: a later manifest that still lists the key must still revoke it.
+What a receiver stored *before* the key was distrusted stays trustworthy: the
+revocation names when trust ended (``revoked_at``, or the earlier
+``compromised_since`` when the key may have been in other hands before it was
+revoked), and a signature stored before that moment, by the receiver's own clock
+and record, is "verified while trusted" (:meth:`KeyManifest.stored_signing_key`).
+One stored at or after it is *suspect*: refused unless a person explicitly
+accepts it. A key retired by ordinary rotation is not revoked: its window ends,
+and signatures made inside the window still verify.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any, Literal
 
 import nacl.exceptions
@@ -63,6 +70,8 @@ __all__ = [
     "ManifestSignature",
     "NodeKeyring",
     "Revocation",
+    "SignatureSuspect",
+    "StoredTrust",
     "fingerprint",
     "fingerprints_match",
     "format_time",
@@ -100,6 +109,30 @@ class KeyNotUsable(VerificationError):
 
     check = "signing-key"
     reason = "keys.not-usable"
+
+
+class SignatureSuspect(KeyNotUsable):
+    """A stored signature by a revoked key, stored after the key was distrusted.
+
+    It may be a forgery by whoever held the key; it is opened only when a
+    person accepts the risk explicitly (``--accept-suspect``).
+    """
+
+    check = "suspect"
+    reason = "keys.suspect"
+
+
+class StoredTrust(StrEnum):
+    """How a stored signature's key was judged when it was checked again.
+
+    ``valid``: the key is not revoked. ``verified-while-trusted``: the key was
+    revoked, but the signature was stored before it was distrusted.
+    ``suspect-accepted``: stored after, opened because a person accepted it.
+    """
+
+    VALID = "valid"
+    VERIFIED_WHILE_TRUSTED = "verified-while-trusted"
+    SUSPECT_ACCEPTED = "suspect-accepted"
 
 
 class ManifestRejected(VerificationError):
@@ -247,18 +280,36 @@ class ManifestKey:
 
 @dataclass(frozen=True, slots=True)
 class Revocation:
-    """A key withdrawn for good (compromise, loss); refused at every time."""
+    """A key withdrawn for good (compromise, loss), and since when it is distrusted.
+
+    ``compromised_since`` (optional, never after ``revoked_at``) says the key may
+    have been in other hands before the revocation: what a receiver stored under
+    it from then on is suspect. Without it, trust ends at ``revoked_at``.
+    """
 
     key_id: str
     revoked_at: datetime
     reason: str
+    compromised_since: datetime | None = None
+
+    @property
+    def distrusted_from(self) -> datetime:
+        """The moment from which what is stored under the key is suspect."""
+        return self.compromised_since if self.compromised_since is not None else self.revoked_at
+
+    def distrusts(self, stored_at: datetime) -> bool:
+        """True when something stored at ``stored_at`` under the key is suspect."""
+        return stored_at >= self.distrusted_from
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        result = {
             "key_id": self.key_id,
             "revoked_at": format_time(self.revoked_at),
             "reason": self.reason,
         }
+        if self.compromised_since is not None:
+            result["compromised_since"] = format_time(self.compromised_since)
+        return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +376,46 @@ class KeyManifest:
                 f"not at {format_time(at)}"
             )
         return nacl.signing.VerifyKey(entry.public)
+
+    def stored_signing_key(
+        self, key_id: str, *, at: datetime, stored_at: datetime, accept_suspect: bool = False
+    ) -> tuple[nacl.signing.VerifyKey, StoredTrust]:
+        """The verify key for a signature this node *stored* at ``stored_at``.
+
+        ``at`` is the signing time the signed document claims; ``stored_at`` is
+        when this node received and recorded it (its own clock, in its receipt
+        and ledger). As :meth:`signing_key`, except for a revoked key: a
+        signature stored before the revocation's :attr:`Revocation.distrusted_from`
+        was verified while the key was trusted and still counts
+        (``verified-while-trusted``); one stored at or after it raises
+        :class:`SignatureSuspect` unless ``accept_suspect`` (then
+        ``suspect-accepted``). Unknown ids, encryption keys and signing times
+        outside the key's window are refused (:class:`KeyNotUsable`) as ever.
+        """
+        revoked = self.revocation(key_id)
+        if revoked is None:
+            return self.signing_key(key_id, at=at), StoredTrust.VALID
+        entry = self.key(key_id)
+        if entry.use != "sign":
+            raise KeyNotUsable(f"key {key_id!r} of node {self.node!r} is not a signing key")
+        if not entry.valid_at(at):
+            raise KeyNotUsable(
+                f"signing key {key_id!r} of node {self.node!r} is valid from "
+                f"{format_time(entry.not_before)} until {format_time(entry.not_after)}, "
+                f"not at {format_time(at)}"
+            )
+        trust = StoredTrust.VERIFIED_WHILE_TRUSTED
+        if revoked.distrusts(stored_at):
+            if not accept_suspect:
+                raise SignatureSuspect(
+                    f"signing key {key_id!r} of node {self.node!r} is distrusted from "
+                    f"{format_time(revoked.distrusted_from)} ({revoked.reason}); this was "
+                    f"stored at {format_time(stored_at)}, after that: it is suspect. "
+                    "Ask the sender to resend it ('gateway resend'); an officer may open "
+                    "it with 'gateway show --accept-suspect' (recorded in the ledger)"
+                )
+            trust = StoredTrust.SUSPECT_ACCEPTED
+        return nacl.signing.VerifyKey(entry.public), trust
 
     def encryption_key(self, key_id: str) -> ManifestKey:
         """The encryption key ``key_id`` if listed, of use ``encrypt`` and not revoked."""
@@ -544,7 +635,9 @@ def _manifest_from_payload(
     revoked: set[str] = set()
     for index, item in enumerate(raw_revocations):
         name = f"revocations[{index}]"
-        body = _fields(item, name, {"key_id", "revoked_at", "reason"})
+        body = _fields(
+            item, name, {"key_id", "revoked_at", "reason"}, frozenset({"compromised_since"})
+        )
         kid = _key_id_field(body["key_id"], f"{name}.key_id")
         if kid not in seen:
             raise _format(f"{name}: key {kid} is not listed in keys")
@@ -562,7 +655,12 @@ def _manifest_from_payload(
             or not reason.isprintable()
         ):
             raise _format(f"{name}.reason must be 1 to {MAX_REASON_CHARS} printable characters")
-        revocations.append(Revocation(kid, revoked_at, reason))
+        compromised_since = None
+        if "compromised_since" in body:
+            compromised_since = parse_time(body["compromised_since"], f"{name}.compromised_since")
+            if compromised_since > revoked_at:
+                raise _format(f"{name}: compromised_since must not be after revoked_at")
+        revocations.append(Revocation(kid, revoked_at, reason, compromised_since))
     for use in ("sign", "encrypt"):
         if not any(k.use == use and k.key_id not in revoked for k in keys):
             raise _format(f"no unrevoked {use} key is listed")
@@ -620,8 +718,9 @@ def verify_manifest(
     trust and must match the root. With a pinned manifest, the new one must
     be signed by the pinned root (or by it and a new root it hands over to),
     and its version must be higher (an equal version is a replay, a lower one
-    a rollback), and every key the pinned one revoked must stay revoked if it is
-    still listed. It must not be expired at ``now`` nor issued in the future.
+    a rollback), and every key the pinned one revoked must stay revoked, with
+    the very same revocation (time, compromise time, reason), if it is still
+    listed. It must not be expired at ``now`` nor issued in the future.
     """
     manifest = parse_manifest(raw)
     if manifest.node != node:
@@ -672,17 +771,30 @@ def verify_manifest(
                 f"the pinned version {pinned.version} (rollback refused)",
                 check="manifest-rollback",
             )
-        still_revoked = {r.key_id for r in manifest.revocations}
+        still_revoked = {r.key_id: r for r in manifest.revocations}
+        listed_ids = {k.key_id for k in manifest.keys}
         unrevoked = sorted(
             r.key_id
             for r in pinned.revocations
-            if r.key_id not in still_revoked and any(k.key_id == r.key_id for k in manifest.keys)
+            if r.key_id not in still_revoked and r.key_id in listed_ids
         )
         if unrevoked:
             raise ManifestRejected(
                 f"key manifest of node {node!r} version {manifest.version} lists key(s) "
                 f"{', '.join(unrevoked)} without the revocation the pinned version carries "
                 "(a revoked key stays revoked)",
+                check="manifest-revocation",
+            )
+        rewritten = sorted(
+            r.key_id
+            for r in pinned.revocations
+            if r.key_id in still_revoked and still_revoked[r.key_id] != r
+        )
+        if rewritten:
+            raise ManifestRejected(
+                f"key manifest of node {node!r} version {manifest.version} changes the "
+                f"revocation of key(s) {', '.join(rewritten)} (its time, compromise time or "
+                "reason): a revocation, once pinned, is kept as it was",
                 check="manifest-revocation",
             )
     if now >= manifest.expires_at:

@@ -114,6 +114,9 @@ class EntryKind(StrEnum):
     EQUIVOCATION = "equivocation"
     BUNDLE_PURGED = "bundle-purged"
     OUTPUT_PURGED = "output-purged"
+    BUNDLE_SUSPECT = "bundle-suspect"
+    SUSPECT_ACCEPTED = "suspect-accepted"
+    BUNDLE_RESENT = "bundle-resent"
 
 
 _KINDS = {kind.value: kind for kind in EntryKind}

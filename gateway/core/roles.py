@@ -42,6 +42,7 @@ ACTIONS: dict[str, frozenset[Role]] = {
     "send": _O,
     "inbox": _O,
     "show": _O,
+    "resend": _O,
     "consent.request": _O,
     "consent.grant": _O,
     "consent.deny": _O,

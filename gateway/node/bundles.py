@@ -182,11 +182,14 @@ def open_to_dir(
     peer_manifest: KeyManifest,
     policy: Policy,
     now: datetime,
+    stored_at: datetime | None = None,
 ) -> OpenedToDisk:
     """Verify and decrypt the envelope at ``envelope_path``.
 
     With ``out_dir``, attachments are written there (see the module text);
-    without it only the case is decrypted.
+    without it only the case is decrypted. ``stored_at``: when this node
+    stored the envelope (see :func:`~gateway.core.envelope.open_envelope`);
+    a suspect envelope is refused here, never accepted.
     """
     if out_dir is not None and not out_dir.is_dir():
         raise InvalidInput(f"{out_dir}: the output folder does not exist or is not a folder")
@@ -209,6 +212,7 @@ def open_to_dir(
                     policy=policy,
                     now=now,
                     sink_factory=sink_factory if out_dir is not None else None,
+                    stored_at=stored_at,
                 )
         except FileNotFoundError:
             raise InvalidInput(f"{envelope_path}: no such envelope file") from None

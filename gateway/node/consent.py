@@ -708,6 +708,7 @@ def _open_consent_bundle(
             policy=policy,
             now=entry.received_at,
             sink_factory=sink_factory,
+            stored_at=entry.received_at,  # a key revoked since: verified while trusted
         )
     if opened.header.type != entry.case_type or opened.header.bundle_id != entry.bundle_id:
         raise InvalidInput("the stored envelope does not match its inbox row")
@@ -766,7 +767,9 @@ def _apply_one(
         if raw is None:
             raise InvalidInput(f"consent grant carries no {GRANT_ATTACHMENT}")
         signed = SignedGrant.from_wire(parse_bounded_json(raw, max_bytes=2 * MAX_GRANT_BYTES))
-        key = peer.signing_key(entry.signing_key_id, at=entry.created_at)
+        key, _trust = peer.stored_signing_key(
+            entry.signing_key_id, at=entry.created_at, stored_at=entry.received_at
+        )
         written = verify_grant(
             signed,
             public_key=bytes(key),
@@ -933,6 +936,9 @@ def apply_pending(node: Node, keyring: NodeKeyring, *, now: datetime) -> list[st
 def load_consent_states(session: Session, bundle_ids: Sequence[str]) -> list[ConsentState]:
     """The received consents naming any of ``bundle_ids``, with revocation and uses.
 
+    A grant whose bundle this node marked suspect (docs/keys.md, "Revocation
+    with a time") comes back with ``suspect`` set, and authorises nothing.
+
     One query: read from the signed documents as received (the lookup columns
     only find them); revocations and uses as committed at the time of the call.
     """
@@ -947,12 +953,23 @@ def load_consent_states(session: Session, bundle_ids: Sequence[str]) -> list[Con
         .where(ConsentUse.consent_id == ConsentGrantRecord.consent_id)
         .scalar_subquery()
     )
+    suspect = (
+        select(func.count())
+        .select_from(InboxEntry)
+        .where(
+            InboxEntry.bundle_id == ConsentGrantRecord.bundle_id,
+            InboxEntry.sender == ConsentGrantRecord.granting_node,
+            InboxEntry.suspect_since.is_not(None),
+        )
+        .scalar_subquery()
+    )
     rows = session.execute(
         select(
             ConsentGrantRecord.consent_id,
             ConsentGrantRecord.document,
             ConsentRevocationRecord.revoked_at,
             spent,
+            suspect,
         )
         .outerjoin(
             ConsentRevocationRecord,
@@ -965,13 +982,20 @@ def load_consent_states(session: Session, bundle_ids: Sequence[str]) -> list[Con
         .order_by(ConsentGrantRecord.consent_id)
     ).all()
     states: list[ConsentState] = []
-    for consent_id, document, revoked_at, uses in rows:
+    for consent_id, document, revoked_at, uses, marked in rows:
         written = ConsentGrant.from_document(
             parse_bounded_json(bytes(document), max_bytes=MAX_GRANT_BYTES)
         )
         if written.consent_id != consent_id:
             raise StorageError(f"stored consent {consent_id} holds another consent's document")
-        states.append(ConsentState(written, revoked_at=revoked_at, uses_spent=int(uses or 0)))
+        states.append(
+            ConsentState(
+                written,
+                revoked_at=revoked_at,
+                uses_spent=int(uses or 0),
+                suspect=bool(marked),
+            )
+        )
     return states
 
 
@@ -997,6 +1021,11 @@ def list_consents(node: Node, keyring: NodeKeyring | None, *, now: datetime) -> 
         refused = session.scalars(
             select(ConsentApplied).where(ConsentApplied.outcome == "refused")
         ).all()
+        suspect = set(
+            session.scalars(
+                select(InboxEntry.bundle_id).where(InboxEntry.suspect_since.is_not(None))
+            )
+        )
         consents = []
         for row in grants:
             items = sorted(
@@ -1008,7 +1037,9 @@ def list_consents(node: Node, keyring: NodeKeyring | None, *, now: datetime) -> 
             )
             spent = int(uses.get(row.consent_id, 0))
             revocation = revoked.get(row.consent_id)
-            if revocation is not None:
+            if row.direction == Direction.RECEIVED and row.bundle_id in suspect:
+                state = "suspect"
+            elif revocation is not None:
                 state = "revoked"
             elif now >= row.valid_until:
                 state = "expired"
@@ -1216,6 +1247,7 @@ def _decrypt_items(
             peer_manifest=peer,
             policy=policy,
             now=entry.opened_at,
+            stored_at=entry.opened_at,  # a key revoked since: trusted if stored before
         )
         if not opened.files:
             attachments.rmdir()

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from gateway import log
 from gateway.core.canonical import canonical_bytes
 from gateway.core.envelope import EnvelopeHeader
-from gateway.core.keys import KeyManifest, NodeKeyring
+from gateway.core.keys import KeyManifest, NodeKeyring, StoredTrust
 from gateway.core.receipt import Checkpoint, ReceiptSigner, issue_receipt
 from gateway.core.retention import Direction
 from gateway.core.roles import SYSTEM, Actor
@@ -100,6 +100,7 @@ class EnvelopeFacts:
     reply_to: str | None
     signing_key_id: str
     header: bytes
+    replaces: str | None = None
 
 
 Verifier = Callable[[BinaryIO], EnvelopeFacts]
@@ -263,6 +264,7 @@ def _commit(
             equivocated = _record_equivocation(session, existing, facts, sha, now)
         else:
             channel = channel_name(facts.sender, facts.recipient)
+            replaced = _replaced_entry(session, facts)
             _ledger_event(
                 session,
                 kind="bundle-received",
@@ -274,8 +276,11 @@ def _commit(
                     "sequence": facts.sequence,
                     "marking": facts.marking,
                     "envelope_sha256": sha,
+                    **({"replaces": facts.replaces} if facts.replaces else {}),
                 },
             )
+            if replaced is not None:
+                replaced.replaced_by = facts.bundle_id
             # After the ledger append, which serialises receivers (BEGIN IMMEDIATE on
             # SQLite, an advisory lock on PostgreSQL): the highest sequence read here
             # is not racing a concurrent receive of the same channel.
@@ -304,6 +309,7 @@ def _commit(
                     envelope_sha256=sha,
                     envelope_size=size,
                     receipt=receipt,
+                    replaces=facts.replaces,
                 )
             )
             session.flush()
@@ -322,6 +328,32 @@ def _commit(
     crash_point("after-inbox-commit")
     _log.info("envelope_received", sender=facts.sender, bundle_id=facts.bundle_id)
     return receipt
+
+
+def _replaced_entry(session: Session, facts: EnvelopeFacts) -> InboxEntry | None:
+    """The received bundle a re-sent one names in its signed ``replaces`` field.
+
+    Linked only when it came from the same sender, is of the same type and is
+    not replaced already; otherwise the new bundle is kept as it is (its header
+    still names what it meant to replace) and the mismatch is logged.
+    """
+    if facts.replaces is None:
+        return None
+    original = session.scalars(
+        select(InboxEntry)
+        .where(InboxEntry.sender == facts.sender, InboxEntry.bundle_id == facts.replaces)
+        .with_for_update()
+    ).first()
+    if original is None or original.case_type != facts.case_type or original.replaced_by:
+        _log.warning(
+            "replacement_not_linked",
+            sender=facts.sender,
+            bundle_id=facts.bundle_id,
+            replaces=facts.replaces,
+            known=original is not None,
+        )
+        return None
+    return original
 
 
 def _record_equivocation(
@@ -363,12 +395,17 @@ def _record_equivocation(
 # -- listing -------------------------------------------------------------------------
 
 
-def list_inbox(node: Node, *, case_type: str | None = None) -> list[InboxEntry]:
-    """Received bundles, oldest first, optionally of one type."""
+def list_inbox(
+    node: Node, *, case_type: str | None = None, suspect: bool = False
+) -> list[InboxEntry]:
+    """Received bundles, oldest first, optionally of one type; with ``suspect``,
+    only those marked suspect (their signing key was distrusted before they came)."""
     with node.db.transaction() as session:
         query = select(InboxEntry).order_by(InboxEntry.received_at, InboxEntry.id)
         if case_type is not None:
             query = query.where(InboxEntry.case_type == case_type)
+        if suspect:
+            query = query.where(InboxEntry.suspect_since.is_not(None))
         return list(session.scalars(query))
 
 
@@ -376,7 +413,9 @@ def describe_inbox_entry(entry: InboxEntry, purged_at: datetime | None = None) -
     """One row of ``gateway inbox`` and ``GET /api/v1/inbox`` (metadata only).
 
     ``purged`` is the time the envelope body was destroyed under the retention
-    policy, or ``None`` while it is held.
+    policy, or ``None`` while it is held; ``suspect_since``: when the bundle was
+    marked suspect (None if it is not); ``replaces`` / ``replaced_by``: the re-sent
+    bundle links (``gateway resend``).
     """
     return {
         "bundle_id": entry.bundle_id,
@@ -388,6 +427,11 @@ def describe_inbox_entry(entry: InboxEntry, purged_at: datetime | None = None) -
         "marking": entry.marking,
         "reply_to": entry.reply_to,
         "purged": purged_at,
+        "signing_key_id": entry.signing_key_id,
+        "suspect": entry.suspect_since is not None,
+        "suspect_since": entry.suspect_since,
+        "replaces": entry.replaces,
+        "replaced_by": entry.replaced_by,
     }
 
 
@@ -461,6 +505,7 @@ def _facts(header: EnvelopeHeader) -> EnvelopeFacts:
         reply_to=header.reply_to,
         signing_key_id=header.signing_key_id,
         header=header.raw,
+        replaces=header.replaces,
     )
 
 
@@ -509,6 +554,10 @@ class ReadBundle:
     reply_to: str | None
     case: dict[str, Any]
     written: list[Path]
+    trust: str = "valid"
+    """``valid``, ``verified-while-trusted`` (its key was revoked after it was stored)
+    or ``suspect-accepted`` (opened with ``accept_suspect``)."""
+    replaces: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The bundle as ``gateway show`` and ``GET /api/v1/bundles/{id}`` answer it.
@@ -525,6 +574,8 @@ class ReadBundle:
             "created": self.created_at,
             "marking": self.marking,
             "reply_to": self.reply_to,
+            "trust": self.trust,
+            "replaces": self.replaces,
             "case": self.case,
         }
 
@@ -538,11 +589,17 @@ def read_bundle(
     out_dir: Path | None,
     now: datetime,
     track_outputs: bool = True,
+    accept_suspect: bool = False,
 ) -> ReadBundle:
     """Decrypt a received (or our own sent) bundle for ``actor``; log the read.
 
     The envelope is verified again from the store before a byte is
-    decrypted. With ``out_dir``, the case (``<bundle id>.json``) and each
+    decrypted, its signing key judged at the time this node stored it: a key
+    revoked since still counts if it was trusted then (``trust`` is
+    ``verified-while-trusted``); one distrusted before raises
+    :class:`~gateway.core.envelope.EnvelopeSuspect` unless ``accept_suspect``,
+    and the acceptance is recorded in the ledger (``suspect-accepted``, naming
+    the officer) before anything is shown. With ``out_dir``, the case (``<bundle id>.json``) and each
     attachment (sanitised name, never overwriting) are written there; files
     appear only once everything has decrypted and verified. The read is
     recorded in the ledger (``bundle-read``, naming the officer) in the same
@@ -600,6 +657,8 @@ def read_bundle(
                     policy=policy,
                     now=opened_at,
                     sink_factory=sink if out_dir is not None else None,
+                    stored_at=opened_at,
+                    accept_suspect=accept_suspect,
                 )
         except (FileNotFoundError, VerificationError):
             # A purge that committed while this read began destroys the file under it:
@@ -622,6 +681,20 @@ def read_bundle(
                 written.append(target)
             temps.clear()
         with node.db.transaction() as session:
+            if opened.trust == StoredTrust.SUSPECT_ACCEPTED:
+                _record_read(
+                    session,
+                    kind="suspect-accepted",
+                    actor=actor,
+                    now=now,
+                    bundle_id=header.bundle_id,
+                    body={
+                        "direction": direction,
+                        "sender": header.sender,
+                        "signing_key_id": header.signing_key_id,
+                        "stored_at": opened_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    },
+                )
             _record_read(
                 session,
                 actor=actor,
@@ -633,6 +706,7 @@ def read_bundle(
                     "type": header.type,
                     "attachments": header.attachment_count,
                     "written_to_disk": bool(written),
+                    "trust": opened.trust.value,
                 },
             )
             if written and track_outputs:
@@ -660,14 +734,20 @@ def read_bundle(
         reply_to=header.reply_to,
         case=opened.case_data,
         written=written,
+        trust=opened.trust.value,
+        replaces=header.replaces,
     )
 
 
 def _record_read(
-    session: Session, *, actor: Actor, now: datetime, bundle_id: str, body: dict[str, object]
+    session: Session,
+    *,
+    actor: Actor,
+    now: datetime,
+    bundle_id: str,
+    body: dict[str, object],
+    kind: str = "bundle-read",
 ) -> None:
     from gateway.node import ledger  # noqa: PLC0415
 
-    ledger.record_event(
-        session, kind="bundle-read", actor=actor, now=now, bundle_id=bundle_id, body=body
-    )
+    ledger.record_event(session, kind=kind, actor=actor, now=now, bundle_id=bundle_id, body=body)

@@ -43,6 +43,7 @@ from gateway.log import get_logger
 from gateway.node import keystore
 from gateway.node.keystore import OPERATIONAL_FILE, OperationalKeys, Strength
 from gateway.node.ledger import VerifyReport, record_event, verify_ledger
+from gateway.node.revocation import RevocationImpact, mark_peer_revocations, revocation_impact
 from gateway.node.setup import InitResult, register_init_step
 from gateway.settings import Settings
 from gateway.store.models_keys import OwnManifestRecord, PeerManifestRecord
@@ -62,6 +63,7 @@ __all__ = [
     "pending_manifests",
     "pin_peer",
     "pinned_peer_manifest",
+    "preview_revocation",
     "recover_keys",
     "remove_retired_roots",
     "revoke_key",
@@ -300,6 +302,8 @@ class KeyChange:
     added: tuple[str, ...]
     revoked: tuple[str, ...] = ()
     old_root_key_id: str | None = None
+    impact: RevocationImpact | None = None
+    """For a revocation: the bundles whose copies at the peer it makes suspect."""
 
 
 def _retire(keys: tuple[ManifestKey, ...], until: datetime) -> list[ManifestKey]:
@@ -423,30 +427,29 @@ def revoke_key(
     now: datetime,
     actor: Actor,
     root_key_file: Path | None = None,
+    compromised_since: datetime | None = None,
 ) -> KeyChange:
     """Revoke an operational key for good; replace it at once if it was in use.
 
+    The revocation carries its time and, with ``compromised_since``, the
+    earlier moment from which the key may have been in other hands; both
+    travel in the signed manifest. The peer keeps reading what it received
+    under the key before that moment (verified while trusted) and marks what
+    it received after as suspect (docs/keys.md, "Revocation with a time").
     A revoked signing key's private key is destroyed; a revoked encryption
     key's private key is kept so that what was stored under it stays readable.
+    Raises :class:`InvalidInput` (bad reason, the root key, a compromise time
+    in the future), :class:`NotFound`, :class:`AlreadyExists`.
     """
-    reason = reason.strip()
-    if not reason or len(reason) > 500 or not reason.isprintable():
-        raise InvalidInput("--reason must be 1 to 500 printable characters")
     current = _current_locked(session)
-    if kid in (current.root_key_id,):
-        raise InvalidInput(
-            f"{kid} is the root key: a root is replaced with 'gateway keys rotate-root'"
-        )
+    start = _second(now)
+    revocation = _new_revocation(current, kid, reason, start, compromised_since)
+    impact = revocation_impact(settings, session, current, kid, revocation=revocation)
     listed = {k.key_id: k for k in current.keys}
-    if kid not in listed:
-        raise NotFound(f"key {kid!r} is not in this node's manifest (see 'gateway keys show')")
-    if current.revocation(kid) is not None:
-        raise AlreadyExists(f"key {kid} is revoked already")
     root = _load_root(settings, current, passphrase, root_key_file)
     ops_path = settings.keys_dir / OPERATIONAL_FILE
     held = keystore.read_operational(ops_path, passphrase, node=settings.node_id)
-    start = _second(now)
-    revocations = [*current.revocations, Revocation(kid, start, reason)]
+    revocations = [*current.revocations, revocation]
     revoked_ids = {r.key_id for r in revocations}
     keys = list(current.keys)
     added: list[ManifestKey] = []
@@ -500,13 +503,72 @@ def revoke_key(
             "manifest_version": manifest.version,
             "key_id": kid,
             "use": listed[kid].use,
-            "reason": reason,
+            "reason": revocation.reason,
+            "revoked_at": format_time(revocation.revoked_at),
+            "compromised_since": (
+                format_time(revocation.compromised_since)
+                if revocation.compromised_since is not None
+                else None
+            ),
+            "suspect_at_peer": len(impact.suspect),
+            "verified_while_trusted_at_peer": impact.trusted,
             "replaced_by": [k.key_id for k in added],
         },
     )
     return KeyChange(
-        manifest=manifest, event="revoke", added=tuple(k.key_id for k in added), revoked=(kid,)
+        manifest=manifest,
+        event="revoke",
+        added=tuple(k.key_id for k in added),
+        revoked=(kid,),
+        impact=impact,
     )
+
+
+def _new_revocation(
+    current: KeyManifest,
+    kid: str,
+    reason: str,
+    start: datetime,
+    compromised_since: datetime | None,
+) -> Revocation:
+    reason = reason.strip()
+    if not reason or len(reason) > 500 or not reason.isprintable():
+        raise InvalidInput("--reason must be 1 to 500 printable characters")
+    if kid in (current.root_key_id,):
+        raise InvalidInput(
+            f"{kid} is the root key: a root is replaced with 'gateway keys rotate-root'"
+        )
+    if kid not in {k.key_id for k in current.keys}:
+        raise NotFound(f"key {kid!r} is not in this node's manifest (see 'gateway keys show')")
+    if current.revocation(kid) is not None:
+        raise AlreadyExists(f"key {kid} is revoked already")
+    since = None
+    if compromised_since is not None:
+        since = _second(compromised_since)
+        if since > start:
+            raise InvalidInput(
+                f"--compromised-since {format_time(since)} lies after the revocation "
+                f"({format_time(start)}): give the moment the key may have been lost"
+            )
+    return Revocation(kid, start, reason, since)
+
+
+def preview_revocation(
+    settings: Settings,
+    session: Session,
+    kid: str,
+    reason: str,
+    *,
+    now: datetime,
+    compromised_since: datetime | None = None,
+) -> RevocationImpact:
+    """What :func:`revoke_key` would mark suspect at the peer, checked as it would be.
+
+    Changes nothing; raises what :func:`revoke_key` raises for bad arguments.
+    """
+    current = own_manifest(session)
+    revocation = _new_revocation(current, kid, reason, _second(now), compromised_since)
+    return revocation_impact(settings, session, current, kid, revocation=revocation)
 
 
 def recover_keys(
@@ -730,6 +792,7 @@ def pin_peer(
         )
         source = "pinned" if pinned is None else "re-pinned"
     _store_peer(session, manifest, source=source, actor=actor, now=now)
+    mark_peer_revocations(session, before=pinned, after=manifest, now=now)
     _record(
         session,
         actor,
@@ -764,6 +827,7 @@ def apply_peer_manifest(session: Session, raw: bytes, *, node: str, now: datetim
         return pinned
     manifest = verify_manifest(raw, node=node, pinned=pinned, expected_fingerprint=None, now=now)
     _store_peer(session, manifest, source="update", actor=SYSTEM, now=now)
+    mark_peer_revocations(session, before=pinned, after=manifest, now=now)
     _record(
         session,
         SYSTEM,
@@ -826,6 +890,7 @@ def describe_manifest(manifest: KeyManifest, *, now: datetime) -> dict[str, Any]
                 "not_after": k.not_after,
                 "revoked_at": revoked.revoked_at if revoked else None,
                 "revocation_reason": revoked.reason if revoked else None,
+                "compromised_since": revoked.compromised_since if revoked else None,
             }
         )
     return {

@@ -461,7 +461,7 @@ class VerifyReport:
 
 
 class _TrustedUntil:
-    """A key lookup that also accepts a signing key revoked only *after* ``moment``.
+    """A key lookup that also accepts a signing key distrusted only *after* ``moment``.
 
     A manifest refuses a revoked key at every time, because a thief could
     backdate what they sign. A checkpoint we stored before the revocation
@@ -483,14 +483,15 @@ class _TrustedUntil:
             if revocation is None or listed is None:
                 raise
             revoked = revocation(key_id)
-            if revoked is None or not self._moment < revoked.revoked_at:
+            if revoked is None or revoked.distrusts(self._moment):
                 raise
             entry = listed(key_id)
             if entry.use != "sign" or not entry.valid_at(at):
                 raise
             self._notes.append(
                 f"a checkpoint of {format_time(at)} is signed by key {key_id}, revoked later "
-                f"({format_time(revoked.revoked_at)}); it was stored while the key was trusted"
+                f"(distrusted from {format_time(revoked.distrusted_from)}); it was stored "
+                "while the key was trusted"
             )
             return VerifyKey(bytes(entry.public))
 

@@ -192,6 +192,9 @@ class Sealed:
 
     bundle_id: str
     marking: str
+    signing_key_id: str | None = None
+    replaces: str | None = None
+    """The bundle this envelope re-sends (its signed ``replaces`` header field)."""
 
 
 class Sealer(Protocol):
@@ -281,6 +284,8 @@ def queue_sealed(
                 next_attempt_at=now,
                 created_at=now,
                 actor=actor.label,
+                signing_key_id=sealed.signing_key_id,
+                replaces=sealed.replaces,
             )
         )
         _ledger_event(
@@ -296,6 +301,7 @@ def queue_sealed(
                 "marking": marking,
                 "envelope_sha256": sha,
                 "state": OutboxState.QUEUED,
+                **({"replaces": sealed.replaces} if sealed.replaces else {}),
             },
         )
         session.flush()
@@ -371,7 +377,11 @@ def send_case(
                 marking=marking,
                 reply_to=reply_to,
             )
-            return Sealed(bundle_id=sealed.bundle_id, marking=sealed.header.marking)
+            return Sealed(
+                bundle_id=sealed.bundle_id,
+                marking=sealed.header.marking,
+                signing_key_id=sealed.header.signing_key_id,
+            )
 
         return queue_sealed(
             node,
@@ -779,6 +789,8 @@ def describe_outbox_entry(entry: OutboxEntry, purged_at: datetime | None = None)
         "delivered": entry.delivered_at,
         "receipt": entry.receipt.decode("utf-8") if entry.receipt is not None else None,
         "purged": purged_at,
+        "replaces": entry.replaces,
+        "replaced_by": entry.replaced_by,
     }
 
 

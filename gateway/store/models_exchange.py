@@ -58,6 +58,9 @@ _MAX_HEADER_REGION = _PREFIX_BYTES + (1 << 20) + _SIGNATURE_BYTES
 class OutboxState:
     QUEUED = "queued"
     DELIVERED = "delivered"
+    REPLACED = "replaced"
+    """Never delivered, and re-sent as another bundle (``gateway resend``): the
+    replacement carries the same content, so this one is no longer sent."""
 
 
 class SequenceCounter(Base):
@@ -101,6 +104,12 @@ class OutboxEntry(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     receipt: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     actor: Mapped[str] = mapped_column(String(160))
+    signing_key_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The key that signed it (None on rows made before the column: read the header)."""
+    replaces: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The bundle this one re-sends under current keys (``gateway resend``)."""
+    replaced_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The bundle that re-sent this one."""
 
 
 class InboxEntry(Base):
@@ -126,6 +135,13 @@ class InboxEntry(Base):
     envelope_sha256: Mapped[str] = mapped_column(String(64))
     envelope_size: Mapped[int] = mapped_column(BigInteger)
     receipt: Mapped[bytes] = mapped_column(LargeBinary)
+    suspect_since: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    """When this node marked it suspect: its signing key was revoked and distrusted
+    from a moment before it was received (docs/keys.md, "Revocation with a time")."""
+    replaces: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The bundle of the same sender this one re-sends (signed header field)."""
+    replaced_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """The bundle of the same sender that re-sent this one."""
 
 
 class SequenceGap(Base):

@@ -428,7 +428,10 @@ def test_checkpoints_signed_before_a_key_revocation_still_verify(node: LedgerNod
     """Revoking the signing key must not make every earlier checkpoint look forged."""
     with node.db.transaction() as session:
         old_key = own_manifest(session).current_signing_key(now=datetime.now(UTC)).key_id
-    for args in (["keys", "rotate"], ["keys", "revoke", old_key, "--reason", "laptop stolen"]):
+    for args in (
+        ["keys", "rotate"],
+        ["keys", "revoke", old_key, "--reason", "laptop stolen", "--yes"],
+    ):
         code, _out, err = run(node.home, *args, token=node.admin, db_url=node.db_url)
         assert code == 0, err
     code, out, err = node.run("ledger", "verify", "--json")

@@ -516,7 +516,7 @@ def test_after_key_rotation_the_peer_accepts_new_keys_and_refuses_the_revoked_on
             sequence=10_000,
             now=utc_now(),
         )
-    pair.jp.home.run("keys", "revoke", old_key, "--reason", "laptop lost")
+    pair.jp.home.run("keys", "revoke", old_key, "--reason", "laptop lost", "--yes")
     assert sync(pair.jp).returncode == 0
     pair.jp.keyring(fresh=True)
     [answer] = post(pair.jp, [stale])

@@ -84,7 +84,7 @@ def test_serve_restarts_itself_with_rotated_keys_and_never_signs_with_a_revoked_
     after_rotation = jp.keyring().signing_key_id
     assert after_rotation != before
 
-    jp.run("keys", "revoke", before, "--reason", "superseded and retired")
+    jp.run("keys", "revoke", before, "--reason", "superseded and retired", "--yes")
     _wait(lambda: _serving_lines(processes["jp"]) >= 3, "jp to restart after the revocation")
 
     sent = jp.run("send", "exam-fraud", str(EXAMPLE), token=officer)["bundle_id"]

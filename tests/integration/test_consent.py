@@ -27,6 +27,7 @@ from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
 from gateway.errors import ConsentRefused, InvalidInput, NotFound, PolicyRefused
 from gateway.node import consent, ledger
+from gateway.node import keys as key_service
 from gateway.node.inbox import receive_envelope
 from gateway.node.keystore import unlock_keyring
 from gateway.node.outbox import send_case
@@ -425,6 +426,41 @@ def test_revocation_before_its_grant_revokes_it_on_arrival(pair: Pair, tmp_path:
     deliver(pair.jp, pair.pk, revoked.bundle_id)
     deliver(pair.jp, pair.pk, granted.bundle_id)
     assert_blocked(pair.pk, [case_id], tmp_path / "out", "consent revoked")
+
+
+def test_a_grant_that_arrived_after_its_key_was_distrusted_authorises_nothing(
+    pair: Pair, tmp_path: Path
+) -> None:
+    compromised = NOW + timedelta(minutes=30)
+    trusted_case = send_case_to_peer(pair.jp, pair.pk)
+    case_id = send_case_to_peer(pair.jp, pair.pk)
+    trusted_grant = grant_for(pair, [trusted_case])  # arrives at NOW
+    _asked, late_grant = grant_undelivered(pair, [case_id])
+    deliver(pair.jp, pair.pk, late_grant.bundle_id, when=compromised + timedelta(minutes=15))
+    consent.apply_pending(pair.pk.node, pair.pk.keyring, now=compromised + timedelta(minutes=15))
+    # Tokyo's signing key is revoked later, "compromised since" between the two grants.
+    later = NOW + timedelta(hours=2)
+    with pair.jp.node.db.transaction() as session:
+        change = key_service.revoke_key(
+            pair.jp.node.settings,
+            session,
+            PASSPHRASE.encode(),
+            pair.jp.keyring.signing_key_id,
+            "signing key copied from a laptop",
+            now=later,
+            actor=Actor(name="admin", role=Role.ADMIN),
+            compromised_since=compromised,
+        )
+    with pair.pk.node.db.transaction() as session:
+        key_service.apply_peer_manifest(session, change.manifest.raw, node="jp", now=later)
+    assert_blocked(pair.pk, [case_id], tmp_path / "after", "consent suspect", now=later)
+    made = do_disclose(pair.pk, [trusted_case], tmp_path / "trusted", now=later)
+    assert made.consent_id == trusted_grant.consent_id
+    states = {
+        c["consent_id"]: c["state"]
+        for c in consent.list_consents(pair.pk.node, None, now=later)["consents"]
+    }
+    assert states == {trusted_grant.consent_id: "valid", late_grant.consent_id: "suspect"}
 
 
 # -- concurrency -------------------------------------------------------------------------

@@ -117,7 +117,7 @@ def test_rotate_revoke_rotate_root_reach_the_peer_through_the_queue(
         for k in jp.json("keys", "show")["keys"]  # type: ignore[union-attr]
         if k["use"] == "sign"
     )
-    revoked = jp.json("keys", "revoke", first_sign, "--reason", "laptop stolen")
+    revoked = jp.json("keys", "revoke", first_sign, "--reason", "laptop stolen", "--yes")
     assert revoked["revoked"] == [first_sign]
     root = jp.json("keys", "rotate-root")
     assert root["version"] == 4
@@ -237,7 +237,7 @@ def test_no_private_key_or_passphrase_in_logs_output_database_or_files(
         for k in jp.json("keys", "show")["keys"]  # type: ignore[union-attr]
         if k["use"] == "encrypt"
     )
-    jp.json("keys", "revoke", kid, "--reason", "test")
+    jp.json("keys", "revoke", kid, "--reason", "test", "--yes")
     collect()
     jp.json("keys", "rotate-root")
     collect()

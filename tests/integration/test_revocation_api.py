@@ -1,0 +1,230 @@
+"""Revocation with a time through the local API, on SQLite and PostgreSQL.
+
+Tokyo sent a bundle that Islamabad received; Tokyo then revokes its signing
+key "compromised since" an hour before. Islamabad's API lists the bundle as
+suspect, refuses to show it (422, check ``suspect``) unless the officer
+accepts it (recorded), and links the bundle Tokyo re-sends through its own
+API. Times derive from the real clock, as the keys do.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from gateway.core.roles import Actor, Role
+from gateway.node import keys as key_service
+from gateway.node.inbox import receive_envelope
+from gateway.node.ledger import list_entries
+from gateway.node.outbox import send_case
+from gateway.node.resend import resend_bundles
+from gateway.node.runtime import utc_now
+from gateway.store.models_exchange import InboxEntry, OutboxEntry, OutboxState, envelope_path
+from tests.integration.test_api import (
+    EXAMPLES,
+    PASSPHRASE,
+    ApiNode,
+    Client,
+    exchange_pair,
+    run_api,
+)
+
+ADMIN = Actor(name="admin", role=Role.ADMIN)
+OFFICER = Actor(name="officer", role=Role.OFFICER)
+
+
+@pytest.fixture
+def exchanged(
+    tmp_path: Path,
+    database_url: str,
+    pg_database_factory: Callable[[], str],
+    clean_environ: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[tuple[ApiNode, ApiNode, str]]:
+    yield from exchange_pair(
+        tmp_path, database_url, pg_database_factory, clean_environ, monkeypatch
+    )
+
+
+def later_second() -> None:
+    """Wait for the real clock to pass into the next whole second."""
+    start = utc_now().replace(microsecond=0)
+    while utc_now().replace(microsecond=0) <= start:
+        time.sleep(0.02)
+
+
+def receipted(sender: ApiNode, receiver: ApiNode, bundle_id: str) -> None:
+    """Store the receiver's receipt at the sender, as sync does when it comes back."""
+    with receiver.node.db.transaction() as session:
+        receipt = session.scalars(
+            select(InboxEntry.receipt).where(InboxEntry.bundle_id == bundle_id)
+        ).one()
+    with sender.node.db.transaction() as session:
+        row = session.scalars(select(OutboxEntry).where(OutboxEntry.bundle_id == bundle_id)).one()
+        row.state, row.receipt, row.delivered_at = OutboxState.DELIVERED, receipt, utc_now()
+
+
+def deliver(sender: ApiNode, receiver: ApiNode, bundle_id: str) -> None:
+    with sender.node.db.transaction() as session:
+        sha = session.scalars(
+            select(OutboxEntry.envelope_sha256).where(OutboxEntry.bundle_id == bundle_id)
+        ).one()
+    path = envelope_path(sender.node.settings.blob_dir, sha)
+    receive_envelope(receiver.node, receiver.keyring(), path, now=utc_now())
+
+
+def test_suspect_bundles_are_listed_refused_accepted_and_replaced_through_the_api(
+    exchanged: tuple[ApiNode, ApiNode, str],
+) -> None:
+    jp, pk, bundle_id = exchanged
+    receipted(jp, pk, bundle_id)
+    old_key = jp.keyring().signing_key_id
+    with jp.node.db.transaction() as session:
+        # A row from before the signing-key column: the key is read from its header.
+        row = session.scalars(select(OutboxEntry).where(OutboxEntry.bundle_id == bundle_id)).one()
+        row.signing_key_id = None
+    with jp.node.db.transaction() as session:
+        change = key_service.revoke_key(
+            jp.node.settings,
+            session,
+            PASSPHRASE.encode(),
+            old_key,
+            "laptop lost",
+            now=utc_now(),
+            actor=ADMIN,
+            compromised_since=utc_now() - timedelta(hours=1),
+        )
+    assert change.impact is not None
+    assert change.impact.suspect == (bundle_id,)
+    jp.unlocked.clear()
+    with pk.node.db.transaction() as session:
+        key_service.apply_peer_manifest(session, change.manifest.raw, node="jp", now=utc_now())
+    officer = pk.tokens["officer"]
+    replaced: dict[str, str] = {}
+
+    async def on_pk(client: Client) -> None:
+        listed = await client.call("GET", "/api/v1/inbox?suspect=true", token=officer)
+        assert listed.status == 200, listed.body
+        assert [(b["bundle_id"], b["suspect"]) for b in listed.body["bundles"]] == [
+            (bundle_id, True)
+        ]
+        refused = await client.call("GET", f"/api/v1/bundles/{bundle_id}", token=officer)
+        assert (refused.status, refused.reason) == (422, "envelope.suspect"), refused.body
+        bad = await client.call(
+            "GET", f"/api/v1/bundles/{bundle_id}?accept_suspect=yes", token=officer
+        )
+        assert (bad.status, bad.reason) == (422, "invalid-input"), bad.body
+        shown = await client.call(
+            "GET", f"/api/v1/bundles/{bundle_id}?accept_suspect=true", token=officer
+        )
+        assert shown.status == 200, shown.body
+        assert shown.body["trust"] == "suspect-accepted"
+        ledger = await client.call(
+            "GET", f"/api/v1/ledger?bundle={bundle_id}", token=pk.tokens["compliance"]
+        )
+        recorded = [(e["kind"], e["actor"]) for e in ledger.body]
+        assert ("bundle-suspect", "system") in recorded
+        assert ("suspect-accepted", "officer") in recorded
+        assert recorded.index(("suspect-accepted", "officer")) < recorded.index(
+            ("bundle-read", "officer")
+        )
+
+    run_api(pk, on_pk)
+
+    async def on_jp(client: Client) -> None:
+        token = jp.tokens["officer"]
+        for body in ({}, {"bundle_ids": [bundle_id], "suspect": True}, {"suspect": "yes"}):
+            answer = await client.call("POST", "/api/v1/resend", token=token, body=body)
+            assert (answer.status, answer.reason) == (422, "invalid-input"), (body, answer.body)
+        done = await client.call("POST", "/api/v1/resend", token=token, body={"suspect": True})
+        assert done.status == 201, done.body
+        [resent] = done.body["resent"]
+        assert resent["replaces"] == bundle_id
+        replaced[bundle_id] = resent["bundle_id"]
+        again = await client.call(
+            "POST", "/api/v1/resend", token=token, body={"bundle_ids": [bundle_id]}
+        )
+        assert (again.status, again.reason) == (409, "exists"), again.body
+        nothing = await client.call("POST", "/api/v1/resend", token=token, body={"suspect": True})
+        assert (nothing.status, nothing.body["resent"]) == (200, [])
+
+    run_api(jp, on_jp)
+    deliver(jp, pk, replaced[bundle_id])
+
+    async def linked(client: Client) -> None:
+        listed = await client.call("GET", "/api/v1/inbox", token=officer)
+        rows = {b["bundle_id"]: b for b in listed.body["bundles"]}
+        assert rows[bundle_id]["replaced_by"] == replaced[bundle_id]
+        assert rows[replaced[bundle_id]]["replaces"] == bundle_id
+        assert rows[replaced[bundle_id]]["suspect"] is False
+        shown = await client.call("GET", f"/api/v1/bundles/{replaced[bundle_id]}", token=officer)
+        assert (shown.status, shown.body["trust"]) == (200, "valid")
+        assert shown.body["replaces"] == bundle_id
+
+    run_api(pk, linked)
+    with jp.node.db.transaction() as session:
+        [resent_entry] = list_entries(session, kind="bundle-resent")
+    assert resent_entry.bundle_id == bundle_id
+    assert resent_entry.body["replaced_by"] == replaced[bundle_id]
+    assert resent_entry.body["original_signing_key_id"] == old_key
+
+
+def test_a_bundle_still_queued_under_a_revoked_key_is_resent_and_no_longer_sent(
+    exchanged: tuple[ApiNode, ApiNode, str],
+) -> None:
+    jp, pk, delivered = exchanged
+    old_key = jp.keyring().signing_key_id
+    receipted(jp, pk, delivered)
+    queued = send_case(
+        jp.node,
+        jp.keyring(),
+        OFFICER,
+        "exam-fraud",
+        json.loads((EXAMPLES / "exam-fraud.json").read_text()),
+        [],
+        public=False,
+        reply_to=None,
+        now=utc_now(),
+    ).bundle_id
+    # Revoked without a compromise time: what pk holds stays trusted, but the
+    # queued bundle would be refused as it is. Revocation times are whole seconds
+    # (a bundle stored in the second of the revocation counts as after it): start
+    # the revocation in a later second than everything stored so far.
+    later_second()
+    with jp.node.db.transaction() as session:
+        change = key_service.revoke_key(
+            jp.node.settings,
+            session,
+            PASSPHRASE.encode(),
+            old_key,
+            "retired and revoked",
+            now=utc_now(),
+            actor=ADMIN,
+        )
+    assert change.impact is not None
+    assert (change.impact.suspect, change.impact.trusted) == ((), 1)
+    assert change.impact.undelivered == (queued,)
+    jp.unlocked.clear()
+    report = resend_bundles(jp.node, jp.keyring(), OFFICER, [], suspect=True, now=utc_now())
+    [resent] = report.resent
+    assert resent.original == queued
+    with jp.node.db.transaction() as session:
+        rows = {r.bundle_id: r for r in session.scalars(select(OutboxEntry))}
+    assert rows[queued].state == OutboxState.REPLACED
+    assert rows[queued].replaced_by == resent.bundle_id
+    assert rows[resent.bundle_id].state == OutboxState.QUEUED
+    assert rows[delivered].replaced_by is None  # delivered before the revocation: left alone
+    with pk.node.db.transaction() as session:
+        key_service.apply_peer_manifest(session, change.manifest.raw, node="jp", now=utc_now())
+    deliver(jp, pk, resent.bundle_id)
+    with pk.node.db.transaction() as session:
+        received = {r.bundle_id: r for r in session.scalars(select(InboxEntry))}
+    assert queued not in received
+    assert received[resent.bundle_id].replaces == queued  # named, though never seen here
+    assert received[delivered].suspect_since is None
