@@ -101,4 +101,8 @@ def _report(app: AppContext, exc: BaseException, code: int, reason: str, message
         traceback.print_exception(exc, file=sys.stderr)
     if app.as_json:
         click.echo(json.dumps({"error": {"reason": reason, "message": message, "exit_code": code}}))
+    if log.is_service() and log.is_json():
+        # A service's stderr is its log: the failure is one more JSON line of it.
+        log.get_logger("cli").error("failed", reason=reason, message=message, exit_code=code)
+        return
     click.echo(f"error: {message}", err=True)
