@@ -46,6 +46,7 @@ OTHER: Final = "other"
 _LABEL: Final = re.compile(r"^[a-z0-9][a-z0-9._:>-]{0,79}$")
 _ROUTE: Final = re.compile(r"^(?:/[A-Za-z0-9._{}-]{0,64}){1,12}$")
 UNMATCHED_ROUTE: Final = "(unmatched)"
+_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -224,7 +225,7 @@ class NodeMetrics:
         (a path matching no route is counted as ``(unmatched)``)."""
         self.request_seconds.labels(
             listener=self._guard("listener", listener),
-            method=self._guard("method", method),
+            method=method if method in _METHODS else OTHER,
             route=self._guard(f"route:{listener}", route),
         ).observe(max(0.0, seconds))
 
