@@ -338,3 +338,33 @@ def test_rotation_restart_logs_only_json_and_the_peer_never_sees_an_unknown_key(
     assert [r["message"] for r in _records(first_run) if r.get("event") == "restarting"] == [
         "restarting jp with its new keys"
     ]
+
+
+def test_a_serve_that_cannot_start_says_why_in_json(tmp_path: Path) -> None:
+    from tests.nodes import free_port, gateway_env, run_gateway  # noqa: PLC0415
+
+    home = tmp_path / "jp"
+    env = gateway_env(home, GATEWAY_KEYSTORE_STRENGTH="interactive")
+    made = run_gateway(
+        home, "init", "--node", "jp", "--listen", f"127.0.0.1:{free_port()}", env=env
+    )
+    assert made.returncode == 0, made.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = run_gateway(
+            home, "serve", env={**env, "GATEWAY_SERVER_LISTEN": f"127.0.0.1:{port}"}, timeout=60
+        )
+    assert done.returncode == 1
+    records = [json.loads(line) for line in done.stderr.splitlines()]
+    assert records, done.stderr
+    last = records[-1]
+    assert (last["event"], last["reason"], last["exit_code"], last["node"]) == (
+        "failed",
+        "config.listen",
+        1,
+        "jp",
+    )
+    assert f"127.0.0.1:{port}" in last["message"]
+    assert not any(r.get("event") == "serving" for r in records)
