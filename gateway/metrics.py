@@ -112,8 +112,10 @@ class NodeMetrics:
     - ``ssw_gateway_delivery_envelopes_delivered``: envelopes the peer took with a valid receipt.
     - ``ssw_gateway_delivery_failures{kind, reason}``: ``kind`` is ``refused`` (the
       peer refused the envelope), ``retry`` (it asked us to try again),
-      ``receipt`` (its receipt did not verify) or ``transport`` (a whole pass
-      failed: peer unreachable, TLS, HTTP error); ``reason`` the reason code.
+      ``receipt`` (its receipt did not verify), ``transport`` (a whole pass
+      failed to reach the peer: unreachable, TLS, an unusable answer) or
+      ``pass`` (a whole pass failed otherwise: the peer refused the request,
+      the database); ``reason`` the reason code.
     - ``ssw_gateway_manifests_delivered``: own key manifests the peer accepted.
     - ``ssw_gateway_envelopes_received``: envelopes received, verified and stored.
     - ``ssw_gateway_envelopes_refused{check}``: envelopes refused, by the failed check.
@@ -150,7 +152,7 @@ class NodeMetrics:
         )
         self.delivery_failures = Counter(
             "delivery_failures",
-            "Failed deliveries by kind (refused, retry, receipt, transport) and reason code.",
+            "Failed deliveries by kind (refused, retry, receipt, transport, pass) and reason code.",
             ["kind", "reason"],
             namespace=NAMESPACE,
             registry=r,

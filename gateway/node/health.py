@@ -113,6 +113,9 @@ def check_readiness(node: Node, keyring: Callable[[], NodeKeyring] | None) -> Re
     except GatewayError as exc:
         result.checks["database"] = "failed"
         _log.warning("not_ready", check="database", reason=exc.reason, detail=exc.message)
+    except Exception as exc:  # noqa: BLE001 - a probe answers not-ready, never a 500
+        result.checks["database"] = "failed"
+        _log.warning("not_ready", check="database", reason=type(exc).__name__)
     try:
         if keyring is None:
             raise GatewayError("no keys are unlocked in this process", reason="keys.locked")
@@ -128,9 +131,9 @@ def check_readiness(node: Node, keyring: Callable[[], NodeKeyring] | None) -> Re
     try:
         load_policy(node.settings)
         result.checks["policy"] = "ok"
-    except GatewayError as exc:
+    except Exception as exc:  # noqa: BLE001 - a probe answers not-ready, never a 500
         result.checks["policy"] = "failed"
-        _log.warning("not_ready", check="policy", reason=exc.reason)
+        _log.warning("not_ready", check="policy", reason=getattr(exc, "reason", type(exc).__name__))
     contact = node.metrics.peer
     if contact.ok is not None:
         result.peer = "reachable" if contact.ok else "unreachable"

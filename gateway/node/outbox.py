@@ -619,7 +619,9 @@ async def run_sender_loop(
                 reason = getattr(exc, "reason", "internal")
                 if isinstance(exc, TransportError):
                     node.metrics.peer.record(False, reason)
-                node.metrics.delivery_failed("transport", reason)
+                    node.metrics.delivery_failed("transport", reason)
+                else:
+                    node.metrics.delivery_failed("pass", reason)
                 _log.warning(
                     "delivery_failed",
                     error_type=type(exc).__name__,
