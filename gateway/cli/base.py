@@ -82,7 +82,10 @@ class GatewayGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            if log.is_service() and log.is_json():
+                log.get_logger("cli").warning("interrupted", exit_code=130)
+            else:
+                click.echo("interrupted", err=True)
             ctx.exit(130)
         except Exception as exc:  # noqa: BLE001 - the last line of defence prints one line, not a trace
             log.get_logger("cli").error("internal_error", error_type=type(exc).__name__)
