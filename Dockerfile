@@ -45,12 +45,14 @@ USER gateway:gateway
 WORKDIR /var/lib/ssw-gateway
 VOLUME ["/var/lib/ssw-gateway"]
 EXPOSE 8701
-# Liveness only: /v1/health needs no authentication and reveals nothing else.
+# Readiness: GET /readyz of the local API (database, keys, policy) needs no
+# authentication and reveals only ready/not-ready and the failed checks' names.
 # SSW_HEALTH_URL points the probe at https:// when the node serves TLS; the
 # probe runs inside the container against its own loopback, sends no
 # credential and reads only the status, so it presents the node's certificate
-# (for mutual TLS) but does not check the name the certificate was issued for.
+# (should the URL be the peer port's mutual-TLS /v1/health) but does not check
+# the name the certificate was issued for.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import os, ssl, sys, urllib.request as r\nurl = os.environ.get('SSW_HEALTH_URL', 'http://127.0.0.1:8701/v1/health')\nctx = None\nif url.startswith('https:'):\n    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n    ctx.check_hostname = False\n    ctx.verify_mode = ssl.CERT_NONE\n    cert, key = os.environ.get('GATEWAY_SERVER_TLS_CERT'), os.environ.get('GATEWAY_SERVER_TLS_KEY')\n    if cert and key:\n        ctx.load_cert_chain(cert, key)\nsys.exit(0 if r.urlopen(url, timeout=4, context=ctx).status == 200 else 1)"]
+    CMD ["python", "-c", "import os, ssl, sys, urllib.request as r\nurl = os.environ.get('SSW_HEALTH_URL', 'http://127.0.0.1:8702/readyz')\nctx = None\nif url.startswith('https:'):\n    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)\n    ctx.check_hostname = False\n    ctx.verify_mode = ssl.CERT_NONE\n    cert, key = os.environ.get('GATEWAY_SERVER_TLS_CERT'), os.environ.get('GATEWAY_SERVER_TLS_KEY')\n    if cert and key:\n        ctx.load_cert_chain(cert, key)\nsys.exit(0 if r.urlopen(url, timeout=4, context=ctx).status == 200 else 1)"]
 ENTRYPOINT ["gateway"]
 CMD ["serve"]

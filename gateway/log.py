@@ -15,10 +15,19 @@ from typing import Any, Literal, TextIO
 
 import structlog
 
-__all__ = ["REDACTED", "configure", "get_logger", "redact_secrets"]
+__all__ = [
+    "REDACTED",
+    "announce",
+    "configure",
+    "get_logger",
+    "is_json",
+    "is_service",
+    "redact_secrets",
+]
 
 REDACTED = "[redacted]"
 _SECRET_WORDS = ("passphrase", "password", "secret", "private", "token", "seed", "content_key")
+_state: dict[str, Any] = {"json": False, "stream": None, "service": False}
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -46,10 +55,21 @@ def configure(
     level: str = "info",
     fmt: Literal["auto", "json", "console"] = "auto",
     stream: TextIO | None = None,
+    service: bool = False,
 ) -> None:
-    """Configure structlog for this process and bind the node id to every line."""
+    """Configure structlog for this process and bind the node id to every line.
+
+    ``service`` is for long-running commands (``gateway serve``) whose log
+    stream is their whole output: the standard library's loggers (aiohttp,
+    asyncio, warnings) are rendered by the same processors at warning level
+    and above, and :func:`announce` and the CLI's error report write log
+    lines, so with JSON every line of the stream is one JSON object.
+    """
     out = stream if stream is not None else sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
+    _state["json"] = use_json
+    _state["stream"] = out
+    _state["service"] = service
     renderer: Any = (
         structlog.processors.JSONRenderer(sort_keys=True)
         if use_json
@@ -71,8 +91,76 @@ def configure(
     structlog.contextvars.clear_contextvars()
     if node is not None:
         structlog.contextvars.bind_contextvars(node=node)
+    if service:
+        _route_standard_logging(out, renderer)
+
+
+class _ServiceHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The one handler this module puts on the root logger (replaced on reconfigure)."""
+
+
+def _route_standard_logging(out: TextIO, renderer: Any) -> None:
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_secrets,
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+    )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _ServiceHandler)]:
+        root.removeHandler(old)
+    handler = _ServiceHandler(out)
+    handler.setFormatter(formatter)
+    # Libraries' own chatter below warning is theirs, not the node's.
+    handler.setLevel(logging.WARNING)
+    root.addHandler(handler)
+    if root.level > logging.WARNING or root.level == logging.NOTSET:
+        root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+
+
+def is_service() -> bool:
+    """True when configured for a long-running command (see :func:`configure`)."""
+    return bool(_state["service"])
 
 
 def get_logger(name: str) -> Any:
     """A structlog logger naming its component."""
     return structlog.get_logger(component=name)
+
+
+def is_json() -> bool:
+    """True when the last :func:`configure` chose JSON lines."""
+    return bool(_state["json"])
+
+
+def announce(logger: Any, event: str, message: str, **fields: Any) -> None:
+    """A milestone of a long-running command (start, restart, stop).
+
+    When the log is JSON, one JSON line at level info carrying ``event``,
+    ``message`` and ``fields``, like every other line; on a terminal, the
+    readable ``message`` alone on the log stream. ``message`` is a sentence
+    for people (``serving jp on https://0.0.0.0:8701 ...``), never a secret.
+    Written whatever the configured level: an operator always sees a start
+    and a stop.
+    """
+    stream = _state["stream"] if _state["stream"] is not None else sys.stderr
+    if is_json():
+        config = structlog.get_config()
+        unfiltered = structlog.wrap_logger(
+            structlog.PrintLogger(file=stream),
+            processors=config["processors"],
+            wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET),
+        )
+        context = getattr(logger, "_context", {})
+        unfiltered.bind(**context).info(event, message=message, **fields)
+        return
+    print(message, file=stream, flush=True)

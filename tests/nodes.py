@@ -350,13 +350,34 @@ def start_serve(
     return serve
 
 
+def milestones(serve: ServeProcess, event: str) -> list[str]:
+    """The sentences of ``serve``'s milestone lines named ``event`` (serving, restarting,
+    stopped), whether logged as JSON (``{"event": "serving", "message": ...}``) or bare."""
+    import json  # noqa: PLC0415
+
+    found = []
+    for line in list(serve.stderr_lines):
+        text = line.strip()
+        if text.startswith("{"):
+            try:
+                record = json.loads(text)
+            except ValueError:
+                continue
+            if record.get("event") == event and isinstance(record.get("message"), str):
+                found.append(record["message"])
+        elif text.startswith(f"{event} "):
+            found.append(text)
+    return found
+
+
 def wait_ready(serve: ServeProcess, *, timeout: float = 60.0) -> str:
-    """Wait for the "serving <node> on HOST:PORT" line; return it. Fails if the process dies."""
+    """Wait for the "serving <node> on SCHEME://HOST:PORT ..." milestone; return its
+    sentence. Fails if the process dies."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for line in list(serve.stderr_lines):
-            if line.startswith("serving "):
-                return line.strip()
+        serving = milestones(serve, "serving")
+        if serving:
+            return serving[0]
         if serve.process.poll() is not None:
             time.sleep(0.2)
             raise AssertionError(

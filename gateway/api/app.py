@@ -7,7 +7,10 @@ action as a CLI command, authorized with the same action name of
 
 Nothing answers without a user token: the authentication middleware runs
 before routing, so even an unknown path gets 401 without one (no route list
-leaks to strangers). The token is checked by
+leaks to strangers). The only exceptions are the probes ``GET /livez`` and
+``GET /readyz``, which say nothing but live/ready and the names of failed
+checks, and ``GET /metrics`` from a loopback address without an
+``Authorization`` header (see :mod:`gateway.api.probes`). The token is checked by
 :func:`gateway.node.users.authenticate` (constant-time against the stored
 hash); the role check of the route's action runs before the request body is
 read. Refusals are 401 (no, wrong or disabled token) or 403 (the role may not).
@@ -38,6 +41,7 @@ from gateway.api import (
     routes_ledger,
     routes_users,
 )
+from gateway.api.probes import METRICS_PATH, PROBE_PATHS, add_probe_routes, from_loopback
 from gateway.api.routes_common import DEFAULT_MAX_BODY, ApiRoute, Call, KeyringProvider
 from gateway.core.roles import ACTIONS, Actor, authorize_role
 from gateway.errors import (
@@ -64,6 +68,7 @@ __all__ = [
     "EXECUTOR_KEY",
     "KEYRING_KEY",
     "NODE_KEY",
+    "PROBE_ROUTES",
     "REQUEST_ID_KEY",
     "ROUTES_KEY",
     "all_routes",
@@ -83,6 +88,13 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _MAX_AUTHORIZATION = 512
 _BEARER = "bearer "
 _DB_THREADS = 4
+
+PROBE_ROUTES: tuple[tuple[str, str], ...] = (
+    ("GET", "/livez"),
+    ("GET", "/readyz"),
+    ("GET", METRICS_PATH),
+)
+"""(method, path) of the probes and metrics, registered beside :func:`all_routes`."""
 
 
 def all_routes() -> tuple[ApiRoute, ...]:
@@ -168,10 +180,14 @@ async def _request_log(
             return response
         finally:
             actor = request.get(ACTOR_KEY)
+            route = _route_template(request)
+            request.app[NODE_KEY].metrics.observe_request(
+                "api", request.method, route, time.monotonic() - started
+            )
             _log.info(
                 "api_request",
                 method=request.method,
-                route=_route_template(request),
+                route=route,
                 status=status,
                 user=actor.name if isinstance(actor, Actor) else None,
                 duration_ms=round((time.monotonic() - started) * 1000, 1),
@@ -229,7 +245,20 @@ async def _errors(
 async def _authenticate(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Refuse any request, to any path, that carries no valid user token."""
+    """Refuse any request, to any path, that carries no valid user token.
+
+    Exceptions: the probes (``GET /livez``, ``GET /readyz``), and ``GET /metrics``
+    without an ``Authorization`` header from a loopback address.
+    """
+    if request.method == "GET":
+        if request.path in PROBE_PATHS:
+            return await handler(request)
+        if (
+            request.path == METRICS_PATH
+            and "Authorization" not in request.headers
+            and from_loopback(request)
+        ):
+            return await handler(request)
     token = _bearer_token(request)
     node = request.app[NODE_KEY]
     executor = request.app[EXECUTOR_KEY]
@@ -315,4 +344,5 @@ def create_api_app(
     app.on_response_prepare.append(_common_headers)
     for route in chosen:
         app.router.add_route(route.method, route.path, _bind(route))
+    add_probe_routes(app, node, keyring_provider, lambda: app[EXECUTOR_KEY])
     return app

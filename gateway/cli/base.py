@@ -82,7 +82,10 @@ class GatewayGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
+            if log.is_service() and log.is_json():
+                log.get_logger("cli").warning("interrupted", exit_code=130)
+            else:
+                click.echo("interrupted", err=True)
             ctx.exit(130)
         except Exception as exc:  # noqa: BLE001 - the last line of defence prints one line, not a trace
             log.get_logger("cli").error("internal_error", error_type=type(exc).__name__)
@@ -101,4 +104,8 @@ def _report(app: AppContext, exc: BaseException, code: int, reason: str, message
         traceback.print_exception(exc, file=sys.stderr)
     if app.as_json:
         click.echo(json.dumps({"error": {"reason": reason, "message": message, "exit_code": code}}))
+    if log.is_service() and log.is_json():
+        # A service's stderr is its log: the failure is one more JSON line of it.
+        log.get_logger("cli").error("failed", reason=reason, message=message, exit_code=code)
+        return
     click.echo(f"error: {message}", err=True)

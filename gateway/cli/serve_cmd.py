@@ -3,8 +3,12 @@
 Starts in this order, refusing to start at all on a configuration error (plain
 HTTP off loopback, half-configured TLS, no policy, locked keys): open the node
 with migrations applied, unlock the keyring, load the policy, bind the peer
-port, bind the local API port, start the sender worker. Prints
-``serving <node> on HOST:PORT`` on stderr once everything listens.
+port, bind the local API port, start the sender worker. Says
+``serving <node> on SCHEME://HOST:PORT (local API on SCHEME://HOST:PORT ...)``
+once everything listens, and ``restarting ...`` / ``stopped <node>`` later:
+as JSON log lines (``event`` ``serving``, ``restarting``, ``stopped``, the
+sentence in ``message``) whenever the log format is JSON, so that every line
+of stderr is JSON; as the bare sentence on a terminal.
 
 SIGTERM or SIGINT stops it: no new connections are accepted, requests in
 flight finish (up to the drain timeout), the sender worker finishes its
@@ -67,6 +71,12 @@ def _ledger_routes(node: Node) -> Callable[[web.Application], None]:
     return ledger_routes(node.db)
 
 
+def _url(scheme: str, host: str, port: int) -> str:
+    """``scheme://host:port``, with an IPv6 host in brackets."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}:{port}"
+
+
 def _api_app(node: Node, keyring: NodeKeyring) -> web.Application:
     from gateway.api.app import create_api_app  # noqa: PLC0415
 
@@ -88,7 +98,7 @@ async def _run(
     node: Node,
     keyring: NodeKeyring,
     limits: TransportLimits,
-    announce: Callable[[str], None],
+    announce: Callable[..., None],
 ) -> bool:
     """Serve until stopped; True when the stop was to restart with new keys."""
     from gateway.node.housekeeping import (  # noqa: PLC0415
@@ -180,15 +190,20 @@ async def _run(
                 enforce_retention(node, stop, interval=settings.server.retention_interval_seconds)
             )
         )
-        _log.info(
+        peer_listen = _url("https" if peer_ssl is not None else "http", host, bound)
+        api_listen = _url("https" if api_ssl is not None else "http", api_host, api_port)
+        delivering = settings.server.peer_url if sender is not None else None
+        announce(
             "serving",
-            peer_listen=f"{host}:{bound}",
-            api_listen=f"{api_host}:{api_port}",
+            f"serving {node.node_id} on {peer_listen} (local API on {api_listen}"
+            + (f", delivering to {delivering})" if delivering else ", not delivering)"),
+            peer_listen=peer_listen,
+            api_listen=api_listen,
+            peer_url=delivering,
             tls=peer_ssl is not None,
             mutual_tls=settings.server.tls_ca is not None,
             sender=sender is not None,
         )
-        announce(f"serving {node.node_id} on {host}:{bound} (local API on {api_host}:{api_port})")
         if sender is not None:
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({stopper, sender}, return_when=asyncio.FIRST_COMPLETED)
@@ -241,17 +256,18 @@ def serve(app: AppContext) -> None:
         node=settings.node_id,
         level="debug" if app.verbose else settings.log.level,
         fmt=settings.log.format,
+        service=True,
     )
     node = app.node(upgrade=True)
     keyring = app.keyring()
     limits = limits_from_policy(load_policy(settings).limits)
 
-    def announce(line: str) -> None:
-        click.echo(line, err=True)
+    def announce(event: str, message: str, **fields: Any) -> None:
+        log.announce(_log, event, message, **fields)
 
     while asyncio.run(_run(settings, node, keyring, limits, announce)):
         if _signals_between_runs:
             break
-        announce(f"restarting {node.node_id} with its new keys")
+        announce("restarting", f"restarting {node.node_id} with its new keys")
         keyring = app.keyring(reload=True)
-    click.echo(f"stopped {node.node_id}", err=True)
+    announce("stopped", f"stopped {node.node_id}")

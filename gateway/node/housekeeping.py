@@ -6,7 +6,12 @@ Both run inside ``gateway serve`` beside the peer server and the sender worker.
   node signs a checkpoint of its ledger when the ledger grew since the last
   one, and gives its newest checkpoint to the peer, which keeps it as a
   witness. A peer that is unreachable is tried again at the next interval;
-  the checkpoint stays signed and recorded meanwhile.
+  the checkpoint stays signed and recorded meanwhile. A checkpoint is never
+  sent while a manifest of this node waits for delivery: after a rotation
+  the checkpoint is signed with a key only the new manifest lists, so the
+  peer must have that manifest first (the sender worker delivers it, first
+  thing in its pass); until then the publisher looks again every
+  :data:`MANIFEST_WAIT_SECONDS`.
 * **Retention** (SPEC §8a): every ``[server] retention_interval_seconds`` (an
   hour by default) the node runs the same purge as ``gateway purge``, under
   the policy as it is on disk at that moment: envelope bodies and decrypted
@@ -29,7 +34,7 @@ from gateway.core.ledger import SignedCheckpoint
 from gateway.errors import GatewayError, TransportError
 from gateway.log import get_logger
 from gateway.node import ledger
-from gateway.node.keys import own_manifest
+from gateway.node.keys import own_manifest, pending_manifests
 from gateway.node.policy import load_policy
 from gateway.node.retention import PurgeReport, purge
 from gateway.node.runtime import Node, utc_now
@@ -37,9 +42,11 @@ from gateway.peer.client import PeerClient
 from gateway.peer.ledger_client import send_checkpoint
 
 __all__ = [
+    "MANIFEST_WAIT_SECONDS",
     "checkpoint_once",
     "enforce_retention",
     "manifest_changed",
+    "manifests_pending",
     "publish_checkpoints",
     "retention_once",
     "watch_own_keys",
@@ -47,6 +54,8 @@ __all__ = [
 
 _log = get_logger("housekeeping")
 KEY_WATCH_SECONDS = 5.0
+MANIFEST_WAIT_SECONDS = 0.5
+"""How often a checkpoint held back for an undelivered manifest is looked at again."""
 
 
 def checkpoint_once(node: Node, keyring: NodeKeyring, *, now: datetime) -> SignedCheckpoint | None:
@@ -71,22 +80,39 @@ async def publish_checkpoints(
     interval: float,
     clock: Callable[[], datetime] = utc_now,
 ) -> None:
-    """Sign and send checkpoints every ``interval`` seconds until ``stop`` is set."""
+    """Sign and send checkpoints every ``interval`` seconds until ``stop`` is set.
+
+    A checkpoint is sent only when no manifest of this node waits for
+    delivery (see the module notes); a held-back one is tried again every
+    :data:`MANIFEST_WAIT_SECONDS` rather than at the next interval.
+    """
     sent_size = -1
+    held_back = False
     while not stop.is_set():
+        delay = interval
         try:
             signed = await asyncio.to_thread(checkpoint_once, node, keyring, now=clock())
             if signed is not None and client is not None and signed.checkpoint.size != sent_size:
-                await send_checkpoint(client, signed, prove=ledger.consistency_prover(node.db))
-                sent_size = signed.checkpoint.size
-                _log.info("checkpoint_sent", size=sent_size)
+                if await asyncio.to_thread(manifests_pending, node):
+                    if not held_back:
+                        _log.info("checkpoint_waits_for_manifest", size=signed.checkpoint.size)
+                    held_back = True
+                    delay = min(interval, MANIFEST_WAIT_SECONDS)
+                else:
+                    held_back = False
+                    await send_checkpoint(client, signed, prove=ledger.consistency_prover(node.db))
+                    sent_size = signed.checkpoint.size
+                    node.metrics.checkpoint_witnessed(sent_size)
+                    node.metrics.peer.record(True)
+                    _log.info("checkpoint_sent", size=sent_size)
         except TransportError as exc:
+            node.metrics.peer.record(False, exc.reason)
             _log.warning("checkpoint_send_failed", reason=exc.reason)
         except GatewayError as exc:
             # A ledger that fails its own verification is never signed over: say so loudly.
             _log.error("checkpoint_failed", reason=exc.reason, error=exc.message)
         try:
-            await asyncio.wait_for(stop.wait(), timeout=interval)
+            await asyncio.wait_for(stop.wait(), timeout=delay)
         except TimeoutError:
             continue
 
@@ -122,6 +148,12 @@ async def enforce_retention(
             await asyncio.wait_for(stop.wait(), timeout=interval)
         except TimeoutError:
             continue
+
+
+def manifests_pending(node: Node) -> bool:
+    """True while a manifest of this node has not been accepted by the peer yet."""
+    with node.db.transaction() as session:
+        return bool(pending_manifests(session))
 
 
 def manifest_changed(node: Node, keyring: NodeKeyring) -> bool:

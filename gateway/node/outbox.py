@@ -43,7 +43,7 @@ from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.policy import Marking
 from gateway.core.receipt import ReceiptInvalid, ReceiptVerifyKeys, verify_receipt
 from gateway.core.roles import Actor
-from gateway.errors import ConfigError, InvalidInput, NotFound, StorageError
+from gateway.errors import ConfigError, InvalidInput, NotFound, StorageError, TransportError
 from gateway.node.crash import crash_point
 from gateway.node.runtime import Node, utc_now
 from gateway.store.models_exchange import (
@@ -536,10 +536,12 @@ async def deliver_pending(
     caller decides to report (``gateway sync``) or to back off (the worker).
     """
     report = DeliveryReport()
+    metrics = node.metrics
     for handle, raw in await asyncio.to_thread(pending_manifests, node):
         await client.post_manifest(raw)
         await asyncio.to_thread(mark_manifest_delivered, node, handle, now_fn())
         report.manifests_sent += 1
+        metrics.manifests_delivered.inc()
     manifest = await asyncio.to_thread(peer_manifest, node)
     after = 0
     while True:
@@ -553,6 +555,7 @@ async def deliver_pending(
         if not batch:
             break
         after = batch[-1].id
+        metrics.envelopes_sent.inc(len(batch))
         results = await client.post_envelopes([item.path for item in batch])
         crash_point("after-send")
         delivered: list[tuple[_Pending, bytes]] = []
@@ -569,18 +572,22 @@ async def deliver_pending(
                     )
                 except ReceiptInvalid as exc:
                     _log.warning("receipt_refused", bundle_id=item.bundle_id, check=exc.check)
+                    metrics.delivery_failed("receipt", exc.check)
                     failed.append((item, f"receipt refused: {exc.check}"))
                     report.retry_later[item.bundle_id] = f"receipt refused: {exc.check}"
                     continue
                 delivered.append((item, result.receipt))
                 report.delivered.append(item.bundle_id)
+                metrics.envelopes_delivered.inc()
             else:
                 why = f"{result.status}: {result.reason or 'unknown'}"
                 failed.append((item, why))
                 if result.status == "refused":
                     report.refused[item.bundle_id] = why
+                    metrics.delivery_failed("refused", result.reason)
                 else:
                     report.retry_later[item.bundle_id] = why
+                    metrics.delivery_failed("retry", result.reason)
         crash_point("before-receipt-store")
         await asyncio.to_thread(_store_outcomes, node, delivered, failed, now=now_fn())
         if progress is not None:
@@ -619,10 +626,16 @@ async def run_sender_loop(
             except Exception as exc:  # noqa: BLE001 - the worker never dies; it backs off
                 failures += 1
                 delay = retry_delay(failures, rng=rng)
+                reason = getattr(exc, "reason", "internal")
+                if isinstance(exc, TransportError):
+                    node.metrics.peer.record(False, reason)
+                    node.metrics.delivery_failed("transport", reason)
+                else:
+                    node.metrics.delivery_failed("pass", reason)
                 _log.warning(
                     "delivery_failed",
                     error_type=type(exc).__name__,
-                    reason=getattr(exc, "reason", "internal"),
+                    reason=reason,
                     detail=str(exc)[:200],
                     failures=failures,
                     retry_in=round(delay, 2),
@@ -744,6 +757,7 @@ async def run_sender(
                 _log.info("orphan_envelopes_removed", count=removed)
         report = await deliver_once(node, keyring, client, now_fn=now_fn, due_only=True)
         if report.attempted or report.manifests_sent:
+            node.metrics.peer.record(True)
             _log.info(
                 "delivery_pass",
                 delivered=len(report.delivered),

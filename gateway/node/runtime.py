@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 
 from gateway.errors import ConfigError, StorageError
+from gateway.metrics import NodeMetrics
 from gateway.settings import Settings
 from gateway.store.db import Database, open_database
 from gateway.store.models import NodeRecord
@@ -22,10 +23,15 @@ def utc_now() -> datetime:
 
 @dataclass
 class Node:
-    """A node opened for work. Close it with :meth:`close` (or use ``with``)."""
+    """A node opened for work. Close it with :meth:`close` (or use ``with``).
+
+    ``metrics`` are this node's Prometheus instruments, in a registry of their
+    own (see :mod:`gateway.metrics`).
+    """
 
     settings: Settings
     db: Database
+    metrics: NodeMetrics = field(default_factory=NodeMetrics, repr=False, compare=False)
     _closed: bool = field(default=False, repr=False)
 
     @classmethod

@@ -61,6 +61,7 @@ from gateway.errors import (
     TransportError,
     VerificationError,
 )
+from gateway.metrics import NodeMetrics
 from gateway.node.runtime import Node, utc_now
 from gateway.store.db import Database
 from gateway.store.models_peer import prune_nonces, remember_nonce
@@ -71,6 +72,7 @@ __all__ = [
     "ENVELOPE_CONTENT_TYPE",
     "KEYRING",
     "MANIFEST_CONTENT_TYPE",
+    "METRICS",
     "NODE",
     "PEER_AUTH",
     "PEER_SERVICES",
@@ -204,6 +206,8 @@ def database_nonce_recorder(
 
 
 PEER_SERVICES: Final = web.AppKey("peer_services", PeerServices)
+METRICS: Final = web.AppKey("metrics", NodeMetrics)
+"""The node's metrics, when the app serves an opened node (request latency per route)."""
 TRANSPORT_LIMITS: Final = web.AppKey("transport_limits", TransportLimits)
 PEER_AUTH: Final = web.RequestKey("peer_auth", SignedRequest)
 _Verifier = Callable[[KeyLookup], SignedRequest]
@@ -338,6 +342,15 @@ async def _context_middleware(
         return response
     finally:
         in_flight.leave()
+        metrics = request.app.get(METRICS)
+        if metrics is not None:
+            resource = request.match_info.route.resource
+            metrics.observe_request(
+                "peer",
+                request.method,
+                resource.canonical if resource is not None else "(no route)",
+                time.monotonic() - started,
+            )
         auth = request.get(PEER_AUTH)
         _log.info(
             "peer_request",
@@ -837,7 +850,15 @@ def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerS
         return bytes(pinned().signing_key(key_id, at=at))
 
     def receive(path: Path, *, now: datetime) -> bytes:
-        receipt = receive_envelope(node, keyring, path, now=now)
+        try:
+            receipt = receive_envelope(node, keyring, path, now=now)
+        except VerificationError as exc:
+            node.metrics.envelope_refused(exc.check)
+            raise
+        except (RefusedError, InvalidInput) as exc:
+            node.metrics.envelope_refused(exc.reason)
+            raise
+        node.metrics.envelopes_received.inc()
         _apply_consent_bundles(node, keyring, now=now)
         return receipt
 
@@ -880,6 +901,7 @@ def create_node_peer_app(
 
     def routes(app: web.Application) -> None:
         app[NODE] = node
+        app[METRICS] = node.metrics
         app[KEYRING] = keyring
         if extra_routes is not None:
             extra_routes(app)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -152,6 +153,42 @@ class Database:
     def pending_revisions(self) -> bool:
         script = ScriptDirectory.from_config(self.alembic_config())
         return set(script.get_heads()) != set(self.current_revisions())
+
+    def probe(self, *, timeout: float = 3.0) -> list[str]:
+        """The node ids of the database answering at this URL now (for readiness).
+
+        On PostgreSQL a pooled connection, checked before use, runs one small
+        query. On SQLite a fresh connection opens the file at the configured
+        path read-write, never creating it: pooled connections would keep
+        using a file renamed or replaced under them. ``timeout`` bounds the
+        SQLite open (seconds); PostgreSQL's is the engine's connect timeout.
+
+        Raises :class:`StorageError` when the database does not answer.
+        """
+        from gateway.store.models import NodeRecord  # noqa: PLC0415
+
+        query = f"SELECT node_id FROM {NodeRecord.__tablename__}"  # noqa: S608 - a constant
+        try:
+            if self.is_sqlite:
+                database = self.engine.url.database
+                if not database or database == ":memory:":
+                    with self.engine.connect() as connection:
+                        return [str(row[0]) for row in connection.exec_driver_sql(query)]
+                uri = Path(database).resolve().as_uri() + "?mode=rw"
+                raw = sqlite3.connect(uri, uri=True, timeout=timeout)
+                try:
+                    return [str(row[0]) for row in raw.execute(query)]
+                finally:
+                    raw.close()
+            with self.engine.connect() as connection:
+                return [str(row[0]) for row in connection.exec_driver_sql(query)]
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            cause = exc.orig if isinstance(exc, SQLAlchemyError) and hasattr(exc, "orig") else exc
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            raise StorageError(
+                f"database does not answer: {type(cause).__name__}: {first}".rstrip(": ")[:300],
+                reason="storage.unavailable",
+            ) from None
 
     def dispose(self) -> None:
         self.engine.dispose()

@@ -21,13 +21,13 @@ from gateway.node import ledger
 from gateway.node.runtime import Node
 from gateway.settings import load_settings
 from gateway.store.models_exchange import InboxEntry
-from tests.nodes import NodeHome, ServeProcess, init_pair, stop, wait_ready
+from tests.nodes import NodeHome, ServeProcess, init_pair, milestones, stop, wait_ready
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "examples" / "exam-fraud.json"
 
 
 def _serving_lines(serve: ServeProcess) -> int:
-    return sum(1 for line in list(serve.stderr_lines) if line.startswith("serving "))
+    return len(milestones(serve, "serving"))
 
 
 def _wait(predicate: object, what: str, timeout: float = 60.0) -> None:
@@ -90,7 +90,7 @@ def test_serve_restarts_itself_with_rotated_keys_and_never_signs_with_a_revoked_
     sent = jp.run("send", "exam-fraud", str(EXAMPLE), token=officer)["bundle_id"]
     _wait(lambda: sent in _inbox_key_ids(pk), "the bundle to reach pk")
     assert _inbox_key_ids(pk)[sent] == after_rotation
-    assert "restarting jp with its new keys" in processes["jp"].stderr_text()
+    assert "restarting jp with its new keys" in milestones(processes["jp"], "restarting")
 
 
 def test_serving_nodes_publish_checkpoints_that_the_peer_witnesses(

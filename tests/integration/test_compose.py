@@ -170,7 +170,11 @@ def test_each_node_has_its_own_postgres_with_volume_and_healthcheck(
             == "service_completed_successfully"
         )
         assert services[node]["restart"] == "unless-stopped"
-        assert "/v1/health" in interpolate(services[node]["environment"]["SSW_HEALTH_URL"])
+        # The container is healthy when the node is ready: /readyz on its local API.
+        health = urlsplit(interpolate(services[node]["environment"]["SSW_HEALTH_URL"]))
+        api_port = int(services[node]["environment"]["GATEWAY_SERVER_API_LISTEN"].rsplit(":", 1)[1])
+        assert (health.hostname, health.port, health.path) == ("127.0.0.1", api_port, "/readyz")
+        assert health.scheme == "https", "the local API serves TLS when the node has TLS settings"
 
 
 def test_a_database_is_reachable_only_from_its_own_node(compose: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from openapi_spec_validator import validate
 
-from gateway.api.app import ROUTES_KEY, create_api_app
+from gateway.api.app import PROBE_ROUTES, ROUTES_KEY, create_api_app
 from tests.integration.test_api import ApiNode, make_node, no_keyring
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "api" / "openapi.yaml"
@@ -39,8 +39,9 @@ def registered(
             if route.resource is not None
         }
         actions = {(r.method, r.path): r.action for r in app[ROUTES_KEY]}
-        assert on_router == set(actions)
-        yield actions
+        probes = dict.fromkeys(PROBE_ROUTES)
+        assert on_router == set(actions) | set(probes)
+        yield actions | probes
     finally:
         made.node.close()
 
@@ -71,11 +72,26 @@ def test_documented_operations_equal_registered_routes(
     assert len(documented) >= 5
 
 
+# The probes answer without a token; /metrics with a token or from loopback without one.
+PROBE_SECURITY = {
+    ("GET", "/livez"): [],
+    ("GET", "/readyz"): [],
+    ("GET", "/metrics"): [{}, {"bearerAuth": []}],
+}
+
+
 def test_every_operation_declares_bearer_security_and_its_action(
     document: dict[str, Any], registered: dict[tuple[str, str], Any]
 ) -> None:
     checked = 0
+    assert set(PROBE_SECURITY) == set(PROBE_ROUTES)
     for method, path, op in operations(document):
+        if (method, path) in PROBE_SECURITY:
+            assert op.get("security") == PROBE_SECURITY[(method, path)], (method, path)
+            assert op["x-action"] is None, (method, path)
+            checked += 1
+            continue
+        assert path.startswith("/api/v1/"), (method, path)
         assert op.get("security") == [{"bearerAuth": []}], (method, path)
         assert "x-action" in op, (method, path)
         assert op["x-action"] == registered[(method, path)], (method, path)

@@ -607,18 +607,18 @@ def _signed_envelope_request(node: Any, body: bytes) -> bytes:
 def test_serve_stops_cleanly_with_exit_0(pair: dict[str, Any], sig: str) -> None:
     import signal  # noqa: PLC0415
 
-    from tests.nodes import stop, wait_health, wait_ready  # noqa: PLC0415
+    from tests.nodes import milestones, stop, wait_health, wait_ready  # noqa: PLC0415
 
     pk = pair["pk"]
     serve = pk.serve()
     try:
         line = wait_ready(serve)
-        assert line.startswith(f"serving pk on 127.0.0.1:{pk.port}")
+        assert line.startswith(f"serving pk on http://127.0.0.1:{pk.port} ")
         wait_health(pk.url)
     finally:
         code = stop(serve, getattr(signal, sig))
     assert code == 0, serve.stderr_text()
-    assert "stopped pk" in serve.stderr_text()
+    assert milestones(serve, "stopped") == ["stopped pk"]
     assert '"event": "stopping"' in serve.stderr_text()
 
 
