@@ -21,6 +21,7 @@ from gateway.cli.base import GatewayCommand
 from gateway.cli.context import AppContext, pass_app
 from gateway.core.canonical import parse_bounded_json
 from gateway.errors import InvalidInput
+from gateway.node.bundles import make_private_dir
 from gateway.node.inbox import describe_inbox_entry, list_gaps, list_inbox, read_bundle
 from gateway.node.outbox import (
     DeliveryReport,
@@ -224,7 +225,8 @@ def outbox(app: AppContext, state: str | None) -> None:
     "--out",
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Write the case and its attachments into this folder (made if missing).",
+    help="Write the case and its attachments into this folder (made 0700 if missing); "
+    "files are 0600.",
 )
 @pass_app
 def show(app: AppContext, bundle_id: str, out_dir: Path | None) -> None:
@@ -233,7 +235,7 @@ def show(app: AppContext, bundle_id: str, out_dir: Path | None) -> None:
     node = app.node()
     if out_dir is not None:
         try:
-            out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dir(out_dir)
         except OSError as exc:
             raise InvalidInput(f"{out_dir}: cannot be made ({exc.strerror})") from None
     shown = read_bundle(node, app.keyring(), actor, bundle_id, out_dir=out_dir, now=utc_now())

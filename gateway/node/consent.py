@@ -79,6 +79,12 @@ from gateway.errors import (
     StorageError,
 )
 from gateway.node import ledger
+from gateway.node.bundles import (
+    PRIVATE_DIR_MODE,
+    create_private_file,
+    make_private_dir,
+    open_to_dir,
+)
 from gateway.node.runtime import Node
 from gateway.store.models_consent import (
     ConsentApplied,
@@ -1195,15 +1201,12 @@ def _decrypt_items(
 ) -> dict[str, str]:
     """Decrypt every item into ``staging/<bundle id>/``: ``case.json`` and the
     attachments under ``attachments/``; return relative path -> SHA-256."""
-    from gateway.node.bundles import open_to_dir  # noqa: PLC0415
-
     with node.db.transaction() as session:
         peer = _peer_manifest(session)
     files: dict[str, str] = {}
     for entry in items:
         folder = staging / entry.item.bundle_id
-        attachments = folder / "attachments"
-        attachments.mkdir(mode=0o700, parents=True)
+        attachments = make_private_dir(folder / "attachments")
         opened = open_to_dir(
             envelope_path(node.settings.blob_dir, entry.envelope_sha256),
             attachments,
@@ -1214,7 +1217,7 @@ def _decrypt_items(
         )
         if not opened.files:
             attachments.rmdir()
-        with (folder / "case.json").open("xb") as out:
+        with create_private_file(folder / "case.json") as out:
             out.write(canonical_bytes(opened.envelope.case_data))
             out.flush()
             os.fsync(out.fileno())
@@ -1274,6 +1277,7 @@ def disclose(
         )
     staging = Path(tempfile.mkdtemp(prefix=_PARTIAL_PREFIX, dir=target.parent))
     try:
+        staging.chmod(PRIVATE_DIR_MODE)  # becomes the output folder: 0700 whatever the umask
         files = _decrypt_items(node, keyring, policy, items, staging)
         return _decide_and_record(
             node, keyring, policy, actor, items, recipient, purpose, now, (staging, files), target
@@ -1329,7 +1333,7 @@ def _decide_and_record(
                     "items": [i.to_record() for i in decision.items],
                     "files_sha256": dict(sorted(files.items())),
                 }
-                with (staging / MANIFEST_NAME).open("xb") as out:
+                with create_private_file(staging / MANIFEST_NAME) as out:
                     out.write(json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
                     out.flush()
                     os.fsync(out.fileno())

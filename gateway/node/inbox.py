@@ -541,7 +541,7 @@ def read_bundle(
     step; if that fails, nothing is shown and written files are removed.
     """
     from gateway.core.envelope import AttachmentInfo, open_envelope  # noqa: PLC0415
-    from gateway.node.bundles import safe_output_path  # noqa: PLC0415
+    from gateway.node.bundles import create_private_file, safe_output_path  # noqa: PLC0415
     from gateway.node.policy import load_policy  # noqa: PLC0415
 
     with node.db.transaction() as session:
@@ -570,7 +570,7 @@ def read_bundle(
     def sink(info: AttachmentInfo) -> BinaryIO:
         assert out_dir is not None
         tmp = out_dir / f".partial-{secrets.token_hex(8)}"
-        handle = tmp.open("xb")
+        handle = create_private_file(tmp)
         temps.append((tmp, info))
         handles.append(handle)
         return handle
@@ -593,7 +593,7 @@ def read_bundle(
         header = opened.header
         if out_dir is not None:
             case_path = safe_output_path(out_dir, f"{header.bundle_id}.json")
-            with case_path.open("xb") as out:
+            with create_private_file(case_path) as out:
                 out.write(canonical_bytes(opened.case_data))
             written.append(case_path)
             for tmp, info in temps:
