@@ -49,6 +49,7 @@ __all__ = [
     "CASE_TYPES",
     "CONSULTATION_TOPICS",
     "DEFAULT_MAX_CASE_BYTES",
+    "REPLY_TARGETS",
     "SSW_SECTORS",
     "AcceptanceSuspension",
     "AffectedPerson",
@@ -72,6 +73,7 @@ __all__ = [
     "ReturnAssistance",
     "ReturnPerson",
     "case_type_for",
+    "resolve_reply_to",
     "validate_case",
 ]
 
@@ -580,3 +582,33 @@ def validate_case(
             f"{case_type}: {where}: {first_reason}{more}", field=first_path, errors=problems
         ) from None
     return model  # type: ignore[return-value]
+
+
+REPLY_TARGETS: Mapping[str, str] = {"information-reply": "information-request"}
+"""Case types that answer another bundle -> the type of the bundle they answer."""
+
+
+def resolve_reply_to(case_type: str, case: Case, reply_to: str | None) -> str | None:
+    """The one ``reply_to`` an envelope of this case carries, or :class:`InvalidCase`.
+
+    A type in :data:`REPLY_TARGETS` names what it answers inside the case
+    (``request_bundle_id``); that is the source of truth. ``reply_to`` may
+    be left out (it is then taken from the case) or repeat it; a different
+    value is refused, never silently preferred. Other types carry
+    ``reply_to`` as given. Whether the bundle answered exists is for the
+    caller to check against what it received.
+    """
+    if case_type not in REPLY_TARGETS:
+        return reply_to
+    named = str(getattr(case, "request_bundle_id", "") or "")
+    if not named:
+        raise InvalidCase(
+            f"{case_type}: request_bundle_id: field required", field="request_bundle_id"
+        )
+    if reply_to is not None and reply_to != named:
+        raise InvalidCase(
+            f"{case_type}: --reply-to {reply_to} contradicts request_bundle_id {named} in the "
+            "case; leave --reply-to out (the case's id is used) or give the same id",
+            field="request_bundle_id",
+        )
+    return named

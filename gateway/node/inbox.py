@@ -466,8 +466,10 @@ def receive_envelope(node: Node, keyring: NodeKeyring, path: Path, *, now: datet
     :class:`~gateway.errors.VerificationError` (or
     :class:`EquivocationRefused`) and leaves no trace of the bundle id.
     """
+    from gateway.core.cases import REPLY_TARGETS  # noqa: PLC0415
     from gateway.core.envelope import verify_envelope  # noqa: PLC0415
     from gateway.node.keys import pinned_peer_manifest  # noqa: PLC0415
+    from gateway.node.outbox import check_reply_target  # noqa: PLC0415
     from gateway.node.policy import load_policy  # noqa: PLC0415
 
     policy = load_policy(node.settings)
@@ -483,6 +485,12 @@ def receive_envelope(node: Node, keyring: NodeKeyring, path: Path, *, now: datet
         header = verify_envelope(
             stream, keyring=keyring, peer_manifest=peers[0], policy=policy, now=now
         )
+        if header.reply_to is not None or header.type in REPLY_TARGETS:
+            # A reply must answer a bundle we sent to its sender: refused, nothing stored.
+            with node.db.transaction() as session:
+                check_reply_target(
+                    session, header.type, header.reply_to, peer=header.sender, direction="sent"
+                )
         return _facts(header)
 
     return accept_envelope(node, keyring, path, verify=verify, now=now, prepare=prepare)

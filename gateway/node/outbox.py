@@ -43,7 +43,7 @@ from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.policy import Marking
 from gateway.core.receipt import ReceiptInvalid, ReceiptVerifyKeys, verify_receipt
 from gateway.core.roles import Actor
-from gateway.errors import ConfigError, InvalidInput, NotFound, StorageError
+from gateway.errors import ConfigError, InvalidInput, NotFound, RefusedError, StorageError
 from gateway.node.crash import crash_point
 from gateway.node.runtime import Node, utc_now
 from gateway.store.models_exchange import (
@@ -62,6 +62,7 @@ __all__ = [
     "Sealed",
     "Sealer",
     "SentBundle",
+    "check_reply_target",
     "deliver_once",
     "deliver_pending",
     "describe_outbox_entry",
@@ -335,13 +336,17 @@ def send_case(
     field, before anything is written; an attachment that cannot be read
     raises :class:`~gateway.errors.InvalidInput` naming the file.
     """
-    from gateway.core.cases import validate_case  # noqa: PLC0415
+    from gateway.core.cases import resolve_reply_to, validate_case  # noqa: PLC0415
     from gateway.core.envelope import AttachmentSource, seal  # noqa: PLC0415
     from gateway.node.policy import load_policy  # noqa: PLC0415
 
     policy = load_policy(node.settings)
-    validate_case(case_type, dict(case_data), max_bytes=policy.limits.max_case_bytes)
+    validated = validate_case(case_type, dict(case_data), max_bytes=policy.limits.max_case_bytes)
     peer = _pinned_peer_manifest(node)
+    reply_to = resolve_reply_to(case_type, validated, reply_to)
+    if reply_to is not None:
+        with node.db.transaction() as session:
+            check_reply_target(session, case_type, reply_to, peer=peer.node, direction="received")
     marking: Marking = "public" if public else "confidential"
     with ExitStack() as stack:
         sources: list[AttachmentSource] = []
@@ -383,6 +388,51 @@ def send_case(
             now=now,
             in_transaction=in_transaction,
         )
+
+
+def check_reply_target(
+    session: Session, case_type: str, reply_to: str | None, *, peer: str, direction: str
+) -> None:
+    """Refuse a bundle that answers nothing: ``reply_to`` must name a bundle of the exchange.
+
+    ``direction="received"`` (we send): a bundle ``peer`` sent us; raises
+    :class:`~gateway.errors.InvalidInput`. ``direction="sent"`` (we receive
+    from ``peer``): a bundle we sent to ``peer``; raises
+    :class:`~gateway.errors.RefusedError` (reason ``reply.unknown``), which the
+    peer server answers as a refusal before anything is stored. A type that
+    answers a given type (:data:`~gateway.core.cases.REPLY_TARGETS`) must name
+    a bundle of that type, and must name one.
+    """
+    from gateway.core.cases import REPLY_TARGETS  # noqa: PLC0415
+    from gateway.store.models_exchange import InboxEntry  # noqa: PLC0415
+
+    wanted = REPLY_TARGETS.get(case_type)
+    found: str | None = None
+    if reply_to is not None and direction == "received":
+        found = session.scalars(
+            select(InboxEntry.case_type).where(
+                InboxEntry.bundle_id == reply_to, InboxEntry.sender == peer
+            )
+        ).first()
+    elif reply_to is not None:
+        found = session.scalars(
+            select(OutboxEntry.case_type).where(
+                OutboxEntry.bundle_id == reply_to, OutboxEntry.recipient == peer
+            )
+        ).first()
+    if found is not None and (wanted is None or found == wanted):
+        return
+    what = wanted or "bundle"
+    if direction == "received":
+        where = f"{case_type}: {'request_bundle_id' if wanted else '--reply-to'} {reply_to}"
+        raise InvalidInput(
+            f"{where} names no {what} received from {peer}; check the id with 'gateway inbox'"
+        )
+    raise RefusedError(
+        f"{case_type} from {peer} answers {reply_to or 'nothing'}, which names no {what} "
+        f"this node sent to {peer}",
+        reason="reply.unknown",
+    )
 
 
 # -- delivery ------------------------------------------------------------------------
