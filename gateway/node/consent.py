@@ -64,6 +64,7 @@ from gateway.core.consent import (
     validate_text,
     verify_grant,
 )
+from gateway.core.filemac import DisclosedFile, file_mac_key, files_record
 from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.ledger import LedgerEntry
 from gateway.core.policy import Policy
@@ -1123,14 +1124,17 @@ def _record_attempt(
     decision: Decision,
     actor: Actor,
     now: datetime,
-    files: dict[str, str],
+    files: dict[str, Any] | None,
 ) -> tuple[str, LedgerEntry]:
+    """``files`` is :func:`~gateway.core.filemac.files_record` of what was handed
+    over: positions, sizes and keyed MACs, never names or plain hashes (the
+    ledger is read by compliance officers; file names are case content)."""
     disclosure_id = str(uuid.uuid4())
     ids = [item.bundle_id for item in decision.items]
     body = decision.to_record()
     body["disclosure_id"] = disclosure_id
     if files:
-        body["files_sha256"] = dict(sorted(files.items()))
+        body.update(files)
     entry = ledger.record_event(
         session,
         kind=decision.entry_kind.value,
@@ -1196,14 +1200,26 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """Decrypted items waiting in ``folder`` for the decision."""
+
+    folder: Path
+    files: dict[str, str]
+    """Relative path -> SHA-256 (for the package and the officer)."""
+    disclosed: list[DisclosedFile]
+    """The same files by position (for the ledger)."""
+
+
 def _decrypt_items(
     node: Node, keyring: NodeKeyring, policy: Policy, items: list[_Item], staging: Path
-) -> dict[str, str]:
+) -> _Staged:
     """Decrypt every item into ``staging/<bundle id>/``: ``case.json`` and the
-    attachments under ``attachments/``; return relative path -> SHA-256."""
+    attachments under ``attachments/``."""
     with node.db.transaction() as session:
         peer = _peer_manifest(session)
     files: dict[str, str] = {}
+    disclosed: list[DisclosedFile] = []
     for entry in items:
         folder = staging / entry.item.bundle_id
         attachments = make_private_dir(folder / "attachments")
@@ -1221,9 +1237,18 @@ def _decrypt_items(
             out.write(canonical_bytes(opened.envelope.case_data))
             out.flush()
             os.fsync(out.fileno())
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            files[path.relative_to(staging).as_posix()] = _sha256_file(path)
-    return files
+        bundle_id = entry.item.bundle_id
+        case_path = folder / "case.json"
+        case_sha = _sha256_file(case_path)
+        files[case_path.relative_to(staging).as_posix()] = case_sha
+        disclosed.append(DisclosedFile(bundle_id, "case", 0, case_path.stat().st_size, case_sha))
+        for written in opened.files:
+            sha = _sha256_file(written.path)
+            files[written.path.relative_to(staging).as_posix()] = sha
+            disclosed.append(
+                DisclosedFile(bundle_id, "attachment", written.index, written.size, sha)
+            )
+    return _Staged(staging, files, disclosed)
 
 
 def _foresee(
@@ -1256,7 +1281,8 @@ def disclose(
     """Release decrypted items to ``recipient`` if the rule allows; record every attempt.
 
     Allowed: the items (``<bundle id>/case.json`` and attachments) and
-    ``disclosure.json`` (consent id, ledger entry, SHA-256 of every file)
+    ``disclosure.json`` (consent id, ledger entry, SHA-256 of every file and
+    the ledger's keyed MACs of them)
     appear in ``out_dir`` at once, and the consent use and the ledger entry
     (``disclosure-made`` or ``internal-share``) are committed with the
     decision. Refused: :class:`ConsentRefused` (exit code 3) names what is
@@ -1278,9 +1304,9 @@ def disclose(
     staging = Path(tempfile.mkdtemp(prefix=_PARTIAL_PREFIX, dir=target.parent))
     try:
         staging.chmod(PRIVATE_DIR_MODE)  # becomes the output folder: 0700 whatever the umask
-        files = _decrypt_items(node, keyring, policy, items, staging)
+        staged = _decrypt_items(node, keyring, policy, items, staging)
         return _decide_and_record(
-            node, keyring, policy, actor, items, recipient, purpose, now, (staging, files), target
+            node, keyring, policy, actor, items, recipient, purpose, now, staged, target
         )
     finally:
         if staging.exists():
@@ -1296,7 +1322,7 @@ def _decide_and_record(
     recipient: str,
     purpose: str,
     now: datetime,
-    staged: tuple[Path, dict[str, str]] | None,
+    staged: _Staged | None,
     target: Path,
 ) -> DisclosureResult:
     refused: Decision | None = None
@@ -1308,16 +1334,21 @@ def _decide_and_record(
             _apply_pending_in(session, node, keyring, policy, now)
             decision = _decide(session, node.node_id, policy, items, recipient, purpose, now)
             if not decision.allowed:
-                _record_attempt(session, decision=decision, actor=actor, now=now, files={})
+                _record_attempt(session, decision=decision, actor=actor, now=now, files=None)
                 refused = decision
             elif staged is None:
                 # Allowed now, though it was not a moment ago (a consent arrived):
                 # commit what was applied, record nothing, start again with the files.
                 again = True
             else:
-                staging, files = staged
+                staging, files = staged.folder, staged.files
+                ledger_files = files_record(
+                    staged.disclosed,
+                    key=file_mac_key(bytes(keyring.signing_key)),
+                    key_id=keyring.signing_key_id,
+                )
                 disclosure_id, entry = _record_attempt(
-                    session, decision=decision, actor=actor, now=now, files=files
+                    session, decision=decision, actor=actor, now=now, files=ledger_files
                 )
                 manifest = {
                     "disclosure_id": disclosure_id,
@@ -1332,6 +1363,7 @@ def _decide_and_record(
                     "ledger_entry_hash": entry.entry_hash.hex(),
                     "items": [i.to_record() for i in decision.items],
                     "files_sha256": dict(sorted(files.items())),
+                    "ledger_files": ledger_files,
                 }
                 with create_private_file(staging / MANIFEST_NAME) as out:
                     out.write(json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")

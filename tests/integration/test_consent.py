@@ -638,7 +638,15 @@ def test_disclosed_package_holds_case_and_attachments_with_their_hashes(
         f"{sent.bundle_id}/case.json",
     ]
     (made,) = entries(pair.pk, "disclosure-made")
-    assert made.body["files_sha256"] == on_disk
+    package = json.loads((out / "disclosure.json").read_text())
+    # The ledger names files by position and keyed MAC, never by name or plain hash.
+    assert "files_sha256" not in made.body
+    assert made.body["files"] == package["ledger_files"]["files"]
+    assert [(f["part"], f["index"], f["bytes"]) for f in made.body["files"]] == [
+        ("case", 0, (out / sent.bundle_id / "case.json").stat().st_size),
+        ("attachment", 0, len(evidence.read_bytes())),
+    ]
+    assert made.body["files_mac_key_id"] == pair.pk.keyring.signing_key_id
 
 
 def test_grant_arriving_between_first_look_and_decision_is_honoured(
