@@ -35,7 +35,7 @@ from gateway.node.inbox import (
     list_inbox,
     read_bundle,
 )
-from gateway.node.outbox import describe_outbox_entry, list_outbox, send_case
+from gateway.node.outbox import describe_outbox_entry, list_outbox, refusals_by_peer, send_case
 from gateway.node.runtime import utc_now
 
 __all__ = ["MAX_INLINE_ATTACHMENT_BYTES", "MAX_SEND_BODY", "ROUTES"]
@@ -155,7 +155,10 @@ async def outbox_list(call: Call) -> web.StreamResponse:
     if state not in (None, "queued", "delivered"):
         raise InvalidInput("query parameter state must be queued or delivered")
     rows = await call.run(lambda: list_outbox(call.node, state=state))
-    return json_response({"bundles": [describe_outbox_entry(r) for r in rows]})
+    refused = await call.run(lambda: refusals_by_peer(call.node))
+    return json_response(
+        {"bundles": [describe_outbox_entry(r, refused.get(r.bundle_id)) for r in rows]}
+    )
 
 
 def _read_with_attachments(call: Call, bundle_id: str) -> tuple[ReadBundle, list[dict[str, Any]]]:

@@ -28,6 +28,7 @@ from gateway.node.outbox import (
     deliver_once,
     describe_outbox_entry,
     list_outbox,
+    refusals_by_peer,
     send_case,
 )
 from gateway.node.runtime import utc_now
@@ -84,7 +85,9 @@ def send(
 
     \b
     Types: broker-misconduct, exam-fraud, consultation, acceptance-suspension,
-    return-assistance, information-request, information-reply, consent-*.
+    return-assistance, information-request, information-reply (its reply_to is
+    the request_bundle_id of the case). Consent bundles have their own
+    commands (gateway consent ...).
     """
     actor = app.actor("send")
     case = _read_case(case_json)
@@ -194,11 +197,16 @@ def inbox(app: AppContext, case_type: str | None, gaps: bool) -> None:
 )
 @pass_app
 def outbox(app: AppContext, state: str | None) -> None:
-    """List the bundles sent: queued (with attempts and last error) or delivered (receipted)."""
+    """List the bundles sent: queued (with attempts and last error) or delivered (receipted).
+
+    A delivered bundle the peer refused afterwards (a consent bundle that did
+    not fit) says so, with the peer's signed reason.
+    """
     app.actor("inbox")
     node = app.node()
     rows = list_outbox(node, state=state)
-    data = [describe_outbox_entry(r) for r in rows]
+    refused = refusals_by_peer(node)
+    data = [describe_outbox_entry(r, refused.get(r.bundle_id)) for r in rows]
 
     def text() -> str:
         if not rows:
@@ -210,6 +218,12 @@ def outbox(app: AppContext, state: str | None) -> None:
             else:
                 status = f"queued, {r.attempts} attempt(s)" + (
                     f", last: {r.last_error}" if r.last_error else ""
+                )
+            refusal = refused.get(r.bundle_id)
+            if refusal is not None:
+                status += (
+                    f"; then refused by {refusal.peer}: {refusal.reason} "
+                    f"({refusal.detail}) at {_time(refusal.refused_at)}"
                 )
             lines.append(
                 f"{r.bundle_id}  {r.case_type:<22} to {r.recipient}  #{r.sequence:<6} {status}"

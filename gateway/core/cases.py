@@ -49,6 +49,8 @@ __all__ = [
     "CASE_TYPES",
     "CONSULTATION_TOPICS",
     "DEFAULT_MAX_CASE_BYTES",
+    "PROTOCOL_COMMANDS",
+    "PROTOCOL_TYPES",
     "REPLY_TARGETS",
     "SSW_SECTORS",
     "AcceptanceSuspension",
@@ -58,6 +60,7 @@ __all__ = [
     "BrokerCorporation",
     "BrokerIndividual",
     "BrokerMisconduct",
+    "BundleRefusal",
     "Case",
     "CaseType",
     "ConsentDenial",
@@ -462,6 +465,23 @@ class ConsentRevocation(_Case):
     revoking_officer: ShortText
 
 
+class BundleRefusal(_Case):
+    """A node's signed notice that it refused a bundle it had receipted (docs/protocol.md).
+
+    Sent by the node itself, never by ``send``; the envelope's ``reply_to``
+    names the refused bundle, as ``refused_bundle_id`` does. ``reason`` is a
+    reason code; ``detail`` names the check in words (ids, never content).
+    """
+
+    case_type: ClassVar[str] = "bundle-refusal"
+    schema_version: ClassVar[str] = "1"
+
+    refused_bundle_id: BundleId
+    envelope_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    reason: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{0,63}$")]
+    detail: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+
 Case = (
     BrokerMisconduct
     | ExamFraud
@@ -474,6 +494,7 @@ Case = (
     | ConsentGrant
     | ConsentDenial
     | ConsentRevocation
+    | BundleRefusal
 )
 
 
@@ -501,8 +522,24 @@ CASE_TYPES: Mapping[str, CaseType] = {
         (ConsentGrant, "3"),
         (ConsentDenial, "3"),
         (ConsentRevocation, "3"),
+        (BundleRefusal, "8"),
     )
 }
+
+PROTOCOL_TYPES: frozenset[str] = frozenset(
+    {"consent-request", "consent-grant", "consent-denial", "consent-revocation", "bundle-refusal"}
+)
+"""Bundles with a protocol of their own: made by their own commands (which stamp the
+acting officer and check the items) or by the node itself, never sent as cases."""
+
+PROTOCOL_COMMANDS: Mapping[str, str] = {
+    "consent-request": "gateway consent request BUNDLE_ID... --recipient NAME --purpose TEXT",
+    "consent-grant": "gateway consent grant REQUEST_ID",
+    "consent-denial": "gateway consent deny REQUEST_ID --reason TEXT",
+    "consent-revocation": "gateway consent revoke CONSENT_ID --reason TEXT",
+    "bundle-refusal": "none: the node sends it itself when it refuses a bundle",
+}
+"""For each protocol type, the command that makes it (named in refusals of ``send``)."""
 
 
 def case_type_for(name: str, version: str | None = None) -> CaseType:

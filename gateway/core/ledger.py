@@ -112,6 +112,7 @@ class EntryKind(StrEnum):
     CHECKPOINT_MADE = "checkpoint-made"
     CHECKPOINT_RECEIVED = "checkpoint-received"
     EQUIVOCATION = "equivocation"
+    BUNDLE_REFUSED = "bundle-refused"
 
 
 _KINDS = {kind.value: kind for kind in EntryKind}

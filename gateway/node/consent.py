@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session
 
 from gateway import log
 from gateway.core.canonical import canonical_bytes, parse_bounded_json
-from gateway.core.cases import validate_case
+from gateway.core.cases import PROTOCOL_TYPES, validate_case
 from gateway.core.consent import (
     MAX_GRANT_BYTES,
     ConsentGrant,
@@ -100,6 +100,7 @@ from gateway.store.models_consent import (
     RequestStatus,
 )
 from gateway.store.models_exchange import InboxEntry, OutboxEntry, envelope_path
+from gateway.store.models_refusal import BundleRefusalRecord, RefusalDirection
 
 __all__ = [
     "CONSENT_TYPES",
@@ -114,9 +115,13 @@ __all__ = [
     "load_consent_states",
     "request_consent",
     "revoke",
+    "send_refusal_notices",
 ]
 
 CONSENT_TYPES = ("consent-request", "consent-grant", "consent-denial", "consent-revocation")
+REFUSAL_TYPE = "bundle-refusal"
+APPLIED_TYPES = (*CONSENT_TYPES, REFUSAL_TYPE)
+"""Protocol bundles applied after their receipt (:func:`apply_pending`)."""
 GRANT_ATTACHMENT = "consent-grant.signed.json"
 MANIFEST_NAME = "disclosure.json"
 _PARTIAL_PREFIX = ".ssw-disclose-"
@@ -219,21 +224,15 @@ def _send(
     attachments: Sequence[Path],
     now: datetime,
     record: Callable[[Session, str], None],
+    *,
+    reply_to: str | None = None,
 ) -> str:
-    from gateway.node.outbox import send_case  # noqa: PLC0415
+    from gateway.node.outbox import send_protocol_bundle  # noqa: PLC0415
 
-    sent = send_case(
-        node,
-        keyring,
-        actor,
-        case_type,
-        case,
-        attachments,
-        public=False,
-        reply_to=None,
-        now=now,
-        in_transaction=record,
-    )
+    sent = send_protocol_bundle(
+        node, keyring, actor, case_type, case, attachments,
+        reply_to=reply_to, now=now, in_transaction=record,
+    )  # fmt: skip
     return sent.bundle_id
 
 
@@ -280,7 +279,7 @@ def request_consent(
             raise NotFound(
                 f"bundle {bundle_id} is not in the inbox: only the peer's bundles need consent"
             )
-        if row.case_type in CONSENT_TYPES:
+        if row.case_type in PROTOCOL_TYPES:
             raise InvalidInput(f"bundle {bundle_id} is a {row.case_type}, not case information")
         if row.marking == "public":
             raise InvalidInput(f"bundle {bundle_id} is marked public: it needs no consent")
@@ -733,6 +732,21 @@ def _apply_one(
         if session.get(ConsentRequestRecord, entry.bundle_id) is not None:
             raise AlreadyExists(f"consent request {entry.bundle_id} is recorded already")
         items = validate_items(case["items"])
+        ours = {
+            row.bundle_id: row.case_type
+            for row in session.scalars(
+                select(OutboxEntry).where(
+                    OutboxEntry.bundle_id.in_(items), OutboxEntry.recipient == entry.sender
+                )
+            )
+        }
+        for item in items:
+            if ours.get(item) is None or ours[item] in PROTOCOL_TYPES:
+                raise RefusedError(
+                    f"consent request {entry.bundle_id} names bundle {item}, which this node "
+                    f"never sent to {entry.sender} as a case: only the originator can consent",
+                    reason="consent.items-not-sent",
+                )
         session.add(
             ConsentRequestRecord(
                 request_id=entry.bundle_id,
@@ -780,8 +794,9 @@ def _apply_one(
         _check_grant_matches_case(written, case)
         request = session.get(ConsentRequestRecord, written.request_id)
         if request is None or request.direction != Direction.OUTGOING:
-            raise InvalidInput(
-                f"grant answers request {written.request_id}, which this node never made"
+            raise RefusedError(
+                f"grant answers request {written.request_id}, which this node never made",
+                reason="consent.unknown-request",
             )
         asked = set(json.loads(request.items_json))
         if not set(written.items) <= asked:
@@ -804,7 +819,10 @@ def _apply_one(
         request_id = case["request_id"]
         request = session.get(ConsentRequestRecord, request_id)
         if request is None or request.direction != Direction.OUTGOING:
-            raise InvalidInput(f"denial answers request {request_id}, which this node never made")
+            raise RefusedError(
+                f"denial answers request {request_id}, which this node never made",
+                reason="consent.unknown-request",
+            )
         if session.get(ConsentDenialRecord, request_id) is not None:
             raise AlreadyExists(f"denial of request {request_id} is recorded already")
         if request.status == RequestStatus.PENDING:
@@ -842,7 +860,9 @@ def _apply_one(
             actor=SYSTEM,
         )
         return f"consent {consent_id} revoked"
-    raise InvalidInput(f"{kind} is not a consent bundle")
+    if kind == REFUSAL_TYPE:
+        return _apply_refusal_notice(session, entry, case, now)
+    raise InvalidInput(f"{kind} is not a protocol bundle")
 
 
 def _check_grant_matches_case(written: ConsentGrant, case: dict[str, Any]) -> None:
@@ -874,7 +894,7 @@ def _pending_entries(session: Session, node_id: str) -> list[InboxEntry]:
         session.scalars(
             select(InboxEntry)
             .where(
-                InboxEntry.case_type.in_(CONSENT_TYPES),
+                InboxEntry.case_type.in_(APPLIED_TYPES),
                 InboxEntry.sender != node_id,
                 InboxEntry.bundle_id.not_in(applied.scalar_subquery()),
             )
@@ -899,9 +919,11 @@ def _apply_pending_in(
                 outcome = "applied"
         except (GatewayError, KeyError, TypeError, ValueError) as exc:
             # Fail closed: a bundle that does not verify or does not fit is
-            # kept in the inbox as received, marked refused, and never used.
+            # kept in the inbox as received, marked refused, and never used;
+            # the sender is told (a refusal notice, queued once this commits).
             summary = f"refused: {exc}" if isinstance(exc, GatewayError) else "refused: malformed"
             outcome = "refused"
+            _record_issued_refusal(session, entry, exc, now)
             _log.warning(
                 "consent_bundle_refused",
                 bundle_id=entry.bundle_id,
@@ -928,7 +950,162 @@ def apply_pending(node: Node, keyring: NodeKeyring, *, now: datetime) -> list[st
     policy = _policy(node)
     with node.db.transaction() as session:
         ledger.lock_for_append(session)  # the linearisation point of consent decisions
-        return _apply_pending_in(session, node, keyring, policy, now)
+        done = _apply_pending_in(session, node, keyring, policy, now)
+    send_refusal_notices(node, keyring, now=now)
+    return done
+
+
+# -- refusals after delivery ------------------------------------------------------------------
+
+
+def _record_issued_refusal(
+    session: Session, entry: InboxEntry, exc: Exception, now: datetime
+) -> None:
+    """Record that we refused ``entry`` (a receipted protocol bundle); the notice
+    to its sender is queued by :func:`send_refusal_notices`. A refused refusal
+    notice is recorded in ``consent_applied`` only: no notice answers a notice."""
+    if entry.case_type == REFUSAL_TYPE:
+        return
+    if isinstance(exc, GatewayError):
+        reason, detail = exc.reason, exc.message
+    else:
+        reason, detail = "malformed", f"{entry.case_type} does not have the fields it needs"
+    refusal = BundleRefusalRecord(
+        direction=RefusalDirection.ISSUED,
+        peer=entry.sender,
+        bundle_id=entry.bundle_id,
+        case_type=entry.case_type,
+        envelope_sha256=entry.envelope_sha256,
+        reason=reason[:64],
+        detail=detail[:500],
+        refused_at=now,
+        notice_bundle_id=None,
+    )
+    session.add(refusal)
+    ledger.record_event(
+        session,
+        kind="bundle-refused",
+        actor=SYSTEM,
+        now=now,
+        bundle_id=entry.bundle_id,
+        body={
+            "direction": RefusalDirection.ISSUED,
+            "sender": entry.sender,
+            "type": entry.case_type,
+            "envelope_sha256": entry.envelope_sha256,
+            "reason": refusal.reason,
+        },
+    )
+
+
+class _NoticeQueuedAlready(GatewayError):
+    reason = "refusal.noticed"
+
+
+def send_refusal_notices(node: Node, keyring: NodeKeyring, *, now: datetime) -> list[str]:
+    """Queue a signed ``bundle-refusal`` notice for every refusal not yet noticed.
+
+    Each notice is a confidential protocol bundle to the refused bundle's
+    sender, its ``reply_to`` the refused bundle; it goes through the outbox
+    (delivered exactly once, with a receipt). The row is marked in the same
+    transaction as the queued notice, so a crash re-sends at most never and
+    two concurrent callers queue one notice. Returns the notice bundle ids.
+    """
+    with node.db.transaction() as session:
+        pending = list(
+            session.scalars(
+                select(BundleRefusalRecord)
+                .where(
+                    BundleRefusalRecord.direction == RefusalDirection.ISSUED,
+                    BundleRefusalRecord.notice_bundle_id.is_(None),
+                )
+                .order_by(BundleRefusalRecord.id)
+            )
+        )
+    sent: list[str] = []
+    for refusal in pending:
+        row_id = refusal.id
+        case = {
+            "refused_bundle_id": refusal.bundle_id,
+            "envelope_sha256": refusal.envelope_sha256,
+            "reason": refusal.reason,
+            "detail": refusal.detail,
+        }
+
+        def record(session: Session, bundle_id: str, row_id: int = row_id) -> None:
+            row = session.get(
+                BundleRefusalRecord, row_id, with_for_update=True, populate_existing=True
+            )
+            if row is None or row.notice_bundle_id is not None:
+                raise _NoticeQueuedAlready("the refusal notice is queued already")
+            row.notice_bundle_id = bundle_id
+
+        try:
+            sent.append(
+                _send(node, keyring, SYSTEM, REFUSAL_TYPE, case, [], now, record,
+                      reply_to=refusal.bundle_id)
+            )  # fmt: skip
+        except _NoticeQueuedAlready:
+            continue
+        _log.info("refusal_notice_queued", bundle_id=refusal.bundle_id, reason=refusal.reason)
+    return sent
+
+
+def _apply_refusal_notice(
+    session: Session, entry: InboxEntry, case: dict[str, Any], now: datetime
+) -> str:
+    """Record the peer's notice that it refused one of our bundles."""
+    refused = str(case["refused_bundle_id"])
+    if entry.reply_to != refused:
+        raise InvalidInput("refusal notice: reply_to differs from refused_bundle_id")
+    ours = session.scalars(
+        select(OutboxEntry).where(
+            OutboxEntry.bundle_id == refused, OutboxEntry.recipient == entry.sender
+        )
+    ).first()
+    if ours is None or ours.envelope_sha256 != case["envelope_sha256"]:
+        raise InvalidInput(
+            f"refusal notice names bundle {refused} with an envelope this node did not send"
+        )
+    known = session.scalars(
+        select(BundleRefusalRecord).where(
+            BundleRefusalRecord.direction == RefusalDirection.RECEIVED,
+            BundleRefusalRecord.peer == entry.sender,
+            BundleRefusalRecord.bundle_id == refused,
+        )
+    ).first()
+    if known is not None:
+        return f"refusal of {refused} was recorded already"
+    validate_case(REFUSAL_TYPE, case)
+    session.add(
+        BundleRefusalRecord(
+            direction=RefusalDirection.RECEIVED,
+            peer=entry.sender,
+            bundle_id=refused,
+            case_type=ours.case_type,
+            envelope_sha256=ours.envelope_sha256,
+            reason=str(case["reason"]),
+            detail=str(case["detail"]),
+            refused_at=entry.created_at,
+            notice_bundle_id=entry.bundle_id,
+        )
+    )
+    ledger.record_event(
+        session,
+        kind="bundle-refused",
+        actor=SYSTEM,
+        now=now,
+        bundle_id=refused,
+        body={
+            "direction": RefusalDirection.RECEIVED,
+            "by": entry.sender,
+            "type": ours.case_type,
+            "envelope_sha256": ours.envelope_sha256,
+            "reason": str(case["reason"]),
+            "notice_bundle_id": entry.bundle_id,
+        },
+    )
+    return f"refusal of {refused} recorded"
 
 
 # -- reading the consent state --------------------------------------------------------------

@@ -70,10 +70,12 @@ __all__ = [
     "notify_queued",
     "outbox_entry",
     "queue_sealed",
+    "refusals_by_peer",
     "retry_delay",
     "run_sender",
     "run_sender_loop",
     "send_case",
+    "send_protocol_bundle",
 ]
 
 BATCH_MAX_ENVELOPES = 64
@@ -328,14 +330,72 @@ def send_case(
     public: bool,
     reply_to: str | None,
     now: datetime,
-    in_transaction: Callable[[Session, str], None] | None = None,
 ) -> SentBundle:
     """Validate, seal to the pinned peer's current encryption key, and queue a case.
 
-    Bad case data raises :class:`~gateway.core.cases.InvalidCase` naming the
-    field, before anything is written; an attachment that cannot be read
-    raises :class:`~gateway.errors.InvalidInput` naming the file.
+    What ``gateway send`` and ``POST /api/v1/bundles`` do. Bad case data
+    raises :class:`~gateway.core.cases.InvalidCase` naming the field, before
+    anything is written; an attachment that cannot be read raises
+    :class:`~gateway.errors.InvalidInput` naming the file. A type with a
+    protocol of its own (:data:`~gateway.core.cases.PROTOCOL_TYPES`: the
+    consent bundles and refusal notices) is refused with ``InvalidInput``
+    naming the command that makes it.
     """
+    from gateway.core.cases import PROTOCOL_COMMANDS, PROTOCOL_TYPES  # noqa: PLC0415
+
+    if case_type in PROTOCOL_TYPES:
+        raise InvalidInput(
+            f"{case_type} has its own protocol and is not sent as a case: use "
+            f"'{PROTOCOL_COMMANDS[case_type]}' (it names the acting officer and checks the items)"
+        )
+    return _seal_and_queue(
+        node, keyring, actor, case_type, case_data, attachments,
+        public=public, reply_to=reply_to, now=now, in_transaction=None,
+    )  # fmt: skip
+
+
+def send_protocol_bundle(
+    node: Node,
+    keyring: NodeKeyring,
+    actor: Actor,
+    case_type: str,
+    case_data: Mapping[str, Any],
+    attachments: Sequence[Path],
+    *,
+    reply_to: str | None,
+    now: datetime,
+    in_transaction: Callable[[Session, str], None],
+) -> SentBundle:
+    """Queue a bundle of the consent protocol or a refusal notice (confidential).
+
+    For :mod:`gateway.node.consent` only, whose commands build ``case_data``
+    from the acting officer and stored records; ``in_transaction`` records
+    the step in the same transaction as the queued bundle. Raises
+    :class:`~gateway.errors.InvalidInput` for any other type.
+    """
+    from gateway.core.cases import PROTOCOL_TYPES  # noqa: PLC0415
+
+    if case_type not in PROTOCOL_TYPES:
+        raise InvalidInput(f"{case_type} is not a protocol bundle")
+    return _seal_and_queue(
+        node, keyring, actor, case_type, case_data, attachments,
+        public=False, reply_to=reply_to, now=now, in_transaction=in_transaction,
+    )  # fmt: skip
+
+
+def _seal_and_queue(
+    node: Node,
+    keyring: NodeKeyring,
+    actor: Actor,
+    case_type: str,
+    case_data: Mapping[str, Any],
+    attachments: Sequence[Path],
+    *,
+    public: bool,
+    reply_to: str | None,
+    now: datetime,
+    in_transaction: Callable[[Session, str], None] | None,
+) -> SentBundle:
     from gateway.core.cases import resolve_reply_to, validate_case  # noqa: PLC0415
     from gateway.core.envelope import AttachmentSource, seal  # noqa: PLC0415
     from gateway.node.policy import load_policy  # noqa: PLC0415
@@ -814,8 +874,35 @@ def list_outbox(node: Node, *, state: str | None = None) -> list[OutboxEntry]:
         return list(session.scalars(query))
 
 
-def describe_outbox_entry(entry: OutboxEntry) -> dict[str, Any]:
-    """One row of ``gateway outbox`` and ``GET /api/v1/outbox``."""
+def refusals_by_peer(node: Node) -> dict[str, Any]:
+    """Bundle id -> the peer's recorded refusal of it (a ``BundleRefusalRecord``).
+
+    A bundle the peer receipted and then refused (a consent request naming
+    items it never sent, a grant answering no request of its own...) keeps
+    ``state = delivered``: the receipt stands; the refusal travels back as a
+    signed notice (docs/protocol.md) and is recorded beside it.
+    """
+    from gateway.store.models_refusal import (  # noqa: PLC0415
+        BundleRefusalRecord,
+        RefusalDirection,
+    )
+
+    with node.db.transaction() as session:
+        rows = session.scalars(
+            select(BundleRefusalRecord).where(
+                BundleRefusalRecord.direction == RefusalDirection.RECEIVED
+            )
+        ).all()
+    return {row.bundle_id: row for row in rows}
+
+
+def describe_outbox_entry(entry: OutboxEntry, refusal: Any = None) -> dict[str, Any]:
+    """One row of ``gateway outbox`` and ``GET /api/v1/outbox``.
+
+    ``refused_by_peer`` is null, or the peer's refusal after delivery
+    (``reason`` code, ``detail``, ``refused_at``, ``notice_bundle_id``); pass
+    the bundle's entry of :func:`refusals_by_peer` as ``refusal``.
+    """
     return {
         "bundle_id": entry.bundle_id,
         "type": entry.case_type,
@@ -828,6 +915,15 @@ def describe_outbox_entry(entry: OutboxEntry) -> dict[str, Any]:
         "last_error": entry.last_error,
         "delivered": entry.delivered_at,
         "receipt": entry.receipt.decode("utf-8") if entry.receipt is not None else None,
+        "refused_by_peer": None
+        if refusal is None
+        else {
+            "by": refusal.peer,
+            "reason": refusal.reason,
+            "detail": refusal.detail,
+            "refused_at": refusal.refused_at,
+            "notice_bundle_id": refusal.notice_bundle_id,
+        },
     }
 
 
