@@ -29,7 +29,7 @@ from gateway.errors import ConsentRefused, InvalidInput, NotFound, PolicyRefused
 from gateway.node import consent, ledger
 from gateway.node.inbox import receive_envelope
 from gateway.node.keystore import unlock_keyring
-from gateway.node.outbox import send_case
+from gateway.node.outbox import send_case, send_protocol_bundle
 from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user
 from gateway.peer.server import node_services
@@ -385,7 +385,7 @@ def test_grant_signed_by_another_key_is_refused_and_never_used(pair: Pair, tmp_p
     signed = sign_grant(forged, lambda message: other.sign(message).signature)
     attachment = tmp_path / consent.GRANT_ATTACHMENT
     attachment.write_bytes(json.dumps(signed.to_wire()).encode())
-    sent = send_case(
+    sent = send_protocol_bundle(  # what a faulty originator could sign and send
         pair.jp.node,
         pair.jp.keyring,
         JP_OFFICER,
@@ -402,9 +402,9 @@ def test_grant_signed_by_another_key_is_refused_and_never_used(pair: Pair, tmp_p
             "granting_officer": "tanaka",
         },
         [attachment],
-        public=False,
         reply_to=None,
         now=NOW,
+        in_transaction=lambda _session, _bundle_id: None,
     )
     deliver(pair.jp, pair.pk, sent.bundle_id)
     assert_blocked(pair.pk, [case_id], tmp_path / "out", "no consent")
