@@ -695,7 +695,8 @@ def _open_consent_bundle(
 
     def sink_factory(info: AttachmentInfo) -> BinaryIO:
         if info.name != GRANT_ATTACHMENT or info.name in sinks:
-            raise InvalidInput(f"unexpected attachment {info.name!r} in a {entry.case_type}")
+            # The name is the sender's content: the refusal (sent back, shown) names the position.
+            raise InvalidInput(f"unexpected attachment #{info.index} in a {entry.case_type}")
         if info.size > 2 * MAX_GRANT_BYTES:
             raise InvalidInput("consent grant attachment is too large")
         sink = _BoundedSink(2 * MAX_GRANT_BYTES)
