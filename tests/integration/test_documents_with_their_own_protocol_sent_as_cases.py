@@ -140,7 +140,12 @@ def _cases(pair: Pair) -> dict[str, Any]:
         public=False, reply_to=None, now=utc_now(),
     ).bundle_id  # fmt: skip
     pair.jp.receive_from(pair.pk, from_pk)
-    return {"from_jp": from_jp, "from_pk": from_pk}
+    asked = consent.request_consent(
+        pair.pk.node, pair.pk.keyring, pair.pk.officer, [from_jp], "Embassy of Example",
+        "screening", now=utc_now(),
+    ).bundle_id  # fmt: skip
+    pair.jp.receive_from(pair.pk, asked)
+    return {"from_jp": from_jp, "from_pk": from_pk, "pk_protocol": asked}
 
 
 def _with(case_type: str, **changes: Any) -> dict[str, Any]:
@@ -157,6 +162,8 @@ REFUSED_ON_ARRIVAL: list[tuple[str, str, Callable[[dict[str, str]], dict[str, An
      lambda ids: _with("consent-request", items=[ids["from_jp"]])),
     ("denial of a request pk never made", "consent-denial",
      lambda ids: _with("consent-denial", items=[ids["from_pk"]])),
+    ("request about pk's own consent request, not a case", "consent-request",
+     lambda ids: _with("consent-request", items=[ids["pk_protocol"]])),
 ]  # fmt: skip
 
 
@@ -207,19 +214,14 @@ def test_documents_with_their_own_protocol_sent_as_cases_are_refused_and_the_sen
 
 
 def test_a_fitting_request_is_applied_and_no_refusal_travels(pair: Pair) -> None:
-    """The control: pk's own consent command asks about jp's bundle; jp records it
-    pending and sends nothing back; jp's outbox shows no refusal."""
-    ids = _cases(pair)
-    asked = consent.request_consent(
-        pair.pk.node, pair.pk.keyring, pair.pk.officer, [ids["from_jp"]],
-        "Embassy of Example", "screening", now=utc_now(),
-    )  # fmt: skip
-    pair.jp.receive_from(pair.pk, asked.bundle_id)
+    """The control: pk's own consent command asks about jp's bundle (in ``_cases``);
+    jp records it pending and sends nothing back; pk's outbox shows no refusal."""
+    asked = _cases(pair)["pk_protocol"]
     listed = consent.list_consents(pair.jp.node, pair.jp.keyring, now=utc_now())
-    (request,) = [r for r in listed["requests"] if r["request_id"] == asked.bundle_id]
+    (request,) = [r for r in listed["requests"] if r["request_id"] == asked]
     assert (request["status"], request["requesting_officer"]) == ("pending", "bilal")
     assert _queued(pair.jp, "bundle-refusal") == []
-    assert _refusals_shown(pair.pk, asked.bundle_id)["cli"] is None
+    assert _refusals_shown(pair.pk, asked)["cli"] is None
 
 
 def test_a_refused_refusal_sends_nothing_back(pair: Pair) -> None:
