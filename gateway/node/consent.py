@@ -86,6 +86,7 @@ from gateway.node.bundles import (
     make_private_dir,
     open_to_dir,
 )
+from gateway.node.inbox import check_reply_matches_case
 from gateway.node.runtime import Node
 from gateway.store.models_consent import (
     ConsentApplied,
@@ -1408,6 +1409,9 @@ def _decrypt_items(
             peer_manifest=peer,
             policy=policy,
             now=entry.opened_at,
+        )
+        check_reply_matches_case(
+            opened.envelope.header.type, opened.envelope.header.reply_to, opened.envelope.case_data
         )
         if not opened.files:
             attachments.rmdir()

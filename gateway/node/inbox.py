@@ -58,6 +58,7 @@ __all__ = [
     "WrongRecipient",
     "accept_envelope",
     "channel_name",
+    "check_reply_matches_case",
     "describe_inbox_entry",
     "inbox_entry",
     "ledger_checkpoint",
@@ -599,6 +600,7 @@ def read_bundle(
             for handle in handles:
                 handle.close()
         header = opened.header
+        check_reply_matches_case(header.type, header.reply_to, opened.case_data)
         if out_dir is not None:
             case_path = safe_output_path(out_dir, f"{header.bundle_id}.json")
             with create_private_file(case_path) as out:
@@ -641,6 +643,24 @@ def read_bundle(
         case=opened.case_data,
         written=written,
     )
+
+
+def check_reply_matches_case(case_type: str, reply_to: str | None, case: dict[str, Any]) -> None:
+    """One source of truth: a reply's signed ``reply_to`` is its case's ``request_bundle_id``.
+
+    ``send`` makes them equal; a bundle whose two differ (a faulty or hostile
+    sender) is refused before anything is shown or written
+    (:class:`~gateway.errors.VerificationError`, check ``reply_to``).
+    """
+    from gateway.core.cases import REPLY_TARGETS  # noqa: PLC0415
+
+    if case_type in REPLY_TARGETS and case.get("request_bundle_id") != reply_to:
+        raise VerificationError(
+            f"{case_type}: the case answers another request than its signed reply_to "
+            f"{reply_to}; ask the sender to send the reply again",
+            check="reply_to",
+            reason="envelope.reply-to",
+        )
 
 
 def _record_read(

@@ -23,7 +23,9 @@ import pytest
 from sqlalchemy import func, select
 
 from gateway.errors import GatewayError
+from gateway.node import consent
 from gateway.node.bundles import seal_to_file
+from gateway.node.inbox import read_bundle
 from gateway.node.keys import pinned_peer_manifest
 from gateway.node.outbox import send_case
 from gateway.node.policy import load_policy
@@ -242,3 +244,44 @@ def test_replies_to_nothing_are_refused_by_the_receiving_peer(
         if _count(pair.pk, InboxEntry) != before:
             wrong[f"{name} (stored)"] = "an inbox row was added"
     assert wrong == {}
+
+
+def test_replies_to_nothing_a_stored_reply_contradicting_itself_is_never_shown(
+    pair: Pair, exchanged: dict[str, str], tmp_path: Path
+) -> None:
+    """The receiver cannot read the case before storing it; a reply whose signed
+    reply_to names pk's request while its case names another is stored, then
+    refused by every reader: core and CLI show, API GET, disclose."""
+    pair.pk.receive_from(pair.jp, exchanged["own_request"])
+    case = _reply(exchanged["case"])  # the case names another bundle than reply_to
+    path = _hand_sealed(pair.jp, tmp_path, "information-reply", case, exchanged["request"])
+    services = node_services(pair.pk.node, pair.pk.keyring, skew=timedelta(minutes=5))
+    services.receive_envelope(path, now=utc_now())
+    with pair.pk.node.db.transaction() as session:
+        bundle = session.scalars(
+            select(InboxEntry.bundle_id).where(InboxEntry.case_type == "information-reply")
+        ).one()
+    outcomes: dict[str, str] = {}
+    try:
+        read_bundle(pair.pk.node, pair.pk.keyring, pair.pk.officer, bundle, out_dir=None,
+                    now=utc_now())  # fmt: skip
+        outcomes["core read_bundle"] = "shown"
+    except GatewayError as exc:
+        outcomes["core read_bundle"] = exc.reason
+    done = pair.pk.cli("show", bundle)
+    outcomes["CLI show"] = "shown" if done.exit_code == 0 else f"exit {done.exit_code}"
+    (answer,) = pair.pk.api([("GET", f"/api/v1/bundles/{bundle}", None)])
+    outcomes["API GET /api/v1/bundles/{id}"] = str(answer.status)
+    try:
+        consent.disclose(pair.pk.node, pair.pk.keyring, pair.pk.officer, [bundle], "beoe",
+                         "review", tmp_path / "out", now=utc_now())  # fmt: skip
+        outcomes["core disclose"] = "disclosed"
+    except GatewayError as exc:
+        outcomes["core disclose"] = exc.reason
+    assert outcomes == {
+        "core read_bundle": "envelope.reply-to",
+        "CLI show": "exit 4",
+        "API GET /api/v1/bundles/{id}": "422",
+        "core disclose": "envelope.reply-to",
+    }
+    assert not (tmp_path / "out").exists()
