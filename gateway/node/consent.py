@@ -953,7 +953,11 @@ def apply_pending(node: Node, keyring: NodeKeyring, *, now: datetime) -> list[st
     with node.db.transaction() as session:
         ledger.lock_for_append(session)  # the linearisation point of consent decisions
         done = _apply_pending_in(session, node, keyring, policy, now)
-    send_refusal_notices(node, keyring, now=now)
+    try:
+        send_refusal_notices(node, keyring, now=now)
+    except GatewayError as exc:
+        # The refusals are recorded; their notices are queued by the next call.
+        _log.warning("refusal_notice_deferred", error=type(exc).__name__, reason=exc.reason)
     return done
 
 
