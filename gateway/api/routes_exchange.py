@@ -36,7 +36,7 @@ from gateway.node.inbox import (
     list_inbox,
     read_bundle,
 )
-from gateway.node.outbox import describe_outbox_entry, list_outbox, send_case
+from gateway.node.outbox import describe_outbox_entry, list_outbox, refusals_by_peer, send_case
 from gateway.node.resend import MAX_RESEND, resend_bundles
 from gateway.node.retention import purged_dates_of
 from gateway.node.runtime import utc_now
@@ -191,8 +191,16 @@ async def outbox_list(call: Call) -> web.StreamResponse:
         raise InvalidInput("query parameter state must be queued, delivered or replaced")
     rows = await call.run(lambda: list_outbox(call.node, state=state))
     purged = await call.run(lambda: purged_dates_of(call.node, Direction.SENT))
+    refused = await call.run(lambda: refusals_by_peer(call.node))
     return json_response(
-        {"bundles": [describe_outbox_entry(r, purged.get(r.bundle_id)) for r in rows]}
+        {
+            "bundles": [
+                describe_outbox_entry(
+                    r, purged_at=purged.get(r.bundle_id), refusal=refused.get(r.bundle_id)
+                )
+                for r in rows
+            ]
+        }
     )
 
 

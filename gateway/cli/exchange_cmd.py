@@ -23,12 +23,14 @@ from gateway.cli.context import AppContext, pass_app
 from gateway.core.canonical import parse_bounded_json
 from gateway.core.retention import Direction
 from gateway.errors import InvalidInput
+from gateway.node.bundles import make_private_dir
 from gateway.node.inbox import describe_inbox_entry, list_gaps, list_inbox, read_bundle
 from gateway.node.outbox import (
     DeliveryReport,
     deliver_once,
     describe_outbox_entry,
     list_outbox,
+    refusals_by_peer,
     send_case,
 )
 from gateway.node.resend import resend_bundles
@@ -87,7 +89,9 @@ def send(
 
     \b
     Types: broker-misconduct, exam-fraud, consultation, acceptance-suspension,
-    return-assistance, information-request, information-reply, consent-*.
+    return-assistance, information-request, information-reply (its reply_to is
+    the request_bundle_id of the case). Consent bundles have their own
+    commands (gateway consent ...).
     """
     actor = app.actor("send")
     case = _read_case(case_json)
@@ -229,12 +233,22 @@ def inbox(app: AppContext, case_type: str | None, gaps: bool, suspect: bool) -> 
 )
 @pass_app
 def outbox(app: AppContext, state: str | None) -> None:
-    """List the bundles sent: queued (with attempts and last error) or delivered (receipted)."""
+    """List the bundles sent: queued (with attempts and last error) or delivered (receipted).
+
+    A delivered bundle the peer refused afterwards (a consent bundle that did
+    not fit) says so, with the peer's signed reason.
+    """
     app.actor("inbox")
     node = app.node()
     rows = list_outbox(node, state=state)
     purged = purged_dates_of(node, Direction.SENT)
-    data = [describe_outbox_entry(r, purged.get(r.bundle_id)) for r in rows]
+    refused = refusals_by_peer(node)
+    data = [
+        describe_outbox_entry(
+            r, purged_at=purged.get(r.bundle_id), refusal=refused.get(r.bundle_id)
+        )
+        for r in rows
+    ]
 
     def text() -> str:
         if not rows:
@@ -246,6 +260,12 @@ def outbox(app: AppContext, state: str | None) -> None:
             else:
                 status = f"queued, {r.attempts} attempt(s)" + (
                     f", last: {r.last_error}" if r.last_error else ""
+                )
+            refusal = refused.get(r.bundle_id)
+            if refusal is not None:
+                status += (
+                    f"; then refused by {refusal.peer}: {refusal.reason} "
+                    f"({refusal.detail}) at {_time(refusal.refused_at)}"
                 )
             lines.append(
                 f"{r.bundle_id}  {r.case_type:<22} to {r.recipient}  #{r.sequence:<6} {status}"
@@ -263,7 +283,8 @@ def outbox(app: AppContext, state: str | None) -> None:
     "--out",
     "out_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Write the case and its attachments into this folder (made if missing).",
+    help="Write the case and its attachments into this folder (made 0700 if missing); "
+    "files are 0600.",
 )
 @click.option(
     "--accept-suspect",
@@ -282,7 +303,7 @@ def show(app: AppContext, bundle_id: str, out_dir: Path | None, accept_suspect: 
     node = app.node()
     if out_dir is not None:
         try:
-            out_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_private_dir(out_dir)
         except OSError as exc:
             raise InvalidInput(f"{out_dir}: cannot be made ({exc.strerror})") from None
     shown = read_bundle(

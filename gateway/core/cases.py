@@ -49,6 +49,9 @@ __all__ = [
     "CASE_TYPES",
     "CONSULTATION_TOPICS",
     "DEFAULT_MAX_CASE_BYTES",
+    "PROTOCOL_COMMANDS",
+    "PROTOCOL_TYPES",
+    "REPLY_TARGETS",
     "SSW_SECTORS",
     "AcceptanceSuspension",
     "AffectedPerson",
@@ -57,6 +60,7 @@ __all__ = [
     "BrokerCorporation",
     "BrokerIndividual",
     "BrokerMisconduct",
+    "BundleRefusal",
     "Case",
     "CaseType",
     "ConsentDenial",
@@ -72,6 +76,7 @@ __all__ = [
     "ReturnAssistance",
     "ReturnPerson",
     "case_type_for",
+    "resolve_reply_to",
     "validate_case",
 ]
 
@@ -460,6 +465,23 @@ class ConsentRevocation(_Case):
     revoking_officer: ShortText
 
 
+class BundleRefusal(_Case):
+    """A node's signed notice that it refused a bundle it had receipted (docs/protocol.md).
+
+    Sent by the node itself, never by ``send``; the envelope's ``reply_to``
+    names the refused bundle, as ``refused_bundle_id`` does. ``reason`` is a
+    reason code; ``detail`` names the check in words (ids, never content).
+    """
+
+    case_type: ClassVar[str] = "bundle-refusal"
+    schema_version: ClassVar[str] = "1"
+
+    refused_bundle_id: BundleId
+    envelope_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    reason: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{0,63}$")]
+    detail: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+
 Case = (
     BrokerMisconduct
     | ExamFraud
@@ -472,6 +494,7 @@ Case = (
     | ConsentGrant
     | ConsentDenial
     | ConsentRevocation
+    | BundleRefusal
 )
 
 
@@ -499,8 +522,24 @@ CASE_TYPES: Mapping[str, CaseType] = {
         (ConsentGrant, "3"),
         (ConsentDenial, "3"),
         (ConsentRevocation, "3"),
+        (BundleRefusal, "8"),
     )
 }
+
+PROTOCOL_TYPES: frozenset[str] = frozenset(
+    {"consent-request", "consent-grant", "consent-denial", "consent-revocation", "bundle-refusal"}
+)
+"""Bundles with a protocol of their own: made by their own commands (which stamp the
+acting officer and check the items) or by the node itself, never sent as cases."""
+
+PROTOCOL_COMMANDS: Mapping[str, str] = {
+    "consent-request": "gateway consent request BUNDLE_ID... --recipient NAME --purpose TEXT",
+    "consent-grant": "gateway consent grant REQUEST_ID",
+    "consent-denial": "gateway consent deny REQUEST_ID --reason TEXT",
+    "consent-revocation": "gateway consent revoke CONSENT_ID --reason TEXT",
+    "bundle-refusal": "none: the node sends it itself when it refuses a bundle",
+}
+"""For each protocol type, the command that makes it (named in refusals of ``send``)."""
 
 
 def case_type_for(name: str, version: str | None = None) -> CaseType:
@@ -580,3 +619,33 @@ def validate_case(
             f"{case_type}: {where}: {first_reason}{more}", field=first_path, errors=problems
         ) from None
     return model  # type: ignore[return-value]
+
+
+REPLY_TARGETS: Mapping[str, str] = {"information-reply": "information-request"}
+"""Case types that answer another bundle -> the type of the bundle they answer."""
+
+
+def resolve_reply_to(case_type: str, case: Case, reply_to: str | None) -> str | None:
+    """The one ``reply_to`` an envelope of this case carries, or :class:`InvalidCase`.
+
+    A type in :data:`REPLY_TARGETS` names what it answers inside the case
+    (``request_bundle_id``); that is the source of truth. ``reply_to`` may
+    be left out (it is then taken from the case) or repeat it; a different
+    value is refused, never silently preferred. Other types carry
+    ``reply_to`` as given. Whether the bundle answered exists is for the
+    caller to check against what it received.
+    """
+    if case_type not in REPLY_TARGETS:
+        return reply_to
+    named = str(getattr(case, "request_bundle_id", "") or "")
+    if not named:
+        raise InvalidCase(
+            f"{case_type}: request_bundle_id: field required", field="request_bundle_id"
+        )
+    if reply_to is not None and reply_to != named:
+        raise InvalidCase(
+            f"{case_type}: --reply-to {reply_to} contradicts request_bundle_id {named} in the "
+            "case; leave --reply-to out (the case's id is used) or give the same id",
+            field="request_bundle_id",
+        )
+    return named

@@ -27,6 +27,8 @@ class Purpose:
     KEYSTORE: Final = b"ssw-gateway/keystore/v1"
     USER_TOKEN: Final = b"ssw-gateway/user-token/v1"
     BACKUP: Final = b"ssw-gateway/backup/v1"
+    FILE_MAC_KEY: Final = b"ssw-gateway/file-mac-key/v1"
+    FILE_MAC: Final = b"ssw-gateway/file-mac/v1"
 
 
 def tagged(purpose: bytes, payload: bytes) -> bytes:

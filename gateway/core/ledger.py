@@ -117,6 +117,7 @@ class EntryKind(StrEnum):
     BUNDLE_SUSPECT = "bundle-suspect"
     SUSPECT_ACCEPTED = "suspect-accepted"
     BUNDLE_RESENT = "bundle-resent"
+    BUNDLE_REFUSED = "bundle-refused"
 
 
 _KINDS = {kind.value: kind for kind in EntryKind}

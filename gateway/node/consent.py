@@ -48,7 +48,7 @@ from sqlalchemy.orm import Session
 
 from gateway import log
 from gateway.core.canonical import canonical_bytes, parse_bounded_json
-from gateway.core.cases import validate_case
+from gateway.core.cases import PROTOCOL_TYPES, validate_case
 from gateway.core.consent import (
     MAX_GRANT_BYTES,
     ConsentGrant,
@@ -64,6 +64,7 @@ from gateway.core.consent import (
     validate_text,
     verify_grant,
 )
+from gateway.core.filemac import DisclosedFile, file_mac_key, files_record
 from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.ledger import LedgerEntry
 from gateway.core.policy import Policy
@@ -81,6 +82,13 @@ from gateway.errors import (
     VerificationError,
 )
 from gateway.node import ledger
+from gateway.node.bundles import (
+    PRIVATE_DIR_MODE,
+    create_private_file,
+    make_private_dir,
+    open_to_dir,
+)
+from gateway.node.inbox import check_reply_matches_case
 from gateway.node.retention import WrittenOutput, ensure_not_purged, record_outputs
 from gateway.node.runtime import Node
 from gateway.store.models_consent import (
@@ -96,6 +104,7 @@ from gateway.store.models_consent import (
     RequestStatus,
 )
 from gateway.store.models_exchange import InboxEntry, OutboxEntry, envelope_path
+from gateway.store.models_refusal import BundleRefusalRecord, RefusalDirection
 
 __all__ = [
     "CONSENT_TYPES",
@@ -110,9 +119,13 @@ __all__ = [
     "load_consent_states",
     "request_consent",
     "revoke",
+    "send_refusal_notices",
 ]
 
 CONSENT_TYPES = ("consent-request", "consent-grant", "consent-denial", "consent-revocation")
+REFUSAL_TYPE = "bundle-refusal"
+APPLIED_TYPES = (*CONSENT_TYPES, REFUSAL_TYPE)
+"""Protocol bundles applied after their receipt (:func:`apply_pending`)."""
 GRANT_ATTACHMENT = "consent-grant.signed.json"
 MANIFEST_NAME = "disclosure.json"
 _PARTIAL_PREFIX = ".ssw-disclose-"
@@ -215,21 +228,15 @@ def _send(
     attachments: Sequence[Path],
     now: datetime,
     record: Callable[[Session, str], None],
+    *,
+    reply_to: str | None = None,
 ) -> str:
-    from gateway.node.outbox import send_case  # noqa: PLC0415
+    from gateway.node.outbox import send_protocol_bundle  # noqa: PLC0415
 
-    sent = send_case(
-        node,
-        keyring,
-        actor,
-        case_type,
-        case,
-        attachments,
-        public=False,
-        reply_to=None,
-        now=now,
-        in_transaction=record,
-    )
+    sent = send_protocol_bundle(
+        node, keyring, actor, case_type, case, attachments,
+        reply_to=reply_to, now=now, in_transaction=record,
+    )  # fmt: skip
     return sent.bundle_id
 
 
@@ -276,7 +283,7 @@ def request_consent(
             raise NotFound(
                 f"bundle {bundle_id} is not in the inbox: only the peer's bundles need consent"
             )
-        if row.case_type in CONSENT_TYPES:
+        if row.case_type in PROTOCOL_TYPES:
             raise InvalidInput(f"bundle {bundle_id} is a {row.case_type}, not case information")
         if row.marking == "public":
             raise InvalidInput(f"bundle {bundle_id} is marked public: it needs no consent")
@@ -692,7 +699,8 @@ def _open_consent_bundle(
 
     def sink_factory(info: AttachmentInfo) -> BinaryIO:
         if info.name != GRANT_ATTACHMENT or info.name in sinks:
-            raise InvalidInput(f"unexpected attachment {info.name!r} in a {entry.case_type}")
+            # The name is the sender's content: the refusal (sent back, shown) names the position.
+            raise InvalidInput(f"unexpected attachment #{info.index} in a {entry.case_type}")
         if info.size > 2 * MAX_GRANT_BYTES:
             raise InvalidInput("consent grant attachment is too large")
         sink = _BoundedSink(2 * MAX_GRANT_BYTES)
@@ -730,6 +738,21 @@ def _apply_one(
         if session.get(ConsentRequestRecord, entry.bundle_id) is not None:
             raise AlreadyExists(f"consent request {entry.bundle_id} is recorded already")
         items = validate_items(case["items"])
+        ours = {
+            row.bundle_id: row.case_type
+            for row in session.scalars(
+                select(OutboxEntry).where(
+                    OutboxEntry.bundle_id.in_(items), OutboxEntry.recipient == entry.sender
+                )
+            )
+        }
+        for item in items:
+            if ours.get(item) is None or ours[item] in PROTOCOL_TYPES:
+                raise RefusedError(
+                    f"consent request {entry.bundle_id} names bundle {item}, which this node "
+                    f"never sent to {entry.sender} as a case: only the originator can consent",
+                    reason="consent.items-not-sent",
+                )
         session.add(
             ConsentRequestRecord(
                 request_id=entry.bundle_id,
@@ -779,8 +802,9 @@ def _apply_one(
         _check_grant_matches_case(written, case)
         request = session.get(ConsentRequestRecord, written.request_id)
         if request is None or request.direction != Direction.OUTGOING:
-            raise InvalidInput(
-                f"grant answers request {written.request_id}, which this node never made"
+            raise RefusedError(
+                f"grant answers request {written.request_id}, which this node never made",
+                reason="consent.unknown-request",
             )
         asked = set(json.loads(request.items_json))
         if not set(written.items) <= asked:
@@ -803,7 +827,10 @@ def _apply_one(
         request_id = case["request_id"]
         request = session.get(ConsentRequestRecord, request_id)
         if request is None or request.direction != Direction.OUTGOING:
-            raise InvalidInput(f"denial answers request {request_id}, which this node never made")
+            raise RefusedError(
+                f"denial answers request {request_id}, which this node never made",
+                reason="consent.unknown-request",
+            )
         if session.get(ConsentDenialRecord, request_id) is not None:
             raise AlreadyExists(f"denial of request {request_id} is recorded already")
         if request.status == RequestStatus.PENDING:
@@ -841,7 +868,9 @@ def _apply_one(
             actor=SYSTEM,
         )
         return f"consent {consent_id} revoked"
-    raise InvalidInput(f"{kind} is not a consent bundle")
+    if kind == REFUSAL_TYPE:
+        return _apply_refusal_notice(session, entry, case, now)
+    raise InvalidInput(f"{kind} is not a protocol bundle")
 
 
 def _check_grant_matches_case(written: ConsentGrant, case: dict[str, Any]) -> None:
@@ -873,7 +902,7 @@ def _pending_entries(session: Session, node_id: str) -> list[InboxEntry]:
         session.scalars(
             select(InboxEntry)
             .where(
-                InboxEntry.case_type.in_(CONSENT_TYPES),
+                InboxEntry.case_type.in_(APPLIED_TYPES),
                 InboxEntry.sender != node_id,
                 InboxEntry.bundle_id.not_in(applied.scalar_subquery()),
             )
@@ -898,9 +927,11 @@ def _apply_pending_in(
                 outcome = "applied"
         except (GatewayError, KeyError, TypeError, ValueError) as exc:
             # Fail closed: a bundle that does not verify or does not fit is
-            # kept in the inbox as received, marked refused, and never used.
+            # kept in the inbox as received, marked refused, and never used;
+            # the sender is told (a refusal notice, queued once this commits).
             summary = f"refused: {exc}" if isinstance(exc, GatewayError) else "refused: malformed"
             outcome = "refused"
+            _record_issued_refusal(session, entry, exc, now)
             _log.warning(
                 "consent_bundle_refused",
                 bundle_id=entry.bundle_id,
@@ -927,7 +958,166 @@ def apply_pending(node: Node, keyring: NodeKeyring, *, now: datetime) -> list[st
     policy = _policy(node)
     with node.db.transaction() as session:
         ledger.lock_for_append(session)  # the linearisation point of consent decisions
-        return _apply_pending_in(session, node, keyring, policy, now)
+        done = _apply_pending_in(session, node, keyring, policy, now)
+    try:
+        send_refusal_notices(node, keyring, now=now)
+    except GatewayError as exc:
+        # The refusals are recorded; their notices are queued by the next call.
+        _log.warning("refusal_notice_deferred", error=type(exc).__name__, reason=exc.reason)
+    return done
+
+
+# -- refusals after delivery ------------------------------------------------------------------
+
+
+def _record_issued_refusal(
+    session: Session, entry: InboxEntry, exc: Exception, now: datetime
+) -> None:
+    """Record that we refused ``entry`` (a receipted protocol bundle); the notice
+    to its sender is queued by :func:`send_refusal_notices`. A refused refusal
+    notice is recorded in ``consent_applied`` only: no notice answers a notice."""
+    if entry.case_type == REFUSAL_TYPE:
+        return
+    if isinstance(exc, GatewayError):
+        reason, detail = exc.reason, exc.message
+    else:
+        reason, detail = "malformed", f"{entry.case_type} does not have the fields it needs"
+    refusal = BundleRefusalRecord(
+        direction=RefusalDirection.ISSUED,
+        peer=entry.sender,
+        bundle_id=entry.bundle_id,
+        case_type=entry.case_type,
+        envelope_sha256=entry.envelope_sha256,
+        reason=reason[:64],
+        detail=detail[:500],
+        refused_at=now,
+        notice_bundle_id=None,
+    )
+    session.add(refusal)
+    ledger.record_event(
+        session,
+        kind="bundle-refused",
+        actor=SYSTEM,
+        now=now,
+        bundle_id=entry.bundle_id,
+        body={
+            "direction": RefusalDirection.ISSUED,
+            "sender": entry.sender,
+            "type": entry.case_type,
+            "envelope_sha256": entry.envelope_sha256,
+            "reason": refusal.reason,
+        },
+    )
+
+
+class _NoticeQueuedAlready(GatewayError):
+    reason = "refusal.noticed"
+
+
+def send_refusal_notices(node: Node, keyring: NodeKeyring, *, now: datetime) -> list[str]:
+    """Queue a signed ``bundle-refusal`` notice for every refusal not yet noticed.
+
+    Each notice is a confidential protocol bundle to the refused bundle's
+    sender, its ``reply_to`` the refused bundle; it goes through the outbox
+    (delivered exactly once, with a receipt). The row is marked in the same
+    transaction as the queued notice, so a crash re-sends at most never and
+    two concurrent callers queue one notice. Returns the notice bundle ids.
+    """
+    with node.db.transaction() as session:
+        pending = list(
+            session.scalars(
+                select(BundleRefusalRecord)
+                .where(
+                    BundleRefusalRecord.direction == RefusalDirection.ISSUED,
+                    BundleRefusalRecord.notice_bundle_id.is_(None),
+                )
+                .order_by(BundleRefusalRecord.id)
+            )
+        )
+    sent: list[str] = []
+    for refusal in pending:
+        row_id = refusal.id
+        case = {
+            "refused_bundle_id": refusal.bundle_id,
+            "envelope_sha256": refusal.envelope_sha256,
+            "reason": refusal.reason,
+            "detail": refusal.detail,
+        }
+
+        def record(session: Session, bundle_id: str, row_id: int = row_id) -> None:
+            row = session.get(
+                BundleRefusalRecord, row_id, with_for_update=True, populate_existing=True
+            )
+            if row is None or row.notice_bundle_id is not None:
+                raise _NoticeQueuedAlready("the refusal notice is queued already")
+            row.notice_bundle_id = bundle_id
+
+        try:
+            sent.append(
+                _send(node, keyring, SYSTEM, REFUSAL_TYPE, case, [], now, record,
+                      reply_to=refusal.bundle_id)
+            )  # fmt: skip
+        except _NoticeQueuedAlready:
+            continue
+        _log.info("refusal_notice_queued", bundle_id=refusal.bundle_id, reason=refusal.reason)
+    return sent
+
+
+def _apply_refusal_notice(
+    session: Session, entry: InboxEntry, case: dict[str, Any], now: datetime
+) -> str:
+    """Record the peer's notice that it refused one of our bundles."""
+    refused = str(case["refused_bundle_id"])
+    if entry.reply_to != refused:
+        raise InvalidInput("refusal notice: reply_to differs from refused_bundle_id")
+    ours = session.scalars(
+        select(OutboxEntry).where(
+            OutboxEntry.bundle_id == refused, OutboxEntry.recipient == entry.sender
+        )
+    ).first()
+    if ours is None or ours.envelope_sha256 != case["envelope_sha256"]:
+        raise InvalidInput(
+            f"refusal notice names bundle {refused} with an envelope this node did not send"
+        )
+    known = session.scalars(
+        select(BundleRefusalRecord).where(
+            BundleRefusalRecord.direction == RefusalDirection.RECEIVED,
+            BundleRefusalRecord.peer == entry.sender,
+            BundleRefusalRecord.bundle_id == refused,
+        )
+    ).first()
+    if known is not None:
+        return f"refusal of {refused} was recorded already"
+    validate_case(REFUSAL_TYPE, case)
+    session.add(
+        BundleRefusalRecord(
+            direction=RefusalDirection.RECEIVED,
+            peer=entry.sender,
+            bundle_id=refused,
+            case_type=ours.case_type,
+            envelope_sha256=ours.envelope_sha256,
+            reason=str(case["reason"]),
+            detail=str(case["detail"]),
+            refused_at=entry.created_at,
+            notice_bundle_id=entry.bundle_id,
+        )
+    )
+    ledger.record_event(
+        session,
+        kind="bundle-refused",
+        actor=SYSTEM,
+        now=now,
+        bundle_id=refused,
+        body={
+            "direction": RefusalDirection.RECEIVED,
+            "by": entry.sender,
+            "type": ours.case_type,
+            "envelope_sha256": ours.envelope_sha256,
+            "reason": str(case["reason"]),
+            "notice_bundle_id": entry.bundle_id,
+        },
+    )
+    return f"refusal of {refused} recorded"
 
 
 # -- reading the consent state --------------------------------------------------------------
@@ -1153,14 +1343,17 @@ def _record_attempt(
     decision: Decision,
     actor: Actor,
     now: datetime,
-    files: dict[str, str],
+    files: dict[str, Any] | None,
 ) -> tuple[str, LedgerEntry]:
+    """``files`` is :func:`~gateway.core.filemac.files_record` of what was handed
+    over: positions, sizes and keyed MACs, never names or plain hashes (the
+    ledger is read by compliance officers; file names are case content)."""
     disclosure_id = str(uuid.uuid4())
     ids = [item.bundle_id for item in decision.items]
     body = decision.to_record()
     body["disclosure_id"] = disclosure_id
     if files:
-        body["files_sha256"] = dict(sorted(files.items()))
+        body.update(files)
     entry = ledger.record_event(
         session,
         kind=decision.entry_kind.value,
@@ -1226,20 +1419,29 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True, slots=True)
+class _Staged:
+    """Decrypted items waiting in ``folder`` for the decision."""
+
+    folder: Path
+    files: dict[str, str]
+    """Relative path -> SHA-256 (for the package and the officer)."""
+    disclosed: list[DisclosedFile]
+    """The same files by position (for the ledger)."""
+
+
 def _decrypt_items(
     node: Node, keyring: NodeKeyring, policy: Policy, items: list[_Item], staging: Path
-) -> dict[str, str]:
+) -> _Staged:
     """Decrypt every item into ``staging/<bundle id>/``: ``case.json`` and the
-    attachments under ``attachments/``; return relative path -> SHA-256."""
-    from gateway.node.bundles import open_to_dir  # noqa: PLC0415
-
+    attachments under ``attachments/``."""
     with node.db.transaction() as session:
         peer = _peer_manifest(session)
     files: dict[str, str] = {}
+    disclosed: list[DisclosedFile] = []
     for entry in items:
         folder = staging / entry.item.bundle_id
-        attachments = folder / "attachments"
-        attachments.mkdir(mode=0o700, parents=True)
+        attachments = make_private_dir(folder / "attachments")
         opened = open_to_dir(
             envelope_path(node.settings.blob_dir, entry.envelope_sha256),
             attachments,
@@ -1249,15 +1451,27 @@ def _decrypt_items(
             now=entry.opened_at,
             stored_at=entry.opened_at,  # a key revoked since: trusted if stored before
         )
+        check_reply_matches_case(
+            opened.envelope.header.type, opened.envelope.header.reply_to, opened.envelope.case_data
+        )
         if not opened.files:
             attachments.rmdir()
-        with (folder / "case.json").open("xb") as out:
+        with create_private_file(folder / "case.json") as out:
             out.write(canonical_bytes(opened.envelope.case_data))
             out.flush()
             os.fsync(out.fileno())
-        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-            files[path.relative_to(staging).as_posix()] = _sha256_file(path)
-    return files
+        bundle_id = entry.item.bundle_id
+        case_path = folder / "case.json"
+        case_sha = _sha256_file(case_path)
+        files[case_path.relative_to(staging).as_posix()] = case_sha
+        disclosed.append(DisclosedFile(bundle_id, "case", 0, case_path.stat().st_size, case_sha))
+        for written in opened.files:
+            sha = _sha256_file(written.path)
+            files[written.path.relative_to(staging).as_posix()] = sha
+            disclosed.append(
+                DisclosedFile(bundle_id, "attachment", written.index, written.size, sha)
+            )
+    return _Staged(staging, files, disclosed)
 
 
 def _foresee(
@@ -1290,7 +1504,8 @@ def disclose(
     """Release decrypted items to ``recipient`` if the rule allows; record every attempt.
 
     Allowed: the items (``<bundle id>/case.json`` and attachments) and
-    ``disclosure.json`` (consent id, ledger entry, SHA-256 of every file)
+    ``disclosure.json`` (consent id, ledger entry, SHA-256 of every file and
+    the ledger's keyed MACs of them)
     appear in ``out_dir`` at once, and the consent use and the ledger entry
     (``disclosure-made`` or ``internal-share``) are committed with the
     decision. Refused: :class:`ConsentRefused` (exit code 3) names what is
@@ -1311,15 +1526,16 @@ def disclose(
         )
     staging = Path(tempfile.mkdtemp(prefix=_PARTIAL_PREFIX, dir=target.parent))
     try:
+        staging.chmod(PRIVATE_DIR_MODE)  # becomes the output folder: 0700 whatever the umask
         try:
-            files = _decrypt_items(node, keyring, policy, items, staging)
+            staged = _decrypt_items(node, keyring, policy, items, staging)
         except (InvalidInput, VerificationError):
             # A purge that committed meanwhile destroys envelopes under the reader: say so.
             with node.db.transaction() as session:
                 _locate(session, node.node_id, ids)
             raise
         return _decide_and_record(
-            node, keyring, policy, actor, items, recipient, purpose, now, (staging, files), target
+            node, keyring, policy, actor, items, recipient, purpose, now, staged, target
         )
     finally:
         if staging.exists():
@@ -1335,7 +1551,7 @@ def _decide_and_record(
     recipient: str,
     purpose: str,
     now: datetime,
-    staged: tuple[Path, dict[str, str]] | None,
+    staged: _Staged | None,
     target: Path,
 ) -> DisclosureResult:
     refused: Decision | None = None
@@ -1347,16 +1563,21 @@ def _decide_and_record(
             _apply_pending_in(session, node, keyring, policy, now)
             decision = _decide(session, node.node_id, policy, items, recipient, purpose, now)
             if not decision.allowed:
-                _record_attempt(session, decision=decision, actor=actor, now=now, files={})
+                _record_attempt(session, decision=decision, actor=actor, now=now, files=None)
                 refused = decision
             elif staged is None:
                 # Allowed now, though it was not a moment ago (a consent arrived):
                 # commit what was applied, record nothing, start again with the files.
                 again = True
             else:
-                staging, files = staged
+                staging, files = staged.folder, staged.files
+                ledger_files = files_record(
+                    staged.disclosed,
+                    key=file_mac_key(bytes(keyring.signing_key)),
+                    key_id=keyring.signing_key_id,
+                )
                 disclosure_id, entry = _record_attempt(
-                    session, decision=decision, actor=actor, now=now, files=files
+                    session, decision=decision, actor=actor, now=now, files=ledger_files
                 )
                 manifest = {
                     "disclosure_id": disclosure_id,
@@ -1371,8 +1592,9 @@ def _decide_and_record(
                     "ledger_entry_hash": entry.entry_hash.hex(),
                     "items": [i.to_record() for i in decision.items],
                     "files_sha256": dict(sorted(files.items())),
+                    "ledger_files": ledger_files,
                 }
-                with (staging / MANIFEST_NAME).open("xb") as out:
+                with create_private_file(staging / MANIFEST_NAME) as out:
                     out.write(json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
                     out.flush()
                     os.fsync(out.fileno())

@@ -60,6 +60,7 @@ __all__ = [
     "WrongRecipient",
     "accept_envelope",
     "channel_name",
+    "check_reply_matches_case",
     "describe_inbox_entry",
     "inbox_entry",
     "ledger_checkpoint",
@@ -518,8 +519,10 @@ def receive_envelope(node: Node, keyring: NodeKeyring, path: Path, *, now: datet
     :class:`~gateway.errors.VerificationError` (or
     :class:`EquivocationRefused`) and leaves no trace of the bundle id.
     """
+    from gateway.core.cases import REPLY_TARGETS  # noqa: PLC0415
     from gateway.core.envelope import verify_envelope  # noqa: PLC0415
     from gateway.node.keys import pinned_peer_manifest  # noqa: PLC0415
+    from gateway.node.outbox import check_reply_target  # noqa: PLC0415
     from gateway.node.policy import load_policy  # noqa: PLC0415
 
     policy = load_policy(node.settings)
@@ -535,6 +538,12 @@ def receive_envelope(node: Node, keyring: NodeKeyring, path: Path, *, now: datet
         header = verify_envelope(
             stream, keyring=keyring, peer_manifest=peers[0], policy=policy, now=now
         )
+        if header.reply_to is not None or header.type in REPLY_TARGETS:
+            # A reply must answer a bundle we sent to its sender: refused, nothing stored.
+            with node.db.transaction() as session:
+                check_reply_target(
+                    session, header.type, header.reply_to, peer=header.sender, direction="sent"
+                )
         return _facts(header)
 
     return accept_envelope(node, keyring, path, verify=verify, now=now, prepare=prepare)
@@ -611,7 +620,7 @@ def read_bundle(
     purged bundle raises :class:`~gateway.node.retention.BundlePurged`.
     """
     from gateway.core.envelope import AttachmentInfo, open_envelope  # noqa: PLC0415
-    from gateway.node.bundles import safe_output_path  # noqa: PLC0415
+    from gateway.node.bundles import create_private_file, safe_output_path  # noqa: PLC0415
     from gateway.node.policy import load_policy  # noqa: PLC0415
 
     with node.db.transaction() as session:
@@ -641,7 +650,7 @@ def read_bundle(
     def sink(info: AttachmentInfo) -> BinaryIO:
         assert out_dir is not None
         tmp = out_dir / f".partial-{secrets.token_hex(8)}"
-        handle = tmp.open("xb")
+        handle = create_private_file(tmp)
         temps.append((tmp, info))
         handles.append(handle)
         return handle
@@ -670,9 +679,10 @@ def read_bundle(
             for handle in handles:
                 handle.close()
         header = opened.header
+        check_reply_matches_case(header.type, header.reply_to, opened.case_data)
         if out_dir is not None:
             case_path = safe_output_path(out_dir, f"{header.bundle_id}.json")
-            with case_path.open("xb") as out:
+            with create_private_file(case_path) as out:
                 out.write(canonical_bytes(opened.case_data))
             written.append(case_path)
             for tmp, info in temps:
@@ -737,6 +747,24 @@ def read_bundle(
         trust=opened.trust.value,
         replaces=header.replaces,
     )
+
+
+def check_reply_matches_case(case_type: str, reply_to: str | None, case: dict[str, Any]) -> None:
+    """One source of truth: a reply's signed ``reply_to`` is its case's ``request_bundle_id``.
+
+    ``send`` makes them equal; a bundle whose two differ (a faulty or hostile
+    sender) is refused before anything is shown or written
+    (:class:`~gateway.errors.VerificationError`, check ``reply_to``).
+    """
+    from gateway.core.cases import REPLY_TARGETS  # noqa: PLC0415
+
+    if case_type in REPLY_TARGETS and case.get("request_bundle_id") != reply_to:
+        raise VerificationError(
+            f"{case_type}: the case answers another request than its signed reply_to "
+            f"{reply_to}; ask the sender to send the reply again",
+            check="reply_to",
+            reason="envelope.reply-to",
+        )
 
 
 def _record_read(

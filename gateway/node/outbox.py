@@ -43,7 +43,14 @@ from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.policy import Marking
 from gateway.core.receipt import ReceiptInvalid, ReceiptVerifyKeys, verify_receipt
 from gateway.core.roles import Actor
-from gateway.errors import ConfigError, InvalidInput, NotFound, StorageError, TransportError
+from gateway.errors import (
+    ConfigError,
+    InvalidInput,
+    NotFound,
+    RefusedError,
+    StorageError,
+    TransportError,
+)
 from gateway.node.crash import crash_point
 from gateway.node.runtime import Node, utc_now
 from gateway.store.models_exchange import (
@@ -62,6 +69,7 @@ __all__ = [
     "Sealed",
     "Sealer",
     "SentBundle",
+    "check_reply_target",
     "deliver_once",
     "deliver_pending",
     "describe_outbox_entry",
@@ -69,10 +77,12 @@ __all__ = [
     "notify_queued",
     "outbox_entry",
     "queue_sealed",
+    "refusals_by_peer",
     "retry_delay",
     "run_sender",
     "run_sender_loop",
     "send_case",
+    "send_protocol_bundle",
 ]
 
 BATCH_MAX_ENVELOPES = 64
@@ -333,21 +343,83 @@ def send_case(
     public: bool,
     reply_to: str | None,
     now: datetime,
-    in_transaction: Callable[[Session, str], None] | None = None,
 ) -> SentBundle:
     """Validate, seal to the pinned peer's current encryption key, and queue a case.
 
-    Bad case data raises :class:`~gateway.core.cases.InvalidCase` naming the
-    field, before anything is written; an attachment that cannot be read
-    raises :class:`~gateway.errors.InvalidInput` naming the file.
+    What ``gateway send`` and ``POST /api/v1/bundles`` do. Bad case data
+    raises :class:`~gateway.core.cases.InvalidCase` naming the field, before
+    anything is written; an attachment that cannot be read raises
+    :class:`~gateway.errors.InvalidInput` naming the file. A type with a
+    protocol of its own (:data:`~gateway.core.cases.PROTOCOL_TYPES`: the
+    consent bundles and refusal notices) is refused with ``InvalidInput``
+    naming the command that makes it.
     """
-    from gateway.core.cases import validate_case  # noqa: PLC0415
+    from gateway.core.cases import PROTOCOL_COMMANDS, PROTOCOL_TYPES  # noqa: PLC0415
+
+    if case_type in PROTOCOL_TYPES:
+        raise InvalidInput(
+            f"{case_type} has its own protocol and is not sent as a case: use "
+            f"'{PROTOCOL_COMMANDS[case_type]}' (it names the acting officer and checks the items)"
+        )
+    return _seal_and_queue(
+        node, keyring, actor, case_type, case_data, attachments,
+        public=public, reply_to=reply_to, now=now, in_transaction=None,
+    )  # fmt: skip
+
+
+def send_protocol_bundle(
+    node: Node,
+    keyring: NodeKeyring,
+    actor: Actor,
+    case_type: str,
+    case_data: Mapping[str, Any],
+    attachments: Sequence[Path],
+    *,
+    reply_to: str | None,
+    now: datetime,
+    in_transaction: Callable[[Session, str], None],
+) -> SentBundle:
+    """Queue a bundle of the consent protocol or a refusal notice (confidential).
+
+    For :mod:`gateway.node.consent` only, whose commands build ``case_data``
+    from the acting officer and stored records; ``in_transaction`` records
+    the step in the same transaction as the queued bundle. Raises
+    :class:`~gateway.errors.InvalidInput` for any other type.
+    """
+    from gateway.core.cases import PROTOCOL_TYPES  # noqa: PLC0415
+
+    if case_type not in PROTOCOL_TYPES:
+        raise InvalidInput(f"{case_type} is not a protocol bundle")
+    return _seal_and_queue(
+        node, keyring, actor, case_type, case_data, attachments,
+        public=False, reply_to=reply_to, now=now, in_transaction=in_transaction,
+    )  # fmt: skip
+
+
+def _seal_and_queue(
+    node: Node,
+    keyring: NodeKeyring,
+    actor: Actor,
+    case_type: str,
+    case_data: Mapping[str, Any],
+    attachments: Sequence[Path],
+    *,
+    public: bool,
+    reply_to: str | None,
+    now: datetime,
+    in_transaction: Callable[[Session, str], None] | None,
+) -> SentBundle:
+    from gateway.core.cases import resolve_reply_to, validate_case  # noqa: PLC0415
     from gateway.core.envelope import AttachmentSource, seal  # noqa: PLC0415
     from gateway.node.policy import load_policy  # noqa: PLC0415
 
     policy = load_policy(node.settings)
-    validate_case(case_type, dict(case_data), max_bytes=policy.limits.max_case_bytes)
+    validated = validate_case(case_type, dict(case_data), max_bytes=policy.limits.max_case_bytes)
     peer = _pinned_peer_manifest(node)
+    reply_to = resolve_reply_to(case_type, validated, reply_to)
+    if reply_to is not None:
+        with node.db.transaction() as session:
+            check_reply_target(session, case_type, reply_to, peer=peer.node, direction="received")
     marking: Marking = "public" if public else "confidential"
     with ExitStack() as stack:
         sources: list[AttachmentSource] = []
@@ -393,6 +465,51 @@ def send_case(
             now=now,
             in_transaction=in_transaction,
         )
+
+
+def check_reply_target(
+    session: Session, case_type: str, reply_to: str | None, *, peer: str, direction: str
+) -> None:
+    """Refuse a bundle that answers nothing: ``reply_to`` must name a bundle of the exchange.
+
+    ``direction="received"`` (we send): a bundle ``peer`` sent us; raises
+    :class:`~gateway.errors.InvalidInput`. ``direction="sent"`` (we receive
+    from ``peer``): a bundle we sent to ``peer``; raises
+    :class:`~gateway.errors.RefusedError` (reason ``reply.unknown``), which the
+    peer server answers as a refusal before anything is stored. A type that
+    answers a given type (:data:`~gateway.core.cases.REPLY_TARGETS`) must name
+    a bundle of that type, and must name one.
+    """
+    from gateway.core.cases import REPLY_TARGETS  # noqa: PLC0415
+    from gateway.store.models_exchange import InboxEntry  # noqa: PLC0415
+
+    wanted = REPLY_TARGETS.get(case_type)
+    found: str | None = None
+    if reply_to is not None and direction == "received":
+        found = session.scalars(
+            select(InboxEntry.case_type).where(
+                InboxEntry.bundle_id == reply_to, InboxEntry.sender == peer
+            )
+        ).first()
+    elif reply_to is not None:
+        found = session.scalars(
+            select(OutboxEntry.case_type).where(
+                OutboxEntry.bundle_id == reply_to, OutboxEntry.recipient == peer
+            )
+        ).first()
+    if found is not None and (wanted is None or found == wanted):
+        return
+    what = wanted or "bundle"
+    if direction == "received":
+        where = f"{case_type}: {'request_bundle_id' if wanted else '--reply-to'} {reply_to}"
+        raise InvalidInput(
+            f"{where} names no {what} received from {peer}; check the id with 'gateway inbox'"
+        )
+    raise RefusedError(
+        f"{case_type} from {peer} answers {reply_to or 'nothing'}, which names no {what} "
+        f"this node sent to {peer}",
+        reason="reply.unknown",
+    )
 
 
 # -- delivery ------------------------------------------------------------------------
@@ -788,8 +905,37 @@ def list_outbox(node: Node, *, state: str | None = None) -> list[OutboxEntry]:
         return list(session.scalars(query))
 
 
-def describe_outbox_entry(entry: OutboxEntry, purged_at: datetime | None = None) -> dict[str, Any]:
-    """One row of ``gateway outbox`` and ``GET /api/v1/outbox``; ``purged`` as in the inbox."""
+def refusals_by_peer(node: Node) -> dict[str, Any]:
+    """Bundle id -> the peer's recorded refusal of it (a ``BundleRefusalRecord``).
+
+    A bundle the peer receipted and then refused (a consent request naming
+    items it never sent, a grant answering no request of its own...) keeps
+    ``state = delivered``: the receipt stands; the refusal travels back as a
+    signed notice (docs/protocol.md) and is recorded beside it.
+    """
+    from gateway.store.models_refusal import (  # noqa: PLC0415
+        BundleRefusalRecord,
+        RefusalDirection,
+    )
+
+    with node.db.transaction() as session:
+        rows = session.scalars(
+            select(BundleRefusalRecord).where(
+                BundleRefusalRecord.direction == RefusalDirection.RECEIVED
+            )
+        ).all()
+    return {row.bundle_id: row for row in rows}
+
+
+def describe_outbox_entry(
+    entry: OutboxEntry, *, purged_at: datetime | None = None, refusal: Any = None
+) -> dict[str, Any]:
+    """One row of ``gateway outbox`` and ``GET /api/v1/outbox``; ``purged`` as in the inbox.
+
+    ``refused_by_peer`` is null, or the peer's refusal after delivery
+    (``reason`` code, ``detail``, ``refused_at``, ``notice_bundle_id``); pass
+    the bundle's entry of :func:`refusals_by_peer` as ``refusal``.
+    """
     return {
         "bundle_id": entry.bundle_id,
         "type": entry.case_type,
@@ -805,6 +951,15 @@ def describe_outbox_entry(entry: OutboxEntry, purged_at: datetime | None = None)
         "purged": purged_at,
         "replaces": entry.replaces,
         "replaced_by": entry.replaced_by,
+        "refused_by_peer": None
+        if refusal is None
+        else {
+            "by": refusal.peer,
+            "reason": refusal.reason,
+            "detail": refusal.detail,
+            "refused_at": refusal.refused_at,
+            "notice_bundle_id": refusal.notice_bundle_id,
+        },
     }
 
 

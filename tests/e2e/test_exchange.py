@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from gateway.core.cases import CASE_TYPES
+from gateway.core.cases import CASE_TYPES, PROTOCOL_TYPES
 from gateway.core.envelope import seal
 from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.receipt import parse_receipt, verify_receipt
@@ -76,6 +76,14 @@ class Side:
             manifest = pinned_peer_manifest(session)
         assert manifest is not None
         return manifest
+
+    def outbox_type(self, bundle_id: str) -> str:
+        with self.node.db.transaction() as session:
+            return str(
+                session.scalars(
+                    select(OutboxEntry.case_type).where(OutboxEntry.bundle_id == bundle_id)
+                ).one()
+            )
 
     def send(self, case_type: str = "exam-fraud", **kw: Any) -> str:
         sent = send_case(
@@ -262,9 +270,24 @@ def test_cases_of_every_type_travel_both_ways_and_officers_read_them(
         first = sender.cli("send", "broker-misconduct", str(EXAMPLES / "broker-misconduct.json"))
         assert first["type"] == "broker-misconduct"
         sent[sender.node_id].append(first["bundle_id"])
-        sent[sender.node_id] += [sender.send(t) for t in CASE_TYPES if t != "broker-misconduct"]
+        sent[sender.node_id] += [
+            sender.send(t)
+            for t in CASE_TYPES
+            if t not in PROTOCOL_TYPES and t not in ("broker-misconduct", "information-reply")
+        ]
     wait_for(
         "both outboxes delivered",
+        lambda: pair.jp.queued(sent["jp"]) == 0 and pair.pk.queued(sent["pk"]) == 0,
+    )
+    # Each side answers the other's information request (a reply must answer one received).
+    for sender, asker in ((pair.jp, pair.pk), (pair.pk, pair.jp)):
+        [request] = [
+            b for b in sent[asker.node_id] if asker.outbox_type(b) == "information-request"
+        ]
+        reply = {**example("information-reply"), "request_bundle_id": request}
+        sent[sender.node_id].append(sender.send("information-reply", case=reply))
+    wait_for(
+        "the replies delivered",
         lambda: pair.jp.queued(sent["jp"]) == 0 and pair.pk.queued(sent["pk"]) == 0,
     )
     assert_exactly_once(pair.jp, pair.pk, sent["jp"])

@@ -30,7 +30,7 @@ from gateway.node import consent, ledger
 from gateway.node import keys as key_service
 from gateway.node.inbox import receive_envelope
 from gateway.node.keystore import unlock_keyring
-from gateway.node.outbox import send_case
+from gateway.node.outbox import send_case, send_protocol_bundle
 from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user
 from gateway.peer.server import node_services
@@ -386,7 +386,7 @@ def test_grant_signed_by_another_key_is_refused_and_never_used(pair: Pair, tmp_p
     signed = sign_grant(forged, lambda message: other.sign(message).signature)
     attachment = tmp_path / consent.GRANT_ATTACHMENT
     attachment.write_bytes(json.dumps(signed.to_wire()).encode())
-    sent = send_case(
+    sent = send_protocol_bundle(  # what a faulty originator could sign and send
         pair.jp.node,
         pair.jp.keyring,
         JP_OFFICER,
@@ -403,9 +403,9 @@ def test_grant_signed_by_another_key_is_refused_and_never_used(pair: Pair, tmp_p
             "granting_officer": "tanaka",
         },
         [attachment],
-        public=False,
         reply_to=None,
         now=NOW,
+        in_transaction=lambda _session, _bundle_id: None,
     )
     deliver(pair.jp, pair.pk, sent.bundle_id)
     assert_blocked(pair.pk, [case_id], tmp_path / "out", "no consent")
@@ -674,7 +674,15 @@ def test_disclosed_package_holds_case_and_attachments_with_their_hashes(
         f"{sent.bundle_id}/case.json",
     ]
     (made,) = entries(pair.pk, "disclosure-made")
-    assert made.body["files_sha256"] == on_disk
+    package = json.loads((out / "disclosure.json").read_text())
+    # The ledger names files by position and keyed MAC, never by name or plain hash.
+    assert "files_sha256" not in made.body
+    assert made.body["files"] == package["ledger_files"]["files"]
+    assert [(f["part"], f["index"], f["bytes"]) for f in made.body["files"]] == [
+        ("case", 0, (out / sent.bundle_id / "case.json").stat().st_size),
+        ("attachment", 0, len(evidence.read_bytes())),
+    ]
+    assert made.body["files_mac_key_id"] == pair.pk.keyring.signing_key_id
 
 
 def test_grant_arriving_between_first_look_and_decision_is_honoured(
