@@ -20,6 +20,7 @@ import click
 from gateway.cli.base import GatewayCommand
 from gateway.cli.context import AppContext, pass_app
 from gateway.core.canonical import parse_bounded_json
+from gateway.core.times import Precision, format_utc
 from gateway.errors import InvalidInput
 from gateway.node.inbox import describe_inbox_entry, list_gaps, list_inbox, read_bundle
 from gateway.node.outbox import (
@@ -146,7 +147,7 @@ def sync(app: AppContext) -> None:
 
 
 def _time(value: Any) -> str:
-    return str(value.strftime("%Y-%m-%dT%H:%M:%SZ")) if value is not None else "-"
+    return format_utc(value, Precision.SECONDS) if value is not None else "-"
 
 
 @click.command(cls=GatewayCommand)

@@ -37,7 +37,7 @@ import hmac
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import nacl.exceptions
@@ -46,6 +46,7 @@ import nacl.signing
 
 from gateway.core.canonical import canonical_bytes, parse_canonical
 from gateway.core.domain import Purpose, tagged, tagged_sha256
+from gateway.core.times import Precision, format_utc, parse_utc
 from gateway.errors import InvalidInput, VerificationError
 
 __all__ = [
@@ -89,7 +90,6 @@ _FINGERPRINT_TAG = b"ssw-gateway/root-fingerprint/v1"
 _FINGERPRINT_BYTES = 20  # 160 bits: 32 base32 characters, 8 groups of 4
 _KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
 _NODE_RE = re.compile(r"[a-z]{2,8}")
-_TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 _BASE32_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
 
 KeyUse = Literal["sign", "encrypt"]
@@ -157,19 +157,13 @@ def fingerprints_match(expected: str, root_public: bytes) -> bool:
 
 def format_time(value: datetime) -> str:
     """RFC 3339 UTC at whole seconds, as manifests carry times."""
-    if value.tzinfo is None:
-        raise ValueError("naive datetime refused: pass times in UTC with tzinfo")
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_utc(value, Precision.SECONDS)
 
 
 def parse_time(text: object, name: str) -> datetime:
-    """Parse a manifest time; anything but ``YYYY-MM-DDTHH:MM:SSZ`` is refused."""
-    if not isinstance(text, str) or not _TIME_RE.fullmatch(text):
-        raise _format(f"{name} must be a time like 2026-01-31T12:00:00Z")
-    try:
-        return datetime.fromisoformat(text[:-1] + "+00:00")
-    except ValueError:
-        raise _format(f"{name} is not a valid date and time") from None
+    """Parse a manifest time; anything but ``YYYY-MM-DDTHH:MM:SSZ`` is refused
+    (:class:`ManifestRejected`, check ``manifest-format``)."""
+    return parse_utc(text, field=name, precision=Precision.SECONDS, error=_format)
 
 
 def _format(message: str) -> ManifestRejected:
