@@ -355,9 +355,15 @@ def sealed_box(message: bytes, recipient_public: bytes, ephemeral_seed: bytes) -
     """
     eph_public, eph_secret = sodium.crypto_box_seed_keypair(ephemeral_seed)
     nonce = hashlib.blake2b(eph_public + recipient_public, digest_size=24).digest()
-    return bytes(eph_public) + bytes(
-        sodium.crypto_box(message, nonce, recipient_public, eph_secret)
-    )
+    try:
+        boxed = sodium.crypto_box(message, nonce, recipient_public, eph_secret)
+    except RuntimeError:  # libsodium refuses the all-zero secret of a low-order key
+        raise KeyNotUsable(
+            "the recipient's encryption key is a low-order point: nothing can be sealed "
+            "to it; the peer must publish a new key manifest",
+            check="recipient-key",
+        ) from None
+    return bytes(eph_public) + bytes(boxed)
 
 
 def _b64(data: bytes) -> str:
