@@ -434,7 +434,13 @@ def _parse_header(raw: bytes, limits: Limits) -> EnvelopeHeader:
     if not isinstance(schema_version, str) or schema_version != CASE_TYPES[case_type].version:
         raise _fail_format(f"schema version of {case_type} is not supported by this node")
     sender, recipient = body["sender"], body["recipient"]
-    if sender not in _NODES or recipient not in _NODES or sender == recipient:
+    if (
+        not isinstance(sender, str)
+        or not isinstance(recipient, str)
+        or sender not in _NODES
+        or recipient not in _NODES
+        or sender == recipient
+    ):
         raise _fail_format("sender and recipient must be jp and pk, one each")
     if body["marking"] not in ("confidential", "public"):
         raise _fail_format("marking must be confidential or public")
