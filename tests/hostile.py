@@ -16,7 +16,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +26,8 @@ import aiohttp
 from aiohttp import web
 from sqlalchemy import func, select
 
+import gateway.node.keys
+import gateway.node.policy
 from gateway.api.app import create_api_app
 from gateway.core.keys import NodeKeyring
 from gateway.core.peer_auth import sign_request
@@ -44,6 +46,8 @@ from tests.nodes import (
 )
 
 PASSPHRASE = "correct horse battery staple for hostile input"
+# Importing these registers their stages of node creation (keys, policies), as the CLI does.
+INIT_STAGES = (gateway.node.keys.__name__, gateway.node.policy.__name__)
 
 
 @dataclass
@@ -76,6 +80,14 @@ class Side:
     def count(self, model: Any) -> int:
         with self.node.db.transaction() as session:
             return int(session.scalar(select(func.count()).select_from(model)) or 0)
+
+
+def pair_urls(tmp_path: Path, database_url: str, make_pg: Callable[[], str]) -> dict[str, str]:
+    """jp on the engine under test; pk on its own database of the same engine."""
+    second = (
+        f"sqlite:///{tmp_path / 'pk.sqlite3'}" if database_url.startswith("sqlite") else make_pg()
+    )
+    return {"jp": database_url, "pk": second}
 
 
 @contextmanager

@@ -34,7 +34,7 @@ from gateway.peer.server import (
 from gateway.store.models_keys import PeerManifestRecord
 from gateway.store.models_ledger import WitnessedCheckpointRow
 from gateway.store.models_users import UserRecord
-from tests.hostile import Side, peer_server, pinned_pair, signed_head
+from tests.hostile import Side, pair_urls, peer_server, pinned_pair, signed_head
 
 DISCONNECTED = "client disconnected"
 
@@ -102,12 +102,8 @@ def pair(
     pg_database_factory: Callable[[], str],
     clean_environ: dict[str, str],
 ) -> Iterator[dict[str, Side]]:
-    second = (
-        f"sqlite:///{tmp_path / 'pk.sqlite3'}"
-        if database_url.startswith("sqlite")
-        else pg_database_factory()
-    )
-    with pinned_pair(tmp_path, {"jp": database_url, "pk": second}, clean_environ) as sides:
+    urls = pair_urls(tmp_path, database_url, pg_database_factory)
+    with pinned_pair(tmp_path, urls, clean_environ) as sides:
         yield sides
 
 

@@ -24,12 +24,12 @@ from gateway.core.policy import Limits
 from gateway.errors import GatewayError, InvalidInput, TransportError
 from gateway.peer.client import PeerClient
 from gateway.peer.ledger_client import CHECKPOINT_CONTENT_TYPE, CHECKPOINTS_PATH
-from gateway.peer.server import MANIFEST_CONTENT_TYPE, MANIFESTS_PATH
+from gateway.peer.server import ENVELOPE_CONTENT_TYPE, MANIFEST_CONTENT_TYPE, MANIFESTS_PATH
 from gateway.settings import Settings
-from gateway.store.models_exchange import OutboxEntry
+from gateway.store.models_exchange import InboxEntry, OutboxEntry
 from gateway.store.models_keys import PeerManifestRecord
 from gateway.store.models_ledger import WitnessedCheckpointRow
-from tests.hostile import Side, api_call, peer_server, pinned_pair, post_signed
+from tests.hostile import Side, api_call, pair_urls, peer_server, pinned_pair, post_signed
 from tests.nodes import RawSigner
 
 # The class: every number literal a JSON text may hold that no value of ours can.
@@ -109,12 +109,8 @@ def pair(
     pg_database_factory: Callable[[], str],
     clean_environ: dict[str, str],
 ) -> Iterator[dict[str, Side]]:
-    second = (
-        f"sqlite:///{tmp_path / 'pk.sqlite3'}"
-        if database_url.startswith("sqlite")
-        else pg_database_factory()
-    )
-    with pinned_pair(tmp_path, {"jp": database_url, "pk": second}, clean_environ) as sides:
+    urls = pair_urls(tmp_path, database_url, pg_database_factory)
+    with pinned_pair(tmp_path, urls, clean_environ) as sides:
         yield sides
 
 
@@ -128,6 +124,7 @@ def test_numbers_the_json_parser_cannot_hold_are_refused_at_every_entry_point(
     pair: dict[str, Side], tmp_path: Path
 ) -> None:
     jp, pk = pair["jp"], pair["pk"]
+    inbox = pk.count(InboxEntry)
     outbox, witnessed, manifests = (
         jp.count(OutboxEntry),
         pk.count(WitnessedCheckpointRow),
@@ -163,9 +160,18 @@ def test_numbers_the_json_parser_cannot_hold_are_refused_at_every_entry_point(
             ):
                 status, answer = post_signed(server, jp, "pk", path, body, content_type)
                 assert status == 400, (name, path, status, answer)
+            # An envelope whose header holds the number: refused as an envelope, not a crash.
+            envelope_body = envelope_with_header(with_number(literal)) + bytes(64)
+            status, answer = post_signed(
+                server, jp, "pk", "/v1/envelopes", envelope_body, ENVELOPE_CONTENT_TYPE
+            )
+            assert status == 200, (name, status, answer)
+            assert answer["results"][0]["status"] == "refused", (name, answer)
+            assert answer["results"][0]["reason"] != "internal", (name, answer)
     assert jp.count(OutboxEntry) == outbox
     assert pk.count(WitnessedCheckpointRow) == witnessed
     assert pk.count(PeerManifestRecord) == manifests
+    assert pk.count(InboxEntry) == inbox
 
 
 @pytest.mark.parametrize("literal", NUMBERS.values(), ids=IDS)

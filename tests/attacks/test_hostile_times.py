@@ -23,7 +23,7 @@ from gateway.core.times import DateMeans, Precision
 from gateway.errors import GatewayError, InvalidInput
 from gateway.node import ledger as ledger_service
 from gateway.store.models_consent import ConsentGrantRecord
-from tests.hostile import Side, api_call, pinned_pair
+from tests.hostile import Side, api_call, pair_urls, pinned_pair
 from tests.nodes import RawSigner
 
 # The class: what a user may type that the calendar cannot hold once shifted.
@@ -175,12 +175,8 @@ def pair(
     pg_database_factory: Callable[[], str],
     clean_environ: dict[str, str],
 ) -> Iterator[dict[str, Side]]:
-    second = (
-        f"sqlite:///{tmp_path / 'pk.sqlite3'}"
-        if database_url.startswith("sqlite")
-        else pg_database_factory()
-    )
-    with pinned_pair(tmp_path, {"jp": database_url, "pk": second}, clean_environ) as sides:
+    urls = pair_urls(tmp_path, database_url, pg_database_factory)
+    with pinned_pair(tmp_path, urls, clean_environ) as sides:
         yield sides
 
 

@@ -43,7 +43,15 @@ from gateway.node import keys as key_service
 from gateway.node import keystore
 from gateway.node.runtime import utc_now
 from gateway.peer.server import MANIFEST_CONTENT_TYPE, MANIFESTS_PATH
-from tests.hostile import PASSPHRASE, Side, api_call, peer_server, pinned_pair, post_signed
+from tests.hostile import (
+    PASSPHRASE,
+    Side,
+    api_call,
+    pair_urls,
+    peer_server,
+    pinned_pair,
+    post_signed,
+)
 from tests.unit.test_keys import T0, YEAR
 
 _P = 2**255 - 19
@@ -311,12 +319,8 @@ def pair(
     pg_database_factory: Callable[[], str],
     clean_environ: dict[str, str],
 ) -> Iterator[dict[str, Side]]:
-    second = (
-        f"sqlite:///{tmp_path / 'pk.sqlite3'}"
-        if database_url.startswith("sqlite")
-        else pg_database_factory()
-    )
-    with pinned_pair(tmp_path, {"jp": database_url, "pk": second}, clean_environ) as sides:
+    urls = pair_urls(tmp_path, database_url, pg_database_factory)
+    with pinned_pair(tmp_path, urls, clean_environ) as sides:
         yield sides
 
 
