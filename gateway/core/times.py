@@ -68,9 +68,11 @@ class DateMeans(StrEnum):
 _DATE = r"(?P<y>\d{4})-(?P<mo>\d{2})-(?P<d>\d{2})"
 _CLOCK = r"(?P<h>\d{2}):(?P<mi>\d{2}):(?P<s>\d{2})"
 _WIRE: Final = {
-    Precision.SECONDS: re.compile(_DATE + "T" + _CLOCK + "Z"),
-    Precision.MICROSECONDS: re.compile(_DATE + "T" + _CLOCK + r"\.(?P<f>\d{6})Z"),
-    Precision.OPTIONAL_MICROSECONDS: re.compile(_DATE + "T" + _CLOCK + r"(?:\.(?P<f>\d{6}))?Z"),
+    Precision.SECONDS: re.compile(_DATE + "T" + _CLOCK + "Z", re.ASCII),
+    Precision.MICROSECONDS: re.compile(_DATE + "T" + _CLOCK + r"\.(?P<f>\d{6})Z", re.ASCII),
+    Precision.OPTIONAL_MICROSECONDS: re.compile(
+        _DATE + "T" + _CLOCK + r"(?:\.(?P<f>\d{6}))?Z", re.ASCII
+    ),
 }
 _WIRE_EXAMPLE: Final = {
     Precision.SECONDS: "2026-01-31T12:00:00Z",
@@ -80,7 +82,8 @@ _WIRE_EXAMPLE: Final = {
 _USER: Final = re.compile(
     _DATE
     + r"(?:[Tt ](?P<h>\d{2}):(?P<mi>\d{2})(?::(?P<s>\d{2})(?:\.(?P<f>\d{1,6}))?)?"
-    + r"(?:(?P<z>[Zz])|(?P<sign>[+-])(?P<oh>\d{2}):(?P<om>\d{2}))?)?"
+    + r"(?:(?P<z>[Zz])|(?P<sign>[+-])(?P<oh>\d{2}):(?P<om>\d{2}))?)?",
+    re.ASCII,  # \d would match any script's digits: one spelling per instant
 )
 _MAX_USER_CHARS: Final = 64
 

@@ -46,6 +46,9 @@ NOT_TIMES = (
     "2026-W01-1",
     "20261231",
     "9" * 5000,
+    "\uff12\uff10\uff12\uff16-11-25",  # full-width digits
+    "\u0662\u0660\u0662\u0666-11-25T00:00:00Z",  # Arabic-Indic digits
+    "2026-11-25T00:00:00.\u0665Z",
 )
 
 

@@ -5,7 +5,8 @@ outcomes only: a value, or an error of the project's own tree
 (:class:`gateway.errors.GatewayError`). Anything else (``ValueError``,
 ``OverflowError``, ``RecursionError``, ``RuntimeError``...) fails the test:
 that is the class of fault the hostile-input tests are about. Bounded to a
-few seconds each so they run with the default suite.
+few seconds each so they run with the default suite; a longer run:
+``GATEWAY_FUZZ_EXAMPLES=5000 pytest tests/unit/test_fuzz_parsers.py``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import base64
 import contextlib
 import io
 import json
+import os
 import struct
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -49,8 +51,9 @@ from gateway.core.policy import Limits
 from gateway.errors import GatewayError
 from tests.unit.test_envelope_support import JP, PK, seal_bytes, split
 
+# A few seconds each by default; set GATEWAY_FUZZ_EXAMPLES for a longer run.
 FUZZ = settings(
-    max_examples=150,
+    max_examples=int(os.environ.get("GATEWAY_FUZZ_EXAMPLES", "150")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
