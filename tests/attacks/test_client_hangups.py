@@ -22,6 +22,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from gateway import log
 from gateway.api.app import create_api_app
 from gateway.peer.ledger_client import CHECKPOINT_CONTENT_TYPE, CHECKPOINTS_PATH
 from gateway.peer.server import (
@@ -139,6 +140,7 @@ def test_a_client_that_hangs_up_mid_body_is_one_clean_log_line_on_every_route(
     pair: dict[str, Side],
 ) -> None:
     jp, pk = pair["jp"], pair["pk"]
+    log.configure(level="info")  # whatever an earlier test left: the summary lines are info
     stored = (
         jp.count(WitnessedCheckpointRow),
         jp.count(PeerManifestRecord),
