@@ -59,7 +59,9 @@ class Side:
     keyring: NodeKeyring
     tokens: dict[str, str]
 
-    def cli(self, *args: str, role: str = "officer", stdin: str | None = None) -> Any:
+    def cli(
+        self, *args: str, role: str = "officer", stdin: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``gateway ARGS`` as a real process acting as ``role``."""
         env = gateway_env(
             self.home,
