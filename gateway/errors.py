@@ -22,6 +22,7 @@ __all__ = [
     "EXIT_VERIFICATION_FAILED",
     "AccessDenied",
     "AlreadyExists",
+    "ClientDisconnected",
     "ConfigError",
     "ConsentRefused",
     "GatewayError",
@@ -108,6 +109,16 @@ class TransportError(GatewayError):
     """The peer could not be reached or answered something unusable."""
 
     reason = "transport"
+
+
+class ClientDisconnected(TransportError):
+    """The client closed its connection before its request body arrived whole.
+
+    Nothing can be answered and nothing was stored; the servers log one line
+    (``client disconnected``) and no status, never a traceback.
+    """
+
+    reason = "client-disconnected"
 
 
 class AccessDenied(GatewayError):

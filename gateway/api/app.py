@@ -47,6 +47,7 @@ from gateway.core.roles import ACTIONS, Actor, authorize_role
 from gateway.errors import (
     AccessDenied,
     AlreadyExists,
+    ClientDisconnected,
     ConfigError,
     ConsentRefused,
     GatewayError,
@@ -172,12 +173,19 @@ async def _request_log(
     request_id = offered if _REQUEST_ID.fullmatch(offered) else secrets.token_hex(8)
     request[REQUEST_ID_KEY] = request_id
     started = time.monotonic()
-    status = 500
+    status: int | None = 500
+    outcome: dict[str, str] = {}
     with structlog.contextvars.bound_contextvars(request_id=request_id):
         try:
             response = await handler(request)
+        except (ClientDisconnected, ConnectionError):
+            # Nothing can be answered: this line says so, without a status; the
+            # response is never sent (aiohttp drops it on a closed transport).
+            status, outcome["reason"] = None, "client disconnected"
+            response = web.Response(status=400)
+            response.force_close()
+        else:
             status = response.status
-            return response
         finally:
             actor = request.get(ACTOR_KEY)
             route = _route_template(request)
@@ -191,7 +199,9 @@ async def _request_log(
                 status=status,
                 user=actor.name if isinstance(actor, Actor) else None,
                 duration_ms=round((time.monotonic() - started) * 1000, 1),
+                **outcome,
             )
+    return response
 
 
 async def _common_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -215,6 +225,8 @@ async def _errors(
     """Map every failure to a JSON error; never send a traceback."""
     try:
         return await handler(request)
+    except (ClientDisconnected, ConnectionError):
+        raise  # no answer can reach the client: the request log says so once
     except GatewayError as exc:
         status = error_status(exc)
         extra: dict[str, Any] = {}

@@ -23,7 +23,7 @@ from gateway.core.canonical import parse_bounded_json
 from gateway.core.jsonable import to_jsonable
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor
-from gateway.errors import InvalidInput, PolicyRefused
+from gateway.errors import ClientDisconnected, InvalidInput, PolicyRefused
 from gateway.node.runtime import Node
 
 __all__ = [
@@ -106,6 +106,8 @@ class Call:
                 f"request body not complete within {BODY_TIMEOUT_SECONDS:g} s",
                 reason="request.timeout",
             ) from None
+        except ConnectionError:  # aiohttp's "Connection lost": the client hung up mid-body
+            raise ClientDisconnected("client disconnected before the body was complete") from None
         data = b"".join(chunks)
         if not data.strip():
             return {}

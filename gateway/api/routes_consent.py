@@ -72,7 +72,9 @@ async def consent_grant(call: Call) -> web.StreamResponse:
     request_id = call.path("request_id")
     body = await call.json_body()
     refuse_unknown_fields(body, {"valid_until", "max_uses", "conditions"})
-    valid_until = parse_valid_until(optional_str(body, "valid_until", max_length=64))
+    valid_until = parse_valid_until(
+        optional_str(body, "valid_until", max_length=64), option="valid_until"
+    )
     max_uses = body.get("max_uses")
     if max_uses is not None and (
         not isinstance(max_uses, int) or isinstance(max_uses, bool) or max_uses < 1

@@ -34,7 +34,7 @@ def _limit(text: str | None) -> int:
 async def ledger_list(call: Call) -> web.StreamResponse:
     bundle = call.query("bundle")
     kind = call.query("kind")
-    since = ledger.parse_since(call.query("since"), named="since=")
+    since = ledger.parse_since(call.query("since"), option="since")
     limit = _limit(call.query("limit"))
     entries = await call.in_transaction(
         lambda session: ledger.list_entries(

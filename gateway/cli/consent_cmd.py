@@ -8,7 +8,7 @@ is recorded in the ledger under the acting officer's name.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import click
@@ -16,6 +16,7 @@ import click
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
 from gateway.core.consent import parse_valid_until
+from gateway.core.times import Precision, format_utc
 from gateway.node import consent
 from gateway.node.runtime import utc_now
 
@@ -24,7 +25,7 @@ __all__ = ["consent_group"]
 
 def _when(value: Any) -> str:
     if isinstance(value, datetime):
-        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return format_utc(value, Precision.SECONDS)
     return "-" if value is None else str(value)
 
 

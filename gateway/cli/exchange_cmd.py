@@ -22,6 +22,7 @@ from gateway.cli.base import GatewayCommand
 from gateway.cli.context import AppContext, pass_app
 from gateway.core.canonical import parse_bounded_json
 from gateway.core.retention import Direction
+from gateway.core.times import Precision, format_utc
 from gateway.errors import InvalidInput
 from gateway.node.bundles import make_private_dir
 from gateway.node.inbox import describe_inbox_entry, list_gaps, list_inbox, read_bundle
@@ -154,7 +155,7 @@ def sync(app: AppContext) -> None:
 
 
 def _time(value: Any) -> str:
-    return str(value.strftime("%Y-%m-%dT%H:%M:%SZ")) if value is not None else "-"
+    return format_utc(value, Precision.SECONDS) if value is not None else "-"
 
 
 def _purged_note(purged_at: datetime | None) -> str:

@@ -209,7 +209,7 @@ def revoke(
     """
     actor = app.actor("keys.revoke")
     node = app.node()
-    since = parse_since(compromised_since, named="--compromised-since ")
+    since = parse_since(compromised_since, option="--compromised-since")
     now = utc_now()
     with node.db.transaction() as session:
         preview = key_service.preview_revocation(

@@ -20,6 +20,7 @@ from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
 from gateway.core.ledger import LedgerEntry
 from gateway.core.roles import SYSTEM
+from gateway.core.times import Precision, format_utc
 from gateway.errors import AlreadyExists, ConfigError, InvalidInput, StorageError
 from gateway.node import ledger
 from gateway.node.keys import peer_node_of, pinned_peer_manifest, verify_ledger_with_keys
@@ -40,7 +41,7 @@ def _line(entry: LedgerEntry) -> str:
     who = (
         entry.actor_name if entry.actor_role is None else f"{entry.actor_name} ({entry.actor_role})"
     )
-    time_text = entry.time.strftime("%Y-%m-%dT%H:%M:%SZ")
+    time_text = format_utc(entry.time, Precision.SECONDS)
     return f"{entry.seq:>8}  {time_text}  {entry.kind.value:<20} {who:<24} {about}".rstrip()
 
 
@@ -66,7 +67,7 @@ def list_command(
             session,
             bundle=bundle,
             kind=kind,
-            since=ledger.parse_since(since, named="--since "),
+            since=ledger.parse_since(since, option="--since"),
             limit=limit,
         )
     app.emit(

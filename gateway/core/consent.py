@@ -49,7 +49,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Final
 
@@ -58,6 +58,7 @@ import nacl.signing
 
 from gateway.core.canonical import canonical_bytes, parse_canonical
 from gateway.core.domain import Purpose, tagged
+from gateway.core.times import DateMeans, Precision, format_utc, parse_user_time, parse_utc
 from gateway.errors import InvalidInput, VerificationError
 
 __all__ = [
@@ -97,7 +98,6 @@ MAX_ITEMS: Final = 256
 MAX_TEXT_CHARS: Final = 500
 MAX_CONDITIONS_CHARS: Final = 4000
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z$")
 _NODES = ("jp", "pk")
 _SIGNATURE_BYTES = 64
 _PUBLIC_KEY_BYTES = 32
@@ -120,21 +120,13 @@ def normalise_name(text: str) -> str:
 
 
 def format_time(value: datetime) -> str:
-    """RFC 3339 UTC with a ``Z``, microseconds only when present."""
-    if value.tzinfo is None:
-        raise InvalidInput("time must carry a time zone (UTC)")
-    text = value.astimezone(UTC).isoformat()
-    return text.replace("+00:00", "Z")
+    """RFC 3339 UTC with a ``Z``, six fractional digits only when not zero."""
+    return format_utc(value, Precision.OPTIONAL_MICROSECONDS)
 
 
-def parse_time(text: str, *, field: str) -> datetime:
-    """Parse a time written by :func:`format_time`; anything else is refused."""
-    if not isinstance(text, str) or not _TIME.match(text):
-        raise InvalidInput(f"{field}: expected an RFC 3339 UTC time like 2026-01-31T00:00:00Z")
-    try:
-        return datetime.fromisoformat(text[:-1] + "+00:00")
-    except ValueError:
-        raise InvalidInput(f"{field}: {text!r} is not a valid time") from None
+def parse_time(text: object, *, field: str) -> datetime:
+    """Parse a time written by :func:`format_time`; anything else: InvalidInput."""
+    return parse_utc(text, field=field, precision=Precision.OPTIONAL_MICROSECONDS)
 
 
 def validate_text(value: object, *, field: str, max_chars: int = MAX_TEXT_CHARS) -> str:
@@ -682,23 +674,15 @@ def _explain_missing(
         )
 
 
-def parse_valid_until(text: str | None) -> datetime | None:
-    """``YYYY-MM-DD`` (valid through that whole day, UTC) or an ISO 8601 time with a zone."""
+def parse_valid_until(text: str | None, *, option: str = "--valid-until") -> datetime | None:
+    """The end of a consent's validity as typed by an officer, in UTC; ``None`` for none.
+
+    ``YYYY-MM-DD`` is valid through that whole day (UTC), so it ends at the next
+    midnight; a time must carry its zone. ``option`` names the value in errors
+    (``--valid-until`` on the command line, ``valid_until`` in the API).
+    Raises :class:`InvalidInput` for another form or an instant outside
+    :data:`gateway.core.times.RANGE_TEXT` (see :func:`parse_user_time`).
+    """
     if text is None:
         return None
-    try:
-        day = date.fromisoformat(text)
-    except ValueError:
-        pass
-    else:
-        return datetime.combine(day, time(0), tzinfo=UTC) + timedelta(days=1)
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise InvalidInput(
-            f"valid-until {text!r} is neither a date (2026-12-31) nor a time with a zone "
-            "(2026-12-31T12:00:00Z)"
-        ) from None
-    if moment.tzinfo is None:
-        raise InvalidInput(f"valid-until {text!r}: give the time zone (e.g. Z for UTC)")
-    return moment.astimezone(UTC)
+    return parse_user_time(text, option=option, dates=DateMeans.END)

@@ -378,9 +378,15 @@ def sealed_box(message: bytes, recipient_public: bytes, ephemeral_seed: bytes) -
     """
     eph_public, eph_secret = sodium.crypto_box_seed_keypair(ephemeral_seed)
     nonce = hashlib.blake2b(eph_public + recipient_public, digest_size=24).digest()
-    return bytes(eph_public) + bytes(
-        sodium.crypto_box(message, nonce, recipient_public, eph_secret)
-    )
+    try:
+        boxed = sodium.crypto_box(message, nonce, recipient_public, eph_secret)
+    except RuntimeError:  # libsodium refuses the all-zero secret of a low-order key
+        raise KeyNotUsable(
+            "the recipient's encryption key is a low-order point: nothing can be sealed "
+            "to it; the peer must publish a new key manifest",
+            check="recipient-key",
+        ) from None
+    return bytes(eph_public) + bytes(boxed)
 
 
 def _b64(data: bytes) -> str:
@@ -451,7 +457,13 @@ def _parse_header(raw: bytes, limits: Limits) -> EnvelopeHeader:
     if not isinstance(schema_version, str) or schema_version != CASE_TYPES[case_type].version:
         raise _fail_format(f"schema version of {case_type} is not supported by this node")
     sender, recipient = body["sender"], body["recipient"]
-    if sender not in _NODES or recipient not in _NODES or sender == recipient:
+    if (
+        not isinstance(sender, str)
+        or not isinstance(recipient, str)
+        or sender not in _NODES
+        or recipient not in _NODES
+        or sender == recipient
+    ):
         raise _fail_format("sender and recipient must be jp and pk, one each")
     if body["marking"] not in ("confidential", "public"):
         raise _fail_format("marking must be confidential or public")

@@ -43,16 +43,18 @@ import hmac
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
+import nacl.bindings
 import nacl.exceptions
 import nacl.public
 import nacl.signing
 
 from gateway.core.canonical import canonical_bytes, parse_canonical
 from gateway.core.domain import Purpose, tagged, tagged_sha256
+from gateway.core.times import Precision, format_utc, parse_utc
 from gateway.errors import InvalidInput, VerificationError
 
 __all__ = [
@@ -61,6 +63,7 @@ __all__ = [
     "MAX_KEYS",
     "MAX_MANIFEST_BYTES",
     "MAX_REVOCATIONS",
+    "X25519_LOW_ORDER_POINTS",
     "FingerprintMismatch",
     "KeyManifest",
     "KeyNotUsable",
@@ -72,6 +75,7 @@ __all__ = [
     "Revocation",
     "SignatureSuspect",
     "StoredTrust",
+    "check_public_key",
     "fingerprint",
     "fingerprints_match",
     "format_time",
@@ -98,7 +102,6 @@ _FINGERPRINT_TAG = b"ssw-gateway/root-fingerprint/v1"
 _FINGERPRINT_BYTES = 20  # 160 bits: 32 base32 characters, 8 groups of 4
 _KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
 _NODE_RE = re.compile(r"[a-z]{2,8}")
-_TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 _BASE32_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
 
 KeyUse = Literal["sign", "encrypt"]
@@ -138,7 +141,8 @@ class StoredTrust(StrEnum):
 class ManifestRejected(VerificationError):
     """A key manifest failed a check; ``check`` names which one.
 
-    Checks: ``manifest-format``, ``manifest-node``, ``manifest-signature``,
+    Checks: ``manifest-format``, ``manifest-weak-key``, ``manifest-node``,
+    ``manifest-signature``,
     ``manifest-root``, ``manifest-rollback``, ``manifest-replay``,
     ``manifest-revocation``, ``manifest-expired``, ``manifest-future``, ``fingerprint``.
     """
@@ -190,19 +194,62 @@ def fingerprints_match(expected: str, root_public: bytes) -> bool:
 
 def format_time(value: datetime) -> str:
     """RFC 3339 UTC at whole seconds, as manifests carry times."""
-    if value.tzinfo is None:
-        raise ValueError("naive datetime refused: pass times in UTC with tzinfo")
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_utc(value, Precision.SECONDS)
 
 
 def parse_time(text: object, name: str) -> datetime:
-    """Parse a manifest time; anything but ``YYYY-MM-DDTHH:MM:SSZ`` is refused."""
-    if not isinstance(text, str) or not _TIME_RE.fullmatch(text):
-        raise _format(f"{name} must be a time like 2026-01-31T12:00:00Z")
-    try:
-        return datetime.fromisoformat(text[:-1] + "+00:00")
-    except ValueError:
-        raise _format(f"{name} is not a valid date and time") from None
+    """Parse a manifest time; anything but ``YYYY-MM-DDTHH:MM:SSZ`` is refused
+    (:class:`ManifestRejected`, check ``manifest-format``)."""
+    return parse_utc(text, field=name, precision=Precision.SECONDS, error=_format)
+
+
+_FIELD_PRIME = 2**255 - 19
+X25519_LOW_ORDER_POINTS: Final = frozenset(
+    u.to_bytes(32, "little")
+    for u in (
+        0,  # order 4
+        1,  # order 1
+        325606250916557431795983626356110631294008115727848805560023387167927233504,  # order 8
+        39382357235489614581723060781553021112529911719440698176882885853963445705823,  # 8
+        _FIELD_PRIME - 1,  # order 2
+        _FIELD_PRIME,  # 0 again, not reduced
+        _FIELD_PRIME + 1,  # 1 again, not reduced
+    )
+)
+"""The u-coordinates of X25519's points of small order (libsodium's list).
+
+A Diffie-Hellman with any of them gives the same shared secret whatever the
+private key (all zeros), so an encryption key among them seals to no one.
+"""
+
+
+def check_public_key(public: bytes, use: str, name: str) -> None:
+    """Refuse a weak public key in a manifest (check ``manifest-weak-key``).
+
+    ``use`` is ``"sign"`` (Ed25519: also the root keys) or ``"encrypt"``
+    (X25519). An Ed25519 key must be a canonical encoding of a point on the
+    curve in the prime-order subgroup and not of small order (libsodium's
+    ``crypto_core_ed25519_is_valid_point``): a small-order or mixed-order key
+    lets signatures verify for more than one message or key holder. An X25519
+    key must be a canonical u-coordinate (below 2**255 - 19, top bit clear)
+    and none of :data:`X25519_LOW_ORDER_POINTS`. Raises :class:`ManifestRejected`.
+    """
+    if use == "encrypt":
+        u = int.from_bytes(public, "little")
+        if u >= _FIELD_PRIME:
+            raise _weak(f"{name} is not a canonical X25519 public key")
+        if public in X25519_LOW_ORDER_POINTS:
+            raise _weak(f"{name} is a low-order X25519 point: it would seal to no one")
+        return
+    if not nacl.bindings.crypto_core_ed25519_is_valid_point(public):
+        raise _weak(
+            f"{name} is not a valid Ed25519 public key "
+            "(small order, mixed order, off the curve or not canonical)"
+        )
+
+
+def _weak(message: str) -> ManifestRejected:
+    return ManifestRejected(f"key manifest refused: {message}", check="manifest-weak-key")
 
 
 def _format(message: str) -> ManifestRejected:
@@ -538,6 +585,7 @@ def _root_field(value: object, name: str) -> bytes:
     public = _unb64(body["public"], f"{name}.public", size=32)
     if _key_id_field(body["key_id"], f"{name}.key_id") != key_id(public):
         raise _format(f"{name}.key_id does not match its public key")
+    check_public_key(public, "sign", f"{name}.public")
     return public
 
 
@@ -620,6 +668,7 @@ def _manifest_from_payload(
         use = body["use"]
         if use not in ("sign", "encrypt"):
             raise _format(f"{name}.use must be 'sign' or 'encrypt'")
+        check_public_key(public, use, f"{name}.public")
         not_before = parse_time(body["not_before"], f"{name}.not_before")
         not_after = parse_time(body["not_after"], f"{name}.not_after")
         if not_after <= not_before:

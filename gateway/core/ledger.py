@@ -33,7 +33,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -44,6 +44,7 @@ from gateway.core import merkle
 from gateway.core.canonical import canonical_bytes, parse_canonical
 from gateway.core.domain import Purpose, tagged, tagged_sha256
 from gateway.core.roles import Actor
+from gateway.core.times import Precision, format_utc, parse_utc
 from gateway.errors import GatewayError, InvalidInput, VerificationError
 
 __all__ = [
@@ -86,7 +87,6 @@ MAX_ENTRY_BYTES = 24 * 1024
 MAX_CHECKPOINT_BYTES = 4 * 1024
 MAX_ID_LENGTH = 128
 
-_TIME_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _ENTRY_KEYS = frozenset(
@@ -176,27 +176,12 @@ class CheckpointSigner(Protocol):
 
 def format_time(moment: datetime) -> str:
     """UTC with exactly six fractional digits and a ``Z``: one text per instant."""
-    if moment.tzinfo is None:
-        raise InvalidInput("ledger times must be timezone-aware")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return format_utc(moment, Precision.MICROSECONDS)
 
 
 def parse_time(text: Any) -> datetime:
-    if not isinstance(text, str) or not _TIME_PATTERN.fullmatch(text):
-        raise InvalidInput(f"time {text!r} is not YYYY-MM-DDTHH:MM:SS.ffffffZ")
-    try:  # fields sliced by position: the pattern above fixed every one of them
-        return datetime(
-            int(text[0:4]),
-            int(text[5:7]),
-            int(text[8:10]),
-            int(text[11:13]),
-            int(text[14:16]),
-            int(text[17:19]),
-            int(text[20:26]),
-            tzinfo=UTC,
-        )
-    except ValueError:
-        raise InvalidInput(f"time {text!r} is not a real date and time") from None
+    """A ledger time (``YYYY-MM-DDTHH:MM:SS.ffffffZ``); anything else: InvalidInput."""
+    return parse_utc(text, field="time", precision=Precision.MICROSECONDS)
 
 
 # --- entries --------------------------------------------------------------

@@ -33,7 +33,7 @@ import hmac
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Final, Protocol
 
 import nacl.exceptions
@@ -41,6 +41,7 @@ import nacl.signing
 
 from gateway.core.canonical import canonical_bytes
 from gateway.core.domain import Purpose, tagged
+from gateway.core.times import Precision, format_utc, parse_utc
 from gateway.errors import VerificationError
 
 __all__ = [
@@ -90,7 +91,6 @@ _MAX_HEADER_VALUE = 256
 _MAX_PATH = 2048
 _METHODS = frozenset({"GET", "POST", "PUT", "DELETE"})
 _NODES = frozenset({"jp", "pk"})
-_TIME_RE = re.compile(r"\A\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z\Z")
 _KEY_ID_RE = re.compile(r"\A[A-Za-z0-9_.:-]{1,128}\Z")
 
 
@@ -147,9 +147,11 @@ class SignedRequest:
 
 def format_time(moment: datetime) -> str:
     """RFC 3339 UTC to the second, the form carried in ``Gateway-Time``."""
-    if moment.tzinfo is None:
-        raise ValueError("naive datetime refused: pass a UTC time")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_utc(moment, Precision.SECONDS)
+
+
+def _malformed_time(message: str) -> PeerAuthFailed:
+    return PeerAuthFailed(f"header {message}", reason="auth.malformed")
 
 
 def _b64(data: bytes) -> str:
@@ -277,17 +279,9 @@ def parse_signed_request(headers: Mapping[str, str]) -> SignedRequest:
     if not _KEY_ID_RE.match(key_id):
         raise PeerAuthFailed(f"header {HEADER_KEY_ID} is not a key id", reason="auth.malformed")
     time_text = values[HEADER_TIME]
-    if not _TIME_RE.match(time_text):
-        raise PeerAuthFailed(
-            f"header {HEADER_TIME} is not RFC 3339 UTC (YYYY-MM-DDTHH:MM:SSZ)",
-            reason="auth.malformed",
-        )
-    try:
-        moment = datetime.strptime(time_text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except ValueError:
-        raise PeerAuthFailed(
-            f"header {HEADER_TIME} is not a date", reason="auth.malformed"
-        ) from None
+    moment = parse_utc(
+        time_text, field=HEADER_TIME, precision=Precision.SECONDS, error=_malformed_time
+    )
     return SignedRequest(
         sender=sender,
         key_id=key_id,

@@ -28,7 +28,7 @@ import hashlib
 import hmac
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
 from nacl.exceptions import BadSignatureError, CryptoError
@@ -36,6 +36,7 @@ from nacl.signing import VerifyKey
 
 from gateway.core.canonical import canonical_bytes, parse_canonical
 from gateway.core.domain import Purpose, tagged
+from gateway.core.times import Precision, format_utc, parse_utc
 from gateway.errors import InvalidInput, VerificationError
 
 __all__ = [
@@ -146,20 +147,15 @@ def _unb64(text: str, what: str) -> bytes:
 
 
 def _format_time(moment: datetime) -> str:
-    if moment.tzinfo is None:
-        raise ValueError("receipt times must be timezone-aware")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return format_utc(moment, Precision.MICROSECONDS)
+
+
+def _receipt_format(message: str) -> ReceiptInvalid:
+    return ReceiptInvalid(f"receipt {message}", check="receipt-format")
 
 
 def _parse_time(text: Any) -> datetime:
-    if not isinstance(text, str) or not re.fullmatch(
-        r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z", text
-    ):
-        raise ReceiptInvalid("receipt time is not RFC 3339 UTC", check="receipt-format")
-    try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-    except ValueError:
-        raise ReceiptInvalid("receipt time is not a valid date", check="receipt-format") from None
+    return parse_utc(text, field="time", precision=Precision.MICROSECONDS, error=_receipt_format)
 
 
 def receipt_payload(

@@ -59,6 +59,7 @@ from gateway.core.consent import (
     decide_disclosure,
     format_time,
     normalise_name,
+    parse_time,
     sign_grant,
     validate_items,
     validate_text,
@@ -888,10 +889,7 @@ def _check_grant_matches_case(written: ConsentGrant, case: dict[str, Any]) -> No
         got = sorted(case[name]) if name == "items" else case.get(name)
         if got != value:
             raise InvalidInput(f"consent grant: case field {name} differs from the signed document")
-    try:
-        until = datetime.fromisoformat(str(case["valid_until"]))
-    except ValueError:
-        raise InvalidInput("consent grant: case field valid_until is not a time") from None
+    until = parse_time(case["valid_until"], field="consent grant: case field valid_until")
     if until != written.valid_until:
         raise InvalidInput("consent grant: case field valid_until differs from the signed document")
 

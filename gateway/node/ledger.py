@@ -21,7 +21,7 @@ import io
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, BinaryIO, Literal
 
 from nacl.signing import VerifyKey
@@ -53,6 +53,7 @@ from gateway.core.ledger import (
     verify_checkpoint,
 )
 from gateway.core.roles import SYSTEM, Actor
+from gateway.core.times import DateMeans, parse_user_time
 from gateway.errors import GatewayError, InvalidInput, NotFound, RefusedError, StorageError
 from gateway.store.db import Database
 from gateway.store.models import NodeRecord
@@ -256,22 +257,17 @@ def iter_entries(
         yield _entry_of(row)
 
 
-def parse_since(text: str | None, *, named: str) -> datetime | None:
-    """The lower time bound of a listing, from ISO 8601 text; ``None`` for none.
+def parse_since(text: str | None, *, option: str) -> datetime | None:
+    """The lower time bound of a listing in UTC; ``None`` for none.
 
-    ``named`` is how the user gave the value (``--since `` on the
-    command line, ``since=`` in a query) and starts the error message. A time
-    without a zone is read as UTC, the ledger's own zone.
+    ``option`` is how the user gave the value (``--since`` on the command line,
+    ``since`` in a query) and starts the error message. A date means its first
+    instant (UTC); a time without a zone is read as UTC, the ledger's own zone.
+    Raises :class:`InvalidInput` as :func:`gateway.core.times.parse_user_time`.
     """
     if text is None:
         return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise InvalidInput(
-            f"{named}{text!r} is not an ISO 8601 time (e.g. 2026-11-25 or 2026-11-25T09:00:00Z)"
-        ) from None
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+    return parse_user_time(text, option=option, dates=DateMeans.START, zone_required=False)
 
 
 def list_entries(

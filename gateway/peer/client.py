@@ -32,8 +32,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from gateway.core.canonical import parse_bounded_json
 from gateway.core.peer_auth import NONCE_BYTES, RequestSigner, sign_request
-from gateway.errors import ConfigError, RefusedError, TransportError
+from gateway.errors import ConfigError, InvalidInput, RefusedError, TransportError
 from gateway.node.runtime import utc_now
 from gateway.peer.server import (
     BATCH_CONTENT_TYPE,
@@ -247,20 +248,20 @@ class PeerClient:
         body = b"" if payload is None else json.dumps(payload, separators=(",", ":")).encode()
         answer = await self.request(method, path, body)
         try:
-            return json.loads(answer)
-        except ValueError:
+            return _answer_json(answer)
+        except InvalidInput as exc:
             raise TransportError(
-                "peer answered with malformed JSON", reason="transport.answer"
+                f"peer answered with malformed JSON ({exc.message})", reason="transport.answer"
             ) from None
 
     async def health(self) -> dict[str, Any]:
         """``GET /v1/health`` (unsigned): the peer's liveness answer."""
         answer = await self._send("GET", "/v1/health", headers={}, data=None)
         try:
-            value = json.loads(answer)
-        except ValueError:
+            value = _answer_json(answer)
+        except InvalidInput as exc:
             raise TransportError(
-                "peer health answer is not JSON", reason="transport.answer"
+                f"peer health answer is not JSON ({exc.message})", reason="transport.answer"
             ) from None
         if not isinstance(value, dict):
             raise TransportError("peer health answer is not an object", reason="transport.answer")
@@ -298,11 +299,16 @@ async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:
     return b"".join(parts)
 
 
+def _answer_json(answer: bytes) -> Any:
+    """A peer's answer parsed by the bounded parser (size, depth, numbers): InvalidInput."""
+    return parse_bounded_json(answer, max_bytes=MAX_RESPONSE_BYTES)
+
+
 def _error_detail(body: bytes) -> dict[str, Any]:
     """The scalar fields of a refusal's ``error`` object (bounded; nothing nested)."""
     try:
-        error = json.loads(body[:4096])["error"]
-    except (ValueError, KeyError, TypeError):
+        error = parse_bounded_json(body[:4096], max_bytes=4096)["error"]
+    except (InvalidInput, KeyError, TypeError):
         return {}
     if not isinstance(error, dict):
         return {}
@@ -315,9 +321,9 @@ def _error_detail(body: bytes) -> dict[str, Any]:
 
 def _reason_from(body: bytes) -> str:
     try:
-        value = json.loads(body[:4096])
+        value = parse_bounded_json(body[:4096], max_bytes=4096)
         reason = value["error"]["reason"]
-    except (ValueError, KeyError, TypeError):
+    except (InvalidInput, KeyError, TypeError):
         return "unknown"
     if not isinstance(reason, str) or len(reason) > 64:
         return "unknown"
@@ -331,9 +337,9 @@ def _parse_results(answer: bytes, paths: Sequence[Path]) -> list[EnvelopeResult]
         )
 
     try:
-        value = json.loads(answer)
-    except ValueError:
-        raise bad("not JSON") from None
+        value = _answer_json(answer)
+    except InvalidInput as exc:
+        raise bad(exc.message) from None
     items = value.get("results") if isinstance(value, dict) else None
     if not isinstance(items, list) or len(items) != len(paths):
         raise bad("not one result per envelope")

@@ -53,6 +53,7 @@ from gateway.core.peer_auth import (
 )
 from gateway.core.policy import Limits as PolicyLimits
 from gateway.errors import (
+    ClientDisconnected,
     GatewayError,
     InvalidInput,
     NotFound,
@@ -305,7 +306,7 @@ async def _context_middleware(
     request_id = uuid.uuid4().hex
     started = time.monotonic()
     structlog.contextvars.bind_contextvars(request_id=request_id)
-    status = 500
+    status: int | None = 500
     reason = "ok"
     detail: str | None = None
     in_flight = request.app[IN_FLIGHT]
@@ -313,6 +314,13 @@ async def _context_middleware(
     try:
         try:
             response = await handler(request)
+        except (ClientDisconnected, ConnectionError):
+            # Nothing can be answered: one line, no status, no traceback. The
+            # response returned is never sent (aiohttp drops it on a closed transport).
+            status, reason = None, "client disconnected"
+            response = web.Response(status=400)
+            response.force_close()
+            return response
         except _Refusal as refusal:
             detail = str(refusal)
             response = _error_response(
@@ -326,8 +334,8 @@ async def _context_middleware(
             if exc.status == 405:
                 code = "method-not-allowed"
             response = _error_response(exc.status, code, request_id, close=exc.status >= 400)
-        except (asyncio.CancelledError, ConnectionResetError):
-            reason = "disconnected"
+        except asyncio.CancelledError:
+            reason = "cancelled"
             raise
         except Exception:  # noqa: BLE001 - the peer gets an opaque id, the log keeps the trace
             _log.exception("peer_request_internal_error")
@@ -469,6 +477,10 @@ async def _read_chunk(
             return await request.content.read(size)
     except TimeoutError:
         raise _Refusal(408, "limit.timeout", "request body stalled") from None
+    except ConnectionError:  # aiohttp's "Connection lost": the client hung up mid-body
+        raise ClientDisconnected("client disconnected before the body was complete") from None
+    except BadHttpMessage as exc:  # a body the HTTP parser refused (chunked framing, length)
+        raise _Refusal(400, "request.framing", f"malformed request body: {exc.message}") from None
 
 
 async def _read_exactly(
