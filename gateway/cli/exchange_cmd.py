@@ -207,8 +207,8 @@ def outbox(app: AppContext, state: str | None) -> None:
             if r.state == "delivered":
                 status = f"delivered {_time(r.delivered_at)}, receipt verified"
             else:
-                status = f"queued, {r.attempts} attempt(s)" + (
-                    f", last: {r.last_error}" if r.last_error else ""
+                status = f"queued, {r.attempts} attempt(s), next {_time(r.next_attempt_at)}" + (
+                    f", last error: {r.last_error}" if r.last_error else ""
                 )
             lines.append(
                 f"{r.bundle_id}  {r.case_type:<22} to {r.recipient}  #{r.sequence:<6} {status}"

@@ -7,9 +7,11 @@ it on exit::
     async with PeerClient(settings, keyring) as client:
         results = await client.post_envelopes([path1, path2])
 
-Failures: the network (refused connection, timeout, TLS failure, a 5xx
-answer, an unreadable answer) raises :class:`~gateway.errors.TransportError`,
-which the sender retries; a 4xx answer raises :class:`PeerRefused` with the
+Failures: the network (refused connection, timeout, TLS failure) raises
+:class:`PeerUnreachable`, a :class:`~gateway.errors.TransportError` whose
+reason code and message name the cause (:mod:`gateway.peer.failures`); a 5xx
+or unreadable answer raises a plain :class:`~gateway.errors.TransportError`;
+the sender retries both; a 4xx answer raises :class:`PeerRefused` with the
 status and the peer's reason code.
 """
 
@@ -35,6 +37,7 @@ import aiohttp
 from gateway.core.peer_auth import NONCE_BYTES, RequestSigner, sign_request
 from gateway.errors import ConfigError, RefusedError, TransportError
 from gateway.node.runtime import utc_now
+from gateway.peer.failures import Failure, classify_client_error, diagnose_disconnect
 from gateway.peer.server import (
     BATCH_CONTENT_TYPE,
     BATCH_MAGIC,
@@ -43,7 +46,7 @@ from gateway.peer.server import (
 from gateway.peer.tls import client_ssl_context
 from gateway.settings import Settings
 
-__all__ = ["EnvelopeResult", "PeerClient", "PeerRefused", "peer_of"]
+__all__ = ["EnvelopeResult", "PeerClient", "PeerRefused", "PeerUnreachable", "peer_of"]
 
 _CHUNK = 64 * 1024
 MAX_RESPONSE_BYTES: Final = 8 * 1024 * 1024
@@ -74,6 +77,20 @@ class PeerRefused(RefusedError):
         self.retryable = status in _RETRYABLE_STATUSES
         self.detail: dict[str, Any] = detail or {}
         """The other fields of the peer's ``error`` object (e.g. ``witnessed_size``)."""
+
+
+class PeerUnreachable(TransportError):
+    """The peer could not be reached; ``failure`` names the cause.
+
+    ``reason`` is the failure's code (``transport.tls.unknown-issuer``,
+    ``transport.refused``... see :mod:`gateway.peer.failures`); the message is
+    one line, ``peer at HOST:PORT: CAUSE; NEXT STEP``, the same in the CLI,
+    the outbox's last error and the log.
+    """
+
+    def __init__(self, failure: Failure, *, where: str) -> None:
+        super().__init__(failure.describe(where), reason=failure.reason)
+        self.failure = failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +164,7 @@ class PeerClient:
             )
         self._base = url.rstrip("/")
         self._ssl = client_ssl_context(settings.server, peer_url=self._base)
+        self._client_certificate = settings.server.tls_cert is not None
         self._recipient = peer_of(settings.node_id)
         self._keyring = keyring
         self._timeout = timeout or _default_timeout()
@@ -210,10 +228,12 @@ class PeerClient:
         except TransportError:
             raise
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise TransportError(
-                f"peer at {urlsplit(url).netloc} unreachable: {type(exc).__name__}",
-                reason="transport.unreachable",
-            ) from None
+            failure = classify_client_error(exc, url=url)
+            if failure.ambiguous:
+                failure = await diagnose_disconnect(
+                    self._base, self._ssl, failure, client_certificate=self._client_certificate
+                )
+            raise PeerUnreachable(failure, where=urlsplit(url).netloc) from exc
         if status < 400:
             return body
         reason = _reason_from(body)

@@ -62,6 +62,7 @@ from gateway.errors import (
     VerificationError,
 )
 from gateway.node.runtime import Node, utc_now
+from gateway.peer.tls_listener import HandshakeLog, LoggedTlsSite
 from gateway.store.db import Database
 from gateway.store.models_peer import prune_nonces, remember_nonce
 
@@ -743,13 +744,25 @@ class PeerServer:
             lingering_time=min(1.0, limits.body_idle_timeout),
         )
         self._site: web.TCPSite | None = None
+        self.handshakes = HandshakeLog("peer")
+        """Refused TLS handshakes on this listener: logged (rate-limited) and counted."""
         quiet_parser_errors()
         self.port: int | None = None
 
     async def start(self, host: str, port: int, *, ssl_context: Any = None) -> int:
-        """Start listening; returns the bound port (useful with port 0)."""
+        """Start listening; returns the bound port (useful with port 0).
+
+        With ``ssl_context`` the handshakes run in a :class:`LoggedTlsSite`: each
+        refused one is logged (``tls_handshake_failed``, rate-limited per remote
+        address) and counted in :attr:`handshakes`.
+        """
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, backlog=128)
+        if ssl_context is not None:
+            self._site = LoggedTlsSite(
+                self._runner, host, port, ssl_context=ssl_context, handshakes=self.handshakes
+            )
+        else:
+            self._site = web.TCPSite(self._runner, host, port, backlog=128)
         await self._site.start()
         bound = [a for a in self._runner.addresses if isinstance(a, tuple) and len(a) >= 2]
         self.port = int(bound[0][1]) if bound else port

@@ -114,7 +114,7 @@ def test_client_certificate_not_from_the_ca_refused_at_handshake(
     settings = client_settings(tmp_path, tls_server.url, cert=cert, ca=pki.ca.path)
     with pytest.raises(TransportError) as caught:
         _post_one(settings, tmp_path)
-    assert caught.value.reason == "transport.unreachable"
+    assert caught.value.reason == "transport.tls.certificate-refused"
     assert not (tmp_path / "received").exists()
 
 
@@ -269,7 +269,7 @@ def test_serve_over_mutual_tls_admits_only_clients_of_the_ca(
         code = stop(serve)
     assert health == {"status": "ok"}
     assert [(r.status, r.reason) for r in results] == [("refused", "envelope.format")]
-    assert rogue.value.reason == "transport.unreachable"
+    assert rogue.value.reason == "transport.tls.certificate-refused"
     assert code == 0, serve.stderr_text()
     assert '"mutual_tls": true' in serve.stderr_text()
 

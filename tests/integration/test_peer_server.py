@@ -377,7 +377,7 @@ def test_unreachable_peer_is_a_transport_error(tmp_path: Path) -> None:
 
     with pytest.raises(TransportError) as caught:
         run(send())
-    assert caught.value.reason == "transport.unreachable"
+    assert caught.value.reason == "transport.refused"
 
 
 # --- limits ---------------------------------------------------------------------------------------
