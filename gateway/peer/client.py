@@ -42,6 +42,7 @@ from gateway.peer.server import (
     BATCH_CONTENT_TYPE,
     BATCH_MAGIC,
     MANIFEST_CONTENT_TYPE,
+    PING_PATH,
 )
 from gateway.peer.tls import client_ssl_context
 from gateway.settings import Settings
@@ -70,9 +71,17 @@ class PeerRefused(RefusedError):
     reason = "peer.refused"
 
     def __init__(
-        self, message: str, *, status: int, reason: str, detail: dict[str, Any] | None = None
+        self,
+        message: str,
+        *,
+        status: int,
+        reason: str,
+        detail: dict[str, Any] | None = None,
+        date: str | None = None,
     ) -> None:
         super().__init__(message, reason=reason)
+        self.date = date
+        """The answer's ``Date`` header (the peer's clock, to the second), if any."""
         self.status = status
         self.retryable = status in _RETRYABLE_STATUSES
         self.detail: dict[str, Any] = detail or {}
@@ -219,12 +228,25 @@ class PeerClient:
         headers: dict[str, str],
         data: Any,
     ) -> bytes:
+        body, _date = await self._exchange(method, path, headers=headers, data=data)
+        return body
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str],
+        data: Any,
+    ) -> tuple[bytes, str | None]:
+        """One request; the 2xx answer's body and its ``Date`` header."""
         session = self._session_or_fail()
         url = self._base + path
         try:
             async with session.request(method, url, headers=headers, data=data) as response:
                 body = await _read_bounded(response)
                 status = response.status
+                date = response.headers.get("Date")
         except TransportError:
             raise
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -235,7 +257,7 @@ class PeerClient:
                 )
             raise PeerUnreachable(failure, where=urlsplit(url).netloc) from exc
         if status < 400:
-            return body
+            return body, date
         reason = _reason_from(body)
         if status >= 500:
             raise TransportError(
@@ -246,6 +268,7 @@ class PeerClient:
             status=status,
             reason=reason,
             detail=_error_detail(body),
+            date=date,
         )
 
     async def request(
@@ -284,6 +307,26 @@ class PeerClient:
             ) from None
         if not isinstance(value, dict):
             raise TransportError("peer health answer is not an object", reason="transport.answer")
+        return value
+
+    async def health_dated(self) -> tuple[dict[str, Any], str | None]:
+        """``GET /v1/health`` and the answer's ``Date`` header (the peer's clock)."""
+        answer, date = await self._exchange("GET", "/v1/health", headers={}, data=None)
+        try:
+            value = json.loads(answer)
+        except ValueError:
+            raise TransportError(
+                "peer health answer is not JSON", reason="transport.answer"
+            ) from None
+        if not isinstance(value, dict):
+            raise TransportError("peer health answer is not an object", reason="transport.answer")
+        return value, date
+
+    async def ping(self) -> dict[str, Any]:
+        """``POST /v1/ping``, signed: the peer's id, clock and pinned manifest version."""
+        value = await self.request_json("POST", PING_PATH)
+        if not isinstance(value, dict):
+            raise TransportError("peer ping answer is not an object", reason="transport.answer")
         return value
 
     async def post_envelopes(self, paths: Sequence[Path]) -> list[EnvelopeResult]:
