@@ -4,7 +4,8 @@ Starts in this order, refusing to start at all on a configuration error (plain
 HTTP off loopback, half-configured TLS, no policy, locked keys): open the node
 with migrations applied, unlock the keyring, load the policy, bind the peer
 port, bind the local API port, start the sender worker. Prints
-``serving <node> on HOST:PORT`` on stderr once everything listens.
+``serving <node> on SCHEME://HOST:PORT (local API on SCHEME://HOST:PORT; peer URL)``
+on stderr once everything listens.
 
 SIGTERM or SIGINT stops it: no new connections are accepted, requests in
 flight finish (up to the drain timeout), the sender worker finishes its
@@ -43,7 +44,14 @@ from gateway.peer.server import (
     create_node_peer_app,
     limits_from_policy,
 )
-from gateway.peer.tls import api_ssl_context, client_ssl_context, server_ssl_context
+from gateway.peer.tls import (
+    api_ssl_context,
+    client_ssl_context,
+    listener_url,
+    require_peer_tls,
+    server_ssl_context,
+)
+from gateway.peer.tls_listener import HandshakeLog, LoggedTlsSite
 from gateway.settings import Settings, is_loopback
 
 __all__ = ["serve"]
@@ -77,7 +85,11 @@ async def _start_api(app: web.Application, host: str, port: int, ssl_context: An
         app, access_log=None, handle_signals=False, shutdown_timeout=DRAIN_SECONDS
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    site = (
+        LoggedTlsSite(runner, host, port, ssl_context=ssl_context, handshakes=HandshakeLog("api"))
+        if ssl_context is not None
+        else web.TCPSite(runner, host, port)
+    )
     await site.start()
     return runner
 
@@ -170,15 +182,21 @@ async def _run(
             )
         )
         background.append(asyncio.create_task(watch_own_keys(node, keyring, stop, on_keys_changed)))
+        peer_at = listener_url(host, bound, tls=peer_ssl is not None)
+        api_at = listener_url(api_host, api_port, tls=api_ssl is not None)
         _log.info(
             "serving",
-            peer_listen=f"{host}:{bound}",
-            api_listen=f"{api_host}:{api_port}",
+            peer_listen=peer_at,
+            api_listen=api_at,
+            peer_url=settings.server.peer_url,
             tls=peer_ssl is not None,
             mutual_tls=settings.server.tls_ca is not None,
             sender=sender is not None,
         )
-        announce(f"serving {node.node_id} on {host}:{bound} (local API on {api_host}:{api_port})")
+        announce(
+            f"serving {node.node_id} on {peer_at} (local API on {api_at}; "
+            f"peer {settings.server.peer_url or 'not set'})"
+        )
         if sender is not None:
             stopper = asyncio.ensure_future(stop.wait())
             await asyncio.wait({stopper, sender}, return_when=asyncio.FIRST_COMPLETED)
@@ -227,6 +245,7 @@ def serve(app: AppContext) -> None:
     from gateway.node.policy import load_policy  # noqa: PLC0415
 
     settings = app.settings()
+    require_peer_tls(settings.server)
     log.configure(
         node=settings.node_id,
         level="debug" if app.verbose else settings.log.level,

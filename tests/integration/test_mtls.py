@@ -290,6 +290,6 @@ def test_serve_refuses_plain_http_off_loopback_at_start(pair: dict[str, Any]) ->
         line = wait_ready(allowed)
     finally:
         code = stop(allowed)
-    assert line.startswith(f"serving pk on {listen}")
+    assert line.startswith(f"serving pk on http://{listen} (local API on http://")
     assert '"event": "insecure_plain_http"' in allowed.stderr_text()
     assert code == 0
