@@ -85,6 +85,9 @@ def _register() -> None:
 
     cli.add_command(consent_cmd.consent_group)
     cli.add_command(disclose_cmd.disclose)
+    from gateway.cli import doctor_cmd  # noqa: PLC0415
+
+    cli.add_command(doctor_cmd.doctor)
 
 
 _register()

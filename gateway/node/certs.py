@@ -104,9 +104,10 @@ def _validity(cert: x509.Certificate, path: Path, now: datetime) -> CertCheck:
     if now >= end:
         return CertCheck("tls-cert", "fail", f"{path}: expired at {end.isoformat()}")
     if end - now < EXPIRY_WARNING:
-        days = (end - now).days
+        left = end - now
+        when = f"{left.days} day(s)" if left.days else f"{left.seconds // 3600} hour(s)"
         return CertCheck(
-            "tls-cert", "warn", f"{path}: expires in {days} day(s) ({end.isoformat()}): renew it"
+            "tls-cert", "warn", f"{path}: expires in {when} ({end.isoformat()}): renew it"
         )
     return CertCheck("tls-cert", "ok", f"{path}: valid until {end.isoformat()}")
 
