@@ -23,6 +23,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from gateway.settings import is_loopback
+
 __all__ = [
     "EXPIRY_WARNING",
     "MAX_PEM_BYTES",
@@ -70,8 +72,10 @@ def _certificates(path: Path, what: str) -> list[x509.Certificate] | CertCheck:
 
 
 def names_to_check(listen_host: str) -> list[str]:
-    """The host names the certificate must carry: the listen host unless a wildcard."""
-    if listen_host in ("", "0.0.0.0", "::", "*"):  # noqa: S104 - names, not a bind
+    """The host names the certificate must carry: the listen host, unless it is a
+    wildcard or loopback address (then the peer reaches the node through a name
+    only its ``peer_url`` knows, which ``gateway peer ping`` there checks)."""
+    if listen_host in ("", "0.0.0.0", "::", "*") or is_loopback(listen_host):  # noqa: S104
         return []
     return [listen_host]
 
@@ -164,8 +168,8 @@ def _names(cert: x509.Certificate, names: list[str]) -> CertCheck:
         return CertCheck(
             "tls-names",
             "ok",
-            "listening on a wildcard address: the peer checks the name in its peer_url "
-            "('gateway peer ping' there)",
+            "listening on a wildcard or loopback address: the peer checks the name in its "
+            "peer_url ('gateway peer ping' there)",
         )
     missing = [name for name in names if not _san_matches(cert, name)]
     if missing:

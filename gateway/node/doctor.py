@@ -123,11 +123,24 @@ def _tls_settings(settings: Settings) -> Check:
     return Check("tls-settings", "ok", mutual)
 
 
+def _sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite URL (checked before opening: opening would create it)."""
+    from sqlalchemy.engine import make_url  # noqa: PLC0415
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    return None if parsed.database == ":memory:" else Path(parsed.database)
+
+
 def _database(settings: Settings, now: datetime) -> list[Check]:
     from gateway.node.keys import own_manifest, pinned_peer_manifest  # noqa: PLC0415
     from gateway.node.runtime import Node, _safe_url  # noqa: PLC0415
 
     where = _safe_url(settings.database_url)
+    sqlite_file = _sqlite_file(settings.database_url)
+    if sqlite_file is not None and not sqlite_file.is_file():
+        return [Check("database", "fail", f"{sqlite_file} does not exist ('gateway init'?)")]
     try:
         node = Node.open(settings)
     except GatewayError as exc:

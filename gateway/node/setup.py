@@ -89,12 +89,12 @@ TLS_DIR = "keys/tls"
 """Where ``init`` copies the TLS material, relative to the home (settings name it so)."""
 
 
-def _check_tls(tls: TlsFiles, listen: str | None, now: datetime) -> None:
-    """Refuse TLS material that fails an offline check, before anything is written."""
+def _check_tls(tls: TlsFiles, listen_host: str, now: datetime) -> None:
+    """Refuse TLS material that fails an offline check (init then removes what it made)."""
     from gateway.node.certs import check_node_certificate, names_to_check  # noqa: PLC0415
 
-    host = parse_host_port(listen)[0] if listen is not None else "127.0.0.1"
-    checks = check_node_certificate(tls.cert, tls.key, tls.ca, now=now, names=names_to_check(host))
+    names = names_to_check(listen_host)
+    checks = check_node_certificate(tls.cert, tls.key, tls.ca, now=now, names=names)
     failed = [f"{check.name}: {check.detail}" for check in checks if check.status == "fail"]
     if failed:
         raise ConfigError(
@@ -143,15 +143,13 @@ def init_node(
 ) -> InitResult:
     """Create a node home with its configuration and database.
 
-    ``tls`` is checked offline first (validity at ``now``, key match, usages,
-    the listen host among the names) and copied into ``<home>/keys/tls``
+    ``tls`` is copied into ``<home>/keys/tls`` and checked offline (validity at
+    ``now``, key match, usages, the effective listen host among the names)
     (key 0600); an ``https://`` peer URL without TLS settings (flags or
     ``GATEWAY_SERVER_TLS_*``) is refused unless ``insecure_http``. Raises
     :class:`ConfigError` or :class:`AlreadyExists`; leaves nothing behind then.
     """
     _validate_inputs(node_id, listen, peer_url)
-    if tls is not None:
-        _check_tls(tls, listen, now)
     if (home / CONFIG_FILE).exists():
         raise AlreadyExists(
             f"{home} holds a node already ({CONFIG_FILE} exists); nothing was changed"
@@ -183,6 +181,8 @@ def init_node(
         )
         made_paths.append(config_path)
         settings = load_settings(home, environ=environ if environ is not None else dict(os.environ))
+        if tls is not None:
+            _check_tls(tls, settings.server.listen_address[0], now)
         require_peer_tls(settings.server)
         db = open_database(settings.database_url)
         try:

@@ -110,7 +110,8 @@ class _Gate(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        if not isinstance(transport, asyncio.Transport):
+            raise TypeError("a TLS listener needs a stream transport")
         self._transport = transport
         # Nothing is read until start_tls takes the transport over.
         transport.pause_reading()
@@ -179,8 +180,8 @@ class LoggedTlsSite(web.TCPSite):
         loop = asyncio.get_running_loop()
         server = self._runner.server
         context = self._ssl_context
-        assert server is not None
-        assert context is not None
+        if server is None or context is None:
+            raise RuntimeError("LoggedTlsSite needs a set-up runner and a TLS context")
         handshakes, gates = self.handshakes, self._gates
         self._server = await loop.create_server(
             lambda: _Gate(server, context, handshakes, gates),

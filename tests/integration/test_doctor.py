@@ -241,3 +241,18 @@ def test_broken_settings_fail_alone(tmp_path: Path, clean_environ: dict[str, str
     assert code == 1
     assert [c["name"] for c in report["checks"]] == ["settings"]
     assert "not valid TOML" in report["checks"][0]["detail"]
+
+
+def test_a_missing_sqlite_file_fails_and_is_not_created(
+    tmp_path: Path, clean_environ: dict[str, str]
+) -> None:
+    made = tmp_path / "pk"
+    assert run("--home", str(made), "init", "--node", "pk").exit_code == 0
+    database = made / "data" / "gateway.sqlite3"
+    database.unlink()
+    code, report, _err = doctor(made)
+    assert code == 1
+    found = by_name(report)["database"]
+    assert found["status"] == "fail"
+    assert "does not exist" in found["detail"]
+    assert not database.exists()
