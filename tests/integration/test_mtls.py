@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -272,6 +273,12 @@ def test_serve_over_mutual_tls_admits_only_clients_of_the_ca(
     assert rogue.value.reason == "transport.tls.certificate-refused"
     assert code == 0, serve.stderr_text()
     assert '"mutual_tls": true' in serve.stderr_text()
+    refused = [
+        json.loads(line) for line in serve.stderr_lines if '"event": "tls_handshake_failed"' in line
+    ]
+    assert [(r["listener"], r["remote"], r["reason"]) for r in refused] == [
+        ("peer", "127.0.0.1", "tls.client-certificate-unknown-issuer")
+    ]
 
 
 @pytest.mark.slow
