@@ -9,6 +9,7 @@ signs the request and is measured against.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -24,13 +25,14 @@ from gateway.cli.main import cli
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
 from gateway.node.keystore import unlock_keyring
+from gateway.node.outbox import send_case
 from gateway.node.runtime import Node
 from gateway.node.setup import init_node
 from gateway.peer.ping import PingReport, ping_peer
 from gateway.peer.server import create_node_peer_app
 from gateway.peer.tls import server_ssl_context
 from gateway.settings import ServerSettings, Settings, load_settings
-from tests.nodes import TEST_LIMITS, ServerThread, free_port
+from tests.nodes import REPO, TEST_LIMITS, ServerThread, free_port
 from tests.pki import Authority, Issued
 
 PASSPHRASE = "correct horse battery staple"
@@ -298,3 +300,39 @@ def test_the_command_exits_0_on_a_working_link_and_1_naming_the_failure(
     assert "link FAILED at connect: transport.refused" in down.stdout
     assert "error: peer ping failed at connect: peer at 127.0.0.1:" in down.stderr
     assert "connection refused" in down.stderr
+
+
+def test_sync_names_the_cause_and_debug_shows_the_chained_exception(
+    make_pair: Callable[..., tuple[Side, Side]],
+) -> None:
+    jp, _pk = make_pair()
+    case = json.loads((REPO / "docs" / "examples" / "exam-fraud.json").read_text())
+    officer = Actor(name="tanaka", role=Role.OFFICER)
+    send_case(
+        jp.node,
+        jp.keyring,
+        officer,
+        "exam-fraud",
+        case,
+        [],
+        public=False,
+        reply_to=None,
+        now=datetime.now(UTC),
+    )
+    port = free_port()
+    env = {
+        "GATEWAY_HOME": str(jp.node.settings.home),
+        "GATEWAY_PASSPHRASE": PASSPHRASE,
+        "GATEWAY_SERVER_PEER_URL": f"http://127.0.0.1:{port}",
+    }
+    if jp.node.settings.database.url is not None:
+        env["GATEWAY_DATABASE_URL"] = jp.node.settings.database.url
+    plain = CliRunner().invoke(cli, ["sync"], env=env)
+    debug = CliRunner().invoke(cli, ["--debug", "sync"], env=env)
+    for done in (plain, debug):
+        assert done.exit_code == 1
+        assert f"error: peer at 127.0.0.1:{port}: connection refused" in done.stderr
+    assert "Traceback" not in plain.stderr
+    # --debug prints the cause the message was made from, not only the class name.
+    assert "ConnectionRefusedError" in debug.stderr
+    assert "The above exception was the direct cause" in debug.stderr
