@@ -9,6 +9,8 @@
   then the queued envelopes in sequence order, in batches. A bundle counts as
   delivered only when the receipt that comes back verifies against the
   peer's pinned manifest and names exactly its bundle id and envelope hash.
+  Every failed attempt, of one bundle or of the whole pass, updates the
+  bundle's attempts, last error and next attempt.
 * :func:`run_sender` is the worker inside ``gateway serve``: it calls
   :func:`deliver_once` forever, backing off exponentially with jitter while
   the peer is unreachable, and wakes early when a bundle is queued in this
@@ -550,8 +552,13 @@ async def deliver_pending(
 ) -> DeliveryReport:
     """One delivery pass: manifests first, then every queued envelope in order.
 
-    Network failures (:class:`~gateway.errors.TransportError`) propagate: the
+    Network failures (:class:`~gateway.errors.TransportError`) and any other
+    :class:`~gateway.errors.GatewayError` that ends the pass propagate: the
     caller decides to report (``gateway sync``) or to back off (the worker).
+    Before they do, every bundle the pass had not yet had an answer for (of
+    those due, with ``due_only``) records the attempt, the error's message as
+    ``last_error`` and its next attempt, so ``gateway outbox`` and
+    ``GET /api/v1/outbox`` show why it waits.
     """
     report = DeliveryReport()
     after = 0
