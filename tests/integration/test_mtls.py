@@ -233,7 +233,7 @@ def _tls_env(pki: Pki, issued: Issued) -> dict[str, str]:
 def test_serve_over_mutual_tls_admits_only_clients_of_the_ca(
     pair: dict[str, Any], pki: Pki, tmp_path: Path
 ) -> None:
-    from tests.nodes import stop, wait_ready  # noqa: PLC0415
+    from tests.nodes import raw_exchange, stop, wait_ready  # noqa: PLC0415
 
     jp, pk = pair["jp"], pair["pk"]
     serve = pk.serve(**_tls_env(pki, pki.server))
@@ -262,12 +262,15 @@ def test_serve_over_mutual_tls_admits_only_clients_of_the_ca(
             return health, await client.post_envelopes([envelope])
 
     try:
-        wait_ready(serve)
+        serving = wait_ready(serve)
         health, results = asyncio.run(post(pki.client))
         with pytest.raises(TransportError) as rogue:
             asyncio.run(post(pki.rogue_client))
+        # Plain HTTP to the local API, which speaks HTTPS with the node's certificate.
+        answer, _closed = raw_exchange(pk.api_port, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
     finally:
         code = stop(serve)
+    assert not answer.startswith(b"HTTP/")
     assert health == {"status": "ok"}
     assert [(r.status, r.reason) for r in results] == [("refused", "envelope.format")]
     assert rogue.value.reason == "transport.tls.certificate-refused"
@@ -276,9 +279,13 @@ def test_serve_over_mutual_tls_admits_only_clients_of_the_ca(
     refused = [
         json.loads(line) for line in serve.stderr_lines if '"event": "tls_handshake_failed"' in line
     ]
-    assert [(r["listener"], r["remote"], r["reason"]) for r in refused] == [
-        ("peer", "127.0.0.1", "tls.client-certificate-unknown-issuer")
+    assert sorted((r["listener"], r["remote"], r["reason"]) for r in refused) == [
+        ("api", "127.0.0.1", "tls.plain-http"),
+        ("peer", "127.0.0.1", "tls.client-certificate-unknown-issuer"),
     ]
+    assert (
+        f"on https://127.0.0.1:{pk.port} (local API on https://127.0.0.1:{pk.api_port}" in serving
+    )
 
 
 @pytest.mark.slow
