@@ -169,7 +169,9 @@ def _manifest_step(ours: int, pinned: object) -> PingStep:
     )
 
 
-def _refusal_step(error: PeerRefused, coarse_skew: float | None, window: timedelta) -> PingStep:
+def _refusal_step(
+    error: PeerRefused, coarse_skew: float | None, window: timedelta, *, waiting: int | None
+) -> PingStep:
     if error.reason == "auth.stale":
         skew = (
             f" ({_describe_skew(coarse_skew)}, window {window.total_seconds():.0f} s)"
@@ -177,6 +179,11 @@ def _refusal_step(error: PeerRefused, coarse_skew: float | None, window: timedel
             else ""
         )
         detail = f"the peer refused our signed request as outside its time window{skew}"
+    elif error.reason == "auth.unknown-key" and waiting is not None:
+        detail = (
+            f"the peer does not know our signing key yet: our manifest version {waiting} "
+            "waits for delivery; run 'gateway sync' (or let 'gateway serve' send it)"
+        )
     elif error.reason == "auth.unknown-key":
         detail = (
             "the peer does not know our signing key: it has not pinned our manifest, or "
@@ -206,7 +213,11 @@ async def ping_peer(
     Raises :class:`~gateway.errors.ConfigError` only when the settings cannot
     make a client at all (no peer URL, plain HTTP off loopback).
     """
-    from gateway.node.keys import own_manifest, pinned_peer_manifest  # noqa: PLC0415
+    from gateway.node.keys import (  # noqa: PLC0415
+        own_manifest,
+        pending_manifests,
+        pinned_peer_manifest,
+    )
     from gateway.node.policy import load_policy  # noqa: PLC0415
 
     chosen = settings if settings is not None else node.settings
@@ -214,6 +225,7 @@ async def ping_peer(
     with node.db.transaction() as session:
         ours = own_manifest(session).version
         pinned = pinned_peer_manifest(session)
+        waiting = ours if pending_manifests(session) else None
     limit = limits or aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=20)
     client = PeerClient(chosen, keyring, clock=clock, timeout=limit)
     report = PingReport(
@@ -258,7 +270,7 @@ async def ping_peer(
         try:
             answer = await client.ping()
         except PeerRefused as exc:
-            report.steps.append(_refusal_step(exc, coarse, window))
+            report.steps.append(_refusal_step(exc, coarse, window, waiting=waiting))
             if coarse is not None:
                 report.clock_skew_seconds = round(coarse, 3)
                 report.steps.append(_clock_step(coarse, window, coarse=True))

@@ -336,3 +336,30 @@ def test_sync_names_the_cause_and_debug_shows_the_chained_exception(
     # --debug prints the cause the message was made from, not only the class name.
     assert "ConnectionRefusedError" in debug.stderr
     assert "The above exception was the direct cause" in debug.stderr
+
+
+def test_after_a_rotation_the_ping_reports_the_manifest_waiting_for_delivery(
+    make_pair: Callable[..., tuple[Side, Side]],
+) -> None:
+    jp, pk = make_pair()
+    with jp.node.db.transaction() as session:
+        gateway.node.keys.rotate_keys(
+            jp.node.settings, session, PASSPHRASE.encode(), now=datetime.now(UTC), actor=ADMIN
+        )
+    with jp.node.db.transaction() as session:
+        rotated = unlock_keyring(jp.node.settings, PASSPHRASE.encode(), session)
+    with _serve(pk) as running:
+        # Signed with the old key, still valid during the overlap: the peer answers
+        # that it holds version 1 of our manifest, ours is 2.
+        before = _ping(jp, _with(jp, running.url))
+        # Signed with the new key, which only the undelivered manifest lists.
+        after = _ping(Side(jp.node, rotated), _with(jp, running.url))
+    assert before.ok, before.to_dict()
+    manifest = next(step for step in before.steps if step.name == "manifest")
+    assert (manifest.status, manifest.reason) == ("warn", "manifest.behind")
+    assert "version 1, ours is 2" in manifest.detail
+    assert (before.our_manifest_version, before.peer_pinned_manifest_version) == (2, 1)
+    failure = after.failure
+    assert failure is not None
+    assert (failure.name, failure.reason) == ("signed-request", "auth.unknown-key")
+    assert "our manifest version 2 waits for delivery" in failure.detail
