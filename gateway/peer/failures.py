@@ -164,8 +164,7 @@ def _verify_failure(exc: ssl.SSLCertVerificationError, host: str) -> Failure:
             "transport.tls.name-mismatch",
             f"TLS certificate verify failed: name mismatch, the peer's certificate "
             f"does not name {host!r}",
-            "use the host name the peer's certificate lists (subject alternative names) "
-            "in [server] peer_url, or have the certificate reissued with it",
+            "use a name the peer's certificate lists in [server] peer_url, or have it reissued",
         )
     return Failure(
         "transport.tls.verify",
@@ -179,8 +178,7 @@ def _ssl_failure(reason: str, *, scheme: str) -> Failure | None:
         return Failure(
             "transport.tls.certificate-refused",
             f"the peer refused our TLS client certificate: {_CLIENT_CERT_ALERTS[reason]}",
-            "the peer's tls_ca must hold the CA of our [server] tls_cert, and our "
-            "certificate must be valid with extended key usage clientAuth",
+            "our [server] tls_cert must be valid, with clientAuth, from a CA in the peer's tls_ca",
         )
     if reason in _NOT_TLS_REASONS and scheme == "https":
         return Failure(
@@ -362,17 +360,16 @@ async def diagnose_disconnect(
             # the client certificate; a server that then closes without a word
             # refused it (asyncio servers send no alert).
             detail = (
-                "it closed the connection right after the handshake, before any answer "
-                "(its tls_ca does not hold the CA of our certificate, or our certificate "
-                "is expired or lacks clientAuth)"
+                "it closed the connection right after the handshake (its tls_ca does not "
+                "hold the CA of our certificate, or ours expired or lacks clientAuth)"
                 if client_certificate
                 else _CLIENT_CERT_ALERTS["TLSV13_ALERT_CERTIFICATE_REQUIRED"]
             )
             return Failure(
                 "transport.tls.certificate-refused",
                 f"the peer refused our TLS client certificate: {detail}",
-                "set [server] tls_cert/tls_key to a certificate from a CA the peer's "
-                "tls_ca holds, valid, with extended key usage clientAuth",
+                "our [server] tls_cert must be valid, with clientAuth, from a CA in the "
+                "peer's tls_ca",
             )
         return first
     if parts.scheme == "http":
