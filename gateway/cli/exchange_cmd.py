@@ -259,8 +259,8 @@ def outbox(app: AppContext, state: str | None) -> None:
             if r.state == "delivered":
                 status = f"delivered {_time(r.delivered_at)}, receipt verified"
             else:
-                status = f"queued, {r.attempts} attempt(s)" + (
-                    f", last: {r.last_error}" if r.last_error else ""
+                status = f"queued, {r.attempts} attempt(s), next {_time(r.next_attempt_at)}" + (
+                    f", last error: {r.last_error}" if r.last_error else ""
                 )
             refusal = refused.get(r.bundle_id)
             if refusal is not None:

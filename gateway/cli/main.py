@@ -85,11 +85,12 @@ def _register() -> None:
 
     cli.add_command(consent_cmd.consent_group)
     cli.add_command(disclose_cmd.disclose)
-    from gateway.cli import backup_cmd, purge_cmd  # noqa: PLC0415
+    from gateway.cli import backup_cmd, doctor_cmd, purge_cmd  # noqa: PLC0415
 
     cli.add_command(backup_cmd.backup)
     cli.add_command(backup_cmd.restore)
     cli.add_command(purge_cmd.purge_command)
+    cli.add_command(doctor_cmd.doctor)
 
 
 _register()

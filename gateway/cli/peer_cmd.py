@@ -1,7 +1,9 @@
-"""``gateway peer``: pin the peer node's key manifest and show it (admin role)."""
+"""``gateway peer``: pin the peer node's key manifest and show it (admin role); test
+the link (``ping``, a host operation: the node's keys sign, no user token)."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import click
@@ -13,6 +15,7 @@ from gateway.core.keys import MAX_MANIFEST_BYTES
 from gateway.errors import InvalidInput
 from gateway.node import keys as key_service
 from gateway.node.runtime import utc_now
+from gateway.peer.ping import PingReport, ping_peer
 
 __all__ = ["peer"]
 
@@ -32,7 +35,7 @@ def _read_manifest_file(path: Path) -> bytes:
 
 @click.group(cls=GatewayGroup)
 def peer() -> None:
-    """The peer node: pin its key manifest, show what is pinned."""
+    """The peer node: pin its key manifest, show what is pinned, test the link."""
 
 
 @peer.command("add")
@@ -95,3 +98,43 @@ def show(app: AppContext) -> None:
         return
     data = key_service.describe_manifest(manifest, now=now)
     app.emit({"pinned": data}, lambda: manifest_text(data, "Pinned key manifest"))
+
+
+_MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+
+
+def ping_text(report: PingReport) -> str:
+    """The human form of a ping report: one line per step, then the verdict."""
+    lines = [f"ping {report.peer_url}"]
+    lines += [f"  {_MARK[step.status]} {step.name:<15} {step.detail}" for step in report.steps]
+    failure = report.failure
+    if failure is None:
+        warned = sum(1 for step in report.steps if step.status == "warn")
+        lines.append("link ok" + (f" ({warned} warning(s))" if warned else ""))
+    else:
+        lines.append(f"link FAILED at {failure.name}: {failure.reason}")
+    return "\n".join(lines)
+
+
+@peer.command("ping")
+@pass_app
+def ping(app: AppContext) -> None:
+    """Test the link to the peer end to end: TLS, a signed request, clocks, manifests.
+
+    A host operation (the node's keys sign the request; no user token). Exit 0
+    when the link works (warnings included), 1 with the failing step's reason.
+
+    \b
+    Steps: pinned (a peer manifest is pinned here), connect (TCP, TLS handshake,
+    HTTP), signed-request (the peer verifies our signature; round-trip time),
+    clock (skew; warning beyond a quarter of the policy's window), manifest (the
+    version of our manifest the peer has pinned, against ours).
+    """
+    node = app.node()
+    keyring = app.keyring()
+    report = asyncio.run(ping_peer(node, keyring, clock=utc_now))
+    app.emit(report.to_dict(), lambda: ping_text(report))
+    failure = report.failure
+    if failure is not None:
+        click.echo(f"error: peer ping failed at {failure.name}: {failure.detail}", err=True)
+        raise click.exceptions.Exit(1)

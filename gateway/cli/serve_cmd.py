@@ -4,7 +4,7 @@ Starts in this order, refusing to start at all on a configuration error (plain
 HTTP off loopback, half-configured TLS, no policy, locked keys): open the node
 with migrations applied, unlock the keyring, load the policy, bind the peer
 port, bind the local API port, start the sender worker. Says
-``serving <node> on SCHEME://HOST:PORT (local API on SCHEME://HOST:PORT ...)``
+``serving <node> on SCHEME://HOST:PORT (local API on SCHEME://HOST:PORT, delivering to URL)``
 once everything listens, and ``restarting ...`` / ``stopped <node>`` later:
 as JSON log lines (``event`` ``serving``, ``restarting``, ``stopped``, the
 sentence in ``message``) whenever the log format is JSON, so that every line
@@ -48,7 +48,14 @@ from gateway.peer.server import (
     create_node_peer_app,
     limits_from_policy,
 )
-from gateway.peer.tls import api_ssl_context, client_ssl_context, server_ssl_context
+from gateway.peer.tls import (
+    api_ssl_context,
+    client_ssl_context,
+    listener_url,
+    require_peer_tls,
+    server_ssl_context,
+)
+from gateway.peer.tls_listener import HandshakeLog, LoggedTlsSite
 from gateway.settings import Settings, is_loopback
 
 __all__ = ["serve"]
@@ -71,24 +78,30 @@ def _ledger_routes(node: Node) -> Callable[[web.Application], None]:
     return ledger_routes(node.db)
 
 
-def _url(scheme: str, host: str, port: int) -> str:
-    """``scheme://host:port``, with an IPv6 host in brackets."""
-    shown = f"[{host}]" if ":" in host else host
-    return f"{scheme}://{shown}:{port}"
-
-
 def _api_app(node: Node, keyring: NodeKeyring) -> web.Application:
     from gateway.api.app import create_api_app  # noqa: PLC0415
 
     return create_api_app(node, lambda: keyring)
 
 
-async def _start_api(app: web.Application, host: str, port: int, ssl_context: Any) -> web.AppRunner:
+async def _start_api(
+    app: web.Application, host: str, port: int, ssl_context: Any, node: Node
+) -> web.AppRunner:
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, shutdown_timeout=DRAIN_SECONDS
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+    site = (
+        LoggedTlsSite(
+            runner,
+            host,
+            port,
+            ssl_context=ssl_context,
+            handshakes=HandshakeLog("api", on_refused=node.metrics.tls_handshake_failed),
+        )
+        if ssl_context is not None
+        else web.TCPSite(runner, host, port)
+    )
     await site.start()
     return runner
 
@@ -155,7 +168,9 @@ async def _run(
                 reason="config.listen",
             ) from None
         try:
-            api_runner = await _start_api(_api_app(node, keyring), api_host, api_port, api_ssl)
+            api_runner = await _start_api(
+                _api_app(node, keyring), api_host, api_port, api_ssl, node
+            )
         except OSError as exc:
             raise ConfigError(
                 f"cannot listen on {api_host}:{api_port} for the local API: {exc.strerror}",
@@ -190,8 +205,8 @@ async def _run(
                 enforce_retention(node, stop, interval=settings.server.retention_interval_seconds)
             )
         )
-        peer_listen = _url("https" if peer_ssl is not None else "http", host, bound)
-        api_listen = _url("https" if api_ssl is not None else "http", api_host, api_port)
+        peer_listen = listener_url(host, bound, tls=peer_ssl is not None)
+        api_listen = listener_url(api_host, api_port, tls=api_ssl is not None)
         delivering = settings.server.peer_url if sender is not None else None
         announce(
             "serving",
@@ -252,6 +267,7 @@ def serve(app: AppContext) -> None:
     from gateway.node.policy import load_policy  # noqa: PLC0415
 
     settings = app.settings()
+    require_peer_tls(settings.server)
     log.configure(
         node=settings.node_id,
         level="debug" if app.verbose else settings.log.level,

@@ -9,6 +9,8 @@
   then the queued envelopes in sequence order, in batches. A bundle counts as
   delivered only when the receipt that comes back verifies against the
   peer's pinned manifest and names exactly its bundle id and envelope hash.
+  Every failed attempt, of one bundle or of the whole pass, updates the
+  bundle's attempts, last error and next attempt.
 * :func:`run_sender` is the worker inside ``gateway serve``: it calls
   :func:`deliver_once` forever, backing off exponentially with jitter while
   the peer is unreachable, and wakes early when a bundle is queued in this
@@ -45,6 +47,7 @@ from gateway.core.receipt import ReceiptInvalid, ReceiptVerifyKeys, verify_recei
 from gateway.core.roles import Actor
 from gateway.errors import (
     ConfigError,
+    GatewayError,
     InvalidInput,
     NotFound,
     RefusedError,
@@ -89,6 +92,7 @@ BATCH_MAX_ENVELOPES = 64
 BATCH_MAX_BYTES = 16 * 1024 * 1024
 RETRY_BASE_SECONDS = 1.0
 RETRY_CAP_SECONDS = 300.0
+LAST_ERROR_CHARS = 300
 _CHUNK = 1 << 20
 _log = log.get_logger("outbox")
 
@@ -624,10 +628,37 @@ def _store_outcomes(
                 .where(OutboxEntry.id == item.id, OutboxEntry.state == OutboxState.QUEUED)
                 .values(
                     attempts=OutboxEntry.attempts + 1,
-                    last_error=why[:300],
+                    last_error=why[:LAST_ERROR_CHARS],
                     next_attempt_at=now + timedelta(seconds=delay),
                 )
             )
+
+
+def _record_failed_pass(
+    node: Node, *, after: int, due_before: datetime | None, why: str, now: datetime
+) -> int:
+    """A pass failed as a whole (peer unreachable, refused, ...): every queued bundle
+    it would still have tried (id above ``after``, due by ``due_before`` when given)
+    counts one more attempt, keeps ``why`` as its last error and gets its next
+    attempt by the backoff of :func:`retry_delay`. Returns how many were updated."""
+    with node.db.transaction() as session:
+        query = select(OutboxEntry.id, OutboxEntry.attempts).where(
+            OutboxEntry.state == OutboxState.QUEUED, OutboxEntry.id > after
+        )
+        if due_before is not None:
+            query = query.where(OutboxEntry.next_attempt_at <= due_before)
+        rows = session.execute(query).all()
+        for row_id, attempts in rows:
+            session.execute(
+                update(OutboxEntry)
+                .where(OutboxEntry.id == row_id, OutboxEntry.state == OutboxState.QUEUED)
+                .values(
+                    attempts=OutboxEntry.attempts + 1,
+                    last_error=why[:LAST_ERROR_CHARS],
+                    next_attempt_at=now + timedelta(seconds=retry_delay(attempts + 1)),
+                )
+            )
+    return len(rows)
 
 
 PeerManifestSource = Callable[[Node], ReceiptVerifyKeys]
@@ -649,68 +680,102 @@ async def deliver_pending(
 ) -> DeliveryReport:
     """One delivery pass: manifests first, then every queued envelope in order.
 
-    Network failures (:class:`~gateway.errors.TransportError`) propagate: the
+    Network failures (:class:`~gateway.errors.TransportError`) and any other
+    :class:`~gateway.errors.GatewayError` that ends the pass propagate: the
     caller decides to report (``gateway sync``) or to back off (the worker).
+    Before they do, every bundle the pass had not yet had an answer for (of
+    those due, with ``due_only``) records the attempt, the error's message as
+    ``last_error`` and its next attempt, so ``gateway outbox`` and
+    ``GET /api/v1/outbox`` show why it waits.
     """
     report = DeliveryReport()
-    metrics = node.metrics
-    for handle, raw in await asyncio.to_thread(pending_manifests, node):
-        await client.post_manifest(raw)
-        await asyncio.to_thread(mark_manifest_delivered, node, handle, now_fn())
-        report.manifests_sent += 1
-        metrics.manifests_delivered.inc()
-    manifest = await asyncio.to_thread(peer_manifest, node)
     after = 0
-    while True:
-        batch = await asyncio.to_thread(
-            _next_batch,
-            node,
-            after=after,
-            due_before=now_fn() if due_only else None,
-            limit=batch_size,
-        )
-        if not batch:
-            break
-        after = batch[-1].id
-        metrics.envelopes_sent.inc(len(batch))
-        results = await client.post_envelopes([item.path for item in batch])
-        crash_point("after-send")
-        delivered: list[tuple[_Pending, bytes]] = []
-        failed: list[tuple[_Pending, str]] = []
-        for item, result in zip(batch, results, strict=True):
-            if result.status == "accepted" and result.receipt is not None:
-                try:
-                    verify_receipt(
-                        result.receipt,
-                        peer_manifest=manifest,
-                        expected_bundle_id=item.bundle_id,
-                        expected_envelope_hash=item.envelope_sha256,
-                        expected_sender=node.node_id,
-                    )
-                except ReceiptInvalid as exc:
-                    _log.warning("receipt_refused", bundle_id=item.bundle_id, check=exc.check)
-                    metrics.delivery_failed("receipt", exc.check)
-                    failed.append((item, f"receipt refused: {exc.check}"))
-                    report.retry_later[item.bundle_id] = f"receipt refused: {exc.check}"
-                    continue
-                delivered.append((item, result.receipt))
-                report.delivered.append(item.bundle_id)
-                metrics.envelopes_delivered.inc()
-            else:
-                why = f"{result.status}: {result.reason or 'unknown'}"
-                failed.append((item, why))
-                if result.status == "refused":
-                    report.refused[item.bundle_id] = why
-                    metrics.delivery_failed("refused", result.reason)
-                else:
-                    report.retry_later[item.bundle_id] = why
-                    metrics.delivery_failed("retry", result.reason)
-        crash_point("before-receipt-store")
-        await asyncio.to_thread(_store_outcomes, node, delivered, failed, now=now_fn())
-        if progress is not None:
-            progress(report)
+    try:
+        for handle, raw in await asyncio.to_thread(pending_manifests, node):
+            await client.post_manifest(raw)
+            await asyncio.to_thread(mark_manifest_delivered, node, handle, now_fn())
+            report.manifests_sent += 1
+            node.metrics.manifests_delivered.inc()
+        manifest = await asyncio.to_thread(peer_manifest, node)
+        while True:
+            batch = await asyncio.to_thread(
+                _next_batch,
+                node,
+                after=after,
+                due_before=now_fn() if due_only else None,
+                limit=batch_size,
+            )
+            if not batch:
+                break
+            node.metrics.envelopes_sent.inc(len(batch))
+            results = await client.post_envelopes([item.path for item in batch])
+            after = batch[-1].id
+            await _take_results(node, batch, results, manifest, report, now_fn=now_fn)
+            if progress is not None:
+                progress(report)
+    except GatewayError as exc:
+        # The pass failed before these bundles had an answer: each still records
+        # the attempt, why it failed and when it is tried next.
+        try:
+            await asyncio.to_thread(
+                _record_failed_pass,
+                node,
+                after=after,
+                due_before=now_fn() if due_only else None,
+                why=exc.message,
+                now=now_fn(),
+            )
+        except GatewayError as also:
+            _log.warning("delivery_state_not_recorded", reason=also.reason, detail=also.message)
+        raise
     report.remaining = await asyncio.to_thread(_count_queued, node)
     return report
+
+
+async def _take_results(
+    node: Node,
+    batch: list[_Pending],
+    results: Sequence[EnvelopeOutcome],
+    manifest: ReceiptVerifyKeys,
+    report: DeliveryReport,
+    *,
+    now_fn: Callable[[], datetime],
+) -> None:
+    """Verify the receipts of one batch and store every bundle's outcome."""
+    crash_point("after-send")
+    metrics = node.metrics
+    delivered: list[tuple[_Pending, bytes]] = []
+    failed: list[tuple[_Pending, str]] = []
+    for item, result in zip(batch, results, strict=True):
+        if result.status == "accepted" and result.receipt is not None:
+            try:
+                verify_receipt(
+                    result.receipt,
+                    peer_manifest=manifest,
+                    expected_bundle_id=item.bundle_id,
+                    expected_envelope_hash=item.envelope_sha256,
+                    expected_sender=node.node_id,
+                )
+            except ReceiptInvalid as exc:
+                _log.warning("receipt_refused", bundle_id=item.bundle_id, check=exc.check)
+                metrics.delivery_failed("receipt", exc.check)
+                failed.append((item, f"receipt refused: {exc.check}"))
+                report.retry_later[item.bundle_id] = f"receipt refused: {exc.check}"
+                continue
+            delivered.append((item, result.receipt))
+            report.delivered.append(item.bundle_id)
+            metrics.envelopes_delivered.inc()
+        else:
+            why = f"{result.status}: {result.reason or 'unknown'}"
+            failed.append((item, why))
+            if result.status == "refused":
+                report.refused[item.bundle_id] = why
+                metrics.delivery_failed("refused", result.reason)
+            else:
+                report.retry_later[item.bundle_id] = why
+                metrics.delivery_failed("retry", result.reason)
+    crash_point("before-receipt-store")
+    await asyncio.to_thread(_store_outcomes, node, delivered, failed, now=now_fn())
 
 
 async def run_sender_loop(
@@ -753,7 +818,7 @@ async def run_sender_loop(
                     "delivery_failed",
                     error_type=type(exc).__name__,
                     reason=reason,
-                    detail=str(exc)[:200],
+                    detail=str(exc)[:LAST_ERROR_CHARS],
                     failures=failures,
                     retry_in=round(delay, 2),
                 )

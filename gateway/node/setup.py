@@ -20,11 +20,12 @@ from sqlalchemy.orm import Session
 import gateway
 from gateway.errors import AlreadyExists, ConfigError
 from gateway.node.users import add_user
+from gateway.peer.tls import require_peer_tls
 from gateway.settings import CONFIG_FILE, Settings, load_settings, parse_host_port, write_config
 from gateway.store.db import open_database
 from gateway.store.models import NodeRecord
 
-__all__ = ["InitResult", "InitStep", "init_node", "register_init_step"]
+__all__ = ["TLS_DIR", "InitResult", "InitStep", "TlsFiles", "init_node", "register_init_step"]
 
 HOME_MODE = 0o700
 
@@ -74,6 +75,58 @@ def _validate_inputs(node_id: str, listen: str | None, peer_url: str | None) -> 
         raise ConfigError("--peer-url must start with http:// or https://", reason="config.value")
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """The node's TLS material given to ``init``: certificate chain, key, and the CA
+    the peer's certificates are checked against (None: the system's CAs)."""
+
+    cert: Path
+    key: Path
+    ca: Path | None = None
+
+
+TLS_DIR = "keys/tls"
+"""Where ``init`` copies the TLS material, relative to the home (settings name it so)."""
+
+
+def _check_tls(tls: TlsFiles, listen_host: str, now: datetime) -> None:
+    """Refuse TLS material that fails an offline check (init then removes what it made)."""
+    from gateway.node.certs import check_node_certificate, names_to_check  # noqa: PLC0415
+
+    names = names_to_check(listen_host)
+    checks = check_node_certificate(tls.cert, tls.key, tls.ca, now=now, names=names)
+    failed = [f"{check.name}: {check.detail}" for check in checks if check.status == "fail"]
+    if failed:
+        raise ConfigError(
+            "the TLS material given is not usable: " + "; ".join(failed), reason="config.tls"
+        )
+
+
+def _copy_private(source: Path, target: Path, mode: int) -> None:
+    """Copy a file into the home with ``mode``, synced; never overwrites."""
+    data = source.read_bytes()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    target.chmod(mode)
+
+
+def _install_tls(home: Path, tls: TlsFiles) -> dict[str, str]:
+    """Copy the TLS material to ``<home>/keys/tls``; the settings that name it."""
+    folder = home / TLS_DIR
+    folder.mkdir(mode=HOME_MODE, exist_ok=True)
+    folder.chmod(HOME_MODE)
+    _copy_private(tls.cert, folder / "node.crt", 0o644)
+    _copy_private(tls.key, folder / "node.key", 0o600)
+    settings = {"tls_cert": f"{TLS_DIR}/node.crt", "tls_key": f"{TLS_DIR}/node.key"}
+    if tls.ca is not None:
+        _copy_private(tls.ca, folder / "ca.crt", 0o644)
+        settings["tls_ca"] = f"{TLS_DIR}/ca.crt"
+    return settings
+
+
 def init_node(
     home: Path,
     node_id: str,
@@ -86,12 +139,19 @@ def init_node(
     admin_name: str = "admin",
     policy_dir: Path | None = None,
     environ: dict[str, str] | None = None,
+    tls: TlsFiles | None = None,
+    insecure_http: bool = False,
 ) -> InitResult:
     """Create a node home with its configuration and database.
 
     ``policy_dir`` is recorded as ``[policy] dir``: the node then reads its
     policy there instead of ``<home>/policies`` (the folder is used as it is
     when it holds ``policy.toml``, else the shipped files are copied into it).
+    ``tls`` is copied into ``<home>/keys/tls`` and checked offline (validity at
+    ``now``, key match, usages, the effective listen host among the names)
+    (key 0600); an ``https://`` peer URL without TLS settings (flags or
+    ``GATEWAY_SERVER_TLS_*``) is refused unless ``insecure_http``. Raises
+    :class:`ConfigError` or :class:`AlreadyExists`; leaves nothing behind then.
     """
     _validate_inputs(node_id, listen, peer_url)
     if (home / CONFIG_FILE).exists():
@@ -110,17 +170,29 @@ def init_node(
                 path.mkdir(mode=HOME_MODE)
                 made_paths.append(path)
             path.chmod(HOME_MODE)
+        server: dict[str, Any] = {
+            "listen": listen,
+            "api_listen": api_listen,
+            "peer_url": peer_url,
+            "insecure_http": True if insecure_http else None,
+        }
+        if tls is not None:
+            made_paths.append(home / TLS_DIR)
+            server |= _install_tls(home, tls)
         config_path = write_config(
             home,
             {
                 "node": {"id": node_id},
-                "server": {"listen": listen, "api_listen": api_listen, "peer_url": peer_url},
+                "server": server,
                 "database": {"url": db_url},
                 "policy": {"dir": str(policy_dir) if policy_dir is not None else None},
             },
         )
         made_paths.append(config_path)
         settings = load_settings(home, environ=environ if environ is not None else dict(os.environ))
+        if tls is not None:
+            _check_tls(tls, settings.server.listen_address[0], now)
+        require_peer_tls(settings.server)
         db = open_database(settings.database_url)
         try:
             migrations = db.upgrade()

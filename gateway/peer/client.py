@@ -7,9 +7,11 @@ it on exit::
     async with PeerClient(settings, keyring) as client:
         results = await client.post_envelopes([path1, path2])
 
-Failures: the network (refused connection, timeout, TLS failure, a 5xx
-answer, an unreadable answer) raises :class:`~gateway.errors.TransportError`,
-which the sender retries; a 4xx answer raises :class:`PeerRefused` with the
+Failures: the network (refused connection, timeout, TLS failure) raises
+:class:`PeerUnreachable`, a :class:`~gateway.errors.TransportError` whose
+reason code and message name the cause (:mod:`gateway.peer.failures`); a 5xx
+or unreadable answer raises a plain :class:`~gateway.errors.TransportError`;
+the sender retries both; a 4xx answer raises :class:`PeerRefused` with the
 status and the peer's reason code.
 """
 
@@ -36,15 +38,17 @@ from gateway.core.canonical import parse_bounded_json
 from gateway.core.peer_auth import NONCE_BYTES, RequestSigner, sign_request
 from gateway.errors import ConfigError, InvalidInput, RefusedError, TransportError
 from gateway.node.runtime import utc_now
+from gateway.peer.failures import Failure, classify_client_error, diagnose_disconnect
 from gateway.peer.server import (
     BATCH_CONTENT_TYPE,
     BATCH_MAGIC,
     MANIFEST_CONTENT_TYPE,
+    PING_PATH,
 )
 from gateway.peer.tls import client_ssl_context
 from gateway.settings import Settings
 
-__all__ = ["EnvelopeResult", "PeerClient", "PeerRefused", "peer_of"]
+__all__ = ["EnvelopeResult", "PeerClient", "PeerRefused", "PeerUnreachable", "peer_of"]
 
 _CHUNK = 64 * 1024
 MAX_RESPONSE_BYTES: Final = 8 * 1024 * 1024
@@ -68,13 +72,35 @@ class PeerRefused(RefusedError):
     reason = "peer.refused"
 
     def __init__(
-        self, message: str, *, status: int, reason: str, detail: dict[str, Any] | None = None
+        self,
+        message: str,
+        *,
+        status: int,
+        reason: str,
+        detail: dict[str, Any] | None = None,
+        date: str | None = None,
     ) -> None:
         super().__init__(message, reason=reason)
+        self.date = date
+        """The answer's ``Date`` header (the peer's clock, to the second), if any."""
         self.status = status
         self.retryable = status in _RETRYABLE_STATUSES
         self.detail: dict[str, Any] = detail or {}
         """The other fields of the peer's ``error`` object (e.g. ``witnessed_size``)."""
+
+
+class PeerUnreachable(TransportError):
+    """The peer could not be reached; ``failure`` names the cause.
+
+    ``reason`` is the failure's code (``transport.tls.unknown-issuer``,
+    ``transport.refused``... see :mod:`gateway.peer.failures`); the message is
+    one line, ``peer at HOST:PORT: CAUSE; NEXT STEP``, the same in the CLI,
+    the outbox's last error and the log.
+    """
+
+    def __init__(self, failure: Failure, *, where: str) -> None:
+        super().__init__(failure.describe(where), reason=failure.reason)
+        self.failure = failure
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +174,7 @@ class PeerClient:
             )
         self._base = url.rstrip("/")
         self._ssl = client_ssl_context(settings.server, peer_url=self._base)
+        self._client_certificate = settings.server.tls_cert is not None
         self._recipient = peer_of(settings.node_id)
         self._keyring = keyring
         self._timeout = timeout or _default_timeout()
@@ -202,21 +229,36 @@ class PeerClient:
         headers: dict[str, str],
         data: Any,
     ) -> bytes:
+        body, _date = await self._exchange(method, path, headers=headers, data=data)
+        return body
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        *,
+        headers: dict[str, str],
+        data: Any,
+    ) -> tuple[bytes, str | None]:
+        """One request; the 2xx answer's body and its ``Date`` header."""
         session = self._session_or_fail()
         url = self._base + path
         try:
             async with session.request(method, url, headers=headers, data=data) as response:
                 body = await _read_bounded(response)
                 status = response.status
+                date = response.headers.get("Date")
         except TransportError:
             raise
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise TransportError(
-                f"peer at {urlsplit(url).netloc} unreachable: {type(exc).__name__}",
-                reason="transport.unreachable",
-            ) from None
+            failure = classify_client_error(exc, url=url)
+            if failure.ambiguous:
+                failure = await diagnose_disconnect(
+                    self._base, self._ssl, failure, client_certificate=self._client_certificate
+                )
+            raise PeerUnreachable(failure, where=urlsplit(url).netloc) from exc
         if status < 400:
-            return body
+            return body, date
         reason = _reason_from(body)
         if status >= 500:
             raise TransportError(
@@ -227,6 +269,7 @@ class PeerClient:
             status=status,
             reason=reason,
             detail=_error_detail(body),
+            date=date,
         )
 
     async def request(
@@ -265,6 +308,26 @@ class PeerClient:
             ) from None
         if not isinstance(value, dict):
             raise TransportError("peer health answer is not an object", reason="transport.answer")
+        return value
+
+    async def health_dated(self) -> tuple[dict[str, Any], str | None]:
+        """``GET /v1/health`` and the answer's ``Date`` header (the peer's clock)."""
+        answer, date = await self._exchange("GET", "/v1/health", headers={}, data=None)
+        try:
+            value = json.loads(answer)
+        except ValueError:
+            raise TransportError(
+                "peer health answer is not JSON", reason="transport.answer"
+            ) from None
+        if not isinstance(value, dict):
+            raise TransportError("peer health answer is not an object", reason="transport.answer")
+        return value, date
+
+    async def ping(self) -> dict[str, Any]:
+        """``POST /v1/ping``, signed: the peer's id, clock and pinned manifest version."""
+        value = await self.request_json("POST", PING_PATH)
+        if not isinstance(value, dict):
+            raise TransportError("peer ping answer is not an object", reason="transport.answer")
         return value
 
     async def post_envelopes(self, paths: Sequence[Path]) -> list[EnvelopeResult]:

@@ -8,6 +8,10 @@ Routes (docs/protocol.md has the byte-level detail):
   while the body is hashed; answers one result per envelope (a signed receipt
   or an opaque reason code).
 - ``POST /v1/manifests``: the peer's new signed key manifest.
+- ``POST /v1/ping``: a signed request with an empty body, the link test of
+  ``gateway peer ping``; answers this node's id, its clock (``time``, ISO 8601
+  UTC with microseconds) and the version of the caller's manifest it has pinned
+  (``pinned_manifest_version``).
 
 Middlewares, outermost first: the request context (request id, one summary
 log line, the exception tree mapped to statuses and reason codes, never a
@@ -64,6 +68,7 @@ from gateway.errors import (
 )
 from gateway.metrics import NodeMetrics
 from gateway.node.runtime import Node, utc_now
+from gateway.peer.tls_listener import HandshakeLog, LoggedTlsSite
 from gateway.store.db import Database
 from gateway.store.models_peer import prune_nonces, remember_nonce
 
@@ -77,6 +82,7 @@ __all__ = [
     "NODE",
     "PEER_AUTH",
     "PEER_SERVICES",
+    "PING_PATH",
     "TRANSPORT_LIMITS",
     "EnvelopeHandler",
     "ManifestHandler",
@@ -99,6 +105,7 @@ BATCH_MAGIC: Final = b"SGB1"
 _CHUNK = 64 * 1024
 HEALTH_PATH: Final = "/v1/health"
 MANIFESTS_PATH: Final = "/v1/manifests"
+PING_PATH: Final = "/v1/ping"
 
 _log = log.get_logger("peer.server")
 
@@ -179,6 +186,8 @@ class PeerServices:
     apply_manifest: ManifestHandler | None = None
     preview_manifest: ManifestPreview | None = None
     clock: Callable[[], datetime] = field(default=utc_now)
+    pinned_peer_version: Callable[[], int | None] | None = None
+    """The version of the peer's manifest this node has pinned (``POST /v1/ping``)."""
 
 
 def database_nonce_recorder(
@@ -686,6 +695,23 @@ async def _post_manifest(request: web.Request) -> web.Response:
     return web.json_response({"status": "applied"})
 
 
+async def _ping(request: web.Request) -> web.Response:
+    """The link test: reached only through peer authentication (signature, time, nonce)."""
+    services = request.app[PEER_SERVICES]
+    await read_signed_body(request, max_bytes=1024)
+    version = services.pinned_peer_version
+    pinned = await asyncio.to_thread(version) if version is not None else None
+    now = services.clock()
+    request[_REASON] = "ping"
+    return web.json_response(
+        {
+            "node": services.node_id,
+            "time": now.isoformat(timespec="microseconds"),
+            "pinned_manifest_version": pinned,
+        }
+    )
+
+
 async def _spool_context(app: web.Application) -> AsyncIterator[None]:
     spool = app[PEER_SERVICES].spool_dir
     spool.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -715,6 +741,7 @@ def create_peer_app(
     app.router.add_get(HEALTH_PATH, _health, allow_head=False)
     app.router.add_post("/v1/envelopes", _post_envelopes)
     app.router.add_post(MANIFESTS_PATH, _post_manifest)
+    app.router.add_post(PING_PATH, _ping)
     if extra_routes is not None:
         extra_routes(app)
     return app
@@ -768,13 +795,28 @@ class PeerServer:
             lingering_time=min(1.0, limits.body_idle_timeout),
         )
         self._site: web.TCPSite | None = None
+        metrics = app.get(METRICS)
+        self.handshakes = HandshakeLog(
+            "peer", on_refused=metrics.tls_handshake_failed if metrics is not None else None
+        )
+        """Refused TLS handshakes on this listener: logged (rate-limited) and counted."""
         quiet_parser_errors()
         self.port: int | None = None
 
     async def start(self, host: str, port: int, *, ssl_context: Any = None) -> int:
-        """Start listening; returns the bound port (useful with port 0)."""
+        """Start listening; returns the bound port (useful with port 0).
+
+        With ``ssl_context`` the handshakes run in a :class:`LoggedTlsSite`: each
+        refused one is logged (``tls_handshake_failed``, rate-limited per remote
+        address) and counted in :attr:`handshakes`.
+        """
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context, backlog=128)
+        if ssl_context is not None:
+            self._site = LoggedTlsSite(
+                self._runner, host, port, ssl_context=ssl_context, handshakes=self.handshakes
+            )
+        else:
+            self._site = web.TCPSite(self._runner, host, port, backlog=128)
         await self._site.start()
         bound = [a for a in self._runner.addresses if isinstance(a, tuple) and len(a) >= 2]
         self.port = int(bound[0][1]) if bound else port
@@ -884,6 +926,11 @@ def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerS
         with node.db.transaction() as session:
             apply_peer_manifest(session, raw, node=peer, now=now)
 
+    def pinned_version() -> int | None:
+        with node.db.transaction() as session:
+            manifest = pinned_peer_manifest(session)
+        return manifest.version if manifest is not None else None
+
     return PeerServices(
         node_id=node.node_id,
         peer_id=peer,
@@ -893,6 +940,7 @@ def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerS
         receive_envelope=receive,
         apply_manifest=apply,
         preview_manifest=preview,
+        pinned_peer_version=pinned_version,
     )
 
 

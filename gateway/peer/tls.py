@@ -20,7 +20,14 @@ from urllib.parse import urlsplit
 from gateway.errors import ConfigError
 from gateway.settings import ServerSettings, is_loopback
 
-__all__ = ["api_ssl_context", "client_ssl_context", "plain_http_allowed", "server_ssl_context"]
+__all__ = [
+    "api_ssl_context",
+    "client_ssl_context",
+    "listener_url",
+    "plain_http_allowed",
+    "require_peer_tls",
+    "server_ssl_context",
+]
 
 
 def _check_pair(server: ServerSettings) -> tuple[Path, Path] | None:
@@ -60,6 +67,32 @@ def _load_ca(context: ssl.SSLContext, ca: Path) -> None:
             f"[server] tls_ca: cannot load the CA certificate ({type(exc).__name__})",
             reason="config.tls",
         ) from None
+
+
+def require_peer_tls(server: ServerSettings) -> None:
+    """Refuse an ``https://`` peer URL without this node's TLS certificate and key.
+
+    Without them the node has no client certificate for the peer's mutual TLS
+    and serves its own port in plain HTTP: a configuration that looks secure
+    and is not. ``insecure_http = true`` accepts it explicitly. ``gateway init``
+    and ``gateway serve`` call this; raises :class:`ConfigError` (``config.tls``).
+    """
+    url = server.peer_url
+    if url is None or not url.startswith("https://") or server.insecure_http:
+        return
+    if server.tls_cert is None or server.tls_key is None:
+        raise ConfigError(
+            f"[server] peer_url {url} is https:// but this node has no TLS certificate: "
+            "give 'gateway init' --tls-cert, --tls-key and --tls-ca (or set [server] "
+            "tls_cert, tls_key and tls_ca), or set insecure_http = true to go without",
+            reason="config.tls",
+        )
+
+
+def listener_url(host: str, port: int, *, tls: bool) -> str:
+    """The full URL of a listener, scheme included (``https://[::1]:8701``)."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{'https' if tls else 'http'}://{shown}:{port}"
 
 
 def plain_http_allowed(host: str, server: ServerSettings) -> bool:

@@ -492,7 +492,7 @@ def test_peer_unreachable_makes_sync_fail_saying_so(pair: Pair) -> None:
     pair.jp.stop()
     done = sync(pair.jp)
     assert done.returncode == 1
-    assert "unreachable" in done.stderr
+    assert f"error: peer at 127.0.0.1:{pair.pk.home.port}: connection refused" in done.stderr
     assert pair.jp.queued([bundle_id]) == 1
     pair.pk.start()
     assert sync(pair.jp).returncode == 0

@@ -713,6 +713,38 @@ def exchange_pair(
         pk.node.close()
 
 
+def test_the_outbox_route_shows_attempts_last_error_and_next_attempt_of_a_failed_pass(
+    exchanged: tuple[ApiNode, ApiNode, str],
+) -> None:
+    from gateway.node.outbox import deliver_once  # noqa: PLC0415
+    from gateway.peer.client import PeerClient, PeerUnreachable  # noqa: PLC0415
+
+    jp, _pk, bundle_id = exchanged
+    port = free_port()
+
+    async def failing_pass() -> None:
+        url = f"http://127.0.0.1:{port}"
+        async with PeerClient(jp.node.settings, jp.keyring(), peer_url=url) as client:
+            await deliver_once(jp.node, jp.keyring(), client)
+
+    with pytest.raises(PeerUnreachable) as caught:
+        asyncio.run(failing_pass())
+    seen: dict[str, Any] = {}
+
+    async def scenario(client: Client) -> None:
+        answer = await client.call("GET", "/api/v1/outbox?state=queued", token=jp.tokens["officer"])
+        assert answer.status == 200, answer.body
+        seen.update(answer.body)
+
+    run_api(jp, scenario)
+    (row,) = seen["bundles"]
+    assert row["bundle_id"] == bundle_id
+    assert row["attempts"] == 1
+    assert row["last_error"] == caught.value.message
+    assert f"peer at 127.0.0.1:{port}: connection refused" in row["last_error"]
+    assert row["next_attempt"] > row["created"]
+
+
 def test_disclosure_through_the_api_follows_the_consent_ledger(
     exchanged: tuple[ApiNode, ApiNode, str],
 ) -> None:

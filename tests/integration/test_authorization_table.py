@@ -70,6 +70,8 @@ HOST_COMMANDS = {
     ("db", "status"),
     ("ledger", "checkpoint"),
     ("demo",),
+    ("peer", "ping"),
+    ("doctor",),
 }
 """Operations on the host itself: they need the node home and its passphrase,
 not a user token (see gateway.core.roles)."""

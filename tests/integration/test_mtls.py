@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -114,7 +115,7 @@ def test_client_certificate_not_from_the_ca_refused_at_handshake(
     settings = client_settings(tmp_path, tls_server.url, cert=cert, ca=pki.ca.path)
     with pytest.raises(TransportError) as caught:
         _post_one(settings, tmp_path)
-    assert caught.value.reason == "transport.unreachable"
+    assert caught.value.reason == "transport.tls.certificate-refused"
     assert not (tmp_path / "received").exists()
 
 
@@ -232,7 +233,7 @@ def _tls_env(pki: Pki, issued: Issued) -> dict[str, str]:
 def test_serve_over_mutual_tls_admits_only_clients_of_the_ca(
     pair: dict[str, Any], pki: Pki, tmp_path: Path
 ) -> None:
-    from tests.nodes import stop, wait_ready  # noqa: PLC0415
+    from tests.nodes import raw_exchange, stop, wait_ready  # noqa: PLC0415
 
     jp, pk = pair["jp"], pair["pk"]
     serve = pk.serve(**_tls_env(pki, pki.server))
@@ -261,17 +262,30 @@ def test_serve_over_mutual_tls_admits_only_clients_of_the_ca(
             return health, await client.post_envelopes([envelope])
 
     try:
-        wait_ready(serve)
+        serving = wait_ready(serve)
         health, results = asyncio.run(post(pki.client))
         with pytest.raises(TransportError) as rogue:
             asyncio.run(post(pki.rogue_client))
+        # Plain HTTP to the local API, which speaks HTTPS with the node's certificate.
+        answer, _closed = raw_exchange(pk.api_port, b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
     finally:
         code = stop(serve)
+    assert not answer.startswith(b"HTTP/")
     assert health == {"status": "ok"}
     assert [(r.status, r.reason) for r in results] == [("refused", "envelope.format")]
-    assert rogue.value.reason == "transport.unreachable"
+    assert rogue.value.reason == "transport.tls.certificate-refused"
     assert code == 0, serve.stderr_text()
     assert '"mutual_tls": true' in serve.stderr_text()
+    refused = [
+        json.loads(line) for line in serve.stderr_lines if '"event": "tls_handshake_failed"' in line
+    ]
+    assert sorted((r["listener"], r["remote"], r["reason"]) for r in refused) == [
+        ("api", "127.0.0.1", "tls.plain-http"),
+        ("peer", "127.0.0.1", "tls.client-certificate-unknown-issuer"),
+    ]
+    assert (
+        f"on https://127.0.0.1:{pk.port} (local API on https://127.0.0.1:{pk.api_port}" in serving
+    )
 
 
 @pytest.mark.slow
@@ -290,6 +304,6 @@ def test_serve_refuses_plain_http_off_loopback_at_start(pair: dict[str, Any]) ->
         line = wait_ready(allowed)
     finally:
         code = stop(allowed)
-    assert line.startswith(f"serving pk on http://{listen} ")
+    assert line.startswith(f"serving pk on http://{listen} (local API on http://")
     assert '"event": "insecure_plain_http"' in allowed.stderr_text()
     assert code == 0

@@ -844,3 +844,91 @@ def test_concurrent_receives_store_each_bundle_once_and_report_no_false_gaps(pai
     )
     [gaps] = list_gaps(pair.pk.node)
     assert (gaps.highest, list(gaps.missing)) == (12, [])
+
+
+# -- delivery state when the peer cannot be reached -------------------------------------
+
+
+def _unreachable_client(side: Side) -> Any:
+    from gateway.peer.client import PeerClient  # noqa: PLC0415
+    from tests.nodes import free_port  # noqa: PLC0415
+
+    return PeerClient(side.node.settings, side.keyring, peer_url=f"http://127.0.0.1:{free_port()}")
+
+
+def test_a_pass_that_cannot_reach_the_peer_records_attempts_last_error_and_next_attempt(
+    pair: Pair,
+) -> None:
+    from gateway.node.outbox import describe_outbox_entry  # noqa: PLC0415
+    from gateway.peer.client import PeerUnreachable  # noqa: PLC0415
+
+    sent = [send(pair.jp), send(pair.jp)]
+
+    async def one_pass(now: datetime) -> None:
+        async with _unreachable_client(pair.jp) as client:
+            await deliver_once(pair.jp.node, pair.jp.keyring, client, now_fn=lambda: now)
+
+    for number, when in enumerate((NOW, NOW + timedelta(hours=1)), start=1):
+        with pytest.raises(PeerUnreachable) as caught:
+            asyncio.run(one_pass(when))
+        assert caught.value.reason == "transport.refused"
+        rows = [describe_outbox_entry(r) for r in list_outbox(pair.jp.node, state="queued")]
+        assert [r["bundle_id"] for r in rows] == [s.bundle_id for s in sent]
+        for row in rows:
+            assert row["attempts"] == number
+            assert row["last_error"] == caught.value.message
+            assert "connection refused" in row["last_error"]
+            assert row["next_attempt"] > when
+
+    officer = _token(pair.jp, "tanaka", "officer")
+    from click.testing import CliRunner  # noqa: PLC0415
+
+    from gateway.cli.main import cli  # noqa: PLC0415
+
+    env = {"GATEWAY_HOME": str(pair.jp.node.settings.home), "GATEWAY_TOKEN": officer}
+    if pair.jp.node.settings.database.url is not None:
+        env["GATEWAY_DATABASE_URL"] = pair.jp.node.settings.database.url
+    shown = CliRunner().invoke(cli, ["outbox", "--state", "queued"], env=env)
+    assert shown.exit_code == 0, shown.output
+    for line in shown.stdout.splitlines():
+        assert "queued, 2 attempt(s), next 20" in line
+        assert "last error: peer at 127.0.0.1:" in line
+        assert "connection refused" in line
+
+
+def test_the_sender_worker_logs_the_named_cause_and_the_rows_keep_it(pair: Pair) -> None:
+    from structlog.testing import capture_logs  # noqa: PLC0415
+
+    send(pair.jp)
+
+    def attempts() -> int:
+        return sum(r.attempts for r in list_outbox(pair.jp.node, state="queued"))
+
+    async def scenario() -> None:
+        stop = asyncio.Event()
+        worker = asyncio.create_task(
+            run_sender_loop(
+                pair.jp.node,
+                lambda: _unreachable_client(pair.jp),
+                stop,
+                deliver=lambda client: deliver_once(
+                    pair.jp.node, pair.jp.keyring, client, now_fn=lambda: NOW
+                ),
+                interval=3600.0,
+                rng=lambda: 0.0,
+            )
+        )
+        await _until(lambda: attempts() >= 2)
+        stop.set()
+        await asyncio.wait_for(worker, timeout=30)
+
+    with capture_logs() as logs:
+        asyncio.run(scenario())
+    failed = [line for line in logs if line["event"] == "delivery_failed"]
+    assert len(failed) >= 2
+    assert {line["reason"] for line in failed} == {"transport.refused"}
+    assert all("connection refused" in line["detail"] for line in failed)
+    (row,) = list_outbox(pair.jp.node, state="queued")
+    assert row.attempts >= 2
+    assert row.last_error is not None
+    assert row.last_error in {line["detail"] for line in failed}

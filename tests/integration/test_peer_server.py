@@ -377,7 +377,7 @@ def test_unreachable_peer_is_a_transport_error(tmp_path: Path) -> None:
 
     with pytest.raises(TransportError) as caught:
         run(send())
-    assert caught.value.reason == "transport.unreachable"
+    assert caught.value.reason == "transport.refused"
 
 
 # --- limits ---------------------------------------------------------------------------------------
@@ -613,7 +613,7 @@ def test_serve_stops_cleanly_with_exit_0(pair: dict[str, Any], sig: str) -> None
     serve = pk.serve()
     try:
         line = wait_ready(serve)
-        assert line.startswith(f"serving pk on http://127.0.0.1:{pk.port} ")
+        assert line.startswith(f"serving pk on http://127.0.0.1:{pk.port} (local API on http://")
         wait_health(pk.url)
     finally:
         code = stop(serve, getattr(signal, sig))
