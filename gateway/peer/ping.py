@@ -34,6 +34,7 @@ from typing import Any, Literal
 import aiohttp
 
 from gateway.core.keys import NodeKeyring
+from gateway.core.times import Precision, parse_utc
 from gateway.errors import GatewayError, TransportError
 from gateway.node.runtime import Node, utc_now
 from gateway.peer.client import PeerClient, PeerRefused
@@ -94,13 +95,11 @@ class PingReport:
 
 
 def _parse_time(value: object) -> datetime | None:
-    if not isinstance(value, str) or len(value) > 64:
-        return None
+    """The peer's ``time`` (``POST /v1/ping``), or None when it is no wire time."""
     try:
-        parsed = datetime.fromisoformat(value)
-    except ValueError:
+        return parse_utc(value, field="time", precision=Precision.MICROSECONDS)
+    except GatewayError:
         return None
-    return parsed if parsed.tzinfo is not None else None
 
 
 def _date_header(value: str | None) -> datetime | None:

@@ -56,6 +56,7 @@ from gateway.core.peer_auth import (
     verify_request,
 )
 from gateway.core.policy import Limits as PolicyLimits
+from gateway.core.times import Precision, format_utc
 from gateway.errors import (
     ClientDisconnected,
     GatewayError,
@@ -706,7 +707,7 @@ async def _ping(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "node": services.node_id,
-            "time": now.isoformat(timespec="microseconds"),
+            "time": format_utc(now, Precision.MICROSECONDS),
             "pinned_manifest_version": pinned,
         }
     )
