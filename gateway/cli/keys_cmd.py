@@ -13,7 +13,7 @@ from gateway.cli.context import AppContext, pass_app
 from gateway.core.keys import KeyManifest, format_time
 from gateway.node import keys as key_service
 from gateway.node.ledger import parse_since
-from gateway.node.runtime import utc_now
+from gateway.node.runtime import next_whole_second, utc_now
 
 __all__ = ["keys", "manifest_text"]
 
@@ -231,7 +231,8 @@ def revoke(
             passphrase,
             key_id,
             reason,
-            now=utc_now(),
+            # Everything stored before this command stays "stored while trusted".
+            now=next_whole_second(),
             actor=actor,
             root_key_file=root_key,
             compromised_since=since,
@@ -266,7 +267,7 @@ def recover(app: AppContext, reason: str, root_key: Path | None) -> None:
             session,
             passphrase,
             reason,
-            now=utc_now(),
+            now=next_whole_second(),  # the lost keys' revocation, as in revoke
             actor=actor,
             root_key_file=root_key,
         )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
 
@@ -13,12 +14,29 @@ from gateway.settings import Settings
 from gateway.store.db import Database, open_database
 from gateway.store.models import NodeRecord
 
-__all__ = ["Node", "utc_now"]
+__all__ = ["Node", "next_whole_second", "utc_now"]
 
 
 def utc_now() -> datetime:
     """The shells' clock; the core never reads one and takes ``now`` instead."""
     return datetime.now(UTC)
+
+
+def next_whole_second() -> datetime:
+    """Wait for the next whole second of :func:`utc_now` and return it (no fraction).
+
+    For a moment written to whole seconds that must lie strictly after
+    everything stored so far: a key revocation's ``revoked_at`` (the manifest
+    writes whole seconds). Taken as the current second truncated, a checkpoint
+    or bundle stored earlier in that same second would count as stored after
+    the revocation. Waits less than a second.
+    """
+    now = utc_now()
+    target = now.replace(microsecond=0) + timedelta(seconds=1)
+    time.sleep(max(0.0, (target - now).total_seconds()))
+    while (now := utc_now()) < target:  # a sleep may end a hair early
+        time.sleep(0.001)
+    return now.replace(microsecond=0)
 
 
 @dataclass
