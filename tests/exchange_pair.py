@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from click.testing import CliRunner, Result
 from sqlalchemy import select
@@ -179,3 +180,16 @@ def second_url(tmp_path: Path, database_url: str, make_pg: Callable[[], str]) ->
     if database_url.startswith("sqlite"):
         return f"sqlite:///{tmp_path / 'pk.sqlite3'}"
     return make_pg()
+
+
+@pytest.fixture
+def pair(
+    tmp_path: Path,
+    database_url: str,
+    pg_database_factory: Callable[[], str],
+    clean_environ: dict[str, str],
+) -> Iterator[Pair]:
+    """The pinned pair on the engine under test (import it into a test module)."""
+    urls = {"jp": database_url, "pk": second_url(tmp_path, database_url, pg_database_factory)}
+    with open_pair(tmp_path, urls, clean_environ) as opened:
+        yield opened

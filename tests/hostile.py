@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 from sqlalchemy import func, select
 
@@ -225,3 +226,16 @@ def post_signed(
         return status, json.loads(content)
     except ValueError:
         return status, content
+
+
+@pytest.fixture
+def pair(
+    tmp_path: Path,
+    database_url: str,
+    pg_database_factory: Callable[[], str],
+    clean_environ: dict[str, str],
+) -> Iterator[dict[str, Side]]:
+    """The pinned pair on the engine under test (import it into a test module)."""
+    urls = pair_urls(tmp_path, database_url, pg_database_factory)
+    with pinned_pair(tmp_path, urls, clean_environ) as sides:
+        yield sides

@@ -42,6 +42,7 @@ import nacl.pwhash
 
 from gateway.core.canonical import canonical_bytes, parse_canonical
 from gateway.core.domain import Purpose, tagged
+from gateway.core.times import Precision, format_utc
 from gateway.errors import InvalidInput, VerificationError
 
 __all__ = [
@@ -276,7 +277,7 @@ class BackupManifest:
     ) -> BackupManifest:
         return cls(
             node=node,
-            created_at=created_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            created_at=format_utc(created_at, Precision.SECONDS),
             software_version=software_version,
             engine=engine,
             database=database,

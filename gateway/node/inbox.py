@@ -39,6 +39,7 @@ from gateway.core.keys import KeyManifest, NodeKeyring, StoredTrust
 from gateway.core.receipt import Checkpoint, ReceiptSigner, issue_receipt
 from gateway.core.retention import Direction
 from gateway.core.roles import SYSTEM, Actor
+from gateway.core.times import Precision, format_utc
 from gateway.errors import InvalidInput, NotFound, RefusedError, VerificationError
 from gateway.node.crash import crash_point
 from gateway.node.retention import WrittenOutput, ensure_not_purged, record_outputs
@@ -702,7 +703,7 @@ def read_bundle(
                         "direction": direction,
                         "sender": header.sender,
                         "signing_key_id": header.signing_key_id,
-                        "stored_at": opened_at.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                        "stored_at": format_utc(opened_at, Precision.SECONDS),
                     },
                 )
             _record_read(

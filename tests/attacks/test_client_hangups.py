@@ -13,12 +13,10 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
-import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
@@ -35,7 +33,12 @@ from gateway.peer.server import (
 from gateway.store.models_keys import PeerManifestRecord
 from gateway.store.models_ledger import WitnessedCheckpointRow
 from gateway.store.models_users import UserRecord
-from tests.hostile import Side, pair_urls, peer_server, pinned_pair, signed_head
+from tests.hostile import (
+    Side,
+    pair,  # noqa: F401 - the shared fixture
+    peer_server,
+    signed_head,
+)
 
 DISCONNECTED = "client disconnected"
 
@@ -94,18 +97,6 @@ def hang_up(port: int, data: bytes) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(data)
         time.sleep(0.1)  # the server is now waiting inside the body
-
-
-@pytest.fixture
-def pair(
-    tmp_path: Path,
-    database_url: str,
-    pg_database_factory: Callable[[], str],
-    clean_environ: dict[str, str],
-) -> Iterator[dict[str, Side]]:
-    urls = pair_urls(tmp_path, database_url, pg_database_factory)
-    with pinned_pair(tmp_path, urls, clean_environ) as sides:
-        yield sides
 
 
 # Every peer route that reads a body: (path, content type, whole body, bytes sent).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,13 @@ from gateway.settings import Settings
 from gateway.store.models_exchange import InboxEntry, OutboxEntry
 from gateway.store.models_keys import PeerManifestRecord
 from gateway.store.models_ledger import WitnessedCheckpointRow
-from tests.hostile import Side, api_call, pair_urls, peer_server, pinned_pair, post_signed
+from tests.hostile import (
+    Side,
+    api_call,
+    pair,  # noqa: F401 - the shared fixture
+    peer_server,
+    post_signed,
+)
 from tests.nodes import RawSigner
 
 # The class: every number literal a JSON text may hold that no value of ours can.
@@ -100,18 +106,6 @@ def test_numbers_the_gateway_holds_still_parse() -> None:
 
 
 # --- the doors: CLI, local API, peer API, peer answers -----------------------------------
-
-
-@pytest.fixture
-def pair(
-    tmp_path: Path,
-    database_url: str,
-    pg_database_factory: Callable[[], str],
-    clean_environ: dict[str, str],
-) -> Iterator[dict[str, Side]]:
-    urls = pair_urls(tmp_path, database_url, pg_database_factory)
-    with pinned_pair(tmp_path, urls, clean_environ) as sides:
-        yield sides
 
 
 def hostile_case(literal: str) -> bytes:

@@ -10,7 +10,7 @@ and answer their own error family, never ``ValueError``.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,11 @@ from gateway.core.times import DateMeans, Precision
 from gateway.errors import GatewayError, InvalidInput
 from gateway.node import ledger as ledger_service
 from gateway.store.models_consent import ConsentGrantRecord
-from tests.hostile import Side, api_call, pair_urls, pinned_pair
+from tests.hostile import (
+    Side,
+    api_call,
+    pair,  # noqa: F401 - the shared fixture
+)
 from tests.nodes import RawSigner
 
 # The class: what a user may type that the calendar cannot hold once shifted.
@@ -169,18 +173,6 @@ def test_one_time_parser_in_the_code() -> None:
 
 
 # --- the doors: CLI and local API ---------------------------------------------------------
-
-
-@pytest.fixture
-def pair(
-    tmp_path: Path,
-    database_url: str,
-    pg_database_factory: Callable[[], str],
-    clean_environ: dict[str, str],
-) -> Iterator[dict[str, Side]]:
-    urls = pair_urls(tmp_path, database_url, pg_database_factory)
-    with pinned_pair(tmp_path, urls, clean_environ) as sides:
-        yield sides
 
 
 def test_times_at_the_edge_of_the_calendar_are_refused_at_every_entry_point(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -47,9 +47,8 @@ from tests.hostile import (
     PASSPHRASE,
     Side,
     api_call,
-    pair_urls,
+    pair,  # noqa: F401 - the shared fixture
     peer_server,
-    pinned_pair,
     post_signed,
 )
 from tests.unit.test_keys import T0, YEAR
@@ -310,18 +309,6 @@ def test_sealing_to_a_weak_key_is_a_named_refusal_not_a_crash(point: bytes) -> N
 
 
 # --- the doors: peer add (CLI and local API) and the peer route ---------------------------
-
-
-@pytest.fixture
-def pair(
-    tmp_path: Path,
-    database_url: str,
-    pg_database_factory: Callable[[], str],
-    clean_environ: dict[str, str],
-) -> Iterator[dict[str, Side]]:
-    urls = pair_urls(tmp_path, database_url, pg_database_factory)
-    with pinned_pair(tmp_path, urls, clean_environ) as sides:
-        yield sides
 
 
 def _real_root(side: Side) -> nacl.signing.SigningKey:

@@ -95,6 +95,7 @@ def _leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".restoring-" in p.name or ".part" in p.name)
 
 
+@pytest.mark.slow  # several real serve processes for a minute: with the long runs
 def test_a_serving_node_is_backed_up_restored_into_a_new_home_and_verifies(
     tmp_path: Path, engine_name: str, pg_database_factory: Callable[[], str]
 ) -> None:

@@ -259,6 +259,7 @@ def _pinned_peer_version(home: NodeHome) -> int:
     return 0
 
 
+@pytest.mark.slow  # several real serve processes for a minute: with the long runs
 def test_rotation_restart_logs_only_json_and_the_peer_never_sees_an_unknown_key(
     tmp_path: Path,
 ) -> None:

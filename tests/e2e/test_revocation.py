@@ -83,6 +83,7 @@ def kinds(side: Side, kind: str) -> list[Any]:
         return list_entries(session, kind=kind)
 
 
+@pytest.mark.slow  # several real serve processes for a minute: with the long runs
 def test_revoking_a_key_keeps_what_was_trusted_marks_the_rest_and_resend_replaces_it(
     sides: tuple[Side, Side], tmp_path: Path
 ) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -28,25 +27,18 @@ from gateway.node import consent, ledger
 from gateway.node.inbox import read_bundle
 from gateway.node.outbox import send_case
 from gateway.node.runtime import utc_now
-from tests.exchange_pair import Pair, Side, example, open_pair, second_url
+from tests.exchange_pair import (
+    Pair,
+    Side,
+    example,
+    pair,  # noqa: F401 - the shared fixture
+)
 
 ATTACHMENT_NAME = "passport-AB1234561-Qwzxvarian-Nadeem.pdf"
 CASE_TEXT = "Qwzxvarian canary sentence about Mr Nadeem"
 ATTACHMENT_BYTES = b"%PDF-1.7 passport AB1234561 scan\n"
 THIRD_PARTY = "Embassy of Example"
 PURPOSE = "visa screening"
-
-
-@pytest.fixture
-def pair(
-    tmp_path: Path,
-    database_url: str,
-    pg_database_factory: Callable[[], str],
-    clean_environ: dict[str, str],
-) -> Iterator[Pair]:
-    urls = {"jp": database_url, "pk": second_url(tmp_path, database_url, pg_database_factory)}
-    with open_pair(tmp_path, urls, clean_environ) as opened:
-        yield opened
 
 
 def _story(pair: Pair, tmp_path: Path) -> dict[str, str]:

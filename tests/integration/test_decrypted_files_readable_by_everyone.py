@@ -22,22 +22,14 @@ from gateway.node import consent
 from gateway.node.inbox import read_bundle
 from gateway.node.outbox import send_case
 from gateway.node.runtime import utc_now
-from tests.exchange_pair import Pair, example, open_pair, second_url
+from tests.exchange_pair import (
+    Pair,
+    example,
+    pair,  # noqa: F401 - the shared fixture
+)
 
 INTERNAL = "beoe"  # an internal recipient of pk: an internal share needs no consent
 PURPOSE = "case review"
-
-
-@pytest.fixture
-def pair(
-    tmp_path: Path,
-    database_url: str,
-    pg_database_factory: Callable[[], str],
-    clean_environ: dict[str, str],
-) -> Iterator[Pair]:
-    urls = {"jp": database_url, "pk": second_url(tmp_path, database_url, pg_database_factory)}
-    with open_pair(tmp_path, urls, clean_environ) as opened:
-        yield opened
 
 
 @pytest.fixture

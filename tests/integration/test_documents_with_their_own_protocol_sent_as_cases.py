@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import pytest
 from sqlalchemy import select
 
 from gateway.core.cases import CASE_TYPES
@@ -29,22 +28,15 @@ from gateway.node.outbox import Sealed, queue_sealed, send_case
 from gateway.node.policy import load_policy
 from gateway.node.runtime import utc_now
 from gateway.store.models_exchange import OutboxEntry
-from tests.exchange_pair import Pair, Side, example, open_pair, second_url
+from tests.exchange_pair import (
+    Pair,
+    Side,
+    example,
+    pair,  # noqa: F401 - the shared fixture
+)
 
 PROTOCOL = ["consent-request", "consent-grant", "consent-denial", "consent-revocation"]
 NEVER_SEEN = "0f0f0f0f-0000-4000-8000-000000000002"
-
-
-@pytest.fixture
-def pair(
-    tmp_path: Path,
-    database_url: str,
-    pg_database_factory: Callable[[], str],
-    clean_environ: dict[str, str],
-) -> Iterator[Pair]:
-    urls = {"jp": database_url, "pk": second_url(tmp_path, database_url, pg_database_factory)}
-    with open_pair(tmp_path, urls, clean_environ) as opened:
-        yield opened
 
 
 def _queued(side: Side, case_type: str | None = None) -> list[OutboxEntry]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -32,21 +31,14 @@ from gateway.node.policy import load_policy
 from gateway.node.runtime import utc_now
 from gateway.peer.server import node_services
 from gateway.store.models_exchange import InboxEntry, OutboxEntry
-from tests.exchange_pair import Pair, Side, example, open_pair, second_url
+from tests.exchange_pair import (
+    Pair,
+    Side,
+    example,
+    pair,  # noqa: F401 - the shared fixture
+)
 
 NEVER_SEEN = "0f0f0f0f-0000-4000-8000-000000000001"
-
-
-@pytest.fixture
-def pair(
-    tmp_path: Path,
-    database_url: str,
-    pg_database_factory: Callable[[], str],
-    clean_environ: dict[str, str],
-) -> Iterator[Pair]:
-    urls = {"jp": database_url, "pk": second_url(tmp_path, database_url, pg_database_factory)}
-    with open_pair(tmp_path, urls, clean_environ) as opened:
-        yield opened
 
 
 def _count(side: Side, table: Any) -> int:
