@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 from gateway.core.envelope import read_header
 from gateway.core.keys import KeyManifest, Revocation, format_time
 from gateway.core.ledger import EntryKind
+from gateway.core.receipt import ReceiptInvalid, parse_receipt
 from gateway.core.roles import SYSTEM
 from gateway.errors import StorageError
 from gateway.log import get_logger
@@ -132,7 +133,7 @@ def revocation_impact(
                 continue
             if entry.state == OutboxState.QUEUED:
                 undelivered.append(entry.bundle_id)
-            elif revocation.distrusts(entry.created_at):
+            elif revocation.distrusts(stored_by_peer_at(entry)):
                 suspect.append(entry.bundle_id)
             else:
                 trusted += 1
@@ -150,8 +151,9 @@ def suspect_sent(settings: Settings, session: Session, manifest: KeyManifest) ->
     """This node's sent bundles whose peer copies are suspect and not yet re-sent.
 
     Signed by one of our revoked signing keys, not replaced by a later
-    ``resend``, and either made at or after the moment the key is distrusted
-    from, or still queued (the peer refuses it as it is); in sequence order.
+    ``resend``, and either stored by the peer at or after the moment the key is
+    distrusted from (:func:`stored_by_peer_at`: the peer judges by that time),
+    or still queued (the peer refuses it as it is); in sequence order.
     """
     revoked = {r.key_id: r for r in manifest.revocations}
     if not revoked:
@@ -166,9 +168,26 @@ def suspect_sent(settings: Settings, session: Session, manifest: KeyManifest) ->
         revocation = revoked.get(outbox_signing_key(settings, entry))
         if revocation is None:
             continue
-        if entry.state == OutboxState.QUEUED or revocation.distrusts(entry.created_at):
+        if entry.state == OutboxState.QUEUED or revocation.distrusts(stored_by_peer_at(entry)):
             found.append(entry)
     return found
+
+
+def stored_by_peer_at(entry: OutboxEntry) -> datetime:
+    """When the peer stored a sent bundle: its signed receipt's ``received_at``.
+
+    The peer marks a bundle suspect by the time *it* stored it, so the sender
+    must judge by the same time: a bundle sealed before the distrust time but
+    delivered after it (queued through an outage) is suspect at the peer.
+    Without a receipt that parses, ``delivered_at``, else ``created_at``
+    (queued bundles are counted apart by the callers).
+    """
+    if entry.receipt is not None:
+        try:
+            return parse_receipt(entry.receipt).received_at
+        except ReceiptInvalid:
+            pass
+    return entry.delivered_at if entry.delivered_at is not None else entry.created_at
 
 
 @dataclass(frozen=True)

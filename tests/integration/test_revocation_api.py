@@ -228,3 +228,59 @@ def test_a_bundle_still_queued_under_a_revoked_key_is_resent_and_no_longer_sent(
     assert queued not in received
     assert received[resent.bundle_id].replaces == queued  # named, though never seen here
     assert received[delivered].suspect_since is None
+
+
+def test_a_bundle_sealed_before_the_compromise_but_stored_after_it_is_suspect_on_both_sides(
+    exchanged: tuple[ApiNode, ApiNode, str],
+) -> None:
+    """Queued through an outage: sealed while the key was trusted, stored by the peer
+    after the compromise time. The peer judges by when it stored the bundle; the
+    sender's impact report and ``resend --suspect`` must judge by the same time."""
+    from gateway.node.revocation import suspect_sent  # noqa: PLC0415
+
+    jp, pk, early = exchanged
+    receipted(jp, pk, early)
+    old_key = jp.keyring().signing_key_id
+    late = send_case(
+        jp.node,
+        jp.keyring(),
+        OFFICER,
+        "exam-fraud",
+        json.loads((EXAMPLES / "exam-fraud.json").read_text()),
+        [],
+        public=False,
+        reply_to=None,
+        now=utc_now(),
+    ).bundle_id
+    later_second()
+    compromised_since = utc_now().replace(microsecond=0)
+    later_second()
+    deliver(jp, pk, late)  # the outage ends: the peer stores it now
+    receipted(jp, pk, late)
+    with jp.node.db.transaction() as session:
+        change = key_service.revoke_key(
+            jp.node.settings,
+            session,
+            PASSPHRASE.encode(),
+            old_key,
+            "laptop lost",
+            now=utc_now(),
+            actor=ADMIN,
+            compromised_since=compromised_since,
+        )
+    assert change.impact is not None
+    assert change.impact.suspect == (late,)
+    assert change.impact.trusted >= 1  # the early bundle, stored before the compromise
+    with jp.node.db.transaction() as session:
+        assert [e.bundle_id for e in suspect_sent(jp.node.settings, session, change.manifest)] == [
+            late
+        ]
+    with pk.node.db.transaction() as session:
+        key_service.apply_peer_manifest(session, change.manifest.raw, node="jp", now=utc_now())
+    with pk.node.db.transaction() as session:
+        marked = {
+            row.bundle_id: row.suspect_since is not None
+            for row in session.scalars(select(InboxEntry).where(InboxEntry.sender == "jp"))
+        }
+    assert marked[late] is True
+    assert marked[early] is False
