@@ -443,23 +443,45 @@ def _hash_prefix(handle: IO[bytes], length: int) -> bytes:
 # --- restore -----------------------------------------------------------------------------
 
 
-def _verified_archive(archive: Path, passphrase: bytes) -> BackupKeys:
-    """Hash the archive and check its MAC before anything in it is parsed."""
+def _private_copy(archive: Path, folder: Path) -> IO[bytes]:
+    """A copy of ``archive`` in an anonymous 0600 file in ``folder``, rewound.
+
+    Restore verifies and then parses this copy through one open handle, never
+    the path again: an archive on shared storage that is swapped or rewritten
+    after its MAC was checked cannot change what is parsed. The file is
+    unlinked at once, so nothing is left behind; the disk holds the archive's
+    size once more while the restore runs.
+    """
     try:
-        handle = archive.open("rb")
+        source = archive.open("rb")
     except FileNotFoundError:
         raise InvalidInput(f"archive {archive} does not exist") from None
     except OSError as exc:
         raise InvalidInput(f"archive {archive} cannot be read: {exc.strerror}") from None
-    with handle:
-        size = handle.seek(0, os.SEEK_END)
-        if size < TRAILER_BYTES + 22:
-            raise BackupDamaged(f"{archive} is too short to be a backup", check="trailer")
-        handle.seek(size - TRAILER_BYTES)
-        trailer = parse_trailer(handle.read(TRAILER_BYTES))
-        body = _hash_prefix(handle, size - TRAILER_BYTES)
+    copy = tempfile.TemporaryFile(dir=folder, prefix=".restore-archive-")  # noqa: SIM115 - the caller closes it
+    try:
+        with source:
+            shutil.copyfileobj(source, copy, _CHUNK)
+        copy.flush()
+        copy.seek(0)
+    except BaseException:
+        copy.close()
+        raise
+    return copy
+
+
+def _verified_archive(handle: IO[bytes], archive: Path, passphrase: bytes) -> BackupKeys:
+    """Hash the archive behind ``handle`` and check its MAC before anything is parsed."""
+    size = handle.seek(0, os.SEEK_END)
+    if size < TRAILER_BYTES + 22:
+        raise BackupDamaged(f"{archive} is too short to be a backup", check="trailer")
+    handle.seek(size - TRAILER_BYTES)
+    trailer = parse_trailer(handle.read(TRAILER_BYTES))
+    handle.seek(0)
+    body = _hash_prefix(handle, size - TRAILER_BYTES)
     keys = derive_keys(passphrase, trailer.salt, trailer.opslimit, trailer.memlimit)
     check_archive(trailer, body, keys)
+    handle.seek(0)
     return keys
 
 
@@ -643,11 +665,28 @@ def restore_backup(
     home = home.expanduser().absolute()
     _check_new_home(home)
     say(f"[restore] checking {archive} ...")
-    keys = _verified_archive(archive, passphrase)
-    try:
-        zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError):
-        raise BackupDamaged(f"{archive} is not a readable ZIP archive", check="members") from None
+    copy = _private_copy(archive, home.parent)
+    with copy:
+        keys = _verified_archive(copy, archive, passphrase)
+        try:
+            zf = zipfile.ZipFile(copy)
+        except (zipfile.BadZipFile, OSError):
+            raise BackupDamaged(
+                f"{archive} is not a readable ZIP archive", check="members"
+            ) from None
+        return _restore_from(zf, keys, home, passphrase=passphrase, db_url=db_url, say=say)
+
+
+def _restore_from(
+    zf: zipfile.ZipFile,
+    keys: BackupKeys,
+    home: Path,
+    *,
+    passphrase: bytes,
+    db_url: str | None,
+    say: Callable[[str], None],
+) -> RestoreReport:
+    """The restore proper, from an archive already verified (see :func:`restore_backup`)."""
     with zf:
         manifest = _read_manifest(zf)
         engine = manifest.engine

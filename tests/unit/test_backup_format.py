@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import nacl.pwhash
 import pytest
@@ -208,3 +209,24 @@ def test_a_well_formed_manifest_parses() -> None:
 def test_a_manifest_breaking_a_rule_is_refused(change: dict[str, object]) -> None:
     with pytest.raises(BackupDamaged):
         parse_manifest(_manifest(**change))
+
+
+def test_restore_reads_a_private_copy_so_a_swapped_archive_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    """Restore verifies and parses one anonymous copy through one handle: an archive
+    rewritten or swapped on its (shared) storage after the check is never read."""
+    from gateway.node.backup import _private_copy  # noqa: PLC0415
+
+    archive = tmp_path / "node.backup"
+    archive.write_bytes(b"verified bytes" * 1000)
+    folder = tmp_path / "restore-here"
+    folder.mkdir()
+    with _private_copy(archive, folder) as copy:
+        archive.write_bytes(b"forged after the check")
+        swapped = tmp_path / "other"
+        swapped.write_bytes(b"another archive")
+        swapped.replace(archive)
+        assert copy.read() == b"verified bytes" * 1000
+        assert list(folder.iterdir()) == []  # anonymous: nothing to find or swap
+    assert list(folder.iterdir()) == []
