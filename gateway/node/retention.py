@@ -34,6 +34,7 @@ ledger entry per bundle (or disclosure) says what happened.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -151,10 +152,11 @@ class WrittenOutput:
     """Known already (the disclosure manifest computed it), else hashed here."""
 
 
-def _hash_file(path: Path) -> tuple[str, int]:
+def _hash_file(path: Path | str, *, dir_fd: int | None = None) -> tuple[str, int]:
+    """SHA-256 (hex) and size of a regular file, never through a link (``dir_fd``: relative)."""
     digest = hashlib.sha256()
     size = 0
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=dir_fd)
     with os.fdopen(fd, "rb") as handle:
         if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
             raise StorageError(f"{path}: not a regular file")
@@ -449,11 +451,27 @@ def _output_is_due(retention: RetentionPolicy, row: DecryptedOutput, now: dateti
     return due is not None and now >= due
 
 
-def _inspect_output(row: DecryptedOutput, *, was_deleting: bool) -> str:
-    """``deleted``-to-be (``present``), ``missing`` or ``changed``: what the path holds now."""
-    path = Path(row.path)
+def _open_folder(path: Path) -> int | None:
+    """A handle on the folder holding ``path`` (not followed if it is now a link), or None."""
     try:
-        info = path.lstat()
+        return os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+
+
+def _inspect_output(row: DecryptedOutput, *, was_deleting: bool, folder: int | None) -> str:
+    """``deleted``-to-be (``present``), ``missing`` or ``changed``: what the path holds now.
+
+    Looked up through ``folder`` (from :func:`_open_folder`), the handle the
+    deletion then uses: a folder swapped for a link between the check and the
+    unlink cannot redirect it, and only a regular file holding exactly the
+    bytes this node wrote is ever deleted.
+    """
+    name = Path(row.path).name
+    if folder is None:
+        return OutputState.DELETED if was_deleting else OutputState.MISSING
+    try:
+        info = os.stat(name, dir_fd=folder, follow_symlinks=False)
     except FileNotFoundError:
         # A file this node had begun deleting (an interrupted run) was deleted by it.
         return OutputState.DELETED if was_deleting else OutputState.MISSING
@@ -462,7 +480,7 @@ def _inspect_output(row: DecryptedOutput, *, was_deleting: bool) -> str:
     if not stat.S_ISREG(info.st_mode) or info.st_size != row.size:
         return OutputState.CHANGED
     try:
-        sha, _size = _hash_file(path)
+        sha, _size = _hash_file(name, dir_fd=folder)
     except (OSError, StorageError):
         return OutputState.CHANGED
     return OutputState.PRESENT if sha == row.sha256 else OutputState.CHANGED
@@ -503,10 +521,16 @@ def _purge_outputs(
     outcomes: list[OutputOutcome] = []
     folders: set[str] = set()
     for row in rows:
-        found = _inspect_output(row, was_deleting=row.id in was_deleting)
-        if found == OutputState.PRESENT:
-            Path(row.path).unlink(missing_ok=True)
-            found = OutputState.DELETED
+        parent = _open_folder(Path(row.path))
+        try:
+            found = _inspect_output(row, was_deleting=row.id in was_deleting, folder=parent)
+            if found == OutputState.PRESENT and parent is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(Path(row.path).name, dir_fd=parent)
+                found = OutputState.DELETED
+        finally:
+            if parent is not None:
+                os.close(parent)
         if row.folder is not None:
             folders.add(row.folder)
         outcomes.append(OutputOutcome(row.id, row.path, row.bundle_id, row.written_at, found))

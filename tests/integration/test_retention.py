@@ -661,6 +661,7 @@ def test_a_read_overtaken_by_a_purge_says_purged(
         ("removed", "missing"),
         ("overwritten", "changed"),
         ("replaced-by-link", "changed"),
+        ("folder-swapped-for-a-link", "missing"),
     ],
 )
 def test_due_output_is_deleted_only_if_it_still_holds_what_was_written(
@@ -683,6 +684,14 @@ def test_due_output_is_deleted_only_if_it_still_holds_what_was_written(
     elif change == "replaced-by-link":
         written.unlink()
         written.symlink_to(other)
+    elif change == "folder-swapped-for-a-link":
+        # Someone who can write the parent moves the folder away and points its name
+        # at another folder holding a file of the same name: never followed.
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / written.name).write_bytes(written.read_bytes())
+        out.rename(tmp_path / "reads-moved")
+        out.symlink_to(elsewhere)
     policy = load_policy(pair.pk.node.settings).retention
     report = retention.purge(
         pair.pk.node, policy, now=pair.t0 + timedelta(days=OUTPUT_DAYS, seconds=1)
@@ -690,7 +699,10 @@ def test_due_output_is_deleted_only_if_it_still_holds_what_was_written(
     assert [o.outcome for o in report.outputs] == [state]
     assert outputs(pair.pk) == {str(written): state}
     assert other.read_text() == "the officer's own notes"
-    if state == "changed":
+    if change == "folder-swapped-for-a-link":
+        assert (tmp_path / "elsewhere" / written.name).is_file()  # not deleted through the link
+        assert (tmp_path / "reads-moved" / written.name).is_file()
+    elif state == "changed":
         assert os.path.lexists(written)  # not ours any more: left alone
     else:
         assert not os.path.lexists(written)
