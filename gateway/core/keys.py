@@ -834,6 +834,23 @@ def verify_manifest(
                 "(a revoked key stays revoked)",
                 check="manifest-revocation",
             )
+        pinned_ids = {k.key_id for k in pinned.keys}
+        revived = sorted(
+            k.key_id
+            for k in manifest.keys
+            if k.key_id not in pinned_ids and k.not_before < pinned.issued_at
+        )
+        if revived:
+            # A key dropped from an earlier manifest (after its revocation, say) and
+            # listed again would come back without its revocation: a key new to the
+            # pinned manifest must be new, its window opening no earlier than that.
+            raise ManifestRejected(
+                f"key manifest of node {node!r} version {manifest.version} lists key(s) "
+                f"{', '.join(revived)} that the pinned version does not, valid from before "
+                f"it was issued ({format_time(pinned.issued_at)}): a dropped key cannot come "
+                "back",
+                check="manifest-revocation",
+            )
         rewritten = sorted(
             r.key_id
             for r in pinned.revocations

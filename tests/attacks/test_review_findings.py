@@ -146,6 +146,36 @@ def test_manifest_that_keeps_a_revocation_or_drops_the_key_passes() -> None:
     assert verify_manifest(dropped, node="jp", pinned=pinned, expected_fingerprint=None, now=now)
 
 
+def test_a_revoked_key_dropped_and_then_listed_again_is_refused() -> None:
+    """v2 revokes K, v3 drops K (allowed), v4 lists K again unrevoked: K would be usable
+    again and what was marked suspect would open as valid. A key new to the pinned
+    manifest must be new: its window may not open before the pinned version's issue."""
+    v2, v3_relisting, revoked = _revoking_then_unrevoking()
+    builder = Builder()
+    now = T0 + timedelta(days=12)
+    with_revocation = parse_manifest(v2)
+    dropped = builder.manifest(
+        3,
+        issued=now,
+        keys=[k for k in with_revocation.keys if k.key_id != revoked],
+        revocations=[],
+    )
+    pinned = verify_manifest(
+        dropped, node="jp", pinned=with_revocation, expected_fingerprint=None, now=now
+    )
+    assert revoked not in {k.key_id for k in pinned.keys}
+    back = builder.manifest(
+        4,
+        issued=now + timedelta(hours=1),
+        keys=list(parse_manifest(v3_relisting).keys),
+        revocations=[],
+    )
+    with pytest.raises(ManifestRejected) as caught:
+        verify_manifest(back, node="jp", pinned=pinned, expected_fingerprint=None, now=now)
+    assert caught.value.check == "manifest-revocation"
+    assert revoked in str(caught.value)
+
+
 # -- manifest route before authentication -----------------------------------------------------
 
 
