@@ -37,6 +37,7 @@ from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user
 from gateway.peer.ledger_routes import ledger_routes
 from gateway.peer.server import create_node_peer_app
+from tests.exchange_pair import second_url
 from tests.nodes import (
     GATEWAY,
     TEST_LIMITS,
@@ -87,10 +88,7 @@ class Side:
 
 def pair_urls(tmp_path: Path, database_url: str, make_pg: Callable[[], str]) -> dict[str, str]:
     """jp on the engine under test; pk on its own database of the same engine."""
-    second = (
-        f"sqlite:///{tmp_path / 'pk.sqlite3'}" if database_url.startswith("sqlite") else make_pg()
-    )
-    return {"jp": database_url, "pk": second}
+    return {"jp": database_url, "pk": second_url(tmp_path, database_url, make_pg)}
 
 
 @contextmanager

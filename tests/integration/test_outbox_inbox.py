@@ -62,6 +62,7 @@ from gateway.store.models_exchange import (
     store_envelope_file,
     sweep_orphan_envelopes,
 )
+from tests.exchange_pair import second_url
 from tests.nodes import open_pinned_pair
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
@@ -89,10 +90,6 @@ def _environ(clean: dict[str, str]) -> dict[str, str]:
     return {**clean, "GATEWAY_PASSPHRASE": PASSPHRASE, "GATEWAY_KEYSTORE_STRENGTH": "min"}
 
 
-def _second_url(first: str, tmp_path: Path, make_pg: Callable[[], str]) -> str:
-    return f"sqlite:///{tmp_path / 'pk.sqlite3'}" if first.startswith("sqlite") else make_pg()
-
-
 def _unlock(node: Node, now: datetime) -> NodeKeyring:
     with node.db.transaction() as session:
         return unlock_keyring(node.settings, PASSPHRASE.encode(), session, now=now)
@@ -106,7 +103,7 @@ def _open_pair(
     now: datetime,
 ) -> Iterator[Pair]:
     env = _environ(clean_environ)
-    urls = {"jp": database_url, "pk": _second_url(database_url, tmp_path, pg_database_factory)}
+    urls = {"jp": database_url, "pk": second_url(tmp_path, database_url, pg_database_factory)}
     nodes = open_pinned_pair(tmp_path, urls, env, now=now)
     made = Pair(
         jp=Side(nodes["jp"], _unlock(nodes["jp"], now)),

@@ -10,7 +10,6 @@ API. Times derive from the real clock, as the keys do.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +23,7 @@ from gateway.node.inbox import receive_envelope
 from gateway.node.ledger import list_entries
 from gateway.node.outbox import send_case
 from gateway.node.resend import resend_bundles
-from gateway.node.runtime import utc_now
+from gateway.node.runtime import next_whole_second, utc_now
 from gateway.store.models_exchange import InboxEntry, OutboxEntry, OutboxState, envelope_path
 from tests.integration.test_api import (
     EXAMPLES,
@@ -50,13 +49,6 @@ def exchanged(
     yield from exchange_pair(
         tmp_path, database_url, pg_database_factory, clean_environ, monkeypatch
     )
-
-
-def later_second() -> None:
-    """Wait for the real clock to pass into the next whole second."""
-    start = utc_now().replace(microsecond=0)
-    while utc_now().replace(microsecond=0) <= start:
-        time.sleep(0.02)
 
 
 def receipted(sender: ApiNode, receiver: ApiNode, bundle_id: str) -> None:
@@ -196,7 +188,7 @@ def test_a_bundle_still_queued_under_a_revoked_key_is_resent_and_no_longer_sent(
     # queued bundle would be refused as it is. Revocation times are whole seconds
     # (a bundle stored in the second of the revocation counts as after it): start
     # the revocation in a later second than everything stored so far.
-    later_second()
+    next_whole_second()
     with jp.node.db.transaction() as session:
         change = key_service.revoke_key(
             jp.node.settings,
@@ -252,9 +244,9 @@ def test_a_bundle_sealed_before_the_compromise_but_stored_after_it_is_suspect_on
         reply_to=None,
         now=utc_now(),
     ).bundle_id
-    later_second()
+    next_whole_second()
     compromised_since = utc_now().replace(microsecond=0)
-    later_second()
+    next_whole_second()
     deliver(jp, pk, late)  # the outage ends: the peer stores it now
     receipted(jp, pk, late)
     with jp.node.db.transaction() as session:
