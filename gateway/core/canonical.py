@@ -12,8 +12,11 @@ infinity).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import operator
+import re
 from typing import Any
 
 import rfc8785
@@ -36,35 +39,129 @@ _MAX_NUMBER_CHARS = 400
 
 
 def canonical_bytes(value: Any) -> bytes:
-    """The RFC 8785 canonical form of a JSON value (no floats with ambiguity, sorted keys)."""
+    """The RFC 8785 canonical form of a JSON value, as UTF-8 bytes.
+
+    ``value`` is built of ``dict`` (string keys), ``list``/``tuple``, ``str``,
+    ``int`` within ±(2**53 - 1), finite ``float``, ``bool`` and ``None``.
+    Raises :class:`InvalidInput` for anything else (other key types, integers
+    beyond I-JSON's range, NaN and infinities, strings holding lone surrogates).
+
+    Documents whose canonical form provably equals the standard library's C
+    encoder output (see :func:`_fast_canonical`) take that path; all others go
+    through the ``rfc8785`` reference implementation. Both give the same bytes;
+    ``tests/unit/test_canonical.py`` checks it over generated documents.
+    """
+    fast = _fast_canonical(value)
+    if fast is not None:
+        return fast
     try:
         return bytes(rfc8785.dumps(value))
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
         raise InvalidInput(f"value cannot be canonicalised as JSON: {exc}") from None
 
 
-def _depth_within(data: bytes, max_depth: int) -> bool:
+_FAST_MAX_DEPTH = 200
+"""Deeper (or cyclic) values leave the fast path; the reference path decides."""
+_HIGH_BMP = re.compile("[\ue000-\uffff]")
+_dumps_c = json.JSONEncoder(
+    ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
+).encode
+
+
+def _fast_safe(value: Any) -> bool:
+    """True when ``value`` holds only exact ``dict`` (``str`` keys), ``list``,
+    ``tuple``, ``str``, ``bool``, ``None`` and ``int`` within ±(2**53 - 1).
+
+    No floats: RFC 8785 writes numbers as ECMAScript does, which ``repr`` does
+    not (``1e+21`` against ``1e21``, ``1.0`` against ``1``). Walks level by
+    level, so a cyclic or very deep value is handed to the reference path.
+    """
+    level: list[Any] = [value]
     depth = 0
-    in_string = False
-    escaped = False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-            continue
-        if byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth > max_depth:
+    while level:
+        depth += 1
+        if depth > _FAST_MAX_DEPTH:
+            return False
+        below: list[Any] = []
+        for item in level:
+            kind = type(item)
+            if kind is str or kind is bool or item is None:
+                continue
+            if kind is int:
+                if -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
+                    continue
                 return False
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
+            if kind is dict:
+                for key in item:
+                    if type(key) is not str:
+                        return False
+                below.extend(item.values())
+            elif kind is list or kind is tuple:
+                below.extend(item)
+            else:
+                return False
+        level = below
     return True
+
+
+def _order_safe(text: str) -> bool:
+    """Whether sorting keys by code point (``sort_keys``) equals RFC 8785's order.
+
+    RFC 8785 §3.2.3 sorts by UTF-16 code units. The two orders differ only
+    where one key has a character beyond the BMP (a surrogate pair, 0xD800..
+    0xDBFF first) and another a character in U+E000..U+FFFF at the same place;
+    a text holding no character of one of the two kinds cannot reorder.
+    """
+    if text.isascii():
+        return True
+    if len(text.encode("utf-16-le", "surrogatepass")) == 2 * len(text):
+        return True  # no character beyond the BMP (each would take two code units)
+    return _HIGH_BMP.search(text) is None
+
+
+def _fast_canonical(value: Any) -> bytes | None:
+    r"""The canonical bytes through the C encoder, or None where it may differ.
+
+    Besides numbers and key order (above), strings agree: both escape ``"``,
+    ``\``, ``\b \t \n \f \r`` by name and other controls below U+0020
+    as ``\u00xx`` in lower-case hex, and write everything else as UTF-8.
+    Lone surrogates cannot be encoded; the reference path refuses them.
+    """
+    if not _fast_safe(value):
+        return None
+    try:
+        text = _dumps_c(value)
+    except (TypeError, ValueError):
+        return None
+    if not _order_safe(text):
+        return None
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+
+
+_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+"""A JSON string, or an unterminated one up to the end (its brackets are text)."""
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+
+
+def _depth_within(data: bytes, max_depth: int) -> bool:
+    """Whether no prefix of ``data`` opens more than ``max_depth`` arrays and objects.
+
+    Strings are cut out by one regular expression and every other byte but the
+    four brackets dropped by ``bytes.translate``; the running depth of what
+    remains is summed by ``itertools.accumulate`` (opening adds 2, closing 0,
+    and the position is subtracted). No Python loop runs per byte.
+    """
+    if data.count(b"[") + data.count(b"{") <= max_depth:
+        return True
+    brackets = _STRING_RE.sub(b"", data).translate(_DEPTH_STEP, _NOT_BRACKETS)
+    if len(brackets) <= max_depth:
+        return True
+    deepest = max(map(operator.sub, itertools.accumulate(brackets), itertools.count(1)))
+    return deepest <= max_depth
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -100,6 +197,38 @@ def _float(text: str) -> float:
     return value
 
 
+def _parse(data: bytes, max_bytes: int, max_depth: int) -> tuple[Any, str, bool]:
+    """The value, the decoded text, and whether any float literal was read."""
+    if len(data) > max_bytes:
+        raise InvalidInput(f"JSON document of {len(data)} bytes exceeds the limit of {max_bytes}")
+    if not _depth_within(data, max_depth):
+        raise InvalidInput(f"JSON nesting deeper than {max_depth} levels")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("JSON document is not valid UTF-8") from None
+    floats: list[float] = []
+
+    def read_float(literal: str) -> float:
+        value = _float(literal)
+        floats.append(value)
+        return value
+
+    try:
+        value = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constants,
+            parse_int=_integer,
+            parse_float=read_float,
+        )
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(
+            f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+    return value, text, bool(floats)
+
+
 def parse_bounded_json(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     """Parse untrusted JSON bytes into plain Python values.
 
@@ -109,31 +238,24 @@ def parse_bounded_json(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_
     ``Infinity``, integers beyond ±(2**53 - 1) and floats that overflow
     (RFC 7493 §2.2: "number too large").
     """
-    if len(data) > max_bytes:
-        raise InvalidInput(f"JSON document of {len(data)} bytes exceeds the limit of {max_bytes}")
-    if not _depth_within(data, max_depth):
-        raise InvalidInput(f"JSON nesting deeper than {max_depth} levels")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidInput("JSON document is not valid UTF-8") from None
-    try:
-        return json.loads(
-            text,
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_no_constants,
-            parse_int=_integer,
-            parse_float=_float,
-        )
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(
-            f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
+    return _parse(data, max_bytes, max_depth)[0]
 
 
 def parse_canonical(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
-    """Parse JSON that must already be in canonical form; anything else is refused."""
-    value = parse_bounded_json(data, max_bytes=max_bytes, max_depth=max_depth)
+    """Parse JSON that must already be in canonical (RFC 8785) form.
+
+    Refused with :class:`InvalidInput`: all that :func:`parse_bounded_json`
+    refuses, and any text that is not byte for byte the canonical form of what
+    it parses to. The parser's values are plain by construction (string keys,
+    integers within range), so a text without float literals and without the
+    two kinds of character whose order differs is checked by one pass of the C
+    encoder; others by the reference implementation.
+    """
+    value, text, has_floats = _parse(data, max_bytes, max_depth)
+    if not has_floats and _order_safe(text):
+        if _dumps_c(value) != text:
+            raise InvalidInput("JSON is not in canonical (RFC 8785) form")
+        return value
     if canonical_bytes(value) != data:
         raise InvalidInput("JSON is not in canonical (RFC 8785) form")
     return value
