@@ -5,8 +5,9 @@ check by envelope hash; the lookups by bundle id alone), and the outbox's due
 queue scanned by state without its next-attempt time.
 
 Revision ID: 0011_hot_indexes
-Revises: 0001_foundation (its own line; after the exchange tables and the
-revocation columns, whose SQLite table rebuild must not drop these indexes)
+Revises: 0009_revocation (its own line, off the exchange tables it indexes,
+as 0009 is: after the revocation columns, whose SQLite table rebuild would
+otherwise run after these indexes)
 Create Date: 2026-11-29
 """
 
@@ -15,9 +16,9 @@ from __future__ import annotations
 from alembic import op
 
 revision = "0011_hot_indexes"
-down_revision = "0001_foundation"
+down_revision = "0009_revocation"
 branch_labels = ("hot_indexes",)
-depends_on = ("0004_exchange", "0009_revocation")
+depends_on = None
 
 INDEXES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("ix_inbox_envelope_sha256", "inbox", ("envelope_sha256",)),
