@@ -160,7 +160,7 @@ def _depth_within(data: bytes, max_depth: int) -> bool:
     brackets = _STRING_RE.sub(b"", data).translate(_DEPTH_STEP, _NOT_BRACKETS)
     if len(brackets) <= max_depth:
         return True
-    deepest = max(map(operator.sub, itertools.accumulate(brackets), itertools.count(1)))
+    deepest: int = max(map(operator.sub, itertools.accumulate(brackets), itertools.count(1)))
     return deepest <= max_depth
 
 
@@ -241,6 +241,42 @@ def parse_bounded_json(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_
     return _parse(data, max_bytes, max_depth)[0]
 
 
+_NOT_SHOWN: Any = object()
+_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
+_SIXTEEN_DIGITS = b"0" * 16
+"""A run of 16 digits: an integer literal that may lie beyond ±(2**53 - 1)."""
+
+
+def _parse_canonical_fast(data: bytes, max_bytes: int, max_depth: int) -> Any:
+    """The value of canonical ``data`` parsed by the C decoder alone, or ``_NOT_SHOWN``.
+
+    ``_NOT_SHOWN`` sends the caller to the full parse, which gives every
+    refusal its own reason. Here nothing is refused but sizes and depth: the
+    text has no 16-digit run (so every integer lies within I-JSON's range, and
+    none is long enough to be slow to convert), no float literal, and equals
+    the C encoder's output for what it parsed to, which also rules out
+    duplicate keys (the encoder writes each key once) and every other spelling.
+    """
+    if len(data) > max_bytes:
+        raise InvalidInput(f"JSON document of {len(data)} bytes exceeds the limit of {max_bytes}")
+    if not _depth_within(data, max_depth):
+        raise InvalidInput(f"JSON nesting deeper than {max_depth} levels")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return _NOT_SHOWN
+    if _SIXTEEN_DIGITS in data.translate(_DIGITS_AS_ZERO) or not _order_safe(text):
+        return _NOT_SHOWN
+    floats: list[str] = []
+    try:
+        value = json.loads(text, parse_float=floats.append, parse_constant=floats.append)
+    except (ValueError, RecursionError):
+        return _NOT_SHOWN
+    if floats or _dumps_c(value) != text:
+        return _NOT_SHOWN
+    return value
+
+
 def parse_canonical(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     """Parse JSON that must already be in canonical (RFC 8785) form.
 
@@ -251,6 +287,9 @@ def parse_canonical(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_MAX
     two kinds of character whose order differs is checked by one pass of the C
     encoder; others by the reference implementation.
     """
+    fast = _parse_canonical_fast(data, max_bytes, max_depth)
+    if fast is not _NOT_SHOWN:
+        return fast
     value, text, has_floats = _parse(data, max_bytes, max_depth)
     if not has_floats and _order_safe(text):
         if _dumps_c(value) != text:

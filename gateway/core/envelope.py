@@ -349,6 +349,8 @@ def _blake2b(key: bytes, message: bytes, size: int) -> bytes:
 
 
 def _bundle_bytes(bundle_id: str) -> bytes:
+    if _BUNDLE_ID_RE.fullmatch(bundle_id):  # the form every header carries: hex and dashes
+        return bytes.fromhex(bundle_id.replace("-", ""))
     return uuid.UUID(bundle_id).bytes
 
 
@@ -660,9 +662,7 @@ def seal(
         )
     # The canonical content object, written around the case's canonical bytes:
     # its two keys sort "attachments" < "case" (RFC 8785 §3.2.3).
-    content = b"".join(
-        (b'{"attachments":', canonical_bytes(names), b',"case":', case_bytes, b"}")
-    )
+    content = b"".join((b'{"attachments":', canonical_bytes(names), b',"case":', case_bytes, b"}"))
     if len(content) > _content_limit(limits, len(attachments)):
         raise PolicyRefused(
             f"case content of {len(content)} bytes exceeds the limit", reason="policy.case-size"
@@ -743,9 +743,14 @@ def seal(
         except StreamSourceError as exc:
             raise InvalidInput(f"attachment {index - 1}: {exc}") from None
     fields["ciphertext_sha256"] = writer.hash.hexdigest()
-    header_bytes = _header_json(fields)
-    if len(header_bytes) != len(placeholder):
-        raise AssertionError("header length changed while sealing")  # pragma: no cover
+    # The hash takes the place of its 64 zeros: the same canonical text, written once.
+    # The quoted key followed by ":" occurs once: quotes inside string values are escaped.
+    slot = b'"ciphertext_sha256":"' + b"0" * 64 + b'"'
+    if placeholder.count(slot) != 1:  # pragma: no cover - the header's own fields
+        raise AssertionError("the header's hash slot is not unique")
+    header_bytes = placeholder.replace(
+        slot, b'"ciphertext_sha256":"' + fields["ciphertext_sha256"].encode("ascii") + b'"'
+    )
     signature = keyring.sign(Purpose.ENVELOPE_HEADER, header_bytes)
     end = out.tell()
     out.seek(start + PREFIX_BYTES)

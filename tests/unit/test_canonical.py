@@ -33,10 +33,10 @@ DIFFERENTIAL = settings(
 # Characters whose handling differs between encoders if anything does: controls,
 # the escapes, DEL, line separators, the top of the BMP (sorts differently from
 # astral characters in UTF-16), and astral characters themselves.
-_TRICKY = st.sampled_from(
-    [*map(chr, range(0x20)), '"', "\\", "/", "\x7f", "\u2028", "\u2029", "\ue000", "\uffef"]
-    + ["\uffff", "\ud7ff", "\U00010000", "\U0001f600", "\U0010ffff", "é", "a", "Z", "0"]
-)
+_CONTROLS = [chr(code) for code in range(0x20)]
+_OTHERS = ['"', "\\", "/", "\x7f", "\u2028", "\u2029", "\ue000", "\uffef", "\uffff", "\ud7ff"]
+_ASTRAL = ["\U00010000", "\U0001f600", "\U0010ffff", "é", "a", "Z", "0"]
+_TRICKY = st.sampled_from(_CONTROLS + _OTHERS + _ASTRAL)
 characters = st.one_of(_TRICKY, st.characters(exclude_categories=("Cs",)))
 texts = st.text(characters, max_size=12)
 near_limit = st.sampled_from(
@@ -94,7 +94,7 @@ def ours(value: Any) -> bytes | None:
 @example(value={"a\U00010000": 0, "a\uffff": 0, "a": 0, "b": [{}, [], ""]})
 @example(value={"n": MAX_SAFE_INTEGER + 1})
 @example(value={"f": 1.0, "g": 1e21, "h": -0.0})
-@example(value=[{"\x00\x1f\x7f": "\b\t\n\f\r\"\\/"}])
+@example(value=[{"\x00\x1f\x7f": '\b\t\n\f\r"\\/'}])
 def test_canonical_bytes_equals_the_reference(value: Any) -> None:
     assert ours(value) == reference(value)
 
@@ -105,14 +105,17 @@ def test_canonical_text_is_accepted_and_parses_back(value: Any) -> None:
     expected = reference(value)
     if expected is None:
         return
+    refusal = ""
     try:
         parsed = parse_canonical(expected, max_bytes=1 << 20, max_depth=64)
     except InvalidInput as exc:
+        refusal = exc.message
+    if refusal:
         # A float of 2**53 or more is written as an integer literal, which the
         # parser refuses beyond I-JSON's range (RFC 7493 §2.2); nothing else is.
-        assert exc.message == "not valid JSON: number too large"
-        return
-    assert parsed == json.loads(expected)
+        assert refusal == "not valid JSON: number too large"
+    else:
+        assert parsed == json.loads(expected)
 
 
 @DIFFERENTIAL
@@ -219,7 +222,7 @@ def scan_depth(data: bytes, max_depth: int) -> bool:
 
 @DIFFERENTIAL
 @given(
-    data=st.lists(st.sampled_from([b"[", b"]", b"{", b"}", b'"', b"\\", b"a", b",", b"\\\""]))
+    data=st.lists(st.sampled_from([b"[", b"]", b"{", b"}", b'"', b"\\", b"a", b",", b'\\"']))
     .map(b"".join)
     .filter(lambda data: len(data) < 400),
     max_depth=st.integers(0, 8),
