@@ -19,6 +19,7 @@ import operator
 import re
 from typing import Any
 
+import orjson
 import rfc8785
 
 from gateway.errors import InvalidInput
@@ -46,8 +47,8 @@ def canonical_bytes(value: Any) -> bytes:
     Raises :class:`InvalidInput` for anything else (other key types, integers
     beyond I-JSON's range, NaN and infinities, strings holding lone surrogates).
 
-    Documents whose canonical form provably equals the standard library's C
-    encoder output (see :func:`_fast_canonical`) take that path; all others go
+    Documents whose canonical form provably equals ``orjson``'s output (see
+    :func:`_fast_canonical`) are written by it; all others go
     through the ``rfc8785`` reference implementation. Both give the same bytes;
     ``tests/unit/test_canonical.py`` checks it over generated documents.
     """
@@ -62,10 +63,11 @@ def canonical_bytes(value: Any) -> bytes:
 
 _FAST_MAX_DEPTH = 200
 """Deeper (or cyclic) values leave the fast path; the reference path decides."""
-_HIGH_BMP = re.compile("[\ue000-\uffff]")
-_dumps_c = json.JSONEncoder(
-    ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
-).encode
+_SORTED = orjson.OPT_SORT_KEYS
+_ASTRAL_LEADS = (b"\xf0", b"\xf1", b"\xf2", b"\xf3", b"\xf4")
+"""UTF-8 lead bytes of the characters beyond the BMP (U+10000..U+10FFFF)."""
+_HIGH_BMP_LEADS = (b"\xee", b"\xef")
+"""UTF-8 lead bytes of U+E000..U+FFFF (continuation bytes are 0x80..0xBF)."""
 
 
 def _fast_safe(value: Any) -> bool:
@@ -104,41 +106,37 @@ def _fast_safe(value: Any) -> bool:
     return True
 
 
-def _order_safe(text: str) -> bool:
-    """Whether sorting keys by code point (``sort_keys``) equals RFC 8785's order.
+def _order_safe(data: bytes) -> bool:
+    """Whether sorting keys by code point equals RFC 8785's order, for UTF-8 ``data``.
 
     RFC 8785 §3.2.3 sorts by UTF-16 code units. The two orders differ only
     where one key has a character beyond the BMP (a surrogate pair, 0xD800..
     0xDBFF first) and another a character in U+E000..U+FFFF at the same place;
     a text holding no character of one of the two kinds cannot reorder.
     """
-    if text.isascii():
+    if data.isascii():
         return True
-    if len(text.encode("utf-16-le", "surrogatepass")) == 2 * len(text):
-        return True  # no character beyond the BMP (each would take two code units)
-    return _HIGH_BMP.search(text) is None
+    astral = any(lead in data for lead in _ASTRAL_LEADS)
+    return not astral or not any(lead in data for lead in _HIGH_BMP_LEADS)
 
 
 def _fast_canonical(value: Any) -> bytes | None:
-    r"""The canonical bytes through the C encoder, or None where it may differ.
+    r"""The canonical bytes written by ``orjson``, or None where they may differ.
 
-    Besides numbers and key order (above), strings agree: both escape ``"``,
-    ``\``, ``\b \t \n \f \r`` by name and other controls below U+0020
-    as ``\u00xx`` in lower-case hex, and write everything else as UTF-8.
-    Lone surrogates cannot be encoded; the reference path refuses them.
+    ``orjson`` writes compact JSON, keys sorted by code point, strings as
+    UTF-8 escaping ``"``, ``\``, ``\b \t \n \f \r`` by name and other controls
+    below U+0020 as ``\u00xx`` in lower-case hex, as RFC 8785 §3.2.2.2 does.
+    Numbers and key order are made safe by :func:`_fast_safe` and
+    :func:`_order_safe`. Lone surrogates cannot be encoded; the reference path
+    refuses them with its own message.
     """
     if not _fast_safe(value):
         return None
     try:
-        text = _dumps_c(value)
-    except (TypeError, ValueError):
+        data = orjson.dumps(value, option=_SORTED)
+    except (TypeError, orjson.JSONEncodeError):
         return None
-    if not _order_safe(text):
-        return None
-    try:
-        return text.encode("utf-8")
-    except UnicodeEncodeError:
-        return None
+    return data if _order_safe(data) else None
 
 
 _STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
@@ -242,37 +240,29 @@ def parse_bounded_json(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_
 
 
 _NOT_SHOWN: Any = object()
-_DIGITS_AS_ZERO = bytes(0x30 if 0x30 <= byte <= 0x39 else 0x20 for byte in range(256))
-_SIXTEEN_DIGITS = b"0" * 16
-"""A run of 16 digits: an integer literal that may lie beyond ±(2**53 - 1)."""
 
 
 def _parse_canonical_fast(data: bytes, max_bytes: int, max_depth: int) -> Any:
-    """The value of canonical ``data`` parsed by the C decoder alone, or ``_NOT_SHOWN``.
+    """The value of canonical ``data`` parsed by ``orjson`` alone, or ``_NOT_SHOWN``.
 
     ``_NOT_SHOWN`` sends the caller to the full parse, which gives every
     refusal its own reason. Here nothing is refused but sizes and depth: the
-    text has no 16-digit run (so every integer lies within I-JSON's range, and
-    none is long enough to be slow to convert), no float literal, and equals
-    the C encoder's output for what it parsed to, which also rules out
-    duplicate keys (the encoder writes each key once) and every other spelling.
+    value must be plain (:func:`_fast_safe`: no floats, integers within
+    I-JSON's range) and ``data`` byte for byte what ``orjson`` writes for it,
+    which also rules out duplicate keys (each key is written once), escapes
+    RFC 8785 does not use, and every other spelling.
     """
     if len(data) > max_bytes:
         raise InvalidInput(f"JSON document of {len(data)} bytes exceeds the limit of {max_bytes}")
     if not _depth_within(data, max_depth):
         raise InvalidInput(f"JSON nesting deeper than {max_depth} levels")
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
         return _NOT_SHOWN
-    if _SIXTEEN_DIGITS in data.translate(_DIGITS_AS_ZERO) or not _order_safe(text):
+    if not _fast_safe(value) or not _order_safe(data):
         return _NOT_SHOWN
-    floats: list[str] = []
-    try:
-        value = json.loads(text, parse_float=floats.append, parse_constant=floats.append)
-    except (ValueError, RecursionError):
-        return _NOT_SHOWN
-    if floats or _dumps_c(value) != text:
+    if orjson.dumps(value, option=_SORTED) != data:
         return _NOT_SHOWN
     return value
 
@@ -282,19 +272,14 @@ def parse_canonical(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_MAX
 
     Refused with :class:`InvalidInput`: all that :func:`parse_bounded_json`
     refuses, and any text that is not byte for byte the canonical form of what
-    it parses to. The parser's values are plain by construction (string keys,
-    integers within range), so a text without float literals and without the
-    two kinds of character whose order differs is checked by one pass of the C
-    encoder; others by the reference implementation.
+    it parses to. Plain documents are parsed and re-written by ``orjson`` (see
+    :func:`_parse_canonical_fast`); the others, and every refusal, go through
+    the bounded parser and :func:`canonical_bytes`.
     """
     fast = _parse_canonical_fast(data, max_bytes, max_depth)
     if fast is not _NOT_SHOWN:
         return fast
-    value, text, has_floats = _parse(data, max_bytes, max_depth)
-    if not has_floats and _order_safe(text):
-        if _dumps_c(value) != text:
-            raise InvalidInput("JSON is not in canonical (RFC 8785) form")
-        return value
+    value = _parse(data, max_bytes, max_depth)[0]
     if canonical_bytes(value) != data:
         raise InvalidInput("JSON is not in canonical (RFC 8785) form")
     return value

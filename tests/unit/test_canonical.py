@@ -1,7 +1,7 @@
-"""Canonical JSON: the C-encoder fast path against the RFC 8785 reference.
+"""Canonical JSON: the ``orjson`` fast path against the RFC 8785 reference.
 
-``canonical_bytes`` writes most documents with the standard library's C
-encoder and the rest with the ``rfc8785`` package; ``parse_canonical`` checks
+``canonical_bytes`` writes most documents with ``orjson`` and the rest with
+the ``rfc8785`` package; ``parse_canonical`` checks
 canonical form the same way. These tests generate documents across the whole
 of Unicode (astral characters, U+E000..U+FFFF, controls), integers around
 2**53, floats, nesting and empty containers, and require the same bytes, or
@@ -142,11 +142,11 @@ def test_parse_canonical_agrees_with_the_reference_on_other_spellings(
 @DIFFERENTIAL
 @given(value=plain_documents)
 def test_plain_documents_take_the_fast_path(value: Any) -> None:
-    """Without floats or both kinds of order-sensitive character, the C encoder
+    """Without floats or both kinds of order-sensitive character, ``orjson``
     writes the document (the fast path is really used, and is right)."""
     fast = canonical._fast_canonical(value)
-    text = json.dumps(value, ensure_ascii=False)
-    if canonical._order_safe(text):
+    written = json.dumps(value, ensure_ascii=False).encode("utf-8")
+    if canonical._order_safe(written):
         assert fast is not None
     if fast is not None:
         assert fast == reference(value)
@@ -241,3 +241,23 @@ def test_deep_input_is_refused_before_the_parser_recurses() -> None:
         parse_canonical(data, max_bytes=1 << 20)
     text_of_brackets = b'["' + b"[" * 100_000 + b'"]'
     assert parse_canonical(text_of_brackets, max_bytes=1 << 20) == ["[" * 100_000]
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b"[9007199254740992]", "number too large"),
+        (b"[123456789012345678901234]", "number too large"),
+        (b'{"a":1,"a":1}', "duplicate JSON key"),
+        (b"[NaN]", "constant NaN"),
+        (b'["\xed\xa0\x80"]', "not valid UTF-8"),
+    ],
+)
+def test_refusals_keep_their_reason_past_the_fast_parse(data: bytes, words: str) -> None:
+    with pytest.raises(InvalidInput, match=words):
+        parse_canonical(data, max_bytes=100)
+
+
+def test_plain_canonical_text_is_parsed_by_the_fast_path() -> None:
+    data = canonical_bytes({"case": {"name": "Ayesha", "n": MAX_SAFE_INTEGER, "l": [True, None]}})
+    assert canonical._parse_canonical_fast(data, 1000, 8) == json.loads(data)
