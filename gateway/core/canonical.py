@@ -195,38 +195,6 @@ def _float(text: str) -> float:
     return value
 
 
-def _parse(data: bytes, max_bytes: int, max_depth: int) -> tuple[Any, str, bool]:
-    """The value, the decoded text, and whether any float literal was read."""
-    if len(data) > max_bytes:
-        raise InvalidInput(f"JSON document of {len(data)} bytes exceeds the limit of {max_bytes}")
-    if not _depth_within(data, max_depth):
-        raise InvalidInput(f"JSON nesting deeper than {max_depth} levels")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidInput("JSON document is not valid UTF-8") from None
-    floats: list[float] = []
-
-    def read_float(literal: str) -> float:
-        value = _float(literal)
-        floats.append(value)
-        return value
-
-    try:
-        value = json.loads(
-            text,
-            object_pairs_hook=_no_duplicates,
-            parse_constant=_no_constants,
-            parse_int=_integer,
-            parse_float=read_float,
-        )
-    except json.JSONDecodeError as exc:
-        raise InvalidInput(
-            f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from None
-    return value, text, bool(floats)
-
-
 def parse_bounded_json(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     """Parse untrusted JSON bytes into plain Python values.
 
@@ -236,7 +204,26 @@ def parse_bounded_json(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_
     ``Infinity``, integers beyond ±(2**53 - 1) and floats that overflow
     (RFC 7493 §2.2: "number too large").
     """
-    return _parse(data, max_bytes, max_depth)[0]
+    if len(data) > max_bytes:
+        raise InvalidInput(f"JSON document of {len(data)} bytes exceeds the limit of {max_bytes}")
+    if not _depth_within(data, max_depth):
+        raise InvalidInput(f"JSON nesting deeper than {max_depth} levels")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInput("JSON document is not valid UTF-8") from None
+    try:
+        return json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constants,
+            parse_int=_integer,
+            parse_float=_float,
+        )
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(
+            f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
 
 
 _NOT_SHOWN: Any = object()
@@ -279,7 +266,7 @@ def parse_canonical(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_MAX
     fast = _parse_canonical_fast(data, max_bytes, max_depth)
     if fast is not _NOT_SHOWN:
         return fast
-    value = _parse(data, max_bytes, max_depth)[0]
+    value = parse_bounded_json(data, max_bytes=max_bytes, max_depth=max_depth)
     if canonical_bytes(value) != data:
         raise InvalidInput("JSON is not in canonical (RFC 8785) form")
     return value
