@@ -12,10 +12,14 @@ infinity).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import operator
+import re
 from typing import Any
 
+import orjson
 import rfc8785
 
 from gateway.errors import InvalidInput
@@ -36,35 +40,126 @@ _MAX_NUMBER_CHARS = 400
 
 
 def canonical_bytes(value: Any) -> bytes:
-    """The RFC 8785 canonical form of a JSON value (no floats with ambiguity, sorted keys)."""
+    """The RFC 8785 canonical form of a JSON value, as UTF-8 bytes.
+
+    ``value`` is built of ``dict`` (string keys), ``list``/``tuple``, ``str``,
+    ``int`` within ±(2**53 - 1), finite ``float``, ``bool`` and ``None``.
+    Raises :class:`InvalidInput` for anything else (other key types, integers
+    beyond I-JSON's range, NaN and infinities, strings holding lone surrogates).
+
+    Documents whose canonical form provably equals ``orjson``'s output (see
+    :func:`_fast_canonical`) are written by it; all others go
+    through the ``rfc8785`` reference implementation. Both give the same bytes;
+    ``tests/unit/test_canonical.py`` checks it over generated documents.
+    """
+    fast = _fast_canonical(value)
+    if fast is not None:
+        return fast
     try:
         return bytes(rfc8785.dumps(value))
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:
         raise InvalidInput(f"value cannot be canonicalised as JSON: {exc}") from None
 
 
-def _depth_within(data: bytes, max_depth: int) -> bool:
+_FAST_MAX_DEPTH = 200
+"""Deeper (or cyclic) values leave the fast path; the reference path decides."""
+_SORTED = orjson.OPT_SORT_KEYS
+_ASTRAL_LEADS = (b"\xf0", b"\xf1", b"\xf2", b"\xf3", b"\xf4")
+"""UTF-8 lead bytes of the characters beyond the BMP (U+10000..U+10FFFF)."""
+_HIGH_BMP_LEADS = (b"\xee", b"\xef")
+"""UTF-8 lead bytes of U+E000..U+FFFF (continuation bytes are 0x80..0xBF)."""
+
+
+def _fast_safe(value: Any) -> bool:
+    """True when ``value`` holds only exact ``dict`` (``str`` keys), ``list``,
+    ``tuple``, ``str``, ``bool``, ``None`` and ``int`` within ±(2**53 - 1).
+
+    No floats: RFC 8785 writes numbers as ECMAScript does, which ``repr`` does
+    not (``1e+21`` against ``1e21``, ``1.0`` against ``1``). Walks level by
+    level, so a cyclic or very deep value is handed to the reference path.
+    """
+    level: list[Any] = [value]
     depth = 0
-    in_string = False
-    escaped = False
-    for byte in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:  # quote
-                in_string = False
-            continue
-        if byte == 0x22:
-            in_string = True
-        elif byte in (0x5B, 0x7B):  # [ {
-            depth += 1
-            if depth > max_depth:
+    while level:
+        depth += 1
+        if depth > _FAST_MAX_DEPTH:
+            return False
+        below: list[Any] = []
+        for item in level:
+            kind = type(item)
+            if kind is str or kind is bool or item is None:
+                continue
+            if kind is int:
+                if -MAX_SAFE_INTEGER <= item <= MAX_SAFE_INTEGER:
+                    continue
                 return False
-        elif byte in (0x5D, 0x7D):
-            depth -= 1
+            if kind is dict:
+                for key in item:
+                    if type(key) is not str:
+                        return False
+                below.extend(item.values())
+            elif kind is list or kind is tuple:
+                below.extend(item)
+            else:
+                return False
+        level = below
     return True
+
+
+def _order_safe(data: bytes) -> bool:
+    """Whether sorting keys by code point equals RFC 8785's order, for UTF-8 ``data``.
+
+    RFC 8785 §3.2.3 sorts by UTF-16 code units. The two orders differ only
+    where one key has a character beyond the BMP (a surrogate pair, 0xD800..
+    0xDBFF first) and another a character in U+E000..U+FFFF at the same place;
+    a text holding no character of one of the two kinds cannot reorder.
+    """
+    if data.isascii():
+        return True
+    astral = any(lead in data for lead in _ASTRAL_LEADS)
+    return not astral or not any(lead in data for lead in _HIGH_BMP_LEADS)
+
+
+def _fast_canonical(value: Any) -> bytes | None:
+    r"""The canonical bytes written by ``orjson``, or None where they may differ.
+
+    ``orjson`` writes compact JSON, keys sorted by code point, strings as
+    UTF-8 escaping ``"``, ``\``, ``\b \t \n \f \r`` by name and other controls
+    below U+0020 as ``\u00xx`` in lower-case hex, as RFC 8785 §3.2.2.2 does.
+    Numbers and key order are made safe by :func:`_fast_safe` and
+    :func:`_order_safe`. Lone surrogates cannot be encoded; the reference path
+    refuses them with its own message.
+    """
+    if not _fast_safe(value):
+        return None
+    try:
+        data = orjson.dumps(value, option=_SORTED)
+    except (TypeError, orjson.JSONEncodeError):
+        return None
+    return data if _order_safe(data) else None
+
+
+_STRING_RE = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+"""A JSON string, or an unterminated one up to the end (its brackets are text)."""
+_NOT_BRACKETS = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")
+
+
+def _depth_within(data: bytes, max_depth: int) -> bool:
+    """Whether no prefix of ``data`` opens more than ``max_depth`` arrays and objects.
+
+    Strings are cut out by one regular expression and every other byte but the
+    four brackets dropped by ``bytes.translate``; the running depth of what
+    remains is summed by ``itertools.accumulate`` (opening adds 2, closing 0,
+    and the position is subtracted). No Python loop runs per byte.
+    """
+    if data.count(b"[") + data.count(b"{") <= max_depth:
+        return True
+    brackets = _STRING_RE.sub(b"", data).translate(_DEPTH_STEP, _NOT_BRACKETS)
+    if len(brackets) <= max_depth:
+        return True
+    deepest: int = max(map(operator.sub, itertools.accumulate(brackets), itertools.count(1)))
+    return deepest <= max_depth
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -131,8 +226,46 @@ def parse_bounded_json(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_
         ) from None
 
 
+_NOT_SHOWN: Any = object()
+
+
+def _parse_canonical_fast(data: bytes, max_bytes: int, max_depth: int) -> Any:
+    """The value of canonical ``data`` parsed by ``orjson`` alone, or ``_NOT_SHOWN``.
+
+    ``_NOT_SHOWN`` sends the caller to the full parse, which gives every
+    refusal its own reason. Here nothing is refused but sizes and depth: the
+    value must be plain (:func:`_fast_safe`: no floats, integers within
+    I-JSON's range) and ``data`` byte for byte what ``orjson`` writes for it,
+    which also rules out duplicate keys (each key is written once), escapes
+    RFC 8785 does not use, and every other spelling.
+    """
+    if len(data) > max_bytes:
+        raise InvalidInput(f"JSON document of {len(data)} bytes exceeds the limit of {max_bytes}")
+    if not _depth_within(data, max_depth):
+        raise InvalidInput(f"JSON nesting deeper than {max_depth} levels")
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return _NOT_SHOWN
+    if not _fast_safe(value) or not _order_safe(data):
+        return _NOT_SHOWN
+    if orjson.dumps(value, option=_SORTED) != data:
+        return _NOT_SHOWN
+    return value
+
+
 def parse_canonical(data: bytes, *, max_bytes: int, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
-    """Parse JSON that must already be in canonical form; anything else is refused."""
+    """Parse JSON that must already be in canonical (RFC 8785) form.
+
+    Refused with :class:`InvalidInput`: all that :func:`parse_bounded_json`
+    refuses, and any text that is not byte for byte the canonical form of what
+    it parses to. Plain documents are parsed and re-written by ``orjson`` (see
+    :func:`_parse_canonical_fast`); the others, and every refusal, go through
+    the bounded parser and :func:`canonical_bytes`.
+    """
+    fast = _parse_canonical_fast(data, max_bytes, max_depth)
+    if fast is not _NOT_SHOWN:
+        return fast
     value = parse_bounded_json(data, max_bytes=max_bytes, max_depth=max_depth)
     if canonical_bytes(value) != data:
         raise InvalidInput("JSON is not in canonical (RFC 8785) form")

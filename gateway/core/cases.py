@@ -589,8 +589,14 @@ def validate_case(
     *,
     version: str | None = None,
     max_bytes: int = DEFAULT_MAX_CASE_BYTES,
+    encoded: bytes | None = None,
 ) -> Case:
     """Validate JSON-shaped ``data`` as a case of ``case_type``.
+
+    ``max_bytes`` bounds the canonical (RFC 8785) encoding of ``data``.
+    ``encoded`` is that encoding when the caller already holds it (a slice of
+    text :func:`~gateway.core.canonical.parse_canonical` accepted); it is then
+    not written a second time, and must be exactly ``canonical_bytes(data)``.
 
     Raises :class:`InvalidCase` naming the first bad field (``a.b[0].c: reason``)
     and, in ``errors``, every problem found. Values echoed back are never put into
@@ -599,7 +605,8 @@ def validate_case(
     entry = case_type_for(case_type, version)
     if not isinstance(data, dict):
         raise InvalidCase(f"{case_type}: case data must be a JSON object", field="")
-    encoded = canonical_bytes(data)
+    if encoded is None:
+        encoded = canonical_bytes(data)
     if len(encoded) > max_bytes:
         raise InvalidCase(
             f"{case_type}: case data of {len(encoded)} bytes exceeds the limit of {max_bytes}",

@@ -349,6 +349,8 @@ def _blake2b(key: bytes, message: bytes, size: int) -> bytes:
 
 
 def _bundle_bytes(bundle_id: str) -> bytes:
+    if _BUNDLE_ID_RE.fullmatch(bundle_id):  # the form every header carries: hex and dashes
+        return bytes.fromhex(bundle_id.replace("-", ""))
     return uuid.UUID(bundle_id).bytes
 
 
@@ -612,6 +614,11 @@ def seal(
     :class:`~gateway.core.keys.KeyNotUsable` (no valid key to use) before
     writing anything, and ``InvalidInput`` if an attachment's file turns out
     shorter or longer than its stated size while writing.
+
+    ``case`` is JSON-shaped data, validated here against the schema of
+    ``case_type`` (:func:`~gateway.core.cases.validate_case`), or the model that
+    ``validate_case`` returned for that type, which is taken as validated (a
+    caller that checked the case first does not pay for a second validation).
     """
     limits = policy.limits
     if not out.seekable():
@@ -630,8 +637,11 @@ def seal(
     if chosen_marking not in ("confidential", "public"):
         raise InvalidInput("marking must be confidential or public")
     entry = case_type_for(case_type)
-    data = case.model_dump(mode="json") if isinstance(case, BaseModel) else dict(case)
-    validated = validate_case(case_type, data, max_bytes=limits.max_case_bytes)
+    if isinstance(case, entry.model):
+        validated: BaseModel = case  # validated when it was made (validate_case)
+    else:
+        data = case.model_dump(mode="json") if isinstance(case, BaseModel) else dict(case)
+        validated = validate_case(case_type, data, max_bytes=limits.max_case_bytes)
     sizes = [item.size for item in attachments]
     limits.check_attachments(sizes)
     names: list[dict[str, Any]] = []
@@ -643,7 +653,16 @@ def seal(
         if isinstance(item.size, bool) or not isinstance(item.size, int) or item.size < 0:
             raise InvalidInput(f"attachment {index}: size must be a non-negative integer")
         names.append({"name": item.name, "size": item.size})
-    content = canonical_bytes({"attachments": names, "case": validated.model_dump(mode="json")})
+    case_bytes = canonical_bytes(validated.model_dump(mode="json"))
+    if len(case_bytes) > limits.max_case_bytes:
+        raise InvalidCase(
+            f"{case_type}: case data of {len(case_bytes)} bytes exceeds the limit of "
+            f"{limits.max_case_bytes}",
+            field="",
+        )
+    # The canonical content object, written around the case's canonical bytes:
+    # its two keys sort "attachments" < "case" (RFC 8785 §3.2.3).
+    content = b"".join((b'{"attachments":', canonical_bytes(names), b',"case":', case_bytes, b"}"))
     if len(content) > _content_limit(limits, len(attachments)):
         raise PolicyRefused(
             f"case content of {len(content)} bytes exceeds the limit", reason="policy.case-size"
@@ -724,16 +743,44 @@ def seal(
         except StreamSourceError as exc:
             raise InvalidInput(f"attachment {index - 1}: {exc}") from None
     fields["ciphertext_sha256"] = writer.hash.hexdigest()
-    header_bytes = _header_json(fields)
-    if len(header_bytes) != len(placeholder):
-        raise AssertionError("header length changed while sealing")  # pragma: no cover
+    # The hash takes the place of its 64 zeros: the same canonical text, written once.
+    # The quoted key followed by ":" occurs once: quotes inside string values are escaped.
+    slot = b'"ciphertext_sha256":"' + b"0" * 64 + b'"'
+    if placeholder.count(slot) != 1:  # pragma: no cover - the header's own fields
+        raise AssertionError("the header's hash slot is not unique")
+    header_bytes = placeholder.replace(
+        slot, b'"ciphertext_sha256":"' + fields["ciphertext_sha256"].encode("ascii") + b'"'
+    )
     signature = keyring.sign(Purpose.ENVELOPE_HEADER, header_bytes)
     end = out.tell()
     out.seek(start + PREFIX_BYTES)
     out.write(header_bytes)
     out.write(signature)
     out.seek(end)
-    header = _parse_header(header_bytes, limits)
+    header = EnvelopeHeader(
+        bundle_id=bundle_id,
+        type=case_type,
+        schema_version=entry.version,
+        policy_version=policy.version,
+        sender=keyring.node,
+        recipient=peer_manifest.node,
+        sequence=sequence,
+        created_at=created,
+        signing_key_id=keyring.signing_key_id,
+        recipient_key_id=recipient_entry.key_id,
+        archive_key_id=archive_key_id,
+        sealed_key=sealed_recipient,
+        archive_sealed_key=sealed_archive,
+        marking=chosen_marking,
+        reply_to=reply_to,
+        key_commitment=bytes.fromhex(fields["key_commitment"]),
+        chunk_size=CHUNK_SIZE,
+        content_size=len(content),
+        attachment_sizes=tuple(sizes),
+        ciphertext_sha256=writer.hash.digest(),
+        raw=header_bytes,
+        replaces=replaces,
+    )
     return SealedEnvelope(header=header, size=end - start)
 
 
@@ -937,12 +984,18 @@ def _parse_content(
                 f"decrypted content describes attachment {index} unlike the header"
             )
         infos.append(AttachmentInfo(index=index, name=item["name"], size=size))
+    # ``raw`` is canonical, so the case's canonical bytes are the slice between
+    # the attachments list and the closing brace; they are not written again.
+    lead = b'{"attachments":' + canonical_bytes(listed) + b',"case":'
+    if not raw.startswith(lead) or not raw.endswith(b"}"):  # pragma: no cover - canonical
+        raise EnvelopeContentInvalid("decrypted content is not laid out canonically")
     try:
         case = validate_case(
             header.type,
             body["case"],
             version=header.schema_version,
             max_bytes=limits.max_case_bytes,
+            encoded=raw[len(lead) : -1],
         )
     except InvalidCase as exc:
         raise EnvelopeContentInvalid(f"decrypted case refused: {exc.message}") from None

@@ -443,7 +443,7 @@ def _seal_and_queue(
             sealed = seal(
                 out,
                 case_type=case_type,
-                case=case_data,
+                case=validated,  # checked above; seal does not validate it again
                 attachments=sources,
                 keyring=keyring,
                 peer_manifest=peer,

@@ -228,7 +228,7 @@ def _resend_one(
                 sealed = seal(
                     out,
                     case_type=header.type,
-                    case=opened.case_data,
+                    case=opened.case,  # validated when it was opened
                     attachments=sources,
                     keyring=keyring,
                     peer_manifest=peer,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import select
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gateway.errors import StorageError
@@ -67,6 +68,35 @@ def _sqlite_begin(connection: Any) -> None:
     connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+POSTGRES_POOL_RECYCLE_S = 1800
+"""Seconds a pooled PostgreSQL connection is used before it is replaced."""
+
+
+def _drop_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Refuse a pooled PostgreSQL connection the server has closed; the pool retries.
+
+    Checked when a transaction takes the connection, so nothing has been
+    written on it yet. An idle connection has nothing to read: if its socket
+    is readable, the server has sent a termination notice or closed it
+    (``pg_terminate_backend``, a restart, an idle timeout). This costs one
+    ``poll`` system call and no round trip. Raising
+    :class:`~sqlalchemy.exc.DisconnectionError` makes the pool discard the
+    connection and check out (or open) another. A connection that fails
+    silently (no packet arrives) fails on its first statement instead, and
+    SQLAlchemy then discards the pool's older connections as well.
+    """
+    if getattr(dbapi_connection, "closed", False) or getattr(dbapi_connection, "broken", False):
+        raise DisconnectionError("the connection is closed")
+    try:
+        descriptor = dbapi_connection.fileno()
+    except Exception:  # noqa: BLE001 - a driver that cannot say is taken as closed
+        raise DisconnectionError("the connection has no socket") from None
+    poller = select.poll()
+    poller.register(descriptor, select.POLLIN | select.POLLERR | select.POLLHUP)
+    if poller.poll(0):
+        raise DisconnectionError("the server closed the connection")
+
+
 def _normalise_url(url: str) -> str:
     if url.startswith("postgresql://"):
         return "postgresql+psycopg://" + url[len("postgresql://") :]
@@ -86,7 +116,11 @@ class Database:
                 "check_same_thread": False,
             }
         else:
-            options["pool_pre_ping"] = True
+            # No ping per checkout (a round trip before every transaction): a
+            # connection is recycled after POSTGRES_POOL_RECYCLE_S, and one the
+            # server has dropped is found by a local look at its socket when a
+            # transaction starts, before anything is sent (_drop_if_closed).
+            options["pool_recycle"] = POSTGRES_POOL_RECYCLE_S
             options["connect_args"] = {"connect_timeout": 10}
         try:
             self.engine: Engine = create_engine(self.url, **options)
@@ -95,6 +129,8 @@ class Database:
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
+        else:
+            event.listen(self.engine, "checkout", _drop_if_closed)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._serializable = sessionmaker(
             self.engine.execution_options(isolation_level="SERIALIZABLE")

@@ -84,6 +84,7 @@ class OutboxEntry(Base):
     __table_args__ = (
         UniqueConstraint("channel", "sequence", name="uq_outbox_channel_sequence"),
         Index("ix_outbox_state_channel_sequence", "state", "channel", "sequence"),
+        Index("ix_outbox_state_next_attempt", "state", "next_attempt_at"),  # 0011_hot_indexes
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -119,6 +120,10 @@ class InboxEntry(Base):
     __table_args__ = (
         UniqueConstraint("sender", "bundle_id", name="uq_inbox_sender_bundle_id"),
         Index("ix_inbox_channel_sequence", "channel", "sequence"),
+        # 0011_hot_indexes: the replay check, lookups by bundle id alone, lists by type
+        Index("ix_inbox_envelope_sha256", "envelope_sha256"),
+        Index("ix_inbox_bundle_id", "bundle_id"),
+        Index("ix_inbox_case_type_received", "case_type", "received_at", "id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
+from gateway.core.canonical import canonical_bytes
 from gateway.core.cases import CASE_TYPES, validate_case
 from gateway.core.domain import Purpose, tagged
 from gateway.core.envelope import (
@@ -448,3 +449,59 @@ def test_randomness_is_drawn_in_the_documented_order() -> None:
 def test_created_at_is_whole_seconds_utc() -> None:
     _, sealed = seal_bytes(JP, PK, now=datetime(2026, 11, 25, 21, 0, 0, 999999, tzinfo=UTC))
     assert sealed.header.created_at == datetime(2026, 11, 25, 21, 0, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize("case_type", sorted(CASE_TYPES))
+def test_a_validated_model_seals_to_the_same_bytes_without_a_second_validation(
+    case_type: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gateway.core.envelope as envelope_module  # noqa: PLC0415
+
+    model = validate_case(case_type, example(case_type))
+    from_data, sealed = seal_bytes(JP, PK, case_type, random=FixedRandom(b"same"))
+    calls: list[str] = []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(args[0])
+        return validate_case(*args, **kwargs)
+
+    monkeypatch.setattr(envelope_module, "validate_case", counting)
+    out = io.BytesIO()
+    from_model = seal(
+        out,
+        case_type=case_type,
+        case=model,
+        keyring=JP.keyring,
+        peer_manifest=PK.manifest,
+        policy=POLICY,
+        sequence=1,
+        now=NOW,
+        random=FixedRandom(b"same"),
+    )
+    assert out.getvalue() == from_data
+    assert from_model.header == sealed.header
+    assert calls == []
+    seal_bytes(JP, PK, case_type, random=FixedRandom(b"same"))
+    assert calls == [case_type]  # plain data is validated, once
+
+
+def test_the_header_seal_returns_is_the_one_a_reader_parses() -> None:
+    envelope, sealed = seal_bytes(JP, PK, "consultation", reply_to=None)
+    header, raw = read_header(io.BytesIO(envelope), POLICY.limits)
+    assert header == sealed.header
+    assert raw == sealed.header.raw
+
+
+def test_a_model_of_another_case_type_is_validated_as_data() -> None:
+    other = validate_case("consultation", example("consultation"))
+    with pytest.raises(InvalidInput, match="broker-misconduct"):
+        seal_bytes(JP, PK, "broker-misconduct", case=other)  # type: ignore[arg-type]
+
+
+def test_a_validated_model_over_the_case_limit_is_refused() -> None:
+    data = {**example("consultation"), "minutes": "m" * 2000}
+    model = validate_case("consultation", data)
+    size = len(canonical_bytes(model.model_dump(mode="json")))
+    tight = POLICY.model_copy(update={"limits": Limits(max_case_bytes=size - 1)})
+    with pytest.raises(InvalidInput, match="exceeds the limit"):
+        seal_bytes(JP, PK, "consultation", case=model, policy=tight)  # type: ignore[arg-type]
