@@ -34,6 +34,7 @@ from gateway.core.domain import Purpose
 from gateway.core.ledger import GENESIS_PREV_HASH, make_entry
 from gateway.core.roles import Actor, Role
 from gateway.node import ledger
+from gateway.node.ledger import verify as ledger_verify
 from gateway.store.db import Database, open_database
 from gateway.store.models import NodeRecord
 from gateway.store.models_ledger import LedgerEntryRow
@@ -129,7 +130,7 @@ def section_verify(ctx: Context) -> None:
 
     def run_verify() -> object:
         with ctx.db.transaction() as session:
-            return ledger.verify_ledger(session)
+            return ledger_verify.verify_ledger(session)
 
     verify_seconds, report = _timed(run_verify)
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

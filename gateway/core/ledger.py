@@ -421,9 +421,32 @@ class ChainVerifier:
     _tree: merkle.CompactRange = field(default_factory=merkle.CompactRange)
     _prev_hash: bytes = GENESIS_PREV_HASH
 
+    @classmethod
+    def resume(cls, compact: merkle.CompactRange, prev_hash: bytes) -> ChainVerifier:
+        """A verifier that continues after ``compact.size`` entries already checked.
+
+        ``compact`` is the compact range over those entries and ``prev_hash``
+        the hash of the last of them: the next row fed must be entry
+        ``compact.size``.
+        """
+        verifier = cls()
+        verifier._tree = compact.copy()
+        verifier._prev_hash = prev_hash
+        return verifier
+
     @property
     def size(self) -> int:
         return self._tree.size
+
+    @property
+    def head_hash(self) -> bytes:
+        """The hash of the last entry fed (32 zero bytes before the first)."""
+        return self._prev_hash
+
+    @property
+    def compact(self) -> merkle.CompactRange:
+        """A copy of the compact range over the entries fed so far."""
+        return self._tree.copy()
 
     def root(self) -> bytes:
         return self._tree.root()

@@ -35,6 +35,8 @@ from gateway.errors import GatewayError, TransportError
 from gateway.log import get_logger
 from gateway.node import ledger
 from gateway.node.keys import own_manifest, pending_manifests
+from gateway.node.ledger import checkpoint as ledger_checkpoint
+from gateway.node.ledger import witness as ledger_witness
 from gateway.node.policy import load_policy
 from gateway.node.retention import PurgeReport, purge
 from gateway.node.runtime import Node, utc_now
@@ -61,14 +63,14 @@ MANIFEST_WAIT_SECONDS = 0.5
 def checkpoint_once(node: Node, keyring: NodeKeyring, *, now: datetime) -> SignedCheckpoint | None:
     """Sign a checkpoint when the ledger grew since the last one; return the newest."""
     with node.db.transaction() as session:
-        latest = ledger.latest_checkpoint(session)
+        latest = ledger_checkpoint.latest_checkpoint(session)
         size = ledger.ledger_size(session)
         # The last checkpoint's own "checkpoint-made" entry is not growth.
         if latest is not None and size <= latest.checkpoint.size + 1:
             return latest
         if size == 0:
             return None
-        return ledger.make_checkpoint(session, keyring, now)
+        return ledger_checkpoint.make_checkpoint(session, keyring, now)
 
 
 async def publish_checkpoints(
@@ -100,7 +102,9 @@ async def publish_checkpoints(
                     delay = min(interval, MANIFEST_WAIT_SECONDS)
                 else:
                     held_back = False
-                    await send_checkpoint(client, signed, prove=ledger.consistency_prover(node.db))
+                    await send_checkpoint(
+                        client, signed, prove=ledger_witness.consistency_prover(node.db)
+                    )
                     sent_size = signed.checkpoint.size
                     node.metrics.checkpoint_witnessed(sent_size)
                     node.metrics.peer.record(True)
