@@ -33,7 +33,6 @@ from gateway.core.keys import NodeKeyring
 from gateway.core.ledger import SignedCheckpoint
 from gateway.errors import GatewayError, TransportError
 from gateway.log import get_logger
-from gateway.node import ledger
 from gateway.node.keys import own_manifest, pending_manifests
 from gateway.node.ledger import checkpoint as ledger_checkpoint
 from gateway.node.ledger import witness as ledger_witness
@@ -61,15 +60,19 @@ MANIFEST_WAIT_SECONDS = 0.5
 
 
 def checkpoint_once(node: Node, keyring: NodeKeyring, *, now: datetime) -> SignedCheckpoint | None:
-    """Sign a checkpoint when the ledger grew since the last one; return the newest."""
+    """Sign a checkpoint when the ledger grew since the last one; return the newest.
+
+    Growth means an entry other than witnessing bookkeeping
+    (:data:`gateway.node.ledger.checkpoint.BOOKKEEPING_KINDS`): the last
+    checkpoint's own ``checkpoint-made`` entry and the ``checkpoint-received``
+    entries of the peer's checkpoints do not count, or two idle nodes would
+    witness each other's checkpoints forever, two entries per interval.
+    """
     with node.db.transaction() as session:
         latest = ledger_checkpoint.latest_checkpoint(session)
-        size = ledger.ledger_size(session)
-        # The last checkpoint's own "checkpoint-made" entry is not growth.
-        if latest is not None and size <= latest.checkpoint.size + 1:
+        since = 0 if latest is None else latest.checkpoint.size
+        if not ledger_checkpoint.grew_since(session, since):
             return latest
-        if size == 0:
-            return None
         return ledger_checkpoint.make_checkpoint(session, keyring, now)
 
 
