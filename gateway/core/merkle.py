@@ -125,6 +125,23 @@ class CompactRange:
         self._stack.append(node)
         self.size += 1
 
+    def append_subtree(self, hashed: bytes, leaves: int) -> None:
+        """Append a perfect subtree of ``leaves`` leaves (a power of two) whose root is ``hashed``.
+
+        The range's size must be a multiple of ``leaves`` (the subtree is
+        aligned, as RFC 9162's split makes every perfect subtree); ``ValueError``
+        otherwise.
+        """
+        if leaves < 1 or leaves & (leaves - 1) or self.size % leaves:
+            raise ValueError(f"a subtree of {leaves} leaves does not fit at size {self.size}")
+        node = hashed
+        size = self.size // leaves
+        while size & 1:
+            node = node_hash(self._stack.pop(), node)
+            size >>= 1
+        self._stack.append(node)
+        self.size += leaves
+
     def append(self, data: bytes) -> None:
         self.append_leaf_hash(leaf_hash(data))
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from json.encoder import encode_basestring
+from json.scanner import make_scanner
+from typing import Any, cast
 
 from nacl.signing import VerifyKey
 from sqlalchemy import select
@@ -245,6 +248,35 @@ _MADE = EntryKind.CHECKPOINT_MADE.value
 _MAX_ENTRY_BYTES = 24 * 1024
 
 
+_BLOCK = 1024
+"""Leaves folded at once where the tree is aligned (a perfect subtree of 2**10)."""
+
+
+def _fold(tree: merkle.CompactRange, pending: list[bytes]) -> int:
+    """Add the entry hashes in ``pending`` to ``tree`` as leaves, empty it; return the room left.
+
+    A full aligned block is hashed level by level in list comprehensions and
+    appended as one perfect subtree (the same root as leaf by leaf, less
+    interpreter work); anything else goes leaf by leaf. The room is the
+    number of leaves to the next aligned block boundary.
+    """
+    if len(pending) == _BLOCK and tree.size % _BLOCK == 0:
+        sha256 = hashlib.sha256
+        level = [sha256(b"\x00" + digest).digest() for digest in pending]
+        while len(level) > 1:
+            pairs = iter(level)
+            level = [
+                sha256(b"\x01" + left + right).digest()
+                for left, right in zip(pairs, pairs, strict=False)
+            ]
+        tree.append_subtree(level[0], _BLOCK)
+    else:
+        for digest in pending:
+            tree.append_leaf_hash(merkle.leaf_hash(digest))
+    pending.clear()
+    return _BLOCK - tree.size % _BLOCK
+
+
 @dataclass
 class _Walk:
     """What the walk over the entries established (the shape checkpoint checks read)."""
@@ -259,7 +291,8 @@ class _Walk:
         return self.root_value
 
 
-def _raw_rows(session: Session) -> Iterator[tuple[Any, ...]]:
+@contextmanager
+def _raw_rows(session: Session) -> Iterator[Iterable[tuple[Any, ...]]]:
     """Every entry row as the driver returns it, in order, in the session's transaction.
 
     A plain DB-API cursor, no result processing: on PostgreSQL a named
@@ -275,13 +308,18 @@ def _raw_rows(session: Session) -> Iterator[tuple[Any, ...]]:
         cursor.arraysize = _WALK_BATCH
     try:
         cursor.execute(_WALK_SQL)
-        while True:
-            batch = cursor.fetchmany(_WALK_BATCH)
-            if not batch:
-                return
-            yield from batch
+        yield cursor
     finally:
         cursor.close()
+
+
+def _time_text(moment: Any) -> str:
+    """A stored time as ``YYYY-MM-DD HH:MM:SS.ffffff`` (UTC), however the driver gave it."""
+    if isinstance(moment, datetime):
+        if moment.tzinfo is not None:
+            moment = moment.astimezone(UTC).replace(tzinfo=None)
+        return str(moment.isoformat(" ", "microseconds"))
+    return str(moment) if isinstance(moment, str) else ""
 
 
 def _utc(raw: Any) -> Any:
@@ -327,101 +365,92 @@ def _walk(
     or hands the state back.
     """
     sha256 = hashlib.sha256
-    loads = json.loads
+    scan: Any = cast(Any, make_scanner)(json.JSONDecoder())
+    quote = encode_basestring
     fromisoformat = datetime.fromisoformat
-    stack: list[bytes] = []
+    tree = merkle.CompactRange()
+    pending: list[bytes] = []
+    room = _BLOCK
     size = 0
     prev = GENESIS_PREV_HASH
     prev_hex = prev.hex()
     walk = _Walk()
     roots = walk.roots
     next_progress = _PROGRESS_EVERY
-    for row in _raw_rows(session):
-        ok = False
-        seq, moment, kind, name, role, bundle, consent, prev_raw, hash_raw, canonical = row
-        digest = sha256(_ENTRY_PREFIX + canonical).digest()
-        if digest == hash_raw and prev_raw == prev and len(canonical) <= _MAX_ENTRY_BYTES:
-            try:
-                fields = loads(canonical.decode())
-                actor = fields["actor"]
-                if isinstance(moment, str):
-                    stored_time = fromisoformat(moment)
-                else:
-                    stored_time = moment.astimezone(UTC).replace(tzinfo=None)
-                ok = (
-                    type(fields) is dict
-                    and fields.keys() == _FIELDS
-                    and type(actor) is dict
-                    and actor.keys() == _ACTOR_FIELDS
-                    and type(fields["seq"]) is int
-                    and type(fields["body"]) is dict
-                    and type(fields["v"]) is int
-                    and kind in _KNOWN_KINDS
-                    and stored_time.tzinfo is None
-                    and (
-                        fields["v"],
-                        fields["seq"],
-                        fields["kind"],
-                        actor["name"],
-                        actor["role"],
-                        fields["bundle_id"],
-                        fields["consent_id"],
-                        fields["prev_hash"],
-                        fields["time"],
-                    )
-                    == (
-                        1,
-                        size,
-                        kind,
-                        name,
-                        role,
-                        bundle,
-                        consent,
-                        prev_hex,
-                        stored_time.isoformat(timespec="microseconds") + "Z",
-                    )
-                    and seq == size
-                )
-            except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
-                ok = False
-        if ok:
-            if kind == _MADE:
-                made_entries[size] = fields["body"]
-            node = sha256(b"\x00" + digest).digest()
-            bits = size
-            while bits & 1:
-                node = sha256(b"\x01" + stack.pop() + node).digest()
-                bits >>= 1
-            stack.append(node)
-            size += 1
-            prev = digest
-            prev_hex = digest.hex()
-        else:
-            compact = merkle.CompactRange.restore(size, b"".join(stack))
-            verifier = ChainVerifier.resume(compact, prev)
-            problem = verifier.feed(_stored(row))
-            if problem is not None:
-                walk.problem = problem
-                break
-            last = verifier.last
-            if last is not None and last.kind is EntryKind.CHECKPOINT_MADE:
-                made_entries[last.seq] = last.body
-            stack = [
-                chunk[i : i + merkle.HASH_SIZE]
-                for chunk in (verifier.compact.to_bytes(),)
-                for i in range(0, len(chunk), merkle.HASH_SIZE)
-            ]
-            size = verifier.size
-            prev = verifier.head_hash
-            prev_hex = prev.hex()
-        if size in sizes:
-            roots[size] = merkle.CompactRange.restore(size, b"".join(stack)).root()
-        if progress is not None and size >= next_progress:
-            progress(size)
-            next_progress += _PROGRESS_EVERY
+    with _raw_rows(session) as rows:
+        for row in rows:
+            ok = False
+            seq, moment, kind, name, role, bundle, consent, prev_raw, hash_raw, canonical = row
+            digest = sha256(_ENTRY_PREFIX + canonical).digest()
+            if digest == hash_raw and prev_raw == prev and len(canonical) <= _MAX_ENTRY_BYTES:
+                try:
+                    if type(moment) is not str:
+                        moment = _time_text(moment)
+                    # The stored time in the one form SQLite keeps (and _time_text gives),
+                    # a real instant without a zone.
+                    if (
+                        kind in _KNOWN_KINDS
+                        and len(moment) == 26
+                        and moment.isascii()
+                        and moment[4] == moment[7] == "-"
+                        and moment[10] == " "
+                        and moment[13] == moment[16] == ":"
+                        and moment[19] == "."
+                        and fromisoformat(moment).tzinfo is None
+                    ):
+                        # The entry must be, byte for byte, the canonical form of the
+                        # row's columns around a body that is one JSON object.
+                        text = canonical.decode()
+                        head = (
+                            f'{{"actor":{{"name":{quote(name)},"role":'
+                            f'{"null" if role is None else quote(role)}}},"body":'
+                        )
+                        tail = (
+                            f',"bundle_id":{"null" if bundle is None else quote(bundle)}'
+                            f',"consent_id":{"null" if consent is None else quote(consent)}'
+                            f',"kind":"{kind}","prev_hash":"{prev_hex}","seq":{size}'
+                            f',"time":"{moment[:10]}T{moment[11:]}Z","v":1}}'
+                        )
+                        if seq == size and text.startswith(head) and text.endswith(tail):
+                            stop = len(text) - len(tail)
+                            body, end = scan(text, len(head))
+                            ok = end == stop and type(body) is dict and stop > len(head)
+                except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+                    ok = False
+            if ok:
+                if kind == _MADE:
+                    made_entries[size] = body
+                pending.append(digest)
+                size += 1
+                prev = digest
+                prev_hex = digest.hex()
+                if len(pending) == room:
+                    room = _fold(tree, pending)
+            else:
+                room = _fold(tree, pending)
+                verifier = ChainVerifier.resume(tree, prev)
+                problem = verifier.feed(_stored(row))
+                if problem is not None:
+                    walk.problem = problem
+                    break
+                last = verifier.last
+                if last is not None and last.kind is EntryKind.CHECKPOINT_MADE:
+                    made_entries[last.seq] = last.body
+                tree = verifier.compact
+                room = _BLOCK - tree.size % _BLOCK
+                size = verifier.size
+                prev = verifier.head_hash
+                prev_hex = prev.hex()
+            if size in sizes:
+                room = _fold(tree, pending)
+                roots[size] = tree.root()
+            if progress is not None and size >= next_progress:
+                progress(size)
+                next_progress += _PROGRESS_EVERY
+    _fold(tree, pending)
     walk.size = size
     walk.head_hash = prev
-    walk.root_value = merkle.CompactRange.restore(size, b"".join(stack)).root()
+    walk.root_value = tree.root()
     if progress is not None:
         progress(size)
     return walk
