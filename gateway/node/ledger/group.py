@@ -43,7 +43,7 @@ from gateway.node.crash import crash_point
 from gateway.node.ledger import Event, append_entries
 from gateway.store.db import Database
 
-__all__ = ["GroupCommitAppender"]
+__all__ = ["Change", "GroupCommitAppender"]
 
 _log = get_logger("ledger.group")
 
