@@ -176,3 +176,25 @@ def test_migration_backfills_the_state_of_an_existing_ledger(db: Database) -> No
     assert {k: bytes(v) for k, v in again.items()} == {k: bytes(v) for k, v in stored.items()}
     fill(db, 2, start=40)
     assert _checkpoint(db, 3) == _state(db)[0] - 1
+
+
+def test_verify_takes_every_well_formed_entry_whatever_its_characters(db: Database) -> None:
+    """Names, ids and bodies with non-ASCII and escaped characters verify like any other."""
+    from gateway.core.roles import Actor, Role  # noqa: PLC0415
+
+    with db.transaction() as session:
+        for index, name in enumerate(("Ñoño", 'quo"te\\', "\u2028line", "日本")):
+            ledger.record_event(
+                session,
+                kind="consent-granted",
+                actor=Actor(name, Role.OFFICER),
+                now=T0 + timedelta(microseconds=index),
+                consent_id=f"c-{index}",
+                bundle_id=None if index % 2 else "b/1+2=3",
+                body={"reason": f"{name}\n\t\x01", "n": [index, None, True]},
+            )
+    with db.transaction() as session:
+        report = ledger_verify.verify_ledger(session)
+    assert report.ok, report.problem
+    assert report.entries == 4
+    assert report.root == _entries_root(db)[2]
