@@ -10,8 +10,10 @@ from aiohttp import web
 
 from gateway.api.routes_common import ApiRoute, Call, json_response
 from gateway.errors import ConfigError, InvalidInput
-from gateway.node import ledger
 from gateway.node.keys import peer_node_of, pinned_peer_manifest, verify_ledger_with_keys
+from gateway.node.ledger import export as export_service
+from gateway.node.ledger import read as ledger_read
+from gateway.node.ledger import witness as ledger_witness
 from gateway.node.runtime import utc_now
 
 __all__ = ["DEFAULT_LIST_LIMIT", "ROUTES"]
@@ -26,18 +28,18 @@ _EXPORT_TYPES = {"csv": "text/csv", "jsonl": "application/x-ndjson"}
 def _limit(text: str | None) -> int:
     if text is None:
         return DEFAULT_LIST_LIMIT
-    if not text.isdigit() or not 0 < int(text) <= ledger.MAX_LIST_LIMIT:
-        raise InvalidInput(f"limit must be a number from 1 to {ledger.MAX_LIST_LIMIT}")
+    if not text.isdigit() or not 0 < int(text) <= ledger_read.MAX_LIST_LIMIT:
+        raise InvalidInput(f"limit must be a number from 1 to {ledger_read.MAX_LIST_LIMIT}")
     return int(text)
 
 
 async def ledger_list(call: Call) -> web.StreamResponse:
     bundle = call.query("bundle")
     kind = call.query("kind")
-    since = ledger.parse_since(call.query("since"), option="since")
+    since = ledger_read.parse_since(call.query("since"), option="since")
     limit = _limit(call.query("limit"))
     entries = await call.in_transaction(
-        lambda session: ledger.list_entries(
+        lambda session: ledger_read.list_entries(
             session, bundle=bundle, kind=kind, since=since, limit=limit
         )
     )
@@ -56,11 +58,11 @@ async def ledger_export(call: Call) -> web.StreamResponse:
     fmt = call.query("format")
     if fmt not in _EXPORT_TYPES:
         raise InvalidInput("query parameter format must be csv or jsonl")
-    chosen = cast(ledger.ExportFormat, fmt)
+    chosen = cast(export_service.ExportFormat, fmt)
     spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)  # noqa: SIM115 - closed below
     try:
         count = await call.in_transaction(
-            lambda session: ledger.export(session, chosen, cast(BinaryIO, spool))
+            lambda session: export_service.export(session, chosen, cast(BinaryIO, spool))
         )
         response = web.StreamResponse(
             headers={
@@ -91,16 +93,16 @@ async def ledger_audit_peer(call: Call) -> web.StreamResponse:
     from gateway.peer.client import PeerClient  # noqa: PLC0415 - only this route talks to the peer
     from gateway.peer.ledger_client import fetch_consistency  # noqa: PLC0415
 
-    async def ask(first: int) -> ledger.PeerAnswer:
+    async def ask(first: int) -> ledger_witness.PeerAnswer:
         async with PeerClient(node.settings, keyring) as client:
             return await fetch_consistency(client, first)
 
-    def fetch(first: int) -> ledger.PeerAnswer:
+    def fetch(first: int) -> ledger_witness.PeerAnswer:
         # audit_peer runs on a worker thread; the request goes out on the server's loop.
         return asyncio.run_coroutine_threadsafe(ask(first), loop).result()
 
     result = await call.run(
-        lambda: ledger.audit_peer(
+        lambda: ledger_witness.audit_peer(
             node.db, pinned, peer_node=peer, fetch=fetch, now=utc_now, actor=call.actor
         )
     )

@@ -12,7 +12,7 @@ from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
 from gateway.core.keys import KeyManifest, format_time
 from gateway.node import keys as key_service
-from gateway.node.ledger import parse_since
+from gateway.node.ledger.read import parse_since
 from gateway.node.runtime import next_whole_second, utc_now
 
 __all__ = ["keys", "manifest_text"]

@@ -22,8 +22,11 @@ from gateway.core.ledger import LedgerEntry
 from gateway.core.roles import SYSTEM
 from gateway.core.times import Precision, format_utc
 from gateway.errors import AlreadyExists, ConfigError, InvalidInput, StorageError
-from gateway.node import ledger
 from gateway.node.keys import peer_node_of, pinned_peer_manifest, verify_ledger_with_keys
+from gateway.node.ledger import checkpoint as ledger_checkpoint
+from gateway.node.ledger import export as ledger_export
+from gateway.node.ledger import read as ledger_read
+from gateway.node.ledger import witness as ledger_witness
 from gateway.node.runtime import utc_now
 
 __all__ = ["ledger_group"]
@@ -54,7 +57,9 @@ def ledger_group() -> None:
 @click.option("--bundle", help="Only entries about this bundle id.")
 @click.option("--kind", help="Only entries of this kind (e.g. disclosure-blocked).")
 @click.option("--since", help="Only entries at or after this time (ISO 8601; UTC if no zone).")
-@click.option("--limit", type=click.IntRange(1, ledger.MAX_LIST_LIMIT), help="At most N entries.")
+@click.option(
+    "--limit", type=click.IntRange(1, ledger_read.MAX_LIST_LIMIT), help="At most N entries."
+)
 @pass_app
 def list_command(
     app: AppContext, bundle: str | None, kind: str | None, since: str | None, limit: int | None
@@ -63,11 +68,11 @@ def list_command(
     app.actor("ledger.list")
     node = app.node()
     with node.db.transaction() as session:
-        entries = ledger.list_entries(
+        entries = ledger_read.list_entries(
             session,
             bundle=bundle,
             kind=kind,
-            since=ledger.parse_since(since, option="--since"),
+            since=ledger_read.parse_since(since, option="--since"),
             limit=limit,
         )
     app.emit(
@@ -146,7 +151,7 @@ def export(app: AppContext, fmt: str, out: Path) -> None:
     app.actor("ledger.export")
     node = app.node()
     with node.db.transaction() as session:
-        count = _write_new_file(out, lambda stream: ledger.export(session, fmt, stream))  # type: ignore[arg-type]
+        count = _write_new_file(out, lambda stream: ledger_export.export(session, fmt, stream))  # type: ignore[arg-type]
     app.emit({"entries": count, "out": out, "format": fmt}, f"exported {count} entries to {out}")
 
 
@@ -158,7 +163,7 @@ def checkpoint(app: AppContext, send: bool) -> None:
     node = app.node()
     keyring = app.keyring()
     with node.db.transaction() as session:
-        signed = ledger.make_checkpoint(session, keyring, utc_now(), actor=SYSTEM)
+        signed = ledger_checkpoint.make_checkpoint(session, keyring, utc_now(), actor=SYSTEM)
     sent = False
     if send:
         from gateway.peer.client import PeerClient  # noqa: PLC0415 - only this option talks to the peer
@@ -166,7 +171,9 @@ def checkpoint(app: AppContext, send: bool) -> None:
 
         async def _send() -> None:
             async with PeerClient(node.settings, keyring) as client:
-                await send_checkpoint(client, signed, prove=ledger.consistency_prover(node.db))
+                await send_checkpoint(
+                    client, signed, prove=ledger_witness.consistency_prover(node.db)
+                )
 
         asyncio.run(_send())
         sent = True
@@ -203,14 +210,14 @@ def audit_peer(app: AppContext) -> None:
     from gateway.peer.client import PeerClient  # noqa: PLC0415 - the CLI talks to the peer here only
     from gateway.peer.ledger_client import fetch_consistency  # noqa: PLC0415
 
-    def fetch(first: int) -> ledger.PeerAnswer:
-        async def _fetch() -> ledger.PeerAnswer:
+    def fetch(first: int) -> ledger_witness.PeerAnswer:
+        async def _fetch() -> ledger_witness.PeerAnswer:
             async with PeerClient(node.settings, keyring) as client:
                 return await fetch_consistency(client, first)
 
         return asyncio.run(_fetch())
 
-    result = ledger.audit_peer(
+    result = ledger_witness.audit_peer(
         node.db, pinned, peer_node=peer, fetch=fetch, now=utc_now, actor=actor
     )
     app.emit(result.to_dict(), result.message)

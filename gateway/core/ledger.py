@@ -67,6 +67,7 @@ __all__ = [
     "WitnessMismatch",
     "audit_peer_answer",
     "check_checkpoint_root",
+    "entry_canonical",
     "format_time",
     "load_signed_checkpoint",
     "make_checkpoint",
@@ -274,7 +275,7 @@ def make_entry(
     body = {} if body is None else body
     if not isinstance(body, dict):
         raise InvalidInput("a ledger entry body is a JSON object")
-    if len(canonical_bytes(body)) > MAX_BODY_BYTES:
+    if len(entry_canonical(body)) > MAX_BODY_BYTES:
         raise InvalidInput(f"ledger entry body exceeds {MAX_BODY_BYTES} bytes")
     role = None if actor.role is None else actor.role.value
     fields = {
@@ -288,7 +289,7 @@ def make_entry(
         "body": body,
         "prev_hash": prev_hash.hex(),
     }
-    canonical = canonical_bytes(fields)
+    canonical = entry_canonical(fields)
     return LedgerEntry(
         seq=seq,
         time=parse_time(fields["time"]),
@@ -302,6 +303,57 @@ def make_entry(
         canonical=canonical,
         entry_hash=tagged_sha256(Purpose.LEDGER_ENTRY, canonical),
     )
+
+
+_SAFE_INTEGER = 2**53 - 1
+_FIRST_SURROGATE = "\ud800"
+_COMPACT = json.JSONEncoder(
+    ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
+)
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Whether RFC 8785 and sorted compact JSON write ``value`` the same.
+
+    They agree on ``null``, booleans, integers of at most 2**53 - 1 in
+    magnitude, strings (both escape only ``"``, ``\\`` and control characters,
+    in the same spellings) and on objects whose keys all sort alike by UTF-16
+    code unit (RFC 8785 §3.2.3) and by code point: keys without characters
+    from U+D800 up. Floats and anything else are left to the RFC 8785 encoder.
+    """
+    kind = type(value)
+    if kind is str or kind is bool or value is None:
+        return True
+    if kind is int:
+        return bool(-_SAFE_INTEGER <= value <= _SAFE_INTEGER)
+    if depth > 32:
+        return False
+    if kind is dict:
+        return all(
+            type(key) is str
+            and (key.isascii() or max(key) < _FIRST_SURROGATE)
+            and _plain(item, depth + 1)
+            for key, item in value.items()
+        )
+    if kind is list:
+        return all(_plain(item, depth + 1) for item in value)
+    return False
+
+
+def entry_canonical(value: Any) -> bytes:
+    """The RFC 8785 canonical bytes of ``value``, fast for the values ledger entries hold.
+
+    For :func:`_plain` values the C JSON encoder (sorted keys, compact, no
+    ASCII escaping) writes exactly the RFC 8785 bytes; everything else goes
+    through :func:`gateway.core.canonical.canonical_bytes`. A test checks the
+    two agree on generated values.
+    """
+    if _plain(value):
+        try:
+            return _COMPACT.encode(value).encode("utf-8")
+        except (UnicodeEncodeError, ValueError):
+            pass  # a lone surrogate: the RFC 8785 encoder gives the error
+    return canonical_bytes(value)
 
 
 def _optional_str(value: Any, name: str) -> str | None:
@@ -421,9 +473,32 @@ class ChainVerifier:
     _tree: merkle.CompactRange = field(default_factory=merkle.CompactRange)
     _prev_hash: bytes = GENESIS_PREV_HASH
 
+    @classmethod
+    def resume(cls, compact: merkle.CompactRange, prev_hash: bytes) -> ChainVerifier:
+        """A verifier that continues after ``compact.size`` entries already checked.
+
+        ``compact`` is the compact range over those entries and ``prev_hash``
+        the hash of the last of them: the next row fed must be entry
+        ``compact.size``.
+        """
+        verifier = cls()
+        verifier._tree = compact.copy()
+        verifier._prev_hash = prev_hash
+        return verifier
+
     @property
     def size(self) -> int:
         return self._tree.size
+
+    @property
+    def head_hash(self) -> bytes:
+        """The hash of the last entry fed (32 zero bytes before the first)."""
+        return self._prev_hash
+
+    @property
+    def compact(self) -> merkle.CompactRange:
+        """A copy of the compact range over the entries fed so far."""
+        return self._tree.copy()
 
     def root(self) -> bytes:
         return self._tree.root()

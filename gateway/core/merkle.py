@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from gateway.errors import VerificationError
 
@@ -30,8 +30,11 @@ __all__ = [
     "MAX_PROOF_LENGTH",
     "CompactRange",
     "MerkleProofInvalid",
+    "SubtreeRoot",
     "consistency_proof",
+    "consistency_proof_from",
     "inclusion_proof",
+    "inclusion_proof_from",
     "leaf_hash",
     "node_hash",
     "root_from_leaf_hashes",
@@ -85,6 +88,34 @@ class CompactRange:
         self.size = 0
         self._stack: list[bytes] = []
 
+    @classmethod
+    def restore(cls, size: int, nodes: bytes) -> CompactRange:
+        """A compact range from its stored form: ``size`` and the concatenated stack.
+
+        The stack holds one 32-byte subtree hash per set bit of ``size``, the
+        largest (leftmost) subtree first. Anything else raises ``ValueError``.
+        """
+        if size < 0 or len(nodes) != HASH_SIZE * size.bit_count():
+            raise ValueError(
+                f"a compact range of {size} leaves holds {size.bit_count() if size >= 0 else 0} "
+                f"hashes, not {len(nodes) / HASH_SIZE:g}"
+            )
+        compact = cls()
+        compact.size = size
+        compact._stack = [nodes[i : i + HASH_SIZE] for i in range(0, len(nodes), HASH_SIZE)]
+        return compact
+
+    def to_bytes(self) -> bytes:
+        """The stack, concatenated (the stored form :meth:`restore` reads)."""
+        return b"".join(self._stack)
+
+    def copy(self) -> CompactRange:
+        """An independent copy (the stack of hashes is shared, being immutable bytes)."""
+        other = CompactRange()
+        other.size = self.size
+        other._stack = list(self._stack)
+        return other
+
     def append_leaf_hash(self, hashed: bytes) -> None:
         node = hashed
         size = self.size
@@ -93,6 +124,23 @@ class CompactRange:
             size >>= 1
         self._stack.append(node)
         self.size += 1
+
+    def append_subtree(self, hashed: bytes, leaves: int) -> None:
+        """Append a perfect subtree of ``leaves`` leaves (a power of two) whose root is ``hashed``.
+
+        The range's size must be a multiple of ``leaves`` (the subtree is
+        aligned, as RFC 9162's split makes every perfect subtree); ``ValueError``
+        otherwise.
+        """
+        if leaves < 1 or leaves & (leaves - 1) or self.size % leaves:
+            raise ValueError(f"a subtree of {leaves} leaves does not fit at size {self.size}")
+        node = hashed
+        size = self.size // leaves
+        while size & 1:
+            node = node_hash(self._stack.pop(), node)
+            size >>= 1
+        self._stack.append(node)
+        self.size += leaves
 
     def append(self, data: bytes) -> None:
         self.append_leaf_hash(leaf_hash(data))
@@ -114,16 +162,27 @@ def root_from_leaf_hashes(hashes: Iterable[bytes]) -> bytes:
     return compact.root()
 
 
-def _subtree_root(hashes: Sequence[bytes], start: int, end: int) -> bytes:
-    compact = CompactRange()
-    for index in range(start, end):
-        compact.append_leaf_hash(hashes[index])
-    return compact.root()
+SubtreeRoot = Callable[[int, int], bytes]
+"""``subtree_root(start, end)``: MTH of the leaves ``start..end-1`` (``end`` > ``start``)."""
 
 
-def inclusion_proof(index: int, hashes: Sequence[bytes]) -> list[bytes]:
-    """The audit path of leaf ``index`` in the tree of ``hashes`` (RFC 9162 §2.1.3.1)."""
-    size = len(hashes)
+def _list_subtree_root(hashes: Sequence[bytes]) -> SubtreeRoot:
+    def subtree_root(start: int, end: int) -> bytes:
+        compact = CompactRange()
+        for index in range(start, end):
+            compact.append_leaf_hash(hashes[index])
+        return compact.root()
+
+    return subtree_root
+
+
+def inclusion_proof_from(index: int, size: int, subtree_root: SubtreeRoot) -> list[bytes]:
+    """The audit path of leaf ``index`` in a tree of ``size`` leaves (RFC 9162 §2.1.3.1).
+
+    The leaves are not needed in memory: ``subtree_root`` computes the hash of
+    each sibling subtree (at most log2(size) calls over disjoint ranges), so a
+    store can stream each range with bounded memory.
+    """
     if not 0 <= index < size:
         raise ValueError(f"leaf index {index} is outside a tree of {size} leaves")
     proof: list[bytes] = []
@@ -132,12 +191,45 @@ def inclusion_proof(index: int, hashes: Sequence[bytes]) -> list[bytes]:
     while end - start > 1:
         k = _split(end - start)
         if m < k:
-            proof.append(_subtree_root(hashes, start + k, end))
+            proof.append(subtree_root(start + k, end))
             end = start + k
         else:
-            proof.append(_subtree_root(hashes, start, start + k))
+            proof.append(subtree_root(start, start + k))
             start += k
             m -= k
+    proof.reverse()
+    return proof
+
+
+def inclusion_proof(index: int, hashes: Sequence[bytes]) -> list[bytes]:
+    """The audit path of leaf ``index`` in the tree of ``hashes`` (RFC 9162 §2.1.3.1)."""
+    return inclusion_proof_from(index, len(hashes), _list_subtree_root(hashes))
+
+
+def consistency_proof_from(old_size: int, size: int, subtree_root: SubtreeRoot) -> list[bytes]:
+    """The proof that the tree of ``old_size`` leaves is a prefix of the tree of ``size``.
+
+    RFC 9162 §2.1.4.1; ``old_size`` must be in ``1..size``; equal sizes give the
+    empty proof. ``subtree_root`` is called on disjoint ranges (at most
+    log2(size) + 1 of them), so the leaves can stream from a store.
+    """
+    if not 0 < old_size <= size:
+        raise ValueError(f"no consistency proof from size {old_size} to size {size}")
+    proof: list[bytes] = []
+    start, end, m, whole = 0, size, old_size, True
+    while m != end - start:
+        n = end - start
+        k = _split(n)
+        if m <= k:
+            proof.append(subtree_root(start + k, end))
+            end = start + k
+        else:
+            proof.append(subtree_root(start, start + k))
+            start += k
+            m -= k
+            whole = False
+    if not whole:
+        proof.append(subtree_root(start, end))
     proof.reverse()
     return proof
 
@@ -148,26 +240,7 @@ def consistency_proof(old_size: int, hashes: Sequence[bytes]) -> list[bytes]:
     RFC 9162 §2.1.4.1; ``old_size`` must be in ``1..len(hashes)``; equal sizes
     give the empty proof.
     """
-    size = len(hashes)
-    if not 0 < old_size <= size:
-        raise ValueError(f"no consistency proof from size {old_size} to size {size}")
-    proof: list[bytes] = []
-    start, end, m, whole = 0, size, old_size, True
-    while m != end - start:
-        n = end - start
-        k = _split(n)
-        if m <= k:
-            proof.append(_subtree_root(hashes, start + k, end))
-            end = start + k
-        else:
-            proof.append(_subtree_root(hashes, start, start + k))
-            start += k
-            m -= k
-            whole = False
-    if not whole:
-        proof.append(_subtree_root(hashes, start, end))
-    proof.reverse()
-    return proof
+    return consistency_proof_from(old_size, len(hashes), _list_subtree_root(hashes))
 
 
 def _check_proof_shape(proof: Sequence[bytes]) -> None:

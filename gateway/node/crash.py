@@ -8,6 +8,8 @@ point costs one dictionary look-up.
 
 Names in use: ``after-outbox-insert``, ``after-send``, ``before-receipt-store``,
 ``after-inbox-commit`` (the exchange code decides where they sit);
+``ledger-group-before-commit``, ``ledger-group-after-commit``,
+``ledger-group-after-ack`` (the ledger's group commit);
 ``after-purge-commit``, ``before-output-record`` (retention).
 """
 

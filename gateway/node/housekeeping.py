@@ -33,8 +33,9 @@ from gateway.core.keys import NodeKeyring
 from gateway.core.ledger import SignedCheckpoint
 from gateway.errors import GatewayError, TransportError
 from gateway.log import get_logger
-from gateway.node import ledger
 from gateway.node.keys import own_manifest, pending_manifests
+from gateway.node.ledger import checkpoint as ledger_checkpoint
+from gateway.node.ledger import witness as ledger_witness
 from gateway.node.policy import load_policy
 from gateway.node.retention import PurgeReport, purge
 from gateway.node.runtime import Node, utc_now
@@ -59,16 +60,20 @@ MANIFEST_WAIT_SECONDS = 0.5
 
 
 def checkpoint_once(node: Node, keyring: NodeKeyring, *, now: datetime) -> SignedCheckpoint | None:
-    """Sign a checkpoint when the ledger grew since the last one; return the newest."""
+    """Sign a checkpoint when the ledger grew since the last one; return the newest.
+
+    Growth means an entry other than witnessing bookkeeping
+    (:data:`gateway.node.ledger.checkpoint.BOOKKEEPING_KINDS`): the last
+    checkpoint's own ``checkpoint-made`` entry and the ``checkpoint-received``
+    entries of the peer's checkpoints do not count, or two idle nodes would
+    witness each other's checkpoints forever, two entries per interval.
+    """
     with node.db.transaction() as session:
-        latest = ledger.latest_checkpoint(session)
-        size = ledger.ledger_size(session)
-        # The last checkpoint's own "checkpoint-made" entry is not growth.
-        if latest is not None and size <= latest.checkpoint.size + 1:
+        latest = ledger_checkpoint.latest_checkpoint(session)
+        since = 0 if latest is None else latest.checkpoint.size
+        if not ledger_checkpoint.grew_since(session, since):
             return latest
-        if size == 0:
-            return None
-        return ledger.make_checkpoint(session, keyring, now)
+        return ledger_checkpoint.make_checkpoint(session, keyring, now)
 
 
 async def publish_checkpoints(
@@ -100,7 +105,9 @@ async def publish_checkpoints(
                     delay = min(interval, MANIFEST_WAIT_SECONDS)
                 else:
                     held_back = False
-                    await send_checkpoint(client, signed, prove=ledger.consistency_prover(node.db))
+                    await send_checkpoint(
+                        client, signed, prove=ledger_witness.consistency_prover(node.db)
+                    )
                     sent_size = signed.checkpoint.size
                     node.metrics.checkpoint_witnessed(sent_size)
                     node.metrics.peer.record(True)

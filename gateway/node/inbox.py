@@ -191,9 +191,9 @@ def _ledger_event(
 
 def ledger_checkpoint(session: Session) -> Checkpoint | None:
     """This node's newest signed ledger checkpoint, as a receipt names it."""
-    from gateway.node import ledger  # noqa: PLC0415
+    from gateway.node.ledger.checkpoint import latest_checkpoint  # noqa: PLC0415
 
-    latest = ledger.latest_checkpoint(session)
+    latest = latest_checkpoint(session)
     if latest is None:
         return None
     return Checkpoint(size=latest.checkpoint.size, root=latest.checkpoint.root.hex())

@@ -42,7 +42,8 @@ from gateway.errors import AlreadyExists, ConfigError, InvalidInput, NotFound, S
 from gateway.log import get_logger
 from gateway.node import keystore
 from gateway.node.keystore import OPERATIONAL_FILE, OperationalKeys, Strength
-from gateway.node.ledger import VerifyReport, record_event, verify_ledger
+from gateway.node.ledger import record_event
+from gateway.node.ledger.verify import VerifyReport, verify_ledger
 from gateway.node.revocation import RevocationImpact, mark_peer_revocations, revocation_impact
 from gateway.node.setup import InitResult, register_init_step
 from gateway.settings import Settings

@@ -18,7 +18,7 @@ from gateway.core import merkle
 from gateway.core.canonical import canonical_bytes, parse_bounded_json
 from gateway.core.ledger import MAX_CHECKPOINT_BYTES, SignedCheckpoint
 from gateway.errors import InvalidInput, TransportError
-from gateway.node.ledger import PeerAnswer
+from gateway.node.ledger.witness import PeerAnswer
 from gateway.peer.client import PeerClient, PeerRefused
 
 __all__ = [

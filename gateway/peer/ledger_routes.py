@@ -34,6 +34,8 @@ from gateway.core.roles import SYSTEM
 from gateway.errors import InvalidInput, NotFound, VerificationError
 from gateway.node import ledger
 from gateway.node.keys import pinned_peer_manifest
+from gateway.node.ledger import checkpoint as ledger_checkpoint
+from gateway.node.ledger import witness as ledger_witness
 from gateway.peer.ledger_client import CHECKPOINTS_PATH, CONSISTENCY_PATH
 from gateway.peer.server import PEER_SERVICES, read_signed_body
 from gateway.store.db import Database
@@ -90,11 +92,11 @@ def _store(db: Database, raw: bytes, peer: str, now: datetime) -> dict[str, Any]
     signed, first, proof = _split_push(raw)
     try:
         with db.transaction() as session:
-            newest = ledger.last_witnessed(session, peer)
+            newest = ledger_witness.last_witnessed(session, peer)
             if proof is not None and (newest is None or first != newest.size):
                 # A proof from another size proves nothing about our witness.
                 proof = None
-            checkpoint = ledger.store_peer_checkpoint(
+            checkpoint = ledger_witness.store_peer_checkpoint(
                 session, signed, keys, peer_node=peer, now=now, proof=proof
             )
     except WitnessMismatch as exc:
@@ -117,7 +119,7 @@ async def _post_checkpoint(request: web.Request) -> web.Response:
     now = services.clock()
     try:
         result = await asyncio.to_thread(_store, db, raw, services.peer_id, now)
-    except ledger.ConsistencyProofRequired as exc:
+    except ledger_witness.ConsistencyProofRequired as exc:
         return web.json_response(
             {
                 "error": {
@@ -149,15 +151,15 @@ def _answer(db: Database, first: int, second: int | None) -> dict[str, Any]:
     with db.transaction() as session:
         signed: SignedCheckpoint | None
         if second is None:
-            signed = ledger.latest_checkpoint(session)
+            signed = ledger_checkpoint.latest_checkpoint(session)
             if signed is None:
                 raise NotFound("this node has published no checkpoint yet")
         else:
-            signed = ledger.checkpoint_at(session, second)
+            signed = ledger_checkpoint.checkpoint_at(session, second)
         size = signed.checkpoint.size
         if not 0 < first <= size:
             raise InvalidInput(f"no consistency proof from size {first} to size {size}")
-        proof = ledger.consistency_proof(session, first, size)
+        proof = ledger_checkpoint.consistency_proof(session, first, size)
     return {
         "first": first,
         "checkpoint": {

@@ -16,9 +16,24 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from gateway.store.base import Base, UTCDateTime
 
-__all__ = ["APPEND_ONLY_TABLES", "LedgerCheckpointRow", "LedgerEntryRow", "WitnessedCheckpointRow"]
+__all__ = [
+    "APPEND_ONLY_TABLES",
+    "LEDGER_STATE_ID",
+    "LedgerCheckpointRow",
+    "LedgerCheckpointStateRow",
+    "LedgerEntryRow",
+    "LedgerStateRow",
+    "WitnessedCheckpointRow",
+]
 
-APPEND_ONLY_TABLES = ("ledger_entry", "ledger_checkpoint", "ledger_witnessed")
+APPEND_ONLY_TABLES = (
+    "ledger_entry",
+    "ledger_checkpoint",
+    "ledger_witnessed",
+    "ledger_checkpoint_state",
+)
+LEDGER_STATE_ID = 1
+"""The one row of ``ledger_state``."""
 
 
 class LedgerEntryRow(Base):
@@ -77,3 +92,37 @@ class WitnessedCheckpointRow(Base):
     body: Mapped[bytes] = mapped_column(LargeBinary())
     signature: Mapped[bytes] = mapped_column(LargeBinary(64))
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class LedgerStateRow(Base):
+    """The ledger head, kept in step with every append (migration ``0012_ledger_state``).
+
+    One row (``id`` = 1): the number of entries, the hash of the last one and
+    the RFC 9162 compact range over all of them (one 32-byte subtree hash per
+    set bit of ``size``, largest subtree first). An append reads and writes
+    it in the appending transaction, so the root of the whole ledger is an
+    O(log n) fold and never a re-walk. It is a cache of what the entries
+    say, not a source of truth: ``ledger verify`` and ``ledger checkpoint``
+    check it against the entries.
+    """
+
+    __tablename__ = "ledger_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    size: Mapped[int] = mapped_column(BigInteger)
+    head_hash: Mapped[bytes] = mapped_column(LargeBinary(32))
+    compact: Mapped[bytes] = mapped_column(LargeBinary())
+
+
+class LedgerCheckpointStateRow(Base):
+    """The compact range at each checkpoint's size (append-only, like the checkpoints).
+
+    A checkpoint after ``k`` new entries starts from the compact range of the
+    previous checkpoint, checks that it folds to that checkpoint's *signed*
+    root, and feeds the ``k`` entries since: O(k + log n) instead of a re-walk.
+    """
+
+    __tablename__ = "ledger_checkpoint_state"
+
+    size: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    compact: Mapped[bytes] = mapped_column(LargeBinary())

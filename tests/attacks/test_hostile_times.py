@@ -21,7 +21,7 @@ import pytest
 from gateway.core import consent, keys, ledger, peer_auth, times
 from gateway.core.times import DateMeans, Precision
 from gateway.errors import GatewayError, InvalidInput
-from gateway.node import ledger as ledger_service
+from gateway.node.ledger import read as ledger_service_read
 from gateway.store.models_consent import ConsentGrantRecord
 from tests.hostile import (
     Side,
@@ -63,7 +63,7 @@ def test_times_at_the_edge_of_the_calendar_are_refused_by_the_core(
     user_parsers: dict[str, Callable[[], Any]] = {
         "parse_user_time": lambda: times.parse_user_time(text, option="--x", dates=dates),
         "consent.parse_valid_until": lambda: consent.parse_valid_until(text, option="--x"),
-        "ledger.parse_since": lambda: ledger_service.parse_since(text, option="--x"),
+        "ledger.parse_since": lambda: ledger_service_read.parse_since(text, option="--x"),
     }
     for name, parse in user_parsers.items():
         if name == "ledger.parse_since" and "T" not in text:
@@ -80,7 +80,7 @@ def test_text_that_is_no_time_is_refused_by_every_parser(text: str) -> None:
     parsers: list[Callable[[], Any]] = [
         lambda: times.parse_user_time(text, option="--x", dates=DateMeans.START),
         lambda: consent.parse_valid_until(text, option="--x"),
-        lambda: ledger_service.parse_since(text, option="--x"),
+        lambda: ledger_service_read.parse_since(text, option="--x"),
         lambda: consent.parse_time(text, field="valid_until"),
         lambda: keys.parse_time(text, "expires_at"),
         lambda: ledger.parse_time(text),

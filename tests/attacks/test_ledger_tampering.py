@@ -26,6 +26,7 @@ from gateway.core.ledger import parse_entry
 from gateway.core.roles import Actor, Role
 from gateway.node import ledger
 from gateway.node.keys import own_manifest
+from gateway.node.ledger import verify as ledger_verify
 from gateway.store.db import Database, open_database
 from tests.conftest import PG_ADMIN_URL, create_pg_database, drop_pg_database
 
@@ -387,7 +388,7 @@ def test_verify_names_the_tampered_entry(
     error = json.loads(out)["error"]
     assert error["exit_code"] == 4
     with node.db.transaction() as session:
-        report = ledger.verify_ledger(session, own_keys=own_manifest(session))
+        report = ledger_verify.verify_ledger(session, own_keys=own_manifest(session))
     assert report.problem is not None
     assert (report.problem.seq, report.problem.check) == (seq, check)
 

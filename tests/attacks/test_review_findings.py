@@ -255,6 +255,8 @@ def test_peer_rewrites_witnessed_history_then_pushes_a_larger_checkpoint(
     from gateway.core.ledger import EntryKind, WitnessMismatch  # noqa: PLC0415
     from gateway.core.roles import Actor, Role  # noqa: PLC0415
     from gateway.node import ledger  # noqa: PLC0415
+    from gateway.node.ledger import checkpoint as ledger_checkpoint  # noqa: PLC0415
+    from gateway.node.ledger import witness as ledger_witness  # noqa: PLC0415
     from tests.integration.test_ledger import RawKeys, open_node_db  # noqa: PLC0415
     from tests.integration.test_ledger import RawSigner as LedgerSigner  # noqa: PLC0415
 
@@ -282,43 +284,47 @@ def test_peer_rewrites_witnessed_history_then_pushes_a_larger_checkpoint(
     forged = build("pk-forged", [{"n": 0}, {"n": 1}, {"n": "hidden"}, {"n": 3}, {"n": 4}])
     try:
         with honest.transaction() as session:
-            first = ledger.make_checkpoint(session, pk, t0)
+            first = ledger_checkpoint.make_checkpoint(session, pk, t0)
         with forged.transaction() as session:
-            bigger = ledger.make_checkpoint(session, pk, t0 + timedelta(hours=1))
+            bigger = ledger_checkpoint.make_checkpoint(session, pk, t0 + timedelta(hours=1))
         with witness.transaction() as session:
-            ledger.store_peer_checkpoint(
+            ledger_witness.store_peer_checkpoint(
                 session, first.to_wire(), RawKeys(pk), peer_node="pk", now=t0
             )
         # Pushed without a proof, the larger tree is not taken as a witness.
         with (
-            pytest.raises(ledger.ConsistencyProofRequired) as required,
+            pytest.raises(ledger_witness.ConsistencyProofRequired) as required,
             witness.transaction() as session,
         ):
-            ledger.store_peer_checkpoint(
+            ledger_witness.store_peer_checkpoint(
                 session, bigger.to_wire(), RawKeys(pk), peer_node="pk", now=t0
             )
         assert required.value.witnessed_size == first.checkpoint.size
         # With the only proof the forger can make (from its own rebuilt tree), it is caught.
         with forged.transaction() as session:
-            forged_proof = ledger.consistency_proof(
+            forged_proof = ledger_checkpoint.consistency_proof(
                 session, first.checkpoint.size, bigger.checkpoint.size
             )
         with pytest.raises(WitnessMismatch), witness.transaction() as session:
-            ledger.store_peer_checkpoint(
+            ledger_witness.store_peer_checkpoint(
                 session, bigger.to_wire(), RawKeys(pk), peer_node="pk", now=t0, proof=forged_proof
             )
 
-        def answer(first_size: int) -> ledger.PeerAnswer:
+        def answer(first_size: int) -> ledger_witness.PeerAnswer:
             with forged.transaction() as session:
-                latest = ledger.latest_checkpoint(session)
+                latest = ledger_checkpoint.latest_checkpoint(session)
                 assert latest is not None
-                proof = ledger.consistency_proof(session, first_size, latest.checkpoint.size)
-            return ledger.PeerAnswer(checkpoint=latest.to_wire(), proof=proof)
+                proof = ledger_checkpoint.consistency_proof(
+                    session, first_size, latest.checkpoint.size
+                )
+            return ledger_witness.PeerAnswer(checkpoint=latest.to_wire(), proof=proof)
 
         with pytest.raises(WitnessMismatch):
-            ledger.audit_peer(witness, RawKeys(pk), peer_node="pk", fetch=answer, now=lambda: t0)
+            ledger_witness.audit_peer(
+                witness, RawKeys(pk), peer_node="pk", fetch=answer, now=lambda: t0
+            )
         with witness.transaction() as session:
-            assert ledger.last_witnessed(session, "pk") == first.checkpoint
+            assert ledger_witness.last_witnessed(session, "pk") == first.checkpoint
     finally:
         for database in (witness, honest, forged):
             database.dispose()

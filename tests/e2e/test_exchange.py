@@ -301,10 +301,10 @@ def test_cases_of_every_type_travel_both_ways_and_officers_read_them(
     shown = pair.pk.cli("show", sent["jp"][0], "--out", str(out))
     assert shown["case"]["acts"] == example("broker-misconduct")["acts"]
     assert (out / f"{sent['jp'][0]}.json").is_file()
-    from gateway.node import ledger  # noqa: PLC0415
+    from gateway.node.ledger import read as ledger_read  # noqa: PLC0415
 
     with pair.pk.node.db.transaction() as session:
-        [read] = ledger.list_entries(session, kind="bundle-read", bundle=sent["jp"][0])
+        [read] = ledger_read.list_entries(session, kind="bundle-read", bundle=sent["jp"][0])
     assert read.actor_name == "officer-pk"
 
 

@@ -27,7 +27,7 @@ from sqlalchemy import select
 
 from gateway.core.envelope import seal
 from gateway.core.keys import format_time
-from gateway.node.ledger import list_entries
+from gateway.node.ledger.read import list_entries
 from gateway.node.outbox import send_case
 from gateway.node.policy import load_policy
 from gateway.node.runtime import utc_now

@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from gateway.node import ledger
+from gateway.node.ledger import witness as ledger_witness
 from gateway.node.runtime import Node
 from gateway.settings import load_settings
 from gateway.store.models_exchange import InboxEntry
@@ -105,7 +106,7 @@ def test_serving_nodes_publish_checkpoints_that_the_peer_witnesses(
         node = Node.open(load_settings(pk.home, environ=pk.env()))
         try:
             with node.db.transaction() as session:
-                latest = ledger.last_witnessed(session, "jp")
+                latest = ledger_witness.last_witnessed(session, "jp")
             return -1 if latest is None else latest.size
         finally:
             node.close()

@@ -48,9 +48,11 @@ from gateway.errors import (
     VerificationError,
 )
 from gateway.node import keys as key_service
-from gateway.node import ledger
 from gateway.node.inbox import read_bundle, receive_envelope
 from gateway.node.keystore import unlock_keyring
+from gateway.node.ledger import checkpoint as ledger_checkpoint
+from gateway.node.ledger import export as ledger_export
+from gateway.node.ledger import witness as ledger_witness
 from gateway.node.runtime import Node, utc_now
 from gateway.node.setup import init_node
 from gateway.node.users import add_user, disable_user
@@ -593,7 +595,7 @@ def test_compliance_lists_verifies_and_exports_the_ledger(api_node: ApiNode) -> 
     for fmt in ("csv", "jsonl"):
         out = io.BytesIO()
         with api_node.node.db.transaction() as session:
-            ledger.export(session, fmt, out)
+            ledger_export.export(session, fmt, out)
         expected[fmt] = out.getvalue()
     token = api_node.tokens["compliance"]
 
@@ -878,11 +880,11 @@ def test_compliance_audits_the_peer_through_the_api_over_a_real_peer_server(
 
     # jp witnesses a checkpoint of pk's ledger, then pk's ledger grows and is signed again.
     with pk.node.db.transaction() as session:
-        witnessed = ledger.make_checkpoint(session, pk.keyring(), utc_now())
+        witnessed = ledger_checkpoint.make_checkpoint(session, pk.keyring(), utc_now())
     with jp.node.db.transaction() as session:
         pinned = key_service.pinned_peer_manifest(session)
         assert pinned is not None
-        ledger.store_peer_checkpoint(
+        ledger_witness.store_peer_checkpoint(
             session, witnessed.to_wire(), pinned, peer_node="pk", now=utc_now()
         )
     read_bundle(
@@ -894,7 +896,7 @@ def test_compliance_audits_the_peer_through_the_api_over_a_real_peer_server(
         now=utc_now(),
     )
     with pk.node.db.transaction() as session:
-        grown = ledger.make_checkpoint(session, pk.keyring(), utc_now())
+        grown = ledger_checkpoint.make_checkpoint(session, pk.keyring(), utc_now())
     assert grown.checkpoint.size > witnessed.checkpoint.size
 
     limits = limits_from_policy(gateway.node.policy.load_policy(pk.node.settings).limits)

@@ -26,10 +26,11 @@ from gateway.core.consent import ConsentGrant, sign_grant
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
 from gateway.errors import ConsentRefused, InvalidInput, NotFound, PolicyRefused
-from gateway.node import consent, ledger
+from gateway.node import consent
 from gateway.node import keys as key_service
 from gateway.node.inbox import receive_envelope
 from gateway.node.keystore import unlock_keyring
+from gateway.node.ledger import read as ledger_read
 from gateway.node.outbox import send_case, send_protocol_bundle
 from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user
@@ -134,7 +135,7 @@ def send_case_to_peer(
 
 def entries(side: Side, kind: str | None = None) -> list[Any]:
     with side.node.db.transaction() as session:
-        found = ledger.list_entries(session)
+        found = ledger_read.list_entries(session)
     return [e for e in found if kind is None or str(e.kind) == kind]
 
 

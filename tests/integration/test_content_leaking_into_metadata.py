@@ -23,8 +23,10 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ConsentRefused
-from gateway.node import consent, ledger
+from gateway.node import consent
 from gateway.node.inbox import read_bundle
+from gateway.node.ledger import export as ledger_export
+from gateway.node.ledger import read as ledger_read
 from gateway.node.outbox import send_case
 from gateway.node.runtime import utc_now
 from tests.exchange_pair import (
@@ -148,16 +150,16 @@ def _api_outputs(side: Side, bundle: str) -> dict[str, str]:
 
 def _core_outputs(side: Side) -> dict[str, str]:
     with side.node.db.transaction() as session:
-        listed = [entry.to_dict() for entry in ledger.list_entries(session)]
+        listed = [entry.to_dict() for entry in ledger_read.list_entries(session)]
         exported = {}
         for fmt in ("csv", "jsonl"):
             buffer = io.BytesIO()
-            ledger.export(session, fmt, buffer)  # type: ignore[arg-type]
+            ledger_export.export(session, fmt, buffer)  # type: ignore[arg-type]
             exported[fmt] = buffer.getvalue().decode("utf-8")
     return {
-        "core ledger.list_entries": json.dumps(listed, default=str, ensure_ascii=False),
-        "core ledger.export csv": exported["csv"],
-        "core ledger.export jsonl": exported["jsonl"],
+        "core ledger_read.list_entries": json.dumps(listed, default=str, ensure_ascii=False),
+        "core ledger_export.export csv": exported["csv"],
+        "core ledger_export.export jsonl": exported["jsonl"],
     }
 
 

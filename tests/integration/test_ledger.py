@@ -29,6 +29,11 @@ from gateway.core.ledger import (
 from gateway.core.roles import Actor, Role
 from gateway.errors import InvalidInput, RefusedError, StorageError
 from gateway.node import ledger
+from gateway.node.ledger import checkpoint as ledger_checkpoint
+from gateway.node.ledger import export as ledger_export
+from gateway.node.ledger import read as ledger_read
+from gateway.node.ledger import verify as ledger_verify
+from gateway.node.ledger import witness as ledger_witness
 from gateway.store.db import Database, open_database
 from gateway.store.models import NodeRecord
 
@@ -93,7 +98,7 @@ def fill(db: Database, count: int, *, start: int = 0, at: datetime | None = None
 def test_entries_are_appended_in_sequence_and_chained(db: Database) -> None:
     fill(db, 5)
     with db.transaction() as session:
-        entries = ledger.list_entries(session)
+        entries = ledger_read.list_entries(session)
     assert [e.seq for e in entries] == [0, 1, 2, 3, 4]
     assert entries[0].prev_hash == bytes(32)
     for before, after in itertools.pairwise(entries):
@@ -113,7 +118,7 @@ def test_entry_rolls_back_with_the_callers_transaction(db: Database) -> None:
     with pytest.raises(RuntimeError):
         _append_then_fail(db)
     with db.transaction() as session:
-        assert ledger.list_entries(session) == []
+        assert ledger_read.list_entries(session) == []
 
 
 @pytest.mark.parametrize(
@@ -138,12 +143,12 @@ def test_list_filters_by_bundle_kind_time_and_limit(db: Database) -> None:
     fill(db, 9)
     with db.transaction() as session:
         ledger.record_event(session, kind="consent-granted", actor=OFFICER, now=T0, consent_id="c1")
-        by_bundle = ledger.list_entries(session, bundle="b-1")
-        by_kind = ledger.list_entries(session, kind="consent-granted")
-        since = ledger.list_entries(session, since=T0 + timedelta(seconds=7))
-        limited = ledger.list_entries(session, limit=2)
+        by_bundle = ledger_read.list_entries(session, bundle="b-1")
+        by_kind = ledger_read.list_entries(session, kind="consent-granted")
+        since = ledger_read.list_entries(session, since=T0 + timedelta(seconds=7))
+        limited = ledger_read.list_entries(session, limit=2)
         with pytest.raises(InvalidInput, match="unknown entry kind"):
-            ledger.list_entries(session, kind="nonsense")
+            ledger_read.list_entries(session, kind="nonsense")
     assert [e.seq for e in by_bundle] == [1, 4, 7]
     assert [e.consent_id for e in by_kind] == ["c1"]
     assert [e.seq for e in since] == [7, 8]
@@ -174,7 +179,7 @@ def test_concurrent_appends_never_share_a_sequence_number(db: Database) -> None:
         thread.join()
     assert errors == []
     with db.transaction() as session:
-        report = ledger.verify_ledger(session)
+        report = ledger_verify.verify_ledger(session)
         assert report.ok, report.problem
         assert report.entries == 40
 
@@ -183,9 +188,9 @@ def test_database_refuses_update_delete_truncate(db: Database) -> None:
     fill(db, 3)
     signer = RawSigner(b"j" * 32)
     with db.transaction() as session:
-        signed = ledger.make_checkpoint(session, signer, T0)
+        signed = ledger_checkpoint.make_checkpoint(session, signer, T0)
         # Witness our own checkpoint as if it came from a peer, to have a row there too.
-        ledger.store_peer_checkpoint(
+        ledger_witness.store_peer_checkpoint(
             session, signed.to_wire(), RawKeys(signer), peer_node="jp", now=T0
         )
     for statement in (
@@ -205,7 +210,7 @@ def test_database_refuses_update_delete_truncate(db: Database) -> None:
         with pytest.raises(DBAPIError, match="append-only"), db.transaction() as session:
             session.execute(text("TRUNCATE ledger_entry"))
     with db.transaction() as session:
-        report = ledger.verify_ledger(session, own_keys=RawKeys(signer))
+        report = ledger_verify.verify_ledger(session, own_keys=RawKeys(signer))
     assert report.ok, report.problem
     assert report.entries == 5
 
@@ -214,10 +219,10 @@ def test_checkpoint_signs_the_root_of_all_entries_and_is_recorded(db: Database) 
     signer = RawSigner(b"j" * 32)
     fill(db, 6)
     with db.transaction() as session:
-        signed = ledger.make_checkpoint(session, signer, T0 + timedelta(hours=1))
+        signed = ledger_checkpoint.make_checkpoint(session, signer, T0 + timedelta(hours=1))
     with db.transaction() as session:
-        entries = ledger.list_entries(session)
-        report = ledger.verify_ledger(session, own_keys=RawKeys(signer))
+        entries = ledger_read.list_entries(session)
+        report = ledger_verify.verify_ledger(session, own_keys=RawKeys(signer))
     checkpoint = signed.checkpoint
     assert (checkpoint.node, checkpoint.size) == ("jp", 6)
     assert checkpoint.root == merkle.root_from_leaf_hashes(e.leaf_hash for e in entries[:6])
@@ -231,16 +236,16 @@ def test_checkpoint_of_unchanged_ledger_is_the_same_one(db: Database) -> None:
     signer = RawSigner(b"j" * 32)
     fill(db, 2)
     with db.transaction() as session:
-        first = ledger.make_checkpoint(session, signer, T0)
+        first = ledger_checkpoint.make_checkpoint(session, signer, T0)
     with db.transaction() as session:
         # Only the checkpoint-made entry was added since: nothing new to sign.
-        second = ledger.make_checkpoint(session, signer, T0 + timedelta(minutes=1))
+        second = ledger_checkpoint.make_checkpoint(session, signer, T0 + timedelta(minutes=1))
         assert ledger.ledger_size(session) == 3
     assert second == first
     fill(db, 1, start=10)
     with db.transaction() as session:
-        third = ledger.make_checkpoint(session, signer, T0 + timedelta(minutes=2))
-        assert ledger.latest_checkpoint(session) == third
+        third = ledger_checkpoint.make_checkpoint(session, signer, T0 + timedelta(minutes=2))
+        assert ledger_checkpoint.latest_checkpoint(session) == third
     assert third.checkpoint.size == 4
 
 
@@ -248,23 +253,23 @@ def test_checkpoint_refused_over_a_tampered_ledger(db: Database) -> None:
     fill(db, 4)
     _without_triggers(db, "UPDATE ledger_entry SET actor_name = 'mallory' WHERE seq = 2")
     with pytest.raises(Exception, match="entry 2") as info, db.transaction() as session:
-        ledger.make_checkpoint(session, RawSigner(b"j" * 32), T0)
+        ledger_checkpoint.make_checkpoint(session, RawSigner(b"j" * 32), T0)
     assert getattr(info.value, "check", None) == "entry-hash"
     with db.transaction() as session:
-        assert ledger.latest_checkpoint(session) is None
+        assert ledger_checkpoint.latest_checkpoint(session) is None
 
 
 def test_proofs_from_the_database_verify_against_checkpoints(db: Database) -> None:
     signer = RawSigner(b"j" * 32)
     fill(db, 5)
     with db.transaction() as session:
-        old = ledger.make_checkpoint(session, signer, T0).checkpoint
+        old = ledger_checkpoint.make_checkpoint(session, signer, T0).checkpoint
     fill(db, 12, start=5)
     with db.transaction() as session:
-        new = ledger.make_checkpoint(session, signer, T0 + timedelta(hours=1)).checkpoint
-        proof = ledger.consistency_proof(session, old.size, new.size)
-        entries = ledger.list_entries(session)
-        path = ledger.inclusion_proof(session, 3, new.size)
+        new = ledger_checkpoint.make_checkpoint(session, signer, T0 + timedelta(hours=1)).checkpoint
+        proof = ledger_checkpoint.consistency_proof(session, old.size, new.size)
+        entries = ledger_read.list_entries(session)
+        path = ledger_checkpoint.inclusion_proof(session, 3, new.size)
     merkle.verify_consistency(old.size, new.size, old.root, new.root, proof)
     merkle.verify_inclusion(3, new.size, entries[3].leaf_hash, path, new.root)
 
@@ -277,7 +282,7 @@ def test_export_holds_every_entry_and_can_be_reverified(db: Database, fmt: str) 
             session, kind="disclosure-blocked", actor=Actor("=cmd|calc", Role.OFFICER), now=T0
         )
         out = io.BytesIO()
-        count = ledger.export(session, fmt, out)  # type: ignore[arg-type]
+        count = ledger_export.export(session, fmt, out)  # type: ignore[arg-type]
     assert count == 5
     data = out.getvalue().decode("utf-8")
     if fmt == "csv":
@@ -297,7 +302,7 @@ def test_export_holds_every_entry_and_can_be_reverified(db: Database, fmt: str) 
 
 def test_export_refuses_unknown_format(db: Database) -> None:
     with pytest.raises(InvalidInput, match="csv or jsonl"), db.transaction() as session:
-        ledger.export(session, "xml", io.BytesIO())  # type: ignore[arg-type]
+        ledger_export.export(session, "xml", io.BytesIO())  # type: ignore[arg-type]
 
 
 def _without_triggers(db: Database, *statements: str) -> None:
@@ -307,9 +312,15 @@ def _without_triggers(db: Database, *statements: str) -> None:
             connection.execute(text("ALTER TABLE ledger_entry DISABLE TRIGGER USER"))
             connection.execute(text("ALTER TABLE ledger_checkpoint DISABLE TRIGGER USER"))
             connection.execute(text("ALTER TABLE ledger_witnessed DISABLE TRIGGER USER"))
+            connection.execute(text("ALTER TABLE ledger_checkpoint_state DISABLE TRIGGER USER"))
         else:
             for name in ("update", "delete"):
-                for table in ("ledger_entry", "ledger_checkpoint", "ledger_witnessed"):
+                for table in (
+                    "ledger_entry",
+                    "ledger_checkpoint",
+                    "ledger_witnessed",
+                    "ledger_checkpoint_state",
+                ):
                     connection.execute(text(f"DROP TRIGGER IF EXISTS {table}_no_{name}"))
         for statement in statements:
             connection.execute(text(statement))
@@ -331,16 +342,16 @@ def peer_db(engine_name: str, tmp_path: object, pg_database_factory: object) -> 
     database.dispose()
 
 
-def _answer(peer: Database, first: int) -> ledger.PeerAnswer:
+def _answer(peer: Database, first: int) -> ledger_witness.PeerAnswer:
     with peer.transaction() as session:
-        latest = ledger.latest_checkpoint(session)
+        latest = ledger_checkpoint.latest_checkpoint(session)
         assert latest is not None
         proof = (
-            ledger.consistency_proof(session, first, latest.checkpoint.size)
+            ledger_checkpoint.consistency_proof(session, first, latest.checkpoint.size)
             if first <= latest.checkpoint.size
             else []
         )
-    return ledger.PeerAnswer(checkpoint=latest.to_wire(), proof=proof)
+    return ledger_witness.PeerAnswer(checkpoint=latest.to_wire(), proof=proof)
 
 
 def test_witnessed_peer_checkpoint_is_stored_once_and_recorded(
@@ -349,17 +360,17 @@ def test_witnessed_peer_checkpoint_is_stored_once_and_recorded(
     pk = RawSigner(b"p" * 32)
     fill(peer_db, 3)
     with peer_db.transaction() as session:
-        signed = ledger.make_checkpoint(session, pk, T0)
+        signed = ledger_checkpoint.make_checkpoint(session, pk, T0)
     for _ in range(2):
         with db.transaction() as session:
-            stored = ledger.store_peer_checkpoint(
+            stored = ledger_witness.store_peer_checkpoint(
                 session, signed.to_wire(), RawKeys(pk), peer_node="pk", now=T0
             )
     assert stored == signed.checkpoint
     with db.transaction() as session:
-        received = ledger.list_entries(session, kind="checkpoint-received")
-        assert ledger.last_witnessed(session, "pk") == signed.checkpoint
-        assert ledger.verify_ledger(session, peer_keys=RawKeys(pk), peer_node="pk").ok
+        received = ledger_read.list_entries(session, kind="checkpoint-received")
+        assert ledger_witness.last_witnessed(session, "pk") == signed.checkpoint
+        assert ledger_verify.verify_ledger(session, peer_keys=RawKeys(pk), peer_node="pk").ok
     assert len(received) == 1
     assert received[0].body["size"] == 3
 
@@ -369,7 +380,7 @@ def test_bad_peer_checkpoint_is_refused(db: Database, peer_db: Database, case: s
     pk = RawSigner(b"p" * 32)
     fill(peer_db, 2)
     with peer_db.transaction() as session:
-        signed = ledger.make_checkpoint(session, pk, T0)
+        signed = ledger_checkpoint.make_checkpoint(session, pk, T0)
     raw = signed.to_wire()
     keys = RawKeys(pk)
     node = "pk"
@@ -386,28 +397,30 @@ def test_bad_peer_checkpoint_is_refused(db: Database, peer_db: Database, case: s
         doc["signature"] = base64.b64encode(bytes(sig)).decode()
         raw = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     with pytest.raises(CheckpointInvalid), db.transaction() as session:
-        ledger.store_peer_checkpoint(session, raw, keys, peer_node=node, now=T0)
+        ledger_witness.store_peer_checkpoint(session, raw, keys, peer_node=node, now=T0)
     with db.transaction() as session:
-        assert ledger.last_witnessed(session, "pk") is None
+        assert ledger_witness.last_witnessed(session, "pk") is None
 
 
 def test_audit_passes_when_peer_history_only_grew(db: Database, peer_db: Database) -> None:
     pk = RawSigner(b"p" * 32)
     fill(peer_db, 3)
     with peer_db.transaction() as session:
-        first = ledger.make_checkpoint(session, pk, T0)
+        first = ledger_checkpoint.make_checkpoint(session, pk, T0)
     with db.transaction() as session:
-        ledger.store_peer_checkpoint(session, first.to_wire(), RawKeys(pk), peer_node="pk", now=T0)
+        ledger_witness.store_peer_checkpoint(
+            session, first.to_wire(), RawKeys(pk), peer_node="pk", now=T0
+        )
     fill(peer_db, 20, start=100)
     with peer_db.transaction() as session:
-        ledger.make_checkpoint(session, pk, T0 + timedelta(hours=1))
-    result = ledger.audit_peer(
+        ledger_checkpoint.make_checkpoint(session, pk, T0 + timedelta(hours=1))
+    result = ledger_witness.audit_peer(
         db, RawKeys(pk), peer_node="pk", fetch=lambda n: _answer(peer_db, n), now=lambda: T0
     )
     assert result.consistent
     assert (result.witnessed_size, result.current_size) == (3, 24)
     with db.transaction() as session:
-        latest = ledger.last_witnessed(session, "pk")
+        latest = ledger_witness.last_witnessed(session, "pk")
         assert latest is not None
         assert latest.size == 24
 
@@ -419,9 +432,11 @@ def test_audit_catches_peer_that_rewrote_witnessed_history(
     pk = RawSigner(b"p" * 32)
     fill(peer_db, 4)
     with peer_db.transaction() as session:
-        honest = ledger.make_checkpoint(session, pk, T0)
+        honest = ledger_checkpoint.make_checkpoint(session, pk, T0)
     with db.transaction() as session:
-        ledger.store_peer_checkpoint(session, honest.to_wire(), RawKeys(pk), peer_node="pk", now=T0)
+        ledger_witness.store_peer_checkpoint(
+            session, honest.to_wire(), RawKeys(pk), peer_node="pk", now=T0
+        )
     # A rebuilt ledger: same key, same length, entry 2 says something else; then it grows.
     rewritten = open_node_db(
         _second_url(engine_name, tmp_path, pg_database_factory, "rewritten"), "pk"
@@ -438,14 +453,14 @@ def test_audit_catches_peer_that_rewrote_witnessed_history(
                     bundle_id=f"b-{i % 3}",
                     body=body,
                 )
-            ledger.make_checkpoint(session, pk, T0)
+            ledger_checkpoint.make_checkpoint(session, pk, T0)
         fill(rewritten, 5, start=10)
         with rewritten.transaction() as session:
-            ledger.make_checkpoint(session, pk, T0 + timedelta(hours=1))
+            ledger_checkpoint.make_checkpoint(session, pk, T0 + timedelta(hours=1))
             # The forger's own ledger verifies: only the witness can tell.
-            assert ledger.verify_ledger(session, own_keys=RawKeys(pk)).ok
+            assert ledger_verify.verify_ledger(session, own_keys=RawKeys(pk)).ok
         with pytest.raises(WitnessMismatch, match="rewritten") as info:
-            ledger.audit_peer(
+            ledger_witness.audit_peer(
                 db,
                 RawKeys(pk),
                 peer_node="pk",
@@ -456,8 +471,8 @@ def test_audit_catches_peer_that_rewrote_witnessed_history(
     finally:
         rewritten.dispose()
     with db.transaction() as session:
-        equivocations = ledger.list_entries(session, kind="equivocation")
-        assert ledger.last_witnessed(session, "pk") == honest.checkpoint
+        equivocations = ledger_read.list_entries(session, kind="equivocation")
+        assert ledger_witness.last_witnessed(session, "pk") == honest.checkpoint
     assert len(equivocations) == 1
     assert equivocations[0].body["witnessed_size"] == 4
 
@@ -466,35 +481,43 @@ def test_audit_catches_peer_whose_ledger_shrank(db: Database, peer_db: Database)
     pk = RawSigner(b"p" * 32)
     fill(peer_db, 2)
     with peer_db.transaction() as session:
-        small = ledger.make_checkpoint(session, pk, T0)
+        small = ledger_checkpoint.make_checkpoint(session, pk, T0)
     fill(peer_db, 4, start=2)
     with peer_db.transaction() as session:
-        big = ledger.make_checkpoint(session, pk, T0)
+        big = ledger_checkpoint.make_checkpoint(session, pk, T0)
     with db.transaction() as session:
-        ledger.store_peer_checkpoint(session, big.to_wire(), RawKeys(pk), peer_node="pk", now=T0)
-    answer = ledger.PeerAnswer(checkpoint=small.to_wire(), proof=[])
+        ledger_witness.store_peer_checkpoint(
+            session, big.to_wire(), RawKeys(pk), peer_node="pk", now=T0
+        )
+    answer = ledger_witness.PeerAnswer(checkpoint=small.to_wire(), proof=[])
     with pytest.raises(WitnessMismatch, match="shrank"):
-        ledger.audit_peer(db, RawKeys(pk), peer_node="pk", fetch=lambda _n: answer, now=lambda: T0)
+        ledger_witness.audit_peer(
+            db, RawKeys(pk), peer_node="pk", fetch=lambda _n: answer, now=lambda: T0
+        )
 
 
 def test_stale_peer_checkpoint_is_refused(db: Database, peer_db: Database) -> None:
     pk = RawSigner(b"p" * 32)
     fill(peer_db, 2)
     with peer_db.transaction() as session:
-        small = ledger.make_checkpoint(session, pk, T0)
+        small = ledger_checkpoint.make_checkpoint(session, pk, T0)
     fill(peer_db, 2, start=2)
     with peer_db.transaction() as session:
-        big = ledger.make_checkpoint(session, pk, T0)
+        big = ledger_checkpoint.make_checkpoint(session, pk, T0)
     with db.transaction() as session:
-        ledger.store_peer_checkpoint(session, big.to_wire(), RawKeys(pk), peer_node="pk", now=T0)
+        ledger_witness.store_peer_checkpoint(
+            session, big.to_wire(), RawKeys(pk), peer_node="pk", now=T0
+        )
     with pytest.raises(RefusedError, match="older"), db.transaction() as session:
-        ledger.store_peer_checkpoint(session, small.to_wire(), RawKeys(pk), peer_node="pk", now=T0)
+        ledger_witness.store_peer_checkpoint(
+            session, small.to_wire(), RawKeys(pk), peer_node="pk", now=T0
+        )
 
 
 def test_chain_of_stored_rows_verifies_in_core(db: Database) -> None:
     fill(db, 3)
     with db.transaction() as session:
-        rows = list(ledger._stream(session, ledger._select_entries()))
+        rows = list(ledger_read.stream_entries(session, ledger_read.select_entries()))
     assert verify_chain(rows) is None
 
 
@@ -530,11 +553,17 @@ def test_audit_over_http_catches_a_peer_that_rewrote_history(tmp_path: Path) -> 
         assert grown["witnessed_size"] == first["size"]
         # The rewrite: triggers off, history replaced, re-signed with pk's own key.
         keyring = pk.keyring()
-        _without_triggers(pk_db, "DELETE FROM ledger_checkpoint", "DELETE FROM ledger_entry")
+        _without_triggers(
+            pk_db,
+            "DELETE FROM ledger_checkpoint",
+            "DELETE FROM ledger_checkpoint_state",
+            "DELETE FROM ledger_entry",
+            "DELETE FROM ledger_state",
+        )
         fill(pk_db, 12, start=1000, at=datetime.now(UTC))
         with pk_db.transaction() as session:
-            ledger.make_checkpoint(session, keyring, datetime.now(UTC))
-            assert ledger.verify_ledger(session, own_keys=own_manifest(session)).ok
+            ledger_checkpoint.make_checkpoint(session, keyring, datetime.now(UTC))
+            assert ledger_verify.verify_ledger(session, own_keys=own_manifest(session)).ok
         done = run_gateway_json(jp, kenji, "ledger", "audit-peer")
         assert done.returncode == 4, done.stderr
         # Named as a rewrite, a shrink, or (when serve's timed publisher had already

@@ -33,7 +33,6 @@ from gateway.core.keys import NodeKeyring
 from gateway.core.receipt import parse_receipt, verify_receipt
 from gateway.core.roles import Actor, Role
 from gateway.errors import StorageError, TransportError, VerificationError
-from gateway.node import ledger
 from gateway.node.inbox import (
     EquivocationRefused,
     list_gaps,
@@ -42,6 +41,7 @@ from gateway.node.inbox import (
     receive_envelope,
 )
 from gateway.node.keystore import unlock_keyring
+from gateway.node.ledger import read as ledger_read
 from gateway.node.outbox import (
     Sealed,
     deliver_once,
@@ -178,7 +178,7 @@ def count(side: Side, model: type[Any]) -> int:
 
 def ledger_kinds(side: Side) -> list[str]:
     with side.node.db.transaction() as session:
-        return [str(e.kind) for e in ledger.list_entries(session)]
+        return [str(e.kind) for e in ledger_read.list_entries(session)]
 
 
 def raw_sealer(payload: bytes) -> Callable[..., Sealed]:
@@ -583,7 +583,7 @@ def test_an_officer_reads_a_received_bundle_and_the_read_is_logged(
     assert names == sorted([f"{sent.bundle_id}.json", "passport scan.pdf"])
     assert (out / "passport scan.pdf").read_bytes() == attachment.read_bytes()
     with pair.pk.node.db.transaction() as session:
-        [entry] = ledger.list_entries(session, kind="bundle-read")
+        [entry] = ledger_read.list_entries(session, kind="bundle-read")
     assert entry.actor_name == "bilal"
     assert entry.bundle_id == sent.bundle_id
 

@@ -36,6 +36,10 @@ from gateway.node.housekeeping import enforce_retention
 from gateway.node.inbox import EquivocationRefused, read_bundle, receive_envelope
 from gateway.node.keys import pinned_peer_manifest, verify_ledger_with_keys
 from gateway.node.keystore import unlock_keyring
+from gateway.node.ledger import checkpoint as ledger_checkpoint
+from gateway.node.ledger import export as ledger_export
+from gateway.node.ledger import read as ledger_read
+from gateway.node.ledger import witness as ledger_witness
 from gateway.node.outbox import SentBundle, deliver_once, send_case
 from gateway.node.policy import load_policy
 from gateway.node.runtime import Node, utc_now
@@ -169,36 +173,36 @@ def deliver(sender: Side, receiver: Side, sent: SentBundle, when: datetime) -> N
 
 def entries(side: Side, kind: str | None = None) -> list[Any]:
     with side.node.db.transaction() as session:
-        found = ledger.list_entries(session)
+        found = ledger_read.list_entries(session)
     return [e for e in found if kind is None or str(e.kind) == kind]
 
 
 def witness(witness_side: Side, of: Side, when: datetime) -> None:
     """``of`` signs a checkpoint at ``when``; ``witness_side`` keeps it as its witness."""
     with of.node.db.transaction() as session:
-        signed = ledger.make_checkpoint(session, of.keyring, when)
+        signed = ledger_checkpoint.make_checkpoint(session, of.keyring, when)
     with witness_side.node.db.transaction() as session:
         pinned = pinned_peer_manifest(session)
         assert pinned is not None
-        ledger.store_peer_checkpoint(
+        ledger_witness.store_peer_checkpoint(
             session, signed.to_wire(), pinned, peer_node=of.node.node_id, now=when
         )
 
 
-def audit(auditor: Side, peer: Side, when: datetime) -> ledger.AuditResult:
+def audit(auditor: Side, peer: Side, when: datetime) -> ledger_witness.AuditResult:
     """``auditor``'s ``ledger audit-peer`` against ``peer``'s newest checkpoint, in process."""
     with peer.node.db.transaction() as session:
-        signed = ledger.make_checkpoint(session, peer.keyring, when)
+        signed = ledger_checkpoint.make_checkpoint(session, peer.keyring, when)
 
-    def fetch(first: int) -> ledger.PeerAnswer:
+    def fetch(first: int) -> ledger_witness.PeerAnswer:
         with peer.node.db.transaction() as session:
-            proof = ledger.consistency_proof(session, first, signed.checkpoint.size)
-        return ledger.PeerAnswer(checkpoint=signed.to_wire(), proof=proof)
+            proof = ledger_checkpoint.consistency_proof(session, first, signed.checkpoint.size)
+        return ledger_witness.PeerAnswer(checkpoint=signed.to_wire(), proof=proof)
 
     with auditor.node.db.transaction() as session:
         pinned = pinned_peer_manifest(session)
     assert pinned is not None
-    return ledger.audit_peer(
+    return ledger_witness.audit_peer(
         auditor.node.db, pinned, peer_node=peer.node.node_id, fetch=fetch, now=lambda: when
     )
 
@@ -434,7 +438,7 @@ def test_purge_lists_then_destroys_due_bodies_and_outputs_while_ledger_and_witne
     assert_ledger_verifies(pair.jp)
     export = tmp_path / "pk-ledger.jsonl"
     with pair.pk.node.db.transaction() as session, export.open("wb") as out:
-        ledger.export(session, "jsonl", out)
+        ledger_export.export(session, "jsonl", out)
     kinds = [json.loads(line)["kind"] for line in export.read_text().splitlines()]
     assert kinds.count("bundle-purged") == 1
     assert kinds.count("output-purged") == 2

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from gateway.core.roles import Actor, Role
 from gateway.node import keys as key_service
 from gateway.node.inbox import receive_envelope
-from gateway.node.ledger import list_entries
+from gateway.node.ledger.read import list_entries
 from gateway.node.outbox import send_case
 from gateway.node.resend import resend_bundles
 from gateway.node.runtime import next_whole_second, utc_now

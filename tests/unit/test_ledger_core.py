@@ -523,3 +523,52 @@ def test_any_single_field_change_is_caught_at_its_row(n: int, data: st.DataObjec
     problem = verify_chain(rows)
     assert problem is not None
     assert problem.seq == seq
+
+
+# --- the fast canonical form of entries ---------------------------------------
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**60), max_value=2**60)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), _JSON_VALUES, max_size=6))
+def test_entry_canonical_is_rfc8785_byte_for_byte(value: dict[str, Any]) -> None:
+    """The C-encoder path may be taken only where it writes exactly the RFC 8785 bytes."""
+    from gateway.core.canonical import canonical_bytes  # noqa: PLC0415
+    from gateway.core.ledger import entry_canonical  # noqa: PLC0415
+    from gateway.errors import InvalidInput  # noqa: PLC0415
+
+    try:
+        expected = canonical_bytes(value)
+    except InvalidInput:
+        with pytest.raises(InvalidInput):
+            entry_canonical(value)
+        return
+    assert entry_canonical(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"\ue000": 1, "\U0001f600": 2},  # UTF-16 order differs from code-point order
+        {"a": '\u2028\x7f\x00\x1f"\\'},
+        {"n": 2**53 - 1, "m": -(2**53 - 1)},
+        {"f": 1.0, "g": 1e21},
+    ],
+    ids=["non-bmp-keys", "escapes", "safe-integers", "floats"],
+)
+def test_entry_canonical_edge_cases(value: dict[str, Any]) -> None:
+    from gateway.core.canonical import canonical_bytes  # noqa: PLC0415
+    from gateway.core.ledger import entry_canonical  # noqa: PLC0415
+
+    assert entry_canonical(value) == canonical_bytes(value)
