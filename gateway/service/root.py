@@ -299,7 +299,7 @@ class Service:
     async def run(self) -> bool:
         """Serve until stopped; True when the stop was to restart with new keys."""
         server = self.settings.server
-        host, port = server.listen_address
+        host, _port = server.listen_address
         peer_ssl = server_ssl_context(server, host=host)
         api_host, _api_port = server.api_listen_address
         api_ssl = api_ssl_context(server, host=api_host)

@@ -360,7 +360,7 @@ def test_weak_public_keys_in_a_signed_manifest_are_refused_at_every_entry_point(
         assert answer.body["error"]["check"] == "manifest-weak-key", (name, answer.body)
         with peer_server(jp) as server:
             status, body = post_signed(server, pk, "jp", MANIFESTS_PATH, raw, MANIFEST_CONTENT_TYPE)
-        assert status == 400, (name, status, body)
+        assert status == 422, (name, status, body)
     with jp.node.db.transaction() as session:
         after = key_service.pinned_peer_manifest(session)
     assert after is not None

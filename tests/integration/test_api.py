@@ -29,7 +29,7 @@ import gateway.node.keys
 import gateway.node.policy
 from gateway import log
 from gateway.api import routes_common
-from gateway.api.app import all_routes, create_api_app, error_status
+from gateway.api.app import all_routes, create_api_app
 from gateway.api.routes_common import ApiRoute, Call
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
@@ -46,6 +46,7 @@ from gateway.errors import (
     StorageError,
     TransportError,
     VerificationError,
+    http_status_for,
 )
 from gateway.node import keys as key_service
 from gateway.node import ledger
@@ -864,9 +865,72 @@ ERROR_STATUSES: list[tuple[GatewayError, int]] = [
 
 
 def test_each_error_family_maps_to_its_status() -> None:
-    got = [(type(exc).__name__, exc.reason, error_status(exc)) for exc, _ in ERROR_STATUSES]
+    got = [(type(exc).__name__, exc.reason, http_status_for(exc)) for exc, _ in ERROR_STATUSES]
     want = [(type(exc).__name__, exc.reason, status) for exc, status in ERROR_STATUSES]
     assert got == want
+
+
+def test_both_servers_answer_the_same_status_for_the_same_error(
+    sqlite_api_node: ApiNode, tmp_path: Path
+) -> None:
+    """The peer server and the local API take their status from the one registry."""
+    from gateway.peer.server import MANIFEST_CONTENT_TYPE, MANIFESTS_PATH  # noqa: PLC0415
+    from tests.integration.test_peer_server import JP, PK, signed_head  # noqa: PLC0415
+    from tests.nodes import (  # noqa: PLC0415
+        KeyTable,
+        make_services,
+        migrated_database,
+        raw_exchange,
+        start_test_server,
+        status_of,
+    )
+
+    errors = [exc for exc, _ in ERROR_STATUSES]
+    raised: list[GatewayError] = []
+
+    async def fail(_call: Call) -> web.StreamResponse:
+        raise raised[-1]
+
+    def apply(_raw: bytes, *, now: object) -> None:
+        raise raised[-1]
+
+    api_statuses: list[int] = []
+
+    async def scenario(client: Client) -> None:
+        for exc in errors:
+            raised.append(exc)
+            answer = await client.call(
+                "GET", "/api/v1/fail", token=sqlite_api_node.tokens["officer"]
+            )
+            api_statuses.append(answer.status)
+
+    routes = (*all_routes(), ApiRoute("GET", "/api/v1/fail", None, fail, "fails"))
+    run_api(sqlite_api_node, scenario, routes=routes)
+
+    db = migrated_database(f"sqlite:///{tmp_path / 'peer.sqlite3'}")
+    peer_statuses: list[int] = []
+    try:
+        services, _store = make_services(
+            tmp_path,
+            db,
+            keys=KeyTable({"jp-op-1": JP.public_key}),
+            receiver=PK,
+            apply_manifest=apply,
+        )
+        with start_test_server(services) as server:
+            for exc in errors:
+                raised.append(exc)
+                body = b"{}"
+                head = signed_head(
+                    JP, body, path=MANIFESTS_PATH, content_type=MANIFEST_CONTENT_TYPE
+                )
+                response, _closed = raw_exchange(server.port, head.encode() + body)
+                peer_statuses.append(status_of(response))
+    finally:
+        db.dispose()
+    want = [http_status_for(exc) for exc in errors]
+    assert api_statuses == want
+    assert peer_statuses == want
 
 
 def test_compliance_audits_the_peer_through_the_api_over_a_real_peer_server(
