@@ -855,7 +855,7 @@ def _apply_consent_bundles(node: Node, keyring: NodeKeyring, *, now: datetime) -
     """Right after a receipt: store received consent requests, grants, denials and
     revocations with their ledger entries. The receipt stands whatever happens here;
     anything left pending is applied before the next consent decision anyway."""
-    from gateway.node.consent import apply_pending  # noqa: PLC0415
+    from gateway.node.consent.receive import apply_pending  # noqa: PLC0415
 
     try:
         apply_pending(node, keyring, now=now)
