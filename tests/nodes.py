@@ -462,7 +462,7 @@ class NodeHome:
 
     def keyring(self) -> Any:
         """This node's unlocked keyring, in this process (to sign requests by hand)."""
-        from gateway.node.keystore import unlock_keyring  # noqa: PLC0415
+        from gateway.node.own_keys import unlock_keyring  # noqa: PLC0415
         from gateway.settings import load_settings  # noqa: PLC0415
 
         settings = load_settings(self.home, environ=self.env())
@@ -533,8 +533,8 @@ def open_pinned_pair(
 ) -> dict[str, Any]:
     """``init_node`` jp and pk under ``root`` on the given databases, open both in this
     process and pin each one's manifest at the other (what ``peer add`` does)."""
-    import gateway.node.keys  # noqa: PLC0415
     from gateway.core.roles import Actor, Role  # noqa: PLC0415
+    from gateway.node import own_keys, peer_trust  # noqa: PLC0415
     from gateway.node.runtime import Node  # noqa: PLC0415
     from gateway.node.setup import init_node  # noqa: PLC0415
     from gateway.settings import load_settings  # noqa: PLC0415
@@ -546,12 +546,12 @@ def open_pinned_pair(
     manifests = {}
     for node_id, node in nodes.items():
         with node.db.transaction() as session:
-            manifests[node_id] = gateway.node.keys.own_manifest(session)
+            manifests[node_id] = own_keys.own_manifest(session)
     admin = Actor(name="admin", role=Role.ADMIN)
     for node_id, node in nodes.items():
         peer = "pk" if node_id == "jp" else "jp"
         with node.db.transaction() as session:
-            gateway.node.keys.pin_peer(
+            peer_trust.pin_peer(
                 session,
                 manifests[peer].raw,
                 node=peer,

@@ -11,7 +11,8 @@ from aiohttp import web
 from gateway.api.routes_common import ApiRoute, Call, json_response
 from gateway.errors import ConfigError, InvalidInput
 from gateway.node import ledger
-from gateway.node.keys import peer_node_of, pinned_peer_manifest, verify_ledger_with_keys
+from gateway.node.own_keys import verify_ledger_with_keys
+from gateway.node.peer_trust import peer_node_of, pinned_peer_manifest
 from gateway.node.runtime import utc_now
 
 __all__ = ["DEFAULT_LIST_LIMIT", "ROUTES"]

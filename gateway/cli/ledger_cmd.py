@@ -23,7 +23,8 @@ from gateway.core.roles import SYSTEM
 from gateway.core.times import Precision, format_utc
 from gateway.errors import AlreadyExists, ConfigError, InvalidInput, StorageError
 from gateway.node import ledger
-from gateway.node.keys import peer_node_of, pinned_peer_manifest, verify_ledger_with_keys
+from gateway.node.own_keys import verify_ledger_with_keys
+from gateway.node.peer_trust import peer_node_of, pinned_peer_manifest
 from gateway.node.runtime import utc_now
 
 __all__ = ["ledger_group"]

@@ -134,7 +134,8 @@ def _sqlite_file(url: str) -> Path | None:
 
 
 def _database(settings: Settings, now: datetime) -> list[Check]:
-    from gateway.node.keys import own_manifest, pinned_peer_manifest  # noqa: PLC0415
+    from gateway.node.own_keys import own_manifest  # noqa: PLC0415
+    from gateway.node.peer_trust import pinned_peer_manifest  # noqa: PLC0415
     from gateway.node.runtime import Node, _safe_url  # noqa: PLC0415
 
     where = _safe_url(settings.database_url)

@@ -36,7 +36,7 @@ from gateway.core.ledger import SignedCheckpoint
 from gateway.errors import GatewayError
 from gateway.log import get_logger
 from gateway.node import ledger
-from gateway.node.keys import own_manifest, pending_manifests
+from gateway.node.own_keys import own_manifest, pending_manifests
 from gateway.node.policy import load_policy
 from gateway.node.retention import PurgeReport, purge
 from gateway.node.runtime import Node, utc_now

@@ -486,7 +486,7 @@ def inbox_entry(node: Node, bundle_id: str) -> InboxEntry:
 
 
 def _pinned_peer_manifest(node: Node) -> KeyManifest:
-    from gateway.node.keys import pinned_peer_manifest  # noqa: PLC0415
+    from gateway.node.peer_trust import pinned_peer_manifest  # noqa: PLC0415
 
     with node.db.transaction() as session:
         manifest = pinned_peer_manifest(session)
@@ -522,8 +522,8 @@ def receive_envelope(node: Node, keyring: NodeKeyring, path: Path, *, now: datet
     """
     from gateway.core.cases import REPLY_TARGETS  # noqa: PLC0415
     from gateway.core.envelope import verify_envelope  # noqa: PLC0415
-    from gateway.node.keys import pinned_peer_manifest  # noqa: PLC0415
     from gateway.node.outbox import check_reply_target  # noqa: PLC0415
+    from gateway.node.peer_trust import pinned_peer_manifest  # noqa: PLC0415
     from gateway.node.policy import load_policy  # noqa: PLC0415
 
     policy = load_policy(node.settings)

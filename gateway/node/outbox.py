@@ -844,7 +844,7 @@ def _pinned_peer(node: Node) -> ReceiptVerifyKeys:
 
 
 def _pinned_peer_manifest(node: Node) -> KeyManifest:
-    from gateway.node.keys import pinned_peer_manifest  # noqa: PLC0415
+    from gateway.node.peer_trust import pinned_peer_manifest  # noqa: PLC0415
 
     with node.db.transaction() as session:
         manifest = pinned_peer_manifest(session)
@@ -857,14 +857,14 @@ def _pinned_peer_manifest(node: Node) -> KeyManifest:
 
 
 def _pending_manifests(node: Node) -> Sequence[tuple[object, bytes]]:
-    from gateway.node.keys import pending_manifests  # noqa: PLC0415
+    from gateway.node.own_keys import pending_manifests  # noqa: PLC0415
 
     with node.db.transaction() as session:
         return list(pending_manifests(session))
 
 
 def _mark_manifest_delivered(node: Node, handle: object, now: datetime) -> None:
-    from gateway.node.keys import mark_manifest_delivered  # noqa: PLC0415
+    from gateway.node.own_keys import mark_manifest_delivered  # noqa: PLC0415
 
     if not isinstance(handle, int):
         raise TypeError("manifest handle must be the id pending_manifests gave")

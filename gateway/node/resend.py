@@ -42,9 +42,10 @@ from gateway.core.policy import Policy
 from gateway.core.roles import Actor
 from gateway.errors import AlreadyExists, InvalidInput, NotFound, RefusedError
 from gateway.log import get_logger
-from gateway.node.keys import own_manifest, pinned_peer_manifest
 from gateway.node.ledger import record_event
 from gateway.node.outbox import Sealed, queue_sealed
+from gateway.node.own_keys import own_manifest
+from gateway.node.peer_trust import pinned_peer_manifest
 from gateway.node.policy import load_policy
 from gateway.node.revocation import outbox_signing_key, suspect_sent
 from gateway.node.runtime import Node

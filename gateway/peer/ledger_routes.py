@@ -33,7 +33,7 @@ from gateway.core.ledger import EntryKind, SignedCheckpoint, WitnessMismatch
 from gateway.core.roles import SYSTEM
 from gateway.errors import InvalidInput, NotFound, VerificationError
 from gateway.node import ledger
-from gateway.node.keys import pinned_peer_manifest
+from gateway.node.peer_trust import pinned_peer_manifest
 from gateway.peer.ledger_client import CHECKPOINTS_PATH, CONSISTENCY_PATH
 from gateway.peer.server import PEER_SERVICES, read_signed_body
 from gateway.store.db import Database

@@ -867,11 +867,7 @@ def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerS
     """The peer services of an opened node: its pinned peer, nonce store, inbox."""
     from gateway.core.keys import verify_manifest  # noqa: PLC0415
     from gateway.node.inbox import receive_envelope  # noqa: PLC0415
-    from gateway.node.keys import (  # noqa: PLC0415
-        apply_peer_manifest,
-        peer_node_of,
-        pinned_peer_manifest,
-    )
+    from gateway.node.peer_trust import apply_peer_manifest, peer_node_of, pinned_peer_manifest  # noqa: PLC0415
 
     peer = peer_node_of(node.node_id)
 

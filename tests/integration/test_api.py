@@ -25,7 +25,7 @@ from multidict import CIMultiDict
 from sqlalchemy import func, select
 from structlog.testing import capture_logs
 
-import gateway.node.keys
+import gateway.node.own_keys
 import gateway.node.policy
 from gateway import log
 from gateway.api import routes_common
@@ -48,10 +48,9 @@ from gateway.errors import (
     VerificationError,
     http_status_for,
 )
-from gateway.node import keys as key_service
-from gateway.node import ledger
+from gateway.node import ledger, own_keys, peer_trust
 from gateway.node.inbox import read_bundle, receive_envelope
-from gateway.node.keystore import unlock_keyring
+from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node, utc_now
 from gateway.node.setup import init_node
 from gateway.node.users import add_user, disable_user
@@ -63,7 +62,7 @@ from tests.nodes import free_port, gateway_env, start_serve, stop, wait_ready
 PASSPHRASE = "correct horse battery staple for tests"
 # Importing these registers their stages of node creation (keys, policies),
 # exactly as the CLI does.
-INIT_STAGES = (gateway.node.keys.__name__, gateway.node.policy.__name__)
+INIT_STAGES = (gateway.node.own_keys.__name__, gateway.node.policy.__name__)
 
 
 @dataclass
@@ -532,7 +531,7 @@ def test_routes_must_name_known_actions_and_stay_under_api_v1(sqlite_api_node: A
 
 def test_admin_sees_the_same_manifest_as_the_key_service(api_node: ApiNode) -> None:
     with api_node.node.db.transaction() as session:
-        manifest = key_service.own_manifest(session)
+        manifest = own_keys.own_manifest(session)
 
     async def scenario(client: Client) -> None:
         answer = await client.call("GET", "/api/v1/keys", token=api_node.tokens["admin"])
@@ -554,7 +553,7 @@ def test_peer_is_pinned_only_with_its_true_fingerprint(
     init_node(pk_home, "pk", now=utc_now(), environ=env)
     exported = tmp_path / "pk-manifest.json"
     with Node.open(load_settings(pk_home, environ=env)) as pk, pk.db.transaction() as session:
-        pk_manifest = key_service.export_manifest(session, exported)
+        pk_manifest = own_keys.export_manifest(session, exported)
     encoded = base64.b64encode(exported.read_bytes()).decode()
     admin = api_node.tokens["admin"]
     wrong = "-".join(["AAAA"] * 8)
@@ -674,11 +673,11 @@ def exchange_pair(
         manifests = {}
         for side in (jp, pk):
             with side.node.db.transaction() as session:
-                manifests[side.node.node_id] = key_service.own_manifest(session)
+                manifests[side.node.node_id] = own_keys.own_manifest(session)
         admin = Actor(name="admin", role=Role.ADMIN)
         for side, peer in ((jp, "pk"), (pk, "jp")):
             with side.node.db.transaction() as session:
-                key_service.pin_peer(
+                peer_trust.pin_peer(
                     session,
                     manifests[peer].raw,
                     node=peer,
@@ -944,7 +943,7 @@ def test_compliance_audits_the_peer_through_the_api_over_a_real_peer_server(
     with pk.node.db.transaction() as session:
         witnessed = ledger.make_checkpoint(session, pk.keyring(), utc_now())
     with jp.node.db.transaction() as session:
-        pinned = key_service.pinned_peer_manifest(session)
+        pinned = peer_trust.pinned_peer_manifest(session)
         assert pinned is not None
         ledger.store_peer_checkpoint(
             session, witnessed.to_wire(), pinned, peer_node="pk", now=utc_now()

@@ -26,16 +26,15 @@ from gateway.core.consent import ConsentGrant, sign_grant
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
 from gateway.errors import ConsentRefused, InvalidInput, NotFound, PolicyRefused
-from gateway.node import keys as key_service
-from gateway.node import ledger
+from gateway.node import ledger, own_keys, peer_trust
 from gateway.node.consent import common as consent_common
 from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import queries as consent_queries
 from gateway.node.consent import receive as consent_receive
 from gateway.node.inbox import receive_envelope
-from gateway.node.keystore import unlock_keyring
 from gateway.node.outbox import send_case, send_protocol_bundle
+from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user
 from gateway.peer.server import node_services
@@ -450,7 +449,7 @@ def test_a_grant_that_arrived_after_its_key_was_distrusted_authorises_nothing(
     # Tokyo's signing key is revoked later, "compromised since" between the two grants.
     later = NOW + timedelta(hours=2)
     with pair.jp.node.db.transaction() as session:
-        change = key_service.revoke_key(
+        change = own_keys.revoke_key(
             pair.jp.node.settings,
             session,
             PASSPHRASE.encode(),
@@ -461,7 +460,7 @@ def test_a_grant_that_arrived_after_its_key_was_distrusted_authorises_nothing(
             compromised_since=compromised,
         )
     with pair.pk.node.db.transaction() as session:
-        key_service.apply_peer_manifest(session, change.manifest.raw, node="jp", now=later)
+        peer_trust.apply_peer_manifest(session, change.manifest.raw, node="jp", now=later)
     assert_blocked(pair.pk, [case_id], tmp_path / "after", "consent suspect", now=later)
     made = do_disclose(pair.pk, [trusted_case], tmp_path / "trusted", now=later)
     assert made.consent_id == trusted_grant.consent_id

@@ -24,8 +24,8 @@ from gateway.core.envelope import seal
 from gateway.errors import GatewayError
 from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import queries as consent_queries
-from gateway.node.keys import pinned_peer_manifest
 from gateway.node.outbox import Sealed, queue_sealed, send_case
+from gateway.node.peer_trust import pinned_peer_manifest
 from gateway.node.policy import load_policy
 from gateway.node.runtime import utc_now
 from gateway.store.models_exchange import OutboxEntry

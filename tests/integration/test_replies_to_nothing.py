@@ -25,8 +25,8 @@ from gateway.errors import GatewayError
 from gateway.node.bundles import seal_to_file
 from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.inbox import read_bundle
-from gateway.node.keys import pinned_peer_manifest
 from gateway.node.outbox import send_case
+from gateway.node.peer_trust import pinned_peer_manifest
 from gateway.node.policy import load_policy
 from gateway.node.runtime import utc_now
 from gateway.peer.server import node_services

@@ -37,9 +37,9 @@ from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import receive as consent_receive
 from gateway.node.housekeeping import enforce_retention
 from gateway.node.inbox import EquivocationRefused, read_bundle, receive_envelope
-from gateway.node.keys import pinned_peer_manifest, verify_ledger_with_keys
-from gateway.node.keystore import unlock_keyring
 from gateway.node.outbox import SentBundle, deliver_once, send_case
+from gateway.node.own_keys import unlock_keyring, verify_ledger_with_keys
+from gateway.node.peer_trust import pinned_peer_manifest
 from gateway.node.policy import load_policy
 from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user

@@ -21,8 +21,8 @@ from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.policy import Policy
 from gateway.core.roles import Actor
 from gateway.errors import RefusedError
-from gateway.node.keys import pinned_peer_manifest
 from gateway.node.outbox import send_protocol_bundle
+from gateway.node.peer_trust import pinned_peer_manifest
 from gateway.node.policy import load_policy
 from gateway.node.runtime import Node
 
