@@ -46,7 +46,6 @@ from gateway.core.policy import Marking
 from gateway.core.receipt import ReceiptInvalid, ReceiptVerifyKeys, verify_receipt
 from gateway.core.roles import Actor
 from gateway.errors import (
-    ConfigError,
     GatewayError,
     InvalidInput,
     NotFound,
@@ -844,16 +843,10 @@ def _pinned_peer(node: Node) -> ReceiptVerifyKeys:
 
 
 def _pinned_peer_manifest(node: Node) -> KeyManifest:
-    from gateway.node.peer_trust import pinned_peer_manifest  # noqa: PLC0415
+    from gateway.node.peer_trust import require_pinned_peer  # noqa: PLC0415
 
     with node.db.transaction() as session:
-        manifest = pinned_peer_manifest(session)
-    if manifest is None:
-        raise ConfigError(
-            "no peer is pinned: import the peer's key manifest with 'gateway peer add' first",
-            reason="config.peer",
-        )
-    return manifest
+        return require_pinned_peer(session, needed_for="nothing can be sent")
 
 
 def _pending_manifests(node: Node) -> Sequence[tuple[object, bytes]]:

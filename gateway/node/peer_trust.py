@@ -26,19 +26,21 @@ from gateway.core.keys import (
 )
 from gateway.core.ledger import EntryKind
 from gateway.core.roles import SYSTEM, Actor
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, RefusedError
 from gateway.log import get_logger
 from gateway.node.ledger import record_event
 from gateway.node.revocation import mark_peer_revocations
 from gateway.store.models_keys import PeerManifestRecord
 
 __all__ = [
+    "PeerNotPinned",
     "apply_peer_manifest",
     "describe_manifest",
     "peer_node_of",
     "pin_peer",
     "pinned_peer_manifest",
     "record_key_event",
+    "require_pinned_peer",
 ]
 
 _log = get_logger("keys")
@@ -67,6 +69,29 @@ def pinned_peer_manifest(session: Session) -> KeyManifest | None:
         select(PeerManifestRecord).order_by(PeerManifestRecord.id.desc()).limit(1)
     ).first()
     return None if row is None else parse_manifest(bytes(row.raw))
+
+
+class PeerNotPinned(RefusedError):
+    """No manifest of the peer is pinned yet, so nothing can be sent, received or checked."""
+
+    reason = "peer.unpinned"
+
+
+def require_pinned_peer(session: Session, *, needed_for: str) -> KeyManifest:
+    """The peer's pinned manifest, or :class:`PeerNotPinned` when ``peer add`` never ran.
+
+    The one place that refuses work needing the peer's keys: ``needed_for``
+    says what cannot be done (``"nothing can be received"``) and the message
+    names the next step. The peer server turns it into its own 401 (an
+    unknown sender), as it does for any key it cannot find.
+    """
+    manifest = pinned_peer_manifest(session)
+    if manifest is None:
+        raise PeerNotPinned(
+            f"no peer is pinned, {needed_for}: import the peer's key manifest with "
+            "'gateway peer add MANIFEST_FILE --fingerprint FP' first"
+        )
+    return manifest
 
 
 def _peer_locked(session: Session) -> KeyManifest | None:

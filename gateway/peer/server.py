@@ -867,16 +867,25 @@ def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerS
     """The peer services of an opened node: its pinned peer, nonce store, inbox."""
     from gateway.core.keys import verify_manifest  # noqa: PLC0415
     from gateway.node.inbox import receive_envelope  # noqa: PLC0415
-    from gateway.node.peer_trust import apply_peer_manifest, peer_node_of, pinned_peer_manifest  # noqa: PLC0415
+    from gateway.node.peer_trust import (  # noqa: PLC0415
+        PeerNotPinned,
+        apply_peer_manifest,
+        peer_node_of,
+        pinned_peer_manifest,
+        require_pinned_peer,
+    )
 
     peer = peer_node_of(node.node_id)
 
     def pinned() -> KeyManifest:
-        with node.db.transaction() as session:
-            manifest = pinned_peer_manifest(session)
-        if manifest is None:
-            raise PeerAuthFailed(f"no manifest of node {peer} is pinned", reason="auth.unknown-key")
-        return manifest
+        try:
+            with node.db.transaction() as session:
+                return require_pinned_peer(session, needed_for="no request can be authenticated")
+        except PeerNotPinned:
+            # To the peer an unpinned sender is an unknown key, like any other.
+            raise PeerAuthFailed(
+                f"no manifest of node {peer} is pinned", reason="auth.unknown-key"
+            ) from None
 
     def lookup_key(key_id: str, at: datetime) -> bytes:
         return bytes(pinned().signing_key(key_id, at=at))

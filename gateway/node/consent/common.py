@@ -20,9 +20,8 @@ from gateway.core.consent import format_time
 from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.policy import Policy
 from gateway.core.roles import Actor
-from gateway.errors import RefusedError
 from gateway.node.outbox import send_protocol_bundle
-from gateway.node.peer_trust import pinned_peer_manifest
+from gateway.node.peer_trust import require_pinned_peer
 from gateway.node.policy import load_policy
 from gateway.node.runtime import Node
 
@@ -78,12 +77,7 @@ def node_policy(node: Node) -> Policy:
 
 
 def peer_manifest(session: Session) -> KeyManifest:
-    manifest = pinned_peer_manifest(session)
-    if manifest is None:
-        raise RefusedError(
-            "no peer is pinned: run 'gateway peer add' first", reason="peer.unpinned"
-        )
-    return manifest
+    return require_pinned_peer(session, needed_for="no consent document can be checked")
 
 
 def internal_names(policy: Policy, node_id: str) -> list[str]:
