@@ -28,8 +28,8 @@ import click
 from gateway import log
 from gateway.cli.base import GatewayCommand
 from gateway.cli.context import AppContext, pass_app
-from gateway.peer.tls import require_peer_tls
 from gateway.service import serve as run_service
+from gateway.tls import require_peer_tls
 
 __all__ = ["serve"]
 

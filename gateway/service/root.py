@@ -48,10 +48,10 @@ from gateway.node.runtime import Node
 from gateway.peer.client import PeerClient
 from gateway.peer.ledger_routes import ledger_routes
 from gateway.peer.server import PeerServer, TransportLimits, create_node_peer_app
-from gateway.peer.tls import api_ssl_context, client_ssl_context, listener_url, server_ssl_context
 from gateway.peer.tls_listener import HandshakeLog, LoggedTlsSite
 from gateway.service.workers import publish_checkpoints
 from gateway.settings import Settings, is_loopback
+from gateway.tls import api_ssl_context, client_ssl_context, listener_url, server_ssl_context
 
 __all__ = ["DRAIN_SECONDS", "Announce", "ApiSite", "Service"]
 

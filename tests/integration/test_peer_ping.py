@@ -30,8 +30,8 @@ from gateway.node.runtime import Node
 from gateway.node.setup import init_node
 from gateway.peer.ping import PingReport, ping_peer
 from gateway.peer.server import create_node_peer_app
-from gateway.peer.tls import server_ssl_context
 from gateway.settings import ServerSettings, Settings, load_settings
+from gateway.tls import server_ssl_context
 from tests.nodes import REPO, TEST_LIMITS, ServerThread, free_port
 from tests.pki import Authority, Issued
 
