@@ -98,7 +98,9 @@ class Service:
     started again with newer keys of this node (the caller unlocks the
     keyring again); it raises the error of a component that failed
     (:class:`~gateway.errors.GatewayError` families, e.g. ``ConfigError``
-    ``config.listen`` for a port already taken).
+    ``config.listen`` for a port already taken). ``handle_signals=False``
+    leaves the process's signal handlers alone (a service embedded in a
+    larger program, which stops it with :meth:`stop`).
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class Service:
         *,
         announce: Announce,
         drain_seconds: float = DRAIN_SECONDS,
+        handle_signals: bool = True,
     ) -> None:
         self.settings = settings
         self.node = node
@@ -117,12 +120,17 @@ class Service:
         self.limits = limits
         self._announce = announce
         self._drain_seconds = drain_seconds
+        self._handle_signals = handle_signals
         self._stop = asyncio.Event()
         self._signals: list[str] = []
         self._restart = False
         self._failure: BaseException | None = None
 
     # -- stopping ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop as SIGTERM does (call from the service's event loop): drain, then return."""
+        self._stop.set()
 
     def _on_signal(self, name: str) -> None:
         self._signals.append(name)
@@ -134,6 +142,9 @@ class Service:
 
     @asynccontextmanager
     async def _signal_handlers(self) -> AsyncIterator[None]:
+        if not self._handle_signals:
+            yield
+            return
         loop = asyncio.get_running_loop()
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, self._on_signal, sig.name)
