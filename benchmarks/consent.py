@@ -31,7 +31,7 @@ import nacl.signing
 from sqlalchemy import func, insert, select
 
 from gateway.core.consent import ConsentGrant, DisclosureItem, decide_disclosure, sign_grant
-from gateway.node.consent import load_consent_states
+from gateway.node.consent.queries import load_consent_states
 from gateway.store.db import Database, open_database
 from gateway.store.models import NodeRecord
 from gateway.store.models_consent import (

@@ -30,8 +30,8 @@ import aiohttp
 from aiohttp import web
 
 from gateway.core.roles import Actor, Role
-from gateway.node.keystore import unlock_keyring
 from gateway.node.outbox import BATCH_MAX_BYTES, BATCH_MAX_ENVELOPES, deliver_once, send_case
+from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node, utc_now
 from gateway.peer.client import PeerClient
 from gateway.settings import load_settings

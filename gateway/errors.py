@@ -2,8 +2,12 @@
 
 Every error the gateway raises on purpose derives from :class:`GatewayError`.
 Families say *what kind* of failure happened; the CLI maps families to the exit
-codes fixed by the specification in one place (:func:`exit_code_for`), the peer
-server maps them to an opaque reason code, and the log keeps the detail.
+codes fixed by the specification in one place (:func:`exit_code_for`), and
+both HTTP servers (the peer server and the local API) answer the status of one
+registry (:func:`http_status_for`): each class carries its ``http_status``,
+and the few reason codes whose status differs from their class's are listed
+in :data:`STATUS_BY_REASON`. A peer sees the reason code; the log keeps the
+detail.
 
 Exit codes (SPEC §8): 0 done; 1 error; 2 usage; 3 refused by the consent
 ledger; 4 verification failed (tampering, bad signature, broken chain).
@@ -14,12 +18,17 @@ decrypted content is ever put into an exception's text.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import ClassVar
+
 __all__ = [
     "EXIT_CONSENT_REFUSED",
     "EXIT_ERROR",
     "EXIT_OK",
     "EXIT_USAGE",
     "EXIT_VERIFICATION_FAILED",
+    "STATUS_BY_REASON",
     "AccessDenied",
     "AlreadyExists",
     "ClientDisconnected",
@@ -35,6 +44,7 @@ __all__ = [
     "TransportError",
     "VerificationError",
     "exit_code_for",
+    "http_status_for",
 ]
 
 EXIT_OK = 0
@@ -54,6 +64,8 @@ class GatewayError(Exception):
 
     exit_code: int = EXIT_ERROR
     reason: str = "error"
+    http_status: ClassVar[int] = 500
+    """The HTTP status both servers answer for this class (see :func:`http_status_for`)."""
 
     def __init__(self, message: str, *, reason: str | None = None) -> None:
         super().__init__(message)
@@ -73,42 +85,49 @@ class ConfigError(GatewayError):
     """A setting or file of the node home is missing or malformed."""
 
     reason = "config"
+    http_status = 500
 
 
 class InvalidInput(GatewayError):
     """Input given by a user (case data, a flag value, a file) is not acceptable."""
 
     reason = "invalid-input"
+    http_status = 422
 
 
 class NotFound(GatewayError):
     """The named object (bundle, user, consent, key) does not exist."""
 
     reason = "not-found"
+    http_status = 404
 
 
 class Gone(NotFound):
     """The named object existed and was destroyed on purpose (retention). HTTP 410."""
 
     reason = "gone"
+    http_status = 410
 
 
 class AlreadyExists(GatewayError):
     """Creating something that exists already is refused, never overwritten."""
 
     reason = "exists"
+    http_status = 409
 
 
 class StorageError(GatewayError):
     """The database or the blob store failed or holds something unexpected."""
 
     reason = "storage"
+    http_status = 503
 
 
 class TransportError(GatewayError):
     """The peer could not be reached or answered something unusable."""
 
     reason = "transport"
+    http_status = 502
 
 
 class ClientDisconnected(TransportError):
@@ -119,24 +138,28 @@ class ClientDisconnected(TransportError):
     """
 
     reason = "client-disconnected"
+    http_status = 400
 
 
 class AccessDenied(GatewayError):
     """The acting user is unknown, disabled, or lacks the role for an action."""
 
     reason = "access-denied"
+    http_status = 401
 
 
 class RefusedError(GatewayError):
     """Refused by a rule: policy limits, consent, protocol state."""
 
     reason = "refused"
+    http_status = 409
 
 
 class PolicyRefused(RefusedError):
     """A policy limit (size, count, rate, validity) refuses the action."""
 
     reason = "policy"
+    http_status = 422
 
 
 class ConsentRefused(RefusedError):
@@ -144,6 +167,7 @@ class ConsentRefused(RefusedError):
 
     exit_code = EXIT_CONSENT_REFUSED
     reason = "consent"
+    http_status = 403
 
 
 class VerificationError(GatewayError):
@@ -155,6 +179,7 @@ class VerificationError(GatewayError):
 
     exit_code = EXIT_VERIFICATION_FAILED
     reason = "verification"
+    http_status = 422
     check: str = "verification"
 
     def __init__(
@@ -170,3 +195,45 @@ def exit_code_for(error: BaseException) -> int:
     if isinstance(error, GatewayError):
         return error.exit_code
     return EXIT_ERROR
+
+
+STATUS_BY_REASON: Mapping[str, int] = MappingProxyType(
+    {
+        # The caller is known but lacks the role (the others of AccessDenied are 401).
+        "access.role": 403,
+        "access.unknown-action": 403,
+        # The request itself, before its meaning: framing, JSON syntax, media type.
+        "request.json": 400,
+        "request.framing": 400,
+        "request.content-type": 415,
+        "request.too-large": 413,
+        "request.timeout": 408,
+        # Transport limits of the peer server (docs/protocol.md, "Limits").
+        "limit.headers": 431,
+        "limit.body": 413,
+        "limit.envelope": 413,
+        "limit.batch": 413,
+        "limit.rate": 429,
+        "limit.timeout": 408,
+        # Policy limits on size and rate (policy.toml [limits]).
+        "policy.attachment-size": 413,
+        "policy.case-size": 413,
+        "policy.envelope-size": 413,
+        "policy.header-size": 413,
+        "policy.rate": 429,
+    }
+)
+"""Reason codes whose HTTP status differs from their error class's ``http_status``.
+
+The one place besides the classes that decides a status: the peer server
+(``gateway/peer/server.py``) and the local API (``gateway/api/app.py``) both
+answer :func:`http_status_for`, so one error has one status on both.
+"""
+
+
+def http_status_for(error: BaseException) -> int:
+    """The HTTP status for an error: its reason's entry in :data:`STATUS_BY_REASON`,
+    else its class's ``http_status``; 500 for anything outside the tree."""
+    if not isinstance(error, GatewayError):
+        return 500
+    return STATUS_BY_REASON.get(error.reason, type(error).http_status)

@@ -29,7 +29,7 @@ from gateway.api.app import create_api_app
 from gateway.cli.main import cli
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
-from gateway.node.keystore import unlock_keyring
+from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user
 from gateway.peer.server import node_services

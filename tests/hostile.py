@@ -27,12 +27,12 @@ import pytest
 from aiohttp import web
 from sqlalchemy import func, select
 
-import gateway.node.keys
+import gateway.node.own_keys
 import gateway.node.policy
 from gateway.api.app import create_api_app
 from gateway.core.keys import NodeKeyring
 from gateway.core.peer_auth import sign_request
-from gateway.node.keystore import unlock_keyring
+from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user
 from gateway.peer.ledger_routes import ledger_routes
@@ -49,7 +49,7 @@ from tests.nodes import (
 
 PASSPHRASE = "correct horse battery staple for hostile input"
 # Importing these registers their stages of node creation (keys, policies), as the CLI does.
-INIT_STAGES = (gateway.node.keys.__name__, gateway.node.policy.__name__)
+INIT_STAGES = (gateway.node.own_keys.__name__, gateway.node.policy.__name__)
 
 
 @dataclass

@@ -6,21 +6,19 @@ Two kinds of helpers live here:
   application on a real socket in a background thread, with real Ed25519 keys
   (:class:`RawSigner`) and the real database nonce store, for transport tests;
 - real ``gateway serve`` processes (:func:`start_serve`, :func:`stop`,
-  :func:`kill`, :func:`wait_ready`, :func:`wait_health`) for end-to-end tests.
+  :func:`kill`, :func:`wait_ready`, :func:`wait_health`) for end-to-end tests:
+  the process harness of :mod:`gateway.demo.harness`, which ``gateway demo``
+  uses too, with this source tree's ``gateway`` command line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -31,6 +29,17 @@ import nacl.signing
 from aiohttp import web
 
 from gateway.core.domain import tagged
+from gateway.demo import harness
+from gateway.demo.harness import (  # noqa: F401 - shared with gateway demo; tests import it from here
+    GATEWAY,
+    ServeProcess,
+    free_port,
+    kill,
+    milestones,
+    stop,
+    wait_health,
+    wait_ready,
+)
 from gateway.errors import NotFound
 from gateway.peer.server import (
     PeerServer,
@@ -44,7 +53,6 @@ from gateway.store.db import Database, open_database
 T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parent.parent
-GATEWAY = [sys.executable, "-c", "from gateway.cli.main import main; main()"]
 
 
 @dataclass(frozen=True)
@@ -52,7 +60,7 @@ class Program:
     """How a test starts ``gateway``: the command, its working folder, and whether
     the source tree is put on ``PYTHONPATH`` (not for an installed package)."""
 
-    argv: tuple[str, ...] = tuple(GATEWAY)
+    argv: tuple[str, ...] = GATEWAY
     cwd: Path = REPO
     source_on_path: bool = True
 
@@ -273,12 +281,6 @@ def status_of(response: bytes) -> int:
 # --- real gateway processes -----------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def gateway_env(home: Path, *, program: Program = SOURCE, **extra: str) -> dict[str, str]:
     env = {
         k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_") and k != "PYTHONPATH"
@@ -313,107 +315,13 @@ def run_gateway(
     )
 
 
-@dataclass
-class ServeProcess:
-    """A running ``gateway serve``; stderr is collected in the background."""
-
-    home: Path
-    process: subprocess.Popen[str]
-    stderr_lines: list[str] = field(default_factory=list)
-    _reader: threading.Thread | None = None
-
-    def stderr_text(self) -> str:
-        return "".join(self.stderr_lines)
-
-
 def start_serve(
     home: Path, *, env: dict[str, str] | None = None, program: Program = SOURCE
 ) -> ServeProcess:
     """Start ``gateway serve`` for the node at ``home`` (does not wait for readiness)."""
-    process = subprocess.Popen(
-        [*program.argv, "--home", str(home), "serve"],
-        env=env or gateway_env(home, program=program),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=program.cwd,
+    return harness.start_serve(
+        home, env=env or gateway_env(home, program=program), argv=program.argv, cwd=program.cwd
     )
-    serve = ServeProcess(home, process)
-
-    def read() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            serve.stderr_lines.append(line)
-
-    serve._reader = threading.Thread(target=read, daemon=True)
-    serve._reader.start()
-    return serve
-
-
-def milestones(serve: ServeProcess, event: str) -> list[str]:
-    """The sentences of ``serve``'s milestone lines named ``event`` (serving, restarting,
-    stopped), whether logged as JSON (``{"event": "serving", "message": ...}``) or bare."""
-    import json  # noqa: PLC0415
-
-    found = []
-    for line in list(serve.stderr_lines):
-        text = line.strip()
-        if text.startswith("{"):
-            try:
-                record = json.loads(text)
-            except ValueError:
-                continue
-            if record.get("event") == event and isinstance(record.get("message"), str):
-                found.append(record["message"])
-        elif text.startswith(f"{event} "):
-            found.append(text)
-    return found
-
-
-def wait_ready(serve: ServeProcess, *, timeout: float = 60.0) -> str:
-    """Wait for the "serving <node> on SCHEME://HOST:PORT ..." milestone; return its
-    sentence. Fails if the process dies."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        serving = milestones(serve, "serving")
-        if serving:
-            return serving[0]
-        if serve.process.poll() is not None:
-            time.sleep(0.2)
-            raise AssertionError(
-                f"gateway serve exited with {serve.process.returncode}:\n{serve.stderr_text()}"
-            )
-        time.sleep(0.05)
-    raise AssertionError(f"gateway serve not ready after {timeout} s:\n{serve.stderr_text()}")
-
-
-def wait_health(url: str, *, timeout: float = 60.0) -> None:
-    """Poll ``GET /v1/health`` until it answers 200."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url.rstrip("/") + "/v1/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} did not become healthy in {timeout} s")
-
-
-def stop(serve: ServeProcess, sig: int = signal.SIGTERM, *, timeout: float = 60.0) -> int:
-    """Signal the process and wait for its exit code."""
-    if serve.process.poll() is None:
-        serve.process.send_signal(sig)
-    code = serve.process.wait(timeout=timeout)
-    if serve._reader is not None:
-        serve._reader.join(timeout=5)
-    return code
-
-
-def kill(serve: ServeProcess) -> int:
-    """SIGKILL the process (a crash) and reap it."""
-    return stop(serve, signal.SIGKILL)
 
 
 # --- two node homes with keys exchanged and pinned -------------------------------------------
@@ -462,7 +370,7 @@ class NodeHome:
 
     def keyring(self) -> Any:
         """This node's unlocked keyring, in this process (to sign requests by hand)."""
-        from gateway.node.keystore import unlock_keyring  # noqa: PLC0415
+        from gateway.node.own_keys import unlock_keyring  # noqa: PLC0415
         from gateway.settings import load_settings  # noqa: PLC0415
 
         settings = load_settings(self.home, environ=self.env())
@@ -533,8 +441,8 @@ def open_pinned_pair(
 ) -> dict[str, Any]:
     """``init_node`` jp and pk under ``root`` on the given databases, open both in this
     process and pin each one's manifest at the other (what ``peer add`` does)."""
-    import gateway.node.keys  # noqa: PLC0415
     from gateway.core.roles import Actor, Role  # noqa: PLC0415
+    from gateway.node import own_keys, peer_trust  # noqa: PLC0415
     from gateway.node.runtime import Node  # noqa: PLC0415
     from gateway.node.setup import init_node  # noqa: PLC0415
     from gateway.settings import load_settings  # noqa: PLC0415
@@ -546,12 +454,12 @@ def open_pinned_pair(
     manifests = {}
     for node_id, node in nodes.items():
         with node.db.transaction() as session:
-            manifests[node_id] = gateway.node.keys.own_manifest(session)
+            manifests[node_id] = own_keys.own_manifest(session)
     admin = Actor(name="admin", role=Role.ADMIN)
     for node_id, node in nodes.items():
         peer = "pk" if node_id == "jp" else "jp"
         with node.db.transaction() as session:
-            gateway.node.keys.pin_peer(
+            peer_trust.pin_peer(
                 session,
                 manifests[peer].raw,
                 node=peer,

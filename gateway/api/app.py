@@ -46,19 +46,10 @@ from gateway.api.routes_common import DEFAULT_MAX_BODY, ApiRoute, Call, KeyringP
 from gateway.core.roles import ACTIONS, Actor, authorize_role
 from gateway.errors import (
     AccessDenied,
-    AlreadyExists,
     ClientDisconnected,
-    ConfigError,
-    ConsentRefused,
     GatewayError,
-    Gone,
-    InvalidInput,
-    NotFound,
-    PolicyRefused,
-    RefusedError,
-    StorageError,
-    TransportError,
     VerificationError,
+    http_status_for,
 )
 from gateway.log import get_logger
 from gateway.node.runtime import Node
@@ -74,7 +65,6 @@ __all__ = [
     "ROUTES_KEY",
     "all_routes",
     "create_api_app",
-    "error_status",
 ]
 
 NODE_KEY = web.AppKey("node", Node)
@@ -107,40 +97,6 @@ def all_routes() -> tuple[ApiRoute, ...]:
         *routes_consent.ROUTES,
         *routes_ledger.ROUTES,
     )
-
-
-def error_status(exc: GatewayError) -> int:
-    """The HTTP status for an error of the gateway's tree (one table, here)."""
-    if isinstance(exc, AccessDenied):
-        return 403 if exc.reason in ("access.role", "access.unknown-action") else 401
-    if isinstance(exc, PolicyRefused):
-        if exc.reason.endswith(("too-large", "size")):
-            return 413
-        if exc.reason.endswith(".rate"):
-            return 429
-        if exc.reason == "request.timeout":
-            return 408
-        return 422
-    if isinstance(exc, ConsentRefused):
-        return 403
-    table: tuple[tuple[type[GatewayError], int], ...] = (
-        (Gone, 410),
-        (NotFound, 404),
-        (AlreadyExists, 409),
-        (RefusedError, 409),
-        (VerificationError, 422),
-        (InvalidInput, 422),
-        (TransportError, 502),
-        (StorageError, 503),
-        (ConfigError, 500),
-    )
-    for family, status in table:
-        if isinstance(exc, family):
-            if isinstance(exc, InvalidInput) and exc.reason.startswith("request."):
-                return 415 if exc.reason == "request.content-type" else 400
-            return status
-    # An error of no family (a locked or corrupt keystore, say) is the server's.
-    return 500
 
 
 def _error(status: int, reason: str, message: str, **extra: Any) -> web.Response:
@@ -228,7 +184,7 @@ async def _errors(
     except (ClientDisconnected, ConnectionError):
         raise  # no answer can reach the client: the request log says so once
     except GatewayError as exc:
-        status = error_status(exc)
+        status = http_status_for(exc)
         extra: dict[str, Any] = {}
         if isinstance(exc, VerificationError):
             extra["check"] = exc.check

@@ -28,7 +28,9 @@ from gateway.api.routes_common import (
 )
 from gateway.core.consent import parse_valid_until
 from gateway.errors import InvalidInput, NotFound, PolicyRefused
-from gateway.node import consent
+from gateway.node.consent import disclosure as consent_disclosure
+from gateway.node.consent import protocol as consent_protocol
+from gateway.node.consent import queries as consent_queries
 from gateway.node.inbox import inbox_entry
 from gateway.node.outbox import outbox_entry
 from gateway.node.runtime import Node, utc_now
@@ -61,7 +63,7 @@ async def consent_request(call: Call) -> web.StreamResponse:
     purpose = require_str(body, "purpose", max_length=2000)
     keyring = call.keyring_provider()
     sent = await call.run(
-        lambda: consent.request_consent(
+        lambda: consent_protocol.request_consent(
             call.node, keyring, call.actor, bundle_ids, recipient, purpose, now=utc_now()
         )
     )
@@ -83,7 +85,7 @@ async def consent_grant(call: Call) -> web.StreamResponse:
     conditions = optional_str(body, "conditions", max_length=4000) or ""
     keyring = call.keyring_provider()
     sent = await call.run(
-        lambda: consent.grant(
+        lambda: consent_protocol.grant(
             call.node,
             keyring,
             call.actor,
@@ -104,7 +106,7 @@ async def consent_deny(call: Call) -> web.StreamResponse:
     reason = require_str(body, "reason", max_length=2000)
     keyring = call.keyring_provider()
     sent = await call.run(
-        lambda: consent.deny(
+        lambda: consent_protocol.deny(
             call.node, keyring, call.actor, request_id, reason=reason, now=utc_now()
         )
     )
@@ -118,7 +120,7 @@ async def consent_revoke(call: Call) -> web.StreamResponse:
     reason = require_str(body, "reason", max_length=2000)
     keyring = call.keyring_provider()
     sent = await call.run(
-        lambda: consent.revoke(
+        lambda: consent_protocol.revoke(
             call.node, keyring, call.actor, consent_id, reason=reason, now=utc_now()
         )
     )
@@ -127,7 +129,9 @@ async def consent_revoke(call: Call) -> web.StreamResponse:
 
 async def consent_list(call: Call) -> web.StreamResponse:
     keyring = call.keyring_provider()
-    listing = await call.run(lambda: consent.list_consents(call.node, keyring, now=utc_now()))
+    listing = await call.run(
+        lambda: consent_queries.list_consents(call.node, keyring, now=utc_now())
+    )
     return json_response(listing)
 
 
@@ -156,7 +160,7 @@ def _disclose(call: Call, bundle_ids: list[str], recipient: str, purpose: str) -
     keyring = call.keyring_provider()
     parent = Path(tempfile.mkdtemp(prefix="gateway-api-disclose-"))
     try:
-        result = consent.disclose(
+        result = consent_disclosure.disclose(
             call.node,
             keyring,
             call.actor,

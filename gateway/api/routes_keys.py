@@ -21,7 +21,7 @@ from gateway.api.routes_common import (
 )
 from gateway.core.keys import MAX_MANIFEST_BYTES
 from gateway.errors import InvalidInput
-from gateway.node import keys as key_service
+from gateway.node import own_keys, peer_trust
 from gateway.node.runtime import utc_now
 
 __all__ = ["ROUTES"]
@@ -31,17 +31,15 @@ _MANIFEST_FIELD_CHARS = (MAX_MANIFEST_BYTES + 2) // 3 * 4
 
 async def keys_show(call: Call) -> web.StreamResponse:
     now = utc_now()
-    data = await call.in_transaction(
-        lambda session: key_service.describe_own_keys(session, now=now)
-    )
+    data = await call.in_transaction(lambda session: own_keys.describe_own_keys(session, now=now))
     return json_response(data)
 
 
 async def peer_show(call: Call) -> web.StreamResponse:
-    manifest = await call.in_transaction(key_service.pinned_peer_manifest)
+    manifest = await call.in_transaction(peer_trust.pinned_peer_manifest)
     if manifest is None:
         return json_response({"pinned": None})
-    return json_response({"pinned": key_service.describe_manifest(manifest, now=utc_now())})
+    return json_response({"pinned": peer_trust.describe_manifest(manifest, now=utc_now())})
 
 
 async def peer_add(call: Call) -> web.StreamResponse:
@@ -56,10 +54,10 @@ async def peer_add(call: Call) -> web.StreamResponse:
         raw = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise InvalidInput("field 'manifest_base64' is not valid base64") from None
-    peer_node = key_service.peer_node_of(call.node.node_id)
+    peer_node = peer_trust.peer_node_of(call.node.node_id)
     now = utc_now()
     manifest = await call.in_transaction(
-        lambda session: key_service.pin_peer(
+        lambda session: peer_trust.pin_peer(
             session,
             raw,
             node=peer_node,
@@ -69,7 +67,7 @@ async def peer_add(call: Call) -> web.StreamResponse:
             replace=replace,
         )
     )
-    return json_response(key_service.describe_manifest(manifest, now=now), status=201)
+    return json_response(peer_trust.describe_manifest(manifest, now=now), status=201)
 
 
 ROUTES = (

@@ -9,11 +9,12 @@ from typing import BinaryIO, cast
 from aiohttp import web
 
 from gateway.api.routes_common import ApiRoute, Call, json_response
-from gateway.errors import ConfigError, InvalidInput
-from gateway.node.keys import peer_node_of, pinned_peer_manifest, verify_ledger_with_keys
+from gateway.errors import InvalidInput
 from gateway.node.ledger import export as export_service
 from gateway.node.ledger import read as ledger_read
 from gateway.node.ledger import witness as ledger_witness
+from gateway.node.own_keys import verify_ledger_with_keys
+from gateway.node.peer_trust import peer_node_of, require_pinned_peer
 from gateway.node.runtime import utc_now
 
 __all__ = ["DEFAULT_LIST_LIMIT", "ROUTES"]
@@ -85,9 +86,11 @@ async def ledger_audit_peer(call: Call) -> web.StreamResponse:
     await call.json_body()
     node = call.node
     peer = peer_node_of(node.node_id)
-    pinned = await call.in_transaction(pinned_peer_manifest)
-    if pinned is None:
-        raise ConfigError("no peer is pinned: run 'gateway peer add' first", reason="config.peer")
+    pinned = await call.in_transaction(
+        lambda session: require_pinned_peer(
+            session, needed_for="the peer's ledger cannot be audited"
+        )
+    )
     keyring = call.keyring_provider()
     loop = asyncio.get_running_loop()
     from gateway.peer.client import PeerClient  # noqa: PLC0415 - only this route talks to the peer
@@ -115,7 +118,7 @@ ROUTES = (
     ApiRoute(
         "GET",
         "/api/v1/ledger/export",
-        "ledger.export",
+        "ledger_export.export",
         ledger_export,
         "Export every entry as CSV or JSON Lines",
     ),

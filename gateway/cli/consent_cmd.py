@@ -17,7 +17,8 @@ from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
 from gateway.core.consent import parse_valid_until
 from gateway.core.times import Precision, format_utc
-from gateway.node import consent
+from gateway.node.consent import protocol as consent_protocol
+from gateway.node.consent import queries as consent_queries
 from gateway.node.runtime import utc_now
 
 __all__ = ["consent_group"]
@@ -45,7 +46,7 @@ def request_command(
     """Ask the originating side for consent to pass its bundles to a third party."""
     actor = app.actor("consent.request")
     node = app.node()
-    sent = consent.request_consent(
+    sent = consent_protocol.request_consent(
         node, app.keyring(), actor, list(bundle_ids), recipient, purpose, now=utc_now()
     )
     app.emit(
@@ -75,7 +76,7 @@ def grant_command(
     """Give the peer written consent for its request; it is signed and sent."""
     actor = app.actor("consent.grant")
     node = app.node()
-    sent = consent.grant(
+    sent = consent_protocol.grant(
         node,
         app.keyring(),
         actor,
@@ -101,7 +102,9 @@ def deny_command(app: AppContext, request_id: str, reason: str) -> None:
     """Refuse the peer's consent request; the peer is told the reason."""
     actor = app.actor("consent.deny")
     node = app.node()
-    sent = consent.deny(node, app.keyring(), actor, request_id, reason=reason, now=utc_now())
+    sent = consent_protocol.deny(
+        node, app.keyring(), actor, request_id, reason=reason, now=utc_now()
+    )
     app.emit(sent.to_dict(), f"consent request {request_id} denied; queued for the peer")
 
 
@@ -113,7 +116,9 @@ def revoke_command(app: AppContext, consent_id: str, reason: str) -> None:
     """Withdraw a consent this side granted; the peer refuses its use once it arrives."""
     actor = app.actor("consent.revoke")
     node = app.node()
-    sent = consent.revoke(node, app.keyring(), actor, consent_id, reason=reason, now=utc_now())
+    sent = consent_protocol.revoke(
+        node, app.keyring(), actor, consent_id, reason=reason, now=utc_now()
+    )
     app.emit(sent.to_dict(), f"consent {consent_id} revoked; queued for the peer")
 
 
@@ -123,7 +128,7 @@ def list_command(app: AppContext) -> None:
     """Consent requests and consents, both directions, with each consent's state."""
     app.actor("consent.list")
     node = app.node()
-    listing = consent.list_consents(node, app.keyring(), now=utc_now())
+    listing = consent_queries.list_consents(node, app.keyring(), now=utc_now())
 
     def text() -> str:
         lines = ["requests:"] if listing["requests"] else ["requests: none"]

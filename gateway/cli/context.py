@@ -22,7 +22,8 @@ from gateway.core.jsonable import to_jsonable
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, authorize_role
 from gateway.errors import AccessDenied
-from gateway.node.keystore import read_passphrase, unlock_keyring
+from gateway.node.keystore import read_passphrase
+from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node
 from gateway.node.users import authorize
 from gateway.settings import Settings, load_settings, resolve_home

@@ -18,8 +18,7 @@ import click
 
 from gateway.cli.base import GatewayCommand
 from gateway.cli.context import AppContext, pass_app
-from gateway.errors import EXIT_ERROR, ConfigError
-from gateway.node.demo import (
+from gateway.demo.story import (
     THIRD_PARTY,
     DemoInterrupted,
     DemoStory,
@@ -27,6 +26,7 @@ from gateway.node.demo import (
     StepOutcome,
     exec_runner,
 )
+from gateway.errors import EXIT_ERROR, ConfigError
 
 __all__ = ["demo"]
 

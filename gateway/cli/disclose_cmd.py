@@ -1,6 +1,6 @@
 """``gateway disclose``: release decrypted items to a named recipient, if the rule allows.
 
-Thin: parses, calls :func:`gateway.node.consent.disclose`, prints. A refusal
+Thin: parses, calls :func:`consent_disclosure.disclose`, prints. A refusal
 exits with code 3 (SPEC §8) naming what is missing for each item; nothing is
 written to ``--out`` and the blocked attempt is recorded in the ledger.
 """
@@ -13,7 +13,7 @@ import click
 
 from gateway.cli.base import GatewayCommand
 from gateway.cli.context import AppContext, pass_app
-from gateway.node import consent
+from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.runtime import utc_now
 
 __all__ = ["disclose"]
@@ -39,7 +39,7 @@ def disclose(
     """Disclose bundles to a recipient; the peer's confidential items need its written consent."""
     actor = app.actor("disclose")
     node = app.node()
-    result = consent.disclose(
+    result = consent_disclosure.disclose(
         node, app.keyring(), actor, list(bundle_ids), recipient, purpose, out_dir, now=utc_now()
     )
     what = f"under consent {result.consent_id}" if result.consent_id else "no consent needed"

@@ -11,7 +11,7 @@ import click
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
 from gateway.core.keys import KeyManifest, format_time
-from gateway.node import keys as key_service
+from gateway.node import own_keys
 from gateway.node.ledger.read import parse_since
 from gateway.node.runtime import next_whole_second, utc_now
 
@@ -67,7 +67,7 @@ def show(app: AppContext) -> None:
     app.actor("keys.show")
     now = utc_now()
     with app.node().db.transaction() as session:
-        data = key_service.describe_own_keys(session, now=now)
+        data = own_keys.describe_own_keys(session, now=now)
     pending = data["pending_delivery"]
 
     def human() -> str:
@@ -95,7 +95,7 @@ def export(app: AppContext, out: Path) -> None:
     """
     app.actor("keys.export")
     with app.node().db.transaction() as session:
-        manifest = key_service.export_manifest(session, out)
+        manifest = own_keys.export_manifest(session, out)
     app.emit(
         {
             "out": out,
@@ -109,7 +109,7 @@ def export(app: AppContext, out: Path) -> None:
     )
 
 
-def _revocation_data(change: key_service.KeyChange) -> dict[str, Any]:
+def _revocation_data(change: own_keys.KeyChange) -> dict[str, Any]:
     """What ``keys revoke`` and ``keys recover`` print: the keys withdrawn and their successors."""
     return {
         "version": change.manifest.version,
@@ -141,7 +141,7 @@ def rotate(app: AppContext, root_key: Path | None) -> None:
     node = app.node()
     passphrase = app.passphrase()
     with node.db.transaction() as session:
-        change = key_service.rotate_keys(
+        change = own_keys.rotate_keys(
             node.settings, session, passphrase, now=utc_now(), actor=actor, root_key_file=root_key
         )
     app.emit(
@@ -212,7 +212,7 @@ def revoke(
     since = parse_since(compromised_since, option="--compromised-since")
     now = utc_now()
     with node.db.transaction() as session:
-        preview = key_service.preview_revocation(
+        preview = own_keys.preview_revocation(
             node.settings, session, key_id, reason, now=now, compromised_since=since
         )
     if not yes:
@@ -225,7 +225,7 @@ def revoke(
         click.confirm(f"Revoke key {key_id} for good?", abort=True, err=True)
     passphrase = app.passphrase()
     with node.db.transaction() as session:
-        change = key_service.revoke_key(
+        change = own_keys.revoke_key(
             node.settings,
             session,
             passphrase,
@@ -262,7 +262,7 @@ def recover(app: AppContext, reason: str, root_key: Path | None) -> None:
     node = app.node()
     passphrase = app.passphrase()
     with node.db.transaction() as session:
-        change = key_service.recover_keys(
+        change = own_keys.recover_keys(
             node.settings,
             session,
             passphrase,
@@ -296,10 +296,10 @@ def rotate_root(app: AppContext, root_key: Path | None) -> None:
     node = app.node()
     passphrase = app.passphrase()
     with node.db.transaction() as session:
-        change = key_service.rotate_root(
+        change = own_keys.rotate_root(
             node.settings, session, passphrase, now=utc_now(), actor=actor, root_key_file=root_key
         )
-    removed = key_service.remove_retired_roots(node.settings, change.manifest.root_key_id)
+    removed = own_keys.remove_retired_roots(node.settings, change.manifest.root_key_id)
     app.emit(
         {
             "version": change.manifest.version,

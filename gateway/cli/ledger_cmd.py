@@ -21,12 +21,13 @@ from gateway.cli.context import AppContext, pass_app
 from gateway.core.ledger import LedgerEntry
 from gateway.core.roles import SYSTEM
 from gateway.core.times import Precision, format_utc
-from gateway.errors import AlreadyExists, ConfigError, InvalidInput, StorageError
-from gateway.node.keys import peer_node_of, pinned_peer_manifest, verify_ledger_with_keys
+from gateway.errors import AlreadyExists, InvalidInput, StorageError
 from gateway.node.ledger import checkpoint as ledger_checkpoint
 from gateway.node.ledger import export as ledger_export
 from gateway.node.ledger import read as ledger_read
 from gateway.node.ledger import witness as ledger_witness
+from gateway.node.own_keys import verify_ledger_with_keys
+from gateway.node.peer_trust import peer_node_of, require_pinned_peer
 from gateway.node.runtime import utc_now
 
 __all__ = ["ledger_group"]
@@ -148,7 +149,7 @@ def _write_new_file(out: Path, write: Any) -> int:
 @pass_app
 def export(app: AppContext, fmt: str, out: Path) -> None:
     """Export every entry as CSV or JSON Lines."""
-    app.actor("ledger.export")
+    app.actor("ledger_export.export")
     node = app.node()
     with node.db.transaction() as session:
         count = _write_new_file(out, lambda stream: ledger_export.export(session, fmt, stream))  # type: ignore[arg-type]
@@ -203,9 +204,7 @@ def audit_peer(app: AppContext) -> None:
     node = app.node()
     peer = peer_node_of(node.node_id)
     with node.db.transaction() as session:
-        pinned = pinned_peer_manifest(session)
-    if pinned is None:
-        raise ConfigError("no peer is pinned: run 'gateway peer add' first", reason="config.peer")
+        pinned = require_pinned_peer(session, needed_for="the peer's ledger cannot be audited")
     keyring = app.keyring()
     from gateway.peer.client import PeerClient  # noqa: PLC0415 - the CLI talks to the peer here only
     from gateway.peer.ledger_client import fetch_consistency  # noqa: PLC0415

@@ -61,7 +61,7 @@ def cli(
 def _register() -> None:
     from gateway.cli import db_cmd, demo_cmd, init_cmd, keys_cmd, peer_cmd, users_cmd  # noqa: PLC0415
     from gateway.node import (  # noqa: PLC0415 - importing registers their init steps
-        keys,  # noqa: F401 - registers the "keys" init step
+        own_keys,  # noqa: F401 - registers the "keys" init step
         policy,  # noqa: F401 - registers the "policies" init step
     )
 

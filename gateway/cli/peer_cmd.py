@@ -13,7 +13,7 @@ from gateway.cli.context import AppContext, pass_app
 from gateway.cli.keys_cmd import manifest_text
 from gateway.core.keys import MAX_MANIFEST_BYTES
 from gateway.errors import InvalidInput
-from gateway.node import keys as key_service
+from gateway.node import peer_trust
 from gateway.node.runtime import utc_now
 from gateway.peer.ping import PingReport, ping_peer
 
@@ -66,10 +66,10 @@ def add(app: AppContext, manifest_file: Path, expected: str, replace: bool) -> N
     actor = app.actor("peer.add")
     node = app.node()
     raw = _read_manifest_file(manifest_file)
-    peer_node = key_service.peer_node_of(node.settings.node_id)
+    peer_node = peer_trust.peer_node_of(node.settings.node_id)
     now = utc_now()
     with node.db.transaction() as session:
-        manifest = key_service.pin_peer(
+        manifest = peer_trust.pin_peer(
             session,
             raw,
             node=peer_node,
@@ -78,7 +78,7 @@ def add(app: AppContext, manifest_file: Path, expected: str, replace: bool) -> N
             actor=actor,
             replace=replace,
         )
-    data = key_service.describe_manifest(manifest, now=now)
+    data = peer_trust.describe_manifest(manifest, now=now)
     app.emit(data, lambda: manifest_text(data, "Pinned the key manifest"))
 
 
@@ -89,14 +89,14 @@ def show(app: AppContext) -> None:
     app.actor("peer.show")
     now = utc_now()
     with app.node().db.transaction() as session:
-        manifest = key_service.pinned_peer_manifest(session)
+        manifest = peer_trust.pinned_peer_manifest(session)
     if manifest is None:
         app.emit(
             {"pinned": None},
             "No peer is pinned yet: run 'gateway peer add MANIFEST_FILE --fingerprint FP'.",
         )
         return
-    data = key_service.describe_manifest(manifest, now=now)
+    data = peer_trust.describe_manifest(manifest, now=now)
     app.emit({"pinned": data}, lambda: manifest_text(data, "Pinned key manifest"))
 
 

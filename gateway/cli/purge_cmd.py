@@ -13,7 +13,7 @@ import click
 
 from gateway.cli.base import GatewayCommand
 from gateway.cli.context import AppContext, pass_app
-from gateway.node import consent
+from gateway.node.consent import receive as consent_receive
 from gateway.node.policy import load_policy
 from gateway.node.retention import PurgeReport, purge
 from gateway.node.runtime import utc_now
@@ -66,6 +66,6 @@ def purge_command(app: AppContext, dry_run: bool) -> None:
     policy = load_policy(app.settings())
     now = utc_now()
     if not dry_run:
-        consent.apply_pending(node, keyring, now=now)
+        consent_receive.apply_pending(node, keyring, now=now)
     report = purge(node, policy.retention, now=now, dry_run=dry_run, progress=app.progress)
     app.emit(report.to_dict(), lambda: report_text(report))

@@ -105,6 +105,7 @@ class PeerAuthFailed(VerificationError):
     """
 
     check = "peer-auth"
+    http_status = 401
 
     def __init__(self, message: str, *, reason: str) -> None:
         super().__init__(message, check="peer-auth", reason=reason)

@@ -68,8 +68,8 @@ from gateway.core.backup import (
     seal_file,
 )
 from gateway.errors import AlreadyExists, ConfigError, InvalidInput, StorageError
-from gateway.node.keys import verify_ledger_with_keys
-from gateway.node.keystore import STRENGTHS, strength_from_environ, unlock_keyring
+from gateway.node.keystore import STRENGTHS, strength_from_environ
+from gateway.node.own_keys import unlock_keyring, verify_ledger_with_keys
 from gateway.settings import CONFIG_FILE, Settings, default_sqlite_url, load_settings
 from gateway.store.db import Database, open_database
 from gateway.store.models import NodeRecord

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from gateway.errors import GatewayError
 from gateway.node.certs import EXPIRY_WARNING, check_node_certificate, names_to_check
 from gateway.settings import CONFIG_FILE, Settings, load_settings
+from gateway.tls import api_ssl_context, client_ssl_context, require_peer_tls, server_ssl_context
 
 __all__ = ["Check", "DoctorReport", "examine_home"]
 
@@ -100,13 +101,6 @@ def _modes(settings: Settings) -> Check:
 
 
 def _tls_settings(settings: Settings) -> Check:
-    from gateway.peer.tls import (  # noqa: PLC0415
-        api_ssl_context,
-        client_ssl_context,
-        require_peer_tls,
-        server_ssl_context,
-    )
-
     server = settings.server
     try:
         require_peer_tls(server)
@@ -134,7 +128,8 @@ def _sqlite_file(url: str) -> Path | None:
 
 
 def _database(settings: Settings, now: datetime) -> list[Check]:
-    from gateway.node.keys import own_manifest, pinned_peer_manifest  # noqa: PLC0415
+    from gateway.node.own_keys import own_manifest  # noqa: PLC0415
+    from gateway.node.peer_trust import pinned_peer_manifest  # noqa: PLC0415
     from gateway.node.runtime import Node, _safe_url  # noqa: PLC0415
 
     where = _safe_url(settings.database_url)

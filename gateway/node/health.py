@@ -97,7 +97,7 @@ def check_readiness(node: Node, keyring: Callable[[], NodeKeyring] | None) -> Re
     code; the result names only the check, never the cause, so the probe
     tells a stranger nothing about the node.
     """
-    from gateway.node.keys import own_manifest  # noqa: PLC0415
+    from gateway.node.own_keys import own_manifest  # noqa: PLC0415
     from gateway.node.policy import load_policy  # noqa: PLC0415
 
     result = Readiness()
@@ -196,7 +196,8 @@ class NodeStateCollector:
 
     def _from_database(self) -> list[Metric]:
         from gateway.node import ledger  # noqa: PLC0415
-        from gateway.node.keys import own_manifest, pinned_peer_manifest  # noqa: PLC0415
+        from gateway.node.own_keys import own_manifest  # noqa: PLC0415
+        from gateway.node.peer_trust import pinned_peer_manifest  # noqa: PLC0415
 
         node = self._node
         now = self._clock()

@@ -1,6 +1,8 @@
-"""Periodic work of a serving node: publishing ledger checkpoints, watching keys.
+"""Periodic work of a serving node: signing ledger checkpoints, retention, watching keys.
 
-Both run inside ``gateway serve`` beside the peer server and the sender worker.
+The passes run inside ``gateway serve`` (composed by :mod:`gateway.service`) beside
+the peer server and the sender worker; sending a checkpoint to the peer is
+:func:`gateway.service.workers.publish_checkpoints`, above the peer layer.
 
 * **Checkpoints** (SPEC §7): every ``[server] checkpoint_interval_seconds`` the
   node signs a checkpoint of its ledger when the ledger grew since the last
@@ -31,16 +33,13 @@ from datetime import datetime
 
 from gateway.core.keys import NodeKeyring
 from gateway.core.ledger import SignedCheckpoint
-from gateway.errors import GatewayError, TransportError
+from gateway.errors import GatewayError
 from gateway.log import get_logger
-from gateway.node.keys import own_manifest, pending_manifests
 from gateway.node.ledger import checkpoint as ledger_checkpoint
-from gateway.node.ledger import witness as ledger_witness
+from gateway.node.own_keys import own_manifest, pending_manifests
 from gateway.node.policy import load_policy
 from gateway.node.retention import PurgeReport, purge
 from gateway.node.runtime import Node, utc_now
-from gateway.peer.client import PeerClient
-from gateway.peer.ledger_client import send_checkpoint
 
 __all__ = [
     "MANIFEST_WAIT_SECONDS",
@@ -48,7 +47,6 @@ __all__ = [
     "enforce_retention",
     "manifest_changed",
     "manifests_pending",
-    "publish_checkpoints",
     "retention_once",
     "watch_own_keys",
 ]
@@ -74,54 +72,6 @@ def checkpoint_once(node: Node, keyring: NodeKeyring, *, now: datetime) -> Signe
         if not ledger_checkpoint.grew_since(session, since):
             return latest
         return ledger_checkpoint.make_checkpoint(session, keyring, now)
-
-
-async def publish_checkpoints(
-    node: Node,
-    keyring: NodeKeyring,
-    client: PeerClient | None,
-    stop: asyncio.Event,
-    *,
-    interval: float,
-    clock: Callable[[], datetime] = utc_now,
-) -> None:
-    """Sign and send checkpoints every ``interval`` seconds until ``stop`` is set.
-
-    A checkpoint is sent only when no manifest of this node waits for
-    delivery (see the module notes); a held-back one is tried again every
-    :data:`MANIFEST_WAIT_SECONDS` rather than at the next interval.
-    """
-    sent_size = -1
-    held_back = False
-    while not stop.is_set():
-        delay = interval
-        try:
-            signed = await asyncio.to_thread(checkpoint_once, node, keyring, now=clock())
-            if signed is not None and client is not None and signed.checkpoint.size != sent_size:
-                if await asyncio.to_thread(manifests_pending, node):
-                    if not held_back:
-                        _log.info("checkpoint_waits_for_manifest", size=signed.checkpoint.size)
-                    held_back = True
-                    delay = min(interval, MANIFEST_WAIT_SECONDS)
-                else:
-                    held_back = False
-                    await send_checkpoint(
-                        client, signed, prove=ledger_witness.consistency_prover(node.db)
-                    )
-                    sent_size = signed.checkpoint.size
-                    node.metrics.checkpoint_witnessed(sent_size)
-                    node.metrics.peer.record(True)
-                    _log.info("checkpoint_sent", size=sent_size)
-        except TransportError as exc:
-            node.metrics.peer.record(False, exc.reason)
-            _log.warning("checkpoint_send_failed", reason=exc.reason)
-        except GatewayError as exc:
-            # A ledger that fails its own verification is never signed over: say so loudly.
-            _log.error("checkpoint_failed", reason=exc.reason, error=exc.message)
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=delay)
-        except TimeoutError:
-            continue
 
 
 def retention_once(node: Node, *, now: datetime) -> PurgeReport:

@@ -486,13 +486,10 @@ def inbox_entry(node: Node, bundle_id: str) -> InboxEntry:
 
 
 def _pinned_peer_manifest(node: Node) -> KeyManifest:
-    from gateway.node.keys import pinned_peer_manifest  # noqa: PLC0415
+    from gateway.node.peer_trust import require_pinned_peer  # noqa: PLC0415
 
     with node.db.transaction() as session:
-        manifest = pinned_peer_manifest(session)
-    if manifest is None:
-        raise RefusedError("no peer is pinned: nothing can be received", reason="peer.unpinned")
-    return manifest
+        return require_pinned_peer(session, needed_for="nothing can be received")
 
 
 def _facts(header: EnvelopeHeader) -> EnvelopeFacts:
@@ -522,18 +519,15 @@ def receive_envelope(node: Node, keyring: NodeKeyring, path: Path, *, now: datet
     """
     from gateway.core.cases import REPLY_TARGETS  # noqa: PLC0415
     from gateway.core.envelope import verify_envelope  # noqa: PLC0415
-    from gateway.node.keys import pinned_peer_manifest  # noqa: PLC0415
     from gateway.node.outbox import check_reply_target  # noqa: PLC0415
+    from gateway.node.peer_trust import require_pinned_peer  # noqa: PLC0415
     from gateway.node.policy import load_policy  # noqa: PLC0415
 
     policy = load_policy(node.settings)
     peers: list[KeyManifest] = []
 
     def prepare(session: Session) -> None:
-        peer = pinned_peer_manifest(session)
-        if peer is None:
-            raise RefusedError("no peer is pinned: nothing can be received", reason="peer.unpinned")
-        peers.append(peer)
+        peers.append(require_pinned_peer(session, needed_for="nothing can be received"))
 
     def verify(stream: BinaryIO) -> EnvelopeFacts:
         header = verify_envelope(

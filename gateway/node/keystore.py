@@ -38,9 +38,8 @@ import sys
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import nacl.bindings
 import nacl.exceptions
@@ -51,13 +50,9 @@ import nacl.utils
 
 from gateway.core.canonical import canonical_bytes, parse_canonical
 from gateway.core.domain import Purpose, tagged
-from gateway.core.keys import KeyNotUsable, NodeKeyring, key_id
+from gateway.core.keys import key_id
 from gateway.errors import ConfigError, GatewayError, InvalidInput
 from gateway.log import get_logger
-from gateway.settings import Settings
-
-if TYPE_CHECKING:
-    from sqlalchemy.orm import Session
 
 __all__ = [
     "KEYSTORE_FORMAT",
@@ -76,7 +71,6 @@ __all__ = [
     "root_file_name",
     "root_limits",
     "strength_from_environ",
-    "unlock_keyring",
     "write_operational",
     "write_root",
 ]
@@ -533,53 +527,3 @@ def read_operational(path: Path, passphrase: bytes, *, node: str) -> Operational
     if ids != opened.header["key_ids"]:
         raise KeystoreCorrupt(f"key file {path} is corrupt: key ids differ from the header")
     return result
-
-
-def unlock_keyring(
-    settings: Settings, passphrase: bytes, session: Session, *, now: datetime | None = None
-) -> NodeKeyring:
-    """Open ``operational.key`` and bind it to the node's current manifest.
-
-    The signing key is the manifest's current signing key at ``now`` when its
-    private key is held, else the newest unrevoked one held. Every encryption
-    key held is kept, listed or not, so that old data stays readable.
-    """
-    from gateway.node.keys import own_manifest  # noqa: PLC0415 - the service imports this module
-    from gateway.node.runtime import utc_now  # noqa: PLC0415
-
-    at = now if now is not None else utc_now()
-    manifest = own_manifest(session)
-    keys = read_operational(settings.keys_dir / OPERATIONAL_FILE, passphrase, node=settings.node_id)
-    candidates = [
-        entry
-        for entry in manifest.keys
-        if entry.use == "sign"
-        and entry.key_id in keys.signing
-        and manifest.revocation(entry.key_id) is None
-    ]
-    if not candidates:
-        raise KeyNotUsable(
-            f"the keystore of node {settings.node_id!r} holds no private key for any "
-            f"unrevoked signing key of manifest version {manifest.version}"
-        )
-    valid = [entry for entry in candidates if entry.valid_at(at)] or candidates
-    # Ties on not_before go to the key listed last, as KeyManifest.current_signing_key does.
-    chosen = valid[0].key_id
-    newest = valid[0].not_before
-    for entry in valid[1:]:
-        if entry.not_before >= newest:
-            chosen, newest = entry.key_id, entry.not_before
-    ring = NodeKeyring(
-        node=settings.node_id,
-        manifest=manifest,
-        signing_key_id=chosen,
-        signing_key=keys.signing[chosen],
-        encryption_keys=dict(keys.encryption),
-    )
-    _log.info(
-        "keyring_unlocked",
-        manifest_version=manifest.version,
-        signing_key_id=chosen,
-        encryption_key_ids=sorted(ring.encryption_keys),
-    )
-    return ring

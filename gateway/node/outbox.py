@@ -46,7 +46,6 @@ from gateway.core.policy import Marking
 from gateway.core.receipt import ReceiptInvalid, ReceiptVerifyKeys, verify_receipt
 from gateway.core.roles import Actor
 from gateway.errors import (
-    ConfigError,
     GatewayError,
     InvalidInput,
     NotFound,
@@ -844,27 +843,21 @@ def _pinned_peer(node: Node) -> ReceiptVerifyKeys:
 
 
 def _pinned_peer_manifest(node: Node) -> KeyManifest:
-    from gateway.node.keys import pinned_peer_manifest  # noqa: PLC0415
+    from gateway.node.peer_trust import require_pinned_peer  # noqa: PLC0415
 
     with node.db.transaction() as session:
-        manifest = pinned_peer_manifest(session)
-    if manifest is None:
-        raise ConfigError(
-            "no peer is pinned: import the peer's key manifest with 'gateway peer add' first",
-            reason="config.peer",
-        )
-    return manifest
+        return require_pinned_peer(session, needed_for="nothing can be sent")
 
 
 def _pending_manifests(node: Node) -> Sequence[tuple[object, bytes]]:
-    from gateway.node.keys import pending_manifests  # noqa: PLC0415
+    from gateway.node.own_keys import pending_manifests  # noqa: PLC0415
 
     with node.db.transaction() as session:
         return list(pending_manifests(session))
 
 
 def _mark_manifest_delivered(node: Node, handle: object, now: datetime) -> None:
-    from gateway.node.keys import mark_manifest_delivered  # noqa: PLC0415
+    from gateway.node.own_keys import mark_manifest_delivered  # noqa: PLC0415
 
     if not isinstance(handle, int):
         raise TypeError("manifest handle must be the id pending_manifests gave")

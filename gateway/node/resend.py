@@ -40,11 +40,12 @@ from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.ledger import EntryKind
 from gateway.core.policy import Policy
 from gateway.core.roles import Actor
-from gateway.errors import AlreadyExists, InvalidInput, NotFound, RefusedError
+from gateway.errors import AlreadyExists, InvalidInput, NotFound
 from gateway.log import get_logger
-from gateway.node.keys import own_manifest, pinned_peer_manifest
 from gateway.node.ledger import record_event
 from gateway.node.outbox import Sealed, queue_sealed
+from gateway.node.own_keys import own_manifest
+from gateway.node.peer_trust import require_pinned_peer
 from gateway.node.policy import load_policy
 from gateway.node.revocation import outbox_signing_key, suspect_sent
 from gateway.node.runtime import Node
@@ -164,9 +165,7 @@ def resend_bundles(
         raise InvalidInput("give the ids of bundles to resend, or --suspect, not both")
     with node.db.transaction() as session:
         targets, skipped = _targets(node, session, bundle_ids, suspect=suspect)
-        peer = pinned_peer_manifest(session)
-    if peer is None:
-        raise RefusedError("no peer is pinned: nothing can be sent", reason="peer.unpinned")
+        peer = require_pinned_peer(session, needed_for="nothing can be sent")
     policy = load_policy(node.settings)
     done: list[Resent] = []
     for original in targets:

@@ -20,10 +20,10 @@ from sqlalchemy.orm import Session
 import gateway
 from gateway.errors import AlreadyExists, ConfigError
 from gateway.node.users import add_user
-from gateway.peer.tls import require_peer_tls
 from gateway.settings import CONFIG_FILE, Settings, load_settings, parse_host_port, write_config
 from gateway.store.db import open_database
 from gateway.store.models import NodeRecord
+from gateway.tls import require_peer_tls
 
 __all__ = ["TLS_DIR", "InitResult", "InitStep", "TlsFiles", "init_node", "register_init_step"]
 

@@ -45,8 +45,8 @@ from gateway.peer.server import (
     MANIFEST_CONTENT_TYPE,
     PING_PATH,
 )
-from gateway.peer.tls import client_ssl_context
 from gateway.settings import Settings
+from gateway.tls import client_ssl_context
 
 __all__ = ["EnvelopeResult", "PeerClient", "PeerRefused", "PeerUnreachable", "peer_of"]
 

@@ -31,11 +31,11 @@ from gateway.core.canonical import canonical_bytes, parse_bounded_json
 from gateway.core.keys import KeyManifest
 from gateway.core.ledger import EntryKind, SignedCheckpoint, WitnessMismatch
 from gateway.core.roles import SYSTEM
-from gateway.errors import InvalidInput, NotFound, VerificationError
+from gateway.errors import InvalidInput, NotFound
 from gateway.node import ledger
-from gateway.node.keys import pinned_peer_manifest
 from gateway.node.ledger import checkpoint as ledger_checkpoint
 from gateway.node.ledger import witness as ledger_witness
+from gateway.node.peer_trust import require_pinned_peer
 from gateway.peer.ledger_client import CHECKPOINTS_PATH, CONSISTENCY_PATH
 from gateway.peer.server import PEER_SERVICES, read_signed_body
 from gateway.store.db import Database
@@ -58,10 +58,7 @@ LEDGER_ROUTES: Final = web.AppKey("ledger_routes", LedgerRoutes)
 
 def _peer_keys(db: Database) -> KeyManifest:
     with db.transaction() as session:
-        manifest = pinned_peer_manifest(session)
-    if manifest is None:
-        raise VerificationError("no peer manifest is pinned", check="peer-pinned")
-    return manifest
+        return require_pinned_peer(session, needed_for="no checkpoint can be verified")
 
 
 def _split_push(raw: bytes) -> tuple[bytes, int | None, list[bytes] | None]:

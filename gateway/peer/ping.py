@@ -212,11 +212,8 @@ async def ping_peer(
     Raises :class:`~gateway.errors.ConfigError` only when the settings cannot
     make a client at all (no peer URL, plain HTTP off loopback).
     """
-    from gateway.node.keys import (  # noqa: PLC0415
-        own_manifest,
-        pending_manifests,
-        pinned_peer_manifest,
-    )
+    from gateway.node.own_keys import own_manifest, pending_manifests  # noqa: PLC0415
+    from gateway.node.peer_trust import pinned_peer_manifest  # noqa: PLC0415
     from gateway.node.policy import load_policy  # noqa: PLC0415
 
     chosen = settings if settings is not None else node.settings

@@ -58,14 +58,14 @@ from gateway.core.peer_auth import (
 from gateway.core.policy import Limits as PolicyLimits
 from gateway.core.times import Precision, format_utc
 from gateway.errors import (
+    STATUS_BY_REASON,
     ClientDisconnected,
     GatewayError,
     InvalidInput,
     NotFound,
     RefusedError,
-    StorageError,
-    TransportError,
     VerificationError,
+    http_status_for,
 )
 from gateway.metrics import NodeMetrics
 from gateway.node.runtime import Node, utc_now
@@ -278,25 +278,11 @@ IN_FLIGHT: Final = web.AppKey("in_flight", _InFlight)
 class _Refusal(Exception):
     """An HTTP refusal with a reason code, raised inside handlers and middlewares."""
 
-    def __init__(self, status: int, reason: str, message: str, *, close: bool = True) -> None:
+    def __init__(self, reason: str, message: str, *, close: bool = True) -> None:
         super().__init__(message)
-        self.status = status
+        self.status = STATUS_BY_REASON[reason]  # transport limits and framing only
         self.reason = reason
         self.close = close
-
-
-def _status_for(error: GatewayError) -> int:
-    if isinstance(error, PeerAuthFailed):
-        return 401
-    if isinstance(error, (VerificationError, InvalidInput)):
-        return 400
-    if isinstance(error, NotFound):
-        return 404
-    if isinstance(error, RefusedError):
-        return 409
-    if isinstance(error, (StorageError, TransportError)):
-        return 503
-    return 500
 
 
 def _error_response(
@@ -338,7 +324,7 @@ async def _context_middleware(
             )
         except GatewayError as exc:
             detail = exc.diagnostics()
-            response = _error_response(_status_for(exc), exc.reason, request_id, close=True)
+            response = _error_response(http_status_for(exc), exc.reason, request_id, close=True)
         except web.HTTPException as exc:
             code = "not-found" if exc.status == 404 else f"http.{exc.status}"
             if exc.status == 405:
@@ -400,21 +386,19 @@ async def _limits_middleware(
     header_bytes = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
     if header_bytes > limits.max_header_bytes:
         raise _Refusal(
-            431,
             "limit.headers",
             f"request headers of {header_bytes} bytes exceed {limits.max_header_bytes}",
         )
     # aiohttp's parser already refuses these; kept as a second line should it ever not.
     lengths = request.headers.getall("Content-Length", [])
     if len(lengths) > 1 or (lengths and "Transfer-Encoding" in request.headers):
-        raise _Refusal(400, "request.framing", "ambiguous message framing")
+        raise _Refusal("request.framing", "ambiguous message framing")
     limiter = request.app[RATE_LIMITER]
     if not limiter.allow(request.remote or "-", time.monotonic()):
-        raise _Refusal(429, "limit.rate", "request rate of this peer exceeds the policy")
+        raise _Refusal("limit.rate", "request rate of this peer exceeds the policy")
     declared = request.content_length
     if declared is not None and declared > limits.max_body_bytes:
         raise _Refusal(
-            413,
             "limit.body",
             f"declared body of {declared} bytes exceeds {limits.max_body_bytes}",
         )
@@ -481,16 +465,16 @@ async def _read_chunk(
     loop_now = asyncio.get_running_loop().time()
     budget = min(limits.body_idle_timeout, deadline - loop_now)
     if budget <= 0:
-        raise _Refusal(408, "limit.timeout", "request body took too long")
+        raise _Refusal("limit.timeout", "request body took too long")
     try:
         async with asyncio.timeout(budget):
             return await request.content.read(size)
     except TimeoutError:
-        raise _Refusal(408, "limit.timeout", "request body stalled") from None
+        raise _Refusal("limit.timeout", "request body stalled") from None
     except ConnectionError:  # aiohttp's "Connection lost": the client hung up mid-body
         raise ClientDisconnected("client disconnected before the body was complete") from None
     except BadHttpMessage as exc:  # a body the HTTP parser refused (chunked framing, length)
-        raise _Refusal(400, "request.framing", f"malformed request body: {exc.message}") from None
+        raise _Refusal("request.framing", f"malformed request body: {exc.message}") from None
 
 
 async def _read_exactly(
@@ -501,7 +485,7 @@ async def _read_exactly(
     while remaining:
         chunk = await _read_chunk(request, min(remaining, _CHUNK), limits, deadline)
         if not chunk:
-            raise _Refusal(400, "request.framing", "request body ended inside a frame")
+            raise _Refusal("request.framing", "request body ended inside a frame")
         digest.update(chunk)
         parts.append(chunk)
         remaining -= len(chunk)
@@ -525,7 +509,7 @@ async def read_signed_body(request: web.Request, *, max_bytes: int) -> bytes:
     cap = min(max_bytes, limits.max_body_bytes)
     declared = request.content_length
     if declared is not None and declared > cap:
-        raise _Refusal(413, "limit.body", f"declared body of {declared} bytes exceeds {cap}")
+        raise _Refusal("limit.body", f"declared body of {declared} bytes exceeds {cap}")
     digest = BodyDigest(_expected_digest(request))
     deadline = asyncio.get_running_loop().time() + limits.body_total_timeout
     parts: list[bytes] = []
@@ -535,7 +519,7 @@ async def read_signed_body(request: web.Request, *, max_bytes: int) -> bytes:
             break
         digest.update(chunk)
         if digest.size > cap:
-            raise _Refusal(413, "limit.body", f"body exceeds {cap} bytes")
+            raise _Refusal("limit.body", f"body exceeds {cap} bytes")
         parts.append(chunk)
     digest.check()
     return b"".join(parts)
@@ -569,24 +553,23 @@ async def _spool_envelopes(
                     break
                 digest.update(chunk)
                 if digest.size > limits.max_body_bytes:
-                    raise _Refusal(413, "limit.body", f"body exceeds {limits.max_body_bytes} bytes")
+                    raise _Refusal("limit.body", f"body exceeds {limits.max_body_bytes} bytes")
                 if digest.size > limits.max_envelope_bytes:
                     raise _Refusal(
-                        413, "limit.envelope", f"envelope exceeds {limits.max_envelope_bytes}"
+                        "limit.envelope", f"envelope exceeds {limits.max_envelope_bytes}"
                     )
                 handle.write(chunk)
         if digest.size == 0:
-            raise _Refusal(400, "request.framing", "empty request body")
+            raise _Refusal("request.framing", "empty request body")
     elif content_type == BATCH_CONTENT_TYPE:
         preface = await _read_exactly(request, 8, limits, deadline, digest)
         if preface[:4] != BATCH_MAGIC:
-            raise _Refusal(400, "request.framing", "batch body does not start with SGB1")
+            raise _Refusal("request.framing", "batch body does not start with SGB1")
         (count,) = struct.unpack(">I", preface[4:])
         if count == 0:
-            raise _Refusal(400, "request.framing", "batch of zero envelopes")
+            raise _Refusal("request.framing", "batch of zero envelopes")
         if count > limits.max_batch_envelopes:
             raise _Refusal(
-                413,
                 "limit.batch",
                 f"batch of {count} envelopes exceeds {limits.max_batch_envelopes}",
             )
@@ -595,15 +578,14 @@ async def _spool_envelopes(
                 ">Q", await _read_exactly(request, 8, limits, deadline, digest)
             )
             if length == 0:
-                raise _Refusal(400, "request.framing", f"envelope {index} is empty")
+                raise _Refusal("request.framing", f"envelope {index} is empty")
             if length > limits.max_envelope_bytes:
                 raise _Refusal(
-                    413,
                     "limit.envelope",
                     f"envelope {index} of {length} bytes exceeds {limits.max_envelope_bytes}",
                 )
             if digest.size + length > limits.max_body_bytes:
-                raise _Refusal(413, "limit.body", f"body exceeds {limits.max_body_bytes} bytes")
+                raise _Refusal("limit.body", f"body exceeds {limits.max_body_bytes} bytes")
             path, handle = _spool_file(directory, index)
             paths.append(path)
             with handle:
@@ -611,21 +593,20 @@ async def _spool_envelopes(
                 while remaining:
                     chunk = await _read_chunk(request, min(remaining, _CHUNK), limits, deadline)
                     if not chunk:
-                        raise _Refusal(400, "request.framing", "body ended inside an envelope")
+                        raise _Refusal("request.framing", "body ended inside an envelope")
                     digest.update(chunk)
                     handle.write(chunk)
                     remaining -= len(chunk)
         trailing = await _read_chunk(request, 1, limits, deadline)
         if trailing:
-            raise _Refusal(400, "request.framing", "bytes after the last envelope of the batch")
+            raise _Refusal("request.framing", "bytes after the last envelope of the batch")
     else:
         raise _Refusal(
-            415,
             "request.content-type",
             f"content type must be {ENVELOPE_CONTENT_TYPE} or {BATCH_CONTENT_TYPE}",
         )
     if digest.size > limits.max_body_bytes:
-        raise _Refusal(413, "limit.body", f"body exceeds {limits.max_body_bytes} bytes")
+        raise _Refusal("limit.body", f"body exceeds {limits.max_body_bytes} bytes")
     digest.check()
     return paths
 
@@ -677,7 +658,7 @@ async def _post_manifest(request: web.Request) -> web.Response:
     limits = request.app[TRANSPORT_LIMITS]
     apply = services.apply_manifest
     if apply is None:
-        raise _Refusal(404, "not-found", "this node takes no manifests")
+        raise NotFound("this node takes no manifests")
     raw = await read_signed_body(request, max_bytes=limits.max_small_body_bytes)
     now = services.clock()
     deferred = request.get(_DEFERRED_AUTH)
@@ -874,7 +855,7 @@ def _apply_consent_bundles(node: Node, keyring: NodeKeyring, *, now: datetime) -
     """Right after a receipt: store received consent requests, grants, denials and
     revocations with their ledger entries. The receipt stands whatever happens here;
     anything left pending is applied before the next consent decision anyway."""
-    from gateway.node.consent import apply_pending  # noqa: PLC0415
+    from gateway.node.consent.receive import apply_pending  # noqa: PLC0415
 
     try:
         apply_pending(node, keyring, now=now)
@@ -886,20 +867,25 @@ def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerS
     """The peer services of an opened node: its pinned peer, nonce store, inbox."""
     from gateway.core.keys import verify_manifest  # noqa: PLC0415
     from gateway.node.inbox import receive_envelope  # noqa: PLC0415
-    from gateway.node.keys import (  # noqa: PLC0415
+    from gateway.node.peer_trust import (  # noqa: PLC0415
+        PeerNotPinned,
         apply_peer_manifest,
         peer_node_of,
         pinned_peer_manifest,
+        require_pinned_peer,
     )
 
     peer = peer_node_of(node.node_id)
 
     def pinned() -> KeyManifest:
-        with node.db.transaction() as session:
-            manifest = pinned_peer_manifest(session)
-        if manifest is None:
-            raise PeerAuthFailed(f"no manifest of node {peer} is pinned", reason="auth.unknown-key")
-        return manifest
+        try:
+            with node.db.transaction() as session:
+                return require_pinned_peer(session, needed_for="no request can be authenticated")
+        except PeerNotPinned:
+            # To the peer an unpinned sender is an unknown key, like any other.
+            raise PeerAuthFailed(
+                f"no manifest of node {peer} is pinned", reason="auth.unknown-key"
+            ) from None
 
     def lookup_key(key_id: str, at: datetime) -> bytes:
         return bytes(pinned().signing_key(key_id, at=at))

@@ -25,8 +25,8 @@ from gateway.core.domain import Purpose, tagged_sha256
 from gateway.core.ledger import parse_entry
 from gateway.core.roles import Actor, Role
 from gateway.node import ledger
-from gateway.node.keys import own_manifest
 from gateway.node.ledger import verify as ledger_verify
+from gateway.node.own_keys import own_manifest
 from gateway.store.db import Database, open_database
 from tests.conftest import PG_ADMIN_URL, create_pg_database, drop_pg_database
 

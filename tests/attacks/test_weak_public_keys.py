@@ -39,8 +39,7 @@ from gateway.core.keys import (
     sign_manifest,
     verify_manifest,
 )
-from gateway.node import keys as key_service
-from gateway.node import keystore
+from gateway.node import keystore, own_keys, peer_trust
 from gateway.node.runtime import utc_now
 from gateway.peer.server import MANIFEST_CONTENT_TYPE, MANIFESTS_PATH
 from tests.hostile import (
@@ -313,7 +312,7 @@ def test_sealing_to_a_weak_key_is_a_named_refusal_not_a_crash(point: bytes) -> N
 
 def _real_root(side: Side) -> nacl.signing.SigningKey:
     with side.node.db.transaction() as session:
-        manifest = key_service.own_manifest(session)
+        manifest = own_keys.own_manifest(session)
     path = side.node.settings.keys_dir / keystore.root_file_name(manifest.root_key_id)
     return keystore.read_root(
         path, PASSPHRASE.encode(), node=side.node.node_id, expected_key_id=manifest.root_key_id
@@ -326,7 +325,7 @@ def test_weak_public_keys_in_a_signed_manifest_are_refused_at_every_entry_point(
     jp, pk = pair["jp"], pair["pk"]
     root = _real_root(pk)
     with jp.node.db.transaction() as session:
-        before = key_service.pinned_peer_manifest(session)
+        before = peer_trust.pinned_peer_manifest(session)
     assert before is not None
     members = {
         "zero X25519 key": {"box_public": WEAK_X25519["zero (order 4)"]},
@@ -360,9 +359,9 @@ def test_weak_public_keys_in_a_signed_manifest_are_refused_at_every_entry_point(
         assert answer.body["error"]["check"] == "manifest-weak-key", (name, answer.body)
         with peer_server(jp) as server:
             status, body = post_signed(server, pk, "jp", MANIFESTS_PATH, raw, MANIFEST_CONTENT_TYPE)
-        assert status == 400, (name, status, body)
+        assert status == 422, (name, status, body)
     with jp.node.db.transaction() as session:
-        after = key_service.pinned_peer_manifest(session)
+        after = peer_trust.pinned_peer_manifest(session)
     assert after is not None
     assert after.raw == before.raw
     # And the pinned keys still seal: nothing of the refused manifests was kept.

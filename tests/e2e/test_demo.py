@@ -13,7 +13,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,8 +23,8 @@ import pytest
 from click.testing import CliRunner
 
 from gateway.cli.main import cli
+from gateway.demo.harness import GATEWAY
 
-GATEWAY = [sys.executable, "-c", "from gateway.cli.main import main; main()"]
 REPO = Path(__file__).resolve().parents[2]
 
 STORY = [

@@ -26,9 +26,9 @@ from gateway.core.envelope import seal
 from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.receipt import parse_receipt, verify_receipt
 from gateway.core.roles import Actor, Role
-from gateway.node.keys import pinned_peer_manifest
-from gateway.node.keystore import unlock_keyring
 from gateway.node.outbox import send_case
+from gateway.node.own_keys import unlock_keyring
+from gateway.node.peer_trust import pinned_peer_manifest
 from gateway.node.policy import load_policy
 from gateway.node.runtime import Node, utc_now
 from gateway.peer.client import PeerClient

@@ -25,11 +25,11 @@ from multidict import CIMultiDict
 from sqlalchemy import func, select
 from structlog.testing import capture_logs
 
-import gateway.node.keys
+import gateway.node.own_keys
 import gateway.node.policy
 from gateway import log
 from gateway.api import routes_common
-from gateway.api.app import all_routes, create_api_app, error_status
+from gateway.api.app import all_routes, create_api_app
 from gateway.api.routes_common import ApiRoute, Call
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
@@ -46,13 +46,14 @@ from gateway.errors import (
     StorageError,
     TransportError,
     VerificationError,
+    http_status_for,
 )
-from gateway.node import keys as key_service
+from gateway.node import own_keys, peer_trust
 from gateway.node.inbox import read_bundle, receive_envelope
-from gateway.node.keystore import unlock_keyring
 from gateway.node.ledger import checkpoint as ledger_checkpoint
 from gateway.node.ledger import export as ledger_export
 from gateway.node.ledger import witness as ledger_witness
+from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node, utc_now
 from gateway.node.setup import init_node
 from gateway.node.users import add_user, disable_user
@@ -64,7 +65,7 @@ from tests.nodes import free_port, gateway_env, start_serve, stop, wait_ready
 PASSPHRASE = "correct horse battery staple for tests"
 # Importing these registers their stages of node creation (keys, policies),
 # exactly as the CLI does.
-INIT_STAGES = (gateway.node.keys.__name__, gateway.node.policy.__name__)
+INIT_STAGES = (gateway.node.own_keys.__name__, gateway.node.policy.__name__)
 
 
 @dataclass
@@ -533,7 +534,7 @@ def test_routes_must_name_known_actions_and_stay_under_api_v1(sqlite_api_node: A
 
 def test_admin_sees_the_same_manifest_as_the_key_service(api_node: ApiNode) -> None:
     with api_node.node.db.transaction() as session:
-        manifest = key_service.own_manifest(session)
+        manifest = own_keys.own_manifest(session)
 
     async def scenario(client: Client) -> None:
         answer = await client.call("GET", "/api/v1/keys", token=api_node.tokens["admin"])
@@ -555,7 +556,7 @@ def test_peer_is_pinned_only_with_its_true_fingerprint(
     init_node(pk_home, "pk", now=utc_now(), environ=env)
     exported = tmp_path / "pk-manifest.json"
     with Node.open(load_settings(pk_home, environ=env)) as pk, pk.db.transaction() as session:
-        pk_manifest = key_service.export_manifest(session, exported)
+        pk_manifest = own_keys.export_manifest(session, exported)
     encoded = base64.b64encode(exported.read_bytes()).decode()
     admin = api_node.tokens["admin"]
     wrong = "-".join(["AAAA"] * 8)
@@ -675,11 +676,11 @@ def exchange_pair(
         manifests = {}
         for side in (jp, pk):
             with side.node.db.transaction() as session:
-                manifests[side.node.node_id] = key_service.own_manifest(session)
+                manifests[side.node.node_id] = own_keys.own_manifest(session)
         admin = Actor(name="admin", role=Role.ADMIN)
         for side, peer in ((jp, "pk"), (pk, "jp")):
             with side.node.db.transaction() as session:
-                key_service.pin_peer(
+                peer_trust.pin_peer(
                     session,
                     manifests[peer].raw,
                     node=peer,
@@ -866,9 +867,72 @@ ERROR_STATUSES: list[tuple[GatewayError, int]] = [
 
 
 def test_each_error_family_maps_to_its_status() -> None:
-    got = [(type(exc).__name__, exc.reason, error_status(exc)) for exc, _ in ERROR_STATUSES]
+    got = [(type(exc).__name__, exc.reason, http_status_for(exc)) for exc, _ in ERROR_STATUSES]
     want = [(type(exc).__name__, exc.reason, status) for exc, status in ERROR_STATUSES]
     assert got == want
+
+
+def test_both_servers_answer_the_same_status_for_the_same_error(
+    sqlite_api_node: ApiNode, tmp_path: Path
+) -> None:
+    """The peer server and the local API take their status from the one registry."""
+    from gateway.peer.server import MANIFEST_CONTENT_TYPE, MANIFESTS_PATH  # noqa: PLC0415
+    from tests.integration.test_peer_server import JP, PK, signed_head  # noqa: PLC0415
+    from tests.nodes import (  # noqa: PLC0415
+        KeyTable,
+        make_services,
+        migrated_database,
+        raw_exchange,
+        start_test_server,
+        status_of,
+    )
+
+    errors = [exc for exc, _ in ERROR_STATUSES]
+    raised: list[GatewayError] = []
+
+    async def fail(_call: Call) -> web.StreamResponse:
+        raise raised[-1]
+
+    def apply(_raw: bytes, *, now: object) -> None:
+        raise raised[-1]
+
+    api_statuses: list[int] = []
+
+    async def scenario(client: Client) -> None:
+        for exc in errors:
+            raised.append(exc)
+            answer = await client.call(
+                "GET", "/api/v1/fail", token=sqlite_api_node.tokens["officer"]
+            )
+            api_statuses.append(answer.status)
+
+    routes = (*all_routes(), ApiRoute("GET", "/api/v1/fail", None, fail, "fails"))
+    run_api(sqlite_api_node, scenario, routes=routes)
+
+    db = migrated_database(f"sqlite:///{tmp_path / 'peer.sqlite3'}")
+    peer_statuses: list[int] = []
+    try:
+        services, _store = make_services(
+            tmp_path,
+            db,
+            keys=KeyTable({"jp-op-1": JP.public_key}),
+            receiver=PK,
+            apply_manifest=apply,
+        )
+        with start_test_server(services) as server:
+            for exc in errors:
+                raised.append(exc)
+                body = b"{}"
+                head = signed_head(
+                    JP, body, path=MANIFESTS_PATH, content_type=MANIFEST_CONTENT_TYPE
+                )
+                response, _closed = raw_exchange(server.port, head.encode() + body)
+                peer_statuses.append(status_of(response))
+    finally:
+        db.dispose()
+    want = [http_status_for(exc) for exc in errors]
+    assert api_statuses == want
+    assert peer_statuses == want
 
 
 def test_compliance_audits_the_peer_through_the_api_over_a_real_peer_server(
@@ -882,7 +946,7 @@ def test_compliance_audits_the_peer_through_the_api_over_a_real_peer_server(
     with pk.node.db.transaction() as session:
         witnessed = ledger_checkpoint.make_checkpoint(session, pk.keyring(), utc_now())
     with jp.node.db.transaction() as session:
-        pinned = key_service.pinned_peer_manifest(session)
+        pinned = peer_trust.pinned_peer_manifest(session)
         assert pinned is not None
         ledger_witness.store_peer_checkpoint(
             session, witnessed.to_wire(), pinned, peer_node="pk", now=utc_now()

@@ -552,7 +552,7 @@ def test_the_image_build_stage_gets_the_policies_into_the_wheel(tmp_path: Path) 
         ("data/gateway.sqlite3", True),
         ("policies/policy.toml", False),
         ("gateway/policies", False),
-        ("gateway/node/keys.py", False),
+        ("gateway/node/own_keys.py", False),
     ],
 )
 def test_the_build_context_keeps_key_material_out_and_the_policies_in(

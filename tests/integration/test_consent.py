@@ -26,12 +26,16 @@ from gateway.core.consent import ConsentGrant, sign_grant
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
 from gateway.errors import ConsentRefused, InvalidInput, NotFound, PolicyRefused
-from gateway.node import consent
-from gateway.node import keys as key_service
+from gateway.node import own_keys, peer_trust
+from gateway.node.consent import common as consent_common
+from gateway.node.consent import disclosure as consent_disclosure
+from gateway.node.consent import protocol as consent_protocol
+from gateway.node.consent import queries as consent_queries
+from gateway.node.consent import receive as consent_receive
 from gateway.node.inbox import receive_envelope
-from gateway.node.keystore import unlock_keyring
 from gateway.node.ledger import read as ledger_read
 from gateway.node.outbox import send_case, send_protocol_bundle
+from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user
 from gateway.peer.server import node_services
@@ -139,8 +143,10 @@ def entries(side: Side, kind: str | None = None) -> list[Any]:
     return [e for e in found if kind is None or str(e.kind) == kind]
 
 
-def do_disclose(side: Side, ids: list[str], out: Path, **kw: Any) -> consent.DisclosureResult:
-    return consent.disclose(
+def do_disclose(
+    side: Side, ids: list[str], out: Path, **kw: Any
+) -> consent_disclosure.DisclosureResult:
+    return consent_disclosure.disclose(
         side.node,
         side.keyring,
         side.officer,
@@ -154,13 +160,13 @@ def do_disclose(side: Side, ids: list[str], out: Path, **kw: Any) -> consent.Dis
 
 def grant_undelivered(
     pair: Pair, ids: list[str], **kw: Any
-) -> tuple[consent.SentConsent, consent.SentConsent]:
+) -> tuple[consent_common.SentConsent, consent_common.SentConsent]:
     """pk asks jp about jp's items; jp grants; the grant has not reached pk yet."""
-    asked = consent.request_consent(
+    asked = consent_protocol.request_consent(
         pair.pk.node, pair.pk.keyring, PK_OFFICER, ids, EMBASSY, PURPOSE, now=NOW
     )
     deliver(pair.pk, pair.jp, asked.bundle_id)
-    granted = consent.grant(
+    granted = consent_protocol.grant(
         pair.jp.node,
         pair.jp.keyring,
         JP_OFFICER,
@@ -173,7 +179,7 @@ def grant_undelivered(
     return asked, granted
 
 
-def grant_for(pair: Pair, ids: list[str], **kw: Any) -> consent.SentConsent:
+def grant_for(pair: Pair, ids: list[str], **kw: Any) -> consent_common.SentConsent:
     """pk asks jp about jp's items; jp grants; the grant reaches pk."""
     _asked, granted = grant_undelivered(pair, ids, **kw)
     deliver(pair.jp, pair.pk, granted.bundle_id)
@@ -219,7 +225,7 @@ def test_disclosure_blocked_until_consent_then_allowed_then_blocked_after_revoca
     assert made[0].consent_id == granted.consent_id
 
     assert granted.consent_id is not None
-    revoked = consent.revoke(
+    revoked = consent_protocol.revoke(
         pair.jp.node,
         pair.jp.keyring,
         JP_OFFICER,
@@ -241,7 +247,7 @@ def test_disclosure_blocked_until_consent_then_allowed_then_blocked_after_revoca
     ]
     kinds_jp = [str(e.kind) for e in entries(pair.jp)]
     assert {"consent-requested", "consent-granted", "consent-revoked"} <= set(kinds_jp)
-    listing = consent.list_consents(pair.pk.node, pair.pk.keyring, now=NOW)
+    listing = consent_queries.list_consents(pair.pk.node, pair.pk.keyring, now=NOW)
     (held,) = listing["consents"]
     assert (held["state"], held["uses_spent"]) == ("revoked", 1)
 
@@ -296,20 +302,20 @@ def test_internal_public_and_own_items_need_no_consent(pair: Pair, tmp_path: Pat
 
 def test_denial_reaches_the_requester(pair: Pair) -> None:
     case_id = send_case_to_peer(pair.jp, pair.pk)
-    asked = consent.request_consent(
+    asked = consent_protocol.request_consent(
         pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
     )
     deliver(pair.pk, pair.jp, asked.bundle_id)
-    denied = consent.deny(
+    denied = consent_protocol.deny(
         pair.jp.node, pair.jp.keyring, JP_OFFICER, asked.request_id, reason="no", now=NOW
     )
     deliver(pair.jp, pair.pk, denied.bundle_id)
-    listing = consent.list_consents(pair.pk.node, pair.pk.keyring, now=NOW)
+    listing = consent_queries.list_consents(pair.pk.node, pair.pk.keyring, now=NOW)
     (request,) = listing["requests"]
     assert (request["status"], request["denial_reason"]) == ("denied", "no")
     assert [e.actor_name for e in entries(pair.jp, "consent-denied")] == ["tanaka"]
     with pytest.raises(Exception, match="denied already"):
-        consent.grant(
+        consent_protocol.grant(
             pair.jp.node,
             pair.jp.keyring,
             JP_OFFICER,
@@ -323,13 +329,13 @@ def test_denial_reaches_the_requester(pair: Pair) -> None:
 
 def test_validity_beyond_policy_maximum_is_refused(pair: Pair) -> None:
     case_id = send_case_to_peer(pair.jp, pair.pk)
-    asked = consent.request_consent(
+    asked = consent_protocol.request_consent(
         pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
     )
     deliver(pair.pk, pair.jp, asked.bundle_id)
     before = len(entries(pair.jp))
     with pytest.raises(PolicyRefused, match="maximum validity"):
-        consent.grant(
+        consent_protocol.grant(
             pair.jp.node,
             pair.jp.keyring,
             JP_OFFICER,
@@ -356,7 +362,7 @@ def test_pointless_or_bad_requests_are_refused(pair: Pair) -> None:
     before = {side.node.node_id: len(entries(side)) for side in (pair.jp, pair.pk)}
     for side, ids, recipient, error, message in cases:
         with pytest.raises(error, match=message):
-            consent.request_consent(
+            consent_protocol.request_consent(
                 side.node, side.keyring, side.officer, ids, recipient, PURPOSE, now=NOW
             )
     assert {side.node.node_id: len(entries(side)) for side in (pair.jp, pair.pk)} == before
@@ -365,7 +371,7 @@ def test_pointless_or_bad_requests_are_refused(pair: Pair) -> None:
 def test_grant_signed_by_another_key_is_refused_and_never_used(pair: Pair, tmp_path: Path) -> None:
     """A consent-grant bundle whose written consent is not signed by the originator's key."""
     case_id = send_case_to_peer(pair.jp, pair.pk)
-    asked = consent.request_consent(
+    asked = consent_protocol.request_consent(
         pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
     )
     deliver(pair.pk, pair.jp, asked.bundle_id)
@@ -385,7 +391,7 @@ def test_grant_signed_by_another_key_is_refused_and_never_used(pair: Pair, tmp_p
     )
     other = nacl.signing.SigningKey.generate()
     signed = sign_grant(forged, lambda message: other.sign(message).signature)
-    attachment = tmp_path / consent.GRANT_ATTACHMENT
+    attachment = tmp_path / consent_common.GRANT_ATTACHMENT
     attachment.write_bytes(json.dumps(signed.to_wire()).encode())
     sent = send_protocol_bundle(  # what a faulty originator could sign and send
         pair.jp.node,
@@ -410,7 +416,7 @@ def test_grant_signed_by_another_key_is_refused_and_never_used(pair: Pair, tmp_p
     )
     deliver(pair.jp, pair.pk, sent.bundle_id)
     assert_blocked(pair.pk, [case_id], tmp_path / "out", "no consent")
-    listing = consent.list_consents(pair.pk.node, pair.pk.keyring, now=NOW)
+    listing = consent_queries.list_consents(pair.pk.node, pair.pk.keyring, now=NOW)
     assert listing["consents"] == []
     (refused,) = listing["refused_bundles"]
     assert refused["bundle_id"] == sent.bundle_id
@@ -421,7 +427,7 @@ def test_revocation_before_its_grant_revokes_it_on_arrival(pair: Pair, tmp_path:
     case_id = send_case_to_peer(pair.jp, pair.pk)
     _asked, granted = grant_undelivered(pair, [case_id], conditions="")
     assert granted.consent_id is not None
-    revoked = consent.revoke(
+    revoked = consent_protocol.revoke(
         pair.jp.node, pair.jp.keyring, JP_OFFICER, granted.consent_id, reason="r", now=NOW
     )
     deliver(pair.jp, pair.pk, revoked.bundle_id)
@@ -438,11 +444,13 @@ def test_a_grant_that_arrived_after_its_key_was_distrusted_authorises_nothing(
     trusted_grant = grant_for(pair, [trusted_case])  # arrives at NOW
     _asked, late_grant = grant_undelivered(pair, [case_id])
     deliver(pair.jp, pair.pk, late_grant.bundle_id, when=compromised + timedelta(minutes=15))
-    consent.apply_pending(pair.pk.node, pair.pk.keyring, now=compromised + timedelta(minutes=15))
+    consent_receive.apply_pending(
+        pair.pk.node, pair.pk.keyring, now=compromised + timedelta(minutes=15)
+    )
     # Tokyo's signing key is revoked later, "compromised since" between the two grants.
     later = NOW + timedelta(hours=2)
     with pair.jp.node.db.transaction() as session:
-        change = key_service.revoke_key(
+        change = own_keys.revoke_key(
             pair.jp.node.settings,
             session,
             PASSPHRASE.encode(),
@@ -453,13 +461,13 @@ def test_a_grant_that_arrived_after_its_key_was_distrusted_authorises_nothing(
             compromised_since=compromised,
         )
     with pair.pk.node.db.transaction() as session:
-        key_service.apply_peer_manifest(session, change.manifest.raw, node="jp", now=later)
+        peer_trust.apply_peer_manifest(session, change.manifest.raw, node="jp", now=later)
     assert_blocked(pair.pk, [case_id], tmp_path / "after", "consent suspect", now=later)
     made = do_disclose(pair.pk, [trusted_case], tmp_path / "trusted", now=later)
     assert made.consent_id == trusted_grant.consent_id
     states = {
         c["consent_id"]: c["state"]
-        for c in consent.list_consents(pair.pk.node, None, now=later)["consents"]
+        for c in consent_queries.list_consents(pair.pk.node, None, now=later)["consents"]
     }
     assert states == {trusted_grant.consent_id: "valid", late_grant.consent_id: "suspect"}
 
@@ -474,7 +482,7 @@ def test_revocation_concurrent_with_disclosures_never_follows_a_recorded_disclos
     case_id = send_case_to_peer(pair.jp, pair.pk)
     granted = grant_for(pair, [case_id])
     assert granted.consent_id is not None
-    revoked = consent.revoke(
+    revoked = consent_protocol.revoke(
         pair.jp.node, pair.jp.keyring, JP_OFFICER, granted.consent_id, reason="r", now=NOW
     )
     # A second connection pool to pk's database, as a separate receiver would have.
@@ -620,13 +628,13 @@ def test_peer_server_applies_consent_bundles_as_they_arrive(pair: Pair) -> None:
     """Through the peer server's receive step, a grant is on record (ledger
     entry, consent listed) without any officer command having run."""
     case_id = send_case_to_peer(pair.jp, pair.pk)
-    asked = consent.request_consent(
+    asked = consent_protocol.request_consent(
         pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
     )
     jp_services = node_services(pair.jp.node, pair.jp.keyring, skew=timedelta(minutes=5))
     jp_services.receive_envelope(outbox_envelope(pair.pk, asked.bundle_id), now=NOW)
     assert [e.bundle_id for e in entries(pair.jp, "consent-requested")] == [asked.bundle_id]
-    granted = consent.grant(
+    granted = consent_protocol.grant(
         pair.jp.node,
         pair.jp.keyring,
         JP_OFFICER,
@@ -693,7 +701,7 @@ def test_grant_arriving_between_first_look_and_decision_is_honoured(
     after; the locked decision sees it, and the disclosure is made with the files."""
     case_id = send_case_to_peer(pair.jp, pair.pk)
     _asked, granted = grant_undelivered(pair, [case_id], conditions="")
-    first_look = consent._foresee
+    first_look = consent_disclosure._foresee
     looks: list[bool] = []
 
     def then_the_grant_arrives(*args: Any) -> Any:
@@ -703,7 +711,7 @@ def test_grant_arriving_between_first_look_and_decision_is_honoured(
             deliver(pair.jp, pair.pk, granted.bundle_id)
         return found
 
-    monkeypatch.setattr(consent, "_foresee", then_the_grant_arrives)
+    monkeypatch.setattr(consent_disclosure, "_foresee", then_the_grant_arrives)
     result = do_disclose(pair.pk, [case_id], tmp_path / "out")
     assert looks == [False, True]
     assert result.consent_id == granted.consent_id

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from gateway.errors import ConsentRefused
-from gateway.node import consent
+from gateway.node.consent import disclosure as consent_disclosure
+from gateway.node.consent import protocol as consent_protocol
 from gateway.node.inbox import read_bundle
 from gateway.node.ledger import export as ledger_export
 from gateway.node.ledger import read as ledger_read
@@ -70,8 +71,8 @@ def _story(pair: Pair, tmp_path: Path) -> dict[str, str]:
     shown.mkdir()
     read_bundle(pair.pk.node, pair.pk.keyring, pair.pk.officer, bundle, out_dir=shown, now=now())
 
-    def disclose(side: Side, recipient: str, out: str) -> consent.DisclosureResult:
-        return consent.disclose(
+    def disclose(side: Side, recipient: str, out: str) -> consent_disclosure.DisclosureResult:
+        return consent_disclosure.disclose(
             side.node, side.keyring, side.officer, [bundle], recipient, PURPOSE,
             tmp_path / out, now=now(),
         )  # fmt: skip
@@ -79,11 +80,11 @@ def _story(pair: Pair, tmp_path: Path) -> dict[str, str]:
     shared = disclose(pair.pk, "beoe", "internal-share")
     with pytest.raises(ConsentRefused):
         disclose(pair.pk, THIRD_PARTY, "blocked")
-    asked = consent.request_consent(
+    asked = consent_protocol.request_consent(
         pair.pk.node, pair.pk.keyring, pair.pk.officer, [bundle], THIRD_PARTY, PURPOSE, now=now()
     )
     pair.jp.receive_from(pair.pk, asked.bundle_id)
-    granted = consent.grant(
+    granted = consent_protocol.grant(
         pair.jp.node, pair.jp.keyring, pair.jp.officer, asked.request_id,
         valid_until=None, max_uses=None, conditions="", now=now(),
     )  # fmt: skip

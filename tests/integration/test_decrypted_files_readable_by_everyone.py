@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 
 import gateway.api.routes_exchange
-import gateway.node.consent
-from gateway.node import consent
+from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.inbox import read_bundle
 from gateway.node.outbox import send_case
 from gateway.node.runtime import utc_now
@@ -117,7 +116,7 @@ def _core_disclose(
     pair: Pair, bundle_id: str, tmp_path: Path, _mp: Any
 ) -> tuple[Path, dict[str, int]]:
     out = tmp_path / "core-disclose"
-    consent.disclose(
+    consent_disclosure.disclose(
         pair.pk.node,
         pair.pk.keyring,
         pair.pk.officer,
@@ -154,7 +153,7 @@ def _api_show(
 def _api_disclose(
     pair: Pair, bundle_id: str, _tmp: Path, mp: pytest.MonkeyPatch
 ) -> tuple[Path, dict[str, int]]:
-    seen = _spy(mp, gateway.node.consent, "disclose", lambda r: r.out_dir)
+    seen = _spy(mp, consent_disclosure, "disclose", lambda r: r.out_dir)
     body = {"bundle_ids": [bundle_id], "recipient": INTERNAL, "purpose": PURPOSE}
     (answer,) = pair.pk.api([("POST", "/api/v1/disclosures", body)])
     assert answer.status == 201, answer.text

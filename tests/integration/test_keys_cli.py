@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from gateway.cli.main import cli
 from gateway.core.keys import key_id
-from gateway.node import keys as key_service
+from gateway.node import own_keys, peer_trust
 from gateway.node.keystore import OPERATIONAL_FILE, read_operational, read_root
 from gateway.node.runtime import Node, utc_now
 from gateway.settings import load_settings
@@ -128,10 +128,10 @@ def test_rotate_revoke_rotate_root_reach_the_peer_through_the_queue(
 
     with Node.open(load_settings(jp.path)) as jp_node, Node.open(load_settings(pk.path)) as pk_node:
         with jp_node.db.transaction() as session:
-            pending = key_service.pending_manifests(session)
+            pending = own_keys.pending_manifests(session)
         for _id, raw in pending:
             with pk_node.db.transaction() as session:
-                key_service.apply_peer_manifest(session, raw, node="jp", now=utc_now())
+                peer_trust.apply_peer_manifest(session, raw, node="jp", now=utc_now())
     pinned = pk.json("peer", "show")["pinned"]
     assert isinstance(pinned, dict)
     assert pinned["version"] == 4

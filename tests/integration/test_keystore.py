@@ -17,7 +17,7 @@ from gateway.core.domain import Purpose, tagged
 from gateway.core.keys import KeyNotUsable, ManifestRejected, fingerprint, key_id, parse_manifest
 from gateway.core.roles import Actor, Role
 from gateway.errors import AlreadyExists, ConfigError, InvalidInput, NotFound
-from gateway.node import keys as key_service
+from gateway.node import own_keys, peer_trust
 from gateway.node.keystore import (
     OPERATIONAL_FILE,
     KeystoreCorrupt,
@@ -27,10 +27,10 @@ from gateway.node.keystore import (
     read_passphrase,
     read_root,
     root_file_name,
-    unlock_keyring,
     write_operational,
     write_root,
 )
+from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node
 from gateway.node.setup import init_node
 from gateway.settings import load_settings
@@ -69,7 +69,7 @@ def test_init_writes_root_and_operational_files_0600(jp: Node) -> None:
     keys_dir = jp.settings.keys_dir
     names = sorted(p.name for p in keys_dir.iterdir())
     with jp.db.transaction() as session:
-        manifest = key_service.own_manifest(session)
+        manifest = own_keys.own_manifest(session)
     assert names == sorted([OPERATIONAL_FILE, root_file_name(manifest.root_key_id)])
     for path in keys_dir.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
@@ -79,7 +79,7 @@ def test_init_writes_root_and_operational_files_0600(jp: Node) -> None:
 def test_unlocked_keyring_matches_the_manifest_and_signs(jp: Node) -> None:
     with jp.db.transaction() as session:
         ring = unlock_keyring(jp.settings, PASSPHRASE, session, now=NOW)
-        manifest = key_service.own_manifest(session)
+        manifest = own_keys.own_manifest(session)
     assert ring.manifest.version == 1
     assert ring.signing_key_id == manifest.current_signing_key(now=NOW).key_id
     assert ring.current_encryption_key_id == manifest.current_encryption_key(now=NOW).key_id
@@ -217,30 +217,28 @@ def test_rotation_keeps_old_encryption_keys_and_queues_the_manifest(jp_any: Node
     later = NOW + timedelta(days=30)
     with jp_any.db.transaction() as session:
         before = unlock_keyring(jp_any.settings, PASSPHRASE, session, now=NOW)
-        change = key_service.rotate_keys(
-            jp_any.settings, session, PASSPHRASE, now=later, actor=ADMIN
-        )
+        change = own_keys.rotate_keys(jp_any.settings, session, PASSPHRASE, now=later, actor=ADMIN)
     assert change.manifest.version == 2
     with jp_any.db.transaction() as session:
         after = unlock_keyring(
             jp_any.settings, PASSPHRASE, session, now=later + timedelta(seconds=1)
         )
-        pending = key_service.pending_manifests(session)
+        pending = own_keys.pending_manifests(session)
     assert after.signing_key_id != before.signing_key_id
     assert after.current_encryption_key_id != before.current_encryption_key_id
     assert before.current_encryption_key_id in after.encryption_keys
     assert [raw for _, raw in pending] == [change.manifest.raw]
     old = after.manifest.key(before.signing_key_id)
-    assert old.not_after == later + key_service.ROTATION_OVERLAP
+    assert old.not_after == later + own_keys.ROTATION_OVERLAP
     with jp_any.db.transaction() as session:
-        key_service.mark_manifest_delivered(session, pending[0][0], later)
-        assert key_service.pending_manifests(session) == []
+        own_keys.mark_manifest_delivered(session, pending[0][0], later)
+        assert own_keys.pending_manifests(session) == []
 
 
 def test_revoking_the_current_signing_key_replaces_it_and_destroys_it(jp_any: Node) -> None:
     with jp_any.db.transaction() as session:
-        current = key_service.own_manifest(session).current_signing_key(now=NOW)
-        change = key_service.revoke_key(
+        current = own_keys.own_manifest(session).current_signing_key(now=NOW)
+        change = own_keys.revoke_key(
             jp_any.settings,
             session,
             PASSPHRASE,
@@ -262,8 +260,8 @@ def test_revoking_the_current_signing_key_replaces_it_and_destroys_it(jp_any: No
 
 def test_revoking_an_encryption_key_keeps_its_private_key_for_old_data(jp: Node) -> None:
     with jp.db.transaction() as session:
-        current = key_service.own_manifest(session).current_encryption_key(now=NOW)
-        change = key_service.revoke_key(
+        current = own_keys.own_manifest(session).current_encryption_key(now=NOW)
+        change = own_keys.revoke_key(
             jp.settings, session, PASSPHRASE, current.key_id, "suspected leak", now=NOW, actor=ADMIN
         )
     with jp.db.transaction() as session:
@@ -283,35 +281,35 @@ def test_revoke_refuses_root_and_unknown_ids(
     jp: Node, target: str, error: type[Exception], message: str
 ) -> None:
     with jp.db.transaction() as session:
-        manifest = key_service.own_manifest(session)
+        manifest = own_keys.own_manifest(session)
         kid = manifest.root_key_id if target == "root" else "00" * 8
         with pytest.raises(error, match=message):
-            key_service.revoke_key(jp.settings, session, PASSPHRASE, kid, "x", now=NOW, actor=ADMIN)
+            own_keys.revoke_key(jp.settings, session, PASSPHRASE, kid, "x", now=NOW, actor=ADMIN)
 
 
 def test_revoking_twice_is_refused(jp_any: Node) -> None:
     with jp_any.db.transaction() as session:
-        kid = key_service.own_manifest(session).keys[0].key_id
-        key_service.revoke_key(
+        kid = own_keys.own_manifest(session).keys[0].key_id
+        own_keys.revoke_key(
             jp_any.settings, session, PASSPHRASE, kid, "first", now=NOW, actor=ADMIN
         )
     with jp_any.db.transaction() as session, pytest.raises(AlreadyExists):
-        key_service.revoke_key(
+        own_keys.revoke_key(
             jp_any.settings, session, PASSPHRASE, kid, "again", now=NOW, actor=ADMIN
         )
 
 
 def test_offline_root_is_asked_for(jp: Node, tmp_path: Path) -> None:
     with jp.db.transaction() as session:
-        manifest = key_service.own_manifest(session)
+        manifest = own_keys.own_manifest(session)
     root_file = jp.settings.keys_dir / root_file_name(manifest.root_key_id)
     offline = tmp_path / "usb-stick" / root_file.name
     offline.parent.mkdir()
     root_file.rename(offline)
     with jp.db.transaction() as session, pytest.raises(ConfigError, match="offline storage"):
-        key_service.rotate_keys(jp.settings, session, PASSPHRASE, now=NOW, actor=ADMIN)
+        own_keys.rotate_keys(jp.settings, session, PASSPHRASE, now=NOW, actor=ADMIN)
     with jp.db.transaction() as session:
-        change = key_service.rotate_keys(
+        change = own_keys.rotate_keys(
             jp.settings, session, PASSPHRASE, now=NOW, actor=ADMIN, root_key_file=offline
         )
     assert change.manifest.version == 2
@@ -325,7 +323,7 @@ def test_failed_transaction_leaves_a_keystore_that_still_unlocks(jp_any: Node) -
 
     def rotate_then_fail() -> None:
         with jp_any.db.transaction() as session:
-            key_service.rotate_keys(jp_any.settings, session, PASSPHRASE, now=NOW, actor=ADMIN)
+            own_keys.rotate_keys(jp_any.settings, session, PASSPHRASE, now=NOW, actor=ADMIN)
             raise Abort
 
     with pytest.raises(Abort):
@@ -358,9 +356,9 @@ def pair(
 
 def _pin(jp: Node, pk: Node) -> None:
     with jp.db.transaction() as session:
-        manifest = key_service.own_manifest(session)
+        manifest = own_keys.own_manifest(session)
     with pk.db.transaction() as session:
-        key_service.pin_peer(
+        peer_trust.pin_peer(
             session,
             manifest.raw,
             node="jp",
@@ -377,27 +375,27 @@ def test_peer_applies_rotation_revocation_and_root_rotation_in_order(
     _pin(jp, pk)
     t = NOW + timedelta(minutes=1)
     with jp.db.transaction() as session:
-        key_service.rotate_keys(jp.settings, session, PASSPHRASE, now=t, actor=ADMIN)
-        first_sign = key_service.own_manifest(session).keys[0].key_id
+        own_keys.rotate_keys(jp.settings, session, PASSPHRASE, now=t, actor=ADMIN)
+        first_sign = own_keys.own_manifest(session).keys[0].key_id
     with jp.db.transaction() as session:
-        key_service.revoke_key(
+        own_keys.revoke_key(
             jp.settings, session, PASSPHRASE, first_sign, "lost", now=t, actor=ADMIN
         )
     with jp.db.transaction() as session:
-        key_service.rotate_root(jp.settings, session, PASSPHRASE, now=t, actor=ADMIN)
-        pending = key_service.pending_manifests(session)
+        own_keys.rotate_root(jp.settings, session, PASSPHRASE, now=t, actor=ADMIN)
+        pending = own_keys.pending_manifests(session)
     assert len(pending) == 3
     for manifest_id, raw in pending:
         with pk.db.transaction() as session:
-            key_service.apply_peer_manifest(session, raw, node="jp", now=t)
+            peer_trust.apply_peer_manifest(session, raw, node="jp", now=t)
         with jp.db.transaction() as session:
-            key_service.mark_manifest_delivered(session, manifest_id, t)
+            own_keys.mark_manifest_delivered(session, manifest_id, t)
     with pk.db.transaction() as session:
-        pinned = key_service.pinned_peer_manifest(session)
+        pinned = peer_trust.pinned_peer_manifest(session)
     assert pinned is not None
     assert pinned.version == 4
     with jp.db.transaction() as session:
-        assert pinned.root_public == key_service.own_manifest(session).root_public
+        assert pinned.root_public == own_keys.own_manifest(session).root_public
     with pytest.raises(KeyNotUsable, match="revoked"):
         pinned.signing_key(first_sign, at=t)
 
@@ -406,18 +404,18 @@ def test_redelivered_manifest_is_a_no_op_but_rollback_is_refused(pair: tuple[Nod
     jp, pk = pair
     _pin(jp, pk)
     with jp.db.transaction() as session:
-        v1 = key_service.own_manifest(session).raw
-        key_service.rotate_keys(jp.settings, session, PASSPHRASE, now=NOW, actor=ADMIN)
-        v2 = key_service.own_manifest(session).raw
+        v1 = own_keys.own_manifest(session).raw
+        own_keys.rotate_keys(jp.settings, session, PASSPHRASE, now=NOW, actor=ADMIN)
+        v2 = own_keys.own_manifest(session).raw
     with pk.db.transaction() as session:
-        key_service.apply_peer_manifest(session, v2, node="jp", now=NOW)
+        peer_trust.apply_peer_manifest(session, v2, node="jp", now=NOW)
     with pk.db.transaction() as session:
-        assert key_service.apply_peer_manifest(session, v2, node="jp", now=NOW).version == 2
+        assert peer_trust.apply_peer_manifest(session, v2, node="jp", now=NOW).version == 2
     with pk.db.transaction() as session, pytest.raises(ManifestRejected) as caught:
-        key_service.apply_peer_manifest(session, v1, node="jp", now=NOW)
+        peer_trust.apply_peer_manifest(session, v1, node="jp", now=NOW)
     assert caught.value.check == "manifest-rollback"
     with pk.db.transaction() as session:
-        pinned = key_service.pinned_peer_manifest(session)
+        pinned = peer_trust.pinned_peer_manifest(session)
     assert pinned is not None
     assert pinned.version == 2
 
@@ -425,9 +423,9 @@ def test_redelivered_manifest_is_a_no_op_but_rollback_is_refused(pair: tuple[Nod
 def test_apply_before_pinning_is_refused(pair: tuple[Node, Node]) -> None:
     jp, pk = pair
     with jp.db.transaction() as session:
-        raw = key_service.own_manifest(session).raw
+        raw = own_keys.own_manifest(session).raw
     with pk.db.transaction() as session, pytest.raises(ConfigError, match="peer add"):
-        key_service.apply_peer_manifest(session, raw, node="jp", now=NOW)
+        peer_trust.apply_peer_manifest(session, raw, node="jp", now=NOW)
 
 
 def test_repinning_another_root_needs_replace(
@@ -440,17 +438,17 @@ def test_repinning_another_root_needs_replace(
     )
     try:
         with other.db.transaction() as session:
-            fresh = key_service.own_manifest(session)
+            fresh = own_keys.own_manifest(session)
     finally:
         other.close()
     fp = fingerprint(fresh.root_public)
     with pk.db.transaction() as session, pytest.raises(ManifestRejected) as caught:
-        key_service.pin_peer(
+        peer_trust.pin_peer(
             session, fresh.raw, node="jp", expected_fingerprint=fp, now=NOW, actor=ADMIN
         )
     assert caught.value.check == "manifest-root"
     with pk.db.transaction() as session:
-        got = key_service.pin_peer(
+        got = peer_trust.pin_peer(
             session,
             fresh.raw,
             node="jp",
@@ -469,13 +467,13 @@ def test_repinning_another_root_needs_replace(
 def test_recovery_revokes_every_lost_key_and_makes_new_ones(jp: Node, loss: str) -> None:
     ops_path = jp.settings.keys_dir / OPERATIONAL_FILE
     with jp.db.transaction() as session:
-        before = key_service.own_manifest(session)
+        before = own_keys.own_manifest(session)
     if loss == "missing":
         ops_path.unlink()
     else:
         ops_path.write_bytes(b"{}")
     with jp.db.transaction() as session:
-        change = key_service.recover_keys(
+        change = own_keys.recover_keys(
             jp.settings, session, PASSPHRASE, "server disk lost", now=NOW, actor=ADMIN
         )
     assert set(change.revoked) == {k.key_id for k in before.keys}
@@ -491,7 +489,7 @@ def test_recovery_revokes_every_lost_key_and_makes_new_ones(jp: Node, loss: str)
 
 def test_recovery_is_refused_while_the_key_file_opens(jp: Node) -> None:
     with jp.db.transaction() as session, pytest.raises(InvalidInput, match="nothing to recover"):
-        key_service.recover_keys(jp.settings, session, PASSPHRASE, "why", now=NOW, actor=ADMIN)
+        own_keys.recover_keys(jp.settings, session, PASSPHRASE, "why", now=NOW, actor=ADMIN)
 
 
 def test_concurrent_rotations_serialise_into_consecutive_versions(jp_any: Node) -> None:
@@ -502,7 +500,7 @@ def test_concurrent_rotations_serialise_into_consecutive_versions(jp_any: Node) 
         try:
             barrier.wait()
             with jp_any.db.transaction() as session:
-                key_service.rotate_keys(jp_any.settings, session, PASSPHRASE, now=NOW, actor=ADMIN)
+                own_keys.rotate_keys(jp_any.settings, session, PASSPHRASE, now=NOW, actor=ADMIN)
         except BaseException as exc:  # collected and asserted below
             errors.append(exc)
 
@@ -513,7 +511,7 @@ def test_concurrent_rotations_serialise_into_consecutive_versions(jp_any: Node) 
         thread.join()
     assert errors == []
     with jp_any.db.transaction() as session:
-        pending = key_service.pending_manifests(session)
+        pending = own_keys.pending_manifests(session)
         ring = unlock_keyring(jp_any.settings, PASSPHRASE, session, now=NOW)
     assert [parse_manifest(raw).version for _, raw in pending] == [2, 3]
     assert ring.manifest.version == 3

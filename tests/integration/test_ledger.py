@@ -528,7 +528,7 @@ def test_chain_of_stored_rows_verifies_in_core(db: Database) -> None:
 def test_audit_over_http_catches_a_peer_that_rewrote_history(tmp_path: Path) -> None:
     """pk's checkpoints are witnessed by jp over HTTP; pk's administrator then rebuilds
     pk's ledger with the real signing key; jp's ``ledger audit-peer`` exits 4."""
-    from gateway.node.keys import own_manifest  # noqa: PLC0415
+    from gateway.node.own_keys import own_manifest  # noqa: PLC0415
     from gateway.settings import load_settings  # noqa: PLC0415
     from tests.nodes import init_pair, stop, wait_ready  # noqa: PLC0415
 

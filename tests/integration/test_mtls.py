@@ -15,8 +15,8 @@ import pytest
 
 from gateway.errors import ConfigError, TransportError
 from gateway.peer.client import PeerClient
-from gateway.peer.tls import client_ssl_context, server_ssl_context
 from gateway.settings import ServerSettings, Settings
+from gateway.tls import client_ssl_context, server_ssl_context
 from tests.nodes import (
     KeyTable,
     RawSigner,

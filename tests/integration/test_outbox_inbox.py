@@ -25,7 +25,6 @@ from typing import Any, BinaryIO
 import pytest
 from sqlalchemy import func, select
 
-import gateway.node.keys
 import gateway.node.policy
 from gateway.core.cases import validate_case
 from gateway.core.envelope import seal
@@ -33,6 +32,7 @@ from gateway.core.keys import NodeKeyring
 from gateway.core.receipt import parse_receipt, verify_receipt
 from gateway.core.roles import Actor, Role
 from gateway.errors import StorageError, TransportError, VerificationError
+from gateway.node import own_keys, peer_trust
 from gateway.node.inbox import (
     EquivocationRefused,
     list_gaps,
@@ -40,7 +40,6 @@ from gateway.node.inbox import (
     read_bundle,
     receive_envelope,
 )
-from gateway.node.keystore import unlock_keyring
 from gateway.node.ledger import read as ledger_read
 from gateway.node.outbox import (
     Sealed,
@@ -52,6 +51,7 @@ from gateway.node.outbox import (
     run_sender_loop,
     send_case,
 )
+from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node
 from gateway.store.models_exchange import (
     Equivocation,
@@ -372,7 +372,7 @@ def _seal_with_bundle_bytes(side: Side, case: dict[str, Any], sequence: int, out
 
     policy = gateway.node.policy.load_policy(side.node.settings)
     with side.node.db.transaction() as session:
-        peer = gateway.node.keys.pinned_peer_manifest(session)
+        peer = peer_trust.pinned_peer_manifest(session)
     assert peer is not None
     with out.open("w+b") as handle:
         sealed = seal(
@@ -512,7 +512,7 @@ class DirectClient:
         self.manifests.append(raw)
         sender = "jp" if self.peer.node.node_id == "pk" else "pk"
         with self.peer.node.db.transaction() as session:
-            gateway.node.keys.apply_peer_manifest(session, raw, node=sender, now=self.now)
+            peer_trust.apply_peer_manifest(session, raw, node=sender, now=self.now)
 
 
 def test_delivery_counts_only_verified_receipts_and_a_lost_answer_is_resent(pair: Pair) -> None:
@@ -539,7 +539,7 @@ def test_after_a_key_rotation_the_new_manifest_goes_first_and_new_bundles_are_ac
 ) -> None:
     later = NOW + timedelta(minutes=1)
     with pair.jp.node.db.transaction() as session:
-        gateway.node.keys.rotate_keys(
+        own_keys.rotate_keys(
             pair.jp.node.settings,
             session,
             PASSPHRASE.encode(),

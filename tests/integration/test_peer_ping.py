@@ -20,18 +20,18 @@ import aiohttp
 import pytest
 from click.testing import CliRunner
 
-import gateway.node.keys
 from gateway.cli.main import cli
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
-from gateway.node.keystore import unlock_keyring
+from gateway.node import own_keys, peer_trust
 from gateway.node.outbox import send_case
+from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node
 from gateway.node.setup import init_node
 from gateway.peer.ping import PingReport, ping_peer
 from gateway.peer.server import create_node_peer_app
-from gateway.peer.tls import server_ssl_context
 from gateway.settings import ServerSettings, Settings, load_settings
+from gateway.tls import server_ssl_context
 from tests.nodes import REPO, TEST_LIMITS, ServerThread, free_port
 from tests.pki import Authority, Issued
 
@@ -55,9 +55,9 @@ def _open(root: Path, node_id: str, url: str, env: dict[str, str], now: datetime
 
 def _pin(at: Side, of: Side, now: datetime) -> None:
     with of.node.db.transaction() as session:
-        manifest = gateway.node.keys.own_manifest(session)
+        manifest = own_keys.own_manifest(session)
     with at.node.db.transaction() as session:
-        gateway.node.keys.pin_peer(
+        peer_trust.pin_peer(
             session,
             manifest.raw,
             node=of.node.node_id,
@@ -343,7 +343,7 @@ def test_after_a_rotation_the_ping_reports_the_manifest_waiting_for_delivery(
 ) -> None:
     jp, pk = make_pair()
     with jp.node.db.transaction() as session:
-        gateway.node.keys.rotate_keys(
+        own_keys.rotate_keys(
             jp.node.settings, session, PASSPHRASE.encode(), now=datetime.now(UTC), actor=ADMIN
         )
     with jp.node.db.transaction() as session:

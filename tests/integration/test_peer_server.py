@@ -557,7 +557,7 @@ def test_request_signed_with_a_key_only_the_new_manifest_lists_accepted(tmp_path
         run(post(server.url, rotated, good))
         assert book.applied == [good]
         assert keys.keys == {"jp-op-2": rotated.public_key}
-    assert (forged_refusal.value.status, forged_refusal.value.reason) == (400, "manifest.signature")
+    assert (forged_refusal.value.status, forged_refusal.value.reason) == (422, "manifest.signature")
     assert (wrong_key.value.status, wrong_key.value.reason) == (401, "auth.signature")
     db.dispose()
 

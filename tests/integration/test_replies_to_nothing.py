@@ -22,11 +22,11 @@ import pytest
 from sqlalchemy import func, select
 
 from gateway.errors import GatewayError
-from gateway.node import consent
 from gateway.node.bundles import seal_to_file
+from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.inbox import read_bundle
-from gateway.node.keys import pinned_peer_manifest
 from gateway.node.outbox import send_case
+from gateway.node.peer_trust import pinned_peer_manifest
 from gateway.node.policy import load_policy
 from gateway.node.runtime import utc_now
 from gateway.peer.server import node_services
@@ -265,7 +265,7 @@ def test_replies_to_nothing_a_stored_reply_contradicting_itself_is_never_shown(
     (answer,) = pair.pk.api([("GET", f"/api/v1/bundles/{bundle}", None)])
     outcomes["API GET /api/v1/bundles/{id}"] = str(answer.status)
     try:
-        consent.disclose(pair.pk.node, pair.pk.keyring, pair.pk.officer, [bundle], "beoe",
+        consent_disclosure.disclose(pair.pk.node, pair.pk.keyring, pair.pk.officer, [bundle], "beoe",
                          "review", tmp_path / "out", now=utc_now())  # fmt: skip
         outcomes["core disclose"] = "disclosed"
     except GatewayError as exc:

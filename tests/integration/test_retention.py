@@ -31,16 +31,19 @@ from gateway.core.envelope import seal
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
 from gateway.errors import StorageError
-from gateway.node import consent, ledger, retention
+from gateway.node import ledger, retention
+from gateway.node.consent import disclosure as consent_disclosure
+from gateway.node.consent import protocol as consent_protocol
+from gateway.node.consent import receive as consent_receive
 from gateway.node.housekeeping import enforce_retention
 from gateway.node.inbox import EquivocationRefused, read_bundle, receive_envelope
-from gateway.node.keys import pinned_peer_manifest, verify_ledger_with_keys
-from gateway.node.keystore import unlock_keyring
 from gateway.node.ledger import checkpoint as ledger_checkpoint
 from gateway.node.ledger import export as ledger_export
 from gateway.node.ledger import read as ledger_read
 from gateway.node.ledger import witness as ledger_witness
 from gateway.node.outbox import SentBundle, deliver_once, send_case
+from gateway.node.own_keys import unlock_keyring, verify_ledger_with_keys
+from gateway.node.peer_trust import pinned_peer_manifest
 from gateway.node.policy import load_policy
 from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user
@@ -302,7 +305,7 @@ def test_purge_lists_then_destroys_due_bodies_and_outputs_while_ledger_and_witne
             now=t0 + timedelta(minutes=minutes),
         )
     package = tmp_path / "for-beoe"
-    consent.disclose(
+    consent_disclosure.disclose(
         pair.pk.node,
         pair.pk.keyring,
         PK_OFFICER,
@@ -491,7 +494,7 @@ def test_unapplied_consent_bundle_is_kept_past_its_period(pair: Pair) -> None:
     t0 = pair.t0
     case = send(pair.jp, t0)
     deliver(pair.jp, pair.pk, case, t0)
-    asked = consent.request_consent(
+    asked = consent_protocol.request_consent(
         pair.pk.node,
         pair.pk.keyring,
         PK_OFFICER,
@@ -511,7 +514,7 @@ def test_unapplied_consent_bundle_is_kept_past_its_period(pair: Pair) -> None:
     report = retention.purge(pair.jp.node, policy, now=due)
     held = {d.bundle.bundle_id: d.verdict.value for d in report.held}
     assert held[asked.bundle_id] == "consent-pending"
-    consent.apply_pending(pair.jp.node, pair.jp.keyring, now=due)
+    consent_receive.apply_pending(pair.jp.node, pair.jp.keyring, now=due)
     after = retention.purge(pair.jp.node, policy, now=due + timedelta(minutes=1))
     assert asked.bundle_id in {d.bundle.bundle_id for d in after.purged}
 
@@ -637,10 +640,12 @@ def test_a_read_overtaken_by_a_purge_says_purged(
             )
     else:
         # disclose reads the pinned peer once it decided, just before decrypting.
-        monkeypatch.setattr(consent, "_peer_manifest", purge_first(consent._peer_manifest))
+        monkeypatch.setattr(
+            consent_disclosure, "peer_manifest", purge_first(consent_disclosure.peer_manifest)
+        )
         out = tmp_path / "package"
         with pytest.raises(retention.BundlePurged, match="purged on"):
-            consent.disclose(
+            consent_disclosure.disclose(
                 pair.pk.node,
                 pair.pk.keyring,
                 PK_OFFICER,

@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from gateway.core.roles import Actor, Role
-from gateway.node import keys as key_service
+from gateway.node import own_keys, peer_trust
 from gateway.node.inbox import receive_envelope
 from gateway.node.ledger.read import list_entries
 from gateway.node.outbox import send_case
@@ -82,7 +82,7 @@ def test_suspect_bundles_are_listed_refused_accepted_and_replaced_through_the_ap
         row = session.scalars(select(OutboxEntry).where(OutboxEntry.bundle_id == bundle_id)).one()
         row.signing_key_id = None
     with jp.node.db.transaction() as session:
-        change = key_service.revoke_key(
+        change = own_keys.revoke_key(
             jp.node.settings,
             session,
             PASSPHRASE.encode(),
@@ -96,7 +96,7 @@ def test_suspect_bundles_are_listed_refused_accepted_and_replaced_through_the_ap
     assert change.impact.suspect == (bundle_id,)
     jp.unlocked.clear()
     with pk.node.db.transaction() as session:
-        key_service.apply_peer_manifest(session, change.manifest.raw, node="jp", now=utc_now())
+        peer_trust.apply_peer_manifest(session, change.manifest.raw, node="jp", now=utc_now())
     officer = pk.tokens["officer"]
     replaced: dict[str, str] = {}
 
@@ -190,7 +190,7 @@ def test_a_bundle_still_queued_under_a_revoked_key_is_resent_and_no_longer_sent(
     # the revocation in a later second than everything stored so far.
     next_whole_second()
     with jp.node.db.transaction() as session:
-        change = key_service.revoke_key(
+        change = own_keys.revoke_key(
             jp.node.settings,
             session,
             PASSPHRASE.encode(),
@@ -213,7 +213,7 @@ def test_a_bundle_still_queued_under_a_revoked_key_is_resent_and_no_longer_sent(
     assert rows[resent.bundle_id].state == OutboxState.QUEUED
     assert rows[delivered].replaced_by is None  # delivered before the revocation: left alone
     with pk.node.db.transaction() as session:
-        key_service.apply_peer_manifest(session, change.manifest.raw, node="jp", now=utc_now())
+        peer_trust.apply_peer_manifest(session, change.manifest.raw, node="jp", now=utc_now())
     deliver(jp, pk, resent.bundle_id)
     with pk.node.db.transaction() as session:
         received = {r.bundle_id: r for r in session.scalars(select(InboxEntry))}
@@ -250,7 +250,7 @@ def test_a_bundle_sealed_before_the_compromise_but_stored_after_it_is_suspect_on
     deliver(jp, pk, late)  # the outage ends: the peer stores it now
     receipted(jp, pk, late)
     with jp.node.db.transaction() as session:
-        change = key_service.revoke_key(
+        change = own_keys.revoke_key(
             jp.node.settings,
             session,
             PASSPHRASE.encode(),
@@ -268,7 +268,7 @@ def test_a_bundle_sealed_before_the_compromise_but_stored_after_it_is_suspect_on
             late
         ]
     with pk.node.db.transaction() as session:
-        key_service.apply_peer_manifest(session, change.manifest.raw, node="jp", now=utc_now())
+        peer_trust.apply_peer_manifest(session, change.manifest.raw, node="jp", now=utc_now())
     with pk.node.db.transaction() as session:
         marked = {
             row.bundle_id: row.suspect_since is not None

@@ -23,9 +23,9 @@ from structlog.testing import capture_logs
 
 from gateway.errors import TransportError
 from gateway.peer.client import PeerClient, PeerUnreachable
-from gateway.peer.tls import server_ssl_context
 from gateway.peer.tls_listener import HandshakeLog
 from gateway.settings import ServerSettings, Settings
+from gateway.tls import server_ssl_context
 from tests.nodes import (
     KeyTable,
     RawSigner,

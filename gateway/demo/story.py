@@ -24,19 +24,25 @@ import os
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from gateway.demo.harness import (
+    GATEWAY,
+    ServeFailed,
+    ServeProcess,
+    free_port,
+    start_serve,
+    stop_or_kill,
+    wait_health,
+)
 
 __all__ = [
     "THIRD_PARTY",
@@ -52,7 +58,6 @@ __all__ = [
 
 THIRD_PARTY = "Aichi Prefectural Police HQ"
 PURPOSE = "criminal investigation of broker fraud against SSW workers in Aichi"
-GATEWAY = (sys.executable, "-c", "from gateway.cli.main import main; main()")
 COMMAND_TIMEOUT = 60.0
 DELIVERY_TIMEOUT = 30.0
 START_TIMEOUT = 30.0
@@ -130,7 +135,7 @@ class DemoNode:
     api_port: int
     passphrase: str
     tokens: dict[str, str] = field(default_factory=dict, repr=False)
-    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    process: ServeProcess | None = field(default=None, repr=False)
 
     @property
     def city(self) -> str:
@@ -143,13 +148,6 @@ class DemoNode:
     @property
     def log_path(self) -> Path:
         return self.home / "serve.log"
-
-
-def free_port() -> int:
-    """A TCP port on loopback that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _broker_case() -> dict[str, Any]:
@@ -411,54 +409,34 @@ class DemoStory:
     # -- nodes ---------------------------------------------------------------------
 
     def start_node(self, node: DemoNode) -> None:
-        if node.process is not None and node.process.poll() is None:
+        if node.process is not None and node.process.running():
             return
         self.on_command(
             f"[{node.node_id}] gateway --home {node.home.name} serve    (logs: {node.home.name}/serve.log)"
         )
-        log = node.log_path.open("ab")
+        node.process = start_serve(
+            node.home, env=self._env(node, None), log_path=node.log_path, new_session=True
+        )
         try:
-            node.process = subprocess.Popen(  # noqa: S603 - our own interpreter
-                [*GATEWAY, "--home", str(node.home), "serve"],
-                env=self._env(node, None),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
-        finally:
-            log.close()
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            if node.process.poll() is not None:
+            wait_health(node.url, timeout=START_TIMEOUT, serve=node.process)
+        except ServeFailed as exc:
+            code = node.process.process.returncode
+            if code is not None:
                 raise StepFailed(
-                    f"gateway serve for {node.node_id} exited with {node.process.returncode}; "
-                    f"see {node.log_path}"
-                )
-            try:
-                with urllib.request.urlopen(f"{node.url}/v1/health", timeout=2) as answer:  # noqa: S310 - fixed loopback URL
-                    if answer.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise StepFailed(f"{node.city} did not answer /v1/health within {START_TIMEOUT:.0f} s")
+                    f"gateway serve for {node.node_id} exited with {code}; see {node.log_path}"
+                ) from None
+            raise StepFailed(
+                f"{node.city} did not answer /v1/health within {START_TIMEOUT:.0f} s"
+            ) from exc
 
     def stop_node(self, node: DemoNode) -> int | None:
         """SIGTERM the node and wait; SIGKILL only if it does not stop in time."""
-        process = node.process
-        if process is None:
+        serve = node.process
+        if serve is None:
             return None
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except (subprocess.TimeoutExpired, DemoInterrupted):
-                # Too slow, or a second Ctrl-C while stopping: stop it hard.
-                process.kill()
-                process.wait()
         node.process = None
-        return process.returncode
+        # Too slow, or a second Ctrl-C while stopping (DemoInterrupted): stopped hard.
+        return stop_or_kill(serve, timeout=STOP_TIMEOUT)
 
     def stop_nodes(self) -> dict[str, int | None]:
         return {node.node_id: self.stop_node(node) for node in self.nodes.values()}

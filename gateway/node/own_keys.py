@@ -1,10 +1,10 @@
-"""Key service: create, rotate and revoke this node's keys; pin and update the peer's.
+"""This node's own keys: create, rotate, revoke, recover; unlock the keyring.
 
-Joins the pure rules of :mod:`gateway.core.keys` with the keystore files and
-the database. Every function writes inside the caller's transaction; key
-files are written (atomically) before the manifest row, and a file always
-holds a superset of what the committed manifest needs, so a failure between
-the two leaves a node that still unlocks.
+Joins the pure rules of :mod:`gateway.core.keys` with the keystore files
+(:mod:`gateway.node.keystore`) and the database. Every function writes inside
+the caller's transaction; key files are written (atomically) before the
+manifest row, and a file always holds a superset of what the committed
+manifest needs, so a failure between the two leaves a node that still unlocks.
 
 Every key event is logged (ids and versions only, never private material) and
 recorded in the ledger as a ``key-event`` entry.
@@ -12,7 +12,6 @@ recorded in the ledger as a ``key-event`` entry.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -26,7 +25,9 @@ from sqlalchemy.orm import Session
 
 from gateway.core.keys import (
     KeyManifest,
+    KeyNotUsable,
     ManifestKey,
+    NodeKeyring,
     Revocation,
     fingerprint,
     format_time,
@@ -34,76 +35,61 @@ from gateway.core.keys import (
     manifest_payload,
     parse_manifest,
     sign_manifest,
-    verify_manifest,
 )
-from gateway.core.ledger import EntryKind
 from gateway.core.roles import SYSTEM, Actor
 from gateway.errors import AlreadyExists, ConfigError, InvalidInput, NotFound, StorageError
 from gateway.log import get_logger
 from gateway.node import keystore
 from gateway.node.keystore import OPERATIONAL_FILE, OperationalKeys, Strength
-from gateway.node.ledger import record_event
 from gateway.node.ledger.verify import VerifyReport, verify_ledger
-from gateway.node.revocation import RevocationImpact, mark_peer_revocations, revocation_impact
+from gateway.node.peer_trust import (
+    describe_manifest,
+    peer_node_of,
+    pinned_peer_manifest,
+    record_key_event,
+)
+from gateway.node.revocation import RevocationImpact, revocation_impact
+from gateway.node.runtime import utc_now
 from gateway.node.setup import InitResult, register_init_step
 from gateway.settings import Settings
-from gateway.store.models_keys import OwnManifestRecord, PeerManifestRecord
+from gateway.store.models_keys import OwnManifestRecord
 
 __all__ = [
     "MANIFEST_VALIDITY",
     "ROTATION_OVERLAP",
     "KeyChange",
-    "apply_peer_manifest",
     "create_node_keys",
-    "describe_manifest",
     "describe_own_keys",
     "export_manifest",
     "mark_manifest_delivered",
     "own_manifest",
-    "peer_node_of",
     "pending_manifests",
-    "pin_peer",
-    "pinned_peer_manifest",
     "preview_revocation",
     "recover_keys",
     "remove_retired_roots",
     "revoke_key",
     "rotate_keys",
     "rotate_root",
+    "unlock_keyring",
     "verify_ledger_with_keys",
 ]
 
+_log = get_logger("keys")
+
+
 MANIFEST_VALIDITY = timedelta(days=365)
 """How long a new manifest (and the keys it introduces) is valid."""
+
+
 ROTATION_OVERLAP = timedelta(hours=24)
 """How long keys replaced by an ordinary rotation stay valid, so that running
 processes and the peer move over without refusing in-flight work."""
-
-_log = get_logger("keys")
-_PEERS = {"jp": "pk", "pk": "jp"}
-
-
-def peer_node_of(node: str) -> str:
-    """The other node of the pair."""
-    try:
-        return _PEERS[node]
-    except KeyError:
-        raise ConfigError(f"node {node!r} has no peer (expected jp or pk)") from None
 
 
 def _second(now: datetime) -> datetime:
     if now.tzinfo is None:
         raise ValueError("naive datetime refused: pass times in UTC with tzinfo")
     return now.replace(microsecond=0)
-
-
-def _record(session: Session, actor: Actor, now: datetime, body: dict[str, Any]) -> None:
-    fields = {("key_event" if k == "event" else k): v for k, v in body.items()}
-    _log.info("key_event", actor=actor.label, **fields)
-    record_event(session, kind=EntryKind.KEY_EVENT, actor=actor, now=now, body=body)
-
-
-# -- reading ------------------------------------------------------------------------------
 
 
 def own_manifest(session: Session) -> KeyManifest:
@@ -114,14 +100,6 @@ def own_manifest(session: Session) -> KeyManifest:
     if row is None:
         raise NotFound("this node has no keys: its home was made without the keys step")
     return parse_manifest(bytes(row.raw))
-
-
-def pinned_peer_manifest(session: Session) -> KeyManifest | None:
-    """The peer's pinned manifest (the latest accepted), or None before ``peer add``."""
-    row = session.scalars(
-        select(PeerManifestRecord).order_by(PeerManifestRecord.id.desc()).limit(1)
-    ).first()
-    return None if row is None else parse_manifest(bytes(row.raw))
 
 
 def pending_manifests(session: Session) -> list[tuple[int, bytes]]:
@@ -142,9 +120,6 @@ def mark_manifest_delivered(session: Session, manifest_id: int, now: datetime) -
     if row.delivered_at is None:
         row.delivered_at = now
         _log.info("manifest_delivered", version=row.version)
-
-
-# -- node keys ----------------------------------------------------------------------------
 
 
 def _new_keys(
@@ -230,7 +205,7 @@ def create_node_keys(
         passphrase=passphrase,
     )
     manifest = _store_own(session, raw, event="init", actor=actor, now=now, delivered=True)
-    _record(
+    record_key_event(
         session,
         actor,
         now,
@@ -281,17 +256,6 @@ def _current_locked(session: Session) -> KeyManifest:
         .with_for_update()
     ).first()
     return own_manifest(session)
-
-
-def _peer_locked(session: Session) -> KeyManifest | None:
-    """The pinned peer manifest, read after locking as :func:`_current_locked` does."""
-    session.execute(
-        select(PeerManifestRecord.id)
-        .order_by(PeerManifestRecord.id.desc())
-        .limit(1)
-        .with_for_update()
-    ).first()
-    return pinned_peer_manifest(session)
 
 
 @dataclass(frozen=True)
@@ -404,7 +368,7 @@ def rotate_keys(
         actor=actor,
         now=now,
     )
-    _record(
+    record_key_event(
         session,
         actor,
         now,
@@ -495,7 +459,7 @@ def revoke_key(
         actor=actor,
         now=now,
     )
-    _record(
+    record_key_event(
         session,
         actor,
         now,
@@ -640,7 +604,7 @@ def recover_keys(
         actor=actor,
         now=now,
     )
-    _record(
+    record_key_event(
         session,
         actor,
         now,
@@ -700,7 +664,7 @@ def rotate_root(
         actor=actor,
         now=now,
     )
-    _record(
+    record_key_event(
         session,
         actor,
         now,
@@ -745,109 +709,6 @@ def export_manifest(session: Session, out: Path) -> KeyManifest:
     return manifest
 
 
-# -- the peer -----------------------------------------------------------------------------
-
-
-def _store_peer(
-    session: Session, manifest: KeyManifest, *, source: str, actor: Actor, now: datetime
-) -> None:
-    session.add(
-        PeerManifestRecord(
-            node=manifest.node,
-            version=manifest.version,
-            root_key_id=manifest.root_key_id,
-            source=source,
-            raw=manifest.raw,
-            accepted_at=now,
-            accepted_by=actor.name,
-        )
-    )
-    session.flush()
-
-
-def pin_peer(
-    session: Session,
-    raw: bytes,
-    *,
-    node: str,
-    expected_fingerprint: str,
-    now: datetime,
-    actor: Actor,
-    replace: bool = False,
-) -> KeyManifest:
-    """Pin the peer's manifest after checking its root fingerprint (read out of band).
-
-    With a peer pinned already, a manifest with the same root must be newer
-    (it is then an ordinary update); one with another root is refused unless
-    ``replace`` is given (the peer lost its root and was set up anew).
-    """
-    pinned = _peer_locked(session)
-    if pinned is not None and not replace:
-        manifest = verify_manifest(
-            raw, node=node, pinned=pinned, expected_fingerprint=expected_fingerprint, now=now
-        )
-        source = "update"
-    else:
-        manifest = verify_manifest(
-            raw, node=node, pinned=None, expected_fingerprint=expected_fingerprint, now=now
-        )
-        source = "pinned" if pinned is None else "re-pinned"
-    _store_peer(session, manifest, source=source, actor=actor, now=now)
-    mark_peer_revocations(session, before=pinned, after=manifest, now=now)
-    _record(
-        session,
-        actor,
-        now,
-        {
-            "event": "peer-pinned" if source != "update" else "peer-manifest-accepted",
-            "peer": node,
-            "manifest_version": manifest.version,
-            "root_key_id": manifest.root_key_id,
-            "root_fingerprint": manifest.root_fingerprint,
-            "replaced_root_key_id": pinned.root_key_id if pinned and replace else None,
-        },
-    )
-    return manifest
-
-
-def apply_peer_manifest(session: Session, raw: bytes, *, node: str, now: datetime) -> KeyManifest:
-    """Verify a manifest the peer sent against the pinned one, and pin it.
-
-    The exact bytes of the pinned manifest again are accepted as a no-op (a
-    redelivery after a lost answer); anything else must pass every rule of
-    :func:`gateway.core.keys.verify_manifest`.
-    """
-    pinned = _peer_locked(session)
-    if pinned is None:
-        raise ConfigError(
-            f"no manifest of node {node!r} is pinned: an administrator must first run "
-            "'gateway peer add MANIFEST_FILE --fingerprint FP'",
-            reason="keys.not-pinned",
-        )
-    if len(raw) == len(pinned.raw) and hmac.compare_digest(raw, pinned.raw):
-        return pinned
-    manifest = verify_manifest(raw, node=node, pinned=pinned, expected_fingerprint=None, now=now)
-    _store_peer(session, manifest, source="update", actor=SYSTEM, now=now)
-    mark_peer_revocations(session, before=pinned, after=manifest, now=now)
-    _record(
-        session,
-        SYSTEM,
-        now,
-        {
-            "event": "peer-manifest-accepted",
-            "peer": node,
-            "manifest_version": manifest.version,
-            "root_key_id": manifest.root_key_id,
-            "root_rotated": manifest.root_key_id != pinned.root_key_id,
-            "revoked": sorted(r.key_id for r in manifest.revocations),
-        },
-    )
-    return manifest
-
-
-# -- display ------------------------------------------------------------------------------
-
-
 def verify_ledger_with_keys(
     session: Session, *, node_id: str, progress: Callable[[int], None] | None = None
 ) -> VerifyReport:
@@ -869,43 +730,6 @@ def verify_ledger_with_keys(
     )
 
 
-def describe_manifest(manifest: KeyManifest, *, now: datetime) -> dict[str, Any]:
-    """A manifest as plain data for ``keys show`` / ``peer show`` (public values only)."""
-    keys = []
-    for k in manifest.keys:
-        revoked = manifest.revocation(k.key_id)
-        if revoked is not None:
-            state = "revoked"
-        elif k.valid_at(now):
-            state = "valid"
-        elif now < k.not_before:
-            state = "not yet valid"
-        else:
-            state = "retired"
-        keys.append(
-            {
-                "key_id": k.key_id,
-                "use": k.use,
-                "state": state,
-                "not_before": k.not_before,
-                "not_after": k.not_after,
-                "revoked_at": revoked.revoked_at if revoked else None,
-                "revocation_reason": revoked.reason if revoked else None,
-                "compromised_since": revoked.compromised_since if revoked else None,
-            }
-        )
-    return {
-        "node": manifest.node,
-        "version": manifest.version,
-        "issued_at": manifest.issued_at,
-        "expires_at": manifest.expires_at,
-        "expired": now >= manifest.expires_at,
-        "root_key_id": manifest.root_key_id,
-        "root_fingerprint": manifest.root_fingerprint,
-        "keys": keys,
-    }
-
-
 def describe_own_keys(session: Session, *, now: datetime) -> dict[str, Any]:
     """This node's manifest for ``keys show`` and ``GET /api/v1/keys``.
 
@@ -917,9 +741,6 @@ def describe_own_keys(session: Session, *, now: datetime) -> dict[str, Any]:
     return data
 
 
-# -- gateway init -------------------------------------------------------------------------
-
-
 def _init_step(settings: Settings, session: Session, now: datetime, result: InitResult) -> None:
     passphrase = keystore.obtain_passphrase(result.environ, new=True)
     strength = keystore.strength_from_environ(result.environ)
@@ -928,6 +749,55 @@ def _init_step(settings: Settings, session: Session, now: datetime, result: Init
     result.made.append(str(settings.keys_dir / OPERATIONAL_FILE))
     result.facts["root fingerprint"] = manifest.root_fingerprint
     result.facts["key manifest version"] = manifest.version
+
+
+def unlock_keyring(
+    settings: Settings, passphrase: bytes, session: Session, *, now: datetime | None = None
+) -> NodeKeyring:
+    """Open ``operational.key`` and bind it to the node's current manifest.
+
+    The signing key is the manifest's current signing key at ``now`` when its
+    private key is held, else the newest unrevoked one held. Every encryption
+    key held is kept, listed or not, so that old data stays readable.
+    """
+    at = now if now is not None else utc_now()
+    manifest = own_manifest(session)
+    keys = keystore.read_operational(
+        settings.keys_dir / OPERATIONAL_FILE, passphrase, node=settings.node_id
+    )
+    candidates = [
+        entry
+        for entry in manifest.keys
+        if entry.use == "sign"
+        and entry.key_id in keys.signing
+        and manifest.revocation(entry.key_id) is None
+    ]
+    if not candidates:
+        raise KeyNotUsable(
+            f"the keystore of node {settings.node_id!r} holds no private key for any "
+            f"unrevoked signing key of manifest version {manifest.version}"
+        )
+    valid = [entry for entry in candidates if entry.valid_at(at)] or candidates
+    # Ties on not_before go to the key listed last, as KeyManifest.current_signing_key does.
+    chosen = valid[0].key_id
+    newest = valid[0].not_before
+    for entry in valid[1:]:
+        if entry.not_before >= newest:
+            chosen, newest = entry.key_id, entry.not_before
+    ring = NodeKeyring(
+        node=settings.node_id,
+        manifest=manifest,
+        signing_key_id=chosen,
+        signing_key=keys.signing[chosen],
+        encryption_keys=dict(keys.encryption),
+    )
+    _log.info(
+        "keyring_unlocked",
+        manifest_version=manifest.version,
+        signing_key_id=chosen,
+        encryption_key_ids=sorted(ring.encryption_keys),
+    )
+    return ring
 
 
 register_init_step(order=10, name="keys", step=_init_step)
