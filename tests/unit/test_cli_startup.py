@@ -17,7 +17,6 @@ import os
 import pkgutil
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import click
@@ -115,6 +114,7 @@ def test_light_commands_import_no_heavy_module(tmp_path: Path) -> None:
     assert "Commands:" in done.stdout
 
 
+@pytest.mark.slow
 def test_a_command_that_runs_loads_what_it_needs(tmp_path: Path) -> None:
     """The probe can fail: ``db status`` on an empty home loads the settings models
     and the database layer before refusing (no gateway.toml)."""
@@ -239,6 +239,7 @@ def test_a_table_entry_naming_no_command_is_refused() -> None:
 # --- init_node without the command line ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_init_node_runs_every_stage_without_the_command_line(tmp_path: Path) -> None:
     """``init_node`` imports the modules that register its stages: a fresh process
     that never imports the command line still gets keys and policies."""
