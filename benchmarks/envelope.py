@@ -223,7 +223,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--cases", type=int, default=300)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 20 cases, 4 MiB")
     args = parser.parse_args()
+    if args.quick:
+        args.cases, args.mib = 20, 4
     print("ssw-gateway envelope benchmark (ratio = ours / floor time; 1.00x is the floor)")
     small_cases(args.cases)
     large_attachment(args.mib)

@@ -166,7 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entries", type=int, default=1_000_000)
     parser.add_argument("--db", type=Path, help="Reuse (or create) this SQLite file.")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2,000 entries")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.entries = 2_000
     with tempfile.TemporaryDirectory() as scratch:
         path = args.db or Path(scratch) / "ledger-bench.sqlite3"
         if path.exists():
