@@ -8,7 +8,8 @@ repetition times:
     it (the installed ``gateway`` command, ``GATEWAY_HOME`` and an officer's
     ``GATEWAY_TOKEN``), beside ``gpg --batch --sign --encrypt`` of the same file
     (a throw-away GnuPG home with a generated key pair, no passphrase);
-(b) ``gateway inbox --json`` beside ``python -c pass`` (the interpreter's start);
+(b) ``gateway inbox --json`` and ``gateway --version`` beside ``python -c pass``
+    (the interpreter's start);
 
 and prints the median time per file, the ratio and files per second. The
 target once user commands are clients of the running node: ``send`` at most
@@ -195,6 +196,7 @@ def timings(args: argparse.Namespace, root: Path, jp: User, pk: User, gateway: s
     sends: list[float] = []
     gpgs: list[float] = []
     inboxes: list[float] = []
+    versions: list[float] = []
     bare: list[float] = []
     try:
         # One untimed round warms the page cache and gpg-agent for both sides.
@@ -211,6 +213,8 @@ def timings(args: argparse.Namespace, root: Path, jp: User, pk: User, gateway: s
             inbox = checked(run_measured([gateway, "inbox", "--json"], pk.env(), root), "inbox")
             json.loads(inbox.stdout)
             inboxes.append(inbox.seconds)
+            version = run_measured([gateway, "--version"], pk.env(), root)
+            versions.append(checked(version, "--version").seconds)
             bare.append(
                 checked(
                     run_measured([sys.executable, "-c", "pass"], pk.env(), root), "python"
@@ -224,6 +228,7 @@ def timings(args: argparse.Namespace, root: Path, jp: User, pk: User, gateway: s
     )
     line("gateway send (per file)", sends, gpgs, "gpg --sign --encrypt")
     line("gateway inbox --json", inboxes, bare, "python -c pass")
+    line("gateway --version", versions, bare, "python -c pass")
     print(
         f"target: gateway send <= 5x gpg per file; now {statistics.median(sends) / statistics.median(gpgs):.2f}x"
     )

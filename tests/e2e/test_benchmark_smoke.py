@@ -41,7 +41,8 @@ def test_cli_benchmark_quick_run_prints_every_figure() -> None:
     assert "gpg --sign --encrypt" in out
     assert "gateway inbox --json" in out
     assert "python -c pass" in out
-    assert out.count("ratio") == 2
+    assert "gateway --version" in out
+    assert out.count("ratio") == 3
     assert "gateway send --attach   peak RSS" in out
     assert "gateway show --out      peak RSS" in out
     assert "jp serve VmHWM" in out
