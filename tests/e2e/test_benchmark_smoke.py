@@ -22,6 +22,7 @@ empty this once they are clients of the running node (token only)."""
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # about 20 gateway commands, each a whole node process today
 @pytest.mark.skipif(shutil.which("gpg") is None, reason="the benchmark's baseline needs gpg")
 def test_cli_benchmark_quick_run_prints_every_figure() -> None:
     gateway = Path(sys.executable).parent / "gateway"
@@ -31,7 +32,7 @@ def test_cli_benchmark_quick_run_prints_every_figure() -> None:
         [sys.executable, str(REPO / "benchmarks" / "cli.py"), "--quick", *CLI_BENCH_ARGS],
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1100,
         cwd=REPO,
         check=False,
     )
