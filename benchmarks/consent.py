@@ -228,7 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--consents", type=int, default=20_000)
     parser.add_argument("--checks", type=int, default=2_000)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 200 consents, 50 checks")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.consents, args.checks = 200, 50
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "consent-bench.sqlite3"
         db = open_database(f"sqlite:///{path}")

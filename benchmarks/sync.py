@@ -119,7 +119,10 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=10_000, help="small bundles (4 KiB cases)")
     parser.add_argument("--mib", type=int, default=256, help="size of the large attachment")
     parser.add_argument("--floor-server", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 20 bundles, 4 MiB")
     args = parser.parse_args()
+    if args.quick:
+        args.count, args.mib = 20, 4
     if args.floor_server:
         bare_server(args.floor_server)
         return

@@ -4,6 +4,10 @@ Every line carries the node id (bound once through contextvars by
 :func:`configure`). A redaction processor drops the value of any field whose
 name says it holds a secret, so a careless ``log.info(..., passphrase=...)``
 still never writes one.
+
+structlog is imported when the first logger is asked for (or at
+:func:`configure` when it is loaded already, or for a service): a command that
+logs nothing never pays for it (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -12,8 +16,6 @@ import logging
 import sys
 from collections.abc import MutableMapping
 from typing import Any, Literal, TextIO
-
-import structlog
 
 __all__ = [
     "REDACTED",
@@ -27,7 +29,7 @@ __all__ = [
 
 REDACTED = "[redacted]"
 _SECRET_WORDS = ("passphrase", "password", "secret", "private", "token", "seed", "content_key")
-_state: dict[str, Any] = {"json": False, "stream": None, "service": False}
+_state: dict[str, Any] = {"json": False, "stream": None, "service": False, "pending": None}
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -70,6 +72,20 @@ def configure(
     _state["json"] = use_json
     _state["stream"] = out
     _state["service"] = service
+    _state["pending"] = (node, level, out, use_json, service)
+    if service or "structlog" in sys.modules:
+        _structlog()
+
+
+def _structlog() -> Any:
+    """The structlog module, configured as the last :func:`configure` asked."""
+    import structlog  # noqa: PLC0415 - loaded on first use, see the module docstring
+
+    pending = _state["pending"]
+    if pending is None:
+        return structlog
+    _state["pending"] = None
+    node, level, out, use_json, service = pending
     renderer: Any = (
         structlog.processors.JSONRenderer(sort_keys=True)
         if use_json
@@ -93,6 +109,7 @@ def configure(
         structlog.contextvars.bind_contextvars(node=node)
     if service:
         _route_standard_logging(out, renderer)
+    return structlog
 
 
 class _ServiceHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -100,6 +117,8 @@ class _ServiceHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 def _route_standard_logging(out: TextIO, renderer: Any) -> None:
+    import structlog  # noqa: PLC0415 - see the module docstring
+
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
             structlog.contextvars.merge_contextvars,
@@ -134,7 +153,7 @@ def is_service() -> bool:
 
 def get_logger(name: str) -> Any:
     """A structlog logger naming its component."""
-    return structlog.get_logger(component=name)
+    return _structlog().get_logger(component=name)
 
 
 def is_json() -> bool:
@@ -154,6 +173,7 @@ def announce(logger: Any, event: str, message: str, **fields: Any) -> None:
     """
     stream = _state["stream"] if _state["stream"] is not None else sys.stderr
     if is_json():
+        structlog = _structlog()
         config = structlog.get_config()
         unfiltered = structlog.wrap_logger(
             structlog.PrintLogger(file=stream),

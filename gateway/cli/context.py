@@ -2,7 +2,9 @@
 
 Commands never read the environment or open databases themselves; they ask
 this context, which does it once per process and closes what it opened when
-the command ends.
+the command ends. The node, its settings and its keys are imported when a
+command first asks for them, so a command that needs none of them (``--help``,
+a client of the running node) never loads the database or crypto layers.
 """
 
 from __future__ import annotations
@@ -13,20 +15,21 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from gateway import log
 from gateway.core.jsonable import to_jsonable
-from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, authorize_role
 from gateway.errors import AccessDenied
-from gateway.node.keystore import read_passphrase
-from gateway.node.own_keys import unlock_keyring
-from gateway.node.runtime import Node
-from gateway.node.users import authorize
-from gateway.settings import Settings, load_settings, resolve_home
+from gateway.node.passphrase import read_passphrase
+from gateway.settings import resolve_home
+
+if TYPE_CHECKING:
+    from gateway.core.keys import NodeKeyring
+    from gateway.node.runtime import Node
+    from gateway.settings import Settings
 
 __all__ = ["AppContext", "pass_app", "read_token_file", "to_jsonable"]
 
@@ -53,6 +56,8 @@ class AppContext:
 
     def settings(self) -> Settings:
         if self._settings is None:
+            from gateway.settings import load_settings  # noqa: PLC0415
+
             self._settings = load_settings(self.home(), environ=self.environ)
             log.configure(
                 node=self._settings.node_id,
@@ -64,6 +69,8 @@ class AppContext:
     def node(self, *, upgrade: bool = False) -> Node:
         """The opened node (database checked); closed when the command ends."""
         if self._node is None:
+            from gateway.node.runtime import Node  # noqa: PLC0415 - loaded on first use
+
             self._node = Node.open(self.settings(), upgrade=upgrade)
             click.get_current_context().call_on_close(self.close)
         return self._node
@@ -77,6 +84,8 @@ class AppContext:
     def actor(self, action: str) -> Actor:
         """Authenticate the acting user and check its role may perform ``action``."""
         if self._actor is None:
+            from gateway.node.users import authorize  # noqa: PLC0415 - loaded on first use
+
             node = self.node()
             token = self.token()
             with node.db.transaction() as session:
@@ -97,6 +106,8 @@ class AppContext:
         rotation), with the passphrase this process was given.
         """
         if self._keyring is None or reload:
+            from gateway.node.own_keys import unlock_keyring  # noqa: PLC0415 - loaded on first use
+
             node = self.node()
             if self._passphrase is None:
                 self._passphrase = self.passphrase()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from gateway.cli.base import GatewayCommand
+from gateway.cli.base import GatewayCommand, LazyGroup
 from gateway.cli.context import AppContext, pass_app
 from gateway.demo.story import (
     THIRD_PARTY,
@@ -211,6 +211,9 @@ def demo(ctx: click.Context, app: AppContext, base: Path | None, keep: bool) -> 
     """
     root, made_root = _prepare_root(base)
     cli_root = ctx.find_root().command
+    if isinstance(cli_root, LazyGroup):
+        # Each step forks a child from this process: import every command once here.
+        cli_root.load_all()
     human = not app.as_json
 
     def on_start(number: int, total: int, title: str) -> None:

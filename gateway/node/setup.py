@@ -6,6 +6,7 @@ again, and a home that holds a node already is never touched.
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 from collections.abc import Callable
@@ -53,6 +54,10 @@ settings, the open transaction that also records the node row (so a failing
 stage leaves no row behind), the time, and the result to add what it made to."""
 
 _STEPS: list[tuple[int, str, InitStep]] = []
+
+INIT_STEP_MODULES = ("gateway.node.own_keys", "gateway.node.policy")
+"""Modules whose import registers a stage of ``init_node`` (:func:`register_init_step`);
+``init_node`` imports them itself, so whoever calls it gets every stage."""
 
 
 def register_init_step(order: int, name: str, step: InitStep) -> None:
@@ -218,6 +223,8 @@ def init_node(
                     )
                 )
                 session.flush()
+                for module in INIT_STEP_MODULES:
+                    importlib.import_module(module)
                 for _order, _name, step in _STEPS:
                     step(settings, session, now, result)
                 admin = add_user(session, admin_name, "admin", created_by="init", now=now)

@@ -255,6 +255,7 @@ def cli_commands() -> list[tuple[tuple[str, ...], click.Command, str]]:
     """(path, command, action) of every command that acts as a user."""
     found = []
     unclassified = []
+    cli.load_all()
     for path, command in leaf_commands(cli):
         action = action_of(command)
         if path in HOST_COMMANDS:
