@@ -118,7 +118,7 @@ ROUTES = (
     ApiRoute(
         "GET",
         "/api/v1/ledger/export",
-        "ledger_export.export",
+        "ledger.export",
         ledger_export,
         "Export every entry as CSV or JSON Lines",
     ),

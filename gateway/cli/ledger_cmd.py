@@ -149,7 +149,7 @@ def _write_new_file(out: Path, write: Any) -> int:
 @pass_app
 def export(app: AppContext, fmt: str, out: Path) -> None:
     """Export every entry as CSV or JSON Lines."""
-    app.actor("ledger_export.export")
+    app.actor("ledger.export")
     node = app.node()
     with node.db.transaction() as session:
         count = _write_new_file(out, lambda stream: ledger_export.export(session, fmt, stream))  # type: ignore[arg-type]
