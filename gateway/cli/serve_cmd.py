@@ -41,7 +41,7 @@ from gateway.cli.context import AppContext, pass_app
 from gateway.core.keys import NodeKeyring
 from gateway.errors import ConfigError
 from gateway.node.runtime import Node
-from gateway.peer.client import PeerClient
+from gateway.peer.client import PeerClient, peer_of
 from gateway.peer.server import (
     PeerServer,
     TransportLimits,
@@ -76,6 +76,15 @@ def _ledger_routes(node: Node) -> Callable[[web.Application], None]:
     from gateway.peer.ledger_routes import ledger_routes  # noqa: PLC0415
 
     return ledger_routes(node.db)
+
+
+def _start_puller(
+    node: Node, keyring: NodeKeyring, client: PeerClient, stop: asyncio.Event
+) -> asyncio.Task[None]:
+    """Pull mode: the worker fetching what the host holds (gateway/peer/puller.py)."""
+    from gateway.peer.puller import start_puller  # noqa: PLC0415
+
+    return start_puller(node, keyring, client, stop)
 
 
 def _api_app(node: Node, keyring: NodeKeyring) -> web.Application:
@@ -140,33 +149,45 @@ async def _run(
         # A stop asked for while the previous run was winding down still counts.
         on_signal(_signals_between_runs.pop())
 
+    pulling = settings.server.peer_mode == "pull"
+    holding = settings.server.peer_delivery == "hold"
     host, port = settings.server.listen_address
-    peer_ssl = server_ssl_context(settings.server, host=host)
+    # In pull mode no peer listener opens: the node calls out only.
+    peer_ssl = None if pulling else server_ssl_context(settings.server, host=host)
     api_host, api_port = settings.server.api_listen_address
     api_ssl = api_ssl_context(settings.server, host=api_host)
     if settings.server.peer_url is not None:
         client_ssl_context(settings.server, peer_url=settings.server.peer_url)
-    for what, where, context in (("peer", host, peer_ssl), ("api", api_host, api_ssl)):
+    listeners = [("api", api_host, api_ssl)]
+    if not pulling:
+        listeners.insert(0, ("peer", host, peer_ssl))
+    for what, where, context in listeners:
         if context is None and not is_loopback(where):
             _log.warning("insecure_plain_http", listener=what, host=where)
 
-    peer_server = PeerServer(
-        create_node_peer_app(node, keyring, limits, extra_routes=_ledger_routes(node)),
-        limits,
-        drain_timeout=DRAIN_SECONDS,
+    peer_server = (
+        None
+        if pulling
+        else PeerServer(
+            create_node_peer_app(node, keyring, limits, extra_routes=_ledger_routes(node)),
+            limits,
+            drain_timeout=DRAIN_SECONDS,
+        )
     )
     api_runner: web.AppRunner | None = None
     sender: asyncio.Task[None] | None = None
     client: PeerClient | None = None
     background: list[asyncio.Task[None]] = []
+    bound = port
     try:
-        try:
-            bound = await peer_server.start(host, port, ssl_context=peer_ssl)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot listen on {host}:{port} for the peer: {exc.strerror}",
-                reason="config.listen",
-            ) from None
+        if peer_server is not None:
+            try:
+                bound = await peer_server.start(host, port, ssl_context=peer_ssl)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {host}:{port} for the peer: {exc.strerror}",
+                    reason="config.listen",
+                ) from None
         try:
             api_runner = await _start_api(
                 _api_app(node, keyring), api_host, api_port, api_ssl, node
@@ -176,7 +197,8 @@ async def _run(
                 f"cannot listen on {api_host}:{api_port} for the local API: {exc.strerror}",
                 reason="config.listen",
             ) from None
-        if settings.server.peer_url is not None:
+        if settings.server.peer_url is not None and not holding:
+            # A node whose peer pulls (peer_delivery = "hold") never posts to it.
             client = PeerClient(settings, keyring)
             await client.__aenter__()
             shared = client
@@ -188,6 +210,8 @@ async def _run(
 
             factory: Callable[[], AbstractAsyncContextManager[Any]] = shared_client
             sender = asyncio.create_task(run_sender(node, keyring, factory, stop))
+            if pulling:
+                background.append(_start_puller(node, keyring, client, stop))
         background.append(
             asyncio.create_task(
                 publish_checkpoints(
@@ -205,13 +229,24 @@ async def _run(
                 enforce_retention(node, stop, interval=settings.server.retention_interval_seconds)
             )
         )
-        peer_listen = listener_url(host, bound, tls=peer_ssl is not None)
+        peer_listen = None if pulling else listener_url(host, bound, tls=peer_ssl is not None)
         api_listen = listener_url(api_host, api_port, tls=api_ssl is not None)
         delivering = settings.server.peer_url if sender is not None else None
+        if pulling:
+            where = f"with no peer listener, pulling from {delivering}"
+        else:
+            where = f"on {peer_listen}"
+        if holding:
+            how = f", holding deliveries for {peer_of(node.node_id)} to pull)"
+        elif pulling:
+            how = ")"
+        else:
+            how = f", delivering to {delivering})" if delivering else ", not delivering)"
         announce(
             "serving",
-            f"serving {node.node_id} on {peer_listen} (local API on {api_listen}"
-            + (f", delivering to {delivering})" if delivering else ", not delivering)"),
+            f"serving {node.node_id} {where} (local API on {api_listen}" + how,
+            peer_mode=settings.server.peer_mode,
+            peer_delivery=settings.server.peer_delivery,
             peer_listen=peer_listen,
             api_listen=api_listen,
             peer_url=delivering,
@@ -231,7 +266,8 @@ async def _run(
             "stopping", signal=received[0] if received else None, restart_for_new_keys=bool(restart)
         )
     finally:
-        await peer_server.stop()
+        if peer_server is not None:
+            await peer_server.stop()
         if api_runner is not None:
             await api_runner.cleanup()
         stop.set()
