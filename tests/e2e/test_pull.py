@@ -293,3 +293,74 @@ def test_ping_fails_for_two_pullers_naming_the_setting(pair: Pair) -> None:
     assert connect["status"] == "fail"
     assert 'peer_mode = "pull"' in connect["detail"]
     assert 'peer_delivery = "hold" there' in connect["detail"]
+
+
+# -- kills and crash points ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_killing_puller_and_host_mid_pull_loses_and_doubles_nothing(pair: Pair) -> None:
+    pair.pk.stop()
+    pair.jp.start()
+    sent = {"jp": [pair.jp.send() for _ in range(300)], "pk": [pair.pk.send() for _ in range(30)]}
+    pair.pk.start()
+    wait_for("the puller is in the middle", lambda: pair.pk.received(sent["jp"]) >= 20)
+    pair.pk.kill()
+    midway = pair.pk.received(sent["jp"])
+    assert midway < len(sent["jp"])
+    pair.pk.start()
+    wait_for("pulling resumed", lambda: pair.pk.received(sent["jp"]) >= midway + 20)
+    pair.jp.kill()
+    assert pair.jp.queued(sent["jp"]) > 0
+    pair.jp.start()
+    wait_for("all delivered", lambda: both_delivered(pair, sent), timeout=600)
+    assert_exactly_once(pair.jp, pair.pk, sent["jp"])
+    assert_exactly_once(pair.pk, pair.jp, sent["pk"])
+
+
+def crashed(side: Side, point: str) -> None:
+    """Start ``serve`` with a crash point and wait for it to die there (SIGKILL)."""
+    side.stop()
+    process = side.home.serve(GATEWAY_CRASH_AT=point)
+    assert process.process.wait(timeout=120) == -9, process.stderr_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["after-pull-answer", "after-pull-store"])
+def test_a_puller_crash_loses_nothing_and_the_same_receipt_comes_again(
+    pair: Pair, point: str
+) -> None:
+    pair.pk.stop()
+    pair.jp.start()
+    sent = [pair.jp.send() for _ in range(5)]
+    crashed(pair.pk, point)
+    assert pair.jp.queued(sent) == len(sent)  # no receipt reached the host
+    if point == "after-pull-answer":
+        assert pair.pk.received(sent) == 0  # the answer was lost with the process
+        before: dict[str, bytes] = {}
+    else:
+        assert pair.pk.received(sent) == len(sent)  # stored and receipted; receipts lost
+        before = {b: r for b, r in pair.pk.inbox_receipts().items() if b in sent}
+    pair.pk.start()
+    wait_for("delivered after the restart", lambda: pair.jp.queued(sent) == 0)
+    assert_exactly_once(pair.jp, pair.pk, sent)
+    after = pair.pk.inbox_receipts()
+    for bundle_id, receipt in before.items():
+        assert after[bundle_id] == receipt  # the identical receipt bytes on redelivery
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["after-send", "before-receipt-store"])
+def test_a_host_crash_with_the_receipts_in_hand_loses_nothing(pair: Pair, point: str) -> None:
+    pair.jp.stop()
+    pair.pk.start()
+    sent = [pair.jp.send() for _ in range(5)]
+    crashed(pair.jp, point)  # the puller pulled, stored and posted its receipts
+    wait_for("the puller stored them", lambda: pair.pk.received(sent) == len(sent))
+    assert pair.jp.queued(sent) == len(sent)  # the host died before storing a receipt
+    before = {b: r for b, r in pair.pk.inbox_receipts().items() if b in sent}
+    pair.jp.start()
+    wait_for("delivered after the restart", lambda: pair.jp.queued(sent) == 0)
+    assert_exactly_once(pair.jp, pair.pk, sent)
+    after = pair.pk.inbox_receipts()
+    assert {b: after[b] for b in sent} == before
