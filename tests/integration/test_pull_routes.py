@@ -256,3 +256,20 @@ def test_an_idle_pull_waits_and_wakes_when_a_bundle_is_queued(
         report, elapsed = asyncio.run(run())
     assert len(report.accepted) == 1
     assert elapsed < 15  # woken by the queued bundle, long before the 20 s wait ended
+
+
+def test_sync_on_a_host_that_holds_refuses_and_posts_nothing(
+    make_pair: Callable[..., tuple[Side, Side]],
+) -> None:
+    from click.testing import CliRunner  # noqa: PLC0415
+
+    from gateway.cli.main import cli  # noqa: PLC0415
+
+    jp, _pk = make_pair()
+    _send(jp, 1)
+    env = {"GATEWAY_HOME": str(jp.node.settings.home), "GATEWAY_PASSPHRASE": PASSPHRASE}
+    done = CliRunner().invoke(cli, ["sync"], env=env)
+    assert done.exit_code == 1
+    assert 'peer_delivery = "hold"' in done.stderr
+    assert {row.state for row in _outbox(jp).values()} == {"queued"}
+    assert {row.attempts for row in _outbox(jp).values()} == {0}
