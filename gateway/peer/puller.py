@@ -96,9 +96,21 @@ def _witnessed_size(node: Node, peer: str) -> int | None:
 
 
 def _pin_manifest(node: Node, raw: bytes, peer: str, now: datetime) -> None:
-    from gateway.node.keys import apply_peer_manifest  # noqa: PLC0415
+    """Pin a manifest of the host; an older one than the pinned (the host offers
+    every manifest it has not seen acknowledged, and an acknowledgement may have
+    been lost after a newer one was pinned) is superseded: acknowledged, not pinned."""
+    from gateway.core.keys import parse_manifest  # noqa: PLC0415
+    from gateway.node.keys import apply_peer_manifest, pinned_peer_manifest  # noqa: PLC0415
 
     with node.db.transaction() as session:
+        pinned = pinned_peer_manifest(session)
+        try:
+            offered = parse_manifest(raw)
+        except GatewayError:
+            offered = None
+        if pinned is not None and offered is not None and offered.version < pinned.version:
+            _log.info("pulled_manifest_superseded", version=offered.version, pinned=pinned.version)
+            return
         apply_peer_manifest(session, raw, node=peer, now=now)
 
 
