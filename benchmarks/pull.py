@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import func, select
 
+from gateway import log
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
 from gateway.node.keystore import unlock_keyring
@@ -107,6 +108,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.count, args.repeat = 100, 2
+    log.configure(level="warning", fmt="console")
 
     with tempfile.TemporaryDirectory(prefix="ssw-pull-bench-") as tmp:
         homes = init_pair(Path(tmp))
