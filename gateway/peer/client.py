@@ -179,7 +179,13 @@ async def _batch_body(paths: Sequence[Path]) -> AsyncIterator[bytes]:
 
 
 class PeerClient:
-    """Signed requests to the peer; one session for the life of the context."""
+    """Signed requests to the peer; one session for the life of the context.
+
+    Raises :class:`~gateway.errors.ConfigError` (``config.peer-mode``) on a node
+    that holds for a pulling peer (``[server] peer_delivery = "hold"``): such a
+    peer listens for no one, so nothing is sent to it, except the link test of
+    ``gateway peer ping`` (``link_test=True``), which checks the pairing.
+    """
 
     def __init__(
         self,
@@ -190,7 +196,17 @@ class PeerClient:
         timeout: aiohttp.ClientTimeout | None = None,
         clock: Callable[[], datetime] = utc_now,
         random: Callable[[int], bytes] = os.urandom,
+        link_test: bool = False,
     ) -> None:
+        if settings.server.peer_delivery == "hold" and not link_test:
+            # The peer pulls and listens for no one: nothing is ever sent to it.
+            raise ConfigError(
+                "this node holds its traffic for the peer to pull ([server] peer_delivery = "
+                '"hold"): nothing is sent to the peer from here; it fetches what waits '
+                '(a checkpoint with its next pull). Set peer_delivery = "push" if the '
+                "peer listens",
+                reason="config.peer-mode",
+            )
         url = peer_url if peer_url is not None else settings.server.peer_url
         if not url:
             raise ConfigError(

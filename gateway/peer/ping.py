@@ -246,7 +246,7 @@ async def ping_peer(
         pinned = pinned_peer_manifest(session)
         waiting = our_version if pending_manifests(session) else None
     limit = limits or aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=20)
-    client = PeerClient(chosen, keyring, clock=clock, timeout=limit)
+    client = PeerClient(chosen, keyring, clock=clock, timeout=limit, link_test=True)
     report = PingReport(
         peer_url=client.base_url,
         our_manifest_version=our_version,

@@ -99,7 +99,9 @@ def _serve(jp: Side) -> ServerThread:
 def _toward(side: Side, url: str) -> Settings:
     settings = side.node.settings
     return settings.model_copy(
-        update={"server": settings.server.model_copy(update={"peer_url": url})}
+        update={
+            "server": settings.server.model_copy(update={"peer_url": url, "peer_delivery": "push"})
+        }
     )
 
 
@@ -273,3 +275,18 @@ def test_sync_on_a_host_that_holds_refuses_and_posts_nothing(
     assert 'peer_delivery = "hold"' in done.stderr
     assert {row.state for row in _outbox(jp).values()} == {"queued"}
     assert {row.attempts for row in _outbox(jp).values()} == {0}
+
+
+def test_a_host_that_holds_makes_no_client_toward_its_peer(
+    make_pair: Callable[..., tuple[Side, Side]],
+) -> None:
+    from gateway.errors import ConfigError  # noqa: PLC0415
+
+    jp, _pk = make_pair()
+    settings = jp.node.settings
+    toward = settings.model_copy(
+        update={"server": settings.server.model_copy(update={"peer_url": "http://127.0.0.1:9"})}
+    )
+    with pytest.raises(ConfigError, match='peer_delivery = "hold"'):
+        PeerClient(toward, jp.keyring)
+    assert PeerClient(toward, jp.keyring, link_test=True).base_url == "http://127.0.0.1:9"
