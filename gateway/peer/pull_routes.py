@@ -12,8 +12,9 @@ fetches it (docs/protocol.md, "Pull mode"):
   ``peer_batch_size``, the puller's ``max_envelopes`` and 64, and at most
   ``max_bytes``), and this node's newest checkpoint when it is larger than the
   one the puller says it witnessed (with the consistency proof from that size).
-  When there is nothing, it waits up to ``wait_seconds`` (at most
-  :data:`MAX_WAIT_SECONDS`) for something to be queued, then answers an empty frame.
+  When no envelope is due, it waits up to ``wait_seconds`` (at most
+  :data:`MAX_WAIT_SECONDS`) for one to be queued, then answers what it has
+  (manifests and a checkpoint, or an empty frame).
 - ``POST /v1/pull/receipts`` (signed; JSON ``{"results": [...], "manifests": [...]}``):
   the signed receipts of what the puller stored, by envelope SHA-256. A bundle
   counts as delivered only when its receipt verifies, exactly as after a push
@@ -221,9 +222,10 @@ async def _post_pull(request: web.Request) -> web.StreamResponse:
             answer = await asyncio.to_thread(
                 _gather, node, ask, limits.max_batch_envelopes, services.clock()
             )
-            # A newer checkpoint alone does not end the wait: it goes out with the
-            # answer at the end of it, so an idle pair exchanges one answer per wait.
-            if answer.manifests or answer.envelopes:
+            # Only envelopes end the wait early. A manifest or a newer checkpoint goes
+            # out with the answer at the end of it: an idle pair exchanges one answer
+            # per wait, even when the puller cannot use what it is offered.
+            if answer.envelopes:
                 break
             left = deadline - loop.time()
             if left <= 0:
