@@ -177,6 +177,7 @@ def test_a_thousand_bundles_each_way_arrive_exactly_once(pair: Pair) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_consent_request_grant_use_and_revocation_through_pulls(pair: Pair, tmp_path: Path) -> None:
     pair.jp.start()
     pair.pk.start()
@@ -225,6 +226,7 @@ def test_consent_request_grant_use_and_revocation_through_pulls(pair: Pair, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_a_key_rotation_on_each_side_reaches_the_other(pair: Pair) -> None:
     pair.jp.start()
     pair.pk.start()
@@ -328,6 +330,7 @@ def crashed(side: Side, point: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("point", ["after-pull-answer", "after-pull-store"])
 def test_a_puller_crash_loses_nothing_and_the_same_receipt_comes_again(
     pair: Pair, point: str
@@ -352,6 +355,7 @@ def test_a_puller_crash_loses_nothing_and_the_same_receipt_comes_again(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("point", ["after-send", "before-receipt-store"])
 def test_a_host_crash_with_the_receipts_in_hand_loses_nothing(pair: Pair, point: str) -> None:
     pair.jp.stop()
