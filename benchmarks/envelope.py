@@ -252,7 +252,9 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall")
-    parser.add_argument("--quick", action="store_true", help="smoke run: 20 cases, 4 MiB, 3 repeats")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 20 cases, 4 MiB, 3 repeats"
+    )
     args = parser.parse_args()
     if args.quick:
         args.cases, args.mib, args.repeats = 20, 4, 3

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gateway.errors import ConfigError
 from gateway.settings import (
@@ -65,6 +65,27 @@ class ServerSettings(_Section):
     sync_interval_seconds: float = Field(default=2.0, gt=0, le=3600)
     checkpoint_interval_seconds: float = Field(default=60.0, gt=0, le=86400)
     retention_interval_seconds: float = Field(default=3600.0, gt=0, le=86400)
+    peer_mode: Literal["push", "pull"] = "push"
+    """How this node reaches its peer: ``push`` (it listens for the peer's requests)
+    or ``pull`` (it opens no peer listener and fetches what the peer holds for it
+    from ``peer_url``; docs/protocol.md, "Pull mode")."""
+    pull_wait_seconds: float = Field(default=20.0, gt=0, le=25)
+    """In pull mode: how long one pull waits at the host when it holds nothing (long poll)."""
+    peer_delivery: Literal["push", "hold"] = "push"
+    """How this node delivers to its peer: ``push`` (it posts to ``peer_url``) or
+    ``hold`` (the peer pulls: its traffic waits in the outbox for the peer's pulls,
+    and nothing is ever posted to it)."""
+
+    @model_validator(mode="after")
+    def _modes(self) -> ServerSettings:
+        if self.peer_mode == "pull" and self.peer_delivery == "hold":
+            raise ValueError(
+                'peer_mode = "pull" with peer_delivery = "hold" leaves no way to the peer: '
+                'a node that pulls delivers by push (set peer_delivery = "push")'
+            )
+        if self.peer_mode == "pull" and self.peer_url is None:
+            raise ValueError('peer_mode = "pull" needs peer_url (the host it pulls from)')
+        return self
 
     @field_validator("listen", "api_listen")
     @classmethod

@@ -23,7 +23,7 @@ from gateway.cli.context import AppContext, pass_app
 from gateway.core.canonical import parse_bounded_json
 from gateway.core.retention import Direction
 from gateway.core.times import Precision, format_utc
-from gateway.errors import InvalidInput
+from gateway.errors import ConfigError, InvalidInput
 from gateway.node.bundles import make_private_dir
 from gateway.node.inbox import describe_inbox_entry, list_gaps, list_inbox, read_bundle
 from gateway.node.outbox import (
@@ -117,9 +117,17 @@ def sync(app: AppContext) -> None:
     """Deliver the outbox to the peer once, then exit (1 if the peer is unreachable)."""
     from gateway.peer.client import PeerClient  # noqa: PLC0415
 
+    settings = app.settings()
+    if settings.server.peer_delivery == "hold":
+        # The peer pulls and has no listener: nothing is ever posted to it.
+        raise ConfigError(
+            "this node holds deliveries for its peer to pull ([server] peer_delivery = "
+            "\"hold\"): the peer fetches them, nothing is sent from here; 'gateway outbox' "
+            "shows what waits",
+            reason="config.peer-mode",
+        )
     node = app.node()
     keyring = app.keyring()
-    settings = app.settings()
 
     def progress(report: DeliveryReport) -> None:
         app.progress(

@@ -10,6 +10,13 @@ as JSON log lines (``event`` ``serving``, ``restarting``, ``stopped``, the
 sentence in ``message``) whenever the log format is JSON, so that every line
 of stderr is JSON; as the bare sentence on a terminal.
 
+In pull mode (``[server] peer_mode = "pull"``) no peer port is bound: the
+puller worker (:mod:`gateway.peer.puller`, started by :func:`_start_puller`)
+fetches what the host holds, beside the sender, and the sentence reads
+``serving pk with no peer listener, pulling from URL (...)``. A host whose
+peer pulls (``peer_delivery = "hold"``) starts no sender and never calls the
+peer (docs/protocol.md, "Pull mode").
+
 SIGTERM or SIGINT stops it: no new connections are accepted, requests in
 flight finish (up to the drain timeout), the sender worker finishes its
 current pass, and the process exits 0.

@@ -29,8 +29,8 @@ import os
 import random
 import secrets
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager, ExitStack
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -76,15 +76,20 @@ __all__ = [
     "deliver_pending",
     "describe_outbox_entry",
     "list_outbox",
+    "next_batch",
     "notify_queued",
     "outbox_entry",
     "queue_sealed",
+    "queue_waiter",
+    "queued_by_hash",
+    "record_too_large",
     "refusals_by_peer",
     "retry_delay",
     "run_sender",
     "run_sender_loop",
     "send_case",
     "send_protocol_bundle",
+    "take_peer_results",
 ]
 
 BATCH_MAX_ENVELOPES = 64
@@ -164,6 +169,21 @@ def notify_queued() -> None:
     for loop, event in waiters:
         if not loop.is_closed():
             loop.call_soon_threadsafe(event.set)
+
+
+@contextmanager
+def queue_waiter() -> Iterator[asyncio.Event]:
+    """An event this process sets whenever it queues a bundle (:func:`notify_queued`),
+    for as long as the context lasts (the pull route's long-poll waits on it)."""
+    wake = asyncio.Event()
+    entry = (asyncio.get_running_loop(), wake)
+    with _waiters_lock:
+        _waiters.append(entry)
+    try:
+        yield wake
+    finally:
+        with _waiters_lock:
+            _waiters.remove(entry)
 
 
 def _next_sequence(session: Session, channel: str) -> int:
@@ -586,6 +606,67 @@ def _next_batch(
         )
         total += row.envelope_size
     return batch
+
+
+def next_batch(
+    node: Node, *, due_before: datetime | None, limit: int = BATCH_MAX_ENVELOPES
+) -> list[_Pending]:
+    """The queued bundles to deliver next, oldest first (the order of the channel):
+    at most ``limit`` (and :data:`BATCH_MAX_ENVELOPES`) envelopes and
+    :data:`BATCH_MAX_BYTES` (one larger envelope goes alone). With ``due_before``
+    only those whose next attempt has come. Raises :class:`StorageError` when a
+    queued envelope's file is missing."""
+    return _next_batch(node, after=0, due_before=due_before, limit=limit)
+
+
+def queued_by_hash(node: Node, hashes: Sequence[str]) -> dict[str, _Pending]:
+    """The queued bundles among envelope SHA-256 hex digests ``hashes``, by hash.
+
+    A hash that names no queued bundle (delivered already, or never sent) is
+    absent from the answer."""
+    if not hashes:
+        return {}
+    with node.db.transaction() as session:
+        rows = session.scalars(
+            select(OutboxEntry).where(
+                OutboxEntry.state == OutboxState.QUEUED,
+                OutboxEntry.envelope_sha256.in_(list(set(hashes))),
+            )
+        ).all()
+    return {
+        row.envelope_sha256: _Pending(
+            row.id,
+            row.bundle_id,
+            row.sequence,
+            row.envelope_sha256,
+            row.envelope_size,
+            row.attempts,
+            envelope_path(node.settings.blob_dir, row.envelope_sha256),
+        )
+        for row in rows
+    }
+
+
+def record_too_large(node: Node, item: _Pending, why: str, *, now: datetime) -> None:
+    """Count a failed attempt for a bundle the peer's limit cannot take, with backoff."""
+    _store_outcomes(node, [], [(item, why)], now=now)
+
+
+async def take_peer_results(
+    node: Node,
+    batch: list[_Pending],
+    results: Sequence[EnvelopeOutcome],
+    *,
+    now_fn: Callable[[], datetime] = utc_now,
+) -> DeliveryReport:
+    """Verify the peer's receipts for ``batch`` (one result each, in order) and store
+    every outcome, exactly as after a push: delivered only on a receipt that verifies
+    against the pinned peer manifest and names the bundle and its envelope hash.
+    The pull route (``POST /v1/pull/receipts``) calls it."""
+    report = DeliveryReport()
+    manifest = await asyncio.to_thread(_pinned_peer, node)
+    await _take_results(node, batch, results, manifest, report, now_fn=now_fn)
+    return report
 
 
 def _count_queued(node: Node) -> int:

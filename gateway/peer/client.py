@@ -36,6 +36,14 @@ import aiohttp
 
 from gateway.core.canonical import parse_bounded_json
 from gateway.core.peer_auth import NONCE_BYTES, RequestSigner, sign_request
+from gateway.core.pull import (
+    ITEM_PREFACE,
+    PULL_CONTENT_TYPE,
+    PULL_PREFACE,
+    ItemKind,
+    parse_item_preface,
+    parse_preface,
+)
 from gateway.errors import ConfigError, InvalidInput, RefusedError, TransportError
 from gateway.node.runtime import utc_now
 from gateway.peer.failures import Failure, classify_client_error, diagnose_disconnect
@@ -48,7 +56,14 @@ from gateway.peer.server import (
 from gateway.settings import Settings
 from gateway.tls import client_ssl_context
 
-__all__ = ["EnvelopeResult", "PeerClient", "PeerRefused", "PeerUnreachable", "peer_of"]
+__all__ = [
+    "EnvelopeResult",
+    "PeerClient",
+    "PeerRefused",
+    "PeerUnreachable",
+    "PulledItem",
+    "peer_of",
+]
 
 _CHUNK = 64 * 1024
 MAX_RESPONSE_BYTES: Final = 8 * 1024 * 1024
@@ -118,6 +133,16 @@ class EnvelopeResult:
         return self.status == "accepted"
 
 
+@dataclass(frozen=True, slots=True)
+class PulledItem:
+    """One item of a pull answer: an envelope spooled to ``path``, or the bytes of a
+    manifest or checkpoint in ``data``."""
+
+    kind: ItemKind
+    path: Path | None = None
+    data: bytes | None = None
+
+
 def _default_timeout() -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=15, sock_connect=15, sock_read=60)
 
@@ -154,7 +179,13 @@ async def _batch_body(paths: Sequence[Path]) -> AsyncIterator[bytes]:
 
 
 class PeerClient:
-    """Signed requests to the peer; one session for the life of the context."""
+    """Signed requests to the peer; one session for the life of the context.
+
+    Raises :class:`~gateway.errors.ConfigError` (``config.peer-mode``) on a node
+    that holds for a pulling peer (``[server] peer_delivery = "hold"``): such a
+    peer listens for no one, so nothing is sent to it, except the link test of
+    ``gateway peer ping`` (``link_test=True``), which checks the pairing.
+    """
 
     def __init__(
         self,
@@ -165,7 +196,17 @@ class PeerClient:
         timeout: aiohttp.ClientTimeout | None = None,
         clock: Callable[[], datetime] = utc_now,
         random: Callable[[int], bytes] = os.urandom,
+        link_test: bool = False,
     ) -> None:
+        if settings.server.peer_delivery == "hold" and not link_test:
+            # The peer pulls and listens for no one: nothing is ever sent to it.
+            raise ConfigError(
+                "this node holds its traffic for the peer to pull ([server] peer_delivery = "
+                '"hold"): nothing is sent to the peer from here; it fetches what waits '
+                '(a checkpoint with its next pull). Set peer_delivery = "push" if the '
+                "peer listens",
+                reason="config.peer-mode",
+            )
         url = peer_url if peer_url is not None else settings.server.peer_url
         if not url:
             raise ConfigError(
@@ -323,9 +364,11 @@ class PeerClient:
             raise TransportError("peer health answer is not an object", reason="transport.answer")
         return value, date
 
-    async def ping(self) -> dict[str, Any]:
-        """``POST /v1/ping``, signed: the peer's id, clock and pinned manifest version."""
-        value = await self.request_json("POST", PING_PATH)
+    async def ping(self, modes: dict[str, str] | None = None) -> dict[str, Any]:
+        """``POST /v1/ping``, signed: the peer's id, clock, pinned manifest version and
+        its ``peer_mode`` and ``peer_delivery``. ``modes`` (ours) goes in the body, so
+        the peer logs a pairing that cannot work too."""
+        value = await self.request_json("POST", PING_PATH, modes)
         if not isinstance(value, dict):
             raise TransportError("peer ping answer is not an object", reason="transport.answer")
         return value
@@ -346,9 +389,129 @@ class PeerClient:
         answer = await self._send("POST", "/v1/envelopes", headers=headers, data=_batch_body(paths))
         return _parse_results(answer, paths)
 
+    async def pull(
+        self,
+        path: str,
+        ask: dict[str, Any],
+        directory: Path,
+        *,
+        max_items: int,
+        max_envelope_bytes: int,
+        max_small_bytes: int,
+    ) -> list[PulledItem]:
+        """A signed pull (``POST /v1/pull``): the host's answer read as it streams.
+
+        Envelopes are written to 0600 files in ``directory`` (the caller removes
+        it); manifests and the checkpoint are kept in memory, each at most
+        ``max_small_bytes``. Every bound is checked before the bytes it guards
+        are read: at most ``max_items`` items, envelopes of at most
+        ``max_envelope_bytes``. A malformed or short answer raises
+        :class:`~gateway.errors.TransportError` (``transport.answer``) and the
+        caller stores nothing of it; failures as for every request.
+        """
+        body = json.dumps(ask, separators=(",", ":")).encode()
+        headers = self._signed_headers("POST", path, hashlib.sha256(body).digest())
+        headers["Content-Type"] = "application/json"
+        session = self._session_or_fail()
+        url = self._base + path
+        try:
+            async with session.request("POST", url, headers=headers, data=body) as response:
+                if response.status >= 400:
+                    answer = await _read_bounded(response)
+                    self._raise_for(response.status, answer, "POST", path, response)
+                if response.content_type != PULL_CONTENT_TYPE:
+                    raise TransportError(
+                        f"peer answered a pull with {response.content_type}",
+                        reason="transport.answer",
+                    )
+                return await _read_pull(
+                    response.content,
+                    directory,
+                    max_items=max_items,
+                    max_envelope_bytes=max_envelope_bytes,
+                    max_small_bytes=max_small_bytes,
+                )
+        except (TransportError, PeerRefused):
+            raise
+        except InvalidInput as exc:
+            raise TransportError(
+                f"peer's pull answer is unusable: {exc.message}", reason="transport.answer"
+            ) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            failure = classify_client_error(exc, url=url)
+            if failure.ambiguous:
+                failure = await diagnose_disconnect(
+                    self._base, self._ssl, failure, client_certificate=self._client_certificate
+                )
+            raise PeerUnreachable(failure, where=urlsplit(url).netloc) from exc
+
+    def _raise_for(
+        self, status: int, body: bytes, method: str, path: str, response: aiohttp.ClientResponse
+    ) -> None:
+        reason = _reason_from(body)
+        if status >= 500:
+            raise TransportError(
+                f"peer answered {status} ({reason}) to {method} {path}", reason="transport.server"
+            )
+        raise PeerRefused(
+            f"peer refused {method} {path}: {status} {reason}",
+            status=status,
+            reason=reason,
+            detail=_error_detail(body),
+            date=response.headers.get("Date"),
+        )
+
     async def post_manifest(self, raw: bytes) -> None:
         """Send this node's new signed key manifest to the peer."""
         await self.request("POST", "/v1/manifests", raw, content_type=MANIFEST_CONTENT_TYPE)
+
+
+async def _read_exactly(stream: aiohttp.StreamReader, size: int) -> bytes:
+    try:
+        return await stream.readexactly(size)
+    except asyncio.IncompleteReadError:
+        raise TransportError("peer's pull answer ended early", reason="transport.answer") from None
+
+
+async def _read_pull(
+    stream: aiohttp.StreamReader,
+    directory: Path,
+    *,
+    max_items: int,
+    max_envelope_bytes: int,
+    max_small_bytes: int,
+) -> list[PulledItem]:
+    count = parse_preface(await _read_exactly(stream, PULL_PREFACE), max_items=max_items)
+    items: list[PulledItem] = []
+    for index in range(count):
+        kind, length = parse_item_preface(
+            await _read_exactly(stream, ITEM_PREFACE),
+            max_length=max(max_envelope_bytes, max_small_bytes),
+        )
+        if kind is ItemKind.ENVELOPE and length > max_envelope_bytes:
+            raise TransportError(
+                f"pulled envelope {index} of {length} bytes exceeds {max_envelope_bytes}",
+                reason="transport.answer",
+            )
+        if kind is not ItemKind.ENVELOPE:
+            if length > max_small_bytes:
+                raise TransportError(
+                    f"pulled item {index} of {length} bytes is too large", reason="transport.answer"
+                )
+            items.append(PulledItem(kind, data=await _read_exactly(stream, length)))
+            continue
+        target = directory / f"envelope-{index:04d}"
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            remaining = length
+            while remaining:
+                chunk = await _read_exactly(stream, min(remaining, _CHUNK))
+                await asyncio.to_thread(handle.write, chunk)
+                remaining -= len(chunk)
+        items.append(PulledItem(kind, path=target))
+    if await stream.read(1):
+        raise TransportError("bytes after the last pulled item", reason="transport.answer")
+    return items
 
 
 async def _read_bounded(response: aiohttp.ClientResponse) -> bytes:

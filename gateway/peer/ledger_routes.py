@@ -40,7 +40,13 @@ from gateway.peer.ledger_client import CHECKPOINTS_PATH, CONSISTENCY_PATH
 from gateway.peer.server import PEER_SERVICES, read_signed_body
 from gateway.store.db import Database
 
-__all__ = ["LEDGER_ROUTES", "LedgerRoutes", "add_ledger_routes", "ledger_routes"]
+__all__ = [
+    "LEDGER_ROUTES",
+    "LedgerRoutes",
+    "add_ledger_routes",
+    "ledger_routes",
+    "witness_checkpoint",
+]
 
 _MAX_CHECKPOINT_BODY = 8 * 1024
 _MAX_SIZE = 2**62
@@ -107,6 +113,17 @@ def _store(db: Database, raw: bytes, peer: str, now: datetime) -> dict[str, Any]
             )
         raise
     return {"status": "witnessed", "size": checkpoint.size, "root": checkpoint.root.hex()}
+
+
+def witness_checkpoint(db: Database, raw: bytes, peer: str, now: datetime) -> dict[str, Any]:
+    """Keep the peer's checkpoint (a body of ``POST /v1/checkpoints``) as its witness.
+
+    What the route does, for a checkpoint that came in a pull answer. Raises
+    :class:`~gateway.node.ledger.ConsistencyProofRequired`, a
+    :class:`~gateway.errors.VerificationError` (an equivocation is recorded
+    first) or :class:`~gateway.errors.InvalidInput`.
+    """
+    return _store(db, raw, peer, now)
 
 
 async def _post_checkpoint(request: web.Request) -> web.Response:

@@ -17,6 +17,11 @@ Steps, each reported ``ok``, ``warn`` or ``fail`` with one line of detail:
 5. ``manifest``: the peer's pinned version of our manifest against our current
    one: equal ``ok``; older ``warn`` (the newer one waits for delivery, which
    ``sync`` or ``serve`` does first); newer or none ``fail``.
+6. ``mode``: our ``[server] peer_mode`` / ``peer_delivery`` against the peer's
+   (:func:`gateway.core.pull.mode_mismatch`): two pullers, a puller facing a
+   peer that pushes, or a holder facing a peer that does not pull ``fail``
+   naming the setting to change. A node that holds for a puller and knows no
+   peer URL cannot test the link itself: the step says to ping from the puller.
 
 The report is ``ok`` when no step failed. Time is a parameter (``clock``): the
 requests are signed with it and the skew is measured against it.
@@ -34,6 +39,7 @@ from typing import Any, Literal
 import aiohttp
 
 from gateway.core.keys import NodeKeyring
+from gateway.core.pull import Modes, mode_mismatch
 from gateway.core.times import Precision, parse_utc
 from gateway.errors import GatewayError, TransportError
 from gateway.node.runtime import Node, utc_now
@@ -218,15 +224,29 @@ async def ping_peer(
 
     chosen = settings if settings is not None else node.settings
     window = load_policy(chosen).limits.clock_skew
+    ours = Modes(chosen.server.peer_mode, chosen.server.peer_delivery)
+    if chosen.server.peer_url is None and ours.peer_delivery == "hold":
+        peer = "pk" if node.node_id == "jp" else "jp"
+        return PingReport(
+            peer_url="",
+            steps=[
+                PingStep(
+                    "mode",
+                    "ok",
+                    f'{peer} pulls from this node ([server] peer_delivery = "hold") and no '
+                    f"peer_url is set here: test the link with 'gateway peer ping' on {peer}",
+                )
+            ],
+        )
     with node.db.transaction() as session:
-        ours = own_manifest(session).version
+        our_version = own_manifest(session).version
         pinned = pinned_peer_manifest(session)
-        waiting = ours if pending_manifests(session) else None
+        waiting = our_version if pending_manifests(session) else None
     limit = limits or aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=20)
-    client = PeerClient(chosen, keyring, clock=clock, timeout=limit)
+    client = PeerClient(chosen, keyring, clock=clock, timeout=limit, link_test=True)
     report = PingReport(
         peer_url=client.base_url,
-        our_manifest_version=ours,
+        our_manifest_version=our_version,
         skew_window_seconds=window.total_seconds(),
     )
     if pinned is None:
@@ -249,7 +269,18 @@ async def ping_peer(
         try:
             _health, date = await client.health_dated()
         except GatewayError as exc:
-            report.steps.append(PingStep("connect", "fail", exc.message, exc.reason))
+            detail = exc.message
+            if ours.peer_mode == "pull":
+                detail += (
+                    '; this node pulls ([server] peer_mode = "pull"): the peer must listen '
+                    'and hold for it (peer_mode = "push", peer_delivery = "hold" there)'
+                )
+            elif ours.peer_delivery == "hold":
+                detail += (
+                    "; this node holds for the peer to pull ([server] peer_delivery = "
+                    '"hold"): the peer needs no listener; ping from it instead'
+                )
+            report.steps.append(PingStep("connect", "fail", detail, exc.reason))
             return report
         report.steps.append(
             PingStep(
@@ -264,7 +295,7 @@ async def ping_peer(
         sent_at = clock()
         started = time.monotonic()
         try:
-            answer = await client.ping()
+            answer = await client.ping(ours.to_dict())
         except PeerRefused as exc:
             report.steps.append(_refusal_step(exc, coarse, window, waiting=waiting))
             if coarse is not None:
@@ -298,5 +329,21 @@ async def ping_peer(
     report.peer_pinned_manifest_version = (
         pinned_version if isinstance(pinned_version, int) else None
     )
-    report.steps.append(_manifest_step(ours, pinned_version))
+    report.steps.append(_manifest_step(our_version, pinned_version))
+    report.steps.append(_mode_step(node.node_id, ours, answer))
     return report
+
+
+def _mode_step(us: str, ours: Modes, answer: dict[str, Any]) -> PingStep:
+    peer = "pk" if us == "jp" else "jp"
+    theirs = Modes.from_answer(answer) or Modes()
+    problem = mode_mismatch(ours, theirs, us=us, peer=peer)
+    if problem is not None:
+        return PingStep("mode", "fail", problem, "config.peer-mode")
+    if ours.peer_mode == "pull":
+        text = f"{us} pulls from {peer}, which holds for it"
+    elif ours.peer_delivery == "hold":
+        text = f"{peer} pulls from {us}, which holds for it"
+    else:
+        text = "both nodes push"
+    return PingStep("mode", "ok", text)

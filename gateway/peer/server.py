@@ -44,6 +44,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from gateway import log
+from gateway.core.canonical import parse_bounded_json
 from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.peer_auth import (
     HEADER_NODE,
@@ -56,6 +57,7 @@ from gateway.core.peer_auth import (
     verify_request,
 )
 from gateway.core.policy import Limits as PolicyLimits
+from gateway.core.pull import Modes, mode_mismatch
 from gateway.core.times import Precision, format_utc
 from gateway.errors import (
     STATUS_BY_REASON,
@@ -97,6 +99,8 @@ __all__ = [
     "limits_from_policy",
     "node_services",
     "read_signed_body",
+    "receive_one",
+    "set_summary",
 ]
 
 ENVELOPE_CONTENT_TYPE: Final = "application/vnd.ssw-gateway.envelope"
@@ -189,6 +193,8 @@ class PeerServices:
     clock: Callable[[], datetime] = field(default=utc_now)
     pinned_peer_version: Callable[[], int | None] | None = None
     """The version of the peer's manifest this node has pinned (``POST /v1/ping``)."""
+    modes: Modes = field(default_factory=Modes)
+    """This node's ``[server] peer_mode`` and ``peer_delivery`` (``POST /v1/ping``)."""
 
 
 def database_nonce_recorder(
@@ -224,6 +230,11 @@ PEER_AUTH: Final = web.RequestKey("peer_auth", SignedRequest)
 _Verifier = Callable[[KeyLookup], SignedRequest]
 _DEFERRED_AUTH: Final[web.RequestKey[_Verifier]] = web.RequestKey("peer_auth_deferred")
 _REASON: Final = web.RequestKey("summary_reason", str)
+
+
+def set_summary(request: web.Request, text: str) -> None:
+    """What the request's ``peer_request`` log line says it did (``reason``)."""
+    request[_REASON] = text
 
 
 class _RateLimiter:
@@ -611,7 +622,11 @@ async def _spool_envelopes(
     return paths
 
 
-def _receive_one(services: PeerServices, path: Path, index: int) -> dict[str, Any]:
+def receive_one(services: PeerServices, path: Path, index: int) -> dict[str, Any]:
+    """Take one spooled envelope: its result object of ``POST /v1/envelopes``
+    (``accepted`` with the receipt in base64, ``refused`` or ``error`` with a reason).
+
+    The pull worker takes pulled envelopes through it too."""
     try:
         receipt = services.receive_envelope(path, now=services.clock())
     except (VerificationError, RefusedError, InvalidInput) as exc:
@@ -645,7 +660,7 @@ async def _post_envelopes(request: web.Request) -> web.Response:
         paths = await _spool_envelopes(request, directory, limits)
         results = []
         for index, path in enumerate(paths):
-            results.append(await asyncio.to_thread(_receive_one, services, path, index))
+            results.append(await asyncio.to_thread(receive_one, services, path, index))
     finally:
         await asyncio.to_thread(shutil.rmtree, directory, True)
     accepted = sum(1 for result in results if result["status"] == "accepted")
@@ -680,16 +695,32 @@ async def _post_manifest(request: web.Request) -> web.Response:
 async def _ping(request: web.Request) -> web.Response:
     """The link test: reached only through peer authentication (signature, time, nonce)."""
     services = request.app[PEER_SERVICES]
-    await read_signed_body(request, max_bytes=1024)
+    raw = await read_signed_body(request, max_bytes=1024)
     version = services.pinned_peer_version
     pinned = await asyncio.to_thread(version) if version is not None else None
     now = services.clock()
     request[_REASON] = "ping"
+    if raw:
+        # The caller's modes (a pull-mode caller says so); an empty body is a
+        # caller older than pull mode, which pushes.
+        try:
+            theirs = Modes.from_answer(parse_bounded_json(raw, max_bytes=1024, max_depth=2))
+        except InvalidInput:
+            theirs = None
+        problem = (
+            mode_mismatch(services.modes, theirs, us=services.node_id, peer=services.peer_id)
+            if theirs is not None
+            else None
+        )
+        if problem is not None:
+            _log.error("peer_mode_mismatch", detail=problem)
+            request[_REASON] = "ping: modes do not pair"
     return web.json_response(
         {
             "node": services.node_id,
             "time": format_utc(now, Precision.MICROSECONDS),
             "pinned_manifest_version": pinned,
+            **services.modes.to_dict(),
         }
     )
 
@@ -928,6 +959,7 @@ def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerS
         apply_manifest=apply,
         preview_manifest=preview,
         pinned_peer_version=pinned_version,
+        modes=Modes(node.settings.server.peer_mode, node.settings.server.peer_delivery),
     )
 
 
@@ -947,9 +979,12 @@ def create_node_peer_app(
     services = node_services(node, keyring, skew=limits.clock_skew)
 
     def routes(app: web.Application) -> None:
+        from gateway.peer.pull_routes import add_pull_routes  # noqa: PLC0415
+
         app[NODE] = node
         app[METRICS] = node.metrics
         app[KEYRING] = keyring
+        add_pull_routes(app)
         if extra_routes is not None:
             extra_routes(app)
 

@@ -24,6 +24,12 @@ each within :data:`DRAIN_SECONDS` (a worker still busy then is cancelled). A
 component that fails is logged once (``component_failed`` with its name and
 reason code, never a secret) and stops the whole service the same way; its
 error is raised from :meth:`Service.run` once everything is closed.
+
+In pull mode (``[server] peer_mode = "pull"``) no peer listener opens: the
+puller (:func:`gateway.peer.puller.run_puller`) fetches what the host holds,
+beside the sender. A host whose peer pulls (``peer_delivery = "hold"``) opens
+no peer client, so it starts no sender and never calls the peer
+(docs/protocol.md, "Pull mode").
 """
 
 from __future__ import annotations
@@ -45,8 +51,9 @@ from gateway.errors import ConfigError, GatewayError
 from gateway.node.housekeeping import enforce_retention, watch_own_keys
 from gateway.node.outbox import run_sender
 from gateway.node.runtime import Node
-from gateway.peer.client import PeerClient
+from gateway.peer.client import PeerClient, peer_of
 from gateway.peer.ledger_routes import ledger_routes
+from gateway.peer.puller import run_puller
 from gateway.peer.server import PeerServer, TransportLimits, create_node_peer_app
 from gateway.peer.tls_listener import HandshakeLog, LoggedTlsSite
 from gateway.service.workers import publish_checkpoints
@@ -165,7 +172,9 @@ class Service:
 
     @asynccontextmanager
     async def _peer_client(self) -> AsyncIterator[PeerClient | None]:
-        if self.settings.server.peer_url is None:
+        server = self.settings.server
+        if server.peer_url is None or server.peer_delivery == "hold":
+            # A node whose peer pulls never posts to it.
             yield None
             return
         async with PeerClient(self.settings, self.keyring) as client:
@@ -174,6 +183,10 @@ class Service:
     @asynccontextmanager
     async def _peer_listener(self, ssl_context: Any) -> AsyncIterator[int]:
         host, port = self.settings.server.listen_address
+        if self.settings.server.peer_mode == "pull":
+            # A pulling node calls out only: no peer port is bound.
+            yield port
+            return
         server = PeerServer(
             create_node_peer_app(
                 self.node, self.keyring, self.limits, extra_routes=ledger_routes(self.node.db)
@@ -259,6 +272,8 @@ class Service:
 
             factory: Callable[[], AbstractAsyncContextManager[Any]] = shared_client
             workers["sender"] = lambda: run_sender(node, keyring, factory, stop)
+            if server.peer_mode == "pull":
+                workers["puller"] = lambda: run_puller(node, keyring, factory, stop)
         workers["checkpoints"] = lambda: publish_checkpoints(
             node, keyring, client, stop, interval=server.checkpoint_interval_seconds
         )
@@ -310,13 +325,17 @@ class Service:
     async def run(self) -> bool:
         """Serve until stopped; True when the stop was to restart with new keys."""
         server = self.settings.server
+        pulling = server.peer_mode == "pull"
         host, _port = server.listen_address
-        peer_ssl = server_ssl_context(server, host=host)
+        peer_ssl = None if pulling else server_ssl_context(server, host=host)
         api_host, _api_port = server.api_listen_address
         api_ssl = api_ssl_context(server, host=api_host)
         if server.peer_url is not None:
             client_ssl_context(server, peer_url=server.peer_url)
-        for what, where, context in (("peer", host, peer_ssl), ("api", api_host, api_ssl)):
+        listeners_of = [("api", api_host, api_ssl)]
+        if not pulling:
+            listeners_of.insert(0, ("peer", host, peer_ssl))
+        for what, where, context in listeners_of:
             if context is None and not is_loopback(where):
                 _log.warning("insecure_plain_http", listener=what, host=where)
         sites = self.api_sites(api_ssl)
@@ -353,13 +372,24 @@ class Service:
     ) -> None:
         server = self.settings.server
         host, _port = server.listen_address
-        peer_listen = listener_url(host, bound, tls=peer_ssl is not None)
+        pulling = server.peer_mode == "pull"
+        peer_listen = None if pulling else listener_url(host, bound, tls=peer_ssl is not None)
         api_listen = ", ".join(site.url for site in sites)
         peer_url = server.peer_url if delivering else None
+        where = (
+            f"with no peer listener, pulling from {peer_url}" if pulling else f"on {peer_listen}"
+        )
+        if server.peer_delivery == "hold":
+            how = f", holding deliveries for {peer_of(self.node.node_id)} to pull)"
+        elif pulling:
+            how = ")"
+        else:
+            how = f", delivering to {peer_url})" if peer_url else ", not delivering)"
         self._announce(
             "serving",
-            f"serving {self.node.node_id} on {peer_listen} (local API on {api_listen}"
-            + (f", delivering to {peer_url})" if peer_url else ", not delivering)"),
+            f"serving {self.node.node_id} {where} (local API on {api_listen}" + how,
+            peer_mode=server.peer_mode,
+            peer_delivery=server.peer_delivery,
             peer_listen=peer_listen,
             api_listen=api_listen,
             peer_url=peer_url,

@@ -54,7 +54,9 @@ async def publish_checkpoints(
                     delay = min(interval, MANIFEST_WAIT_SECONDS)
                 else:
                     held_back = False
-                    await send_checkpoint(client, signed, prove=ledger_witness.consistency_prover(node.db))
+                    await send_checkpoint(
+                        client, signed, prove=ledger_witness.consistency_prover(node.db)
+                    )
                     sent_size = signed.checkpoint.size
                     node.metrics.checkpoint_witnessed(sent_size)
                     node.metrics.peer.record(True)

@@ -559,3 +559,90 @@ def test_the_build_context_keeps_key_material_out_and_the_policies_in(
     path: str, ignored: bool
 ) -> None:
     assert ignored_by_docker(path, dockerignore_patterns()) is ignored
+
+
+# ---------------------------------------------------------------- pull mode override
+
+PULL_FILE = REPO / "docker-compose.pull.yml"
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's merge tags: ``!reset`` empties a value, ``!override`` replaces it."""
+
+
+class _Reset:
+    pass
+
+
+def _reset(loader: yaml.SafeLoader, node: yaml.Node) -> _Reset:
+    return _Reset()
+
+
+_ComposeLoader.add_constructor("!reset", _reset)
+
+
+def _merge(base: Any, override: Any) -> Any:
+    """Compose's merge of an override file: mappings merge key by key, ``!reset``
+    removes, other values (sequences included, for ``ports``) replace."""
+    if isinstance(override, _Reset):
+        return None
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            result = _merge(base.get(key), value)
+            if result is None:
+                merged.pop(key, None)
+            else:
+                merged[key] = result
+        return merged
+    return override
+
+
+@pytest.fixture(scope="module")
+def pull_compose(compose: dict[str, Any]) -> dict[str, Any]:
+    override = yaml.load(PULL_FILE.read_text(encoding="utf-8"), Loader=_ComposeLoader)
+    assert set(override) == {"services"}
+    assert set(override["services"]) <= set(compose["services"])
+    merged = _merge(compose, override)
+    assert isinstance(merged, dict)
+    return merged
+
+
+def test_the_pull_variant_satisfies_the_compose_specification(
+    pull_compose: dict[str, Any], schema: dict[str, Any]
+) -> None:
+    validator = jsonschema.Draft7Validator(schema, format_checker=jsonschema.FormatChecker())
+    problems = [
+        f"{'/'.join(map(str, error.absolute_path))}: {error.message}"
+        for error in validator.iter_errors(pull_compose)
+    ]
+    assert problems == []
+
+
+def test_in_the_pull_variant_islamabad_publishes_no_peer_port(
+    pull_compose: dict[str, Any], compose: dict[str, Any]
+) -> None:
+    assert "ports" not in pull_compose["services"]["islamabad"]
+    assert pull_compose["services"]["tokyo"]["ports"] == compose["services"]["tokyo"]["ports"]
+
+
+def test_the_pull_variant_settings_load_and_pair(
+    pull_compose: dict[str, Any], tmp_path: Path
+) -> None:
+    from gateway.core.pull import Modes, mode_mismatch  # noqa: PLC0415
+
+    modes = {}
+    for service_name, node_id in NODE_OF_SERVICE.items():
+        service = pull_compose["services"][service_name]
+        env = {k: interpolate(str(v)) for k, v in service["environment"].items()}
+        home = tmp_path / node_id
+        home.mkdir()
+        (home / "gateway.toml").write_text(f'[node]\nid = "{node_id}"\n', encoding="utf-8")
+        settings = load_settings(
+            home, environ={k: v for k, v in env.items() if k.startswith("GATEWAY_")}
+        )
+        modes[node_id] = Modes(settings.server.peer_mode, settings.server.peer_delivery)
+    assert modes["pk"] == Modes("pull", "push")
+    assert modes["jp"] == Modes("push", "hold")
+    assert mode_mismatch(modes["pk"], modes["jp"], us="pk", peer="jp") is None
+    assert mode_mismatch(modes["jp"], modes["pk"], us="jp", peer="pk") is None

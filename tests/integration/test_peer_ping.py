@@ -147,6 +147,7 @@ def test_a_healthy_pair_answers_every_step(make_pair: Callable[..., tuple[Side, 
         "signed-request": "ok",
         "clock": "ok",
         "manifest": "ok",
+        "mode": "ok",
     }
     assert report.round_trip_ms is not None
     assert report.round_trip_ms >= 0
@@ -264,6 +265,7 @@ def test_a_peer_we_have_not_pinned_fails_the_ping_though_the_link_works(
         "signed-request": "ok",
         "clock": "ok",
         "manifest": "ok",
+        "mode": "ok",
     }
     failure = report.failure
     assert failure is not None

@@ -1,0 +1,301 @@
+"""The puller: a node in pull mode fetches what its host holds for it.
+
+With ``[server] peer_mode = "pull"`` a node opens no peer listener. Its own
+traffic is pushed to the host by the ordinary sender worker (outbound calls
+only); what the host has for it is fetched by this worker, a self-contained
+async component beside the sender (:func:`run_puller`, stopped by the same
+``stop`` event). Each pass (:func:`pull_once`):
+
+1. ``POST /v1/pull``: a long poll; the host answers at once when it holds
+   something, or after ``[server] pull_wait_seconds`` with what it has (maybe
+   nothing). Bounded by this node's policy: ``peer_batch_size`` envelopes,
+   ``max_envelope_bytes`` each, ``peer_body_bytes`` in all; the answer streams to
+   spool files under ``<home>/data/spool/pull-*``.
+2. In the answer's order: pin each host manifest (verified against the pinned
+   one, as ``POST /v1/manifests`` does); take each envelope exactly as the
+   peer server takes a pushed one (verify, store, sign the receipt, apply
+   protocol bundles; the inbox is idempotent, so an envelope pulled again gets
+   the identical receipt and stores nothing); keep the host's checkpoint as its
+   witness.
+3. ``POST /v1/pull/receipts``: the receipts (and refusals) by envelope hash,
+   and the hashes of the manifests pinned. The host marks a bundle delivered
+   only when the receipt verifies. A lost answer or a crash before this step
+   only means the next pull hands out the same envelopes again.
+
+Crash points: ``after-pull-answer`` (the answer is spooled, nothing stored),
+``after-pull-store`` (stored and receipted here, receipts not yet posted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from gateway import log
+from gateway.core.keys import NodeKeyring
+from gateway.core.pull import ItemKind
+from gateway.errors import GatewayError
+from gateway.node.crash import crash_point
+from gateway.node.runtime import Node, utc_now
+from gateway.peer.client import PeerClient, PulledItem
+from gateway.peer.pull_routes import PULL_PATH, RECEIPTS_PATH
+
+__all__ = ["PullReport", "pull_once", "run_puller", "start_puller", "sweep_pull_spool"]
+
+_log = log.get_logger("peer.puller")
+SMALL_ITEM_BYTES = 4 * 1024 * 1024
+"""Largest manifest or checkpoint a pull answer may carry (the server's small-body limit)."""
+MAX_PULL_ENVELOPES = 64
+
+
+@dataclass
+class PullReport:
+    """What one pull pass did."""
+
+    manifests: int = 0
+    accepted: list[str] = field(default_factory=list)
+    """Envelope hashes stored (or stored before) and receipted."""
+    refused: dict[str, str] = field(default_factory=dict)
+    checkpoint: int | None = None
+    delivered_at_host: int = 0
+
+    @property
+    def items(self) -> int:
+        return self.manifests + len(self.accepted) + len(self.refused)
+
+
+def _spool_root(node: Node) -> Path:
+    return node.settings.data_dir / "spool"
+
+
+def sweep_pull_spool(node: Node) -> None:
+    """Remove the spool folders of pulls a killed process left behind (never stored)."""
+    root = _spool_root(node)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for leftover in root.iterdir():
+        if leftover.name.startswith("pull-"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _witnessed_size(node: Node, peer: str) -> int | None:
+    from gateway.node.ledger import witness as ledger_witness  # noqa: PLC0415
+
+    with node.db.transaction() as session:
+        witnessed = ledger_witness.last_witnessed(session, peer)
+    return witnessed.size if witnessed is not None else None
+
+
+def _pin_manifest(node: Node, raw: bytes, peer: str, now: datetime) -> None:
+    """Pin a manifest of the host; an older one than the pinned (the host offers
+    every manifest it has not seen acknowledged, and an acknowledgement may have
+    been lost after a newer one was pinned) is superseded: acknowledged, not pinned."""
+    from gateway.core.keys import parse_manifest  # noqa: PLC0415
+    from gateway.node.peer_trust import apply_peer_manifest, pinned_peer_manifest  # noqa: PLC0415
+
+    with node.db.transaction() as session:
+        pinned = pinned_peer_manifest(session)
+        try:
+            offered = parse_manifest(raw)
+        except GatewayError:
+            offered = None
+        if pinned is not None and offered is not None and offered.version < pinned.version:
+            _log.info("pulled_manifest_superseded", version=offered.version, pinned=pinned.version)
+            return
+        apply_peer_manifest(session, raw, node=peer, now=now)
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _take(
+    node: Node,
+    keyring: NodeKeyring,
+    items: list[PulledItem],
+    report: PullReport,
+    *,
+    now_fn: Callable[[], datetime],
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Apply one answer in order; the receipts post's results and manifest hashes."""
+    from gateway.node.policy import load_policy  # noqa: PLC0415
+    from gateway.peer.ledger_routes import witness_checkpoint  # noqa: PLC0415
+    from gateway.peer.server import node_services, receive_one  # noqa: PLC0415
+
+    peer = "pk" if node.node_id == "jp" else "jp"
+    skew = load_policy(node.settings).limits.clock_skew
+    services = node_services(node, keyring, skew=skew)
+    results: list[dict[str, Any]] = []
+    manifests: list[str] = []
+    for index, item in enumerate(items):
+        if item.kind is ItemKind.MANIFEST and item.data is not None:
+            try:
+                _pin_manifest(node, item.data, peer, now_fn())
+            except GatewayError as exc:
+                # Not acknowledged: the host offers it again; envelopes signed with
+                # keys only it lists are refused meanwhile and retried by the host.
+                _log.warning("pulled_manifest_refused", reason=exc.reason, detail=exc.message)
+                continue
+            manifests.append(hashlib.sha256(item.data).hexdigest())
+            report.manifests += 1
+        elif item.kind is ItemKind.ENVELOPE and item.path is not None:
+            sha = _sha256_file(item.path)
+            outcome = receive_one(services, item.path, index)
+            outcome.pop("index", None)
+            outcome["envelope_sha256"] = sha
+            if outcome["status"] == "accepted":
+                report.accepted.append(sha)
+            else:
+                report.refused[sha] = str(outcome.get("reason"))
+            results.append(outcome)
+        elif item.kind is ItemKind.CHECKPOINT and item.data is not None:
+            try:
+                witnessed = witness_checkpoint(node.db, item.data, peer, now_fn())
+            except GatewayError as exc:
+                _log.warning("pulled_checkpoint_refused", reason=exc.reason, detail=exc.message)
+                continue
+            report.checkpoint = int(witnessed["size"])
+    return results, manifests
+
+
+async def pull_once(
+    node: Node,
+    keyring: NodeKeyring,
+    client: PeerClient,
+    *,
+    wait: float | None = None,
+    now_fn: Callable[[], datetime] = utc_now,
+    stop: asyncio.Event | None = None,
+) -> PullReport:
+    """One pull pass (see the module notes); returns what it did.
+
+    ``wait`` is the long poll in seconds (default ``[server] pull_wait_seconds``).
+    Raises :class:`~gateway.errors.TransportError` when the host cannot be
+    reached or answers badly, :class:`~gateway.peer.client.PeerRefused` when it
+    refuses (``config.peer-mode``: the host pushes instead of holding); nothing
+    of a failed answer is stored. When ``stop`` is set while the answer has not
+    come, the pull is abandoned (nothing stored) and the pass returns at once.
+    """
+    from gateway.node.policy import load_policy  # noqa: PLC0415
+
+    limits = load_policy(node.settings).limits
+    peer = "pk" if node.node_id == "jp" else "jp"
+    max_envelopes = max(1, min(limits.peer_batch_size, MAX_PULL_ENVELOPES))
+    ask = {
+        "wait_seconds": node.settings.server.pull_wait_seconds if wait is None else wait,
+        "max_envelopes": max_envelopes,
+        "max_bytes": limits.peer_body_bytes,
+        "witnessed_size": await asyncio.to_thread(_witnessed_size, node, peer),
+    }
+    root = _spool_root(node)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    directory = Path(tempfile.mkdtemp(prefix="pull-", dir=root))
+    report = PullReport()
+    try:
+        fetch = asyncio.ensure_future(
+            client.pull(
+                PULL_PATH,
+                ask,
+                directory,
+                max_items=max_envelopes + 64 + 1,
+                max_envelope_bytes=limits.max_envelope_bytes,
+                max_small_bytes=SMALL_ITEM_BYTES,
+            )
+        )
+        if stop is not None:
+            stopper = asyncio.ensure_future(stop.wait())
+            try:
+                await asyncio.wait({fetch, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopper.cancel()
+            if not fetch.done():
+                fetch.cancel()
+                with contextlib.suppress(asyncio.CancelledError, GatewayError):
+                    await fetch
+                return report
+        items = await fetch
+        if not items:
+            return report
+        crash_point("after-pull-answer")
+        results, manifests = await asyncio.to_thread(
+            _take, node, keyring, items, report, now_fn=now_fn
+        )
+    finally:
+        await asyncio.to_thread(shutil.rmtree, directory, True)
+    crash_point("after-pull-store")
+    if results or manifests:
+        answer = await client.request_json(
+            "POST", RECEIPTS_PATH, {"results": results, "manifests": manifests}
+        )
+        if isinstance(answer, dict) and isinstance(answer.get("delivered"), int):
+            report.delivered_at_host = answer["delivered"]
+    return report
+
+
+async def run_puller(
+    node: Node,
+    keyring: NodeKeyring,
+    client_factory: Callable[[], AbstractAsyncContextManager[PeerClient]],
+    stop: asyncio.Event,
+    *,
+    now_fn: Callable[[], datetime] = utc_now,
+    rng: Callable[[], float] = random.random,
+) -> None:
+    """The puller worker of ``gateway serve`` in pull mode: pull until ``stop`` is set.
+
+    Pulls again at once after each answer (the host's long poll paces an idle
+    link); backs off exponentially with jitter (1 s doubling to 5 min) while the
+    host cannot be reached or refuses, and never gives up. A pass in flight
+    when ``stop`` is set finishes first (at most one long poll).
+    """
+    from gateway.node.outbox import run_sender_loop  # noqa: PLC0415
+
+    await asyncio.to_thread(sweep_pull_spool, node)
+
+    async def one(client: PeerClient) -> None:
+        report = await pull_once(node, keyring, client, now_fn=now_fn, stop=stop)
+        node.metrics.peer.record(True)
+        if report.items or report.checkpoint is not None:
+            _log.info(
+                "pull_pass",
+                manifests=report.manifests,
+                accepted=len(report.accepted),
+                refused=len(report.refused),
+                delivered_at_host=report.delivered_at_host,
+                checkpoint=report.checkpoint,
+            )
+
+    await run_sender_loop(
+        node,
+        client_factory,
+        stop,
+        deliver=one,  # type: ignore[arg-type]
+        interval=0.01,
+        rng=rng,
+    )
+
+
+def start_puller(
+    node: Node, keyring: NodeKeyring, client: PeerClient, stop: asyncio.Event
+) -> asyncio.Task[None]:
+    """Start the puller worker on an open ``client`` (shared with the sender): the
+    task ends after ``stop`` is set. What ``gateway serve`` does in pull mode."""
+
+    @asynccontextmanager
+    async def shared() -> AsyncIterator[PeerClient]:
+        yield client
+
+    return asyncio.create_task(run_puller(node, keyring, shared, stop), name="puller")

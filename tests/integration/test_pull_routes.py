@@ -1,0 +1,292 @@
+"""The host's pull routes over a real socket, against a real puller in this process.
+
+jp hosts (``peer_delivery = "hold"``) and serves its real peer application
+on loopback; pk pulls with :func:`gateway.peer.puller.pull_once`. Both nodes
+run on the engine under test (SQLite and PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tomllib
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import tomli_w
+from sqlalchemy import select
+
+from gateway.core.receipt import verify_receipt
+from gateway.node.outbox import send_case
+from gateway.node.own_keys import own_manifest, unlock_keyring
+from gateway.node.peer_trust import pin_peer, pinned_peer_manifest
+from gateway.node.runtime import Node
+from gateway.node.setup import init_node
+from gateway.peer.client import PeerClient, PeerRefused
+from gateway.peer.pull_routes import PULL_PATH
+from gateway.peer.puller import PullReport, pull_once
+from gateway.peer.server import create_node_peer_app
+from gateway.settings import Settings, load_settings
+from gateway.store.models_exchange import InboxEntry, OutboxEntry
+from tests.exchange_pair import PASSPHRASE, example, second_url
+from tests.integration.test_peer_ping import ADMIN, Side
+from tests.nodes import TEST_LIMITS, ServerThread
+
+
+def _open(
+    root: Path, node_id: str, url: str, env: dict[str, str], now: datetime, **server: Any
+) -> Side:
+    init_node(root / node_id, node_id, now=now, db_url=url, environ=env)
+    path = root / node_id / "gateway.toml"
+    data = tomllib.loads(path.read_text())
+    data.setdefault("server", {}).update(server)
+    path.write_text(tomli_w.dumps(data))
+    node = Node.open(load_settings(root / node_id, environ=env))
+    with node.db.transaction() as session:
+        keyring = unlock_keyring(node.settings, PASSPHRASE.encode(), session, now=now)
+    return Side(node, keyring)
+
+
+def _pin(at: Side, of: Side, now: datetime) -> None:
+    with of.node.db.transaction() as session:
+        manifest = own_manifest(session)
+    with at.node.db.transaction() as session:
+        pin_peer(
+            session,
+            manifest.raw,
+            node=of.node.node_id,
+            expected_fingerprint=manifest.root_fingerprint,
+            now=now,
+            actor=ADMIN,
+        )
+
+
+@pytest.fixture
+def make_pair(
+    tmp_path: Path,
+    database_url: str,
+    pg_database_factory: Callable[[], str],
+    clean_environ: dict[str, str],
+) -> Iterator[Callable[..., tuple[Side, Side]]]:
+    """jp (the host, holding unless told) and pk (the puller), pinned to each other."""
+    env = {**clean_environ, "GATEWAY_PASSPHRASE": PASSPHRASE, "GATEWAY_KEYSTORE_STRENGTH": "min"}
+    opened: list[Side] = []
+
+    def make(*, delivery: str = "hold") -> tuple[Side, Side]:
+        now = datetime.now(UTC)
+        jp = _open(tmp_path, "jp", database_url, env, now, peer_delivery=delivery)
+        pk_url = second_url(tmp_path, database_url, pg_database_factory)
+        pk = _open(
+            tmp_path, "pk", pk_url, env, now, peer_mode="pull", peer_url="http://127.0.0.1:9"
+        )
+        opened.extend([jp, pk])
+        _pin(jp, pk, now)
+        _pin(pk, jp, now)
+        return jp, pk
+
+    yield make
+    for side in opened:
+        side.node.close()
+
+
+def _serve(jp: Side) -> ServerThread:
+    return ServerThread(create_node_peer_app(jp.node, jp.keyring, TEST_LIMITS), TEST_LIMITS)
+
+
+def _toward(side: Side, url: str) -> Settings:
+    settings = side.node.settings
+    return settings.model_copy(
+        update={
+            "server": settings.server.model_copy(update={"peer_url": url, "peer_delivery": "push"})
+        }
+    )
+
+
+def _pull(pk: Side, url: str, *, wait: float = 0.0) -> PullReport:
+    async def run() -> PullReport:
+        async with PeerClient(_toward(pk, url), pk.keyring) as client:
+            return await pull_once(pk.node, pk.keyring, client, wait=wait)
+
+    return asyncio.run(run())
+
+
+def _send(jp: Side, count: int) -> list[str]:
+    return [
+        send_case(
+            jp.node, jp.keyring, ADMIN, "exam-fraud", example("exam-fraud"), [],
+            public=False, reply_to=None, now=datetime.now(UTC),
+        ).bundle_id
+        for _ in range(count)
+    ]  # fmt: skip
+
+
+def _outbox(jp: Side) -> dict[str, OutboxEntry]:
+    with jp.node.db.transaction() as session:
+        return {row.bundle_id: row for row in session.scalars(select(OutboxEntry))}
+
+
+def _inbox(pk: Side) -> dict[str, bytes]:
+    with pk.node.db.transaction() as session:
+        return {row.bundle_id: row.receipt for row in session.scalars(select(InboxEntry))}
+
+
+def test_a_pull_hands_out_a_batch_in_order_and_a_verified_receipt_delivers_it(
+    make_pair: Callable[..., tuple[Side, Side]],
+) -> None:
+    jp, pk = make_pair()
+    sent = _send(jp, 6)  # the host's policy in TEST_LIMITS: 4 envelopes per batch
+    with _serve(jp) as running:
+        first = _pull(pk, running.url)
+        assert len(first.accepted) == 4
+        assert first.delivered_at_host == 4
+        second = _pull(pk, running.url)
+        assert len(second.accepted) == 2
+        assert _pull(pk, running.url).items == 0  # nothing left: an empty answer
+    rows = _outbox(jp)
+    received = _inbox(pk)
+    with pk.node.db.transaction() as session:
+        sequences = [row.sequence for row in session.scalars(select(InboxEntry))]
+    assert sorted(sequences) == sequences  # the channel's order
+    with jp.node.db.transaction() as session:
+        peer = pinned_peer_manifest(session)
+    assert peer is not None
+    for bundle_id in sent:
+        row = rows[bundle_id]
+        assert row.state == "delivered"
+        assert row.receipt == received[bundle_id]
+        verify_receipt(
+            row.receipt,
+            peer_manifest=peer,
+            expected_bundle_id=bundle_id,
+            expected_envelope_hash=row.envelope_sha256,
+            expected_sender="jp",
+        )
+
+
+def test_a_lost_receipt_means_the_same_envelope_again_and_the_identical_receipt(
+    make_pair: Callable[..., tuple[Side, Side]], tmp_path: Path
+) -> None:
+    jp, pk = make_pair()
+    [bundle_id] = _send(jp, 1)
+    with _serve(jp) as running:
+        # The answer arrives and is stored, but the receipts never reach the host.
+        async def pull_without_receipts() -> None:
+            from gateway.peer.puller import _take  # noqa: PLC0415
+
+            async with PeerClient(_toward(pk, running.url), pk.keyring) as client:
+                spool = tmp_path / "spool"
+                spool.mkdir()
+                ask = {"wait_seconds": 0, "max_envelopes": 4, "max_bytes": 1 << 20}
+                items = await client.pull(
+                    PULL_PATH, ask, spool, max_items=8, max_envelope_bytes=1 << 20,
+                    max_small_bytes=1 << 20,
+                )  # fmt: skip
+                await asyncio.to_thread(
+                    _take,
+                    pk.node,
+                    pk.keyring,
+                    items,
+                    PullReport(),
+                    now_fn=lambda: datetime.now(UTC),
+                )
+
+        asyncio.run(pull_without_receipts())
+        stored = _inbox(pk)[bundle_id]
+        assert _outbox(jp)[bundle_id].state == "queued"
+        again = _pull(pk, running.url)
+    assert len(again.accepted) == 1
+    assert _inbox(pk) == {bundle_id: stored}  # nothing stored twice
+    assert _outbox(jp)[bundle_id].receipt == stored  # the identical receipt bytes
+
+
+def test_only_the_pinned_peer_can_pull(make_pair: Callable[..., tuple[Side, Side]]) -> None:
+    jp, _pk = make_pair()
+    _send(jp, 1)
+    with _serve(jp) as running:
+
+        async def as_jp_itself() -> None:
+            async with PeerClient(_toward(jp, running.url), jp.keyring) as client:
+                await client.request("POST", PULL_PATH, b"{}")
+
+        with pytest.raises(PeerRefused) as refused:
+            asyncio.run(as_jp_itself())
+        assert refused.value.status == 401
+
+        async def unsigned() -> int:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.post(running.url + PULL_PATH, data=b"{}") as answer,
+            ):
+                return answer.status
+
+        assert asyncio.run(unsigned()) == 401
+    assert {row.state for row in _outbox(jp).values()} == {"queued"}
+
+
+def test_a_host_that_pushes_refuses_pulls_naming_the_setting(
+    make_pair: Callable[..., tuple[Side, Side]],
+) -> None:
+    jp, pk = make_pair(delivery="push")
+    _send(jp, 1)
+    with _serve(jp) as running, pytest.raises(PeerRefused) as refused:
+        _pull(pk, running.url)
+    assert refused.value.status == 409
+    assert refused.value.reason == "config.peer-mode"
+    assert {row.state for row in _outbox(jp).values()} == {"queued"}
+
+
+def test_an_idle_pull_waits_and_wakes_when_a_bundle_is_queued(
+    make_pair: Callable[..., tuple[Side, Side]],
+) -> None:
+    jp, pk = make_pair()
+    with _serve(jp) as running:
+
+        async def run() -> tuple[PullReport, float]:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            async with PeerClient(_toward(pk, running.url), pk.keyring) as client:
+                pulling = asyncio.ensure_future(pull_once(pk.node, pk.keyring, client, wait=20.0))
+                await asyncio.sleep(0.5)
+                assert not pulling.done()  # nothing to hand out: it waits
+                await asyncio.to_thread(_send, jp, 1)
+                report = await pulling
+            return report, loop.time() - started
+
+        report, elapsed = asyncio.run(run())
+    assert len(report.accepted) == 1
+    assert elapsed < 15  # woken by the queued bundle, long before the 20 s wait ended
+
+
+def test_sync_on_a_host_that_holds_refuses_and_posts_nothing(
+    make_pair: Callable[..., tuple[Side, Side]],
+) -> None:
+    from click.testing import CliRunner  # noqa: PLC0415
+
+    from gateway.cli.main import cli  # noqa: PLC0415
+
+    jp, _pk = make_pair()
+    _send(jp, 1)
+    env = {"GATEWAY_HOME": str(jp.node.settings.home), "GATEWAY_PASSPHRASE": PASSPHRASE}
+    done = CliRunner().invoke(cli, ["sync"], env=env)
+    assert done.exit_code == 1
+    assert 'peer_delivery = "hold"' in done.stderr
+    assert {row.state for row in _outbox(jp).values()} == {"queued"}
+    assert {row.attempts for row in _outbox(jp).values()} == {0}
+
+
+def test_a_host_that_holds_makes_no_client_toward_its_peer(
+    make_pair: Callable[..., tuple[Side, Side]],
+) -> None:
+    from gateway.errors import ConfigError  # noqa: PLC0415
+
+    jp, _pk = make_pair()
+    settings = jp.node.settings
+    toward = settings.model_copy(
+        update={"server": settings.server.model_copy(update={"peer_url": "http://127.0.0.1:9"})}
+    )
+    with pytest.raises(ConfigError, match='peer_delivery = "hold"'):
+        PeerClient(toward, jp.keyring)
+    assert PeerClient(toward, jp.keyring, link_test=True).base_url == "http://127.0.0.1:9"
