@@ -7,7 +7,8 @@ or an out-of-memory kill. Without the variable (every real deployment) a crash
 point costs one dictionary look-up.
 
 Names in use: ``after-outbox-insert``, ``after-send``, ``before-receipt-store``,
-``after-inbox-commit`` (the exchange code decides where they sit);
+``after-batch-verify``, ``after-batch-adopt``, ``after-inbox-commit`` (the
+exchange code decides where they sit);
 ``after-purge-commit``, ``before-output-record`` (retention).
 """
 
