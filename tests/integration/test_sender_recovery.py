@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 from structlog.testing import capture_logs
 
@@ -45,6 +46,7 @@ async def _until(predicate: Callable[[], bool], *, timeout: float) -> float:
     return time.monotonic()
 
 
+@pytest.mark.slow
 def test_delivery_resumes_within_seconds_after_an_outage_with_a_hundred_queued(
     pair: Pair,  # noqa: F811 - the fixture imported above
 ) -> None:
