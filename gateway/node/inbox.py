@@ -965,9 +965,7 @@ def receive_batch(
     accepted = _check_replies(node, accepted, outcomes)
     crash_point("after-batch-verify")
     if accepted:
-        adopt_envelope_files(
-            node.settings.blob_dir, [(items[a.index][0], a.sha) for a in accepted]
-        )
+        adopt_envelope_files(node.settings.blob_dir, [(items[a.index][0], a.sha) for a in accepted])
     crash_point("after-batch-adopt")
     stored: list[_Accepted] = []
     for attempt in range(2):

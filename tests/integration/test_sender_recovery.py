@@ -38,9 +38,9 @@ def _received(side: Side) -> int:
         return int(session.scalar(select(func.count()).select_from(InboxEntry)) or 0)
 
 
-async def _until(predicate: Callable[[], bool], *, timeout: float) -> float:
+async def _until(predicate: Callable[[], bool], *, within: float) -> float:
     """Wait for ``predicate`` (polled off the loop); the monotonic time it became true."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(within):
         while not await asyncio.to_thread(predicate):  # noqa: ASYNC110 - polls a database
             await asyncio.sleep(0.05)
     return time.monotonic()
@@ -48,7 +48,7 @@ async def _until(predicate: Callable[[], bool], *, timeout: float) -> float:
 
 @pytest.mark.slow
 def test_delivery_resumes_within_seconds_after_an_outage_with_a_hundred_queued(
-    pair: Pair,  # noqa: F811 - the fixture imported above
+    pair: Pair,
 ) -> None:
     jp, pk = pair.jp, pair.pk
     port = free_port()
@@ -83,10 +83,10 @@ def test_delivery_resumes_within_seconds_after_an_outage_with_a_hundred_queued(
         await server.start("127.0.0.1", port)
         back = time.monotonic()
         try:
-            first = await _until(lambda: _received(pk) > 0, timeout=60)
-            await _until(lambda: _received(pk) == len(sent), timeout=120)
+            first = await _until(lambda: _received(pk) > 0, within=60)
+            await _until(lambda: _received(pk) == len(sent), within=120)
             await _until(
-                lambda: {r.state for r in list_outbox(jp.node)} == {"delivered"}, timeout=60
+                lambda: {r.state for r in list_outbox(jp.node)} == {"delivered"}, within=60
             )
         finally:
             stop.set()
