@@ -7,7 +7,7 @@ or an out-of-memory kill. Without the variable (every real deployment) a crash
 point costs one dictionary look-up.
 
 Names in use: ``after-outbox-insert``, ``after-send``, ``before-receipt-store``,
-``after-inbox-commit`` (the exchange code decides where they sit; the host of
+``after-batch-verify``, ``after-batch-adopt``, ``after-inbox-commit`` (the exchange code decides where they sit; the host of
 pull mode passes ``after-send`` and ``before-receipt-store`` when a puller's
 receipts arrive); ``after-pull-answer``, ``after-pull-store`` (the puller);
 ``ledger-group-before-commit``, ``ledger-group-after-commit``,

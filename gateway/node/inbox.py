@@ -21,8 +21,10 @@ clean retry of the same bundle succeeds.
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -40,7 +42,14 @@ from gateway.core.receipt import Checkpoint, ReceiptSigner, issue_receipt
 from gateway.core.retention import Direction
 from gateway.core.roles import SYSTEM, Actor
 from gateway.core.times import Precision, format_utc
-from gateway.errors import InvalidInput, NotFound, RefusedError, VerificationError
+from gateway.errors import (
+    GatewayError,
+    InvalidInput,
+    NotFound,
+    RefusedError,
+    StorageError,
+    VerificationError,
+)
 from gateway.node.crash import crash_point
 from gateway.node.retention import WrittenOutput, ensure_not_purged, record_outputs
 from gateway.node.runtime import Node
@@ -58,6 +67,8 @@ __all__ = [
     "EnvelopeFacts",
     "EquivocationRefused",
     "ReadBundle",
+    "ReceiveOutcome",
+    "SpooledEnvelope",
     "WrongRecipient",
     "accept_envelope",
     "channel_name",
@@ -68,6 +79,7 @@ __all__ = [
     "list_gaps",
     "list_inbox",
     "read_bundle",
+    "receive_batch",
     "receive_envelope",
 ]
 
@@ -511,37 +523,18 @@ def _facts(header: EnvelopeHeader) -> EnvelopeFacts:
 def receive_envelope(node: Node, keyring: NodeKeyring, path: Path, *, now: datetime) -> bytes:
     """Check, store and receipt one envelope the peer posted; return the receipt.
 
-    Called by the peer server (in a thread) for every envelope of a request.
-    Every check of :func:`~gateway.core.envelope.verify_envelope` runs before
+    A batch of one (:func:`receive_batch`, without applying consent bundles:
+    the caller does, with :func:`gateway.node.consent.apply_pending`). Every
+    check of :func:`~gateway.core.envelope.verify_envelope` runs before
     anything is stored; a refusal raises its
     :class:`~gateway.errors.VerificationError` (or
     :class:`EquivocationRefused`) and leaves no trace of the bundle id.
     """
-    from gateway.core.cases import REPLY_TARGETS  # noqa: PLC0415
-    from gateway.core.envelope import verify_envelope  # noqa: PLC0415
-    from gateway.node.outbox import check_reply_target  # noqa: PLC0415
-    from gateway.node.peer_trust import require_pinned_peer  # noqa: PLC0415
-    from gateway.node.policy import load_policy  # noqa: PLC0415
-
-    policy = load_policy(node.settings)
-    peers: list[KeyManifest] = []
-
-    def prepare(session: Session) -> None:
-        peers.append(require_pinned_peer(session, needed_for="nothing can be received"))
-
-    def verify(stream: BinaryIO) -> EnvelopeFacts:
-        header = verify_envelope(
-            stream, keyring=keyring, peer_manifest=peers[0], policy=policy, now=now
-        )
-        if header.reply_to is not None or header.type in REPLY_TARGETS:
-            # A reply must answer a bundle we sent to its sender: refused, nothing stored.
-            with node.db.transaction() as session:
-                check_reply_target(
-                    session, header.type, header.reply_to, peer=header.sender, direction="sent"
-                )
-        return _facts(header)
-
-    return accept_envelope(node, keyring, path, verify=verify, now=now, prepare=prepare)
+    [outcome] = receive_batch(node, keyring, [path], now=now, dispatch=False)
+    if outcome.error is not None:
+        raise outcome.error
+    assert outcome.receipt is not None
+    return outcome.receipt
 
 
 @dataclass(frozen=True, slots=True)
@@ -774,3 +767,422 @@ def _record_read(
     from gateway.node import ledger  # noqa: PLC0415
 
     ledger.record_event(session, kind=kind, actor=actor, now=now, bundle_id=bundle_id, body=body)
+
+
+# -- receiving a batch ----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledEnvelope:
+    """One received envelope file, with the SHA-256 (hex) and size taken while it
+    was spooled; either may be ``None`` and is then computed from the file."""
+
+    path: Path
+    sha256: str | None = None
+    size: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReceiveOutcome:
+    """The answer for one envelope of a batch: a receipt, or why it was refused.
+
+    ``error`` is a :class:`~gateway.errors.VerificationError`,
+    :class:`~gateway.errors.RefusedError` (for example
+    :class:`EquivocationRefused`) or :class:`~gateway.errors.InvalidInput`;
+    ``replayed`` is true when the receipt was stored before (identical bytes).
+    """
+
+    receipt: bytes | None = None
+    error: GatewayError | None = None
+    replayed: bool = False
+
+
+@dataclass
+class _Accepted:
+    index: int
+    sha: str
+    size: int
+    facts: EnvelopeFacts
+
+
+@dataclass
+class _ChannelGaps:
+    """One channel's gap ranges, loaded once per batch and written back once."""
+
+    top: int
+    stored: dict[int, tuple[int, int]]
+    ranges: list[tuple[int, int, datetime]]
+
+    def receive(self, sequence: int, now: datetime) -> None:
+        if sequence > self.top + 1:
+            self.ranges.append((self.top + 1, sequence - 1, now))
+        if sequence > self.top:
+            self.top = sequence
+            return
+        for position, (first, last, _noticed) in enumerate(self.ranges):
+            if first <= sequence <= last:
+                pieces = []
+                if first < sequence:
+                    pieces.append((first, sequence - 1, now))
+                if sequence < last:
+                    pieces.append((sequence + 1, last, now))
+                self.ranges[position : position + 1] = pieces
+                return
+
+
+def _load_gaps(session: Session, channel: str) -> _ChannelGaps:
+    highest = session.scalar(
+        select(func.max(InboxEntry.sequence)).where(InboxEntry.channel == channel)
+    )
+    rows = session.scalars(
+        select(SequenceGap)
+        .where(SequenceGap.channel == channel)
+        .order_by(SequenceGap.first_missing)
+        .with_for_update()
+    ).all()
+    return _ChannelGaps(
+        top=int(highest or 0),
+        stored={row.id: (row.first_missing, row.last_missing) for row in rows},
+        ranges=[(row.first_missing, row.last_missing, row.noticed_at) for row in rows],
+    )
+
+
+def _write_gaps(session: Session, channel: str, gaps: _ChannelGaps) -> None:
+    kept = {(first, last) for first, last, _ in gaps.ranges}
+    gone = [row_id for row_id, span in gaps.stored.items() if span not in kept]
+    if gone:
+        session.execute(delete(SequenceGap).where(SequenceGap.id.in_(gone)))
+    present = set(gaps.stored.values())
+    session.add_all(
+        SequenceGap(channel=channel, first_missing=first, last_missing=last, noticed_at=noticed)
+        for first, last, noticed in gaps.ranges
+        if (first, last) not in present
+    )
+
+
+def _spooled(item: SpooledEnvelope | Path) -> tuple[Path, str, int]:
+    if isinstance(item, Path):
+        item = SpooledEnvelope(item)
+    if item.sha256 is None or item.size is None:
+        sha, size = _hash_file(item.path)
+        return item.path, sha, size
+    return item.path, item.sha256, item.size
+
+
+def receive_batch(
+    node: Node,
+    keyring: NodeKeyring,
+    envelopes: Sequence[SpooledEnvelope | Path],
+    *,
+    now: datetime,
+    dispatch: bool = True,
+) -> list[ReceiveOutcome]:
+    """Check, store and receipt the envelopes of one request; one outcome each, in order.
+
+    What the peer server's ``POST /v1/envelopes`` calls (in one worker thread)
+    for the whole request, and what any other way of receiving must call:
+
+    1. one short read: receipts already stored for these SHA-256s (replays
+       are answered with the stored receipt, byte for byte, before any
+       re-verification), the pinned peer manifest; the policy is read once;
+    2. every other envelope is verified completely (everything but decryption,
+       :func:`~gateway.core.envelope.verify_envelope`); a refusal stores
+       nothing of it;
+    3. the verified files enter the envelope store, synced
+       (:func:`~gateway.store.models_exchange.adopt_envelope_files`);
+    4. ONE transaction for the batch: the ledger lock taken once, reply
+       targets, idempotency on (sender, bundle id, envelope hash),
+       equivocation evidence, inbox rows, gap ranges (read and written once
+       per channel), ``bundle-received`` ledger entries and signed receipts
+       (naming the latest checkpoint, read once);
+    5. received consent bundles and refusal notices are applied
+       (:func:`gateway.node.consent.apply_pending`), once for the batch and
+       only when the batch brought one; the receipts stand whatever happens
+       there (it runs again before the next consent decision).
+
+    A crash between any two steps loses nothing and doubles nothing: before
+    the commit nothing names the stored files (the sender resends, the same
+    bytes are verified again); after it, a resend is a replay. Crash points:
+    ``after-batch-verify``, ``after-batch-adopt``, ``after-inbox-commit``.
+
+    Raises :class:`~gateway.errors.StorageError` when the database or the
+    envelope store fails (nothing of the batch is stored; every envelope may
+    be retried). Source of the rules: docs/sync.md, SPEC §6 and §9.
+    """
+    from gateway.core.cases import PROTOCOL_TYPES  # noqa: PLC0415
+    from gateway.core.envelope import verify_envelope  # noqa: PLC0415
+    from gateway.node.peer_trust import pinned_peer_manifest  # noqa: PLC0415
+    from gateway.node.policy import load_policy  # noqa: PLC0415
+    from gateway.store.models_exchange import adopt_envelope_files  # noqa: PLC0415
+
+    items = [_spooled(item) for item in envelopes]
+    outcomes: list[ReceiveOutcome | None] = [None] * len(items)
+    if not items:
+        return []
+    policy = load_policy(node.settings)
+    shas = sorted({sha for _, sha, _ in items})
+    with node.db.transaction() as session:
+        replays = {
+            str(sha): bytes(receipt)
+            for sha, receipt in session.execute(
+                select(InboxEntry.envelope_sha256, InboxEntry.receipt).where(
+                    InboxEntry.envelope_sha256.in_(shas)
+                )
+            )
+        }
+        peer = pinned_peer_manifest(session)
+    accepted: list[_Accepted] = []
+    first_of: dict[str, int] = {}
+    copies: dict[int, int] = {}
+    # The files' data syncs run while the envelopes are verified (disk beside CPU);
+    # storing them below then finds nothing left to write.
+    syncing = [
+        _SYNC_POOL.submit(_sync_quietly, path)
+        for path, sha, _ in items
+        if sha not in replays and peer is not None
+    ]
+    for index, (path, sha, size) in enumerate(items):
+        if sha in replays:
+            _log.info("envelope_replayed", envelope_sha256=sha)
+            outcomes[index] = ReceiveOutcome(receipt=replays[sha], replayed=True)
+            continue
+        if sha in first_of:
+            copies[index] = first_of[sha]  # the same bytes twice in one batch: one answer
+            continue
+        first_of[sha] = index
+        try:
+            if peer is None:
+                raise RefusedError(
+                    "no peer is pinned: nothing can be received", reason="peer.unpinned"
+                )
+            with path.open("rb") as stream:
+                header = verify_envelope(
+                    stream, keyring=keyring, peer_manifest=peer, policy=policy, now=now
+                )
+            if header.recipient != keyring.node or header.recipient != node.node_id:
+                raise WrongRecipient(
+                    f"envelope {header.bundle_id} is addressed to {header.recipient!r}, "
+                    f"not to this node {node.node_id!r}"
+                )
+        except (VerificationError, RefusedError, InvalidInput) as exc:
+            outcomes[index] = ReceiveOutcome(error=exc)
+            continue
+        accepted.append(_Accepted(index, sha, size, _facts(header)))
+    accepted = _check_replies(node, accepted, outcomes)
+    for future in syncing:
+        future.result()
+    crash_point("after-batch-verify")
+    if accepted:
+        adopt_envelope_files(node.settings.blob_dir, [(items[a.index][0], a.sha) for a in accepted])
+    crash_point("after-batch-adopt")
+    stored: list[_Accepted] = []
+    for attempt in range(2):
+        try:
+            stored = _commit_batch(node, keyring, accepted, outcomes, now=now)
+            break
+        except IntegrityError:
+            # A concurrent receive of one of these bundle ids committed first (SQLite
+            # only serialises at BEGIN): the second pass finds its rows.
+            if attempt:
+                raise
+    if accepted:
+        crash_point("after-inbox-commit")
+    for index, first in copies.items():
+        outcomes[index] = outcomes[first]
+    for entry in stored:
+        _log.info("envelope_received", sender=entry.facts.sender, bundle_id=entry.facts.bundle_id)
+    if dispatch and any(entry.facts.case_type in PROTOCOL_TYPES for entry in stored):
+        _dispatch_protocol_bundles(node, keyring, now=now)
+    return [outcome if outcome is not None else _lost() for outcome in outcomes]
+
+
+def _check_replies(
+    node: Node, accepted: list[_Accepted], outcomes: list[ReceiveOutcome | None]
+) -> list[_Accepted]:
+    """Refuse replies that answer no bundle this node sent to their sender (one read
+    for the batch, and only when it holds replies); they leave no trace."""
+    from gateway.core.cases import REPLY_TARGETS  # noqa: PLC0415
+    from gateway.node.outbox import check_reply_target  # noqa: PLC0415
+
+    replies = [
+        a for a in accepted if a.facts.reply_to is not None or a.facts.case_type in REPLY_TARGETS
+    ]
+    if not replies:
+        return accepted
+    refused: set[int] = set()
+    with node.db.transaction() as session:
+        for item in replies:
+            try:
+                check_reply_target(
+                    session, item.facts.case_type, item.facts.reply_to, peer=item.facts.sender,
+                    direction="sent",
+                )  # fmt: skip
+            except RefusedError as exc:
+                outcomes[item.index] = ReceiveOutcome(error=exc)
+                refused.add(item.index)
+    return [a for a in accepted if a.index not in refused]
+
+
+_SYNC_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="inbox-sync")
+
+
+def _sync_quietly(path: Path) -> None:
+    """Flush a spooled file's data to disk; a failure is found again when it is stored."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _lost() -> ReceiveOutcome:
+    return ReceiveOutcome(error=StorageError("envelope was not processed", reason="internal"))
+
+
+def _dispatch_protocol_bundles(node: Node, keyring: NodeKeyring, *, now: datetime) -> None:
+    """Store received consent requests, grants, denials, revocations and refusal notices
+    with their ledger entries. The receipts stand whatever happens here; anything left
+    pending is applied before the next consent decision anyway."""
+    from gateway.node.consent.receive import apply_pending  # noqa: PLC0415
+
+    try:
+        apply_pending(node, keyring, now=now)
+    except GatewayError as exc:
+        _log.warning("consent_apply_deferred", error=type(exc).__name__, reason=exc.reason)
+
+
+def _commit_batch(
+    node: Node,
+    signer: InboxSigner,
+    accepted: Sequence[_Accepted],
+    outcomes: list[ReceiveOutcome | None],
+    *,
+    now: datetime,
+) -> list[_Accepted]:
+    """The one transaction of a batch; fills ``outcomes`` and returns what was stored."""
+    from gateway.node import ledger  # noqa: PLC0415
+
+    if not accepted:
+        return []
+    answers: dict[int, ReceiveOutcome] = {}
+    evidence: list[tuple[_Accepted, Equivocation]] = []
+    stored: list[_Accepted] = []
+    with node.db.transaction() as session, session.no_autoflush:
+        ledger.lock_for_append(session)  # serialises receivers: one lock for the batch
+        ids = sorted({a.facts.bundle_id for a in accepted})
+        known: dict[tuple[str, str], InboxEntry] = {
+            (row.sender, row.bundle_id): row
+            for row in session.scalars(select(InboxEntry).where(InboxEntry.bundle_id.in_(ids)))
+        }
+        channels: dict[str, _ChannelGaps] = {}
+        fresh: list[InboxEntry] = []
+        checkpoint: list[Checkpoint | None] = []
+        for item in accepted:
+            facts = item.facts
+            prior = known.get((facts.sender, facts.bundle_id))
+            if prior is not None and prior.envelope_sha256 == item.sha:
+                answers[item.index] = ReceiveOutcome(receipt=bytes(prior.receipt), replayed=True)
+                continue
+            if prior is not None:
+                evidence.append((item, _record_equivocation(session, prior, facts, item.sha, now)))
+                continue
+            channel = channel_name(facts.sender, facts.recipient)
+            _ledger_event(
+                session,
+                kind="bundle-received",
+                now=now,
+                bundle_id=facts.bundle_id,
+                body={
+                    "sender": facts.sender,
+                    "type": facts.case_type,
+                    "sequence": facts.sequence,
+                    "marking": facts.marking,
+                    "envelope_sha256": item.sha,
+                    **({"replaces": facts.replaces} if facts.replaces else {}),
+                },
+            )
+            replaced = _replaced_in_batch(session, known, facts)
+            if replaced is not None:
+                replaced.replaced_by = facts.bundle_id
+            gaps = channels.get(channel)
+            if gaps is None:
+                gaps = channels[channel] = _load_gaps(session, channel)
+            gaps.receive(facts.sequence, now)
+            if not checkpoint:
+                checkpoint.append(ledger_checkpoint(session))
+            receipt = issue_receipt(
+                signer,
+                bundle_id=facts.bundle_id,
+                envelope_hash=item.sha,
+                received_at=now,
+                receiver=facts.recipient,
+                sender=facts.sender,
+                checkpoint=checkpoint[0],
+            )
+            entry = InboxEntry(
+                sender=facts.sender,
+                bundle_id=facts.bundle_id,
+                channel=channel,
+                sequence=facts.sequence,
+                case_type=facts.case_type,
+                marking=facts.marking,
+                reply_to=facts.reply_to,
+                signing_key_id=facts.signing_key_id,
+                created_at=facts.created_at,
+                received_at=now,
+                envelope_sha256=item.sha,
+                envelope_size=item.size,
+                receipt=receipt,
+                replaces=facts.replaces,
+            )
+            known[(facts.sender, facts.bundle_id)] = entry
+            fresh.append(entry)
+            stored.append(item)
+            answers[item.index] = ReceiveOutcome(receipt=receipt)
+        for channel, gaps in channels.items():
+            _write_gaps(session, channel, gaps)
+        session.add_all(fresh)
+        session.flush()
+    for item, record in evidence:
+        _log.warning(
+            "equivocation_refused",
+            sender=item.facts.sender,
+            bundle_id=item.facts.bundle_id,
+            first_sha256=record.first_envelope_sha256,
+            other_sha256=item.sha,
+        )
+        answers[item.index] = ReceiveOutcome(
+            error=EquivocationRefused(
+                f"bundle {item.facts.bundle_id} from {item.facts.sender} was received before "
+                "with another envelope; the new one is refused and recorded as equivocation"
+            )
+        )
+    for index, outcome in answers.items():
+        outcomes[index] = outcome
+    return stored
+
+
+def _replaced_in_batch(
+    session: Session, known: dict[tuple[str, str], InboxEntry], facts: EnvelopeFacts
+) -> InboxEntry | None:
+    """:func:`_replaced_entry`, also finding an original stored earlier in the same batch."""
+    if facts.replaces is None:
+        return None
+    pending = known.get((facts.sender, facts.replaces))
+    if pending is not None and pending.id is None:
+        if pending.case_type != facts.case_type or pending.replaced_by:
+            _log.warning(
+                "replacement_not_linked",
+                sender=facts.sender,
+                bundle_id=facts.bundle_id,
+                replaces=facts.replaces,
+                known=True,
+            )
+            return None
+        return pending
+    return _replaced_entry(session, facts)

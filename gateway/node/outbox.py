@@ -29,7 +29,8 @@ import os
 import random
 import secrets
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -79,6 +80,7 @@ __all__ = [
     "next_batch",
     "notify_queued",
     "outbox_entry",
+    "peer_answered",
     "queue_sealed",
     "queue_waiter",
     "queued_by_hash",
@@ -93,6 +95,10 @@ __all__ = [
 ]
 
 BATCH_MAX_ENVELOPES = 64
+PIPELINE_DEPTH = 3
+"""Batches a delivery pass keeps in flight at once."""
+PROBE_INTERVAL_SECONDS = 2.0
+"""While the peer is unreachable, how often the worker asks ``GET /v1/health`` whether it is back."""
 BATCH_MAX_BYTES = 16 * 1024 * 1024
 RETRY_BASE_SECONDS = 1.0
 RETRY_CAP_SECONDS = 300.0
@@ -140,6 +146,10 @@ class DeliveryReport:
     @property
     def attempted(self) -> int:
         return len(self.delivered) + len(self.refused) + len(self.retry_later)
+
+
+def _network_retry() -> float:
+    return RETRY_BASE_SECONDS
 
 
 def retry_delay(
@@ -715,12 +725,23 @@ def _store_outcomes(
 
 
 def _record_failed_pass(
-    node: Node, *, after: int, due_before: datetime | None, why: str, now: datetime
+    node: Node,
+    *,
+    after: int,
+    due_before: datetime | None,
+    why: str,
+    now: datetime,
+    network: bool = False,
 ) -> int:
     """A pass failed as a whole (peer unreachable, refused, ...): every queued bundle
     it would still have tried (id above ``after``, due by ``due_before`` when given)
     counts one more attempt, keeps ``why`` as its last error and gets its next
-    attempt by the backoff of :func:`retry_delay`. Returns how many were updated."""
+    attempt by the backoff of :func:`retry_delay`. Returns how many were updated.
+
+    With ``network`` (the peer could not be reached or the connection broke)
+    the bundles are due again within a second: the link failed, not they, and
+    the worker's own backoff decides when the next pass runs, so nothing waits
+    longer than the link is down."""
     with node.db.transaction() as session:
         query = select(OutboxEntry.id, OutboxEntry.attempts).where(
             OutboxEntry.state == OutboxState.QUEUED, OutboxEntry.id > after
@@ -735,7 +756,9 @@ def _record_failed_pass(
                 .values(
                     attempts=OutboxEntry.attempts + 1,
                     last_error=why[:LAST_ERROR_CHARS],
-                    next_attempt_at=now + timedelta(seconds=retry_delay(attempts + 1)),
+                    next_attempt_at=now + timedelta(seconds=_network_retry())
+                    if network
+                    else now + timedelta(seconds=retry_delay(attempts + 1)),
                 )
             )
     return len(rows)
@@ -757,8 +780,14 @@ async def deliver_pending(
     due_only: bool = False,
     progress: Callable[[DeliveryReport], None] | None = None,
     batch_size: int = BATCH_MAX_ENVELOPES,
+    pipeline: int = PIPELINE_DEPTH,
 ) -> DeliveryReport:
     """One delivery pass: manifests first, then every queued envelope in order.
+
+    Up to ``pipeline`` batches are in flight at once (the next one is posted
+    while the peer stores the previous), taken in sequence order and
+    answered in that order; their requests start one after the other, so
+    the peer stores them in order (its batches take turns by arrival).
 
     Network failures (:class:`~gateway.errors.TransportError`) and any other
     :class:`~gateway.errors.GatewayError` that ends the pass propagate: the
@@ -770,6 +799,8 @@ async def deliver_pending(
     """
     report = DeliveryReport()
     after = 0
+    answered = False
+    in_flight: deque[tuple[list[_Pending], asyncio.Task[Sequence[EnvelopeOutcome]]]] = deque()
     try:
         for handle, raw in await asyncio.to_thread(pending_manifests, node):
             await client.post_manifest(raw)
@@ -777,23 +808,35 @@ async def deliver_pending(
             report.manifests_sent += 1
             node.metrics.manifests_delivered.inc()
         manifest = await asyncio.to_thread(peer_manifest, node)
+        fetched = 0
+        exhausted = False
         while True:
-            batch = await asyncio.to_thread(
-                _next_batch,
-                node,
-                after=after,
-                due_before=now_fn() if due_only else None,
-                limit=batch_size,
-            )
-            if not batch:
+            while not exhausted and len(in_flight) < max(1, pipeline):
+                batch = await asyncio.to_thread(
+                    _next_batch,
+                    node,
+                    after=fetched,
+                    due_before=now_fn() if due_only else None,
+                    limit=batch_size,
+                )
+                if not batch:
+                    exhausted = True
+                    break
+                fetched = batch[-1].id
+                node.metrics.envelopes_sent.inc(len(batch))
+                paths = [item.path for item in batch]
+                in_flight.append((batch, asyncio.ensure_future(client.post_envelopes(paths))))
+            if not in_flight:
                 break
-            node.metrics.envelopes_sent.inc(len(batch))
-            results = await client.post_envelopes([item.path for item in batch])
+            batch, posted = in_flight.popleft()
+            results = await posted
+            answered = True
             after = batch[-1].id
             await _take_results(node, batch, results, manifest, report, now_fn=now_fn)
             if progress is not None:
                 progress(report)
     except GatewayError as exc:
+        await _abandon(in_flight)
         # The pass failed before these bundles had an answer: each still records
         # the attempt, why it failed and when it is tried next.
         try:
@@ -804,12 +847,37 @@ async def deliver_pending(
                 due_before=now_fn() if due_only else None,
                 why=exc.message,
                 now=now_fn(),
+                network=isinstance(exc, TransportError),
             )
         except GatewayError as also:
             _log.warning("delivery_state_not_recorded", reason=also.reason, detail=also.message)
+        if answered:
+            exc.peer_answered = True  # type: ignore[attr-defined]
+        raise
+    except BaseException:
+        await _abandon(in_flight)
         raise
     report.remaining = await asyncio.to_thread(_count_queued, node)
     return report
+
+
+def peer_answered(error: BaseException) -> bool:
+    """True when the pass that raised ``error`` had answers from the peer before it failed
+    (the link was up a moment ago): the worker then retries at once, without backoff."""
+    return bool(getattr(error, "peer_answered", False))
+
+
+async def _abandon(
+    in_flight: deque[tuple[list[_Pending], asyncio.Task[Sequence[EnvelopeOutcome]]]],
+) -> None:
+    """Cancel the batches still in flight after a failure; their bundles stay queued
+    and are resent byte for byte (the peer answers a resend with the same receipt)."""
+    tasks = [task for _, task in in_flight]
+    in_flight.clear()
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _take_results(
@@ -866,34 +934,60 @@ async def run_sender_loop(
     deliver: Callable[[DeliveryClient], object],
     interval: float,
     rng: Callable[[], float] = random.random,
+    probe_interval: float = PROBE_INTERVAL_SECONDS,
 ) -> None:
-    """Call ``deliver`` until ``stop`` is set; back off on failures, never give up."""
+    """Call ``deliver`` until ``stop`` is set; back off on failures, never give up.
+
+    The backoff (:func:`retry_delay`) counts network failures of passes the
+    timer started; a pass that a local ``send`` started early (:func:`notify_queued`)
+    and that fails as well leaves the step as it was and keeps the time
+    already scheduled. The step resets as soon as the peer answers: a pass
+    that had answers before it failed is followed by another at once. While
+    the peer cannot be reached, ``GET /v1/health`` is asked every
+    ``probe_interval`` seconds (when the client has ``health``); its answer
+    starts a pass at once. Other failures (the database, say) back off on a
+    count of their own.
+    """
+    loop = asyncio.get_running_loop()
     wake = asyncio.Event()
-    entry = (asyncio.get_running_loop(), wake)
+    entry = (loop, wake)
     with _waiters_lock:
         _waiters.append(entry)
     failures = 0
+    local_failures = 0
+    woken = False
+    due = loop.time()
     try:
         while not stop.is_set():
             wake.clear()
+            unreachable = False
             try:
                 async with client_factory() as client:
                     result = deliver(client)
                     if asyncio.iscoroutine(result):
                         await result
-                failures = 0
+                failures = local_failures = 0
                 delay = interval
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the worker never dies; it backs off
-                failures += 1
-                delay = retry_delay(failures, rng=rng)
                 reason = getattr(exc, "reason", "internal")
                 if isinstance(exc, TransportError):
                     node.metrics.peer.record(False, reason)
                     node.metrics.delivery_failed("transport", reason)
+                    unreachable = _is_unreachable(exc)
+                    if peer_answered(exc):
+                        failures = 0
+                        delay = 0.0
+                    elif woken and failures:
+                        delay = max(0.0, due - loop.time())
+                    else:
+                        failures += 1
+                        delay = retry_delay(failures, rng=rng)
                 else:
                     node.metrics.delivery_failed("pass", reason)
+                    local_failures += 1
+                    delay = retry_delay(local_failures, rng=rng)
                 _log.warning(
                     "delivery_failed",
                     error_type=type(exc).__name__,
@@ -902,18 +996,78 @@ async def run_sender_loop(
                     failures=failures,
                     retry_in=round(delay, 2),
                 )
-            stopper = asyncio.ensure_future(stop.wait())
-            waker = asyncio.ensure_future(wake.wait())
-            try:
-                await asyncio.wait(
-                    {stopper, waker}, timeout=delay, return_when=asyncio.FIRST_COMPLETED
-                )
-            finally:
-                stopper.cancel()
-                waker.cancel()
+            due = loop.time() + delay
+            woken = await _wait(
+                stop,
+                wake,
+                delay,
+                probe=(lambda: _probe(client_factory)) if unreachable else None,
+                probe_interval=probe_interval,
+            )
     finally:
         with _waiters_lock:
             _waiters.remove(entry)
+
+
+def _is_unreachable(error: TransportError) -> bool:
+    from gateway.peer.client import PeerUnreachable  # noqa: PLC0415
+
+    return isinstance(error, PeerUnreachable) or isinstance(error.__cause__, OSError)
+
+
+async def _probe(
+    client_factory: Callable[[], AbstractAsyncContextManager[DeliveryClient]],
+) -> bool:
+    """True when the peer answers its health route now."""
+    try:
+        async with client_factory() as client:
+            health = getattr(client, "health", None)
+            if health is None:
+                return False
+            await health()
+    except (GatewayError, OSError, TimeoutError):
+        return False
+    return True
+
+
+async def _wait(
+    stop: asyncio.Event,
+    wake: asyncio.Event,
+    delay: float,
+    *,
+    probe: Callable[[], Awaitable[bool]] | None,
+    probe_interval: float,
+) -> bool:
+    """Wait ``delay`` seconds, less if stopped, woken or the probe says the peer is back.
+
+    Returns True when a local ``send`` woke it (not the timer, not the probe).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + delay
+    while True:
+        remaining = deadline - loop.time()
+        if remaining <= 0 or stop.is_set():
+            return False
+        step = min(remaining, probe_interval) if probe is not None else remaining
+        stopper = asyncio.ensure_future(stop.wait())
+        waker = asyncio.ensure_future(wake.wait())
+        try:
+            await asyncio.wait({stopper, waker}, timeout=step, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            waker.cancel()
+        if stop.is_set():
+            return False
+        if wake.is_set():
+            return True
+        if probe is not None and deadline - loop.time() > 0:
+            try:
+                async with asyncio.timeout(max(0.5, probe_interval)):
+                    back = await probe()
+            except TimeoutError:
+                back = False
+            if back:
+                return False
 
 
 # -- the node's own delivery ----------------------------------------------------------

@@ -147,14 +147,32 @@ def _default_timeout() -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=15, sock_connect=15, sock_read=60)
 
 
-def _file_digest(paths: Sequence[Path]) -> tuple[bytes, int]:
-    """SHA-256 and length of the batch body the files make."""
-    digest = hashlib.sha256()
+_IN_MEMORY_BATCH = 16 * 1024 * 1024
+"""A batch body up to this size is read once into memory (digest and send from the same
+bytes); a larger one is streamed from the files, read twice."""
+
+
+def _file_digest(paths: Sequence[Path]) -> tuple[bytes, int, bytes | None]:
+    """SHA-256 and length of the batch body the files make, and the body itself when
+    it is small enough to hold (:data:`_IN_MEMORY_BATCH`)."""
+    sizes = [path.stat().st_size for path in paths]
     header = BATCH_MAGIC + struct.pack(">I", len(paths))
+    if sum(sizes) <= _IN_MEMORY_BATCH:
+        parts = [header]
+        for path, size in zip(paths, sizes, strict=True):
+            data = path.read_bytes()
+            if len(data) != size:
+                raise TransportError(
+                    f"{path} changed while it was being read", reason="transport.file"
+                )
+            parts.append(struct.pack(">Q", size))
+            parts.append(data)
+        body = b"".join(parts)
+        return hashlib.sha256(body).digest(), len(body), body
+    digest = hashlib.sha256()
     digest.update(header)
     total = len(header)
-    for path in paths:
-        size = path.stat().st_size
+    for path, size in zip(paths, sizes, strict=True):
         prefix = struct.pack(">Q", size)
         digest.update(prefix)
         total += len(prefix)
@@ -166,7 +184,10 @@ def _file_digest(paths: Sequence[Path]) -> tuple[bytes, int]:
         if read != size:
             raise TransportError(f"{path} changed while it was being read", reason="transport.file")
         total += size
-    return digest.digest(), total
+    return digest.digest(), total, None
+
+
+_STREAM_CHUNK = 1 << 20
 
 
 async def _batch_body(paths: Sequence[Path]) -> AsyncIterator[bytes]:
@@ -174,8 +195,12 @@ async def _batch_body(paths: Sequence[Path]) -> AsyncIterator[bytes]:
     for path in paths:
         yield struct.pack(">Q", path.stat().st_size)
         with path.open("rb") as handle:
-            while chunk := await asyncio.to_thread(handle.read, _CHUNK):
+            while chunk := await asyncio.to_thread(handle.read, _STREAM_CHUNK):
                 yield chunk
+
+
+async def _once(body: bytes) -> AsyncIterator[bytes]:
+    yield body
 
 
 class PeerClient:
@@ -222,6 +247,7 @@ class PeerClient:
         self._clock = clock
         self._random = random
         self._session: aiohttp.ClientSession | None = None
+        self._body_turn = asyncio.Lock()
 
     async def __aenter__(self) -> PeerClient:
         connector = aiohttp.TCPConnector(
@@ -374,19 +400,45 @@ class PeerClient:
         return value
 
     async def post_envelopes(self, paths: Sequence[Path]) -> list[EnvelopeResult]:
-        """Stream envelope files as one batch; one result per file, in order."""
+        """Stream envelope files as one batch; one result per file, in order.
+
+        Several calls may run at once (a pipelined sender): their bodies go
+        out one after the other, in the order of the calls, while the answers
+        are awaited side by side, so the peer receives the batches in order.
+        """
         if not paths:
             return []
         try:
-            digest, length = await asyncio.to_thread(_file_digest, list(paths))
+            digest, length, whole = await asyncio.to_thread(_file_digest, list(paths))
         except OSError as exc:
             raise TransportError(
                 f"cannot read an envelope file: {exc.strerror}", reason="transport.file"
             ) from None
-        headers = self._signed_headers("POST", "/v1/envelopes", digest)
-        headers["Content-Type"] = BATCH_CONTENT_TYPE
-        headers["Content-Length"] = str(length)
-        answer = await self._send("POST", "/v1/envelopes", headers=headers, data=_batch_body(paths))
+        turn = self._body_turn
+        await turn.acquire()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                turn.release()
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                source = _once(whole) if whole is not None else _batch_body(paths)
+                async for chunk in source:
+                    yield chunk
+            finally:
+                release()
+
+        try:
+            headers = self._signed_headers("POST", "/v1/envelopes", digest)
+            headers["Content-Type"] = BATCH_CONTENT_TYPE
+            headers["Content-Length"] = str(length)
+            answer = await self._send("POST", "/v1/envelopes", headers=headers, data=body())
+        finally:
+            release()
         return _parse_results(answer, paths)
 
     async def pull(

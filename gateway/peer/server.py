@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ import struct
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -66,10 +67,12 @@ from gateway.errors import (
     InvalidInput,
     NotFound,
     RefusedError,
+    StorageError,
     VerificationError,
     http_status_for,
 )
 from gateway.metrics import NodeMetrics
+from gateway.node.inbox import ReceiveOutcome, SpooledEnvelope
 from gateway.node.runtime import Node, utc_now
 from gateway.peer.tls_listener import HandshakeLog, LoggedTlsSite
 from gateway.store.db import Database
@@ -87,6 +90,7 @@ __all__ = [
     "PEER_SERVICES",
     "PING_PATH",
     "TRANSPORT_LIMITS",
+    "BatchHandler",
     "EnvelopeHandler",
     "ManifestHandler",
     "ManifestPreview",
@@ -157,6 +161,20 @@ class EnvelopeHandler(Protocol):
     def __call__(self, path: Path, *, now: datetime) -> bytes: ...
 
 
+class BatchHandler(Protocol):
+    """Receives every spooled envelope of one request; one outcome each, in order.
+
+    Each outcome holds the signed receipt, or the
+    :class:`VerificationError` / :class:`RefusedError` that refused that
+    envelope; an exception raised answers every envelope as a retryable
+    error. Runs in one worker thread for the whole request.
+    """
+
+    def __call__(
+        self, envelopes: Sequence[SpooledEnvelope], *, now: datetime
+    ) -> Sequence[ReceiveOutcome]: ...
+
+
 class ManifestHandler(Protocol):
     """Verifies the peer's new manifest against the pinned one and pins it.
 
@@ -195,6 +213,9 @@ class PeerServices:
     """The version of the peer's manifest this node has pinned (``POST /v1/ping``)."""
     modes: Modes = field(default_factory=Modes)
     """This node's ``[server] peer_mode`` and ``peer_delivery`` (``POST /v1/ping``)."""
+    receive_batch: BatchHandler | None = None
+    """When set, a request's envelopes are received in one call (:func:`gateway.node.inbox.receive_batch`);
+    else one :attr:`receive_envelope` call each."""
 
 
 def database_nonce_recorder(
@@ -548,15 +569,19 @@ def _spool_file(directory: Path, index: int) -> tuple[Path, Any]:
 
 async def _spool_envelopes(
     request: web.Request, directory: Path, limits: TransportLimits
-) -> list[Path]:
-    """Stream the body into one spool file per envelope; check digest and framing."""
+) -> list[SpooledEnvelope]:
+    """Stream the body into one spool file per envelope; check digest and framing.
+
+    Each envelope is hashed (SHA-256) as it is written, so the receiver never
+    reads a spooled file again to name it.
+    """
     digest = BodyDigest(_expected_digest(request))
     deadline = asyncio.get_running_loop().time() + limits.body_total_timeout
     content_type = request.content_type
-    paths: list[Path] = []
+    paths: list[SpooledEnvelope] = []
     if content_type == ENVELOPE_CONTENT_TYPE:
         path, handle = _spool_file(directory, 0)
-        paths.append(path)
+        own = hashlib.sha256()
         with handle:
             while True:
                 chunk = await _read_chunk(request, _CHUNK, limits, deadline)
@@ -569,9 +594,11 @@ async def _spool_envelopes(
                     raise _Refusal(
                         "limit.envelope", f"envelope exceeds {limits.max_envelope_bytes}"
                     )
+                own.update(chunk)
                 handle.write(chunk)
         if digest.size == 0:
             raise _Refusal("request.framing", "empty request body")
+        paths.append(SpooledEnvelope(path, own.hexdigest(), digest.size))
     elif content_type == BATCH_CONTENT_TYPE:
         preface = await _read_exactly(request, 8, limits, deadline, digest)
         if preface[:4] != BATCH_MAGIC:
@@ -598,7 +625,7 @@ async def _spool_envelopes(
             if digest.size + length > limits.max_body_bytes:
                 raise _Refusal("limit.body", f"body exceeds {limits.max_body_bytes} bytes")
             path, handle = _spool_file(directory, index)
-            paths.append(path)
+            own = hashlib.sha256()
             with handle:
                 remaining = length
                 while remaining:
@@ -606,8 +633,10 @@ async def _spool_envelopes(
                     if not chunk:
                         raise _Refusal("request.framing", "body ended inside an envelope")
                     digest.update(chunk)
+                    own.update(chunk)
                     handle.write(chunk)
                     remaining -= len(chunk)
+            paths.append(SpooledEnvelope(path, own.hexdigest(), length))
         trailing = await _read_chunk(request, 1, limits, deadline)
         if trailing:
             raise _Refusal("request.framing", "bytes after the last envelope of the batch")
@@ -652,16 +681,91 @@ def receive_one(services: PeerServices, path: Path, index: int) -> dict[str, Any
     }
 
 
+def _refused_or_failed(index: int, exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, (VerificationError, RefusedError, InvalidInput)):
+        _log.warning("envelope_refused", index=index, reason=exc.reason, detail=exc.diagnostics())
+        return {"index": index, "status": "refused", "reason": exc.reason}
+    if isinstance(exc, GatewayError):
+        _log.error("envelope_failed", index=index, reason=exc.reason, detail=exc.diagnostics())
+        return {"index": index, "status": "error", "reason": exc.reason, "retryable": True}
+    error_id = uuid.uuid4().hex
+    _log.error("envelope_internal_error", index=index, error_id=error_id, exc_info=exc)
+    return {
+        "index": index,
+        "status": "error",
+        "reason": "internal",
+        "error_id": error_id,
+        "retryable": True,
+    }
+
+
+def _receive_all(
+    services: PeerServices, receive: BatchHandler, spooled: list[SpooledEnvelope]
+) -> list[dict[str, Any]]:
+    """The whole request in one call of the node's batch handler (one thread hop)."""
+    try:
+        outcomes = receive(spooled, now=services.clock())
+    except Exception as exc:  # noqa: BLE001 - a failed batch is answered per envelope, retryable
+        return [_refused_or_failed(index, exc) for index in range(len(spooled))]
+    if len(outcomes) != len(spooled):
+        raise RuntimeError("the batch handler answered a different number of envelopes")
+    results: list[dict[str, Any]] = []
+    for index, outcome in enumerate(outcomes):
+        if outcome.error is not None or outcome.receipt is None:
+            error = outcome.error or StorageError("envelope was not processed")
+            results.append(_refused_or_failed(index, error))
+            continue
+        results.append(
+            {
+                "index": index,
+                "status": "accepted",
+                "receipt": base64.b64encode(outcome.receipt).decode("ascii"),
+            }
+        )
+    return results
+
+
+class _ReceiveOrder:
+    """Requests of the peer are stored in the order they arrived.
+
+    Each request takes its turn when it enters the handler; its body spools
+    while earlier requests are being stored (the sender keeps several batches
+    in flight), and it is stored only once every earlier one is done, so a
+    channel's bundles are stored in the order they were sent.
+    """
+
+    def __init__(self) -> None:
+        self._last: asyncio.Future[None] | None = None
+
+    def take(self) -> tuple[asyncio.Future[None] | None, asyncio.Future[None]]:
+        previous = self._last
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._last = mine
+        return previous, mine
+
+
+RECEIVE_ORDER: Final = web.AppKey("receive_order", _ReceiveOrder)
+
+
 async def _post_envelopes(request: web.Request) -> web.Response:
     services = request.app[PEER_SERVICES]
     limits = request.app[TRANSPORT_LIMITS]
+    previous, mine = request.app[RECEIVE_ORDER].take()
     directory = Path(tempfile.mkdtemp(prefix="req-", dir=services.spool_dir))
     try:
-        paths = await _spool_envelopes(request, directory, limits)
-        results = []
-        for index, path in enumerate(paths):
-            results.append(await asyncio.to_thread(receive_one, services, path, index))
+        spooled = await _spool_envelopes(request, directory, limits)
+        if previous is not None:
+            await asyncio.shield(previous)
+        batch = services.receive_batch
+        if batch is not None:
+            results = await asyncio.to_thread(_receive_all, services, batch, spooled)
+        else:
+            results = []
+            for index, item in enumerate(spooled):
+                results.append(await asyncio.to_thread(receive_one, services, item.path, index))
     finally:
+        if not mine.done():
+            mine.set_result(None)
         await asyncio.to_thread(shutil.rmtree, directory, True)
     accepted = sum(1 for result in results if result["status"] == "accepted")
     request[_REASON] = f"accepted {accepted}/{len(results)}"
@@ -750,6 +854,7 @@ def create_peer_app(
     app[TRANSPORT_LIMITS] = limits
     app[RATE_LIMITER] = _RateLimiter(limits.rate_per_second, limits.rate_burst)
     app[IN_FLIGHT] = _InFlight()
+    app[RECEIVE_ORDER] = _ReceiveOrder()
     app.cleanup_ctx.append(_spool_context)
     app.router.add_get(HEALTH_PATH, _health, allow_head=False)
     app.router.add_post("/v1/envelopes", _post_envelopes)
@@ -882,22 +987,11 @@ def limits_from_policy(limits: PolicyLimits) -> TransportLimits:
     )
 
 
-def _apply_consent_bundles(node: Node, keyring: NodeKeyring, *, now: datetime) -> None:
-    """Right after a receipt: store received consent requests, grants, denials and
-    revocations with their ledger entries. The receipt stands whatever happens here;
-    anything left pending is applied before the next consent decision anyway."""
-    from gateway.node.consent.receive import apply_pending  # noqa: PLC0415
-
-    try:
-        apply_pending(node, keyring, now=now)
-    except GatewayError as exc:
-        _log.warning("consent_apply_deferred", error=type(exc).__name__, reason=exc.reason)
-
-
 def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerServices:
     """The peer services of an opened node: its pinned peer, nonce store, inbox."""
     from gateway.core.keys import verify_manifest  # noqa: PLC0415
-    from gateway.node.inbox import receive_envelope  # noqa: PLC0415
+    from gateway.node.consent.receive import apply_pending  # noqa: PLC0415
+    from gateway.node.inbox import receive_batch, receive_envelope  # noqa: PLC0415
     from gateway.node.peer_trust import (  # noqa: PLC0415
         PeerNotPinned,
         apply_peer_manifest,
@@ -931,8 +1025,25 @@ def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerS
             node.metrics.envelope_refused(exc.reason)
             raise
         node.metrics.envelopes_received.inc()
-        _apply_consent_bundles(node, keyring, now=now)
+        try:
+            apply_pending(node, keyring, now=now)
+        except GatewayError as exc:  # the receipt stands; applied before the next decision
+            _log.warning("consent_apply_deferred", error=type(exc).__name__, reason=exc.reason)
         return receipt
+
+    def receive_many(
+        envelopes: Sequence[SpooledEnvelope], *, now: datetime
+    ) -> Sequence[ReceiveOutcome]:
+        outcomes = receive_batch(node, keyring, envelopes, now=now)
+        for outcome in outcomes:
+            error = outcome.error
+            if error is None:
+                node.metrics.envelopes_received.inc()
+            elif isinstance(error, VerificationError):
+                node.metrics.envelope_refused(error.check)
+            else:
+                node.metrics.envelope_refused(error.reason)
+        return outcomes
 
     def preview(raw: bytes, *, now: datetime) -> KeyLookup:
         manifest = verify_manifest(
@@ -956,6 +1067,7 @@ def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerS
         lookup_key=lookup_key,
         remember_nonce=database_nonce_recorder(node.db, skew=skew),
         receive_envelope=receive,
+        receive_batch=receive_many,
         apply_manifest=apply,
         preview_manifest=preview,
         pinned_peer_version=pinned_version,

@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
@@ -40,6 +41,7 @@ __all__ = [
     "SequenceCounter",
     "SequenceGap",
     "adopt_envelope_file",
+    "adopt_envelope_files",
     "destroy_envelope_file",
     "envelope_path",
     "store_envelope_file",
@@ -382,3 +384,53 @@ def sweep_orphan_envelopes(
             continue
         removed.append(path)
     return removed
+
+
+def adopt_envelope_files(blob_dir: Path, files: Sequence[tuple[Path, str]]) -> None:
+    """Put several received files into the store at once, durably (one batch).
+
+    ``files`` pairs each source file with the SHA-256 hex its caller computed
+    while the bytes arrived. Same guarantees as :func:`adopt_envelope_file`
+    (a hard link, else a checked copy; synced before the caller's row
+    commits), but the data syncs of the files run side by side, so the file
+    system can commit them together, and each store folder is synced once.
+    Raises :class:`~gateway.errors.StorageError` naming the cause; a file
+    already in the store is left as it is.
+    """
+    if not files:
+        return
+    staged: list[tuple[Path, Path]] = []
+    folders: set[Path] = set()
+    try:
+        for source, sha in files:
+            final = envelope_path(blob_dir, sha)
+            final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = final.parent / f".tmp-{secrets.token_hex(8)}"
+            try:
+                os.link(source, tmp)
+            except OSError:
+                adopt_envelope_file(blob_dir, source, sha)  # another file system: a copy
+                continue
+            staged.append((tmp, final))
+            folders.add(final.parent)
+        with ThreadPoolExecutor(max_workers=_SYNC_WORKERS) as pool:
+            list(pool.map(_fsync_file, [tmp for tmp, _ in staged]))
+            for tmp, final in staged:
+                tmp.replace(final)
+            list(pool.map(_fsync_dir, sorted(folders)))
+    except OSError as exc:
+        raise StorageError(f"envelope could not be stored: {exc.strerror}") from None
+    finally:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+
+
+_SYNC_WORKERS = 8
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

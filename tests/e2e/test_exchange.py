@@ -350,7 +350,15 @@ def test_killing_receiver_and_sender_mid_delivery_loses_and_doubles_nothing(pair
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "point", ["after-outbox-insert", "after-send", "before-receipt-store", "after-inbox-commit"]
+    "point",
+    [
+        "after-outbox-insert",
+        "after-send",
+        "before-receipt-store",
+        "after-batch-verify",
+        "after-batch-adopt",
+        "after-inbox-commit",
+    ],
 )
 def test_a_crash_at_any_point_loses_nothing_and_doubles_nothing(pair: Pair, point: str) -> None:
     pair.jp.stop()
@@ -372,14 +380,18 @@ def test_a_crash_at_any_point_loses_nothing_and_doubles_nothing(pair: Pair, poin
         assert done.stdout == ""
         [crashed] = {row.bundle_id for row in pair.jp.outbox_rows()} - before
         sent.append(crashed)  # the bundle had committed: it must still be delivered
-    elif point == "after-inbox-commit":
+    elif point in ("after-batch-verify", "after-batch-adopt", "after-inbox-commit"):
+        # The receiver dies at a step of its batch: verified, files stored, committed.
         pair.pk.start(GATEWAY_CRASH_AT=point)
         done = sync(pair.jp)
         assert done.returncode == 1, done.stderr  # the peer died under the request
         assert "unreachable" in done.stderr or "peer" in done.stderr
         assert pair.pk.serve_process is not None
         assert pair.pk.serve_process.process.wait(timeout=30) == -9
-        assert pair.pk.received(sent) == 1  # it had committed the first bundle
+        # The whole batch commits in one transaction: none of it, or all of it.
+        committed = len(sent) if point == "after-inbox-commit" else 0
+        assert pair.pk.received(sent) == committed
+        assert pair.jp.queued(sent) == len(sent)  # no receipt came back
         pair.pk.start()
     else:
         pair.pk.start()

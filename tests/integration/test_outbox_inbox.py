@@ -929,3 +929,87 @@ def test_the_sender_worker_logs_the_named_cause_and_the_rows_keep_it(pair: Pair)
     assert row.attempts >= 2
     assert row.last_error is not None
     assert row.last_error in {line["detail"] for line in failed}
+
+
+# -- one request, one batch ---------------------------------------------------------------
+
+
+def test_a_batch_answers_each_envelope_as_alone_and_stores_it_in_one_commit(
+    pair: Pair, tmp_path: Path
+) -> None:
+    from gateway.node.inbox import receive_batch  # noqa: PLC0415
+
+    sent = [send(pair.jp) for _ in range(6)]
+    paths = [stored_envelope(pair.jp, s.bundle_id) for s in sent]
+    earlier = receive_envelope(pair.pk.node, pair.pk.keyring, paths[1], now=NOW)
+    tampered = tmp_path / "tampered"
+    data = bytearray(paths[3].read_bytes())
+    data[-1] ^= 0x01
+    tampered.write_bytes(bytes(data))
+    # Out of order, a replay, the same bytes twice, a flipped bit: one request.
+    batch = [paths[5], paths[1], paths[0], tampered, paths[0], paths[2], paths[4]]
+    outcomes = receive_batch(pair.pk.node, pair.pk.keyring, batch, now=NOW)
+    assert [o.error is None for o in outcomes] == [True, True, True, False, True, True, True]
+    assert outcomes[1].receipt == earlier
+    assert outcomes[1].replayed
+    assert outcomes[4].receipt == outcomes[2].receipt  # the same bytes, one answer
+    assert isinstance(outcomes[3].error, VerificationError)
+    for outcome, path in zip(outcomes, batch, strict=True):
+        if outcome.receipt is not None:
+            receipt = parse_receipt(outcome.receipt)
+            assert receipt.envelope_sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    stored = {r.bundle_id for r in list_inbox(pair.pk.node)}
+    assert stored == {s.bundle_id for s in sent} - {sent[3].bundle_id}
+    [gaps] = list_gaps(pair.pk.node)
+    assert (gaps.highest, list(gaps.missing)) == (6, [(4, 4)])
+    assert ledger_kinds(pair.pk).count("bundle-received") == 5
+    # The clean envelope the flipped bit stood for is accepted afterwards.
+    [late] = receive_batch(pair.pk.node, pair.pk.keyring, [paths[3]], now=NOW)
+    assert late.receipt is not None
+    [gaps] = list_gaps(pair.pk.node)
+    assert list(gaps.missing) == []
+
+
+def test_two_envelopes_under_one_id_in_one_batch_keep_the_first_and_record_the_other(
+    pair: Pair, tmp_path: Path
+) -> None:
+    from gateway.node.inbox import receive_batch  # noqa: PLC0415
+
+    first = send(pair.jp)
+    original = stored_envelope(pair.jp, first.bundle_id)
+    # The same bundle id sealed again: a second, validly signed, different envelope.
+    from gateway.node.policy import load_policy  # noqa: PLC0415
+
+    other = tmp_path / "other"
+    with other.open("wb") as out:
+        seal(
+            out,
+            case_type="exam-fraud",
+            case=example("exam-fraud"),
+            keyring=pair.jp.keyring,
+            peer_manifest=pair.pk.keyring.manifest,
+            policy=load_policy(pair.jp.node.settings),
+            sequence=first.sequence,
+            now=NOW,
+            random=_first_draw(uuid.UUID(first.bundle_id).bytes),
+        )
+    outcomes = receive_batch(pair.pk.node, pair.pk.keyring, [original, other], now=NOW)
+    assert outcomes[0].receipt is not None
+    assert isinstance(outcomes[1].error, EquivocationRefused)
+    assert count(pair.pk, InboxEntry) == 1
+    assert count(pair.pk, Equivocation) == 1
+    assert "equivocation" in ledger_kinds(pair.pk)
+
+
+def _first_draw(first: bytes) -> Callable[[int], bytes]:
+    """Randomness whose first draw (the bundle id) is ``first``; fresh bytes after."""
+    drawn: list[bytes] = []
+
+    def draw(size: int) -> bytes:
+        if not drawn:
+            drawn.append(first)
+            assert size == len(first)
+            return first
+        return os.urandom(size)
+
+    return draw
