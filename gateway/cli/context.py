@@ -13,19 +13,19 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from gateway import log
 from gateway.core.jsonable import to_jsonable
-from gateway.core.keys import NodeKeyring
-from gateway.core.roles import Actor, authorize_role
 from gateway.errors import AccessDenied
-from gateway.node.keystore import read_passphrase, unlock_keyring
-from gateway.node.runtime import Node
-from gateway.node.users import authorize
-from gateway.settings import Settings, load_settings, resolve_home
+
+if TYPE_CHECKING:
+    from gateway.client.transport import ApiClient
+    from gateway.core.keys import NodeKeyring
+    from gateway.core.roles import Actor
+    from gateway.node.runtime import Node
+    from gateway.settings import Settings
 
 __all__ = ["AppContext", "pass_app", "read_token_file", "to_jsonable"]
 
@@ -41,6 +41,7 @@ class AppContext:
     verbose: bool = False
     token_file: Path | None = None
     passphrase_file: Path | None = None
+    api_url: str | None = None
     _settings: Settings | None = None
     _node: Node | None = None
     _actor: Actor | None = None
@@ -48,9 +49,30 @@ class AppContext:
     _passphrase: bytes | None = field(default=None, repr=False)
 
     def home(self) -> Path:
+        from gateway.settings import resolve_home  # noqa: PLC0415 - user commands need no settings
+
         return resolve_home(self.home_option, self.environ)
 
+    def client(self) -> ApiClient:
+        """The acting user's connection to the running node's local API.
+
+        User commands reach the node through it with the user's token only:
+        the node's socket in the home by default, ``--api-url`` /
+        ``GATEWAY_API_URL`` for TCP. They never read the passphrase, the key
+        files or the database.
+        """
+        from gateway.client.transport import ApiClient, resolve_target  # noqa: PLC0415
+
+        home = None
+        if self.home_option is not None:
+            home = self.home_option.expanduser().resolve()
+        target = resolve_target(self.environ, home=home, api_url=self.api_url)
+        return ApiClient(target, self.token())
+
     def settings(self) -> Settings:
+        from gateway import log  # noqa: PLC0415
+        from gateway.settings import load_settings  # noqa: PLC0415
+
         if self._settings is None:
             self._settings = load_settings(self.home(), environ=self.environ)
             log.configure(
@@ -62,6 +84,8 @@ class AppContext:
 
     def node(self, *, upgrade: bool = False) -> Node:
         """The opened node (database checked); closed when the command ends."""
+        from gateway.node.runtime import Node  # noqa: PLC0415
+
         if self._node is None:
             self._node = Node.open(self.settings(), upgrade=upgrade)
             click.get_current_context().call_on_close(self.close)
@@ -75,6 +99,9 @@ class AppContext:
 
     def actor(self, action: str) -> Actor:
         """Authenticate the acting user and check its role may perform ``action``."""
+        from gateway.core.roles import authorize_role  # noqa: PLC0415
+        from gateway.node.users import authorize  # noqa: PLC0415
+
         if self._actor is None:
             node = self.node()
             token = self.token()
@@ -87,6 +114,8 @@ class AppContext:
 
     def passphrase(self, new: bool = False) -> bytes:
         """The keystore passphrase: ``--passphrase-file``, ``GATEWAY_PASSPHRASE`` or a prompt."""
+        from gateway.node.keystore import read_passphrase  # noqa: PLC0415
+
         return read_passphrase(self.environ, self.passphrase_file, prompt=True, new=new)
 
     def keyring(self, *, reload: bool = False) -> NodeKeyring:
@@ -95,6 +124,8 @@ class AppContext:
         ``reload`` unlocks again against the node's current manifest (after a
         rotation), with the passphrase this process was given.
         """
+        from gateway.node.keystore import unlock_keyring  # noqa: PLC0415
+
         if self._keyring is None or reload:
             node = self.node()
             if self._passphrase is None:

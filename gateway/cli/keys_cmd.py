@@ -10,6 +10,7 @@ import click
 
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
+from gateway.cli.display import manifest_text
 from gateway.core.keys import KeyManifest, format_time
 from gateway.node import keys as key_service
 from gateway.node.ledger import parse_since
@@ -23,30 +24,6 @@ _ROOT_KEY_OPTION = click.option(
     type=click.Path(dir_okay=False, exists=False, path_type=Path),
     help="The root key file, when it is kept offline (default: keys/root-<id>.key).",
 )
-
-
-def manifest_text(data: dict[str, Any], title: str) -> str:
-    """The human form of a described manifest (see ``describe_manifest``)."""
-    lines = [
-        f"{title} of node {data['node']!r}, version {data['version']}",
-        f"  root key:         {data['root_key_id']}",
-        f"  root fingerprint: {data['root_fingerprint']}",
-        f"  issued:           {format_time(data['issued_at'])}",
-        f"  expires:          {format_time(data['expires_at'])}"
-        + ("  (EXPIRED)" if data["expired"] else ""),
-        "",
-        f"  {'KEY ID':<17} {'USE':<8} {'STATE':<14} {'VALID FROM':<21} VALID UNTIL",
-    ]
-    for key in data["keys"]:
-        lines.append(
-            f"  {key['key_id']:<17} {key['use']:<8} {key['state']:<14} "
-            f"{format_time(key['not_before']):<21} {format_time(key['not_after'])}"
-        )
-        if key["revoked_at"] is not None:
-            lines.append(
-                f"  {'':<17} revoked {format_time(key['revoked_at'])}: {key['revocation_reason']}"
-            )
-    return "\n".join(lines)
 
 
 @click.group(cls=GatewayGroup)

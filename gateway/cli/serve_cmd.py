@@ -1,9 +1,11 @@
 """``gateway serve``: the peer server, the sender worker and the local API, until stopped.
 
 Starts in this order, refusing to start at all on a configuration error (plain
-HTTP off loopback, half-configured TLS, no policy, locked keys): open the node
-with migrations applied, unlock the keyring, load the policy, bind the peer
-port, bind the local API port, start the sender worker. Says
+HTTP off loopback, half-configured TLS, no policy, locked keys, a live node on
+the same home): open the node with migrations applied, unlock the keyring,
+load the policy, bind the peer port, bind the local API port and the local
+API's Unix socket ``<home>/run/api.sock`` (see :mod:`gateway.api.unix_socket`),
+start the sender worker. Says
 ``serving <node> on SCHEME://HOST:PORT (local API on SCHEME://HOST:PORT, delivering to URL)``
 once everything listens, and ``restarting ...`` / ``stopped <node>`` later:
 as JSON log lines (``event`` ``serving``, ``restarting``, ``stopped``, the
@@ -37,6 +39,7 @@ from aiohttp import web
 
 from gateway import log
 from gateway.cli.base import GatewayCommand
+from gateway.client.paths import api_socket_path
 from gateway.cli.context import AppContext, pass_app
 from gateway.core.keys import NodeKeyring
 from gateway.errors import ConfigError
@@ -103,6 +106,13 @@ async def _start_api(
         else web.TCPSite(runner, host, port)
     )
     await site.start()
+    from gateway.api.unix_socket import start_unix_api  # noqa: PLC0415
+
+    try:
+        await start_unix_api(runner, node.settings.home)
+    except BaseException:
+        await runner.cleanup()
+        raise
     return runner
 
 
@@ -214,6 +224,7 @@ async def _run(
             + (f", delivering to {delivering})" if delivering else ", not delivering)"),
             peer_listen=peer_listen,
             api_listen=api_listen,
+            api_socket=str(api_socket_path(settings.home)),
             peer_url=delivering,
             tls=peer_ssl is not None,
             mutual_tls=settings.server.tls_ca is not None,
