@@ -115,9 +115,7 @@ def prepare_file_stream(
     response.headers["Content-Type"] = CONTENT_TYPE
     response.headers[TOTAL_BYTES_HEADER] = str(total)
     response.enable_chunked_encoding()
-    asyncio.run_coroutine_threadsafe(response.prepare(request), loop).result(
-        timeout=_WRITE_TIMEOUT
-    )
+    asyncio.run_coroutine_threadsafe(response.prepare(request), loop).result(timeout=_WRITE_TIMEOUT)
 
 
 def stream_folder(
@@ -143,7 +141,7 @@ def stream_folder(
                 info.size = os.fstat(handle.fileno()).st_size
                 info.mode = 0o600
                 hashing = _Hashing(handle)
-                archive.addfile(info, hashing)  # type: ignore[arg-type]
+                archive.addfile(info, hashing)
             listed[name] = {"sha256": hashing.digest.hexdigest(), "size": hashing.size}
         end = json.dumps({"files": listed, "result": result}, sort_keys=True).encode("utf-8")
         info = tarfile.TarInfo(END_MEMBER)
@@ -263,7 +261,7 @@ async def spool_multipart(
                             f"attachment {index} exceeds the limit of {max_attachment_bytes} bytes",
                             reason="policy.attachment-size",
                         )
-                    await run(lambda c=chunk: handle.write(c))
+                    await run(lambda c=chunk, h=handle: h.write(c))
             finally:
                 await run(handle.close)
             spooled.paths.append(path)

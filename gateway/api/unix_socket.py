@@ -53,7 +53,7 @@ def _prepare_run_dir(folder: Path) -> None:
             f"{folder} belongs to another user: the node's user must own its socket folder",
             reason="config.socket",
         )
-    os.chmod(folder, RUN_DIR_MODE)
+    folder.chmod(RUN_DIR_MODE)
 
 
 def _clear_stale(path: Path) -> None:
@@ -110,8 +110,8 @@ def bind_api_socket(home: Path) -> socket.socket:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(str(temporary))
-        os.chmod(temporary, SOCKET_MODE)
-        os.rename(temporary, path)
+        temporary.chmod(SOCKET_MODE)
+        temporary.rename(path)
         listener.listen(128)
     except OSError as exc:
         listener.close()

@@ -208,6 +208,8 @@ def demo(ctx: click.Context, app: AppContext, base: Path | None, keep: bool) -> 
       gateway demo
       gateway demo --keep --dir ./demo-homes
       gateway demo --json
+
+    Host operation: needs the keystore passphrase.
     """
     root, made_root = _prepare_root(base)
     cli_root = ctx.find_root().command

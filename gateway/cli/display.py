@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["USER_COMMAND", "HOST_OPERATION", "day", "manifest_text", "when"]
+__all__ = ["HOST_OPERATION", "USER_COMMAND", "day", "manifest_text", "when"]
 
 USER_COMMAND = "Runs through the node's local API; needs your token."
 """The line every user command's help carries (SPEC §8, who runs what)."""

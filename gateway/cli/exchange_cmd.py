@@ -112,6 +112,8 @@ def sync(app: AppContext) -> None:
 
     Host operation: needs the keystore passphrase.
     """
+    import asyncio  # noqa: PLC0415
+
     from gateway.node.outbox import deliver_once  # noqa: PLC0415
     from gateway.node.runtime import utc_now  # noqa: PLC0415
     from gateway.peer.client import PeerClient  # noqa: PLC0415
@@ -204,9 +206,7 @@ def inbox(app: AppContext, case_type: str | None, gaps: bool, suspect: bool) -> 
                 return "nothing received yet"
             lines = []
             for c in channels:
-                missing = ", ".join(
-                    str(a) if a == b else f"{a}-{b}" for a, b in c["missing"]
-                )
+                missing = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in c["missing"])
                 lines.append(
                     f"{c['channel']}: highest {c['highest']}; missing: {missing or 'none'}"
                 )
@@ -223,9 +223,7 @@ def inbox(app: AppContext, case_type: str | None, gaps: bool, suspect: bool) -> 
             return "no suspect bundles" if suspect else "inbox is empty"
         return "\n".join(
             f"{r['bundle_id']}  {r['type']:<22} from {r['sender']}  #{r['sequence']:<6} "
-            f"{_time(r['created'])}  {r['marking']}"
-            + _purged_note(r.get("purged"))
-            + _links(r)
+            f"{_time(r['created'])}  {r['marking']}" + _purged_note(r.get("purged")) + _links(r)
             for r in rows
         )
 
@@ -260,9 +258,8 @@ def outbox(app: AppContext, state: str | None) -> None:
             if r["state"] == "delivered":
                 status = f"delivered {_time(r['delivered'])}, receipt verified"
             else:
-                status = (
-                    f"queued, {r['attempts']} attempt(s), next {_time(r['next_attempt'])}"
-                    + (f", last error: {r['last_error']}" if r["last_error"] else "")
+                status = f"queued, {r['attempts']} attempt(s), next {_time(r['next_attempt'])}" + (
+                    f", last error: {r['last_error']}" if r["last_error"] else ""
                 )
             refusal = r.get("refused_by_peer")
             if refusal is not None:

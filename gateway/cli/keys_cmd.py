@@ -40,11 +40,11 @@ def keys() -> None:
 @keys.command("show")
 @pass_app
 def show(app: AppContext) -> None:
-    """Show the current key manifest and the root fingerprint."""
-    app.actor("keys.show")
-    now = utc_now()
-    with app.node().db.transaction() as session:
-        data = key_service.describe_own_keys(session, now=now)
+    """Show the current key manifest and the root fingerprint.
+
+    Runs through the node's local API; needs your token.
+    """
+    data = app.client().call("GET", "/api/v1/keys")
     pending = data["pending_delivery"]
 
     def human() -> str:
@@ -69,6 +69,8 @@ def export(app: AppContext, out: Path) -> None:
 
     Send the file by any channel; read the root fingerprint to the peer's
     administrator by another one (telephone, in person).
+
+    Host operation: needs the keystore passphrase.
     """
     app.actor("keys.export")
     with app.node().db.transaction() as session:
@@ -113,6 +115,8 @@ def rotate(app: AppContext, root_key: Path | None) -> None:
     """Make new operational keys; the old ones stay valid for a 24-hour overlap.
 
     Old encryption keys are kept to read what was stored under them.
+
+    Host operation: needs the keystore passphrase.
     """
     actor = app.actor("keys.rotate")
     node = app.node()
@@ -183,6 +187,8 @@ def revoke(
     marked suspect. Before acting, the command says how many of the bundles
     this node sent become suspect at the peer, and asks to confirm (--yes for
     scripts; without a terminal, --yes is required).
+
+    Host operation: needs the keystore passphrase.
     """
     actor = app.actor("keys.revoke")
     node = app.node()
@@ -234,6 +240,8 @@ def recover(app: AppContext, reason: str, root_key: Path | None) -> None:
 
     Revokes every operational key of the current manifest and makes fresh
     ones. Data sealed to the lost encryption keys stays unreadable.
+
+    Host operation: needs the keystore passphrase.
     """
     actor = app.actor("keys.revoke")
     node = app.node()
@@ -268,6 +276,8 @@ def rotate_root(app: AppContext, root_key: Path | None) -> None:
 
     Read the new root fingerprint to the peer's administrator; move the new
     root key file offline when the ceremony is over.
+
+    Host operation: needs the keystore passphrase.
     """
     actor = app.actor("keys.rotate-root")
     node = app.node()

@@ -39,8 +39,8 @@ from aiohttp import web
 
 from gateway import log
 from gateway.cli.base import GatewayCommand
-from gateway.client.paths import api_socket_path
 from gateway.cli.context import AppContext, pass_app
+from gateway.client.paths import api_socket_path
 from gateway.core.keys import NodeKeyring
 from gateway.errors import ConfigError
 from gateway.node.runtime import Node
@@ -274,6 +274,8 @@ def serve(app: AppContext) -> None:
 
     Stops cleanly on SIGTERM or SIGINT (Ctrl-C): finishes the requests in
     flight and the current delivery pass, then exits 0.
+
+    Host operation: needs the keystore passphrase.
     """
     from gateway.node.policy import load_policy  # noqa: PLC0415
 

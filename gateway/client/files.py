@@ -102,7 +102,9 @@ def _unpack(
         for member in archive:
             if end is not None:
                 raise VerificationError(
-                    "the stream goes on after its closing list", check="stream", reason="client.stream"
+                    "the stream goes on after its closing list",
+                    check="stream",
+                    reason="client.stream",
                 )
             if len(seen) >= MAX_MEMBERS or not member.isfile():
                 raise VerificationError(
@@ -115,13 +117,17 @@ def _unpack(
             if member.name == END_MEMBER:
                 if member.size > MAX_END_MEMBER_BYTES:
                     raise VerificationError(
-                        "the stream's closing list is too large", check="stream", reason="client.stream"
+                        "the stream's closing list is too large",
+                        check="stream",
+                        reason="client.stream",
                     )
                 try:
                     end = json.loads(source.read(member.size).decode("utf-8"))
                 except (UnicodeDecodeError, ValueError):
                     raise VerificationError(
-                        "the stream's closing list is not JSON", check="stream", reason="client.stream"
+                        "the stream's closing list is not JSON",
+                        check="stream",
+                        reason="client.stream",
                     ) from None
                 continue
             try:
@@ -130,7 +136,9 @@ def _unpack(
                 raise VerificationError(str(exc), check="stream", reason="client.stream") from None
             if member.name in seen:
                 raise VerificationError(
-                    f"the stream names {member.name!r} twice", check="stream", reason="client.stream"
+                    f"the stream names {member.name!r} twice",
+                    check="stream",
+                    reason="client.stream",
                 )
             folder = staging
             for part in parts[:-1]:

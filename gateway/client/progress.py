@@ -27,6 +27,12 @@ def transfer_progress(
     from tqdm import tqdm  # noqa: PLC0415 - only a long transfer on a terminal needs it
 
     with tqdm(
-        total=total, desc=description, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False
+        total=total,
+        desc=description,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        leave=False,
     ) as bar:
         yield bar.update

@@ -106,9 +106,7 @@ def _home_ca(home: Path) -> Path | None:
     return path if path.is_absolute() else home / path
 
 
-def resolve_target(
-    environ: Mapping[str, str], *, home: Path | None, api_url: str | None
-) -> Target:
+def resolve_target(environ: Mapping[str, str], *, home: Path | None, api_url: str | None) -> Target:
     """Where to reach the node: ``api_url`` (or ``GATEWAY_API_URL``), else the home's socket.
 
     Raises :class:`ConfigError` for a URL that is not ``http://`` or
@@ -195,9 +193,8 @@ def error_from_answer(status: int, body: bytes) -> GatewayError:
             check = error["check"]
     except (ValueError, KeyError, TypeError, AttributeError):
         pass
-    if reason == "consent" or reason.startswith("consent."):
-        if status == 403:
-            return ConsentRefused(message, reason=reason)
+    if (reason == "consent" or reason.startswith("consent.")) and status == 403:
+        return ConsentRefused(message, reason=reason)
     if check is not None:
         return VerificationError(message, check=check, reason=reason)
     if status == 403:
@@ -274,7 +271,7 @@ class ApiClient:
         connection = self._connection()
         try:
             try:
-                connection.request(method, path, body=body, headers=self._headers(headers))  # type: ignore[arg-type]
+                connection.request(method, path, body=body, headers=self._headers(headers))
                 answer = connection.getresponse()
             except ssl.SSLError as exc:
                 raise TransportError(
@@ -315,10 +312,7 @@ class ApiClient:
         try:
             return json.loads(data.decode("utf-8")) if data else None
         except (UnicodeDecodeError, ValueError):
-            raise TransportError(
-                "the node's answer is not JSON", reason="client.answer"
-            ) from None
-
+            raise TransportError("the node's answer is not JSON", reason="client.answer") from None
 
     def send_stream(
         self, method: str, path: str, body: Iterable[bytes], *, headers: Mapping[str, str]
@@ -359,6 +353,25 @@ class ApiClient:
                 received = receive_files(answer, out_dir, progress=progress)
         result = received.result
         return received, result if isinstance(result, dict) else {}
+
+
+def copy_answer(answer: http.client.HTTPResponse, out: Any) -> int:
+    """Copy a streamed answer to the file ``out`` 64 KiB at a time; the bytes copied.
+
+    Raises :class:`TransportError` if the stream is cut off (the caller removes
+    what it wrote).
+    """
+    total = 0
+    try:
+        while chunk := answer.read(_CHUNK):
+            out.write(chunk)
+            total += len(chunk)
+    except (ConnectionError, TimeoutError, http.client.HTTPException) as exc:
+        raise TransportError(
+            f"the stream from the node was cut off ({type(exc).__name__}); nothing was kept",
+            reason="client.stream-cut",
+        ) from None
+    return total
 
 
 def read_bounded(answer: http.client.HTTPResponse, limit: int) -> bytes:

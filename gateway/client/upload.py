@@ -62,17 +62,14 @@ def multipart_send_body(meta: dict[str, Any], attachments: Sequence[Path]) -> Mu
     boundary = "ssw-" + secrets.token_hex(16)
     names = [path.name for path in attachments]
     meta_bytes = json.dumps({**meta, "attachments": names}, ensure_ascii=False).encode("utf-8")
-    parts: list[tuple[bytes, Path | bytes]] = [
-        (
-            (
-                f"--{boundary}\r\n"
-                'Content-Disposition: form-data; name="meta"\r\n'
-                "Content-Type: application/json\r\n\r\n"
-            ).encode("ascii"),
-            meta_bytes + b"\r\n",
-        )
-    ]
-    length = len(parts[0][0]) + len(parts[0][1])
+    meta_head = (
+        f"--{boundary}\r\n"
+        'Content-Disposition: form-data; name="meta"\r\n'
+        "Content-Type: application/json\r\n\r\n"
+    ).encode("ascii")
+    meta_part = meta_bytes + b"\r\n"
+    parts: list[tuple[bytes, Path | bytes]] = [(meta_head, meta_part)]
+    length = len(meta_head) + len(meta_part)
     files_bytes = 0
     for index, path in enumerate(attachments):
         try:
