@@ -457,6 +457,24 @@ class NodeHome:
             )
         return json.loads(done.stdout) if done.stdout.strip() else None
 
+    def add_user(self, name: str, role: str) -> str:
+        """Add a user on the host (as ``init`` adds the first administrator); its token.
+
+        ``gateway users add`` is a client of the running node; test set-up that
+        runs before ``serve`` adds users through the node's own service instead.
+        """
+        from gateway.node.runtime import utc_now  # noqa: PLC0415
+        from gateway.node.users import add_user  # noqa: PLC0415
+        from gateway.settings import load_settings  # noqa: PLC0415
+
+        settings = load_settings(self.home, environ=self.env())
+        db = open_database(settings.database_url)
+        try:
+            with db.transaction() as session:
+                return add_user(session, name, role, created_by="admin", now=utc_now()).token.text
+        finally:
+            db.dispose()
+
     def serve(self, **extra: str) -> ServeProcess:
         return start_serve(self.home, env=self.env(**extra), program=self.program)
 
@@ -516,12 +534,14 @@ def init_pair(
         nodes[node_id] = NodeHome(
             node_id, home, ports[node_id][0], ports[node_id][1], passphrase, token, url, program
         )
+    fingerprints: dict[str, str] = {}
     for node_id, peer in (("jp", "pk"), ("pk", "jp")):
         manifest = root / f"{peer}-manifest.json"
-        if not manifest.exists():
-            nodes[peer].run("keys", "export", "--out", str(manifest))
-        fingerprint = nodes[peer].run("keys", "show")["root_fingerprint"]
-        nodes[node_id].run("peer", "add", str(manifest), "--fingerprint", fingerprint)
+        if peer not in fingerprints:
+            # A host operation: ``keys show`` would need the node running.
+            exported = nodes[peer].run("keys", "export", "--out", str(manifest))
+            fingerprints[peer] = exported["root_fingerprint"]
+        nodes[node_id].run("peer", "add", str(manifest), "--fingerprint", fingerprints[peer])
     return nodes
 
 

@@ -341,6 +341,7 @@ async def bundles_content(call: Call) -> web.StreamResponse:
 
         def read_and_send() -> None:
             folder = parent / "out"
+            folder.mkdir(mode=0o700)
             # The folder is removed below: nothing stays on the node to track for retention.
             shown = read_bundle(
                 call.node,

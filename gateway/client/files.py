@@ -61,9 +61,10 @@ class Received:
 def check_destination(out_dir: Path, *, must_be_empty: bool) -> None:
     """Refuse a destination that cannot receive the files, before anything is asked.
 
-    ``must_be_empty``: the folder must not exist, or be an empty folder
-    (``disclose``); otherwise an existing folder receives new files beside its
-    own, never overwriting one (``show``). Raises :class:`InvalidInput`.
+    ``must_be_empty``: the folder must not exist, or be an empty folder, and
+    its parent must exist (``disclose``); otherwise missing folders above it
+    are made 0700 and an existing folder receives new files beside its own,
+    never overwriting one (``show``). Raises :class:`InvalidInput`.
     """
     if out_dir.is_symlink():
         raise InvalidInput(f"{out_dir} is a symbolic link; give a real folder")
@@ -73,8 +74,25 @@ def check_destination(out_dir: Path, *, must_be_empty: bool) -> None:
         if must_be_empty and any(out_dir.iterdir()):
             raise InvalidInput(f"{out_dir} exists and is not empty; give a new folder")
     parent = out_dir.absolute().parent
+    if not must_be_empty and not os.path.lexists(parent):
+        _make_private_parents(parent)
     if not parent.is_dir():
         raise InvalidInput(f"folder {parent} does not exist; make it first")
+
+
+def _make_private_parents(folder: Path) -> None:
+    """Make ``folder`` and each missing one above it, 0700 whatever the umask."""
+    missing: list[Path] = []
+    here = folder
+    while not os.path.lexists(here):
+        missing.append(here)
+        here = here.parent
+    try:
+        for made in reversed(missing):
+            made.mkdir(mode=PRIVATE_DIR_MODE)
+            made.chmod(PRIVATE_DIR_MODE)
+    except OSError as exc:
+        raise InvalidInput(f"{folder}: cannot be made ({exc.strerror})") from None
 
 
 def _private_file(path: Path) -> IO[bytes]:

@@ -4,7 +4,7 @@
 answer ``application/x-tar``: a POSIX tar stream of regular files only, whose
 names are the safe relative names the node writes today (``<bundle id>.json``
 and sanitised attachment names for ``show``; ``<bundle id>/case.json``,
-``<bundle id>/<attachment>`` and ``disclosure.json`` for ``disclose``), then
+``<bundle id>/attachments/<name>`` and ``disclosure.json`` for ``disclose``), then
 one last member :data:`END_MEMBER` holding JSON ``{"files": {name:
 {"sha256": hex, "size": bytes}}}`` for every file before it. The answer is
 complete only when that member arrived, every file matched it, and the HTTP
@@ -33,13 +33,13 @@ MAX_MEMBERS = 20_000
 """Most files one stream may carry."""
 MAX_END_MEMBER_BYTES = 8 * 1024 * 1024
 _MAX_COMPONENT_BYTES = 255
-_MAX_DEPTH = 2
+_MAX_DEPTH = 3
 
 
 def check_member_name(name: str) -> tuple[str, ...]:
     """The path components of a member name, or :class:`ValueError` naming the fault.
 
-    A name is one or two plain components (no ``.``, ``..``, empty part,
+    A name is one to three plain components (no ``.``, ``..``, empty part,
     backslash, NUL, control character, leading dot), relative, each at most
     255 bytes.
     """

@@ -35,4 +35,8 @@ def transfer_progress(
         file=sys.stderr,
         leave=False,
     ) as bar:
-        yield bar.update
+
+        def advance(count: int) -> None:
+            bar.update(count)
+
+        yield advance

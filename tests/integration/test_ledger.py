@@ -514,7 +514,7 @@ def test_audit_over_http_catches_a_peer_that_rewrote_history(tmp_path: Path) -> 
     # The nodes' keys, rows and commands live at the real time: so do the entries and the
     # checkpoint this test writes beside them (a pinned clock would fall outside the keys'
     # validity once the calendar moved on).
-    kenji = jp.run("users", "add", "kenji", "--role", "compliance")["token"]
+    kenji = jp.add_user("kenji", "compliance")
     pk_db = open_database(load_settings(pk.home, environ=pk.env()).database_url)
     serving = [jp.serve(), pk.serve()]
     try:

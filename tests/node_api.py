@@ -1,0 +1,71 @@
+"""The running node for tests of user commands: the real local API app on the
+node's Unix socket (``<home>/run/api.sock``), served from a background thread.
+
+User commands are clients of the running node (SPEC §8, who runs what). This
+fixture gives them one without a process: the same ``create_api_app`` and the
+same socket code ``gateway serve`` uses, over an opened :class:`Node` and its
+unlocked keyring. The CLI then runs with the user's token only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway.api.app import create_api_app
+from gateway.api.unix_socket import start_unix_api
+from gateway.client.paths import api_socket_path
+
+__all__ = ["RunningApi", "running_api"]
+
+
+class RunningApi:
+    """The local API of one opened node, listening on its home's Unix socket."""
+
+    def __init__(self, node: Any, keyring_provider: Callable[[], Any]) -> None:
+        self.node = node
+        self._keyring_provider = keyring_provider
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def socket(self) -> Path:
+        return api_socket_path(self.node.settings.home)
+
+    def start(self) -> RunningApi:
+        self._thread.start()
+
+        async def up() -> None:
+            app = create_api_app(self.node, self._keyring_provider)
+            self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await self._runner.setup()
+            await start_unix_api(self._runner, self.node.settings.home)
+
+        asyncio.run_coroutine_threadsafe(up(), self._loop).result(timeout=30)
+        return self
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            asyncio.run_coroutine_threadsafe(runner.cleanup(), self._loop).result(timeout=30)
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=30)
+        self._loop.close()
+
+
+@contextmanager
+def running_api(node: Any, keyring_provider: Callable[[], Any]) -> Iterator[RunningApi]:
+    """Serve ``node``'s local API on its Unix socket for the ``with`` block."""
+    api = RunningApi(node, keyring_provider).start()
+    try:
+        yield api
+    finally:
+        api.stop()
