@@ -77,8 +77,12 @@ def grant_command(
     conditions: str,
 ) -> None:
     """Give the peer written consent for its request; it is signed and sent."""
+    from gateway.core.times import DateMeans, parse_user_time  # noqa: PLC0415
+
     body: dict[str, Any] = {"conditions": conditions}
     if valid_until is not None:
+        # Checked here too, so a mistake is named as the option it was typed as.
+        parse_user_time(valid_until, option="--valid-until", dates=DateMeans.END)
         body["valid_until"] = valid_until
     if max_uses is not None:
         body["max_uses"] = max_uses

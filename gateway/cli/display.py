@@ -21,11 +21,13 @@ def _moment(value: Any) -> datetime | None:
     if isinstance(value, datetime):
         return value
     if isinstance(value, str) and value:
+        from gateway.core.times import Precision, parse_utc  # noqa: PLC0415
+        from gateway.errors import InvalidInput  # noqa: PLC0415
+
         try:
-            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
+            return parse_utc(value, field="time", precision=Precision.OPTIONAL_MICROSECONDS)
+        except InvalidInput:
             return None
-        return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
     return None
 
 

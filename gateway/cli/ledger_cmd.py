@@ -67,7 +67,11 @@ def list_command(
     Runs through the node's local API; needs your token.
     """
     from gateway.client.transport import path_of  # noqa: PLC0415
+    from gateway.core.times import DateMeans, parse_user_time  # noqa: PLC0415
 
+    if since is not None:
+        # Checked here too, so a mistake is named as the option it was typed as.
+        parse_user_time(since, option="--since", dates=DateMeans.START, zone_required=False)
     query = {
         "bundle": bundle,
         "kind": kind,
