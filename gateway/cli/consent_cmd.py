@@ -47,7 +47,7 @@ def request_command(
     app: AppContext, bundle_ids: tuple[str, ...], recipient: str, purpose: str
 ) -> None:
     """Ask the originating side for consent to pass its bundles to a third party."""
-    sent = app.client().call(
+    sent = app.client("consent.request").call(
         "POST",
         "/api/v1/consents/requests",
         {"bundle_ids": list(bundle_ids), "recipient": recipient, "purpose": purpose},
@@ -86,7 +86,9 @@ def grant_command(
         body["valid_until"] = valid_until
     if max_uses is not None:
         body["max_uses"] = max_uses
-    sent = app.client().call("POST", _path("consents", "requests", request_id, "grant"), body)
+    sent = app.client("consent.grant").call(
+        "POST", _path("consents", "requests", request_id, "grant"), body
+    )
     uses = "unlimited uses" if sent["max_uses"] is None else f"at most {sent['max_uses']} use(s)"
     app.emit(
         sent,
@@ -101,7 +103,7 @@ def grant_command(
 @pass_app
 def deny_command(app: AppContext, request_id: str, reason: str) -> None:
     """Refuse the peer's consent request; the peer is told the reason."""
-    sent = app.client().call(
+    sent = app.client("consent.deny").call(
         "POST", _path("consents", "requests", request_id, "deny"), {"reason": reason}
     )
     app.emit(sent, f"consent request {request_id} denied; queued for the peer")
@@ -113,7 +115,9 @@ def deny_command(app: AppContext, request_id: str, reason: str) -> None:
 @pass_app
 def revoke_command(app: AppContext, consent_id: str, reason: str) -> None:
     """Withdraw a consent this side granted; the peer refuses its use once it arrives."""
-    sent = app.client().call("POST", _path("consents", consent_id, "revoke"), {"reason": reason})
+    sent = app.client("consent.revoke").call(
+        "POST", _path("consents", consent_id, "revoke"), {"reason": reason}
+    )
     app.emit(sent, f"consent {consent_id} revoked; queued for the peer")
 
 
@@ -121,7 +125,7 @@ def revoke_command(app: AppContext, consent_id: str, reason: str) -> None:
 @pass_app
 def list_command(app: AppContext) -> None:
     """Consent requests and consents, both directions, with each consent's state."""
-    listing = app.client().call("GET", "/api/v1/consents")
+    listing = app.client("consent.list").call("GET", "/api/v1/consents")
 
     def text() -> str:
         lines = ["requests:"] if listing["requests"] else ["requests: none"]

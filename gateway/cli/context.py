@@ -53,10 +53,13 @@ class AppContext:
 
         return resolve_home(self.home_option, self.environ)
 
-    def client(self) -> ApiClient:
-        """The acting user's connection to the running node's local API.
+    def client(self, action: str) -> ApiClient:
+        """The acting user's connection to the running node's local API, for ``action``.
 
-        User commands reach the node through it with the user's token only:
+        ``action`` (of :data:`gateway.core.roles.ACTIONS`) is what the node
+        authorizes the command's requests as; the node checks the token and
+        the role, the command does not. User commands reach the node through
+        it with the user's token only:
         the node's socket in the home by default, ``--api-url`` /
         ``GATEWAY_API_URL`` for TCP. They never read the passphrase, the key
         files or the database.
@@ -67,7 +70,13 @@ class AppContext:
         if self.home_option is not None:
             home = self.home_option.expanduser().resolve()
         target = resolve_target(self.environ, home=home, api_url=self.api_url)
-        return ApiClient(target, self.token())
+        token = self.token()
+        if not token:
+            raise AccessDenied(
+                "no user token: pass --token-file FILE or set GATEWAY_TOKEN",
+                reason="access.no-token",
+            )
+        return ApiClient(target, token, action=action)
 
     def settings(self) -> Settings:
         from gateway import log  # noqa: PLC0415

@@ -45,8 +45,10 @@ def disclose(
     """
     from gateway.client.files import check_destination  # noqa: PLC0415
 
+    client = app.client("disclose")
+    client.preflight()
     check_destination(out_dir, must_be_empty=True)
-    received, result = app.client().receive_files(
+    received, result = client.receive_files(
         "/api/v1/disclosures/stream",
         out_dir,
         payload={"bundle_ids": list(bundle_ids), "recipient": recipient, "purpose": purpose},

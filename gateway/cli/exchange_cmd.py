@@ -88,8 +88,9 @@ def send(
     from gateway.client.progress import transfer_progress  # noqa: PLC0415
     from gateway.client.upload import multipart_send_body  # noqa: PLC0415
 
+    client = app.client("send")
+    client.preflight()
     case = _read_case(case_json)
-    client = app.client()
     meta: dict[str, Any] = {"type": case_type, "case": case, "public": public}
     if reply_to is not None:
         meta["reply_to"] = reply_to
@@ -196,7 +197,7 @@ def inbox(app: AppContext, case_type: str | None, gaps: bool, suspect: bool) -> 
     """
     from gateway.client.transport import path_of  # noqa: PLC0415
 
-    client = app.client()
+    client = app.client("inbox")
     if gaps:
         answer = client.call("GET", path_of("inbox", query={"gaps": "true"}))
         channels = answer["gaps"]
@@ -247,7 +248,7 @@ def outbox(app: AppContext, state: str | None) -> None:
     """
     from gateway.client.transport import path_of  # noqa: PLC0415
 
-    data = app.client().call("GET", path_of("outbox", query={"state": state}))
+    data = app.client("inbox").call("GET", path_of("outbox", query={"state": state}))
     rows = data["bundles"]
 
     def text() -> str:
@@ -303,7 +304,7 @@ def show(app: AppContext, bundle_id: str, out_dir: Path | None, accept_suspect: 
     """
     from gateway.client.transport import path_of  # noqa: PLC0415
 
-    client = app.client()
+    client = app.client("show")
     query = {"accept_suspect": "true" if accept_suspect else None}
     written: list[Path] = []
     if out_dir is None:
@@ -311,6 +312,7 @@ def show(app: AppContext, bundle_id: str, out_dir: Path | None, accept_suspect: 
     else:
         from gateway.client.files import check_destination  # noqa: PLC0415
 
+        client.preflight()
         check_destination(out_dir, must_be_empty=False)
         received, shown = client.receive_files(
             path_of("bundles", bundle_id, "content", query=query),
@@ -363,7 +365,7 @@ def resend(app: AppContext, bundle_ids: Sequence[str], suspect: bool) -> None:
     """
     if bool(bundle_ids) == suspect:
         raise click.UsageError("give the ids of bundles to resend, or --suspect, not both")
-    report = app.client().call(
+    report = app.client("resend").call(
         "POST", "/api/v1/resend", {"bundle_ids": list(bundle_ids), "suspect": suspect}
     )
 

@@ -44,7 +44,7 @@ def show(app: AppContext) -> None:
 
     Runs through the node's local API; needs your token.
     """
-    data = app.client().call("GET", "/api/v1/keys")
+    data = app.client("keys.show").call("GET", "/api/v1/keys")
     pending = data["pending_delivery"]
 
     def human() -> str:

@@ -78,7 +78,7 @@ def list_command(
         "since": since,
         "limit": str(limit if limit is not None else MAX_LIST_LIMIT),
     }
-    entries = app.client().call("GET", path_of("ledger", query=query))
+    entries = app.client("ledger.list").call("GET", path_of("ledger", query=query))
     app.emit(entries, lambda: "\n".join(_line(entry) for entry in entries) or "no entries")
 
 
@@ -91,7 +91,7 @@ def verify(app: AppContext) -> None:
 
     Runs through the node's local API; needs your token.
     """
-    report = app.client().call("POST", "/api/v1/ledger/verify", {})
+    report = app.client("ledger.verify").call("POST", "/api/v1/ledger/verify", {})
     app.emit(
         report,
         f"ledger intact: {report['entries']} entries, root {report['root']}, "
@@ -148,7 +148,8 @@ def export(app: AppContext, fmt: str, out: Path) -> None:
     """
     from gateway.client.transport import path_of  # noqa: PLC0415
 
-    client = app.client()
+    client = app.client("ledger.export")
+    client.preflight()
     if out.exists() or out.is_symlink():
         raise AlreadyExists(f"{out} exists; exports never overwrite a file")
     with client.open("GET", path_of("ledger", "export", query={"format": fmt})) as answer:
@@ -217,5 +218,5 @@ def audit_peer(app: AppContext) -> None:
 
     Runs through the node's local API; needs your token.
     """
-    result = app.client().call("POST", "/api/v1/ledger/audit-peer", {})
+    result = app.client("ledger.audit-peer").call("POST", "/api/v1/ledger/audit-peer", {})
     app.emit(result, result["message"])

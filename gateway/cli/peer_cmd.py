@@ -89,7 +89,7 @@ def show(app: AppContext) -> None:
 
     Runs through the node's local API; needs your token.
     """
-    answer = app.client().call("GET", "/api/v1/peer")
+    answer = app.client("peer.show").call("GET", "/api/v1/peer")
     data = answer.get("pinned")
     if data is None:
         app.emit(

@@ -52,7 +52,7 @@ def add(app: AppContext, name: str, role: str) -> None:
     Example:
       gateway users add tanaka --role officer
     """
-    created = app.client().call("POST", "/api/v1/users", {"name": name, "role": role})
+    created = app.client("users.add").call("POST", "/api/v1/users", {"name": name, "role": role})
     app.emit(
         created,
         f"Added {created['name']} ({created['role']}).\n"
@@ -65,7 +65,7 @@ def add(app: AppContext, name: str, role: str) -> None:
 @pass_app
 def list_(app: AppContext) -> None:
     """List users with their role and state (never their tokens)."""
-    data = app.client().call("GET", "/api/v1/users")
+    data = app.client("users.list").call("GET", "/api/v1/users")
 
     def human() -> str:
         lines = [f"{'NAME':<24} {'ROLE':<11} {'STATE':<9} CREATED"]
@@ -85,7 +85,7 @@ def list_(app: AppContext) -> None:
 @pass_app
 def disable(app: AppContext, name: str) -> None:
     """Disable a user: its token is refused from now on."""
-    app.client().call("POST", _path("users", name, "disable"), {})
+    app.client("users.disable").call("POST", _path("users", name, "disable"), {})
     app.emit({"name": name, "disabled": True}, f"Disabled {name}.")
 
 
@@ -94,7 +94,7 @@ def disable(app: AppContext, name: str) -> None:
 @pass_app
 def new_token(app: AppContext, name: str) -> None:
     """Replace a user's token (the old one stops working) and print the new one once."""
-    answer = app.client().call("POST", _path("users", name, "token"), {})
+    answer = app.client("users.add").call("POST", _path("users", name, "token"), {})
     app.emit(
         {"name": name, "token": answer["token"]},
         f"New token for {name} (shown once; the old one no longer works):\n  {answer['token']}",

@@ -219,9 +219,25 @@ def path_of(*segments: str, query: Mapping[str, str | None] | None = None) -> st
 class ApiClient:
     """One user's connection to the node's local API (one request at a time)."""
 
-    def __init__(self, target: Target, token: str | None) -> None:
+    def __init__(self, target: Target, token: str | None, *, action: str | None = None) -> None:
         self.target = target
+        self.action = action
+        """What the command acts as (the node authorizes each route itself)."""
         self._token = token
+
+    def preflight(self) -> None:
+        """Ask the node who the token belongs to and check its role may do ``action``.
+
+        For commands that check local things (an output path) before their one
+        request: a refused user hears about the token or the role first, as
+        the node would answer. The node still authorizes the request itself.
+        Raises :class:`AccessDenied` (no, wrong or disabled token; role).
+        """
+        from gateway.core.roles import Role, authorize_role  # noqa: PLC0415
+
+        who = self.call("GET", "/api/v1/whoami")
+        if self.action is not None and isinstance(who, dict) and who.get("role"):
+            authorize_role(Role(who["role"]), self.action)
 
     def _connection(self) -> http.client.HTTPConnection:
         if self.target.socket_path is not None:

@@ -100,8 +100,7 @@ def test_nodes_made_by_a_plain_install_init_serve_and_deliver(
     for home in (jp, pk):
         assert (home.home / "policies" / "policy.toml").read_bytes() == POLICY_FILES["policy.toml"]
     officers = {
-        node_id: home.add_user(f"officer-{node_id}", "officer")
-        for node_id, home in nodes.items()
+        node_id: home.add_user(f"officer-{node_id}", "officer") for node_id, home in nodes.items()
     }
     sent = jp.run("send", "exam-fraud", str(EXAMPLE), token=officers["jp"])
     deadline = time.monotonic() + 120
