@@ -46,7 +46,6 @@ from gateway.api.app import ROUTES_KEY, create_api_app
 from gateway.cli.main import cli
 from gateway.core.roles import ACTIONS, Role
 from tests.conftest import create_pg_database, drop_pg_database
-from tests.node_api import running_api
 from tests.integration.test_api import (
     PASSPHRASE,
     PLANTED,
@@ -59,6 +58,7 @@ from tests.integration.test_api import (
     run_api,
     serve_api,
 )
+from tests.node_api import running_api
 
 HOST_COMMANDS = {
     ("init",),
