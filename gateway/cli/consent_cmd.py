@@ -79,7 +79,7 @@ def grant_command(
     """Give the peer written consent for its request; it is signed and sent."""
     from gateway.core.times import DateMeans, parse_user_time  # noqa: PLC0415
 
-    body: dict[str, Any] = {"conditions": conditions}
+    body: dict[str, Any] = {"conditions": conditions} if conditions else {}
     if valid_until is not None:
         # Checked here too, so a mistake is named as the option it was typed as.
         parse_user_time(valid_until, option="--valid-until", dates=DateMeans.END)
