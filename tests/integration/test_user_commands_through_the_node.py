@@ -333,3 +333,33 @@ def test_a_stale_socket_is_replaced_and_a_live_one_is_not_taken(tmp_path: Path) 
     with pytest.raises(ConfigError, match="not a socket"):
         bind_api_socket(tmp_path)
     assert api_socket_path(tmp_path).read_text() == "not a socket"
+
+
+def test_user_command_modules_import_no_database_server_or_crypto_library() -> None:
+    """The client and the user commands' modules load the standard library and
+    the client only: no SQLAlchemy, Alembic, aiohttp, PyNaCl, pydantic or case schemas."""
+    modules = [
+        "gateway.client.transport",
+        "gateway.client.files",
+        "gateway.client.upload",
+        "gateway.client.progress",
+        "gateway.cli.exchange_cmd",
+        "gateway.cli.consent_cmd",
+        "gateway.cli.disclose_cmd",
+        "gateway.cli.ledger_cmd",
+        "gateway.cli.users_cmd",
+    ]
+    probe = (
+        "import importlib, sys\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+        "heavy = ('sqlalchemy', 'alembic', 'aiohttp', 'nacl', 'pydantic', 'gateway.core.cases',"
+        " 'gateway.node', 'gateway.store')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or"
+        " any(m == h or m.startswith(h + '.') for h in heavy)))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run(
+        [GATEWAY[0], "-c", probe], env=env, capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
