@@ -22,7 +22,7 @@ from gateway.api.app import create_api_app
 from gateway.api.unix_socket import start_unix_api
 from gateway.client.paths import api_socket_path
 
-__all__ = ["RunningApi", "running_api"]
+__all__ = ["RunningApi", "running_api", "serving_home"]
 
 
 class RunningApi:
@@ -69,3 +69,33 @@ def running_api(node: Any, keyring_provider: Callable[[], Any]) -> Iterator[Runn
         yield api
     finally:
         api.stop()
+
+
+@contextmanager
+def serving_home(
+    home: Path, environ: dict[str, str], *, passphrase: str | None = None
+) -> Iterator[RunningApi]:
+    """Open the node at ``home`` (settings from ``environ``) and serve its local API
+    on the home's socket for the ``with`` block; the keyring is unlocked with
+    ``passphrase`` when a route first needs it (``None``: routes that seal or open
+    bundles fail, as for a node whose keys cannot be unlocked)."""
+    from gateway.node.keystore import unlock_keyring  # noqa: PLC0415
+    from gateway.node.runtime import Node  # noqa: PLC0415
+    from gateway.settings import load_settings  # noqa: PLC0415
+
+    node = Node.open(load_settings(home, environ=environ))
+    unlocked: list[Any] = []
+
+    def keyring() -> Any:
+        if not unlocked:
+            if passphrase is None:
+                raise RuntimeError("this test node serves without its keys")
+            with node.db.transaction() as session:
+                unlocked.append(unlock_keyring(node.settings, passphrase.encode(), session))
+        return unlocked[0]
+
+    try:
+        with running_api(node, keyring) as api:
+            yield api
+    finally:
+        node.close()
