@@ -22,7 +22,7 @@ from gateway.api.app import create_api_app
 from gateway.api.unix_socket import start_unix_api
 from gateway.client.paths import api_socket_path
 
-__all__ = ["RunningApi", "running_api", "serving_home"]
+__all__ = ["RunningApi", "running_api", "serve_node", "serving_home", "stop_all"]
 
 
 class RunningApi:
@@ -99,3 +99,26 @@ def serving_home(
             yield api
     finally:
         node.close()
+
+
+_started: list[RunningApi] = []
+
+
+def serve_node(node: Any, keyring_provider: Callable[[], Any]) -> RunningApi:
+    """Serve ``node``'s local API on its home's socket until the test ends (once per node).
+
+    The ``_stop_running_apis`` fixture of ``tests/conftest.py`` stops every one
+    after the test.
+    """
+    for api in _started:
+        if api.node is node:
+            return api
+    api = RunningApi(node, keyring_provider).start()
+    _started.append(api)
+    return api
+
+
+def stop_all() -> None:
+    """Stop every API :func:`serve_node` started."""
+    while _started:
+        _started.pop().stop()
