@@ -633,9 +633,7 @@ class DemoStory:
             if not path.is_file():
                 raise StepFailed(f"gateway keys export wrote no file at {path}")
             self.files[key] = path
-            self._facts[f"{node.node_id}-fingerprint"] = str(
-                _find(exported, "root_fingerprint")
-            )
+            self._facts[f"{node.node_id}-fingerprint"] = str(_find(exported, "root_fingerprint"))
         return self.files[key]
 
     def _fingerprint(self, node: DemoNode) -> str:
