@@ -418,6 +418,28 @@ def kill(serve: ServeProcess) -> int:
 
 # --- two node homes with keys exchanged and pinned -------------------------------------------
 
+_USER_COMMANDS = {
+    "send", "inbox", "outbox", "show", "resend", "consent", "disclose", "users",
+    ("ledger", "list"), ("ledger", "verify"), ("ledger", "export"), ("ledger", "audit-peer"),
+    ("peer", "show"), ("keys", "show"),
+}  # fmt: skip
+
+
+def is_user_command(args: tuple[str, ...]) -> bool:
+    """True for the commands that are clients of the running node (SPEC §8)."""
+    words = [a for a in args if not a.startswith("-")]
+    return bool(words) and (words[0] in _USER_COMMANDS or tuple(words[:2]) in _USER_COMMANDS)
+
+
+def socket_answers(home: Path) -> bool:
+    """True when a node answers on ``<home>/run/api.sock``."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(home / "run" / "api.sock"))
+        except OSError:
+            return False
+    return True
+
 
 @dataclass
 class NodeHome:
@@ -445,12 +467,26 @@ class NodeHome:
         return env
 
     def run(self, *args: str, token: str | None = None, check: bool = True) -> Any:
-        """Run ``gateway --json ARGS`` for this node; return the parsed JSON output."""
+        """Run ``gateway --json ARGS`` for this node; return the parsed JSON output.
+
+        A user command is a client of the running node: when no ``gateway serve``
+        of this home answers on its socket, the node is served in this process
+        (the same local API app on the same socket) while the command runs.
+        """
         import json  # noqa: PLC0415
 
-        done = run_gateway(
-            self.home, "--json", *args, env=self.env(token=token), program=self.program
-        )
+        def call() -> subprocess.CompletedProcess[str]:
+            return run_gateway(
+                self.home, "--json", *args, env=self.env(token=token), program=self.program
+            )
+
+        if is_user_command(args) and not socket_answers(self.home):
+            from tests.node_api import serving_home  # noqa: PLC0415
+
+            with serving_home(self.home, self.env(), passphrase=self.passphrase):
+                done = call()
+        else:
+            done = call()
         if check and done.returncode != 0:
             raise AssertionError(
                 f"gateway {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
