@@ -51,6 +51,21 @@ class RunningApi:
         asyncio.run_coroutine_threadsafe(up(), self._loop).result(timeout=30)
         return self
 
+    def add_tcp(self) -> str:
+        """Listen on loopback TCP too (plain HTTP); return the URL."""
+        assert self._runner is not None
+        runner = self._runner
+
+        async def up() -> str:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            server = site._server
+            assert server is not None
+            port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            return f"http://127.0.0.1:{port}"
+
+        return asyncio.run_coroutine_threadsafe(up(), self._loop).result(timeout=30)
+
     def stop(self) -> None:
         if self._runner is not None:
             runner, self._runner = self._runner, None

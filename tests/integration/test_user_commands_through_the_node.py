@@ -374,3 +374,22 @@ def test_the_api_url_variables_are_no_settings_so_host_operations_accept_them(
         {"GATEWAY_API_URL": "https://127.0.0.1:8702", "GATEWAY_API_CA": str(tmp_path / "ca.pem")}
     )
     assert values == {}
+
+
+def test_a_user_command_reaches_the_node_over_tcp_with_api_url(
+    pair: Pair,
+) -> None:
+    url = pair.jp.serve_api().add_tcp()
+    env = {"GATEWAY_TOKEN": pair.jp.tokens["officer"], "GATEWAY_PASSPHRASE": ""}
+    done = CliRunner().invoke(
+        cli, ["--api-url", url, "--json", "outbox"], env=env, catch_exceptions=False
+    )
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.stdout) == {"bundles": []}
+    via_env = CliRunner().invoke(
+        cli, ["--json", "inbox"], env={**env, "GATEWAY_API_URL": url}, catch_exceptions=False
+    )
+    assert via_env.exit_code == 0, via_env.output
+    refused = CliRunner().invoke(cli, ["--api-url", "ftp://x", "inbox"], env=env)
+    assert refused.exit_code == 1
+    assert "must be http://HOST:PORT or https://HOST:PORT" in refused.stderr
