@@ -77,9 +77,8 @@ def crypto_worker(mode: str, home: Path, argument: str) -> None:
     """One side of the seal+open floor: unlock, say ``ready``, wait for a line, work,
     print the seconds the work took. ``seal``: ``argument`` is the count; ``open``: a
     file listing the envelope paths."""
-    from gateway.node.peer_trust import pinned_peer_manifest  # noqa: PLC0415
-
     from gateway.core.envelope import open_envelope, seal  # noqa: PLC0415
+    from gateway.node.peer_trust import pinned_peer_manifest  # noqa: PLC0415
     from gateway.node.policy import load_policy  # noqa: PLC0415
 
     settings = load_settings(home, environ=dict(os.environ))

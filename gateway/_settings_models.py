@@ -40,6 +40,8 @@ _NOT_SETTINGS = frozenset(
         "GATEWAY_PASSPHRASE",
         "GATEWAY_KEYSTORE_STRENGTH",
         "GATEWAY_TOKEN",
+        "GATEWAY_API_URL",
+        "GATEWAY_API_CA",
         "GATEWAY_CRASH_AT",
         "GATEWAY_TEST_PG_URL",
     }

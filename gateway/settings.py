@@ -7,7 +7,8 @@ An environment variable names a setting by section and key in capitals:
 ``GATEWAY_SERVER_LISTEN`` overrides ``[server] listen``, ``GATEWAY_DATABASE_URL``
 overrides ``[database] url``. ``GATEWAY_HOME``, ``GATEWAY_PASSPHRASE`` and
 ``GATEWAY_TOKEN`` are not settings (they select the home and carry secrets) and
-are read elsewhere.
+are read elsewhere, as are ``GATEWAY_API_URL`` and ``GATEWAY_API_CA`` (where a
+user command finds the running node, :mod:`gateway.client.transport`).
 
 A bad or missing value is a :class:`~gateway.errors.ConfigError` naming the key
 and where it came from (the file, or the environment variable).

@@ -117,3 +117,12 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 # fast; production files use the moderate cost (docs/keys.md). Subprocesses inherit it.
 os.environ.setdefault("GATEWAY_KEYSTORE_STRENGTH", "min")
 _KEPT = frozenset({"GATEWAY_TEST_PG_URL", "GATEWAY_KEYSTORE_STRENGTH"})
+
+
+@pytest.fixture(autouse=True)
+def _stop_running_apis() -> Iterator[None]:
+    """Stop the local APIs a test served for its user commands (tests.node_api.serve_node)."""
+    yield
+    from tests.node_api import stop_all  # noqa: PLC0415
+
+    stop_all()

@@ -34,6 +34,7 @@ from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user
 from gateway.peer.server import node_services
 from gateway.store.models_exchange import OutboxEntry, envelope_path
+from tests.node_api import RunningApi
 from tests.nodes import open_pinned_pair
 
 __all__ = [
@@ -72,21 +73,31 @@ class Side:
     officer: Actor
     compliance: Actor
     tokens: dict[str, str] = field(default_factory=dict)
+    running: RunningApi | None = None
 
     @property
     def home(self) -> Path:
         return self.node.settings.home
 
+    def serve_api(self) -> RunningApi:
+        """This node's local API on its Unix socket (started once, stopped with the pair)."""
+        if self.running is None:
+            self.running = RunningApi(self.node, lambda: self.keyring).start()
+        return self.running
+
     def env(self, role: str = "officer") -> dict[str, str]:
-        """The environment of a CLI user of this node acting with ``role``'s token."""
-        return {
-            "GATEWAY_HOME": str(self.home),
-            "GATEWAY_PASSPHRASE": PASSPHRASE,
-            "GATEWAY_TOKEN": self.tokens[role],
-        }
+        """The environment of a CLI user of this node acting with ``role``'s token:
+        the home (for its socket) and the token; never the passphrase."""
+        return {"GATEWAY_HOME": str(self.home), "GATEWAY_TOKEN": self.tokens[role]}
+
+    def host_env(self) -> dict[str, str]:
+        """The environment of a host operation on this node (the passphrase, no token)."""
+        return {"GATEWAY_HOME": str(self.home), "GATEWAY_PASSPHRASE": PASSPHRASE}
 
     def cli(self, *args: str, role: str = "officer") -> Result:
-        """Run ``gateway ARGS`` in this process as the user of ``role``."""
+        """Run the user command ``gateway ARGS`` in this process as the user of ``role``,
+        against this node running (its local API on the home's socket)."""
+        self.serve_api()
         return CliRunner().invoke(cli, list(args), env=self.env(role), catch_exceptions=False)
 
     def api(self, calls: list[tuple[str, str, Any]], *, role: str = "officer") -> list[ApiAnswer]:
@@ -171,6 +182,9 @@ def open_pair(root: Path, urls: dict[str, str], environ: dict[str, str]) -> Iter
     try:
         yield Pair(jp=sides["jp"], pk=sides["pk"])
     finally:
+        for side in sides.values():
+            if side.running is not None:
+                side.running.stop()
         for node in nodes.values():
             node.close()
 

@@ -38,6 +38,7 @@ from gateway.node.users import add_user
 from gateway.peer.ledger_routes import ledger_routes
 from gateway.peer.server import create_node_peer_app
 from tests.exchange_pair import second_url
+from tests.node_api import RunningApi
 from tests.nodes import (
     GATEWAY,
     TEST_LIMITS,
@@ -60,16 +61,22 @@ class Side:
     home: Path
     keyring: NodeKeyring
     tokens: dict[str, str]
+    running: RunningApi | None = None
+
+    def serve_api(self) -> RunningApi:
+        """This node's local API on its Unix socket (started once, stopped with the pair)."""
+        if self.running is None:
+            self.running = RunningApi(self.node, lambda: self.keyring).start()
+        return self.running
 
     def cli(
         self, *args: str, role: str = "officer", stdin: str | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """Run ``gateway ARGS`` as a real process acting as ``role``."""
-        env = gateway_env(
-            self.home,
-            GATEWAY_PASSPHRASE=PASSPHRASE,
-            GATEWAY_TOKEN=self.tokens[role],
-        )
+        """Run the user command ``gateway ARGS`` as a real process acting as ``role``,
+        against this node running (its local API on the home's socket)."""
+        self.serve_api()
+        env = gateway_env(self.home, GATEWAY_TOKEN=self.tokens[role])
+        env.pop("GATEWAY_PASSPHRASE", None)
         if stdin is None:
             return run_gateway(self.home, *args, env=env)
         return subprocess.run(  # noqa: PLW1510 - the caller checks the code
@@ -114,6 +121,9 @@ def pinned_pair(
             sides[node_id] = Side(node, tmp_path / node_id, keyring, tokens)
         yield sides
     finally:
+        for side in sides.values():
+            if side.running is not None:
+                side.running.stop()
         for node in nodes.values():
             node.close()
 

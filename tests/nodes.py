@@ -326,6 +326,28 @@ def start_serve(
 
 # --- two node homes with keys exchanged and pinned -------------------------------------------
 
+_USER_COMMANDS = {
+    "send", "inbox", "outbox", "show", "resend", "consent", "disclose", "users",
+    ("ledger", "list"), ("ledger", "verify"), ("ledger", "export"), ("ledger", "audit-peer"),
+    ("peer", "show"), ("keys", "show"),
+}  # fmt: skip
+
+
+def is_user_command(args: tuple[str, ...]) -> bool:
+    """True for the commands that are clients of the running node (SPEC §8)."""
+    words = [a for a in args if not a.startswith("-")]
+    return bool(words) and (words[0] in _USER_COMMANDS or tuple(words[:2]) in _USER_COMMANDS)
+
+
+def socket_answers(home: Path) -> bool:
+    """True when a node answers on ``<home>/run/api.sock``."""
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(str(home / "run" / "api.sock"))
+        except OSError:
+            return False
+    return True
+
 
 @dataclass
 class NodeHome:
@@ -353,17 +375,49 @@ class NodeHome:
         return env
 
     def run(self, *args: str, token: str | None = None, check: bool = True) -> Any:
-        """Run ``gateway --json ARGS`` for this node; return the parsed JSON output."""
+        """Run ``gateway --json ARGS`` for this node; return the parsed JSON output.
+
+        A user command is a client of the running node: when no ``gateway serve``
+        of this home answers on its socket, the node is served in this process
+        (the same local API app on the same socket) while the command runs.
+        """
         import json  # noqa: PLC0415
 
-        done = run_gateway(
-            self.home, "--json", *args, env=self.env(token=token), program=self.program
-        )
+        def call() -> subprocess.CompletedProcess[str]:
+            return run_gateway(
+                self.home, "--json", *args, env=self.env(token=token), program=self.program
+            )
+
+        if is_user_command(args) and not socket_answers(self.home):
+            from tests.node_api import serving_home  # noqa: PLC0415
+
+            with serving_home(self.home, self.env(), passphrase=self.passphrase):
+                done = call()
+        else:
+            done = call()
         if check and done.returncode != 0:
             raise AssertionError(
                 f"gateway {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
             )
         return json.loads(done.stdout) if done.stdout.strip() else None
+
+    def add_user(self, name: str, role: str) -> str:
+        """Add a user on the host (as ``init`` adds the first administrator); its token.
+
+        ``gateway users add`` is a client of the running node; test set-up that
+        runs before ``serve`` adds users through the node's own service instead.
+        """
+        from gateway.node.runtime import utc_now  # noqa: PLC0415
+        from gateway.node.users import add_user  # noqa: PLC0415
+        from gateway.settings import load_settings  # noqa: PLC0415
+
+        settings = load_settings(self.home, environ=self.env())
+        db = open_database(settings.database_url)
+        try:
+            with db.transaction() as session:
+                return add_user(session, name, role, created_by="admin", now=utc_now()).token.text
+        finally:
+            db.dispose()
 
     def serve(self, **extra: str) -> ServeProcess:
         return start_serve(self.home, env=self.env(**extra), program=self.program)
@@ -424,12 +478,14 @@ def init_pair(
         nodes[node_id] = NodeHome(
             node_id, home, ports[node_id][0], ports[node_id][1], passphrase, token, url, program
         )
+    fingerprints: dict[str, str] = {}
     for node_id, peer in (("jp", "pk"), ("pk", "jp")):
         manifest = root / f"{peer}-manifest.json"
-        if not manifest.exists():
-            nodes[peer].run("keys", "export", "--out", str(manifest))
-        fingerprint = nodes[peer].run("keys", "show")["root_fingerprint"]
-        nodes[node_id].run("peer", "add", str(manifest), "--fingerprint", fingerprint)
+        if peer not in fingerprints:
+            # A host operation: ``keys show`` would need the node running.
+            exported = nodes[peer].run("keys", "export", "--out", str(manifest))
+            fingerprints[peer] = exported["root_fingerprint"]
+        nodes[node_id].run("peer", "add", str(manifest), "--fingerprint", fingerprints[peer])
     return nodes
 
 

@@ -9,6 +9,7 @@ answer (base64), so nothing decrypted stays on the server.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import shutil
@@ -26,7 +27,9 @@ from gateway.api.routes_common import (
     refuse_unknown_fields,
     require_str,
 )
+from gateway.api.streams import abort_stream, folder_files, prepare_file_stream, stream_folder
 from gateway.core.consent import parse_valid_until
+from gateway.core.jsonable import to_jsonable
 from gateway.errors import InvalidInput, NotFound, PolicyRefused
 from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.consent import protocol as consent_protocol
@@ -196,6 +199,57 @@ async def disclosures_make(call: Call) -> web.StreamResponse:
     return json_response(data, status=201)
 
 
+async def disclosures_stream(call: Call) -> web.StreamResponse:
+    """Disclose if the consent ledger allows, streaming the package to the caller.
+
+    The ``disclosure-made`` (or ``internal-share``) entry and the consent use
+    are committed only after the whole package was written to the caller; the
+    answer's final chunk follows the commit. A refusal answers 403 before any
+    file is sent.
+    """
+    body = await call.json_body()
+    refuse_unknown_fields(body, {"bundle_ids", "recipient", "purpose"})
+    bundle_ids = _bundle_ids(body)
+    recipient = require_str(body, "recipient", max_length=500)
+    purpose = require_str(body, "purpose", max_length=2000)
+    keyring = call.keyring_provider()
+    loop = asyncio.get_running_loop()
+    response = web.StreamResponse()
+
+    def deliver(folder: Path, result: consent_disclosure.DisclosureResult) -> None:
+        names = folder_files(folder)
+        total = sum((folder / name).stat().st_size for name in names)
+        data = result.to_dict()
+        data.pop("out_dir", None)
+        prepare_file_stream(call.request, response, loop, total)
+        stream_folder(response, loop, folder, names, to_jsonable(data))
+
+    parent = Path(tempfile.mkdtemp(prefix="gateway-api-disclose-"))
+    try:
+        try:
+            await call.run(
+                lambda: consent_disclosure.disclose(
+                    call.node,
+                    keyring,
+                    call.actor,
+                    bundle_ids,
+                    recipient,
+                    purpose,
+                    parent / "out",
+                    now=utc_now(),
+                    deliver=deliver,
+                )
+            )
+        except BaseException:
+            if response.prepared:
+                raise abort_stream(call.request) from None
+            raise
+    finally:
+        await call.run(lambda: shutil.rmtree(parent, ignore_errors=True))
+    await response.write_eof()
+    return response
+
+
 ROUTES = (
     ApiRoute(
         "POST",
@@ -238,5 +292,12 @@ ROUTES = (
         "disclose",
         disclosures_make,
         "Disclose bundles to a recipient if the consent ledger allows",
+    ),
+    ApiRoute(
+        "POST",
+        "/api/v1/disclosures/stream",
+        "disclose",
+        disclosures_stream,
+        "Disclose bundles if the consent ledger allows, streaming the package",
     ),
 )

@@ -1,14 +1,20 @@
 """Local API routes for the exchange (officers): send, inbox, outbox, show.
 
-The same services as ``gateway send | inbox | outbox | show``. Attachments
-travel inside the JSON body as base64 and are bounded by the body limit of
-``POST /api/v1/bundles`` (32 MiB); larger files go through the CLI, which
-streams them. ``GET /api/v1/bundles/{id}`` decrypts for the acting officer and
-records the read in the ledger exactly as ``gateway show`` does.
+The same services as ``gateway send | inbox | outbox | show``.
+``POST /api/v1/bundles`` takes either a JSON body with base64 attachments
+(bounded by 32 MiB, for small callers) or ``multipart/form-data``: a ``meta``
+part (the JSON fields, with ``attachments`` naming the files in order) and
+one ``file`` part per attachment, spooled part by part to a private folder
+within the policy's limits (what ``gateway send --attach`` sends).
+``GET /api/v1/bundles/{id}`` decrypts for the acting officer and records the
+read in the ledger exactly as ``gateway show`` does;
+``GET /api/v1/bundles/{id}/content`` does the same and streams the case and
+its attachments as files (:mod:`gateway.client.framing`), whatever their size.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import os
@@ -27,6 +33,13 @@ from gateway.api.routes_common import (
     refuse_unknown_fields,
     require_str,
 )
+from gateway.api.streams import (
+    abort_stream,
+    prepare_file_stream,
+    spool_multipart,
+    stream_folder,
+)
+from gateway.core.jsonable import to_jsonable
 from gateway.core.retention import Direction
 from gateway.errors import InvalidInput, PolicyRefused
 from gateway.node.inbox import (
@@ -109,7 +122,50 @@ def _spool_attachments(attachments: list[tuple[str, bytes]]) -> tuple[Path, list
     return folder, paths
 
 
+async def _bundles_send_multipart(call: Call) -> web.StreamResponse:
+    from gateway.node.policy import load_policy  # noqa: PLC0415
+
+    limits = (await call.run(lambda: load_policy(call.node.settings))).limits
+    spooled = await spool_multipart(
+        call.request,
+        max_case_bytes=limits.max_case_bytes,
+        max_attachments=limits.max_attachments,
+        max_attachment_bytes=limits.max_attachment_bytes,
+        run=call.run,
+    )
+    try:
+        body = spooled.meta
+        refuse_unknown_fields(body, {"type", "case", "public", "reply_to"})
+        case_type = require_str(body, "type", max_length=64)
+        case = body.get("case")
+        if not isinstance(case, dict):
+            raise InvalidInput("field 'case' is required and must be a JSON object")
+        public = body.get("public", False)
+        if not isinstance(public, bool):
+            raise InvalidInput("field 'public' must be true or false")
+        reply_to = optional_str(body, "reply_to", max_length=64)
+        keyring = call.keyring_provider()
+        sent = await call.run(
+            lambda: send_case(
+                call.node,
+                keyring,
+                call.actor,
+                case_type,
+                case,
+                spooled.paths,
+                public=public,
+                reply_to=reply_to,
+                now=utc_now(),
+            )
+        )
+    finally:
+        await call.run(spooled.remove)
+    return json_response(sent.to_dict(), status=201)
+
+
 async def bundles_send(call: Call) -> web.StreamResponse:
+    if call.request.content_type == "multipart/form-data":
+        return await _bundles_send_multipart(call)
     body = await call.json_body()
     refuse_unknown_fields(body, {"type", "case", "attachments", "public", "reply_to"})
     case_type = require_str(body, "type", max_length=64)
@@ -273,6 +329,49 @@ async def bundles_show(call: Call) -> web.StreamResponse:
     return json_response(data)
 
 
+async def bundles_content(call: Call) -> web.StreamResponse:
+    """Decrypt for the acting officer (the read is recorded) and stream the files."""
+    bundle_id = call.path("bundle_id")
+    accept_suspect = _flag(call, "accept_suspect")
+    keyring = call.keyring_provider()
+    loop = asyncio.get_running_loop()
+    response = web.StreamResponse()
+    parent = Path(tempfile.mkdtemp(prefix="gateway-api-content-"))
+    try:
+
+        def read_and_send() -> None:
+            folder = parent / "out"
+            folder.mkdir(mode=0o700)
+            # The folder is removed below: nothing stays on the node to track for retention.
+            shown = read_bundle(
+                call.node,
+                keyring,
+                call.actor,
+                bundle_id,
+                out_dir=folder,
+                now=utc_now(),
+                track_outputs=False,
+                accept_suspect=accept_suspect,
+            )
+            names = [path.relative_to(folder).as_posix() for path in shown.written]
+            total = sum(path.stat().st_size for path in shown.written)
+            result = shown.to_dict()
+            result.pop("case", None)  # the case travels as its file only
+            prepare_file_stream(call.request, response, loop, total)
+            stream_folder(response, loop, folder, names, to_jsonable(result))
+
+        try:
+            await call.run(read_and_send)
+        except BaseException:
+            if response.prepared:
+                raise abort_stream(call.request) from None
+            raise
+    finally:
+        await call.run(lambda: shutil.rmtree(parent, ignore_errors=True))
+    await response.write_eof()
+    return response
+
+
 ROUTES = (
     ApiRoute(
         "POST",
@@ -290,6 +389,13 @@ ROUTES = (
         "show",
         bundles_show,
         "Decrypt a bundle for the acting officer; the read is recorded",
+    ),
+    ApiRoute(
+        "GET",
+        "/api/v1/bundles/{bundle_id}/content",
+        "show",
+        bundles_content,
+        "Decrypt a bundle for the acting officer and stream its case and attachments",
     ),
     ApiRoute(
         "POST",

@@ -43,6 +43,8 @@ def backup(app: AppContext, out: Path) -> None:
     \b
     Example:
       gateway backup --home /srv/gw-jp --out /backup/jp-$(date -u +%F).gwbackup
+
+    Host operation: needs the keystore passphrase.
     """
     settings = app.settings()
     passphrase = app.passphrase()
@@ -100,6 +102,8 @@ def restore(app: AppContext, archive: Path, db_url: str | None) -> None:
     Example:
       gateway restore /backup/jp-2026-11-29.gwbackup --home /srv/gw-jp-restored \\
           --db postgresql://gateway@db/gateway_restored
+
+    Host operation: needs the keystore passphrase.
     """
     home = app.home()
     passphrase = app.passphrase()

@@ -1,38 +1,41 @@
 """``gateway consent request | grant | deny | revoke | list``: written consent (MOC item 3).
 
-Thin: each command parses, calls :mod:`gateway.node.consent`, and prints. All
-act as an officer (token) and use the node's keys: the request, the grant,
-the denial and the revocation travel to the peer as bundles, and every step
-is recorded in the ledger under the acting officer's name.
+Thin clients of the running node: each command parses, calls the node's
+local API with the acting officer's token (:mod:`gateway.client`), and
+prints. The node signs with its keys: the request, the grant, the denial and
+the revocation travel to the peer as bundles, and every step is recorded in
+the ledger under the acting officer's name.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 import click
 
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
-from gateway.core.consent import parse_valid_until
-from gateway.core.times import Precision, format_utc
-from gateway.node.consent import protocol as consent_protocol
-from gateway.node.consent import queries as consent_queries
-from gateway.node.runtime import utc_now
+from gateway.cli.display import when
 
 __all__ = ["consent_group"]
 
 
 def _when(value: Any) -> str:
-    if isinstance(value, datetime):
-        return format_utc(value, Precision.SECONDS)
-    return "-" if value is None else str(value)
+    return when(value)
+
+
+def _path(*segments: str) -> str:
+    from gateway.client.transport import path_of  # noqa: PLC0415
+
+    return path_of(*segments)
 
 
 @click.group(cls=GatewayGroup, name="consent")
 def consent_group() -> None:
-    """Ask for, grant, deny, revoke and list written consent to disclose the peer's items."""
+    """Ask for, grant, deny, revoke and list written consent to disclose the peer's items.
+
+    Runs through the node's local API; needs your token.
+    """
 
 
 @consent_group.command(name="request")
@@ -44,14 +47,14 @@ def request_command(
     app: AppContext, bundle_ids: tuple[str, ...], recipient: str, purpose: str
 ) -> None:
     """Ask the originating side for consent to pass its bundles to a third party."""
-    actor = app.actor("consent.request")
-    node = app.node()
-    sent = consent_protocol.request_consent(
-        node, app.keyring(), actor, list(bundle_ids), recipient, purpose, now=utc_now()
+    sent = app.client("consent.request").call(
+        "POST",
+        "/api/v1/consents/requests",
+        {"bundle_ids": list(bundle_ids), "recipient": recipient, "purpose": purpose},
     )
     app.emit(
-        sent.to_dict(),
-        f"consent request {sent.request_id} queued for the peer "
+        sent,
+        f"consent request {sent['request_id']} queued for the peer "
         f"({len(bundle_ids)} item(s), recipient {recipient!r})",
     )
 
@@ -74,23 +77,23 @@ def grant_command(
     conditions: str,
 ) -> None:
     """Give the peer written consent for its request; it is signed and sent."""
-    actor = app.actor("consent.grant")
-    node = app.node()
-    sent = consent_protocol.grant(
-        node,
-        app.keyring(),
-        actor,
-        request_id,
-        valid_until=parse_valid_until(valid_until),
-        max_uses=max_uses,
-        conditions=conditions,
-        now=utc_now(),
+    from gateway.core.times import DateMeans, parse_user_time  # noqa: PLC0415
+
+    body: dict[str, Any] = {"conditions": conditions} if conditions else {}
+    if valid_until is not None:
+        # Checked here too, so a mistake is named as the option it was typed as.
+        parse_user_time(valid_until, option="--valid-until", dates=DateMeans.END)
+        body["valid_until"] = valid_until
+    if max_uses is not None:
+        body["max_uses"] = max_uses
+    sent = app.client("consent.grant").call(
+        "POST", _path("consents", "requests", request_id, "grant"), body
     )
-    uses = "unlimited uses" if sent.max_uses is None else f"at most {sent.max_uses} use(s)"
+    uses = "unlimited uses" if sent["max_uses"] is None else f"at most {sent['max_uses']} use(s)"
     app.emit(
-        sent.to_dict(),
-        f"consent {sent.consent_id} granted for request {request_id}, valid until "
-        f"{_when(sent.valid_until)}, {uses}; queued for the peer",
+        sent,
+        f"consent {sent['consent_id']} granted for request {request_id}, valid until "
+        f"{_when(sent['valid_until'])}, {uses}; queued for the peer",
     )
 
 
@@ -100,12 +103,10 @@ def grant_command(
 @pass_app
 def deny_command(app: AppContext, request_id: str, reason: str) -> None:
     """Refuse the peer's consent request; the peer is told the reason."""
-    actor = app.actor("consent.deny")
-    node = app.node()
-    sent = consent_protocol.deny(
-        node, app.keyring(), actor, request_id, reason=reason, now=utc_now()
+    sent = app.client("consent.deny").call(
+        "POST", _path("consents", "requests", request_id, "deny"), {"reason": reason}
     )
-    app.emit(sent.to_dict(), f"consent request {request_id} denied; queued for the peer")
+    app.emit(sent, f"consent request {request_id} denied; queued for the peer")
 
 
 @consent_group.command(name="revoke")
@@ -114,21 +115,17 @@ def deny_command(app: AppContext, request_id: str, reason: str) -> None:
 @pass_app
 def revoke_command(app: AppContext, consent_id: str, reason: str) -> None:
     """Withdraw a consent this side granted; the peer refuses its use once it arrives."""
-    actor = app.actor("consent.revoke")
-    node = app.node()
-    sent = consent_protocol.revoke(
-        node, app.keyring(), actor, consent_id, reason=reason, now=utc_now()
+    sent = app.client("consent.revoke").call(
+        "POST", _path("consents", consent_id, "revoke"), {"reason": reason}
     )
-    app.emit(sent.to_dict(), f"consent {consent_id} revoked; queued for the peer")
+    app.emit(sent, f"consent {consent_id} revoked; queued for the peer")
 
 
 @consent_group.command(name="list")
 @pass_app
 def list_command(app: AppContext) -> None:
     """Consent requests and consents, both directions, with each consent's state."""
-    app.actor("consent.list")
-    node = app.node()
-    listing = consent_queries.list_consents(node, app.keyring(), now=utc_now())
+    listing = app.client("consent.list").call("GET", "/api/v1/consents")
 
     def text() -> str:
         lines = ["requests:"] if listing["requests"] else ["requests: none"]

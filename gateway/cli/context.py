@@ -19,15 +19,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from gateway import log
 from gateway.core.jsonable import to_jsonable
-from gateway.core.roles import Actor, authorize_role
 from gateway.errors import AccessDenied
-from gateway.node.passphrase import read_passphrase
-from gateway.settings import resolve_home
 
 if TYPE_CHECKING:
+    from gateway.client.transport import ApiClient
     from gateway.core.keys import NodeKeyring
+    from gateway.core.roles import Actor
     from gateway.node.runtime import Node
     from gateway.settings import Settings
 
@@ -45,6 +43,7 @@ class AppContext:
     verbose: bool = False
     token_file: Path | None = None
     passphrase_file: Path | None = None
+    api_url: str | None = None
     _settings: Settings | None = None
     _node: Node | None = None
     _actor: Actor | None = None
@@ -52,12 +51,40 @@ class AppContext:
     _passphrase: bytes | None = field(default=None, repr=False)
 
     def home(self) -> Path:
+        from gateway.settings import resolve_home  # noqa: PLC0415 - user commands need no settings
+
         return resolve_home(self.home_option, self.environ)
 
-    def settings(self) -> Settings:
-        if self._settings is None:
-            from gateway.settings import load_settings  # noqa: PLC0415
+    def client(self, action: str) -> ApiClient:
+        """The acting user's connection to the running node's local API, for ``action``.
 
+        ``action`` (of :data:`gateway.core.roles.ACTIONS`) is what the node
+        authorizes the command's requests as; the node checks the token and
+        the role, the command does not. User commands reach the node through
+        it with the user's token only:
+        the node's socket in the home by default, ``--api-url`` /
+        ``GATEWAY_API_URL`` for TCP. They never read the passphrase, the key
+        files or the database.
+        """
+        from gateway.client.transport import ApiClient, resolve_target  # noqa: PLC0415
+
+        home = None
+        if self.home_option is not None:
+            home = self.home_option.expanduser().resolve()
+        target = resolve_target(self.environ, home=home, api_url=self.api_url)
+        token = self.token()
+        if not token:
+            raise AccessDenied(
+                "no user token: pass --token-file FILE or set GATEWAY_TOKEN",
+                reason="access.no-token",
+            )
+        return ApiClient(target, token, action=action)
+
+    def settings(self) -> Settings:
+        from gateway import log  # noqa: PLC0415
+        from gateway.settings import load_settings  # noqa: PLC0415
+
+        if self._settings is None:
             self._settings = load_settings(self.home(), environ=self.environ)
             log.configure(
                 node=self._settings.node_id,
@@ -68,9 +95,9 @@ class AppContext:
 
     def node(self, *, upgrade: bool = False) -> Node:
         """The opened node (database checked); closed when the command ends."""
-        if self._node is None:
-            from gateway.node.runtime import Node  # noqa: PLC0415 - loaded on first use
+        from gateway.node.runtime import Node  # noqa: PLC0415
 
+        if self._node is None:
             self._node = Node.open(self.settings(), upgrade=upgrade)
             click.get_current_context().call_on_close(self.close)
         return self._node
@@ -83,9 +110,10 @@ class AppContext:
 
     def actor(self, action: str) -> Actor:
         """Authenticate the acting user and check its role may perform ``action``."""
-        if self._actor is None:
-            from gateway.node.users import authorize  # noqa: PLC0415 - loaded on first use
+        from gateway.core.roles import authorize_role  # noqa: PLC0415
+        from gateway.node.users import authorize  # noqa: PLC0415
 
+        if self._actor is None:
             node = self.node()
             token = self.token()
             with node.db.transaction() as session:
@@ -97,6 +125,8 @@ class AppContext:
 
     def passphrase(self, new: bool = False) -> bytes:
         """The keystore passphrase: ``--passphrase-file``, ``GATEWAY_PASSPHRASE`` or a prompt."""
+        from gateway.node.keystore import read_passphrase  # noqa: PLC0415
+
         return read_passphrase(self.environ, self.passphrase_file, prompt=True, new=new)
 
     def keyring(self, *, reload: bool = False) -> NodeKeyring:
@@ -105,9 +135,9 @@ class AppContext:
         ``reload`` unlocks again against the node's current manifest (after a
         rotation), with the passphrase this process was given.
         """
-        if self._keyring is None or reload:
-            from gateway.node.own_keys import unlock_keyring  # noqa: PLC0415 - loaded on first use
+        from gateway.node.own_keys import unlock_keyring  # noqa: PLC0415
 
+        if self._keyring is None or reload:
             node = self.node()
             if self._passphrase is None:
                 self._passphrase = self.passphrase()

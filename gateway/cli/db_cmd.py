@@ -13,7 +13,10 @@ __all__ = ["db"]
 
 @click.group(cls=GatewayGroup)
 def db() -> None:
-    """Database schema maintenance (migrations run by init and on serve start)."""
+    """Database schema maintenance (migrations run by init and on serve start).
+
+    Host operation: needs the keystore passphrase.
+    """
 
 
 @db.command()

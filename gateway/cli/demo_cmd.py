@@ -208,6 +208,8 @@ def demo(ctx: click.Context, app: AppContext, base: Path | None, keep: bool) -> 
       gateway demo
       gateway demo --keep --dir ./demo-homes
       gateway demo --json
+
+    Host operation: needs the keystore passphrase.
     """
     root, made_root = _prepare_root(base)
     cli_root = ctx.find_root().command
@@ -308,9 +310,11 @@ def demo(ctx: click.Context, app: AppContext, base: Path | None, keep: bool) -> 
             if jp is not None:
                 secrets_dir = jp.home / "demo-secrets"
                 lines += [
-                    "Explore Tokyo as its officer, e.g.:",
+                    "Explore Tokyo: start it as its host operator (the passphrase), e.g.:",
                     f'  GATEWAY_PASSPHRASE="$(cat {secrets_dir}/passphrase)" gateway '
-                    f"--home {jp.home} --token-file {secrets_dir}/officer.token inbox",
+                    f"--home {jp.home} serve &",
+                    "then act as its officer, with the token only:",
+                    f"  gateway --home {jp.home} --token-file {secrets_dir}/officer.token inbox",
                 ]
         else:
             lines.append(f"The homes in {root} were removed (use --keep to explore them).")

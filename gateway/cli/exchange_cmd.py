@@ -1,42 +1,29 @@
-"""``gateway send | sync | inbox | outbox | show``: the exchange with the peer.
+"""``gateway send | sync | inbox | outbox | show | resend``: the exchange with the peer.
 
-Thin: each command parses, calls :mod:`gateway.node.outbox` or
-:mod:`gateway.node.inbox`, and prints. ``send``, ``inbox``, ``outbox`` and
-``show`` act as an officer (token); ``sync`` is a host operation (the node's
-keys, no user token).
+``send``, ``inbox``, ``outbox``, ``show`` and ``resend`` are clients of the
+running node: they reach its local API with the acting officer's token
+(:mod:`gateway.client`) and never read the passphrase, the keys or the
+database; attachments and decrypted files travel as streams. ``sync`` is a
+host operation (the node's keys, no user token).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from gateway.cli.base import GatewayCommand
 from gateway.cli.context import AppContext, pass_app
-from gateway.core.canonical import parse_bounded_json
-from gateway.core.retention import Direction
-from gateway.core.times import Precision, format_utc
-from gateway.errors import ConfigError, InvalidInput
-from gateway.node.bundles import make_private_dir
-from gateway.node.inbox import describe_inbox_entry, list_gaps, list_inbox, read_bundle
-from gateway.node.outbox import (
-    DeliveryReport,
-    deliver_once,
-    describe_outbox_entry,
-    list_outbox,
-    refusals_by_peer,
-    send_case,
-)
-from gateway.node.resend import resend_bundles
-from gateway.node.retention import purged_dates_of
-from gateway.node.runtime import utc_now
+from gateway.cli.display import day, when
+from gateway.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from gateway.node.outbox import DeliveryReport
 
 __all__ = ["COMMANDS", "inbox", "outbox", "resend", "send", "show", "sync"]
 
@@ -56,6 +43,8 @@ def _read_case(source: str) -> dict[str, Any]:
         except OSError as exc:
             raise InvalidInput(f"{source}: cannot be read ({exc.strerror})") from None
         where = source
+    from gateway.core.canonical import parse_bounded_json  # noqa: PLC0415
+
     try:
         value = parse_bounded_json(data, max_bytes=MAX_CASE_FILE_BYTES)
     except InvalidInput as exc:
@@ -92,29 +81,43 @@ def send(
     Types: broker-misconduct, exam-fraud, consultation, acceptance-suspension,
     return-assistance, information-request, information-reply (its reply_to is
     the request_bundle_id of the case). Consent bundles have their own
-    commands (gateway consent ...).
+    commands (gateway consent ...). Attachments are streamed to the node.
+
+    Runs through the node's local API; needs your token.
     """
-    actor = app.actor("send")
+    from gateway.client.progress import transfer_progress  # noqa: PLC0415
+    from gateway.client.upload import multipart_send_body  # noqa: PLC0415
+
+    client = app.client("send")
+    client.preflight()
     case = _read_case(case_json)
-    node = app.node()
-    sent = send_case(
-        node,
-        app.keyring(),
-        actor,
-        case_type,
-        case,
-        list(attachments),
-        public=public,
-        reply_to=reply_to,
-        now=utc_now(),
-    )
-    app.emit(sent.to_dict(), sent.bundle_id)
+    meta: dict[str, Any] = {"type": case_type, "case": case, "public": public}
+    if reply_to is not None:
+        meta["reply_to"] = reply_to
+    body = multipart_send_body(meta, list(attachments))
+    with transfer_progress("send", body.files_bytes, enabled=not app.as_json) as progress:
+        body.progress = progress
+        sent = client.send_stream(
+            "POST",
+            "/api/v1/bundles",
+            body,
+            headers={"Content-Type": body.content_type, "Content-Length": str(body.length)},
+        )
+    app.emit(sent, sent["bundle_id"])
 
 
 @click.command(cls=GatewayCommand)
 @pass_app
 def sync(app: AppContext) -> None:
-    """Deliver the outbox to the peer once, then exit (1 if the peer is unreachable)."""
+    """Deliver the outbox to the peer once, then exit (1 if the peer is unreachable).
+
+    Host operation: needs the keystore passphrase.
+    """
+    import asyncio  # noqa: PLC0415
+
+    from gateway.errors import ConfigError  # noqa: PLC0415
+    from gateway.node.outbox import deliver_once  # noqa: PLC0415
+    from gateway.node.runtime import utc_now  # noqa: PLC0415
     from gateway.peer.client import PeerClient  # noqa: PLC0415
 
     settings = app.settings()
@@ -163,22 +166,22 @@ def sync(app: AppContext) -> None:
 
 
 def _time(value: Any) -> str:
-    return format_utc(value, Precision.SECONDS) if value is not None else "-"
+    return when(value)
 
 
-def _purged_note(purged_at: datetime | None) -> str:
-    return f"  purged {purged_at.strftime('%Y-%m-%d')}" if purged_at is not None else ""
+def _purged_note(purged_at: Any) -> str:
+    return f"  purged {day(purged_at)}" if purged_at is not None else ""
 
 
-def _links(row: Any) -> str:
+def _links(row: dict[str, Any]) -> str:
     """The flags of an inbox or outbox row: suspect, and the resend links."""
     parts = []
-    if getattr(row, "suspect_since", None) is not None:
+    if row.get("suspect_since") is not None:
         parts.append("SUSPECT")
-    if row.replaces:
-        parts.append(f"replaces {row.replaces}")
-    if row.replaced_by:
-        parts.append(f"replaced by {row.replaced_by}")
+    if row.get("replaces"):
+        parts.append(f"replaces {row['replaces']}")
+    if row.get("replaced_by"):
+        parts.append(f"replaced by {row['replaced_by']}")
     return ("  " + "; ".join(parts)) if parts else ""
 
 
@@ -198,40 +201,43 @@ def inbox(app: AppContext, case_type: str | None, gaps: bool, suspect: bool) -> 
     A bundle is flagged SUSPECT when the peer revoked its signing key with a
     distrust time before the bundle arrived; "replaces X" / "replaced by Y"
     link a bundle the peer re-sent under its new keys (gateway resend).
+
+    Runs through the node's local API; needs your token.
     """
-    app.actor("inbox")
-    node = app.node()
+    from gateway.client.transport import path_of  # noqa: PLC0415
+
+    client = app.client("inbox")
     if gaps:
-        channels = list_gaps(node)
-        gap_data = [c.to_dict() for c in channels]
+        answer = client.call("GET", path_of("inbox", query={"gaps": "true"}))
+        channels = answer["gaps"]
 
         def gap_text() -> str:
             if not channels:
                 return "nothing received yet"
             lines = []
             for c in channels:
-                missing = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in c.missing)
-                lines.append(f"{c.channel}: highest {c.highest}; missing: {missing or 'none'}")
+                missing = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in c["missing"])
+                lines.append(
+                    f"{c['channel']}: highest {c['highest']}; missing: {missing or 'none'}"
+                )
             return "\n".join(lines)
 
-        app.emit({"gaps": gap_data}, gap_text)
+        app.emit(answer, gap_text)
         return
-    rows = list_inbox(node, case_type=case_type, suspect=suspect)
-    purged = purged_dates_of(node, Direction.RECEIVED)
-    data = [describe_inbox_entry(r, purged.get(r.bundle_id)) for r in rows]
+    query = {"type": case_type, "suspect": "true" if suspect else None}
+    data = client.call("GET", path_of("inbox", query=query))
+    rows = data["bundles"]
 
     def text() -> str:
         if not rows:
             return "no suspect bundles" if suspect else "inbox is empty"
         return "\n".join(
-            f"{r.bundle_id}  {r.case_type:<22} from {r.sender}  #{r.sequence:<6} "
-            f"{_time(r.created_at)}  {r.marking}"
-            + _purged_note(purged.get(r.bundle_id))
-            + _links(r)
+            f"{r['bundle_id']}  {r['type']:<22} from {r['sender']}  #{r['sequence']:<6} "
+            f"{_time(r['created'])}  {r['marking']}" + _purged_note(r.get("purged")) + _links(r)
             for r in rows
         )
 
-    app.emit({"bundles": data}, text)
+    app.emit(data, text)
 
 
 @click.command(cls=GatewayCommand)
@@ -246,44 +252,39 @@ def outbox(app: AppContext, state: str | None) -> None:
 
     A delivered bundle the peer refused afterwards (a consent bundle that did
     not fit) says so, with the peer's signed reason.
+
+    Runs through the node's local API; needs your token.
     """
-    app.actor("inbox")
-    node = app.node()
-    rows = list_outbox(node, state=state)
-    purged = purged_dates_of(node, Direction.SENT)
-    refused = refusals_by_peer(node)
-    data = [
-        describe_outbox_entry(
-            r, purged_at=purged.get(r.bundle_id), refusal=refused.get(r.bundle_id)
-        )
-        for r in rows
-    ]
+    from gateway.client.transport import path_of  # noqa: PLC0415
+
+    data = app.client("inbox").call("GET", path_of("outbox", query={"state": state}))
+    rows = data["bundles"]
 
     def text() -> str:
         if not rows:
             return "outbox is empty"
         lines = []
         for r in rows:
-            if r.state == "delivered":
-                status = f"delivered {_time(r.delivered_at)}, receipt verified"
+            if r["state"] == "delivered":
+                status = f"delivered {_time(r['delivered'])}, receipt verified"
             else:
-                status = f"queued, {r.attempts} attempt(s), next {_time(r.next_attempt_at)}" + (
-                    f", last error: {r.last_error}" if r.last_error else ""
+                status = f"queued, {r['attempts']} attempt(s), next {_time(r['next_attempt'])}" + (
+                    f", last error: {r['last_error']}" if r["last_error"] else ""
                 )
-            refusal = refused.get(r.bundle_id)
+            refusal = r.get("refused_by_peer")
             if refusal is not None:
                 status += (
-                    f"; then refused by {refusal.peer}: {refusal.reason} "
-                    f"({refusal.detail}) at {_time(refusal.refused_at)}"
+                    f"; then refused by {refusal['by']}: {refusal['reason']} "
+                    f"({refusal['detail']}) at {_time(refusal['refused_at'])}"
                 )
             lines.append(
-                f"{r.bundle_id}  {r.case_type:<22} to {r.recipient}  #{r.sequence:<6} {status}"
-                + _purged_note(purged.get(r.bundle_id))
+                f"{r['bundle_id']}  {r['type']:<22} to {r['recipient']}  #{r['sequence']:<6} {status}"
+                + _purged_note(r.get("purged"))
                 + _links(r)
             )
         return "\n".join(lines)
 
-    app.emit({"bundles": data}, text)
+    app.emit(data, text)
 
 
 @click.command(cls=GatewayCommand)
@@ -307,24 +308,32 @@ def show(app: AppContext, bundle_id: str, out_dir: Path | None, accept_suspect: 
 
     A bundle whose signing key was revoked after it arrived opens as "verified
     while trusted"; a suspect one is refused (exit 4) unless --accept-suspect.
+
+    Runs through the node's local API; needs your token.
     """
-    actor = app.actor("show")
-    node = app.node()
-    if out_dir is not None:
-        try:
-            make_private_dir(out_dir)
-        except OSError as exc:
-            raise InvalidInput(f"{out_dir}: cannot be made ({exc.strerror})") from None
-    shown = read_bundle(
-        node,
-        app.keyring(),
-        actor,
-        bundle_id,
-        out_dir=out_dir,
-        now=utc_now(),
-        accept_suspect=accept_suspect,
-    )
-    data = {**shown.to_dict(), "written": [str(p) for p in shown.written]}
+    from gateway.client.transport import path_of  # noqa: PLC0415
+
+    client = app.client("show")
+    query = {"accept_suspect": "true" if accept_suspect else None}
+    written: list[Path] = []
+    if out_dir is None:
+        shown = client.call("GET", path_of("bundles", bundle_id, query=query))
+    else:
+        from gateway.client.files import check_destination  # noqa: PLC0415
+
+        client.preflight()
+        check_destination(out_dir, must_be_empty=False)
+        received, shown = client.receive_files(
+            path_of("bundles", bundle_id, "content", query=query),
+            out_dir,
+            progress_enabled=not app.as_json,
+        )
+        written = list(received.files.values())
+        case_file = received.files.get(f"{shown['bundle_id']}.json")
+        if case_file is not None:
+            with case_file.open("rb") as handle:
+                shown["case"] = json.loads(handle.read(MAX_CASE_FILE_BYTES + 1))
+    data = {**shown, "written": [str(p) for p in written]}
     notes = {
         "verified-while-trusted": "its signing key was revoked later: verified while trusted",
         "suspect-accepted": "SUSPECT: opened on your acceptance, recorded in the ledger",
@@ -332,13 +341,13 @@ def show(app: AppContext, bundle_id: str, out_dir: Path | None, accept_suspect: 
 
     def text() -> str:
         lines = [
-            f"bundle {shown.bundle_id}: {shown.case_type} from {shown.sender} "
-            f"({shown.marking}), created {_time(shown.created_at)}",
-            *([notes[shown.trust]] if shown.trust in notes else []),
-            *([f"replaces {shown.replaces}"] if shown.replaces else []),
-            json.dumps(shown.case, indent=2, ensure_ascii=False, sort_keys=True),
+            f"bundle {shown['bundle_id']}: {shown['type']} from {shown['sender']} "
+            f"({shown['marking']}), created {_time(shown['created'])}",
+            *([notes[shown["trust"]]] if shown.get("trust") in notes else []),
+            *([f"replaces {shown['replaces']}"] if shown.get("replaces") else []),
+            json.dumps(shown.get("case"), indent=2, ensure_ascii=False, sort_keys=True),
         ]
-        lines += [f"written: {p}" for p in shown.written]
+        lines += [f"written: {p}" for p in written]
         return "\n".join(lines)
 
     app.emit(data, text)
@@ -360,27 +369,29 @@ def resend(app: AppContext, bundle_ids: Sequence[str], suspect: bool) -> None:
     The peer links the new bundle to the original ("replaced by" in its inbox).
     A suspect bundle at the peer that no resend replaces was not sent by this
     node. Consent documents are not re-sent: issue the consent again.
+
+    Runs through the node's local API; needs your token.
     """
-    actor = app.actor("resend")
-    node = app.node()
     if bool(bundle_ids) == suspect:
         raise click.UsageError("give the ids of bundles to resend, or --suspect, not both")
-    report = resend_bundles(
-        node, app.keyring(), actor, list(bundle_ids), suspect=suspect, now=utc_now()
+    report = app.client("resend").call(
+        "POST", "/api/v1/resend", {"bundle_ids": list(bundle_ids), "suspect": suspect}
     )
 
     def text() -> str:
-        lines = [f"{r.bundle_id}  {r.case_type:<22} replaces {r.original}" for r in report.resent]
+        resent = report["resent"]
+        lines = [f"{r['bundle_id']}  {r['type']:<22} replaces {r['replaces']}" for r in resent]
         if not lines:
             lines.append("nothing to resend")
         lines += [
-            f"not re-sent (consent document, issue it again): {b}" for b in report.skipped_consent
+            f"not re-sent (consent document, issue it again): {b}"
+            for b in report["skipped_consent"]
         ]
-        if report.resent:
-            lines.append(f"{len(report.resent)} bundle(s) queued for the peer")
+        if resent:
+            lines.append(f"{len(resent)} bundle(s) queued for the peer")
         return "\n".join(lines)
 
-    app.emit(report.to_dict(), text)
+    app.emit(report, text)
 
 
 COMMANDS = (send, sync, inbox, outbox, show, resend)

@@ -106,6 +106,8 @@ def init(
       gateway init --home /srv/gw-jp --node jp --listen 0.0.0.0:8701 \\
           --peer-url https://pk.example:8701 --db postgresql://gw@db/gateway \\
           --tls-cert jp.crt --tls-key jp.key --tls-ca pair-ca.crt
+
+    Host operation: needs the keystore passphrase.
     """
     home = app.home()
     if policy_dir is not None and not (policy_dir / POLICY_FILE).is_file():

@@ -10,6 +10,7 @@ import click
 
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
+from gateway.cli.display import manifest_text
 from gateway.core.keys import KeyManifest, format_time
 from gateway.node import own_keys
 from gateway.node.ledger.read import parse_since
@@ -23,30 +24,6 @@ _ROOT_KEY_OPTION = click.option(
     type=click.Path(dir_okay=False, exists=False, path_type=Path),
     help="The root key file, when it is kept offline (default: keys/root-<id>.key).",
 )
-
-
-def manifest_text(data: dict[str, Any], title: str) -> str:
-    """The human form of a described manifest (see ``describe_manifest``)."""
-    lines = [
-        f"{title} of node {data['node']!r}, version {data['version']}",
-        f"  root key:         {data['root_key_id']}",
-        f"  root fingerprint: {data['root_fingerprint']}",
-        f"  issued:           {format_time(data['issued_at'])}",
-        f"  expires:          {format_time(data['expires_at'])}"
-        + ("  (EXPIRED)" if data["expired"] else ""),
-        "",
-        f"  {'KEY ID':<17} {'USE':<8} {'STATE':<14} {'VALID FROM':<21} VALID UNTIL",
-    ]
-    for key in data["keys"]:
-        lines.append(
-            f"  {key['key_id']:<17} {key['use']:<8} {key['state']:<14} "
-            f"{format_time(key['not_before']):<21} {format_time(key['not_after'])}"
-        )
-        if key["revoked_at"] is not None:
-            lines.append(
-                f"  {'':<17} revoked {format_time(key['revoked_at'])}: {key['revocation_reason']}"
-            )
-    return "\n".join(lines)
 
 
 @click.group(cls=GatewayGroup)
@@ -63,11 +40,11 @@ def keys() -> None:
 @keys.command("show")
 @pass_app
 def show(app: AppContext) -> None:
-    """Show the current key manifest and the root fingerprint."""
-    app.actor("keys.show")
-    now = utc_now()
-    with app.node().db.transaction() as session:
-        data = own_keys.describe_own_keys(session, now=now)
+    """Show the current key manifest and the root fingerprint.
+
+    Runs through the node's local API; needs your token.
+    """
+    data = app.client("keys.show").call("GET", "/api/v1/keys")
     pending = data["pending_delivery"]
 
     def human() -> str:
@@ -92,6 +69,8 @@ def export(app: AppContext, out: Path) -> None:
 
     Send the file by any channel; read the root fingerprint to the peer's
     administrator by another one (telephone, in person).
+
+    Host operation: needs the keystore passphrase.
     """
     app.actor("keys.export")
     with app.node().db.transaction() as session:
@@ -136,6 +115,8 @@ def rotate(app: AppContext, root_key: Path | None) -> None:
     """Make new operational keys; the old ones stay valid for a 24-hour overlap.
 
     Old encryption keys are kept to read what was stored under them.
+
+    Host operation: needs the keystore passphrase.
     """
     actor = app.actor("keys.rotate")
     node = app.node()
@@ -206,6 +187,8 @@ def revoke(
     marked suspect. Before acting, the command says how many of the bundles
     this node sent become suspect at the peer, and asks to confirm (--yes for
     scripts; without a terminal, --yes is required).
+
+    Host operation: needs the keystore passphrase.
     """
     actor = app.actor("keys.revoke")
     node = app.node()
@@ -257,6 +240,8 @@ def recover(app: AppContext, reason: str, root_key: Path | None) -> None:
 
     Revokes every operational key of the current manifest and makes fresh
     ones. Data sealed to the lost encryption keys stays unreadable.
+
+    Host operation: needs the keystore passphrase.
     """
     actor = app.actor("keys.revoke")
     node = app.node()
@@ -291,6 +276,8 @@ def rotate_root(app: AppContext, root_key: Path | None) -> None:
 
     Read the new root fingerprint to the peer's administrator; move the new
     root key file offline when the ceremony is over.
+
+    Host operation: needs the keystore passphrase.
     """
     actor = app.actor("keys.rotate-root")
     node = app.node()

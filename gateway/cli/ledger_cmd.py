@@ -1,13 +1,13 @@
 """``gateway ledger``: list, verify, export, checkpoint, audit the peer.
 
-Compliance officers list, verify and export (metadata only, never case
-content); ``checkpoint`` is a host operation that unlocks the node's signing
-key; ``audit-peer`` asks the peer to prove its history only grew.
+Compliance officers list, verify, export and audit the peer (metadata only,
+never case content) as clients of the running node: their token, the node's
+local API (:mod:`gateway.client`). ``checkpoint`` is a host operation that
+unlocks the node's signing key.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import tempfile
@@ -18,68 +18,68 @@ import click
 
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
-from gateway.core.ledger import LedgerEntry
-from gateway.core.roles import SYSTEM
-from gateway.core.times import Precision, format_utc
+from gateway.cli.display import when
 from gateway.errors import AlreadyExists, InvalidInput, StorageError
-from gateway.node.ledger import checkpoint as ledger_checkpoint
-from gateway.node.ledger import export as ledger_export
-from gateway.node.ledger import read as ledger_read
-from gateway.node.ledger import witness as ledger_witness
-from gateway.node.own_keys import verify_ledger_with_keys
-from gateway.node.peer_trust import peer_node_of, require_pinned_peer
-from gateway.node.runtime import utc_now
 
 __all__ = ["ledger_group"]
 
+MAX_LIST_LIMIT = 100_000
+"""Most entries one ``ledger list`` asks for (the node's own bound)."""
+_CHUNK = 64 * 1024
 
-def _line(entry: LedgerEntry) -> str:
+
+def _line(entry: dict[str, Any]) -> str:
     about = " ".join(
         part
         for part in (
-            f"bundle={entry.bundle_id}" if entry.bundle_id else "",
-            f"consent={entry.consent_id}" if entry.consent_id else "",
+            f"bundle={entry['bundle_id']}" if entry.get("bundle_id") else "",
+            f"consent={entry['consent_id']}" if entry.get("consent_id") else "",
         )
         if part
     )
-    who = (
-        entry.actor_name if entry.actor_role is None else f"{entry.actor_name} ({entry.actor_role})"
+    who = entry["actor"] if entry.get("role") is None else f"{entry['actor']} ({entry['role']})"
+    return (
+        f"{entry['seq']:>8}  {when(entry['time'])}  {entry['kind']:<20} {who:<24} {about}".rstrip()
     )
-    time_text = format_utc(entry.time, Precision.SECONDS)
-    return f"{entry.seq:>8}  {time_text}  {entry.kind.value:<20} {who:<24} {about}".rstrip()
 
 
 @click.group(cls=GatewayGroup, name="ledger")
 def ledger_group() -> None:
-    """The tamper-evident ledger: list, verify, export, checkpoint, audit the peer."""
+    """The tamper-evident ledger: list, verify, export, checkpoint, audit the peer.
+
+    \b
+    list, verify, export, audit-peer: run through the node's local API; need
+    your token. checkpoint: host operation: needs the keystore passphrase.
+    """
 
 
 @ledger_group.command(name="list")
 @click.option("--bundle", help="Only entries about this bundle id.")
 @click.option("--kind", help="Only entries of this kind (e.g. disclosure-blocked).")
 @click.option("--since", help="Only entries at or after this time (ISO 8601; UTC if no zone).")
-@click.option(
-    "--limit", type=click.IntRange(1, ledger_read.MAX_LIST_LIMIT), help="At most N entries."
-)
+@click.option("--limit", type=click.IntRange(1, MAX_LIST_LIMIT), help="At most N entries.")
 @pass_app
 def list_command(
     app: AppContext, bundle: str | None, kind: str | None, since: str | None, limit: int | None
 ) -> None:
-    """List ledger entries, oldest first (metadata only)."""
-    app.actor("ledger.list")
-    node = app.node()
-    with node.db.transaction() as session:
-        entries = ledger_read.list_entries(
-            session,
-            bundle=bundle,
-            kind=kind,
-            since=ledger_read.parse_since(since, option="--since"),
-            limit=limit,
-        )
-    app.emit(
-        [entry.to_dict() for entry in entries],
-        lambda: "\n".join(_line(entry) for entry in entries) or "no entries",
-    )
+    """List ledger entries, oldest first (metadata only).
+
+    Runs through the node's local API; needs your token.
+    """
+    from gateway.client.transport import path_of  # noqa: PLC0415
+    from gateway.core.times import DateMeans, parse_user_time  # noqa: PLC0415
+
+    if since is not None:
+        # Checked here too, so a mistake is named as the option it was typed as.
+        parse_user_time(since, option="--since", dates=DateMeans.START, zone_required=False)
+    query = {
+        "bundle": bundle,
+        "kind": kind,
+        "since": since,
+        "limit": str(limit if limit is not None else MAX_LIST_LIMIT),
+    }
+    entries = app.client("ledger.list").call("GET", path_of("ledger", query=query))
+    app.emit(entries, lambda: "\n".join(_line(entry) for entry in entries) or "no entries")
 
 
 @ledger_group.command()
@@ -88,21 +88,15 @@ def verify(app: AppContext) -> None:
     """Verify the chain, the checkpoints and the witnessed peer checkpoints.
 
     Exit 0 when intact; exit 4 naming the first bad entry otherwise.
+
+    Runs through the node's local API; needs your token.
     """
-    app.actor("ledger.verify")
-    node = app.node()
-    with node.db.transaction() as session:
-        report = verify_ledger_with_keys(
-            session,
-            node_id=node.node_id,
-            progress=lambda n: app.progress(f"verified {n} entries ..."),
-        )
-    report.raise_for_problem()
+    report = app.client("ledger.verify").call("POST", "/api/v1/ledger/verify", {})
     app.emit(
-        report.to_dict(),
-        f"ledger intact: {report.entries} entries, root {report.root.hex()}, "
-        f"{report.checkpoints} checkpoint(s), {report.witnessed} witnessed peer checkpoint(s)"
-        + "".join(f"\nnote: {note}" for note in report.notes),
+        report,
+        f"ledger intact: {report['entries']} entries, root {report['root']}, "
+        f"{report['checkpoints']} checkpoint(s), {report['witnessed']} witnessed peer checkpoint(s)"
+        + "".join(f"\nnote: {note}" for note in report["notes"]),
     )
 
 
@@ -148,11 +142,26 @@ def _write_new_file(out: Path, write: Any) -> int:
 )
 @pass_app
 def export(app: AppContext, fmt: str, out: Path) -> None:
-    """Export every entry as CSV or JSON Lines."""
-    app.actor("ledger.export")
-    node = app.node()
-    with node.db.transaction() as session:
-        count = _write_new_file(out, lambda stream: ledger_export.export(session, fmt, stream))  # type: ignore[arg-type]
+    """Export every entry as CSV or JSON Lines (streamed from the node).
+
+    Runs through the node's local API; needs your token.
+    """
+    from gateway.client.transport import path_of  # noqa: PLC0415
+
+    client = app.client("ledger.export")
+    client.preflight()
+    if out.exists() or out.is_symlink():
+        raise AlreadyExists(f"{out} exists; exports never overwrite a file")
+    with client.open("GET", path_of("ledger", "export", query={"format": fmt})) as answer:
+        announced = answer.getheader("X-Entry-Count") or ""
+
+        def copy(stream: Any) -> int:
+            from gateway.client.transport import copy_answer  # noqa: PLC0415
+
+            copy_answer(answer, stream)
+            return int(announced) if announced.isdigit() else 0
+
+        count = _write_new_file(out, copy)
     app.emit({"entries": count, "out": out, "format": fmt}, f"exported {count} entries to {out}")
 
 
@@ -160,7 +169,17 @@ def export(app: AppContext, fmt: str, out: Path) -> None:
 @click.option("--send", is_flag=True, help="Also give the checkpoint to the peer to witness.")
 @pass_app
 def checkpoint(app: AppContext, send: bool) -> None:
-    """Sign a checkpoint of the ledger as it stands now (unlocks the signing key)."""
+    """Sign a checkpoint of the ledger as it stands now (unlocks the signing key).
+
+    Host operation: needs the keystore passphrase.
+    """
+    import asyncio  # noqa: PLC0415
+
+    from gateway.core.roles import SYSTEM  # noqa: PLC0415
+    from gateway.node.ledger import checkpoint as ledger_checkpoint  # noqa: PLC0415
+    from gateway.node.ledger import witness as ledger_witness  # noqa: PLC0415
+    from gateway.node.runtime import utc_now  # noqa: PLC0415
+
     node = app.node()
     keyring = app.keyring()
     with node.db.transaction() as session:
@@ -199,24 +218,8 @@ def audit_peer(app: AppContext) -> None:
     """Ask the peer to prove its ledger extends the newest checkpoint we witnessed.
 
     Exit 4 when the peer's history was rewritten after we witnessed it.
+
+    Runs through the node's local API; needs your token.
     """
-    actor = app.actor("ledger.audit-peer")
-    node = app.node()
-    peer = peer_node_of(node.node_id)
-    with node.db.transaction() as session:
-        pinned = require_pinned_peer(session, needed_for="the peer's ledger cannot be audited")
-    keyring = app.keyring()
-    from gateway.peer.client import PeerClient  # noqa: PLC0415 - the CLI talks to the peer here only
-    from gateway.peer.ledger_client import fetch_consistency  # noqa: PLC0415
-
-    def fetch(first: int) -> ledger_witness.PeerAnswer:
-        async def _fetch() -> ledger_witness.PeerAnswer:
-            async with PeerClient(node.settings, keyring) as client:
-                return await fetch_consistency(client, first)
-
-        return asyncio.run(_fetch())
-
-    result = ledger_witness.audit_peer(
-        node.db, pinned, peer_node=peer, fetch=fetch, now=utc_now, actor=actor
-    )
-    app.emit(result.to_dict(), result.message)
+    result = app.client("ledger.audit-peer").call("POST", "/api/v1/ledger/audit-peer", {})
+    app.emit(result, result["message"])

@@ -275,6 +275,12 @@ the command it names (summary, help, and that nothing is left out).
     type=click.Path(dir_okay=False, path_type=Path),
     help="File holding the keystore passphrase (default: $GATEWAY_PASSPHRASE, else a prompt).",
 )
+@click.option(
+    "--api-url",
+    metavar="URL",
+    help="Reach the running node's local API over TCP (http:// or https://) instead of "
+    "the socket in the home (default: $GATEWAY_API_URL).",
+)
 @click.version_option(__version__, prog_name="gateway")
 @click.pass_context
 def cli(
@@ -283,9 +289,17 @@ def cli(
     verbose: bool,
     token_file: Path | None,
     passphrase_file: Path | None,
+    api_url: str | None,
 ) -> None:
     """ssw-gateway: signed, encrypted case exchange between the Japan (jp) and
     Pakistan (pk) contact points of the Specified Skilled Worker cooperation.
+
+    \b
+    User commands (send, inbox, outbox, show, resend, consent, disclose, ledger
+    list|verify|export|audit-peer, users, peer show, keys show) run through the
+    running node's local API and need only your token. Host operations (init,
+    serve, sync, db, keys rotate|revoke|export|..., peer add, purge, backup,
+    restore, demo, doctor, ledger checkpoint) need the keystore passphrase.
 
     \b
     Exit codes: 0 done, 1 error, 2 usage, 3 refused by the consent ledger,
@@ -296,6 +310,7 @@ def cli(
     app.verbose = verbose
     app.token_file = token_file
     app.passphrase_file = passphrase_file
+    app.api_url = api_url
     source = passphrase.passphrase_source.set(app.passphrase)
     ctx.call_on_close(lambda: passphrase.passphrase_source.reset(source))
     log.configure(level="debug" if verbose else "warning")

@@ -10,7 +10,7 @@ import click
 
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
-from gateway.cli.keys_cmd import manifest_text
+from gateway.cli.display import manifest_text
 from gateway.core.keys import MAX_MANIFEST_BYTES
 from gateway.errors import InvalidInput
 from gateway.node import peer_trust
@@ -57,7 +57,7 @@ def add(app: AppContext, manifest_file: Path, expected: str, replace: bool) -> N
     """Pin the peer's key manifest after checking its root fingerprint.
 
     A fingerprint that does not match refuses the import (exit 4) and pins
-    nothing.
+    nothing. Host operation: needs the keystore passphrase.
 
     \b
     Example:
@@ -85,18 +85,18 @@ def add(app: AppContext, manifest_file: Path, expected: str, replace: bool) -> N
 @peer.command("show")
 @pass_app
 def show(app: AppContext) -> None:
-    """Show the peer's pinned key manifest."""
-    app.actor("peer.show")
-    now = utc_now()
-    with app.node().db.transaction() as session:
-        manifest = peer_trust.pinned_peer_manifest(session)
-    if manifest is None:
+    """Show the peer's pinned key manifest.
+
+    Runs through the node's local API; needs your token.
+    """
+    answer = app.client("peer.show").call("GET", "/api/v1/peer")
+    data = answer.get("pinned")
+    if data is None:
         app.emit(
             {"pinned": None},
             "No peer is pinned yet: run 'gateway peer add MANIFEST_FILE --fingerprint FP'.",
         )
         return
-    data = peer_trust.describe_manifest(manifest, now=now)
     app.emit({"pinned": data}, lambda: manifest_text(data, "Pinned key manifest"))
 
 

@@ -60,6 +60,8 @@ def purge_command(app: AppContext, dry_run: bool) -> None:
     Each purged bundle keeps its inbox or outbox row and gets a bundle-purged
     ledger entry; sent bundles the peer has not receipted are never purged.
     See docs/operations.md, "Retention".
+
+    Host operation: needs the keystore passphrase.
     """
     node = app.node()
     keyring = app.keyring()

@@ -1,9 +1,11 @@
 """``gateway serve``: the peer server, the sender worker and the local API, until stopped.
 
 Starts in this order, refusing to start at all on a configuration error (plain
-HTTP off loopback, half-configured TLS, no policy, locked keys): open the node
-with migrations applied, unlock the keyring, load the policy, bind the peer
-port, bind the local API port, start the sender worker. Says
+HTTP off loopback, half-configured TLS, no policy, locked keys, a live node on
+the same home): open the node with migrations applied, unlock the keyring,
+load the policy, bind the peer port, bind the local API port and the local
+API's Unix socket ``<home>/run/api.sock`` (see :mod:`gateway.api.unix_socket`),
+start the sender worker. Says
 ``serving <node> on SCHEME://HOST:PORT (local API on SCHEME://HOST:PORT, delivering to URL)``
 once everything listens, and ``restarting ...`` / ``stopped <node>`` later:
 as JSON log lines (``event`` ``serving``, ``restarting``, ``stopped``, the
@@ -50,6 +52,8 @@ def serve(app: AppContext) -> None:
 
     Stops cleanly on SIGTERM or SIGINT (Ctrl-C): finishes the requests in
     flight and the current delivery pass, then exits 0.
+
+    Host operation: needs the keystore passphrase.
     """
     settings = app.settings()
     require_peer_tls(settings.server)

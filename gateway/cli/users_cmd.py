@@ -1,4 +1,8 @@
-"""``gateway users``: the people who act on this node, one role each."""
+"""``gateway users``: the people who act on this node, one role each.
+
+Thin clients of the running node: an administrator's token, the node's local
+API (:mod:`gateway.client`); no passphrase, no database.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,14 @@ import click
 
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
-from gateway.node.runtime import utc_now
-from gateway.node.users import add_user, disable_user, list_users, reissue_token
+from gateway.cli.display import when
+
+
+def _path(*segments: str) -> str:
+    from gateway.client.transport import path_of  # noqa: PLC0415
+
+    return path_of(*segments)
+
 
 __all__ = ["users"]
 
@@ -21,6 +31,8 @@ def users() -> None:
       admin       keys, peer, users, node
       officer     send, inbox, show, consent, disclose
       compliance  ledger list, verify, export, audit-peer (metadata only)
+
+    Runs through the node's local API; needs your token.
     """
 
 
@@ -40,14 +52,12 @@ def add(app: AppContext, name: str, role: str) -> None:
     Example:
       gateway users add tanaka --role officer
     """
-    actor = app.actor("users.add")
-    with app.node().db.transaction() as session:
-        created = add_user(session, name, role, created_by=actor.name, now=utc_now())
+    created = app.client("users.add").call("POST", "/api/v1/users", {"name": name, "role": role})
     app.emit(
-        created.to_dict(),
-        f"Added {created.name} ({created.role.value}).\n"
+        created,
+        f"Added {created['name']} ({created['role']}).\n"
         "Token (shown once; keep it secret, e.g. in a 0600 file):\n"
-        f"  {created.token.text}",
+        f"  {created['token']}",
     )
 
 
@@ -55,17 +65,15 @@ def add(app: AppContext, name: str, role: str) -> None:
 @pass_app
 def list_(app: AppContext) -> None:
     """List users with their role and state (never their tokens)."""
-    app.actor("users.list")
-    with app.node().db.transaction() as session:
-        rows = list_users(session)
-    data = [r.to_dict() for r in rows]
+    data = app.client("users.list").call("GET", "/api/v1/users")
 
     def human() -> str:
         lines = [f"{'NAME':<24} {'ROLE':<11} {'STATE':<9} CREATED"]
-        for r in rows:
-            state = "disabled" if r.disabled else "active"
+        for r in data:
+            state = "disabled" if r["disabled"] else "active"
+            created = when(r["created_at"])[:16].replace("T", " ")
             lines.append(
-                f"{r.name:<24} {r.role:<11} {state:<9} {r.created_at:%Y-%m-%d %H:%M} by {r.created_by}"
+                f"{r['name']:<24} {r['role']:<11} {state:<9} {created} by {r['created_by']}"
             )
         return "\n".join(lines)
 
@@ -77,9 +85,7 @@ def list_(app: AppContext) -> None:
 @pass_app
 def disable(app: AppContext, name: str) -> None:
     """Disable a user: its token is refused from now on."""
-    actor = app.actor("users.disable")
-    with app.node().db.transaction() as session:
-        disable_user(session, name, now=utc_now(), by=actor.name)
+    app.client("users.disable").call("POST", _path("users", name, "disable"), {})
     app.emit({"name": name, "disabled": True}, f"Disabled {name}.")
 
 
@@ -88,10 +94,8 @@ def disable(app: AppContext, name: str) -> None:
 @pass_app
 def new_token(app: AppContext, name: str) -> None:
     """Replace a user's token (the old one stops working) and print the new one once."""
-    actor = app.actor("users.add")
-    with app.node().db.transaction() as session:
-        token = reissue_token(session, name, now=utc_now(), by=actor.name)
+    answer = app.client("users.add").call("POST", _path("users", name, "token"), {})
     app.emit(
-        {"name": name, "token": token.text},
-        f"New token for {name} (shown once; the old one no longer works):\n  {token.text}",
+        {"name": name, "token": answer["token"]},
+        f"New token for {name} (shown once; the old one no longer works):\n  {answer['token']}",
     )

@@ -7,8 +7,9 @@ port that cannot be bound is a :class:`~gateway.errors.ConfigError`):
 
 1. the **peer client** (one session for the process, when ``peer_url`` is set);
 2. the **peer listener** (:class:`gateway.peer.server.PeerServer`);
-3. the **local API listeners**, one per site of :meth:`Service.api_sites`
-   (TCP today; a further site, such as a Unix socket, is one more entry);
+3. the **local API listeners**, one per site of :meth:`Service.api_sites`:
+   the TCP address of ``[server] api_listen`` and the Unix socket
+   ``<home>/run/api.sock`` that user commands reach by default;
 4. the **workers**, each a task of one :class:`asyncio.TaskGroup`: the sender
    (:func:`gateway.node.outbox.run_sender`, when delivering), the checkpoint
    publisher (:func:`gateway.service.workers.publish_checkpoints`), the
@@ -46,6 +47,8 @@ from aiohttp import web
 
 from gateway import log
 from gateway.api.app import create_api_app
+from gateway.api.unix_socket import UnixApiSite
+from gateway.client.paths import api_socket_path
 from gateway.core.keys import NodeKeyring
 from gateway.errors import ConfigError, GatewayError
 from gateway.node.housekeeping import enforce_retention, watch_own_keys
@@ -226,12 +229,19 @@ class Service:
                 handshakes=HandshakeLog("api", on_refused=metrics.tls_handshake_failed),
             )
 
+        socket_path = api_socket_path(self.settings.home)
         return [
             ApiSite(
                 what=f"{host}:{port}",
                 url=listener_url(host, port, tls=ssl_context is not None),
                 make=tcp,
-            )
+            ),
+            # The CLI's default way in: user commands with a token, no passphrase.
+            ApiSite(
+                what=str(socket_path),
+                url=f"unix:{socket_path}",
+                make=lambda runner: UnixApiSite(runner, self.settings.home),
+            ),
         ]
 
     @asynccontextmanager

@@ -29,6 +29,7 @@ from gateway.node.ledger import verify as ledger_verify
 from gateway.node.own_keys import own_manifest
 from gateway.store.db import Database, open_database
 from tests.conftest import PG_ADMIN_URL, create_pg_database, drop_pg_database
+from tests.node_api import serving_home
 
 T0 = datetime(2026, 11, 25, 21, 0, tzinfo=UTC)
 ENV = {
@@ -92,9 +93,11 @@ def _build_template(home: Path, pg_url: str | None) -> Template:
     code, out, err = run(home, *init)
     assert code == 0, err
     admin = json.loads(out)["admin_token"]
-    code, out, err = run(
-        home, "users", "add", "kenji", "--role", "compliance", "--json", token=admin
-    )
+    env = {**ENV, **({"GATEWAY_DATABASE_URL": pg_url} if pg_url else {})}
+    with serving_home(home, env):  # users add is a client of the running node
+        code, out, err = run(
+            home, "users", "add", "kenji", "--role", "compliance", "--json", token=admin
+        )
     assert code == 0, err
     compliance = json.loads(out)["token"]
     db = open_database(pg_url or f"sqlite:///{home / 'data' / 'gateway.sqlite3'}")
@@ -147,11 +150,14 @@ def node(
     lnode = LedgerNode(
         home=home, db=db, db_url=url, compliance=template.compliance, admin=template.admin
     )
+    env = {**ENV, **({"GATEWAY_DATABASE_URL": url} if url else {})}
     try:
-        code, out, err = lnode.run("ledger", "verify", "--json")
-        assert code == 0, err
-        assert json.loads(out)["entries"] == 11
-        yield lnode
+        # The ledger commands are clients of the running node: serve it.
+        with serving_home(home, env):
+            code, out, err = lnode.run("ledger", "verify", "--json")
+            assert code == 0, err
+            assert json.loads(out)["entries"] == 11
+            yield lnode
     finally:
         db.dispose()
         if url is not None:

@@ -107,10 +107,7 @@ def test_a_serving_node_is_backed_up_restored_into_a_new_home_and_verifies(
     nodes = init_pair(tmp_path / "homes", db_urls=db_urls)
     jp, pk = nodes["jp"], nodes["pk"]
     tls_pem = _tls_key(pk.home)
-    officers = {
-        n: home.run("users", "add", f"officer-{n}", "--role", "officer")["token"]
-        for n, home in nodes.items()
-    }
+    officers = {n: home.add_user(f"officer-{n}", "officer") for n, home in nodes.items()}
     processes = [home.serve(GATEWAY_SERVER_SYNC_INTERVAL_SECONDS="0.3") for home in (jp, pk)]
     try:
         for process in processes:
@@ -154,7 +151,7 @@ def test_a_serving_node_is_backed_up_restored_into_a_new_home_and_verifies(
     again = NodeHome(
         "pk", new_home, pk.port, pk.api_port, pk.passphrase, pk.admin_token, None, pk.program
     )
-    compliance = again.run("users", "add", "auditor", "--role", "compliance")["token"]
+    compliance = again.add_user("auditor", "compliance")
     verified = again.run("ledger", "verify", token=compliance)
     assert verified["entries"] == restored["ledger_entries"]
     shown = again.run("show", sent, token=officers["pk"])

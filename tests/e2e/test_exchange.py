@@ -53,9 +53,7 @@ class Side:
         self.settings = load_settings(home.home, environ=home.env())
         self.node = Node.open(self.settings)
         self._keyring: NodeKeyring | None = None
-        self.officer = home.run("users", "add", f"officer-{home.node_id}", "--role", "officer")[
-            "token"
-        ]
+        self.officer = home.add_user(f"officer-{home.node_id}", "officer")
         self.serve_process: ServeProcess | None = None
         self.serve_extra: dict[str, str] = {}
 

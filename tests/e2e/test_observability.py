@@ -153,7 +153,7 @@ def test_metrics_move_as_bundles_are_sent_delivered_refused_and_held_back(
     pair_on: dict[str, NodeHome], serving: dict[str, ServeProcess]
 ) -> None:
     jp, pk = pair_on["jp"], pair_on["pk"]
-    officer = jp.run("users", "add", "officer-jp", "--role", "officer")["token"]
+    officer = jp.add_user("officer-jp", "officer")
     before = {"jp": scrape(jp), "pk": scrape(pk)}
     sent_name = "ssw_gateway_delivery_envelopes_sent_total"
     delivered_name = "ssw_gateway_delivery_envelopes_delivered_total"
@@ -269,7 +269,7 @@ def test_rotation_restart_logs_only_json_and_the_peer_never_sees_an_unknown_key(
     try:
         for process in processes.values():
             wait_ready(process)
-        officer = jp.run("users", "add", "officer-jp", "--role", "officer")["token"]
+        officer = jp.add_user("officer-jp", "officer")
         jp.run("send", "exam-fraud", str(EXAMPLE), token=officer)
         _wait(lambda: "checkpoint_sent" in processes["jp"].stderr_text(), "a first checkpoint")
 

@@ -74,7 +74,7 @@ def test_serve_restarts_itself_with_rotated_keys_and_never_signs_with_a_revoked_
 ) -> None:
     nodes, processes = serving_pair
     jp, pk = nodes["jp"], nodes["pk"]
-    officer = jp.run("users", "add", "officer-jp", "--role", "officer")["token"]
+    officer = jp.add_user("officer-jp", "officer")
     before = jp.keyring().signing_key_id
     pid = processes["jp"].process.pid
 
@@ -99,7 +99,7 @@ def test_serving_nodes_publish_checkpoints_that_the_peer_witnesses(
 ) -> None:
     nodes, _processes = serving_pair
     jp, pk = nodes["jp"], nodes["pk"]
-    officer = jp.run("users", "add", "officer-jp", "--role", "officer")["token"]
+    officer = jp.add_user("officer-jp", "officer")
     jp.run("send", "exam-fraud", str(EXAMPLE), token=officer)
 
     def witnessed_by_pk() -> int:
@@ -120,14 +120,14 @@ def test_serving_nodes_publish_checkpoints_that_the_peer_witnesses(
     _wait(lambda: witnessed_by_pk() > first, "pk to witness a larger, proven checkpoint")
     # The witness it holds verifies on pk's side, and jp's own checkpoints on jp's.
     for home in (pk, jp):
-        auditor = home.run("users", "add", f"audit-{home.node_id}", "--role", "compliance")["token"]
+        auditor = home.add_user(f"audit-{home.node_id}", "compliance")
         report = home.run("ledger", "verify", token=auditor)
         assert report["checkpoints"] >= 1 or report["witnessed"] >= 1
     assert (
         pk.run(
             "ledger",
             "verify",
-            token=pk.run("users", "add", "audit2", "--role", "compliance")["token"],
+            token=pk.add_user("audit2", "compliance"),
         )["witnessed"]
         >= 1
     )

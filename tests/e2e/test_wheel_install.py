@@ -100,8 +100,7 @@ def test_nodes_made_by_a_plain_install_init_serve_and_deliver(
     for home in (jp, pk):
         assert (home.home / "policies" / "policy.toml").read_bytes() == POLICY_FILES["policy.toml"]
     officers = {
-        node_id: home.run("users", "add", f"officer-{node_id}", "--role", "officer")["token"]
-        for node_id, home in nodes.items()
+        node_id: home.add_user(f"officer-{node_id}", "officer") for node_id, home in nodes.items()
     }
     sent = jp.run("send", "exam-fraud", str(EXAMPLE), token=officers["jp"])
     deadline = time.monotonic() + 120
@@ -117,6 +116,6 @@ def test_nodes_made_by_a_plain_install_init_serve_and_deliver(
     assert case == json.loads(EXAMPLE.read_text(encoding="utf-8"))
     [delivered] = jp.run("outbox", "--state", "delivered", token=officers["jp"])["bundles"]
     assert delivered["bundle_id"] == sent["bundle_id"]
-    compliance = pk.run("users", "add", "auditor-pk", "--role", "compliance")["token"]
+    compliance = pk.add_user("auditor-pk", "compliance")
     report = pk.run("ledger", "verify", token=compliance)
     assert report["entries"] > 0

@@ -60,6 +60,7 @@ from gateway.node.users import add_user, disable_user
 from gateway.settings import load_settings
 from gateway.store.models_exchange import envelope_path
 from gateway.store.models_users import UserRecord
+from tests.node_api import running_api
 from tests.nodes import free_port, gateway_env, start_serve, stop, wait_ready
 
 PASSPHRASE = "correct horse battery staple for tests"
@@ -710,7 +711,9 @@ def exchange_pair(
         run_api(jp, send)
         envelope = envelope_path(jp.node.settings.blob_dir, sent["envelope_sha256"])
         receive_envelope(pk.node, pk.keyring(), envelope, now=utc_now())
-        yield jp, pk, str(sent["bundle_id"])
+        # User commands are clients of the running nodes: serve both local APIs.
+        with running_api(jp.node, jp.keyring), running_api(pk.node, pk.keyring):
+            yield jp, pk, str(sent["bundle_id"])
     finally:
         jp.node.close()
         pk.node.close()

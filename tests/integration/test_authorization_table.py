@@ -58,6 +58,7 @@ from tests.integration.test_api import (
     run_api,
     serve_api,
 )
+from tests.node_api import running_api
 
 HOST_COMMANDS = {
     ("init",),
@@ -82,7 +83,9 @@ KEY_CEREMONIES = {"keys.export", "keys.rotate", "keys.rotate-root", "keys.revoke
 IDENTITIES = ("admin", "officer", "compliance", "none", "wrong", "disabled")
 WRONG_TOKEN = "ssw_0123456789abcdef_" + "Q" * 43
 PLACEHOLDER = "nobody-x"
-_ACTOR_CALL = re.compile(r"""\.actor\(\s*["']([a-z0-9.-]+)["']""")
+_ACTOR_CALL = re.compile(r"""\.(?:actor|client)\(\s*["']([a-z0-9.-]+)["']""")
+"""``app.actor("x")`` (a host command that acts as a user) or ``app.client("x")`` (a
+user command: a client of the running node, which authorizes it as ``x``)."""
 
 
 # --- the commands --------------------------------------------------------------------
@@ -212,7 +215,9 @@ def _node_fixture(
     monkeypatch.setenv("GATEWAY_KEYSTORE_STRENGTH", "min")
     made = make_node(tmp_path, database_url, clean_environ)
     try:
-        yield made, database_url
+        # User commands are clients of the running node: serve its local API.
+        with running_api(made.node, made.keyring):
+            yield made, database_url
     finally:
         made.node.close()
 

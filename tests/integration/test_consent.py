@@ -41,6 +41,7 @@ from gateway.node.users import add_user
 from gateway.peer.server import node_services
 from gateway.store.models_consent import DisclosureRecord
 from gateway.store.models_exchange import OutboxEntry, envelope_path
+from tests.node_api import serve_node
 from tests.nodes import open_pinned_pair
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
@@ -542,11 +543,8 @@ def test_revocation_concurrent_with_disclosures_never_follows_a_recorded_disclos
 def _officer_env(side: Side, name: str) -> dict[str, str]:
     with side.node.db.transaction() as session:
         made = add_user(session, name, "officer", created_by="admin", now=utc_now())
-    return {
-        "GATEWAY_HOME": str(side.node.settings.home),
-        "GATEWAY_PASSPHRASE": PASSPHRASE,
-        "GATEWAY_TOKEN": made.token.text,
-    }
+    serve_node(side.node, lambda: side.keyring)  # user commands reach the running node
+    return {"GATEWAY_HOME": str(side.node.settings.home), "GATEWAY_TOKEN": made.token.text}
 
 
 def _run(env: dict[str, str], *args: str) -> Any:

@@ -16,8 +16,11 @@ from gateway.node import own_keys, peer_trust
 from gateway.node.keystore import OPERATIONAL_FILE, read_operational, read_root
 from gateway.node.runtime import Node, utc_now
 from gateway.settings import load_settings
+from tests.node_api import serving_home
 
 PASSPHRASE = "a passphrase long enough for tests"
+USER_COMMANDS = {("keys", "show"), ("peer", "show"), ("users", "add")}
+"""Commands of this module that are clients of the running node."""
 
 
 @dataclass
@@ -30,9 +33,13 @@ class Home:
     def run(self, *args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
         environment = {"GATEWAY_PASSPHRASE": PASSPHRASE, "GATEWAY_TOKEN": self.token}
         environment.update(env or {})
-        result = CliRunner().invoke(
-            cli, ["-v", "--home", str(self.path), *args], env=environment, catch_exceptions=False
-        )
+        argv = ["-v", "--home", str(self.path), *args]
+        if tuple(args[:2]) in USER_COMMANDS:
+            # A client of the running node: serve this home while it runs.
+            with serving_home(self.path, environment, passphrase=PASSPHRASE):
+                result = CliRunner().invoke(cli, argv, env=environment, catch_exceptions=False)
+        else:
+            result = CliRunner().invoke(cli, argv, env=environment, catch_exceptions=False)
         self.outputs.extend([result.stdout, result.stderr])
         return result.exit_code, result.stdout, result.stderr
 

@@ -63,6 +63,7 @@ from gateway.store.models_exchange import (
     sweep_orphan_envelopes,
 )
 from tests.exchange_pair import second_url
+from tests.node_api import serve_node
 from tests.nodes import open_pinned_pair
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
@@ -727,13 +728,8 @@ def _cli(side: Side, token: str, *args: str, stdin: str | None = None) -> tuple[
 
     from gateway.cli.main import cli  # noqa: PLC0415
 
-    env = {
-        "GATEWAY_HOME": str(side.node.settings.home),
-        "GATEWAY_TOKEN": token,
-        "GATEWAY_PASSPHRASE": PASSPHRASE,
-    }
-    if side.node.settings.database.url is not None:
-        env["GATEWAY_DATABASE_URL"] = side.node.settings.database.url
+    serve_node(side.node, lambda: side.keyring)  # user commands reach the running node
+    env = {"GATEWAY_HOME": str(side.node.settings.home), "GATEWAY_TOKEN": token}
     result = CliRunner().invoke(cli, ["--json", *args], env=env, input=stdin)
     return result.exit_code, result.stdout, result.stderr
 
@@ -882,9 +878,8 @@ def test_a_pass_that_cannot_reach_the_peer_records_attempts_last_error_and_next_
 
     from gateway.cli.main import cli  # noqa: PLC0415
 
+    serve_node(pair.jp.node, lambda: pair.jp.keyring)
     env = {"GATEWAY_HOME": str(pair.jp.node.settings.home), "GATEWAY_TOKEN": officer}
-    if pair.jp.node.settings.database.url is not None:
-        env["GATEWAY_DATABASE_URL"] = pair.jp.node.settings.database.url
     shown = CliRunner().invoke(cli, ["outbox", "--state", "queued"], env=env)
     assert shown.exit_code == 0, shown.output
     for line in shown.stdout.splitlines():

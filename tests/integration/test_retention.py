@@ -49,6 +49,7 @@ from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user
 from gateway.store.models_exchange import Equivocation, OutboxEntry, envelope_path
 from gateway.store.models_retention import DecryptedOutput, PurgedBundle
+from tests.node_api import serve_node
 from tests.nodes import GATEWAY, REPO, open_pinned_pair
 
 EXAMPLES = REPO / "docs" / "examples"
@@ -225,9 +226,11 @@ def host_env(side: Side) -> dict[str, str]:
 
 
 def officer_env(side: Side, name: str) -> dict[str, str]:
+    """An officer's environment: the home and the token; the node serves its local API."""
     with side.node.db.transaction() as session:
         made = add_user(session, name, "officer", created_by="admin", now=utc_now())
-    return {**host_env(side), "GATEWAY_TOKEN": made.token.text}
+    serve_node(side.node, lambda: side.keyring)
+    return {"GATEWAY_HOME": str(side.node.settings.home), "GATEWAY_TOKEN": made.token.text}
 
 
 def run(env: dict[str, str], *args: str) -> Result:

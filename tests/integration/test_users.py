@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
 from gateway.cli.main import cli
+from tests.node_api import serving_home
 
 
 def run(*args: str, token: str | None = None) -> tuple[int, str, str]:
@@ -22,7 +24,9 @@ def run(*args: str, token: str | None = None) -> tuple[int, str, str]:
 
 
 @pytest.fixture
-def node(tmp_path: Path, database_url: str, clean_environ: dict[str, str]) -> tuple[Path, str]:
+def node(
+    tmp_path: Path, database_url: str, clean_environ: dict[str, str]
+) -> Iterator[tuple[Path, str]]:
     home = tmp_path / "jp"
     code, out, err = run(
         "--home",
@@ -37,7 +41,9 @@ def node(tmp_path: Path, database_url: str, clean_environ: dict[str, str]) -> tu
         "--json",
     )
     assert code == 0, err
-    return home, json.loads(out)["admin_token"]
+    # User management is a client of the running node: serve it.
+    with serving_home(home, {"GATEWAY_DATABASE_URL": database_url}):
+        yield home, json.loads(out)["admin_token"]
 
 
 def test_first_admin_can_add_and_list_users(node: tuple[Path, str]) -> None:

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -331,6 +331,7 @@ def disclose(
     out_dir: Path,
     *,
     now: datetime,
+    deliver: Callable[[Path, DisclosureResult], None] | None = None,
 ) -> DisclosureResult:
     """Release decrypted items to ``recipient`` if the rule allows; record every attempt.
 
@@ -342,6 +343,13 @@ def disclose(
     decision. Refused: :class:`ConsentRefused` (exit code 3) names what is
     missing for each item, nothing is written to ``out_dir``, and one
     ``disclosure-blocked`` entry is committed.
+
+    ``deliver`` (the local API's streamed disclosure) receives the staged
+    folder and the result instead of the folder being moved to ``out_dir``; it
+    runs inside the transaction that records the disclosure, so the
+    ``disclosure-made`` entry and the consent use are committed only if it
+    returns (a delivery cut off mid-way records nothing), and nothing stays on
+    the node afterwards.
     """
     ids = list(validate_items(bundle_ids, field="bundle ids"))
     validate_text(recipient, field="recipient", max_chars=500)
@@ -353,7 +361,7 @@ def disclose(
         # Decided again under the lock and recorded, without decrypting anything;
         # should a consent have arrived in between, it starts again with the files.
         return _decide_and_record(
-            node, keyring, policy, actor, items, recipient, purpose, now, None, target
+            node, keyring, policy, actor, items, recipient, purpose, now, None, target, deliver
         )
     staging = Path(tempfile.mkdtemp(prefix=_PARTIAL_PREFIX, dir=target.parent))
     try:
@@ -366,7 +374,7 @@ def disclose(
                 _locate(session, node.node_id, ids)
             raise
         return _decide_and_record(
-            node, keyring, policy, actor, items, recipient, purpose, now, staged, target
+            node, keyring, policy, actor, items, recipient, purpose, now, staged, target, deliver
         )
     finally:
         if staging.exists():
@@ -384,6 +392,7 @@ def _decide_and_record(
     now: datetime,
     staged: _Staged | None,
     target: Path,
+    deliver: Callable[[Path, DisclosureResult], None] | None = None,
 ) -> DisclosureResult:
     refused: Decision | None = None
     placed = False
@@ -429,44 +438,62 @@ def _decide_and_record(
                     out.write(json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
                     out.flush()
                     os.fsync(out.fileno())
-                if target.exists():
-                    target.rmdir()  # empty, checked before; replaced by the staged folder
-                staging.rename(target)
-                placed = True
-                # What stays on this node is tracked for the retention of decrypted
-                # outputs; the package handed to the recipient is the recipient's.
-                record_outputs(
-                    session,
-                    [
-                        WrittenOutput(target / rel, rel.split("/", 1)[0], sha)
-                        for rel, sha in sorted(files.items())
-                    ]
-                    + [WrittenOutput(target / MANIFEST_NAME, None)],
-                    command="disclose",
-                    actor=actor,
-                    now=now,
-                    folder=target,
-                    disclosure_id=disclosure_id,
-                )
-                result = DisclosureResult(
-                    disclosure_id=disclosure_id,
-                    kind=decision.entry_kind.value,
-                    recipient=recipient,
-                    purpose=purpose,
-                    consent_id=decision.consent_id,
-                    ledger_seq=entry.seq,
-                    ledger_hash=entry.entry_hash.hex(),
-                    out_dir=target,
-                    files=files,
-                    decision=decision,
-                )
+                if deliver is not None:
+                    result = DisclosureResult(
+                        disclosure_id=disclosure_id,
+                        kind=decision.entry_kind.value,
+                        recipient=recipient,
+                        purpose=purpose,
+                        consent_id=decision.consent_id,
+                        ledger_seq=entry.seq,
+                        ledger_hash=entry.entry_hash.hex(),
+                        out_dir=staging,
+                        files=files,
+                        decision=decision,
+                    )
+                    # Recorded only if the whole package reached the caller.
+                    deliver(staging, result)
+                else:
+                    if target.exists():
+                        target.rmdir()  # empty, checked before; replaced by the staged folder
+                    staging.rename(target)
+                    placed = True
+                    # What stays on this node is tracked for the retention of decrypted
+                    # outputs; the package handed to the recipient is the recipient's.
+                    record_outputs(
+                        session,
+                        [
+                            WrittenOutput(target / rel, rel.split("/", 1)[0], sha)
+                            for rel, sha in sorted(files.items())
+                        ]
+                        + [WrittenOutput(target / MANIFEST_NAME, None)],
+                        command="disclose",
+                        actor=actor,
+                        now=now,
+                        folder=target,
+                        disclosure_id=disclosure_id,
+                    )
+                    result = DisclosureResult(
+                        disclosure_id=disclosure_id,
+                        kind=decision.entry_kind.value,
+                        recipient=recipient,
+                        purpose=purpose,
+                        consent_id=decision.consent_id,
+                        ledger_seq=entry.seq,
+                        ledger_hash=entry.entry_hash.hex(),
+                        out_dir=target,
+                        files=files,
+                        decision=decision,
+                    )
     except BaseException:
         if placed:
             shutil.rmtree(target, ignore_errors=True)
         raise
     if again:
         ids = [i.item.bundle_id for i in items]
-        return disclose(node, keyring, actor, ids, recipient, purpose, target, now=now)
+        return disclose(
+            node, keyring, actor, ids, recipient, purpose, target, now=now, deliver=deliver
+        )
     if refused is not None:
         _log.info("disclosure_blocked", recipient=recipient, items=len(items))
         raise _refusal(refused)
