@@ -82,7 +82,7 @@ from gateway.errors import (
     StorageError,
     VerificationError,
 )
-from gateway.node import ledger
+from gateway.node import consent_use, ledger
 from gateway.node.bundles import (
     PRIVATE_DIR_MODE,
     create_private_file,
@@ -125,7 +125,7 @@ __all__ = [
 
 CONSENT_TYPES = ("consent-request", "consent-grant", "consent-denial", "consent-revocation")
 REFUSAL_TYPE = "bundle-refusal"
-APPLIED_TYPES = (*CONSENT_TYPES, REFUSAL_TYPE)
+APPLIED_TYPES = (*CONSENT_TYPES, REFUSAL_TYPE, consent_use.USE_TYPE)
 """Protocol bundles applied after their receipt (:func:`apply_pending`)."""
 GRANT_ATTACHMENT = "consent-grant.signed.json"
 MANIFEST_NAME = "disclosure.json"
@@ -871,6 +871,8 @@ def _apply_one(
         return f"consent {consent_id} revoked"
     if kind == REFUSAL_TYPE:
         return _apply_refusal_notice(session, entry, case, now)
+    if kind == consent_use.USE_TYPE:
+        return consent_use.apply_use_notice(session, entry, case, now)
     raise InvalidInput(f"{kind} is not a protocol bundle")
 
 
@@ -962,6 +964,7 @@ def apply_pending(node: Node, keyring: NodeKeyring, *, now: datetime) -> list[st
     except GatewayError as exc:
         # The refusals are recorded; their notices are queued by the next call.
         _log.warning("refusal_notice_deferred", error=type(exc).__name__, reason=exc.reason)
+    consent_use.notify_uses(node, keyring, now=now)
     return done
 
 
@@ -1205,6 +1208,8 @@ def list_consents(node: Node, keyring: NodeKeyring | None, *, now: datetime) -> 
                 select(ConsentUse.consent_id, func.count()).group_by(ConsentUse.consent_id)
             )
         }
+        reported = consent_use.reported_uses(session)
+        uses.update({cid: total for cid, (total, _bad) in reported.items()})
         denials = {d.request_id: d for d in session.scalars(select(ConsentDenialRecord))}
         refused = session.scalars(
             select(ConsentApplied).where(ConsentApplied.outcome == "refused")
@@ -1248,6 +1253,7 @@ def list_consents(node: Node, keyring: NodeKeyring | None, *, now: datetime) -> 
                     "valid_until": row.valid_until,
                     "max_uses": row.max_uses,
                     "uses_spent": spent,
+                    "use_violations": reported.get(row.consent_id, (0, 0))[1],
                     "state": state,
                     "revoked_at": None if revocation is None else revocation.revoked_at,
                     "revocation_reason": None if revocation is None else revocation.reason,
@@ -1638,4 +1644,5 @@ def _decide_and_record(
         _log.info("disclosure_blocked", recipient=recipient, items=len(items))
         raise _refusal(refused)
     _log.info("disclosure_made", kind=result.kind, consent_id=result.consent_id, items=len(items))
+    consent_use.notify_uses(node, keyring, now=now)
     return result
