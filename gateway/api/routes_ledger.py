@@ -107,6 +107,28 @@ async def ledger_audit_peer(call: Call) -> web.StreamResponse:
     return json_response(result.to_dict())
 
 
+async def ledger_account(call: Call) -> web.StreamResponse:
+    from gateway.node import accounting  # noqa: PLC0415
+
+    fmt = call.query("format") or "json"
+    if fmt not in ("json", "csv"):
+        raise InvalidInput("query parameter format must be json or csv")
+    bundle = call.query("bundle")
+    report = await call.in_transaction(
+        lambda session: accounting.account(session, call.node.node_id, bundle=bundle)
+    )
+    if fmt == "csv":
+        return web.Response(
+            text=accounting.account_csv(report),
+            content_type="text/csv",
+            charset="utf-8",
+            headers={
+                "Content-Disposition": f'attachment; filename="account-{call.node.node_id}.csv"'
+            },
+        )
+    return json_response(report)
+
+
 ROUTES = (
     ApiRoute("GET", "/api/v1/ledger", "ledger.list", ledger_list, "List ledger entries"),
     ApiRoute("POST", "/api/v1/ledger/verify", "ledger.verify", ledger_verify, "Verify the ledger"),
@@ -123,5 +145,12 @@ ROUTES = (
         "ledger.audit-peer",
         ledger_audit_peer,
         "Ask the peer to prove its ledger extends what we witnessed",
+    ),
+    ApiRoute(
+        "GET",
+        "/api/v1/ledger/account",
+        "ledger.account",
+        ledger_account,
+        "Disclosure accounting, both ways, with the ledger entries proving each line",
     ),
 )

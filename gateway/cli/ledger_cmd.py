@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -214,3 +215,34 @@ def audit_peer(app: AppContext) -> None:
         node.db, pinned, peer_node=peer, fetch=fetch, now=utc_now, actor=actor
     )
     app.emit(result.to_dict(), result.message)
+
+
+@ledger_group.command(name="account")
+@click.option("--bundle", help="Only the account of this bundle id.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "csv"]),
+    default=None,
+    help="text (default), json, or csv (one row per event).",
+)
+@pass_app
+def account_command(app: AppContext, bundle: str | None, fmt: str | None) -> None:
+    """Disclosure accounting, both ways, each line with the ledger entries proving it.
+
+    Items of the peer held here: arrival, reads, internal shares, disclosures
+    and their consents. Items of ours the peer holds: consents granted,
+    denied, revoked, and every use the peer reported back.
+    """
+    from gateway.node import accounting  # noqa: PLC0415
+
+    app.actor("ledger.account")
+    node = app.node()
+    with node.db.transaction() as session:
+        report = accounting.account(session, node.node_id, bundle=bundle)
+    if fmt == "csv":
+        click.echo(accounting.account_csv(report), nl=False)
+    elif fmt == "json":
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        app.emit(report, lambda: accounting.account_text(report))
