@@ -55,6 +55,7 @@ __all__ = [
     "account_csv",
     "account_events",
     "account_text",
+    "csv_cell",
 ]
 
 ACCOUNT_FORMATS = ("text", "json", "csv")
@@ -341,7 +342,8 @@ def account_events(report: dict[str, Any]) -> list[dict[str, Any]]:
     return [{column: event.get(column) for column in CSV_COLUMNS} for event in _events(report)]
 
 
-def _csv_cell(value: Any) -> str:
+def csv_cell(value: Any) -> str:
+    """A CSV cell; a value a spreadsheet would run as a formula is prefixed with '."""
     text = "" if value is None else str(value)
     # A cell a spreadsheet would run as a formula is quoted as text (CSV injection).
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
@@ -353,7 +355,7 @@ def account_csv(report: dict[str, Any]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for event in account_events(report):
-        writer.writerow([_csv_cell(event[c]) for c in CSV_COLUMNS])
+        writer.writerow([csv_cell(event[c]) for c in CSV_COLUMNS])
     return out.getvalue()
 
 
