@@ -15,7 +15,7 @@ security rules, each checked by ``tests/integration/test_console.py``:
   before anything else.
 * **Headers**: a strict Content-Security-Policy (``default-src 'none'``,
   styles from our own stylesheet only, no script at all, forms to ourselves,
-  no framing), ``X-Frame-Options: DENY``, ``Referrer-Policy: no-referrer``,
+  no framing), ``X-Frame-Options: DENY``, ``Referrer-Policy: same-origin``,
   ``Cache-Control: no-store``.
 * **Roles**: compliance pages need ``console.compliance``, administration
   pages ``console.admin`` (:data:`gateway.core.roles.ACTIONS`); compliance
@@ -207,7 +207,7 @@ async def _guard(
             raise
     response.headers["Content-Security-Policy"] = CSP
     response.headers["X-Frame-Options"] = "DENY"
-    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Referrer-Policy"] = "same-origin"  # "no-referrer" would make form posts say Origin: null
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response
