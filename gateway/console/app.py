@@ -207,7 +207,9 @@ async def _guard(
             raise
     response.headers["Content-Security-Policy"] = CSP
     response.headers["X-Frame-Options"] = "DENY"
-    response.headers["Referrer-Policy"] = "same-origin"  # "no-referrer" would make form posts say Origin: null
+    response.headers["Referrer-Policy"] = (
+        "same-origin"  # "no-referrer" would make form posts say Origin: null
+    )
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response

@@ -37,6 +37,7 @@ from gateway.core.ledger import EntryKind
 from gateway.core.roles import SYSTEM
 from gateway.errors import GatewayError, InvalidInput
 from gateway.node import ledger
+from gateway.node.crash import crash_point
 from gateway.node.runtime import Node
 from gateway.store.models_consent import (
     ConsentGrantRecord,
@@ -137,6 +138,8 @@ def send_use_notices(node: Node, keyring: NodeKeyring, *, now: datetime) -> list
             )
             for use, rec in _pending_uses(session)
         ]
+    if pending:
+        crash_point("before-use-notice")  # a use recorded, its notice not yet queued
     sent: list[str] = []
     for use_id, disclosure_id, consent_id, case in pending:
 

@@ -10,18 +10,23 @@ real outbox.
 
 from __future__ import annotations
 
+import signal
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from gateway.core.consent import format_time
 from gateway.core.roles import SYSTEM
 from gateway.node import consent
 from gateway.node.consent_use import send_use_notices
-from gateway.node.outbox import send_protocol_bundle
+from gateway.node.outbox import send_case, send_protocol_bundle
+from gateway.node.runtime import utc_now
+from gateway.store.models_consent import DisclosureRecord
 from gateway.store.models_consent_use import ConsentUseNoticeRecord, ConsentUseReport
 from gateway.store.models_exchange import OutboxEntry
 from tests.integration.test_consent import (
@@ -230,3 +235,61 @@ def test_use_beyond_the_terms_names_each_broken_term(pair: Pair) -> None:
         "disclosed to another recipient than the consent names",
         "disclosed for another purpose than the consent names",
     ]
+
+
+# -- killed mid-way: the notice is neither lost nor doubled ---------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("point", "queued_before"), [("before-use-notice", 0), ("after-outbox-insert", 1)]
+)
+def test_a_disclosure_killed_before_its_notice_commits_sends_exactly_one_later(
+    point: str, queued_before: int, tmp_path: Path, database_url: str,
+    pg_database_factory: Callable[[], str], clean_environ: dict[str, str],
+) -> None:  # fmt: skip
+    """``gateway disclose`` is killed (SIGKILL) after the disclosure committed: before
+    its notice is queued, or right after; either way exactly one notice goes out."""
+    from tests.exchange_pair import PASSPHRASE, example, open_pair, second_url  # noqa: PLC0415
+    from tests.nodes import gateway_env, run_gateway  # noqa: PLC0415
+
+    urls = {"jp": database_url, "pk": second_url(tmp_path, database_url, pg_database_factory)}
+    with open_pair(tmp_path, urls, clean_environ) as two:
+        jp, pk = two.jp, two.pk
+        sent = send_case(
+            jp.node, jp.keyring, jp.officer, "exam-fraud", example("exam-fraud"), [],
+            public=False, reply_to=None, now=utc_now(),
+        )  # fmt: skip
+        pk.receive_from(jp, sent.bundle_id)
+        asked = consent.request_consent(
+            pk.node, pk.keyring, pk.officer, [sent.bundle_id], EMBASSY, PURPOSE, now=utc_now()
+        )
+        jp.receive_from(pk, asked.bundle_id)
+        granted = consent.grant(
+            jp.node, jp.keyring, jp.officer, asked.request_id,
+            valid_until=None, max_uses=None, conditions="", now=utc_now(),
+        )  # fmt: skip
+        pk.receive_from(jp, granted.bundle_id)
+        env = gateway_env(
+            pk.home, GATEWAY_PASSPHRASE=PASSPHRASE, GATEWAY_TOKEN=pk.tokens["officer"],
+            GATEWAY_CRASH_AT=point,
+        )  # fmt: skip
+        killed = run_gateway(
+            pk.home, "disclose", sent.bundle_id, "--recipient", EMBASSY, "--purpose", PURPOSE,
+            "--out", str(tmp_path / "out"), env=env,
+        )  # fmt: skip
+        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        with pk.node.db.transaction() as session:
+            made = session.scalars(
+                select(DisclosureRecord).where(DisclosureRecord.allowed.is_(True))
+            ).all()
+        assert len(made) == 1  # the disclosure itself committed
+        assert len(notices(pk)) == queued_before
+
+        for _ in range(2):  # the next consent steps queue it, once
+            consent.list_consents(pk.node, pk.keyring, now=utc_now())
+        (notice,) = notices(pk)
+        for _ in range(2):
+            jp.receive_from(pk, notice.bundle_id)
+        (issued,) = consent.list_consents(jp.node, jp.keyring, now=utc_now())["consents"]
+        assert issued["uses_spent"] == 1
