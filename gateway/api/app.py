@@ -43,6 +43,7 @@ from gateway.api import (
 )
 from gateway.api.probes import METRICS_PATH, PROBE_PATHS, add_probe_routes, from_loopback
 from gateway.api.routes_common import DEFAULT_MAX_BODY, ApiRoute, Call, KeyringProvider
+from gateway.console import add_console, is_console_path
 from gateway.core.roles import ACTIONS, Actor, authorize_role
 from gateway.errors import (
     AccessDenied,
@@ -218,6 +219,8 @@ async def _authenticate(
     Exceptions: the probes (``GET /livez``, ``GET /readyz``), and ``GET /metrics``
     without an ``Authorization`` header from a loopback address.
     """
+    if is_console_path(request.path):
+        return await handler(request)  # the console signs in with a session of its own
     if request.method == "GET":
         if request.path in PROBE_PATHS:
             return await handler(request)
@@ -313,4 +316,5 @@ def create_api_app(
     for route in chosen:
         app.router.add_route(route.method, route.path, _bind(route))
     add_probe_routes(app, node, keyring_provider, lambda: app[EXECUTOR_KEY])
+    add_console(app, node, keyring_provider, lambda: app[EXECUTOR_KEY])
     return app

@@ -9,6 +9,7 @@ from typing import BinaryIO, cast
 from aiohttp import web
 
 from gateway.api.routes_common import ApiRoute, Call, json_response
+from gateway.core.accounting import account_csv
 from gateway.errors import InvalidInput
 from gateway.node.ledger import export as export_service
 from gateway.node.ledger import read as ledger_read
@@ -112,6 +113,28 @@ async def ledger_audit_peer(call: Call) -> web.StreamResponse:
     return json_response(result.to_dict())
 
 
+async def ledger_account(call: Call) -> web.StreamResponse:
+    from gateway.node import accounting  # noqa: PLC0415
+
+    fmt = call.query("format") or "json"
+    if fmt not in ("json", "csv"):
+        raise InvalidInput("query parameter format must be json or csv")
+    bundle = call.query("bundle")
+    report = await call.in_transaction(
+        lambda session: accounting.account(session, call.node.node_id, bundle=bundle)
+    )
+    if fmt == "csv":
+        return web.Response(
+            text=account_csv(report),
+            content_type="text/csv",
+            charset="utf-8",
+            headers={
+                "Content-Disposition": f'attachment; filename="account-{call.node.node_id}.csv"'
+            },
+        )
+    return json_response(report)
+
+
 ROUTES = (
     ApiRoute("GET", "/api/v1/ledger", "ledger.list", ledger_list, "List ledger entries"),
     ApiRoute("POST", "/api/v1/ledger/verify", "ledger.verify", ledger_verify, "Verify the ledger"),
@@ -128,5 +151,12 @@ ROUTES = (
         "ledger.audit-peer",
         ledger_audit_peer,
         "Ask the peer to prove its ledger extends what we witnessed",
+    ),
+    ApiRoute(
+        "GET",
+        "/api/v1/ledger/account",
+        "ledger.account",
+        ledger_account,
+        "Disclosure accounting, both ways, with the ledger entries proving each line",
     ),
 )

@@ -143,6 +143,8 @@ def list_command(app: AppContext) -> None:
                 if c["max_uses"] is None
                 else f"{c['uses_spent']}/{c['max_uses']} used"
             )
+            if c.get("use_violations"):
+                uses += f" ({c['use_violations']} VIOLATION(S))"
             lines.append(
                 f"  {c['consent_id']}  {side:<13} {c['state']:<8} until {_when(c['valid_until'])}"
                 f"  {uses}  to {c['third_party']!r} for {c['purpose']!r}: {', '.join(c['items'])}"

@@ -9,10 +9,12 @@ unlocks the node's signing key.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import click
 
@@ -223,3 +225,34 @@ def audit_peer(app: AppContext) -> None:
     """
     result = app.client("ledger.audit-peer").call("POST", "/api/v1/ledger/audit-peer", {})
     app.emit(result, result["message"])
+
+
+@ledger_group.command(name="account")
+@click.option("--bundle", help="Only the account of this bundle id.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "csv"]),
+    default=None,
+    help="text (default), json, or csv (one row per event).",
+)
+@pass_app
+def account_command(app: AppContext, bundle: str | None, fmt: str | None) -> None:
+    """Disclosure accounting, both ways, each line with the ledger entries proving it.
+
+    Items of the peer held here: arrival, reads, internal shares, disclosures
+    and their consents. Items of ours the peer holds: consents granted,
+    denied, revoked, and every use the peer reported back.
+
+    Runs through the node's local API; needs your token.
+    """
+    from gateway.core.accounting import account_csv, account_text  # noqa: PLC0415
+
+    query = "" if bundle is None else "?" + urlencode({"bundle": bundle})
+    report = app.client("ledger.account").call("GET", "/api/v1/ledger/account" + query)
+    if fmt == "csv":
+        click.echo(account_csv(report), nl=False)
+    elif fmt == "json":
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        app.emit(report, lambda: account_text(report))

@@ -20,7 +20,7 @@ Case types (SPEC §7a):
 * ``return-assistance`` (MOC 6): persons incl. dependants, temporary passports.
 * ``information-request`` / ``information-reply`` (MOC 4(1)).
 * ``consent-request`` / ``consent-grant`` / ``consent-denial`` /
-  ``consent-revocation`` (MOC 3): the written-consent protocol.
+  ``consent-revocation`` / ``consent-use`` (MOC 3): the written-consent protocol.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ __all__ = [
     "ConsentGrant",
     "ConsentRequest",
     "ConsentRevocation",
+    "ConsentUseNotice",
     "Consultation",
     "ExamFraud",
     "InformationReply",
@@ -465,6 +466,29 @@ class ConsentRevocation(_Case):
     revoking_officer: ShortText
 
 
+class ConsentUseNotice(_Case):
+    """The discloser's signed notice that it used a consent (SPEC §8a, docs/consent.md).
+
+    Sent by the node itself after each disclosure made under a consent the
+    originator granted: metadata only (ids, recipient, purpose, time, which
+    use it was, and the disclosure's position in the discloser's ledger),
+    never case content.
+    """
+
+    case_type: ClassVar[str] = "consent-use"
+    schema_version: ClassVar[str] = "1"
+
+    consent_id: BundleId
+    disclosure_id: BundleId
+    items: Items
+    recipient: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+    purpose: LongText
+    used_at: AwareDatetime
+    use_number: Annotated[int, Field(ge=1, le=1_000_000_000)]
+    ledger_seq: Annotated[int, Field(ge=0, le=2**62)]
+    ledger_entry_hash: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
 class BundleRefusal(_Case):
     """A node's signed notice that it refused a bundle it had receipted (docs/protocol.md).
 
@@ -494,6 +518,7 @@ Case = (
     | ConsentGrant
     | ConsentDenial
     | ConsentRevocation
+    | ConsentUseNotice
     | BundleRefusal
 )
 
@@ -522,12 +547,20 @@ CASE_TYPES: Mapping[str, CaseType] = {
         (ConsentGrant, "3"),
         (ConsentDenial, "3"),
         (ConsentRevocation, "3"),
+        (ConsentUseNotice, "3"),
         (BundleRefusal, "8"),
     )
 }
 
 PROTOCOL_TYPES: frozenset[str] = frozenset(
-    {"consent-request", "consent-grant", "consent-denial", "consent-revocation", "bundle-refusal"}
+    {
+        "consent-request",
+        "consent-grant",
+        "consent-denial",
+        "consent-revocation",
+        "consent-use",
+        "bundle-refusal",
+    }
 )
 """Bundles with a protocol of their own: made by their own commands (which stamp the
 acting officer and check the items) or by the node itself, never sent as cases."""
@@ -537,6 +570,7 @@ PROTOCOL_COMMANDS: Mapping[str, str] = {
     "consent-grant": "gateway consent grant REQUEST_ID",
     "consent-denial": "gateway consent deny REQUEST_ID --reason TEXT",
     "consent-revocation": "gateway consent revoke CONSENT_ID --reason TEXT",
+    "consent-use": "none: the node sends it itself after a disclosure under a consent",
     "bundle-refusal": "none: the node sends it itself when it refuses a bundle",
 }
 """For each protocol type, the command that makes it (named in refusals of ``send``)."""

@@ -106,6 +106,8 @@ class EntryKind(StrEnum):
     CONSENT_GRANTED = "consent-granted"
     CONSENT_DENIED = "consent-denied"
     CONSENT_REVOKED = "consent-revoked"
+    CONSENT_USED = "consent-used"
+    CONSENT_USE_VIOLATION = "consent-use-violation"
     DISCLOSURE_MADE = "disclosure-made"
     DISCLOSURE_BLOCKED = "disclosure-blocked"
     INTERNAL_SHARE = "internal-share"

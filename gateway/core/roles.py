@@ -54,6 +54,10 @@ ACTIONS: dict[str, frozenset[Role]] = {
     "ledger.verify": _C,
     "ledger.export": _C,
     "ledger.audit-peer": _C,
+    "ledger.account": _C,
+    # the web console (/console/): its compliance pages and its administration pages
+    "console.compliance": _C,
+    "console.admin": _A,
 }
 
 

@@ -7,14 +7,16 @@ bytes that allows a confirmation guess (a plain SHA-256 of a small case file).
 
 The test plants a distinctive attachment name, case text and their hashes,
 runs the whole story on both nodes (send, receive, show, internal share,
-consent, disclosure, blocked disclosure, the node's own disclosure) and then
-greps every output a compliance officer or an export can read, through the
-CLI, the local API and the core services, for each planted value. The
+consent, disclosure, blocked disclosure, the use reported back, the node's own
+disclosure) and then greps every output a compliance officer or an export can
+read, through the CLI, the local API, the web console (every page, export and
+report) and the core services, for each planted value. The
 officer's own ``show`` is the control: the values are there to be found.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -90,6 +92,8 @@ def _story(pair: Pair, tmp_path: Path) -> dict[str, str]:
     )  # fmt: skip
     pair.pk.receive_from(pair.jp, granted.bundle_id)
     made = disclose(pair.pk, THIRD_PARTY, "disclosed")
+    for notice in _use_notices(pair.pk):  # the use travels back to the originator
+        pair.jp.receive_from(pair.pk, notice)
     own = disclose(pair.jp, THIRD_PARTY, "own-item")
     assert made.kind == "disclosure-made"
     assert shared.kind == "internal-share"
@@ -106,6 +110,55 @@ def _story(pair: Pair, tmp_path: Path) -> dict[str, str]:
     }
 
 
+def _use_notices(side: Side) -> list[str]:
+    from sqlalchemy import select  # noqa: PLC0415
+
+    from gateway.store.models_exchange import OutboxEntry  # noqa: PLC0415
+
+    with side.node.db.transaction() as session:
+        found = list(
+            session.scalars(
+                select(OutboxEntry.bundle_id).where(OutboxEntry.case_type == "consent-use")
+            )
+        )
+    assert found, "the disclosure under consent queued a consent-use notice"
+    return found
+
+
+def _console_outputs(side: Side, bundle: str) -> dict[str, str]:
+    """Every console page, export and report a compliance officer can open."""
+    from tests.console_client import Browser, serve_console  # noqa: PLC0415
+
+    out: dict[str, str] = {}
+
+    async def main() -> None:
+        async with serve_console(side) as base, Browser.open(base) as browser:
+            signed = await browser.sign_in(side.tokens["compliance"])
+            assert signed.status == 303
+            paths = [
+                "/console/ledger",
+                f"/console/ledger?bundle={bundle}",
+                "/console/consents",
+                "/console/account",
+                f"/console/account?bundle={bundle}",
+                "/console/verify",
+                "/console/report?from=2000-01-01&to=2999-12-31",
+                "/console/export?format=csv",
+                "/console/export?format=jsonl",
+                f"/console/export?bundle={bundle}&format=csv",
+            ]
+            listing = await browser.get("/console/ledger")
+            total = int(listing.text.split("Entries found: ")[1].split(" ")[0])
+            paths += [f"/console/ledger/{seq}" for seq in range(total)]
+            for path in paths:
+                page = await browser.get(path)
+                assert page.status == 200, (path, page.text[:300])
+                out[f"console {path}"] = page.text
+
+    asyncio.run(main())
+    return out
+
+
 def _cli_outputs(side: Side, tmp_path: Path, bundle: str) -> dict[str, str]:
     out: dict[str, str] = {}
     commands = [
@@ -118,6 +171,9 @@ def _cli_outputs(side: Side, tmp_path: Path, bundle: str) -> dict[str, str]:
         ("--json", "inbox"),
         ("--json", "outbox"),
         ("--json", "show", bundle),
+        ("ledger", "account"),
+        ("ledger", "account", "--format", "json"),
+        ("ledger", "account", "--format", "csv", "--bundle", bundle),
     ]
     for args in commands:
         done = side.cli(*args, role="compliance")
@@ -143,6 +199,8 @@ def _api_outputs(side: Side, bundle: str) -> dict[str, str]:
         ("GET", "/api/v1/inbox", None),
         ("GET", "/api/v1/outbox", None),
         ("GET", f"/api/v1/bundles/{bundle}?attachments=true", None),
+        ("GET", "/api/v1/ledger/account", None),
+        ("GET", f"/api/v1/ledger/account?bundle={bundle}&format=csv", None),
     ]
     answers = side.api(calls, role="compliance")
     assert [a.status for a in answers[:5]] == [200] * 5, answers[0].text
@@ -186,8 +244,11 @@ def test_content_leaking_into_metadata(pair: Pair, tmp_path: Path) -> None:
             **_cli_outputs(side, tmp_path, bundle),
             **_api_outputs(side, bundle),
             **_core_outputs(side),
+            **_console_outputs(side, bundle),
         }
         assert any("disclosure-made" in text for text in outputs.values())
+        # the console did show the metadata: the bundle, where the content would be
+        assert bundle in outputs[f"console /console/account?bundle={bundle}"]
         for where, hits in _leaks(outputs, planted).items():
             leaks[f"{side.node.node_id}: {where}"] = hits
     assert leaks == {}

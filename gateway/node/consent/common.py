@@ -20,6 +20,7 @@ from gateway.core.consent import format_time
 from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.policy import Policy
 from gateway.core.roles import Actor
+from gateway.node.consent import uses as consent_uses
 from gateway.node.outbox import send_protocol_bundle
 from gateway.node.peer_trust import require_pinned_peer
 from gateway.node.policy import load_policy
@@ -42,7 +43,7 @@ __all__ = [
 
 CONSENT_TYPES = ("consent-request", "consent-grant", "consent-denial", "consent-revocation")
 REFUSAL_TYPE = "bundle-refusal"
-APPLIED_TYPES = (*CONSENT_TYPES, REFUSAL_TYPE)
+APPLIED_TYPES = (*CONSENT_TYPES, REFUSAL_TYPE, consent_uses.USE_TYPE)
 """Protocol bundles applied after their receipt (:func:`~gateway.node.consent.receive.apply_pending`)."""
 GRANT_ATTACHMENT = "consent-grant.signed.json"
 MAX_REASON = 20_000

@@ -54,6 +54,7 @@ from gateway.node.bundles import (
     make_private_dir,
     open_to_dir,
 )
+from gateway.node.consent import uses as consent_uses
 from gateway.node.consent.common import (
     MAX_REASON,
     internal_names,
@@ -498,4 +499,5 @@ def _decide_and_record(
         _log.info("disclosure_blocked", recipient=recipient, items=len(items))
         raise _refusal(refused)
     _log.info("disclosure_made", kind=result.kind, consent_id=result.consent_id, items=len(items))
+    consent_uses.notify_uses(node, keyring, now=now)
     return result

@@ -18,6 +18,7 @@ from gateway.core.consent import (
 )
 from gateway.core.keys import NodeKeyring
 from gateway.errors import StorageError
+from gateway.node.consent import uses as consent_uses
 from gateway.node.consent.receive import apply_pending
 from gateway.node.runtime import Node
 from gateway.store.models_consent import (
@@ -122,6 +123,8 @@ def list_consents(node: Node, keyring: NodeKeyring | None, *, now: datetime) -> 
                 select(ConsentUse.consent_id, func.count()).group_by(ConsentUse.consent_id)
             )
         }
+        reported = consent_uses.reported_uses(session)
+        uses.update({cid: total for cid, (total, _bad) in reported.items()})
         denials = {d.request_id: d for d in session.scalars(select(ConsentDenialRecord))}
         refused = session.scalars(
             select(ConsentApplied).where(ConsentApplied.outcome == "refused")
@@ -165,6 +168,7 @@ def list_consents(node: Node, keyring: NodeKeyring | None, *, now: datetime) -> 
                     "valid_until": row.valid_until,
                     "max_uses": row.max_uses,
                     "uses_spent": spent,
+                    "use_violations": reported.get(row.consent_id, (0, 0))[1],
                     "state": state,
                     "revoked_at": None if revocation is None else revocation.revoked_at,
                     "revocation_reason": None if revocation is None else revocation.reason,

@@ -42,6 +42,7 @@ from gateway.errors import (
     RefusedError,
 )
 from gateway.node import ledger
+from gateway.node.consent import uses as consent_uses
 from gateway.node.consent.common import (
     APPLIED_TYPES,
     GRANT_ATTACHMENT,
@@ -267,6 +268,8 @@ def _apply_one(
         return f"consent {consent_id} revoked"
     if kind == REFUSAL_TYPE:
         return _apply_refusal_notice(session, entry, case, now)
+    if kind == consent_uses.USE_TYPE:
+        return consent_uses.apply_use_notice(session, entry, case, now)
     raise InvalidInput(f"{kind} is not a protocol bundle")
 
 
@@ -358,6 +361,7 @@ def apply_pending(node: Node, keyring: NodeKeyring, *, now: datetime) -> list[st
     except GatewayError as exc:
         # The refusals are recorded; their notices are queued by the next call.
         _log.warning("refusal_notice_deferred", error=type(exc).__name__, reason=exc.reason)
+    consent_uses.notify_uses(node, keyring, now=now)
     return done
 
 
