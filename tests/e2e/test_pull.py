@@ -30,6 +30,10 @@ from tests.conftest import create_pg_database, drop_pg_database, require_postgre
 from tests.e2e.test_exchange import Pair, Side, assert_exactly_once, example, wait_for
 from tests.nodes import init_pair, run_gateway
 
+# The module's pair of nodes is made once (init, keys, pinning: minutes on a loaded
+# machine), charged to the first test that runs; slow runs set their own.
+pytestmark = pytest.mark.timeout(900)
+
 EMBASSY = "Embassy of Example"
 PURPOSE = "visa screening of the broker's workers"
 
