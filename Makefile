@@ -56,15 +56,8 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 # Each benchmark also runs alone: `$(PY) benchmarks/<name>.py --quick` is a smoke run.
-# The command benchmark passes the keystore passphrase while user commands still
-# open the keystore themselves; empty CLI_BENCH_ARGS once they are clients of the node.
-CLI_BENCH_ARGS ?= --passphrase-env
 bench: $(STAMP)
-	@for script in benchmarks/*.py; do \
-		echo "== $$script"; \
-		if [ "$$script" = benchmarks/cli.py ]; then extra="$(CLI_BENCH_ARGS)"; else extra=""; fi; \
-		$(PY) $$script $$extra || exit 1; \
-	done
+	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

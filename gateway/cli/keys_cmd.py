@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
 from gateway.cli.display import manifest_text
-from gateway.core.keys import KeyManifest, format_time
-from gateway.node import own_keys
-from gateway.node.ledger.read import parse_since
-from gateway.node.runtime import next_whole_second, utc_now
+
+if TYPE_CHECKING:
+    from gateway.core.keys import KeyManifest
+    from gateway.node import own_keys
 
 __all__ = ["keys", "manifest_text"]
 
@@ -72,6 +72,8 @@ def export(app: AppContext, out: Path) -> None:
 
     Host operation: needs the keystore passphrase.
     """
+    from gateway.node import own_keys  # noqa: PLC0415 - host commands only
+
     app.actor("keys.export")
     with app.node().db.transaction() as session:
         manifest = own_keys.export_manifest(session, out)
@@ -99,6 +101,7 @@ def _revocation_data(change: own_keys.KeyChange) -> dict[str, Any]:
 
 
 def _change_text(manifest: KeyManifest, lines: list[str]) -> str:
+
     return "\n".join(
         [
             *lines,
@@ -118,6 +121,9 @@ def rotate(app: AppContext, root_key: Path | None) -> None:
 
     Host operation: needs the keystore passphrase.
     """
+    from gateway.node import own_keys  # noqa: PLC0415 - host commands only
+    from gateway.node.runtime import utc_now  # noqa: PLC0415 - host commands only
+
     actor = app.actor("keys.rotate")
     node = app.node()
     passphrase = app.passphrase()
@@ -135,6 +141,8 @@ def rotate(app: AppContext, root_key: Path | None) -> None:
 
 def _impact_text(impact: dict[str, Any]) -> str:
     """What a revocation marks suspect at the peer, in words (see ``revocation_impact``)."""
+    from gateway.core.keys import format_time  # noqa: PLC0415 - host commands only
+
     if impact["use"] != "sign":
         return (
             f"Key {impact['key_id']} is an encryption key: the peer stops sealing to it; "
@@ -190,6 +198,10 @@ def revoke(
 
     Host operation: needs the keystore passphrase.
     """
+    from gateway.node import own_keys  # noqa: PLC0415 - host commands only
+    from gateway.node.ledger.read import parse_since  # noqa: PLC0415 - host commands only
+    from gateway.node.runtime import next_whole_second, utc_now  # noqa: PLC0415 - host commands only
+
     actor = app.actor("keys.revoke")
     node = app.node()
     since = parse_since(compromised_since, option="--compromised-since")
@@ -243,6 +255,9 @@ def recover(app: AppContext, reason: str, root_key: Path | None) -> None:
 
     Host operation: needs the keystore passphrase.
     """
+    from gateway.node import own_keys  # noqa: PLC0415 - host commands only
+    from gateway.node.runtime import next_whole_second  # noqa: PLC0415 - host commands only
+
     actor = app.actor("keys.revoke")
     node = app.node()
     passphrase = app.passphrase()
@@ -279,6 +294,9 @@ def rotate_root(app: AppContext, root_key: Path | None) -> None:
 
     Host operation: needs the keystore passphrase.
     """
+    from gateway.node import own_keys  # noqa: PLC0415 - host commands only
+    from gateway.node.runtime import utc_now  # noqa: PLC0415 - host commands only
+
     actor = app.actor("keys.rotate-root")
     node = app.node()
     passphrase = app.passphrase()

@@ -31,7 +31,9 @@ COMMANDS: dict[str, LazyCommand | LazySubgroup] = {
     ),
     "consent": LazySubgroup(
         "gateway.cli.consent_cmd:consent_group",
-        "Ask for, grant, deny, revoke and list written consent to disclose the peer's items.",
+        "Ask for, grant, deny, revoke and list written consent to disclose the peer's items.\n"
+        "\n"
+        "Runs through the node's local API; needs your token.",
         {
             "deny": _entry(
                 "consent_cmd",
@@ -62,7 +64,9 @@ COMMANDS: dict[str, LazyCommand | LazySubgroup] = {
     ),
     "db": LazySubgroup(
         "gateway.cli.db_cmd:db",
-        "Database schema maintenance (migrations run by init and on serve start).",
+        "Database schema maintenance (migrations run by init and on serve start).\n"
+        "\n"
+        "Host operation: needs the keystore passphrase.",
         {
             "status": _entry(
                 "db_cmd",
@@ -144,8 +148,17 @@ COMMANDS: dict[str, LazyCommand | LazySubgroup] = {
     ),
     "ledger": LazySubgroup(
         "gateway.cli.ledger_cmd:ledger_group",
-        "The tamper-evident ledger: list, verify, export, checkpoint, audit the peer.",
+        "The tamper-evident ledger: list, verify, export, checkpoint, audit the peer.\n"
+        "\n"
+        "\b\n"
+        "list, verify, export, audit-peer: run through the node's local API; need\n"
+        "your token. checkpoint: host operation: needs the keystore passphrase.",
         {
+            "account": _entry(
+                "ledger_cmd",
+                "account_command",
+                "Disclosure accounting, both ways, each line with the ledger entries proving it.",
+            ),
             "audit-peer": _entry(
                 "ledger_cmd",
                 "audit_peer",
@@ -156,7 +169,11 @@ COMMANDS: dict[str, LazyCommand | LazySubgroup] = {
                 "checkpoint",
                 "Sign a checkpoint of the ledger as it stands now (unlocks the signing key).",
             ),
-            "export": _entry("ledger_cmd", "export", "Export every entry as CSV or JSON Lines."),
+            "export": _entry(
+                "ledger_cmd",
+                "export",
+                "Export every entry as CSV or JSON Lines (streamed from the node).",
+            ),
             "list": _entry(
                 "ledger_cmd", "list_command", "List ledger entries, oldest first (metadata only)."
             ),
@@ -232,7 +249,9 @@ COMMANDS: dict[str, LazyCommand | LazySubgroup] = {
         "Roles:\n"
         "  admin       keys, peer, users, node\n"
         "  officer     send, inbox, show, consent, disclose\n"
-        "  compliance  ledger list, verify, export, audit-peer (metadata only)",
+        "  compliance  ledger list, verify, export, audit-peer (metadata only)\n"
+        "\n"
+        "Runs through the node's local API; needs your token.",
         {
             "add": _entry("users_cmd", "add", "Add a user and print its token once."),
             "disable": _entry(

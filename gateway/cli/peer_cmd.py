@@ -5,22 +5,24 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
 from gateway.cli.display import manifest_text
-from gateway.core.keys import MAX_MANIFEST_BYTES
 from gateway.errors import InvalidInput
-from gateway.node import peer_trust
-from gateway.node.runtime import utc_now
-from gateway.peer.ping import PingReport, ping_peer
+
+if TYPE_CHECKING:
+    from gateway.peer.ping import PingReport
 
 __all__ = ["peer"]
 
 
 def _read_manifest_file(path: Path) -> bytes:
+    from gateway.core.keys import MAX_MANIFEST_BYTES  # noqa: PLC0415 - host commands only
+
     try:
         with path.open("rb") as handle:
             data = handle.read(MAX_MANIFEST_BYTES + 1)
@@ -63,6 +65,9 @@ def add(app: AppContext, manifest_file: Path, expected: str, replace: bool) -> N
     Example:
       gateway peer add pk-manifest.json --fingerprint ABCD-EFGH-IJKL-MNOP-QRST-UVWX-YZ23-4567
     """
+    from gateway.node import peer_trust  # noqa: PLC0415 - host commands only
+    from gateway.node.runtime import utc_now  # noqa: PLC0415 - host commands only
+
     actor = app.actor("peer.add")
     node = app.node()
     raw = _read_manifest_file(manifest_file)
@@ -130,6 +135,9 @@ def ping(app: AppContext) -> None:
     clock (skew; warning beyond a quarter of the policy's window), manifest (the
     version of our manifest the peer has pinned, against ours).
     """
+    from gateway.node.runtime import utc_now  # noqa: PLC0415 - host commands only
+    from gateway.peer.ping import ping_peer  # noqa: PLC0415 - host commands only
+
     node = app.node()
     keyring = app.keyring()
     report = asyncio.run(ping_peer(node, keyring, clock=utc_now))

@@ -16,9 +16,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
-CLI_BENCH_ARGS = ["--passphrase-env"]
-"""While user commands open the keystore themselves they need the passphrase;
-empty this once they are clients of the running node (token only)."""
 
 
 @pytest.mark.slow
@@ -29,7 +26,7 @@ def test_cli_benchmark_quick_run_prints_every_figure() -> None:
     if not gateway.exists():
         pytest.skip(f"{gateway} is not installed")
     done = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "cli.py"), "--quick", *CLI_BENCH_ARGS],
+        [sys.executable, str(REPO / "benchmarks" / "cli.py"), "--quick"],
         capture_output=True,
         text=True,
         timeout=1100,
