@@ -34,14 +34,20 @@ from sqlalchemy.orm import Session
 
 from gateway import log
 from gateway.core.canonical import canonical_bytes
-from gateway.core.envelope import EnvelopeHeader
+from gateway.core.cases import REPLY_TARGETS
+from gateway.core.envelope import AttachmentInfo, EnvelopeHeader, open_envelope, verify_envelope
 from gateway.core.keys import KeyManifest, NodeKeyring, StoredTrust
 from gateway.core.receipt import Checkpoint, ReceiptSigner, issue_receipt
 from gateway.core.retention import Direction
 from gateway.core.roles import SYSTEM, Actor
 from gateway.core.times import Precision, format_utc
 from gateway.errors import InvalidInput, NotFound, RefusedError, VerificationError
+from gateway.node import ledger
+from gateway.node.bundles import create_private_file, safe_output_path
 from gateway.node.crash import crash_point
+from gateway.node.outbox import check_reply_target
+from gateway.node.peer_trust import require_pinned_peer
+from gateway.node.policy import load_policy
 from gateway.node.retention import WrittenOutput, ensure_not_purged, record_outputs
 from gateway.node.runtime import Node
 from gateway.store.models_exchange import (
@@ -184,14 +190,12 @@ def _record_gap(session: Session, channel: str, sequence: int, now: datetime) ->
 def _ledger_event(
     session: Session, *, kind: str, now: datetime, bundle_id: str, body: dict[str, object]
 ) -> None:
-    from gateway.node import ledger  # noqa: PLC0415 - the ledger joins the exchange, not the reverse
 
     ledger.record_event(session, kind=kind, actor=SYSTEM, now=now, bundle_id=bundle_id, body=body)
 
 
 def ledger_checkpoint(session: Session) -> Checkpoint | None:
     """This node's newest signed ledger checkpoint, as a receipt names it."""
-    from gateway.node import ledger  # noqa: PLC0415
 
     latest = ledger.latest_checkpoint(session)
     if latest is None:
@@ -486,7 +490,6 @@ def inbox_entry(node: Node, bundle_id: str) -> InboxEntry:
 
 
 def _pinned_peer_manifest(node: Node) -> KeyManifest:
-    from gateway.node.peer_trust import require_pinned_peer  # noqa: PLC0415
 
     with node.db.transaction() as session:
         return require_pinned_peer(session, needed_for="nothing can be received")
@@ -517,11 +520,6 @@ def receive_envelope(node: Node, keyring: NodeKeyring, path: Path, *, now: datet
     :class:`~gateway.errors.VerificationError` (or
     :class:`EquivocationRefused`) and leaves no trace of the bundle id.
     """
-    from gateway.core.cases import REPLY_TARGETS  # noqa: PLC0415
-    from gateway.core.envelope import verify_envelope  # noqa: PLC0415
-    from gateway.node.outbox import check_reply_target  # noqa: PLC0415
-    from gateway.node.peer_trust import require_pinned_peer  # noqa: PLC0415
-    from gateway.node.policy import load_policy  # noqa: PLC0415
 
     policy = load_policy(node.settings)
     peers: list[KeyManifest] = []
@@ -614,9 +612,6 @@ def read_bundle(
     is false (a caller that removes its own temporary folder at once). A
     purged bundle raises :class:`~gateway.node.retention.BundlePurged`.
     """
-    from gateway.core.envelope import AttachmentInfo, open_envelope  # noqa: PLC0415
-    from gateway.node.bundles import create_private_file, safe_output_path  # noqa: PLC0415
-    from gateway.node.policy import load_policy  # noqa: PLC0415
 
     with node.db.transaction() as session:
         received = session.scalars(
@@ -751,7 +746,6 @@ def check_reply_matches_case(case_type: str, reply_to: str | None, case: dict[st
     sender) is refused before anything is shown or written
     (:class:`~gateway.errors.VerificationError`, check ``reply_to``).
     """
-    from gateway.core.cases import REPLY_TARGETS  # noqa: PLC0415
 
     if case_type in REPLY_TARGETS and case.get("request_bundle_id") != reply_to:
         raise VerificationError(
@@ -771,6 +765,5 @@ def _record_read(
     body: dict[str, object],
     kind: str = "bundle-read",
 ) -> None:
-    from gateway.node import ledger  # noqa: PLC0415
 
     ledger.record_event(session, kind=kind, actor=actor, now=now, bundle_id=bundle_id, body=body)
