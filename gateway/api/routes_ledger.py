@@ -17,6 +17,8 @@ from gateway.node.ledger import witness as ledger_witness
 from gateway.node.own_keys import verify_ledger_with_keys
 from gateway.node.peer_trust import peer_node_of, require_pinned_peer
 from gateway.node.runtime import utc_now
+from gateway.peer.client import PeerClient
+from gateway.peer.ledger_client import fetch_consistency
 
 __all__ = ["DEFAULT_LIST_LIMIT", "ROUTES"]
 
@@ -94,8 +96,6 @@ async def ledger_audit_peer(call: Call) -> web.StreamResponse:
     )
     keyring = call.keyring_provider()
     loop = asyncio.get_running_loop()
-    from gateway.peer.client import PeerClient  # noqa: PLC0415 - only this route talks to the peer
-    from gateway.peer.ledger_client import fetch_consistency  # noqa: PLC0415
 
     async def ask(first: int) -> ledger_witness.PeerAnswer:
         async with PeerClient(node.settings, keyring) as client:

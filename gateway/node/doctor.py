@@ -29,8 +29,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from sqlalchemy.engine import make_url
+
 from gateway.errors import GatewayError
 from gateway.node.certs import EXPIRY_WARNING, check_node_certificate, names_to_check
+from gateway.node.own_keys import own_manifest
+from gateway.node.peer_trust import pinned_peer_manifest
+from gateway.node.policy import load_policy
+from gateway.node.runtime import Node, _safe_url
 from gateway.settings import CONFIG_FILE, Settings, load_settings
 from gateway.tls import api_ssl_context, client_ssl_context, require_peer_tls, server_ssl_context
 
@@ -119,7 +125,6 @@ def _tls_settings(settings: Settings) -> Check:
 
 def _sqlite_file(url: str) -> Path | None:
     """The file of a SQLite URL (checked before opening: opening would create it)."""
-    from sqlalchemy.engine import make_url  # noqa: PLC0415
 
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or not parsed.database:
@@ -128,9 +133,6 @@ def _sqlite_file(url: str) -> Path | None:
 
 
 def _database(settings: Settings, now: datetime) -> list[Check]:
-    from gateway.node.own_keys import own_manifest  # noqa: PLC0415
-    from gateway.node.peer_trust import pinned_peer_manifest  # noqa: PLC0415
-    from gateway.node.runtime import Node, _safe_url  # noqa: PLC0415
 
     where = _safe_url(settings.database_url)
     sqlite_file = _sqlite_file(settings.database_url)
@@ -184,7 +186,6 @@ def _database(settings: Settings, now: datetime) -> list[Check]:
 
 
 def _policy(settings: Settings) -> Check:
-    from gateway.node.policy import load_policy  # noqa: PLC0415
 
     try:
         policy = load_policy(settings)

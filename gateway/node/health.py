@@ -38,6 +38,10 @@ from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.errors import GatewayError
 from gateway.log import get_logger
 from gateway.metrics import NAMESPACE
+from gateway.node import ledger
+from gateway.node.own_keys import own_manifest
+from gateway.node.peer_trust import pinned_peer_manifest
+from gateway.node.policy import load_policy
 from gateway.node.runtime import Node, utc_now
 from gateway.store.models_consent import DisclosureRecord
 from gateway.store.models_exchange import OutboxEntry, OutboxState
@@ -97,8 +101,6 @@ def check_readiness(node: Node, keyring: Callable[[], NodeKeyring] | None) -> Re
     code; the result names only the check, never the cause, so the probe
     tells a stranger nothing about the node.
     """
-    from gateway.node.own_keys import own_manifest  # noqa: PLC0415
-    from gateway.node.policy import load_policy  # noqa: PLC0415
 
     result = Readiness()
     own: KeyManifest | None = None
@@ -195,9 +197,6 @@ class NodeStateCollector:
         return [peer_up]
 
     def _from_database(self) -> list[Metric]:
-        from gateway.node import ledger  # noqa: PLC0415
-        from gateway.node.own_keys import own_manifest  # noqa: PLC0415
-        from gateway.node.peer_trust import pinned_peer_manifest  # noqa: PLC0415
 
         node = self._node
         now = self._clock()

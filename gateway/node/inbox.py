@@ -36,7 +36,8 @@ from sqlalchemy.orm import Session
 
 from gateway import log
 from gateway.core.canonical import canonical_bytes
-from gateway.core.envelope import EnvelopeHeader
+from gateway.core.cases import PROTOCOL_TYPES, REPLY_TARGETS
+from gateway.core.envelope import AttachmentInfo, EnvelopeHeader, open_envelope, verify_envelope
 from gateway.core.keys import KeyManifest, NodeKeyring, StoredTrust
 from gateway.core.receipt import Checkpoint, ReceiptSigner, issue_receipt
 from gateway.core.retention import Direction
@@ -50,7 +51,13 @@ from gateway.errors import (
     StorageError,
     VerificationError,
 )
+from gateway.node import ledger
+from gateway.node.bundles import create_private_file, safe_output_path
 from gateway.node.crash import crash_point
+from gateway.node.ledger.checkpoint import latest_checkpoint
+from gateway.node.outbox import check_reply_target
+from gateway.node.peer_trust import pinned_peer_manifest, require_pinned_peer
+from gateway.node.policy import load_policy
 from gateway.node.retention import WrittenOutput, ensure_not_purged, record_outputs
 from gateway.node.runtime import Node
 from gateway.store.models_exchange import (
@@ -59,6 +66,7 @@ from gateway.store.models_exchange import (
     OutboxEntry,
     SequenceGap,
     adopt_envelope_file,
+    adopt_envelope_files,
     envelope_path,
 )
 
@@ -196,14 +204,12 @@ def _record_gap(session: Session, channel: str, sequence: int, now: datetime) ->
 def _ledger_event(
     session: Session, *, kind: str, now: datetime, bundle_id: str, body: dict[str, object]
 ) -> None:
-    from gateway.node import ledger  # noqa: PLC0415 - the ledger joins the exchange, not the reverse
 
     ledger.record_event(session, kind=kind, actor=SYSTEM, now=now, bundle_id=bundle_id, body=body)
 
 
 def ledger_checkpoint(session: Session) -> Checkpoint | None:
     """This node's newest signed ledger checkpoint, as a receipt names it."""
-    from gateway.node.ledger.checkpoint import latest_checkpoint  # noqa: PLC0415
 
     latest = latest_checkpoint(session)
     if latest is None:
@@ -498,7 +504,6 @@ def inbox_entry(node: Node, bundle_id: str) -> InboxEntry:
 
 
 def _pinned_peer_manifest(node: Node) -> KeyManifest:
-    from gateway.node.peer_trust import require_pinned_peer  # noqa: PLC0415
 
     with node.db.transaction() as session:
         return require_pinned_peer(session, needed_for="nothing can be received")
@@ -607,9 +612,6 @@ def read_bundle(
     is false (a caller that removes its own temporary folder at once). A
     purged bundle raises :class:`~gateway.node.retention.BundlePurged`.
     """
-    from gateway.core.envelope import AttachmentInfo, open_envelope  # noqa: PLC0415
-    from gateway.node.bundles import create_private_file, safe_output_path  # noqa: PLC0415
-    from gateway.node.policy import load_policy  # noqa: PLC0415
 
     with node.db.transaction() as session:
         received = session.scalars(
@@ -744,7 +746,6 @@ def check_reply_matches_case(case_type: str, reply_to: str | None, case: dict[st
     sender) is refused before anything is shown or written
     (:class:`~gateway.errors.VerificationError`, check ``reply_to``).
     """
-    from gateway.core.cases import REPLY_TARGETS  # noqa: PLC0415
 
     if case_type in REPLY_TARGETS and case.get("request_bundle_id") != reply_to:
         raise VerificationError(
@@ -764,7 +765,6 @@ def _record_read(
     body: dict[str, object],
     kind: str = "bundle-read",
 ) -> None:
-    from gateway.node import ledger  # noqa: PLC0415
 
     ledger.record_event(session, kind=kind, actor=actor, now=now, bundle_id=bundle_id, body=body)
 
@@ -909,11 +909,6 @@ def receive_batch(
     envelope store fails (nothing of the batch is stored; every envelope may
     be retried). Source of the rules: docs/sync.md, SPEC §6 and §9.
     """
-    from gateway.core.cases import PROTOCOL_TYPES  # noqa: PLC0415
-    from gateway.core.envelope import verify_envelope  # noqa: PLC0415
-    from gateway.node.peer_trust import pinned_peer_manifest  # noqa: PLC0415
-    from gateway.node.policy import load_policy  # noqa: PLC0415
-    from gateway.store.models_exchange import adopt_envelope_files  # noqa: PLC0415
 
     items = [_spooled(item) for item in envelopes]
     outcomes: list[ReceiveOutcome | None] = [None] * len(items)
@@ -1001,8 +996,6 @@ def _check_replies(
 ) -> list[_Accepted]:
     """Refuse replies that answer no bundle this node sent to their sender (one read
     for the batch, and only when it holds replies); they leave no trace."""
-    from gateway.core.cases import REPLY_TARGETS  # noqa: PLC0415
-    from gateway.node.outbox import check_reply_target  # noqa: PLC0415
 
     replies = [
         a for a in accepted if a.facts.reply_to is not None or a.facts.case_type in REPLY_TARGETS
@@ -1065,7 +1058,6 @@ def _commit_batch(
     now: datetime,
 ) -> list[_Accepted]:
     """The one transaction of a batch; fills ``outcomes`` and returns what was stored."""
-    from gateway.node import ledger  # noqa: PLC0415
 
     if not accepted:
         return []

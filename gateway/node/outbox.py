@@ -42,6 +42,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gateway import log
+from gateway.core.cases import (
+    PROTOCOL_COMMANDS,
+    PROTOCOL_TYPES,
+    REPLY_TARGETS,
+    resolve_reply_to,
+    validate_case,
+)
+from gateway.core.envelope import AttachmentSource, seal
 from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.policy import Marking
 from gateway.core.receipt import ReceiptInvalid, ReceiptVerifyKeys, verify_receipt
@@ -54,16 +62,22 @@ from gateway.errors import (
     StorageError,
     TransportError,
 )
+from gateway.node import ledger
 from gateway.node.crash import crash_point
+from gateway.node.own_keys import mark_manifest_delivered, pending_manifests
+from gateway.node.peer_trust import require_pinned_peer
+from gateway.node.policy import load_policy
 from gateway.node.runtime import Node, utc_now
 from gateway.store.models_exchange import (
     ENVELOPE_DIR,
+    InboxEntry,
     OutboxEntry,
     OutboxState,
     SequenceCounter,
     envelope_path,
     sweep_orphan_envelopes,
 )
+from gateway.store.models_refusal import BundleRefusalRecord, RefusalDirection
 
 __all__ = [
     "BATCH_MAX_BYTES",
@@ -224,7 +238,6 @@ def _ledger_event(
     bundle_id: str,
     body: dict[str, object],
 ) -> None:
-    from gateway.node import ledger  # noqa: PLC0415 - the ledger joins the exchange, not the reverse
 
     ledger.record_event(session, kind=kind, actor=actor, now=now, bundle_id=bundle_id, body=body)
 
@@ -387,7 +400,6 @@ def send_case(
     consent bundles and refusal notices) is refused with ``InvalidInput``
     naming the command that makes it.
     """
-    from gateway.core.cases import PROTOCOL_COMMANDS, PROTOCOL_TYPES  # noqa: PLC0415
 
     if case_type in PROTOCOL_TYPES:
         raise InvalidInput(
@@ -419,7 +431,6 @@ def send_protocol_bundle(
     the step in the same transaction as the queued bundle. Raises
     :class:`~gateway.errors.InvalidInput` for any other type.
     """
-    from gateway.core.cases import PROTOCOL_TYPES  # noqa: PLC0415
 
     if case_type not in PROTOCOL_TYPES:
         raise InvalidInput(f"{case_type} is not a protocol bundle")
@@ -442,9 +453,6 @@ def _seal_and_queue(
     now: datetime,
     in_transaction: Callable[[Session, str], None] | None,
 ) -> SentBundle:
-    from gateway.core.cases import resolve_reply_to, validate_case  # noqa: PLC0415
-    from gateway.core.envelope import AttachmentSource, seal  # noqa: PLC0415
-    from gateway.node.policy import load_policy  # noqa: PLC0415
 
     policy = load_policy(node.settings)
     validated = validate_case(case_type, dict(case_data), max_bytes=policy.limits.max_case_bytes)
@@ -513,8 +521,6 @@ def check_reply_target(
     answers a given type (:data:`~gateway.core.cases.REPLY_TARGETS`) must name
     a bundle of that type, and must name one.
     """
-    from gateway.core.cases import REPLY_TARGETS  # noqa: PLC0415
-    from gateway.store.models_exchange import InboxEntry  # noqa: PLC0415
 
     wanted = REPLY_TARGETS.get(case_type)
     found: str | None = None
@@ -1078,21 +1084,18 @@ def _pinned_peer(node: Node) -> ReceiptVerifyKeys:
 
 
 def _pinned_peer_manifest(node: Node) -> KeyManifest:
-    from gateway.node.peer_trust import require_pinned_peer  # noqa: PLC0415
 
     with node.db.transaction() as session:
         return require_pinned_peer(session, needed_for="nothing can be sent")
 
 
 def _pending_manifests(node: Node) -> Sequence[tuple[object, bytes]]:
-    from gateway.node.own_keys import pending_manifests  # noqa: PLC0415
 
     with node.db.transaction() as session:
         return list(pending_manifests(session))
 
 
 def _mark_manifest_delivered(node: Node, handle: object, now: datetime) -> None:
-    from gateway.node.own_keys import mark_manifest_delivered  # noqa: PLC0415
 
     if not isinstance(handle, int):
         raise TypeError("manifest handle must be the id pending_manifests gave")
@@ -1115,7 +1118,6 @@ async def deliver_once(
     with ``keyring``). With ``due_only`` only bundles whose retry time has
     come are tried (the worker); ``gateway sync`` tries every queued bundle.
     """
-    from gateway.node.policy import load_policy  # noqa: PLC0415
 
     del keyring  # the client signs; delivery itself needs no private key
     policy = load_policy(node.settings)
@@ -1206,10 +1208,6 @@ def refusals_by_peer(node: Node) -> dict[str, Any]:
     ``state = delivered``: the receipt stands; the refusal travels back as a
     signed notice (docs/protocol.md) and is recorded beside it.
     """
-    from gateway.store.models_refusal import (  # noqa: PLC0415
-        BundleRefusalRecord,
-        RefusalDirection,
-    )
 
     with node.db.transaction() as session:
         rows = session.scalars(

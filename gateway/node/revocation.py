@@ -42,6 +42,7 @@ from gateway.core.roles import SYSTEM
 from gateway.errors import StorageError
 from gateway.log import get_logger
 from gateway.node.ledger import record_event
+from gateway.node.policy import load_policy
 from gateway.settings import Settings
 from gateway.store.models_exchange import InboxEntry, OutboxEntry, OutboxState, envelope_path
 
@@ -98,7 +99,6 @@ def outbox_signing_key(settings: Settings, entry: OutboxEntry) -> str:
     """
     if entry.signing_key_id is not None:
         return entry.signing_key_id
-    from gateway.node.policy import load_policy  # noqa: PLC0415 - policy loads settings files
 
     limits = load_policy(settings).limits
     path = envelope_path(settings.blob_dir, entry.envelope_sha256)

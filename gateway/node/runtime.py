@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 
 from gateway.errors import ConfigError, StorageError
 from gateway.metrics import NodeMetrics
@@ -96,7 +97,6 @@ class Node:
 
 def _safe_url(url: str) -> str:
     """A database URL with any password removed, for messages and logs."""
-    from sqlalchemy.engine import make_url  # noqa: PLC0415
 
     try:
         return make_url(url).render_as_string(hide_password=True)

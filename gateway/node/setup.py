@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 import gateway
 from gateway.errors import AlreadyExists, ConfigError
+from gateway.node.certs import check_node_certificate, names_to_check
 from gateway.node.users import add_user
 from gateway.settings import CONFIG_FILE, Settings, load_settings, parse_host_port, write_config
 from gateway.store.db import open_database
@@ -96,7 +97,6 @@ TLS_DIR = "keys/tls"
 
 def _check_tls(tls: TlsFiles, listen_host: str, now: datetime) -> None:
     """Refuse TLS material that fails an offline check (init then removes what it made)."""
-    from gateway.node.certs import check_node_certificate, names_to_check  # noqa: PLC0415
 
     names = names_to_check(listen_host)
     checks = check_node_certificate(tls.cert, tls.key, tls.ca, now=now, names=names)

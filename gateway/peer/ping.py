@@ -42,6 +42,9 @@ from gateway.core.keys import NodeKeyring
 from gateway.core.pull import Modes, mode_mismatch
 from gateway.core.times import Precision, parse_utc
 from gateway.errors import GatewayError, TransportError
+from gateway.node.own_keys import own_manifest, pending_manifests
+from gateway.node.peer_trust import pinned_peer_manifest
+from gateway.node.policy import load_policy
 from gateway.node.runtime import Node, utc_now
 from gateway.peer.client import PeerClient, PeerRefused
 from gateway.settings import Settings
@@ -218,9 +221,6 @@ async def ping_peer(
     Raises :class:`~gateway.errors.ConfigError` only when the settings cannot
     make a client at all (no peer URL, plain HTTP off loopback).
     """
-    from gateway.node.own_keys import own_manifest, pending_manifests  # noqa: PLC0415
-    from gateway.node.peer_trust import pinned_peer_manifest  # noqa: PLC0415
-    from gateway.node.policy import load_policy  # noqa: PLC0415
 
     chosen = settings if settings is not None else node.settings
     window = load_policy(chosen).limits.clock_skew

@@ -46,7 +46,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 from gateway import log
 from gateway.core.canonical import parse_bounded_json
-from gateway.core.keys import KeyManifest, NodeKeyring
+from gateway.core.keys import KeyManifest, NodeKeyring, verify_manifest
 from gateway.core.peer_auth import (
     HEADER_NODE,
     BodyDigest,
@@ -72,7 +72,15 @@ from gateway.errors import (
     http_status_for,
 )
 from gateway.metrics import NodeMetrics
-from gateway.node.inbox import ReceiveOutcome, SpooledEnvelope
+from gateway.node.consent.receive import apply_pending
+from gateway.node.inbox import ReceiveOutcome, SpooledEnvelope, receive_batch, receive_envelope
+from gateway.node.peer_trust import (
+    PeerNotPinned,
+    apply_peer_manifest,
+    peer_node_of,
+    pinned_peer_manifest,
+    require_pinned_peer,
+)
 from gateway.node.runtime import Node, utc_now
 from gateway.peer.tls_listener import HandshakeLog, LoggedTlsSite
 from gateway.store.db import Database
@@ -989,16 +997,6 @@ def limits_from_policy(limits: PolicyLimits) -> TransportLimits:
 
 def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerServices:
     """The peer services of an opened node: its pinned peer, nonce store, inbox."""
-    from gateway.core.keys import verify_manifest  # noqa: PLC0415
-    from gateway.node.consent.receive import apply_pending  # noqa: PLC0415
-    from gateway.node.inbox import receive_batch, receive_envelope  # noqa: PLC0415
-    from gateway.node.peer_trust import (  # noqa: PLC0415
-        PeerNotPinned,
-        apply_peer_manifest,
-        peer_node_of,
-        pinned_peer_manifest,
-        require_pinned_peer,
-    )
 
     peer = peer_node_of(node.node_id)
 

@@ -33,8 +33,10 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+import gateway.store as package
 from gateway.errors import StorageError
 from gateway.store.base import Base
+from gateway.store.models import NodeRecord
 
 __all__ = ["Database", "load_models", "open_database"]
 
@@ -44,7 +46,6 @@ SQLITE_BUSY_TIMEOUT_MS = 15_000
 
 def load_models() -> None:
     """Import every model module under ``gateway.store`` so the metadata is whole."""
-    import gateway.store as package  # noqa: PLC0415
 
     for info in pkgutil.iter_modules(package.__path__):
         if info.name.startswith("models"):
@@ -201,7 +202,6 @@ class Database:
 
         Raises :class:`StorageError` when the database does not answer.
         """
-        from gateway.store.models import NodeRecord  # noqa: PLC0415
 
         query = f"SELECT node_id FROM {NodeRecord.__tablename__}"  # noqa: S608 - a constant
         try:

@@ -17,7 +17,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-
 @pytest.mark.slow
 @pytest.mark.timeout(1200)  # about 20 gateway commands, each a whole node process today
 @pytest.mark.skipif(shutil.which("gpg") is None, reason="the benchmark's baseline needs gpg")
