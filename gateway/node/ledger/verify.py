@@ -38,7 +38,7 @@ from gateway.store.models_ledger import (
     WitnessedCheckpointRow,
 )
 
-__all__ = ["VerifyReport", "verify_ledger"]
+__all__ = ["VerifyReport", "verify_ledger", "walk_chain"]
 
 
 @dataclass
@@ -286,6 +286,7 @@ class _Walk:
     head_hash: bytes = GENESIS_PREV_HASH
     roots: dict[int, bytes] = field(default_factory=dict)
     problem: ChainProblem | None = None
+    tree: merkle.CompactRange = field(default_factory=merkle.CompactRange)
 
     def root(self) -> bytes:
         return self.root_value
@@ -451,9 +452,20 @@ def _walk(
     walk.size = size
     walk.head_hash = prev
     walk.root_value = tree.root()
+    walk.tree = tree
     if progress is not None:
         progress(size)
     return walk
+
+
+def walk_chain(session: Session) -> tuple[ChainProblem | None, ChainVerifier]:
+    """The fast walk over every entry: its first problem, and a verifier positioned after it.
+
+    For a checkpoint with no checkpoint before it to start from (see
+    :func:`gateway.node.ledger.checkpoint.make_checkpoint`).
+    """
+    walk = _walk(session, frozenset(), {}, None)
+    return walk.problem, ChainVerifier.resume(walk.tree, walk.head_hash)
 
 
 def _head_problem(session: Session, walk: _Walk) -> ChainProblem | None:
