@@ -29,6 +29,7 @@ from gateway.core.ledger import (
     format_time,
     verify_checkpoint,
 )
+from gateway.core.times import Precision, parse_utc, stored_micro_text
 from gateway.errors import GatewayError
 from gateway.node.ledger.checkpoint import node_id, signed_of
 from gateway.store.models_ledger import (
@@ -320,16 +321,16 @@ def _time_text(moment: Any) -> str:
         if moment.tzinfo is not None:
             moment = moment.astimezone(UTC).replace(tzinfo=None)
         return str(moment.isoformat(" ", "microseconds"))
-    return str(moment) if isinstance(moment, str) else ""
+    return moment if isinstance(moment, str) else ""
 
 
 def _utc(raw: Any) -> Any:
     """The stored time as an aware UTC datetime (or as stored, when it is not one)."""
     if isinstance(raw, str):
-        try:
-            raw = datetime.fromisoformat(raw)
-        except ValueError:
+        wire = stored_micro_text(raw)
+        if wire is None:
             return raw
+        return parse_utc(wire, field="time", precision=Precision.MICROSECONDS)
     if isinstance(raw, datetime):
         return raw.replace(tzinfo=UTC) if raw.tzinfo is None else raw.astimezone(UTC)
     return raw
@@ -368,7 +369,6 @@ def _walk(
     sha256 = hashlib.sha256
     scan: Any = cast(Any, make_scanner)(json.JSONDecoder())
     quote = encode_basestring
-    fromisoformat = datetime.fromisoformat
     tree = merkle.CompactRange()
     pending: list[bytes] = []
     room = _BLOCK
@@ -387,18 +387,8 @@ def _walk(
                 try:
                     if type(moment) is not str:
                         moment = _time_text(moment)
-                    # The stored time in the one form SQLite keeps (and _time_text gives),
-                    # a real instant without a zone.
-                    if (
-                        kind in _KNOWN_KINDS
-                        and len(moment) == 26
-                        and moment.isascii()
-                        and moment[4] == moment[7] == "-"
-                        and moment[10] == " "
-                        and moment[13] == moment[16] == ":"
-                        and moment[19] == "."
-                        and fromisoformat(moment).tzinfo is None
-                    ):
+                    wire_time = stored_micro_text(moment)
+                    if kind in _KNOWN_KINDS and wire_time is not None:
                         # The entry must be, byte for byte, the canonical form of the
                         # row's columns around a body that is one JSON object.
                         text = canonical.decode()
@@ -410,7 +400,7 @@ def _walk(
                             f',"bundle_id":{"null" if bundle is None else quote(bundle)}'
                             f',"consent_id":{"null" if consent is None else quote(consent)}'
                             f',"kind":"{kind}","prev_hash":"{prev_hex}","seq":{size}'
-                            f',"time":"{moment[:10]}T{moment[11:]}Z","v":1}}'
+                            f',"time":"{wire_time}","v":1}}'
                         )
                         if seq == size and text.startswith(head) and text.endswith(tail):
                             stop = len(text) - len(tail)
