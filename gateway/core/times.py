@@ -36,6 +36,7 @@ __all__ = [
     "DateMeans",
     "Precision",
     "format_utc",
+    "parse_stored_utc",
     "parse_user_time",
     "parse_utc",
     "stored_micro_text",
@@ -233,3 +234,16 @@ def stored_micro_text(text: str) -> str | None:
         if moment.tzinfo is None:
             return f"{text[:10]}T{text[11:]}Z"
     return None
+
+
+def parse_stored_utc(text: str) -> datetime | None:
+    """A time as a database driver gave it in text (ISO 8601, UTC without a zone), or ``None``.
+
+    Lenient on purpose: it reads what a row holds so that verification can
+    compare it with the hashed entry and name the column that differs.
+    """
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

@@ -29,7 +29,7 @@ from gateway.core.ledger import (
     format_time,
     verify_checkpoint,
 )
-from gateway.core.times import Precision, parse_utc, stored_micro_text
+from gateway.core.times import parse_stored_utc, stored_micro_text
 from gateway.errors import GatewayError
 from gateway.node.ledger.checkpoint import node_id, signed_of
 from gateway.store.models_ledger import (
@@ -327,10 +327,8 @@ def _time_text(moment: Any) -> str:
 def _utc(raw: Any) -> Any:
     """The stored time as an aware UTC datetime (or as stored, when it is not one)."""
     if isinstance(raw, str):
-        wire = stored_micro_text(raw)
-        if wire is None:
-            return raw
-        return parse_utc(wire, field="time", precision=Precision.MICROSECONDS)
+        parsed = parse_stored_utc(raw)
+        return raw if parsed is None else parsed
     if isinstance(raw, datetime):
         return raw.replace(tzinfo=UTC) if raw.tzinfo is None else raw.astimezone(UTC)
     return raw
