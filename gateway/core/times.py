@@ -36,8 +36,10 @@ __all__ = [
     "DateMeans",
     "Precision",
     "format_utc",
+    "parse_stored_utc",
     "parse_user_time",
     "parse_utc",
+    "stored_micro_text",
 ]
 
 EARLIEST: Final = datetime(1, 1, 1, tzinfo=UTC)
@@ -206,3 +208,42 @@ def parse_user_time(
         return moment.astimezone(UTC)
     except OverflowError:
         raise out_of_range from None
+
+
+def stored_micro_text(text: str) -> str | None:
+    """The wire text (microseconds, ``Z``) of a stored UTC time, or ``None``.
+
+    ``text`` is a time as a database keeps it without a zone (SQLite's form,
+    ``YYYY-MM-DD HH:MM:SS.ffffff``, UTC). The answer is the text
+    :func:`format_utc` writes at :attr:`Precision.MICROSECONDS` for the same
+    instant; ``None`` when ``text`` is not exactly that form or not a real
+    instant. Cheap: ledger verification calls it once per entry.
+    """
+    if (
+        len(text) == 26
+        and text.isascii()
+        and text[4] == text[7] == "-"
+        and text[10] == " "
+        and text[13] == text[16] == ":"
+        and text[19] == "."
+    ):
+        try:
+            moment = datetime.fromisoformat(text)
+        except ValueError:
+            return None
+        if moment.tzinfo is None:
+            return f"{text[:10]}T{text[11:]}Z"
+    return None
+
+
+def parse_stored_utc(text: str) -> datetime | None:
+    """A time as a database driver gave it in text (ISO 8601, UTC without a zone), or ``None``.
+
+    Lenient on purpose: it reads what a row holds so that verification can
+    compare it with the hashed entry and name the column that differs.
+    """
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

@@ -180,7 +180,15 @@ def make_checkpoint(
             check="checkpoint",
             seq=head.size,
         )
-    verifier = ChainVerifier() if previous is None else _resume_after(session, previous)
+    if previous is None:
+        # The first checkpoint walks the whole ledger once, the way verify does.
+        from gateway.node.ledger.verify import walk_chain  # noqa: PLC0415 - verify imports this
+
+        problem, verifier = walk_chain(session)
+        if problem is not None:
+            raise problem.error()
+    else:
+        verifier = _resume_after(session, previous)
     start = verifier.size
     statement = select_entries().where(LedgerEntryRow.seq >= start)
     for row in stream_entries(session, statement):

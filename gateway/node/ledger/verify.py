@@ -29,6 +29,7 @@ from gateway.core.ledger import (
     format_time,
     verify_checkpoint,
 )
+from gateway.core.times import parse_stored_utc, stored_micro_text
 from gateway.errors import GatewayError
 from gateway.node.ledger.checkpoint import node_id, signed_of
 from gateway.store.models_ledger import (
@@ -38,7 +39,7 @@ from gateway.store.models_ledger import (
     WitnessedCheckpointRow,
 )
 
-__all__ = ["VerifyReport", "verify_ledger"]
+__all__ = ["VerifyReport", "verify_ledger", "walk_chain"]
 
 
 @dataclass
@@ -286,6 +287,7 @@ class _Walk:
     head_hash: bytes = GENESIS_PREV_HASH
     roots: dict[int, bytes] = field(default_factory=dict)
     problem: ChainProblem | None = None
+    tree: merkle.CompactRange = field(default_factory=merkle.CompactRange)
 
     def root(self) -> bytes:
         return self.root_value
@@ -319,16 +321,14 @@ def _time_text(moment: Any) -> str:
         if moment.tzinfo is not None:
             moment = moment.astimezone(UTC).replace(tzinfo=None)
         return str(moment.isoformat(" ", "microseconds"))
-    return str(moment) if isinstance(moment, str) else ""
+    return moment if isinstance(moment, str) else ""
 
 
 def _utc(raw: Any) -> Any:
     """The stored time as an aware UTC datetime (or as stored, when it is not one)."""
     if isinstance(raw, str):
-        try:
-            raw = datetime.fromisoformat(raw)
-        except ValueError:
-            return raw
+        parsed = parse_stored_utc(raw)
+        return raw if parsed is None else parsed
     if isinstance(raw, datetime):
         return raw.replace(tzinfo=UTC) if raw.tzinfo is None else raw.astimezone(UTC)
     return raw
@@ -367,7 +367,6 @@ def _walk(
     sha256 = hashlib.sha256
     scan: Any = cast(Any, make_scanner)(json.JSONDecoder())
     quote = encode_basestring
-    fromisoformat = datetime.fromisoformat
     tree = merkle.CompactRange()
     pending: list[bytes] = []
     room = _BLOCK
@@ -386,18 +385,8 @@ def _walk(
                 try:
                     if type(moment) is not str:
                         moment = _time_text(moment)
-                    # The stored time in the one form SQLite keeps (and _time_text gives),
-                    # a real instant without a zone.
-                    if (
-                        kind in _KNOWN_KINDS
-                        and len(moment) == 26
-                        and moment.isascii()
-                        and moment[4] == moment[7] == "-"
-                        and moment[10] == " "
-                        and moment[13] == moment[16] == ":"
-                        and moment[19] == "."
-                        and fromisoformat(moment).tzinfo is None
-                    ):
+                    wire_time = stored_micro_text(moment)
+                    if kind in _KNOWN_KINDS and wire_time is not None:
                         # The entry must be, byte for byte, the canonical form of the
                         # row's columns around a body that is one JSON object.
                         text = canonical.decode()
@@ -409,7 +398,7 @@ def _walk(
                             f',"bundle_id":{"null" if bundle is None else quote(bundle)}'
                             f',"consent_id":{"null" if consent is None else quote(consent)}'
                             f',"kind":"{kind}","prev_hash":"{prev_hex}","seq":{size}'
-                            f',"time":"{moment[:10]}T{moment[11:]}Z","v":1}}'
+                            f',"time":"{wire_time}","v":1}}'
                         )
                         if seq == size and text.startswith(head) and text.endswith(tail):
                             stop = len(text) - len(tail)
@@ -451,9 +440,20 @@ def _walk(
     walk.size = size
     walk.head_hash = prev
     walk.root_value = tree.root()
+    walk.tree = tree
     if progress is not None:
         progress(size)
     return walk
+
+
+def walk_chain(session: Session) -> tuple[ChainProblem | None, ChainVerifier]:
+    """The fast walk over every entry: its first problem, and a verifier positioned after it.
+
+    For a checkpoint with no checkpoint before it to start from (see
+    :func:`gateway.node.ledger.checkpoint.make_checkpoint`).
+    """
+    walk = _walk(session, frozenset(), {}, None)
+    return walk.problem, ChainVerifier.resume(walk.tree, walk.head_hash)
 
 
 def _head_problem(session: Session, walk: _Walk) -> ChainProblem | None:
