@@ -128,6 +128,10 @@ class TransportError(GatewayError):
 
     reason = "transport"
     http_status = 502
+    network_failure = False
+    """True when the network itself failed (the peer was never reached), as
+    opposed to a peer that answered something unusable; the sender's backoff
+    and health probing tell the two apart (docs/sync.md)."""
 
 
 class ClientDisconnected(TransportError):

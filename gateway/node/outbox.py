@@ -1016,9 +1016,7 @@ async def run_sender_loop(
 
 
 def _is_unreachable(error: TransportError) -> bool:
-    from gateway.peer.client import PeerUnreachable  # noqa: PLC0415
-
-    return isinstance(error, PeerUnreachable) or isinstance(error.__cause__, OSError)
+    return error.network_failure or isinstance(error.__cause__, OSError)
 
 
 async def _probe(

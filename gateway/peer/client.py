@@ -113,6 +113,8 @@ class PeerUnreachable(TransportError):
     the outbox's last error and the log.
     """
 
+    network_failure = True
+
     def __init__(self, failure: Failure, *, where: str) -> None:
         super().__init__(failure.describe(where), reason=failure.reason)
         self.failure = failure
