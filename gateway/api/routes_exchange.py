@@ -50,6 +50,7 @@ from gateway.node.inbox import (
     read_bundle,
 )
 from gateway.node.outbox import describe_outbox_entry, list_outbox, refusals_by_peer, send_case
+from gateway.node.policy import load_policy
 from gateway.node.resend import MAX_RESEND, resend_bundles
 from gateway.node.retention import purged_dates_of
 from gateway.node.runtime import utc_now
@@ -123,7 +124,6 @@ def _spool_attachments(attachments: list[tuple[str, bytes]]) -> tuple[Path, list
 
 
 async def _bundles_send_multipart(call: Call) -> web.StreamResponse:
-    from gateway.node.policy import load_policy  # noqa: PLC0415
 
     limits = (await call.run(lambda: load_policy(call.node.settings))).limits
     spooled = await spool_multipart(

@@ -11,6 +11,7 @@ from aiohttp import web
 from gateway.api.routes_common import ApiRoute, Call, json_response
 from gateway.core.accounting import account_csv
 from gateway.errors import InvalidInput
+from gateway.node import accounting
 from gateway.node.ledger import export as export_service
 from gateway.node.ledger import read as ledger_read
 from gateway.node.ledger import witness as ledger_witness
@@ -114,7 +115,6 @@ async def ledger_audit_peer(call: Call) -> web.StreamResponse:
 
 
 async def ledger_account(call: Call) -> web.StreamResponse:
-    from gateway.node import accounting  # noqa: PLC0415
 
     fmt = call.query("format") or "json"
     if fmt not in ("json", "csv"):

@@ -29,6 +29,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any, TypeVar
 from urllib.parse import urlencode
 
@@ -40,11 +41,19 @@ from gateway.console import data
 from gateway.console.i18n import ZONES, format_when, languages, pick_language, translations
 from gateway.console.sessions import ConsoleSession, SessionStore, csrf_matches
 from gateway.core.keys import NodeKeyring
-from gateway.core.roles import Role, authorize_role
+from gateway.core.ledger import EntryKind
+from gateway.core.roles import Actor, Role, authorize_role
 from gateway.core.times import DateMeans, parse_user_time
 from gateway.errors import AccessDenied, GatewayError
 from gateway.log import get_logger
+from gateway.node import accounting
+from gateway.node.ledger import witness as ledger_witness
+from gateway.node.own_keys import verify_ledger_with_keys
+from gateway.node.peer_trust import peer_node_of, pinned_peer_manifest
 from gateway.node.runtime import Node, utc_now
+from gateway.node.users import authenticate
+from gateway.peer.client import PeerClient
+from gateway.peer.ledger_client import fetch_consistency
 from gateway.store.models_users import UserRecord
 
 __all__ = [
@@ -271,7 +280,6 @@ async def signin(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
 
     def check() -> tuple[str, Role, str]:
-        from gateway.node.users import authenticate  # noqa: PLC0415
 
         with node.db.transaction() as db:
             actor = authenticate(db, token)
@@ -350,7 +358,6 @@ async def ledger_page(request: web.Request) -> web.StreamResponse:
             return data.ledger_page(db, chosen, page)
 
     found = await _run(request, read)
-    from gateway.core.ledger import EntryKind  # noqa: PLC0415
 
     query = chosen.query()
     return _render(
@@ -380,7 +387,6 @@ async def consents_page(request: web.Request) -> web.StreamResponse:
 
 
 async def account_page(request: web.Request) -> web.StreamResponse:
-    from gateway.node import accounting  # noqa: PLC0415
 
     node = request.app[NODE]
     bundle = request.query.get("bundle") or None
@@ -404,7 +410,6 @@ async def verify_page(request: web.Request) -> web.StreamResponse:
 
 
 async def verify_run(request: web.Request) -> web.StreamResponse:
-    from gateway.node.own_keys import verify_ledger_with_keys  # noqa: PLC0415
 
     node = request.app[NODE]
     session = request[SESSION]
@@ -423,11 +428,6 @@ async def verify_run(request: web.Request) -> web.StreamResponse:
 
 
 async def audit_run(request: web.Request) -> web.StreamResponse:
-    from gateway.core.roles import Actor  # noqa: PLC0415
-    from gateway.node.ledger import witness as ledger_witness  # noqa: PLC0415
-    from gateway.node.peer_trust import peer_node_of, pinned_peer_manifest  # noqa: PLC0415
-    from gateway.peer.client import PeerClient  # noqa: PLC0415
-    from gateway.peer.ledger_client import fetch_consistency  # noqa: PLC0415
 
     node = request.app[NODE]
     session = request[SESSION]
@@ -561,7 +561,6 @@ def _console_app(
 
 
 def _static_dir() -> Any:
-    from importlib import resources  # noqa: PLC0415
 
     return resources.files("gateway.console") / "static"
 

@@ -53,6 +53,7 @@ from gateway.errors import (
 )
 from gateway.node import ledger
 from gateway.node.bundles import create_private_file, safe_output_path
+from gateway.node.consent.receive import apply_pending
 from gateway.node.crash import crash_point
 from gateway.node.ledger.checkpoint import latest_checkpoint
 from gateway.node.outbox import check_reply_target
@@ -1041,7 +1042,6 @@ def _dispatch_protocol_bundles(node: Node, keyring: NodeKeyring, *, now: datetim
     """Store received consent requests, grants, denials, revocations and refusal notices
     with their ledger entries. The receipts stand whatever happens here; anything left
     pending is applied before the next consent decision anyway."""
-    from gateway.node.consent.receive import apply_pending  # noqa: PLC0415
 
     try:
         apply_pending(node, keyring, now=now)

@@ -47,6 +47,14 @@ from gateway.core.canonical import canonical_bytes, parse_bounded_json
 from gateway.core.pull import PULL_CONTENT_TYPE, ItemKind, Modes, item_preface, preface
 from gateway.errors import InvalidInput, RefusedError
 from gateway.node.ledger import checkpoint as ledger_checkpoint
+from gateway.node.outbox import (
+    next_batch,
+    queue_waiter,
+    queued_by_hash,
+    record_too_large,
+    take_peer_results,
+)
+from gateway.node.own_keys import mark_manifest_delivered, pending_manifests
 from gateway.node.runtime import Node
 from gateway.peer.server import (
     NODE,
@@ -176,8 +184,6 @@ def _checkpoint_item(node: Node, witnessed: int | None) -> bytes | None:
 
 
 def _gather(node: Node, ask: _PullRequest, batch_limit: int, now: datetime) -> _Answer:
-    from gateway.node.outbox import next_batch, record_too_large  # noqa: PLC0415
-    from gateway.node.own_keys import pending_manifests  # noqa: PLC0415
 
     with node.db.transaction() as session:
         manifests = [raw for _id, raw in pending_manifests(session)]
@@ -212,7 +218,6 @@ async def _post_pull(request: web.Request) -> web.StreamResponse:
     _require_hold(request, node)
     ask = _parse_pull(raw)
     services = request.app[PEER_SERVICES]
-    from gateway.node.outbox import queue_waiter  # noqa: PLC0415
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + ask.wait_seconds
@@ -318,7 +323,6 @@ def _parse_receipts(raw: bytes) -> tuple[list[tuple[str, PullOutcome]], list[str
 
 
 def _acknowledge_manifests(node: Node, hashes: list[str], now: datetime) -> int:
-    from gateway.node.own_keys import mark_manifest_delivered, pending_manifests  # noqa: PLC0415
 
     done = 0
     with node.db.transaction() as session:
@@ -338,7 +342,6 @@ async def _post_receipts(request: web.Request) -> web.Response:
     raw = await read_signed_body(request, max_bytes=limits.max_small_body_bytes)
     _require_hold(request, node)
     outcomes, manifest_hashes = _parse_receipts(raw)
-    from gateway.node.outbox import queued_by_hash, take_peer_results  # noqa: PLC0415
 
     acknowledged = await asyncio.to_thread(
         _acknowledge_manifests, node, manifest_hashes, services.clock()

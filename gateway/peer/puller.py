@@ -42,13 +42,19 @@ from pathlib import Path
 from typing import Any
 
 from gateway import log
-from gateway.core.keys import NodeKeyring
+from gateway.core.keys import NodeKeyring, parse_manifest
 from gateway.core.pull import ItemKind
 from gateway.errors import GatewayError
 from gateway.node.crash import crash_point
+from gateway.node.ledger import witness as ledger_witness
+from gateway.node.outbox import run_sender_loop
+from gateway.node.peer_trust import apply_peer_manifest, pinned_peer_manifest
+from gateway.node.policy import load_policy
 from gateway.node.runtime import Node, utc_now
 from gateway.peer.client import PeerClient, PulledItem
+from gateway.peer.ledger_routes import witness_checkpoint
 from gateway.peer.pull_routes import PULL_PATH, RECEIPTS_PATH
+from gateway.peer.server import node_services, receive_one
 
 __all__ = ["PullReport", "pull_once", "run_puller", "start_puller", "sweep_pull_spool"]
 
@@ -88,7 +94,6 @@ def sweep_pull_spool(node: Node) -> None:
 
 
 def _witnessed_size(node: Node, peer: str) -> int | None:
-    from gateway.node.ledger import witness as ledger_witness  # noqa: PLC0415
 
     with node.db.transaction() as session:
         witnessed = ledger_witness.last_witnessed(session, peer)
@@ -99,8 +104,6 @@ def _pin_manifest(node: Node, raw: bytes, peer: str, now: datetime) -> None:
     """Pin a manifest of the host; an older one than the pinned (the host offers
     every manifest it has not seen acknowledged, and an acknowledgement may have
     been lost after a newer one was pinned) is superseded: acknowledged, not pinned."""
-    from gateway.core.keys import parse_manifest  # noqa: PLC0415
-    from gateway.node.peer_trust import apply_peer_manifest, pinned_peer_manifest  # noqa: PLC0415
 
     with node.db.transaction() as session:
         pinned = pinned_peer_manifest(session)
@@ -131,9 +134,6 @@ def _take(
     now_fn: Callable[[], datetime],
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Apply one answer in order; the receipts post's results and manifest hashes."""
-    from gateway.node.policy import load_policy  # noqa: PLC0415
-    from gateway.peer.ledger_routes import witness_checkpoint  # noqa: PLC0415
-    from gateway.peer.server import node_services, receive_one  # noqa: PLC0415
 
     peer = "pk" if node.node_id == "jp" else "jp"
     skew = load_policy(node.settings).limits.clock_skew
@@ -189,7 +189,6 @@ async def pull_once(
     of a failed answer is stored. When ``stop`` is set while the answer has not
     come, the pull is abandoned (nothing stored) and the pass returns at once.
     """
-    from gateway.node.policy import load_policy  # noqa: PLC0415
 
     limits = load_policy(node.settings).limits
     peer = "pk" if node.node_id == "jp" else "jp"
@@ -261,7 +260,6 @@ async def run_puller(
     host cannot be reached or refuses, and never gives up. A pass in flight
     when ``stop`` is set finishes first (at most one long poll).
     """
-    from gateway.node.outbox import run_sender_loop  # noqa: PLC0415
 
     await asyncio.to_thread(sweep_pull_spool, node)
 

@@ -1089,7 +1089,7 @@ def create_node_peer_app(
     services = node_services(node, keyring, skew=limits.clock_skew)
 
     def routes(app: web.Application) -> None:
-        from gateway.peer.pull_routes import add_pull_routes  # noqa: PLC0415
+        from gateway.peer.pull_routes import add_pull_routes  # noqa: PLC0415 - cycle: it uses this module's app keys
 
         app[NODE] = node
         app[METRICS] = node.metrics

@@ -38,6 +38,7 @@ from gateway.core.roles import SYSTEM
 from gateway.errors import GatewayError, InvalidInput
 from gateway.node import ledger
 from gateway.node.crash import crash_point
+from gateway.node.outbox import send_protocol_bundle
 from gateway.node.runtime import Node
 from gateway.store.models_consent import (
     ConsentGrantRecord,
@@ -126,7 +127,6 @@ def send_use_notices(node: Node, keyring: NodeKeyring, *, now: datetime) -> list
     Raises what :func:`gateway.node.outbox.send_protocol_bundle` raises (no
     pinned peer, storage failure); what was queued before stays queued.
     """
-    from gateway.node.outbox import send_protocol_bundle  # noqa: PLC0415
 
     with node.db.transaction() as session:
         pending = [
