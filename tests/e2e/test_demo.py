@@ -29,10 +29,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 STORY = [
     "init",
-    "users",
     "pin-refused",
     "keys-exchange",
     "start",
+    "users",
     "send",
     "receive",
     "disclose-blocked",

@@ -22,7 +22,7 @@ import pytest
 import tomli_w
 
 from gateway.core.cases import CASE_TYPES, PROTOCOL_TYPES
-from gateway.node import ledger
+from gateway.node.ledger import witness as ledger_witness
 from gateway.node.own_keys import own_manifest, verify_ledger_with_keys
 from gateway.node.peer_trust import pinned_peer_manifest
 from gateway.node.runtime import utc_now
@@ -94,7 +94,7 @@ def listening(port: int) -> bool:
 
 def witnessed(side: Side, peer: str) -> int:
     with side.node.db.transaction() as session:
-        latest = ledger.last_witnessed(session, peer)
+        latest = ledger_witness.last_witnessed(session, peer)
     return latest.size if latest is not None else 0
 
 

@@ -31,7 +31,7 @@ from gateway.core.envelope import seal
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
 from gateway.errors import StorageError
-from gateway.node import ledger, retention
+from gateway.node import inbox, ledger, retention
 from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import receive as consent_receive
@@ -617,8 +617,6 @@ def test_a_read_overtaken_by_a_purge_says_purged(
 ) -> None:
     """The purge commits and destroys the file after the reader looked the bundle up and
     before it opened the envelope: the reader answers "purged", not "missing" or "tampered"."""
-    import gateway.node.policy  # noqa: PLC0415
-
     sent = send(pair.jp, pair.t0)
     deliver(pair.jp, pair.pk, sent, pair.t0)
     policy = load_policy(pair.pk.node.settings).retention
@@ -634,9 +632,7 @@ def test_a_read_overtaken_by_a_purge_says_purged(
 
     if reader == "show":
         # read_bundle loads the policy between its look-up and opening the envelope.
-        monkeypatch.setattr(
-            gateway.node.policy, "load_policy", purge_first(gateway.node.policy.load_policy)
-        )
+        monkeypatch.setattr(inbox, "load_policy", purge_first(inbox.load_policy))
         with pytest.raises(retention.BundlePurged, match="purged on"):
             read_bundle(
                 pair.pk.node, pair.pk.keyring, PK_OFFICER, sent.bundle_id, out_dir=None, now=due

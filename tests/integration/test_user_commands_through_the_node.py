@@ -368,7 +368,7 @@ def test_user_command_modules_import_no_database_server_or_crypto_library() -> N
 def test_the_api_url_variables_are_no_settings_so_host_operations_accept_them(
     tmp_path: Path,
 ) -> None:
-    from gateway.settings import _env_overrides  # noqa: PLC0415
+    from gateway._settings_models import _env_overrides  # noqa: PLC0415
 
     values, _origin = _env_overrides(
         {"GATEWAY_API_URL": "https://127.0.0.1:8702", "GATEWAY_API_CA": str(tmp_path / "ca.pem")}
