@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.timeout(1200)  # about 20 gateway commands, each a whole node process today
 @pytest.mark.skipif(shutil.which("gpg") is None, reason="the benchmark's baseline needs gpg")
 def test_cli_benchmark_quick_run_prints_every_figure() -> None:

@@ -180,6 +180,7 @@ def test_twenty_bundles_each_way_arrive_exactly_once(pair: Pair) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.soak
 @pytest.mark.timeout(3600)
 def test_a_thousand_bundles_each_way_arrive_exactly_once(pair: Pair) -> None:
     bulk(pair, 1000)
