@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -66,7 +66,6 @@ from gateway.store.models_exchange import (
     InboxEntry,
     OutboxEntry,
     SequenceGap,
-    adopt_envelope_file,
     adopt_envelope_files,
     envelope_path,
 )
@@ -79,7 +78,6 @@ __all__ = [
     "ReceiveOutcome",
     "SpooledEnvelope",
     "WrongRecipient",
-    "accept_envelope",
     "channel_name",
     "check_reply_matches_case",
     "describe_inbox_entry",
@@ -126,12 +124,6 @@ class EnvelopeFacts:
     replaces: str | None = None
 
 
-Verifier = Callable[[BinaryIO], EnvelopeFacts]
-"""Checks an envelope completely (everything but decryption) and returns its facts."""
-
-CheckpointSource = Callable[[Session], Checkpoint | None]
-
-
 class InboxSigner(ReceiptSigner, Protocol):
     """The keyring as the inbox needs it: a node id and a signing key."""
 
@@ -152,12 +144,6 @@ def _hash_file(path: Path) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
-
-
-def _stored_receipt_for(session: Session, sha: str) -> bytes | None:
-    return session.scalars(
-        select(InboxEntry.receipt).where(InboxEntry.envelope_sha256 == sha).limit(1)
-    ).first()
 
 
 def _record_gap(session: Session, channel: str, sequence: int, now: datetime) -> None:
@@ -216,139 +202,6 @@ def ledger_checkpoint(session: Session) -> Checkpoint | None:
     if latest is None:
         return None
     return Checkpoint(size=latest.checkpoint.size, root=latest.checkpoint.root.hex())
-
-
-def accept_envelope(
-    node: Node,
-    signer: InboxSigner,
-    path: Path,
-    *,
-    verify: Verifier,
-    now: datetime,
-    checkpoint: CheckpointSource = ledger_checkpoint,
-    prepare: Callable[[Session], None] | None = None,
-) -> bytes:
-    """Verify, store and receipt one envelope file; return the receipt bytes.
-
-    ``verify`` does every check of the envelope but decryption and raises on
-    the first failure; nothing is stored before it has passed. ``prepare``
-    reads what ``verify`` needs in the same short transaction that looks for
-    a replay.
-    """
-    sha, size = _hash_file(path)
-    with node.db.transaction() as session:
-        replay = _stored_receipt_for(session, sha)
-        if replay is None and prepare is not None:
-            prepare(session)
-    if replay is not None:
-        _log.info("envelope_replayed", envelope_sha256=sha)
-        return replay
-    with path.open("rb") as stream:
-        facts = verify(stream)
-    if facts.recipient != signer.node or facts.recipient != node.node_id:
-        raise WrongRecipient(
-            f"envelope {facts.bundle_id} is addressed to {facts.recipient!r}, "
-            f"not to this node {node.node_id!r}"
-        )
-    adopt_envelope_file(node.settings.blob_dir, path, sha)
-    for attempt in range(2):
-        try:
-            return _commit(node, signer, facts, sha, size, now=now, checkpoint=checkpoint)
-        except IntegrityError:
-            # A concurrent receive of the same bundle id committed first; the
-            # second pass finds its row and answers as for a replay.
-            if attempt:
-                raise
-    raise AssertionError("unreachable")
-
-
-def _commit(
-    node: Node,
-    signer: InboxSigner,
-    facts: EnvelopeFacts,
-    sha: str,
-    size: int,
-    *,
-    now: datetime,
-    checkpoint: CheckpointSource,
-) -> bytes:
-    equivocated: Equivocation | None = None
-    with node.db.transaction() as session:
-        existing = session.scalars(
-            select(InboxEntry).where(
-                InboxEntry.sender == facts.sender, InboxEntry.bundle_id == facts.bundle_id
-            )
-        ).first()
-        if existing is not None and existing.envelope_sha256 == sha:
-            return existing.receipt
-        if existing is not None:
-            equivocated = _record_equivocation(session, existing, facts, sha, now)
-        else:
-            channel = channel_name(facts.sender, facts.recipient)
-            replaced = _replaced_entry(session, facts)
-            _ledger_event(
-                session,
-                kind="bundle-received",
-                now=now,
-                bundle_id=facts.bundle_id,
-                body={
-                    "sender": facts.sender,
-                    "type": facts.case_type,
-                    "sequence": facts.sequence,
-                    "marking": facts.marking,
-                    "envelope_sha256": sha,
-                    **({"replaces": facts.replaces} if facts.replaces else {}),
-                },
-            )
-            if replaced is not None:
-                replaced.replaced_by = facts.bundle_id
-            # After the ledger append, which serialises receivers (BEGIN IMMEDIATE on
-            # SQLite, an advisory lock on PostgreSQL): the highest sequence read here
-            # is not racing a concurrent receive of the same channel.
-            _record_gap(session, channel, facts.sequence, now)
-            receipt = issue_receipt(
-                signer,
-                bundle_id=facts.bundle_id,
-                envelope_hash=sha,
-                received_at=now,
-                receiver=facts.recipient,
-                sender=facts.sender,
-                checkpoint=checkpoint(session),
-            )
-            session.add(
-                InboxEntry(
-                    sender=facts.sender,
-                    bundle_id=facts.bundle_id,
-                    channel=channel,
-                    sequence=facts.sequence,
-                    case_type=facts.case_type,
-                    marking=facts.marking,
-                    reply_to=facts.reply_to,
-                    signing_key_id=facts.signing_key_id,
-                    created_at=facts.created_at,
-                    received_at=now,
-                    envelope_sha256=sha,
-                    envelope_size=size,
-                    receipt=receipt,
-                    replaces=facts.replaces,
-                )
-            )
-            session.flush()
-    if equivocated is not None:
-        _log.warning(
-            "equivocation_refused",
-            sender=facts.sender,
-            bundle_id=facts.bundle_id,
-            first_sha256=equivocated.first_envelope_sha256,
-            other_sha256=sha,
-        )
-        raise EquivocationRefused(
-            f"bundle {facts.bundle_id} from {facts.sender} was received before with another "
-            "envelope; the new one is refused and recorded as equivocation"
-        )
-    crash_point("after-inbox-commit")
-    _log.info("envelope_received", sender=facts.sender, bundle_id=facts.bundle_id)
-    return receipt
 
 
 def _replaced_entry(session: Session, facts: EnvelopeFacts) -> InboxEntry | None:
