@@ -363,21 +363,25 @@ def test_a_crash_at_any_point_loses_nothing_and_doubles_nothing(pair: Pair, poin
     assert sync(pair.jp).returncode in (0, 1)  # nothing left from earlier tests
     sent = [pair.jp.send() for _ in range(5)]
     if point == "after-outbox-insert":
-        pair.pk.start()
+        # `send` is a client: the node serving it dies right after the outbox commit.
         before = {row.bundle_id for row in pair.jp.outbox_rows()}
-        env = pair.jp.home.env(token=pair.jp.officer, GATEWAY_CRASH_AT=point)
+        pair.jp.start(GATEWAY_CRASH_AT=point)
         done = run_gateway(
             pair.jp.home.home,
             "--json",
             "send",
             "exam-fraud",
             str(EXAMPLES / "exam-fraud.json"),
-            env=env,
+            env=pair.jp.home.env(token=pair.jp.officer),
         )
-        assert done.returncode == -9, done.stderr  # killed before it could print the id
-        assert done.stdout == ""
+        assert done.returncode == 1, done.stderr  # the node died before it answered the id
+        assert json.loads(done.stdout)["error"]["reason"] == "client.connection"
+        assert pair.jp.serve_process is not None
+        assert pair.jp.serve_process.process.wait(timeout=30) == -9
+        pair.jp.serve_process = None
         [crashed] = {row.bundle_id for row in pair.jp.outbox_rows()} - before
         sent.append(crashed)  # the bundle had committed: it must still be delivered
+        pair.pk.start()
     elif point in ("after-batch-verify", "after-batch-adopt", "after-inbox-commit"):
         # The receiver dies at a step of its batch: verified, files stored, committed.
         pair.pk.start(GATEWAY_CRASH_AT=point)
