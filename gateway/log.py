@@ -94,6 +94,9 @@ def _structlog() -> Any:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            # The node id on every line, whatever thread logs it: worker threads
+            # of an executor do not inherit the context variables bound here.
+            *([_NodeField(node)] if node is not None else []),
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             redact_secrets,
@@ -110,6 +113,19 @@ def _structlog() -> Any:
     if service:
         _route_standard_logging(out, renderer)
     return structlog
+
+
+class _NodeField:
+    """A structlog processor setting ``node`` on every event (unless it names one)."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+
+    def __call__(
+        self, _logger: Any, _method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        event.setdefault("node", self.node)
+        return event
 
 
 class _ServiceHandler(logging.StreamHandler):  # type: ignore[type-arg]

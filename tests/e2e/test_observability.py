@@ -329,7 +329,9 @@ def test_rotation_restart_logs_only_json_and_the_peer_never_sees_an_unknown_key(
         home = nodes[node_id]
         for record in serving:
             assert record["peer_listen"] == f"http://127.0.0.1:{home.port}"
-            assert record["api_listen"] == f"http://127.0.0.1:{home.api_port}"
+            assert record["api_listen"] == (
+                f"http://127.0.0.1:{home.api_port}, unix:{home.home / 'run' / 'api.sock'}"
+            )
             assert f"http://127.0.0.1:{home.port}" in record["message"]
             assert f"http://127.0.0.1:{home.api_port}" in record["message"]
     jp_events = [r.get("event") for r in _records(first_run)]
