@@ -16,6 +16,7 @@ derived from it, never pinned.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -34,7 +35,8 @@ from gateway.node.runtime import utc_now
 from gateway.store.models_exchange import InboxEntry
 from tests.conftest import create_pg_database, drop_pg_database, require_postgres
 from tests.e2e.test_exchange import OFFICER, Side, example, post, sync
-from tests.nodes import init_pair, run_gateway
+from tests.node_api import serving_home
+from tests.nodes import init_pair, is_user_command, run_gateway, socket_answers
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -59,10 +61,22 @@ def sides(
 
 
 def gateway(side: Side, *args: str, token: str | None = None) -> tuple[int, Any]:
-    """``gateway --json ARGS`` for ``side`` as its own process: (exit code, parsed output)."""
-    done = run_gateway(
-        side.home.home, "--json", *args, env=side.home.env(token=token or side.officer)
-    )
+    """``gateway --json ARGS`` for ``side`` as its own process: (exit code, parsed output).
+
+    A user command reaches the node's local API: when no ``gateway serve`` of the
+    home answers on its socket, the API is served in this process while it runs.
+    """
+
+    def call() -> subprocess.CompletedProcess[str]:
+        return run_gateway(
+            side.home.home, "--json", *args, env=side.home.env(token=token or side.officer)
+        )
+
+    if is_user_command(args) and not socket_answers(side.home.home):
+        with serving_home(side.home.home, side.home.env(), passphrase=side.home.passphrase):
+            done = call()
+    else:
+        done = call()
     return done.returncode, json.loads(done.stdout) if done.stdout.strip() else done.stderr
 
 
