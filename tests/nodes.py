@@ -328,7 +328,7 @@ def start_serve(
 
 _USER_COMMANDS = {
     "send", "inbox", "outbox", "show", "resend", "consent", "disclose", "users",
-    ("ledger", "list"), ("ledger", "verify"), ("ledger", "export"), ("ledger", "audit-peer"),
+    ("ledger", "list"), ("ledger", "verify"), ("ledger", "export"), ("ledger", "audit-peer"), ("ledger", "account"),
     ("peer", "show"), ("keys", "show"),
 }  # fmt: skip
 

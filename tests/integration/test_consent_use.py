@@ -253,7 +253,7 @@ def test_a_disclosure_killed_before_its_notice_commits_sends_exactly_one_later(
     """``gateway disclose`` is killed (SIGKILL) after the disclosure committed: before
     its notice is queued, or right after; either way exactly one notice goes out."""
     from tests.exchange_pair import PASSPHRASE, example, open_pair, second_url  # noqa: PLC0415
-    from tests.nodes import gateway_env, run_gateway  # noqa: PLC0415
+    from tests.nodes import gateway_env, kill, run_gateway, start_serve, wait_ready  # noqa: PLC0415
 
     urls = {"jp": database_url, "pk": second_url(tmp_path, database_url, pg_database_factory)}
     with open_pair(tmp_path, urls, clean_environ) as two:
@@ -272,15 +272,23 @@ def test_a_disclosure_killed_before_its_notice_commits_sends_exactly_one_later(
             valid_until=None, max_uses=None, conditions="", now=utc_now(),
         )  # fmt: skip
         pk.receive_from(jp, granted.bundle_id)
-        env = gateway_env(
-            pk.home, GATEWAY_PASSPHRASE=PASSPHRASE, GATEWAY_TOKEN=pk.tokens["officer"],
-            GATEWAY_CRASH_AT=point,
-        )  # fmt: skip
-        killed = run_gateway(
-            pk.home, "disclose", sent.bundle_id, "--recipient", EMBASSY, "--purpose", PURPOSE,
-            "--out", str(tmp_path / "out"), env=env,
-        )  # fmt: skip
-        assert killed.returncode == -signal.SIGKILL, killed.stderr
+        # `disclose` is a client: the node serving it is killed at the crash point.
+        serving = start_serve(
+            pk.home, env=gateway_env(pk.home, GATEWAY_PASSPHRASE=PASSPHRASE, GATEWAY_CRASH_AT=point)
+        )
+        try:
+            wait_ready(serving)
+            client = run_gateway(
+                pk.home, "disclose", sent.bundle_id, "--recipient", EMBASSY, "--purpose", PURPOSE,
+                "--out", str(tmp_path / "out"),
+                env=gateway_env(pk.home, GATEWAY_TOKEN=pk.tokens["officer"]),
+            )  # fmt: skip
+            assert client.returncode == 1, client.stderr  # the node died under the request
+            assert serving.process.wait(timeout=60) == -signal.SIGKILL
+        finally:
+            if serving.process.poll() is None:
+                kill(serving)
+        assert not (tmp_path / "out").exists()
         with pk.node.db.transaction() as session:
             made = session.scalars(
                 select(DisclosureRecord).where(DisclosureRecord.allowed.is_(True))
