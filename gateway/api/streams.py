@@ -76,6 +76,16 @@ class _LoopWriter(io.RawIOBase):
         future = asyncio.run_coroutine_threadsafe(self._response.write(piece), self._loop)
         future.result(timeout=_WRITE_TIMEOUT)
 
+    def close(self) -> None:
+        """Close without writing what is left.
+
+        A dropped writer is finalised on whichever thread lets it go, possibly
+        the event loop's own, where waiting for the loop would freeze it;
+        :func:`stream_folder` flushes explicitly once the archive is whole.
+        """
+        self._buffer = bytearray()
+        super().close()
+
 
 class _Hashing(io.RawIOBase):
     """Reads a file and hashes what was read (for the closing list)."""
