@@ -5,14 +5,14 @@ Every line carries the node id (bound once through contextvars by
 name says it holds a secret, so a careless ``log.info(..., passphrase=...)``
 still never writes one.
 
-structlog is imported when the first logger is asked for (or at
-:func:`configure` when it is loaded already, or for a service): a command that
-logs nothing never pays for it (docs/performance.md).
+structlog, and the standard library's ``logging``, are imported when the
+first logger is asked for (or at :func:`configure` when structlog is loaded
+already, or for a service): a command that logs nothing never pays for them
+(docs/performance.md).
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import MutableMapping
 from typing import Any, Literal, TextIO
@@ -29,13 +29,17 @@ __all__ = [
 
 REDACTED = "[redacted]"
 _SECRET_WORDS = ("passphrase", "password", "secret", "private", "token", "seed", "content_key")
-_state: dict[str, Any] = {"json": False, "stream": None, "service": False, "pending": None}
-_LEVELS = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
+_state: dict[str, Any] = {
+    "json": False,
+    "stream": None,
+    "service": False,
+    "pending": None,
+    "handler": None,
 }
+_NOTSET, _INFO, _WARNING = 0, 20, 30
+_LEVELS = {"debug": 10, "info": _INFO, "warning": _WARNING, "error": 40}
+"""The numeric levels of the standard library's ``logging`` (``logging.DEBUG`` ...),
+written out so that configuring the log does not import it."""
 
 
 def redact_secrets(
@@ -103,7 +107,7 @@ def _structlog() -> Any:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, _INFO)),
         logger_factory=structlog.PrintLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
@@ -128,11 +132,9 @@ class _NodeField:
         return event
 
 
-class _ServiceHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """The one handler this module puts on the root logger (replaced on reconfigure)."""
-
-
 def _route_standard_logging(out: TextIO, renderer: Any) -> None:
+    import logging  # noqa: PLC0415 - see the module docstring
+
     import structlog  # noqa: PLC0415 - see the module docstring
 
     formatter = structlog.stdlib.ProcessorFormatter(
@@ -150,15 +152,17 @@ def _route_standard_logging(out: TextIO, renderer: Any) -> None:
         ],
     )
     root = logging.getLogger()
-    for old in [h for h in root.handlers if isinstance(h, _ServiceHandler)]:
-        root.removeHandler(old)
-    handler = _ServiceHandler(out)
+    # The one handler this module puts on the root logger, replaced on reconfigure.
+    if _state["handler"] is not None:
+        root.removeHandler(_state["handler"])
+    handler = logging.StreamHandler(out)
+    _state["handler"] = handler
     handler.setFormatter(formatter)
     # Libraries' own chatter below warning is theirs, not the node's.
-    handler.setLevel(logging.WARNING)
+    handler.setLevel(_WARNING)
     root.addHandler(handler)
-    if root.level > logging.WARNING or root.level == logging.NOTSET:
-        root.setLevel(logging.WARNING)
+    if root.level > _WARNING or root.level == _NOTSET:
+        root.setLevel(_WARNING)
     logging.captureWarnings(True)
 
 
@@ -194,7 +198,7 @@ def announce(logger: Any, event: str, message: str, **fields: Any) -> None:
         unfiltered = structlog.wrap_logger(
             structlog.PrintLogger(file=stream),
             processors=config["processors"],
-            wrapper_class=structlog.make_filtering_bound_logger(logging.NOTSET),
+            wrapper_class=structlog.make_filtering_bound_logger(_NOTSET),
         )
         context = getattr(logger, "_context", {})
         unfiltered.bind(**context).info(event, message=message, **fields)

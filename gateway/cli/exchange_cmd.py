@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 __all__ = ["COMMANDS", "inbox", "outbox", "resend", "send", "show", "sync"]
 
 MAX_CASE_FILE_BYTES = 4 * 1024 * 1024
+PREFLIGHT_FREE_BYTES = 64 * 1024
+"""A ``send`` body up to this size (bytes) goes out without asking the node who the
+token is first: it fits the socket's buffers, so a refusal arrives as the node's
+answer (the same exit code and message as the preflight's); a larger body is
+preceded by ``GET /api/v1/whoami``."""
 
 
 def _read_case(source: str) -> dict[str, Any]:
@@ -89,12 +94,20 @@ def send(
     from gateway.client.upload import multipart_send_body  # noqa: PLC0415
 
     client = app.client("send")
-    client.preflight()
-    case = _read_case(case_json)
-    meta: dict[str, Any] = {"type": case_type, "case": case, "public": public}
-    if reply_to is not None:
-        meta["reply_to"] = reply_to
-    body = multipart_send_body(meta, list(attachments))
+    try:
+        case = _read_case(case_json)
+        meta: dict[str, Any] = {"type": case_type, "case": case, "public": public}
+        if reply_to is not None:
+            meta["reply_to"] = reply_to
+        body = multipart_send_body(meta, list(attachments))
+    except InvalidInput:
+        client.preflight()  # a refused user hears about the token or role first
+        raise
+    if body.length > PREFLIGHT_FREE_BYTES:
+        # The node refuses a token before it reads the body, but a refusal
+        # while a large body is still being written reaches the command as a
+        # broken connection: ask first, before anything is streamed.
+        client.preflight()
     with transfer_progress("send", body.files_bytes, enabled=not app.as_json) as progress:
         body.progress = progress
         sent = client.send_stream(

@@ -23,15 +23,13 @@ import http.client
 import json
 import socket
 import ssl
-import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from gateway.client.files import Received
 from gateway.client.paths import api_socket_path
 from gateway.errors import (
     AccessDenied,
@@ -48,6 +46,9 @@ from gateway.errors import (
     TransportError,
     VerificationError,
 )
+
+if TYPE_CHECKING:
+    from gateway.client.files import Received
 
 __all__ = [
     "MAX_ANSWER_BYTES",
@@ -93,6 +94,8 @@ class Target:
 
 def _home_ca(home: Path) -> Path | None:
     """``[server] tls_ca`` of the home's gateway.toml, resolved against the home."""
+    import tomllib  # noqa: PLC0415 - only a TCP target reads the home's settings
+
     try:
         with (home / "gateway.toml").open("rb") as handle:
             data = tomllib.loads(handle.read(1024 * 1024).decode("utf-8"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,7 @@ class MultipartBody:
 
 def multipart_send_body(meta: dict[str, Any], attachments: Sequence[Path]) -> MultipartBody:
     """The body of ``POST /api/v1/bundles`` for ``meta`` and the files ``attachments``."""
-    boundary = "ssw-" + secrets.token_hex(16)
+    boundary = "ssw-" + os.urandom(16).hex()  # as secrets.token_hex, without its imports
     names = [path.name for path in attachments]
     meta_bytes = json.dumps({**meta, "attachments": names}, ensure_ascii=False).encode("utf-8")
     meta_head = (

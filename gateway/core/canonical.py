@@ -20,7 +20,6 @@ import re
 from typing import Any
 
 import orjson
-import rfc8785
 
 from gateway.errors import InvalidInput
 
@@ -55,6 +54,8 @@ def canonical_bytes(value: Any) -> bytes:
     fast = _fast_canonical(value)
     if fast is not None:
         return fast
+    import rfc8785  # noqa: PLC0415 - the reference path is rare; a reader of JSON never needs it
+
     try:
         return bytes(rfc8785.dumps(value))
     except (rfc8785.CanonicalizationError, TypeError, ValueError) as exc:

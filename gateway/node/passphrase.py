@@ -7,7 +7,6 @@ loading the crypto layer; the keystore re-exports every name.
 
 from __future__ import annotations
 
-import getpass
 import sys
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
@@ -77,6 +76,8 @@ def read_passphrase(
     elif environ.get("GATEWAY_PASSPHRASE"):
         passphrase = environ["GATEWAY_PASSPHRASE"].encode("utf-8")
     elif prompt and sys.stdin.isatty():
+        import getpass  # noqa: PLC0415 - only a prompt needs the terminal module
+
         first = getpass.getpass("New keystore passphrase: " if new else "Keystore passphrase: ")
         if new:
             again = getpass.getpass("Repeat the passphrase: ")
