@@ -62,6 +62,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property, lru_cache
 from typing import Any, BinaryIO, Final
 
 import nacl.bindings as sodium
@@ -303,9 +304,10 @@ class EnvelopeHeader:
     def attachment_count(self) -> int:
         return len(self.attachment_sizes)
 
-    @property
+    @cached_property
     def ciphertext_size(self) -> int:
-        """Bytes of the ciphertext section, fixed by the sizes in the header."""
+        """Bytes of the ciphertext section, fixed by the sizes in the header
+        (computed once per header: the header is frozen)."""
         sizes = (self.content_size, *self.attachment_sizes)
         return sum(ciphertext_size(size, self.chunk_size) for size in sizes)
 
@@ -348,7 +350,9 @@ def _blake2b(key: bytes, message: bytes, size: int) -> bytes:
     return hashlib.blake2b(message, key=key, digest_size=size).digest()
 
 
+@lru_cache(maxsize=256)
 def _bundle_bytes(bundle_id: str) -> bytes:
+    # Pure, and asked twice per envelope (key commitment, stream keys): cached.
     if _BUNDLE_ID_RE.fullmatch(bundle_id):  # the form every header carries: hex and dashes
         return bytes.fromhex(bundle_id.replace("-", ""))
     return uuid.UUID(bundle_id).bytes
@@ -421,10 +425,11 @@ def _bytes_field(body: Mapping[str, Any], name: str, size: int) -> bytes:
     if not isinstance(value, str):
         raise _fail_format(f"header field {name} must be base64 text")
     try:
-        data = base64.b64decode(value, validate=True)
+        # Strict: only the alphabet, padding only at the end (as b64decode's validate).
+        data = binascii.a2b_base64(value, strict_mode=True)
     except (binascii.Error, ValueError):
         raise _fail_format(f"header field {name} is not valid base64") from None
-    if len(data) != size or _b64(data) != value:
+    if len(data) != size or binascii.b2a_base64(data, newline=False) != value.encode("ascii"):
         raise _fail_format(f"header field {name} must be {size} bytes in canonical base64")
     return data
 
@@ -986,7 +991,8 @@ def _parse_content(
         infos.append(AttachmentInfo(index=index, name=item["name"], size=size))
     # ``raw`` is canonical, so the case's canonical bytes are the slice between
     # the attachments list and the closing brace; they are not written again.
-    lead = b'{"attachments":' + canonical_bytes(listed) + b',"case":'
+    listed_bytes = canonical_bytes(listed) if listed else b"[]"
+    lead = b'{"attachments":' + listed_bytes + b',"case":'
     if not raw.startswith(lead) or not raw.endswith(b"}"):  # pragma: no cover - canonical
         raise EnvelopeContentInvalid("decrypted content is not laid out canonically")
     try:
