@@ -133,6 +133,7 @@ async def _bundles_send_multipart(call: Call) -> web.StreamResponse:
         max_attachment_bytes=limits.max_attachment_bytes,
         run=call.run,
     )
+    removed: list[bool] = []
     try:
         body = spooled.meta
         refuse_unknown_fields(body, {"type", "case", "public", "reply_to"})
@@ -145,21 +146,31 @@ async def _bundles_send_multipart(call: Call) -> web.StreamResponse:
             raise InvalidInput("field 'public' must be true or false")
         reply_to = optional_str(body, "reply_to", max_length=64)
         keyring = call.keyring_provider()
-        sent = await call.run(
-            lambda: send_case(
-                call.node,
-                keyring,
-                call.actor,
-                case_type,
-                case,
-                spooled.paths,
-                public=public,
-                reply_to=reply_to,
-                now=utc_now(),
-            )
-        )
+
+        def send_and_remove() -> Any:
+            # The spooled files go in the same worker call as the send (one
+            # thread hop less per send); the outer ``finally`` covers every
+            # way out before it.
+            try:
+                return send_case(
+                    call.node,
+                    keyring,
+                    call.actor,
+                    case_type,
+                    case,
+                    spooled.paths,
+                    public=public,
+                    reply_to=reply_to,
+                    now=utc_now(),
+                )
+            finally:
+                spooled.remove()
+                removed.append(True)
+
+        sent = await call.run(send_and_remove)
     finally:
-        await call.run(spooled.remove)
+        if not removed:
+            await call.run(spooled.remove)
     return json_response(sent.to_dict(), status=201)
 
 
