@@ -21,9 +21,9 @@ each serving node's peak (``VmHWM`` of ``/proc/<pid>/status``) grew meanwhile.
 Targets: each command below 150 MiB, each node growing by less than 150 MiB.
 ``--mib 0`` leaves it out.
 
-Today's commands open the keystore themselves and need the passphrase:
-``--passphrase-env`` puts ``GATEWAY_PASSPHRASE`` in the user's environment.
-Without it a command gets the token alone, as a client of the node will.
+User commands are clients of the running node and get the token alone;
+``--passphrase-env`` also puts ``GATEWAY_PASSPHRASE`` in the user's
+environment (as commands needed before they became clients).
 
 Run: ``.venv/bin/python benchmarks/cli.py [--passphrase-env] [--reps 7] [--files 3] [--mib 1024]``;
 ``--quick`` is a smoke run (2 repetitions, 1 file, 8 MiB).
