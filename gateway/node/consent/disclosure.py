@@ -317,7 +317,7 @@ def _foresee(
 ) -> tuple[list[_Item], Decision]:
     """The first look, without the lock: is there any point in decrypting?"""
     apply_pending(node, keyring, now=now)
-    with node.db.transaction() as session:
+    with node.db.transaction(read_only=True) as session:  # writes nothing: no write lock
         items = _locate(session, node.node_id, ids)
         return items, _decide(session, node.node_id, policy, items, recipient, purpose, now)
 
