@@ -8,7 +8,8 @@ constant factor over the floor, a bare indexed lookup of the consent ids
 naming one bundle with the plain driver (``sqlite3``, ``psycopg``).
 
 Run alone: ``.venv/bin/python benchmarks/consent.py [--consents N] [--checks N]
-[--engine sqlite|postgresql]``.
+[--engine sqlite|postgresql]`` (PostgreSQL: with ``PYTHONPATH=.``, on a fresh
+database of the test server).
 It is also a section of ``benchmarks/ledger.py`` (:func:`section_consent_check`),
 run on that benchmark's database.
 """
@@ -263,10 +264,12 @@ def main(argv: list[str] | None = None) -> None:
         args.consents, args.checks = 200, 50
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "consent-bench.sqlite3"
+        pg_url = None
         if args.engine == "postgresql":
             from tests.conftest import create_pg_database  # noqa: PLC0415
 
-            db = open_database(create_pg_database())
+            pg_url = create_pg_database()
+            db = open_database(pg_url)
         else:
             db = open_database(f"sqlite:///{path}")
         db.upgrade()
@@ -277,6 +280,10 @@ def main(argv: list[str] | None = None) -> None:
             section_consent_check(ctx, consents=args.consents, checks=args.checks)
         finally:
             db.dispose()
+            if pg_url is not None:
+                from tests.conftest import drop_pg_database  # noqa: PLC0415
+
+                drop_pg_database(pg_url)
     width = max(len(name) for name, _ in ctx.results)
     print(f"consent benchmarks, {args.consents:,} received consents on {args.engine}")
     for name, value in ctx.results:
