@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
@@ -98,6 +99,8 @@ MAX_ITEMS: Final = 256
 MAX_TEXT_CHARS: Final = 500
 MAX_CONDITIONS_CHARS: Final = 4000
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+"""Unicode category Cc (U+0000..U+001F, U+007F..U+009F) except tab and newline."""
 _NODES = ("jp", "pk")
 _SIGNATURE_BYTES = 64
 _PUBLIC_KEY_BYTES = 32
@@ -113,8 +116,13 @@ class ConsentSignatureInvalid(VerificationError):
 # -- small values ------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)
 def normalise_name(text: str) -> str:
-    """The form in which recipients and purposes are compared (see module doc)."""
+    """The form in which recipients and purposes are compared (see module doc).
+
+    A pure function of its text, so results are kept (a consent check compares
+    the same few names again and again).
+    """
     folded = unicodedata.normalize("NFKC", text).casefold()
     return " ".join(folded.split())
 
@@ -137,7 +145,7 @@ def validate_text(value: object, *, field: str, max_chars: int = MAX_TEXT_CHARS)
         raise InvalidInput(f"{field}: must not be empty")
     if len(value) > max_chars:
         raise InvalidInput(f"{field}: longer than {max_chars} characters")
-    if any(unicodedata.category(ch) == "Cc" and ch not in "\n\t" for ch in value):
+    if _CONTROL.search(value):
         raise InvalidInput(f"{field}: contains control characters")
     return value
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from enum import StrEnum
 from typing import Final
 
@@ -36,6 +36,7 @@ __all__ = [
     "DateMeans",
     "Precision",
     "format_utc",
+    "is_calendar_day",
     "parse_stored_utc",
     "parse_user_time",
     "parse_utc",
@@ -208,6 +209,24 @@ def parse_user_time(
         return moment.astimezone(UTC)
     except OverflowError:
         raise out_of_range from None
+
+
+_CALENDAR_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def is_calendar_day(text: str) -> bool:
+    """Whether ``text`` is ``YYYY-MM-DD`` (ASCII digits) naming a real calendar day.
+
+    The date half of what :func:`stored_micro_text` accepts, for callers that
+    check many stored times of the same few days and keep the answer per day.
+    """
+    if not _CALENDAR_DAY.fullmatch(text):
+        return False
+    try:
+        date.fromisoformat(text)
+    except ValueError:
+        return False
+    return True
 
 
 def stored_micro_text(text: str) -> str | None:

@@ -9,7 +9,9 @@ There is no other way to write. On SQLite every transaction starts with
 ``BEGIN IMMEDIATE`` (one writer at a time, decided at the start, so no
 transaction fails half-way on a lock upgrade), the journal is WAL and
 ``synchronous=FULL`` so that an acknowledged commit survives power loss, and
-foreign keys are enforced. On PostgreSQL the default isolation is READ
+foreign keys are enforced. A unit of work that only reads may ask for
+``transaction(read_only=True)``: a plain (deferred) ``BEGIN`` on SQLite that
+takes no write lock and reads one snapshot. On PostgreSQL the default isolation is READ
 COMMITTED; a unit of work that must see a stable snapshot and serialise
 against concurrent writers asks for ``transaction(serializable=True)``.
 """
@@ -20,6 +22,7 @@ import importlib
 import pkgutil
 import select
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,8 +68,15 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
+READ_ONLY_OPTION = "gateway_read_only"
+"""Execution option of the engine behind :meth:`Database.transaction` with ``read_only``."""
+
+
 def _sqlite_begin(connection: Any) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    if connection.get_execution_options().get(READ_ONLY_OPTION):
+        connection.exec_driver_sql("BEGIN")  # deferred: a read takes no write lock
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 POSTGRES_POOL_RECYCLE_S = 1800
@@ -139,20 +149,101 @@ class Database:
             else self.engine,
             expire_on_commit=False,
         )
+        self._readers_lock = threading.Lock()
+        self._readers_local = threading.local()
+        self._reader_connections: list[sqlite3.Connection] = []
+        self._readers = sessionmaker(
+            self.engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False
+        )
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
 
     @contextmanager
-    def transaction(self, *, serializable: bool = False) -> Iterator[Session]:
-        """One unit of work: commit on normal exit, roll back on any exception."""
-        factory = self._serializable if serializable else self._sessions
+    def transaction(
+        self, *, serializable: bool = False, read_only: bool = False
+    ) -> Iterator[Session]:
+        """One unit of work: commit on normal exit, roll back on any exception.
+
+        ``read_only``: for work that writes nothing (a consent check, a
+        listing). On SQLite the transaction starts with a deferred ``BEGIN``,
+        so it waits for no writer and blocks none; a write inside it would
+        have to take the lock part-way, so only reads belong there. On
+        PostgreSQL it is the ordinary READ COMMITTED transaction.
+        """
+        if serializable:
+            factory = self._serializable
+        elif read_only:
+            factory = self._readers
+        else:
+            factory = self._sessions
         try:
             with factory() as session, session.begin():
                 yield session
         except OperationalError as exc:
             raise StorageError(f"database unavailable or locked: {exc.orig!s}".strip()) from exc
+
+    @contextmanager
+    def read_connection(self) -> Iterator[Any]:
+        """A DB-API connection inside one read transaction, for hot read paths.
+
+        The driver's own connection (``sqlite3`` or ``psycopg``), no ORM
+        session: statements are plain SQL strings the driver prepares once and
+        keeps (SQLite's statement cache; psycopg's automatic prepare). On
+        SQLite each thread keeps one connection of its own for this (opened
+        with the engine's pragmas, closed by :meth:`dispose`) and the
+        transaction is a deferred ``BEGIN``: no write lock, one snapshot. On
+        PostgreSQL a pooled connection, READ COMMITTED. Always rolled back:
+        nothing may be written through it. Driver errors become
+        :class:`StorageError`.
+        """
+        if self.is_sqlite:
+            driver = self._sqlite_reader()
+            try:
+                driver.execute("BEGIN")
+                try:
+                    yield driver
+                finally:
+                    driver.rollback()
+            except sqlite3.Error as exc:
+                raise StorageError(f"database unavailable or locked: {exc!s}".strip()) from exc
+            return
+        dbapi: Any = self.engine.dialect.dbapi
+        try:
+            pooled = self.engine.raw_connection()
+        except OperationalError as exc:
+            raise StorageError(f"database unavailable or locked: {exc.orig!s}".strip()) from exc
+        try:
+            postgres: Any = pooled.driver_connection
+            try:
+                yield postgres
+            finally:
+                postgres.rollback()
+        except dbapi.Error as exc:
+            raise StorageError(f"database unavailable or locked: {exc!s}".strip()) from exc
+        finally:
+            pooled.close()
+
+    def _sqlite_reader(self) -> sqlite3.Connection:
+        """This thread's read connection to the SQLite file (opened on first use)."""
+        reader: sqlite3.Connection | None = getattr(self._readers_local, "connection", None)
+        if reader is not None:
+            return reader
+        database = self.engine.url.database
+        if not database or database == ":memory:":
+            raise StorageError("a read connection needs a database file, not :memory:")
+        try:
+            reader = sqlite3.connect(
+                database, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, check_same_thread=False
+            )
+            _sqlite_pragmas(reader, None)
+        except sqlite3.Error as exc:
+            raise StorageError(f"database unavailable: {exc!s}".strip()) from exc
+        with self._readers_lock:
+            self._reader_connections.append(reader)
+        self._readers_local.connection = reader
+        return reader
 
     def alembic_config(self) -> Config:
         config = Config()
@@ -228,6 +319,11 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        with self._readers_lock:
+            readers, self._reader_connections = self._reader_connections, []
+            self._readers_local = threading.local()
+        for reader in readers:
+            reader.close()
 
 
 def open_database(url: str, *, echo: bool = False) -> Database:

@@ -20,6 +20,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     ForeignKey,
     Index,
@@ -33,8 +34,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 from gateway.store.base import Base, UTCDateTime
 
 __all__ = [
+    "CONSENT_GENERATION_ID",
     "ConsentApplied",
     "ConsentDenialRecord",
+    "ConsentGenerationRow",
     "ConsentGrantItem",
     "ConsentGrantRecord",
     "ConsentRequestRecord",
@@ -188,3 +191,21 @@ class ConsentApplied(Base):
     outcome: Mapped[str] = mapped_column(String(16))
     detail: Mapped[str] = mapped_column(String(500))
     applied_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+CONSENT_GENERATION_ID = 1
+"""The one row of ``consent_generation``."""
+
+
+class ConsentGenerationRow(Base):
+    """A counter the database raises with every change a consent check reads.
+
+    Migration ``0016_consent_generation`` installs the triggers that move it in
+    the writing transaction (grants, grant items, revocations, uses; an inbox
+    row's suspect mark). Checks cache consent states under its value.
+    """
+
+    __tablename__ = "consent_generation"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    generation: Mapped[int] = mapped_column(BigInteger)

@@ -62,7 +62,7 @@ from gateway.node.consent.common import (
     node_policy,
     peer_manifest,
 )
-from gateway.node.consent.queries import load_consent_states
+from gateway.node.consent.queries import check_consent_states, load_consent_states
 from gateway.node.consent.receive import apply_pending, apply_pending_in
 from gateway.node.inbox import check_reply_matches_case
 from gateway.node.retention import WrittenOutput, ensure_not_purged, record_outputs
@@ -149,22 +149,31 @@ def _locate(session: Session, node_id: str, bundle_ids: Sequence[str]) -> list[_
 
 
 def _decide(
-    session: Session,
-    node_id: str,
+    session: Session | None,
+    node: Node,
     policy: Policy,
     items: list[_Item],
     recipient: str,
     purpose: str,
     now: datetime,
 ) -> Decision:
+    """The rule on the consents as ``session`` sees them, or (``None``) as a read check does.
+
+    Only the decision taken in the locked transaction is recorded; the read
+    check (:func:`check_consent_states`: no lock, cached states) is the first
+    look that spares decrypting when it would be refused anyway.
+    """
     ids = [entry.item.bundle_id for entry in items]
+    consents = (
+        check_consent_states(node.db, ids) if session is None else load_consent_states(session, ids)
+    )
     return decide_disclosure(
         [entry.item for entry in items],
         recipient,
         purpose,
-        own_node=node_id,
-        internal_recipients=internal_names(policy, node_id),
-        consents=load_consent_states(session, ids),
+        own_node=node.node_id,
+        internal_recipients=internal_names(policy, node.node_id),
+        consents=consents,
         now=now,
     )
 
@@ -317,9 +326,9 @@ def _foresee(
 ) -> tuple[list[_Item], Decision]:
     """The first look, without the lock: is there any point in decrypting?"""
     apply_pending(node, keyring, now=now)
-    with node.db.transaction() as session:
+    with node.db.transaction(read_only=True) as session:  # writes nothing: no write lock
         items = _locate(session, node.node_id, ids)
-        return items, _decide(session, node.node_id, policy, items, recipient, purpose, now)
+    return items, _decide(None, node, policy, items, recipient, purpose, now)
 
 
 def disclose(
@@ -402,7 +411,7 @@ def _decide_and_record(
         with node.db.transaction() as session:
             ledger.lock_for_append(session)  # the linearisation point of consent decisions
             apply_pending_in(session, node, keyring, policy, now)
-            decision = _decide(session, node.node_id, policy, items, recipient, purpose, now)
+            decision = _decide(session, node, policy, items, recipient, purpose, now)
             if not decision.allowed:
                 _record_attempt(session, decision=decision, actor=actor, now=now, files=None)
                 refused = decision

@@ -3,27 +3,33 @@
 from __future__ import annotations
 
 import json
+import threading
+import weakref
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.orm import Session
 
-from gateway.core.canonical import parse_bounded_json
+from gateway.core.canonical import parse_bounded_json, parse_canonical
 from gateway.core.consent import (
     MAX_GRANT_BYTES,
     ConsentGrant,
     ConsentState,
 )
 from gateway.core.keys import NodeKeyring
-from gateway.errors import StorageError
+from gateway.core.times import parse_stored_utc
+from gateway.errors import InvalidInput, StorageError
 from gateway.node.consent import uses as consent_uses
 from gateway.node.consent.receive import apply_pending
 from gateway.node.runtime import Node
+from gateway.store.db import Database
 from gateway.store.models_consent import (
+    CONSENT_GENERATION_ID,
     ConsentApplied,
     ConsentDenialRecord,
+    ConsentGenerationRow,
     ConsentGrantItem,
     ConsentGrantRecord,
     ConsentRequestRecord,
@@ -34,9 +40,202 @@ from gateway.store.models_consent import (
 from gateway.store.models_exchange import InboxEntry
 
 __all__ = [
+    "ConsentStateCache",
+    "check_consent_states",
     "list_consents",
     "load_consent_states",
+    "state_cache",
 ]
+
+
+_GENERATION_SQL = (
+    f"SELECT generation FROM {ConsentGenerationRow.__tablename__} "  # noqa: S608 - constants
+    f"WHERE id = {CONSENT_GENERATION_ID}"
+)
+_STATES_SQL = (
+    "SELECT i.bundle_id, g.consent_id, g.document, r.revoked_at,"
+    " (SELECT count(*) FROM consent_use u WHERE u.consent_id = g.consent_id),"
+    " (SELECT count(*) FROM inbox x WHERE x.bundle_id = g.bundle_id"
+    " AND x.sender = g.granting_node AND x.suspect_since IS NOT NULL)"
+    " FROM consent_grant_item i"
+    " JOIN consent_grant g ON g.consent_id = i.consent_id"
+    " LEFT OUTER JOIN consent_revocation r ON r.consent_id = g.consent_id"
+    " WHERE g.direction = {mark} AND i.bundle_id IN ({marks})"
+)
+"""Every received consent naming one of the asked bundles, with what its state needs."""
+_MAX_ASK = 1000
+"""Bundle ids per statement (well below both engines' parameter limits)."""
+
+
+def _stored_time(value: Any) -> datetime | None:
+    """A stored time as the driver returned it (SQLite: text; PostgreSQL: aware), in UTC."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        moment = parse_stored_utc(value)
+        if moment is None:
+            raise StorageError("a stored revocation time is not a time")
+        return moment
+    if isinstance(value, datetime):
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    raise StorageError("a stored revocation time is not a time")
+
+
+class ConsentStateCache:
+    """Consent states of one database, valid for one value of its consent generation.
+
+    Two levels, both guarded by one lock (the local API's worker threads
+    share a node's cache):
+
+    * the parsed grant of each consent id, with the exact stored bytes it was
+      read from. Signed documents never change, so a parse is reused for as
+      long as the row holds the same bytes, across generations;
+    * the states naming each bundle id (grant, revocation, uses, suspect
+      mark), kept only while the database's generation equals
+      :attr:`generation`. The triggers of migration ``0016_consent_generation``
+      raise it in the same transaction as every grant, revocation, use or
+      suspect mark, by any connection or process, so a check that reads a
+      new value drops them all and reads again.
+
+    Bounded: past :data:`MAX_BUNDLES` bundles or :data:`MAX_GRANTS` parsed
+    grants a level starts empty again.
+    """
+
+    MAX_BUNDLES = 200_000
+    MAX_GRANTS = 200_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.generation: int | None = None
+        self._by_bundle: dict[str, tuple[ConsentState, ...]] = {}
+        self._grants: dict[str, tuple[bytes, ConsentGrant]] = {}
+
+    def states(
+        self, generation: int, bundle_ids: Sequence[str]
+    ) -> dict[str, tuple[ConsentState, ...]]:
+        """The cached states of those of ``bundle_ids`` known at ``generation``."""
+        with self._lock:
+            if generation != self.generation:
+                self._by_bundle.clear()
+                self.generation = generation
+                return {}
+            known = self._by_bundle
+            return {b: known[b] for b in bundle_ids if b in known}
+
+    def store(self, generation: int, found: dict[str, tuple[ConsentState, ...]]) -> None:
+        """Keep ``found`` (read at ``generation``) unless the generation has moved since."""
+        with self._lock:
+            if generation != self.generation:
+                return
+            if len(self._by_bundle) + len(found) > self.MAX_BUNDLES:
+                self._by_bundle.clear()
+            self._by_bundle.update(found)
+
+    def grant(self, consent_id: str, document: bytes) -> ConsentGrant:
+        """The grant ``document`` holds, parsed once per consent id and stored bytes.
+
+        Raises :class:`StorageError` when the document names another consent,
+        :class:`~gateway.errors.InvalidInput` when it is not a grant.
+        """
+        with self._lock:
+            held = self._grants.get(consent_id)
+        if held is not None and held[0] == document:
+            return held[1]
+        written = ConsentGrant.from_document(_parse_document(document))
+        if written.consent_id != consent_id:
+            raise StorageError(f"stored consent {consent_id} holds another consent's document")
+        with self._lock:
+            if len(self._grants) >= self.MAX_GRANTS:
+                self._grants.clear()
+            self._grants[consent_id] = (document, written)
+        return written
+
+
+def _parse_document(document: bytes) -> Any:
+    """A stored grant document: the canonical fast path, else the bounded parser.
+
+    Both accept the same documents; the bounded parser names what is wrong.
+    """
+    try:
+        return parse_canonical(document, max_bytes=MAX_GRANT_BYTES)
+    except InvalidInput:
+        return parse_bounded_json(document, max_bytes=MAX_GRANT_BYTES)
+
+
+_CACHES: weakref.WeakKeyDictionary[Engine, ConsentStateCache] = weakref.WeakKeyDictionary()
+_CACHES_LOCK = threading.Lock()
+
+
+def state_cache(engine: Engine) -> ConsentStateCache:
+    """The consent state cache of the database behind ``engine`` (one per engine)."""
+    with _CACHES_LOCK:
+        cache = _CACHES.get(engine)
+        if cache is None:
+            cache = _CACHES[engine] = ConsentStateCache()
+        return cache
+
+
+def _read_states(
+    cursor: Any, cache: ConsentStateCache, bundle_ids: Sequence[str], mark: str
+) -> dict[str, tuple[ConsentState, ...]]:
+    """Every asked bundle id -> the received consents naming it, read in ``cursor``'s transaction."""
+    naming: dict[str, list[ConsentState]] = {b: [] for b in bundle_ids}
+    states: dict[str, ConsentState] = {}
+    for start in range(0, len(bundle_ids), _MAX_ASK):
+        chunk = list(bundle_ids[start : start + _MAX_ASK])
+        sql = _STATES_SQL.format(mark=mark, marks=", ".join([mark] * len(chunk)))
+        cursor.execute(sql, [Direction.RECEIVED, *chunk])
+        for bundle_id, consent_id, document, revoked_at, uses, marked in cursor.fetchall():
+            state = states.get(consent_id)
+            if state is None:
+                state = states[consent_id] = ConsentState(
+                    cache.grant(consent_id, bytes(document)),
+                    revoked_at=_stored_time(revoked_at),
+                    uses_spent=int(uses or 0),
+                    suspect=bool(marked),
+                )
+            naming[bundle_id].append(state)
+    return {b: tuple(found) for b, found in naming.items()}
+
+
+def _consent_states(
+    driver: Any,
+    cache: ConsentStateCache,
+    bundle_ids: Sequence[str],
+    mark: str,
+    *,
+    cached_states: bool,
+) -> list[ConsentState]:
+    asked = list(dict.fromkeys(bundle_ids))
+    cursor = driver.cursor()
+    try:
+        if cached_states:
+            # The generation first: rows read after it are at least as new, so what
+            # is kept under it is never older than it says (PostgreSQL reads each
+            # statement at its own snapshot; SQLite's read transaction has one).
+            cursor.execute(_GENERATION_SQL)
+            row = cursor.fetchone()
+            if row is None:
+                raise StorageError(
+                    "the consent generation row is missing: run `gateway db upgrade`"
+                )
+            generation = int(row[0])
+            known = cache.states(generation, asked)
+            missing = [b for b in asked if b not in known]
+            if missing:
+                found = _read_states(cursor, cache, missing, mark)
+                cache.store(generation, found)
+                known.update(found)
+        else:
+            known = _read_states(cursor, cache, asked, mark)
+    finally:
+        cursor.close()
+    by_id = {state.consent_id: state for b in asked for state in known[b]}
+    return [by_id[consent_id] for consent_id in sorted(by_id)]
+
+
+def _mark(dialect: str) -> str:
+    return "%s" if dialect == "postgresql" else "?"
 
 
 def load_consent_states(session: Session, bundle_ids: Sequence[str]) -> list[ConsentState]:
@@ -45,64 +244,41 @@ def load_consent_states(session: Session, bundle_ids: Sequence[str]) -> list[Con
     A grant whose bundle this node marked suspect (docs/keys.md, "Revocation
     with a time") comes back with ``suspect`` set, and authorises nothing.
 
-    One query: read from the signed documents as received (the lookup columns
-    only find them); revocations and uses as committed at the time of the call.
+    Read in the session's transaction, one statement on the driver's
+    connection, never from the cached states: this is the decision taken
+    under the ledger lock and recorded, and the session may itself have just
+    applied a revocation (on PostgreSQL the generation moves only at commit).
+    Grants come from the signed documents as received (the lookup columns
+    only find them), parsed once per consent id and stored bytes;
+    revocations, uses and suspect marks as the transaction sees them. Sorted
+    by consent id. Raises :class:`StorageError` for a document that names
+    another consent.
     """
-    naming = (
-        select(ConsentGrantItem.consent_id)
-        .where(ConsentGrantItem.bundle_id.in_(bundle_ids))
-        .scalar_subquery()
+    bind = session.get_bind()
+    engine = bind.engine if isinstance(bind, Connection) else bind
+    driver: Any = session.connection().connection.driver_connection
+    return _consent_states(
+        driver, state_cache(engine), bundle_ids, _mark(engine.dialect.name), cached_states=False
     )
-    spent = (
-        select(func.count())
-        .select_from(ConsentUse)
-        .where(ConsentUse.consent_id == ConsentGrantRecord.consent_id)
-        .scalar_subquery()
-    )
-    suspect = (
-        select(func.count())
-        .select_from(InboxEntry)
-        .where(
-            InboxEntry.bundle_id == ConsentGrantRecord.bundle_id,
-            InboxEntry.sender == ConsentGrantRecord.granting_node,
-            InboxEntry.suspect_since.is_not(None),
+
+
+def check_consent_states(db: Database, bundle_ids: Sequence[str]) -> list[ConsentState]:
+    """The states :func:`load_consent_states` returns, in a read transaction of its own.
+
+    For a check that records nothing (the first look before decrypting; a
+    decision that is recorded is taken again under the ledger lock):
+    :meth:`Database.read_connection` (no write lock), the consent generation
+    read first, and the states of bundles already read at that generation
+    served from :class:`ConsentStateCache`. A grant, revocation, use or
+    suspect mark committed by any connection or process before the call has
+    moved the generation, so it is always seen. Raises :class:`StorageError`
+    as :func:`load_consent_states` does, and for a database without
+    migration ``0016_consent_generation``.
+    """
+    with db.read_connection() as driver:
+        return _consent_states(
+            driver, state_cache(db.engine), bundle_ids, _mark(db.dialect), cached_states=True
         )
-        .scalar_subquery()
-    )
-    rows = session.execute(
-        select(
-            ConsentGrantRecord.consent_id,
-            ConsentGrantRecord.document,
-            ConsentRevocationRecord.revoked_at,
-            spent,
-            suspect,
-        )
-        .outerjoin(
-            ConsentRevocationRecord,
-            ConsentRevocationRecord.consent_id == ConsentGrantRecord.consent_id,
-        )
-        .where(
-            ConsentGrantRecord.consent_id.in_(naming),
-            ConsentGrantRecord.direction == Direction.RECEIVED,
-        )
-        .order_by(ConsentGrantRecord.consent_id)
-    ).all()
-    states: list[ConsentState] = []
-    for consent_id, document, revoked_at, uses, marked in rows:
-        written = ConsentGrant.from_document(
-            parse_bounded_json(bytes(document), max_bytes=MAX_GRANT_BYTES)
-        )
-        if written.consent_id != consent_id:
-            raise StorageError(f"stored consent {consent_id} holds another consent's document")
-        states.append(
-            ConsentState(
-                written,
-                revoked_at=revoked_at,
-                uses_spent=int(uses or 0),
-                suspect=bool(marked),
-            )
-        )
-    return states
 
 
 def list_consents(node: Node, keyring: NodeKeyring | None, *, now: datetime) -> dict[str, Any]:

@@ -1,0 +1,310 @@
+"""The consent generation and the cached consent states (migration 0016).
+
+A consent check (:func:`check_consent_states`) serves states cached under the
+database's consent generation; the database raises the generation in the
+transaction of every grant, revocation, use or suspect mark. These tests
+write through other connections and another process, on both engines, and
+check that the very next check sees it, and that the cache never answers for
+a generation other than the one it was filled at.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import nacl.signing
+import pytest
+from sqlalchemy import select, text, update
+
+from gateway.core.consent import (
+    ConsentGrant,
+    DisclosureItem,
+    Missing,
+    consent_problem,
+    decide_disclosure,
+    sign_grant,
+)
+from gateway.errors import StorageError
+from gateway.node.consent.queries import (
+    ConsentStateCache,
+    check_consent_states,
+    load_consent_states,
+    state_cache,
+)
+from gateway.store.db import Database, open_database
+from gateway.store.models import NodeRecord
+from gateway.store.models_consent import (
+    CONSENT_GENERATION_ID,
+    ConsentGenerationRow,
+    ConsentGrantItem,
+    ConsentGrantRecord,
+    ConsentRevocationRecord,
+    ConsentUse,
+    DisclosureRecord,
+)
+from gateway.store.models_exchange import InboxEntry
+
+T0 = datetime(2026, 11, 25, tzinfo=UTC)
+NOW = T0 + timedelta(days=1)
+RECIPIENT = "Embassy of Example"
+PURPOSE = "visa screening"
+KEY = nacl.signing.SigningKey(bytes(range(32)))
+
+
+@pytest.fixture
+def db(database_url: str) -> Iterator[Database]:
+    database = open_database(database_url)
+    database.upgrade()
+    with database.transaction() as session:
+        session.add(NodeRecord(node_id="jp", created_at=T0, software_version="test"))
+    yield database
+    database.dispose()
+
+
+def add_grant(db: Database, bundle_id: str, *, max_uses: int | None = None) -> str:
+    """A received grant from pk naming ``bundle_id``; returns its consent id."""
+    written = ConsentGrant(
+        consent_id=str(uuid.uuid4()),
+        request_id=str(uuid.uuid4()),
+        items=(bundle_id,),
+        third_party=RECIPIENT,
+        purpose=PURPOSE,
+        valid_from=T0,
+        valid_until=T0 + timedelta(days=30),
+        max_uses=max_uses,
+        conditions="",
+        granting_officer="bilal",
+        granting_node="pk",
+        key_id="k-test",
+    )
+    signed = sign_grant(written, lambda message: KEY.sign(message).signature)
+    with db.transaction() as session:
+        session.add(
+            ConsentGrantRecord(
+                consent_id=written.consent_id,
+                request_id=written.request_id,
+                direction="received",
+                granting_node="pk",
+                key_id="k-test",
+                document=signed.document,
+                signature=signed.signature,
+                third_party=RECIPIENT,
+                purpose=PURPOSE,
+                valid_from=written.valid_from,
+                valid_until=written.valid_until,
+                max_uses=max_uses,
+                bundle_id=str(uuid.uuid4()),
+                recorded_at=T0,
+                actor="system",
+            )
+        )
+        session.flush()
+        session.add(ConsentGrantItem(consent_id=written.consent_id, bundle_id=bundle_id))
+    return written.consent_id
+
+
+def generation(db: Database) -> int:
+    with db.transaction() as session:
+        return int(
+            session.scalar(
+                select(ConsentGenerationRow.generation).where(
+                    ConsentGenerationRow.id == CONSENT_GENERATION_ID
+                )
+            )
+            or 0
+        )
+
+
+def decide(db: Database, bundle_id: str) -> tuple[bool, list[Missing | None]]:
+    states = check_consent_states(db, [bundle_id])
+    decision = decide_disclosure(
+        [DisclosureItem(bundle_id, "pk", "confidential")],
+        RECIPIENT,
+        PURPOSE,
+        own_node="jp",
+        internal_recipients=(),
+        consents=states,
+        now=NOW,
+    )
+    problems = [consent_problem(s, recipient=RECIPIENT, purpose=PURPOSE, now=NOW) for s in states]
+    return decision.allowed, problems
+
+
+REVOKE_IN_ANOTHER_PROCESS = textwrap.dedent(
+    """
+    import sys
+    from datetime import UTC, datetime
+    from gateway.store.db import open_database
+    from gateway.store.models_consent import ConsentRevocationRecord
+    db = open_database(sys.argv[1])
+    with db.transaction() as session:
+        session.add(ConsentRevocationRecord(
+            consent_id=sys.argv[2], direction="received", reason="withdrawn",
+            revoking_officer="bilal", revoked_at=datetime(2026, 11, 25, 12, tzinfo=UTC),
+            bundle_id="revocation-bundle", actor="system"))
+    db.dispose()
+    """
+)
+
+
+def test_a_revocation_committed_by_another_process_refuses_the_very_next_check(
+    db: Database,
+) -> None:
+    bundle = str(uuid.uuid4())
+    consent_id = add_grant(db, bundle)
+    assert decide(db, bundle) == (True, [None])
+    assert decide(db, bundle) == (True, [None])  # served from the cache now
+    before = generation(db)
+    subprocess.run(
+        [sys.executable, "-c", REVOKE_IN_ANOTHER_PROCESS, db.url, consent_id],
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=120,
+    )
+    assert generation(db) > before
+    assert decide(db, bundle) == (False, [Missing.REVOKED])
+    (state,) = check_consent_states(db, [bundle])
+    assert state.revoked_at == datetime(2026, 11, 25, 12, tzinfo=UTC)
+
+
+def test_a_use_or_a_suspect_mark_from_another_connection_is_seen_by_the_next_check(
+    db: Database, database_url: str
+) -> None:
+    bundle = str(uuid.uuid4())
+    consent_id = add_grant(db, bundle, max_uses=1)
+    assert decide(db, bundle) == (True, [None])
+    other = open_database(database_url)  # its own engine and connections
+    try:
+        with other.transaction() as session:
+            session.add(
+                DisclosureRecord(
+                    disclosure_id="d-1", kind="disclosure-made", allowed=True,
+                    recipient=RECIPIENT, purpose=PURPOSE, items_json="[]", decision_json="{}",
+                    consent_id=consent_id, decided_at=NOW, actor="officer",
+                    ledger_seq=None, ledger_hash=None,
+                )
+            )  # fmt: skip
+            session.flush()
+            session.add(
+                ConsentUse(consent_id=consent_id, disclosure_id="d-1", used_at=NOW, actor="o")
+            )
+        assert decide(db, bundle) == (False, [Missing.USES_SPENT])
+
+        second = str(uuid.uuid4())
+        add_grant(other, second)
+        assert decide(db, second) == (True, [None])
+        with db.transaction() as session:
+            grant_bundle = session.scalar(
+                select(ConsentGrantRecord.bundle_id)
+                .join(ConsentGrantItem)
+                .where(ConsentGrantItem.bundle_id == second)
+            )
+        with other.transaction() as session:
+            session.add(
+                InboxEntry(
+                    sender="pk", bundle_id=grant_bundle, channel="consent", sequence=1,
+                    case_type="consent-grant", marking="confidential", reply_to=None,
+                    signing_key_id="k-test", created_at=T0, received_at=T0,
+                    envelope_sha256="ab" * 32, envelope_size=1, receipt=b"r",
+                    suspect_since=T0,
+                )
+            )  # fmt: skip
+        assert decide(db, second) == (False, [Missing.SUSPECT])
+    finally:
+        other.dispose()
+
+
+def test_the_generation_moves_only_with_what_a_check_reads(db: Database) -> None:
+    start = generation(db)
+    bundle = str(uuid.uuid4())
+    add_grant(db, bundle)
+    after_grant = generation(db)
+    assert after_grant > start
+    with db.transaction() as session:
+        session.add(NodeRecord(node_id="xx", created_at=T0, software_version="test"))
+    assert generation(db) == after_grant  # other tables do not move it
+    with db.transaction() as session:
+        session.execute(
+            update(ConsentGrantRecord)
+            .where(ConsentGrantRecord.consent_id.in_(select(ConsentGrantItem.consent_id)))
+            .values(actor="someone else")
+        )
+    assert generation(db) > after_grant
+
+
+def test_a_revocation_applied_in_the_deciding_transaction_is_seen_by_it(db: Database) -> None:
+    """The recorded decision reads its own transaction, never the cached states."""
+    bundle = str(uuid.uuid4())
+    consent_id = add_grant(db, bundle)
+    assert decide(db, bundle) == (True, [None])  # cached now
+    with db.transaction() as session:
+        session.add(
+            ConsentRevocationRecord(
+                consent_id=consent_id, direction="received", reason="withdrawn",
+                revoking_officer="bilal", revoked_at=T0, bundle_id="r", actor="system",
+            )
+        )  # fmt: skip
+        session.flush()
+        (state,) = load_consent_states(session, [bundle])
+        assert state.revoked_at == T0
+        session.rollback()
+    assert decide(db, bundle) == (True, [None])  # rolled back: still granted
+
+
+def test_the_cache_never_serves_states_after_the_generation_moved(db: Database) -> None:
+    bundle = str(uuid.uuid4())
+    add_grant(db, bundle)
+    cache = state_cache(db.engine)
+    (first,) = check_consent_states(db, [bundle])
+    held = cache.generation
+    assert held == generation(db)
+    assert cache.states(held, [bundle]) == {bundle: (first,)}
+    (again,) = check_consent_states(db, [bundle])
+    assert again is first  # the same generation: the cached state itself
+
+    # Move the generation by hand, as a writer elsewhere would: the next check reads again.
+    with db.transaction() as session:
+        session.execute(
+            text("UPDATE consent_generation SET generation = generation + 1 WHERE id = 1")
+        )
+    (fresh,) = check_consent_states(db, [bundle])
+    assert fresh is not first
+    assert fresh == first  # nothing else changed
+    assert cache.generation == held + 1
+    # The same grant document is not parsed again across generations.
+    assert fresh.grant is first.grant
+
+
+def test_states_read_at_an_old_generation_are_not_kept_after_it_moved() -> None:
+    cache = ConsentStateCache()
+    assert cache.states(5, ["b"]) == {}
+    cache.store(5, {"b": ()})
+    assert cache.states(5, ["b"]) == {"b": ()}
+    assert cache.states(6, ["b"]) == {}  # moved: everything dropped
+    cache.store(5, {"b": ()})  # a reader that started before the move
+    assert cache.states(6, ["b"]) == {}
+    assert cache.states(5, ["b"]) == {}  # and an older generation is not served either
+
+
+def test_a_stored_document_naming_another_consent_is_refused(db: Database) -> None:
+    bundle = str(uuid.uuid4())
+    consent_id = add_grant(db, bundle)
+    other_bundle = str(uuid.uuid4())
+    other_id = add_grant(db, other_bundle)
+    with db.transaction() as session:
+        document = session.scalar(
+            select(ConsentGrantRecord.document).where(ConsentGrantRecord.consent_id == other_id)
+        )
+        session.execute(
+            update(ConsentGrantRecord)
+            .where(ConsentGrantRecord.consent_id == consent_id)
+            .values(document=document)
+        )
+    with pytest.raises(StorageError, match="another consent's document"):
+        check_consent_states(db, [bundle])
