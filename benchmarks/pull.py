@@ -35,6 +35,7 @@ from sqlalchemy import func, select
 from gateway import log
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
+from gateway.node.context import NodeContext
 from gateway.node.outbox import deliver_once, send_case
 from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node, utc_now
@@ -94,7 +95,7 @@ async def pull(puller: Node, keyring: NodeKeyring, host: Node) -> float:
     start = time.perf_counter()
     async with PeerClient(puller.settings, keyring) as client:
         while await asyncio.to_thread(queued, host):
-            report = await pull_once(puller, keyring, client, wait=0.0)
+            report = await pull_once(NodeContext(puller, keyring), client, wait=0.0)
             if report.refused:
                 raise RuntimeError(f"pull refused: {report.refused}")
     return time.perf_counter() - start

@@ -32,6 +32,7 @@ from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import queries as consent_queries
 from gateway.node.consent import receive as consent_receive
+from gateway.node.context import NodeContext
 from gateway.node.inbox import receive_envelope
 from gateway.node.ledger import read as ledger_read
 from gateway.node.outbox import send_case, send_protocol_bundle
@@ -629,7 +630,9 @@ def test_peer_server_applies_consent_bundles_as_they_arrive(pair: Pair) -> None:
     asked = consent_protocol.request_consent(
         pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
     )
-    jp_services = node_services(pair.jp.node, pair.jp.keyring, skew=timedelta(minutes=5))
+    jp_services = node_services(
+        NodeContext(pair.jp.node, pair.jp.keyring), skew=timedelta(minutes=5)
+    )
     jp_services.receive_envelope(outbox_envelope(pair.pk, asked.bundle_id), now=NOW)
     assert [e.bundle_id for e in entries(pair.jp, "consent-requested")] == [asked.bundle_id]
     granted = consent_protocol.grant(
@@ -642,7 +645,9 @@ def test_peer_server_applies_consent_bundles_as_they_arrive(pair: Pair) -> None:
         conditions="",
         now=NOW,
     )
-    pk_services = node_services(pair.pk.node, pair.pk.keyring, skew=timedelta(minutes=5))
+    pk_services = node_services(
+        NodeContext(pair.pk.node, pair.pk.keyring), skew=timedelta(minutes=5)
+    )
     pk_services.receive_envelope(outbox_envelope(pair.jp, granted.bundle_id), now=NOW)
     (recorded,) = entries(pair.pk, "consent-granted")
     assert (recorded.consent_id, recorded.actor_name) == (granted.consent_id, "system")

@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from gateway.errors import GatewayError
 from gateway.node.bundles import seal_to_file
 from gateway.node.consent import disclosure as consent_disclosure
+from gateway.node.context import NodeContext
 from gateway.node.inbox import read_bundle
 from gateway.node.outbox import send_case
 from gateway.node.peer_trust import pinned_peer_manifest
@@ -221,7 +222,7 @@ def test_replies_to_nothing_are_refused_by_the_receiving_peer(
     ids["request"] = exchanged["own_request"]
     ids["own_request"] = exchanged["request"]
     pair.pk.receive_from(pair.jp, exchanged["own_request"])
-    services = node_services(pair.pk.node, pair.pk.keyring, skew=timedelta(minutes=5))
+    services = node_services(NodeContext(pair.pk.node, pair.pk.keyring), skew=timedelta(minutes=5))
     wrong: dict[str, str] = {}
     for name, case_type, request, reply_to in REFUSED_AT_RECEIVE:
         case = _case_for(case_type, _resolve(request, ids))
@@ -247,7 +248,7 @@ def test_replies_to_nothing_a_stored_reply_contradicting_itself_is_never_shown(
     pair.pk.receive_from(pair.jp, exchanged["own_request"])
     case = _reply(exchanged["case"])  # the case names another bundle than reply_to
     path = _hand_sealed(pair.jp, tmp_path, "information-reply", case, exchanged["request"])
-    services = node_services(pair.pk.node, pair.pk.keyring, skew=timedelta(minutes=5))
+    services = node_services(NodeContext(pair.pk.node, pair.pk.keyring), skew=timedelta(minutes=5))
     services.receive_envelope(path, now=utc_now())
     with pair.pk.node.db.transaction() as session:
         bundle = session.scalars(

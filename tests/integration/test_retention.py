@@ -35,6 +35,7 @@ from gateway.node import inbox, ledger, retention
 from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import receive as consent_receive
+from gateway.node.context import NodeContext
 from gateway.node.housekeeping import enforce_retention
 from gateway.node.inbox import EquivocationRefused, read_bundle, receive_envelope
 from gateway.node.ledger import checkpoint as ledger_checkpoint
@@ -258,7 +259,7 @@ def api_get(side: Side, token: str, path: str) -> tuple[int, Any]:
     """One GET on the node's real local API application, served on loopback."""
 
     async def go() -> tuple[int, Any]:
-        app = create_api_app(side.node, lambda: side.keyring)
+        app = create_api_app(NodeContext(side.node, lambda: side.keyring))
         runner = aiohttp.web.AppRunner(app, access_log=None)
         await runner.setup()
         site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
