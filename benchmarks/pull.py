@@ -67,7 +67,7 @@ def queue(node: Node, keyring: NodeKeyring, count: int) -> None:
     case = case_of_about_4k()
     for _ in range(count):
         send_case(
-            node, keyring, OFFICER, "exam-fraud", case, [],
+            NodeContext(node, keyring), OFFICER, "exam-fraud", case, [],
             public=False, reply_to=None, now=utc_now(),
         )  # fmt: skip
 
@@ -85,7 +85,7 @@ def queued(node: Node) -> int:
 async def push(node: Node, keyring: NodeKeyring) -> float:
     start = time.perf_counter()
     async with PeerClient(node.settings, keyring) as client:
-        report = await deliver_once(node, keyring, client, now_fn=utc_now)
+        report = await deliver_once(NodeContext(node, keyring), client, now_fn=utc_now)
     if report.remaining or report.refused or report.retry_later:
         raise RuntimeError(f"push incomplete: {report}")
     return time.perf_counter() - start

@@ -1021,7 +1021,7 @@ def node_services(ctx: NodeContext, *, skew: timedelta) -> PeerServices:
 
     def receive(path: Path, *, now: datetime) -> bytes:
         try:
-            receipt = receive_envelope(node, ctx.keyring, path, now=now)
+            receipt = receive_envelope(ctx, path, now=now)
         except VerificationError as exc:
             node.metrics.envelope_refused(exc.check)
             raise
@@ -1030,7 +1030,7 @@ def node_services(ctx: NodeContext, *, skew: timedelta) -> PeerServices:
             raise
         node.metrics.envelopes_received.inc()
         try:
-            apply_pending(node, ctx.keyring, now=now)
+            apply_pending(ctx, now=now)
         except GatewayError as exc:  # the receipt stands; applied before the next decision
             _log.warning("consent_apply_deferred", error=type(exc).__name__, reason=exc.reason)
         return receipt
@@ -1038,7 +1038,7 @@ def node_services(ctx: NodeContext, *, skew: timedelta) -> PeerServices:
     def receive_many(
         envelopes: Sequence[SpooledEnvelope], *, now: datetime
     ) -> Sequence[ReceiveOutcome]:
-        outcomes = receive_batch(node, ctx.keyring, envelopes, now=now)
+        outcomes = receive_batch(ctx, envelopes, now=now)
         for outcome in outcomes:
             error = outcome.error
             if error is None:

@@ -288,7 +288,6 @@ class Service:
         self, client: PeerClient | None
     ) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
         ctx, stop, server = self.ctx, self._stop, self.settings.server
-        node, keyring = ctx.node, ctx.keyring
         workers: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
         if client is not None:
             shared = client
@@ -299,15 +298,15 @@ class Service:
                 yield shared
 
             factory: Callable[[], AbstractAsyncContextManager[Any]] = shared_client
-            workers["sender"] = lambda: run_sender(node, keyring, factory, stop)
+            workers["sender"] = lambda: run_sender(ctx, factory, stop)
             if server.peer_mode == "pull":
                 workers["puller"] = lambda: run_puller(ctx, factory, stop)
         workers["checkpoints"] = lambda: publish_checkpoints(
             ctx, client, stop, interval=server.checkpoint_interval_seconds
         )
-        workers["key-watch"] = lambda: watch_own_keys(node, keyring, stop, self._on_keys_changed)
+        workers["key-watch"] = lambda: watch_own_keys(ctx, stop, self._on_keys_changed)
         workers["retention"] = lambda: enforce_retention(
-            node, stop, interval=server.retention_interval_seconds
+            ctx.node, stop, interval=server.retention_interval_seconds
         )
         return workers
 

@@ -42,7 +42,7 @@ async def publish_checkpoints(
     while not stop.is_set():
         delay = interval
         try:
-            signed = await asyncio.to_thread(checkpoint_once, node, ctx.keyring, now=clock())
+            signed = await asyncio.to_thread(checkpoint_once, ctx, now=clock())
             if signed is not None and client is not None and signed.checkpoint.size != sent_size:
                 if await asyncio.to_thread(manifests_pending, node):
                     if not held_back:

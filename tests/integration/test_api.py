@@ -713,7 +713,7 @@ def exchange_pair(
 
         run_api(jp, send)
         envelope = envelope_path(jp.node.settings.blob_dir, sent["envelope_sha256"])
-        receive_envelope(pk.node, pk.keyring(), envelope, now=utc_now())
+        receive_envelope(NodeContext(pk.node, pk.keyring()), envelope, now=utc_now())
         # User commands are clients of the running nodes: serve both local APIs.
         with running_api(jp.node, jp.keyring), running_api(pk.node, pk.keyring):
             yield jp, pk, str(sent["bundle_id"])
@@ -734,7 +734,7 @@ def test_the_outbox_route_shows_attempts_last_error_and_next_attempt_of_a_failed
     async def failing_pass() -> None:
         url = f"http://127.0.0.1:{port}"
         async with PeerClient(jp.node.settings, jp.keyring(), peer_url=url) as client:
-            await deliver_once(jp.node, jp.keyring(), client)
+            await deliver_once(NodeContext(jp.node, jp.keyring()), client)
 
     with pytest.raises(PeerUnreachable) as caught:
         asyncio.run(failing_pass())
@@ -958,8 +958,7 @@ def test_compliance_audits_the_peer_through_the_api_over_a_real_peer_server(
             session, witnessed.to_wire(), pinned, peer_node="pk", now=utc_now()
         )
     read_bundle(
-        pk.node,
-        pk.keyring(),
+        NodeContext(pk.node, pk.keyring()),
         Actor("officer", Role.OFFICER),
         bundle_id,
         out_dir=None,

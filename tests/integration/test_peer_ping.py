@@ -124,8 +124,7 @@ def _ping(
     limits = aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5, sock_read=10)
     return asyncio.run(
         ping_peer(
-            side.node,
-            side.keyring,
+            NodeContext(side.node, side.keyring),
             settings=settings,
             clock=clock or (lambda: datetime.now(UTC)),
             limits=limits,
@@ -312,8 +311,7 @@ def test_sync_names_the_cause_and_debug_shows_the_chained_exception(
     case = json.loads((REPO / "docs" / "examples" / "exam-fraud.json").read_text())
     officer = Actor(name="tanaka", role=Role.OFFICER)
     send_case(
-        jp.node,
-        jp.keyring,
+        NodeContext(jp.node, jp.keyring),
         officer,
         "exam-fraud",
         case,

@@ -122,7 +122,7 @@ def _pull(pk: Side, url: str, *, wait: float = 0.0) -> PullReport:
 def _send(jp: Side, count: int) -> list[str]:
     return [
         send_case(
-            jp.node, jp.keyring, ADMIN, "exam-fraud", example("exam-fraud"), [],
+            NodeContext(jp.node, jp.keyring), ADMIN, "exam-fraud", example("exam-fraud"), [],
             public=False, reply_to=None, now=datetime.now(UTC),
         ).bundle_id
         for _ in range(count)

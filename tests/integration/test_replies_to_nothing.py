@@ -49,8 +49,7 @@ def _count(side: Side, table: Any) -> int:
 
 def _send(side: Side, case_type: str, case: dict[str, Any], reply_to: str | None) -> str:
     return send_case(
-        side.node,
-        side.keyring,
+        NodeContext(side.node, side.keyring),
         side.officer,
         case_type,
         case,
@@ -256,7 +255,7 @@ def test_replies_to_nothing_a_stored_reply_contradicting_itself_is_never_shown(
         ).one()
     outcomes: dict[str, str] = {}
     try:
-        read_bundle(pair.pk.node, pair.pk.keyring, pair.pk.officer, bundle, out_dir=None,
+        read_bundle(NodeContext(pair.pk.node, pair.pk.keyring), pair.pk.officer, bundle, out_dir=None,
                     now=utc_now())  # fmt: skip
         outcomes["core read_bundle"] = "shown"
     except GatewayError as exc:
@@ -266,7 +265,7 @@ def test_replies_to_nothing_a_stored_reply_contradicting_itself_is_never_shown(
     (answer,) = pair.pk.api([("GET", f"/api/v1/bundles/{bundle}", None)])
     outcomes["API GET /api/v1/bundles/{id}"] = str(answer.status)
     try:
-        consent_disclosure.disclose(pair.pk.node, pair.pk.keyring, pair.pk.officer, [bundle], "beoe",
+        consent_disclosure.disclose(NodeContext(pair.pk.node, pair.pk.keyring), pair.pk.officer, [bundle], "beoe",
                          "review", tmp_path / "out", now=utc_now())  # fmt: skip
         outcomes["core disclose"] = "disclosed"
     except GatewayError as exc:

@@ -61,8 +61,7 @@ def test_delivery_resumes_within_seconds_after_an_outage_with_a_hundred_queued(
     def queue_all() -> list[str]:
         return [
             send_case(
-                jp.node,
-                jp.keyring,
+                NodeContext(jp.node, jp.keyring),
                 jp.officer,
                 "exam-fraud",
                 example("exam-fraud"),
@@ -76,7 +75,9 @@ def test_delivery_resumes_within_seconds_after_an_outage_with_a_hundred_queued(
 
     async def scenario() -> tuple[list[str], float, float]:
         stop = asyncio.Event()
-        worker = asyncio.create_task(run_sender(jp.node, jp.keyring, client_factory, stop))
+        worker = asyncio.create_task(
+            run_sender(NodeContext(jp.node, jp.keyring), client_factory, stop)
+        )
         sent = await asyncio.to_thread(queue_all)  # every send wakes the worker
         await asyncio.sleep(3.0)  # the outage goes on after the last send
         limits = limits_from_policy(load_policy(pk.node.settings).limits)
