@@ -31,11 +31,11 @@ from gateway.core.envelope import seal
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
 from gateway.errors import StorageError
-from gateway.node import inbox, ledger, retention
+from gateway.node import ledger, retention
 from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import receive as consent_receive
-from gateway.node.context import NodeContext
+from gateway.node.context import NodeContext, PolicyCache
 from gateway.node.housekeeping import enforce_retention
 from gateway.node.inbox import EquivocationRefused, read_bundle, receive_envelope
 from gateway.node.ledger import checkpoint as ledger_checkpoint
@@ -641,8 +641,8 @@ def test_a_read_overtaken_by_a_purge_says_purged(
         return step
 
     if reader == "show":
-        # read_bundle loads the policy between its look-up and opening the envelope.
-        monkeypatch.setattr(inbox, "load_policy", purge_first(inbox.load_policy))
+        # read_bundle reads the policy (ctx.policy) between its look-up and opening the envelope.
+        monkeypatch.setattr(PolicyCache, "get", purge_first(PolicyCache.get))
         with pytest.raises(retention.BundlePurged, match="purged on"):
             read_bundle(
                 NodeContext(pair.pk.node, pair.pk.keyring),
