@@ -35,6 +35,7 @@ from sqlalchemy import func, select
 from gateway import log
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
+from gateway.node.context import NodeContext
 from gateway.node.outbox import deliver_once, send_case
 from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node, utc_now
@@ -66,7 +67,7 @@ def queue(node: Node, keyring: NodeKeyring, count: int) -> None:
     case = case_of_about_4k()
     for _ in range(count):
         send_case(
-            node, keyring, OFFICER, "exam-fraud", case, [],
+            NodeContext(node, keyring), OFFICER, "exam-fraud", case, [],
             public=False, reply_to=None, now=utc_now(),
         )  # fmt: skip
 
@@ -84,7 +85,7 @@ def queued(node: Node) -> int:
 async def push(node: Node, keyring: NodeKeyring) -> float:
     start = time.perf_counter()
     async with PeerClient(node.settings, keyring) as client:
-        report = await deliver_once(node, keyring, client, now_fn=utc_now)
+        report = await deliver_once(NodeContext(node, keyring), client, now_fn=utc_now)
     if report.remaining or report.refused or report.retry_later:
         raise RuntimeError(f"push incomplete: {report}")
     return time.perf_counter() - start
@@ -94,7 +95,7 @@ async def pull(puller: Node, keyring: NodeKeyring, host: Node) -> float:
     start = time.perf_counter()
     async with PeerClient(puller.settings, keyring) as client:
         while await asyncio.to_thread(queued, host):
-            report = await pull_once(puller, keyring, client, wait=0.0)
+            report = await pull_once(NodeContext(puller, keyring), client, wait=0.0)
             if report.refused:
                 raise RuntimeError(f"pull refused: {report.refused}")
     return time.perf_counter() - start

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sqlalchemy import insert, text
 
+from gateway.node.context import NodeContext
 from gateway.node.inbox import receive_envelope
 from gateway.node.outbox import send_case
 from gateway.node.runtime import utc_now
@@ -93,8 +94,7 @@ def drop_hot_indexes(side: Side) -> None:
 
 def envelope_for(pair: Pair, case: dict[str, Any]) -> Path:
     sent = send_case(
-        pair.jp.node,
-        pair.jp.keyring,
+        NodeContext(pair.jp.node, pair.jp.keyring),
         pair.jp.officer,
         "exam-fraud",
         case,
@@ -152,7 +152,9 @@ def main() -> None:
                 for index, pair in enumerate(pairs):
                     path = envelope_for(pair, case)
                     begin = time.perf_counter()
-                    receive_envelope(pair.pk.node, pair.pk.keyring, path, now=utc_now())
+                    receive_envelope(
+                        NodeContext(pair.pk.node, pair.pk.keyring), path, now=utc_now()
+                    )
                     times[index].append(time.perf_counter() - begin)
         finally:
             for context in contexts:

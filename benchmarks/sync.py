@@ -42,6 +42,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.core.roles import Actor, Role
+from gateway.node.context import NodeContext
 from gateway.node.outbox import deliver_once, send_case
 from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node, utc_now
@@ -217,7 +218,7 @@ async def bare_post(url: str, path: Path) -> float:
 async def deliver(node: Node, keyring: Any) -> tuple[float, int]:
     start = time.perf_counter()
     async with PeerClient(node.settings, keyring) as client:
-        report = await deliver_once(node, keyring, client, now_fn=utc_now)
+        report = await deliver_once(NodeContext(node, keyring), client, now_fn=utc_now)
     if report.remaining or report.refused or report.retry_later:
         raise RuntimeError(f"delivery incomplete: {report}")
     return time.perf_counter() - start, len(report.delivered)
@@ -226,7 +227,7 @@ async def deliver(node: Node, keyring: Any) -> tuple[float, int]:
 def queue(node: Node, keyring: Any, count: int, attachments: list[Path]) -> list[Path]:
     case = case_of_about_4k()
     sent = [
-        send_case(node, keyring, OFFICER, "exam-fraud", case, attachments,
+        send_case(NodeContext(node, keyring), OFFICER, "exam-fraud", case, attachments,
                   public=False, reply_to=None, now=utc_now())
         for _ in range(count)
     ]  # fmt: skip

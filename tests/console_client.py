@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway.api.app import create_api_app
+from gateway.node.context import NodeContext
 from tests.exchange_pair import Side
 
 __all__ = ["Browser", "Page", "serve_console"]
@@ -39,7 +40,7 @@ class Page:
 
 @asynccontextmanager
 async def serve_console(side: Side) -> AsyncIterator[str]:
-    app = create_api_app(side.node, lambda: side.keyring)
+    app = create_api_app(NodeContext(side.node, lambda: side.keyring))
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

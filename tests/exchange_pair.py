@@ -29,6 +29,7 @@ from gateway.api.app import create_api_app
 from gateway.cli.main import cli
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
+from gateway.node.context import NodeContext
 from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user
@@ -105,7 +106,7 @@ class Side:
         answers: list[ApiAnswer] = []
 
         async def main() -> None:
-            app = create_api_app(self.node, lambda: self.keyring)
+            app = create_api_app(NodeContext(self.node, lambda: self.keyring))
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -142,7 +143,7 @@ class Side:
     def receive_from(self, sender: Side, bundle_id: str) -> bytes:
         """What the peer server does with one posted envelope: verify, store,
         receipt, then apply protocol bundles. Returns the receipt."""
-        services = node_services(self.node, self.keyring, skew=timedelta(minutes=5))
+        services = node_services(NodeContext(self.node, self.keyring), skew=timedelta(minutes=5))
         return services.receive_envelope(sender.envelope_of(bundle_id), now=utc_now())
 
 

@@ -32,6 +32,7 @@ import gateway.node.policy
 from gateway.api.app import create_api_app
 from gateway.core.keys import NodeKeyring
 from gateway.core.peer_auth import sign_request
+from gateway.node.context import NodeContext
 from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user
@@ -167,7 +168,7 @@ def api_call(
     """One request to ``side``'s local API served on a loopback socket."""
 
     async def main() -> ApiAnswer:
-        app = create_api_app(side.node, lambda: side.keyring)
+        app = create_api_app(NodeContext(side.node, lambda: side.keyring))
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -190,7 +191,7 @@ def api_call(
 def peer_server(side: Side) -> Iterator[ServerThread]:
     """``side``'s real peer application (with the ledger routes) on a loopback socket."""
     app = create_node_peer_app(
-        side.node, side.keyring, TEST_LIMITS, extra_routes=ledger_routes(side.node.db)
+        NodeContext(side.node, side.keyring), TEST_LIMITS, extra_routes=ledger_routes(side.node.db)
     )
     with ServerThread(app) as server:
         yield server

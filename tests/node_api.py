@@ -21,6 +21,7 @@ from aiohttp import web
 from gateway.api.app import create_api_app
 from gateway.api.unix_socket import start_unix_api
 from gateway.client.paths import api_socket_path
+from gateway.node.context import NodeContext
 
 __all__ = ["RunningApi", "running_api", "serve_node", "serving_home", "stop_all"]
 
@@ -43,7 +44,7 @@ class RunningApi:
         self._thread.start()
 
         async def up() -> None:
-            app = create_api_app(self.node, self._keyring_provider)
+            app = create_api_app(NodeContext(self.node, self._keyring_provider))
             self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await self._runner.setup()
             await start_unix_api(self._runner, self.node.settings.home)

@@ -42,7 +42,7 @@ from gateway.api import (
     routes_users,
 )
 from gateway.api.probes import METRICS_PATH, PROBE_PATHS, add_probe_routes, from_loopback
-from gateway.api.routes_common import DEFAULT_MAX_BODY, ApiRoute, Call, KeyringProvider
+from gateway.api.routes_common import DEFAULT_MAX_BODY, ApiRoute, Call
 from gateway.console import add_console, is_console_path
 from gateway.core.roles import ACTIONS, Actor, authorize_role
 from gateway.errors import (
@@ -53,13 +53,14 @@ from gateway.errors import (
     http_status_for,
 )
 from gateway.log import get_logger
+from gateway.node.context import NodeContext
 from gateway.node.runtime import Node
 from gateway.node.users import authenticate
 
 __all__ = [
     "ACTOR_KEY",
+    "CONTEXT_KEY",
     "EXECUTOR_KEY",
-    "KEYRING_KEY",
     "NODE_KEY",
     "PROBE_ROUTES",
     "REQUEST_ID_KEY",
@@ -68,8 +69,8 @@ __all__ = [
     "create_api_app",
 ]
 
+CONTEXT_KEY = web.AppKey("node_context", NodeContext)
 NODE_KEY = web.AppKey("node", Node)
-KEYRING_KEY: web.AppKey[KeyringProvider] = web.AppKey("keyring_provider")
 EXECUTOR_KEY = web.AppKey("executor", Executor)
 ROUTES_KEY = web.AppKey("routes", tuple[ApiRoute, ...])
 ACTOR_KEY = web.RequestKey("actor", Actor)
@@ -256,9 +257,8 @@ def _bind(route: ApiRoute) -> Callable[[web.Request], Awaitable[web.StreamRespon
             authorize_role(actor.role, route.action)
         call = Call(
             request=request,
-            node=request.app[NODE_KEY],
+            ctx=request.app[CONTEXT_KEY],
             actor=actor,
-            keyring_provider=request.app[KEYRING_KEY],
             executor=request.app[EXECUTOR_KEY],
             max_body=route.max_body,
         )
@@ -284,16 +284,17 @@ def _check_routes(routes: Iterable[ApiRoute]) -> tuple[ApiRoute, ...]:
 
 
 def create_api_app(
-    node: Node,
-    keyring_provider: KeyringProvider,
+    ctx: NodeContext,
     *,
     routes: Iterable[ApiRoute] | None = None,
     db_threads: int = _DB_THREADS,
 ) -> web.Application:
     """Build the local API application for an opened node.
 
-    ``keyring_provider`` gives the unlocked keyring to routes that seal or
-    open bundles. The caller owns ``node`` and closes it after the app stops;
+    ``ctx`` holds the node, its keyring (read per request, so the routes
+    that seal or open bundles use the node's current keys; a context without
+    keys serves every route that needs none), policy and clock. The caller
+    owns ``ctx.node`` and closes it after the app stops;
     the app owns its worker threads (opened and closed in ``cleanup_ctx``).
     """
     chosen = _check_routes(all_routes() if routes is None else routes)
@@ -301,8 +302,9 @@ def create_api_app(
     app = web.Application(
         middlewares=[_request_log, _errors, _authenticate], client_max_size=largest
     )
+    node = ctx.node
+    app[CONTEXT_KEY] = ctx
     app[NODE_KEY] = node
-    app[KEYRING_KEY] = keyring_provider
     app[ROUTES_KEY] = chosen
 
     async def threads(app: web.Application) -> AsyncIterator[None]:
@@ -315,6 +317,6 @@ def create_api_app(
     app.on_response_prepare.append(_common_headers)
     for route in chosen:
         app.router.add_route(route.method, route.path, _bind(route))
-    add_probe_routes(app, node, keyring_provider, lambda: app[EXECUTOR_KEY])
-    add_console(app, node, keyring_provider, lambda: app[EXECUTOR_KEY])
+    add_probe_routes(app, node, ctx.keyring_source(), lambda: app[EXECUTOR_KEY])
+    add_console(app, ctx, lambda: app[EXECUTOR_KEY])
     return app

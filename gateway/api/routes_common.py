@@ -24,6 +24,7 @@ from gateway.core.jsonable import to_jsonable
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor
 from gateway.errors import ClientDisconnected, InvalidInput, PolicyRefused
+from gateway.node.context import NodeContext
 from gateway.node.runtime import Node
 
 __all__ = [
@@ -57,11 +58,19 @@ class Call:
     """One authorized request, as a handler sees it."""
 
     request: web.Request
-    node: Node
+    ctx: NodeContext
     actor: Actor
-    keyring_provider: KeyringProvider
     executor: Executor
     max_body: int
+
+    @property
+    def node(self) -> Node:
+        return self.ctx.node
+
+    @property
+    def keyring_provider(self) -> KeyringProvider:
+        """Reads the node's current keyring (``ctx.keyring``) when called."""
+        return self.ctx.keyring_source()
 
     async def run(self, work: Callable[[], T]) -> T:
         """Run blocking work (database, files, crypto) off the event loop."""

@@ -64,10 +64,9 @@ async def consent_request(call: Call) -> web.StreamResponse:
     bundle_ids = _bundle_ids(body)
     recipient = require_str(body, "recipient", max_length=500)
     purpose = require_str(body, "purpose", max_length=2000)
-    keyring = call.keyring_provider()
     sent = await call.run(
         lambda: consent_protocol.request_consent(
-            call.node, keyring, call.actor, bundle_ids, recipient, purpose, now=utc_now()
+            call.ctx, call.actor, bundle_ids, recipient, purpose, now=utc_now()
         )
     )
     return json_response(sent.to_dict(), status=201)
@@ -86,11 +85,9 @@ async def consent_grant(call: Call) -> web.StreamResponse:
     ):
         raise InvalidInput("field 'max_uses' must be a whole number of at least 1")
     conditions = optional_str(body, "conditions", max_length=4000) or ""
-    keyring = call.keyring_provider()
     sent = await call.run(
         lambda: consent_protocol.grant(
-            call.node,
-            keyring,
+            call.ctx,
             call.actor,
             request_id,
             valid_until=valid_until,
@@ -107,10 +104,9 @@ async def consent_deny(call: Call) -> web.StreamResponse:
     body = await call.json_body()
     refuse_unknown_fields(body, {"reason"})
     reason = require_str(body, "reason", max_length=2000)
-    keyring = call.keyring_provider()
     sent = await call.run(
         lambda: consent_protocol.deny(
-            call.node, keyring, call.actor, request_id, reason=reason, now=utc_now()
+            call.ctx, call.actor, request_id, reason=reason, now=utc_now()
         )
     )
     return json_response(sent.to_dict(), status=201)
@@ -121,20 +117,16 @@ async def consent_revoke(call: Call) -> web.StreamResponse:
     body = await call.json_body()
     refuse_unknown_fields(body, {"reason"})
     reason = require_str(body, "reason", max_length=2000)
-    keyring = call.keyring_provider()
     sent = await call.run(
         lambda: consent_protocol.revoke(
-            call.node, keyring, call.actor, consent_id, reason=reason, now=utc_now()
+            call.ctx, call.actor, consent_id, reason=reason, now=utc_now()
         )
     )
     return json_response(sent.to_dict(), status=201)
 
 
 async def consent_list(call: Call) -> web.StreamResponse:
-    keyring = call.keyring_provider()
-    listing = await call.run(
-        lambda: consent_queries.list_consents(call.node, keyring, now=utc_now())
-    )
+    listing = await call.run(lambda: consent_queries.list_consents(call.ctx, now=utc_now()))
     return json_response(listing)
 
 
@@ -160,12 +152,10 @@ def _disclose(call: Call, bundle_ids: list[str], recipient: str, purpose: str) -
             f"({MAX_DISCLOSURE_BYTES}); use 'gateway disclose ... --out DIR'",
             reason="request.too-large",
         )
-    keyring = call.keyring_provider()
     parent = Path(tempfile.mkdtemp(prefix="gateway-api-disclose-"))
     try:
         result = consent_disclosure.disclose(
-            call.node,
-            keyring,
+            call.ctx,
             call.actor,
             bundle_ids,
             recipient,
@@ -212,7 +202,6 @@ async def disclosures_stream(call: Call) -> web.StreamResponse:
     bundle_ids = _bundle_ids(body)
     recipient = require_str(body, "recipient", max_length=500)
     purpose = require_str(body, "purpose", max_length=2000)
-    keyring = call.keyring_provider()
     loop = asyncio.get_running_loop()
     response = web.StreamResponse()
 
@@ -229,8 +218,7 @@ async def disclosures_stream(call: Call) -> web.StreamResponse:
         try:
             await call.run(
                 lambda: consent_disclosure.disclose(
-                    call.node,
-                    keyring,
+                    call.ctx,
                     call.actor,
                     bundle_ids,
                     recipient,

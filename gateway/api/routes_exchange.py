@@ -50,7 +50,6 @@ from gateway.node.inbox import (
     read_bundle,
 )
 from gateway.node.outbox import describe_outbox_entry, list_outbox, refusals_by_peer, send_case
-from gateway.node.policy import load_policy
 from gateway.node.resend import MAX_RESEND, resend_bundles
 from gateway.node.retention import purged_dates_of
 from gateway.node.runtime import utc_now
@@ -125,7 +124,7 @@ def _spool_attachments(attachments: list[tuple[str, bytes]]) -> tuple[Path, list
 
 async def _bundles_send_multipart(call: Call) -> web.StreamResponse:
 
-    limits = (await call.run(lambda: load_policy(call.node.settings))).limits
+    limits = (await call.run(lambda: call.ctx.policy)).limits
     spooled = await spool_multipart(
         call.request,
         max_case_bytes=limits.max_case_bytes,
@@ -145,7 +144,6 @@ async def _bundles_send_multipart(call: Call) -> web.StreamResponse:
         if not isinstance(public, bool):
             raise InvalidInput("field 'public' must be true or false")
         reply_to = optional_str(body, "reply_to", max_length=64)
-        keyring = call.keyring_provider()
 
         def send_and_remove() -> Any:
             # The spooled files go in the same worker call as the send (one
@@ -153,8 +151,7 @@ async def _bundles_send_multipart(call: Call) -> web.StreamResponse:
             # way out before it.
             try:
                 return send_case(
-                    call.node,
-                    keyring,
+                    call.ctx,
                     call.actor,
                     case_type,
                     case,
@@ -188,14 +185,12 @@ async def bundles_send(call: Call) -> web.StreamResponse:
         raise InvalidInput("field 'public' must be true or false")
     reply_to = optional_str(body, "reply_to", max_length=64)
     attachments = _decoded_attachments(body)
-    keyring = call.keyring_provider()
 
     def send() -> Any:
         folder, paths = _spool_attachments(attachments)
         try:
             return send_case(
-                call.node,
-                keyring,
+                call.ctx,
                 call.actor,
                 case_type,
                 case,
@@ -245,9 +240,8 @@ async def resend(call: Call) -> web.StreamResponse:
     suspect = body.get("suspect", False)
     if not isinstance(suspect, bool):
         raise InvalidInput("field 'suspect' must be true or false")
-    keyring = call.keyring_provider()
     report = await call.run(
-        lambda: resend_bundles(call.node, keyring, call.actor, ids, suspect=suspect, now=utc_now())
+        lambda: resend_bundles(call.ctx, call.actor, ids, suspect=suspect, now=utc_now())
     )
     return json_response(report.to_dict(), status=201 if report.resent else 200)
 
@@ -271,23 +265,30 @@ async def outbox_list(call: Call) -> web.StreamResponse:
     )
 
 
+def _read(call: Call, bundle_id: str, *, accept_suspect: bool, out_dir: Path | None) -> ReadBundle:
+    """Decrypt ``bundle_id`` for the acting officer (the read is recorded), blocking.
+
+    The one read of the show and content routes: ``out_dir`` is a temporary
+    folder the route removes again (so nothing written there is tracked for
+    retention), or None for the case alone.
+    """
+    return read_bundle(
+        call.ctx,
+        call.actor,
+        bundle_id,
+        out_dir=out_dir,
+        now=call.ctx.now(),
+        track_outputs=False,
+        accept_suspect=accept_suspect,
+    )
+
+
 def _read_with_attachments(
     call: Call, bundle_id: str, *, accept_suspect: bool
 ) -> tuple[ReadBundle, list[dict[str, Any]]]:
-    keyring = call.keyring_provider()
     folder = Path(tempfile.mkdtemp(prefix="gateway-api-show-"))
     try:
-        # The folder is removed below: nothing stays on the node to track for retention.
-        shown = read_bundle(
-            call.node,
-            keyring,
-            call.actor,
-            bundle_id,
-            out_dir=folder,
-            now=utc_now(),
-            track_outputs=False,
-            accept_suspect=accept_suspect,
-        )
+        shown = _read(call, bundle_id, accept_suspect=accept_suspect, out_dir=folder)
         case_file = f"{shown.bundle_id}.json"
         parts = [path for path in shown.written if path.name != case_file]
         total = sum(path.stat().st_size for path in parts)
@@ -322,17 +323,8 @@ async def bundles_show(call: Call) -> web.StreamResponse:
             lambda: _read_with_attachments(call, bundle_id, accept_suspect=accept_suspect)
         )
     else:
-        keyring = call.keyring_provider()
         shown = await call.run(
-            lambda: read_bundle(
-                call.node,
-                keyring,
-                call.actor,
-                bundle_id,
-                out_dir=None,
-                now=utc_now(),
-                accept_suspect=accept_suspect,
-            )
+            lambda: _read(call, bundle_id, accept_suspect=accept_suspect, out_dir=None)
         )
     data = shown.to_dict()
     if attachments is not None:
@@ -344,7 +336,6 @@ async def bundles_content(call: Call) -> web.StreamResponse:
     """Decrypt for the acting officer (the read is recorded) and stream the files."""
     bundle_id = call.path("bundle_id")
     accept_suspect = _flag(call, "accept_suspect")
-    keyring = call.keyring_provider()
     loop = asyncio.get_running_loop()
     response = web.StreamResponse()
     parent = Path(tempfile.mkdtemp(prefix="gateway-api-content-"))
@@ -353,17 +344,7 @@ async def bundles_content(call: Call) -> web.StreamResponse:
         def read_and_send() -> None:
             folder = parent / "out"
             folder.mkdir(mode=0o700)
-            # The folder is removed below: nothing stays on the node to track for retention.
-            shown = read_bundle(
-                call.node,
-                keyring,
-                call.actor,
-                bundle_id,
-                out_dir=folder,
-                now=utc_now(),
-                track_outputs=False,
-                accept_suspect=accept_suspect,
-            )
+            shown = _read(call, bundle_id, accept_suspect=accept_suspect, out_dir=folder)
             names = [path.relative_to(folder).as_posix() for path in shown.written]
             total = sum(path.stat().st_size for path in shown.written)
             result = shown.to_dict()

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from gateway.client.transport import ApiClient
     from gateway.core.keys import NodeKeyring
     from gateway.core.roles import Actor
+    from gateway.node.context import NodeContext
     from gateway.node.runtime import Node
     from gateway.settings import Settings
 
@@ -48,6 +49,7 @@ class AppContext:
     _node: Node | None = None
     _actor: Actor | None = None
     _keyring: NodeKeyring | None = field(default=None, repr=False)
+    _node_context: NodeContext | None = field(default=None, repr=False)
     _passphrase: bytes | None = field(default=None, repr=False)
 
     def home(self) -> Path:
@@ -145,7 +147,26 @@ class AppContext:
                 self._keyring = unlock_keyring(node.settings, self._passphrase, session)
         return self._keyring
 
+    def node_context(self, *, keys: bool = True) -> NodeContext:
+        """The one :class:`~gateway.node.context.NodeContext` of this host operation.
+
+        Built once per process around :meth:`node`; with ``keys`` its keyring
+        is this process's unlocked keyring (:meth:`keyring`, asked for the
+        passphrase on first use, and again after :meth:`keyring` ``reload``).
+        ``keys=False`` builds a context without keys for read-only work; a later
+        call with ``keys`` gives it the keyring.
+        """
+        from gateway.node.context import NodeContext  # noqa: PLC0415 - user commands need no node
+
+        if self._node_context is None:
+            self._node_context = NodeContext(self.node())
+        if keys:
+            self.keyring()
+            self._node_context.replace_keyring(self.keyring)
+        return self._node_context
+
     def close(self) -> None:
+        self._node_context = None
         if self._node is not None:
             self._node.close()
             self._node = None

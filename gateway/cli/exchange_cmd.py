@@ -142,7 +142,6 @@ def sync(app: AppContext) -> None:
             "shows what waits",
             reason="config.peer-mode",
         )
-    node = app.node()
     keyring = app.keyring()
 
     def progress(report: DeliveryReport) -> None:
@@ -153,7 +152,7 @@ def sync(app: AppContext) -> None:
 
     async def run() -> DeliveryReport:
         async with PeerClient(settings, keyring) as client:
-            return await deliver_once(node, keyring, client, now_fn=utc_now, progress=progress)
+            return await deliver_once(app.node_context(), client, now_fn=utc_now, progress=progress)
 
     app.progress(f"[sync] delivering to {settings.server.peer_url} ...")
     report = asyncio.run(run())

@@ -138,9 +138,7 @@ def ping(app: AppContext) -> None:
     from gateway.node.runtime import utc_now  # noqa: PLC0415 - host commands only
     from gateway.peer.ping import ping_peer  # noqa: PLC0415 - host commands only
 
-    node = app.node()
-    keyring = app.keyring()
-    report = asyncio.run(ping_peer(node, keyring, clock=utc_now))
+    report = asyncio.run(ping_peer(app.node_context(), clock=utc_now))
     app.emit(report.to_dict(), lambda: ping_text(report))
     failure = report.failure
     if failure is not None:

@@ -64,10 +64,10 @@ def purge_command(app: AppContext, dry_run: bool) -> None:
     Host operation: needs the keystore passphrase.
     """
     node = app.node()
-    keyring = app.keyring()
+    ctx = app.node_context()
     policy = load_policy(app.settings())
     now = utc_now()
     if not dry_run:
-        consent_receive.apply_pending(node, keyring, now=now)
+        consent_receive.apply_pending(ctx, now=now)
     report = purge(node, policy.retention, now=now, dry_run=dry_run, progress=app.progress)
     app.emit(report.to_dict(), lambda: report_text(report))

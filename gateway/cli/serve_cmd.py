@@ -67,10 +67,10 @@ def serve(app: AppContext) -> None:
     def announce(event: str, message: str, /, **fields: Any) -> None:
         log.announce(_log, event, message, **fields)
 
+    app.node(upgrade=True)
     run_service(
         settings,
-        app.node(upgrade=True),
-        app.keyring(),
+        app.node_context(),
         reload_keyring=lambda: app.keyring(reload=True),
         announce=announce,
     )

@@ -47,6 +47,7 @@ from gateway.core.times import DateMeans, parse_user_time
 from gateway.errors import AccessDenied, GatewayError
 from gateway.log import get_logger
 from gateway.node import accounting
+from gateway.node.context import NodeContext
 from gateway.node.ledger import witness as ledger_witness
 from gateway.node.own_keys import verify_ledger_with_keys
 from gateway.node.peer_trust import peer_node_of, pinned_peer_manifest
@@ -537,12 +538,10 @@ PAGES: tuple[
 """(method, path under /console, action, handler) of every page behind the session."""
 
 
-def _console_app(
-    node: Node, keyring: Callable[[], NodeKeyring], executor: Callable[[], Executor]
-) -> web.Application:
+def _console_app(ctx: NodeContext, executor: Callable[[], Executor]) -> web.Application:
     console = web.Application(middlewares=[_guard], client_max_size=_MAX_FORM)
-    console[NODE] = node
-    console[KEYRING] = keyring
+    console[NODE] = ctx.node
+    console[KEYRING] = ctx.keyring_source()
     console[EXECUTOR] = executor
     console[SESSIONS] = SessionStore()
     console[STATUS] = {}
@@ -565,15 +564,18 @@ def _static_dir() -> Any:
     return resources.files("gateway.console") / "static"
 
 
-def add_console(app: web.Application, node: Node, keyring: Callable[[], NodeKeyring],
+def add_console(app: web.Application, ctx: NodeContext,
                 executor: Callable[[], Executor]) -> None:  # fmt: skip
-    """Mount the console under ``/console/`` of the local API app ``app``."""
+    """Mount the console under ``/console/`` of the local API app ``app``.
+
+    The console acts for ``ctx.node`` and reads its current keyring from ``ctx``.
+    """
 
     async def to_console(_request: web.Request) -> web.StreamResponse:
         raise web.HTTPPermanentRedirect(f"{CONSOLE_PREFIX}/")
 
     app.router.add_get(CONSOLE_PREFIX, to_console)
-    app.add_subapp(f"{CONSOLE_PREFIX}/", _console_app(node, keyring, executor))
+    app.add_subapp(f"{CONSOLE_PREFIX}/", _console_app(ctx, executor))
 
 
 def is_console_path(path: str) -> bool:

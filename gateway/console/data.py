@@ -26,6 +26,7 @@ from gateway.core.times import DateMeans, parse_user_time
 from gateway.errors import InvalidInput, NotFound
 from gateway.node import accounting, ledger
 from gateway.node.consent import queries as consent_queries
+from gateway.node.context import NodeContext
 from gateway.node.ledger import checkpoint as ledger_checkpoint
 from gateway.node.ledger import read as ledger_read
 from gateway.node.ledger import witness as ledger_witness
@@ -167,7 +168,7 @@ def consent_register(node: Node, now: datetime) -> dict[str, Any]:
 
     Read without applying pending bundles (the console holds no keys for it).
     """
-    listing = consent_queries.list_consents(node, None, now=now)
+    listing = consent_queries.list_consents(NodeContext(node), now=now)
     with node.db.transaction() as session:
         report = accounting.account(session, node.node_id)
         index: dict[str, list[LedgerEntry]] = {}

@@ -31,10 +31,10 @@ import asyncio
 from collections.abc import Callable
 from datetime import datetime
 
-from gateway.core.keys import NodeKeyring
 from gateway.core.ledger import SignedCheckpoint
 from gateway.errors import GatewayError
 from gateway.log import get_logger
+from gateway.node.context import NodeContext
 from gateway.node.ledger import checkpoint as ledger_checkpoint
 from gateway.node.own_keys import own_manifest, pending_manifests
 from gateway.node.policy import load_policy
@@ -57,7 +57,7 @@ MANIFEST_WAIT_SECONDS = 0.5
 """How often a checkpoint held back for an undelivered manifest is looked at again."""
 
 
-def checkpoint_once(node: Node, keyring: NodeKeyring, *, now: datetime) -> SignedCheckpoint | None:
+def checkpoint_once(ctx: NodeContext, *, now: datetime) -> SignedCheckpoint | None:
     """Sign a checkpoint when the ledger grew since the last one; return the newest.
 
     Growth means an entry other than witnessing bookkeeping
@@ -66,6 +66,7 @@ def checkpoint_once(node: Node, keyring: NodeKeyring, *, now: datetime) -> Signe
     entries of the peer's checkpoints do not count, or two idle nodes would
     witness each other's checkpoints forever, two entries per interval.
     """
+    node, keyring = ctx.node, ctx.keyring
     with node.db.transaction() as session:
         latest = ledger_checkpoint.latest_checkpoint(session)
         since = 0 if latest is None else latest.checkpoint.size
@@ -113,24 +114,25 @@ def manifests_pending(node: Node) -> bool:
         return bool(pending_manifests(session))
 
 
-def manifest_changed(node: Node, keyring: NodeKeyring) -> bool:
+def manifest_changed(ctx: NodeContext) -> bool:
     """True when this node published a manifest newer than the one its keyring holds."""
+    node, keyring = ctx.node, ctx.keyring
     with node.db.transaction() as session:
         return own_manifest(session).version != keyring.manifest.version
 
 
 async def watch_own_keys(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     stop: asyncio.Event,
     on_change: Callable[[], None],
     *,
     interval: float = KEY_WATCH_SECONDS,
 ) -> None:
     """Call ``on_change`` once when a newer own manifest appears, then return."""
+    keyring = ctx.keyring
     while not stop.is_set():
         try:
-            if await asyncio.to_thread(manifest_changed, node, keyring):
+            if await asyncio.to_thread(manifest_changed, ctx):
                 _log.info("own_keys_changed", held_version=keyring.manifest.version)
                 on_change()
                 return

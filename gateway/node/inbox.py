@@ -38,7 +38,7 @@ from gateway import log
 from gateway.core.canonical import canonical_bytes
 from gateway.core.cases import PROTOCOL_TYPES, REPLY_TARGETS
 from gateway.core.envelope import AttachmentInfo, EnvelopeHeader, open_envelope, verify_envelope
-from gateway.core.keys import KeyManifest, NodeKeyring, StoredTrust
+from gateway.core.keys import KeyManifest, StoredTrust
 from gateway.core.receipt import Checkpoint, ReceiptSigner, issue_receipt
 from gateway.core.retention import Direction
 from gateway.core.roles import SYSTEM, Actor
@@ -54,11 +54,11 @@ from gateway.errors import (
 from gateway.node import ledger
 from gateway.node.bundles import create_private_file, safe_output_path
 from gateway.node.consent.receive import apply_pending
+from gateway.node.context import NodeContext
 from gateway.node.crash import crash_point
 from gateway.node.ledger.checkpoint import latest_checkpoint
 from gateway.node.outbox import check_reply_target
 from gateway.node.peer_trust import pinned_peer_manifest, require_pinned_peer
-from gateway.node.policy import load_policy
 from gateway.node.retention import WrittenOutput, ensure_not_purged, record_outputs
 from gateway.node.runtime import Node
 from gateway.store.models_exchange import (
@@ -379,7 +379,7 @@ def _facts(header: EnvelopeHeader) -> EnvelopeFacts:
     )
 
 
-def receive_envelope(node: Node, keyring: NodeKeyring, path: Path, *, now: datetime) -> bytes:
+def receive_envelope(ctx: NodeContext, path: Path, *, now: datetime) -> bytes:
     """Check, store and receipt one envelope the peer posted; return the receipt.
 
     A batch of one (:func:`receive_batch`, without applying consent bundles:
@@ -389,7 +389,7 @@ def receive_envelope(node: Node, keyring: NodeKeyring, path: Path, *, now: datet
     :class:`~gateway.errors.VerificationError` (or
     :class:`EquivocationRefused`) and leaves no trace of the bundle id.
     """
-    [outcome] = receive_batch(node, keyring, [path], now=now, dispatch=False)
+    [outcome] = receive_batch(ctx, [path], now=now, dispatch=False)
     if outcome.error is not None:
         raise outcome.error
     assert outcome.receipt is not None
@@ -437,8 +437,7 @@ class ReadBundle:
 
 
 def read_bundle(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     actor: Actor,
     bundle_id: str,
     *,
@@ -467,6 +466,7 @@ def read_bundle(
     purged bundle raises :class:`~gateway.node.retention.BundlePurged`.
     """
 
+    node, keyring = ctx.node, ctx.keyring
     with node.db.transaction() as session:
         received = session.scalars(
             select(InboxEntry).where(InboxEntry.bundle_id == bundle_id)
@@ -485,7 +485,7 @@ def read_bundle(
         ensure_not_purged(session, Direction(direction), bundle_id)
     if out_dir is not None and not out_dir.is_dir():
         raise InvalidInput(f"{out_dir}: the output folder does not exist or is not a folder")
-    policy = load_policy(node.settings)
+    policy = ctx.policy
     peer = _pinned_peer_manifest(node)
     path = envelope_path(node.settings.blob_dir, sha)
     temps: list[tuple[Path, AttachmentInfo]] = []
@@ -724,8 +724,7 @@ def _spooled(item: SpooledEnvelope | Path) -> tuple[Path, str, int]:
 
 
 def receive_batch(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     envelopes: Sequence[SpooledEnvelope | Path],
     *,
     now: datetime,
@@ -764,11 +763,12 @@ def receive_batch(
     be retried). Source of the rules: docs/sync.md, SPEC §6 and §9.
     """
 
+    node, keyring = ctx.node, ctx.keyring
     items = [_spooled(item) for item in envelopes]
     outcomes: list[ReceiveOutcome | None] = [None] * len(items)
     if not items:
         return []
-    policy = load_policy(node.settings)
+    policy = ctx.policy
     shas = sorted({sha for _, sha, _ in items})
     with node.db.transaction() as session:
         replays = {
@@ -841,7 +841,7 @@ def receive_batch(
     for entry in stored:
         _log.info("envelope_received", sender=entry.facts.sender, bundle_id=entry.facts.bundle_id)
     if dispatch and any(entry.facts.case_type in PROTOCOL_TYPES for entry in stored):
-        _dispatch_protocol_bundles(node, keyring, now=now)
+        _dispatch_protocol_bundles(ctx, now=now)
     return [outcome if outcome is not None else _lost() for outcome in outcomes]
 
 
@@ -891,13 +891,13 @@ def _lost() -> ReceiveOutcome:
     return ReceiveOutcome(error=StorageError("envelope was not processed", reason="internal"))
 
 
-def _dispatch_protocol_bundles(node: Node, keyring: NodeKeyring, *, now: datetime) -> None:
+def _dispatch_protocol_bundles(ctx: NodeContext, *, now: datetime) -> None:
     """Store received consent requests, grants, denials, revocations and refusal notices
     with their ledger entries. The receipts stand whatever happens here; anything left
     pending is applied before the next consent decision anyway."""
 
     try:
-        apply_pending(node, keyring, now=now)
+        apply_pending(ctx, now=now)
     except GatewayError as exc:
         _log.warning("consent_apply_deferred", error=type(exc).__name__, reason=exc.reason)
 

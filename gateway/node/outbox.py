@@ -50,7 +50,7 @@ from gateway.core.cases import (
     validate_case,
 )
 from gateway.core.envelope import AttachmentSource, seal
-from gateway.core.keys import KeyManifest, NodeKeyring
+from gateway.core.keys import KeyManifest
 from gateway.core.policy import Marking
 from gateway.core.receipt import ReceiptInvalid, ReceiptVerifyKeys, verify_receipt
 from gateway.core.roles import Actor
@@ -63,10 +63,10 @@ from gateway.errors import (
     TransportError,
 )
 from gateway.node import ledger
+from gateway.node.context import NodeContext
 from gateway.node.crash import crash_point
 from gateway.node.own_keys import mark_manifest_delivered, pending_manifests
 from gateway.node.peer_trust import require_pinned_peer
-from gateway.node.policy import load_policy
 from gateway.node.runtime import Node, utc_now
 from gateway.store.models_exchange import (
     ENVELOPE_DIR,
@@ -379,8 +379,7 @@ def queue_sealed(
 
 
 def send_case(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     actor: Actor,
     case_type: str,
     case_data: Mapping[str, Any],
@@ -407,14 +406,13 @@ def send_case(
             f"'{PROTOCOL_COMMANDS[case_type]}' (it names the acting officer and checks the items)"
         )
     return _seal_and_queue(
-        node, keyring, actor, case_type, case_data, attachments,
+        ctx, actor, case_type, case_data, attachments,
         public=public, reply_to=reply_to, now=now, in_transaction=None,
     )  # fmt: skip
 
 
 def send_protocol_bundle(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     actor: Actor,
     case_type: str,
     case_data: Mapping[str, Any],
@@ -435,14 +433,13 @@ def send_protocol_bundle(
     if case_type not in PROTOCOL_TYPES:
         raise InvalidInput(f"{case_type} is not a protocol bundle")
     return _seal_and_queue(
-        node, keyring, actor, case_type, case_data, attachments,
+        ctx, actor, case_type, case_data, attachments,
         public=False, reply_to=reply_to, now=now, in_transaction=in_transaction,
     )  # fmt: skip
 
 
 def _seal_and_queue(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     actor: Actor,
     case_type: str,
     case_data: Mapping[str, Any],
@@ -454,7 +451,8 @@ def _seal_and_queue(
     in_transaction: Callable[[Session, str], None] | None,
 ) -> SentBundle:
 
-    policy = load_policy(node.settings)
+    node, keyring = ctx.node, ctx.keyring
+    policy = ctx.policy
     validated = validate_case(case_type, dict(case_data), max_bytes=policy.limits.max_case_bytes)
     peer = _pinned_peer_manifest(node)
     reply_to = resolve_reply_to(case_type, validated, reply_to)
@@ -1102,8 +1100,7 @@ def _mark_manifest_delivered(node: Node, handle: object, now: datetime) -> None:
 
 
 async def deliver_once(
-    node: Node,
-    keyring: object,
+    ctx: NodeContext,
     client: DeliveryClient,
     *,
     now_fn: Callable[[], datetime] = utc_now,
@@ -1117,8 +1114,9 @@ async def deliver_once(
     come are tried (the worker); ``gateway sync`` tries every queued bundle.
     """
 
+    node, keyring = ctx.node, ctx.keyring_or_none()
     del keyring  # the client signs; delivery itself needs no private key
-    policy = load_policy(node.settings)
+    policy = ctx.policy
     return await deliver_pending(
         node,
         client,
@@ -1141,8 +1139,7 @@ def _sweep(node: Node) -> int:
 
 
 async def run_sender(
-    node: Node,
-    keyring: object,
+    ctx: NodeContext,
     client_factory: Callable[[], AbstractAsyncContextManager[DeliveryClient]],
     stop: asyncio.Event,
     *,
@@ -1156,6 +1153,7 @@ async def run_sender(
     then hourly it removes orphan envelope files (written by a ``send`` whose
     transaction never committed).
     """
+    node = ctx.node
     swept_at: list[datetime] = []
 
     async def deliver(client: DeliveryClient) -> None:
@@ -1165,7 +1163,7 @@ async def run_sender(
             removed = await asyncio.to_thread(_sweep, node)
             if removed:
                 _log.info("orphan_envelopes_removed", count=removed)
-        report = await deliver_once(node, keyring, client, now_fn=now_fn, due_only=True)
+        report = await deliver_once(ctx, client, now_fn=now_fn, due_only=True)
         if report.attempted or report.manifests_sent:
             node.metrics.peer.record(True)
             _log.info(

@@ -324,6 +324,52 @@ def _publish(
     return _store_own(session, raw, event=event, actor=actor, now=now, delivered=False)
 
 
+def _publish_recorded(
+    settings: Settings,
+    session: Session,
+    *,
+    current: KeyManifest,
+    signers: list[nacl.signing.SigningKey],
+    root_public: bytes,
+    previous_root_public: bytes | None,
+    keys: list[ManifestKey],
+    revocations: list[Revocation],
+    issued: datetime,
+    event: str,
+    actor: Actor,
+    now: datetime,
+    key_event: str,
+    details: Callable[[KeyManifest], dict[str, Any]],
+) -> KeyManifest:
+    """Publish the next own manifest (:func:`_publish`) and record its key event.
+
+    The ledger's ``key-event`` body is ``{"event": key_event, "manifest_version":
+    <the new version>, **details(manifest)}``, in the caller's transaction, so a
+    manifest is never published without its entry (or the other way round).
+    """
+    manifest = _publish(
+        settings,
+        session,
+        current=current,
+        signers=signers,
+        root_public=root_public,
+        previous_root_public=previous_root_public,
+        keys=keys,
+        revocations=revocations,
+        issued=issued,
+        event=event,
+        actor=actor,
+        now=now,
+    )
+    record_key_event(
+        session,
+        actor,
+        now,
+        {"event": key_event, "manifest_version": manifest.version, **details(manifest)},
+    )
+    return manifest
+
+
 def rotate_keys(
     settings: Settings,
     session: Session,
@@ -354,7 +400,7 @@ def rotate_keys(
     held.signing[new[0].key_id] = signing
     held.encryption[new[1].key_id] = box
     keystore.write_operational(ops_path, held, node=settings.node_id, passphrase=passphrase)
-    manifest = _publish(
+    manifest = _publish_recorded(
         settings,
         session,
         current=current,
@@ -367,14 +413,8 @@ def rotate_keys(
         event="rotate",
         actor=actor,
         now=now,
-    )
-    record_key_event(
-        session,
-        actor,
-        now,
-        {
-            "event": "keys-rotated",
-            "manifest_version": manifest.version,
+        key_event="keys-rotated",
+        details=lambda _manifest: {
             "added": [k.key_id for k in new],
             "overlap_until": format_time(start + ROTATION_OVERLAP),
         },
@@ -650,7 +690,7 @@ def rotate_root(
         strength=(held.opslimit, held.memlimit),
     )
     start = _second(now)
-    manifest = _publish(
+    manifest = _publish_recorded(
         settings,
         session,
         current=current,
@@ -663,17 +703,11 @@ def rotate_root(
         event="rotate-root",
         actor=actor,
         now=now,
-    )
-    record_key_event(
-        session,
-        actor,
-        now,
-        {
-            "event": "root-rotated",
-            "manifest_version": manifest.version,
+        key_event="root-rotated",
+        details=lambda published: {
             "old_root_key_id": current.root_key_id,
             "root_key_id": new_id,
-            "root_fingerprint": manifest.root_fingerprint,
+            "root_fingerprint": published.root_fingerprint,
         },
     )
     return KeyChange(

@@ -36,17 +36,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gateway.core.envelope import AttachmentInfo, AttachmentSource, open_envelope, seal
-from gateway.core.keys import KeyManifest, NodeKeyring
+from gateway.core.keys import KeyManifest
 from gateway.core.ledger import EntryKind
 from gateway.core.policy import Policy
 from gateway.core.roles import Actor
 from gateway.errors import AlreadyExists, InvalidInput, NotFound
 from gateway.log import get_logger
+from gateway.node.context import NodeContext
 from gateway.node.ledger import record_event
 from gateway.node.outbox import Sealed, queue_sealed
 from gateway.node.own_keys import own_manifest
 from gateway.node.peer_trust import require_pinned_peer
-from gateway.node.policy import load_policy
 from gateway.node.revocation import outbox_signing_key, suspect_sent
 from gateway.node.runtime import Node
 from gateway.store.models_exchange import OutboxEntry, OutboxState, envelope_path
@@ -141,8 +141,7 @@ def _targets(
 
 
 def resend_bundles(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     actor: Actor,
     bundle_ids: Sequence[str],
     *,
@@ -161,21 +160,21 @@ def resend_bundles(
     bundle, in order (none when ``suspect`` finds nothing), and the consent
     documents ``suspect`` found and left alone.
     """
+    node = ctx.node
     if bool(bundle_ids) == suspect:
         raise InvalidInput("give the ids of bundles to resend, or --suspect, not both")
     with node.db.transaction() as session:
         targets, skipped = _targets(node, session, bundle_ids, suspect=suspect)
         peer = require_pinned_peer(session, needed_for="nothing can be sent")
-    policy = load_policy(node.settings)
+    policy = ctx.policy
     done: list[Resent] = []
     for original in targets:
-        done.append(_resend_one(node, keyring, actor, original, peer=peer, policy=policy, now=now))
+        done.append(_resend_one(ctx, actor, original, peer=peer, policy=policy, now=now))
     return ResendReport(resent=tuple(done), skipped_consent=tuple(skipped))
 
 
 def _resend_one(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     actor: Actor,
     original: _Original,
     *,
@@ -183,6 +182,7 @@ def _resend_one(
     policy: Policy,
     now: datetime,
 ) -> Resent:
+    node, keyring = ctx.node, ctx.keyring
     path = envelope_path(node.settings.blob_dir, original.envelope_sha256)
     node.settings.data_dir.mkdir(parents=True, exist_ok=True)
     with (

@@ -38,14 +38,14 @@ from typing import Any, Literal
 
 import aiohttp
 
-from gateway.core.keys import NodeKeyring
 from gateway.core.pull import Modes, mode_mismatch
 from gateway.core.times import Precision, parse_utc
 from gateway.errors import GatewayError, TransportError
+from gateway.node.context import NodeContext
 from gateway.node.own_keys import own_manifest, pending_manifests
 from gateway.node.peer_trust import pinned_peer_manifest
 from gateway.node.policy import load_policy
-from gateway.node.runtime import Node, utc_now
+from gateway.node.runtime import utc_now
 from gateway.peer.client import PeerClient, PeerRefused
 from gateway.settings import Settings
 
@@ -206,8 +206,7 @@ def _refusal_step(
 
 
 async def ping_peer(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     *,
     settings: Settings | None = None,
     clock: Callable[[], datetime] = utc_now,
@@ -222,6 +221,7 @@ async def ping_peer(
     make a client at all (no peer URL, plain HTTP off loopback).
     """
 
+    node, keyring = ctx.node, ctx.keyring
     chosen = settings if settings is not None else node.settings
     window = load_policy(chosen).limits.clock_skew
     ours = Modes(chosen.server.peer_mode, chosen.server.peer_delivery)

@@ -42,14 +42,14 @@ from pathlib import Path
 from typing import Any
 
 from gateway import log
-from gateway.core.keys import NodeKeyring, parse_manifest
+from gateway.core.keys import parse_manifest
 from gateway.core.pull import ItemKind
 from gateway.errors import GatewayError
+from gateway.node.context import NodeContext
 from gateway.node.crash import crash_point
 from gateway.node.ledger import witness as ledger_witness
 from gateway.node.outbox import run_sender_loop
 from gateway.node.peer_trust import apply_peer_manifest, pinned_peer_manifest
-from gateway.node.policy import load_policy
 from gateway.node.runtime import Node, utc_now
 from gateway.peer.client import PeerClient, PulledItem
 from gateway.peer.ledger_routes import witness_checkpoint
@@ -126,18 +126,17 @@ def _sha256_file(path: Path) -> str:
 
 
 def _take(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     items: list[PulledItem],
     report: PullReport,
     *,
     now_fn: Callable[[], datetime],
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Apply one answer in order; the receipts post's results and manifest hashes."""
-
+    node = ctx.node
     peer = "pk" if node.node_id == "jp" else "jp"
-    skew = load_policy(node.settings).limits.clock_skew
-    services = node_services(node, keyring, skew=skew)
+    skew = ctx.policy.limits.clock_skew
+    services = node_services(ctx, skew=skew)
     results: list[dict[str, Any]] = []
     manifests: list[str] = []
     for index, item in enumerate(items):
@@ -172,8 +171,7 @@ def _take(
 
 
 async def pull_once(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     client: PeerClient,
     *,
     wait: float | None = None,
@@ -189,8 +187,8 @@ async def pull_once(
     of a failed answer is stored. When ``stop`` is set while the answer has not
     come, the pull is abandoned (nothing stored) and the pass returns at once.
     """
-
-    limits = load_policy(node.settings).limits
+    node = ctx.node
+    limits = ctx.policy.limits
     peer = "pk" if node.node_id == "jp" else "jp"
     max_envelopes = max(1, min(limits.peer_batch_size, MAX_PULL_ENVELOPES))
     ask = {
@@ -229,9 +227,7 @@ async def pull_once(
         if not items:
             return report
         crash_point("after-pull-answer")
-        results, manifests = await asyncio.to_thread(
-            _take, node, keyring, items, report, now_fn=now_fn
-        )
+        results, manifests = await asyncio.to_thread(_take, ctx, items, report, now_fn=now_fn)
     finally:
         await asyncio.to_thread(shutil.rmtree, directory, True)
     crash_point("after-pull-store")
@@ -245,8 +241,7 @@ async def pull_once(
 
 
 async def run_puller(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     client_factory: Callable[[], AbstractAsyncContextManager[PeerClient]],
     stop: asyncio.Event,
     *,
@@ -260,11 +255,12 @@ async def run_puller(
     host cannot be reached or refuses, and never gives up. A pass in flight
     when ``stop`` is set finishes first (at most one long poll).
     """
+    node = ctx.node
 
     await asyncio.to_thread(sweep_pull_spool, node)
 
     async def one(client: PeerClient) -> None:
-        report = await pull_once(node, keyring, client, now_fn=now_fn, stop=stop)
+        report = await pull_once(ctx, client, now_fn=now_fn, stop=stop)
         node.metrics.peer.record(True)
         if report.items or report.checkpoint is not None:
             _log.info(
@@ -286,9 +282,7 @@ async def run_puller(
     )
 
 
-def start_puller(
-    node: Node, keyring: NodeKeyring, client: PeerClient, stop: asyncio.Event
-) -> asyncio.Task[None]:
+def start_puller(ctx: NodeContext, client: PeerClient, stop: asyncio.Event) -> asyncio.Task[None]:
     """Start the puller worker on an open ``client`` (shared with the sender): the
     task ends after ``stop`` is set. What ``gateway serve`` does in pull mode."""
 
@@ -296,4 +290,4 @@ def start_puller(
     async def shared() -> AsyncIterator[PeerClient]:
         yield client
 
-    return asyncio.create_task(run_puller(node, keyring, shared, stop), name="puller")
+    return asyncio.create_task(run_puller(ctx, shared, stop), name="puller")

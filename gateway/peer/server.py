@@ -46,7 +46,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 from gateway import log
 from gateway.core.canonical import parse_bounded_json
-from gateway.core.keys import KeyManifest, NodeKeyring, verify_manifest
+from gateway.core.keys import KeyManifest, verify_manifest
 from gateway.core.peer_auth import (
     HEADER_NODE,
     BodyDigest,
@@ -73,6 +73,7 @@ from gateway.errors import (
 )
 from gateway.metrics import NodeMetrics
 from gateway.node.consent.receive import apply_pending
+from gateway.node.context import NodeContext
 from gateway.node.inbox import ReceiveOutcome, SpooledEnvelope, receive_batch, receive_envelope
 from gateway.node.peer_trust import (
     PeerNotPinned,
@@ -89,8 +90,8 @@ from gateway.store.models_peer import prune_nonces, remember_nonce
 __all__ = [
     "BATCH_CONTENT_TYPE",
     "BATCH_MAGIC",
+    "CONTEXT",
     "ENVELOPE_CONTENT_TYPE",
-    "KEYRING",
     "MANIFEST_CONTENT_TYPE",
     "METRICS",
     "NODE",
@@ -995,8 +996,13 @@ def limits_from_policy(limits: PolicyLimits) -> TransportLimits:
     )
 
 
-def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerServices:
-    """The peer services of an opened node: its pinned peer, nonce store, inbox."""
+def node_services(ctx: NodeContext, *, skew: timedelta) -> PeerServices:
+    """The peer services of a node context: its pinned peer, nonce store, inbox.
+
+    The keyring is read from ``ctx`` for every envelope received, so keys the
+    serving node swapped in are used at once.
+    """
+    node = ctx.node
 
     peer = peer_node_of(node.node_id)
 
@@ -1015,7 +1021,7 @@ def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerS
 
     def receive(path: Path, *, now: datetime) -> bytes:
         try:
-            receipt = receive_envelope(node, keyring, path, now=now)
+            receipt = receive_envelope(ctx, path, now=now)
         except VerificationError as exc:
             node.metrics.envelope_refused(exc.check)
             raise
@@ -1024,7 +1030,7 @@ def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerS
             raise
         node.metrics.envelopes_received.inc()
         try:
-            apply_pending(node, keyring, now=now)
+            apply_pending(ctx, now=now)
         except GatewayError as exc:  # the receipt stands; applied before the next decision
             _log.warning("consent_apply_deferred", error=type(exc).__name__, reason=exc.reason)
         return receipt
@@ -1032,7 +1038,7 @@ def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerS
     def receive_many(
         envelopes: Sequence[SpooledEnvelope], *, now: datetime
     ) -> Sequence[ReceiveOutcome]:
-        outcomes = receive_batch(node, keyring, envelopes, now=now)
+        outcomes = receive_batch(ctx, envelopes, now=now)
         for outcome in outcomes:
             error = outcome.error
             if error is None:
@@ -1074,27 +1080,26 @@ def node_services(node: Node, keyring: NodeKeyring, *, skew: timedelta) -> PeerS
 
 
 NODE: Final[web.AppKey[Node]] = web.AppKey("node")
-KEYRING: Final[web.AppKey[NodeKeyring]] = web.AppKey("keyring")
+CONTEXT: Final[web.AppKey[NodeContext]] = web.AppKey("node_context")
 
 
 def create_node_peer_app(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     limits: TransportLimits,
     *,
     extra_routes: Callable[[web.Application], None] | None = None,
 ) -> web.Application:
-    """The peer application of an opened node; routes added later find the node
-    and its keyring under the :data:`NODE` and :data:`KEYRING` app keys."""
-    services = node_services(node, keyring, skew=limits.clock_skew)
+    """The peer application of a node context; routes added by ``extra_routes``
+    (the pull routes of :mod:`gateway.peer.pull_routes`, the ledger routes,
+    chosen by the composition root) find the node and its context under the
+    :data:`NODE` and :data:`CONTEXT` app keys."""
+    node = ctx.node
+    services = node_services(ctx, skew=limits.clock_skew)
 
     def routes(app: web.Application) -> None:
-        from gateway.peer.pull_routes import add_pull_routes  # noqa: PLC0415 - cycle: it uses this module's app keys
-
         app[NODE] = node
         app[METRICS] = node.metrics
-        app[KEYRING] = keyring
-        add_pull_routes(app)
+        app[CONTEXT] = ctx
         if extra_routes is not None:
             extra_routes(app)
 

@@ -1,7 +1,8 @@
 """The composition root of ``gateway serve``: one service built from its components.
 
-A :class:`Service` wires an opened node and its unlocked keyring into the
-parts that run while a node serves, in this order, refusing to start at all
+A :class:`Service` wires one :class:`~gateway.node.context.NodeContext` (the
+opened node, its unlocked keyring, policy and clock) into the parts that run
+while a node serves, each of them handed that same context, in this order, refusing to start at all
 on a configuration error (plain HTTP off loopback is only warned about; a
 port that cannot be bound is a :class:`~gateway.errors.ConfigError`):
 
@@ -51,11 +52,13 @@ from gateway.api.unix_socket import UnixApiSite
 from gateway.client.paths import api_socket_path
 from gateway.core.keys import NodeKeyring
 from gateway.errors import ConfigError, GatewayError
+from gateway.node.context import NodeContext
 from gateway.node.housekeeping import enforce_retention, watch_own_keys
 from gateway.node.outbox import run_sender
 from gateway.node.runtime import Node
 from gateway.peer.client import PeerClient, peer_of
 from gateway.peer.ledger_routes import ledger_routes
+from gateway.peer.pull_routes import add_pull_routes
 from gateway.peer.puller import run_puller
 from gateway.peer.server import PeerServer, TransportLimits, create_node_peer_app
 from gateway.peer.tls_listener import HandshakeLog, LoggedTlsSite
@@ -63,7 +66,7 @@ from gateway.service.workers import publish_checkpoints
 from gateway.settings import Settings, is_loopback
 from gateway.tls import api_ssl_context, client_ssl_context, listener_url, server_ssl_context
 
-__all__ = ["DRAIN_SECONDS", "Announce", "ApiSite", "Service"]
+__all__ = ["DRAIN_SECONDS", "Announce", "ApiSite", "Service", "peer_routes"]
 
 DRAIN_SECONDS = 30.0
 """How long requests in flight and workers' current passes may take to finish (seconds)."""
@@ -80,6 +83,19 @@ def _remember_signal(signum: int, _frame: object) -> None:
 def stop_asked_between_runs() -> bool:
     """True when SIGTERM/SIGINT arrived while a run was winding down (serve no more)."""
     return bool(_signals_between_runs)
+
+
+def peer_routes(node: Node) -> Callable[[web.Application], None]:
+    """The routes a serving node adds to its peer application (``extra_routes`` of
+    :func:`~gateway.peer.server.create_node_peer_app`): the pull routes of
+    :mod:`gateway.peer.pull_routes` and the ledger witnessing routes."""
+    witnessing = ledger_routes(node.db)
+
+    def add(app: web.Application) -> None:
+        add_pull_routes(app)
+        witnessing(app)
+
+    return add
 
 
 class Announce(Protocol):
@@ -102,7 +118,7 @@ class ApiSite:
 
 
 class Service:
-    """``gateway serve`` for one opened node and its unlocked keyring.
+    """``gateway serve`` for one node context (opened node, unlocked keyring, policy, clock).
 
     ``run()`` serves until stopped and returns True when it stopped to be
     started again with newer keys of this node (the caller unlocks the
@@ -116,8 +132,7 @@ class Service:
     def __init__(
         self,
         settings: Settings,
-        node: Node,
-        keyring: NodeKeyring,
+        ctx: NodeContext,
         limits: TransportLimits,
         *,
         announce: Announce,
@@ -125,8 +140,8 @@ class Service:
         handle_signals: bool = True,
     ) -> None:
         self.settings = settings
-        self.node = node
-        self.keyring = keyring
+        self.ctx = ctx
+        self.node = ctx.node
         self.limits = limits
         self._announce = announce
         self._drain_seconds = drain_seconds
@@ -135,6 +150,11 @@ class Service:
         self._signals: list[str] = []
         self._restart = False
         self._failure: BaseException | None = None
+
+    @property
+    def keyring(self) -> NodeKeyring:
+        """The node's current keyring (read from the context on every use)."""
+        return self.ctx.keyring
 
     # -- stopping ------------------------------------------------------------------------------
 
@@ -180,7 +200,7 @@ class Service:
             # A node whose peer pulls never posts to it.
             yield None
             return
-        async with PeerClient(self.settings, self.keyring) as client:
+        async with PeerClient(self.settings, self.ctx.keyring) as client:
             yield client
 
     @asynccontextmanager
@@ -191,9 +211,7 @@ class Service:
             yield port
             return
         server = PeerServer(
-            create_node_peer_app(
-                self.node, self.keyring, self.limits, extra_routes=ledger_routes(self.node.db)
-            ),
+            create_node_peer_app(self.ctx, self.limits, extra_routes=peer_routes(self.node)),
             self.limits,
             drain_timeout=self._drain_seconds,
         )
@@ -246,9 +264,8 @@ class Service:
 
     @asynccontextmanager
     async def _api_listener(self, sites: list[ApiSite]) -> AsyncIterator[None]:
-        keyring = self.keyring
         runner = web.AppRunner(
-            create_api_app(self.node, lambda: keyring),
+            create_api_app(self.ctx),
             access_log=None,
             handle_signals=False,
             shutdown_timeout=self._drain_seconds,
@@ -270,7 +287,7 @@ class Service:
     def _workers(
         self, client: PeerClient | None
     ) -> dict[str, Callable[[], Coroutine[Any, Any, None]]]:
-        node, keyring, stop, server = self.node, self.keyring, self._stop, self.settings.server
+        ctx, stop, server = self.ctx, self._stop, self.settings.server
         workers: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
         if client is not None:
             shared = client
@@ -281,15 +298,15 @@ class Service:
                 yield shared
 
             factory: Callable[[], AbstractAsyncContextManager[Any]] = shared_client
-            workers["sender"] = lambda: run_sender(node, keyring, factory, stop)
+            workers["sender"] = lambda: run_sender(ctx, factory, stop)
             if server.peer_mode == "pull":
-                workers["puller"] = lambda: run_puller(node, keyring, factory, stop)
+                workers["puller"] = lambda: run_puller(ctx, factory, stop)
         workers["checkpoints"] = lambda: publish_checkpoints(
-            node, keyring, client, stop, interval=server.checkpoint_interval_seconds
+            ctx, client, stop, interval=server.checkpoint_interval_seconds
         )
-        workers["key-watch"] = lambda: watch_own_keys(node, keyring, stop, self._on_keys_changed)
+        workers["key-watch"] = lambda: watch_own_keys(ctx, stop, self._on_keys_changed)
         workers["retention"] = lambda: enforce_retention(
-            node, stop, interval=server.retention_interval_seconds
+            ctx.node, stop, interval=server.retention_interval_seconds
         )
         return workers
 

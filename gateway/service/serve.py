@@ -1,9 +1,11 @@
 """``gateway serve`` as one call: serve, restart with new keys, stop.
 
 The CLI opens the node and unlocks the keyring (it owns the passphrase
-prompt); :func:`serve` runs :class:`~gateway.service.root.Service` until it
+prompt) and builds the one :class:`~gateway.node.context.NodeContext`;
+:func:`serve` runs :class:`~gateway.service.root.Service` on it until it
 stops, and serves again in the same process after a key rotation or
-revocation made by another process, with the keyring unlocked anew.
+revocation made by another process, with the keyring unlocked anew and
+swapped into the same context.
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ import asyncio
 from collections.abc import Callable
 
 from gateway.core.keys import NodeKeyring
-from gateway.node.policy import load_policy
-from gateway.node.runtime import Node
+from gateway.node.context import NodeContext
 from gateway.peer.server import limits_from_policy
 from gateway.service.root import Announce, Service, stop_asked_between_runs
 from gateway.settings import Settings
@@ -23,22 +24,22 @@ __all__ = ["serve"]
 
 def serve(
     settings: Settings,
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     *,
     reload_keyring: Callable[[], NodeKeyring],
     announce: Announce,
 ) -> None:
-    """Serve ``node`` until SIGTERM/SIGINT; returns after ``stopped`` is announced.
+    """Serve ``ctx.node`` until SIGTERM/SIGINT; returns after ``stopped`` is announced.
 
     Raises what a failing component raised (a :class:`~gateway.errors.GatewayError`
     family) after everything started is closed again; ``stopped`` is not
     announced then.
     """
-    limits = limits_from_policy(load_policy(settings).limits)
-    while asyncio.run(Service(settings, node, keyring, limits, announce=announce).run()):
+    node = ctx.node
+    limits = limits_from_policy(ctx.policy.limits)
+    while asyncio.run(Service(settings, ctx, limits, announce=announce).run()):
         if stop_asked_between_runs():
             break
         announce("restarting", f"restarting {node.node_id} with its new keys")
-        keyring = reload_keyring()
+        ctx.replace_keyring(reload_keyring())
     announce("stopped", f"stopped {node.node_id}")

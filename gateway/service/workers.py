@@ -8,15 +8,12 @@ does both sits here, above :mod:`gateway.peer`, where the layer rules allow it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from datetime import datetime
 
-from gateway.core.keys import NodeKeyring
 from gateway.errors import GatewayError, TransportError
 from gateway.log import get_logger
+from gateway.node.context import NodeContext
 from gateway.node.housekeeping import MANIFEST_WAIT_SECONDS, checkpoint_once, manifests_pending
 from gateway.node.ledger import witness as ledger_witness
-from gateway.node.runtime import Node, utc_now
 from gateway.peer.client import PeerClient
 from gateway.peer.ledger_client import send_checkpoint
 
@@ -26,26 +23,26 @@ _log = get_logger("housekeeping")
 
 
 async def publish_checkpoints(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     client: PeerClient | None,
     stop: asyncio.Event,
     *,
     interval: float,
-    clock: Callable[[], datetime] = utc_now,
 ) -> None:
     """Sign and send checkpoints every ``interval`` seconds until ``stop`` is set.
 
     A checkpoint is sent only when no manifest of this node waits for
     delivery (see the module notes); a held-back one is tried again every
-    :data:`MANIFEST_WAIT_SECONDS` rather than at the next interval.
+    :data:`MANIFEST_WAIT_SECONDS` rather than at the next interval. The
+    keyring is read from ``ctx`` on every pass, the time from ``ctx.now``.
     """
+    node, clock = ctx.node, ctx.now
     sent_size = -1
     held_back = False
     while not stop.is_set():
         delay = interval
         try:
-            signed = await asyncio.to_thread(checkpoint_once, node, keyring, now=clock())
+            signed = await asyncio.to_thread(checkpoint_once, ctx, now=clock())
             if signed is not None and client is not None and signed.checkpoint.size != sent_size:
                 if await asyncio.to_thread(manifests_pending, node):
                     if not held_back:

@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 
 from gateway import log
 from gateway.api.app import create_api_app
+from gateway.node.context import NodeContext
 from gateway.peer.ledger_client import CHECKPOINT_CONTENT_TYPE, CHECKPOINTS_PATH
 from gateway.peer.server import (
     BATCH_CONTENT_TYPE,
@@ -150,7 +151,7 @@ def test_a_client_that_hangs_up_mid_body_is_one_clean_log_line_on_every_route(
     for what, (path, role) in API_ROUTES.items():
 
         async def scenario(path: str = path, role: str = role) -> list[dict[str, Any]]:
-            app = create_api_app(jp.node, lambda: jp.keyring)
+            app = create_api_app(NodeContext(jp.node, lambda: jp.keyring))
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)

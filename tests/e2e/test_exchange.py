@@ -26,6 +26,7 @@ from gateway.core.envelope import seal
 from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.receipt import parse_receipt, verify_receipt
 from gateway.core.roles import Actor, Role
+from gateway.node.context import NodeContext
 from gateway.node.outbox import send_case
 from gateway.node.own_keys import unlock_keyring
 from gateway.node.peer_trust import pinned_peer_manifest
@@ -85,8 +86,7 @@ class Side:
 
     def send(self, case_type: str = "exam-fraud", **kw: Any) -> str:
         sent = send_case(
-            self.node,
-            self.keyring(),
+            NodeContext(self.node, self.keyring()),
             OFFICER,
             case_type,
             kw.pop("case", None) or example(case_type),

@@ -28,6 +28,7 @@ from sqlalchemy import select
 
 from gateway.core.envelope import seal
 from gateway.core.keys import format_time
+from gateway.node.context import NodeContext
 from gateway.node.ledger.read import list_entries
 from gateway.node.outbox import send_case
 from gateway.node.policy import load_policy
@@ -109,7 +110,7 @@ def test_revoking_a_key_keeps_what_was_trusted_marks_the_rest_and_resend_replace
     # Before T: three bundles, one of them public, under the first key.
     before = [pk.send("exam-fraud"), pk.send("broker-misconduct")]
     public = send_case(
-        pk.node, pk.keyring(), OFFICER, "consultation", example("consultation"), [],
+        NodeContext(pk.node, pk.keyring()), OFFICER, "consultation", example("consultation"), [],
         public=True, reply_to=None, now=utc_now(),
     )  # fmt: skip
     before.append(public.bundle_id)

@@ -20,6 +20,7 @@ from gateway.errors import ConsentRefused, NotFound
 from gateway.node import accounting
 from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.consent import protocol as consent_protocol
+from gateway.node.context import NodeContext
 from gateway.node.ledger import read as ledger_read
 from gateway.node.runtime import utc_now
 from tests.exchange_pair import Pair, Side, pair
@@ -44,7 +45,7 @@ def story(pair: Pair, tmp_path: Path) -> tuple[str, str]:
     jp, pk = pair.jp, pair.pk
     now = utc_now()
     sent = send_case(
-        jp.node, jp.keyring, jp.officer, "exam-fraud", example("exam-fraud"), [],
+        NodeContext(jp.node, jp.keyring), jp.officer, "exam-fraud", example("exam-fraud"), [],
         public=False, reply_to=None, now=now,
     )  # fmt: skip
     pk.receive_from(jp, sent.bundle_id)
@@ -52,18 +53,18 @@ def story(pair: Pair, tmp_path: Path) -> tuple[str, str]:
 
     def disclose(name: str) -> None:
         consent_disclosure.disclose(
-            pk.node, pk.keyring, pk.officer, [case_id], EMBASSY, PURPOSE, tmp_path / name,
+            NodeContext(pk.node, pk.keyring), pk.officer, [case_id], EMBASSY, PURPOSE, tmp_path / name,
             now=utc_now(),
         )  # fmt: skip
 
     with pytest.raises(ConsentRefused):
         disclose("blocked")
     asked = consent_protocol.request_consent(
-        pk.node, pk.keyring, pk.officer, [case_id], EMBASSY, PURPOSE, now=utc_now()
+        NodeContext(pk.node, pk.keyring), pk.officer, [case_id], EMBASSY, PURPOSE, now=utc_now()
     )
     jp.receive_from(pk, asked.bundle_id)
     granted = consent_protocol.grant(
-        jp.node, jp.keyring, jp.officer, asked.request_id,
+        NodeContext(jp.node, jp.keyring), jp.officer, asked.request_id,
         valid_until=None, max_uses=3, conditions="", now=utc_now(),
     )  # fmt: skip
     pk.receive_from(jp, granted.bundle_id)
@@ -72,7 +73,11 @@ def story(pair: Pair, tmp_path: Path) -> tuple[str, str]:
         jp.receive_from(pk, notice.bundle_id)
     assert granted.consent_id is not None
     revoked = consent_protocol.revoke(
-        jp.node, jp.keyring, jp.officer, granted.consent_id, reason="closed", now=utc_now()
+        NodeContext(jp.node, jp.keyring),
+        jp.officer,
+        granted.consent_id,
+        reason="closed",
+        now=utc_now(),
     )
     pk.receive_from(jp, revoked.bundle_id)
     with pytest.raises(ConsentRefused):

@@ -49,6 +49,7 @@ from gateway.errors import (
     http_status_for,
 )
 from gateway.node import own_keys, peer_trust
+from gateway.node.context import NodeContext
 from gateway.node.inbox import read_bundle, receive_envelope
 from gateway.node.ledger import checkpoint as ledger_checkpoint
 from gateway.node.ledger import export as ledger_export
@@ -210,7 +211,7 @@ def run_api(
     """Serve the node's API on loopback and run ``scenario`` against it."""
 
     async def main() -> None:
-        app = create_api_app(made.node, keyring or made.keyring, routes=routes)
+        app = create_api_app(NodeContext(made.node, keyring or made.keyring), routes=routes)
         async with serve_api(app) as base, aiohttp.ClientSession() as session:
             await scenario(Client(session, base))
 
@@ -518,16 +519,18 @@ def test_routes_must_name_known_actions_and_stay_under_api_v1(sqlite_api_node: A
 
     with pytest.raises(ValueError, match="unknown action"):
         create_api_app(
-            sqlite_api_node.node,
-            no_keyring,
+            NodeContext(sqlite_api_node.node, no_keyring),
             routes=[ApiRoute("GET", "/api/v1/x", "x.y", handler, "")],
         )
     with pytest.raises(ValueError, match="outside /api/v1/"):
         create_api_app(
-            sqlite_api_node.node, no_keyring, routes=[ApiRoute("GET", "/v1/x", None, handler, "")]
+            NodeContext(sqlite_api_node.node, no_keyring),
+            routes=[ApiRoute("GET", "/v1/x", None, handler, "")],
         )
     with pytest.raises(ValueError, match="twice"):
-        create_api_app(sqlite_api_node.node, no_keyring, routes=[*all_routes(), all_routes()[0]])
+        create_api_app(
+            NodeContext(sqlite_api_node.node, no_keyring), routes=[*all_routes(), all_routes()[0]]
+        )
 
 
 # --- keys, peer and ledger through the API -----------------------------------------------
@@ -710,7 +713,7 @@ def exchange_pair(
 
         run_api(jp, send)
         envelope = envelope_path(jp.node.settings.blob_dir, sent["envelope_sha256"])
-        receive_envelope(pk.node, pk.keyring(), envelope, now=utc_now())
+        receive_envelope(NodeContext(pk.node, pk.keyring()), envelope, now=utc_now())
         # User commands are clients of the running nodes: serve both local APIs.
         with running_api(jp.node, jp.keyring), running_api(pk.node, pk.keyring):
             yield jp, pk, str(sent["bundle_id"])
@@ -731,7 +734,7 @@ def test_the_outbox_route_shows_attempts_last_error_and_next_attempt_of_a_failed
     async def failing_pass() -> None:
         url = f"http://127.0.0.1:{port}"
         async with PeerClient(jp.node.settings, jp.keyring(), peer_url=url) as client:
-            await deliver_once(jp.node, jp.keyring(), client)
+            await deliver_once(NodeContext(jp.node, jp.keyring()), client)
 
     with pytest.raises(PeerUnreachable) as caught:
         asyncio.run(failing_pass())
@@ -955,8 +958,7 @@ def test_compliance_audits_the_peer_through_the_api_over_a_real_peer_server(
             session, witnessed.to_wire(), pinned, peer_node="pk", now=utc_now()
         )
     read_bundle(
-        pk.node,
-        pk.keyring(),
+        NodeContext(pk.node, pk.keyring()),
         Actor("officer", Role.OFFICER),
         bundle_id,
         out_dir=None,
@@ -971,14 +973,14 @@ def test_compliance_audits_the_peer_through_the_api_over_a_real_peer_server(
 
     async def main() -> None:
         peer_app = create_node_peer_app(
-            pk.node, pk.keyring(), limits, extra_routes=ledger_routes(pk.node.db)
+            NodeContext(pk.node, pk.keyring()), limits, extra_routes=ledger_routes(pk.node.db)
         )
         async with serve_api(peer_app) as pk_url:
             settings = load_settings(
                 jp.home, environ=jp.environ, overrides={"server": {"peer_url": pk_url}}
             )
             with Node.open(settings) as jp_node:
-                app = create_api_app(jp_node, jp.keyring)
+                app = create_api_app(NodeContext(jp_node, jp.keyring))
                 async with serve_api(app) as base, aiohttp.ClientSession() as session:
                     client = Client(session, base)
                     answers.append(
@@ -1003,7 +1005,7 @@ def test_a_stalled_body_is_refused_and_writes_nothing(
     replies: list[bytes] = []
 
     async def main() -> None:
-        app = create_api_app(sqlite_api_node.node, no_keyring)
+        app = create_api_app(NodeContext(sqlite_api_node.node, no_keyring))
         async with serve_api(app) as base:
             port = int(base.rsplit(":", 1)[1])
             reader, writer = await asyncio.open_connection("127.0.0.1", port)

@@ -45,6 +45,7 @@ from sqlalchemy import text
 from gateway.api.app import ROUTES_KEY, create_api_app
 from gateway.cli.main import cli
 from gateway.core.roles import ACTIONS, Role
+from gateway.node.context import NodeContext
 from tests.conftest import create_pg_database, drop_pg_database
 from tests.integration.test_api import (
     PASSPHRASE,
@@ -344,7 +345,7 @@ def test_every_api_route_with_every_identity(table_node: tuple[ApiNode, str]) ->
     checked: list[tuple[str, str, str]] = []
 
     async def scenario() -> int:
-        app = create_api_app(made.node, made.keyring)
+        app = create_api_app(NodeContext(made.node, made.keyring))
         routes = app[ROUTES_KEY]
         async with serve_api(app) as base, aiohttp.ClientSession() as session:
             client = Client(session, base)
@@ -381,7 +382,7 @@ def test_every_api_route_with_every_identity(table_node: tuple[ApiNode, str]) ->
 def test_actions_of_cli_and_api_are_all_in_the_role_table(table_node: tuple[ApiNode, str]) -> None:
     made, _url = table_node
     cli_actions = {action for _path, _command, action in cli_commands()}
-    api_actions = {r.action for r in create_api_app(made.node, no_keyring)[ROUTES_KEY]}
+    api_actions = {r.action for r in create_api_app(NodeContext(made.node, no_keyring))[ROUTES_KEY]}
     assert cli_actions <= set(ACTIONS)
     assert api_actions - {None} <= set(ACTIONS)
     # Every action the API offers is also a CLI command, so both are tried above.
@@ -390,7 +391,7 @@ def test_actions_of_cli_and_api_are_all_in_the_role_table(table_node: tuple[ApiN
     # need the root key or the passphrase, which the serving process never holds.
     assert cli_actions - api_actions == KEY_CEREMONIES
     # Only whoami is open to every authenticated user, whatever the role.
-    routes = create_api_app(made.node, no_keyring)[ROUTES_KEY]
+    routes = create_api_app(NodeContext(made.node, no_keyring))[ROUTES_KEY]
     assert [r.path for r in routes if r.action is None] == ["/api/v1/whoami"]
 
 
@@ -448,7 +449,7 @@ def test_compliance_gets_no_case_content_from_any_command_or_route(
 
         # Every route, as the compliance officer, aimed at the real bundle.
         async def routes(client: Client, side: ApiNode = side) -> None:
-            for route in create_api_app(side.node, side.keyring)[ROUTES_KEY]:
+            for route in create_api_app(NodeContext(side.node, side.keyring))[ROUTES_KEY]:
                 url = re.sub(r"{[^}]+}", bundle_id, route.path)
                 queries = [""]
                 if route.method == "GET":
@@ -506,15 +507,15 @@ def test_every_peer_route_but_health_refuses_an_unsigned_request(
 ) -> None:
     made, _url = table_node
     from gateway.node.policy import load_policy  # noqa: PLC0415
-    from gateway.peer.ledger_routes import ledger_routes  # noqa: PLC0415
     from gateway.peer.server import HEALTH_PATH, create_node_peer_app, limits_from_policy  # noqa: PLC0415
+    from gateway.service.root import peer_routes  # noqa: PLC0415
 
     limits = limits_from_policy(load_policy(made.node.settings).limits)
     checked: list[tuple[str, str]] = []
 
     async def scenario() -> None:
         app = create_node_peer_app(
-            made.node, made.keyring(), limits, extra_routes=ledger_routes(made.node.db)
+            NodeContext(made.node, made.keyring()), limits, extra_routes=peer_routes(made.node)
         )
         routes = [
             (route.method, route.resource.canonical)

@@ -32,6 +32,7 @@ from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import queries as consent_queries
 from gateway.node.consent import receive as consent_receive
+from gateway.node.context import NodeContext
 from gateway.node.inbox import receive_envelope
 from gateway.node.ledger import read as ledger_read
 from gateway.node.outbox import send_case, send_protocol_bundle
@@ -117,15 +118,16 @@ def outbox_envelope(sender: Side, bundle_id: str) -> Path:
 
 def deliver(sender: Side, receiver: Side, bundle_id: str, *, when: datetime = NOW) -> None:
     """The inbox step alone: consent bundles wait until a consent command applies them."""
-    receive_envelope(receiver.node, receiver.keyring, outbox_envelope(sender, bundle_id), now=when)
+    receive_envelope(
+        NodeContext(receiver.node, receiver.keyring), outbox_envelope(sender, bundle_id), now=when
+    )
 
 
 def send_case_to_peer(
     sender: Side, receiver: Side, *, public: bool = False, when: datetime = NOW
 ) -> str:
     sent = send_case(
-        sender.node,
-        sender.keyring,
+        NodeContext(sender.node, sender.keyring),
         sender.officer,
         "exam-fraud",
         example("exam-fraud"),
@@ -148,8 +150,7 @@ def do_disclose(
     side: Side, ids: list[str], out: Path, **kw: Any
 ) -> consent_disclosure.DisclosureResult:
     return consent_disclosure.disclose(
-        side.node,
-        side.keyring,
+        NodeContext(side.node, side.keyring),
         side.officer,
         ids,
         kw.get("recipient", EMBASSY),
@@ -164,12 +165,11 @@ def grant_undelivered(
 ) -> tuple[consent_common.SentConsent, consent_common.SentConsent]:
     """pk asks jp about jp's items; jp grants; the grant has not reached pk yet."""
     asked = consent_protocol.request_consent(
-        pair.pk.node, pair.pk.keyring, PK_OFFICER, ids, EMBASSY, PURPOSE, now=NOW
+        NodeContext(pair.pk.node, pair.pk.keyring), PK_OFFICER, ids, EMBASSY, PURPOSE, now=NOW
     )
     deliver(pair.pk, pair.jp, asked.bundle_id)
     granted = consent_protocol.grant(
-        pair.jp.node,
-        pair.jp.keyring,
+        NodeContext(pair.jp.node, pair.jp.keyring),
         JP_OFFICER,
         asked.request_id,
         valid_until=kw.get("valid_until"),
@@ -227,8 +227,7 @@ def test_disclosure_blocked_until_consent_then_allowed_then_blocked_after_revoca
 
     assert granted.consent_id is not None
     revoked = consent_protocol.revoke(
-        pair.jp.node,
-        pair.jp.keyring,
+        NodeContext(pair.jp.node, pair.jp.keyring),
         JP_OFFICER,
         granted.consent_id,
         reason="the investigation is still open",
@@ -248,7 +247,7 @@ def test_disclosure_blocked_until_consent_then_allowed_then_blocked_after_revoca
     ]
     kinds_jp = [str(e.kind) for e in entries(pair.jp)]
     assert {"consent-requested", "consent-granted", "consent-revoked"} <= set(kinds_jp)
-    listing = consent_queries.list_consents(pair.pk.node, pair.pk.keyring, now=NOW)
+    listing = consent_queries.list_consents(NodeContext(pair.pk.node, pair.pk.keyring), now=NOW)
     (held,) = listing["consents"]
     assert (held["state"], held["uses_spent"]) == ("revoked", 1)
 
@@ -304,21 +303,24 @@ def test_internal_public_and_own_items_need_no_consent(pair: Pair, tmp_path: Pat
 def test_denial_reaches_the_requester(pair: Pair) -> None:
     case_id = send_case_to_peer(pair.jp, pair.pk)
     asked = consent_protocol.request_consent(
-        pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
+        NodeContext(pair.pk.node, pair.pk.keyring), PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
     )
     deliver(pair.pk, pair.jp, asked.bundle_id)
     denied = consent_protocol.deny(
-        pair.jp.node, pair.jp.keyring, JP_OFFICER, asked.request_id, reason="no", now=NOW
+        NodeContext(pair.jp.node, pair.jp.keyring),
+        JP_OFFICER,
+        asked.request_id,
+        reason="no",
+        now=NOW,
     )
     deliver(pair.jp, pair.pk, denied.bundle_id)
-    listing = consent_queries.list_consents(pair.pk.node, pair.pk.keyring, now=NOW)
+    listing = consent_queries.list_consents(NodeContext(pair.pk.node, pair.pk.keyring), now=NOW)
     (request,) = listing["requests"]
     assert (request["status"], request["denial_reason"]) == ("denied", "no")
     assert [e.actor_name for e in entries(pair.jp, "consent-denied")] == ["tanaka"]
     with pytest.raises(Exception, match="denied already"):
         consent_protocol.grant(
-            pair.jp.node,
-            pair.jp.keyring,
+            NodeContext(pair.jp.node, pair.jp.keyring),
             JP_OFFICER,
             asked.request_id,
             valid_until=None,
@@ -331,14 +333,13 @@ def test_denial_reaches_the_requester(pair: Pair) -> None:
 def test_validity_beyond_policy_maximum_is_refused(pair: Pair) -> None:
     case_id = send_case_to_peer(pair.jp, pair.pk)
     asked = consent_protocol.request_consent(
-        pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
+        NodeContext(pair.pk.node, pair.pk.keyring), PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
     )
     deliver(pair.pk, pair.jp, asked.bundle_id)
     before = len(entries(pair.jp))
     with pytest.raises(PolicyRefused, match="maximum validity"):
         consent_protocol.grant(
-            pair.jp.node,
-            pair.jp.keyring,
+            NodeContext(pair.jp.node, pair.jp.keyring),
             JP_OFFICER,
             asked.request_id,
             valid_until=NOW + timedelta(days=366),
@@ -364,7 +365,7 @@ def test_pointless_or_bad_requests_are_refused(pair: Pair) -> None:
     for side, ids, recipient, error, message in cases:
         with pytest.raises(error, match=message):
             consent_protocol.request_consent(
-                side.node, side.keyring, side.officer, ids, recipient, PURPOSE, now=NOW
+                NodeContext(side.node, side.keyring), side.officer, ids, recipient, PURPOSE, now=NOW
             )
     assert {side.node.node_id: len(entries(side)) for side in (pair.jp, pair.pk)} == before
 
@@ -373,7 +374,7 @@ def test_grant_signed_by_another_key_is_refused_and_never_used(pair: Pair, tmp_p
     """A consent-grant bundle whose written consent is not signed by the originator's key."""
     case_id = send_case_to_peer(pair.jp, pair.pk)
     asked = consent_protocol.request_consent(
-        pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
+        NodeContext(pair.pk.node, pair.pk.keyring), PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
     )
     deliver(pair.pk, pair.jp, asked.bundle_id)
     forged = ConsentGrant(
@@ -394,9 +395,10 @@ def test_grant_signed_by_another_key_is_refused_and_never_used(pair: Pair, tmp_p
     signed = sign_grant(forged, lambda message: other.sign(message).signature)
     attachment = tmp_path / consent_common.GRANT_ATTACHMENT
     attachment.write_bytes(json.dumps(signed.to_wire()).encode())
-    sent = send_protocol_bundle(  # what a faulty originator could sign and send
-        pair.jp.node,
-        pair.jp.keyring,
+    sent = send_protocol_bundle(
+        NodeContext(  # what a faulty originator could sign and send
+            pair.jp.node, pair.jp.keyring
+        ),
         JP_OFFICER,
         "consent-grant",
         {
@@ -417,7 +419,7 @@ def test_grant_signed_by_another_key_is_refused_and_never_used(pair: Pair, tmp_p
     )
     deliver(pair.jp, pair.pk, sent.bundle_id)
     assert_blocked(pair.pk, [case_id], tmp_path / "out", "no consent")
-    listing = consent_queries.list_consents(pair.pk.node, pair.pk.keyring, now=NOW)
+    listing = consent_queries.list_consents(NodeContext(pair.pk.node, pair.pk.keyring), now=NOW)
     assert listing["consents"] == []
     (refused,) = listing["refused_bundles"]
     assert refused["bundle_id"] == sent.bundle_id
@@ -429,7 +431,11 @@ def test_revocation_before_its_grant_revokes_it_on_arrival(pair: Pair, tmp_path:
     _asked, granted = grant_undelivered(pair, [case_id], conditions="")
     assert granted.consent_id is not None
     revoked = consent_protocol.revoke(
-        pair.jp.node, pair.jp.keyring, JP_OFFICER, granted.consent_id, reason="r", now=NOW
+        NodeContext(pair.jp.node, pair.jp.keyring),
+        JP_OFFICER,
+        granted.consent_id,
+        reason="r",
+        now=NOW,
     )
     deliver(pair.jp, pair.pk, revoked.bundle_id)
     deliver(pair.jp, pair.pk, granted.bundle_id)
@@ -446,7 +452,7 @@ def test_a_grant_that_arrived_after_its_key_was_distrusted_authorises_nothing(
     _asked, late_grant = grant_undelivered(pair, [case_id])
     deliver(pair.jp, pair.pk, late_grant.bundle_id, when=compromised + timedelta(minutes=15))
     consent_receive.apply_pending(
-        pair.pk.node, pair.pk.keyring, now=compromised + timedelta(minutes=15)
+        NodeContext(pair.pk.node, pair.pk.keyring), now=compromised + timedelta(minutes=15)
     )
     # Tokyo's signing key is revoked later, "compromised since" between the two grants.
     later = NOW + timedelta(hours=2)
@@ -468,7 +474,7 @@ def test_a_grant_that_arrived_after_its_key_was_distrusted_authorises_nothing(
     assert made.consent_id == trusted_grant.consent_id
     states = {
         c["consent_id"]: c["state"]
-        for c in consent_queries.list_consents(pair.pk.node, None, now=later)["consents"]
+        for c in consent_queries.list_consents(NodeContext(pair.pk.node), now=later)["consents"]
     }
     assert states == {trusted_grant.consent_id: "valid", late_grant.consent_id: "suspect"}
 
@@ -484,7 +490,11 @@ def test_revocation_concurrent_with_disclosures_never_follows_a_recorded_disclos
     granted = grant_for(pair, [case_id])
     assert granted.consent_id is not None
     revoked = consent_protocol.revoke(
-        pair.jp.node, pair.jp.keyring, JP_OFFICER, granted.consent_id, reason="r", now=NOW
+        NodeContext(pair.jp.node, pair.jp.keyring),
+        JP_OFFICER,
+        granted.consent_id,
+        reason="r",
+        now=NOW,
     )
     # A second connection pool to pk's database, as a separate receiver would have.
     receiver = Side(Node.open(pair.pk.node.settings), pair.pk.keyring, PK_OFFICER)
@@ -627,14 +637,15 @@ def test_peer_server_applies_consent_bundles_as_they_arrive(pair: Pair) -> None:
     entry, consent listed) without any officer command having run."""
     case_id = send_case_to_peer(pair.jp, pair.pk)
     asked = consent_protocol.request_consent(
-        pair.pk.node, pair.pk.keyring, PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
+        NodeContext(pair.pk.node, pair.pk.keyring), PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
     )
-    jp_services = node_services(pair.jp.node, pair.jp.keyring, skew=timedelta(minutes=5))
+    jp_services = node_services(
+        NodeContext(pair.jp.node, pair.jp.keyring), skew=timedelta(minutes=5)
+    )
     jp_services.receive_envelope(outbox_envelope(pair.pk, asked.bundle_id), now=NOW)
     assert [e.bundle_id for e in entries(pair.jp, "consent-requested")] == [asked.bundle_id]
     granted = consent_protocol.grant(
-        pair.jp.node,
-        pair.jp.keyring,
+        NodeContext(pair.jp.node, pair.jp.keyring),
         JP_OFFICER,
         asked.request_id,
         valid_until=None,
@@ -642,7 +653,9 @@ def test_peer_server_applies_consent_bundles_as_they_arrive(pair: Pair) -> None:
         conditions="",
         now=NOW,
     )
-    pk_services = node_services(pair.pk.node, pair.pk.keyring, skew=timedelta(minutes=5))
+    pk_services = node_services(
+        NodeContext(pair.pk.node, pair.pk.keyring), skew=timedelta(minutes=5)
+    )
     pk_services.receive_envelope(outbox_envelope(pair.jp, granted.bundle_id), now=NOW)
     (recorded,) = entries(pair.pk, "consent-granted")
     assert (recorded.consent_id, recorded.actor_name) == (granted.consent_id, "system")
@@ -654,8 +667,7 @@ def test_disclosed_package_holds_case_and_attachments_with_their_hashes(
     evidence = tmp_path / "case.json"  # named like the case file on purpose
     evidence.write_bytes(b"scanned contract\x00\x01" * 100)
     sent = send_case(
-        pair.jp.node,
-        pair.jp.keyring,
+        NodeContext(pair.jp.node, pair.jp.keyring),
         JP_OFFICER,
         "exam-fraud",
         example("exam-fraud"),

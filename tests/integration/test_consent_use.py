@@ -26,6 +26,7 @@ from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import queries as consent_queries
 from gateway.node.consent import receive as consent_receive
 from gateway.node.consent.uses import send_use_notices
+from gateway.node.context import NodeContext
 from gateway.node.outbox import send_case, send_protocol_bundle
 from gateway.node.runtime import utc_now
 from gateway.store.models_consent import DisclosureRecord
@@ -62,7 +63,7 @@ def notices(side: Side) -> list[OutboxEntry]:
 
 def deliver_and_apply(sender: Side, receiver: Side, bundle_id: str) -> list[str]:
     deliver(sender, receiver, bundle_id)
-    return consent_receive.apply_pending(receiver.node, receiver.keyring, now=NOW)
+    return consent_receive.apply_pending(NodeContext(receiver.node, receiver.keyring), now=NOW)
 
 
 def reports(side: Side) -> list[ConsentUseReport]:
@@ -85,7 +86,7 @@ def forged_notice(pair: Pair, **fields: Any) -> str:
         **fields,
     }
     sent = send_protocol_bundle(
-        pair.pk.node, pair.pk.keyring, SYSTEM, "consent-use", case, [],
+        NodeContext(pair.pk.node, pair.pk.keyring), SYSTEM, "consent-use", case, [],
         reply_to=None, now=NOW, in_transaction=lambda _s, _b: None,
     )  # fmt: skip
     return sent.bundle_id
@@ -102,7 +103,7 @@ def test_each_use_travels_back_and_the_originator_lists_it(pair: Pair, tmp_path:
     for notice in sent:
         deliver_and_apply(pair.pk, pair.jp, notice.bundle_id)
 
-    listing = consent_queries.list_consents(pair.jp.node, pair.jp.keyring, now=NOW)
+    listing = consent_queries.list_consents(NodeContext(pair.jp.node, pair.jp.keyring), now=NOW)
     (issued,) = listing["consents"]
     assert issued["consent_id"] == granted.consent_id
     assert (issued["uses_spent"], issued["max_uses"], issued["use_violations"]) == (2, 3, 0)
@@ -136,8 +137,8 @@ def test_duplicate_delivery_and_repeated_sending_record_one_use(pair: Pair, tmp_
     grant_for(pair, [case_id], max_uses=3)
     made = do_disclose(pair.pk, [case_id], tmp_path / "out1")
     # the discloser queues one notice however often it is asked to
-    assert send_use_notices(pair.pk.node, pair.pk.keyring, now=NOW) == []
-    consent_receive.apply_pending(pair.pk.node, pair.pk.keyring, now=NOW)
+    assert send_use_notices(NodeContext(pair.pk.node, pair.pk.keyring), now=NOW) == []
+    consent_receive.apply_pending(NodeContext(pair.pk.node, pair.pk.keyring), now=NOW)
     (notice,) = notices(pair.pk)
     with pair.pk.node.db.transaction() as session:
         (row,) = session.scalars(select(ConsentUseNoticeRecord)).all()
@@ -158,7 +159,9 @@ def test_duplicate_delivery_and_repeated_sending_record_one_use(pair: Pair, tmp_
     assert any("recorded already" in line for line in done)
     assert len(reports(pair.jp)) == 1
     assert len(entries(pair.jp, "consent-used")) == 1
-    (issued,) = consent_queries.list_consents(pair.jp.node, pair.jp.keyring, now=NOW)["consents"]
+    (issued,) = consent_queries.list_consents(NodeContext(pair.jp.node, pair.jp.keyring), now=NOW)[
+        "consents"
+    ]
     assert issued["uses_spent"] == 1
 
 
@@ -184,7 +187,9 @@ def test_use_over_the_limit_is_flagged(pair: Pair, tmp_path: Path) -> None:
     assert len(entries(pair.jp, "consent-used")) == 1
     (flagged,) = entries(pair.jp, "consent-use-violation")
     assert flagged.body["violations"] == ["over the limit: use 2 of at most 1"]
-    (issued,) = consent_queries.list_consents(pair.jp.node, pair.jp.keyring, now=NOW)["consents"]
+    (issued,) = consent_queries.list_consents(NodeContext(pair.jp.node, pair.jp.keyring), now=NOW)[
+        "consents"
+    ]
     assert (issued["uses_spent"], issued["use_violations"]) == (2, 1)
 
 
@@ -193,7 +198,7 @@ def test_use_after_the_peer_received_the_revocation_is_flagged(pair: Pair) -> No
     granted = grant_for(pair, [case_id], max_uses=5)
     assert granted.consent_id is not None
     revoked = consent_protocol.revoke(
-        pair.jp.node, pair.jp.keyring, pair.jp.officer, granted.consent_id,
+        NodeContext(pair.jp.node, pair.jp.keyring), pair.jp.officer, granted.consent_id,
         reason="investigation reopened", now=NOW,
     )  # fmt: skip
     # Before the peer holds the revocation, a use is still within the terms.
@@ -259,16 +264,21 @@ def test_a_disclosure_killed_before_its_notice_commits_sends_exactly_one_later(
     with open_pair(tmp_path, urls, clean_environ) as two:
         jp, pk = two.jp, two.pk
         sent = send_case(
-            jp.node, jp.keyring, jp.officer, "exam-fraud", example("exam-fraud"), [],
+            NodeContext(jp.node, jp.keyring), jp.officer, "exam-fraud", example("exam-fraud"), [],
             public=False, reply_to=None, now=utc_now(),
         )  # fmt: skip
         pk.receive_from(jp, sent.bundle_id)
         asked = consent_protocol.request_consent(
-            pk.node, pk.keyring, pk.officer, [sent.bundle_id], EMBASSY, PURPOSE, now=utc_now()
+            NodeContext(pk.node, pk.keyring),
+            pk.officer,
+            [sent.bundle_id],
+            EMBASSY,
+            PURPOSE,
+            now=utc_now(),
         )
         jp.receive_from(pk, asked.bundle_id)
         granted = consent_protocol.grant(
-            jp.node, jp.keyring, jp.officer, asked.request_id,
+            NodeContext(jp.node, jp.keyring), jp.officer, asked.request_id,
             valid_until=None, max_uses=None, conditions="", now=utc_now(),
         )  # fmt: skip
         pk.receive_from(jp, granted.bundle_id)
@@ -297,9 +307,11 @@ def test_a_disclosure_killed_before_its_notice_commits_sends_exactly_one_later(
         assert len(notices(pk)) == queued_before
 
         for _ in range(2):  # the next consent steps queue it, once
-            consent_queries.list_consents(pk.node, pk.keyring, now=utc_now())
+            consent_queries.list_consents(NodeContext(pk.node, pk.keyring), now=utc_now())
         (notice,) = notices(pk)
         for _ in range(2):
             jp.receive_from(pk, notice.bundle_id)
-        (issued,) = consent_queries.list_consents(jp.node, jp.keyring, now=utc_now())["consents"]
+        (issued,) = consent_queries.list_consents(NodeContext(jp.node, jp.keyring), now=utc_now())[
+            "consents"
+        ]
         assert issued["uses_spent"] == 1

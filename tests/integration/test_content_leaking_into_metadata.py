@@ -27,6 +27,7 @@ import pytest
 from gateway.errors import ConsentRefused
 from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.consent import protocol as consent_protocol
+from gateway.node.context import NodeContext
 from gateway.node.inbox import read_bundle
 from gateway.node.ledger import export as ledger_export
 from gateway.node.ledger import read as ledger_read
@@ -56,8 +57,7 @@ def _story(pair: Pair, tmp_path: Path) -> dict[str, str]:
     case = example("exam-fraud")
     case["description"] = CASE_TEXT
     sent = send_case(
-        pair.jp.node,
-        pair.jp.keyring,
+        NodeContext(pair.jp.node, pair.jp.keyring),
         pair.jp.officer,
         "exam-fraud",
         case,
@@ -68,14 +68,22 @@ def _story(pair: Pair, tmp_path: Path) -> dict[str, str]:
     )
     bundle = sent.bundle_id
     pair.pk.receive_from(pair.jp, bundle)
-    read_bundle(pair.pk.node, pair.pk.keyring, pair.pk.officer, bundle, out_dir=None, now=now())
+    read_bundle(
+        NodeContext(pair.pk.node, pair.pk.keyring), pair.pk.officer, bundle, out_dir=None, now=now()
+    )
     shown = tmp_path / "shown"
     shown.mkdir()
-    read_bundle(pair.pk.node, pair.pk.keyring, pair.pk.officer, bundle, out_dir=shown, now=now())
+    read_bundle(
+        NodeContext(pair.pk.node, pair.pk.keyring),
+        pair.pk.officer,
+        bundle,
+        out_dir=shown,
+        now=now(),
+    )
 
     def disclose(side: Side, recipient: str, out: str) -> consent_disclosure.DisclosureResult:
         return consent_disclosure.disclose(
-            side.node, side.keyring, side.officer, [bundle], recipient, PURPOSE,
+            NodeContext(side.node, side.keyring), side.officer, [bundle], recipient, PURPOSE,
             tmp_path / out, now=now(),
         )  # fmt: skip
 
@@ -83,11 +91,16 @@ def _story(pair: Pair, tmp_path: Path) -> dict[str, str]:
     with pytest.raises(ConsentRefused):
         disclose(pair.pk, THIRD_PARTY, "blocked")
     asked = consent_protocol.request_consent(
-        pair.pk.node, pair.pk.keyring, pair.pk.officer, [bundle], THIRD_PARTY, PURPOSE, now=now()
+        NodeContext(pair.pk.node, pair.pk.keyring),
+        pair.pk.officer,
+        [bundle],
+        THIRD_PARTY,
+        PURPOSE,
+        now=now(),
     )
     pair.jp.receive_from(pair.pk, asked.bundle_id)
     granted = consent_protocol.grant(
-        pair.jp.node, pair.jp.keyring, pair.jp.officer, asked.request_id,
+        NodeContext(pair.jp.node, pair.jp.keyring), pair.jp.officer, asked.request_id,
         valid_until=None, max_uses=None, conditions="", now=now(),
     )  # fmt: skip
     pair.pk.receive_from(pair.jp, granted.bundle_id)

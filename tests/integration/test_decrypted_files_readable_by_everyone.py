@@ -18,6 +18,7 @@ import pytest
 
 import gateway.api.routes_exchange
 from gateway.node.consent import disclosure as consent_disclosure
+from gateway.node.context import NodeContext
 from gateway.node.inbox import read_bundle
 from gateway.node.outbox import send_case
 from gateway.node.runtime import utc_now
@@ -45,8 +46,7 @@ def _sent_with_attachment(pair: Pair, tmp_path: Path) -> str:
     evidence = tmp_path / "evidence.pdf"
     evidence.write_bytes(b"%PDF-1.7 scanned passport page\n" * 50)
     sent = send_case(
-        pair.jp.node,
-        pair.jp.keyring,
+        NodeContext(pair.jp.node, pair.jp.keyring),
         pair.jp.officer,
         "exam-fraud",
         example("exam-fraud"),
@@ -100,7 +100,11 @@ def _core_show(pair: Pair, bundle_id: str, tmp_path: Path, _mp: Any) -> tuple[Pa
     out.mkdir(mode=0o700)
     out.chmod(0o700)
     read_bundle(
-        pair.pk.node, pair.pk.keyring, pair.pk.officer, bundle_id, out_dir=out, now=utc_now()
+        NodeContext(pair.pk.node, pair.pk.keyring),
+        pair.pk.officer,
+        bundle_id,
+        out_dir=out,
+        now=utc_now(),
     )
     return out, _modes(out)
 
@@ -117,8 +121,7 @@ def _core_disclose(
 ) -> tuple[Path, dict[str, int]]:
     out = tmp_path / "core-disclose"
     consent_disclosure.disclose(
-        pair.pk.node,
-        pair.pk.keyring,
+        NodeContext(pair.pk.node, pair.pk.keyring),
         pair.pk.officer,
         [bundle_id],
         INTERNAL,

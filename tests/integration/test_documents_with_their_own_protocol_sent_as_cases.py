@@ -24,6 +24,7 @@ from gateway.core.envelope import seal
 from gateway.errors import GatewayError
 from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import queries as consent_queries
+from gateway.node.context import NodeContext
 from gateway.node.outbox import Sealed, queue_sealed, send_case
 from gateway.node.peer_trust import pinned_peer_manifest
 from gateway.node.policy import load_policy
@@ -51,7 +52,7 @@ def _queued(side: Side, case_type: str | None = None) -> list[OutboxEntry]:
 def _core(pair: Pair, case_type: str, case: dict[str, Any], _t: Path) -> str:
     try:
         send_case(
-            pair.jp.node, pair.jp.keyring, pair.jp.officer, case_type, case, [],
+            NodeContext(pair.jp.node, pair.jp.keyring), pair.jp.officer, case_type, case, [],
             public=False, reply_to=None, now=utc_now(),
         )  # fmt: skip
     except GatewayError as exc:
@@ -124,17 +125,17 @@ def _hand_made(
 def _cases(pair: Pair) -> dict[str, Any]:
     """Bundles on record: one jp sent pk, one pk sent jp."""
     from_jp = send_case(
-        pair.jp.node, pair.jp.keyring, pair.jp.officer, "exam-fraud", example("exam-fraud"), [],
+        NodeContext(pair.jp.node, pair.jp.keyring), pair.jp.officer, "exam-fraud", example("exam-fraud"), [],
         public=False, reply_to=None, now=utc_now(),
     ).bundle_id  # fmt: skip
     pair.pk.receive_from(pair.jp, from_jp)
     from_pk = send_case(
-        pair.pk.node, pair.pk.keyring, pair.pk.officer, "exam-fraud", example("exam-fraud"), [],
+        NodeContext(pair.pk.node, pair.pk.keyring), pair.pk.officer, "exam-fraud", example("exam-fraud"), [],
         public=False, reply_to=None, now=utc_now(),
     ).bundle_id  # fmt: skip
     pair.jp.receive_from(pair.pk, from_pk)
     asked = consent_protocol.request_consent(
-        pair.pk.node, pair.pk.keyring, pair.pk.officer, [from_jp], "Embassy of Example",
+        NodeContext(pair.pk.node, pair.pk.keyring), pair.pk.officer, [from_jp], "Embassy of Example",
         "screening", now=utc_now(),
     ).bundle_id  # fmt: skip
     pair.jp.receive_from(pair.pk, asked)
@@ -190,7 +191,9 @@ def test_documents_with_their_own_protocol_sent_as_cases_are_refused_and_the_sen
     for name, case_type, build in REFUSED_ON_ARRIVAL:
         bundle = _hand_made(pair.jp, case_type, build(ids))
         pair.pk.receive_from(pair.jp, bundle)
-        listed = consent_queries.list_consents(pair.pk.node, pair.pk.keyring, now=utc_now())
+        listed = consent_queries.list_consents(
+            NodeContext(pair.pk.node, pair.pk.keyring), now=utc_now()
+        )
         if [r for r in listed["requests"] if r["request_id"] == bundle] or listed["consents"]:
             wrong[f"{name}: recorded by pk"] = listed
         notices = [e for e in _queued(pair.pk, "bundle-refusal") if e.reply_to == bundle]
@@ -210,7 +213,9 @@ def test_a_fitting_request_is_applied_and_no_refusal_travels(pair: Pair) -> None
     """The control: pk's own consent command asks about jp's bundle (in ``_cases``);
     jp records it pending and sends nothing back; pk's outbox shows no refusal."""
     asked = _cases(pair)["pk_protocol"]
-    listed = consent_queries.list_consents(pair.jp.node, pair.jp.keyring, now=utc_now())
+    listed = consent_queries.list_consents(
+        NodeContext(pair.jp.node, pair.jp.keyring), now=utc_now()
+    )
     (request,) = [r for r in listed["requests"] if r["request_id"] == asked]
     assert (request["status"], request["requesting_officer"]) == ("pending", "bilal")
     assert _queued(pair.jp, "bundle-refusal") == []

@@ -13,6 +13,7 @@ from openapi_spec_validator import validate
 
 from gateway.api.app import PROBE_ROUTES, ROUTES_KEY, create_api_app
 from gateway.console import is_console_path
+from gateway.node.context import NodeContext
 from tests.integration.test_api import ApiNode, make_node, no_keyring
 
 SPEC = Path(__file__).resolve().parents[2] / "docs" / "api" / "openapi.yaml"
@@ -33,7 +34,7 @@ def registered(
     """(METHOD, path) -> action of every route the real app registers."""
     made: ApiNode = make_node(tmp_path, f"sqlite:///{tmp_path / 'o.sqlite3'}", clean_environ)
     try:
-        app = create_api_app(made.node, no_keyring)
+        app = create_api_app(NodeContext(made.node, no_keyring))
         on_router = {
             (route.method, route.resource.canonical)
             for route in app.router.routes()

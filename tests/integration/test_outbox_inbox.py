@@ -33,6 +33,7 @@ from gateway.core.receipt import parse_receipt, verify_receipt
 from gateway.core.roles import Actor, Role
 from gateway.errors import StorageError, TransportError, VerificationError
 from gateway.node import own_keys, peer_trust
+from gateway.node.context import NodeContext
 from gateway.node.inbox import (
     EquivocationRefused,
     list_gaps,
@@ -152,8 +153,7 @@ def example(case_type: str) -> dict[str, Any]:
 
 def send(side: Side, case_type: str = "exam-fraud", *, when: datetime = NOW, **kw: Any) -> Any:
     return send_case(
-        side.node,
-        side.keyring,
+        NodeContext(side.node, side.keyring),
         OFFICER,
         case_type,
         example(case_type),
@@ -328,7 +328,9 @@ def test_retry_delay_grows_exponentially_with_jitter_and_a_cap(
 def test_a_sent_case_is_stored_once_at_the_peer_with_a_receipt_that_verifies(pair: Pair) -> None:
     sent = send(pair.jp, "broker-misconduct")
     receipt = receive_envelope(
-        pair.pk.node, pair.pk.keyring, stored_envelope(pair.jp, sent.bundle_id), now=NOW
+        NodeContext(pair.pk.node, pair.pk.keyring),
+        stored_envelope(pair.jp, sent.bundle_id),
+        now=NOW,
     )
     verified = verify_receipt(
         receipt,
@@ -356,9 +358,11 @@ def test_the_same_envelope_again_gets_the_identical_receipt_and_stores_nothing(
 ) -> None:
     sent = send(pair.jp)
     path = stored_envelope(pair.jp, sent.bundle_id)
-    first = receive_envelope(pair.pk.node, pair.pk.keyring, path, now=NOW)
+    first = receive_envelope(NodeContext(pair.pk.node, pair.pk.keyring), path, now=NOW)
     entries = len(ledger_kinds(pair.pk))
-    again = receive_envelope(pair.pk.node, pair.pk.keyring, path, now=NOW + timedelta(hours=1))
+    again = receive_envelope(
+        NodeContext(pair.pk.node, pair.pk.keyring), path, now=NOW + timedelta(hours=1)
+    )
     assert again == first
     assert count(pair.pk, InboxEntry) == 1
     assert len(ledger_kinds(pair.pk)) == entries
@@ -399,12 +403,12 @@ def test_a_different_envelope_under_a_known_id_is_refused_and_recorded(
         pair.jp, {**case, "description": "changed"}, 1, tmp_path / "b"
     )
     assert first_id == other_id
-    receipt = receive_envelope(pair.pk.node, pair.pk.keyring, tmp_path / "a", now=NOW)
+    receipt = receive_envelope(NodeContext(pair.pk.node, pair.pk.keyring), tmp_path / "a", now=NOW)
     with pytest.raises(EquivocationRefused) as caught:
-        receive_envelope(pair.pk.node, pair.pk.keyring, tmp_path / "b", now=NOW)
+        receive_envelope(NodeContext(pair.pk.node, pair.pk.keyring), tmp_path / "b", now=NOW)
     assert caught.value.reason == "equivocation"
     with pytest.raises(EquivocationRefused):  # again: refused, recorded once
-        receive_envelope(pair.pk.node, pair.pk.keyring, tmp_path / "b", now=NOW)
+        receive_envelope(NodeContext(pair.pk.node, pair.pk.keyring), tmp_path / "b", now=NOW)
     with pair.pk.node.db.transaction() as session:
         [record] = session.scalars(select(Equivocation)).all()
         assert record.bundle_id == first_id
@@ -418,7 +422,10 @@ def test_a_different_envelope_under_a_known_id_is_refused_and_recorded(
     assert evidence.is_file()  # kept as evidence, never swept
     [row] = list_inbox(pair.pk.node)
     assert row.receipt == receipt
-    assert receive_envelope(pair.pk.node, pair.pk.keyring, tmp_path / "a", now=NOW) == receipt
+    assert (
+        receive_envelope(NodeContext(pair.pk.node, pair.pk.keyring), tmp_path / "a", now=NOW)
+        == receipt
+    )
 
 
 def _flip(data: bytes, where: str) -> bytes:
@@ -445,9 +452,9 @@ def test_a_flipped_bit_is_refused_without_a_trace_and_the_clean_retry_succeeds(
         bad.write_bytes(_flip(clean_path.read_bytes(), where))
         before = (count(pair.pk, InboxEntry), ledger_kinds(pair.pk))
         with pytest.raises(VerificationError):
-            receive_envelope(pair.pk.node, pair.pk.keyring, bad, now=NOW)
+            receive_envelope(NodeContext(pair.pk.node, pair.pk.keyring), bad, now=NOW)
         assert (count(pair.pk, InboxEntry), ledger_kinds(pair.pk)) == before, where
-        receipt = receive_envelope(pair.pk.node, pair.pk.keyring, clean_path, now=NOW)
+        receipt = receive_envelope(NodeContext(pair.pk.node, pair.pk.keyring), clean_path, now=NOW)
         assert parse_receipt(receipt).bundle_id == sent.bundle_id
         assert count(pair.pk, InboxEntry) == before[0] + 1
 
@@ -458,7 +465,9 @@ def test_an_envelope_addressed_to_another_node_is_refused_with_nothing_stored(
     sent = send(pair.jp)
     with pytest.raises(VerificationError) as caught:
         receive_envelope(
-            pair.jp.node, pair.jp.keyring, stored_envelope(pair.jp, sent.bundle_id), now=NOW
+            NodeContext(pair.jp.node, pair.jp.keyring),
+            stored_envelope(pair.jp, sent.bundle_id),
+            now=NOW,
         )
     assert caught.value.check == "recipient"
     assert count(pair.jp, InboxEntry) == 0
@@ -468,13 +477,13 @@ def test_missing_sequence_numbers_are_reported_as_gaps_until_they_arrive(pair: P
     sent = [send(pair.jp) for _ in range(6)]
     paths = {s.sequence: stored_envelope(pair.jp, s.bundle_id) for s in sent}
     for seq in (1, 3, 6):
-        receive_envelope(pair.pk.node, pair.pk.keyring, paths[seq], now=NOW)
+        receive_envelope(NodeContext(pair.pk.node, pair.pk.keyring), paths[seq], now=NOW)
     [gaps] = list_gaps(pair.pk.node)
     assert (gaps.channel, gaps.highest, list(gaps.missing)) == ("jp->pk", 6, [(2, 2), (4, 5)])
-    receive_envelope(pair.pk.node, pair.pk.keyring, paths[4], now=NOW)
+    receive_envelope(NodeContext(pair.pk.node, pair.pk.keyring), paths[4], now=NOW)
     assert list(list_gaps(pair.pk.node)[0].missing) == [(2, 2), (5, 5)]
     for seq in (2, 5):
-        receive_envelope(pair.pk.node, pair.pk.keyring, paths[seq], now=NOW)
+        receive_envelope(NodeContext(pair.pk.node, pair.pk.keyring), paths[seq], now=NOW)
     assert list(list_gaps(pair.pk.node)[0].missing) == []
 
 
@@ -500,7 +509,9 @@ class DirectClient:
         for path in paths:
             self.received.append(path)
             try:
-                receipt = receive_envelope(self.peer.node, self.peer.keyring, path, now=self.now)
+                receipt = receive_envelope(
+                    NodeContext(self.peer.node, self.peer.keyring), path, now=self.now
+                )
             except VerificationError as exc:
                 results.append(_Result("refused", None, exc.reason))
                 continue
@@ -520,12 +531,16 @@ def test_delivery_counts_only_verified_receipts_and_a_lost_answer_is_resent(pair
     sent = [send(pair.jp) for _ in range(3)]
     lossy = DirectClient(pair.pk, lose_answers=True)
     with pytest.raises(ConnectionResetError):
-        asyncio.run(deliver_once(pair.jp.node, pair.jp.keyring, lossy, now_fn=lambda: NOW))
+        asyncio.run(
+            deliver_once(NodeContext(pair.jp.node, pair.jp.keyring), lossy, now_fn=lambda: NOW)
+        )
     assert {r.state for r in list_outbox(pair.jp.node)} == {"queued"}
     assert count(pair.pk, InboxEntry) == 3
     receipts = {r.bundle_id: r.receipt for r in list_inbox(pair.pk.node)}
     report = asyncio.run(
-        deliver_once(pair.jp.node, pair.jp.keyring, DirectClient(pair.pk), now_fn=lambda: NOW)
+        deliver_once(
+            NodeContext(pair.jp.node, pair.jp.keyring), DirectClient(pair.pk), now_fn=lambda: NOW
+        )
     )
     assert sorted(report.delivered) == sorted(s.bundle_id for s in sent)
     assert report.remaining == 0
@@ -553,13 +568,17 @@ def test_after_a_key_rotation_the_new_manifest_goes_first_and_new_bundles_are_ac
     pair.jp.keyring = rotated
     sent = send(pair.jp, when=later)
     client = DirectClient(pair.pk, now=later)
-    report = asyncio.run(deliver_once(pair.jp.node, rotated, client, now_fn=lambda: later))
+    report = asyncio.run(
+        deliver_once(NodeContext(pair.jp.node, rotated), client, now_fn=lambda: later)
+    )
     assert report.manifests_sent == 1
     assert client.manifests == [rotated.manifest.raw]
     assert report.delivered == [sent.bundle_id]
     [row] = list_inbox(pair.pk.node)
     assert row.signing_key_id == rotated.signing_key_id
-    again = asyncio.run(deliver_once(pair.jp.node, rotated, client, now_fn=lambda: later))
+    again = asyncio.run(
+        deliver_once(NodeContext(pair.jp.node, rotated), client, now_fn=lambda: later)
+    )
     assert (again.manifests_sent, again.attempted) == (0, 0)
 
 
@@ -570,12 +589,14 @@ def test_an_officer_reads_a_received_bundle_and_the_read_is_logged(
     attachment.write_bytes(b"%PDF-1.7 " + os.urandom(3000))
     sent = send(pair.jp, "return-assistance", attachments=[attachment])
     receive_envelope(
-        pair.pk.node, pair.pk.keyring, stored_envelope(pair.jp, sent.bundle_id), now=NOW
+        NodeContext(pair.pk.node, pair.pk.keyring),
+        stored_envelope(pair.jp, sent.bundle_id),
+        now=NOW,
     )
     out = tmp_path / "out"
     out.mkdir()
     shown = read_bundle(
-        pair.pk.node, pair.pk.keyring, PK_OFFICER, sent.bundle_id, out_dir=out, now=NOW
+        NodeContext(pair.pk.node, pair.pk.keyring), PK_OFFICER, sent.bundle_id, out_dir=out, now=NOW
     )
     assert shown.case == validate_case(
         "return-assistance", example("return-assistance")
@@ -630,7 +651,9 @@ def test_a_refused_bundle_stays_queued_with_backoff_and_does_not_block_the_other
             return [by_path.get(p, _Result("refused", None, "policy.size")) for p in paths]
 
     report = asyncio.run(
-        deliver_once(pair.jp.node, pair.jp.keyring, Refusing(pair.pk), now_fn=lambda: NOW)
+        deliver_once(
+            NodeContext(pair.jp.node, pair.jp.keyring), Refusing(pair.pk), now_fn=lambda: NOW
+        )
     )
     assert report.delivered == [second.bundle_id]
     assert report.refused == {first.bundle_id: "refused: policy.size"}
@@ -645,15 +668,17 @@ def test_a_refused_bundle_stays_queued_with_backoff_and_does_not_block_the_other
     assert rows[second.bundle_id].state == "delivered"
     not_due = asyncio.run(
         deliver_once(
-            pair.jp.node, pair.jp.keyring, DirectClient(pair.pk), now_fn=lambda: NOW, due_only=True
+            NodeContext(pair.jp.node, pair.jp.keyring),
+            DirectClient(pair.pk),
+            now_fn=lambda: NOW,
+            due_only=True,
         )
     )
     assert not_due.attempted == 0
     later = queued.next_attempt_at + timedelta(seconds=1)
     due = asyncio.run(
         deliver_once(
-            pair.jp.node,
-            pair.jp.keyring,
+            NodeContext(pair.jp.node, pair.jp.keyring),
             DirectClient(pair.pk),
             now_fn=lambda: later,
             due_only=True,
@@ -683,7 +708,7 @@ def test_the_sender_worker_retries_through_failures_and_wakes_when_a_bundle_is_q
                 flaky,
                 stop,
                 deliver=lambda client: deliver_once(
-                    pair.jp.node, pair.jp.keyring, client, now_fn=lambda: NOW
+                    NodeContext(pair.jp.node, pair.jp.keyring), client, now_fn=lambda: NOW
                 ),
                 interval=3600.0,  # only a wake-up can bring the second bundle in time
                 rng=lambda: 0.0,
@@ -773,8 +798,7 @@ def test_send_inbox_outbox_and_show_work_for_officers_and_refuse_other_roles(
     [row] = json.loads(out)["bundles"]
     assert (row["bundle_id"], row["state"], row["receipt"]) == (sent["bundle_id"], "queued", None)
     receive_envelope(
-        live_pair.pk.node,
-        live_pair.pk.keyring,
+        NodeContext(live_pair.pk.node, live_pair.pk.keyring),
         stored_envelope(live_pair.jp, sent["bundle_id"]),
         now=datetime.now(UTC),  # the command sealed at the real time
     )
@@ -818,7 +842,7 @@ def test_concurrent_receives_store_each_bundle_once_and_report_no_false_gaps(pai
 
     def receive(path: Path) -> None:
         try:
-            receipt = receive_envelope(pair.pk.node, pair.pk.keyring, path, now=NOW)
+            receipt = receive_envelope(NodeContext(pair.pk.node, pair.pk.keyring), path, now=NOW)
         except BaseException as exc:
             errors.append(exc)
             return
@@ -859,7 +883,9 @@ def test_a_pass_that_cannot_reach_the_peer_records_attempts_last_error_and_next_
 
     async def one_pass(now: datetime) -> None:
         async with _unreachable_client(pair.jp) as client:
-            await deliver_once(pair.jp.node, pair.jp.keyring, client, now_fn=lambda: now)
+            await deliver_once(
+                NodeContext(pair.jp.node, pair.jp.keyring), client, now_fn=lambda: now
+            )
 
     for number, when in enumerate((NOW, NOW + timedelta(hours=1)), start=1):
         with pytest.raises(PeerUnreachable) as caught:
@@ -904,7 +930,7 @@ def test_the_sender_worker_logs_the_named_cause_and_the_rows_keep_it(pair: Pair)
                 lambda: _unreachable_client(pair.jp),
                 stop,
                 deliver=lambda client: deliver_once(
-                    pair.jp.node, pair.jp.keyring, client, now_fn=lambda: NOW
+                    NodeContext(pair.jp.node, pair.jp.keyring), client, now_fn=lambda: NOW
                 ),
                 interval=3600.0,
                 rng=lambda: 0.0,
@@ -936,14 +962,14 @@ def test_a_batch_answers_each_envelope_as_alone_and_stores_it_in_one_commit(
 
     sent = [send(pair.jp) for _ in range(6)]
     paths = [stored_envelope(pair.jp, s.bundle_id) for s in sent]
-    earlier = receive_envelope(pair.pk.node, pair.pk.keyring, paths[1], now=NOW)
+    earlier = receive_envelope(NodeContext(pair.pk.node, pair.pk.keyring), paths[1], now=NOW)
     tampered = tmp_path / "tampered"
     data = bytearray(paths[3].read_bytes())
     data[-1] ^= 0x01
     tampered.write_bytes(bytes(data))
     # Out of order, a replay, the same bytes twice, a flipped bit: one request.
     batch = [paths[5], paths[1], paths[0], tampered, paths[0], paths[2], paths[4]]
-    outcomes = receive_batch(pair.pk.node, pair.pk.keyring, batch, now=NOW)
+    outcomes = receive_batch(NodeContext(pair.pk.node, pair.pk.keyring), batch, now=NOW)
     assert [o.error is None for o in outcomes] == [True, True, True, False, True, True, True]
     assert outcomes[1].receipt == earlier
     assert outcomes[1].replayed
@@ -959,7 +985,7 @@ def test_a_batch_answers_each_envelope_as_alone_and_stores_it_in_one_commit(
     assert (gaps.highest, list(gaps.missing)) == (6, [(4, 4)])
     assert ledger_kinds(pair.pk).count("bundle-received") == 5
     # The clean envelope the flipped bit stood for is accepted afterwards.
-    [late] = receive_batch(pair.pk.node, pair.pk.keyring, [paths[3]], now=NOW)
+    [late] = receive_batch(NodeContext(pair.pk.node, pair.pk.keyring), [paths[3]], now=NOW)
     assert late.receipt is not None
     [gaps] = list_gaps(pair.pk.node)
     assert list(gaps.missing) == []
@@ -988,7 +1014,7 @@ def test_two_envelopes_under_one_id_in_one_batch_keep_the_first_and_record_the_o
             now=NOW,
             random=_first_draw(uuid.UUID(first.bundle_id).bytes),
         )
-    outcomes = receive_batch(pair.pk.node, pair.pk.keyring, [original, other], now=NOW)
+    outcomes = receive_batch(NodeContext(pair.pk.node, pair.pk.keyring), [original, other], now=NOW)
     assert outcomes[0].receipt is not None
     assert isinstance(outcomes[1].error, EquivocationRefused)
     assert count(pair.pk, InboxEntry) == 1

@@ -24,6 +24,7 @@ from gateway.cli.main import cli
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
 from gateway.node import own_keys, peer_trust
+from gateway.node.context import NodeContext
 from gateway.node.outbox import send_case
 from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node
@@ -105,7 +106,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def _serve(pk: Side, tls: ServerSettings | None = None) -> ServerThread:
-    app = create_node_peer_app(pk.node, pk.keyring, TEST_LIMITS)
+    app = create_node_peer_app(NodeContext(pk.node, pk.keyring), TEST_LIMITS)
     context = server_ssl_context(tls, host="127.0.0.1") if tls is not None else None
     return ServerThread(app, TEST_LIMITS, ssl_context=context)
 
@@ -123,8 +124,7 @@ def _ping(
     limits = aiohttp.ClientTimeout(total=None, connect=5, sock_connect=5, sock_read=10)
     return asyncio.run(
         ping_peer(
-            side.node,
-            side.keyring,
+            NodeContext(side.node, side.keyring),
             settings=settings,
             clock=clock or (lambda: datetime.now(UTC)),
             limits=limits,
@@ -311,8 +311,7 @@ def test_sync_names_the_cause_and_debug_shows_the_chained_exception(
     case = json.loads((REPO / "docs" / "examples" / "exam-fraud.json").read_text())
     officer = Actor(name="tanaka", role=Role.OFFICER)
     send_case(
-        jp.node,
-        jp.keyring,
+        NodeContext(jp.node, jp.keyring),
         officer,
         "exam-fraud",
         case,

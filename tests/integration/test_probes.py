@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 from gateway.api.app import create_api_app
 from gateway.core.keys import NodeKeyring
 from gateway.errors import GatewayError
+from gateway.node.context import NodeContext
 from tests.conftest import PG_ADMIN_URL
 from tests.integration.test_api import ApiNode, Client, make_node, serve_api
 
@@ -67,7 +68,7 @@ def running(made: ApiNode, keyring: Callable[[], NodeKeyring] | None = None) -> 
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    app = create_api_app(made.node, keyring or made.keyring)
+    app = create_api_app(NodeContext(made.node, keyring or made.keyring))
     context = serve_api(app)
     base = asyncio.run_coroutine_threadsafe(context.__aenter__(), loop).result(30)
     try:
@@ -240,7 +241,7 @@ def test_metrics_without_a_token_are_refused_off_loopback(probed: ApiNode) -> No
     async def scenario() -> tuple[int, int]:
         import aiohttp  # noqa: PLC0415
 
-        app = create_api_app(probed.node, probed.keyring)
+        app = create_api_app(NodeContext(probed.node, probed.keyring))
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, address, 0)

@@ -20,13 +20,14 @@ import tomli_w
 from sqlalchemy import select
 
 from gateway.core.receipt import verify_receipt
+from gateway.node.context import NodeContext
 from gateway.node.outbox import send_case
 from gateway.node.own_keys import own_manifest, unlock_keyring
 from gateway.node.peer_trust import pin_peer, pinned_peer_manifest
 from gateway.node.runtime import Node
 from gateway.node.setup import init_node
 from gateway.peer.client import PeerClient, PeerRefused
-from gateway.peer.pull_routes import PULL_PATH
+from gateway.peer.pull_routes import PULL_PATH, add_pull_routes
 from gateway.peer.puller import PullReport, pull_once
 from gateway.peer.server import create_node_peer_app
 from gateway.settings import Settings, load_settings
@@ -93,7 +94,12 @@ def make_pair(
 
 
 def _serve(jp: Side) -> ServerThread:
-    return ServerThread(create_node_peer_app(jp.node, jp.keyring, TEST_LIMITS), TEST_LIMITS)
+    return ServerThread(
+        create_node_peer_app(
+            NodeContext(jp.node, jp.keyring), TEST_LIMITS, extra_routes=add_pull_routes
+        ),
+        TEST_LIMITS,
+    )
 
 
 def _toward(side: Side, url: str) -> Settings:
@@ -108,7 +114,7 @@ def _toward(side: Side, url: str) -> Settings:
 def _pull(pk: Side, url: str, *, wait: float = 0.0) -> PullReport:
     async def run() -> PullReport:
         async with PeerClient(_toward(pk, url), pk.keyring) as client:
-            return await pull_once(pk.node, pk.keyring, client, wait=wait)
+            return await pull_once(NodeContext(pk.node, pk.keyring), client, wait=wait)
 
     return asyncio.run(run())
 
@@ -116,7 +122,7 @@ def _pull(pk: Side, url: str, *, wait: float = 0.0) -> PullReport:
 def _send(jp: Side, count: int) -> list[str]:
     return [
         send_case(
-            jp.node, jp.keyring, ADMIN, "exam-fraud", example("exam-fraud"), [],
+            NodeContext(jp.node, jp.keyring), ADMIN, "exam-fraud", example("exam-fraud"), [],
             public=False, reply_to=None, now=datetime.now(UTC),
         ).bundle_id
         for _ in range(count)
@@ -186,8 +192,7 @@ def test_a_lost_receipt_means_the_same_envelope_again_and_the_identical_receipt(
                 )  # fmt: skip
                 await asyncio.to_thread(
                     _take,
-                    pk.node,
-                    pk.keyring,
+                    NodeContext(pk.node, pk.keyring),
                     items,
                     PullReport(),
                     now_fn=lambda: datetime.now(UTC),
@@ -248,7 +253,9 @@ def test_an_idle_pull_waits_and_wakes_when_a_bundle_is_queued(
             loop = asyncio.get_running_loop()
             started = loop.time()
             async with PeerClient(_toward(pk, running.url), pk.keyring) as client:
-                pulling = asyncio.ensure_future(pull_once(pk.node, pk.keyring, client, wait=20.0))
+                pulling = asyncio.ensure_future(
+                    pull_once(NodeContext(pk.node, pk.keyring), client, wait=20.0)
+                )
                 await asyncio.sleep(0.5)
                 assert not pulling.done()  # nothing to hand out: it waits
                 await asyncio.to_thread(_send, jp, 1)

@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from gateway.errors import GatewayError
 from gateway.node.bundles import seal_to_file
 from gateway.node.consent import disclosure as consent_disclosure
+from gateway.node.context import NodeContext
 from gateway.node.inbox import read_bundle
 from gateway.node.outbox import send_case
 from gateway.node.peer_trust import pinned_peer_manifest
@@ -48,8 +49,7 @@ def _count(side: Side, table: Any) -> int:
 
 def _send(side: Side, case_type: str, case: dict[str, Any], reply_to: str | None) -> str:
     return send_case(
-        side.node,
-        side.keyring,
+        NodeContext(side.node, side.keyring),
         side.officer,
         case_type,
         case,
@@ -221,7 +221,7 @@ def test_replies_to_nothing_are_refused_by_the_receiving_peer(
     ids["request"] = exchanged["own_request"]
     ids["own_request"] = exchanged["request"]
     pair.pk.receive_from(pair.jp, exchanged["own_request"])
-    services = node_services(pair.pk.node, pair.pk.keyring, skew=timedelta(minutes=5))
+    services = node_services(NodeContext(pair.pk.node, pair.pk.keyring), skew=timedelta(minutes=5))
     wrong: dict[str, str] = {}
     for name, case_type, request, reply_to in REFUSED_AT_RECEIVE:
         case = _case_for(case_type, _resolve(request, ids))
@@ -247,7 +247,7 @@ def test_replies_to_nothing_a_stored_reply_contradicting_itself_is_never_shown(
     pair.pk.receive_from(pair.jp, exchanged["own_request"])
     case = _reply(exchanged["case"])  # the case names another bundle than reply_to
     path = _hand_sealed(pair.jp, tmp_path, "information-reply", case, exchanged["request"])
-    services = node_services(pair.pk.node, pair.pk.keyring, skew=timedelta(minutes=5))
+    services = node_services(NodeContext(pair.pk.node, pair.pk.keyring), skew=timedelta(minutes=5))
     services.receive_envelope(path, now=utc_now())
     with pair.pk.node.db.transaction() as session:
         bundle = session.scalars(
@@ -255,7 +255,7 @@ def test_replies_to_nothing_a_stored_reply_contradicting_itself_is_never_shown(
         ).one()
     outcomes: dict[str, str] = {}
     try:
-        read_bundle(pair.pk.node, pair.pk.keyring, pair.pk.officer, bundle, out_dir=None,
+        read_bundle(NodeContext(pair.pk.node, pair.pk.keyring), pair.pk.officer, bundle, out_dir=None,
                     now=utc_now())  # fmt: skip
         outcomes["core read_bundle"] = "shown"
     except GatewayError as exc:
@@ -265,7 +265,7 @@ def test_replies_to_nothing_a_stored_reply_contradicting_itself_is_never_shown(
     (answer,) = pair.pk.api([("GET", f"/api/v1/bundles/{bundle}", None)])
     outcomes["API GET /api/v1/bundles/{id}"] = str(answer.status)
     try:
-        consent_disclosure.disclose(pair.pk.node, pair.pk.keyring, pair.pk.officer, [bundle], "beoe",
+        consent_disclosure.disclose(NodeContext(pair.pk.node, pair.pk.keyring), pair.pk.officer, [bundle], "beoe",
                          "review", tmp_path / "out", now=utc_now())  # fmt: skip
         outcomes["core disclose"] = "disclosed"
     except GatewayError as exc:

@@ -31,10 +31,11 @@ from gateway.core.envelope import seal
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
 from gateway.errors import StorageError
-from gateway.node import inbox, ledger, retention
+from gateway.node import ledger, retention
 from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import receive as consent_receive
+from gateway.node.context import NodeContext, PolicyCache
 from gateway.node.housekeeping import enforce_retention
 from gateway.node.inbox import EquivocationRefused, read_bundle, receive_envelope
 from gateway.node.ledger import checkpoint as ledger_checkpoint
@@ -141,7 +142,9 @@ class DirectClient:
             if self.accept is not None and path.name not in self.accept:
                 results.append(_Outcome("unavailable", None, "link down"))
                 continue
-            receipt = receive_envelope(self.peer.node, self.peer.keyring, path, now=self.now)
+            receipt = receive_envelope(
+                NodeContext(self.peer.node, self.peer.keyring), path, now=self.now
+            )
             results.append(_Outcome("accepted", receipt, None))
         return results
 
@@ -154,8 +157,7 @@ def send(
 ) -> SentBundle:
     case = json.loads((EXAMPLES / f"{case_type}.json").read_text())
     return send_case(
-        sender.node,
-        sender.keyring,
+        NodeContext(sender.node, sender.keyring),
         sender.officer,
         case_type,
         case,
@@ -170,7 +172,7 @@ def deliver(sender: Side, receiver: Side, sent: SentBundle, when: datetime) -> N
     """Deliver this one bundle with its signed receipt (others stay queued)."""
     client = DirectClient(receiver, when, accept={sent.envelope_sha256})
     report = asyncio.run(
-        deliver_once(sender.node, sender.keyring, client, now_fn=lambda: when)  # type: ignore[arg-type]
+        deliver_once(NodeContext(sender.node, sender.keyring), client, now_fn=lambda: when)  # type: ignore[arg-type]
     )
     assert sent.bundle_id in report.delivered
 
@@ -258,7 +260,7 @@ def api_get(side: Side, token: str, path: str) -> tuple[int, Any]:
     """One GET on the node's real local API application, served on loopback."""
 
     async def go() -> tuple[int, Any]:
-        app = create_api_app(side.node, lambda: side.keyring)
+        app = create_api_app(NodeContext(side.node, lambda: side.keyring))
         runner = aiohttp.web.AppRunner(app, access_log=None)
         await runner.setup()
         site = aiohttp.web.TCPSite(runner, "127.0.0.1", 0)
@@ -300,8 +302,7 @@ def test_purge_lists_then_destroys_due_bodies_and_outputs_while_ledger_and_witne
     reads.mkdir()
     for minutes in (60, 61):
         read_bundle(
-            pair.pk.node,
-            pair.pk.keyring,
+            NodeContext(pair.pk.node, pair.pk.keyring),
             PK_OFFICER,
             old.bundle_id,
             out_dir=reads,
@@ -309,8 +310,7 @@ def test_purge_lists_then_destroys_due_bodies_and_outputs_while_ledger_and_witne
         )
     package = tmp_path / "for-beoe"
     consent_disclosure.disclose(
-        pair.pk.node,
-        pair.pk.keyring,
+        NodeContext(pair.pk.node, pair.pk.keyring),
         PK_OFFICER,
         [old.bundle_id],
         "beoe",
@@ -321,8 +321,7 @@ def test_purge_lists_then_destroys_due_bodies_and_outputs_while_ledger_and_witne
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     read_bundle(
-        pair.pk.node,
-        pair.pk.keyring,
+        NodeContext(pair.pk.node, pair.pk.keyring),
         PK_OFFICER,
         recent.bundle_id,
         out_dir=fresh,
@@ -498,8 +497,7 @@ def test_unapplied_consent_bundle_is_kept_past_its_period(pair: Pair) -> None:
     case = send(pair.jp, t0)
     deliver(pair.jp, pair.pk, case, t0)
     asked = consent_protocol.request_consent(
-        pair.pk.node,
-        pair.pk.keyring,
+        NodeContext(pair.pk.node, pair.pk.keyring),
         PK_OFFICER,
         [case.bundle_id],
         "Embassy of Example",
@@ -511,13 +509,15 @@ def test_unapplied_consent_bundle_is_kept_past_its_period(pair: Pair) -> None:
             select(OutboxEntry.envelope_sha256).where(OutboxEntry.bundle_id == asked.bundle_id)
         ).one()
     # Received by jp's inbox but not applied to jp's consent state yet.
-    receive_envelope(pair.jp.node, pair.jp.keyring, envelope_path(pair.pk.blob_dir, sha), now=t0)
+    receive_envelope(
+        NodeContext(pair.jp.node, pair.jp.keyring), envelope_path(pair.pk.blob_dir, sha), now=t0
+    )
     policy = load_policy(pair.jp.node.settings).retention
     due = t0 + timedelta(days=ENVELOPE_DAYS + 1)
     report = retention.purge(pair.jp.node, policy, now=due)
     held = {d.bundle.bundle_id: d.verdict.value for d in report.held}
     assert held[asked.bundle_id] == "consent-pending"
-    consent_receive.apply_pending(pair.jp.node, pair.jp.keyring, now=due)
+    consent_receive.apply_pending(NodeContext(pair.jp.node, pair.jp.keyring), now=due)
     after = retention.purge(pair.jp.node, policy, now=due + timedelta(minutes=1))
     assert asked.bundle_id in {d.bundle.bundle_id for d in after.purged}
 
@@ -583,7 +583,11 @@ def test_purge_killed_after_its_commit_is_finished_by_the_next_run(pair: Pair) -
     assert set(purged_rows(pair.pk)) == {sent.bundle_id}
     with pytest.raises(retention.BundlePurged, match="purged on"):
         read_bundle(
-            pair.pk.node, pair.pk.keyring, PK_OFFICER, sent.bundle_id, out_dir=None, now=utc_now()
+            NodeContext(pair.pk.node, pair.pk.keyring),
+            PK_OFFICER,
+            sent.bundle_id,
+            out_dir=None,
+            now=utc_now(),
         )
     done = run_json(host_env(pair.pk), "purge")
     assert (done["purged"], done["completed"]) == ([], [sent.bundle_id])
@@ -599,7 +603,13 @@ def test_output_purge_killed_midway_is_recorded_as_deleted_by_the_next_run(
     deliver(pair.jp, pair.pk, sent, pair.t0)
     out = tmp_path / "reads"
     out.mkdir()
-    read_bundle(pair.pk.node, pair.pk.keyring, PK_OFFICER, sent.bundle_id, out_dir=out, now=pair.t0)
+    read_bundle(
+        NodeContext(pair.pk.node, pair.pk.keyring),
+        PK_OFFICER,
+        sent.bundle_id,
+        out_dir=out,
+        now=pair.t0,
+    )
     killed = _purge_process(pair.pk, "before-output-record")
     assert killed.returncode == -9, killed.stderr
     assert not any(out.iterdir())  # deleted, but not yet recorded as such
@@ -631,11 +641,15 @@ def test_a_read_overtaken_by_a_purge_says_purged(
         return step
 
     if reader == "show":
-        # read_bundle loads the policy between its look-up and opening the envelope.
-        monkeypatch.setattr(inbox, "load_policy", purge_first(inbox.load_policy))
+        # read_bundle reads the policy (ctx.policy) between its look-up and opening the envelope.
+        monkeypatch.setattr(PolicyCache, "get", purge_first(PolicyCache.get))
         with pytest.raises(retention.BundlePurged, match="purged on"):
             read_bundle(
-                pair.pk.node, pair.pk.keyring, PK_OFFICER, sent.bundle_id, out_dir=None, now=due
+                NodeContext(pair.pk.node, pair.pk.keyring),
+                PK_OFFICER,
+                sent.bundle_id,
+                out_dir=None,
+                now=due,
             )
     else:
         # disclose reads the pinned peer once it decided, just before decrypting.
@@ -645,8 +659,7 @@ def test_a_read_overtaken_by_a_purge_says_purged(
         out = tmp_path / "package"
         with pytest.raises(retention.BundlePurged, match="purged on"):
             consent_disclosure.disclose(
-                pair.pk.node,
-                pair.pk.keyring,
+                NodeContext(pair.pk.node, pair.pk.keyring),
                 PK_OFFICER,
                 [sent.bundle_id],
                 "beoe",
@@ -680,7 +693,11 @@ def test_due_output_is_deleted_only_if_it_still_holds_what_was_written(
     out = tmp_path / "reads"
     out.mkdir()
     shown = read_bundle(
-        pair.pk.node, pair.pk.keyring, PK_OFFICER, sent.bundle_id, out_dir=out, now=pair.t0
+        NodeContext(pair.pk.node, pair.pk.keyring),
+        PK_OFFICER,
+        sent.bundle_id,
+        out_dir=out,
+        now=pair.t0,
     )
     (written,) = shown.written
     other = tmp_path / "officer-notes.txt"
@@ -758,9 +775,9 @@ def test_equivocation_evidence_body_goes_with_the_purged_bundle_and_its_header_s
     t0 = pair.t0
     first = _seal_under_id(pair.jp, "as first sent", tmp_path / "a", t0)
     assert _seal_under_id(pair.jp, "another story", tmp_path / "b", t0) == first
-    receive_envelope(pair.pk.node, pair.pk.keyring, tmp_path / "a", now=t0)
+    receive_envelope(NodeContext(pair.pk.node, pair.pk.keyring), tmp_path / "a", now=t0)
     with pytest.raises(EquivocationRefused):
-        receive_envelope(pair.pk.node, pair.pk.keyring, tmp_path / "b", now=t0)
+        receive_envelope(NodeContext(pair.pk.node, pair.pk.keyring), tmp_path / "b", now=t0)
     with pair.pk.node.db.transaction() as session:
         (record,) = session.scalars(select(Equivocation)).all()
     evidence = envelope_path(pair.pk.blob_dir, record.other_envelope_sha256)

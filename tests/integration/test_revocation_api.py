@@ -19,6 +19,7 @@ from sqlalchemy import select
 
 from gateway.core.roles import Actor, Role
 from gateway.node import own_keys, peer_trust
+from gateway.node.context import NodeContext
 from gateway.node.inbox import receive_envelope
 from gateway.node.ledger.read import list_entries
 from gateway.node.outbox import send_case
@@ -68,7 +69,7 @@ def deliver(sender: ApiNode, receiver: ApiNode, bundle_id: str) -> None:
             select(OutboxEntry.envelope_sha256).where(OutboxEntry.bundle_id == bundle_id)
         ).one()
     path = envelope_path(sender.node.settings.blob_dir, sha)
-    receive_envelope(receiver.node, receiver.keyring(), path, now=utc_now())
+    receive_envelope(NodeContext(receiver.node, receiver.keyring()), path, now=utc_now())
 
 
 def test_suspect_bundles_are_listed_refused_accepted_and_replaced_through_the_api(
@@ -174,8 +175,7 @@ def test_a_bundle_still_queued_under_a_revoked_key_is_resent_and_no_longer_sent(
     old_key = jp.keyring().signing_key_id
     receipted(jp, pk, delivered)
     queued = send_case(
-        jp.node,
-        jp.keyring(),
+        NodeContext(jp.node, jp.keyring()),
         OFFICER,
         "exam-fraud",
         json.loads((EXAMPLES / "exam-fraud.json").read_text()),
@@ -203,7 +203,9 @@ def test_a_bundle_still_queued_under_a_revoked_key_is_resent_and_no_longer_sent(
     assert (change.impact.suspect, change.impact.trusted) == ((), 1)
     assert change.impact.undelivered == (queued,)
     jp.unlocked.clear()
-    report = resend_bundles(jp.node, jp.keyring(), OFFICER, [], suspect=True, now=utc_now())
+    report = resend_bundles(
+        NodeContext(jp.node, jp.keyring()), OFFICER, [], suspect=True, now=utc_now()
+    )
     [resent] = report.resent
     assert resent.original == queued
     with jp.node.db.transaction() as session:
@@ -234,8 +236,7 @@ def test_a_bundle_sealed_before_the_compromise_but_stored_after_it_is_suspect_on
     receipted(jp, pk, early)
     old_key = jp.keyring().signing_key_id
     late = send_case(
-        jp.node,
-        jp.keyring(),
+        NodeContext(jp.node, jp.keyring()),
         OFFICER,
         "exam-fraud",
         json.loads((EXAMPLES / "exam-fraud.json").read_text()),

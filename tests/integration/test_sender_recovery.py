@@ -20,6 +20,7 @@ import pytest
 from sqlalchemy import func, select
 from structlog.testing import capture_logs
 
+from gateway.node.context import NodeContext
 from gateway.node.outbox import DeliveryClient, list_outbox, run_sender, send_case
 from gateway.node.policy import load_policy
 from gateway.node.runtime import utc_now
@@ -60,8 +61,7 @@ def test_delivery_resumes_within_seconds_after_an_outage_with_a_hundred_queued(
     def queue_all() -> list[str]:
         return [
             send_case(
-                jp.node,
-                jp.keyring,
+                NodeContext(jp.node, jp.keyring),
                 jp.officer,
                 "exam-fraud",
                 example("exam-fraud"),
@@ -75,11 +75,13 @@ def test_delivery_resumes_within_seconds_after_an_outage_with_a_hundred_queued(
 
     async def scenario() -> tuple[list[str], float, float]:
         stop = asyncio.Event()
-        worker = asyncio.create_task(run_sender(jp.node, jp.keyring, client_factory, stop))
+        worker = asyncio.create_task(
+            run_sender(NodeContext(jp.node, jp.keyring), client_factory, stop)
+        )
         sent = await asyncio.to_thread(queue_all)  # every send wakes the worker
         await asyncio.sleep(3.0)  # the outage goes on after the last send
         limits = limits_from_policy(load_policy(pk.node.settings).limits)
-        server = PeerServer(create_node_peer_app(pk.node, pk.keyring, limits), limits)
+        server = PeerServer(create_node_peer_app(NodeContext(pk.node, pk.keyring), limits), limits)
         await server.start("127.0.0.1", port)
         back = time.monotonic()
         try:

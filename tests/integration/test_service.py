@@ -16,6 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.errors import ConfigError, StorageError
+from gateway.node.context import NodeContext
 from gateway.node.policy import load_policy
 from gateway.peer.client import PeerClient
 from gateway.peer.server import limits_from_policy
@@ -74,8 +75,7 @@ def _service(side: Any, recorder: _Recorder, cls: type[Service] = Service) -> Se
     limits = limits_from_policy(load_policy(settings).limits)
     return cls(
         settings,
-        side.node,
-        side.keyring,
+        NodeContext(side.node, side.keyring),
         limits,
         announce=recorder,
         drain_seconds=5.0,

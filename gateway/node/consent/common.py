@@ -17,10 +17,11 @@ from sqlalchemy.orm import Session
 
 from gateway.core.canonical import canonical_bytes
 from gateway.core.consent import format_time
-from gateway.core.keys import KeyManifest, NodeKeyring
+from gateway.core.keys import KeyManifest
 from gateway.core.policy import Policy
 from gateway.core.roles import Actor
 from gateway.node.consent import uses as consent_uses
+from gateway.node.context import NodeContext
 from gateway.node.outbox import send_protocol_bundle
 from gateway.node.peer_trust import require_pinned_peer
 from gateway.node.policy import load_policy
@@ -93,8 +94,7 @@ def items_json(items: Iterable[str]) -> str:
 
 
 def send_consent_bundle(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     actor: Actor,
     case_type: str,
     case: dict[str, Any],
@@ -105,7 +105,7 @@ def send_consent_bundle(
     reply_to: str | None = None,
 ) -> str:
     sent = send_protocol_bundle(
-        node, keyring, actor, case_type, case, attachments,
+        ctx, actor, case_type, case, attachments,
         reply_to=reply_to, now=now, in_transaction=record,
     )  # fmt: skip
     return sent.bundle_id

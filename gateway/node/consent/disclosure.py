@@ -59,11 +59,11 @@ from gateway.node.consent.common import (
     MAX_REASON,
     internal_names,
     items_json,
-    node_policy,
     peer_manifest,
 )
 from gateway.node.consent.queries import check_consent_states, load_consent_states
 from gateway.node.consent.receive import apply_pending, apply_pending_in
+from gateway.node.context import NodeContext
 from gateway.node.inbox import check_reply_matches_case
 from gateway.node.retention import WrittenOutput, ensure_not_purged, record_outputs
 from gateway.node.runtime import Node
@@ -316,8 +316,7 @@ def _decrypt_items(
 
 
 def _foresee(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     policy: Policy,
     ids: list[str],
     recipient: str,
@@ -325,15 +324,15 @@ def _foresee(
     now: datetime,
 ) -> tuple[list[_Item], Decision]:
     """The first look, without the lock: is there any point in decrypting?"""
-    apply_pending(node, keyring, now=now)
+    node = ctx.node
+    apply_pending(ctx, now=now)
     with node.db.transaction(read_only=True) as session:  # writes nothing: no write lock
         items = _locate(session, node.node_id, ids)
     return items, _decide(None, node, policy, items, recipient, purpose, now)
 
 
 def disclose(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     actor: Actor,
     bundle_ids: Sequence[str],
     recipient: str,
@@ -361,17 +360,18 @@ def disclose(
     returns (a delivery cut off mid-way records nothing), and nothing stays on
     the node afterwards.
     """
+    node, keyring = ctx.node, ctx.keyring
     ids = list(validate_items(bundle_ids, field="bundle ids"))
     validate_text(recipient, field="recipient", max_chars=500)
     validate_text(purpose, field="purpose", max_chars=MAX_REASON)
     target = _check_out_dir(out_dir)
-    policy = node_policy(node)
-    items, foreseen = _foresee(node, keyring, policy, ids, recipient, purpose, now)
+    policy = ctx.policy
+    items, foreseen = _foresee(ctx, policy, ids, recipient, purpose, now)
     if not foreseen.allowed:
         # Decided again under the lock and recorded, without decrypting anything;
         # should a consent have arrived in between, it starts again with the files.
         return _decide_and_record(
-            node, keyring, policy, actor, items, recipient, purpose, now, None, target, deliver
+            ctx, policy, actor, items, recipient, purpose, now, None, target, deliver
         )
     staging = Path(tempfile.mkdtemp(prefix=_PARTIAL_PREFIX, dir=target.parent))
     try:
@@ -384,7 +384,7 @@ def disclose(
                 _locate(session, node.node_id, ids)
             raise
         return _decide_and_record(
-            node, keyring, policy, actor, items, recipient, purpose, now, staged, target, deliver
+            ctx, policy, actor, items, recipient, purpose, now, staged, target, deliver
         )
     finally:
         if staging.exists():
@@ -392,8 +392,7 @@ def disclose(
 
 
 def _decide_and_record(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     policy: Policy,
     actor: Actor,
     items: list[_Item],
@@ -404,6 +403,7 @@ def _decide_and_record(
     target: Path,
     deliver: Callable[[Path, DisclosureResult], None] | None = None,
 ) -> DisclosureResult:
+    node, keyring = ctx.node, ctx.keyring
     refused: Decision | None = None
     placed = False
     again = False
@@ -501,12 +501,10 @@ def _decide_and_record(
         raise
     if again:
         ids = [i.item.bundle_id for i in items]
-        return disclose(
-            node, keyring, actor, ids, recipient, purpose, target, now=now, deliver=deliver
-        )
+        return disclose(ctx, actor, ids, recipient, purpose, target, now=now, deliver=deliver)
     if refused is not None:
         _log.info("disclosure_blocked", recipient=recipient, items=len(items))
         raise _refusal(refused)
     _log.info("disclosure_made", kind=result.kind, consent_id=result.consent_id, items=len(items))
-    consent_uses.notify_uses(node, keyring, now=now)
+    consent_uses.notify_uses(ctx, now=now)
     return result

@@ -34,7 +34,6 @@ from gateway.core.consent import (
     validate_items,
     validate_text,
 )
-from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor
 from gateway.errors import (
     InvalidInput,
@@ -49,13 +48,12 @@ from gateway.node.consent.common import (
     SentConsent,
     internal_names,
     items_json,
-    node_policy,
     peer_of,
     send_consent_bundle,
 )
 from gateway.node.consent.receive import apply_pending
 from gateway.node.consent.records import store_denial, store_grant, store_revocation
-from gateway.node.runtime import Node
+from gateway.node.context import NodeContext
 from gateway.store.models_consent import (
     ConsentGrantRecord,
     ConsentRequestRecord,
@@ -74,8 +72,7 @@ __all__ = [
 
 
 def request_consent(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     actor: Actor,
     bundle_ids: Sequence[str],
     recipient: str,
@@ -89,10 +86,11 @@ def request_consent(
     confidential, and the recipient must be a third party; otherwise no
     consent is needed and the request is refused as pointless, naming why.
     """
+    node = ctx.node
     items = validate_items(bundle_ids, field="bundle ids")
     validate_text(recipient, field="recipient", max_chars=200)
     validate_text(purpose, field="purpose", max_chars=MAX_REASON)
-    policy = node_policy(node)
+    policy = ctx.policy
     if normalise_name(recipient) in {
         normalise_name(n) for n in internal_names(policy, node.node_id)
     }:
@@ -157,7 +155,7 @@ def request_consent(
             },
         )
 
-    bundle_id = send_consent_bundle(node, keyring, actor, "consent-request", case, [], now, record)
+    bundle_id = send_consent_bundle(ctx, actor, "consent-request", case, [], now, record)
     return SentConsent(bundle_id=bundle_id, request_id=bundle_id)
 
 
@@ -176,8 +174,7 @@ def _pending_incoming(session: Session, request_id: str, *, lock: bool) -> Conse
 
 
 def grant(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     actor: Actor,
     request_id: str,
     *,
@@ -192,8 +189,9 @@ def grant(
     exceed it; ``max_uses`` may not exceed the policy's limit. Every item of
     the request must be one of this node's own bundles.
     """
-    apply_pending(node, keyring, now=now)
-    policy = node_policy(node)
+    node, keyring = ctx.node, ctx.keyring
+    apply_pending(ctx, now=now)
+    policy = ctx.policy
     limit = now + policy.consent.max_validity
     until = limit if valid_until is None else valid_until
     if until.tzinfo is None:
@@ -275,7 +273,7 @@ def grant(
         attachment = Path(folder) / GRANT_ATTACHMENT
         attachment.write_bytes(canonical_bytes(signed.to_wire()))
         bundle_id = send_consent_bundle(
-            node, keyring, actor, "consent-grant", case, [attachment], now, record
+            ctx, actor, "consent-grant", case, [attachment], now, record
         )
     return SentConsent(
         bundle_id=bundle_id,
@@ -287,8 +285,7 @@ def grant(
 
 
 def deny(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     actor: Actor,
     request_id: str,
     *,
@@ -296,8 +293,9 @@ def deny(
     now: datetime,
 ) -> SentConsent:
     """Refuse the peer's consent request ``request_id``; the peer is told why."""
+    node = ctx.node
     validate_text(reason, field="reason", max_chars=MAX_REASON)
-    apply_pending(node, keyring, now=now)
+    apply_pending(ctx, now=now)
     with node.db.transaction() as session:
         request = _pending_incoming(session, request_id, lock=False)
         items = list(json.loads(request.items_json))
@@ -326,13 +324,12 @@ def deny(
             actor=actor,
         )
 
-    bundle_id = send_consent_bundle(node, keyring, actor, "consent-denial", case, [], now, record)
+    bundle_id = send_consent_bundle(ctx, actor, "consent-denial", case, [], now, record)
     return SentConsent(bundle_id=bundle_id, request_id=request_id)
 
 
 def revoke(
-    node: Node,
-    keyring: NodeKeyring,
+    ctx: NodeContext,
     actor: Actor,
     consent_id: str,
     *,
@@ -340,6 +337,7 @@ def revoke(
     now: datetime,
 ) -> SentConsent:
     """Withdraw a consent this node granted; the peer stops using it once it arrives."""
+    node = ctx.node
     validate_text(reason, field="reason", max_chars=MAX_REASON)
     with node.db.transaction() as session:
         row = session.get(ConsentGrantRecord, consent_id)
@@ -365,7 +363,5 @@ def revoke(
             actor=actor,
         )
 
-    bundle_id = send_consent_bundle(
-        node, keyring, actor, "consent-revocation", case, [], now, record
-    )
+    bundle_id = send_consent_bundle(ctx, actor, "consent-revocation", case, [], now, record)
     return SentConsent(bundle_id=bundle_id, request_id=request_id, consent_id=consent_id)

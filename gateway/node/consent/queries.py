@@ -18,12 +18,11 @@ from gateway.core.consent import (
     ConsentGrant,
     ConsentState,
 )
-from gateway.core.keys import NodeKeyring
 from gateway.core.times import parse_stored_utc
 from gateway.errors import InvalidInput, StorageError
 from gateway.node.consent import uses as consent_uses
 from gateway.node.consent.receive import apply_pending
-from gateway.node.runtime import Node
+from gateway.node.context import NodeContext
 from gateway.store.db import Database
 from gateway.store.models_consent import (
     CONSENT_GENERATION_ID,
@@ -281,10 +280,11 @@ def check_consent_states(db: Database, bundle_ids: Sequence[str]) -> list[Consen
         )
 
 
-def list_consents(node: Node, keyring: NodeKeyring | None, *, now: datetime) -> dict[str, Any]:
+def list_consents(ctx: NodeContext, *, now: datetime) -> dict[str, Any]:
     """Requests, consents and denials in both directions, with each consent's state."""
+    node, keyring = ctx.node, ctx.keyring_or_none()
     if keyring is not None:
-        apply_pending(node, keyring, now=now)
+        apply_pending(ctx, now=now)
     with node.db.transaction() as session:
         requests = session.scalars(
             select(ConsentRequestRecord).order_by(ConsentRequestRecord.created_at)

@@ -48,11 +48,11 @@ from gateway.node.consent.common import (
     GRANT_ATTACHMENT,
     REFUSAL_TYPE,
     items_json,
-    node_policy,
     peer_manifest,
     send_consent_bundle,
 )
 from gateway.node.consent.records import store_denial, store_grant, store_revocation
+from gateway.node.context import NodeContext
 from gateway.node.runtime import Node
 from gateway.store.models_consent import (
     ConsentApplied,
@@ -350,18 +350,19 @@ def apply_pending_in(
     return done
 
 
-def apply_pending(node: Node, keyring: NodeKeyring, *, now: datetime) -> list[str]:
+def apply_pending(ctx: NodeContext, *, now: datetime) -> list[str]:
     """Apply every received consent-* bundle not applied yet; return what happened to each."""
-    policy = node_policy(node)
+    node, keyring = ctx.node, ctx.keyring
+    policy = ctx.policy
     with node.db.transaction() as session:
         ledger.lock_for_append(session)  # the linearisation point of consent decisions
         done = apply_pending_in(session, node, keyring, policy, now)
     try:
-        send_refusal_notices(node, keyring, now=now)
+        send_refusal_notices(ctx, now=now)
     except GatewayError as exc:
         # The refusals are recorded; their notices are queued by the next call.
         _log.warning("refusal_notice_deferred", error=type(exc).__name__, reason=exc.reason)
-    consent_uses.notify_uses(node, keyring, now=now)
+    consent_uses.notify_uses(ctx, now=now)
     return done
 
 
@@ -409,7 +410,7 @@ class _NoticeQueuedAlready(GatewayError):
     reason = "refusal.noticed"
 
 
-def send_refusal_notices(node: Node, keyring: NodeKeyring, *, now: datetime) -> list[str]:
+def send_refusal_notices(ctx: NodeContext, *, now: datetime) -> list[str]:
     """Queue a signed ``bundle-refusal`` notice for every refusal not yet noticed.
 
     Each notice is a confidential protocol bundle to the refused bundle's
@@ -418,6 +419,7 @@ def send_refusal_notices(node: Node, keyring: NodeKeyring, *, now: datetime) -> 
     transaction as the queued notice, so a crash re-sends at most never and
     two concurrent callers queue one notice. Returns the notice bundle ids.
     """
+    node = ctx.node
     with node.db.transaction() as session:
         pending = list(
             session.scalars(
@@ -449,7 +451,7 @@ def send_refusal_notices(node: Node, keyring: NodeKeyring, *, now: datetime) -> 
 
         try:
             sent.append(
-                send_consent_bundle(node, keyring, SYSTEM, REFUSAL_TYPE, case, [], now, record,
+                send_consent_bundle(ctx, SYSTEM, REFUSAL_TYPE, case, [], now, record,
                       reply_to=refusal.bundle_id)
             )  # fmt: skip
         except _NoticeQueuedAlready:

@@ -32,14 +32,13 @@ from gateway.core.canonical import canonical_bytes, parse_bounded_json
 from gateway.core.cases import ConsentUseNotice, validate_case
 from gateway.core.consent import MAX_GRANT_BYTES, Basis, ConsentGrant, format_time
 from gateway.core.consent_use import ReportedUse, judge_reported_use
-from gateway.core.keys import NodeKeyring
 from gateway.core.ledger import EntryKind
 from gateway.core.roles import SYSTEM
 from gateway.errors import GatewayError, InvalidInput
 from gateway.node import ledger
+from gateway.node.context import NodeContext
 from gateway.node.crash import crash_point
 from gateway.node.outbox import send_protocol_bundle
-from gateway.node.runtime import Node
 from gateway.store.models_consent import (
     ConsentGrantRecord,
     ConsentRevocationRecord,
@@ -118,7 +117,7 @@ def _notice_case(use: ConsentUse, record: DisclosureRecord, number: int) -> dict
     }
 
 
-def send_use_notices(node: Node, keyring: NodeKeyring, *, now: datetime) -> list[str]:
+def send_use_notices(ctx: NodeContext, *, now: datetime) -> list[str]:
     """Queue a ``consent-use`` notice for every use of a received consent not noticed yet.
 
     Returns the notice bundle ids queued by this call. Each notice commits
@@ -128,6 +127,7 @@ def send_use_notices(node: Node, keyring: NodeKeyring, *, now: datetime) -> list
     pinned peer, storage failure); what was queued before stays queued.
     """
 
+    node = ctx.node
     with node.db.transaction() as session:
         pending = [
             (
@@ -166,7 +166,7 @@ def send_use_notices(node: Node, keyring: NodeKeyring, *, now: datetime) -> list
 
         try:
             queued = send_protocol_bundle(
-                node, keyring, SYSTEM, USE_TYPE, case, [],
+                ctx, SYSTEM, USE_TYPE, case, [],
                 reply_to=None, now=now, in_transaction=record,
             )  # fmt: skip
         except _NoticeQueuedAlready:
@@ -176,11 +176,11 @@ def send_use_notices(node: Node, keyring: NodeKeyring, *, now: datetime) -> list
     return sent
 
 
-def notify_uses(node: Node, keyring: NodeKeyring, *, now: datetime) -> None:
+def notify_uses(ctx: NodeContext, *, now: datetime) -> None:
     """:func:`send_use_notices`, deferring on failure: the uses are recorded, and the
     next disclosure, consent command or received bundle queues their notices."""
     try:
-        send_use_notices(node, keyring, now=now)
+        send_use_notices(ctx, now=now)
     except GatewayError as exc:
         _log.warning("consent_use_notice_deferred", error=type(exc).__name__, reason=exc.reason)
 
