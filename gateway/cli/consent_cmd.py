@@ -89,6 +89,14 @@ def grant_command(
     sent = app.client("consent.grant").call(
         "POST", _path("consents", "requests", request_id, "grant"), body
     )
+    if sent["state"] != "executed":
+        app.emit(
+            sent,
+            f"proposal {sent['proposal_id']} made for request {request_id}: "
+            f"{sent['approvals']} of {sent['needed']} approvals (two-person rule); another "
+            f"approver runs 'gateway approvals approve {sent['proposal_id']}'",
+        )
+        return
     uses = "unlimited uses" if sent["max_uses"] is None else f"at most {sent['max_uses']} use(s)"
     app.emit(
         sent,

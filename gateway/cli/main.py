@@ -24,6 +24,29 @@ def _entry(module: str, attribute: str, summary: str) -> LazyCommand:
 
 
 COMMANDS: dict[str, LazyCommand | LazySubgroup] = {
+    "approvals": LazySubgroup(
+        "gateway.cli.approvals_cmd:approvals_group",
+        "List, approve and reject proposals under the two-person rule.\n"
+        "\n"
+        "Runs through the node's local API; needs your token.",
+        {
+            "approve": _entry(
+                "approvals_cmd",
+                "approve_command",
+                "Approve a proposal; the last approval needed makes the action happen.",
+            ),
+            "list": _entry(
+                "approvals_cmd",
+                "list_command",
+                "Proposals your role approves, newest first, with their terms and approvers.",
+            ),
+            "reject": _entry(
+                "approvals_cmd",
+                "reject_command",
+                "Reject a proposal for good; a new proposal is needed to try again.",
+            ),
+        },
+    ),
     "backup": _entry(
         "backup_cmd",
         "backup",
