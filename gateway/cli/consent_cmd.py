@@ -157,6 +157,8 @@ def list_command(app: AppContext) -> None:
                 f"  {c['consent_id']}  {side:<13} {c['state']:<8} until {_when(c['valid_until'])}"
                 f"  {uses}  to {c['third_party']!r} for {c['purpose']!r}: {', '.join(c['items'])}"
             )
+            if c.get("approvers"):
+                lines.append(f"    approved by {', '.join(c['approvers'])} (two-person rule)")
         for b in listing["refused_bundles"]:
             lines.append(f"refused bundle {b['bundle_id']} ({b['type']}): {b['detail']}")
         return "\n".join(lines)

@@ -268,7 +268,10 @@ def test_end_to_end_two_officers_grant_and_tokyo_discloses(pair: Pair, tmp_path:
     assert consent["direction"] == "received"
     assert consent["approvers"] == ["asma", "bilal"]
     assert consent["granting_officer"] == "asma"
+    shown = _run(_officer_env(pair.jp, "tanaka"), "consent", "list")
+    assert "approved by asma, bilal" in shown.output
     (stored,) = entries(pair.jp, "consent-granted")
+    assert json.loads(stored.canonical)["body"]["approvers"] == ["asma", "bilal"]
     kinds = [str(e.kind) for e in entries(pair.pk)]
     assert kinds.count("approval-given") == 2
     assert kinds.count("approval-executed") == 1
