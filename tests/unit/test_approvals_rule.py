@@ -65,7 +65,9 @@ def test_never_after_expiry(k: int) -> None:
         now=EXPIRES - timedelta(seconds=1),
     )
     after = decide(k=k, terms=TERMS, approvals=approvals, expires_at=EXPIRES, now=EXPIRES)
-    assert before.executes and not after.executes and after.expired
+    assert before.executes
+    assert not after.executes
+    assert after.expired
 
 
 def test_terms_hash_is_canonical_and_sensitive() -> None:
