@@ -14,6 +14,7 @@ from gateway.api.routes_common import (
     ApiRoute,
     Call,
     json_response,
+    optional_str,
     refuse_unknown_fields,
     require_str,
 )
@@ -35,6 +36,20 @@ async def approvals_list(call: Call) -> web.StreamResponse:
         lambda: approvals.list_proposals(call.node, call.actor, now=utc_now(), state=state)
     )
     return json_response([view.to_dict() for view in views])
+
+
+async def approvals_propose(call: Call) -> web.StreamResponse:
+    body = await call.json_body()
+    refuse_unknown_fields(body, {"action", "reason", "key_id"})
+    action = require_str(body, "action", max_length=32)
+    reason = require_str(body, "reason", max_length=2000)
+    key_id = optional_str(body, "key_id", max_length=64)
+    made = await call.run(
+        lambda: approvals.propose_key_change(
+            call.node, call.actor, action, reason=reason, key_id=key_id, now=utc_now()
+        )
+    )
+    return json_response(made, status=201)
 
 
 async def approvals_approve(call: Call) -> web.StreamResponse:
@@ -69,6 +84,13 @@ ROUTES = (
         "approvals.list",
         approvals_list,
         "Proposals under the two-person rule that this user's role approves",
+    ),
+    ApiRoute(
+        "POST",
+        "/api/v1/approvals",
+        "approvals.propose",
+        approvals_propose,
+        "Propose a key rotation or revocation for other administrators to approve",
     ),
     ApiRoute(
         "POST",

@@ -50,7 +50,7 @@ def describe(proposal: dict[str, Any]) -> str:
 
 @click.group(cls=GatewayGroup, name="approvals")
 def approvals_group() -> None:
-    """List, approve and reject proposals under the two-person rule.
+    """List, propose, approve and reject proposals under the two-person rule.
 
     Runs through the node's local API; needs your token.
     """
@@ -71,6 +71,25 @@ def list_command(app: AppContext, state: str | None) -> None:
     app.emit(
         listing,
         lambda: "\n".join(describe(p) for p in listing) if listing else "no proposals",
+    )
+
+
+@approvals_group.command(name="propose")
+@click.argument("action", type=click.Choice(["keys-rotate", "keys-revoke"]))
+@click.option("--reason", required=True, help="Why the keys should change (in the ledger).")
+@click.option("--key-id", help="The key to revoke (keys-revoke only).")
+@pass_app
+def propose_command(app: AppContext, action: str, reason: str, key_id: str | None) -> None:
+    """Propose a key rotation or revocation; other administrators approve it."""
+    body = {"action": action, "reason": reason}
+    if key_id is not None:
+        body["key_id"] = key_id
+    made = app.client("approvals.propose").call("POST", "/api/v1/approvals", body)
+    app.emit(
+        made,
+        f"proposal {made['proposal_id']} made: {made['approvals']} of {made['needed']} "
+        f"approvals; once approved, run 'gateway keys {action.removeprefix('keys-')} ... "
+        f"--proposal {made['proposal_id']}' on the host",
     )
 
 
@@ -95,6 +114,11 @@ def approve_command(app: AppContext, proposal_id: str, terms_sha256: str | None)
             f"; consent {result['consent_id']} signed and queued for the peer"
             if result.get("consent_id")
             else ""
+        )
+    elif done.get("ready"):
+        text = (
+            f"proposal {proposal_id} approved by {', '.join(done['counted'])}: ready; the "
+            f"host ceremony runs it with --proposal {proposal_id}"
         )
     else:
         text = (

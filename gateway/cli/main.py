@@ -26,7 +26,7 @@ def _entry(module: str, attribute: str, summary: str) -> LazyCommand:
 COMMANDS: dict[str, LazyCommand | LazySubgroup] = {
     "approvals": LazySubgroup(
         "gateway.cli.approvals_cmd:approvals_group",
-        "List, approve and reject proposals under the two-person rule.\n"
+        "List, propose, approve and reject proposals under the two-person rule.\n"
         "\n"
         "Runs through the node's local API; needs your token.",
         {
@@ -39,6 +39,11 @@ COMMANDS: dict[str, LazyCommand | LazySubgroup] = {
                 "approvals_cmd",
                 "list_command",
                 "Proposals your role approves, newest first, with their terms and approvers.",
+            ),
+            "propose": _entry(
+                "approvals_cmd",
+                "propose_command",
+                "Propose a key rotation or revocation; other administrators approve it.",
             ),
             "reject": _entry(
                 "approvals_cmd",

@@ -53,6 +53,7 @@ ACTIONS: dict[str, frozenset[Role]] = {
     # the two-person rule: officers approve consent, administrators keys and users
     # (which proposals a user may approve is the policy's, gateway.core.policy.APPROVER_ROLES)
     "approvals.list": _AO,
+    "approvals.propose": _A,
     "approvals.approve": _AO,
     "approvals.reject": _AO,
     # compliance officers: metadata and verification, never case contents

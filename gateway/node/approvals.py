@@ -15,7 +15,12 @@ racing for the last place one executes the action and the other is told the
 proposal was executed already; nothing of the loser's attempt is kept.
 
 Actions under the rule in this version: ``consent-grant``
-(:func:`grant_consent`). The policy refuses k > 1 for any other action
+(:func:`grant_consent`: executed by the deciding approval) and the key
+ceremonies ``keys-rotate`` and ``keys-revoke`` (:func:`propose_key_change`;
+the deciding approval makes the proposal ready, and the host ceremony, which
+alone holds the passphrase and the root key, claims it with
+:func:`claim_for_ceremony` in the transaction that changes the keys). The
+policy refuses k > 1 for any other action
 (:data:`gateway.core.policy.ENFORCED_APPROVALS`).
 """
 
@@ -44,12 +49,18 @@ from gateway.node.runtime import Node
 from gateway.store.models_approvals import ApprovalProposal, ApprovalVote
 from gateway.store.models_users import UserRecord
 
+CEREMONY_ACTIONS = ("keys-rotate", "keys-revoke")
+"""Actions a host ceremony executes once their proposal is approved."""
+
 __all__ = [
+    "CEREMONY_ACTIONS",
     "ProposalView",
     "approve",
+    "claim_for_ceremony",
     "grant_consent",
     "list_proposals",
     "parse_terms_hash",
+    "propose_key_change",
     "reject",
 ]
 
@@ -385,11 +396,12 @@ def approve(
             expires_at=row.expires_at,
             now=now,
         )
-        if not decision.executes:
+        if not decision.executes or row.action in CEREMONY_ACTIONS:
             session.add(mine)
             _record(session, "approval-given", actor, row, now, approvals=len(decision.counted))
             session.flush()
-            return _view(session, row, now=now).to_dict()
+            ready = decision.executes and row.action in CEREMONY_ACTIONS
+            return {**_view(session, row, now=now).to_dict(), "ready": ready}
         action, terms = row.action, dict(json.loads(row.terms_json))
         proposer = row.proposer
     # The deciding approval: recorded in the transaction that executes the action.
@@ -457,6 +469,119 @@ def approve(
     )
     view: ProposalView = outcome["view"]
     return {**view.to_dict(), "result": sent.to_dict()}
+
+
+def propose_key_change(
+    node: Node, actor: Actor, action: str, *, reason: str, key_id: str | None, now: datetime
+) -> dict[str, Any]:
+    """An administrator proposes a key rotation or revocation (two-person rule).
+
+    Terms: ``{"reason"}`` for ``keys-rotate``, ``{"key_id", "reason"}`` for
+    ``keys-revoke``; the proposer's approval is recorded. Once k
+    administrators approved, ``gateway keys rotate|revoke ... --proposal ID``
+    on the host executes it. Refused when the policy asks one approver only
+    (nothing to propose) or the terms are malformed.
+    """
+    if action not in CEREMONY_ACTIONS:
+        raise InvalidInput(
+            f"action must be one of {', '.join(CEREMONY_ACTIONS)}; consent grants are "
+            "proposed by 'gateway consent grant'"
+        )
+    _check_approver(actor, action)
+    validate_text(reason, field="reason", max_chars=_MAX_REASON)
+    terms: dict[str, Any] = {"reason": reason}
+    if action == "keys-revoke":
+        if key_id is None:
+            raise InvalidInput("keys-revoke: name the key to revoke (key_id)")
+        terms["key_id"] = validate_text(key_id, field="key_id", max_chars=64)
+    elif key_id is not None:
+        raise InvalidInput("keys-rotate takes no key_id")
+    rule = node_policy(node).approval_rule(action)
+    if rule.k == 1:
+        raise InvalidInput(
+            f"the policy asks one approver for {action}: run 'gateway keys "
+            f"{action.removeprefix('keys-')}' on the host without a proposal"
+        )
+    with node.db.transaction() as session:
+        _expire_due(session, now=now)
+        row = _propose(
+            session,
+            action=action,
+            terms=terms,
+            actor=actor,
+            k=rule.k,
+            lifetime_hours=rule.lifetime_hours,
+            now=now,
+        )
+        return _view(session, row, now=now).to_dict()
+
+
+def claim_for_ceremony(
+    session: Session,
+    node: Node,
+    actor: Actor,
+    action: str,
+    *,
+    proposal_id: str | None,
+    terms: dict[str, Any],
+    now: datetime,
+) -> tuple[str, ...]:
+    """Before a key ceremony changes anything: check and consume its approval.
+
+    Runs in the ceremony's own transaction, so the proposal is executed
+    exactly when the keys change (and stays pending if the ceremony fails).
+    With the policy's k = 1 and no proposal: nothing to check, returns ``()``.
+    Otherwise the proposal must be of ``action``, pending, unexpired, approved
+    by k distinct enabled administrators, and its terms must equal ``terms``
+    (for ``keys-revoke`` the key and the reason; for ``keys-rotate`` only
+    the action). Returns the approvers, recorded in ``approval-executed``.
+    Refused with ``approval.pending`` (409), ``approval.terms-changed``,
+    ``approval.expired`` or ``approval.decided``.
+    """
+    rule = node_policy(node).approval_rule(action)
+    if proposal_id is None:
+        if rule.k == 1:
+            return ()
+        raise RefusedError(
+            f"{action} needs {rule.k} administrators' approval (policy [approvals.{action}]): "
+            f"propose it with 'gateway approvals propose {action} --reason ...', have "
+            f"{rule.k - 1} other administrator(s) approve it, then run this again with "
+            "--proposal ID",
+            reason="approval.pending",
+        )
+    _expire_due(session, now=now)
+    row = _proposal(session, proposal_id, lock=True)
+    if row.action != action:
+        raise InvalidInput(f"proposal {proposal_id} is a {row.action}, not a {action}")
+    _check_pending(row)
+    stored = dict(json.loads(row.terms_json))
+    compared = {key: stored.get(key) for key in terms}
+    if action == "keys-revoke" and compared != terms:
+        raise RefusedError(
+            f"proposal {proposal_id} approved revoking {stored.get('key_id')} for "
+            f"{stored.get('reason')!r}; this ceremony names other terms: run it with the "
+            "approved key and reason, or propose again",
+            reason="approval.terms-changed",
+        )
+    decision = decide(
+        k=row.needed,
+        terms=row.terms_hash,
+        approvals=_approvals(session, action, _votes(session, proposal_id)),
+        expires_at=row.expires_at,
+        now=now,
+    )
+    if not decision.executes:
+        raise RefusedError(
+            f"proposal {proposal_id} has {len(decision.counted)} of {row.needed} approvals: "
+            "another administrator has to run 'gateway approvals approve "
+            f"{proposal_id}' first; nothing was changed",
+            reason="approval.pending",
+        )
+    row.state = ProposalState.EXECUTED
+    row.decided_at = now
+    row.decided_by = actor.name
+    _record(session, "approval-executed", actor, row, now, approvers=list(decision.counted))
+    return decision.counted
 
 
 def reject(

@@ -59,6 +59,7 @@ LIGHT_COMMANDS: list[tuple[list[str], int]] = [
     (["show", "B"], 1),
     (["consent", "list"], 1),
     (["approvals", "list"], 1),
+    (["approvals", "propose", "keys-rotate", "--reason", "r"], 1),
     (["approvals", "approve", "P"], 1),
     (["approvals", "reject", "P", "--reason", "r"], 1),
     (["approvals", "--help"], 0),
