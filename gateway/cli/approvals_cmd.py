@@ -75,12 +75,12 @@ def list_command(app: AppContext, state: str | None) -> None:
 
 
 @approvals_group.command(name="propose")
-@click.argument("action", type=click.Choice(["keys-rotate", "keys-revoke"]))
+@click.argument("action", type=click.Choice(["keys-rotate", "keys-revoke", "keys-rotate-root"]))
 @click.option("--reason", required=True, help="Why the keys should change (in the ledger).")
 @click.option("--key-id", help="The key to revoke (keys-revoke only).")
 @pass_app
 def propose_command(app: AppContext, action: str, reason: str, key_id: str | None) -> None:
-    """Propose a key rotation or revocation; other administrators approve it."""
+    """Propose a key rotation, revocation or root rotation; other administrators approve it."""
     body = {"action": action, "reason": reason}
     if key_id is not None:
         body["key_id"] = key_id
@@ -110,11 +110,14 @@ def approve_command(app: AppContext, proposal_id: str, terms_sha256: str | None)
     )
     if done["state"] == "executed":
         result = done.get("result") or {}
-        text = f"proposal {proposal_id} approved by {', '.join(done['counted'])}: executed" + (
-            f"; consent {result['consent_id']} signed and queued for the peer"
-            if result.get("consent_id")
-            else ""
-        )
+        text = f"proposal {proposal_id} approved by {', '.join(done['counted'])}: executed"
+        if result.get("consent_id"):
+            text += f"; consent {result['consent_id']} signed and queued for the peer"
+        if result.get("token"):
+            text += (
+                f"; added administrator {result['name']}.\nToken (shown once; hand it over in "
+                f"person or in a 0600 file):\n  {result['token']}"
+            )
     elif done.get("ready"):
         text = (
             f"proposal {proposal_id} approved by {', '.join(done['counted'])}: ready; the "

@@ -308,8 +308,9 @@ def recover(app: AppContext, reason: str, root_key: Path | None) -> None:
 
 @keys.command("rotate-root")
 @_ROOT_KEY_OPTION
+@_PROPOSAL_OPTION
 @pass_app
-def rotate_root(app: AppContext, root_key: Path | None) -> None:
+def rotate_root(app: AppContext, root_key: Path | None, proposal_id: str | None) -> None:
     """Replace the root key: the new manifest is signed by the old and the new root.
 
     Read the new root fingerprint to the peer's administrator; move the new
@@ -317,15 +318,20 @@ def rotate_root(app: AppContext, root_key: Path | None) -> None:
 
     Host operation: needs the keystore passphrase.
     """
-    from gateway.node import own_keys  # noqa: PLC0415 - host commands only
+    from gateway.node import approvals, own_keys  # noqa: PLC0415 - host commands only
     from gateway.node.runtime import utc_now  # noqa: PLC0415 - host commands only
 
     actor = app.actor("keys.rotate-root")
     node = app.node()
     passphrase = app.passphrase()
+    now = utc_now()
     with node.db.transaction() as session:
+        # Before any key file is written: without the approvals nothing is made.
+        approvals.claim_for_ceremony(
+            session, node, actor, "keys-rotate-root", proposal_id=proposal_id, terms={}, now=now
+        )
         change = own_keys.rotate_root(
-            node.settings, session, passphrase, now=utc_now(), actor=actor, root_key_file=root_key
+            node.settings, session, passphrase, now=now, actor=actor, root_key_file=root_key
         )
     removed = own_keys.remove_retired_roots(node.settings, change.manifest.root_key_id)
     app.emit(

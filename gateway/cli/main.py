@@ -43,7 +43,8 @@ COMMANDS: dict[str, LazyCommand | LazySubgroup] = {
             "propose": _entry(
                 "approvals_cmd",
                 "propose_command",
-                "Propose a key rotation or revocation; other administrators approve it.",
+                "Propose a key rotation, revocation or root rotation; other administrators "
+                "approve it.",
             ),
             "reject": _entry(
                 "approvals_cmd",

@@ -132,7 +132,13 @@ APPROVER_ROLES: Mapping[str, str] = {
 and users (issue 18). The approver must also be an enabled user of this node."""
 
 
-ENFORCED_APPROVALS = ("consent-grant", "keys-rotate", "keys-revoke")
+ENFORCED_APPROVALS = (
+    "consent-grant",
+    "keys-rotate",
+    "keys-revoke",
+    "keys-rotate-root",
+    "users-add-admin",
+)
 """Actions whose k > 1 this version enforces; a policy asking more of another action
 is refused at start rather than silently run by one person."""
 

@@ -15,13 +15,14 @@ racing for the last place one executes the action and the other is told the
 proposal was executed already; nothing of the loser's attempt is kept.
 
 Actions under the rule in this version: ``consent-grant``
-(:func:`grant_consent`: executed by the deciding approval) and the key
-ceremonies ``keys-rotate`` and ``keys-revoke`` (:func:`propose_key_change`;
+(:func:`grant_consent`) and ``users-add-admin`` (:func:`add_user_or_propose`),
+both executed by the deciding approval, and the key ceremonies
+``keys-rotate``, ``keys-revoke`` and ``keys-rotate-root`` (:func:`propose_key_change`;
 the deciding approval makes the proposal ready, and the host ceremony, which
 alone holds the passphrase and the root key, claims it with
 :func:`claim_for_ceremony` in the transaction that changes the keys). The
-policy refuses k > 1 for any other action
-(:data:`gateway.core.policy.ENFORCED_APPROVALS`).
+policy refuses k > 1 for ``consent-revoke``
+(:data:`gateway.core.policy.ENFORCED_APPROVALS`): revoking stays fast.
 """
 
 from __future__ import annotations
@@ -46,15 +47,17 @@ from gateway.node import ledger
 from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent.common import node_policy
 from gateway.node.runtime import Node
+from gateway.node.users import add_user, check_new_user
 from gateway.store.models_approvals import ApprovalProposal, ApprovalVote
 from gateway.store.models_users import UserRecord
 
-CEREMONY_ACTIONS = ("keys-rotate", "keys-revoke")
+CEREMONY_ACTIONS = ("keys-rotate", "keys-revoke", "keys-rotate-root")
 """Actions a host ceremony executes once their proposal is approved."""
 
 __all__ = [
     "CEREMONY_ACTIONS",
     "ProposalView",
+    "add_user_or_propose",
     "approve",
     "claim_for_ceremony",
     "grant_consent",
@@ -396,6 +399,8 @@ def approve(
             expires_at=row.expires_at,
             now=now,
         )
+        if decision.executes and row.action == "users-add-admin":
+            return _add_admin(session, row, mine, decision.counted, actor, now)
         if not decision.executes or row.action in CEREMONY_ACTIONS:
             session.add(mine)
             _record(session, "approval-given", actor, row, now, approvals=len(decision.counted))
@@ -469,6 +474,62 @@ def approve(
     )
     view: ProposalView = outcome["view"]
     return {**view.to_dict(), "result": sent.to_dict()}
+
+
+def _add_admin(
+    session: Session,
+    row: ApprovalProposal,
+    mine: ApprovalVote,
+    counted: tuple[str, ...],
+    actor: Actor,
+    now: datetime,
+) -> dict[str, Any]:
+    """The deciding approval of ``users-add-admin``: add the administrator, in this
+    transaction (the proposal row is locked), and hand its token to this approver once."""
+    session.add(mine)
+    session.flush()
+    name = str(json.loads(row.terms_json)["name"])
+    made = add_user(session, name, Role.ADMIN.value, created_by=row.proposer, now=now)
+    _record(session, "approval-given", actor, row, now, approvals=len(counted))
+    row.state = ProposalState.EXECUTED
+    row.decided_at = now
+    row.decided_by = actor.name
+    row.result_ref = name
+    _record(session, "approval-executed", actor, row, now, approvers=list(counted), user=name)
+    session.flush()
+    return {**_view(session, row, now=now).to_dict(), "result": made.to_dict()}
+
+
+def add_user_or_propose(
+    node: Node, actor: Actor, name: str, role: str, *, now: datetime
+) -> dict[str, Any]:
+    """``gateway users add``: add at once, or propose a new administrator (two-person rule).
+
+    With ``[approvals.users-add-admin]`` k > 1 and ``role == "admin"``, the
+    name is checked and a pending proposal carrying the proposer's approval
+    is made (the answer has ``state: "pending"``); the k-th administrator's
+    approval adds the user and its answer carries the token, shown once.
+    Otherwise the user is added now (``state: "executed"``, the token in the
+    answer), as before.
+    """
+    rule = node_policy(node).approval_rule("users-add-admin")
+    with node.db.transaction() as session:
+        if role != Role.ADMIN.value or rule.k == 1:
+            made = add_user(session, name, role, created_by=actor.name, now=now)
+            return {**made.to_dict(), "state": ProposalState.EXECUTED}
+        _check_approver(actor, "users-add-admin")
+        check_new_user(session, name)
+        _expire_due(session, now=now)
+        row = _propose(
+            session,
+            action="users-add-admin",
+            terms={"name": name, "role": Role.ADMIN.value},
+            actor=actor,
+            k=rule.k,
+            lifetime_hours=rule.lifetime_hours,
+            now=now,
+        )
+        return _view(session, row, now=now).to_dict()
 
 
 def propose_key_change(

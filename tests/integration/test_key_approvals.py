@@ -163,3 +163,59 @@ def test_revocation_needs_the_approved_key_and_reason(
     assert code == 0, err
     assert revoked["revoked"] == [sign_key]
     assert peer_version_after_delivery(jp, pk) == 2
+
+
+def test_root_rotation_with_k_2_writes_nothing_until_approved(
+    homes: tuple[Home, Home], tmp_path: Path
+) -> None:
+    jp, pk = homes
+    _pin(jp, pk, tmp_path)
+    set_rule(jp, "keys-rotate-root", 2)
+    _code, added, _err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
+    roots_before = sorted(p.name for p in (jp.path / "keys").glob("root-*.key"))
+    code, made, err = client(
+        jp, jp.token, "approvals", "propose", "keys-rotate-root", "--reason", "custodian left"
+    )
+    assert code == 0, err
+    pid = made["proposal_id"]
+    code, answer, _err = host(jp, "keys", "rotate-root", "--proposal", pid)
+    assert answer["error"]["reason"] == "approval.pending"
+    assert sorted(p.name for p in (jp.path / "keys").glob("root-*.key")) == roots_before
+    assert own_state(jp) == (1, 0)
+    assert client(jp, added["token"], "approvals", "approve", pid)[1]["ready"] is True
+    code, rooted, err = host(jp, "keys", "rotate-root", "--proposal", pid)
+    assert code == 0, err
+    assert rooted["version"] == 2
+    assert peer_version_after_delivery(jp, pk) == 2
+    (executed,) = [e for e in ledger_kinds(jp) if str(e.kind) == "approval-executed"]
+    assert json.loads(executed.canonical)["body"]["approvers"] == ["admin", "second"]
+
+
+def test_adding_an_administrator_with_k_2_waits_and_the_deciding_approver_gets_the_token(
+    homes: tuple[Home, Home],
+) -> None:
+    jp, _pk = homes
+    # the second administrator is added before the rule is in force
+    _code, added, _err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
+    set_rule(jp, "users-add-admin", 2)
+    # officers are still added by one administrator
+    code, clerk, err = client(jp, jp.token, "users", "add", "clerk", "--role", "officer")
+    assert code == 0, err
+    assert clerk["token"]
+    code, made, err = client(jp, jp.token, "users", "add", "third", "--role", "admin")
+    assert code == 0, err
+    assert made["state"] == "pending"
+    assert "token" not in made
+    listed = client(jp, jp.token, "users", "list")[1]
+    assert "third" not in {u["name"] for u in listed}
+    code, done, err = client(jp, added["token"], "approvals", "approve", made["proposal_id"])
+    assert code == 0, err
+    assert done["state"] == "executed"
+    token = done["result"]["token"]
+    code, who, err = client(jp, token, "users", "list")
+    assert code == 0, err
+    assert "third" in {u["name"] for u in who}
+    (executed,) = [e for e in ledger_kinds(jp) if str(e.kind) == "approval-executed"]
+    body = json.loads(executed.canonical)["body"]
+    assert body["approvers"] == ["admin", "second"]
+    assert token not in executed.canonical.decode()

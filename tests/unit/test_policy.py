@@ -205,6 +205,6 @@ def test_approvals_default_to_one_person_and_refuse_unenforced_actions() -> None
     assert two.approval_rule("consent-grant").k == 2
     assert two.approval_rule("consent-grant").lifetime.total_seconds() == 24 * 3600
     with pytest.raises(ValueError, match="not enforced by this version"):
-        Policy.from_data({**base, "approvals": {"users-add-admin": {"k": 2}}})
+        Policy.from_data({**base, "approvals": {"consent-revoke": {"k": 2}}})
     with pytest.raises(ValueError, match="less than or equal to 9"):
         Policy.from_data({**base, "approvals": {"keys-rotate": {"k": 10}}})
