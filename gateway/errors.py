@@ -225,6 +225,9 @@ STATUS_BY_REASON: Mapping[str, int] = MappingProxyType(
         "policy.envelope-size": 413,
         "policy.header-size": 413,
         "policy.rate": 429,
+        # The two-person rule (docs/consent.md, "Approvals"): the others are 409.
+        "approval.not-approver": 403,
+        "approval.expired": 410,
     }
 )
 """Reason codes whose HTTP status differs from their error class's ``http_status``.

@@ -35,6 +35,7 @@ import structlog
 from aiohttp import web
 
 from gateway.api import (
+    routes_approvals,
     routes_consent,
     routes_exchange,
     routes_keys,
@@ -97,6 +98,7 @@ def all_routes() -> tuple[ApiRoute, ...]:
         *routes_keys.ROUTES,
         *routes_exchange.ROUTES,
         *routes_consent.ROUTES,
+        *routes_approvals.ROUTES,
         *routes_ledger.ROUTES,
     )
 

@@ -31,6 +31,7 @@ from gateway.api.streams import abort_stream, folder_files, prepare_file_stream,
 from gateway.core.consent import parse_valid_until
 from gateway.core.jsonable import to_jsonable
 from gateway.errors import InvalidInput, NotFound, PolicyRefused
+from gateway.node import approvals
 from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import queries as consent_queries
@@ -86,7 +87,7 @@ async def consent_grant(call: Call) -> web.StreamResponse:
         raise InvalidInput("field 'max_uses' must be a whole number of at least 1")
     conditions = optional_str(body, "conditions", max_length=4000) or ""
     sent = await call.run(
-        lambda: consent_protocol.grant(
+        lambda: approvals.grant_consent(
             call.ctx,
             call.actor,
             request_id,
@@ -96,7 +97,8 @@ async def consent_grant(call: Call) -> web.StreamResponse:
             now=utc_now(),
         )
     )
-    return json_response(sent.to_dict(), status=201)
+    # 201: granted and queued; 202: a proposal waits for more approvals (two-person rule).
+    return json_response(sent, status=201 if sent["state"] == "executed" else 202)
 
 
 async def consent_deny(call: Call) -> web.StreamResponse:

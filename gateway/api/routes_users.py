@@ -11,8 +11,9 @@ from gateway.api.routes_common import (
     refuse_unknown_fields,
     require_str,
 )
+from gateway.node import approvals
 from gateway.node.runtime import utc_now
-from gateway.node.users import add_user, disable_user, list_users, reissue_token
+from gateway.node.users import disable_user, list_users, reissue_token
 
 __all__ = ["ROUTES"]
 
@@ -32,10 +33,11 @@ async def users_add(call: Call) -> web.StreamResponse:
     refuse_unknown_fields(body, {"name", "role"})
     name = require_str(body, "name", max_length=64)
     role = require_str(body, "role", max_length=16)
-    created = await call.in_transaction(
-        lambda session: add_user(session, name, role, created_by=call.actor.name, now=utc_now())
+    created = await call.run(
+        lambda: approvals.add_user_or_propose(call.node, call.actor, name, role, now=utc_now())
     )
-    return json_response(created.to_dict(), status=201)
+    # 201: added, its token in the answer; 202: an administrator waits for approvals.
+    return json_response(created, status=201 if created["state"] == "executed" else 202)
 
 
 async def users_disable(call: Call) -> web.StreamResponse:

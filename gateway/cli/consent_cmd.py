@@ -89,6 +89,14 @@ def grant_command(
     sent = app.client("consent.grant").call(
         "POST", _path("consents", "requests", request_id, "grant"), body
     )
+    if sent["state"] != "executed":
+        app.emit(
+            sent,
+            f"proposal {sent['proposal_id']} made for request {request_id}: "
+            f"{sent['approvals']} of {sent['needed']} approvals (two-person rule); another "
+            f"approver runs 'gateway approvals approve {sent['proposal_id']}'",
+        )
+        return
     uses = "unlimited uses" if sent["max_uses"] is None else f"at most {sent['max_uses']} use(s)"
     app.emit(
         sent,
@@ -149,6 +157,8 @@ def list_command(app: AppContext) -> None:
                 f"  {c['consent_id']}  {side:<13} {c['state']:<8} until {_when(c['valid_until'])}"
                 f"  {uses}  to {c['third_party']!r} for {c['purpose']!r}: {', '.join(c['items'])}"
             )
+            if c.get("approvers"):
+                lines.append(f"    approved by {', '.join(c['approvers'])} (two-person rule)")
         for b in listing["refused_bundles"]:
             lines.append(f"refused bundle {b['bundle_id']} ({b['type']}): {b['detail']}")
         return "\n".join(lines)

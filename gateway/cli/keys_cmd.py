@@ -18,6 +18,13 @@ if TYPE_CHECKING:
 
 __all__ = ["keys", "manifest_text"]
 
+_PROPOSAL_OPTION = click.option(
+    "--proposal",
+    "proposal_id",
+    metavar="ID",
+    help="The approved proposal this ceremony executes, when the policy's [approvals] "
+    "asks more than one administrator (docs/keys.md, two-person rule).",
+)
 _ROOT_KEY_OPTION = click.option(
     "--root-key",
     "root_key",
@@ -113,23 +120,28 @@ def _change_text(manifest: KeyManifest, lines: list[str]) -> str:
 
 @keys.command("rotate")
 @_ROOT_KEY_OPTION
+@_PROPOSAL_OPTION
 @pass_app
-def rotate(app: AppContext, root_key: Path | None) -> None:
+def rotate(app: AppContext, root_key: Path | None, proposal_id: str | None) -> None:
     """Make new operational keys; the old ones stay valid for a 24-hour overlap.
 
     Old encryption keys are kept to read what was stored under them.
 
     Host operation: needs the keystore passphrase.
     """
-    from gateway.node import own_keys  # noqa: PLC0415 - host commands only
+    from gateway.node import approvals, own_keys  # noqa: PLC0415 - host commands only
     from gateway.node.runtime import utc_now  # noqa: PLC0415 - host commands only
 
     actor = app.actor("keys.rotate")
     node = app.node()
     passphrase = app.passphrase()
+    now = utc_now()
     with node.db.transaction() as session:
+        approvals.claim_for_ceremony(
+            session, node, actor, "keys-rotate", proposal_id=proposal_id, terms={}, now=now
+        )
         change = own_keys.rotate_keys(
-            node.settings, session, passphrase, now=utc_now(), actor=actor, root_key_file=root_key
+            node.settings, session, passphrase, now=now, actor=actor, root_key_file=root_key
         )
     app.emit(
         {"version": change.manifest.version, "event": change.event, "added": change.added},
@@ -176,6 +188,7 @@ def _impact_text(impact: dict[str, Any]) -> str:
 )
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation (for scripts).")
 @_ROOT_KEY_OPTION
+@_PROPOSAL_OPTION
 @pass_app
 def revoke(
     app: AppContext,
@@ -184,6 +197,7 @@ def revoke(
     compromised_since: str | None,
     yes: bool,
     root_key: Path | None,
+    proposal_id: str | None,
 ) -> None:
     """Revoke an operational key for good (compromise, loss), from a given time.
 
@@ -198,7 +212,7 @@ def revoke(
 
     Host operation: needs the keystore passphrase.
     """
-    from gateway.node import own_keys  # noqa: PLC0415 - host commands only
+    from gateway.node import approvals, own_keys  # noqa: PLC0415 - host commands only
     from gateway.node.ledger.read import parse_since  # noqa: PLC0415 - host commands only
     from gateway.node.runtime import next_whole_second, utc_now  # noqa: PLC0415 - host commands only
 
@@ -220,6 +234,15 @@ def revoke(
         click.confirm(f"Revoke key {key_id} for good?", abort=True, err=True)
     passphrase = app.passphrase()
     with node.db.transaction() as session:
+        approvals.claim_for_ceremony(
+            session,
+            node,
+            actor,
+            "keys-revoke",
+            proposal_id=proposal_id,
+            terms={"key_id": key_id, "reason": reason},
+            now=now,
+        )
         change = own_keys.revoke_key(
             node.settings,
             session,
@@ -285,8 +308,9 @@ def recover(app: AppContext, reason: str, root_key: Path | None) -> None:
 
 @keys.command("rotate-root")
 @_ROOT_KEY_OPTION
+@_PROPOSAL_OPTION
 @pass_app
-def rotate_root(app: AppContext, root_key: Path | None) -> None:
+def rotate_root(app: AppContext, root_key: Path | None, proposal_id: str | None) -> None:
     """Replace the root key: the new manifest is signed by the old and the new root.
 
     Read the new root fingerprint to the peer's administrator; move the new
@@ -294,15 +318,20 @@ def rotate_root(app: AppContext, root_key: Path | None) -> None:
 
     Host operation: needs the keystore passphrase.
     """
-    from gateway.node import own_keys  # noqa: PLC0415 - host commands only
+    from gateway.node import approvals, own_keys  # noqa: PLC0415 - host commands only
     from gateway.node.runtime import utc_now  # noqa: PLC0415 - host commands only
 
     actor = app.actor("keys.rotate-root")
     node = app.node()
     passphrase = app.passphrase()
+    now = utc_now()
     with node.db.transaction() as session:
+        # Before any key file is written: without the approvals nothing is made.
+        approvals.claim_for_ceremony(
+            session, node, actor, "keys-rotate-root", proposal_id=proposal_id, terms={}, now=now
+        )
         change = own_keys.rotate_root(
-            node.settings, session, passphrase, now=utc_now(), actor=actor, root_key_file=root_key
+            node.settings, session, passphrase, now=now, actor=actor, root_key_file=root_key
         )
     removed = own_keys.remove_retired_roots(node.settings, change.manifest.root_key_id)
     app.emit(

@@ -24,6 +24,35 @@ def _entry(module: str, attribute: str, summary: str) -> LazyCommand:
 
 
 COMMANDS: dict[str, LazyCommand | LazySubgroup] = {
+    "approvals": LazySubgroup(
+        "gateway.cli.approvals_cmd:approvals_group",
+        "List, propose, approve and reject proposals under the two-person rule.\n"
+        "\n"
+        "Runs through the node's local API; needs your token.",
+        {
+            "approve": _entry(
+                "approvals_cmd",
+                "approve_command",
+                "Approve a proposal; the last approval needed makes the action happen.",
+            ),
+            "list": _entry(
+                "approvals_cmd",
+                "list_command",
+                "Proposals your role approves, newest first, with their terms and approvers.",
+            ),
+            "propose": _entry(
+                "approvals_cmd",
+                "propose_command",
+                "Propose a key rotation, revocation or root rotation; other administrators "
+                "approve it.",
+            ),
+            "reject": _entry(
+                "approvals_cmd",
+                "reject_command",
+                "Reject a proposal for good; a new proposal is needed to try again.",
+            ),
+        },
+    ),
     "backup": _entry(
         "backup_cmd",
         "backup",

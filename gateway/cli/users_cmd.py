@@ -53,6 +53,14 @@ def add(app: AppContext, name: str, role: str) -> None:
       gateway users add tanaka --role officer
     """
     created = app.client("users.add").call("POST", "/api/v1/users", {"name": name, "role": role})
+    if created["state"] != "executed":
+        app.emit(
+            created,
+            f"proposal {created['proposal_id']} made to add administrator {name}: "
+            f"{created['approvals']} of {created['needed']} approvals (two-person rule); the "
+            "administrator whose approval completes it receives the token, once",
+        )
+        return
     app.emit(
         created,
         f"Added {created['name']} ({created['role']}).\n"

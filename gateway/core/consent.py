@@ -98,6 +98,7 @@ MAX_GRANT_BYTES: Final = 64 * 1024
 MAX_ITEMS: Final = 256
 MAX_TEXT_CHARS: Final = 500
 MAX_CONDITIONS_CHARS: Final = 4000
+MAX_APPROVERS: Final = 16
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 """Unicode category Cc (U+0000..U+001F, U+007F..U+009F) except tab and newline."""
@@ -190,6 +191,10 @@ class ConsentGrant:
     granting_officer: str
     granting_node: str
     key_id: str
+    approvers: tuple[str, ...] = ()
+    """Who approved the grant under the two-person rule (issue 18), sorted; empty when
+    one officer granted alone. Signed as ``approvers`` only when not empty, so a
+    document made before the rule existed reads and verifies as it always did."""
 
     def __post_init__(self) -> None:
         _validate_id(self.consent_id, field="consent_id")
@@ -204,6 +209,12 @@ class ConsentGrant:
         if self.granting_node not in _NODES:
             raise InvalidInput(f"granting_node: must be one of {', '.join(_NODES)}")
         _validate_id(self.key_id, field="key_id")
+        if not isinstance(self.approvers, tuple) or len(self.approvers) > MAX_APPROVERS:
+            raise InvalidInput(f"approvers: at most {MAX_APPROVERS} names")
+        for approver in self.approvers:
+            validate_text(approver, field="approvers", max_chars=64)
+        if list(self.approvers) != sorted(set(self.approvers)):
+            raise InvalidInput("approvers: names must be distinct and sorted")
         for name in ("valid_from", "valid_until"):
             value = getattr(self, name)
             if not isinstance(value, datetime) or value.tzinfo is None:
@@ -242,6 +253,7 @@ class ConsentGrant:
             "granting_officer": self.granting_officer,
             "granting_node": self.granting_node,
             "key_id": self.key_id,
+            **({"approvers": list(self.approvers)} if self.approvers else {}),
         }
 
     def document_bytes(self) -> bytes:
@@ -256,7 +268,7 @@ class ConsentGrant:
         missing = sorted(expected - set(value))
         if missing:
             raise InvalidInput(f"consent grant: missing field {missing[0]}")
-        extra = sorted(set(value) - expected)
+        extra = sorted(set(value) - expected - {"approvers"})
         if extra:
             raise InvalidInput(f"consent grant: unknown field {extra[0]}")
         if value["type"] != GRANT_TYPE:
@@ -281,7 +293,17 @@ class ConsentGrant:
             granting_officer=value["granting_officer"],
             granting_node=value["granting_node"],
             key_id=value["key_id"],
+            approvers=_approvers(value["approvers"]) if "approvers" in value else (),
         )
+
+
+def _approvers(value: object) -> tuple[str, ...]:
+    """The optional ``approvers`` field: when present, a non-empty list of names."""
+    if not isinstance(value, list):
+        raise InvalidInput("approvers: expected a list of names")
+    if not value:
+        raise InvalidInput("approvers: when present, name at least one approver")
+    return tuple(value)
 
 
 _EXAMPLE = (

@@ -121,6 +121,11 @@ class EntryKind(StrEnum):
     SUSPECT_ACCEPTED = "suspect-accepted"
     BUNDLE_RESENT = "bundle-resent"
     BUNDLE_REFUSED = "bundle-refused"
+    APPROVAL_PROPOSED = "approval-proposed"
+    APPROVAL_GIVEN = "approval-given"
+    APPROVAL_REJECTED = "approval-rejected"
+    APPROVAL_EXPIRED = "approval-expired"
+    APPROVAL_EXECUTED = "approval-executed"
 
 
 _KINDS = {kind.value: kind for kind in EntryKind}

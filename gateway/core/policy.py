@@ -23,9 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from gateway.errors import PolicyRefused
 
 __all__ = [
+    "APPROVER_ROLES",
+    "ENFORCED_APPROVALS",
     "GIB",
     "KIB",
     "MIB",
+    "ApprovalRule",
     "ConsentPolicy",
     "Limits",
     "Marking",
@@ -108,6 +111,49 @@ class ConsentPolicy(_Frozen):
         return timedelta(days=self.max_validity_days)
 
 
+ApprovalAction = Literal[
+    "consent-grant",
+    "consent-revoke",
+    "keys-rotate",
+    "keys-revoke",
+    "keys-rotate-root",
+    "users-add-admin",
+]
+
+APPROVER_ROLES: Mapping[str, str] = {
+    "consent-grant": "officer",
+    "consent-revoke": "officer",
+    "keys-rotate": "admin",
+    "keys-revoke": "admin",
+    "keys-rotate-root": "admin",
+    "users-add-admin": "admin",
+}
+"""Who may approve each action: officers decide on consent, administrators on keys
+and users (issue 18). The approver must also be an enabled user of this node."""
+
+
+ENFORCED_APPROVALS = (
+    "consent-grant",
+    "keys-rotate",
+    "keys-revoke",
+    "keys-rotate-root",
+    "users-add-admin",
+)
+"""Actions whose k > 1 this version enforces; a policy asking more of another action
+is refused at start rather than silently run by one person."""
+
+
+class ApprovalRule(_Frozen):
+    """How many distinct approvers an action needs, and how long a proposal waits."""
+
+    k: Annotated[int, Field(ge=1, le=9)] = 1
+    lifetime_hours: Annotated[int, Field(ge=1, le=24 * 90)] = 72
+
+    @property
+    def lifetime(self) -> timedelta:
+        return timedelta(hours=self.lifetime_hours)
+
+
 class RetentionPolicy(_Frozen):
     """How long things are kept; ``None`` means for as long as the node lives.
 
@@ -131,6 +177,8 @@ class Policy(_Frozen):
     recipients: dict[Literal["jp", "pk"], list[Recipient]]
     consent: ConsentPolicy = ConsentPolicy()
     retention: RetentionPolicy = RetentionPolicy()
+    approvals: dict[ApprovalAction, ApprovalRule] = {}
+    """The two-person rule per action (``[approvals.<action>]``); absent: k = 1."""
 
     @model_validator(mode="after")
     def _both_sides(self) -> Policy:
@@ -141,6 +189,12 @@ class Policy(_Frozen):
             names = [entry.name for entry in entries]
             if len(set(names)) != len(names):
                 raise ValueError(f"recipients.{side}: a recipient name is listed twice")
+        for action, rule in self.approvals.items():
+            if rule.k > 1 and action not in ENFORCED_APPROVALS:
+                raise ValueError(
+                    f"approvals.{action}: k > 1 is not enforced by this version (only "
+                    f"{', '.join(ENFORCED_APPROVALS)}); set k = 1 or remove the table"
+                )
         return self
 
     def internal_recipients(self, node: str) -> tuple[Recipient, ...]:
@@ -153,6 +207,13 @@ class Policy(_Frozen):
     def is_internal(self, node: str, recipient: str) -> bool:
         """True when ``recipient`` (a short name) is one of ``node``'s own authorities."""
         return any(entry.name == recipient for entry in self.internal_recipients(node))
+
+    def approval_rule(self, action: str) -> ApprovalRule:
+        """The rule for ``action``; k = 1 (one person, today's behaviour) when unset."""
+        for name, rule in self.approvals.items():
+            if name == action:
+                return rule
+        return ApprovalRule()
 
     @classmethod
     def from_data(cls, data: Mapping[str, Any]) -> Policy:

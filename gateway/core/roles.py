@@ -25,6 +25,7 @@ class Role(StrEnum):
 _A = frozenset({Role.ADMIN})
 _O = frozenset({Role.OFFICER})
 _C = frozenset({Role.COMPLIANCE})
+_AO = frozenset({Role.ADMIN, Role.OFFICER})
 
 ACTIONS: dict[str, frozenset[Role]] = {
     # administrators: keys, peer, users, node
@@ -49,6 +50,12 @@ ACTIONS: dict[str, frozenset[Role]] = {
     "consent.revoke": _O,
     "consent.list": _O,
     "disclose": _O,
+    # the two-person rule: officers approve consent, administrators keys and users
+    # (which proposals a user may approve is the policy's, gateway.core.policy.APPROVER_ROLES)
+    "approvals.list": _AO,
+    "approvals.propose": _A,
+    "approvals.approve": _AO,
+    "approvals.reject": _AO,
     # compliance officers: metadata and verification, never case contents
     "ledger.list": _C,
     "ledger.verify": _C,

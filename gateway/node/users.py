@@ -27,6 +27,7 @@ __all__ = [
     "add_user",
     "authenticate",
     "authorize",
+    "check_new_user",
     "disable_user",
     "list_users",
     "reissue_token",
@@ -81,6 +82,13 @@ def _role(role: str) -> Role:
         return Role(role)
     except ValueError:
         raise InvalidInput(f"role must be admin, officer or compliance, not {role!r}") from None
+
+
+def check_new_user(session: Session, name: str) -> None:
+    """Refuse a name :func:`add_user` would refuse (malformed, or taken); add nothing."""
+    _check_name(name)
+    if session.scalar(select(UserRecord.id).where(UserRecord.name == name)) is not None:
+        raise AlreadyExists(f"user {name!r} exists already")
 
 
 def add_user(session: Session, name: str, role: str, *, created_by: str, now: datetime) -> NewUser:

@@ -189,3 +189,22 @@ def test_policy_model_is_immutable() -> None:
     policy = Policy.from_data(shipped_data())
     with pytest.raises(ValueError, match="frozen"):
         policy.version = "2"  # type: ignore[misc]
+
+
+def test_approvals_default_to_one_person_and_refuse_unenforced_actions() -> None:
+    from gateway.core.policy import Policy  # noqa: PLC0415
+    from gateway.node.policy import load_policy_file, shipped_policy_dir  # noqa: PLC0415
+
+    shipped = load_policy_file(shipped_policy_dir() / "policy.toml")
+    assert shipped.approval_rule("consent-grant").k == 1
+    assert shipped.approval_rule("keys-rotate").k == 1
+    text = (shipped_policy_dir() / "policy.toml").read_text()
+    assert "# [approvals.consent-grant]\n# k = 2" in text
+    base = shipped.model_dump()
+    two = Policy.from_data({**base, "approvals": {"consent-grant": {"k": 2, "lifetime_hours": 24}}})
+    assert two.approval_rule("consent-grant").k == 2
+    assert two.approval_rule("consent-grant").lifetime.total_seconds() == 24 * 3600
+    with pytest.raises(ValueError, match="not enforced by this version"):
+        Policy.from_data({**base, "approvals": {"consent-revoke": {"k": 2}}})
+    with pytest.raises(ValueError, match="less than or equal to 9"):
+        Policy.from_data({**base, "approvals": {"keys-rotate": {"k": 10}}})

@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -64,8 +66,10 @@ from gateway.store.models_consent import (
 from gateway.store.models_exchange import InboxEntry, OutboxEntry
 
 __all__ = [
+    "GrantTerms",
     "deny",
     "grant",
+    "grant_terms",
     "request_consent",
     "revoke",
 ]
@@ -173,23 +177,48 @@ def _pending_incoming(session: Session, request_id: str, *, lock: bool) -> Conse
     return row
 
 
-def grant(
+@dataclass(frozen=True, slots=True)
+class GrantTerms:
+    """The exact terms of a consent grant, checked against the policy and the request."""
+
+    request_id: str
+    items: tuple[str, ...]
+    third_party: str
+    purpose: str
+    valid_until: datetime
+    max_uses: int | None
+    conditions: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "request_id": self.request_id,
+            "items": list(self.items),
+            "third_party": self.third_party,
+            "purpose": self.purpose,
+            "valid_until": format_time(self.valid_until),
+            "max_uses": self.max_uses,
+            "conditions": self.conditions,
+        }
+
+
+def grant_terms(
     ctx: NodeContext,
-    actor: Actor,
     request_id: str,
     *,
     valid_until: datetime | None,
     max_uses: int | None,
     conditions: str,
     now: datetime,
-) -> SentConsent:
-    """Give the peer written consent for its request ``request_id``; send it signed.
+) -> GrantTerms:
+    """Check a grant's terms as :func:`grant` would, without granting anything.
 
     ``valid_until`` defaults to the policy's maximum validity and may not
-    exceed it; ``max_uses`` may not exceed the policy's limit. Every item of
-    the request must be one of this node's own bundles.
+    exceed it; ``max_uses`` may not exceed the policy's limit; every item of
+    the request must be one of this node's own bundles. Raises
+    :class:`InvalidInput`, :class:`PolicyRefused`, :class:`NotFound` or
+    :class:`RefusedError` naming the first problem.
     """
-    node, keyring = ctx.node, ctx.keyring
+    node = ctx.node
     apply_pending(ctx, now=now)
     policy = ctx.policy
     limit = now + policy.consent.max_validity
@@ -225,6 +254,48 @@ def grant(
             "send: only the originator can consent",
             reason="consent.not-originator",
         )
+    return GrantTerms(
+        request_id=request_id,
+        items=tuple(sorted(items)),
+        third_party=third_party,
+        purpose=purpose,
+        valid_until=until,
+        max_uses=max_uses,
+        conditions=conditions,
+    )
+
+
+def grant(
+    ctx: NodeContext,
+    actor: Actor,
+    request_id: str,
+    *,
+    valid_until: datetime | None,
+    max_uses: int | None,
+    conditions: str,
+    now: datetime,
+    approvers: tuple[str, ...] = (),
+    in_transaction: Callable[[Session, str], None] | None = None,
+) -> SentConsent:
+    """Give the peer written consent for its request ``request_id``; send it signed.
+
+    The terms are checked by :func:`grant_terms`. ``approvers`` (sorted names)
+    are signed into the document when the grant passed the two-person rule;
+    ``in_transaction(session, consent_id)`` runs first in the transaction that
+    queues the grant (the approvals service records the deciding approval
+    there, so the grant is sent exactly when the approval commits).
+    """
+    node, keyring = ctx.node, ctx.keyring
+    terms = grant_terms(
+        ctx,
+        request_id,
+        valid_until=valid_until,
+        max_uses=max_uses,
+        conditions=conditions,
+        now=now,
+    )
+    items, until = terms.items, terms.valid_until
+    third_party, purpose = terms.third_party, terms.purpose
     consent_id = str(uuid.uuid4())
     written = ConsentGrant(
         consent_id=consent_id,
@@ -239,6 +310,7 @@ def grant(
         granting_officer=actor.name,
         granting_node=node.node_id,
         key_id=keyring.signing_key_id,
+        approvers=approvers,
     )
     signed = sign_grant(written, lambda message: bytes(keyring.signing_key.sign(message).signature))
     case = {
@@ -255,6 +327,8 @@ def grant(
     validate_case("consent-grant", case)
 
     def record(session: Session, bundle_id: str) -> None:
+        if in_transaction is not None:
+            in_transaction(session, consent_id)
         row = _pending_incoming(session, request_id, lock=True)
         row.status = RequestStatus.GRANTED
         row.decided_at = now

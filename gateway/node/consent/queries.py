@@ -331,6 +331,9 @@ def list_consents(ctx: NodeContext, *, now: datetime) -> dict[str, Any]:
                 state = "used up"
             else:
                 state = "valid"
+            written = ConsentGrant.from_document(
+                parse_bounded_json(bytes(row.document), max_bytes=MAX_GRANT_BYTES)
+            )
             consents.append(
                 {
                     "consent_id": row.consent_id,
@@ -348,6 +351,8 @@ def list_consents(ctx: NodeContext, *, now: datetime) -> dict[str, Any]:
                     "state": state,
                     "revoked_at": None if revocation is None else revocation.revoked_at,
                     "revocation_reason": None if revocation is None else revocation.reason,
+                    "granting_officer": written.granting_officer,
+                    "approvers": list(written.approvers),
                 }
             )
         return {

@@ -88,6 +88,7 @@ def store_grant(
             "granting_node": written.granting_node,
             "key_id": written.key_id,
             "document_sha256": hashlib.sha256(signed.document).hexdigest(),
+            **({"approvers": list(written.approvers)} if written.approvers else {}),
         },
     )
 

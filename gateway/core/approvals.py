@@ -1,0 +1,136 @@
+"""The two-person rule: an action happens only after k distinct approvers approved it.
+
+Pure: no I/O, no clock. The node's shell (:mod:`gateway.node.approvals`) stores
+proposals and approvals and asks :func:`decide` whether a proposal executes.
+
+**Terms.** A proposal carries the exact terms of its action (for a consent
+grant: request, items, recipient, purpose, validity, uses, conditions). The
+terms are hashed (:func:`terms_hash`: SHA-256 over the canonical JSON, RFC
+8785), and every approval records the hash of the terms its approver saw.
+An approval of other terms does not count: any change starts over.
+
+**The rule** (:func:`decide`, source: issue 18, MOC item 3 "written
+consent"): a proposal executes exactly when, before it expires, ``k``
+distinct approvers approved its terms, each of whom is, at the time of the
+decision, enabled and holds a role allowed to approve that action. The
+proposer's own approval counts once, like any other; a user who was disabled
+since approving no longer counts. ``k = 1`` is today's one-person behaviour:
+the proposer's own approval executes the action at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Final
+
+from gateway.core.canonical import canonical_bytes
+from gateway.errors import InvalidInput
+
+__all__ = [
+    "ACTIONS",
+    "MAX_APPROVERS",
+    "Approval",
+    "Decision",
+    "ProposalState",
+    "decide",
+    "terms_hash",
+]
+
+ACTIONS: Final = (
+    "consent-grant",
+    "consent-revoke",
+    "keys-rotate",
+    "keys-revoke",
+    "keys-rotate-root",
+    "users-add-admin",
+)
+"""Actions the policy's ``[approvals]`` table may put under the rule."""
+
+MAX_APPROVERS: Final = 9
+"""Largest ``k`` a policy may ask for."""
+
+
+class ProposalState(StrEnum):
+    PENDING = "pending"
+    EXECUTED = "executed"
+    REJECTED = "rejected"
+    EXPIRED = "expired"
+
+
+def terms_hash(terms: Mapping[str, Any]) -> str:
+    """SHA-256 (hex, 64 characters) of the canonical JSON of ``terms``.
+
+    Raises :class:`InvalidInput` for terms that are not plain JSON values.
+    """
+    try:
+        data = canonical_bytes(dict(terms))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"proposal terms are not plain JSON: {exc}") from None
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Approval:
+    """One approver's approval as the decision sees it."""
+
+    approver: str
+    terms_hash: str
+    approved_at: datetime
+    enabled: bool
+    """The approver is still an enabled user now."""
+    authorised: bool
+    """The approver holds a role (and capability) allowed to approve the action now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Whether a proposal executes now, and who counts toward it."""
+
+    executes: bool
+    counted: tuple[str, ...]
+    """The distinct approvers that count, sorted by name."""
+    needed: int
+    expired: bool
+
+    @property
+    def missing(self) -> int:
+        return max(0, self.needed - len(self.counted))
+
+
+def decide(
+    *,
+    k: int,
+    terms: str,
+    approvals: Iterable[Approval],
+    expires_at: datetime,
+    now: datetime,
+) -> Decision:
+    """Does a proposal with terms hash ``terms`` execute at ``now``?
+
+    ``approvals`` are every approval recorded for it (in any order, possibly
+    from the same approver twice); only those of enabled, authorised
+    approvers, of exactly these terms and given before ``expires_at`` count,
+    each approver once. Executes when at least ``k`` count and ``now`` is
+    before ``expires_at``. Raises :class:`InvalidInput` for ``k`` outside
+    1..:data:`MAX_APPROVERS`.
+    """
+    if isinstance(k, bool) or not 1 <= k <= MAX_APPROVERS:
+        raise InvalidInput(f"approvals needed must be from 1 to {MAX_APPROVERS}, not {k!r}")
+    expired = now >= expires_at
+    counted = sorted(
+        {
+            a.approver
+            for a in approvals
+            if a.enabled and a.authorised and a.terms_hash == terms and a.approved_at < expires_at
+        }
+    )
+    return Decision(
+        executes=not expired and len(counted) >= k,
+        counted=tuple(counted),
+        needed=k,
+        expired=expired,
+    )

@@ -1,0 +1,678 @@
+"""The two-person rule on this node: proposals, approvals, rejection, expiry, execution.
+
+The rule itself is pure (:func:`gateway.core.approvals.decide`); this shell
+stores proposals (``approval_proposal``) and approvals (``approval_vote``),
+records every step in the ledger (``approval-proposed``, ``approval-given``,
+``approval-rejected``, ``approval-expired``, ``approval-executed``, each
+with its actor) and executes an action on its deciding approval.
+
+**Exactly once.** The deciding approval is recorded in the same transaction
+that executes the action (for a consent grant: the transaction that queues
+the signed grant for the peer), after the proposal row was locked (``SELECT
+... FOR UPDATE`` on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` admits one
+writer). The state is checked again under the lock, so of two approvers
+racing for the last place one executes the action and the other is told the
+proposal was executed already; nothing of the loser's attempt is kept.
+
+Actions under the rule in this version: ``consent-grant``
+(:func:`grant_consent`) and ``users-add-admin`` (:func:`add_user_or_propose`),
+both executed by the deciding approval, and the key ceremonies
+``keys-rotate``, ``keys-revoke`` and ``keys-rotate-root`` (:func:`propose_key_change`;
+the deciding approval makes the proposal ready, and the host ceremony, which
+alone holds the passphrase and the root key, claims it with
+:func:`claim_for_ceremony` in the transaction that changes the keys). The
+policy refuses k > 1 for ``consent-revoke``
+(:data:`gateway.core.policy.ENFORCED_APPROVALS`): revoking stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gateway.core.approvals import Approval, ProposalState, decide, terms_hash
+from gateway.core.canonical import canonical_bytes
+from gateway.core.consent import format_time, parse_time, validate_text
+from gateway.core.policy import APPROVER_ROLES
+from gateway.core.roles import SYSTEM, Actor, Role
+from gateway.errors import InvalidInput, NotFound, RefusedError
+from gateway.node import ledger
+from gateway.node.consent import protocol as consent_protocol
+from gateway.node.consent.common import node_policy
+from gateway.node.context import NodeContext
+from gateway.node.runtime import Node
+from gateway.node.users import add_user, check_new_user
+from gateway.store.models_approvals import ApprovalProposal, ApprovalVote
+from gateway.store.models_users import UserRecord
+
+CEREMONY_ACTIONS = ("keys-rotate", "keys-revoke", "keys-rotate-root")
+"""Actions a host ceremony executes once their proposal is approved."""
+
+__all__ = [
+    "CEREMONY_ACTIONS",
+    "ProposalView",
+    "add_user_or_propose",
+    "approve",
+    "claim_for_ceremony",
+    "grant_consent",
+    "list_proposals",
+    "parse_terms_hash",
+    "propose_key_change",
+    "reject",
+]
+
+_MAX_REASON = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class ProposalView:
+    """A proposal as the approvers see it: its terms, who approved and what is missing."""
+
+    proposal_id: str
+    action: str
+    terms: dict[str, Any]
+    terms_sha256: str
+    proposer: str
+    created_at: datetime
+    expires_at: datetime
+    state: str
+    needed: int
+    approvers: tuple[str, ...]
+    counted: tuple[str, ...]
+    reason: str | None
+    result: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "proposal_id": self.proposal_id,
+            "action": self.action,
+            "terms": self.terms,
+            "terms_sha256": self.terms_sha256,
+            "proposer": self.proposer,
+            "created_at": format_time(self.created_at),
+            "expires_at": format_time(self.expires_at),
+            "state": self.state,
+            "needed": self.needed,
+            "approvals": len(self.counted),
+            "approvers": list(self.approvers),
+            "counted": list(self.counted),
+            "reason": self.reason,
+            "result": self.result,
+        }
+
+
+def _proposal(session: Session, proposal_id: str, *, lock: bool) -> ApprovalProposal:
+    query = select(ApprovalProposal).where(ApprovalProposal.proposal_id == proposal_id)
+    if lock:
+        query = query.with_for_update()
+    row = session.scalars(query.execution_options(populate_existing=True)).first()
+    if row is None:
+        raise NotFound(
+            f"no proposal {proposal_id!r}: 'gateway approvals list' shows the pending ones"
+        )
+    return row
+
+
+def _votes(session: Session, proposal_id: str) -> list[ApprovalVote]:
+    return list(
+        session.scalars(
+            select(ApprovalVote)
+            .where(ApprovalVote.proposal_id == proposal_id)
+            .order_by(ApprovalVote.approved_at, ApprovalVote.approver)
+        )
+    )
+
+
+def _approvals(session: Session, action: str, votes: list[ApprovalVote]) -> list[Approval]:
+    """The votes as the rule sees them: with each approver's standing *now*."""
+    names = {v.approver for v in votes}
+    users = {
+        u.name: u for u in session.scalars(select(UserRecord).where(UserRecord.name.in_(names)))
+    }
+    wanted = APPROVER_ROLES[action]
+    found = []
+    for vote in votes:
+        user = users.get(vote.approver)
+        found.append(
+            Approval(
+                approver=vote.approver,
+                terms_hash=vote.terms_hash,
+                approved_at=vote.approved_at,
+                enabled=user is not None and user.disabled_at is None,
+                authorised=user is not None and user.role == wanted,
+            )
+        )
+    return found
+
+
+def _view(session: Session, row: ApprovalProposal, *, now: datetime) -> ProposalView:
+    votes = _votes(session, row.proposal_id)
+    decision = decide(
+        k=row.needed,
+        terms=row.terms_hash,
+        approvals=_approvals(session, row.action, votes),
+        expires_at=row.expires_at,
+        now=now,
+    )
+    result = None if row.result_ref is None else {"ref": row.result_ref}
+    return ProposalView(
+        proposal_id=row.proposal_id,
+        action=row.action,
+        terms=dict(json.loads(row.terms_json)),
+        terms_sha256=row.terms_hash,
+        proposer=row.proposer,
+        created_at=row.created_at,
+        expires_at=row.expires_at,
+        state=row.state,
+        needed=row.needed,
+        approvers=tuple(v.approver for v in votes),
+        counted=decision.counted,
+        reason=row.reason,
+        result=result,
+    )
+
+
+def _record(
+    session: Session,
+    kind: str,
+    actor: Actor,
+    row: ApprovalProposal,
+    now: datetime,
+    **extra: Any,
+) -> None:
+    body: dict[str, Any] = {
+        "proposal_id": row.proposal_id,
+        "action": row.action,
+        "terms_sha256": row.terms_hash,
+        "needed": row.needed,
+        **extra,
+    }
+    request_id = json.loads(row.terms_json).get("request_id")
+    if request_id is not None:
+        body["request_id"] = request_id
+    ledger.record_event(session, kind=kind, actor=actor, now=now, body=body)
+
+
+def _expire_due(session: Session, *, now: datetime) -> None:
+    """Mark every pending proposal past its expiry expired (ledger: ``approval-expired``)."""
+    due = session.scalars(
+        select(ApprovalProposal)
+        .where(
+            ApprovalProposal.state == ProposalState.PENDING,
+            ApprovalProposal.expires_at <= now,
+        )
+        .with_for_update()
+    ).all()
+    for row in due:
+        row.state = ProposalState.EXPIRED
+        row.decided_at = now
+        row.decided_by = SYSTEM.name
+        _record(session, "approval-expired", SYSTEM, row, now)
+
+
+def _check_approver(actor: Actor, action: str) -> None:
+    wanted = APPROVER_ROLES[action]
+    if actor.role is None or actor.role.value != wanted:
+        raise RefusedError(
+            f"a {action} proposal is approved by users of the {wanted} role; "
+            f"{actor.name} is {actor.role.value if actor.role else 'the node'}",
+            reason="approval.not-approver",
+        )
+
+
+def _check_pending(row: ApprovalProposal) -> None:
+    if row.state != ProposalState.PENDING:
+        hint = (
+            "propose it again if it is still wanted"
+            if row.state in (ProposalState.EXPIRED, ProposalState.REJECTED)
+            else "nothing more to do"
+        )
+        raise RefusedError(
+            f"proposal {row.proposal_id} was {row.state} already: {hint}",
+            reason="approval.expired" if row.state == ProposalState.EXPIRED else "approval.decided",
+        )
+
+
+def list_proposals(
+    node: Node, actor: Actor, *, now: datetime, state: str | None = None
+) -> list[ProposalView]:
+    """Proposals of the actions ``actor``'s role approves, newest first; pending ones
+    past their expiry are marked expired first (recorded in the ledger)."""
+    with node.db.transaction() as session:
+        _expire_due(session, now=now)
+        actions = [
+            a for a, role in APPROVER_ROLES.items() if actor.role and actor.role.value == role
+        ]
+        query = select(ApprovalProposal).where(ApprovalProposal.action.in_(actions))
+        if state is not None:
+            query = query.where(ApprovalProposal.state == state)
+        rows = session.scalars(query.order_by(ApprovalProposal.created_at.desc())).all()
+        return [_view(session, row, now=now) for row in rows]
+
+
+def _propose(
+    session: Session,
+    *,
+    action: str,
+    terms: dict[str, Any],
+    actor: Actor,
+    k: int,
+    lifetime_hours: int,
+    now: datetime,
+) -> ApprovalProposal:
+    digest = terms_hash(terms)
+    row = ApprovalProposal(
+        proposal_id=str(uuid.uuid4()),
+        action=action,
+        terms_json=canonical_bytes(terms).decode("utf-8"),
+        terms_hash=digest,
+        needed=k,
+        proposer=actor.name,
+        created_at=now,
+        expires_at=now + timedelta(hours=lifetime_hours),
+        state=ProposalState.PENDING,
+    )
+    session.add(row)
+    session.flush()
+    _record(session, "approval-proposed", actor, row, now, expires_at=format_time(row.expires_at))
+    session.add(
+        ApprovalVote(
+            proposal_id=row.proposal_id, approver=actor.name, terms_hash=digest, approved_at=now
+        )
+    )
+    _record(session, "approval-given", actor, row, now, approvals=1)
+    return row
+
+
+def grant_consent(
+    ctx: NodeContext,
+    actor: Actor,
+    request_id: str,
+    *,
+    valid_until: datetime | None,
+    max_uses: int | None,
+    conditions: str,
+    now: datetime,
+) -> dict[str, Any]:
+    """``gateway consent grant``: grant at once when the policy's k is 1, else propose.
+
+    k = 1: exactly :func:`gateway.node.consent.protocol.grant` (the answer is
+    its :class:`SentConsent`, with ``state: "executed"``). k > 1: the terms
+    are checked as a grant would check them, then stored as a pending
+    proposal carrying the proposer's approval; the answer names the proposal
+    and ``approvals`` of ``needed``.
+    """
+    node = ctx.node
+    rule = ctx.policy.approval_rule("consent-grant")
+    if rule.k == 1:
+        sent = consent_protocol.grant(
+            ctx,
+            actor,
+            request_id,
+            valid_until=valid_until,
+            max_uses=max_uses,
+            conditions=conditions,
+            now=now,
+        )
+        return {**sent.to_dict(), "state": ProposalState.EXECUTED}
+    _check_approver(actor, "consent-grant")
+    terms = consent_protocol.grant_terms(
+        ctx,
+        request_id,
+        valid_until=valid_until,
+        max_uses=max_uses,
+        conditions=conditions,
+        now=now,
+    )
+    with node.db.transaction() as session:
+        row = _propose(
+            session,
+            action="consent-grant",
+            terms=terms.to_dict(),
+            actor=actor,
+            k=rule.k,
+            lifetime_hours=rule.lifetime_hours,
+            now=now,
+        )
+        return {**_view(session, row, now=now).to_dict(), "request_id": request_id}
+
+
+def approve(
+    ctx: NodeContext,
+    actor: Actor,
+    proposal_id: str,
+    *,
+    terms_sha256: str | None,
+    now: datetime,
+) -> dict[str, Any]:
+    """Approve a pending proposal; on the k-th counting approval the action happens.
+
+    ``terms_sha256``, when given, is the hash of the terms the approver
+    reviewed: a proposal with other terms is refused (``approval.terms-changed``).
+    Refused: an unknown proposal (404), one decided or expired already
+    (``approval.decided`` 409, ``approval.expired`` 410), an approver of
+    the wrong role (``approval.not-approver`` 403), a second approval by
+    the same user (``approval.already-approved`` 409).
+    """
+    node = ctx.node
+    with node.db.transaction() as session:
+        _expire_due(session, now=now)
+    with node.db.transaction() as session:
+        row = _proposal(session, proposal_id, lock=True)
+        _check_pending(row)
+        _check_approver(actor, row.action)
+        if terms_sha256 is not None and terms_sha256 != row.terms_hash:
+            raise RefusedError(
+                f"proposal {proposal_id} has other terms than the ones you reviewed "
+                f"(terms {row.terms_hash[:12]}...): review it again with 'gateway approvals list'",
+                reason="approval.terms-changed",
+            )
+        votes = _votes(session, proposal_id)
+        if any(v.approver == actor.name for v in votes):
+            raise RefusedError(
+                f"{actor.name} approved proposal {proposal_id} already: "
+                "another approver has to approve it",
+                reason="approval.already-approved",
+            )
+        mine = ApprovalVote(
+            proposal_id=proposal_id,
+            approver=actor.name,
+            terms_hash=row.terms_hash,
+            approved_at=now,
+        )
+        approvals = [
+            *_approvals(session, row.action, votes),
+            *_approvals(session, row.action, [mine]),
+        ]
+        decision = decide(
+            k=row.needed,
+            terms=row.terms_hash,
+            approvals=approvals,
+            expires_at=row.expires_at,
+            now=now,
+        )
+        if decision.executes and row.action == "users-add-admin":
+            return _add_admin(session, row, mine, decision.counted, actor, now)
+        if not decision.executes or row.action in CEREMONY_ACTIONS:
+            session.add(mine)
+            _record(session, "approval-given", actor, row, now, approvals=len(decision.counted))
+            session.flush()
+            ready = decision.executes and row.action in CEREMONY_ACTIONS
+            return {**_view(session, row, now=now).to_dict(), "ready": ready}
+        action, terms = row.action, dict(json.loads(row.terms_json))
+        proposer = row.proposer
+    # The deciding approval: recorded in the transaction that executes the action.
+    if action != "consent-grant":  # pragma: no cover - refused by the policy's validator
+        raise RefusedError(f"{action} is not executed through approvals", reason="approval.decided")
+    outcome: dict[str, Any] = {}
+
+    def decide_here(session: Session, consent_id: str) -> None:
+        locked = _proposal(session, proposal_id, lock=True)
+        _check_pending(locked)
+        again = _votes(session, proposal_id)
+        if any(v.approver == actor.name for v in again):
+            raise RefusedError(
+                f"{actor.name} approved proposal {proposal_id} already",
+                reason="approval.already-approved",
+            )
+        session.add(
+            ApprovalVote(
+                proposal_id=proposal_id,
+                approver=actor.name,
+                terms_hash=locked.terms_hash,
+                approved_at=now,
+            )
+        )
+        session.flush()
+        final = decide(
+            k=locked.needed,
+            terms=locked.terms_hash,
+            approvals=_approvals(session, action, _votes(session, proposal_id)),
+            expires_at=locked.expires_at,
+            now=now,
+        )
+        if final.counted != decision.counted or not final.executes:
+            raise RefusedError(
+                f"the approvals of proposal {proposal_id} changed meanwhile: approve it again",
+                reason="approval.decided",
+            )
+        _record(session, "approval-given", actor, locked, now, approvals=len(final.counted))
+        locked.state = ProposalState.EXECUTED
+        locked.decided_at = now
+        locked.decided_by = actor.name
+        locked.result_ref = consent_id
+        _record(
+            session,
+            "approval-executed",
+            actor,
+            locked,
+            now,
+            approvers=list(final.counted),
+            consent_id=consent_id,
+        )
+        outcome["view"] = _view(session, locked, now=now)
+
+    sent = consent_protocol.grant(
+        ctx,
+        Actor(name=proposer, role=Role.OFFICER),
+        str(terms["request_id"]),
+        valid_until=parse_time(terms["valid_until"], field="valid_until"),
+        max_uses=terms["max_uses"],
+        conditions=str(terms["conditions"]),
+        now=now,
+        approvers=decision.counted,
+        in_transaction=decide_here,
+    )
+    view: ProposalView = outcome["view"]
+    return {**view.to_dict(), "result": sent.to_dict()}
+
+
+def _add_admin(
+    session: Session,
+    row: ApprovalProposal,
+    mine: ApprovalVote,
+    counted: tuple[str, ...],
+    actor: Actor,
+    now: datetime,
+) -> dict[str, Any]:
+    """The deciding approval of ``users-add-admin``: add the administrator, in this
+    transaction (the proposal row is locked), and hand its token to this approver once."""
+    session.add(mine)
+    session.flush()
+    name = str(json.loads(row.terms_json)["name"])
+    made = add_user(session, name, Role.ADMIN.value, created_by=row.proposer, now=now)
+    _record(session, "approval-given", actor, row, now, approvals=len(counted))
+    row.state = ProposalState.EXECUTED
+    row.decided_at = now
+    row.decided_by = actor.name
+    row.result_ref = name
+    _record(session, "approval-executed", actor, row, now, approvers=list(counted), user=name)
+    session.flush()
+    return {**_view(session, row, now=now).to_dict(), "result": made.to_dict()}
+
+
+def add_user_or_propose(
+    node: Node, actor: Actor, name: str, role: str, *, now: datetime
+) -> dict[str, Any]:
+    """``gateway users add``: add at once, or propose a new administrator (two-person rule).
+
+    With ``[approvals.users-add-admin]`` k > 1 and ``role == "admin"``, the
+    name is checked and a pending proposal carrying the proposer's approval
+    is made (the answer has ``state: "pending"``); the k-th administrator's
+    approval adds the user and its answer carries the token, shown once.
+    Otherwise the user is added now (``state: "executed"``, the token in the
+    answer), as before.
+    """
+    rule = node_policy(node).approval_rule("users-add-admin")
+    with node.db.transaction() as session:
+        if role != Role.ADMIN.value or rule.k == 1:
+            made = add_user(session, name, role, created_by=actor.name, now=now)
+            return {**made.to_dict(), "state": ProposalState.EXECUTED}
+        _check_approver(actor, "users-add-admin")
+        check_new_user(session, name)
+        _expire_due(session, now=now)
+        row = _propose(
+            session,
+            action="users-add-admin",
+            terms={"name": name, "role": Role.ADMIN.value},
+            actor=actor,
+            k=rule.k,
+            lifetime_hours=rule.lifetime_hours,
+            now=now,
+        )
+        return _view(session, row, now=now).to_dict()
+
+
+def propose_key_change(
+    node: Node, actor: Actor, action: str, *, reason: str, key_id: str | None, now: datetime
+) -> dict[str, Any]:
+    """An administrator proposes a key rotation or revocation (two-person rule).
+
+    Terms: ``{"reason"}`` for ``keys-rotate``, ``{"key_id", "reason"}`` for
+    ``keys-revoke``; the proposer's approval is recorded. Once k
+    administrators approved, ``gateway keys rotate|revoke ... --proposal ID``
+    on the host executes it. Refused when the policy asks one approver only
+    (nothing to propose) or the terms are malformed.
+    """
+    if action not in CEREMONY_ACTIONS:
+        raise InvalidInput(
+            f"action must be one of {', '.join(CEREMONY_ACTIONS)}; consent grants are "
+            "proposed by 'gateway consent grant'"
+        )
+    _check_approver(actor, action)
+    validate_text(reason, field="reason", max_chars=_MAX_REASON)
+    terms: dict[str, Any] = {"reason": reason}
+    if action == "keys-revoke":
+        if key_id is None:
+            raise InvalidInput("keys-revoke: name the key to revoke (key_id)")
+        terms["key_id"] = validate_text(key_id, field="key_id", max_chars=64)
+    elif key_id is not None:
+        raise InvalidInput("keys-rotate takes no key_id")
+    rule = node_policy(node).approval_rule(action)
+    if rule.k == 1:
+        raise InvalidInput(
+            f"the policy asks one approver for {action}: run 'gateway keys "
+            f"{action.removeprefix('keys-')}' on the host without a proposal"
+        )
+    with node.db.transaction() as session:
+        _expire_due(session, now=now)
+        row = _propose(
+            session,
+            action=action,
+            terms=terms,
+            actor=actor,
+            k=rule.k,
+            lifetime_hours=rule.lifetime_hours,
+            now=now,
+        )
+        return _view(session, row, now=now).to_dict()
+
+
+def claim_for_ceremony(
+    session: Session,
+    node: Node,
+    actor: Actor,
+    action: str,
+    *,
+    proposal_id: str | None,
+    terms: dict[str, Any],
+    now: datetime,
+) -> tuple[str, ...]:
+    """Before a key ceremony changes anything: check and consume its approval.
+
+    Runs in the ceremony's own transaction, so the proposal is executed
+    exactly when the keys change (and stays pending if the ceremony fails).
+    With the policy's k = 1 and no proposal: nothing to check, returns ``()``.
+    Otherwise the proposal must be of ``action``, pending, unexpired, approved
+    by k distinct enabled administrators, and its terms must equal ``terms``
+    (for ``keys-revoke`` the key and the reason; for ``keys-rotate`` only
+    the action). Returns the approvers, recorded in ``approval-executed``.
+    Refused with ``approval.pending`` (409), ``approval.terms-changed``,
+    ``approval.expired`` or ``approval.decided``.
+    """
+    rule = node_policy(node).approval_rule(action)
+    if proposal_id is None:
+        if rule.k == 1:
+            return ()
+        raise RefusedError(
+            f"{action} needs {rule.k} administrators' approval (policy [approvals.{action}]): "
+            f"propose it with 'gateway approvals propose {action} --reason ...', have "
+            f"{rule.k - 1} other administrator(s) approve it, then run this again with "
+            "--proposal ID",
+            reason="approval.pending",
+        )
+    _expire_due(session, now=now)
+    row = _proposal(session, proposal_id, lock=True)
+    if row.action != action:
+        raise InvalidInput(f"proposal {proposal_id} is a {row.action}, not a {action}")
+    _check_pending(row)
+    stored = dict(json.loads(row.terms_json))
+    compared = {key: stored.get(key) for key in terms}
+    if action == "keys-revoke" and compared != terms:
+        raise RefusedError(
+            f"proposal {proposal_id} approved revoking {stored.get('key_id')} for "
+            f"{stored.get('reason')!r}; this ceremony names other terms: run it with the "
+            "approved key and reason, or propose again",
+            reason="approval.terms-changed",
+        )
+    decision = decide(
+        k=row.needed,
+        terms=row.terms_hash,
+        approvals=_approvals(session, action, _votes(session, proposal_id)),
+        expires_at=row.expires_at,
+        now=now,
+    )
+    if not decision.executes:
+        raise RefusedError(
+            f"proposal {proposal_id} has {len(decision.counted)} of {row.needed} approvals: "
+            "another administrator has to run 'gateway approvals approve "
+            f"{proposal_id}' first; nothing was changed",
+            reason="approval.pending",
+        )
+    row.state = ProposalState.EXECUTED
+    row.decided_at = now
+    row.decided_by = actor.name
+    _record(session, "approval-executed", actor, row, now, approvers=list(decision.counted))
+    return decision.counted
+
+
+def reject(
+    node: Node, actor: Actor, proposal_id: str, *, reason: str, now: datetime
+) -> dict[str, Any]:
+    """Reject a pending proposal for good (ledger: ``approval-rejected`` with the reason).
+
+    Any user who may approve the action may reject it, the proposer included.
+    """
+    validate_text(reason, field="reason", max_chars=_MAX_REASON)
+    with node.db.transaction() as session:
+        _expire_due(session, now=now)
+    with node.db.transaction() as session:
+        row = _proposal(session, proposal_id, lock=True)
+        _check_pending(row)
+        _check_approver(actor, row.action)
+        row.state = ProposalState.REJECTED
+        row.decided_at = now
+        row.decided_by = actor.name
+        row.reason = reason
+        _record(session, "approval-rejected", actor, row, now, reason=reason)
+        session.flush()
+        return _view(session, row, now=now).to_dict()
+
+
+def parse_terms_hash(value: object) -> str | None:
+    """An optional ``terms_sha256`` field: 64 lower-case hex digits or absent."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, str)
+        or len(value) != 64
+        or not all(c in "0123456789abcdef" for c in value)
+    ):
+        raise InvalidInput("field 'terms_sha256' must be 64 lower-case hex digits")
+    return value

@@ -1,0 +1,282 @@
+"""The two-person rule over real nodes and databases (both engines).
+
+Islamabad (pk) originates a case, Tokyo (jp) asks for consent to pass it to a
+third party, and pk's officers grant under ``[approvals.consent-grant]``: the
+grant happens exactly when k distinct, enabled officers approved the same
+terms before the proposal expired; never earlier, never twice.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from gateway.core.roles import Actor, Role
+from gateway.errors import ConsentRefused, GatewayError, RefusedError
+from gateway.node import approvals
+from gateway.node.consent import protocol as consent_protocol
+from gateway.node.consent import queries as consent_queries
+from gateway.node.context import NodeContext
+from gateway.node.runtime import utc_now
+from gateway.node.users import add_user, disable_user
+from gateway.store.models_approvals import ApprovalProposal
+from gateway.store.models_consent import ConsentGrantRecord
+from gateway.store.models_exchange import OutboxEntry
+from tests.integration.test_consent import (  # noqa: F401  (fixtures)
+    EMBASSY,
+    NOW,
+    PURPOSE,
+    Pair,
+    Side,
+    _officer_env,
+    _run,
+    clock,
+    deliver,
+    do_disclose,
+    entries,
+    pair,
+    send_case_to_peer,
+)
+
+OFFICERS = ("asma", "bilal", "chaudhry", "dur")
+
+
+def set_approvals(side: Side, k: int, hours: int = 72) -> None:
+    path = side.node.settings.policy_dir / "policy.toml"
+    text = path.read_text()
+    path.write_text(f"{text}\n[approvals.consent-grant]\nk = {k}\nlifetime_hours = {hours}\n")
+
+
+def officer(name: str) -> Actor:
+    return Actor(name=name, role=Role.OFFICER)
+
+
+def add_people(side: Side, now: Any) -> None:
+    with side.node.db.transaction() as session:
+        for name in OFFICERS:
+            add_user(session, name, "officer", created_by="admin", now=now)
+        add_user(session, "root-admin", "admin", created_by="admin", now=now)
+
+
+def asked_of_pk(pair: Pair, *, when: Any = NOW) -> tuple[str, str]:
+    """pk sends a case to jp; jp asks pk's consent; the request reaches pk."""
+    case_id = send_case_to_peer(pair.pk, pair.jp, when=when)
+    asked = consent_protocol.request_consent(
+        NodeContext(pair.jp.node, pair.jp.keyring),
+        pair.jp.officer,
+        [case_id],
+        EMBASSY,
+        PURPOSE,
+        now=when,
+    )
+    deliver(pair.jp, pair.pk, asked.bundle_id, when=when)
+    return case_id, asked.request_id
+
+
+def propose(pair: Pair, request_id: str, by: str = "asma", **kw: Any) -> dict[str, Any]:
+    return approvals.grant_consent(
+        NodeContext(pair.pk.node, pair.pk.keyring),
+        officer(by),
+        request_id,
+        valid_until=None,
+        max_uses=kw.get("max_uses", 3),
+        conditions="Only for the screening named.",
+        now=kw.get("now", NOW),
+    )
+
+
+def approve(pair: Pair, proposal_id: str, who: Actor, **kw: Any) -> dict[str, Any]:
+    return approvals.approve(
+        NodeContext(pair.pk.node, pair.pk.keyring),
+        who,
+        proposal_id,
+        terms_sha256=kw.get("terms"),
+        now=kw.get("now", NOW),
+    )
+
+
+def grants(side: Side) -> int:
+    with side.node.db.transaction() as session:
+        return int(session.scalar(select(func.count()).select_from(ConsentGrantRecord)) or 0)
+
+
+def grant_bundles(side: Side) -> int:
+    with side.node.db.transaction() as session:
+        return int(
+            session.scalar(
+                select(func.count())
+                .select_from(OutboxEntry)
+                .where(OutboxEntry.case_type == "consent-grant")
+            )
+            or 0
+        )
+
+
+def refused(reason: str, work: Any) -> None:
+    with pytest.raises(GatewayError) as caught:
+        work()
+    assert caught.value.reason == reason, caught.value
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_grant_happens_exactly_at_the_kth_distinct_enabled_officer(pair: Pair, k: int) -> None:
+    set_approvals(pair.pk, k)
+    add_people(pair.pk, NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    made = propose(pair, request_id)
+    if k == 1:
+        assert made["state"] == "executed"
+        assert made["consent_id"]
+        assert grants(pair.pk) == 1
+        return
+    assert (made["state"], made["approvals"], made["needed"]) == ("pending", 1, k)
+    pid = made["proposal_id"]
+    assert grants(pair.pk) == 0
+    assert grant_bundles(pair.pk) == 0
+    # the proposer may not approve twice; an administrator may not approve consent
+    refused("approval.already-approved", lambda: approve(pair, pid, officer("asma")))
+    refused(
+        "approval.not-approver",
+        lambda: approve(pair, pid, Actor(name="root-admin", role=Role.ADMIN)),
+    )
+    refused("approval.terms-changed", lambda: approve(pair, pid, officer("bilal"), terms="0" * 64))
+    if k == 3:
+        # dur approves, then is disabled: dur's approval no longer counts
+        assert approve(pair, pid, officer("dur"))["approvals"] == 2
+        with pair.pk.node.db.transaction() as session:
+            disable_user(session, "dur", now=NOW, by="root-admin")
+        assert approve(pair, pid, officer("bilal"))["state"] == "pending"
+        assert grants(pair.pk) == 0
+        done = approve(pair, pid, officer("chaudhry"))
+        assert done["counted"] == ["asma", "bilal", "chaudhry"]
+    else:
+        done = approve(pair, pid, officer("bilal"))
+        assert done["counted"] == ["asma", "bilal"]
+    assert done["state"] == "executed"
+    assert grants(pair.pk) == 1
+    assert grant_bundles(pair.pk) == 1
+    # never twice
+    refused("approval.decided", lambda: approve(pair, pid, officer("dur" if k == 2 else "asma")))
+    assert grants(pair.pk) == 1
+    kinds = [str(e.kind) for e in entries(pair.pk) if str(e.kind).startswith("approval-")]
+    assert kinds[0] == "approval-proposed"
+    assert kinds[-1] == "approval-executed"
+    assert kinds.count("approval-executed") == 1
+    (executed,) = entries(pair.pk, "approval-executed")
+    assert executed.actor_name == ("chaudhry" if k == 3 else "bilal")
+    assert json.loads(executed.canonical)["body"]["approvers"] == done["counted"]
+    listing = consent_queries.list_consents(NodeContext(pair.pk.node, pair.pk.keyring), now=NOW)
+    assert listing["consents"][0]["approvers"] == done["counted"]
+
+
+def test_expired_and_rejected_proposals_never_execute(pair: Pair) -> None:
+    set_approvals(pair.pk, 2, hours=1)
+    add_people(pair.pk, NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    late = propose(pair, request_id)["proposal_id"]
+    refused(
+        "approval.expired",
+        lambda: approve(pair, late, officer("bilal"), now=NOW + timedelta(hours=1)),
+    )
+    with pair.pk.node.db.transaction() as session:
+        assert session.get(ApprovalProposal, late).state == "expired"  # type: ignore[union-attr]
+    assert [e.actor_name for e in entries(pair.pk, "approval-expired")] == ["system"]
+
+    turned = propose(pair, request_id, by="bilal")["proposal_id"]
+    approvals.reject(pair.pk.node, officer("chaudhry"), turned, reason="wrong purpose", now=NOW)
+    refused("approval.decided", lambda: approve(pair, turned, officer("asma")))
+    assert grants(pair.pk) == 0
+    (rejected,) = entries(pair.pk, "approval-rejected")
+    assert rejected.actor_name == "chaudhry"
+    assert json.loads(rejected.canonical)["body"]["reason"] == "wrong purpose"
+
+
+def test_concurrent_approvals_execute_once(pair: Pair) -> None:
+    set_approvals(pair.pk, 2)
+    add_people(pair.pk, NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    pid = propose(pair, request_id)["proposal_id"]
+    start = threading.Barrier(3)
+    outcomes: list[Any] = []
+
+    def racer(name: str) -> None:
+        start.wait()
+        try:
+            outcomes.append(approve(pair, pid, officer(name))["state"])
+        except RefusedError as exc:
+            outcomes.append(exc.reason)
+
+    threads = [threading.Thread(target=racer, args=(n,)) for n in ("bilal", "chaudhry", "dur")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert outcomes.count("executed") == 1, outcomes
+    assert all(o in ("executed", "approval.decided", "consent.decided") for o in outcomes)
+    assert grants(pair.pk) == 1
+    assert grant_bundles(pair.pk) == 1
+    assert len(entries(pair.pk, "approval-executed")) == 1
+    assert len(entries(pair.pk, "consent-granted")) == 1
+
+
+@pytest.mark.parametrize("clock", [None], indirect=True)
+def test_end_to_end_two_officers_grant_and_tokyo_discloses(pair: Pair, tmp_path: Path) -> None:
+    """consent-grant = 2 on Islamabad: one officer's grant waits, Tokyo stays blocked;
+    the second officer's approval sends the grant naming both; Tokyo then discloses."""
+    set_approvals(pair.pk, 2)
+    now = utc_now()
+    case_id, request_id = asked_of_pk(pair, when=now)
+    first = _officer_env(pair.pk, "asma")
+    second = _officer_env(pair.pk, "bilal")
+
+    granted = _run(first, "consent", "grant", request_id, "--max-uses", "2")
+    assert granted.exit_code == 0, granted.output
+    assert "1 of 2 approvals" in granted.output
+    listed = json.loads(_run(second, "approvals", "list", "--json").stdout)
+    (proposal,) = listed
+    assert (proposal["state"], proposal["approvers"]) == ("pending", ["asma"])
+    assert grant_bundles(pair.pk) == 0
+    with pytest.raises(ConsentRefused, match="no consent"):
+        do_disclose(pair.jp, [case_id], tmp_path / "blocked", now=utc_now())
+
+    again = _run(first, "approvals", "approve", proposal["proposal_id"], "--json")
+    assert again.exit_code == 1
+    assert "approval.already-approved" in again.stdout
+
+    done = _run(
+        second,
+        "approvals",
+        "approve",
+        proposal["proposal_id"],
+        "--terms",
+        proposal["terms_sha256"],
+    )
+    assert done.exit_code == 0, done.output
+    assert "executed" in done.output
+    with pair.pk.node.db.transaction() as session:
+        (bundle_id,) = session.scalars(
+            select(OutboxEntry.bundle_id).where(OutboxEntry.case_type == "consent-grant")
+        ).all()
+    deliver(pair.pk, pair.jp, bundle_id, when=utc_now())
+
+    result = do_disclose(pair.jp, [case_id], tmp_path / "out", now=utc_now())
+    assert result.kind == "disclosure-made"
+    held = consent_queries.list_consents(NodeContext(pair.jp.node, pair.jp.keyring), now=utc_now())
+    (consent,) = held["consents"]
+    assert consent["direction"] == "received"
+    assert consent["approvers"] == ["asma", "bilal"]
+    assert consent["granting_officer"] == "asma"
+    shown = _run(_officer_env(pair.jp, "tanaka"), "consent", "list")
+    assert "approved by asma, bilal" in shown.output
+    (stored,) = entries(pair.jp, "consent-granted")
+    assert json.loads(stored.canonical)["body"]["approvers"] == ["asma", "bilal"]
+    kinds = [str(e.kind) for e in entries(pair.pk)]
+    assert kinds.count("approval-given") == 2
+    assert kinds.count("approval-executed") == 1
+    assert stored is not None
