@@ -115,6 +115,11 @@ class ServerSettings(_Section):
 
 class DatabaseSettings(_Section):
     url: str | None = None
+    inline_envelope_max_bytes: int = Field(default=65536, ge=0, le=1 << 20)
+    """A received envelope of at most this many bytes is kept in its inbox row
+    instead of a file of the envelope store (one file, link and fsync fewer);
+    larger ones stay files. 0 keeps every envelope a file. Bounded at 1 MiB so
+    a row never carries an attachment-sized value (docs/operations.md)."""
 
     @field_validator("url")
     @classmethod

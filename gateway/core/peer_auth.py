@@ -363,6 +363,10 @@ class BodyDigest:
         self._hash.update(chunk)
         self.size += len(chunk)
 
+    def hexdigest(self) -> str:
+        """The SHA-256 (hex) of what was fed so far."""
+        return self._hash.hexdigest()
+
     def check(self) -> None:
         """Raise ``PeerAuthFailed("auth.digest")`` unless the body matched."""
         if not hmac.compare_digest(self._hash.digest(), self._expected):

@@ -19,6 +19,7 @@ only; this shell opens the files.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import stat
 import tempfile
@@ -232,13 +233,15 @@ def open_to_dir(
     policy: Policy,
     now: datetime,
     stored_at: datetime | None = None,
+    body: bytes | None = None,
 ) -> OpenedToDisk:
     """Verify and decrypt the envelope at ``envelope_path``.
 
     With ``out_dir``, attachments are written there (see the module text);
     without it only the case is decrypted. ``stored_at``: when this node
     stored the envelope (see :func:`~gateway.core.envelope.open_envelope`);
-    a suspect envelope is refused here, never accepted.
+    a suspect envelope is refused here, never accepted. ``body``: the envelope's
+    bytes when its row holds them inline (then ``envelope_path`` only names it).
     """
     if out_dir is not None and not out_dir.is_dir():
         raise InvalidInput(f"{out_dir}: the output folder does not exist or is not a folder")
@@ -254,7 +257,7 @@ def open_to_dir(
 
     try:
         try:
-            with envelope_path.open("rb") as stream:
+            with io.BytesIO(body) if body is not None else envelope_path.open("rb") as stream:
                 opened = open_envelope(
                     stream,
                     keyring=keyring,

@@ -21,6 +21,7 @@ clean retry of the same bundle succeeds.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import secrets
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from typing import Any, BinaryIO, Protocol
 
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
 
 from gateway import log
 from gateway.core.canonical import canonical_bytes
@@ -66,8 +67,9 @@ from gateway.store.models_exchange import (
     InboxEntry,
     OutboxEntry,
     SequenceGap,
+    adopt_envelope_file,
     adopt_envelope_files,
-    envelope_path,
+    open_stored_envelope,
 )
 
 __all__ = [
@@ -469,15 +471,19 @@ def read_bundle(
     node, keyring = ctx.node, ctx.keyring
     with node.db.transaction() as session:
         received = session.scalars(
-            select(InboxEntry).where(InboxEntry.bundle_id == bundle_id)
+            select(InboxEntry)
+            .where(InboxEntry.bundle_id == bundle_id)
+            .options(undefer(InboxEntry.envelope_body))
         ).first()
         sent = None
         if received is None:
             sent = session.scalars(
                 select(OutboxEntry).where(OutboxEntry.bundle_id == bundle_id)
             ).first()
+        inline: bytes | None = None
         if received is not None:
             sha, opened_at, direction = received.envelope_sha256, received.received_at, "received"
+            inline = received.envelope_body
         elif sent is not None:
             sha, opened_at, direction = sent.envelope_sha256, sent.created_at, "sent"
         else:
@@ -487,7 +493,6 @@ def read_bundle(
         raise InvalidInput(f"{out_dir}: the output folder does not exist or is not a folder")
     policy = ctx.policy
     peer = _pinned_peer_manifest(node)
-    path = envelope_path(node.settings.blob_dir, sha)
     temps: list[tuple[Path, AttachmentInfo]] = []
     handles: list[BinaryIO] = []
 
@@ -502,7 +507,7 @@ def read_bundle(
     written: list[Path] = []
     try:
         try:
-            with path.open("rb") as stream:
+            with open_stored_envelope(node.settings.blob_dir, sha, inline) as stream:
                 opened = open_envelope(
                     stream,
                     keyring=keyring,
@@ -657,6 +662,9 @@ class _Accepted:
     sha: str
     size: int
     facts: EnvelopeFacts
+    path: Path
+    body: bytes | None = None
+    """The envelope's bytes when it is kept inline in its row (small enough)."""
 
 
 @dataclass
@@ -742,7 +750,10 @@ def receive_batch(
        :func:`~gateway.core.envelope.verify_envelope`); a refusal stores
        nothing of it;
     3. the verified files enter the envelope store, synced
-       (:func:`~gateway.store.models_exchange.adopt_envelope_files`);
+       (:func:`~gateway.store.models_exchange.adopt_envelope_files`), except
+       envelopes of at most ``[database] inline_envelope_max_bytes``: those are
+       read once (verified from memory) and kept in their inbox row, with no
+       file, link or fsync of their own;
     4. ONE transaction for the batch: the ledger lock taken once, reply
        targets, idempotency on (sender, bundle id, envelope hash),
        equivocation evidence, inbox rows, gap ranges (read and written once
@@ -769,6 +780,7 @@ def receive_batch(
     if not items:
         return []
     policy = ctx.policy
+    inline_max = node.settings.database.inline_envelope_max_bytes
     shas = sorted({sha for _, sha, _ in items})
     with node.db.transaction() as session:
         replays = {
@@ -785,10 +797,11 @@ def receive_batch(
     copies: dict[int, int] = {}
     # The files' data syncs run while the envelopes are verified (disk beside CPU);
     # storing them below then finds nothing left to write.
+    # Envelopes kept inline are never files of the store: nothing of theirs to sync.
     syncing = [
         _SYNC_POOL.submit(_sync_quietly, path)
-        for path, sha, _ in items
-        if sha not in replays and peer is not None
+        for path, sha, size in items
+        if sha not in replays and peer is not None and size > inline_max
     ]
     for index, (path, sha, size) in enumerate(items):
         if sha in replays:
@@ -804,7 +817,8 @@ def receive_batch(
                 raise RefusedError(
                     "no peer is pinned: nothing can be received", reason="peer.unpinned"
                 )
-            with path.open("rb") as stream:
+            body = path.read_bytes() if size <= inline_max else None
+            with io.BytesIO(body) if body is not None else path.open("rb") as stream:
                 header = verify_envelope(
                     stream, keyring=keyring, peer_manifest=peer, policy=policy, now=now
                 )
@@ -816,13 +830,14 @@ def receive_batch(
         except (VerificationError, RefusedError, InvalidInput) as exc:
             outcomes[index] = ReceiveOutcome(error=exc)
             continue
-        accepted.append(_Accepted(index, sha, size, _facts(header)))
+        accepted.append(_Accepted(index, sha, size, _facts(header), path, body))
     accepted = _check_replies(node, accepted, outcomes)
     for future in syncing:
         future.result()
     crash_point("after-batch-verify")
-    if accepted:
-        adopt_envelope_files(node.settings.blob_dir, [(items[a.index][0], a.sha) for a in accepted])
+    files = [(a.path, a.sha) for a in accepted if a.body is None]
+    if files:
+        adopt_envelope_files(node.settings.blob_dir, files)
     crash_point("after-batch-adopt")
     stored: list[_Accepted] = []
     for attempt in range(2):
@@ -934,6 +949,10 @@ def _commit_batch(
                 answers[item.index] = ReceiveOutcome(receipt=bytes(prior.receipt), replayed=True)
                 continue
             if prior is not None:
+                if item.body is not None:
+                    # Evidence is a whole envelope in the store: written and synced
+                    # before the row naming it commits.
+                    adopt_envelope_file(node.settings.blob_dir, item.path, item.sha)
                 evidence.append((item, _record_equivocation(session, prior, facts, item.sha, now)))
                 continue
             channel = channel_name(facts.sender, facts.recipient)
@@ -982,6 +1001,7 @@ def _commit_batch(
                 received_at=now,
                 envelope_sha256=item.sha,
                 envelope_size=item.size,
+                envelope_body=item.body,
                 receipt=receipt,
                 replaces=facts.replaces,
             )

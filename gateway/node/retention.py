@@ -12,7 +12,10 @@ the rule, and destroys. Both callers run the same :func:`purge`.
 2. the envelope file is destroyed: its header, which holds every sealed copy
    of the content key, is overwritten in place and synced, then the file is
    unlinked (:func:`~gateway.store.models_exchange.destroy_envelope_file`).
-   Envelopes live only as files; the database keeps no copy of a body.
+   A small received envelope kept inline in its inbox row
+   (``[database] inline_envelope_max_bytes``) is removed from the row in the
+   transaction of step 1 instead (SQLite overwrites the freed content with
+   zeros: ``secure_delete``); no other copy of a body is kept.
 
 Envelopes the peer sent under the same bundle id as equivocation evidence are
 destroyed with it (their signed headers stay in the database as the proof).
@@ -44,7 +47,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from gateway import log
@@ -369,6 +372,12 @@ def _purge_one(
             if row.bundle_id in _consent_pending(session):
                 return None
             sha, size = row.envelope_sha256, row.envelope_size
+            # An envelope kept inline goes in this transaction, with the purge record.
+            session.execute(
+                update(InboxEntry)
+                .where(InboxEntry.id == row.id, InboxEntry.envelope_body.is_not(None))
+                .values(envelope_body=None)
+            )
             body.update(
                 sender=row.sender,
                 sequence=row.sequence,

@@ -50,6 +50,7 @@ from gateway.peer.failures import Failure, classify_client_error, diagnose_disco
 from gateway.peer.server import (
     BATCH_CONTENT_TYPE,
     BATCH_MAGIC,
+    ENVELOPE_CONTENT_TYPE,
     MANIFEST_CONTENT_TYPE,
     PING_PATH,
 )
@@ -190,6 +191,24 @@ def _file_digest(paths: Sequence[Path]) -> tuple[bytes, int, bytes | None]:
 
 
 _STREAM_CHUNK = 1 << 20
+
+
+def _stored_single(paths: Sequence[Path]) -> tuple[bytes, int] | None:
+    """(SHA-256, size) of a lone envelope too large for :data:`_IN_MEMORY_BATCH` whose
+    file is named by its SHA-256 (the envelope store's names, checked when it was
+    stored), else None: such an envelope needs no read to be digested."""
+    if len(paths) != 1:
+        return None
+    name = paths[0].name
+    if len(name) != 64 or name.strip("0123456789abcdef"):
+        return None
+    try:
+        size = paths[0].stat().st_size
+    except OSError:
+        return None
+    if size <= _IN_MEMORY_BATCH:
+        return None
+    return bytes.fromhex(name), size
 
 
 async def _batch_body(paths: Sequence[Path]) -> AsyncIterator[bytes]:
@@ -410,6 +429,9 @@ class PeerClient:
         """
         if not paths:
             return []
+        single = _stored_single(paths)
+        if single is not None:
+            return await self._post_stored_envelope(paths[0], *single)
         try:
             digest, length, whole = await asyncio.to_thread(_file_digest, list(paths))
         except OSError as exc:
@@ -442,6 +464,48 @@ class PeerClient:
         finally:
             release()
         return _parse_results(answer, paths)
+
+    async def _post_stored_envelope(
+        self, path: Path, digest: bytes, length: int
+    ) -> list[EnvelopeResult]:
+        """One large envelope of the store posted as the body itself: its file name is
+        the SHA-256 the request signs, so it is read once, while it streams."""
+        turn = self._body_turn
+        await turn.acquire()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                turn.release()
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                sent = 0
+                with path.open("rb") as handle:
+                    while chunk := await asyncio.to_thread(handle.read, _STREAM_CHUNK):
+                        sent += len(chunk)
+                        yield chunk
+                if sent != length:
+                    raise TransportError(
+                        f"{path} changed while it was being sent", reason="transport.file"
+                    )
+            finally:
+                release()
+
+        try:
+            headers = self._signed_headers("POST", "/v1/envelopes", digest)
+            headers["Content-Type"] = ENVELOPE_CONTENT_TYPE
+            headers["Content-Length"] = str(length)
+            answer = await self._send("POST", "/v1/envelopes", headers=headers, data=body())
+        except OSError as exc:
+            raise TransportError(
+                f"cannot read an envelope file: {exc.strerror}", reason="transport.file"
+            ) from None
+        finally:
+            release()
+        return _parse_results(answer, [path])
 
     async def pull(
         self,

@@ -590,7 +590,6 @@ async def _spool_envelopes(
     paths: list[SpooledEnvelope] = []
     if content_type == ENVELOPE_CONTENT_TYPE:
         path, handle = _spool_file(directory, 0)
-        own = hashlib.sha256()
         with handle:
             while True:
                 chunk = await _read_chunk(request, _CHUNK, limits, deadline)
@@ -603,11 +602,11 @@ async def _spool_envelopes(
                     raise _Refusal(
                         "limit.envelope", f"envelope exceeds {limits.max_envelope_bytes}"
                     )
-                own.update(chunk)
                 handle.write(chunk)
         if digest.size == 0:
             raise _Refusal("request.framing", "empty request body")
-        paths.append(SpooledEnvelope(path, own.hexdigest(), digest.size))
+        # The body is the envelope: its signed digest is the envelope's name (one hash).
+        paths.append(SpooledEnvelope(path, digest.hexdigest(), digest.size))
     elif content_type == BATCH_CONTENT_TYPE:
         preface = await _read_exactly(request, 8, limits, deadline, digest)
         if preface[:4] != BATCH_MAGIC:

@@ -1,7 +1,10 @@
 """Storage of the exchange: outbox, inbox, sequence gaps, equivocations, envelope files.
 
 Envelopes are kept as files in ``<blob_dir>/envelopes``, named by the SHA-256 of
-their bytes, so that attachments of any size never pass through the database.
+their bytes, so that attachments of any size never pass through the database;
+a small received envelope may instead live in its inbox row
+(``InboxEntry.envelope_body``), one file and its fsyncs fewer. Readers take
+either through :func:`open_stored_envelope`.
 A file is written and flushed to disk *before* the row that names it commits:
 a crash in between leaves an orphan file (harmless, removed by
 :func:`sweep_orphan_envelopes`), never a row without its file.
@@ -10,6 +13,7 @@ a crash in between leaves an orphan file (harmless, removed by
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import secrets
 from collections.abc import Iterable, Sequence
@@ -44,6 +48,7 @@ __all__ = [
     "adopt_envelope_files",
     "destroy_envelope_file",
     "envelope_path",
+    "open_stored_envelope",
     "store_envelope_file",
     "sweep_orphan_envelopes",
 ]
@@ -142,6 +147,11 @@ class InboxEntry(Base):
     envelope_sha256: Mapped[str] = mapped_column(String(64))
     envelope_size: Mapped[int] = mapped_column(BigInteger)
     receipt: Mapped[bytes] = mapped_column(LargeBinary)
+    envelope_body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, deferred=True)
+    """The envelope's bytes when it is small enough to live in the row
+    (``[database] inline_envelope_max_bytes``); None: it is a file in the envelope
+    store named by ``envelope_sha256`` (0018_inline_envelopes). Read it with
+    :func:`open_stored_envelope`; a purge sets it back to None."""
     suspect_since: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     """When this node marked it suspect: its signing key was revoked and distrusted
     from a moment before it was received (docs/keys.md, "Revocation with a time")."""
@@ -199,6 +209,16 @@ def envelope_path(blob_dir: Path, sha256_hex: str) -> Path:
     if len(sha256_hex) != 64 or not set(sha256_hex) <= _HEX64:
         raise StorageError("envelope reference is not a SHA-256 hex digest")
     return _envelope_dir(blob_dir) / sha256_hex[:2] / sha256_hex
+
+
+def open_stored_envelope(blob_dir: Path, sha256_hex: str, body: bytes | None) -> BinaryIO:
+    """A binary stream of a stored envelope: its inline ``body`` when the row holds
+    one, else the file named by ``sha256_hex`` (``FileNotFoundError`` when it is
+    gone, :class:`~gateway.errors.StorageError` for a name that is no hash).
+    The caller closes it (it is a context manager either way)."""
+    if body is not None:
+        return io.BytesIO(body)
+    return envelope_path(blob_dir, sha256_hex).open("rb")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -356,9 +356,15 @@ def test_killing_receiver_and_sender_mid_delivery_loses_and_doubles_nothing(pair
         "after-batch-verify",
         "after-batch-adopt",
         "after-inbox-commit",
+        "after-batch-verify:files",
+        "after-batch-adopt:files",
+        "after-inbox-commit:files",
     ],
 )
 def test_a_crash_at_any_point_loses_nothing_and_doubles_nothing(pair: Pair, point: str) -> None:
+    """``:files``: the receiver keeps every envelope a file (none inline in its row)."""
+    point, _, storage = point.partition(":")
+    receiver_env = {"GATEWAY_DATABASE_INLINE_ENVELOPE_MAX_BYTES": "0"} if storage else {}
     pair.jp.stop()
     assert sync(pair.jp).returncode in (0, 1)  # nothing left from earlier tests
     sent = [pair.jp.send() for _ in range(5)]
@@ -384,7 +390,7 @@ def test_a_crash_at_any_point_loses_nothing_and_doubles_nothing(pair: Pair, poin
         pair.pk.start()
     elif point in ("after-batch-verify", "after-batch-adopt", "after-inbox-commit"):
         # The receiver dies at a step of its batch: verified, files stored, committed.
-        pair.pk.start(GATEWAY_CRASH_AT=point)
+        pair.pk.start(GATEWAY_CRASH_AT=point, **receiver_env)
         done = sync(pair.jp)
         assert done.returncode == 1, done.stderr  # the peer died under the request
         assert "unreachable" in done.stderr or "peer" in done.stderr
@@ -394,7 +400,7 @@ def test_a_crash_at_any_point_loses_nothing_and_doubles_nothing(pair: Pair, poin
         committed = len(sent) if point == "after-inbox-commit" else 0
         assert pair.pk.received(sent) == committed
         assert pair.jp.queued(sent) == len(sent)  # no receipt came back
-        pair.pk.start()
+        pair.pk.start(**receiver_env)
     else:
         pair.pk.start()
         done = sync(pair.jp, GATEWAY_CRASH_AT=point)
@@ -405,6 +411,10 @@ def test_a_crash_at_any_point_loses_nothing_and_doubles_nothing(pair: Pair, poin
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["remaining"] == 0
     assert_exactly_once(pair.jp, pair.pk, sent)
+    if storage:
+        store = pair.pk.home.home / "data" / "blobs" / "envelopes"
+        names = [pair.jp.envelope_file(bundle_id).name for bundle_id in sent]
+        assert all((store / name[:2] / name).is_file() for name in names)
 
 
 def test_replayed_envelope_gets_the_identical_receipt_and_stores_nothing(pair: Pair) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
@@ -23,6 +24,7 @@ from gateway.core.peer_auth import (
 )
 from gateway.errors import RefusedError, TransportError
 from gateway.node.runtime import utc_now
+from gateway.peer import client as peer_client
 from gateway.peer.client import PeerClient, PeerRefused
 from gateway.peer.server import BATCH_CONTENT_TYPE, BATCH_MAGIC, ENVELOPE_CONTENT_TYPE
 from gateway.settings import Settings
@@ -179,6 +181,40 @@ def test_batch_delivered_with_one_receipt_per_envelope(harness: Harness, tmp_pat
     assert harness.store.stored() == [b"first envelope", b"third"]
     assert harness.spool_empty()
     assert harness.nonce_count() == 1
+
+
+def test_a_lone_large_stored_envelope_is_posted_as_itself_under_its_name(
+    harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An envelope of the store too large for an in-memory batch goes out as the body
+    itself, signed with the SHA-256 its file is named by (no read to digest it); one
+    whose bytes do not match its name is refused by the digest check, nothing stored."""
+    monkeypatch.setattr(peer_client, "_IN_MEMORY_BATCH", 4 * 1024)  # the harness allows 16 KiB
+    content = b"large envelope " + os.urandom(12 * 1024)
+    sha = hashlib.sha256(content).hexdigest()
+    path = tmp_path / sha
+    path.write_bytes(content)
+
+    async def send(paths: list[Path]) -> Any:
+        async with harness.client() as client:
+            return await client.post_envelopes(paths)
+
+    [result] = run(send([path]))
+    assert result.status == "accepted"
+    assert result.receipt is not None
+    PK.key.verify_key.verify(
+        b"ssw-gateway/receipt/v1\x00" + hashlib.sha256(content).digest(), result.receipt
+    )
+    assert harness.store.stored() == [content]
+
+    forged = tmp_path / "forged" / hashlib.sha256(b"other bytes").hexdigest()
+    forged.parent.mkdir()
+    forged.write_bytes(content)
+    with pytest.raises(PeerRefused) as caught:
+        run(send([forged]))
+    assert (caught.value.status, caught.value.reason) == (401, "auth.digest")
+    assert harness.store.stored() == [content]
+    assert harness.spool_empty()
 
 
 def test_single_envelope_with_chunked_body_accepted(harness: Harness) -> None:

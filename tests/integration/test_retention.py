@@ -11,6 +11,7 @@ take ``now=`` get times on the same line.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -32,6 +33,7 @@ from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
 from gateway.errors import StorageError
 from gateway.node import ledger, retention
+from gateway.node.backup import make_backup, restore_backup
 from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import receive as consent_receive
@@ -48,7 +50,8 @@ from gateway.node.peer_trust import pinned_peer_manifest
 from gateway.node.policy import load_policy
 from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user
-from gateway.store.models_exchange import Equivocation, OutboxEntry, envelope_path
+from gateway.settings import load_settings
+from gateway.store.models_exchange import Equivocation, InboxEntry, OutboxEntry, envelope_path
 from gateway.store.models_retention import DecryptedOutput, PurgedBundle
 from tests.node_api import serve_node
 from tests.nodes import GATEWAY, REPO, open_pinned_pair
@@ -111,10 +114,18 @@ def pair(
         shorten_retention(node.settings.home)
         with node.db.transaction() as session:
             keyring = unlock_keyring(node.settings, PASSPHRASE.encode(), session, now=t0)
+        # These tests follow received envelope files; the inline kind has its own test.
+        keep_envelopes_inline(node, 0)
         sides[node_id] = Side(node, keyring, JP_OFFICER if node_id == "jp" else PK_OFFICER)
     yield Pair(jp=sides["jp"], pk=sides["pk"], t0=t0)
     for node in nodes.values():
         node.close()
+
+
+def keep_envelopes_inline(node: Node, max_bytes: int) -> None:
+    """Receive envelopes of up to ``max_bytes`` into their inbox rows (0: every one a file)."""
+    database = node.settings.database.model_copy(update={"inline_envelope_max_bytes": max_bytes})
+    node.settings = node.settings.model_copy(update={"database": database})
 
 
 # -- moving bundles -----------------------------------------------------------------------
@@ -839,3 +850,80 @@ def test_serve_housekeeping_runs_the_purge_under_the_policy_on_disk(pair: Pair) 
     assert set(purged_rows(pair.pk)) == {sent.bundle_id}
     (entry,) = entries(pair.pk, "bundle-purged")
     assert (entry.actor_name, entry.actor_role) == ("system", None)
+
+
+def _stored_body(side: Side, bundle_id: str) -> bytes | None:
+    with side.node.db.transaction() as session:
+        body = session.scalar(
+            select(InboxEntry.envelope_body).where(InboxEntry.bundle_id == bundle_id)
+        )
+    return None if body is None else bytes(body)
+
+
+def test_inline_and_file_envelopes_both_show_back_up_restore_and_purge(
+    pair: Pair, tmp_path: Path, database_url: str, pg_database_factory: Callable[[], str]
+) -> None:
+    """A small envelope lives in its inbox row, a large one in the envelope store: both
+    decrypt, both survive backup and restore, and a purge removes both bodies."""
+    keep_envelopes_inline(pair.pk.node, 64 * 1024)
+    scan = tmp_path / "contract-scan.pdf"
+    scan.write_bytes(os.urandom(200 * 1024))  # above the threshold: a file
+    small = send(pair.jp, pair.t0)
+    large = send(pair.jp, pair.t0, [scan])
+    for sent in (small, large):
+        deliver(pair.jp, pair.pk, sent, pair.t0)
+
+    small_file = envelope_path(pair.pk.blob_dir, small.envelope_sha256)
+    large_file = envelope_path(pair.pk.blob_dir, large.envelope_sha256)
+    inline = _stored_body(pair.pk, small.bundle_id)
+    assert inline is not None
+    assert hashlib.sha256(inline).hexdigest() == small.envelope_sha256
+    assert not small_file.exists()  # no file, no link, no fsync for it
+    assert _stored_body(pair.pk, large.bundle_id) is None
+    assert hashlib.sha256(large_file.read_bytes()).hexdigest() == large.envelope_sha256
+
+    shown = tmp_path / "shown"
+    shown.mkdir()
+    for sent in (small, large):
+        read = read_bundle(
+            NodeContext(pair.pk.node, pair.pk.keyring), PK_OFFICER, sent.bundle_id, out_dir=shown,
+            now=utc_now(), track_outputs=False,
+        )  # fmt: skip
+        case = json.loads((EXAMPLES / "exam-fraud.json").read_text())
+        assert {k: v for k, v in read.case.items() if k in case} == case
+    assert (shown / "contract-scan.pdf").read_bytes() == scan.read_bytes()
+
+    archive = tmp_path / "pk.gwbackup"
+    make_backup(
+        pair.pk.node.settings, passphrase=PASSPHRASE.encode(), out=archive, now=utc_now(),
+        environ={},
+    )  # fmt: skip
+    restored_db = None if database_url.startswith("sqlite") else pg_database_factory()
+    report = restore_backup(
+        archive, tmp_path / "restored", passphrase=PASSPHRASE.encode(), db_url=restored_db
+    )
+    settings = load_settings(home=report.home, environ={})
+    with Node.open(settings) as restored:
+        with restored.db.transaction() as session:
+            ring = unlock_keyring(settings, PASSPHRASE.encode(), session, now=utc_now())
+        again = tmp_path / "again"
+        again.mkdir()
+        for sent in (small, large):
+            read_bundle(
+                restored, ring, PK_OFFICER, sent.bundle_id, out_dir=again, now=utc_now(),
+                track_outputs=False,
+            )  # fmt: skip
+        assert (again / "contract-scan.pdf").read_bytes() == scan.read_bytes()
+
+    policy = load_policy(pair.pk.node.settings).retention
+    done = retention.purge(pair.pk.node, policy, now=utc_now())
+    assert {d.bundle.bundle_id for d in done.purged} >= {small.bundle_id, large.bundle_id}
+    assert _stored_body(pair.pk, small.bundle_id) is None  # the inline body is gone
+    assert not large_file.exists()
+    for sent in (small, large):
+        with pytest.raises(retention.BundlePurged):
+            read_bundle(
+                NodeContext(pair.pk.node, pair.pk.keyring), PK_OFFICER, sent.bundle_id, out_dir=None,
+                now=utc_now(),
+            )  # fmt: skip
+    assert_ledger_verifies(pair.pk)

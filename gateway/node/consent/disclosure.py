@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
 
 from gateway import log
 from gateway.core.canonical import canonical_bytes
@@ -121,16 +121,23 @@ class _Item:
     envelope_sha256: str
     opened_at: datetime
     direction: str
+    body: bytes | None = None
+    """The envelope itself when its inbox row holds it inline."""
 
 
 def _locate(session: Session, node_id: str, bundle_ids: Sequence[str]) -> list[_Item]:
     found: dict[str, _Item] = {}
-    for row in session.scalars(select(InboxEntry).where(InboxEntry.bundle_id.in_(bundle_ids))):
+    for row in session.scalars(
+        select(InboxEntry)
+        .options(undefer(InboxEntry.envelope_body))
+        .where(InboxEntry.bundle_id.in_(bundle_ids))
+    ):
         found[row.bundle_id] = _Item(
             DisclosureItem(row.bundle_id, row.sender, row.marking),
             row.envelope_sha256,
             row.received_at,
             "received",
+            row.envelope_body,
         )
     for out in session.scalars(select(OutboxEntry).where(OutboxEntry.bundle_id.in_(bundle_ids))):
         if out.bundle_id not in found:
@@ -286,6 +293,7 @@ def _decrypt_items(
         opened = open_to_dir(
             envelope_path(node.settings.blob_dir, entry.envelope_sha256),
             attachments,
+            body=entry.body,
             keyring=keyring,
             peer_manifest=peer,
             policy=policy,

@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any, BinaryIO
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
 
 from gateway import log
 from gateway.core.canonical import parse_bounded_json
@@ -63,7 +63,7 @@ from gateway.store.models_consent import (
     Direction,
     RequestStatus,
 )
-from gateway.store.models_exchange import InboxEntry, OutboxEntry, envelope_path
+from gateway.store.models_exchange import InboxEntry, OutboxEntry, open_stored_envelope
 from gateway.store.models_refusal import BundleRefusalRecord, RefusalDirection
 
 __all__ = [
@@ -105,8 +105,9 @@ def _open_consent_bundle(
         sinks[info.name] = sink
         return sink
 
-    path = envelope_path(node.settings.blob_dir, entry.envelope_sha256)
-    with path.open("rb") as stream:
+    with open_stored_envelope(
+        node.settings.blob_dir, entry.envelope_sha256, entry.envelope_body
+    ) as stream:
         opened = open_envelope(
             stream,
             keyring=keyring,
@@ -298,6 +299,7 @@ def _pending_entries(session: Session, node_id: str) -> list[InboxEntry]:
     return list(
         session.scalars(
             select(InboxEntry)
+            .options(undefer(InboxEntry.envelope_body))
             .where(
                 InboxEntry.case_type.in_(APPLIED_TYPES),
                 InboxEntry.sender != node_id,
