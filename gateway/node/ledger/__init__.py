@@ -100,7 +100,7 @@ _PG_APPEND = text(
     " consent_id, prev_hash, entry_hash, canonical)"
     " SELECT r.seq, r.time, r.kind, r.actor_name, r.actor_role, r.bundle_id, r.consent_id,"
     " decode(r.prev_hash, 'hex'), decode(r.entry_hash, 'hex'), decode(r.canonical, 'hex')"
-    " FROM jsonb_to_recordset(CAST(:rows AS JSONB)) AS r(seq BIGINT, time TIMESTAMPTZ,"
+    " FROM json_to_recordset(CAST(:rows AS JSON)) AS r(seq BIGINT, time TIMESTAMPTZ,"
     " kind VARCHAR, actor_name VARCHAR, actor_role VARCHAR, bundle_id VARCHAR,"
     " consent_id VARCHAR, prev_hash TEXT, entry_hash TEXT, canonical TEXT)"
     " ORDER BY r.seq)"
