@@ -8,14 +8,20 @@ Claims measured here (SQLite, the durable settings a node runs with):
   parsing, no column checks, no Merkle tree, no checkpoints).
 * ``checkpoint``: signing a checkpoint after one new entry costs about the
   same at 10^3 entries as at N: it is incremental, never a re-walk.
-* ``appends``: durable appends from concurrent writers through the group
-  commit, beside one append per transaction.
+* ``appends``: durable appends from concurrent writers (``--writers``, 32)
+  through the group commit, beside one append per transaction and beside
+  the floor: the bare driver writing the same rows into the same table and
+  indexes, as many per durable commit as there are writers (no lock, no head,
+  no hashing). On SQLite and PostgreSQL (``--engine``); the ledger is
+  verified after the rounds.
 
 Product and baseline are interleaved in one run, several repetitions; the
 medians and their ratios are printed.
 
-Run: ``.venv/bin/python benchmarks/ledger.py [--quick] [--entries N] [--db PATH]``
-(``--quick``: 10^3 entries and fewer repetitions, a smoke run).
+Run: ``.venv/bin/python benchmarks/ledger.py [--quick] [--entries N] [--db PATH]
+[--only SECTION] [--engine sqlite|postgresql|both] [--writers N]``
+(``--quick``: 10^3 entries and fewer repetitions, a smoke run; ``--only
+appends`` builds no big ledger).
 
 Sections are functions registered in ``SECTIONS``; each takes the shared
 :class:`Context` and adds result rows. Other claims about the ledger (e.g.
@@ -28,6 +34,7 @@ import argparse
 import hashlib
 import hmac
 import json
+import os
 import resource
 import sqlite3
 import statistics
@@ -41,6 +48,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import nacl.signing
+from sqlalchemy import text
 
 from gateway.core import merkle
 from gateway.core.domain import Purpose, tagged
@@ -52,6 +60,8 @@ from gateway.node.ledger import verify as ledger_verify
 from gateway.node.ledger.group import GroupCommitAppender
 from gateway.store.db import Database, open_database
 from gateway.store.models import NodeRecord
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.conftest: PostgreSQL
 
 T0 = datetime(2026, 11, 25, tzinfo=UTC)
 OFFICER = Actor("aiko", Role.OFFICER)
@@ -81,6 +91,10 @@ class Context:
     repeats: int
     scratch: Path
     quick: bool
+    engines: tuple[str, ...] = ("sqlite",)
+    """Engines the appends section runs on (the others use the SQLite ledger above)."""
+    writers: int = 32
+    """Concurrent writers of the appends section."""
     results: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -267,17 +281,109 @@ def section_checkpoint(ctx: Context) -> None:
     ]
 
 
-def section_appends(ctx: Context) -> None:
-    """Durable appends: group commit from concurrent writers vs one per transaction."""
-    path = ctx.scratch / "ledger-appends.sqlite3"
-    path.unlink(missing_ok=True)
-    db = open_database(f"sqlite:///{path}")
+def _fresh_node_database(engine: str, scratch: Path, name: str) -> tuple[Database, str]:
+    """An empty node database on ``engine`` (a file in ``scratch``, or a new PostgreSQL one)."""
+    if engine == "sqlite":
+        path = scratch / f"{name}.sqlite3"
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        url = f"sqlite:///{path}"
+    else:
+        from tests.conftest import create_pg_database  # noqa: PLC0415
+
+        url = create_pg_database()
+    db = open_database(url)
     db.upgrade()
     with db.transaction() as session:
         session.add(NodeRecord(node_id="jp", created_at=T0, software_version="bench"))
-    writers = 32
-    per_writer = 10 if ctx.quick else 60
+    return db, url
+
+
+FloorRow = tuple[int, datetime, str, str, str, str | None, str | None, bytes, bytes, bytes]
+
+
+def _floor_rows(count: int) -> list[FloorRow]:
+    """Ready-made ledger rows (hashed beforehand): what the floor writes."""
+    rows: list[FloorRow] = []
+    prev = GENESIS_PREV_HASH
+    for seq in range(count):
+        canonical, _stored_time = _entry_canonical(seq, prev)
+        digest = hashlib.sha256(_ENTRY_PREFIX + canonical).digest()
+        moment = T0 + timedelta(milliseconds=seq)
+        rows.append((seq, moment, "bundle-read", OFFICER.name, "officer", None, None, prev, digest,
+                     canonical))  # fmt: skip
+        prev = digest
+    return rows
+
+
+_FLOOR_INSERT = (
+    "INSERT INTO ledger_entry (seq, time, kind, actor_name, actor_role, bundle_id, consent_id, "
+    "prev_hash, entry_hash, canonical) VALUES ({marks})"
+)
+
+
+def _bare_group_commits(engine: str, url: str, rows: list[FloorRow], group: int) -> None:
+    """The floor: the same rows into the same table and indexes, ``group`` per durable commit.
+
+    The bare driver, nothing else: no lock, no head read, no hashing, no
+    Merkle state; SQLite with WAL and ``synchronous=FULL`` as a node runs,
+    PostgreSQL with its default (synchronous) commit.
+    """
+    if engine == "sqlite":
+        connection = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=FULL")
+            insert = _FLOOR_INSERT.format(marks=", ".join("?" * 10))
+            for start in range(0, len(rows), group):
+                connection.execute("BEGIN IMMEDIATE")
+                chunk = rows[start : start + group]
+                connection.executemany(
+                    insert, [(r[0], f"{r[1]:%Y-%m-%d %H:%M:%S.%f}", *r[2:]) for r in chunk]
+                )
+                connection.execute("COMMIT")
+        finally:
+            connection.close()
+        return
+    import psycopg  # noqa: PLC0415
+
+    with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as connection:
+        insert = _FLOOR_INSERT.format(marks=", ".join(["%s"] * 10))
+        for start in range(0, len(rows), group):
+            with connection.cursor() as cursor:
+                cursor.executemany(insert, rows[start : start + group])
+            connection.commit()
+
+
+def _floor_database(engine: str, scratch: Path) -> str:
+    """A node database for the floor, whose rows may be deleted between rounds."""
+    db, url = _fresh_node_database(engine, scratch, "ledger-appends-floor")
+    trigger = "ledger_entry_no_delete" if engine == "sqlite" else "ledger_entry_append_only"
+    on_table = "" if engine == "sqlite" else " ON ledger_entry"
+    with db.transaction() as session:
+        session.execute(text(f"DROP TRIGGER {trigger}{on_table}"))
+    db.dispose()
+    return url
+
+
+def _empty_floor(url: str) -> None:
+    db = open_database(url)
+    try:
+        with db.transaction() as session:
+            session.execute(text("DELETE FROM ledger_entry"))
+    finally:
+        db.dispose()
+
+
+def _appends_on(ctx: Context, engine: str) -> None:
+    """Group commit, one append per transaction and the bare floor, interleaved, on ``engine``."""
+    db, url = _fresh_node_database(engine, ctx.scratch, "ledger-appends")
+    floor_url = _floor_database(engine, ctx.scratch)
+    writers = ctx.writers
+    per_writer = 10 if ctx.quick else 100
     singles = 50 if ctx.quick else 300
+    floor_rows = _floor_rows(writers * per_writer)
+    groups: list[float] = []
 
     def one_per_transaction() -> None:
         for index in range(singles):
@@ -300,22 +406,62 @@ def section_appends(ctx: Context) -> None:
                 thread.start()
             for thread in threads:
                 thread.join()
+            groups.append(writers * per_writer / appender.groups)
 
+    floor_times: list[float] = []
+    single_times: list[float] = []
+    group_times: list[float] = []
     try:
-        group, single = _interleaved(ctx.repeats, group_commit, one_per_transaction)
+        for _ in range(ctx.repeats):
+            floor_times.append(
+                _timed(lambda: _bare_group_commits(engine, floor_url, floor_rows, writers))
+            )
+            _empty_floor(floor_url)
+            single_times.append(_timed(one_per_transaction))
+            group_times.append(_timed(group_commit))
         with db.transaction() as session:
             report = ledger_verify.verify_ledger(session)
         if not report.ok:
-            raise SystemExit(f"appends left a broken ledger: {report.problem}")
+            raise SystemExit(f"appends left a broken ledger on {engine}: {report.problem}")
     finally:
         db.dispose()
-    group_rate = writers * per_writer / group
-    single_rate = singles / single
+        if engine == "postgresql":
+            from tests.conftest import drop_pg_database  # noqa: PLC0415
+
+            drop_pg_database(url)
+            drop_pg_database(floor_url)
+    total = writers * per_writer
+    group_rate = total / statistics.median(group_times)
+    single_rate = singles / statistics.median(single_times)
+    floor_rate = total / statistics.median(floor_times)
+    label = "SQLite" if engine == "sqlite" else "PostgreSQL"
     ctx.results += [
-        ("appends, one per transaction", f"{single_rate:>10,.0f} /s"),
-        (f"appends, group commit, {writers} writers", f"{group_rate:>10,.0f} /s"),
-        ("ratio group / single", f"{group_rate / single_rate:8.2f} x"),
+        (f"{label}: bare driver, {writers} rows a commit", f"{floor_rate:>10,.0f} /s  (floor)"),
+        (f"{label}: one append per transaction", f"{single_rate:>10,.0f} /s"),
+        (
+            f"{label}: group commit, {writers} writers",
+            f"{group_rate:>10,.0f} /s  ({statistics.median(groups):.1f} entries a commit)",
+        ),
+        (f"{label}: ratio group / single", f"{group_rate / single_rate:8.2f} x"),
+        (f"{label}: ratio group / floor", f"{group_rate / floor_rate:8.2f} x"),
     ]
+
+
+def section_appends(ctx: Context) -> None:
+    """Durable appends: group commit from concurrent writers, one per transaction, the floor.
+
+    On each engine of ``--engine``; every round checks the ledger afterwards.
+    """
+    for engine in ctx.engines:
+        if engine == "postgresql":
+            from tests.conftest import _pg_unavailable_reason  # noqa: PLC0415
+
+            reason = _pg_unavailable_reason()
+            if reason is not None:
+                print(f"  skipping PostgreSQL: {reason}", file=sys.stderr)
+                continue
+        print(f"  appends on {engine} ...", file=sys.stderr)
+        _appends_on(ctx, engine)
 
 
 def section_consent(ctx: Context) -> None:
@@ -334,6 +480,11 @@ SECTIONS: dict[str, Callable[[Context], None]] = {
 """Benchmark sections, run in order on the same database. Add new ones here."""
 
 
+def _load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entries", type=int, help="Ledger size (default 10^6; 10^3 --quick).")
@@ -341,9 +492,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, help="Repetitions of each measurement.")
     parser.add_argument("--only", choices=sorted(SECTIONS), action="append", help="Sections.")
     parser.add_argument("--db", type=Path, help="Reuse (or create) this SQLite file.")
+    parser.add_argument(
+        "--engine",
+        choices=("sqlite", "postgresql", "both"),
+        default="both",
+        help="Engines of the appends section (PostgreSQL: the test server, see tests/conftest.py).",
+    )
+    parser.add_argument("--writers", type=int, default=32, help="Concurrent appending threads.")
     args = parser.parse_args(argv)
-    entries = args.entries or (1_000 if args.quick else 1_000_000)
+    chosen = args.only or list(SECTIONS)
+    # The appends section makes its own databases: no big ledger for it alone.
+    entries = (
+        0 if set(chosen) <= {"appends"} else args.entries or (1_000 if args.quick else 1_000_000)
+    )
     repeats = args.repeats or (2 if args.quick else 3)
+    engines = ("sqlite", "postgresql") if args.engine == "both" else (args.engine,)
     with tempfile.TemporaryDirectory() as scratch:
         path = args.db or Path(scratch) / "ledger-bench.sqlite3"
         if path.exists():
@@ -355,16 +518,18 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"building a ledger of {entries:,} entries ...", file=sys.stderr)
             db = build_ledger(path, entries)
-        ctx = Context(db, path, entries, repeats, Path(scratch), args.quick)
+        ctx = Context(db, path, entries, repeats, Path(scratch), args.quick, engines, args.writers)
         try:
             for name, section in SECTIONS.items():
-                if args.only is None or name in args.only:
+                if name in chosen:
                     print(f"running {name} ...", file=sys.stderr)
                     section(ctx)
         finally:
             db.dispose()
     width = max(len(name) for name, _ in ctx.results)
-    print(f"ledger benchmarks, {entries:,} entries on SQLite, medians of {repeats} runs")
+    what = f"{entries:,} entries on SQLite" if entries else "appends"
+    print(f"ledger benchmarks, {what}, medians of {repeats} runs")
+    print(f"  {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, load average {_load_average()}")
     for name, value in ctx.results:
         print(f"  {name:<{width}}  {value}")
 

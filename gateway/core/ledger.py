@@ -33,7 +33,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -282,7 +282,10 @@ def make_entry(
     body = {} if body is None else body
     if not isinstance(body, dict):
         raise InvalidInput("a ledger entry body is a JSON object")
-    if len(entry_canonical(body)) > MAX_BODY_BYTES:
+    # The body decides which encoder writes the entry: every other field is a
+    # string, null or a small integer, which both write alike (see _plain).
+    plain = _plain(body)
+    if len(_encode(body, plain=plain)) > MAX_BODY_BYTES:
         raise InvalidInput(f"ledger entry body exceeds {MAX_BODY_BYTES} bytes")
     role = None if actor.role is None else actor.role.value
     fields = {
@@ -296,10 +299,11 @@ def make_entry(
         "body": body,
         "prev_hash": prev_hash.hex(),
     }
-    canonical = entry_canonical(fields)
+    canonical = _encode(fields, plain=plain and seq <= _SAFE_INTEGER)
     return LedgerEntry(
         seq=seq,
-        time=parse_time(fields["time"]),
+        # The instant the text names: format_time keeps every microsecond.
+        time=now.astimezone(UTC),
         kind=entry_kind,
         actor_name=actor.name,
         actor_role=role,
@@ -355,7 +359,12 @@ def entry_canonical(value: Any) -> bytes:
     through :func:`gateway.core.canonical.canonical_bytes`. A test checks the
     two agree on generated values.
     """
-    if _plain(value):
+    return _encode(value, plain=_plain(value))
+
+
+def _encode(value: Any, *, plain: bool) -> bytes:
+    """:func:`entry_canonical` with ``plain`` = ``_plain(value)`` already known."""
+    if plain:
         try:
             return _COMPACT.encode(value).encode("utf-8")
         except (UnicodeEncodeError, ValueError):

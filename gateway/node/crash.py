@@ -10,8 +10,10 @@ Names in use: ``after-outbox-insert``, ``after-send``, ``before-receipt-store``,
 ``after-batch-verify``, ``after-batch-adopt``, ``after-inbox-commit`` (the exchange code decides where they sit; the host of
 pull mode passes ``after-send`` and ``before-receipt-store`` when a puller's
 receipts arrive); ``after-pull-answer``, ``after-pull-store`` (the puller);
-``ledger-group-before-commit``, ``ledger-group-after-commit``,
-``ledger-group-after-ack`` (the ledger's group commit);
+``ledger-group-gathered``, ``ledger-group-before-commit``,
+``ledger-group-after-commit``, ``ledger-group-after-ack`` (the ledger's group
+commit); ``ledger-append-after-head``, ``ledger-append-after-write`` (every
+ledger append, inside its transaction);
 ``after-purge-commit``, ``before-output-record`` (retention).
 """
 

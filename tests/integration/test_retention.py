@@ -910,7 +910,7 @@ def test_inline_and_file_envelopes_both_show_back_up_restore_and_purge(
         again.mkdir()
         for sent in (small, large):
             read_bundle(
-                restored, ring, PK_OFFICER, sent.bundle_id, out_dir=again, now=utc_now(),
+                NodeContext(restored, ring), PK_OFFICER, sent.bundle_id, out_dir=again, now=utc_now(),
                 track_outputs=False,
             )  # fmt: skip
         assert (again / "contract-scan.pdf").read_bytes() == scan.read_bytes()

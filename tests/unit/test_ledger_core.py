@@ -18,6 +18,7 @@ from gateway.core import merkle
 from gateway.core.domain import Purpose, tagged, tagged_sha256
 from gateway.core.ledger import (
     GENESIS_PREV_HASH,
+    MAX_BODY_BYTES,
     CheckpointInvalid,
     EntryKind,
     LedgerEntry,
@@ -26,10 +27,12 @@ from gateway.core.ledger import (
     WitnessMismatch,
     audit_peer_answer,
     check_checkpoint_root,
+    format_time,
     make_checkpoint,
     make_entry,
     parse_entry,
     parse_signed_checkpoint,
+    parse_time,
     sign_checkpoint,
     verify_chain,
     verify_checkpoint,
@@ -572,3 +575,57 @@ def test_entry_canonical_edge_cases(value: dict[str, Any]) -> None:
     from gateway.core.ledger import entry_canonical  # noqa: PLC0415
 
     assert entry_canonical(value) == canonical_bytes(value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    body=st.dictionaries(st.text(max_size=8), _JSON_VALUES, max_size=6),
+    name=st.text(min_size=1, max_size=12),
+    seq=st.integers(min_value=1, max_value=2**62),
+    moment=st.datetimes(
+        min_value=datetime(1970, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+    ),
+)
+def test_an_entry_is_the_rfc8785_text_of_its_fields(
+    body: dict[str, Any], name: str, seq: int, moment: datetime
+) -> None:
+    """make_entry picks the encoder once from the body: the result is still RFC 8785."""
+    from gateway.core.canonical import canonical_bytes  # noqa: PLC0415
+
+    fields = {
+        "v": 1,
+        "seq": seq,
+        "time": format_time(moment),
+        "kind": "bundle-read",
+        "actor": {"name": name, "role": "officer"},
+        "bundle_id": None,
+        "consent_id": None,
+        "body": body,
+        "prev_hash": (b"\x01" * 32).hex(),
+    }
+    try:
+        expected = canonical_bytes(fields)
+    except InvalidInput:
+        with pytest.raises(InvalidInput):
+            make_entry(
+                seq=seq,
+                now=moment,
+                kind="bundle-read",
+                actor=Actor(name, Role.OFFICER),
+                prev_hash=b"\x01" * 32,
+                body=body,
+            )
+        return
+    if len(canonical_bytes(body)) > MAX_BODY_BYTES:
+        return
+    entry = make_entry(
+        seq=seq,
+        now=moment,
+        kind="bundle-read",
+        actor=Actor(name, Role.OFFICER),
+        prev_hash=b"\x01" * 32,
+        body=body,
+    )
+    assert entry.canonical == expected
+    assert entry.time == parse_time(format_time(moment))
+    assert entry.time.tzinfo is UTC
