@@ -191,6 +191,8 @@ def drop_pg_database(url: str) -> None:
     the next test of this process, or dropped when it cannot be reset exactly."""
     name = str(make_url(url).database)
     template = _pg_kind.get(name)
+    if template is not None and name in _pg_free.get(template, []):
+        return  # handed back already
     resettable = template == "template0" or template in _pg_templates
     if template is not None and resettable and _reset(name, template):
         _pg_free.setdefault(template, []).append(name)
