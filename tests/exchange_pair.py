@@ -200,11 +200,13 @@ def second_url(tmp_path: Path, database_url: str, make_pg: Callable[[], str]) ->
 @pytest.fixture
 def pair(
     tmp_path: Path,
-    database_url: str,
-    pg_database_factory: Callable[[], str],
+    migrated_database_factory: Callable[[str], str],
     clean_environ: dict[str, str],
 ) -> Iterator[Pair]:
-    """The pinned pair on the engine under test (import it into a test module)."""
-    urls = {"jp": database_url, "pk": second_url(tmp_path, database_url, pg_database_factory)}
+    """The pinned pair on the engine under test (import it into a test module).
+
+    Each node's database starts as a copy of the migrated template
+    (``migrated_database_factory``), so ``init`` finds the schema in place."""
+    urls = {"jp": migrated_database_factory("test"), "pk": migrated_database_factory("pk")}
     with open_pair(tmp_path, urls, clean_environ) as opened:
         yield opened

@@ -38,7 +38,6 @@ from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user
 from gateway.peer.ledger_routes import ledger_routes
 from gateway.peer.server import create_node_peer_app
-from tests.exchange_pair import second_url
 from tests.node_api import RunningApi
 from tests.nodes import (
     GATEWAY,
@@ -92,11 +91,6 @@ class Side:
     def count(self, model: Any) -> int:
         with self.node.db.transaction() as session:
             return int(session.scalar(select(func.count()).select_from(model)) or 0)
-
-
-def pair_urls(tmp_path: Path, database_url: str, make_pg: Callable[[], str]) -> dict[str, str]:
-    """jp on the engine under test; pk on its own database of the same engine."""
-    return {"jp": database_url, "pk": second_url(tmp_path, database_url, make_pg)}
 
 
 @contextmanager
@@ -240,11 +234,11 @@ def post_signed(
 @pytest.fixture
 def pair(
     tmp_path: Path,
-    database_url: str,
-    pg_database_factory: Callable[[], str],
+    migrated_database_factory: Callable[[str], str],
     clean_environ: dict[str, str],
 ) -> Iterator[dict[str, Side]]:
-    """The pinned pair on the engine under test (import it into a test module)."""
-    urls = pair_urls(tmp_path, database_url, pg_database_factory)
+    """The pinned pair on the engine under test (import it into a test module);
+    each node's database starts as a copy of the migrated template."""
+    urls = {"jp": migrated_database_factory("test"), "pk": migrated_database_factory("pk")}
     with pinned_pair(tmp_path, urls, clean_environ) as sides:
         yield sides

@@ -63,7 +63,6 @@ from gateway.store.models_exchange import (
     store_envelope_file,
     sweep_orphan_envelopes,
 )
-from tests.exchange_pair import second_url
 from tests.node_api import serve_node
 from tests.nodes import open_pinned_pair
 
@@ -99,13 +98,12 @@ def _unlock(node: Node, now: datetime) -> NodeKeyring:
 
 def _open_pair(
     tmp_path: Path,
-    database_url: str,
-    pg_database_factory: Callable[[], str],
+    make_database: Callable[[str], str],
     clean_environ: dict[str, str],
     now: datetime,
 ) -> Iterator[Pair]:
     env = _environ(clean_environ)
-    urls = {"jp": database_url, "pk": second_url(tmp_path, database_url, pg_database_factory)}
+    urls = {"jp": make_database("test"), "pk": make_database("pk")}
     nodes = open_pinned_pair(tmp_path, urls, env, now=now)
     made = Pair(
         jp=Side(nodes["jp"], _unlock(nodes["jp"], now)),
@@ -119,8 +117,7 @@ def _open_pair(
 @pytest.fixture
 def pair(
     tmp_path: Path,
-    database_url: str,
-    pg_database_factory: Callable[[], str],
+    migrated_database_factory: Callable[[str], str],
     clean_environ: dict[str, str],
 ) -> Iterator[Pair]:
     """Two nodes with keys made at the pinned ``NOW``, each pinning the other's manifest.
@@ -128,14 +125,13 @@ def pair(
     Every step of a test on this pair passes ``now=NOW`` (or a time derived from it):
     the commands, which read the real clock, take :func:`live_pair` instead.
     """
-    yield from _open_pair(tmp_path, database_url, pg_database_factory, clean_environ, NOW)
+    yield from _open_pair(tmp_path, migrated_database_factory, clean_environ, NOW)
 
 
 @pytest.fixture
 def live_pair(
     tmp_path: Path,
-    database_url: str,
-    pg_database_factory: Callable[[], str],
+    migrated_database_factory: Callable[[str], str],
     clean_environ: dict[str, str],
 ) -> Iterator[Pair]:
     """The same pair with keys made at the real time, for tests that run CLI commands.
@@ -144,7 +140,7 @@ def live_pair(
     valid for it once the calendar passed their validity window.
     """
     now = datetime.now(UTC)
-    yield from _open_pair(tmp_path, database_url, pg_database_factory, clean_environ, now)
+    yield from _open_pair(tmp_path, migrated_database_factory, clean_environ, now)
 
 
 def example(case_type: str) -> dict[str, Any]:
