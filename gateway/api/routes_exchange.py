@@ -20,6 +20,7 @@ import binascii
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,48 @@ def _spool_attachments(attachments: list[tuple[str, bytes]]) -> tuple[Path, list
     return folder, paths
 
 
+@dataclass(frozen=True, slots=True)
+class _SendFields:
+    """The fields of a send request, checked: case type, case, marking, reply."""
+
+    case_type: str
+    case: dict[str, Any]
+    public: bool
+    reply_to: str | None
+
+
+def _send_fields(body: dict[str, Any], *, allowed: set[str]) -> _SendFields:
+    """Check a send request's fields (JSON body or the multipart ``meta`` part).
+
+    Raises :class:`InvalidInput` naming the first field that is missing, unknown
+    or of the wrong type.
+    """
+    refuse_unknown_fields(body, allowed)
+    case_type = require_str(body, "type", max_length=64)
+    case = body.get("case")
+    if not isinstance(case, dict):
+        raise InvalidInput("field 'case' is required and must be a JSON object")
+    public = body.get("public", False)
+    if not isinstance(public, bool):
+        raise InvalidInput("field 'public' must be true or false")
+    reply_to = optional_str(body, "reply_to", max_length=64)
+    return _SendFields(case_type, case, public, reply_to)
+
+
+def _send(call: Call, fields: _SendFields, paths: list[Path]) -> Any:
+    """Seal and queue the case with its attachment files (in a worker thread)."""
+    return send_case(
+        call.ctx,
+        call.actor,
+        fields.case_type,
+        fields.case,
+        paths,
+        public=fields.public,
+        reply_to=fields.reply_to,
+        now=utc_now(),
+    )
+
+
 async def _bundles_send_multipart(call: Call) -> web.StreamResponse:
 
     limits = (await call.run(lambda: call.ctx.policy)).limits
@@ -134,32 +177,14 @@ async def _bundles_send_multipart(call: Call) -> web.StreamResponse:
     )
     removed: list[bool] = []
     try:
-        body = spooled.meta
-        refuse_unknown_fields(body, {"type", "case", "public", "reply_to"})
-        case_type = require_str(body, "type", max_length=64)
-        case = body.get("case")
-        if not isinstance(case, dict):
-            raise InvalidInput("field 'case' is required and must be a JSON object")
-        public = body.get("public", False)
-        if not isinstance(public, bool):
-            raise InvalidInput("field 'public' must be true or false")
-        reply_to = optional_str(body, "reply_to", max_length=64)
+        fields = _send_fields(spooled.meta, allowed={"type", "case", "public", "reply_to"})
 
         def send_and_remove() -> Any:
             # The spooled files go in the same worker call as the send (one
             # thread hop less per send); the outer ``finally`` covers every
             # way out before it.
             try:
-                return send_case(
-                    call.ctx,
-                    call.actor,
-                    case_type,
-                    case,
-                    spooled.paths,
-                    public=public,
-                    reply_to=reply_to,
-                    now=utc_now(),
-                )
+                return _send(call, fields, spooled.paths)
             finally:
                 spooled.remove()
                 removed.append(True)
@@ -175,30 +200,13 @@ async def bundles_send(call: Call) -> web.StreamResponse:
     if call.request.content_type == "multipart/form-data":
         return await _bundles_send_multipart(call)
     body = await call.json_body()
-    refuse_unknown_fields(body, {"type", "case", "attachments", "public", "reply_to"})
-    case_type = require_str(body, "type", max_length=64)
-    case = body.get("case")
-    if not isinstance(case, dict):
-        raise InvalidInput("field 'case' is required and must be a JSON object")
-    public = body.get("public", False)
-    if not isinstance(public, bool):
-        raise InvalidInput("field 'public' must be true or false")
-    reply_to = optional_str(body, "reply_to", max_length=64)
+    fields = _send_fields(body, allowed={"type", "case", "attachments", "public", "reply_to"})
     attachments = _decoded_attachments(body)
 
     def send() -> Any:
         folder, paths = _spool_attachments(attachments)
         try:
-            return send_case(
-                call.ctx,
-                call.actor,
-                case_type,
-                case,
-                paths,
-                public=public,
-                reply_to=reply_to,
-                now=utc_now(),
-            )
+            return _send(call, fields, paths)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -224,6 +224,20 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
 
+async def _stored_body(path: Path, length: int) -> AsyncIterator[bytes]:
+    """A stored envelope file in chunks; refuses one whose length changed meanwhile.
+
+    Raises :class:`TransportError` (``transport.file``), or :class:`OSError`
+    from the read."""
+    sent = 0
+    with path.open("rb") as handle:
+        while chunk := await asyncio.to_thread(handle.read, _STREAM_CHUNK):
+            sent += len(chunk)
+            yield chunk
+    if sent != length:
+        raise TransportError(f"{path} changed while it was being sent", reason="transport.file")
+
+
 class PeerClient:
     """Signed requests to the peer; one session for the life of the context.
 
@@ -438,31 +452,8 @@ class PeerClient:
             raise TransportError(
                 f"cannot read an envelope file: {exc.strerror}", reason="transport.file"
             ) from None
-        turn = self._body_turn
-        await turn.acquire()
-        released = False
-
-        def release() -> None:
-            nonlocal released
-            if not released:
-                released = True
-                turn.release()
-
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                source = _once(whole) if whole is not None else _batch_body(paths)
-                async for chunk in source:
-                    yield chunk
-            finally:
-                release()
-
-        try:
-            headers = self._signed_headers("POST", "/v1/envelopes", digest)
-            headers["Content-Type"] = BATCH_CONTENT_TYPE
-            headers["Content-Length"] = str(length)
-            answer = await self._send("POST", "/v1/envelopes", headers=headers, data=body())
-        finally:
-            release()
+        source = _once(whole) if whole is not None else _batch_body(paths)
+        answer = await self._post_envelopes(source, digest, length, BATCH_CONTENT_TYPE)
         return _parse_results(answer, paths)
 
     async def _post_stored_envelope(
@@ -470,6 +461,25 @@ class PeerClient:
     ) -> list[EnvelopeResult]:
         """One large envelope of the store posted as the body itself: its file name is
         the SHA-256 the request signs, so it is read once, while it streams."""
+        try:
+            answer = await self._post_envelopes(
+                _stored_body(path, length), digest, length, ENVELOPE_CONTENT_TYPE
+            )
+        except OSError as exc:
+            raise TransportError(
+                f"cannot read an envelope file: {exc.strerror}", reason="transport.file"
+            ) from None
+        return _parse_results(answer, [path])
+
+    async def _post_envelopes(
+        self, source: AsyncIterator[bytes], digest: bytes, length: int, content_type: str
+    ) -> bytes:
+        """``POST /v1/envelopes`` with ``source`` as the signed body.
+
+        Holds the client's body turn until the body is sent or the request
+        ends, so the bodies of calls made side by side go out one after the
+        other, in call order. Raises what :meth:`_send` raises.
+        """
         turn = self._body_turn
         await turn.acquire()
         released = False
@@ -482,30 +492,18 @@ class PeerClient:
 
         async def body() -> AsyncIterator[bytes]:
             try:
-                sent = 0
-                with path.open("rb") as handle:
-                    while chunk := await asyncio.to_thread(handle.read, _STREAM_CHUNK):
-                        sent += len(chunk)
-                        yield chunk
-                if sent != length:
-                    raise TransportError(
-                        f"{path} changed while it was being sent", reason="transport.file"
-                    )
+                async for chunk in source:
+                    yield chunk
             finally:
                 release()
 
         try:
             headers = self._signed_headers("POST", "/v1/envelopes", digest)
-            headers["Content-Type"] = ENVELOPE_CONTENT_TYPE
+            headers["Content-Type"] = content_type
             headers["Content-Length"] = str(length)
-            answer = await self._send("POST", "/v1/envelopes", headers=headers, data=body())
-        except OSError as exc:
-            raise TransportError(
-                f"cannot read an envelope file: {exc.strerror}", reason="transport.file"
-            ) from None
+            return await self._send("POST", "/v1/envelopes", headers=headers, data=body())
         finally:
             release()
-        return _parse_results(answer, [path])
 
     async def pull(
         self,
