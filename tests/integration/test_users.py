@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from sqlalchemy import create_engine, text
 
 from gateway.cli.main import cli
+from gateway.core.tokens import parse_token
 from tests.node_api import serving_home
 
 
@@ -134,7 +135,7 @@ def test_tokens_are_stored_only_as_hashes(node: tuple[Path, str], database_url: 
     with engine.connect() as connection:
         rows = connection.execute(text("SELECT token_id, token_hash FROM users")).all()
     engine.dispose()
-    secret = admin.rsplit("_", 1)[1]
+    secret = parse_token(admin)[1]
     for token_id, digest in rows:
         assert secret not in token_id
         assert secret.encode() not in bytes(digest)
