@@ -48,8 +48,8 @@ _NOT_SETTINGS = frozenset(
 )
 
 
-VERIFY_POOL_MIN_BYTES = 4 << 20
-"""Measured default of ``[server] verify_pool_min_bytes`` (docs/performance.md)."""
+VERIFY_POOL_MIN_ENVELOPES = 256
+"""Measured default of ``[server] verify_pool_min_envelopes`` (docs/performance.md)."""
 
 
 class _Section(BaseModel):
@@ -81,9 +81,9 @@ class ServerSettings(_Section):
     """Processes that check the signatures of a large received batch; ``None`` is
     ``min(2, CPUs)``, ``0`` checks every batch in the serving process
     (docs/performance.md, "Verification pool")."""
-    verify_pool_min_bytes: int = Field(default=VERIFY_POOL_MIN_BYTES, ge=0)
-    """Least total size (bytes) of a batch's envelopes still to check for the pool
-    to be used; below it the hop to another process costs more than it saves."""
+    verify_pool_min_envelopes: int = Field(default=VERIFY_POOL_MIN_ENVELOPES, ge=2)
+    """Least number of a batch's envelopes still to check for the pool to be used;
+    below it the hop to another process costs more than it saves."""
     peer_delivery: Literal["push", "hold"] = "push"
     """How this node delivers to its peer: ``push`` (it posts to ``peer_url``) or
     ``hold`` (the peer pulls: its traffic waits in the outbox for the peer's pulls,

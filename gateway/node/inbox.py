@@ -780,7 +780,7 @@ def receive_batch(
 
     ``verify_pool``: the serving node's :class:`~gateway.node.verify_pool.VerifyPool`;
     step 2 runs its public checks there when the batch is large enough for
-    it (``[server] verify_pool_min_bytes``), with the same answers as without.
+    it (``[server] verify_pool_min_envelopes``), with the same answers as without.
 
     Raises :class:`~gateway.errors.StorageError` when the database or the
     envelope store fails, or a verification worker died
@@ -890,7 +890,7 @@ def _verify_pending(
     """
     bodies = [path.read_bytes() if size <= inline_max else None for _, path, _, size in pending]
     pooled: list[VerifyResult] | None = None
-    if pool is not None and pool.worth_it([size for _, _, _, size in pending]):
+    if pool is not None and pool.worth_it(len(pending)):
         pooled = pool.verify(
             [
                 body if body is not None else path

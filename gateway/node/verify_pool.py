@@ -1,8 +1,8 @@
 """A small process pool that checks the signatures of a large received batch.
 
 :func:`gateway.node.inbox.receive_batch` verifies every envelope of a peer
-request before anything is stored. When a batch holds enough bytes to pay
-for the hop to another process (``[server] verify_pool_min_bytes``,
+request before anything is stored. When a batch holds enough envelopes to
+pay for the hop to another process (``[server] verify_pool_min_envelopes``,
 docs/performance.md "Verification pool"), the public half of the checks
 (:func:`gateway.core.envelope.verify_envelope_signature`: format, sender,
 signature, age, ciphertext hash) runs here, split over at most
@@ -93,21 +93,24 @@ def _verify_chunk(
 class VerifyPool:
     """At most ``workers`` verification processes, started on first use.
 
-    ``min_bytes`` is the least total size (bytes) of the envelopes still to be
-    verified in one batch for :meth:`worth_it` to answer yes; a batch of one
-    envelope never goes to the pool. ``workers=0`` turns the pool off.
+    ``min_envelopes`` is the least number of envelopes still to be verified in
+    one batch for :meth:`worth_it` to answer yes (at least 2: a batch of one
+    never goes to the pool). The count, not the size, decides: the public
+    checks of a small envelope are mostly its signature, of a large one mostly
+    hashing that the store repeats anyway (docs/performance.md).
+    ``workers=0`` turns the pool off.
     Thread-safe: the peer server's worker threads may share one pool.
     """
 
-    def __init__(self, *, workers: int, min_bytes: int) -> None:
+    def __init__(self, *, workers: int, min_envelopes: int) -> None:
         self.workers = workers
-        self.min_bytes = min_bytes
+        self.min_envelopes = max(2, min_envelopes)
         self._lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = None
 
-    def worth_it(self, sizes: Sequence[int]) -> bool:
-        """Whether a batch of envelopes of these sizes (bytes) should use the pool."""
-        return self.workers > 0 and len(sizes) >= 2 and sum(sizes) >= self.min_bytes
+    def worth_it(self, count: int) -> bool:
+        """Whether a batch with ``count`` envelopes to verify should use the pool."""
+        return self.workers > 0 and count >= self.min_envelopes
 
     def _pool(self) -> ProcessPoolExecutor:
         with self._lock:

@@ -154,7 +154,7 @@ class Service:
         workers = settings.server.verify_pool_workers
         self.verify_pool = VerifyPool(
             workers=default_workers() if workers is None else workers,
-            min_bytes=settings.server.verify_pool_min_bytes,
+            min_envelopes=settings.server.verify_pool_min_envelopes,
         )
         """Checks the signatures of large received batches; its processes start at
         the first such batch and stop when :meth:`run` returns."""

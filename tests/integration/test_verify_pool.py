@@ -36,7 +36,7 @@ __all__ = ["pair"]  # the fixture, imported for pytest
 
 @pytest.fixture
 def pool() -> Iterator[VerifyPool]:
-    made = VerifyPool(workers=2, min_bytes=0)
+    made = VerifyPool(workers=2, min_envelopes=2)
     yield made
     made.shutdown()
 
@@ -186,9 +186,10 @@ def test_a_killed_worker_fails_its_batch_stores_nothing_and_the_next_batch_runs(
 
 
 def test_the_pool_is_used_only_for_batches_that_reach_its_threshold() -> None:
-    pool = VerifyPool(workers=2, min_bytes=1 << 20)
-    assert not pool.worth_it([1 << 20])  # one envelope never hops
-    assert not pool.worth_it([4096] * 100)
-    assert pool.worth_it([1 << 19, 1 << 19])
-    assert not VerifyPool(workers=0, min_bytes=0).worth_it([1 << 20] * 4)
+    pool = VerifyPool(workers=2, min_envelopes=128)
+    assert not pool.worth_it(127)
+    assert pool.worth_it(128)
+    assert not VerifyPool(workers=2, min_envelopes=0).worth_it(1)  # one never hops
+    assert VerifyPool(workers=2, min_envelopes=0).worth_it(2)
+    assert not VerifyPool(workers=0, min_envelopes=2).worth_it(1000)
     assert pool.worker_pids() == []  # nothing started by asking
