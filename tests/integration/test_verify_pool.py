@@ -20,6 +20,7 @@ from gateway.core.envelope import PREFIX_BYTES
 from gateway.node.context import NodeContext
 from gateway.node.inbox import ReceiveOutcome, list_gaps, list_inbox, receive_batch
 from gateway.node.verify_pool import VerifyPool, VerifyWorkerFailed
+from gateway.peer.server import _refused_or_failed
 from gateway.store.models_exchange import InboxEntry
 from tests.integration.test_outbox_inbox import (
     NOW,
@@ -171,6 +172,13 @@ def test_a_killed_worker_fails_its_batch_stores_nothing_and_the_next_batch_runs(
     with pytest.raises(VerifyWorkerFailed) as failed:
         receive_batch(ctx, batch, now=NOW, verify_pool=pool)
     assert failed.value.reason == "receive.verify-worker"
+    # What the peer server answers for each envelope of such a request: retry.
+    answer = _refused_or_failed(0, failed.value)
+    assert (answer["status"], answer["reason"], answer["retryable"]) == (
+        "error",
+        "receive.verify-worker",
+        True,
+    )
     assert count(pair.pk, InboxEntry) == 0
     assert "bundle-received" not in ledger_kinds(pair.pk)
     assert list_gaps(pair.pk.node) == []
