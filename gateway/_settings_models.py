@@ -48,6 +48,10 @@ _NOT_SETTINGS = frozenset(
 )
 
 
+VERIFY_POOL_MIN_ENVELOPES = 256
+"""Measured default of ``[server] verify_pool_min_envelopes`` (docs/performance.md)."""
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -73,6 +77,13 @@ class ServerSettings(_Section):
     from ``peer_url``; docs/protocol.md, "Pull mode")."""
     pull_wait_seconds: float = Field(default=20.0, gt=0, le=25)
     """In pull mode: how long one pull waits at the host when it holds nothing (long poll)."""
+    verify_pool_workers: int | None = Field(default=None, ge=0, le=16)
+    """Processes that check the signatures of a large received batch; ``None`` is
+    ``min(2, CPUs)``, ``0`` checks every batch in the serving process
+    (docs/performance.md, "Verification pool")."""
+    verify_pool_min_envelopes: int = Field(default=VERIFY_POOL_MIN_ENVELOPES, ge=2)
+    """Least number of a batch's envelopes still to check for the pool to be used;
+    below it the hop to another process costs more than it saves."""
     peer_delivery: Literal["push", "hold"] = "push"
     """How this node delivers to its peer: ``push`` (it posts to ``peer_url``) or
     ``hold`` (the peer pulls: its traffic waits in the outbox for the peer's pulls,

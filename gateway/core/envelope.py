@@ -59,7 +59,7 @@ import io
 import re
 import struct
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property, lru_cache
@@ -123,6 +123,7 @@ __all__ = [
     "OpenedAttachment",
     "OpenedEnvelope",
     "SealedEnvelope",
+    "check_content_key",
     "content_key_commitment",
     "open_envelope",
     "read_header",
@@ -130,6 +131,7 @@ __all__ = [
     "sealed_box",
     "stream_key",
     "verify_envelope",
+    "verify_envelope_signature",
 ]
 
 MAGIC: Final = b"SSWG-ENV"
@@ -807,43 +809,56 @@ class _Verified:
     trust: StoredTrust
 
 
-def _verify(
-    stream: BinaryIO,
+def _choose_signer(
+    header: EnvelopeHeader,
     *,
-    keyring: NodeKeyring,
+    node: str,
+    held_key_ids: Collection[str],
     peer_manifest: KeyManifest,
-    policy: Policy,
-    now: datetime,
-    allow_archive: bool,
-    stored_at: datetime | None = None,
-    accept_suspect: bool = False,
-) -> _Verified:
-    limits = policy.limits
-    start = stream.tell() if stream.seekable() else 0
-    header, raw = read_header(stream, limits)
+    own_manifest: KeyManifest | None,
+) -> tuple[KeyManifest, str, bytes]:
+    """Whose keys sign ``header`` and which of our keys its content key is sealed to.
 
-    if header.recipient == keyring.node:
+    ``own_manifest`` is given only where our own sent envelopes may be read
+    (the archive copy); a receiver passes ``None``.
+    """
+    if header.recipient == node:
         signer = peer_manifest
         our_key_id, sealed = header.recipient_key_id, header.sealed_key
-        if header.sender != peer_manifest.node or peer_manifest.node == keyring.node:
+        if header.sender != peer_manifest.node or peer_manifest.node == node:
             raise EnvelopeSenderInvalid(
                 f"envelope sender {header.sender!r} is not the pinned peer {peer_manifest.node!r}"
             )
-    elif allow_archive and header.sender == keyring.node:
-        signer = keyring.manifest
+    elif own_manifest is not None and header.sender == node:
+        signer = own_manifest
         our_key_id, sealed = header.archive_key_id, header.archive_sealed_key
     else:
         raise EnvelopeRecipientInvalid(
-            f"envelope is addressed to {header.recipient!r}, not to this node {keyring.node!r}"
+            f"envelope is addressed to {header.recipient!r}, not to this node {node!r}"
         )
     if header.sender != signer.node:
         raise EnvelopeSenderInvalid(
             f"envelope sender {header.sender!r} does not match the key manifest of {signer.node!r}"
         )
-    if our_key_id not in keyring.encryption_keys:
+    if our_key_id not in held_key_ids:
         raise EnvelopeRecipientInvalid(
             f"envelope is sealed to encryption key {our_key_id}, which this node does not hold"
         )
+    return signer, our_key_id, sealed
+
+
+def _check_signed(
+    stream: BinaryIO,
+    header: EnvelopeHeader,
+    raw: bytes,
+    *,
+    signer: KeyManifest,
+    limits: Limits,
+    now: datetime,
+    stored_at: datetime | None,
+    accept_suspect: bool,
+) -> StoredTrust:
+    """Signature, age and ciphertext hash of an envelope whose header was just read."""
     try:
         if stored_at is None:
             verify_key = signer.signing_key(header.signing_key_id, at=header.created_at)
@@ -893,6 +908,12 @@ def _verify(
         raise EnvelopeCiphertextHashMismatch(
             "envelope ciphertext does not match the hash in its signed header"
         )
+    return trust
+
+
+def _open_content_key(
+    header: EnvelopeHeader, keyring: NodeKeyring, our_key_id: str, sealed: bytes
+) -> bytes:
     private = keyring.encryption_private(our_key_id)
     try:
         content_key = bytes(
@@ -908,6 +929,41 @@ def _verify(
         raise EnvelopeKeyCommitmentMismatch(
             "the sealed content key does not match the commitment in the signed header"
         )
+    return content_key
+
+
+def _verify(
+    stream: BinaryIO,
+    *,
+    keyring: NodeKeyring,
+    peer_manifest: KeyManifest,
+    policy: Policy,
+    now: datetime,
+    allow_archive: bool,
+    stored_at: datetime | None = None,
+    accept_suspect: bool = False,
+) -> _Verified:
+    limits = policy.limits
+    start = stream.tell() if stream.seekable() else 0
+    header, raw = read_header(stream, limits)
+    signer, our_key_id, sealed = _choose_signer(
+        header,
+        node=keyring.node,
+        held_key_ids=keyring.encryption_keys,
+        peer_manifest=peer_manifest,
+        own_manifest=keyring.manifest if allow_archive else None,
+    )
+    trust = _check_signed(
+        stream,
+        header,
+        raw,
+        signer=signer,
+        limits=limits,
+        now=now,
+        stored_at=stored_at,
+        accept_suspect=accept_suspect,
+    )
+    content_key = _open_content_key(header, keyring, our_key_id, sealed)
     return _Verified(
         header=header,
         content_key=content_key,
@@ -927,7 +983,9 @@ def verify_envelope(
     """Every check a receiver makes before storing; decrypts nothing but the content key.
 
     Reads ``stream`` to its end (it need not be seekable). The envelope must be
-    addressed to this node by the pinned peer.
+    addressed to this node by the pinned peer. The same checks, in the same
+    order, as :func:`verify_envelope_signature` followed by
+    :func:`check_content_key`.
     """
     verified = _verify(
         stream,
@@ -938,6 +996,56 @@ def verify_envelope(
         allow_archive=False,
     )
     return verified.header
+
+
+def verify_envelope_signature(
+    stream: BinaryIO,
+    *,
+    node: str,
+    held_key_ids: Collection[str],
+    peer_manifest: KeyManifest,
+    limits: Limits,
+    now: datetime,
+) -> EnvelopeHeader:
+    """The public half of :func:`verify_envelope`: needs no private key.
+
+    ``node`` is this node's id, ``held_key_ids`` the ids of the encryption keys
+    it holds (public facts), ``peer_manifest`` the pinned peer's manifest. Checks
+    format and bounds, sender and recipient, that the content key is sealed to
+    a key we hold, the header signature, the age against ``now`` and the
+    ciphertext hash (SPEC §5), reading ``stream`` to its end. Raises the
+    :class:`EnvelopeInvalid` family exactly as :func:`verify_envelope` does.
+    Every input is picklable, so it can run in another process; the caller
+    must still run :func:`check_content_key` on the header before storing.
+    """
+    header, raw = read_header(stream, limits)
+    signer, _key_id, _sealed = _choose_signer(
+        header,
+        node=node,
+        held_key_ids=held_key_ids,
+        peer_manifest=peer_manifest,
+        own_manifest=None,
+    )
+    _check_signed(
+        stream,
+        header,
+        raw,
+        signer=signer,
+        limits=limits,
+        now=now,
+        stored_at=None,
+        accept_suspect=False,
+    )
+    return header
+
+
+def check_content_key(header: EnvelopeHeader, *, keyring: NodeKeyring) -> None:
+    """The private half of :func:`verify_envelope` for a header that passed
+    :func:`verify_envelope_signature`: the content key sealed to us opens and
+    matches the signed commitment. Decrypts nothing else. Raises
+    :class:`EnvelopeDecryptFailed` or :class:`EnvelopeKeyCommitmentMismatch`.
+    """
+    _open_content_key(header, keyring, header.recipient_key_id, header.sealed_key)
 
 
 class _Collect:

@@ -38,8 +38,15 @@ from sqlalchemy.orm import Session, undefer
 from gateway import log
 from gateway.core.canonical import canonical_bytes
 from gateway.core.cases import PROTOCOL_TYPES, REPLY_TARGETS
-from gateway.core.envelope import AttachmentInfo, EnvelopeHeader, open_envelope, verify_envelope
-from gateway.core.keys import KeyManifest, StoredTrust
+from gateway.core.envelope import (
+    AttachmentInfo,
+    EnvelopeHeader,
+    check_content_key,
+    open_envelope,
+    verify_envelope,
+)
+from gateway.core.keys import KeyManifest, NodeKeyring, StoredTrust
+from gateway.core.policy import Policy
 from gateway.core.receipt import Checkpoint, ReceiptSigner, issue_receipt
 from gateway.core.retention import Direction
 from gateway.core.roles import SYSTEM, Actor
@@ -62,6 +69,7 @@ from gateway.node.outbox import check_reply_target
 from gateway.node.peer_trust import pinned_peer_manifest, require_pinned_peer
 from gateway.node.retention import WrittenOutput, ensure_not_purged, record_outputs
 from gateway.node.runtime import Node
+from gateway.node.verify_pool import VerifyPool, VerifyResult
 from gateway.store.models_exchange import (
     Equivocation,
     InboxEntry,
@@ -737,6 +745,7 @@ def receive_batch(
     *,
     now: datetime,
     dispatch: bool = True,
+    verify_pool: VerifyPool | None = None,
 ) -> list[ReceiveOutcome]:
     """Check, store and receipt the envelopes of one request; one outcome each, in order.
 
@@ -769,9 +778,14 @@ def receive_batch(
     bytes are verified again); after it, a resend is a replay. Crash points:
     ``after-batch-verify``, ``after-batch-adopt``, ``after-inbox-commit``.
 
+    ``verify_pool``: the serving node's :class:`~gateway.node.verify_pool.VerifyPool`;
+    step 2 runs its public checks there when the batch is large enough for
+    it (``[server] verify_pool_min_envelopes``), with the same answers as without.
+
     Raises :class:`~gateway.errors.StorageError` when the database or the
-    envelope store fails (nothing of the batch is stored; every envelope may
-    be retried). Source of the rules: docs/sync.md, SPEC §6 and §9.
+    envelope store fails, or a verification worker died
+    (:class:`~gateway.node.verify_pool.VerifyWorkerFailed`): nothing of the
+    batch is stored; every envelope may be retried. Source of the rules: docs/sync.md, SPEC §6 and §9.
     """
 
     node, keyring = ctx.node, ctx.keyring
@@ -803,6 +817,7 @@ def receive_batch(
         for path, sha, size in items
         if sha not in replays and peer is not None and size > inline_max
     ]
+    pending: list[tuple[int, Path, str, int]] = []
     for index, (path, sha, size) in enumerate(items):
         if sha in replays:
             _log.info("envelope_replayed", envelope_sha256=sha)
@@ -812,25 +827,18 @@ def receive_batch(
             copies[index] = first_of[sha]  # the same bytes twice in one batch: one answer
             continue
         first_of[sha] = index
-        try:
-            if peer is None:
-                raise RefusedError(
+        if peer is None:
+            outcomes[index] = ReceiveOutcome(
+                error=RefusedError(
                     "no peer is pinned: nothing can be received", reason="peer.unpinned"
                 )
-            body = path.read_bytes() if size <= inline_max else None
-            with io.BytesIO(body) if body is not None else path.open("rb") as stream:
-                header = verify_envelope(
-                    stream, keyring=keyring, peer_manifest=peer, policy=policy, now=now
-                )
-            if header.recipient != keyring.node or header.recipient != node.node_id:
-                raise WrongRecipient(
-                    f"envelope {header.bundle_id} is addressed to {header.recipient!r}, "
-                    f"not to this node {node.node_id!r}"
-                )
-        except (VerificationError, RefusedError, InvalidInput) as exc:
-            outcomes[index] = ReceiveOutcome(error=exc)
+            )
             continue
-        accepted.append(_Accepted(index, sha, size, _facts(header), path, body))
+        pending.append((index, path, sha, size))
+    if peer is not None and pending:
+        accepted = _verify_pending(
+            node, keyring, policy, pending, outcomes, peer, inline_max, now, verify_pool
+        )
     accepted = _check_replies(node, accepted, outcomes)
     for future in syncing:
         future.result()
@@ -858,6 +866,67 @@ def receive_batch(
     if dispatch and any(entry.facts.case_type in PROTOCOL_TYPES for entry in stored):
         _dispatch_protocol_bundles(ctx, now=now)
     return [outcome if outcome is not None else _lost() for outcome in outcomes]
+
+
+def _verify_pending(
+    node: Node,
+    keyring: NodeKeyring,
+    policy: Policy,
+    pending: Sequence[tuple[int, Path, str, int]],
+    outcomes: list[ReceiveOutcome | None],
+    peer: KeyManifest,
+    inline_max: int,
+    now: datetime,
+    pool: VerifyPool | None,
+) -> list[_Accepted]:
+    """Step 2 of :func:`receive_batch`: verify each new envelope, in order.
+
+    With a pool and a batch large enough for it (:meth:`VerifyPool.worth_it`),
+    the public checks run in the pool and the content key is opened here
+    afterwards (:func:`~gateway.core.envelope.check_content_key`); otherwise
+    :func:`~gateway.core.envelope.verify_envelope` runs here. Both run the same
+    checks in the same order, so the answers are the same. Raises
+    :class:`~gateway.node.verify_pool.VerifyWorkerFailed` if a worker died.
+    """
+    bodies = [path.read_bytes() if size <= inline_max else None for _, path, _, size in pending]
+    pooled: list[VerifyResult] | None = None
+    if pool is not None and pool.worth_it(len(pending)):
+        pooled = pool.verify(
+            [
+                body if body is not None else path
+                for body, (_, path, _, _) in zip(bodies, pending, strict=True)
+            ],
+            node=keyring.node,
+            held_key_ids=frozenset(keyring.encryption_keys),
+            peer_manifest=peer,
+            limits=policy.limits,
+            now=now,
+        )
+    accepted: list[_Accepted] = []
+    for position, (index, path, sha, size) in enumerate(pending):
+        body = bodies[position]
+        try:
+            if pooled is not None:
+                result = pooled[position]
+                if isinstance(result, GatewayError):
+                    raise result
+                header = result
+                check_content_key(header, keyring=keyring)
+            else:
+                with io.BytesIO(body) if body is not None else path.open("rb") as stream:
+                    header = verify_envelope(
+                        stream, keyring=keyring, peer_manifest=peer, policy=policy, now=now
+                    )
+            if header.recipient != keyring.node or header.recipient != node.node_id:
+                raise WrongRecipient(
+                    f"envelope {header.bundle_id} is addressed to {header.recipient!r}, "
+                    f"not to this node {node.node_id!r}"
+                )
+        except (VerificationError, RefusedError, InvalidInput) as exc:
+            outcomes[index] = ReceiveOutcome(error=exc)
+            continue
+        accepted.append(_Accepted(index, sha, size, _facts(header), path, body))
+    return accepted
 
 
 def _check_replies(

@@ -83,6 +83,7 @@ from gateway.node.peer_trust import (
     require_pinned_peer,
 )
 from gateway.node.runtime import Node, utc_now
+from gateway.node.verify_pool import VerifyPool
 from gateway.peer.tls_listener import HandshakeLog, LoggedTlsSite
 from gateway.store.db import Database
 from gateway.store.models_peer import prune_nonces, remember_nonce
@@ -995,11 +996,14 @@ def limits_from_policy(limits: PolicyLimits) -> TransportLimits:
     )
 
 
-def node_services(ctx: NodeContext, *, skew: timedelta) -> PeerServices:
+def node_services(
+    ctx: NodeContext, *, skew: timedelta, verify_pool: VerifyPool | None = None
+) -> PeerServices:
     """The peer services of a node context: its pinned peer, nonce store, inbox.
 
     The keyring is read from ``ctx`` for every envelope received, so keys the
-    serving node swapped in are used at once.
+    serving node swapped in are used at once. ``verify_pool`` checks the
+    signatures of large batches (:func:`gateway.node.inbox.receive_batch`).
     """
     node = ctx.node
 
@@ -1037,7 +1041,7 @@ def node_services(ctx: NodeContext, *, skew: timedelta) -> PeerServices:
     def receive_many(
         envelopes: Sequence[SpooledEnvelope], *, now: datetime
     ) -> Sequence[ReceiveOutcome]:
-        outcomes = receive_batch(ctx, envelopes, now=now)
+        outcomes = receive_batch(ctx, envelopes, now=now, verify_pool=verify_pool)
         for outcome in outcomes:
             error = outcome.error
             if error is None:
@@ -1087,13 +1091,14 @@ def create_node_peer_app(
     limits: TransportLimits,
     *,
     extra_routes: Callable[[web.Application], None] | None = None,
+    verify_pool: VerifyPool | None = None,
 ) -> web.Application:
     """The peer application of a node context; routes added by ``extra_routes``
     (the pull routes of :mod:`gateway.peer.pull_routes`, the ledger routes,
     chosen by the composition root) find the node and its context under the
     :data:`NODE` and :data:`CONTEXT` app keys."""
     node = ctx.node
-    services = node_services(ctx, skew=limits.clock_skew)
+    services = node_services(ctx, skew=limits.clock_skew, verify_pool=verify_pool)
 
     def routes(app: web.Application) -> None:
         app[NODE] = node

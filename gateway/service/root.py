@@ -56,6 +56,7 @@ from gateway.node.context import NodeContext
 from gateway.node.housekeeping import enforce_retention, watch_own_keys
 from gateway.node.outbox import run_sender
 from gateway.node.runtime import Node
+from gateway.node.verify_pool import VerifyPool, default_workers
 from gateway.peer.client import PeerClient, peer_of
 from gateway.peer.ledger_routes import ledger_routes
 from gateway.peer.pull_routes import add_pull_routes
@@ -150,6 +151,13 @@ class Service:
         self._signals: list[str] = []
         self._restart = False
         self._failure: BaseException | None = None
+        workers = settings.server.verify_pool_workers
+        self.verify_pool = VerifyPool(
+            workers=default_workers() if workers is None else workers,
+            min_envelopes=settings.server.verify_pool_min_envelopes,
+        )
+        """Checks the signatures of large received batches; its processes start at
+        the first such batch and stop when :meth:`run` returns."""
 
     @property
     def keyring(self) -> NodeKeyring:
@@ -211,7 +219,12 @@ class Service:
             yield port
             return
         server = PeerServer(
-            create_node_peer_app(self.ctx, self.limits, extra_routes=peer_routes(self.node)),
+            create_node_peer_app(
+                self.ctx,
+                self.limits,
+                extra_routes=peer_routes(self.node),
+                verify_pool=self.verify_pool,
+            ),
             self.limits,
             drain_timeout=self._drain_seconds,
         )
@@ -368,6 +381,8 @@ class Service:
         sites = self.api_sites(api_ssl)
 
         async with AsyncExitStack() as stack:
+            # Last out: the pool's workers stop once nothing can post a batch.
+            stack.push_async_callback(asyncio.to_thread, self.verify_pool.shutdown)
             await stack.enter_async_context(self._signal_handlers())
             client = await stack.enter_async_context(self._peer_client())
             # The listeners close when the stop event is set, concurrently with

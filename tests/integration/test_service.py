@@ -7,6 +7,7 @@ that raises, added beside the real ones.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
@@ -15,9 +16,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.errors import ConfigError, StorageError
+from gateway.errors import ConfigError, StorageError, VerificationError
 from gateway.node.context import NodeContext
+from gateway.node.peer_trust import pinned_peer_manifest
 from gateway.node.policy import load_policy
+from gateway.node.runtime import utc_now
 from gateway.peer.client import PeerClient
 from gateway.peer.server import limits_from_policy
 from gateway.service import Service
@@ -145,3 +148,43 @@ def test_a_port_already_taken_refuses_to_start_and_leaves_nothing_listening(
     assert refused.value.reason == "config.listen"
     assert recorder.events == []
     assert not _connects(peer_port)
+
+
+def test_the_verification_workers_stop_with_the_service(sqlite_pair: Pair) -> None:
+    recorder = _Recorder()
+    service = _service(sqlite_pair.pk, recorder)
+    pool = service.verify_pool
+    assert pool.worker_pids() == []  # started lazily, not by serving
+    keyring = sqlite_pair.pk.keyring
+    with sqlite_pair.pk.node.db.transaction() as session:
+        peer = pinned_peer_manifest(session)
+    assert peer is not None
+
+    def check_two() -> list[int]:
+        answers = pool.verify(
+            [b"not an envelope 1", b"not an envelope 2"],
+            node=keyring.node,
+            held_key_ids=frozenset(keyring.encryption_keys),
+            peer_manifest=peer,
+            limits=load_policy(service.settings).limits,
+            now=utc_now(),
+        )
+        assert all(isinstance(a, VerificationError) for a in answers)
+        return pool.worker_pids()
+
+    async def main() -> list[int]:
+        running = asyncio.create_task(service.run())
+        while not recorder.events:
+            await asyncio.sleep(0.05)
+            assert not running.done(), running.result()
+        pids = await asyncio.to_thread(check_two)
+        service.stop()
+        await running
+        return pids
+
+    pids = asyncio.run(main())
+    assert pids
+    assert pool.worker_pids() == []
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
