@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 from gateway.core.approvals import Approval, ProposalState, decide, terms_hash
 from gateway.core.canonical import canonical_bytes
 from gateway.core.consent import format_time, parse_time, validate_text
-from gateway.core.policy import APPROVER_ROLES
+from gateway.core.policy import APPROVER_CAPABILITY, APPROVER_ROLES
 from gateway.core.roles import SYSTEM, Actor, Role
 from gateway.errors import InvalidInput, NotFound, RefusedError
 from gateway.node import ledger
@@ -47,7 +47,7 @@ from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent.common import node_policy
 from gateway.node.context import NodeContext
 from gateway.node.runtime import Node
-from gateway.node.users import add_user, check_new_user
+from gateway.node.users import add_user, check_new_user, is_approver
 from gateway.store.models_approvals import ApprovalProposal, ApprovalVote
 from gateway.store.models_users import UserRecord
 
@@ -136,6 +136,7 @@ def _approvals(session: Session, action: str, votes: list[ApprovalVote]) -> list
         u.name: u for u in session.scalars(select(UserRecord).where(UserRecord.name.in_(names)))
     }
     wanted = APPROVER_ROLES[action]
+    capability = action in APPROVER_CAPABILITY
     found = []
     for vote in votes:
         user = users.get(vote.approver)
@@ -145,7 +146,9 @@ def _approvals(session: Session, action: str, votes: list[ApprovalVote]) -> list
                 terms_hash=vote.terms_hash,
                 approved_at=vote.approved_at,
                 enabled=user is not None and user.disabled_at is None,
-                authorised=user is not None and user.role == wanted,
+                authorised=user is not None
+                and user.role == wanted
+                and (user.approver or not capability),
             )
         )
     return found
@@ -226,6 +229,17 @@ def _check_approver(actor: Actor, action: str) -> None:
         )
 
 
+def _check_capability(session: Session, actor: Actor, action: str) -> None:
+    """Refuse an approval of ``action`` by an officer without the approver capability."""
+    if action in APPROVER_CAPABILITY and not is_approver(session, actor.name):
+        raise RefusedError(
+            f"a {action} proposal is approved by officers holding the approver capability; "
+            f"{actor.name} does not hold it: an administrator gives it with "
+            f"'gateway users approver {actor.name} on'",
+            reason="approval.not-approver",
+        )
+
+
 def _check_pending(row: ApprovalProposal) -> None:
     if row.state != ProposalState.PENDING:
         hint = (
@@ -265,7 +279,9 @@ def _propose(
     k: int,
     lifetime_hours: int,
     now: datetime,
+    approves: bool = True,
 ) -> ApprovalProposal:
+    """Store a pending proposal; with ``approves`` the proposer's own approval too."""
     digest = terms_hash(terms)
     row = ApprovalProposal(
         proposal_id=str(uuid.uuid4()),
@@ -281,6 +297,8 @@ def _propose(
     session.add(row)
     session.flush()
     _record(session, "approval-proposed", actor, row, now, expires_at=format_time(row.expires_at))
+    if not approves:
+        return row
     session.add(
         ApprovalVote(
             proposal_id=row.proposal_id, approver=actor.name, terms_hash=digest, approved_at=now
@@ -305,8 +323,10 @@ def grant_consent(
     k = 1: exactly :func:`gateway.node.consent.protocol.grant` (the answer is
     its :class:`SentConsent`, with ``state: "executed"``). k > 1: the terms
     are checked as a grant would check them, then stored as a pending
-    proposal carrying the proposer's approval; the answer names the proposal
-    and ``approvals`` of ``needed``.
+    proposal; any officer may propose, and the proposal carries the
+    proposer's approval only when the proposer holds the approver capability
+    (``users.approver``). The answer names the proposal and ``approvals`` of
+    ``needed``.
     """
     node = ctx.node
     rule = ctx.policy.approval_rule("consent-grant")
@@ -339,6 +359,7 @@ def grant_consent(
             k=rule.k,
             lifetime_hours=rule.lifetime_hours,
             now=now,
+            approves=is_approver(session, actor.name),
         )
         return {**_view(session, row, now=now).to_dict(), "request_id": request_id}
 
@@ -367,6 +388,7 @@ def approve(
         row = _proposal(session, proposal_id, lock=True)
         _check_pending(row)
         _check_approver(actor, row.action)
+        _check_capability(session, actor, row.action)
         if terms_sha256 is not None and terms_sha256 != row.terms_hash:
             raise RefusedError(
                 f"proposal {proposal_id} has other terms than the ones you reviewed "
@@ -498,7 +520,7 @@ def _add_admin(
 
 
 def add_user_or_propose(
-    node: Node, actor: Actor, name: str, role: str, *, now: datetime
+    node: Node, actor: Actor, name: str, role: str, *, now: datetime, approver: bool = False
 ) -> dict[str, Any]:
     """``gateway users add``: add at once, or propose a new administrator (two-person rule).
 
@@ -507,13 +529,28 @@ def add_user_or_propose(
     is made (the answer has ``state: "pending"``); the k-th administrator's
     approval adds the user and its answer carries the token, shown once.
     Otherwise the user is added now (``state: "executed"``, the token in the
-    answer), as before.
+    answer), as before; ``approver`` gives a new officer the approver
+    capability at once (ledger: ``approver-changed`` with ``actor``), and is
+    refused (:class:`InvalidInput`) for another role.
     """
     rule = node_policy(node).approval_rule("users-add-admin")
     with node.db.transaction() as session:
         if role != Role.ADMIN.value or rule.k == 1:
-            made = add_user(session, name, role, created_by=actor.name, now=now)
+            made = add_user(session, name, role, created_by=actor.name, now=now, approver=approver)
+            if approver:
+                ledger.record_event(
+                    session,
+                    kind="approver-changed",
+                    actor=actor,
+                    now=now,
+                    body={"user": name, "approver": True},
+                )
             return {**made.to_dict(), "state": ProposalState.EXECUTED}
+        if approver:
+            raise InvalidInput(
+                f"only officers hold the approver capability; {name} would be admin: "
+                "give it to an officer instead"
+            )
         _check_approver(actor, "users-add-admin")
         check_new_user(session, name)
         _expire_due(session, now=now)

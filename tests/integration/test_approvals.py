@@ -24,7 +24,7 @@ from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import queries as consent_queries
 from gateway.node.context import NodeContext
 from gateway.node.runtime import utc_now
-from gateway.node.users import add_user, disable_user
+from gateway.node.users import add_user, disable_user, set_approver
 from gateway.store.models_approvals import ApprovalProposal
 from gateway.store.models_consent import ConsentGrantRecord
 from gateway.store.models_exchange import OutboxEntry
@@ -45,6 +45,8 @@ from tests.integration.test_consent import (  # noqa: F401  (fixtures)
 )
 
 OFFICERS = ("asma", "bilal", "chaudhry", "dur")
+"""Officers holding the approver capability; ``clerk`` is an officer without it."""
+ADMIN = Actor(name="root-admin", role=Role.ADMIN)
 
 
 def set_approvals(side: Side, k: int, hours: int = 72) -> None:
@@ -60,8 +62,14 @@ def officer(name: str) -> Actor:
 def add_people(side: Side, now: Any) -> None:
     with side.node.db.transaction() as session:
         for name in OFFICERS:
-            add_user(session, name, "officer", created_by="admin", now=now)
+            add_user(session, name, "officer", created_by="admin", now=now, approver=True)
+        add_user(session, "clerk", "officer", created_by="admin", now=now)
         add_user(session, "root-admin", "admin", created_by="admin", now=now)
+
+
+def give_approver(side: Side, name: str, on: bool = True) -> None:
+    with side.node.db.transaction() as session:
+        set_approver(session, name, on, now=NOW, by=ADMIN)
 
 
 def asked_of_pk(pair: Pair, *, when: Any = NOW) -> tuple[str, str]:
@@ -146,6 +154,8 @@ def test_grant_happens_exactly_at_the_kth_distinct_enabled_officer(pair: Pair, k
         lambda: approve(pair, pid, Actor(name="root-admin", role=Role.ADMIN)),
     )
     refused("approval.terms-changed", lambda: approve(pair, pid, officer("bilal"), terms="0" * 64))
+    # an officer without the approver capability may not approve
+    refused("approval.not-approver", lambda: approve(pair, pid, officer("clerk")))
     if k == 3:
         # dur approves, then is disabled: dur's approval no longer counts
         assert approve(pair, pid, officer("dur"))["approvals"] == 2
@@ -173,6 +183,48 @@ def test_grant_happens_exactly_at_the_kth_distinct_enabled_officer(pair: Pair, k
     assert json.loads(executed.canonical)["body"]["approvers"] == done["counted"]
     listing = consent_queries.list_consents(NodeContext(pair.pk.node, pair.pk.keyring), now=NOW)
     assert listing["consents"][0]["approvers"] == done["counted"]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_only_officers_holding_the_approver_capability_count(pair: Pair, k: int) -> None:
+    """Proposing needs only the officer role; approving needs the capability, and
+    an approval stops counting when the capability is taken away (docs/consent.md)."""
+    set_approvals(pair.pk, k)
+    add_people(pair.pk, NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    made = propose(pair, request_id, by="clerk")
+    if k == 1:  # one person: no approval step, the capability is not asked for
+        assert made["state"] == "executed"
+        assert grants(pair.pk) == 1
+        return
+    # clerk's proposal carries no approval of clerk's
+    assert (made["state"], made["approvals"], made["approvers"]) == ("pending", 0, [])
+    pid = made["proposal_id"]
+    refused("approval.not-approver", lambda: approve(pair, pid, officer("clerk")))
+    # bilal approves, then loses the capability: bilal's approval no longer counts
+    assert approve(pair, pid, officer("bilal"))["approvals"] == 1
+    give_approver(pair.pk, "bilal", on=False)
+    names = OFFICERS[2 : 2 + k - 1]  # chaudhry (and dur)
+    for name in names[:-1]:
+        assert approve(pair, pid, officer(name))["state"] == "pending"
+    last = approve(pair, pid, officer(names[-1]))
+    assert last["state"] == "pending"
+    assert grants(pair.pk) == 0
+    # clerk given the capability now approves and completes it
+    give_approver(pair.pk, "clerk")
+    done = approve(pair, pid, officer("clerk"))
+    assert done["state"] == "executed"
+    assert done["counted"] == sorted(["clerk", *names])
+    assert grants(pair.pk) == 1
+    assert grant_bundles(pair.pk) == 1
+    changes = [
+        (e.actor_name, json.loads(e.canonical)["body"])
+        for e in entries(pair.pk, "approver-changed")
+    ]
+    assert changes[-2:] == [
+        ("root-admin", {"user": "bilal", "approver": False}),
+        ("root-admin", {"user": "clerk", "approver": True}),
+    ]
 
 
 def test_expired_and_rejected_proposals_never_execute(pair: Pair) -> None:
@@ -234,6 +286,10 @@ def test_end_to_end_two_officers_grant_and_tokyo_discloses(pair: Pair, tmp_path:
     case_id, request_id = asked_of_pk(pair, when=now)
     first = _officer_env(pair.pk, "asma")
     second = _officer_env(pair.pk, "bilal")
+    with pair.pk.node.db.transaction() as session:
+        # the approver capability, given by an administrator
+        for name in ("asma", "bilal"):
+            set_approver(session, name, True, now=now, by=ADMIN)
 
     granted = _run(first, "consent", "grant", request_id, "--max-uses", "2")
     assert granted.exit_code == 0, granted.output
