@@ -140,6 +140,7 @@ on the officer role". Proposing needs only the role (docs/consent.md)."""
 
 ENFORCED_APPROVALS = (
     "consent-grant",
+    "consent-revoke",
     "keys-rotate",
     "keys-revoke",
     "keys-rotate-root",

@@ -15,14 +15,15 @@ racing for the last place one executes the action and the other is told the
 proposal was executed already; nothing of the loser's attempt is kept.
 
 Actions under the rule in this version: ``consent-grant``
-(:func:`grant_consent`) and ``users-add-admin`` (:func:`add_user_or_propose`),
-both executed by the deciding approval, and the key ceremonies
+(:func:`grant_consent`), ``consent-revoke`` (:func:`revoke_consent`) and
+``users-add-admin`` (:func:`add_user_or_propose`), each executed by the
+deciding approval, and the key ceremonies
 ``keys-rotate``, ``keys-revoke`` and ``keys-rotate-root`` (:func:`propose_key_change`;
 the deciding approval makes the proposal ready, and the host ceremony, which
 alone holds the passphrase and the root key, claims it with
-:func:`claim_for_ceremony` in the transaction that changes the keys). The
-policy refuses k > 1 for ``consent-revoke``
-(:data:`gateway.core.policy.ENFORCED_APPROVALS`): revoking stays fast.
+:func:`claim_for_ceremony` in the transaction that changes the keys).
+``consent-revoke`` defaults to k = 1 (revoking must stay fast); a policy may
+raise it.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ __all__ = [
     "parse_terms_hash",
     "propose_key_change",
     "reject",
+    "revoke_consent",
 ]
 
 _MAX_REASON = 2000
@@ -364,6 +366,45 @@ def grant_consent(
         return {**_view(session, row, now=now).to_dict(), "request_id": request_id}
 
 
+def revoke_consent(
+    ctx: NodeContext,
+    actor: Actor,
+    consent_id: str,
+    *,
+    reason: str,
+    now: datetime,
+) -> dict[str, Any]:
+    """``gateway consent revoke``: revoke at once when the policy's k is 1, else propose.
+
+    k = 1 (the default: revoking must stay fast): exactly
+    :func:`gateway.node.consent.protocol.revoke` (its :class:`SentConsent`,
+    with ``state: "executed"``). k > 1: the revocation is checked as a
+    revocation would be (:func:`~gateway.node.consent.protocol.revocation_terms`),
+    then stored as a pending proposal carrying the proposer's approval; the
+    k-th officer's approval records the revocation and queues it for the peer,
+    the proposer as the revoking officer. Any officer approves a revocation
+    (no approver capability is needed: it withdraws, never gives).
+    """
+    rule = ctx.policy.approval_rule("consent-revoke")
+    if rule.k == 1:
+        sent = consent_protocol.revoke(ctx, actor, consent_id, reason=reason, now=now)
+        return {**sent.to_dict(), "state": ProposalState.EXECUTED}
+    _check_approver(actor, "consent-revoke")
+    terms = consent_protocol.revocation_terms(ctx, consent_id, reason=reason)
+    with ctx.node.db.transaction() as session:
+        _expire_due(session, now=now)
+        row = _propose(
+            session,
+            action="consent-revoke",
+            terms=terms,
+            actor=actor,
+            k=rule.k,
+            lifetime_hours=rule.lifetime_hours,
+            now=now,
+        )
+        return {**_view(session, row, now=now).to_dict(), "consent_id": consent_id}
+
+
 def approve(
     ctx: NodeContext,
     actor: Actor,
@@ -430,11 +471,12 @@ def approve(
         action, terms = row.action, dict(json.loads(row.terms_json))
         proposer = row.proposer
     # The deciding approval: recorded in the transaction that executes the action.
-    if action != "consent-grant":  # pragma: no cover - refused by the policy's validator
-        raise RefusedError(f"{action} is not executed through approvals", reason="approval.decided")
     outcome: dict[str, Any] = {}
+    consent_ids: dict[str, str] = {}
 
-    def decide_here(session: Session, consent_id: str) -> None:
+    def decide_here(session: Session, ref: str) -> None:
+        # a grant hands over the new consent's id, a revocation its bundle's id
+        consent_id = consent_ids.get("revoked", ref)
         locked = _proposal(session, proposal_id, lock=True)
         _check_pending(locked)
         again = _votes(session, proposal_id)
@@ -480,17 +522,30 @@ def approve(
         )
         outcome["view"] = _view(session, locked, now=now)
 
-    sent = consent_protocol.grant(
-        ctx,
-        Actor(name=proposer, role=Role.OFFICER),
-        str(terms["request_id"]),
-        valid_until=parse_time(terms["valid_until"], field="valid_until"),
-        max_uses=terms["max_uses"],
-        conditions=str(terms["conditions"]),
-        now=now,
-        approvers=decision.counted,
-        in_transaction=decide_here,
-    )
+    if action == "consent-revoke":
+        consent_ids["revoked"] = str(terms["consent_id"])
+        sent = consent_protocol.revoke(
+            ctx,
+            Actor(name=proposer, role=Role.OFFICER),
+            str(terms["consent_id"]),
+            reason=str(terms["reason"]),
+            now=now,
+            in_transaction=decide_here,
+        )
+    elif action == "consent-grant":
+        sent = consent_protocol.grant(
+            ctx,
+            Actor(name=proposer, role=Role.OFFICER),
+            str(terms["request_id"]),
+            valid_until=parse_time(terms["valid_until"], field="valid_until"),
+            max_uses=terms["max_uses"],
+            conditions=str(terms["conditions"]),
+            now=now,
+            approvers=decision.counted,
+            in_transaction=decide_here,
+        )
+    else:  # pragma: no cover - every other action is a ceremony or users-add-admin
+        raise RefusedError(f"{action} is not executed through approvals", reason="approval.decided")
     view: ProposalView = outcome["view"]
     return {**view.to_dict(), "result": sent.to_dict()}
 

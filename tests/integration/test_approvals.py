@@ -26,7 +26,7 @@ from gateway.node.context import NodeContext
 from gateway.node.runtime import utc_now
 from gateway.node.users import add_user, disable_user, set_approver
 from gateway.store.models_approvals import ApprovalProposal
-from gateway.store.models_consent import ConsentGrantRecord
+from gateway.store.models_consent import ConsentGrantRecord, ConsentRevocationRecord
 from gateway.store.models_exchange import OutboxEntry
 from tests.integration.test_consent import (  # noqa: F401  (fixtures)
     EMBASSY,
@@ -336,3 +336,123 @@ def test_end_to_end_two_officers_grant_and_tokyo_discloses(pair: Pair, tmp_path:
     assert kinds.count("approval-given") == 2
     assert kinds.count("approval-executed") == 1
     assert stored is not None
+
+
+# --- consent-revoke: default 1 (revoking stays fast), a policy may raise it ----------
+
+
+def set_rule(side: Side, action: str, k: int) -> None:
+    path = side.node.settings.policy_dir / "policy.toml"
+    path.write_text(f"{path.read_text()}\n[approvals.{action}]\nk = {k}\n")
+
+
+def revocations(side: Side) -> tuple[int, int]:
+    """(revocations recorded, revocation bundles queued for the peer)."""
+    with side.node.db.transaction() as session:
+        recorded = session.scalar(select(func.count()).select_from(ConsentRevocationRecord))
+        queued = session.scalar(
+            select(func.count())
+            .select_from(OutboxEntry)
+            .where(OutboxEntry.case_type == "consent-revocation")
+        )
+    return int(recorded or 0), int(queued or 0)
+
+
+def revoke(pair: Pair, consent_id: str, by: str = "asma", reason: str = "purpose ended") -> Any:
+    return approvals.revoke_consent(
+        NodeContext(pair.pk.node, pair.pk.keyring), officer(by), consent_id, reason=reason, now=NOW
+    )
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_revocation_happens_exactly_at_the_kth_distinct_officer(pair: Pair, k: int) -> None:
+    add_people(pair.pk, NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    consent_id = propose(pair, request_id)["consent_id"]  # consent-grant k = 1: granted
+    set_rule(pair.pk, "consent-revoke", k)
+    made = revoke(pair, consent_id, by="clerk")  # any officer; no capability needed
+    if k == 1:
+        assert made["state"] == "executed"
+        assert made["consent_id"] == consent_id
+        assert revocations(pair.pk) == (1, 1)
+        assert not entries(pair.pk, "approval-proposed")
+        return
+    assert (made["state"], made["approvals"], made["needed"]) == ("pending", 1, 2)
+    assert made["terms"] == {
+        "consent_id": consent_id,
+        "request_id": request_id,
+        "reason": "purpose ended",
+    }
+    pid = made["proposal_id"]
+    assert revocations(pair.pk) == (0, 0)  # nothing recorded, nothing sent yet
+    refused("approval.already-approved", lambda: approve(pair, pid, officer("clerk")))
+    refused("approval.not-approver", lambda: approve(pair, pid, ADMIN))
+    # a second proposal for the same consent waits too; revoking twice is refused later
+    other = revoke(pair, consent_id, by="bilal", reason="other reason")["proposal_id"]
+    done = approve(pair, pid, officer("asma"))
+    assert done["state"] == "executed"
+    assert done["counted"] == ["asma", "clerk"]
+    assert revocations(pair.pk) == (1, 1)
+    refused("approval.decided", lambda: approve(pair, pid, officer("bilal")))
+    # the other proposal cannot revoke again: the consent is revoked already
+    refused("consent.revoked", lambda: approve(pair, other, officer("chaudhry")))
+    refused("consent.revoked", lambda: revoke(pair, consent_id))
+    assert revocations(pair.pk) == (1, 1)
+    (executed,) = entries(pair.pk, "approval-executed")
+    body = json.loads(executed.canonical)["body"]
+    assert (body["approvers"], body["consent_id"], body["action"]) == (
+        ["asma", "clerk"],
+        consent_id,
+        "consent-revoke",
+    )
+    (revoked,) = entries(pair.pk, "consent-revoked")
+    assert revoked.actor_name == "clerk"  # the proposer is the revoking officer
+
+
+def test_concurrent_revocation_approvals_execute_once(pair: Pair) -> None:
+    add_people(pair.pk, NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    consent_id = propose(pair, request_id)["consent_id"]
+    set_rule(pair.pk, "consent-revoke", 2)
+    pid = revoke(pair, consent_id)["proposal_id"]
+    start = threading.Barrier(3)
+    outcomes: list[Any] = []
+
+    def racer(name: str) -> None:
+        start.wait()
+        try:
+            outcomes.append(approve(pair, pid, officer(name))["state"])
+        except RefusedError as exc:
+            outcomes.append(exc.reason)
+
+    threads = [threading.Thread(target=racer, args=(n,)) for n in ("bilal", "chaudhry", "dur")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert outcomes.count("executed") == 1, outcomes
+    assert all(o in ("executed", "approval.decided", "consent.revoked") for o in outcomes)
+    assert revocations(pair.pk) == (1, 1)
+    assert len(entries(pair.pk, "approval-executed")) == 1
+    assert len(entries(pair.pk, "consent-revoked")) == 1
+
+
+@pytest.mark.parametrize("clock", [None], indirect=True)
+def test_cli_revocation_with_k_2_answers_with_the_proposal(pair: Pair) -> None:
+    now = utc_now()
+    _case_id, request_id = asked_of_pk(pair, when=now)
+    first = _officer_env(pair.pk, "asma")
+    second = _officer_env(pair.pk, "bilal")
+    granted = json.loads(_run(first, "consent", "grant", request_id, "--json").stdout)
+    assert granted["state"] == "executed"
+    set_rule(pair.pk, "consent-revoke", 2)
+    asked = _run(first, "consent", "revoke", granted["consent_id"], "--reason", "ended")
+    assert asked.exit_code == 0, asked.output
+    assert "1 of 2 approvals" in asked.output
+    assert revocations(pair.pk) == (0, 0)
+    (proposal,) = json.loads(_run(second, "approvals", "list", "--json").stdout)
+    assert (proposal["action"], proposal["state"]) == ("consent-revoke", "pending")
+    done = _run(second, "approvals", "approve", proposal["proposal_id"])
+    assert done.exit_code == 0, done.output
+    assert "executed" in done.output
+    assert revocations(pair.pk) == (1, 1)
