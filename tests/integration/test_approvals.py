@@ -2,8 +2,10 @@
 
 Islamabad (pk) originates a case, Tokyo (jp) asks for consent to pass it to a
 third party, and pk's officers grant under ``[approvals.consent-grant]``: the
-grant happens exactly when k distinct, enabled officers approved the same
-terms before the proposal expired; never earlier, never twice.
+grant happens exactly when k distinct, enabled officers holding the approver
+capability approved the same terms before the proposal expired; never
+earlier, never twice. A revocation under ``[approvals.consent-revoke]`` the
+same way, approved by any officer.
 """
 
 from __future__ import annotations
@@ -452,6 +454,10 @@ def test_cli_revocation_with_k_2_answers_with_the_proposal(pair: Pair) -> None:
     assert revocations(pair.pk) == (0, 0)
     (proposal,) = json.loads(_run(second, "approvals", "list", "--json").stdout)
     assert (proposal["action"], proposal["state"]) == ("consent-revoke", "pending")
+    shown = _run(second, "approvals", "list").output
+    assert f"consent-revoke of consent {granted['consent_id']} (request {request_id}): 'ended'" in (
+        shown
+    )
     done = _run(second, "approvals", "approve", proposal["proposal_id"])
     assert done.exit_code == 0, done.output
     assert "executed" in done.output
