@@ -120,11 +120,12 @@ async def consent_revoke(call: Call) -> web.StreamResponse:
     refuse_unknown_fields(body, {"reason"})
     reason = require_str(body, "reason", max_length=2000)
     sent = await call.run(
-        lambda: consent_protocol.revoke(
+        lambda: approvals.revoke_consent(
             call.ctx, call.actor, consent_id, reason=reason, now=utc_now()
         )
     )
-    return json_response(sent.to_dict(), status=201)
+    # 201: revoked and queued; 202: a proposal waits for more approvals (two-person rule).
+    return json_response(sent, status=201 if sent["state"] == "executed" else 202)
 
 
 async def consent_list(call: Call) -> web.StreamResponse:

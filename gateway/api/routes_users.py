@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from gateway.api.routes_common import (
@@ -11,9 +13,10 @@ from gateway.api.routes_common import (
     refuse_unknown_fields,
     require_str,
 )
+from gateway.errors import InvalidInput
 from gateway.node import approvals
 from gateway.node.runtime import utc_now
-from gateway.node.users import disable_user, list_users, reissue_token
+from gateway.node.users import disable_user, list_users, reissue_token, set_approver
 
 __all__ = ["ROUTES"]
 
@@ -30,14 +33,37 @@ async def users_list(call: Call) -> web.StreamResponse:
 
 async def users_add(call: Call) -> web.StreamResponse:
     body = await call.json_body()
-    refuse_unknown_fields(body, {"name", "role"})
+    refuse_unknown_fields(body, {"name", "role", "approver"})
     name = require_str(body, "name", max_length=64)
     role = require_str(body, "role", max_length=16)
+    approver = _optional_bool(body, "approver")
     created = await call.run(
-        lambda: approvals.add_user_or_propose(call.node, call.actor, name, role, now=utc_now())
+        lambda: approvals.add_user_or_propose(
+            call.node, call.actor, name, role, now=utc_now(), approver=approver
+        )
     )
     # 201: added, its token in the answer; 202: an administrator waits for approvals.
     return json_response(created, status=201 if created["state"] == "executed" else 202)
+
+
+def _optional_bool(body: dict[str, Any], field: str) -> bool:
+    value = body.get(field, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"{field} must be true or false, not {type(value).__name__}")
+    return value
+
+
+async def users_approver(call: Call) -> web.StreamResponse:
+    name = call.path("name")
+    body = await call.json_body()
+    refuse_unknown_fields(body, {"approver"})
+    if "approver" not in body:
+        raise InvalidInput('missing field "approver": send {"approver": true} or false')
+    on = _optional_bool(body, "approver")
+    changed = await call.in_transaction(
+        lambda session: set_approver(session, name, on, now=utc_now(), by=call.actor)
+    )
+    return json_response({"name": name, "approver": on, "changed": changed})
 
 
 async def users_disable(call: Call) -> web.StreamResponse:
@@ -70,6 +96,13 @@ ROUTES = (
         "users.disable",
         users_disable,
         "Disable a user: its token is refused from now on",
+    ),
+    ApiRoute(
+        "POST",
+        "/api/v1/users/{name}/approver",
+        "users.approver",
+        users_approver,
+        "Give or take an officer's approver capability (consent grants, two-person rule)",
     ),
     ApiRoute(
         "POST",

@@ -39,6 +39,11 @@ def describe(proposal: dict[str, Any]) -> str:
             f"{terms['third_party']!r} for {terms['purpose']!r}, until "
             f"{when(terms['valid_until'])}, {uses}"
         )
+    elif what == "consent-revoke":
+        what += (
+            f" of consent {terms['consent_id']} (request {terms['request_id']}): "
+            f"{terms['reason']!r}"
+        )
     approvers = ", ".join(proposal["approvers"]) or "nobody"
     return (
         f"{proposal['proposal_id']}  {proposal['state']:<8} "

@@ -126,6 +126,14 @@ def revoke_command(app: AppContext, consent_id: str, reason: str) -> None:
     sent = app.client("consent.revoke").call(
         "POST", _path("consents", consent_id, "revoke"), {"reason": reason}
     )
+    if sent["state"] != "executed":
+        app.emit(
+            sent,
+            f"proposal {sent['proposal_id']} made to revoke consent {consent_id}: "
+            f"{sent['approvals']} of {sent['needed']} approvals (two-person rule); another "
+            f"officer runs 'gateway approvals approve {sent['proposal_id']}'",
+        )
+        return
     app.emit(sent, f"consent {consent_id} revoked; queued for the peer")
 
 

@@ -283,6 +283,11 @@ COMMANDS: dict[str, LazyCommand | LazySubgroup] = {
         "Runs through the node's local API; needs your token.",
         {
             "add": _entry("users_cmd", "add", "Add a user and print its token once."),
+            "approver": _entry(
+                "users_cmd",
+                "approver_",
+                "Give (on) or take (off) an officer's approver capability; recorded in the ledger.",
+            ),
             "disable": _entry(
                 "users_cmd", "disable", "Disable a user: its token is refused from now on."
             ),

@@ -44,15 +44,24 @@ def users() -> None:
     required=True,
     help="The one role this user holds.",
 )
+@click.option(
+    "--approver",
+    is_flag=True,
+    help="Officers only: may approve consent grants under the two-person rule.",
+)
 @pass_app
-def add(app: AppContext, name: str, role: str) -> None:
+def add(app: AppContext, name: str, role: str, approver: bool) -> None:
     """Add a user and print its token once.
 
     \b
-    Example:
+    Examples:
       gateway users add tanaka --role officer
+      gateway users add asma --role officer --approver
     """
-    created = app.client("users.add").call("POST", "/api/v1/users", {"name": name, "role": role})
+    body: dict[str, object] = {"name": name, "role": role}
+    if approver:
+        body["approver"] = True
+    created = app.client("users.add").call("POST", "/api/v1/users", body)
     if created["state"] != "executed":
         app.emit(
             created,
@@ -61,9 +70,10 @@ def add(app: AppContext, name: str, role: str) -> None:
             "administrator whose approval completes it receives the token, once",
         )
         return
+    approving = ", approver" if created.get("approver") else ""
     app.emit(
         created,
-        f"Added {created['name']} ({created['role']}).\n"
+        f"Added {created['name']} ({created['role']}{approving}).\n"
         "Token (shown once; keep it secret, e.g. in a 0600 file):\n"
         f"  {created['token']}",
     )
@@ -76,12 +86,14 @@ def list_(app: AppContext) -> None:
     data = app.client("users.list").call("GET", "/api/v1/users")
 
     def human() -> str:
-        lines = [f"{'NAME':<24} {'ROLE':<11} {'STATE':<9} CREATED"]
+        lines = [f"{'NAME':<24} {'ROLE':<11} {'APPROVER':<8} {'STATE':<9} CREATED"]
         for r in data:
             state = "disabled" if r["disabled"] else "active"
+            approver = "yes" if r.get("approver") else "-"
             created = when(r["created_at"])[:16].replace("T", " ")
             lines.append(
-                f"{r['name']:<24} {r['role']:<11} {state:<9} {created} by {r['created_by']}"
+                f"{r['name']:<24} {r['role']:<11} {approver:<8} {state:<9} {created} "
+                f"by {r['created_by']}"
             )
         return "\n".join(lines)
 
@@ -95,6 +107,30 @@ def disable(app: AppContext, name: str) -> None:
     """Disable a user: its token is refused from now on."""
     app.client("users.disable").call("POST", _path("users", name, "disable"), {})
     app.emit({"name": name, "disabled": True}, f"Disabled {name}.")
+
+
+@users.command("approver")
+@click.argument("name")
+@click.argument("state", type=click.Choice(["on", "off"]))
+@pass_app
+def approver_(app: AppContext, name: str, state: str) -> None:
+    """Give (on) or take (off) an officer's approver capability; recorded in the ledger.
+
+    Only officers holding it count toward a consent grant under the
+    two-person rule (docs/consent.md); taking it away makes their approvals of
+    pending proposals stop counting.
+
+    \b
+    Examples:
+      gateway users approver asma on
+      gateway users approver asma off
+    """
+    answer = app.client("users.approver").call(
+        "POST", _path("users", name, "approver"), {"approver": state == "on"}
+    )
+    held = "holds" if answer["approver"] else "no longer holds"
+    note = "" if answer["changed"] else " (unchanged)"
+    app.emit(answer, f"{name} {held} the approver capability{note}.")
 
 
 @users.command("new-token")

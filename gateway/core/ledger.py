@@ -126,6 +126,7 @@ class EntryKind(StrEnum):
     APPROVAL_REJECTED = "approval-rejected"
     APPROVAL_EXPIRED = "approval-expired"
     APPROVAL_EXECUTED = "approval-executed"
+    APPROVER_CHANGED = "approver-changed"
 
 
 _KINDS = {kind.value: kind for kind in EntryKind}

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from gateway.errors import PolicyRefused
 
 __all__ = [
+    "APPROVER_CAPABILITY",
     "APPROVER_ROLES",
     "ENFORCED_APPROVALS",
     "GIB",
@@ -131,9 +132,15 @@ APPROVER_ROLES: Mapping[str, str] = {
 """Who may approve each action: officers decide on consent, administrators on keys
 and users (issue 18). The approver must also be an enabled user of this node."""
 
+APPROVER_CAPABILITY: frozenset[str] = frozenset({"consent-grant"})
+"""Actions whose approvers must also hold the approver capability (``users.approver``,
+given by an administrator): issue 18, "k of the users holding an approver capability
+on the officer role". Proposing needs only the role (docs/consent.md)."""
+
 
 ENFORCED_APPROVALS = (
     "consent-grant",
+    "consent-revoke",
     "keys-rotate",
     "keys-revoke",
     "keys-rotate-root",

@@ -39,6 +39,7 @@ ACTIONS: dict[str, frozenset[Role]] = {
     "users.add": _A,
     "users.list": _A,
     "users.disable": _A,
+    "users.approver": _A,
     # officers: case handling and consent
     "send": _O,
     "inbox": _O,

@@ -15,14 +15,15 @@ racing for the last place one executes the action and the other is told the
 proposal was executed already; nothing of the loser's attempt is kept.
 
 Actions under the rule in this version: ``consent-grant``
-(:func:`grant_consent`) and ``users-add-admin`` (:func:`add_user_or_propose`),
-both executed by the deciding approval, and the key ceremonies
+(:func:`grant_consent`), ``consent-revoke`` (:func:`revoke_consent`) and
+``users-add-admin`` (:func:`add_user_or_propose`), each executed by the
+deciding approval, and the key ceremonies
 ``keys-rotate``, ``keys-revoke`` and ``keys-rotate-root`` (:func:`propose_key_change`;
 the deciding approval makes the proposal ready, and the host ceremony, which
 alone holds the passphrase and the root key, claims it with
-:func:`claim_for_ceremony` in the transaction that changes the keys). The
-policy refuses k > 1 for ``consent-revoke``
-(:data:`gateway.core.policy.ENFORCED_APPROVALS`): revoking stays fast.
+:func:`claim_for_ceremony` in the transaction that changes the keys).
+``consent-revoke`` defaults to k = 1 (revoking must stay fast); a policy may
+raise it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from sqlalchemy.orm import Session
 from gateway.core.approvals import Approval, ProposalState, decide, terms_hash
 from gateway.core.canonical import canonical_bytes
 from gateway.core.consent import format_time, parse_time, validate_text
-from gateway.core.policy import APPROVER_ROLES
+from gateway.core.policy import APPROVER_CAPABILITY, APPROVER_ROLES
 from gateway.core.roles import SYSTEM, Actor, Role
 from gateway.errors import InvalidInput, NotFound, RefusedError
 from gateway.node import ledger
@@ -47,7 +48,7 @@ from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent.common import node_policy
 from gateway.node.context import NodeContext
 from gateway.node.runtime import Node
-from gateway.node.users import add_user, check_new_user
+from gateway.node.users import add_user, check_new_user, is_approver
 from gateway.store.models_approvals import ApprovalProposal, ApprovalVote
 from gateway.store.models_users import UserRecord
 
@@ -65,6 +66,7 @@ __all__ = [
     "parse_terms_hash",
     "propose_key_change",
     "reject",
+    "revoke_consent",
 ]
 
 _MAX_REASON = 2000
@@ -136,6 +138,7 @@ def _approvals(session: Session, action: str, votes: list[ApprovalVote]) -> list
         u.name: u for u in session.scalars(select(UserRecord).where(UserRecord.name.in_(names)))
     }
     wanted = APPROVER_ROLES[action]
+    capability = action in APPROVER_CAPABILITY
     found = []
     for vote in votes:
         user = users.get(vote.approver)
@@ -145,7 +148,9 @@ def _approvals(session: Session, action: str, votes: list[ApprovalVote]) -> list
                 terms_hash=vote.terms_hash,
                 approved_at=vote.approved_at,
                 enabled=user is not None and user.disabled_at is None,
-                authorised=user is not None and user.role == wanted,
+                authorised=user is not None
+                and user.role == wanted
+                and (user.approver or not capability),
             )
         )
     return found
@@ -226,6 +231,17 @@ def _check_approver(actor: Actor, action: str) -> None:
         )
 
 
+def _check_capability(session: Session, actor: Actor, action: str) -> None:
+    """Refuse an approval of ``action`` by an officer without the approver capability."""
+    if action in APPROVER_CAPABILITY and not is_approver(session, actor.name):
+        raise RefusedError(
+            f"a {action} proposal is approved by officers holding the approver capability; "
+            f"{actor.name} does not hold it: an administrator gives it with "
+            f"'gateway users approver {actor.name} on'",
+            reason="approval.not-approver",
+        )
+
+
 def _check_pending(row: ApprovalProposal) -> None:
     if row.state != ProposalState.PENDING:
         hint = (
@@ -265,7 +281,9 @@ def _propose(
     k: int,
     lifetime_hours: int,
     now: datetime,
+    approves: bool = True,
 ) -> ApprovalProposal:
+    """Store a pending proposal; with ``approves`` the proposer's own approval too."""
     digest = terms_hash(terms)
     row = ApprovalProposal(
         proposal_id=str(uuid.uuid4()),
@@ -281,6 +299,8 @@ def _propose(
     session.add(row)
     session.flush()
     _record(session, "approval-proposed", actor, row, now, expires_at=format_time(row.expires_at))
+    if not approves:
+        return row
     session.add(
         ApprovalVote(
             proposal_id=row.proposal_id, approver=actor.name, terms_hash=digest, approved_at=now
@@ -305,8 +325,10 @@ def grant_consent(
     k = 1: exactly :func:`gateway.node.consent.protocol.grant` (the answer is
     its :class:`SentConsent`, with ``state: "executed"``). k > 1: the terms
     are checked as a grant would check them, then stored as a pending
-    proposal carrying the proposer's approval; the answer names the proposal
-    and ``approvals`` of ``needed``.
+    proposal; any officer may propose, and the proposal carries the
+    proposer's approval only when the proposer holds the approver capability
+    (``users.approver``). The answer names the proposal and ``approvals`` of
+    ``needed``.
     """
     node = ctx.node
     rule = ctx.policy.approval_rule("consent-grant")
@@ -339,8 +361,48 @@ def grant_consent(
             k=rule.k,
             lifetime_hours=rule.lifetime_hours,
             now=now,
+            approves=is_approver(session, actor.name),
         )
         return {**_view(session, row, now=now).to_dict(), "request_id": request_id}
+
+
+def revoke_consent(
+    ctx: NodeContext,
+    actor: Actor,
+    consent_id: str,
+    *,
+    reason: str,
+    now: datetime,
+) -> dict[str, Any]:
+    """``gateway consent revoke``: revoke at once when the policy's k is 1, else propose.
+
+    k = 1 (the default: revoking must stay fast): exactly
+    :func:`gateway.node.consent.protocol.revoke` (its :class:`SentConsent`,
+    with ``state: "executed"``). k > 1: the revocation is checked as a
+    revocation would be (:func:`~gateway.node.consent.protocol.revocation_terms`),
+    then stored as a pending proposal carrying the proposer's approval; the
+    k-th officer's approval records the revocation and queues it for the peer,
+    the proposer as the revoking officer. Any officer approves a revocation
+    (no approver capability is needed: it withdraws, never gives).
+    """
+    rule = ctx.policy.approval_rule("consent-revoke")
+    if rule.k == 1:
+        sent = consent_protocol.revoke(ctx, actor, consent_id, reason=reason, now=now)
+        return {**sent.to_dict(), "state": ProposalState.EXECUTED}
+    _check_approver(actor, "consent-revoke")
+    terms = consent_protocol.revocation_terms(ctx, consent_id, reason=reason)
+    with ctx.node.db.transaction() as session:
+        _expire_due(session, now=now)
+        row = _propose(
+            session,
+            action="consent-revoke",
+            terms=terms,
+            actor=actor,
+            k=rule.k,
+            lifetime_hours=rule.lifetime_hours,
+            now=now,
+        )
+        return {**_view(session, row, now=now).to_dict(), "consent_id": consent_id}
 
 
 def approve(
@@ -367,6 +429,7 @@ def approve(
         row = _proposal(session, proposal_id, lock=True)
         _check_pending(row)
         _check_approver(actor, row.action)
+        _check_capability(session, actor, row.action)
         if terms_sha256 is not None and terms_sha256 != row.terms_hash:
             raise RefusedError(
                 f"proposal {proposal_id} has other terms than the ones you reviewed "
@@ -408,11 +471,12 @@ def approve(
         action, terms = row.action, dict(json.loads(row.terms_json))
         proposer = row.proposer
     # The deciding approval: recorded in the transaction that executes the action.
-    if action != "consent-grant":  # pragma: no cover - refused by the policy's validator
-        raise RefusedError(f"{action} is not executed through approvals", reason="approval.decided")
     outcome: dict[str, Any] = {}
+    consent_ids: dict[str, str] = {}
 
-    def decide_here(session: Session, consent_id: str) -> None:
+    def decide_here(session: Session, ref: str) -> None:
+        # a grant hands over the new consent's id, a revocation its bundle's id
+        consent_id = consent_ids.get("revoked", ref)
         locked = _proposal(session, proposal_id, lock=True)
         _check_pending(locked)
         again = _votes(session, proposal_id)
@@ -458,17 +522,30 @@ def approve(
         )
         outcome["view"] = _view(session, locked, now=now)
 
-    sent = consent_protocol.grant(
-        ctx,
-        Actor(name=proposer, role=Role.OFFICER),
-        str(terms["request_id"]),
-        valid_until=parse_time(terms["valid_until"], field="valid_until"),
-        max_uses=terms["max_uses"],
-        conditions=str(terms["conditions"]),
-        now=now,
-        approvers=decision.counted,
-        in_transaction=decide_here,
-    )
+    if action == "consent-revoke":
+        consent_ids["revoked"] = str(terms["consent_id"])
+        sent = consent_protocol.revoke(
+            ctx,
+            Actor(name=proposer, role=Role.OFFICER),
+            str(terms["consent_id"]),
+            reason=str(terms["reason"]),
+            now=now,
+            in_transaction=decide_here,
+        )
+    elif action == "consent-grant":
+        sent = consent_protocol.grant(
+            ctx,
+            Actor(name=proposer, role=Role.OFFICER),
+            str(terms["request_id"]),
+            valid_until=parse_time(terms["valid_until"], field="valid_until"),
+            max_uses=terms["max_uses"],
+            conditions=str(terms["conditions"]),
+            now=now,
+            approvers=decision.counted,
+            in_transaction=decide_here,
+        )
+    else:  # pragma: no cover - every other action is a ceremony or users-add-admin
+        raise RefusedError(f"{action} is not executed through approvals", reason="approval.decided")
     view: ProposalView = outcome["view"]
     return {**view.to_dict(), "result": sent.to_dict()}
 
@@ -498,7 +575,7 @@ def _add_admin(
 
 
 def add_user_or_propose(
-    node: Node, actor: Actor, name: str, role: str, *, now: datetime
+    node: Node, actor: Actor, name: str, role: str, *, now: datetime, approver: bool = False
 ) -> dict[str, Any]:
     """``gateway users add``: add at once, or propose a new administrator (two-person rule).
 
@@ -507,13 +584,28 @@ def add_user_or_propose(
     is made (the answer has ``state: "pending"``); the k-th administrator's
     approval adds the user and its answer carries the token, shown once.
     Otherwise the user is added now (``state: "executed"``, the token in the
-    answer), as before.
+    answer), as before; ``approver`` gives a new officer the approver
+    capability at once (ledger: ``approver-changed`` with ``actor``), and is
+    refused (:class:`InvalidInput`) for another role.
     """
     rule = node_policy(node).approval_rule("users-add-admin")
     with node.db.transaction() as session:
         if role != Role.ADMIN.value or rule.k == 1:
-            made = add_user(session, name, role, created_by=actor.name, now=now)
+            made = add_user(session, name, role, created_by=actor.name, now=now, approver=approver)
+            if approver:
+                ledger.record_event(
+                    session,
+                    kind="approver-changed",
+                    actor=actor,
+                    now=now,
+                    body={"user": name, "approver": True},
+                )
             return {**made.to_dict(), "state": ProposalState.EXECUTED}
+        if approver:
+            raise InvalidInput(
+                f"only officers hold the approver capability; {name} would be admin: "
+                "give it to an officer instead"
+            )
         _check_approver(actor, "users-add-admin")
         check_new_user(session, name)
         _expire_due(session, now=now)

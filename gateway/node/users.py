@@ -19,6 +19,7 @@ from gateway.core.roles import Actor, Role, authorize_role
 from gateway.core.tokens import IssuedToken, issue_token, parse_token, token_hash, token_matches
 from gateway.errors import AccessDenied, AlreadyExists, InvalidInput, NotFound
 from gateway.log import get_logger
+from gateway.node import ledger
 from gateway.store.models_users import UserRecord
 
 __all__ = [
@@ -29,8 +30,10 @@ __all__ = [
     "authorize",
     "check_new_user",
     "disable_user",
+    "is_approver",
     "list_users",
     "reissue_token",
+    "set_approver",
 ]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
@@ -46,6 +49,7 @@ class UserView:
     created_at: datetime
     created_by: str
     disabled: bool
+    approver: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """One row of ``gateway users list`` and ``GET /api/v1/users`` (never a token)."""
@@ -55,6 +59,7 @@ class UserView:
             "created_at": self.created_at,
             "created_by": self.created_by,
             "disabled": self.disabled,
+            "approver": self.approver,
         }
 
 
@@ -63,10 +68,16 @@ class NewUser:
     name: str
     role: Role
     token: IssuedToken
+    approver: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The answer to adding a user; it holds the token, shown this once."""
-        return {"name": self.name, "role": self.role.value, "token": self.token.text}
+        return {
+            "name": self.name,
+            "role": self.role.value,
+            "approver": self.approver,
+            "token": self.token.text,
+        }
 
 
 def _check_name(name: str) -> str:
@@ -91,10 +102,34 @@ def check_new_user(session: Session, name: str) -> None:
         raise AlreadyExists(f"user {name!r} exists already")
 
 
-def add_user(session: Session, name: str, role: str, *, created_by: str, now: datetime) -> NewUser:
-    """Create a user and its first token (the caller shows the token once)."""
+def _check_approver_role(name: str, role: str) -> None:
+    if role != Role.OFFICER.value:
+        raise InvalidInput(
+            f"only officers hold the approver capability; {name} is {role}: "
+            "give it to an officer instead"
+        )
+
+
+def add_user(
+    session: Session,
+    name: str,
+    role: str,
+    *,
+    created_by: str,
+    now: datetime,
+    approver: bool = False,
+) -> NewUser:
+    """Create a user and its first token (the caller shows the token once).
+
+    ``approver`` gives an officer the approver capability (consent grants
+    under the two-person rule, docs/consent.md); refused (:class:`InvalidInput`)
+    for another role. The capability given at creation is recorded in the
+    ledger (``approver-changed``) by the caller that records the creation.
+    """
     _check_name(name)
     chosen = _role(role)
+    if approver:
+        _check_approver_role(name, chosen.value)
     if session.scalar(select(UserRecord.id).where(UserRecord.name == name)) is not None:
         raise AlreadyExists(f"user {name!r} exists already")
     token = issue_token()
@@ -107,11 +142,12 @@ def add_user(session: Session, name: str, role: str, *, created_by: str, now: da
             created_at=now,
             created_by=created_by,
             token_issued_at=now,
+            approver=approver,
         )
     )
     session.flush()
-    _log.info("user_added", user=name, role=chosen.value, by=created_by)
-    return NewUser(name=name, role=chosen, token=token)
+    _log.info("user_added", user=name, role=chosen.value, approver=approver, by=created_by)
+    return NewUser(name=name, role=chosen, token=token, approver=approver)
 
 
 def reissue_token(session: Session, name: str, *, now: datetime, by: str) -> IssuedToken:
@@ -133,6 +169,44 @@ def disable_user(session: Session, name: str, *, now: datetime, by: str) -> None
     _log.info("user_disabled", user=name, by=by)
 
 
+def set_approver(session: Session, name: str, on: bool, *, now: datetime, by: Actor) -> bool:
+    """Give (``on``) or take the approver capability of officer ``name``.
+
+    Recorded in the ledger (``approver-changed``, body ``{"user", "approver"}``,
+    actor ``by``) when it changes anything; returns whether it did. Taking it
+    away makes the officer's earlier approvals of pending consent-grant
+    proposals stop counting (:mod:`gateway.node.approvals`). Raises
+    :class:`NotFound` for an unknown user and :class:`InvalidInput` for one
+    who is not an officer.
+    """
+    user = _get(session, name)
+    if on:
+        _check_approver_role(name, user.role)
+    if user.approver == on:
+        return False
+    user.approver = on
+    ledger.record_event(
+        session,
+        kind="approver-changed",
+        actor=by,
+        now=now,
+        body={"user": name, "approver": on},
+    )
+    _log.info("user_approver_changed", user=name, approver=on, by=by.name)
+    return True
+
+
+def is_approver(session: Session, name: str) -> bool:
+    """True when ``name`` is an enabled officer holding the approver capability."""
+    user = session.scalar(select(UserRecord).where(UserRecord.name == name))
+    return (
+        user is not None
+        and user.disabled_at is None
+        and user.role == Role.OFFICER.value
+        and user.approver
+    )
+
+
 def list_users(session: Session) -> list[UserView]:
     rows = session.scalars(select(UserRecord).order_by(UserRecord.name)).all()
     return [
@@ -142,6 +216,7 @@ def list_users(session: Session) -> list[UserView]:
             created_at=row.created_at,
             created_by=row.created_by,
             disabled=row.disabled_at is not None,
+            approver=row.approver,
         )
         for row in rows
     ]

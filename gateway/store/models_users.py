@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Integer, LargeBinary, String
+from sqlalchemy import Boolean, Integer, LargeBinary, String, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from gateway.store.base import Base, UTCDateTime
@@ -24,3 +24,5 @@ class UserRecord(Base):
     created_by: Mapped[str] = mapped_column(String(64))
     disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     token_issued_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    approver: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """An officer who may approve consent grants (issue 18; migration 0019_approver)."""

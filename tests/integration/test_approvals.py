@@ -2,8 +2,10 @@
 
 Islamabad (pk) originates a case, Tokyo (jp) asks for consent to pass it to a
 third party, and pk's officers grant under ``[approvals.consent-grant]``: the
-grant happens exactly when k distinct, enabled officers approved the same
-terms before the proposal expired; never earlier, never twice.
+grant happens exactly when k distinct, enabled officers holding the approver
+capability approved the same terms before the proposal expired; never
+earlier, never twice. A revocation under ``[approvals.consent-revoke]`` the
+same way, approved by any officer.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import queries as consent_queries
 from gateway.node.context import NodeContext
 from gateway.node.runtime import utc_now
-from gateway.node.users import add_user, disable_user
+from gateway.node.users import add_user, disable_user, set_approver
 from gateway.store.models_approvals import ApprovalProposal
-from gateway.store.models_consent import ConsentGrantRecord
+from gateway.store.models_consent import ConsentGrantRecord, ConsentRevocationRecord
 from gateway.store.models_exchange import OutboxEntry
 from tests.integration.test_consent import (  # noqa: F401  (fixtures)
     EMBASSY,
@@ -45,6 +47,8 @@ from tests.integration.test_consent import (  # noqa: F401  (fixtures)
 )
 
 OFFICERS = ("asma", "bilal", "chaudhry", "dur")
+"""Officers holding the approver capability; ``clerk`` is an officer without it."""
+ADMIN = Actor(name="root-admin", role=Role.ADMIN)
 
 
 def set_approvals(side: Side, k: int, hours: int = 72) -> None:
@@ -60,8 +64,14 @@ def officer(name: str) -> Actor:
 def add_people(side: Side, now: Any) -> None:
     with side.node.db.transaction() as session:
         for name in OFFICERS:
-            add_user(session, name, "officer", created_by="admin", now=now)
+            add_user(session, name, "officer", created_by="admin", now=now, approver=True)
+        add_user(session, "clerk", "officer", created_by="admin", now=now)
         add_user(session, "root-admin", "admin", created_by="admin", now=now)
+
+
+def give_approver(side: Side, name: str, on: bool = True) -> None:
+    with side.node.db.transaction() as session:
+        set_approver(session, name, on, now=NOW, by=ADMIN)
 
 
 def asked_of_pk(pair: Pair, *, when: Any = NOW) -> tuple[str, str]:
@@ -146,6 +156,8 @@ def test_grant_happens_exactly_at_the_kth_distinct_enabled_officer(pair: Pair, k
         lambda: approve(pair, pid, Actor(name="root-admin", role=Role.ADMIN)),
     )
     refused("approval.terms-changed", lambda: approve(pair, pid, officer("bilal"), terms="0" * 64))
+    # an officer without the approver capability may not approve
+    refused("approval.not-approver", lambda: approve(pair, pid, officer("clerk")))
     if k == 3:
         # dur approves, then is disabled: dur's approval no longer counts
         assert approve(pair, pid, officer("dur"))["approvals"] == 2
@@ -173,6 +185,48 @@ def test_grant_happens_exactly_at_the_kth_distinct_enabled_officer(pair: Pair, k
     assert json.loads(executed.canonical)["body"]["approvers"] == done["counted"]
     listing = consent_queries.list_consents(NodeContext(pair.pk.node, pair.pk.keyring), now=NOW)
     assert listing["consents"][0]["approvers"] == done["counted"]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_only_officers_holding_the_approver_capability_count(pair: Pair, k: int) -> None:
+    """Proposing needs only the officer role; approving needs the capability, and
+    an approval stops counting when the capability is taken away (docs/consent.md)."""
+    set_approvals(pair.pk, k)
+    add_people(pair.pk, NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    made = propose(pair, request_id, by="clerk")
+    if k == 1:  # one person: no approval step, the capability is not asked for
+        assert made["state"] == "executed"
+        assert grants(pair.pk) == 1
+        return
+    # clerk's proposal carries no approval of clerk's
+    assert (made["state"], made["approvals"], made["approvers"]) == ("pending", 0, [])
+    pid = made["proposal_id"]
+    refused("approval.not-approver", lambda: approve(pair, pid, officer("clerk")))
+    # bilal approves, then loses the capability: bilal's approval no longer counts
+    assert approve(pair, pid, officer("bilal"))["approvals"] == 1
+    give_approver(pair.pk, "bilal", on=False)
+    names = OFFICERS[2 : 2 + k - 1]  # chaudhry (and dur)
+    for name in names[:-1]:
+        assert approve(pair, pid, officer(name))["state"] == "pending"
+    last = approve(pair, pid, officer(names[-1]))
+    assert last["state"] == "pending"
+    assert grants(pair.pk) == 0
+    # clerk given the capability now approves and completes it
+    give_approver(pair.pk, "clerk")
+    done = approve(pair, pid, officer("clerk"))
+    assert done["state"] == "executed"
+    assert done["counted"] == sorted(["clerk", *names])
+    assert grants(pair.pk) == 1
+    assert grant_bundles(pair.pk) == 1
+    changes = [
+        (e.actor_name, json.loads(e.canonical)["body"])
+        for e in entries(pair.pk, "approver-changed")
+    ]
+    assert changes[-2:] == [
+        ("root-admin", {"user": "bilal", "approver": False}),
+        ("root-admin", {"user": "clerk", "approver": True}),
+    ]
 
 
 def test_expired_and_rejected_proposals_never_execute(pair: Pair) -> None:
@@ -234,6 +288,10 @@ def test_end_to_end_two_officers_grant_and_tokyo_discloses(pair: Pair, tmp_path:
     case_id, request_id = asked_of_pk(pair, when=now)
     first = _officer_env(pair.pk, "asma")
     second = _officer_env(pair.pk, "bilal")
+    with pair.pk.node.db.transaction() as session:
+        # the approver capability, given by an administrator
+        for name in ("asma", "bilal"):
+            set_approver(session, name, True, now=now, by=ADMIN)
 
     granted = _run(first, "consent", "grant", request_id, "--max-uses", "2")
     assert granted.exit_code == 0, granted.output
@@ -280,3 +338,127 @@ def test_end_to_end_two_officers_grant_and_tokyo_discloses(pair: Pair, tmp_path:
     assert kinds.count("approval-given") == 2
     assert kinds.count("approval-executed") == 1
     assert stored is not None
+
+
+# --- consent-revoke: default 1 (revoking stays fast), a policy may raise it ----------
+
+
+def set_rule(side: Side, action: str, k: int) -> None:
+    path = side.node.settings.policy_dir / "policy.toml"
+    path.write_text(f"{path.read_text()}\n[approvals.{action}]\nk = {k}\n")
+
+
+def revocations(side: Side) -> tuple[int, int]:
+    """(revocations recorded, revocation bundles queued for the peer)."""
+    with side.node.db.transaction() as session:
+        recorded = session.scalar(select(func.count()).select_from(ConsentRevocationRecord))
+        queued = session.scalar(
+            select(func.count())
+            .select_from(OutboxEntry)
+            .where(OutboxEntry.case_type == "consent-revocation")
+        )
+    return int(recorded or 0), int(queued or 0)
+
+
+def revoke(pair: Pair, consent_id: str, by: str = "asma", reason: str = "purpose ended") -> Any:
+    return approvals.revoke_consent(
+        NodeContext(pair.pk.node, pair.pk.keyring), officer(by), consent_id, reason=reason, now=NOW
+    )
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_revocation_happens_exactly_at_the_kth_distinct_officer(pair: Pair, k: int) -> None:
+    add_people(pair.pk, NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    consent_id = propose(pair, request_id)["consent_id"]  # consent-grant k = 1: granted
+    set_rule(pair.pk, "consent-revoke", k)
+    made = revoke(pair, consent_id, by="clerk")  # any officer; no capability needed
+    if k == 1:
+        assert made["state"] == "executed"
+        assert made["consent_id"] == consent_id
+        assert revocations(pair.pk) == (1, 1)
+        assert not entries(pair.pk, "approval-proposed")
+        return
+    assert (made["state"], made["approvals"], made["needed"]) == ("pending", 1, 2)
+    assert made["terms"] == {
+        "consent_id": consent_id,
+        "request_id": request_id,
+        "reason": "purpose ended",
+    }
+    pid = made["proposal_id"]
+    assert revocations(pair.pk) == (0, 0)  # nothing recorded, nothing sent yet
+    refused("approval.already-approved", lambda: approve(pair, pid, officer("clerk")))
+    refused("approval.not-approver", lambda: approve(pair, pid, ADMIN))
+    # a second proposal for the same consent waits too; revoking twice is refused later
+    other = revoke(pair, consent_id, by="bilal", reason="other reason")["proposal_id"]
+    done = approve(pair, pid, officer("asma"))
+    assert done["state"] == "executed"
+    assert done["counted"] == ["asma", "clerk"]
+    assert revocations(pair.pk) == (1, 1)
+    refused("approval.decided", lambda: approve(pair, pid, officer("bilal")))
+    # the other proposal cannot revoke again: the consent is revoked already
+    refused("consent.revoked", lambda: approve(pair, other, officer("chaudhry")))
+    refused("consent.revoked", lambda: revoke(pair, consent_id))
+    assert revocations(pair.pk) == (1, 1)
+    (executed,) = entries(pair.pk, "approval-executed")
+    body = json.loads(executed.canonical)["body"]
+    assert (body["approvers"], body["consent_id"], body["action"]) == (
+        ["asma", "clerk"],
+        consent_id,
+        "consent-revoke",
+    )
+    (revoked,) = entries(pair.pk, "consent-revoked")
+    assert revoked.actor_name == "clerk"  # the proposer is the revoking officer
+
+
+def test_concurrent_revocation_approvals_execute_once(pair: Pair) -> None:
+    add_people(pair.pk, NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    consent_id = propose(pair, request_id)["consent_id"]
+    set_rule(pair.pk, "consent-revoke", 2)
+    pid = revoke(pair, consent_id)["proposal_id"]
+    start = threading.Barrier(3)
+    outcomes: list[Any] = []
+
+    def racer(name: str) -> None:
+        start.wait()
+        try:
+            outcomes.append(approve(pair, pid, officer(name))["state"])
+        except RefusedError as exc:
+            outcomes.append(exc.reason)
+
+    threads = [threading.Thread(target=racer, args=(n,)) for n in ("bilal", "chaudhry", "dur")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert outcomes.count("executed") == 1, outcomes
+    assert all(o in ("executed", "approval.decided", "consent.revoked") for o in outcomes)
+    assert revocations(pair.pk) == (1, 1)
+    assert len(entries(pair.pk, "approval-executed")) == 1
+    assert len(entries(pair.pk, "consent-revoked")) == 1
+
+
+@pytest.mark.parametrize("clock", [None], indirect=True)
+def test_cli_revocation_with_k_2_answers_with_the_proposal(pair: Pair) -> None:
+    now = utc_now()
+    _case_id, request_id = asked_of_pk(pair, when=now)
+    first = _officer_env(pair.pk, "asma")
+    second = _officer_env(pair.pk, "bilal")
+    granted = json.loads(_run(first, "consent", "grant", request_id, "--json").stdout)
+    assert granted["state"] == "executed"
+    set_rule(pair.pk, "consent-revoke", 2)
+    asked = _run(first, "consent", "revoke", granted["consent_id"], "--reason", "ended")
+    assert asked.exit_code == 0, asked.output
+    assert "1 of 2 approvals" in asked.output
+    assert revocations(pair.pk) == (0, 0)
+    (proposal,) = json.loads(_run(second, "approvals", "list", "--json").stdout)
+    assert (proposal["action"], proposal["state"]) == ("consent-revoke", "pending")
+    shown = _run(second, "approvals", "list").output
+    assert f"consent-revoke of consent {granted['consent_id']} (request {request_id}): 'ended'" in (
+        shown
+    )
+    done = _run(second, "approvals", "approve", proposal["proposal_id"])
+    assert done.exit_code == 0, done.output
+    assert "executed" in done.output
+    assert revocations(pair.pk) == (1, 1)

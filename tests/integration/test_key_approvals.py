@@ -4,12 +4,13 @@ With ``[approvals.keys-rotate] k = 2`` on Tokyo, one administrator cannot
 rotate: the host ceremony refuses without a proposal and with one that a
 second administrator has not approved, and nothing reaches the peer; once the
 second administrator approved, the same ceremony rotates, the approvers are in
-the ledger, and the peer takes the new manifest.
+the ledger, and the peer takes the new manifest. Every test runs on SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +71,16 @@ def ledger_kinds(home: Home) -> list[Any]:
 
 
 @pytest.fixture
-def homes(tmp_path: Path, clean_environ: dict[str, str]) -> tuple[Home, Home]:
-    return make_home(tmp_path, "jp"), make_home(tmp_path, "pk")
+def homes(
+    tmp_path: Path,
+    clean_environ: dict[str, str],
+    migrated_database_factory: Callable[[str], str],
+) -> tuple[Home, Home]:
+    """Tokyo and Islamabad homes, each on its own database of the engine under test."""
+    return (
+        make_home(tmp_path, "jp", migrated_database_factory("jp")),
+        make_home(tmp_path, "pk", migrated_database_factory("pk")),
+    )
 
 
 def test_rotation_with_k_2_waits_for_the_second_administrator(

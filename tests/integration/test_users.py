@@ -143,3 +143,71 @@ def test_tokens_are_stored_only_as_hashes(node: tuple[Path, str], database_url: 
         db_file = Path(database_url.removeprefix("sqlite:///"))
         assert secret.encode() not in db_file.read_bytes()
     assert os.environ.get("GATEWAY_TOKEN") is None
+
+
+def _approver_changes(home: Path, admin: str) -> list[dict[str, object]]:
+    """The ``approver-changed`` entries of the ledger: (actor, body), oldest first."""
+    from gateway.node.ledger import read as ledger_read  # noqa: PLC0415
+    from gateway.node.runtime import Node  # noqa: PLC0415
+    from gateway.settings import load_settings  # noqa: PLC0415
+
+    with Node.open(load_settings(home)) as node, node.db.transaction() as session:
+        return [
+            {"actor": e.actor_name, **json.loads(e.canonical)["body"]}
+            for e in ledger_read.list_entries(session, kind="approver-changed")
+        ]
+
+
+def test_approver_capability_is_given_and_taken_by_an_administrator_in_the_ledger(
+    node: tuple[Path, str],
+) -> None:
+    home, admin = node
+    code, out, err = run(
+        "--home", str(home), "users", "add", "asma", "--role", "officer", "--approver", "--json",
+        token=admin,
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["approver"] is True
+    officer = json.loads(out)["token"]
+    code, out, err = run(
+        "--home", str(home), "users", "add", "bilal", "--role", "officer", "--json", token=admin
+    )
+    assert json.loads(out)["approver"] is False  # off by default
+    # only officers hold it
+    code, _out, err = run(
+        "--home", str(home), "users", "add", "sato", "--role", "admin", "--approver", token=admin
+    )
+    assert code == 1
+    assert "only officers hold the approver capability" in err
+    code, _out, err = run("--home", str(home), "users", "approver", "root-admin", "on", token=admin)
+    assert code == 1
+    assert "only officers" in err
+    # an officer may not give it
+    code, _out, err = run("--home", str(home), "users", "approver", "bilal", "on", token=officer)
+    assert code == 1
+    assert "needs the admin role" in err
+
+    code, out, err = run(
+        "--home", str(home), "users", "approver", "bilal", "on", "--json", token=admin
+    )
+    assert code == 0, err
+    assert json.loads(out) == {"name": "bilal", "approver": True, "changed": True}
+    code, out, err = run("--home", str(home), "users", "approver", "asma", "off", token=admin)
+    assert code == 0, err
+    assert "asma no longer holds the approver capability." in out
+    code, out, err = run("--home", str(home), "users", "approver", "asma", "off", token=admin)
+    assert "(unchanged)" in out
+    code, _out, err = run("--home", str(home), "users", "approver", "asma", "maybe", token=admin)
+    assert code != 0
+    assert "'maybe' is not one of 'on', 'off'" in err
+    listed = json.loads(run("--home", str(home), "users", "list", "--json", token=admin)[1])
+    assert {u["name"]: u["approver"] for u in listed} == {
+        "root-admin": False,
+        "asma": False,
+        "bilal": True,
+    }
+    assert _approver_changes(home, admin) == [
+        {"actor": "root-admin", "user": "asma", "approver": True},
+        {"actor": "root-admin", "user": "bilal", "approver": True},
+        {"actor": "root-admin", "user": "asma", "approver": False},
+    ]

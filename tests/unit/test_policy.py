@@ -191,7 +191,7 @@ def test_policy_model_is_immutable() -> None:
         policy.version = "2"  # type: ignore[misc]
 
 
-def test_approvals_default_to_one_person_and_refuse_unenforced_actions() -> None:
+def test_approvals_default_to_one_person_and_refuse_unknown_actions() -> None:
     from gateway.core.policy import Policy  # noqa: PLC0415
     from gateway.node.policy import load_policy_file, shipped_policy_dir  # noqa: PLC0415
 
@@ -204,7 +204,11 @@ def test_approvals_default_to_one_person_and_refuse_unenforced_actions() -> None
     two = Policy.from_data({**base, "approvals": {"consent-grant": {"k": 2, "lifetime_hours": 24}}})
     assert two.approval_rule("consent-grant").k == 2
     assert two.approval_rule("consent-grant").lifetime.total_seconds() == 24 * 3600
-    with pytest.raises(ValueError, match="not enforced by this version"):
-        Policy.from_data({**base, "approvals": {"consent-revoke": {"k": 2}}})
+    # revoking defaults to one officer (it must stay fast) and may be raised
+    assert shipped.approval_rule("consent-revoke").k == 1
+    slower = Policy.from_data({**base, "approvals": {"consent-revoke": {"k": 2}}})
+    assert slower.approval_rule("consent-revoke").k == 2
+    with pytest.raises(ValueError, match="approvals"):
+        Policy.from_data({**base, "approvals": {"consent-burn": {"k": 2}}})
     with pytest.raises(ValueError, match="less than or equal to 9"):
         Policy.from_data({**base, "approvals": {"keys-rotate": {"k": 10}}})

@@ -71,6 +71,7 @@ __all__ = [
     "grant",
     "grant_terms",
     "request_consent",
+    "revocation_terms",
     "revoke",
 ]
 
@@ -402,6 +403,25 @@ def deny(
     return SentConsent(bundle_id=bundle_id, request_id=request_id)
 
 
+def revocation_terms(ctx: NodeContext, consent_id: str, *, reason: str) -> dict[str, str]:
+    """Check that consent ``consent_id`` may be revoked for ``reason``; its terms.
+
+    The terms (``consent_id``, ``request_id``, ``reason``) are what a
+    ``consent-revoke`` proposal under the two-person rule stores. Raises
+    :class:`InvalidInput` for a bad reason, :class:`NotFound` for a consent
+    this node did not grant, :class:`RefusedError` (``consent.revoked``) for
+    one revoked already. Writes nothing.
+    """
+    validate_text(reason, field="reason", max_chars=MAX_REASON)
+    with ctx.node.db.transaction() as session:
+        row = session.get(ConsentGrantRecord, consent_id)
+        if row is None or row.direction != Direction.ISSUED:
+            raise NotFound(f"no consent {consent_id!r} granted by this node")
+        if session.get(ConsentRevocationRecord, consent_id) is not None:
+            raise RefusedError(f"consent {consent_id} is revoked already", reason="consent.revoked")
+        return {"consent_id": consent_id, "request_id": row.request_id, "reason": reason}
+
+
 def revoke(
     ctx: NodeContext,
     actor: Actor,
@@ -409,21 +429,22 @@ def revoke(
     *,
     reason: str,
     now: datetime,
+    in_transaction: Callable[[Session, str], None] | None = None,
 ) -> SentConsent:
-    """Withdraw a consent this node granted; the peer stops using it once it arrives."""
-    node = ctx.node
-    validate_text(reason, field="reason", max_chars=MAX_REASON)
-    with node.db.transaction() as session:
-        row = session.get(ConsentGrantRecord, consent_id)
-        if row is None or row.direction != Direction.ISSUED:
-            raise NotFound(f"no consent {consent_id!r} granted by this node")
-        if session.get(ConsentRevocationRecord, consent_id) is not None:
-            raise RefusedError(f"consent {consent_id} is revoked already", reason="consent.revoked")
-        request_id = row.request_id
+    """Withdraw a consent this node granted; the peer stops using it once it arrives.
+
+    Checked by :func:`revocation_terms`. ``in_transaction(session, bundle_id)``
+    runs first in the transaction that records the revocation and queues it
+    (the approvals service records the deciding approval there, so the
+    revocation is sent exactly when that approval commits).
+    """
+    request_id = revocation_terms(ctx, consent_id, reason=reason)["request_id"]
     case = {"consent_id": consent_id, "reason": reason, "revoking_officer": actor.name}
     validate_case("consent-revocation", case)
 
     def record(session: Session, bundle_id: str) -> None:
+        if in_transaction is not None:
+            in_transaction(session, bundle_id)
         if session.get(ConsentRevocationRecord, consent_id) is not None:
             raise RefusedError(f"consent {consent_id} is revoked already", reason="consent.revoked")
         store_revocation(
