@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session
 from gateway.core.approvals import Approval, ProposalState, decide, terms_hash
 from gateway.core.canonical import canonical_bytes
 from gateway.core.consent import format_time, parse_time, validate_text
-from gateway.core.policy import APPROVER_CAPABILITY, APPROVER_ROLES
+from gateway.core.policy import APPROVER_CAPABILITY, APPROVER_ROLES, ApprovalRule
 from gateway.core.roles import SYSTEM, Actor, Role
 from gateway.errors import InvalidInput, NotFound, RefusedError
 from gateway.node import ledger
@@ -278,36 +278,36 @@ def _propose(
     action: str,
     terms: dict[str, Any],
     actor: Actor,
-    k: int,
-    lifetime_hours: int,
+    rule: ApprovalRule,
     now: datetime,
     approves: bool = True,
-) -> ApprovalProposal:
-    """Store a pending proposal; with ``approves`` the proposer's own approval too."""
+) -> ProposalView:
+    """Store a pending proposal for ``rule``'s k approvals; with ``approves`` the
+    proposer's own approval too. Proposals past their expiry are closed first."""
+    _expire_due(session, now=now)
     digest = terms_hash(terms)
     row = ApprovalProposal(
         proposal_id=str(uuid.uuid4()),
         action=action,
         terms_json=canonical_bytes(terms).decode("utf-8"),
         terms_hash=digest,
-        needed=k,
+        needed=rule.k,
         proposer=actor.name,
         created_at=now,
-        expires_at=now + timedelta(hours=lifetime_hours),
+        expires_at=now + timedelta(hours=rule.lifetime_hours),
         state=ProposalState.PENDING,
     )
     session.add(row)
     session.flush()
     _record(session, "approval-proposed", actor, row, now, expires_at=format_time(row.expires_at))
-    if not approves:
-        return row
-    session.add(
-        ApprovalVote(
-            proposal_id=row.proposal_id, approver=actor.name, terms_hash=digest, approved_at=now
+    if approves:
+        session.add(
+            ApprovalVote(
+                proposal_id=row.proposal_id, approver=actor.name, terms_hash=digest, approved_at=now
+            )
         )
-    )
-    _record(session, "approval-given", actor, row, now, approvals=1)
-    return row
+        _record(session, "approval-given", actor, row, now, approvals=1)
+    return _view(session, row, now=now)
 
 
 def grant_consent(
@@ -353,17 +353,16 @@ def grant_consent(
         now=now,
     )
     with node.db.transaction() as session:
-        row = _propose(
+        view = _propose(
             session,
             action="consent-grant",
             terms=terms.to_dict(),
             actor=actor,
-            k=rule.k,
-            lifetime_hours=rule.lifetime_hours,
+            rule=rule,
             now=now,
             approves=is_approver(session, actor.name),
         )
-        return {**_view(session, row, now=now).to_dict(), "request_id": request_id}
+        return {**view.to_dict(), "request_id": request_id}
 
 
 def revoke_consent(
@@ -392,17 +391,15 @@ def revoke_consent(
     _check_approver(actor, "consent-revoke")
     terms = consent_protocol.revocation_terms(ctx, consent_id, reason=reason)
     with ctx.node.db.transaction() as session:
-        _expire_due(session, now=now)
-        row = _propose(
+        view = _propose(
             session,
             action="consent-revoke",
             terms=terms,
             actor=actor,
-            k=rule.k,
-            lifetime_hours=rule.lifetime_hours,
+            rule=rule,
             now=now,
         )
-        return {**_view(session, row, now=now).to_dict(), "consent_id": consent_id}
+        return {**view.to_dict(), "consent_id": consent_id}
 
 
 def approve(
@@ -608,17 +605,15 @@ def add_user_or_propose(
             )
         _check_approver(actor, "users-add-admin")
         check_new_user(session, name)
-        _expire_due(session, now=now)
-        row = _propose(
+        view = _propose(
             session,
             action="users-add-admin",
             terms={"name": name, "role": Role.ADMIN.value},
             actor=actor,
-            k=rule.k,
-            lifetime_hours=rule.lifetime_hours,
+            rule=rule,
             now=now,
         )
-        return _view(session, row, now=now).to_dict()
+        return view.to_dict()
 
 
 def propose_key_change(
@@ -653,17 +648,15 @@ def propose_key_change(
             f"{action.removeprefix('keys-')}' on the host without a proposal"
         )
     with node.db.transaction() as session:
-        _expire_due(session, now=now)
-        row = _propose(
+        view = _propose(
             session,
             action=action,
             terms=terms,
             actor=actor,
-            k=rule.k,
-            lifetime_hours=rule.lifetime_hours,
+            rule=rule,
             now=now,
         )
-        return _view(session, row, now=now).to_dict()
+        return view.to_dict()
 
 
 def claim_for_ceremony(

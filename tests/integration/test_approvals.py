@@ -111,6 +111,27 @@ def approve(pair: Pair, proposal_id: str, who: Actor, **kw: Any) -> dict[str, An
     )
 
 
+def race_to_approve(pair: Pair, proposal_id: str, names: tuple[str, ...]) -> list[Any]:
+    """Each named officer approves ``proposal_id`` in a thread of its own, all
+    released at once; the answers' states, or the refusals' reasons."""
+    start = threading.Barrier(len(names))
+    outcomes: list[Any] = []
+
+    def racer(name: str) -> None:
+        start.wait()
+        try:
+            outcomes.append(approve(pair, proposal_id, officer(name))["state"])
+        except RefusedError as exc:
+            outcomes.append(exc.reason)
+
+    threads = [threading.Thread(target=racer, args=(n,)) for n in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return outcomes
+
+
 def grants(side: Side) -> int:
     with side.node.db.transaction() as session:
         return int(session.scalar(select(func.count()).select_from(ConsentGrantRecord)) or 0)
@@ -256,21 +277,7 @@ def test_concurrent_approvals_execute_once(pair: Pair) -> None:
     add_people(pair.pk, NOW)
     _case_id, request_id = asked_of_pk(pair)
     pid = propose(pair, request_id)["proposal_id"]
-    start = threading.Barrier(3)
-    outcomes: list[Any] = []
-
-    def racer(name: str) -> None:
-        start.wait()
-        try:
-            outcomes.append(approve(pair, pid, officer(name))["state"])
-        except RefusedError as exc:
-            outcomes.append(exc.reason)
-
-    threads = [threading.Thread(target=racer, args=(n,)) for n in ("bilal", "chaudhry", "dur")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    outcomes = race_to_approve(pair, pid, ("bilal", "chaudhry", "dur"))
     assert outcomes.count("executed") == 1, outcomes
     assert all(o in ("executed", "approval.decided", "consent.decided") for o in outcomes)
     assert grants(pair.pk) == 1
@@ -417,21 +424,7 @@ def test_concurrent_revocation_approvals_execute_once(pair: Pair) -> None:
     consent_id = propose(pair, request_id)["consent_id"]
     set_rule(pair.pk, "consent-revoke", 2)
     pid = revoke(pair, consent_id)["proposal_id"]
-    start = threading.Barrier(3)
-    outcomes: list[Any] = []
-
-    def racer(name: str) -> None:
-        start.wait()
-        try:
-            outcomes.append(approve(pair, pid, officer(name))["state"])
-        except RefusedError as exc:
-            outcomes.append(exc.reason)
-
-    threads = [threading.Thread(target=racer, args=(n,)) for n in ("bilal", "chaudhry", "dur")]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
+    outcomes = race_to_approve(pair, pid, ("bilal", "chaudhry", "dur"))
     assert outcomes.count("executed") == 1, outcomes
     assert all(o in ("executed", "approval.decided", "consent.revoked") for o in outcomes)
     assert revocations(pair.pk) == (1, 1)
