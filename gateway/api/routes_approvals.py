@@ -1,4 +1,4 @@
-"""Local API routes of the two-person rule (issue 18): list, approve, reject proposals.
+"""Local API routes of the two-person rule: list, approve, reject proposals.
 
 The same services as ``gateway approvals ...``. Which proposals a user sees and
 may approve follows the policy (officers: consent; administrators: keys and

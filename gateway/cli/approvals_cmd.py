@@ -1,4 +1,4 @@
-"""``gateway approvals list | approve | reject``: the two-person rule (issue 18).
+"""``gateway approvals list | approve | reject``: the two-person rule.
 
 Thin clients of the running node: each command calls the node's local API
 with the acting user's token. Officers approve consent grants, administrators

@@ -9,7 +9,7 @@ terms are hashed (:func:`terms_hash`: SHA-256 over the canonical JSON, RFC
 8785), and every approval records the hash of the terms its approver saw.
 An approval of other terms does not count: any change starts over.
 
-**The rule** (:func:`decide`, source: issue 18, MOC item 3 "written
+**The rule** (:func:`decide`, source: MOC item 3 "written
 consent"): a proposal executes exactly when, before it expires, ``k``
 distinct approvers approved its terms, each of whom is, at the time of the
 decision, enabled and holds a role allowed to approve that action. The

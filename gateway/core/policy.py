@@ -130,12 +130,12 @@ APPROVER_ROLES: Mapping[str, str] = {
     "users-add-admin": "admin",
 }
 """Who may approve each action: officers decide on consent, administrators on keys
-and users (issue 18). The approver must also be an enabled user of this node."""
+and users (docs/consent.md, "Approvals"). The approver must also be an enabled user of this node."""
 
 APPROVER_CAPABILITY: frozenset[str] = frozenset({"consent-grant"})
 """Actions whose approvers must also hold the approver capability (``users.approver``,
-given by an administrator): issue 18, "k of the users holding an approver capability
-on the officer role". Proposing needs only the role (docs/consent.md)."""
+given by an administrator): k of the officers holding the capability approve a
+consent grant. Proposing needs only the role (docs/consent.md)."""
 
 
 ENFORCED_APPROVALS = (

@@ -1,4 +1,4 @@
-"""Storage of the two-person rule: proposals and their approvals (issue 18).
+"""Storage of the two-person rule: proposals and their approvals.
 
 * ``approval_proposal``: one action waiting for (or done after) its approvals:
   the action, its exact terms (canonical JSON) and their SHA-256, who proposed

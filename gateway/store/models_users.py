@@ -25,4 +25,4 @@ class UserRecord(Base):
     disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     token_issued_at: Mapped[datetime] = mapped_column(UTCDateTime())
     approver: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
-    """An officer who may approve consent grants (issue 18; migration 0019_approver)."""
+    """An officer who may approve consent grants (docs/consent.md; migration 0019_approver)."""

@@ -1,4 +1,4 @@
-"""The two-person rule: proposals and their approvals (issue 18).
+"""The two-person rule: proposals and their approvals.
 
 Revision ID: 0015_approvals
 Revises: 0014_consent_use

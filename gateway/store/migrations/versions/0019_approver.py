@@ -1,5 +1,5 @@
-"""The approver capability of officers (issue 18: consent grants are approved by
-"k of the users holding an approver capability on the officer role").
+"""The approver capability of officers (docs/consent.md, "Approvals": consent grants are approved by
+k officers who hold the approver capability).
 
 ``users.approver`` is false for every existing and new user unless an
 administrator gives it (``gateway users add NAME --role officer --approver``,
