@@ -192,7 +192,7 @@ class ConsentGrant:
     granting_node: str
     key_id: str
     approvers: tuple[str, ...] = ()
-    """Who approved the grant under the two-person rule (issue 18), sorted; empty when
+    """Who approved the grant under the two-person rule (docs/consent.md, "Approvals"), sorted; empty when
     one officer granted alone. Signed as ``approvers`` only when not empty, so a
     document made before the rule existed reads and verifies as it always did."""
 

@@ -335,7 +335,7 @@ def test_every_command_with_every_identity(
                 state = snapshot(made)  # an allowed command may change things
             checked += 1
     assert checked == len(commands) * len(IDENTITIES)
-    # the approver capability is given by administrators alone (issue 18)
+    # the approver capability is given by administrators alone (docs/consent.md)
     assert (("users", "approver"), "users.approver") in {(p, a) for p, _c, a in commands}
 
 
@@ -377,7 +377,7 @@ def test_every_api_route_with_every_identity(table_node: tuple[ApiNode, str]) ->
 
     route_count = asyncio.run(scenario())
     assert route_count >= 5
-    # the approver capability is given by administrators alone (issue 18)
+    # the approver capability is given by administrators alone (docs/consent.md)
     assert ("POST", "/api/v1/users/{name}/approver", "officer") in checked
     assert len(checked) == route_count * len(IDENTITIES)
     assert len(set(checked)) == len(checked)
