@@ -191,10 +191,12 @@ class GroupCommitAppender:
                     deadline = now + min(self._max_linger, self._last_commit_s)
                 if now >= deadline:
                     break
-                try:
-                    more = self._queue.get(timeout=deadline - now)
-                except queue.Empty:
-                    break
+                # A sleep, then a fresh look: a timed ``queue.get`` waits for an
+                # absolute deadline on the monotonic clock, which a clock moved
+                # under the process (a shifted clock in tests) turns into a wait
+                # that never ends; a relative sleep always ends.
+                time.sleep(deadline - now)
+                continue
             if more is _STOP:
                 return batch, True
             assert isinstance(more, _Item)
