@@ -306,7 +306,15 @@ def _publish(
     event: str,
     actor: Actor,
     now: datetime,
+    key_event: str,
+    details: Callable[[KeyManifest], dict[str, Any]],
 ) -> KeyManifest:
+    """Publish the next own manifest and record its key event, in the caller's transaction.
+
+    The ledger's ``key-event`` body is ``{"event": key_event, "manifest_version":
+    <the new version>, **details(manifest)}``, so a manifest is never published
+    without its entry (or the other way round).
+    """
     keys, revocations = _prune(keys, revocations, issued)
     expires = max(k.not_after for k in keys)
     expires = max(expires, issued + MANIFEST_VALIDITY)
@@ -321,46 +329,7 @@ def _publish(
         previous_root_public=previous_root_public,
     )
     raw = sign_manifest(payload, signers)
-    return _store_own(session, raw, event=event, actor=actor, now=now, delivered=False)
-
-
-def _publish_recorded(
-    settings: Settings,
-    session: Session,
-    *,
-    current: KeyManifest,
-    signers: list[nacl.signing.SigningKey],
-    root_public: bytes,
-    previous_root_public: bytes | None,
-    keys: list[ManifestKey],
-    revocations: list[Revocation],
-    issued: datetime,
-    event: str,
-    actor: Actor,
-    now: datetime,
-    key_event: str,
-    details: Callable[[KeyManifest], dict[str, Any]],
-) -> KeyManifest:
-    """Publish the next own manifest (:func:`_publish`) and record its key event.
-
-    The ledger's ``key-event`` body is ``{"event": key_event, "manifest_version":
-    <the new version>, **details(manifest)}``, in the caller's transaction, so a
-    manifest is never published without its entry (or the other way round).
-    """
-    manifest = _publish(
-        settings,
-        session,
-        current=current,
-        signers=signers,
-        root_public=root_public,
-        previous_root_public=previous_root_public,
-        keys=keys,
-        revocations=revocations,
-        issued=issued,
-        event=event,
-        actor=actor,
-        now=now,
-    )
+    manifest = _store_own(session, raw, event=event, actor=actor, now=now, delivered=False)
     record_key_event(
         session,
         actor,
@@ -400,7 +369,7 @@ def rotate_keys(
     held.signing[new[0].key_id] = signing
     held.encryption[new[1].key_id] = box
     keystore.write_operational(ops_path, held, node=settings.node_id, passphrase=passphrase)
-    manifest = _publish_recorded(
+    manifest = _publish(
         settings,
         session,
         current=current,
@@ -498,14 +467,8 @@ def revoke_key(
         event="revoke",
         actor=actor,
         now=now,
-    )
-    record_key_event(
-        session,
-        actor,
-        now,
-        {
-            "event": "key-revoked",
-            "manifest_version": manifest.version,
+        key_event="key-revoked",
+        details=lambda _manifest: {
             "key_id": kid,
             "use": listed[kid].use,
             "reason": revocation.reason,
@@ -643,14 +606,8 @@ def recover_keys(
         event="revoke",
         actor=actor,
         now=now,
-    )
-    record_key_event(
-        session,
-        actor,
-        now,
-        {
-            "event": "keys-recovered",
-            "manifest_version": manifest.version,
+        key_event="keys-recovered",
+        details=lambda _manifest: {
             "revoked": lost,
             "added": [k.key_id for k in new],
             "reason": reason,
@@ -690,7 +647,7 @@ def rotate_root(
         strength=(held.opslimit, held.memlimit),
     )
     start = _second(now)
-    manifest = _publish_recorded(
+    manifest = _publish(
         settings,
         session,
         current=current,
