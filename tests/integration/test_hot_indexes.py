@@ -127,6 +127,9 @@ def test_a_terminated_backend_is_replaced_when_the_next_transaction_starts(
                 text("SELECT count(*) FROM pg_stat_activity WHERE pid = :pid"), {"pid": first_pid}
             ):
                 assert time.monotonic() < deadline, "the backend did not end"
+                # pg_stat_activity is read once per transaction: end it, so the
+                # next look sees the server as it is now, not the first snapshot
+                other.rollback()
                 time.sleep(0.05)
         statements.clear()
         with db.transaction() as session:
