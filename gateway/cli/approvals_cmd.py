@@ -1,4 +1,4 @@
-"""``gateway approvals list | approve | reject``: the two-person rule.
+"""``gateway approvals list | show | propose | approve | reject``: the two-person rule.
 
 Thin clients of the running node: each command calls the node's local API
 with the acting user's token. Officers approve consent grants, administrators
@@ -9,15 +9,17 @@ sent, naming every approver).
 
 from __future__ import annotations
 
+import sys
+import uuid
 from typing import Any
 
 import click
 
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
-from gateway.cli.display import when
+from gateway.cli.display import proposal_text
 
-__all__ = ["approvals_group"]
+__all__ = ["PROPOSAL_ID", "approvals_group"]
 
 
 def _path(*segments: str) -> str:
@@ -27,30 +29,32 @@ def _path(*segments: str) -> str:
 
 
 def describe(proposal: dict[str, Any]) -> str:
-    """One proposal in one or two lines: id, action, state, approvals of needed, terms."""
-    terms = proposal["terms"]
-    what = proposal["action"]
-    if what == "consent-grant":
-        uses = (
-            "unlimited uses" if terms["max_uses"] is None else f"at most {terms['max_uses']} use(s)"
-        )
-        what += (
-            f" for request {terms['request_id']} ({', '.join(terms['items'])}) to "
-            f"{terms['third_party']!r} for {terms['purpose']!r}, until "
-            f"{when(terms['valid_until'])}, {uses}"
-        )
-    elif what == "consent-revoke":
-        what += (
-            f" of consent {terms['consent_id']} (request {terms['request_id']}): "
-            f"{terms['reason']!r}"
-        )
-    approvers = ", ".join(proposal["approvers"]) or "nobody"
-    return (
-        f"{proposal['proposal_id']}  {proposal['state']:<8} "
-        f"{proposal['approvals']} of {proposal['needed']} approvals ({approvers}); "
-        f"proposed by {proposal['proposer']}, expires {when(proposal['expires_at'])}\n"
-        f"  {what}\n  terms sha256 {proposal['terms_sha256']}"
-    )
+    """One proposal as ``approvals list`` prints it (see :func:`proposal_text`)."""
+    return proposal_text(proposal)
+
+
+class _ProposalId(click.ParamType[str, Any]):
+    """A proposal id: a UUID, checked before anything is sent to the node."""
+
+    name = "proposal-id"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text = str(value)
+        try:
+            if len(text) > 64:
+                raise ValueError(text)
+            return str(uuid.UUID(text))
+        except ValueError:
+            self.fail(
+                f"{text[:64]!r} is no proposal id: a proposal id is a UUID, as "
+                "'gateway approvals list' shows it",
+                param,
+                ctx,
+            )
+
+
+PROPOSAL_ID = _ProposalId()
+"""The click type of a proposal id argument or option (also ``keys ... --proposal``)."""
 
 
 @click.group(cls=GatewayGroup, name="approvals")
@@ -75,41 +79,112 @@ def list_command(app: AppContext, state: str | None) -> None:
     listing = app.client("approvals.list").call("GET", path_of("approvals", query={"state": state}))
     app.emit(
         listing,
-        lambda: "\n".join(describe(p) for p in listing) if listing else "no proposals",
+        lambda: "\n\n".join(describe(p) for p in listing) if listing else "no proposals",
     )
 
 
-@approvals_group.command(name="propose")
-@click.argument("action", type=click.Choice(["keys-rotate", "keys-revoke", "keys-rotate-root"]))
-@click.option("--reason", required=True, help="Why the keys should change (in the ledger).")
-@click.option("--key-id", help="The key to revoke (keys-revoke only).")
+def _fetch(app: AppContext, proposal_id: str) -> dict[str, Any]:
+    shown: dict[str, Any] = app.client("approvals.list").call(
+        "GET", _path("approvals", proposal_id)
+    )
+    return shown
+
+
+@approvals_group.command(name="show")
+@click.argument("proposal_id", type=PROPOSAL_ID)
 @pass_app
-def propose_command(app: AppContext, action: str, reason: str, key_id: str | None) -> None:
-    """Propose a key rotation, revocation or root rotation; other administrators approve it."""
+def show_command(app: AppContext, proposal_id: str) -> None:
+    """One proposal in full: its action and every term, the terms hash, who approved."""
+    shown = _fetch(app, proposal_id)
+    app.emit(shown, lambda: proposal_text(shown, full=True))
+
+
+def warned(answer: dict[str, Any]) -> None:
+    """Print a proposal's warning (too few possible approvers) on standard error."""
+    if answer.get("warning"):
+        click.echo(f"warning: {answer['warning']}", err=True)
+
+
+@approvals_group.command(name="propose")
+@click.argument(
+    "action",
+    type=click.Choice(["keys-rotate", "keys-revoke", "keys-rotate-root", "keys-recover"]),
+)
+@click.option(
+    "--reason",
+    required=True,
+    help="Why the keys should change (in the ledger's approval-proposed entry and the "
+    "terms; keys-revoke and keys-recover: the reason the ceremony must give).",
+)
+@click.option("--key-id", help="The key to revoke (keys-revoke only).")
+@click.option(
+    "--compromised-since",
+    metavar="TIME",
+    help="keys-revoke only: when the key may have left your control (ISO 8601, UTC if no "
+    "zone); the ceremony must give the same. Default: the revocation time.",
+)
+@pass_app
+def propose_command(
+    app: AppContext,
+    action: str,
+    reason: str,
+    key_id: str | None,
+    compromised_since: str | None,
+) -> None:
+    """Propose a key rotation, revocation, root rotation or recovery; other
+    administrators approve it, then the host ceremony runs it with --proposal."""
     body = {"action": action, "reason": reason}
     if key_id is not None:
         body["key_id"] = key_id
+    if compromised_since is not None:
+        body["compromised_since"] = compromised_since
     made = app.client("approvals.propose").call("POST", "/api/v1/approvals", body)
+    warned(made)
     app.emit(
         made,
         f"proposal {made['proposal_id']} made: {made['approvals']} of {made['needed']} "
         f"approvals; once approved, run 'gateway keys {action.removeprefix('keys-')} ... "
-        f"--proposal {made['proposal_id']}' on the host",
+        f"--proposal {made['proposal_id']}' on the host with the same options",
     )
 
 
 @approvals_group.command(name="approve")
-@click.argument("proposal_id")
+@click.argument("proposal_id", type=PROPOSAL_ID)
 @click.option(
     "--terms",
     "terms_sha256",
     metavar="SHA256",
-    help="The terms hash you reviewed (from 'approvals list'); refused if they differ.",
+    help="The terms hash you reviewed (from 'approvals show'); refused if they differ. "
+    "Without it the terms are shown and you are asked to confirm.",
+)
+@click.option(
+    "--yes",
+    is_flag=True,
+    help="Do not ask for confirmation: approve the terms as fetched now (for scripts).",
 )
 @pass_app
-def approve_command(app: AppContext, proposal_id: str, terms_sha256: str | None) -> None:
-    """Approve a proposal; the last approval needed makes the action happen."""
-    body = {} if terms_sha256 is None else {"terms_sha256": terms_sha256}
+def approve_command(app: AppContext, proposal_id: str, terms_sha256: str | None, yes: bool) -> None:
+    """Approve a proposal; the last approval needed makes the action happen.
+
+    \b
+    Without --terms the proposal is fetched, its terms and terms hash shown,
+    and you confirm on a terminal (--yes to skip); the approval names that
+    hash, so terms changed in between are refused (approval.terms-changed).
+    """
+    if terms_sha256 is None:
+        shown = _fetch(app, proposal_id)
+        text = proposal_text(shown, full=True)
+        if not yes:
+            if app.as_json or not sys.stdin.isatty():
+                raise click.UsageError(
+                    f"approving proposal {proposal_id} needs you to see its terms: run it on "
+                    f"a terminal, or review them with 'gateway approvals show {proposal_id}' "
+                    "and pass --terms SHA256 (or --yes)"
+                )
+            click.echo(text, err=True)
+            click.confirm(f"Approve proposal {proposal_id} with these terms?", abort=True, err=True)
+        terms_sha256 = str(shown["terms_sha256"])
+    body = {"terms_sha256": terms_sha256}
     done = app.client("approvals.approve").call(
         "POST", _path("approvals", proposal_id, "approve"), body
     )
@@ -137,7 +212,7 @@ def approve_command(app: AppContext, proposal_id: str, terms_sha256: str | None)
 
 
 @approvals_group.command(name="reject")
-@click.argument("proposal_id")
+@click.argument("proposal_id", type=PROPOSAL_ID)
 @click.option("--reason", required=True, help="Why the proposal is rejected (in the ledger).")
 @pass_app
 def reject_command(app: AppContext, proposal_id: str, reason: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["HOST_OPERATION", "USER_COMMAND", "day", "manifest_text", "when"]
+__all__ = ["HOST_OPERATION", "USER_COMMAND", "day", "manifest_text", "proposal_text", "when"]
 
 USER_COMMAND = "Runs through the node's local API; needs your token."
 """The line every user command's help carries (SPEC §8, who runs what)."""
@@ -73,4 +73,69 @@ def manifest_text(data: dict[str, Any], title: str) -> str:
             lines.append(
                 f"  {'':<17} revoked {when(key['revoked_at'])}: {key['revocation_reason']}"
             )
+    return "\n".join(lines)
+
+
+_TERM_LABELS = (
+    # (key, label) in the order an approver reads them; other keys follow by name
+    ("request_id", "request"),
+    ("consent_id", "consent"),
+    ("items", "items"),
+    ("third_party", "recipient"),
+    ("purpose", "purpose"),
+    ("valid_until", "valid until"),
+    ("max_uses", "uses"),
+    ("conditions", "conditions"),
+    ("name", "new admin"),
+    ("role", "role"),
+    ("key_id", "key"),
+    ("reason", "reason"),
+    ("compromised_since", "compromised since"),
+)
+
+
+def _term(key: str, value: Any) -> str:
+    if key == "max_uses":
+        return "unlimited" if value is None else f"at most {value}"
+    if key == "compromised_since":
+        return "the revocation time" if value is None else when(value)
+    if key == "valid_until":
+        return when(value)
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value) or "-"
+    if isinstance(value, str) and key in ("purpose", "conditions", "reason", "third_party"):
+        return repr(value)
+    return "-" if value is None else str(value)
+
+
+def proposal_text(proposal: dict[str, Any], *, full: bool = False) -> str:
+    """A proposal (``gateway approvals list|show``) as an approver reads it: action,
+    state, proposer, every term by name, approvals so far (names) of k, expiry and
+    the terms hash; ``full`` adds the creation time, the terms' nonce and who counts."""
+    terms: dict[str, Any] = dict(proposal["terms"])
+    nonce = terms.pop("nonce", None)
+    keys = [key for key, _label in _TERM_LABELS if key in terms]
+    keys += sorted(k for k in terms if k not in keys)
+    labels = dict(_TERM_LABELS)
+    width = max([len(labels.get(k, k)) for k in keys] + [len("terms sha256")])
+    approvers = ", ".join(proposal["approvers"]) or "nobody"
+    lines = [
+        f"{proposal['proposal_id']}  {proposal['action']}  {proposal['state']}",
+        f"  {'proposed by':<{width}}  {proposal['proposer']}"
+        + (f" at {when(proposal['created_at'])}" if full else ""),
+        f"  {'approvals':<{width}}  {proposal['approvals']} of {proposal['needed']} ({approvers})",
+        f"  {'expires':<{width}}  {when(proposal['expires_at'])}",
+    ]
+    if full and list(proposal["counted"]) != list(proposal["approvers"]):
+        counted = ", ".join(proposal["counted"]) or "nobody"
+        lines.append(f"  {'counting now':<{width}}  {counted}")
+    lines.append("  terms:")
+    lines += [f"    {labels.get(k, k):<{width - 2}}  {_term(k, terms[k])}" for k in keys]
+    if full and nonce is not None:
+        lines.append(f"    {'nonce':<{width - 2}}  {nonce}")
+    lines.append(f"  {'terms sha256':<{width}}  {proposal['terms_sha256']}")
+    if proposal.get("reason") and proposal["state"] != "pending":
+        lines.append(f"  {proposal['state']}: {proposal['reason']}")
+    if proposal.get("warning"):
+        lines.append(f"  warning: {proposal['warning']}")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from gateway.cli.approvals_cmd import PROPOSAL_ID
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
 from gateway.cli.display import manifest_text
@@ -21,6 +22,7 @@ __all__ = ["keys", "manifest_text"]
 _PROPOSAL_OPTION = click.option(
     "--proposal",
     "proposal_id",
+    type=PROPOSAL_ID,
     metavar="ID",
     help="The approved proposal this ceremony executes, when the policy's [approvals] "
     "asks more than one administrator (docs/keys.md, two-person rule).",
@@ -219,10 +221,9 @@ def revoke(
     actor = app.actor("keys.revoke")
     node = app.node()
     since = parse_since(compromised_since, option="--compromised-since")
-    now = utc_now()
     with node.db.transaction() as session:
         preview = own_keys.preview_revocation(
-            node.settings, session, key_id, reason, now=now, compromised_since=since
+            node.settings, session, key_id, reason, now=utc_now(), compromised_since=since
         )
     if not yes:
         if app.as_json or not sys.stdin.isatty():
@@ -233,6 +234,8 @@ def revoke(
         click.echo(_impact_text(preview.to_dict()), err=True)
         click.confirm(f"Revoke key {key_id} for good?", abort=True, err=True)
     passphrase = app.passphrase()
+    # Taken after the prompts: a long look at the impact must not back-date the revocation.
+    now = utc_now()
     with node.db.transaction() as session:
         approvals.claim_for_ceremony(
             session,
@@ -240,7 +243,9 @@ def revoke(
             actor,
             "keys-revoke",
             proposal_id=proposal_id,
-            terms={"key_id": key_id, "reason": reason},
+            terms=approvals.ceremony_terms(
+                "keys-revoke", key_id=key_id, reason=reason, compromised_since=since
+            ),
             now=now,
         )
         change = own_keys.revoke_key(
@@ -269,22 +274,35 @@ def revoke(
 @keys.command("recover")
 @click.option("--reason", required=True, help="What happened to the operational keys.")
 @_ROOT_KEY_OPTION
+@_PROPOSAL_OPTION
 @pass_app
-def recover(app: AppContext, reason: str, root_key: Path | None) -> None:
+def recover(app: AppContext, reason: str, root_key: Path | None, proposal_id: str | None) -> None:
     """Recover from a lost or damaged operational key file, with the root key.
 
     Revokes every operational key of the current manifest and makes fresh
-    ones. Data sealed to the lost encryption keys stays unreadable.
+    ones that speak for this node, so under [approvals.keys-recover] k > 1 it
+    needs an approved proposal (the same --reason). Data sealed to the lost
+    encryption keys stays unreadable.
 
     Host operation: needs the keystore passphrase.
     """
-    from gateway.node import own_keys  # noqa: PLC0415 - host commands only
-    from gateway.node.runtime import next_whole_second  # noqa: PLC0415 - host commands only
+    from gateway.node import approvals, own_keys  # noqa: PLC0415 - host commands only
+    from gateway.node.runtime import next_whole_second, utc_now  # noqa: PLC0415 - host only
 
     actor = app.actor("keys.revoke")
     node = app.node()
     passphrase = app.passphrase()
     with node.db.transaction() as session:
+        # Before any key file is written: without the approvals nothing is made.
+        approvals.claim_for_ceremony(
+            session,
+            node,
+            actor,
+            "keys-recover",
+            proposal_id=proposal_id,
+            terms=approvals.ceremony_terms("keys-recover", reason=reason),
+            now=utc_now(),
+        )
         change = own_keys.recover_keys(
             node.settings,
             session,

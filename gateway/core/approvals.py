@@ -14,8 +14,14 @@ consent"): a proposal executes exactly when, before it expires, ``k``
 distinct approvers approved its terms, each of whom is, at the time of the
 decision, enabled and holds a role allowed to approve that action. The
 proposer's own approval counts once, like any other; a user who was disabled
-since approving no longer counts. ``k = 1`` is today's one-person behaviour:
+since approving no longer counts. A proposal whose proposer was disabled
+since proposing never executes: the action would be done in the name of a
+user the node no longer trusts. ``k = 1`` is today's one-person behaviour:
 the proposer's own approval executes the action at once.
+
+**k is the larger of the proposal's and the policy's.** The shell passes the
+largest of the ``k`` stored with the proposal and the policy's current one,
+so raising ``k`` also holds back proposals that wait.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ ACTIONS: Final = (
     "keys-rotate",
     "keys-revoke",
     "keys-rotate-root",
+    "keys-recover",
     "users-add-admin",
 )
 """Actions the policy's ``[approvals]`` table may put under the rule."""
@@ -108,6 +115,7 @@ def decide(
     approvals: Iterable[Approval],
     expires_at: datetime,
     now: datetime,
+    proposer_enabled: bool,
 ) -> Decision:
     """Does a proposal with terms hash ``terms`` execute at ``now``?
 
@@ -115,7 +123,8 @@ def decide(
     from the same approver twice); only those of enabled, authorised
     approvers, of exactly these terms and given before ``expires_at`` count,
     each approver once. Executes when at least ``k`` count and ``now`` is
-    before ``expires_at``. Raises :class:`InvalidInput` for ``k`` outside
+    before ``expires_at`` and the proposer (``proposer_enabled``) is still
+    an enabled user. Raises :class:`InvalidInput` for ``k`` outside
     1..:data:`MAX_APPROVERS`.
     """
     if isinstance(k, bool) or not 1 <= k <= MAX_APPROVERS:
@@ -129,7 +138,7 @@ def decide(
         }
     )
     return Decision(
-        executes=not expired and len(counted) >= k,
+        executes=not expired and proposer_enabled and len(counted) >= k,
         counted=tuple(counted),
         needed=k,
         expired=expired,

@@ -118,6 +118,7 @@ ApprovalAction = Literal[
     "keys-rotate",
     "keys-revoke",
     "keys-rotate-root",
+    "keys-recover",
     "users-add-admin",
 ]
 
@@ -127,6 +128,7 @@ APPROVER_ROLES: Mapping[str, str] = {
     "keys-rotate": "admin",
     "keys-revoke": "admin",
     "keys-rotate-root": "admin",
+    "keys-recover": "admin",
     "users-add-admin": "admin",
 }
 """Who may approve each action: officers decide on consent, administrators on keys
@@ -144,6 +146,7 @@ ENFORCED_APPROVALS = (
     "keys-rotate",
     "keys-revoke",
     "keys-rotate-root",
+    "keys-recover",
     "users-add-admin",
 )
 """Actions whose k > 1 this version enforces; a policy asking more of another action

@@ -28,9 +28,11 @@ raise it.
 
 from __future__ import annotations
 
+import hmac
 import json
+import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -40,10 +42,10 @@ from sqlalchemy.orm import Session
 from gateway.core.approvals import Approval, ProposalState, decide, terms_hash
 from gateway.core.canonical import canonical_bytes
 from gateway.core.consent import format_time, parse_time, validate_text
-from gateway.core.policy import APPROVER_CAPABILITY, APPROVER_ROLES, ApprovalRule
+from gateway.core.policy import APPROVER_CAPABILITY, APPROVER_ROLES, ApprovalRule, Policy
 from gateway.core.roles import SYSTEM, Actor, Role
 from gateway.errors import InvalidInput, NotFound, RefusedError
-from gateway.node import ledger
+from gateway.node import ledger, own_keys
 from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent.common import node_policy
 from gateway.node.context import NodeContext
@@ -52,24 +54,32 @@ from gateway.node.users import add_user, check_new_user, is_approver
 from gateway.store.models_approvals import ApprovalProposal, ApprovalVote
 from gateway.store.models_users import UserRecord
 
-CEREMONY_ACTIONS = ("keys-rotate", "keys-revoke", "keys-rotate-root")
+CEREMONY_ACTIONS = ("keys-rotate", "keys-revoke", "keys-rotate-root", "keys-recover")
 """Actions a host ceremony executes once their proposal is approved."""
 
 __all__ = [
     "CEREMONY_ACTIONS",
+    "MAX_REASON",
     "ProposalView",
     "add_user_or_propose",
     "approve",
+    "ceremony_terms",
     "claim_for_ceremony",
     "grant_consent",
     "list_proposals",
+    "parse_proposal_id",
     "parse_terms_hash",
     "propose_key_change",
     "reject",
     "revoke_consent",
+    "show_proposal",
 ]
 
-_MAX_REASON = 2000
+MAX_REASON = 2000
+"""Longest reason (characters) of a proposal or a rejection; the API's bound too."""
+_MAX_REASON = MAX_REASON
+_NONCE_BYTES = 16
+"""Random bytes (hex in the terms' ``nonce``) that keep a proposal's terms hash unguessable."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +99,11 @@ class ProposalView:
     counted: tuple[str, ...]
     reason: str | None
     result: dict[str, Any] | None = None
+    warning: str | None = None
+    """At proposal time: fewer users could ever approve it than it needs."""
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {} if self.warning is None else {"warning": self.warning}
         return {
             "proposal_id": self.proposal_id,
             "action": self.action,
@@ -106,10 +119,49 @@ class ProposalView:
             "counted": list(self.counted),
             "reason": self.reason,
             "result": self.result,
+            **extra,
         }
 
 
+def parse_proposal_id(value: object) -> str:
+    """A proposal id from outside (API path, CLI argument): a UUID, as its canonical
+    lower-case text. Raises :class:`InvalidInput` for anything else (bounded: at
+    most 64 characters are looked at)."""
+    if not isinstance(value, str) or len(value) > 64:
+        raise InvalidInput(
+            "a proposal id is a UUID (36 characters, as 'gateway approvals list' shows it)"
+        )
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidInput(
+            f"{value!r} is no proposal id: a proposal id is a UUID, as 'gateway approvals "
+            "list' shows it"
+        ) from None
+
+
+def _needed(policy: Policy, row: ApprovalProposal) -> int:
+    """k of a proposal: the larger of the k stored with it and the policy's now."""
+    return max(row.needed, policy.approval_rule(row.action).k)
+
+
+def _enabled(session: Session, name: str) -> bool:
+    user = session.scalars(select(UserRecord).where(UserRecord.name == name)).first()
+    return user is not None and user.disabled_at is None
+
+
+def _check_proposer(session: Session, row: ApprovalProposal) -> None:
+    """Refuse to go on with a proposal whose proposer was disabled since proposing."""
+    if not _enabled(session, row.proposer):
+        raise RefusedError(
+            f"proposal {row.proposal_id} was made by {row.proposer}, who is disabled now: "
+            "it no longer executes; reject it, and have an enabled user propose it again",
+            reason="approval.proposer-disabled",
+        )
+
+
 def _proposal(session: Session, proposal_id: str, *, lock: bool) -> ApprovalProposal:
+    proposal_id = parse_proposal_id(proposal_id)
     query = select(ApprovalProposal).where(ApprovalProposal.proposal_id == proposal_id)
     if lock:
         query = query.with_for_update()
@@ -156,14 +208,18 @@ def _approvals(session: Session, action: str, votes: list[ApprovalVote]) -> list
     return found
 
 
-def _view(session: Session, row: ApprovalProposal, *, now: datetime) -> ProposalView:
+def _view(
+    session: Session, row: ApprovalProposal, policy: Policy, *, now: datetime
+) -> ProposalView:
     votes = _votes(session, row.proposal_id)
+    needed = _needed(policy, row)
     decision = decide(
-        k=row.needed,
+        k=needed,
         terms=row.terms_hash,
         approvals=_approvals(session, row.action, votes),
         expires_at=row.expires_at,
         now=now,
+        proposer_enabled=_enabled(session, row.proposer),
     )
     result = None if row.result_ref is None else {"ref": row.result_ref}
     return ProposalView(
@@ -175,7 +231,7 @@ def _view(session: Session, row: ApprovalProposal, *, now: datetime) -> Proposal
         created_at=row.created_at,
         expires_at=row.expires_at,
         state=row.state,
-        needed=row.needed,
+        needed=needed,
         approvers=tuple(v.approver for v in votes),
         counted=decision.counted,
         reason=row.reason,
@@ -205,7 +261,30 @@ def _record(
 
 
 def _expire_due(session: Session, *, now: datetime) -> None:
-    """Mark every pending proposal past its expiry expired (ledger: ``approval-expired``)."""
+    """Mark every pending proposal past its expiry expired (ledger: ``approval-expired``),
+    and every pending consent grant whose validity (``valid_until``) has passed: the
+    grant it would sign could never be used (its ``reason`` says so)."""
+    grants = session.scalars(
+        select(ApprovalProposal)
+        .where(
+            ApprovalProposal.state == ProposalState.PENDING,
+            ApprovalProposal.action == "consent-grant",
+            ApprovalProposal.expires_at > now,
+        )
+        .with_for_update()
+    ).all()
+    for row in grants:
+        valid_until = json.loads(row.terms_json).get("valid_until")
+        if valid_until is None or parse_time(valid_until, field="valid_until") > now:
+            continue
+        row.state = ProposalState.EXPIRED
+        row.decided_at = now
+        row.decided_by = SYSTEM.name
+        row.reason = (
+            f"the grant's validity (until {valid_until}) passed before it was approved; "
+            "nothing was sent"
+        )
+        _record(session, "approval-expired", SYSTEM, row, now, valid_until=valid_until)
     due = session.scalars(
         select(ApprovalProposal)
         .where(
@@ -243,6 +322,12 @@ def _check_capability(session: Session, actor: Actor, action: str) -> None:
 
 
 def _check_pending(row: ApprovalProposal) -> None:
+    if row.state == ProposalState.EXPIRED and row.reason:
+        raise RefusedError(
+            f"proposal {row.proposal_id} expired: {row.reason}; propose the grant again "
+            "with a later validity if it is still wanted",
+            reason="approval.expired",
+        )
     if row.state != ProposalState.PENDING:
         hint = (
             "propose it again if it is still wanted"
@@ -269,7 +354,33 @@ def list_proposals(
         if state is not None:
             query = query.where(ApprovalProposal.state == state)
         rows = session.scalars(query.order_by(ApprovalProposal.created_at.desc())).all()
-        return [_view(session, row, now=now) for row in rows]
+        policy = node_policy(node)
+        return [_view(session, row, policy, now=now) for row in rows]
+
+
+def show_proposal(node: Node, actor: Actor, proposal_id: str, *, now: datetime) -> ProposalView:
+    """One proposal of an action ``actor``'s role approves, in full (``gateway approvals
+    show``). Raises :class:`NotFound` for an unknown id or one of an action the role does
+    not approve (the same answer: nobody learns of proposals not theirs to see)."""
+    with node.db.transaction() as session:
+        _expire_due(session, now=now)
+        row = _proposal(session, proposal_id, lock=False)
+        if actor.role is None or APPROVER_ROLES[row.action] != actor.role.value:
+            raise NotFound(
+                f"no proposal {row.proposal_id!r}: 'gateway approvals list' shows the pending ones"
+            )
+        return _view(session, row, node_policy(node), now=now)
+
+
+def _could_approve(session: Session, action: str) -> int:
+    """How many users could ever approve ``action`` now: enabled, of its approving role,
+    holding the approver capability where the action asks it."""
+    query = select(UserRecord).where(
+        UserRecord.role == APPROVER_ROLES[action], UserRecord.disabled_at.is_(None)
+    )
+    if action in APPROVER_CAPABILITY:
+        query = query.where(UserRecord.approver.is_(True))
+    return len(session.scalars(query).all())
 
 
 def _propose(
@@ -279,12 +390,19 @@ def _propose(
     terms: dict[str, Any],
     actor: Actor,
     rule: ApprovalRule,
+    policy: Policy,
     now: datetime,
     approves: bool = True,
 ) -> ProposalView:
     """Store a pending proposal for ``rule``'s k approvals; with ``approves`` the
-    proposer's own approval too. Proposals past their expiry are closed first."""
+    proposer's own approval too. Proposals past their expiry are closed first.
+
+    A random ``nonce`` joins the terms before they are hashed, so the terms hash
+    in the ledger cannot be confirmed by guessing the terms (docs/ledger.md).
+    The answer carries a ``warning`` when fewer users could ever approve the
+    proposal than it needs."""
     _expire_due(session, now=now)
+    terms = {**terms, "nonce": secrets.token_hex(_NONCE_BYTES)}
     digest = terms_hash(terms)
     row = ApprovalProposal(
         proposal_id=str(uuid.uuid4()),
@@ -299,7 +417,10 @@ def _propose(
     )
     session.add(row)
     session.flush()
-    _record(session, "approval-proposed", actor, row, now, expires_at=format_time(row.expires_at))
+    proposed: dict[str, Any] = {"expires_at": format_time(row.expires_at)}
+    if isinstance(terms.get("reason"), str):
+        proposed["reason"] = terms["reason"][:_MAX_REASON]
+    _record(session, "approval-proposed", actor, row, now, **proposed)
     if approves:
         session.add(
             ApprovalVote(
@@ -307,7 +428,19 @@ def _propose(
             )
         )
         _record(session, "approval-given", actor, row, now, approvals=1)
-    return _view(session, row, now=now)
+    view = _view(session, row, policy, now=now)
+    able = _could_approve(session, action)
+    if able < view.needed:
+        view = replace(
+            view,
+            warning=(
+                f"{action} needs {view.needed} approvers but only {able} user(s) could ever "
+                f"approve it (enabled {APPROVER_ROLES[action]}s"
+                + (" holding the approver capability" if action in APPROVER_CAPABILITY else "")
+                + f"): {view.needed - able} more must be added or enabled before it expires"
+            ),
+        )
+    return view
 
 
 def grant_consent(
@@ -359,6 +492,7 @@ def grant_consent(
             terms=terms.to_dict(),
             actor=actor,
             rule=rule,
+            policy=ctx.policy,
             now=now,
             approves=is_approver(session, actor.name),
         )
@@ -397,6 +531,7 @@ def revoke_consent(
             terms=terms,
             actor=actor,
             rule=rule,
+            policy=ctx.policy,
             now=now,
         )
         return {**view.to_dict(), "consent_id": consent_id}
@@ -420,6 +555,8 @@ def approve(
     the same user (``approval.already-approved`` 409).
     """
     node = ctx.node
+    policy = ctx.policy
+    proposal_id = parse_proposal_id(proposal_id)
     with node.db.transaction() as session:
         _expire_due(session, now=now)
     with node.db.transaction() as session:
@@ -427,10 +564,12 @@ def approve(
         _check_pending(row)
         _check_approver(actor, row.action)
         _check_capability(session, actor, row.action)
-        if terms_sha256 is not None and terms_sha256 != row.terms_hash:
+        _check_proposer(session, row)
+        if terms_sha256 is not None and not hmac.compare_digest(terms_sha256, row.terms_hash):
             raise RefusedError(
                 f"proposal {proposal_id} has other terms than the ones you reviewed "
-                f"(terms {row.terms_hash[:12]}...): review it again with 'gateway approvals list'",
+                f"(terms {row.terms_hash[:12]}...): review it again with 'gateway approvals "
+                f"show {proposal_id}'",
                 reason="approval.terms-changed",
             )
         votes = _votes(session, proposal_id)
@@ -451,20 +590,21 @@ def approve(
             *_approvals(session, row.action, [mine]),
         ]
         decision = decide(
-            k=row.needed,
+            k=_needed(policy, row),
             terms=row.terms_hash,
             approvals=approvals,
             expires_at=row.expires_at,
             now=now,
+            proposer_enabled=True,  # checked above, under the lock
         )
         if decision.executes and row.action == "users-add-admin":
-            return _add_admin(session, row, mine, decision.counted, actor, now)
+            return _add_admin(session, row, mine, decision.counted, actor, policy, now)
         if not decision.executes or row.action in CEREMONY_ACTIONS:
             session.add(mine)
             _record(session, "approval-given", actor, row, now, approvals=len(decision.counted))
             session.flush()
             ready = decision.executes and row.action in CEREMONY_ACTIONS
-            return {**_view(session, row, now=now).to_dict(), "ready": ready}
+            return {**_view(session, row, policy, now=now).to_dict(), "ready": ready}
         action, terms = row.action, dict(json.loads(row.terms_json))
         proposer = row.proposer
     # The deciding approval: recorded in the transaction that executes the action.
@@ -476,6 +616,7 @@ def approve(
         consent_id = consent_ids.get("revoked", ref)
         locked = _proposal(session, proposal_id, lock=True)
         _check_pending(locked)
+        _check_proposer(session, locked)
         again = _votes(session, proposal_id)
         if any(v.approver == actor.name for v in again):
             raise RefusedError(
@@ -492,11 +633,12 @@ def approve(
         )
         session.flush()
         final = decide(
-            k=locked.needed,
+            k=_needed(policy, locked),
             terms=locked.terms_hash,
             approvals=_approvals(session, action, _votes(session, proposal_id)),
             expires_at=locked.expires_at,
             now=now,
+            proposer_enabled=True,  # checked above, under the lock
         )
         if final.counted != decision.counted or not final.executes:
             raise RefusedError(
@@ -517,7 +659,7 @@ def approve(
             approvers=list(final.counted),
             consent_id=consent_id,
         )
-        outcome["view"] = _view(session, locked, now=now)
+        outcome["view"] = _view(session, locked, policy, now=now)
 
     if action == "consent-revoke":
         consent_ids["revoked"] = str(terms["consent_id"])
@@ -553,6 +695,7 @@ def _add_admin(
     mine: ApprovalVote,
     counted: tuple[str, ...],
     actor: Actor,
+    policy: Policy,
     now: datetime,
 ) -> dict[str, Any]:
     """The deciding approval of ``users-add-admin``: add the administrator, in this
@@ -568,7 +711,7 @@ def _add_admin(
     row.result_ref = name
     _record(session, "approval-executed", actor, row, now, approvers=list(counted), user=name)
     session.flush()
-    return {**_view(session, row, now=now).to_dict(), "result": made.to_dict()}
+    return {**_view(session, row, policy, now=now).to_dict(), "result": made.to_dict()}
 
 
 def add_user_or_propose(
@@ -585,7 +728,8 @@ def add_user_or_propose(
     capability at once (ledger: ``approver-changed`` with ``actor``), and is
     refused (:class:`InvalidInput`) for another role.
     """
-    rule = node_policy(node).approval_rule("users-add-admin")
+    policy = node_policy(node)
+    rule = policy.approval_rule("users-add-admin")
     with node.db.transaction() as session:
         if role != Role.ADMIN.value or rule.k == 1:
             made = add_user(session, name, role, created_by=actor.name, now=now, approver=approver)
@@ -611,21 +755,67 @@ def add_user_or_propose(
             terms={"name": name, "role": Role.ADMIN.value},
             actor=actor,
             rule=rule,
+            policy=policy,
             now=now,
         )
         return view.to_dict()
 
 
-def propose_key_change(
-    node: Node, actor: Actor, action: str, *, reason: str, key_id: str | None, now: datetime
+def ceremony_terms(
+    action: str,
+    *,
+    reason: str | None = None,
+    key_id: str | None = None,
+    compromised_since: datetime | None = None,
 ) -> dict[str, Any]:
-    """An administrator proposes a key rotation or revocation (two-person rule).
+    """What a key ceremony does, as the terms its proposal carries and its run must match.
 
-    Terms: ``{"reason"}`` for ``keys-rotate``, ``{"key_id", "reason"}`` for
-    ``keys-revoke``; the proposer's approval is recorded. Once k
-    administrators approved, ``gateway keys rotate|revoke ... --proposal ID``
-    on the host executes it. Refused when the policy asks one approver only
-    (nothing to propose) or the terms are malformed.
+    ``keys-revoke``: ``{"key_id", "reason", "compromised_since"}`` (RFC 3339 text
+    to the whole second, or ``None`` for "from the revocation"); ``keys-recover``:
+    ``{"reason"}`` (it is written into the manifest); ``keys-rotate`` and
+    ``keys-rotate-root``: ``{}`` (the proposal's reason is the proposer's
+    explanation; the ceremony takes none). Raises :class:`InvalidInput` for an
+    option the action does not take.
+    """
+    if action == "keys-revoke":
+        if key_id is None or reason is None:
+            raise InvalidInput("keys-revoke: name the key to revoke (key_id) and the reason")
+        since = None if compromised_since is None else compromised_since.replace(microsecond=0)
+        return {
+            "key_id": key_id,
+            "reason": reason,
+            "compromised_since": None if since is None else format_time(since),
+        }
+    if key_id is not None or compromised_since is not None:
+        raise InvalidInput(f"{action} takes no key id and no compromised-since: only keys-revoke")
+    if action == "keys-recover":
+        if reason is None:
+            raise InvalidInput("keys-recover: give the reason written into the manifest")
+        return {"reason": reason}
+    return {}
+
+
+def propose_key_change(
+    node: Node,
+    actor: Actor,
+    action: str,
+    *,
+    reason: str,
+    key_id: str | None,
+    now: datetime,
+    compromised_since: datetime | None = None,
+) -> dict[str, Any]:
+    """An administrator proposes a key ceremony (two-person rule).
+
+    Terms: ``{"reason"}`` and what :func:`ceremony_terms` gives (for
+    ``keys-revoke`` the key, the reason and ``compromised_since``); the
+    proposer's approval is recorded. Once k administrators approved,
+    ``gateway keys rotate|revoke|rotate-root|recover ... --proposal ID`` on
+    the host executes it with exactly these options. Refused when the policy
+    asks one approver only (nothing to propose), the terms are malformed, or
+    (``keys-revoke``) the revocation would be refused now: a key not in the
+    manifest (:class:`NotFound`), revoked already (:class:`AlreadyExists`),
+    the root key, a compromised-since in the future (:class:`InvalidInput`).
     """
     if action not in CEREMONY_ACTIONS:
         raise InvalidInput(
@@ -634,26 +824,37 @@ def propose_key_change(
         )
     _check_approver(actor, action)
     validate_text(reason, field="reason", max_chars=_MAX_REASON)
-    terms: dict[str, Any] = {"reason": reason}
-    if action == "keys-revoke":
-        if key_id is None:
-            raise InvalidInput("keys-revoke: name the key to revoke (key_id)")
-        terms["key_id"] = validate_text(key_id, field="key_id", max_chars=64)
-    elif key_id is not None:
-        raise InvalidInput("keys-rotate takes no key_id")
-    rule = node_policy(node).approval_rule(action)
+    if key_id is not None:
+        validate_text(key_id, field="key_id", max_chars=64)
+    terms: dict[str, Any] = {
+        "reason": reason,
+        **ceremony_terms(action, reason=reason, key_id=key_id, compromised_since=compromised_since),
+    }
+    policy = node_policy(node)
+    rule = policy.approval_rule(action)
     if rule.k == 1:
         raise InvalidInput(
             f"the policy asks one approver for {action}: run 'gateway keys "
             f"{action.removeprefix('keys-')}' on the host without a proposal"
         )
     with node.db.transaction() as session:
+        if action == "keys-revoke" and key_id is not None:
+            # checked as the ceremony will check it, so a doomed proposal is never made
+            own_keys.preview_revocation(
+                node.settings,
+                session,
+                key_id,
+                reason,
+                now=now,
+                compromised_since=compromised_since,
+            )
         view = _propose(
             session,
             action=action,
             terms=terms,
             actor=actor,
             rule=rule,
+            policy=policy,
             now=now,
         )
         return view.to_dict()
@@ -674,14 +875,17 @@ def claim_for_ceremony(
     Runs in the ceremony's own transaction, so the proposal is executed
     exactly when the keys change (and stays pending if the ceremony fails).
     With the policy's k = 1 and no proposal: nothing to check, returns ``()``.
-    Otherwise the proposal must be of ``action``, pending, unexpired, approved
-    by k distinct enabled administrators, and its terms must equal ``terms``
-    (for ``keys-revoke`` the key and the reason; for ``keys-rotate`` only
-    the action). Returns the approvers, recorded in ``approval-executed``.
-    Refused with ``approval.pending`` (409), ``approval.terms-changed``,
-    ``approval.expired`` or ``approval.decided``.
+    Otherwise the proposal must be of ``action``, pending, unexpired, made by
+    a proposer still enabled, approved by k distinct enabled administrators
+    (k: the larger of the proposal's and the policy's now), and its terms must
+    equal ``terms`` (:func:`ceremony_terms` of the ceremony's options: for
+    ``keys-revoke`` the key, the reason and the compromised-since). Returns
+    the approvers, recorded in ``approval-executed``. Refused with
+    ``approval.pending`` (409), ``approval.terms-changed``,
+    ``approval.proposer-disabled``, ``approval.expired`` or ``approval.decided``.
     """
-    rule = node_policy(node).approval_rule(action)
+    policy = node_policy(node)
+    rule = policy.approval_rule(action)
     if proposal_id is None:
         if rule.k == 1:
             return ()
@@ -697,25 +901,29 @@ def claim_for_ceremony(
     if row.action != action:
         raise InvalidInput(f"proposal {proposal_id} is a {row.action}, not a {action}")
     _check_pending(row)
+    _check_proposer(session, row)
     stored = dict(json.loads(row.terms_json))
     compared = {key: stored.get(key) for key in terms}
-    if action == "keys-revoke" and compared != terms:
+    if compared != terms:
+        approved = ", ".join(f"{key} {value!r}" for key, value in compared.items())
+        asked = ", ".join(f"{key} {value!r}" for key, value in terms.items())
         raise RefusedError(
-            f"proposal {proposal_id} approved revoking {stored.get('key_id')} for "
-            f"{stored.get('reason')!r}; this ceremony names other terms: run it with the "
-            "approved key and reason, or propose again",
+            f"proposal {proposal_id} approved {action} with {approved}; this ceremony asks "
+            f"{asked}: run it with the approved options, or propose again; nothing was changed",
             reason="approval.terms-changed",
         )
+    needed = _needed(policy, row)
     decision = decide(
-        k=row.needed,
+        k=needed,
         terms=row.terms_hash,
         approvals=_approvals(session, action, _votes(session, proposal_id)),
         expires_at=row.expires_at,
         now=now,
+        proposer_enabled=True,  # checked above, under the lock
     )
     if not decision.executes:
         raise RefusedError(
-            f"proposal {proposal_id} has {len(decision.counted)} of {row.needed} approvals: "
+            f"proposal {proposal_id} has {len(decision.counted)} of {needed} approvals: "
             "another administrator has to run 'gateway approvals approve "
             f"{proposal_id}' first; nothing was changed",
             reason="approval.pending",
@@ -735,6 +943,7 @@ def reject(
     Any user who may approve the action may reject it, the proposer included.
     """
     validate_text(reason, field="reason", max_chars=_MAX_REASON)
+    proposal_id = parse_proposal_id(proposal_id)
     with node.db.transaction() as session:
         _expire_due(session, now=now)
     with node.db.transaction() as session:
@@ -747,7 +956,7 @@ def reject(
         row.reason = reason
         _record(session, "approval-rejected", actor, row, now, reason=reason)
         session.flush()
-        return _view(session, row, now=now).to_dict()
+        return _view(session, row, node_policy(node), now=now).to_dict()
 
 
 def parse_terms_hash(value: object) -> str | None:

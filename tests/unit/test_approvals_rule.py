@@ -47,7 +47,9 @@ CASES = [
 def test_executes_exactly_with_k_distinct_enabled_authorised_approvals(
     k: int, approvals: list[Approval], executes: bool
 ) -> None:
-    decision = decide(k=k, terms=TERMS, approvals=approvals, expires_at=EXPIRES, now=T0)
+    decision = decide(
+        k=k, terms=TERMS, approvals=approvals, expires_at=EXPIRES, now=T0, proposer_enabled=True
+    )
     assert decision.executes is executes
     assert len(decision.counted) == len(set(decision.counted))
     assert (len(decision.counted) >= k) is executes
@@ -63,11 +65,29 @@ def test_never_after_expiry(k: int) -> None:
         approvals=approvals,
         expires_at=EXPIRES,
         now=EXPIRES - timedelta(seconds=1),
+        proposer_enabled=True,
     )
-    after = decide(k=k, terms=TERMS, approvals=approvals, expires_at=EXPIRES, now=EXPIRES)
+    after = decide(
+        k=k,
+        terms=TERMS,
+        approvals=approvals,
+        expires_at=EXPIRES,
+        now=EXPIRES,
+        proposer_enabled=True,
+    )
     assert before.executes
     assert not after.executes
     assert after.expired
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_proposal_of_a_disabled_proposer_never_executes(k: int) -> None:
+    approvals = [ok(name) for name in ("ana", "bo", "cy")]
+    decision = decide(
+        k=k, terms=TERMS, approvals=approvals, expires_at=EXPIRES, now=T0, proposer_enabled=False
+    )
+    assert not decision.executes
+    assert len(decision.counted) == 3  # the approvals are there; the proposer is not
 
 
 def test_terms_hash_is_canonical_and_sensitive() -> None:
@@ -79,4 +99,4 @@ def test_terms_hash_is_canonical_and_sensitive() -> None:
 @pytest.mark.parametrize("k", [0, 10, True])
 def test_k_out_of_range_is_refused(k: int) -> None:
     with pytest.raises(InvalidInput, match="approvals needed"):
-        decide(k=k, terms=TERMS, approvals=[], expires_at=EXPIRES, now=T0)
+        decide(k=k, terms=TERMS, approvals=[], expires_at=EXPIRES, now=T0, proposer_enabled=True)
