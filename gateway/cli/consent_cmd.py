@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from gateway.cli.approvals_cmd import warned
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
 from gateway.cli.display import when
@@ -76,7 +77,15 @@ def grant_command(
     max_uses: int | None,
     conditions: str,
 ) -> None:
-    """Give the peer written consent for its request; it is signed and sent."""
+    """Give the peer written consent for its request; it is signed and sent.
+
+    \b
+    Under the policy's [approvals.consent-grant] k > 1 (two-person rule) the
+    grant is not sent yet: it becomes a proposal with these exact terms, and
+    is signed and sent when k officers holding the approver capability have
+    approved it. See and approve proposals with 'gateway approvals list',
+    'gateway approvals show ID' and 'gateway approvals approve ID'.
+    """
     from gateway.core.times import DateMeans, parse_user_time  # noqa: PLC0415
 
     body: dict[str, Any] = {"conditions": conditions} if conditions else {}
@@ -90,6 +99,7 @@ def grant_command(
         "POST", _path("consents", "requests", request_id, "grant"), body
     )
     if sent["state"] != "executed":
+        warned(sent)
         app.emit(
             sent,
             f"proposal {sent['proposal_id']} made for request {request_id}: "
@@ -127,6 +137,7 @@ def revoke_command(app: AppContext, consent_id: str, reason: str) -> None:
         "POST", _path("consents", consent_id, "revoke"), {"reason": reason}
     )
     if sent["state"] != "executed":
+        warned(sent)
         app.emit(
             sent,
             f"proposal {sent['proposal_id']} made to revoke consent {consent_id}: "

@@ -63,6 +63,8 @@ def add(app: AppContext, name: str, role: str, approver: bool) -> None:
         body["approver"] = True
     created = app.client("users.add").call("POST", "/api/v1/users", body)
     if created["state"] != "executed":
+        if created.get("warning"):
+            click.echo(f"warning: {created['warning']}", err=True)
         app.emit(
             created,
             f"proposal {created['proposal_id']} made to add administrator {name}: "

@@ -12,15 +12,22 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.error
+import urllib.request
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from sqlalchemy import func, select
 
+from gateway.cli import approvals_cmd
+from gateway.cli.main import cli
+from gateway.core.approvals import terms_hash
 from gateway.core.roles import Actor, Role
-from gateway.errors import ConsentRefused, GatewayError, RefusedError
+from gateway.errors import ConsentRefused, GatewayError, InvalidInput, RefusedError
 from gateway.node import approvals
 from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import queries as consent_queries
@@ -45,6 +52,7 @@ from tests.integration.test_consent import (  # noqa: F401  (fixtures)
     pair,
     send_case_to_peer,
 )
+from tests.node_api import serve_node
 
 OFFICERS = ("asma", "bilal", "chaudhry", "dur")
 """Officers holding the approver capability; ``clerk`` is an officer without it."""
@@ -310,7 +318,7 @@ def test_end_to_end_two_officers_grant_and_tokyo_discloses(pair: Pair, tmp_path:
     with pytest.raises(ConsentRefused, match="no consent"):
         do_disclose(pair.jp, [case_id], tmp_path / "blocked", now=utc_now())
 
-    again = _run(first, "approvals", "approve", proposal["proposal_id"], "--json")
+    again = _run(first, "approvals", "approve", proposal["proposal_id"], "--yes", "--json")
     assert again.exit_code == 1
     assert "approval.already-approved" in again.stdout
 
@@ -387,7 +395,9 @@ def test_revocation_happens_exactly_at_the_kth_distinct_officer(pair: Pair, k: i
         assert not entries(pair.pk, "approval-proposed")
         return
     assert (made["state"], made["approvals"], made["needed"]) == ("pending", 1, 2)
-    assert made["terms"] == {
+    terms = dict(made["terms"])
+    assert len(terms.pop("nonce")) == 32  # hashed with the terms: the ledger's hash is unguessable
+    assert terms == {
         "consent_id": consent_id,
         "request_id": request_id,
         "reason": "purpose ended",
@@ -448,10 +458,268 @@ def test_cli_revocation_with_k_2_answers_with_the_proposal(pair: Pair) -> None:
     (proposal,) = json.loads(_run(second, "approvals", "list", "--json").stdout)
     assert (proposal["action"], proposal["state"]) == ("consent-revoke", "pending")
     shown = _run(second, "approvals", "list").output
-    assert f"consent-revoke of consent {granted['consent_id']} (request {request_id}): 'ended'" in (
-        shown
-    )
-    done = _run(second, "approvals", "approve", proposal["proposal_id"])
+    assert f"{proposal['proposal_id']}  consent-revoke  pending" in shown
+    lines = [" ".join(line.split()) for line in shown.splitlines()]
+    for line in (f"consent {granted['consent_id']}", "reason 'ended'", "approvals 1 of 2 (asma)"):
+        assert line in lines, shown
+    # not on a terminal and no --yes: nobody approves terms they were not shown
+    blind = _run(second, "approvals", "approve", proposal["proposal_id"])
+    assert blind.exit_code == 2
+    assert "needs you to see its terms" in blind.output
+    assert revocations(pair.pk) == (0, 0)
+    done = _run(second, "approvals", "approve", proposal["proposal_id"], "--yes")
     assert done.exit_code == 0, done.output
     assert "executed" in done.output
     assert revocations(pair.pk) == (1, 1)
+
+
+# --- what an approver sees is what they approve; the proposal is checked up front ---------
+
+
+def raise_k(side: Side, action: str, k: int) -> None:
+    """Rewrite the policy's k of ``action`` (the table must be there already)."""
+    path = side.node.settings.policy_dir / "policy.toml"
+    head, _sep, tail = path.read_text().partition(f"[approvals.{action}]\nk = ")
+    rest = tail.split("\n", 1)[1]
+    path.write_text(f"{head}[approvals.{action}]\nk = {k}\n# raised while proposals wait\n{rest}")
+
+
+def test_raising_k_holds_back_a_waiting_proposal(pair: Pair) -> None:
+    set_approvals(pair.pk, 2)
+    add_people(pair.pk, NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    pid = propose(pair, request_id)["proposal_id"]
+    raise_k(pair.pk, "consent-grant", 3)
+    second = approve(pair, pid, officer("bilal"))
+    assert (second["state"], second["approvals"], second["needed"]) == ("pending", 2, 3)
+    assert grants(pair.pk) == 0
+    (listed,) = approvals.list_proposals(pair.pk.node, officer("dur"), now=NOW)
+    assert listed.needed == 3
+    done = approve(pair, pid, officer("chaudhry"))
+    assert done["state"] == "executed"
+    assert done["counted"] == ["asma", "bilal", "chaudhry"]
+    assert grants(pair.pk) == 1
+
+
+def test_proposal_of_a_disabled_proposer_never_executes(pair: Pair) -> None:
+    set_approvals(pair.pk, 2)
+    add_people(pair.pk, NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    # clerk proposes without approving (no capability); two approvers would complete it
+    pid = propose(pair, request_id, by="clerk")["proposal_id"]
+    assert approve(pair, pid, officer("bilal"))["state"] == "pending"
+    with pair.pk.node.db.transaction() as session:
+        disable_user(session, "clerk", now=NOW, by="root-admin")
+    refused("approval.proposer-disabled", lambda: approve(pair, pid, officer("chaudhry")))
+    assert grants(pair.pk) == 0
+    assert grant_bundles(pair.pk) == 0
+    assert not entries(pair.pk, "approval-executed")
+    # the proposer's own approval stops counting too, like any disabled approver's
+    own = propose(pair, request_id, by="asma")["proposal_id"]
+    with pair.pk.node.db.transaction() as session:
+        disable_user(session, "asma", now=NOW, by="root-admin")
+    (view,) = [
+        v
+        for v in approvals.list_proposals(pair.pk.node, officer("dur"), now=NOW)
+        if v.proposal_id == own
+    ]
+    assert view.counted == ()
+    refused("approval.proposer-disabled", lambda: approve(pair, own, officer("dur")))
+    assert grants(pair.pk) == 0
+
+
+@pytest.mark.parametrize(("k", "holders", "short"), [(2, 4, 0), (3, 2, 1), (3, 0, 3)])
+def test_a_proposal_fewer_users_could_approve_than_it_needs_carries_a_warning(
+    pair: Pair, k: int, holders: int, short: int
+) -> None:
+    set_approvals(pair.pk, k)
+    add_people(pair.pk, NOW)
+    for name in OFFICERS[holders:]:
+        give_approver(pair.pk, name, on=False)
+    _case_id, request_id = asked_of_pk(pair)
+    made = propose(pair, request_id, by="clerk")
+    assert made["state"] == "pending"
+    if not short:
+        assert "warning" not in made
+        return
+    assert (
+        f"needs {k} approvers but only {holders} user(s) could ever approve it" in (made["warning"])
+    )
+    assert f"{short} more must be added or enabled" in made["warning"]
+
+
+def test_a_grant_whose_validity_passed_while_waiting_expires_and_sends_nothing(
+    pair: Pair,
+) -> None:
+    set_approvals(pair.pk, 2, hours=72)
+    add_people(pair.pk, NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    made = approvals.grant_consent(
+        NodeContext(pair.pk.node, pair.pk.keyring),
+        officer("asma"),
+        request_id,
+        valid_until=NOW + timedelta(hours=2),
+        max_uses=1,
+        conditions="",
+        now=NOW,
+    )
+    pid = made["proposal_id"]
+    later = NOW + timedelta(hours=3)  # the proposal itself would wait 72 hours
+    with pytest.raises(RefusedError) as caught:
+        approve(pair, pid, officer("bilal"), now=later)
+    assert caught.value.reason == "approval.expired"
+    assert pid in str(caught.value)
+    assert "validity" in str(caught.value)
+    assert "--valid-until" not in str(caught.value)
+    with pair.pk.node.db.transaction() as session:
+        assert session.get(ApprovalProposal, pid).state == "expired"  # type: ignore[union-attr]
+    assert grants(pair.pk) == 0
+    assert grant_bundles(pair.pk) == 0
+    (expired,) = entries(pair.pk, "approval-expired")
+    assert expired.actor_name == "system"
+    assert json.loads(expired.canonical)["body"]["proposal_id"] == pid
+
+
+@pytest.mark.parametrize("bad", ["\x00", "a" * 5000, "not-a-uuid", "1" * 64, ""])
+def test_a_proposal_id_that_is_no_uuid_is_refused_before_any_lookup(pair: Pair, bad: str) -> None:
+    set_approvals(pair.pk, 2)
+    add_people(pair.pk, NOW)
+    ctx = NodeContext(pair.pk.node, pair.pk.keyring)
+    with pytest.raises(InvalidInput, match="UUID"):
+        approvals.approve(ctx, officer("bilal"), bad, terms_sha256=None, now=NOW)
+    with pytest.raises(InvalidInput, match="UUID"):
+        approvals.reject(pair.pk.node, officer("bilal"), bad, reason="no", now=NOW)
+    with pytest.raises(InvalidInput, match="UUID"):
+        approvals.show_proposal(pair.pk.node, officer("bilal"), bad, now=NOW)
+
+
+def _api(url: str, token: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url + path,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.mark.parametrize("clock", [None], indirect=True)
+def test_api_approval_names_the_reviewed_terms_and_ids_are_uuids(pair: Pair) -> None:
+    set_approvals(pair.pk, 2)
+    now = utc_now()
+    _case_id, request_id = asked_of_pk(pair, when=now)
+    first = _officer_env(pair.pk, "asma")
+    second = _officer_env(pair.pk, "bilal")
+    with pair.pk.node.db.transaction() as session:
+        for name in ("asma", "bilal"):
+            set_approver(session, name, True, now=now, by=ADMIN)
+    url = serve_node(pair.pk.node, lambda: pair.pk.keyring).add_tcp()
+    token = second["GATEWAY_TOKEN"]
+    granted = _run(first, "consent", "grant", request_id, "--json")
+    pid = json.loads(granted.stdout)["proposal_id"]
+    for bad in ("%00", "a" * 3000, "not-a-uuid", pid + "0"):
+        for method, path, body in (
+            ("GET", f"/api/v1/approvals/{bad}", None),
+            ("POST", f"/api/v1/approvals/{bad}/approve", {"terms_sha256": "0" * 64}),
+            ("POST", f"/api/v1/approvals/{bad}/reject", {"reason": "no"}),
+        ):
+            status, answer = _api(url, token, method, path, body)
+            assert (status, answer["error"]["reason"]) == (422, "invalid-input"), (bad, answer)
+            assert "UUID" in answer["error"]["message"]
+    status, shown = _api(url, token, "GET", f"/api/v1/approvals/{pid}")
+    assert status == 200
+    terms = dict(shown["terms"])
+    nonce = terms.pop("nonce")
+    # the hash covers the nonce: the terms alone do not give the ledger's hash
+    assert terms_hash({**terms, "nonce": nonce}) == shown["terms_sha256"]
+    assert terms_hash(terms) != shown["terms_sha256"]
+    (proposed,) = entries(pair.pk, "approval-proposed")
+    assert json.loads(proposed.canonical)["body"]["terms_sha256"] == shown["terms_sha256"]
+    # an approval must name the terms it approves
+    status, answer = _api(url, token, "POST", f"/api/v1/approvals/{pid}/approve", {})
+    assert (status, answer["error"]["reason"]) == (422, "invalid-input")
+    assert "terms_sha256" in answer["error"]["message"]
+    status, answer = _api(
+        url, token, "POST", f"/api/v1/approvals/{pid}/approve", {"terms_sha256": "1" * 64}
+    )
+    assert (status, answer["error"]["reason"]) == (409, "approval.terms-changed")
+    assert grant_bundles(pair.pk) == 0
+    status, answer = _api(
+        url, token, "POST", f"/api/v1/approvals/{pid}/reject", {"reason": "x" * 2001}
+    )
+    assert (status, answer["error"]["reason"]) == (422, "invalid-input")
+    status, done = _api(
+        url,
+        token,
+        "POST",
+        f"/api/v1/approvals/{pid}/approve",
+        {"terms_sha256": shown["terms_sha256"]},
+    )
+    assert (status, done["state"]) == (200, "executed")
+    assert grant_bundles(pair.pk) == 1
+
+
+@pytest.mark.parametrize("clock", [None], indirect=True)
+def test_cli_list_and_show_print_every_term_and_approve_asks_on_a_terminal(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    set_approvals(pair.pk, 2)
+    now = utc_now()
+    _case_id, request_id = asked_of_pk(pair, when=now)
+    first = _officer_env(pair.pk, "asma")
+    second = _officer_env(pair.pk, "bilal")
+    with pair.pk.node.db.transaction() as session:
+        for name in ("asma", "bilal"):
+            set_approver(session, name, True, now=now, by=ADMIN)
+    granted = _run(
+        first, "consent", "grant", request_id, "--max-uses", "2", "--conditions", "Only visas."
+    )
+    assert granted.exit_code == 0, granted.output
+    (proposal,) = json.loads(_run(second, "approvals", "list", "--json").stdout)
+    terms = proposal["terms"]
+    listed = _run(second, "approvals", "list").output
+    lines = [" ".join(line.split()) for line in listed.splitlines()]
+    for expected in (
+        f"request {request_id}",
+        f"items {', '.join(terms['items'])}",
+        f"recipient {terms['third_party']!r}",
+        f"purpose {terms['purpose']!r}",
+        "uses at most 2",
+        "conditions 'Only visas.'",
+        "proposed by asma",
+        "approvals 1 of 2 (asma)",
+        f"terms sha256 {proposal['terms_sha256']}",
+    ):
+        assert expected in lines, (expected, listed)
+    assert any(line.startswith("valid until ") for line in lines)
+    assert any(line.startswith("expires ") for line in lines)
+    shown = _run(second, "approvals", "show", proposal["proposal_id"])
+    assert shown.exit_code == 0, shown.output
+    assert f"nonce {terms['nonce']}" in [" ".join(x.split()) for x in shown.output.splitlines()]
+    assert json.loads(
+        _run(second, "approvals", "show", proposal["proposal_id"], "--json").stdout
+    ) == {**proposal}
+    bad = _run(second, "approvals", "show", "no-uuid\x00")
+    assert bad.exit_code == 2
+    assert "is no proposal id" in bad.output
+    # on a terminal: the terms are shown and a "no" approves nothing
+    terminal = SimpleNamespace(stdin=SimpleNamespace(isatty=lambda: True))
+    monkeypatch.setattr(approvals_cmd, "sys", terminal)
+    declined = CliRunner().invoke(
+        cli, ["approvals", "approve", proposal["proposal_id"]], env=second, input="n\n"
+    )
+    assert declined.exit_code == 1
+    assert proposal["terms_sha256"] in declined.stderr
+    assert "Only visas." in declined.stderr
+    assert grant_bundles(pair.pk) == 0
+    agreed = CliRunner().invoke(
+        cli, ["approvals", "approve", proposal["proposal_id"]], env=second, input="y\n"
+    )
+    assert agreed.exit_code == 0, agreed.output
+    assert "executed" in agreed.stdout
+    assert grant_bundles(pair.pk) == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -107,7 +108,7 @@ def test_rotation_with_k_2_waits_for_the_second_administrator(
     pid = made["proposal_id"]
 
     # the proposer approving again does not count; the ceremony still refuses
-    code, again, _err = client(jp, jp.token, "approvals", "approve", pid)
+    code, again, _err = client(jp, jp.token, "approvals", "approve", pid, "--yes")
     assert again["error"]["reason"] == "approval.already-approved"
     code, answer, _err = host(jp, "keys", "rotate", "--proposal", pid)
     assert code == 1
@@ -119,11 +120,11 @@ def test_rotation_with_k_2_waits_for_the_second_administrator(
     # an officer is no approver of key changes
     code, officer, err = client(jp, jp.token, "users", "add", "clerk", "--role", "officer")
     assert code == 0, err
-    code, refused, _err = client(jp, officer["token"], "approvals", "approve", pid)
+    code, refused, _err = client(jp, officer["token"], "approvals", "approve", pid, "--yes")
     assert code == 1
     assert refused["error"]["reason"] == "approval.not-approver"
 
-    code, ready, err = client(jp, second, "approvals", "approve", pid)
+    code, ready, err = client(jp, second, "approvals", "approve", pid, "--yes")
     assert code == 0, err
     assert ready["ready"] is True
     assert ready["counted"] == ["admin", "second"]
@@ -159,12 +160,22 @@ def test_revocation_needs_the_approved_key_and_reason(
     )  # fmt: skip
     assert code == 0, err
     pid = made["proposal_id"]
-    assert client(jp, added["token"], "approvals", "approve", pid)[1]["ready"] is True
+    assert client(jp, added["token"], "approvals", "approve", pid, "--yes")[1]["ready"] is True
     code, answer, _err = host(
         jp, "keys", "revoke", sign_key, "--reason", "other reason", "--yes", "--proposal", pid
     )
     assert code == 1
     assert answer["error"]["reason"] == "approval.terms-changed"
+    assert peer_version_after_delivery(jp, pk) == 1
+    # the compromised-since is part of what was approved: an earlier one would mark
+    # more bundles suspect at the peer
+    code, answer, _err = host(
+        jp, "keys", "revoke", sign_key, "--reason", "laptop stolen", "--yes",
+        "--compromised-since", "2020-01-01T00:00:00Z", "--proposal", pid,
+    )  # fmt: skip
+    assert code == 1
+    assert answer["error"]["reason"] == "approval.terms-changed"
+    assert "compromised_since" in answer["error"]["message"]
     assert peer_version_after_delivery(jp, pk) == 1
     code, revoked, err = host(
         jp, "keys", "revoke", sign_key, "--reason", "laptop stolen", "--yes", "--proposal", pid
@@ -172,6 +183,105 @@ def test_revocation_needs_the_approved_key_and_reason(
     assert code == 0, err
     assert revoked["revoked"] == [sign_key]
     assert peer_version_after_delivery(jp, pk) == 2
+    # a key revoked already, or one that does not exist: refused when proposed
+    code, again, _err = client(
+        jp, jp.token, "approvals", "propose", "keys-revoke", "--reason", "again",
+        "--key-id", sign_key,
+    )  # fmt: skip
+    assert code != 0
+    assert f"key {sign_key} is revoked already" in again["error"]["message"]
+    code, unknown, _err = client(
+        jp, jp.token, "approvals", "propose", "keys-revoke", "--reason", "typo",
+        "--key-id", "0000000000000000",
+    )  # fmt: skip
+    assert code != 0
+    assert "is not in this node's manifest" in unknown["error"]["message"]
+    proposed = [e for e in ledger_kinds(jp) if str(e.kind) == "approval-proposed"]
+    assert len(proposed) == 1  # neither refused proposal was made
+    assert json.loads(proposed[0].canonical)["body"]["reason"] == "laptop stolen"
+
+
+def test_revocation_with_compromised_since_runs_only_with_the_approved_time(
+    homes: tuple[Home, Home], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jp, pk = homes
+    _pin(jp, pk, tmp_path)
+    set_rule(jp, "keys-revoke", 2)
+    _code, added, _err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
+    with Node.open(load_settings(jp.path)) as node, node.db.transaction() as session:
+        sign_key = next(k.key_id for k in own_keys.own_manifest(session).keys if k.use == "sign")
+    since = "2026-01-01T00:00:00Z"
+    code, made, err = client(
+        jp, jp.token, "approvals", "propose", "keys-revoke", "--reason", "laptop stolen",
+        "--key-id", sign_key, "--compromised-since", since,
+    )  # fmt: skip
+    assert code == 0, err
+    pid = made["proposal_id"]
+    assert made["terms"]["compromised_since"] == since
+    code, shown, err = client(jp, added["token"], "approvals", "show", pid)
+    assert code == 0, err
+    assert shown["terms"]["key_id"] == sign_key
+    assert shown["terms_sha256"] == made["terms_sha256"]
+    assert client(jp, added["token"], "approvals", "approve", pid, "--yes")[1]["ready"] is True
+    # without the approved --compromised-since: refused, nothing changes
+    code, answer, _err = host(
+        jp, "keys", "revoke", sign_key, "--reason", "laptop stolen", "--yes", "--proposal", pid
+    )
+    assert answer["error"]["reason"] == "approval.terms-changed"
+    assert own_state(jp) == (1, 0)
+    # on a terminal: the proposal is claimed after the question was answered, never before
+    answered: list[Any] = []
+
+    def confirm(*_args: Any, **_kw: Any) -> bool:
+        answered.append(utc_now())
+        return True
+
+    monkeypatch.setattr("gateway.cli.keys_cmd.sys", SimpleNamespace(stdin=_Terminal()))
+    monkeypatch.setattr("gateway.cli.keys_cmd.click.confirm", confirm)
+    code, out, err = jp.run(
+        "keys", "revoke", sign_key, "--reason", "laptop stolen",
+        "--compromised-since", since, "--proposal", pid,
+    )  # fmt: skip
+    assert code == 0, err
+    assert f"Revoked key {sign_key}." in out
+    (executed,) = [e for e in ledger_kinds(jp) if str(e.kind) == "approval-executed"]
+    assert executed.time >= answered[0]
+
+
+class _Terminal:
+    @staticmethod
+    def isatty() -> bool:
+        return True
+
+
+def test_recovery_is_a_key_change_under_the_rule(homes: tuple[Home, Home], tmp_path: Path) -> None:
+    jp, pk = homes
+    _pin(jp, pk, tmp_path)
+    set_rule(jp, "keys-recover", 2)
+    _code, added, _err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
+    code, answer, _err = host(jp, "keys", "recover", "--reason", "disk lost")
+    assert code == 1
+    assert answer["error"]["reason"] == "approval.pending"
+    assert "gateway approvals propose keys-recover" in answer["error"]["message"]
+    assert own_state(jp) == (1, 0)
+    code, made, err = client(
+        jp, jp.token, "approvals", "propose", "keys-recover", "--reason", "disk lost"
+    )
+    assert code == 0, err
+    pid = made["proposal_id"]
+    code, answer, _err = host(jp, "keys", "recover", "--reason", "disk lost", "--proposal", pid)
+    assert answer["error"]["reason"] == "approval.pending"
+    assert client(jp, added["token"], "approvals", "approve", pid, "--yes")[1]["ready"] is True
+    code, answer, _err = host(jp, "keys", "recover", "--reason", "other", "--proposal", pid)
+    assert answer["error"]["reason"] == "approval.terms-changed"
+    assert own_state(jp) == (1, 0)
+    (jp.path / "keys" / "operational.key").unlink()  # the loss the approvals were for
+    code, recovered, err = host(jp, "keys", "recover", "--reason", "disk lost", "--proposal", pid)
+    assert code == 0, err
+    assert recovered["added"]
+    assert peer_version_after_delivery(jp, pk) == 2
+    (executed,) = [e for e in ledger_kinds(jp) if str(e.kind) == "approval-executed"]
+    assert json.loads(executed.canonical)["body"]["approvers"] == ["admin", "second"]
 
 
 def test_root_rotation_with_k_2_writes_nothing_until_approved(
@@ -191,7 +301,7 @@ def test_root_rotation_with_k_2_writes_nothing_until_approved(
     assert answer["error"]["reason"] == "approval.pending"
     assert sorted(p.name for p in (jp.path / "keys").glob("root-*.key")) == roots_before
     assert own_state(jp) == (1, 0)
-    assert client(jp, added["token"], "approvals", "approve", pid)[1]["ready"] is True
+    assert client(jp, added["token"], "approvals", "approve", pid, "--yes")[1]["ready"] is True
     code, rooted, err = host(jp, "keys", "rotate-root", "--proposal", pid)
     assert code == 0, err
     assert rooted["version"] == 2
@@ -217,7 +327,9 @@ def test_adding_an_administrator_with_k_2_waits_and_the_deciding_approver_gets_t
     assert "token" not in made
     listed = client(jp, jp.token, "users", "list")[1]
     assert "third" not in {u["name"] for u in listed}
-    code, done, err = client(jp, added["token"], "approvals", "approve", made["proposal_id"])
+    code, done, err = client(
+        jp, added["token"], "approvals", "approve", made["proposal_id"], "--yes"
+    )
     assert code == 0, err
     assert done["state"] == "executed"
     token = done["result"]["token"]
