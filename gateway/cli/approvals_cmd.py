@@ -95,7 +95,7 @@ def _fetch(app: AppContext, proposal_id: str) -> dict[str, Any]:
 @pass_app
 def show_command(app: AppContext, proposal_id: str) -> None:
     """One proposal in full: its action and every term, the terms hash, who approved."""
-    shown = _fetch(app, proposal_id)
+    shown = app.client("approvals.list").call("GET", _path("approvals", proposal_id))
     app.emit(shown, lambda: proposal_text(shown, full=True))
 
 
@@ -131,8 +131,10 @@ def propose_command(
     key_id: str | None,
     compromised_since: str | None,
 ) -> None:
-    """Propose a key rotation, revocation, root rotation or recovery; other
-    administrators approve it, then the host ceremony runs it with --proposal."""
+    """Propose a key rotation, revocation, root rotation or recovery for approval.
+
+    Other administrators approve it; once approved, the host ceremony runs it with --proposal ID and the same options.
+    """
     body = {"action": action, "reason": reason}
     if key_id is not None:
         body["key_id"] = key_id

@@ -43,13 +43,17 @@ COMMANDS: dict[str, LazyCommand | LazySubgroup] = {
             "propose": _entry(
                 "approvals_cmd",
                 "propose_command",
-                "Propose a key rotation, revocation or root rotation; other administrators "
-                "approve it.",
+                "Propose a key rotation, revocation, root rotation or recovery for approval.",
             ),
             "reject": _entry(
                 "approvals_cmd",
                 "reject_command",
                 "Reject a proposal for good; a new proposal is needed to try again.",
+            ),
+            "show": _entry(
+                "approvals_cmd",
+                "show_command",
+                "One proposal in full: its action and every term, the terms hash, who approved.",
             ),
         },
     ),

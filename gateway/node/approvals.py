@@ -77,7 +77,6 @@ __all__ = [
 
 MAX_REASON = 2000
 """Longest reason (characters) of a proposal or a rejection; the API's bound too."""
-_MAX_REASON = MAX_REASON
 _NONCE_BYTES = 16
 """Random bytes (hex in the terms' ``nonce``) that keep a proposal's terms hash unguessable."""
 
@@ -360,15 +359,13 @@ def list_proposals(
 
 def show_proposal(node: Node, actor: Actor, proposal_id: str, *, now: datetime) -> ProposalView:
     """One proposal of an action ``actor``'s role approves, in full (``gateway approvals
-    show``). Raises :class:`NotFound` for an unknown id or one of an action the role does
-    not approve (the same answer: nobody learns of proposals not theirs to see)."""
+    show``). Raises :class:`InvalidInput` for an id that is no UUID, :class:`NotFound`
+    for an unknown one, ``approval.not-approver`` (403) for a proposal of an action
+    the role does not approve (its terms are not shown)."""
     with node.db.transaction() as session:
         _expire_due(session, now=now)
         row = _proposal(session, proposal_id, lock=False)
-        if actor.role is None or APPROVER_ROLES[row.action] != actor.role.value:
-            raise NotFound(
-                f"no proposal {row.proposal_id!r}: 'gateway approvals list' shows the pending ones"
-            )
+        _check_approver(actor, row.action)
         return _view(session, row, node_policy(node), now=now)
 
 
@@ -419,7 +416,7 @@ def _propose(
     session.flush()
     proposed: dict[str, Any] = {"expires_at": format_time(row.expires_at)}
     if isinstance(terms.get("reason"), str):
-        proposed["reason"] = terms["reason"][:_MAX_REASON]
+        proposed["reason"] = terms["reason"][:MAX_REASON]
     _record(session, "approval-proposed", actor, row, now, **proposed)
     if approves:
         session.add(
@@ -823,7 +820,7 @@ def propose_key_change(
             "proposed by 'gateway consent grant'"
         )
     _check_approver(actor, action)
-    validate_text(reason, field="reason", max_chars=_MAX_REASON)
+    validate_text(reason, field="reason", max_chars=MAX_REASON)
     if key_id is not None:
         validate_text(key_id, field="key_id", max_chars=64)
     terms: dict[str, Any] = {
@@ -942,7 +939,7 @@ def reject(
 
     Any user who may approve the action may reject it, the proposer included.
     """
-    validate_text(reason, field="reason", max_chars=_MAX_REASON)
+    validate_text(reason, field="reason", max_chars=MAX_REASON)
     proposal_id = parse_proposal_id(proposal_id)
     with node.db.transaction() as session:
         _expire_due(session, now=now)

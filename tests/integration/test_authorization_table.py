@@ -155,6 +155,8 @@ def placeholder_value(param: click.Parameter, scratch: Path, text_value: str) ->
         return "1"
     if isinstance(kind, click.DateTime):
         return "2030-01-01"
+    if kind.name == "proposal-id":  # parsed as a UUID before anything is sent
+        return "00000000-0000-4000-8000-000000000000"
     return text_value
 
 
