@@ -723,3 +723,14 @@ def test_cli_list_and_show_print_every_term_and_approve_asks_on_a_terminal(
     assert agreed.exit_code == 0, agreed.output
     assert "executed" in agreed.stdout
     assert grant_bundles(pair.pk) == 1
+
+
+def test_help_says_a_grant_under_the_rule_becomes_a_proposal_and_where_the_reason_goes() -> None:
+    grant = CliRunner().invoke(cli, ["consent", "grant", "--help"])
+    assert grant.exit_code == 0
+    text = " ".join(grant.output.split())
+    assert "k > 1" in text
+    assert "becomes a proposal" in text
+    assert "gateway approvals list" in text
+    propose = CliRunner().invoke(cli, ["approvals", "propose", "--help"])
+    assert "approval-proposed entry" in " ".join(propose.output.split())
