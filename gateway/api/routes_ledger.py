@@ -118,6 +118,9 @@ async def ledger_verify(call: Call) -> web.StreamResponse:
             lambda session: verify_ledger_with_keys(session, node_id=node_id, progress=progress)
         )
     )
+    # A client gone mid-walk ends this handler; the walk still ends on its thread,
+    # and its outcome is taken here so that it is not reported as never retrieved.
+    walk.add_done_callback(lambda done: done.cancelled() or done.exception())
     while not walk.done():
         waiting = asyncio.ensure_future(passed.get())
         await asyncio.wait({walk, waiting}, return_when=asyncio.FIRST_COMPLETED)
@@ -126,6 +129,9 @@ async def ledger_verify(call: Call) -> web.StreamResponse:
             await response.write(_line({"progress": {"entries": entries, "total": total}}))
         else:
             waiting.cancel()
+    while not passed.empty():  # counts handed over just before the walk ended
+        entries = passed.get_nowait()
+        await response.write(_line({"progress": {"entries": entries, "total": total}}))
     try:
         report = walk.result()
         report.raise_for_problem()
