@@ -125,7 +125,7 @@ def _verify_streamed(app: AppContext, *, show_bar: bool) -> dict[str, Any]:
         with transfer_progress(
             "verify",
             total if isinstance(total, int) else None,
-            enabled=show_bar,
+            enabled=show_bar and progress is not None,
             unit="entries",
             minimum=_MIN_ENTRIES_FOR_BAR,
         ) as advance:
@@ -141,6 +141,8 @@ def _verify_streamed(app: AppContext, *, show_bar: bool) -> dict[str, Any]:
                     continue
                 if isinstance(item.get("result"), dict):
                     return dict(item["result"])
+                if "intact" in item:  # a node that answers plain JSON whatever was asked
+                    return item
                 error = item.get("error")
                 if isinstance(error, dict):
                     status = error.get("status")
