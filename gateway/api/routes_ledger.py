@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import tempfile
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 from aiohttp import web
 
 from gateway.api.routes_common import ApiRoute, Call, json_response
 from gateway.core.accounting import account_csv
-from gateway.errors import InvalidInput
+from gateway.core.jsonable import to_jsonable
+from gateway.errors import GatewayError, InvalidInput, VerificationError, http_status_for
+from gateway.log import get_logger
 from gateway.node import accounting
 from gateway.node.ledger import export as export_service
+from gateway.node.ledger import ledger_size
 from gateway.node.ledger import read as ledger_read
 from gateway.node.ledger import witness as ledger_witness
 from gateway.node.own_keys import verify_ledger_with_keys
@@ -28,6 +32,8 @@ DEFAULT_LIST_LIMIT = 1000
 _EXPORT_CHUNK = 64 * 1024
 _SPOOL_IN_MEMORY = 4 * 1024 * 1024
 _EXPORT_TYPES = {"csv": "text/csv", "jsonl": "application/x-ndjson"}
+_NDJSON = "application/x-ndjson"
+_log = get_logger("api")
 
 
 def _limit(text: str | None) -> int:
@@ -51,12 +57,91 @@ async def ledger_list(call: Call) -> web.StreamResponse:
     return json_response([entry.to_dict() for entry in entries])
 
 
+def _wants_lines(request: web.Request) -> bool:
+    """Whether the request's ``Accept`` names NDJSON (a streamed answer) among its types."""
+    accept = request.headers.get("Accept", "")
+    return any(part.split(";")[0].strip().lower() == _NDJSON for part in accept.split(","))
+
+
+def _line(item: dict[str, Any]) -> bytes:
+    return json.dumps(to_jsonable(item), sort_keys=True, separators=(",", ":")).encode() + b"\n"
+
+
+def _error_line(exc: BaseException) -> dict[str, Any]:
+    """The ``{"error": ...}`` line of a streamed answer: what the plain answer's body holds.
+
+    ``status`` is the HTTP status the plain answer would have had (the stream's
+    own status, 200, was sent before the outcome was known).
+    """
+    if not isinstance(exc, GatewayError):
+        _log.error("api_internal_error", error_type=type(exc).__name__)
+        return {"error": {"reason": "internal", "message": "internal error", "status": 500}}
+    error: dict[str, Any] = {
+        "reason": exc.reason,
+        "message": exc.diagnostics(),
+        "status": http_status_for(exc),
+    }
+    if isinstance(exc, VerificationError):
+        error["check"] = exc.check
+    return {"error": error}
+
+
 async def ledger_verify(call: Call) -> web.StreamResponse:
-    report = await call.in_transaction(
-        lambda session: verify_ledger_with_keys(session, node_id=call.node.node_id)
+    """The whole ledger checked: one JSON answer, or NDJSON progress lines then the outcome.
+
+    With ``Accept: application/x-ndjson`` the answer is streamed: a first line
+    ``{"progress": {"entries": 0, "total": N}}``, one such line as the walk
+    passes each 100,000 entries, and a last line ``{"result": report}`` or
+    ``{"error": {"reason", "message", "check"?, "status"}}`` (the first bad
+    entry named as in the plain answer's 422). Otherwise one JSON answer.
+    """
+    node_id = call.node.node_id
+    if not _wants_lines(call.request):
+        report = await call.in_transaction(
+            lambda session: verify_ledger_with_keys(session, node_id=node_id)
+        )
+        report.raise_for_problem()
+        return json_response(report.to_dict())
+    total = await call.in_transaction(ledger_size)
+    loop = asyncio.get_running_loop()
+    passed: asyncio.Queue[int] = asyncio.Queue()
+
+    def progress(entries: int) -> None:
+        # Called on the worker thread of the walk: hand the count to the loop.
+        loop.call_soon_threadsafe(passed.put_nowait, entries)
+
+    response = web.StreamResponse(headers={"Content-Type": f"{_NDJSON}; charset=utf-8"})
+    await response.prepare(call.request)
+    await response.write(_line({"progress": {"entries": 0, "total": total}}))
+    walk = asyncio.ensure_future(
+        call.in_transaction(
+            lambda session: verify_ledger_with_keys(session, node_id=node_id, progress=progress)
+        )
     )
-    report.raise_for_problem()
-    return json_response(report.to_dict())
+    # A client gone mid-walk ends this handler; the walk still ends on its thread,
+    # and its outcome is taken here so that it is not reported as never retrieved.
+    walk.add_done_callback(lambda done: done.cancelled() or done.exception())
+    while not walk.done():
+        waiting = asyncio.ensure_future(passed.get())
+        await asyncio.wait({walk, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if waiting.done():
+            entries = waiting.result()
+            await response.write(_line({"progress": {"entries": entries, "total": total}}))
+        else:
+            waiting.cancel()
+    while not passed.empty():  # counts handed over just before the walk ended
+        entries = passed.get_nowait()
+        await response.write(_line({"progress": {"entries": entries, "total": total}}))
+    try:
+        report = walk.result()
+        report.raise_for_problem()
+    except Exception as exc:  # noqa: BLE001 - the outcome goes into the stream, as its last line
+        last = _error_line(exc)
+    else:
+        last = {"result": report.to_dict()}
+    await response.write(_line(last))
+    await response.write_eof()
+    return response
 
 
 async def ledger_export(call: Call) -> web.StreamResponse:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,13 +22,15 @@ import click
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
 from gateway.cli.display import when
-from gateway.errors import AlreadyExists, InvalidInput, StorageError
+from gateway.errors import AlreadyExists, InvalidInput, StorageError, TransportError
 
 __all__ = ["ledger_group"]
 
 MAX_LIST_LIMIT = 100_000
 """Most entries one ``ledger list`` asks for (the node's own bound)."""
 _CHUNK = 64 * 1024
+_MIN_ENTRIES_FOR_BAR = 100_000
+"""Ledgers smaller than this show no bar: their walk ends before one would help."""
 
 
 def _line(entry: dict[str, Any]) -> str:
@@ -93,12 +96,64 @@ def verify(app: AppContext) -> None:
 
     Runs through the node's local API; needs your token.
     """
-    report = app.client("ledger.verify").call("POST", "/api/v1/ledger/verify", {})
+    report = _verify_streamed(app, show_bar=not app.as_json and sys.stdout.isatty())
     app.emit(
         report,
         f"ledger intact: {report['entries']} entries, root {report['root']}, "
         f"{report['checkpoints']} checkpoint(s), {report['witnessed']} witnessed peer checkpoint(s)"
         + "".join(f"\nnote: {note}" for note in report["notes"]),
+    )
+
+
+def _verify_streamed(app: AppContext, *, show_bar: bool) -> dict[str, Any]:
+    """Ask for the streamed verify answer: a bar from its progress lines, then its outcome.
+
+    The last line is the report, or the error the plain answer would have
+    been (a failed check raises :class:`VerificationError`, exit 4, naming the
+    first bad entry). A stream that ends without either raises
+    :class:`TransportError`.
+    """
+    from gateway.client.progress import transfer_progress  # noqa: PLC0415
+    from gateway.client.transport import error_from_answer  # noqa: PLC0415
+
+    client = app.client("ledger.verify")
+    with client.lines("POST", "/api/v1/ledger/verify", {}) as lines:
+        first = next(lines, None)
+        progress = first.get("progress") if isinstance(first, dict) else None
+        total = progress.get("total") if isinstance(progress, dict) else None
+        items = lines if progress is not None else iter([first])
+        with transfer_progress(
+            "verify",
+            total if isinstance(total, int) else None,
+            enabled=show_bar and progress is not None,
+            unit="entries",
+            minimum=_MIN_ENTRIES_FOR_BAR,
+        ) as advance:
+            done = 0
+            for item in items:
+                if not isinstance(item, dict):
+                    break
+                step = item.get("progress")
+                if isinstance(step, dict) and isinstance(step.get("entries"), int):
+                    if advance is not None and step["entries"] > done:
+                        advance(step["entries"] - done)
+                        done = step["entries"]
+                    continue
+                if isinstance(item.get("result"), dict):
+                    return dict(item["result"])
+                if "intact" in item:  # a node that answers plain JSON whatever was asked
+                    return item
+                error = item.get("error")
+                if isinstance(error, dict):
+                    status = error.get("status")
+                    raise error_from_answer(
+                        status if isinstance(status, int) else 500,
+                        json.dumps({"error": error}).encode("utf-8"),
+                    )
+                break
+    raise TransportError(
+        "the node's verify answer ended without a result; try again, or see the node's log",
+        reason="client.answer",
     )
 
 

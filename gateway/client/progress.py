@@ -14,14 +14,20 @@ MIN_BYTES_FOR_BAR = 8 * 1024 * 1024
 
 @contextmanager
 def transfer_progress(
-    description: str, total: int | None, *, enabled: bool
+    description: str,
+    total: int | None,
+    *,
+    enabled: bool,
+    unit: str = "B",
+    minimum: int = MIN_BYTES_FOR_BAR,
 ) -> Iterator[Callable[[int], None] | None]:
-    """Yield a callback taking byte counts, drawing a bar on stderr, or ``None``.
+    """Yield a callback taking counts done since the last call, drawing a bar on stderr, or ``None``.
 
     The bar is shown only when ``enabled`` (not --json), stderr is a terminal,
-    and ``total`` is unknown or at least :data:`MIN_BYTES_FOR_BAR`.
+    and ``total`` is unknown or at least ``minimum``. ``unit`` is ``"B"`` for
+    bytes (scaled by 1024) or a word for things counted (``"entries"``).
     """
-    if not enabled or not sys.stderr.isatty() or (total is not None and total < MIN_BYTES_FOR_BAR):
+    if not enabled or not sys.stderr.isatty() or (total is not None and total < minimum):
         yield None
         return
     from tqdm import tqdm  # noqa: PLC0415 - only a long transfer on a terminal needs it
@@ -29,9 +35,9 @@ def transfer_progress(
     with tqdm(
         total=total,
         desc=description,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
+        unit=unit,
+        unit_scale=unit == "B",
+        unit_divisor=1024 if unit == "B" else 1000,
         file=sys.stderr,
         leave=False,
     ) as bar:

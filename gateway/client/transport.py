@@ -344,6 +344,21 @@ class ApiClient:
         except (UnicodeDecodeError, ValueError):
             raise TransportError("the node's answer is not JSON", reason="client.answer") from None
 
+    @contextmanager
+    def lines(
+        self, method: str, path: str, payload: Mapping[str, Any] | None = None
+    ) -> Iterator[Iterator[Any]]:
+        """Ask for an NDJSON answer and yield an iterator over its lines, each parsed.
+
+        Each line is bounded to :data:`MAX_ANSWER_BYTES`; a longer line, one
+        that is not JSON, or a stream cut off raises :class:`TransportError`.
+        Errors before the stream starts are raised as by :meth:`call`.
+        """
+        body = json.dumps(payload).encode("utf-8") if payload is not None else b""
+        headers = {"Accept": "application/x-ndjson", "Content-Type": "application/json"}
+        with self.open(method, path, body=body, headers=headers) as answer:
+            yield _parsed_lines(answer)
+
     def receive_files(
         self,
         path: str,
@@ -372,6 +387,31 @@ class ApiClient:
                 received = receive_files(answer, out_dir, progress=progress)
         result = received.result
         return received, result if isinstance(result, dict) else {}
+
+
+def _parsed_lines(answer: http.client.HTTPResponse) -> Iterator[Any]:
+    while True:
+        try:
+            line = answer.readline(MAX_ANSWER_BYTES + 1)
+        except (OSError, http.client.HTTPException) as exc:
+            raise TransportError(
+                f"the answer was cut off ({type(exc).__name__})", reason="client.connection"
+            ) from None
+        if not line:
+            return
+        if len(line) > MAX_ANSWER_BYTES:
+            raise TransportError(
+                f"a line of the node's answer is larger than {MAX_ANSWER_BYTES} bytes",
+                reason="client.answer",
+            )
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise TransportError(
+                "a line of the node's answer is not JSON", reason="client.answer"
+            ) from None
 
 
 def copy_answer(answer: http.client.HTTPResponse, out: Any) -> int:

@@ -645,6 +645,67 @@ PLANTED = "PLANTED-CASE-TEXT-7Q4Z"
 PLANTED_ATTACHMENT = "PLANTED-ATTACHMENT-TEXT-K2M9"
 
 
+def test_verify_streams_progress_lines_then_the_report_or_the_first_bad_entry(
+    api_node: ApiNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy import text  # noqa: PLC0415
+
+    from gateway.node.ledger import verify as ledger_verify_module  # noqa: PLC0415
+    from tests.attacks.test_ledger_tampering import tamper  # noqa: PLC0415
+
+    # A progress line at every entry, so a small ledger shows them.
+    monkeypatch.setattr(ledger_verify_module, "_PROGRESS_EVERY", 1)
+    token = api_node.tokens["compliance"]
+    ndjson = {"Accept": "application/x-ndjson"}
+
+    def lines(answer: Answer) -> list[dict[str, Any]]:
+        assert answer.headers["Content-Type"].startswith("application/x-ndjson")
+        assert answer.content.endswith(b"\n")
+        return [json.loads(line) for line in answer.content.splitlines()]
+
+    async def intact(client: Client) -> None:
+        plain = await client.call("POST", "/api/v1/ledger/verify", token=token)
+        assert plain.status == 200
+        assert plain.headers["Content-Type"].startswith("application/json")
+        streamed = await client.call("POST", "/api/v1/ledger/verify", token=token, headers=ndjson)
+        assert streamed.status == 200
+        got = lines(streamed)
+        entries = plain.body["entries"]
+        assert entries >= 1
+        assert got[0] == {"progress": {"entries": 0, "total": entries}}
+        steps = [line["progress"]["entries"] for line in got[1:-1]]
+        assert steps == sorted(steps)
+        assert 1 in steps
+        assert steps[-1] == entries
+        assert got[-1] == {"result": plain.body}
+        # No token: refused before any line, as a plain 401.
+        refused = await client.call("POST", "/api/v1/ledger/verify", headers=ndjson)
+        assert refused.status == 401
+
+    run_api(api_node, intact)
+    tamper(
+        api_node.node.db,
+        lambda connection: connection.execute(
+            text("UPDATE ledger_entry SET actor_name = 'mallory' WHERE seq = 0")
+        ),
+    )
+
+    async def broken(client: Client) -> None:
+        plain = await client.call("POST", "/api/v1/ledger/verify", token=token)
+        assert plain.status == 422
+        streamed = await client.call("POST", "/api/v1/ledger/verify", token=token, headers=ndjson)
+        assert streamed.status == 200
+        got = lines(streamed)
+        assert "progress" in got[0]
+        assert "result" not in got[-1]
+        error = got[-1]["error"]
+        assert error["status"] == 422
+        assert error == {**plain.body["error"], "status": 422}
+        assert error["check"]
+
+    run_api(api_node, broken)
+
+
 @pytest.fixture
 def exchanged(
     tmp_path: Path,
