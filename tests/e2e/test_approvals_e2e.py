@@ -165,6 +165,7 @@ def kinds_by_actor(entries: list[dict[str, Any]], prefix: str) -> list[tuple[str
 
 
 @pytest.mark.slow  # two serve processes and some forty CLI processes per engine
+@pytest.mark.timeout(900)  # two inits, two serves and ~40 processes: minutes on a busy machine
 def test_a_grant_needs_two_approvers_and_only_then_the_peer_discloses(
     homes: dict[str, NodeHome], tmp_path: Path
 ) -> None:
