@@ -101,7 +101,7 @@ def approver_token(home: NodeHome, name: str) -> str:
     return token
 
 
-def wait_for(what: str, probe: Callable[[], Any], *, timeout: float = 60.0) -> Any:
+def wait_for(what: str, probe: Callable[[], Any], *, timeout: float = 120.0) -> Any:
     """Poll ``probe`` until it answers something truthy; that answer."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
