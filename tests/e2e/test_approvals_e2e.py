@@ -263,7 +263,8 @@ def test_a_grant_needs_two_approvers_and_only_then_the_peer_discloses(
     disclosed = gateway(jp, tanaka, *disclose, str(out)).ok()
     assert (disclosed["kind"], disclosed["consent_id"]) == ("disclosure-made", consent_id)
     assert (out / "disclosure.json").is_file()
-    assert any(path.name == attachment.name for path in out.rglob("*"))
+    [copied] = [path for path in out.rglob("*") if path.name == attachment.name]
+    assert copied.read_bytes() == attachment.read_bytes()
 
     # Each node's ledger records the steps with their actors, and verifies.
     pk_entries = gateway(pk, auditors["pk"], "ledger", "list").ok()
