@@ -327,7 +327,7 @@ def start_serve(
 # --- two node homes with keys exchanged and pinned -------------------------------------------
 
 _USER_COMMANDS = {
-    "send", "inbox", "outbox", "show", "resend", "consent", "disclose", "users",
+    "send", "inbox", "outbox", "show", "resend", "consent", "disclose", "users", "approvals",
     ("ledger", "list"), ("ledger", "verify"), ("ledger", "export"), ("ledger", "audit-peer"), ("ledger", "account"),
     ("peer", "show"), ("keys", "show"),
 }  # fmt: skip
