@@ -15,10 +15,9 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-import click
-
+from gateway.cli.outcome import echo
 from gateway.core.jsonable import to_jsonable
 from gateway.errors import AccessDenied
 
@@ -100,6 +99,8 @@ class AppContext:
         from gateway.node.runtime import Node  # noqa: PLC0415
 
         if self._node is None:
+            import click  # noqa: PLC0415 - host operations run through click
+
             self._node = Node.open(self.settings(), upgrade=upgrade)
             click.get_current_context().call_on_close(self.close)
         return self._node
@@ -174,16 +175,16 @@ class AppContext:
     def emit(self, data: Any, human: str | Callable[[], str] | None = None) -> None:
         """Print a command's result: ``data`` as JSON with --json, else ``human``."""
         if self.as_json:
-            click.echo(json.dumps(to_jsonable(data), sort_keys=True, ensure_ascii=False))
+            echo(json.dumps(to_jsonable(data), sort_keys=True, ensure_ascii=False))
             return
         text = human() if callable(human) else human
         if text is None:
             text = json.dumps(to_jsonable(data), sort_keys=True, indent=2, ensure_ascii=False)
-        click.echo(text)
+        echo(text)
 
     def progress(self, message: str) -> None:
         """A progress line for long work: on stderr, never mixed into --json output."""
-        click.echo(message, err=True)
+        echo(message, err=True)
 
     @staticmethod
     def stderr_is_tty() -> bool:
@@ -211,4 +212,17 @@ def read_token_file(path: Path) -> str:
     return text
 
 
-pass_app = click.make_pass_decorator(AppContext, ensure=True)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def pass_app(function: Callable[Concatenate[AppContext, _P], _R]) -> Callable[_P, _R]:
+    """Decorate a click command's callback to receive the invocation's :class:`AppContext`.
+
+    click's ``make_pass_decorator(AppContext, ensure=True)``, built when a
+    command module is imported (those import click anyway), so that this
+    module imports no click for the fast path of :mod:`gateway.cli.fast`.
+    """
+    import click  # noqa: PLC0415
+
+    return click.make_pass_decorator(AppContext, ensure=True)(function)
