@@ -21,9 +21,8 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["Parsed", "main", "parse", "run", "table"]
 
@@ -40,14 +39,16 @@ def table() -> dict[str, Any]:
     return _TABLE
 
 
-@dataclass
-class Parsed:
-    """A command line the fast path runs: the runner, its keywords, the context's settings."""
+class Parsed(NamedTuple):
+    """A command line the fast path runs: the runner, its keywords, the context's settings.
+
+    (A named tuple: ``dataclasses`` would import ``inspect`` for the whole path.)
+    """
 
     command: str
     runner: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    app: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any]
+    app: dict[str, Any]
 
 
 def _path_ok(value: str, checks: Mapping[str, bool]) -> bool:

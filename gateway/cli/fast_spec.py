@@ -17,7 +17,6 @@ feature the fast path does not know fails the test instead of parsing wrongly.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -101,8 +100,7 @@ def _dest(param: click.Parameter, *, root: bool) -> str:
     if not param.expose_value or param.name is None:
         raise UnsupportedParameter(f"{param.name}: not passed to the command")
     if root:
-        fields = {f.name for f in dataclasses.fields(AppContext)}
-        if param.name not in fields:
+        if param.name not in AppContext.OPTIONS:
             raise UnsupportedParameter(f"{param.name}: the root callback has no AppContext field")
         return f"app.{param.name}"
     return param.name

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-import traceback
 from typing import TYPE_CHECKING
 
 from gateway import log
@@ -51,6 +50,8 @@ def report(app: AppContext, exc: BaseException, code: int, reason: str, message:
     object with --json, and ``error: <message>`` on stderr (or one JSON log line
     for a service whose stderr is its log)."""
     if app.debug:
+        import traceback  # noqa: PLC0415 - only --debug prints one
+
         traceback.print_exception(exc, file=sys.stderr)
     if app.as_json:
         echo(json.dumps({"error": {"reason": reason, "message": message, "exit_code": code}}))

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 __all__ = ["MAX_HEADERS", "MAX_LINE", "Answer", "AnswerTooLarge", "ProtocolError", "exchange"]
 
@@ -40,8 +39,7 @@ class AnswerTooLarge(Exception):
     """The answer's body is longer than the caller's bound."""
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
+class Answer(NamedTuple):
     """A whole answer: status code, headers (names lower-cased), body."""
 
     status: int

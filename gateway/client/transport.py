@@ -25,9 +25,8 @@ import json
 import socket
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
 
 from gateway.client.paths import api_socket_path
@@ -76,9 +75,11 @@ class NodeNotRunning(TransportError):
     reason = "client.no-node"
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where the node's local API is: a Unix socket, or an HTTP(S) URL."""
+class Target(NamedTuple):
+    """Where the node's local API is: a Unix socket, or an HTTP(S) URL.
+
+    (A named tuple: ``dataclasses`` would import ``inspect`` for every client command.)
+    """
 
     socket_path: Path | None = None
     url: str | None = None
