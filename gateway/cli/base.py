@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
-import sys
-import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +24,8 @@ from typing import Any
 
 import click
 
-from gateway import log
 from gateway.cli.context import AppContext
-from gateway.errors import EXIT_ERROR, GatewayError
+from gateway.cli.outcome import failed
 
 __all__ = ["GatewayCommand", "GatewayGroup", "LazyCommand", "LazyGroup", "LazySubgroup"]
 
@@ -64,10 +60,18 @@ def _common_options() -> list[click.Parameter]:
 
 
 class GatewayCommand(click.Command):
-    """A command that also takes ``--home`` and ``--json`` after its name."""
+    """A command that also takes ``--home`` and ``--json`` after its name.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    ``runner`` (``"module:function"``), when given, names a function of a
+    module that imports no click, taking the :class:`AppContext` and the
+    command's parameters as keywords, that the command's callback calls and
+    nothing more: :mod:`gateway.cli.fast` runs it without click for a command
+    line it can parse exactly (docs/architecture.md, "The command line").
+    """
+
+    def __init__(self, *args: Any, runner: str | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.runner = runner
         self.params.extend(_common_options())
 
 
@@ -87,39 +91,10 @@ class GatewayGroup(click.Group):
         app = ctx.ensure_object(AppContext)
         try:
             return super().invoke(ctx)
-        except GatewayError as exc:
-            _report(app, exc, exc.exit_code, exc.reason, exc.diagnostics())
-            ctx.exit(exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
-        except KeyboardInterrupt:
-            if log.is_service() and log.is_json():
-                log.get_logger("cli").warning("interrupted", exit_code=130)
-            else:
-                click.echo("interrupted", err=True)
-            ctx.exit(130)
-        except Exception as exc:  # noqa: BLE001 - the last line of defence prints one line, not a trace
-            log.get_logger("cli").error("internal_error", error_type=type(exc).__name__)
-            _report(
-                app,
-                exc,
-                EXIT_ERROR,
-                "internal",
-                f"internal error ({type(exc).__name__}); run with --debug for the traceback",
-            )
-            ctx.exit(EXIT_ERROR)
-
-
-def _report(app: AppContext, exc: BaseException, code: int, reason: str, message: str) -> None:
-    if app.debug:
-        traceback.print_exception(exc, file=sys.stderr)
-    if app.as_json:
-        click.echo(json.dumps({"error": {"reason": reason, "message": message, "exit_code": code}}))
-    if log.is_service() and log.is_json():
-        # A service's stderr is its log: the failure is one more JSON line of it.
-        log.get_logger("cli").error("failed", reason=reason, message=message, exit_code=code)
-        return
-    click.echo(f"error: {message}", err=True)
+        except (KeyboardInterrupt, Exception) as exc:  # noqa: BLE001 - mapped to exit codes in one place
+            ctx.exit(failed(app, exc))
 
 
 def summary_of(text: str) -> str:

@@ -13,12 +13,10 @@ import json
 import os
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
-import click
-
+from gateway.cli.outcome import echo
 from gateway.core.jsonable import to_jsonable
 from gateway.errors import AccessDenied
 
@@ -33,24 +31,58 @@ if TYPE_CHECKING:
 __all__ = ["AppContext", "pass_app", "read_token_file", "to_jsonable"]
 
 
-@dataclass
 class AppContext:
-    """Per-invocation state shared by the root group and its commands."""
+    """Per-invocation state shared by the root group and its commands.
 
-    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
-    home_option: Path | None = None
-    as_json: bool = False
-    debug: bool = False
-    verbose: bool = False
-    token_file: Path | None = None
-    passphrase_file: Path | None = None
-    api_url: str | None = None
-    _settings: Settings | None = None
-    _node: Node | None = None
-    _actor: Actor | None = None
-    _keyring: NodeKeyring | None = field(default=None, repr=False)
-    _node_context: NodeContext | None = field(default=None, repr=False)
-    _passphrase: bytes | None = field(default=None, repr=False)
+    A plain class, not a dataclass: ``dataclasses`` imports ``inspect`` (and
+    with it ``ast``, ``dis`` and ``tokenize``), a tenth of a client command's
+    start-up (docs/performance.md). The options (``environ`` ... ``api_url``)
+    are keywords of the constructor and attributes the root group sets.
+    """
+
+    OPTIONS = (
+        "environ",
+        "home_option",
+        "as_json",
+        "debug",
+        "verbose",
+        "token_file",
+        "passphrase_file",
+        "api_url",
+    )
+    """The attributes the command line sets (the constructor's keywords)."""
+
+    def __init__(
+        self,
+        environ: Mapping[str, str] | None = None,
+        home_option: Path | None = None,
+        as_json: bool = False,
+        debug: bool = False,
+        verbose: bool = False,
+        token_file: Path | None = None,
+        passphrase_file: Path | None = None,
+        api_url: str | None = None,
+    ) -> None:
+        self.environ: Mapping[str, str] = dict(os.environ) if environ is None else environ
+        self.home_option = home_option
+        self.as_json = as_json
+        self.debug = debug
+        self.verbose = verbose
+        self.token_file = token_file
+        self.passphrase_file = passphrase_file
+        self.api_url = api_url
+        self._settings: Settings | None = None
+        self._node: Node | None = None
+        self._actor: Actor | None = None
+        self._keyring: NodeKeyring | None = None
+        self._node_context: NodeContext | None = None
+        self._passphrase: bytes | None = None
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{name}={getattr(self, name)!r}" for name in self.OPTIONS if name != "environ"
+        )
+        return f"AppContext({shown})"
 
     def home(self) -> Path:
         from gateway.settings import resolve_home  # noqa: PLC0415 - user commands need no settings
@@ -100,6 +132,8 @@ class AppContext:
         from gateway.node.runtime import Node  # noqa: PLC0415
 
         if self._node is None:
+            import click  # noqa: PLC0415 - host operations run through click
+
             self._node = Node.open(self.settings(), upgrade=upgrade)
             click.get_current_context().call_on_close(self.close)
         return self._node
@@ -174,16 +208,16 @@ class AppContext:
     def emit(self, data: Any, human: str | Callable[[], str] | None = None) -> None:
         """Print a command's result: ``data`` as JSON with --json, else ``human``."""
         if self.as_json:
-            click.echo(json.dumps(to_jsonable(data), sort_keys=True, ensure_ascii=False))
+            echo(json.dumps(to_jsonable(data), sort_keys=True, ensure_ascii=False))
             return
         text = human() if callable(human) else human
         if text is None:
             text = json.dumps(to_jsonable(data), sort_keys=True, indent=2, ensure_ascii=False)
-        click.echo(text)
+        echo(text)
 
     def progress(self, message: str) -> None:
         """A progress line for long work: on stderr, never mixed into --json output."""
-        click.echo(message, err=True)
+        echo(message, err=True)
 
     @staticmethod
     def stderr_is_tty() -> bool:
@@ -211,4 +245,17 @@ def read_token_file(path: Path) -> str:
     return text
 
 
-pass_app = click.make_pass_decorator(AppContext, ensure=True)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def pass_app(function: Callable[Concatenate[AppContext, _P], _R]) -> Callable[_P, _R]:
+    """Decorate a click command's callback to receive the invocation's :class:`AppContext`.
+
+    click's ``make_pass_decorator(AppContext, ensure=True)``, built when a
+    command module is imported (those import click anyway), so that this
+    module imports no click for the fast path of :mod:`gateway.cli.fast`.
+    """
+    import click  # noqa: PLC0415
+
+    return click.make_pass_decorator(AppContext, ensure=True)(function)

@@ -9,57 +9,23 @@ host operation (the node's keys, no user token).
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
+from gateway.cli import exchange_client
 from gateway.cli.base import GatewayCommand
 from gateway.cli.context import AppContext, pass_app
-from gateway.cli.display import day, when
-from gateway.errors import InvalidInput
 
 if TYPE_CHECKING:
     from gateway.node.outbox import DeliveryReport
 
 __all__ = ["COMMANDS", "inbox", "outbox", "resend", "send", "show", "sync"]
 
-MAX_CASE_FILE_BYTES = 4 * 1024 * 1024
-PREFLIGHT_FREE_BYTES = 64 * 1024
-"""A ``send`` body up to this size (bytes) goes out without asking the node who the
-token is first: it fits the socket's buffers, so a refusal arrives as the node's
-answer (the same exit code and message as the preflight's); a larger body is
-preceded by ``GET /api/v1/whoami``."""
 
-
-def _read_case(source: str) -> dict[str, Any]:
-    """The case JSON from a file (or ``-`` for standard input), bounded and strict."""
-    if source == "-":
-        data = sys.stdin.buffer.read(MAX_CASE_FILE_BYTES + 1)
-        where = "standard input"
-    else:
-        path = Path(source)
-        try:
-            with path.open("rb") as handle:
-                data = handle.read(MAX_CASE_FILE_BYTES + 1)
-        except OSError as exc:
-            raise InvalidInput(f"{source}: cannot be read ({exc.strerror})") from None
-        where = source
-    from gateway.core.canonical import parse_bounded_json  # noqa: PLC0415
-
-    try:
-        value = parse_bounded_json(data, max_bytes=MAX_CASE_FILE_BYTES)
-    except InvalidInput as exc:
-        raise InvalidInput(f"{where}: {exc.message}") from None
-    if not isinstance(value, dict):
-        raise InvalidInput(f"{where}: the case must be a JSON object")
-    return value
-
-
-@click.command(cls=GatewayCommand)
+@click.command(cls=GatewayCommand, runner="gateway.cli.exchange_client:send")
 @click.argument("case_type", metavar="TYPE")
 @click.argument("case_json", metavar="CASE_JSON")
 @click.option(
@@ -90,33 +56,14 @@ def send(
 
     Runs through the node's local API; needs your token.
     """
-    from gateway.client.progress import transfer_progress  # noqa: PLC0415
-    from gateway.client.upload import multipart_send_body  # noqa: PLC0415
-
-    client = app.client("send")
-    try:
-        case = _read_case(case_json)
-        meta: dict[str, Any] = {"type": case_type, "case": case, "public": public}
-        if reply_to is not None:
-            meta["reply_to"] = reply_to
-        body = multipart_send_body(meta, list(attachments))
-    except InvalidInput:
-        client.preflight()  # a refused user hears about the token or role first
-        raise
-    if body.length > PREFLIGHT_FREE_BYTES:
-        # The node refuses a token before it reads the body, but a refusal
-        # while a large body is still being written reaches the command as a
-        # broken connection: ask first, before anything is streamed.
-        client.preflight()
-    with transfer_progress("send", body.files_bytes, enabled=not app.as_json) as progress:
-        body.progress = progress
-        sent = client.send_stream(
-            "POST",
-            "/api/v1/bundles",
-            body,
-            headers={"Content-Type": body.content_type, "Content-Length": str(body.length)},
-        )
-    app.emit(sent, sent["bundle_id"])
+    exchange_client.send(
+        app,
+        case_type=case_type,
+        case_json=case_json,
+        attachments=attachments,
+        public=public,
+        reply_to=reply_to,
+    )
 
 
 @click.command(cls=GatewayCommand)
@@ -177,27 +124,7 @@ def sync(app: AppContext) -> None:
     app.emit(data, human)
 
 
-def _time(value: Any) -> str:
-    return when(value)
-
-
-def _purged_note(purged_at: Any) -> str:
-    return f"  purged {day(purged_at)}" if purged_at is not None else ""
-
-
-def _links(row: dict[str, Any]) -> str:
-    """The flags of an inbox or outbox row: suspect, and the resend links."""
-    parts = []
-    if row.get("suspect_since") is not None:
-        parts.append("SUSPECT")
-    if row.get("replaces"):
-        parts.append(f"replaces {row['replaces']}")
-    if row.get("replaced_by"):
-        parts.append(f"replaced by {row['replaced_by']}")
-    return ("  " + "; ".join(parts)) if parts else ""
-
-
-@click.command(cls=GatewayCommand)
+@click.command(cls=GatewayCommand, runner="gateway.cli.exchange_client:inbox")
 @click.option("--type", "case_type", help="Only bundles of this type.")
 @click.option("--gaps", is_flag=True, help="Show missing sequence numbers per channel instead.")
 @click.option(
@@ -216,43 +143,10 @@ def inbox(app: AppContext, case_type: str | None, gaps: bool, suspect: bool) -> 
 
     Runs through the node's local API; needs your token.
     """
-    from gateway.client.transport import path_of  # noqa: PLC0415
-
-    client = app.client("inbox")
-    if gaps:
-        answer = client.call("GET", path_of("inbox", query={"gaps": "true"}))
-        channels = answer["gaps"]
-
-        def gap_text() -> str:
-            if not channels:
-                return "nothing received yet"
-            lines = []
-            for c in channels:
-                missing = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in c["missing"])
-                lines.append(
-                    f"{c['channel']}: highest {c['highest']}; missing: {missing or 'none'}"
-                )
-            return "\n".join(lines)
-
-        app.emit(answer, gap_text)
-        return
-    query = {"type": case_type, "suspect": "true" if suspect else None}
-    data = client.call("GET", path_of("inbox", query=query))
-    rows = data["bundles"]
-
-    def text() -> str:
-        if not rows:
-            return "no suspect bundles" if suspect else "inbox is empty"
-        return "\n".join(
-            f"{r['bundle_id']}  {r['type']:<22} from {r['sender']}  #{r['sequence']:<6} "
-            f"{_time(r['created'])}  {r['marking']}" + _purged_note(r.get("purged")) + _links(r)
-            for r in rows
-        )
-
-    app.emit(data, text)
+    exchange_client.inbox(app, case_type=case_type, gaps=gaps, suspect=suspect)
 
 
-@click.command(cls=GatewayCommand)
+@click.command(cls=GatewayCommand, runner="gateway.cli.exchange_client:outbox")
 @click.option(
     "--state",
     type=click.Choice(["queued", "delivered", "replaced"]),
@@ -267,39 +161,10 @@ def outbox(app: AppContext, state: str | None) -> None:
 
     Runs through the node's local API; needs your token.
     """
-    from gateway.client.transport import path_of  # noqa: PLC0415
-
-    data = app.client("inbox").call("GET", path_of("outbox", query={"state": state}))
-    rows = data["bundles"]
-
-    def text() -> str:
-        if not rows:
-            return "outbox is empty"
-        lines = []
-        for r in rows:
-            if r["state"] == "delivered":
-                status = f"delivered {_time(r['delivered'])}, receipt verified"
-            else:
-                status = f"queued, {r['attempts']} attempt(s), next {_time(r['next_attempt'])}" + (
-                    f", last error: {r['last_error']}" if r["last_error"] else ""
-                )
-            refusal = r.get("refused_by_peer")
-            if refusal is not None:
-                status += (
-                    f"; then refused by {refusal['by']}: {refusal['reason']} "
-                    f"({refusal['detail']}) at {_time(refusal['refused_at'])}"
-                )
-            lines.append(
-                f"{r['bundle_id']}  {r['type']:<22} to {r['recipient']}  #{r['sequence']:<6} {status}"
-                + _purged_note(r.get("purged"))
-                + _links(r)
-            )
-        return "\n".join(lines)
-
-    app.emit(data, text)
+    exchange_client.outbox(app, state=state)
 
 
-@click.command(cls=GatewayCommand)
+@click.command(cls=GatewayCommand, runner="gateway.cli.exchange_client:show")
 @click.argument("bundle_id")
 @click.option(
     "--out",
@@ -323,46 +188,7 @@ def show(app: AppContext, bundle_id: str, out_dir: Path | None, accept_suspect: 
 
     Runs through the node's local API; needs your token.
     """
-    from gateway.client.transport import path_of  # noqa: PLC0415
-
-    client = app.client("show")
-    query = {"accept_suspect": "true" if accept_suspect else None}
-    written: list[Path] = []
-    if out_dir is None:
-        shown = client.call("GET", path_of("bundles", bundle_id, query=query))
-    else:
-        from gateway.client.files import check_destination  # noqa: PLC0415
-
-        client.preflight()
-        check_destination(out_dir, must_be_empty=False)
-        received, shown = client.receive_files(
-            path_of("bundles", bundle_id, "content", query=query),
-            out_dir,
-            progress_enabled=not app.as_json,
-        )
-        written = list(received.files.values())
-        case_file = received.files.get(f"{shown['bundle_id']}.json")
-        if case_file is not None:
-            with case_file.open("rb") as handle:
-                shown["case"] = json.loads(handle.read(MAX_CASE_FILE_BYTES + 1))
-    data = {**shown, "written": [str(p) for p in written]}
-    notes = {
-        "verified-while-trusted": "its signing key was revoked later: verified while trusted",
-        "suspect-accepted": "SUSPECT: opened on your acceptance, recorded in the ledger",
-    }
-
-    def text() -> str:
-        lines = [
-            f"bundle {shown['bundle_id']}: {shown['type']} from {shown['sender']} "
-            f"({shown['marking']}), created {_time(shown['created'])}",
-            *([notes[shown["trust"]]] if shown.get("trust") in notes else []),
-            *([f"replaces {shown['replaces']}"] if shown.get("replaces") else []),
-            json.dumps(shown.get("case"), indent=2, ensure_ascii=False, sort_keys=True),
-        ]
-        lines += [f"written: {p}" for p in written]
-        return "\n".join(lines)
-
-    app.emit(data, text)
+    exchange_client.show(app, bundle_id=bundle_id, out_dir=out_dir, accept_suspect=accept_suspect)
 
 
 @click.command(cls=GatewayCommand)

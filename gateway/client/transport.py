@@ -1,7 +1,9 @@
 """How a user command reaches the running node: HTTP over its Unix socket or TCP.
 
-Standard library only (``http.client``, ``ssl``, ``socket``): a user command
-imports neither the database layer nor the web server nor the crypto library.
+Standard library only: a user command imports neither the database layer nor
+the web server nor the crypto library. A JSON request over the Unix socket
+goes through :mod:`gateway.client.plainhttp`; TCP, HTTPS and streamed answers
+through ``http.client`` (and ``ssl``), imported only then.
 Every request carries the user's bearer token; every answer is read with a
 bound; every error answer becomes an exception of :mod:`gateway.errors` with
 the exit code the same command gives when it fails in the node (SPEC §8: 3
@@ -19,15 +21,12 @@ Where the node is:
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
-import ssl
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import quote, urlencode, urlsplit
 
 from gateway.client.paths import api_socket_path
@@ -48,6 +47,8 @@ from gateway.errors import (
 )
 
 if TYPE_CHECKING:
+    import http.client
+
     from gateway.client.files import Received
 
 __all__ = [
@@ -74,9 +75,11 @@ class NodeNotRunning(TransportError):
     reason = "client.no-node"
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where the node's local API is: a Unix socket, or an HTTP(S) URL."""
+class Target(NamedTuple):
+    """Where the node's local API is: a Unix socket, or an HTTP(S) URL.
+
+    (A named tuple: ``dataclasses`` would import ``inspect`` for every client command.)
+    """
 
     socket_path: Path | None = None
     url: str | None = None
@@ -141,23 +144,23 @@ def resolve_target(environ: Mapping[str, str], *, home: Path | None, api_url: st
     return Target(socket_path=api_socket_path(chosen_home), home=chosen_home)
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    """``http.client`` over a Unix domain socket."""
+def _unix_connection(path: Path, timeout: float) -> http.client.HTTPConnection:
+    """An ``http.client`` connection over the Unix domain socket ``path``."""
+    import http.client  # noqa: PLC0415 - only streamed answers over the socket use it
 
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(_CONNECT_TIMEOUT)
+            try:
+                sock.connect(str(path))
+            except BaseException:
+                sock.close()
+                raise
+            sock.settimeout(self.timeout)
+            self.sock = sock
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(_CONNECT_TIMEOUT)
-        try:
-            sock.connect(str(self._path))
-        except BaseException:
-            sock.close()
-            raise
-        sock.settimeout(self.timeout)
-        self.sock = sock
+    return UnixConnection("localhost", timeout=timeout)
 
 
 _STATUS_FAMILIES: dict[int, type[GatewayError]] = {
@@ -243,8 +246,11 @@ class ApiClient:
             authorize_role(Role(who["role"]), self.action)
 
     def _connection(self) -> http.client.HTTPConnection:
+        import http.client  # noqa: PLC0415 - see the module's docstring
+        import ssl  # noqa: PLC0415
+
         if self.target.socket_path is not None:
-            return _UnixConnection(self.target.socket_path, _READ_TIMEOUT)
+            return _unix_connection(self.target.socket_path, _READ_TIMEOUT)
         assert self.target.url is not None
         parts = urlsplit(self.target.url)
         host = parts.hostname or "localhost"
@@ -287,6 +293,9 @@ class ApiClient:
         of :func:`error_from_answer` for an error status, and
         :class:`TransportError` when the connection breaks.
         """
+        import http.client  # noqa: PLC0415 - see the module's docstring
+        import ssl  # noqa: PLC0415
+
         connection = self._connection()
         try:
             try:
@@ -312,6 +321,52 @@ class ApiClient:
         finally:
             connection.close()
 
+    def _whole(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | Iterable[bytes] | None,
+        headers: Mapping[str, str],
+    ) -> bytes:
+        """Send one request and return the whole successful answer's body (bounded).
+
+        Over the Unix socket by :func:`gateway.client.plainhttp.exchange`, else
+        through :meth:`open`; the errors are those of :meth:`open`.
+        """
+        if self.target.socket_path is None:
+            with self.open(method, path, body=body, headers=headers) as streamed:
+                return read_bounded(streamed, MAX_ANSWER_BYTES)
+        from gateway.client import plainhttp  # noqa: PLC0415
+
+        try:
+            answer = plainhttp.exchange(
+                method,
+                path,
+                body=body,
+                headers=self._headers(headers),
+                limit=MAX_ANSWER_BYTES,
+                socket_path=self.target.socket_path,
+                connect_timeout=_CONNECT_TIMEOUT,
+                timeout=_READ_TIMEOUT,
+            )
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
+            raise self._not_running(exc) from None
+        except plainhttp.AnswerTooLarge:
+            raise TransportError(
+                f"the node's answer is larger than {MAX_ANSWER_BYTES} bytes",
+                reason="client.answer",
+            ) from None
+        except (OSError, plainhttp.ProtocolError) as exc:
+            raise TransportError(
+                f"the node at {self.target.describe()} closed the connection "
+                f"({type(exc).__name__}); try again, or see the node's log",
+                reason="client.connection",
+            ) from None
+        if answer.status >= 400:
+            raise error_from_answer(answer.status, answer.body[:_MAX_ERROR_BYTES])
+        return answer.body
+
     def call(
         self,
         method: str,
@@ -326,8 +381,7 @@ class ApiClient:
             headers["Content-Type"] = "application/json"
         elif method != "GET":
             body = b""
-        with self.open(method, path, body=body, headers=headers) as answer:
-            data = read_bounded(answer, MAX_ANSWER_BYTES)
+        data = self._whole(method, path, body=body, headers=headers)
         try:
             return json.loads(data.decode("utf-8")) if data else None
         except (UnicodeDecodeError, ValueError):
@@ -337,8 +391,7 @@ class ApiClient:
         self, method: str, path: str, body: Iterable[bytes], *, headers: Mapping[str, str]
     ) -> Any:
         """Send a streamed body (its length in ``headers``) and read the JSON answer."""
-        with self.open(method, path, body=body, headers=headers) as answer:
-            data = read_bounded(answer, MAX_ANSWER_BYTES)
+        data = self._whole(method, path, body=body, headers=headers)
         try:
             return json.loads(data.decode("utf-8")) if data else None
         except (UnicodeDecodeError, ValueError):
@@ -420,6 +473,8 @@ def copy_answer(answer: http.client.HTTPResponse, out: Any) -> int:
     Raises :class:`TransportError` if the stream is cut off (the caller removes
     what it wrote).
     """
+    import http.client  # noqa: PLC0415
+
     total = 0
     try:
         while chunk := answer.read(_CHUNK):
@@ -435,6 +490,8 @@ def copy_answer(answer: http.client.HTTPResponse, out: Any) -> int:
 
 def read_bounded(answer: http.client.HTTPResponse, limit: int) -> bytes:
     """The whole answer body if it is at most ``limit`` bytes; else :class:`TransportError`."""
+    import http.client  # noqa: PLC0415
+
     chunks: list[bytes] = []
     total = 0
     try:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +22,27 @@ __all__ = ["MultipartBody", "multipart_send_body"]
 _CHUNK = 64 * 1024
 
 
-@dataclass
 class MultipartBody:
-    """A streamed multipart body: its content type, exact length and chunk iterator."""
+    """A streamed multipart body: its content type, exact length and chunk iterator.
 
-    content_type: str
-    length: int
-    files_bytes: int
-    _parts: list[tuple[bytes, Path | bytes]]
-    _tail: bytes
-    progress: Callable[[int], None] | None = None
+    (A plain class: ``dataclasses`` would import ``inspect`` for every ``send``.)
+    """
+
+    def __init__(
+        self,
+        content_type: str,
+        length: int,
+        files_bytes: int,
+        parts: list[tuple[bytes, Path | bytes]],
+        tail: bytes,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self.content_type = content_type
+        self.length = length
+        self.files_bytes = files_bytes
+        self._parts = parts
+        self._tail = tail
+        self.progress = progress
 
     def __iter__(self) -> Iterator[bytes]:
         for head, content in self._parts:

@@ -19,8 +19,6 @@ import operator
 import re
 from typing import Any
 
-import orjson
-
 from gateway.errors import InvalidInput
 
 __all__ = [
@@ -64,7 +62,10 @@ def canonical_bytes(value: Any) -> bytes:
 
 _FAST_MAX_DEPTH = 200
 """Deeper (or cyclic) values leave the fast path; the reference path decides."""
-_SORTED = orjson.OPT_SORT_KEYS
+_SORTED = 1 << 5
+"""``orjson.OPT_SORT_KEYS``, written out: ``orjson`` (which loads ``uuid``,
+``dataclasses`` and more) is imported by the first canonical write or parse,
+not by a client command that only reads a case file (docs/performance.md)."""
 _ASTRAL_LEADS = (b"\xf0", b"\xf1", b"\xf2", b"\xf3", b"\xf4")
 """UTF-8 lead bytes of the characters beyond the BMP (U+10000..U+10FFFF)."""
 _HIGH_BMP_LEADS = (b"\xee", b"\xef")
@@ -133,6 +134,8 @@ def _fast_canonical(value: Any) -> bytes | None:
     """
     if not _fast_safe(value):
         return None
+    import orjson  # noqa: PLC0415 - see _SORTED
+
     try:
         data = orjson.dumps(value, option=_SORTED)
     except (TypeError, orjson.JSONEncodeError):
@@ -244,6 +247,8 @@ def _parse_canonical_fast(data: bytes, max_bytes: int, max_depth: int) -> Any:
         raise InvalidInput(f"JSON document of {len(data)} bytes exceeds the limit of {max_bytes}")
     if not _depth_within(data, max_depth):
         raise InvalidInput(f"JSON nesting deeper than {max_depth} levels")
+    import orjson  # noqa: PLC0415 - see _SORTED
+
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:

@@ -43,7 +43,7 @@ __all__ = [
     "wait_ready",
 ]
 
-GATEWAY: tuple[str, ...] = (sys.executable, "-c", "from gateway.cli.main import main; main()")
+GATEWAY: tuple[str, ...] = (sys.executable, "-c", "from gateway.cli.fast import main; main()")
 """The ``gateway`` command line, run by this interpreter (no installed script needed)."""
 
 

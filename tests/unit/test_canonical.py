@@ -261,3 +261,12 @@ def test_refusals_keep_their_reason_past_the_fast_parse(data: bytes, words: str)
 def test_plain_canonical_text_is_parsed_by_the_fast_path() -> None:
     data = canonical_bytes({"case": {"name": "Ayesha", "n": MAX_SAFE_INTEGER, "l": [True, None]}})
     assert canonical._parse_canonical_fast(data, 1000, 8) == json.loads(data)
+
+
+def test_sorted_keys_option_is_orjsons() -> None:
+    """The option number written out to keep ``orjson`` unimported until first use."""
+    import orjson  # noqa: PLC0415
+
+    from gateway.core import canonical  # noqa: PLC0415
+
+    assert canonical._SORTED == orjson.OPT_SORT_KEYS
