@@ -47,6 +47,14 @@ class Answer(NamedTuple):
     body: bytes
 
 
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
+
+
+def _is_decimal(text: str) -> bool:
+    """True for ASCII digits only: ``str.isdigit`` also takes "²", which ``int`` refuses."""
+    return text.isascii() and text.isdigit()
+
+
 def _line(stream: BinaryIO) -> bytes:
     line = stream.readline(MAX_LINE + 1)
     if len(line) > MAX_LINE:
@@ -68,12 +76,9 @@ def _read_chunked(stream: BinaryIO, limit: int) -> bytes:
     total = 0
     while True:
         size_text = _line(stream).split(b";", 1)[0].strip()
-        try:
-            size = int(size_text, 16)
-        except ValueError:
-            raise ProtocolError("a chunk size of the answer is not a number") from None
-        if size < 0:
-            raise ProtocolError("a chunk size of the answer is negative")
+        if not size_text or size_text.strip(_HEX_DIGITS):
+            raise ProtocolError("a chunk size of the answer is not a hexadecimal number")
+        size = int(size_text, 16)
         if size == 0:
             for _ in range(MAX_HEADERS + 1):  # trailer lines, then the blank line
                 if _line(stream) in (b"\r\n", b"\n"):
@@ -91,7 +96,7 @@ def _read_answer(stream: BinaryIO, method: str, limit: int) -> Answer:
     status_line = _line(stream).decode("latin-1").rstrip("\r\n")
     version, _, rest = status_line.partition(" ")
     code_text = rest[:3]
-    if not version.startswith("HTTP/1.") or not code_text.isdigit():
+    if not version.startswith("HTTP/1.") or not _is_decimal(code_text):
         raise ProtocolError("the answer does not start with an HTTP/1.x status line")
     status = int(code_text)
     headers: dict[str, str] = {}
@@ -111,7 +116,7 @@ def _read_answer(stream: BinaryIO, method: str, limit: int) -> Answer:
         return Answer(status, headers, _read_chunked(stream, limit))
     length_text = headers.get("content-length")
     if length_text is not None:
-        if not length_text.isdigit():
+        if not _is_decimal(length_text):
             raise ProtocolError("the answer's Content-Length is not a number")
         length = int(length_text)
         if length > limit:
