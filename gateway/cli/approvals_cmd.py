@@ -15,7 +15,7 @@ import click
 
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
-from gateway.cli.display import when
+from gateway.cli.display import proposer_note, when
 
 __all__ = ["approvals_group"]
 
@@ -94,7 +94,7 @@ def propose_command(app: AppContext, action: str, reason: str, key_id: str | Non
         made,
         f"proposal {made['proposal_id']} made: {made['approvals']} of {made['needed']} "
         f"approvals; once approved, run 'gateway keys {action.removeprefix('keys-')} ... "
-        f"--proposal {made['proposal_id']}' on the host",
+        f"--proposal {made['proposal_id']}' on the host{proposer_note(made)}",
     )
 
 

@@ -30,14 +30,22 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateway.core.approvals import Approval, ProposalState, decide, terms_hash
+from gateway.core.approvals import (
+    TOKEN_NOT_OWN_HINT,
+    Approval,
+    ProposalState,
+    check_own_token,
+    decide,
+    terms_hash,
+    token_is_own,
+)
 from gateway.core.canonical import canonical_bytes
 from gateway.core.consent import format_time, parse_time, validate_text
 from gateway.core.policy import APPROVER_CAPABILITY, APPROVER_ROLES, ApprovalRule
@@ -48,7 +56,13 @@ from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent.common import node_policy
 from gateway.node.context import NodeContext
 from gateway.node.runtime import Node
-from gateway.node.users import add_user, check_new_user, is_approver
+from gateway.node.users import (
+    add_user,
+    check_new_user,
+    is_approver,
+    record_user_added,
+    token_issued_by,
+)
 from gateway.store.models_approvals import ApprovalProposal, ApprovalVote
 from gateway.store.models_users import UserRecord
 
@@ -89,9 +103,13 @@ class ProposalView:
     counted: tuple[str, ...]
     reason: str | None
     result: dict[str, Any] | None = None
+    not_counted: str | None = None
+    """Why the proposer's own approval was not recorded (a token an administrator issued)."""
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {} if self.not_counted is None else {"proposer_approval": self.not_counted}
         return {
+            **extra,
             "proposal_id": self.proposal_id,
             "action": self.action,
             "terms": self.terms,
@@ -242,6 +260,14 @@ def _check_capability(session: Session, actor: Actor, action: str) -> None:
         )
 
 
+def _check_own_token(session: Session, actor: Actor, row: ApprovalProposal) -> None:
+    """Refuse (``approval.token-not-own``) an approval of a k > 1 proposal made with a
+    token someone else issued (:func:`gateway.core.approvals.check_own_token`)."""
+    check_own_token(
+        k=row.needed, approver=actor.name, token_issued_by=token_issued_by(session, actor.name)
+    )
+
+
 def _check_pending(row: ApprovalProposal) -> None:
     if row.state != ProposalState.PENDING:
         hint = (
@@ -283,7 +309,11 @@ def _propose(
     approves: bool = True,
 ) -> ProposalView:
     """Store a pending proposal for ``rule``'s k approvals; with ``approves`` the
-    proposer's own approval too. Proposals past their expiry are closed first."""
+    proposer's own approval too, when made with a token the proposer issued
+    (:func:`gateway.core.approvals.token_is_own`); otherwise the proposal is
+    stored without it and the view says why (``proposer_approval``), so the
+    proposer can rotate their token and approve it then. Proposals past their
+    expiry are closed first."""
     _expire_due(session, now=now)
     digest = terms_hash(terms)
     row = ApprovalProposal(
@@ -300,14 +330,26 @@ def _propose(
     session.add(row)
     session.flush()
     _record(session, "approval-proposed", actor, row, now, expires_at=format_time(row.expires_at))
-    if approves:
+    own = token_is_own(
+        k=rule.k, approver=actor.name, token_issued_by=token_issued_by(session, actor.name)
+    )
+    if approves and own:
         session.add(
             ApprovalVote(
                 proposal_id=row.proposal_id, approver=actor.name, terms_hash=digest, approved_at=now
             )
         )
         _record(session, "approval-given", actor, row, now, approvals=1)
-    return _view(session, row, now=now)
+    view = _view(session, row, now=now)
+    if approves and not own:
+        return replace(
+            view,
+            not_counted=(
+                f"not counted: {actor.name}'s token was issued by an administrator; "
+                f"{TOKEN_NOT_OWN_HINT}"
+            ),
+        )
+    return view
 
 
 def grant_consent(
@@ -427,6 +469,7 @@ def approve(
         _check_pending(row)
         _check_approver(actor, row.action)
         _check_capability(session, actor, row.action)
+        _check_own_token(session, actor, row)
         if terms_sha256 is not None and terms_sha256 != row.terms_hash:
             raise RefusedError(
                 f"proposal {proposal_id} has other terms than the ones you reviewed "
@@ -476,6 +519,9 @@ def approve(
         consent_id = consent_ids.get("revoked", ref)
         locked = _proposal(session, proposal_id, lock=True)
         _check_pending(locked)
+        # Again under the lock: a token reissued since the first look refuses this
+        # approval; the approvals recorded earlier keep counting (docs/consent.md).
+        _check_own_token(session, actor, locked)
         again = _votes(session, proposal_id)
         if any(v.approver == actor.name for v in again):
             raise RefusedError(
@@ -561,6 +607,7 @@ def _add_admin(
     session.flush()
     name = str(json.loads(row.terms_json)["name"])
     made = add_user(session, name, Role.ADMIN.value, created_by=row.proposer, now=now)
+    record_user_added(session, made, actor=actor, now=now)
     _record(session, "approval-given", actor, row, now, approvals=len(counted))
     row.state = ProposalState.EXECUTED
     row.decided_at = now
@@ -589,6 +636,7 @@ def add_user_or_propose(
     with node.db.transaction() as session:
         if role != Role.ADMIN.value or rule.k == 1:
             made = add_user(session, name, role, created_by=actor.name, now=now, approver=approver)
+            record_user_added(session, made, actor=actor, now=now)
             if approver:
                 ledger.record_event(
                     session,

@@ -26,7 +26,7 @@ from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import queries as consent_queries
 from gateway.node.context import NodeContext
 from gateway.node.runtime import utc_now
-from gateway.node.users import add_user, disable_user, set_approver
+from gateway.node.users import add_user, disable_user, rotate_own_token, set_approver
 from gateway.store.models_approvals import ApprovalProposal
 from gateway.store.models_consent import ConsentGrantRecord, ConsentRevocationRecord
 from gateway.store.models_exchange import OutboxEntry
@@ -45,6 +45,7 @@ from tests.integration.test_consent import (  # noqa: F401  (fixtures)
     pair,
     send_case_to_peer,
 )
+from tests.policies import set_approvals as set_policy_approvals
 
 OFFICERS = ("asma", "bilal", "chaudhry", "dur")
 """Officers holding the approver capability; ``clerk`` is an officer without it."""
@@ -52,9 +53,22 @@ ADMIN = Actor(name="root-admin", role=Role.ADMIN)
 
 
 def set_approvals(side: Side, k: int, hours: int = 72) -> None:
-    path = side.node.settings.policy_dir / "policy.toml"
-    text = path.read_text()
-    path.write_text(f"{text}\n[approvals.consent-grant]\nk = {k}\nlifetime_hours = {hours}\n")
+    set_policy_approvals(side.node.settings.policy_dir, "consent-grant", k, hours=hours)
+
+
+def own_officer_env(side: Side, name: str) -> dict[str, str]:
+    """An officer added by an administrator who then replaced the token the
+    administrator issued (``gateway users rotate-token``); the CLI environment
+    with the new token. The old token is refused from then on."""
+    env = _officer_env(side, name)
+    rotated = _run(env, "users", "rotate-token", "--json")
+    assert rotated.exit_code == 0, rotated.output
+    token = json.loads(rotated.stdout)["token"]
+    assert token != env["GATEWAY_TOKEN"]
+    old = _run(env, "approvals", "list", "--json")
+    assert old.exit_code == 1
+    assert "access.token" in old.stdout
+    return {**env, "GATEWAY_TOKEN": token}
 
 
 def officer(name: str) -> Actor:
@@ -62,11 +76,15 @@ def officer(name: str) -> Actor:
 
 
 def add_people(side: Side, now: Any) -> None:
+    """The officers and an administrator; each replaced the token the administrator
+    issued with one of their own (``users rotate-token``), so their approvals count."""
     with side.node.db.transaction() as session:
         for name in OFFICERS:
             add_user(session, name, "officer", created_by="admin", now=now, approver=True)
         add_user(session, "clerk", "officer", created_by="admin", now=now)
         add_user(session, "root-admin", "admin", created_by="admin", now=now)
+        for name in (*OFFICERS, "clerk", "root-admin"):
+            rotate_own_token(session, Actor(name=name, role=None), now=now)
 
 
 def give_approver(side: Side, name: str, on: bool = True) -> None:
@@ -183,7 +201,7 @@ def test_grant_happens_exactly_at_the_kth_distinct_enabled_officer(pair: Pair, k
         # dur approves, then is disabled: dur's approval no longer counts
         assert approve(pair, pid, officer("dur"))["approvals"] == 2
         with pair.pk.node.db.transaction() as session:
-            disable_user(session, "dur", now=NOW, by="root-admin")
+            disable_user(session, "dur", now=NOW, by=ADMIN)
         assert approve(pair, pid, officer("bilal"))["state"] == "pending"
         assert grants(pair.pk) == 0
         done = approve(pair, pid, officer("chaudhry"))
@@ -293,8 +311,8 @@ def test_end_to_end_two_officers_grant_and_tokyo_discloses(pair: Pair, tmp_path:
     set_approvals(pair.pk, 2)
     now = utc_now()
     case_id, request_id = asked_of_pk(pair, when=now)
-    first = _officer_env(pair.pk, "asma")
-    second = _officer_env(pair.pk, "bilal")
+    first = own_officer_env(pair.pk, "asma")
+    second = own_officer_env(pair.pk, "bilal")
     with pair.pk.node.db.transaction() as session:
         # the approver capability, given by an administrator
         for name in ("asma", "bilal"):
@@ -351,8 +369,7 @@ def test_end_to_end_two_officers_grant_and_tokyo_discloses(pair: Pair, tmp_path:
 
 
 def set_rule(side: Side, action: str, k: int) -> None:
-    path = side.node.settings.policy_dir / "policy.toml"
-    path.write_text(f"{path.read_text()}\n[approvals.{action}]\nk = {k}\n")
+    set_policy_approvals(side.node.settings.policy_dir, action, k)
 
 
 def revocations(side: Side) -> tuple[int, int]:
@@ -436,8 +453,8 @@ def test_concurrent_revocation_approvals_execute_once(pair: Pair) -> None:
 def test_cli_revocation_with_k_2_answers_with_the_proposal(pair: Pair) -> None:
     now = utc_now()
     _case_id, request_id = asked_of_pk(pair, when=now)
-    first = _officer_env(pair.pk, "asma")
-    second = _officer_env(pair.pk, "bilal")
+    first = own_officer_env(pair.pk, "asma")
+    second = own_officer_env(pair.pk, "bilal")
     granted = json.loads(_run(first, "consent", "grant", request_id, "--json").stdout)
     assert granted["state"] == "executed"
     set_rule(pair.pk, "consent-revoke", 2)
