@@ -42,7 +42,7 @@ from gateway.errors import InvalidInput, RefusedError
 __all__ = [
     "ACTIONS",
     "MAX_APPROVERS",
-    "TOKEN_NOT_OWN_HINT",
+    "NOT_OWN_ADVICE",
     "Approval",
     "Decision",
     "ProposalState",
@@ -52,7 +52,7 @@ __all__ = [
     "token_is_own",
 ]
 
-TOKEN_NOT_OWN_HINT: Final = (
+NOT_OWN_ADVICE: Final = (
     "run `gateway users rotate-token` to replace the token an administrator issued you, "
     "then approve again"
 )
@@ -139,7 +139,7 @@ def check_own_token(*, k: int, approver: str, token_issued_by: str | None) -> No
         raise RefusedError(
             f"{approver}'s token was issued by {token_issued_by or 'someone else'}, not by "
             f"{approver}: under the two-person rule (k = {k}) an approval counts only with "
-            f"a token its holder issued: {TOKEN_NOT_OWN_HINT}",
+            f"a token its holder issued: {NOT_OWN_ADVICE}",
             reason="approval.token-not-own",
         )
 

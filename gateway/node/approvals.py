@@ -38,7 +38,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gateway.core.approvals import (
-    TOKEN_NOT_OWN_HINT,
+    NOT_OWN_ADVICE,
     Approval,
     ProposalState,
     check_own_token,
@@ -346,7 +346,7 @@ def _propose(
             view,
             not_counted=(
                 f"not counted: {actor.name}'s token was issued by an administrator; "
-                f"{TOKEN_NOT_OWN_HINT}"
+                f"{NOT_OWN_ADVICE}"
             ),
         )
     return view
