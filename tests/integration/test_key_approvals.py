@@ -24,6 +24,7 @@ from gateway.node.runtime import Node, utc_now
 from gateway.settings import load_settings
 from tests.integration.test_keys_cli import PASSPHRASE, Home, _pin, make_home
 from tests.node_api import serving_home
+from tests.policies import set_approvals
 
 
 def client(home: Home, token: str, *args: str) -> tuple[int, Any, str]:
@@ -43,8 +44,18 @@ def host(home: Home, *args: str) -> tuple[int, Any, str]:
 
 
 def set_rule(home: Home, action: str, k: int) -> None:
-    path = home.path / "policies" / "policy.toml"
-    path.write_text(path.read_text() + f"\n[approvals.{action}]\nk = {k}\n")
+    set_approvals(home.path / "policies", action, k)
+
+
+def own(home: Home, token: str) -> str:
+    """``gateway users rotate-token`` as ``token``'s user: the new token, issued by the
+    user themself (an approval under k > 1 counts only with such a token)."""
+    code, rotated, err = client(home, token, "users", "rotate-token")
+    assert code == 0, err
+    assert rotated["token"] != token
+    code, _answer, _err = client(home, token, "users", "list")
+    assert code == 1  # the old token stopped working
+    return str(rotated["token"])
 
 
 def peer_version_after_delivery(jp: Home, pk: Home) -> int:
@@ -91,7 +102,9 @@ def test_rotation_with_k_2_waits_for_the_second_administrator(
     set_rule(jp, "keys-rotate", 2)
     code, added, err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
     assert code == 0, err
-    second = added["token"]
+    # each administrator replaces the token issued to them (init, users add)
+    jp.token = own(jp, jp.token)
+    second = own(jp, added["token"])
 
     # one administrator alone: refused without a proposal, nothing changes
     code, answer, _err = host(jp, "keys", "rotate")
@@ -151,6 +164,8 @@ def test_revocation_needs_the_approved_key_and_reason(
     _pin(jp, pk, tmp_path)
     set_rule(jp, "keys-revoke", 2)
     _code, added, _err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
+    jp.token = own(jp, jp.token)
+    second = own(jp, added["token"])
     with Node.open(load_settings(jp.path)) as node, node.db.transaction() as session:
         sign_key = next(k.key_id for k in own_keys.own_manifest(session).keys if k.use == "sign")
     code, made, err = client(
@@ -159,7 +174,7 @@ def test_revocation_needs_the_approved_key_and_reason(
     )  # fmt: skip
     assert code == 0, err
     pid = made["proposal_id"]
-    assert client(jp, added["token"], "approvals", "approve", pid)[1]["ready"] is True
+    assert client(jp, second, "approvals", "approve", pid)[1]["ready"] is True
     code, answer, _err = host(
         jp, "keys", "revoke", sign_key, "--reason", "other reason", "--yes", "--proposal", pid
     )
@@ -181,6 +196,8 @@ def test_root_rotation_with_k_2_writes_nothing_until_approved(
     _pin(jp, pk, tmp_path)
     set_rule(jp, "keys-rotate-root", 2)
     _code, added, _err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
+    jp.token = own(jp, jp.token)
+    second = own(jp, added["token"])
     roots_before = sorted(p.name for p in (jp.path / "keys").glob("root-*.key"))
     code, made, err = client(
         jp, jp.token, "approvals", "propose", "keys-rotate-root", "--reason", "custodian left"
@@ -191,7 +208,7 @@ def test_root_rotation_with_k_2_writes_nothing_until_approved(
     assert answer["error"]["reason"] == "approval.pending"
     assert sorted(p.name for p in (jp.path / "keys").glob("root-*.key")) == roots_before
     assert own_state(jp) == (1, 0)
-    assert client(jp, added["token"], "approvals", "approve", pid)[1]["ready"] is True
+    assert client(jp, second, "approvals", "approve", pid)[1]["ready"] is True
     code, rooted, err = host(jp, "keys", "rotate-root", "--proposal", pid)
     assert code == 0, err
     assert rooted["version"] == 2
@@ -206,6 +223,8 @@ def test_adding_an_administrator_with_k_2_waits_and_the_deciding_approver_gets_t
     jp, _pk = homes
     # the second administrator is added before the rule is in force
     _code, added, _err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
+    jp.token = own(jp, jp.token)
+    second = own(jp, added["token"])
     set_rule(jp, "users-add-admin", 2)
     # officers are still added by one administrator
     code, clerk, err = client(jp, jp.token, "users", "add", "clerk", "--role", "officer")
@@ -217,7 +236,7 @@ def test_adding_an_administrator_with_k_2_waits_and_the_deciding_approver_gets_t
     assert "token" not in made
     listed = client(jp, jp.token, "users", "list")[1]
     assert "third" not in {u["name"] for u in listed}
-    code, done, err = client(jp, added["token"], "approvals", "approve", made["proposal_id"])
+    code, done, err = client(jp, second, "approvals", "approve", made["proposal_id"])
     assert code == 0, err
     assert done["state"] == "executed"
     token = done["result"]["token"]
