@@ -26,7 +26,13 @@ from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import queries as consent_queries
 from gateway.node.context import NodeContext
 from gateway.node.runtime import utc_now
-from gateway.node.users import add_user, disable_user, rotate_own_token, set_approver
+from gateway.node.users import (
+    add_user,
+    disable_user,
+    reissue_token,
+    rotate_own_token,
+    set_approver,
+)
 from gateway.store.models_approvals import ApprovalProposal
 from gateway.store.models_consent import ConsentGrantRecord, ConsentRevocationRecord
 from gateway.store.models_exchange import OutboxEntry
@@ -472,3 +478,83 @@ def test_cli_revocation_with_k_2_answers_with_the_proposal(pair: Pair) -> None:
     assert done.exit_code == 0, done.output
     assert "executed" in done.output
     assert revocations(pair.pk) == (1, 1)
+
+
+# --- own tokens: an administrator who issued a token cannot approve with it ----------------
+
+
+def approval_givers(side: Side) -> list[str]:
+    return [str(e.actor_name) for e in entries(side, "approval-given")]
+
+
+def test_an_administrator_who_adds_an_approver_cannot_grant_consent_as_them(pair: Pair) -> None:
+    """The administrator adding an officer with --approver knows the first token; with
+    it the officer's approval is refused, and counts once the officer rotated it."""
+    set_approvals(pair.pk, 2)
+    add_people(pair.pk, NOW)
+    added = approvals.add_user_or_propose(
+        pair.pk.node, ADMIN, "farah", "officer", now=NOW, approver=True
+    )
+    assert (added["approver"], added["state"]) == (True, "executed")
+    _case_id, request_id = asked_of_pk(pair)
+    pid = propose(pair, request_id)["proposal_id"]  # asma, with her own token: 1 of 2
+
+    refused("approval.token-not-own", lambda: approve(pair, pid, officer("farah")))
+    assert (grants(pair.pk), grant_bundles(pair.pk)) == (0, 0)
+    assert approval_givers(pair.pk) == ["asma"]
+
+    # a proposal made with such a token is stored, without the proposer's approval
+    _case_id, other_request = asked_of_pk(pair)
+    made = propose(pair, other_request, by="farah")
+    assert (made["state"], made["approvals"], made["approvers"]) == ("pending", 0, [])
+    assert "gateway users rotate-token" in made["proposer_approval"]
+
+    with pair.pk.node.db.transaction() as session:
+        rotate_own_token(session, officer("farah"), now=NOW)
+    done = approve(pair, pid, officer("farah"))
+    assert (done["state"], done["counted"]) == ("executed", ["asma", "farah"])
+    assert grants(pair.pk) == 1
+    # and now she approves her own proposal: it counts (1 of 2, nothing granted yet)
+    mine = approve(pair, made["proposal_id"], officer("farah"))
+    assert (mine["state"], mine["counted"]) == ("pending", ["farah"])
+    (added_entry,) = entries(pair.pk, "user-added")
+    assert added_entry.actor_name == ADMIN.name
+    assert json.loads(added_entry.canonical)["body"] == {
+        "user": "farah",
+        "role": "officer",
+        "approver": True,
+        "by": ADMIN.name,
+    }
+    assert added["token"] not in "".join(e.canonical.decode() for e in entries(pair.pk))
+
+
+def test_one_officer_grants_alone_at_k_1_whoever_issued_the_token(pair: Pair) -> None:
+    set_approvals(pair.pk, 1)
+    with pair.pk.node.db.transaction() as session:
+        add_user(session, "solo", "officer", created_by="root-admin", now=NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    made = propose(pair, request_id, by="solo")
+    assert made["state"] == "executed"
+    assert "proposer_approval" not in made
+    assert grants(pair.pk) == 1
+
+
+def test_a_token_reissued_after_approving_leaves_that_approval_counting(pair: Pair) -> None:
+    """An approval is fixed when given: bilal approved with his own token; an
+    administrator reissuing it later does not undo that approval (docs/consent.md),
+    but bilal approves nothing more with the reissued token."""
+    set_approvals(pair.pk, 3)
+    add_people(pair.pk, NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    pid = propose(pair, request_id)["proposal_id"]
+    assert approve(pair, pid, officer("bilal"))["counted"] == ["asma", "bilal"]
+    with pair.pk.node.db.transaction() as session:
+        reissue_token(session, "bilal", now=NOW, by=ADMIN)
+    _case_id, other_request = asked_of_pk(pair)
+    other = propose(pair, other_request, by="chaudhry")["proposal_id"]
+    refused("approval.token-not-own", lambda: approve(pair, other, officer("bilal")))
+    done = approve(pair, pid, officer("chaudhry"))
+    assert (done["state"], done["counted"]) == ("executed", ["asma", "bilal", "chaudhry"])
+    (reissued,) = entries(pair.pk, "token-reissued")
+    assert reissued.actor_name == ADMIN.name
+    assert json.loads(reissued.canonical)["body"] == {"user": "bilal", "by": ADMIN.name}

@@ -61,6 +61,9 @@ from tests.integration.test_api import (
 )
 from tests.node_api import running_api
 
+ROTATE_TOKEN = "/api/v1/me/token"
+"""The route every user calls to replace their own token (``gateway users rotate-token``)."""
+
 HOST_COMMANDS = {
     ("init",),
     ("serve",),
@@ -287,6 +290,9 @@ def run_cli(made: ApiNode, identity: str, path: tuple[str, ...], args: list[str]
     }
     result = CliRunner().invoke(cli, [*path, *args, "--json"], env=env, catch_exceptions=False)
     if result.exit_code == 0:
+        if path == ("users", "rotate-token"):
+            # the user replaced their own token: the old one no longer works
+            made.tokens[identity] = json.loads(result.stdout)["token"]
         return Outcome(refused=False, reason=None, detail="")
     reason = None
     for line in result.stdout.splitlines():
@@ -337,6 +343,8 @@ def test_every_command_with_every_identity(
     assert checked == len(commands) * len(IDENTITIES)
     # the approver capability is given by administrators alone (docs/consent.md)
     assert (("users", "approver"), "users.approver") in {(p, a) for p, _c, a in commands}
+    assert (("users", "rotate-token"), "users.rotate-token") in {(p, a) for p, _c, a in commands}
+    assert ACTIONS["users.rotate-token"] == frozenset(Role)
 
 
 # --- the local API ----------------------------------------------------------------------
@@ -366,6 +374,9 @@ def test_every_api_route_with_every_identity(table_node: tuple[ApiNode, str]) ->
                     if wanted is None:
                         assert not (answer.reason or "").startswith("access."), where
                         assert answer.status not in (401, 403) or answer.reason == "consent", where
+                        if route.path == ROTATE_TOKEN and answer.status == 200:
+                            # the user replaced their own token: the old one no longer works
+                            made.tokens[identity] = answer.body["token"]
                         state = await asyncio.to_thread(snapshot, made)
                     else:
                         assert answer.reason == wanted, where
@@ -379,6 +390,10 @@ def test_every_api_route_with_every_identity(table_node: tuple[ApiNode, str]) ->
     assert route_count >= 5
     # the approver capability is given by administrators alone (docs/consent.md)
     assert ("POST", "/api/v1/users/{name}/approver", "officer") in checked
+    # every role replaces its own token
+    assert {(m, p, i) for m, p, i in checked if p == ROTATE_TOKEN} == {
+        ("POST", ROTATE_TOKEN, identity) for identity in IDENTITIES
+    }
     assert len(checked) == route_count * len(IDENTITIES)
     assert len(set(checked)) == len(checked)
 
@@ -446,6 +461,9 @@ def test_compliance_gets_no_case_content_from_any_command_or_route(
             )
             where = f"{side.node.node_id}: gateway {' '.join(path)} {' '.join(args)}"
             assert_no_content(where, result.stdout + result.stderr)
+            if path == ("users", "rotate-token") and result.exit_code == 0:
+                # the compliance officer replaced their own token; keep using the new one
+                side.tokens["compliance"] = json.loads(result.stdout)["token"]
             for made in scratch.rglob("*"):
                 if made.is_file():
                     assert_no_content(f"{where} (file {made.name})", made.read_bytes())
@@ -467,6 +485,8 @@ def test_compliance_gets_no_case_content_from_any_command_or_route(
                     )
                     where = f"{side.node.node_id}: {route.method} {url}{query}"
                     assert_no_content(where, answer.content)
+                    if route.path == ROTATE_TOKEN and answer.status == 200:
+                        side.tokens["compliance"] = answer.body["token"]
                     tried.append(where)
 
         run_api(side, routes)

@@ -143,7 +143,11 @@ def test_user_changes_are_recorded_with_their_actor_and_no_token(homes: tuple[Ho
     assert code == 0, err
     entries = ledger(jp, "user-added", "approver-changed", "user-disabled")
     assert [(kind, actor, body) for kind, actor, body, _text in entries] == [
-        ("user-added", "admin", {"user": "asma", "role": "officer", "approver": True, "by": "admin"}),
+        (
+            "user-added",
+            "admin",
+            {"user": "asma", "role": "officer", "approver": True, "by": "admin"},
+        ),
         ("approver-changed", "admin", {"user": "asma", "approver": True}),
         ("user-disabled", "admin", {"user": "asma", "by": "admin"}),
     ]
