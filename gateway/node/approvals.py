@@ -150,7 +150,12 @@ def _votes(session: Session, proposal_id: str) -> list[ApprovalVote]:
 
 
 def _approvals(session: Session, action: str, votes: list[ApprovalVote]) -> list[Approval]:
-    """The votes as the rule sees them: with each approver's standing *now*."""
+    """The votes as the rule sees them: with each approver's standing *now*.
+
+    ``own_token`` is true for every stored vote: under k > 1 a vote is stored
+    only after :func:`_check_own_token` admitted it, and what it was made with
+    is fixed then (a token reissued later does not undo it, docs/consent.md).
+    """
     names = {v.approver for v in votes}
     users = {
         u.name: u for u in session.scalars(select(UserRecord).where(UserRecord.name.in_(names)))
@@ -458,8 +463,10 @@ def approve(
     reviewed: a proposal with other terms is refused (``approval.terms-changed``).
     Refused: an unknown proposal (404), one decided or expired already
     (``approval.decided`` 409, ``approval.expired`` 410), an approver of
-    the wrong role (``approval.not-approver`` 403), a second approval by
-    the same user (``approval.already-approved`` 409).
+    the wrong role (``approval.not-approver`` 403), one made with a token
+    someone else issued while k > 1 (``approval.token-not-own`` 403, checked
+    again under the proposal lock before the action executes), a second
+    approval by the same user (``approval.already-approved`` 409).
     """
     node = ctx.node
     with node.db.transaction() as session:
