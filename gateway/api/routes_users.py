@@ -16,7 +16,13 @@ from gateway.api.routes_common import (
 from gateway.errors import InvalidInput
 from gateway.node import approvals
 from gateway.node.runtime import utc_now
-from gateway.node.users import disable_user, list_users, reissue_token, set_approver
+from gateway.node.users import (
+    disable_user,
+    list_users,
+    reissue_token,
+    rotate_own_token,
+    set_approver,
+)
 
 __all__ = ["ROUTES"]
 
@@ -70,7 +76,7 @@ async def users_disable(call: Call) -> web.StreamResponse:
     name = call.path("name")
     await call.json_body()
     await call.in_transaction(
-        lambda session: disable_user(session, name, now=utc_now(), by=call.actor.name)
+        lambda session: disable_user(session, name, now=utc_now(), by=call.actor)
     )
     return json_response({"name": name, "disabled": True})
 
@@ -79,13 +85,30 @@ async def users_new_token(call: Call) -> web.StreamResponse:
     name = call.path("name")
     await call.json_body()
     token = await call.in_transaction(
-        lambda session: reissue_token(session, name, now=utc_now(), by=call.actor.name)
+        lambda session: reissue_token(session, name, now=utc_now(), by=call.actor)
     )
-    return json_response({"name": name, "token": token.text})
+    return json_response({"name": name, "token": token.text, "issued_by": call.actor.name})
+
+
+async def me_rotate_token(call: Call) -> web.StreamResponse:
+    await call.json_body()
+    token = await call.in_transaction(
+        lambda session: rotate_own_token(session, call.actor, now=utc_now())
+    )
+    return json_response(
+        {"name": call.actor.name, "token": token.text, "issued_by": call.actor.name}
+    )
 
 
 ROUTES = (
     ApiRoute("GET", "/api/v1/whoami", None, whoami, "The acting user, its role and the node"),
+    ApiRoute(
+        "POST",
+        "/api/v1/me/token",
+        "users.rotate-token",
+        me_rotate_token,
+        "Replace your own token; the old one stops working (your approvals count again)",
+    ),
     ApiRoute("GET", "/api/v1/users", "users.list", users_list, "List users (never tokens)"),
     ApiRoute(
         "POST", "/api/v1/users", "users.add", users_add, "Add a user; its token is shown once"
@@ -109,6 +132,7 @@ ROUTES = (
         "/api/v1/users/{name}/token",
         "users.add",
         users_new_token,
-        "Replace a user's token; the old one stops working",
+        "Replace a user's token; the old one stops working (issued by you: the user's "
+        "approvals under k > 1 count again only after they rotate it)",
     ),
 )

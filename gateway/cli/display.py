@@ -9,7 +9,15 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["HOST_OPERATION", "USER_COMMAND", "day", "manifest_text", "proposal_text", "when"]
+__all__ = [
+    "HOST_OPERATION",
+    "USER_COMMAND",
+    "day",
+    "manifest_text",
+    "proposal_text",
+    "proposer_note",
+    "when",
+]
 
 USER_COMMAND = "Runs through the node's local API; needs your token."
 """The line every user command's help carries (SPEC §8, who runs what)."""
@@ -139,3 +147,10 @@ def proposal_text(proposal: dict[str, Any], *, full: bool = False) -> str:
     if proposal.get("warning"):
         lines.append(f"  warning: {proposal['warning']}")
     return "\n".join(lines)
+
+
+def proposer_note(answer: dict[str, Any]) -> str:
+    """The line a proposal's answer adds when the proposer's own approval was not
+    counted (``proposer_approval``: a token an administrator issued); else ``""``."""
+    note = answer.get("proposer_approval")
+    return f"\nyour own approval was {note}" if isinstance(note, str) else ""

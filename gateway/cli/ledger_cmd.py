@@ -14,7 +14,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import click
@@ -23,6 +23,9 @@ from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
 from gateway.cli.display import when
 from gateway.errors import AlreadyExists, InvalidInput, StorageError, TransportError
+
+if TYPE_CHECKING:
+    from gateway.client.transport import ApiClient
 
 __all__ = ["ledger_group"]
 
@@ -96,7 +99,9 @@ def verify(app: AppContext) -> None:
 
     Runs through the node's local API; needs your token.
     """
-    report = _verify_streamed(app, show_bar=not app.as_json and sys.stdout.isatty())
+    report = _verify_streamed(
+        app.client("ledger.verify"), show_bar=not app.as_json and sys.stdout.isatty()
+    )
     app.emit(
         report,
         f"ledger intact: {report['entries']} entries, root {report['root']}, "
@@ -105,7 +110,7 @@ def verify(app: AppContext) -> None:
     )
 
 
-def _verify_streamed(app: AppContext, *, show_bar: bool) -> dict[str, Any]:
+def _verify_streamed(client: ApiClient, *, show_bar: bool) -> dict[str, Any]:
     """Ask for the streamed verify answer: a bar from its progress lines, then its outcome.
 
     The last line is the report, or the error the plain answer would have
@@ -116,7 +121,6 @@ def _verify_streamed(app: AppContext, *, show_bar: bool) -> dict[str, Any]:
     from gateway.client.progress import transfer_progress  # noqa: PLC0415
     from gateway.client.transport import error_from_answer  # noqa: PLC0415
 
-    client = app.client("ledger.verify")
     with client.lines("POST", "/api/v1/ledger/verify", {}) as lines:
         first = next(lines, None)
         progress = first.get("progress") if isinstance(first, dict) else None

@@ -305,6 +305,11 @@ COMMANDS: dict[str, LazyCommand | LazySubgroup] = {
                 "new_token",
                 "Replace a user's token (the old one stops working) and print the new one once.",
             ),
+            "rotate-token": _entry(
+                "users_cmd",
+                "rotate_token",
+                "Replace your own token and print the new one once; the old one stops working.",
+            ),
         },
     ),
 }

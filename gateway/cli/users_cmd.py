@@ -10,7 +10,7 @@ import click
 
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
-from gateway.cli.display import when
+from gateway.cli.display import proposer_note, when
 
 
 def _path(*segments: str) -> str:
@@ -69,7 +69,8 @@ def add(app: AppContext, name: str, role: str, approver: bool) -> None:
             created,
             f"proposal {created['proposal_id']} made to add administrator {name}: "
             f"{created['approvals']} of {created['needed']} approvals (two-person rule); the "
-            "administrator whose approval completes it receives the token, once",
+            "administrator whose approval completes it receives the token, once"
+            f"{proposer_note(created)}",
         )
         return
     approving = ", approver" if created.get("approver") else ""
@@ -139,9 +140,39 @@ def approver_(app: AppContext, name: str, state: str) -> None:
 @click.argument("name")
 @pass_app
 def new_token(app: AppContext, name: str) -> None:
-    """Replace a user's token (the old one stops working) and print the new one once."""
+    """Replace a user's token (the old one stops working) and print the new one once.
+
+    The new token counts as issued by you: where the two-person rule asks
+    k > 1, its holder's approvals count again only after they run
+    'gateway users rotate-token' themselves.
+    """
     answer = app.client("users.add").call("POST", _path("users", name, "token"), {})
     app.emit(
         {"name": name, "token": answer["token"]},
-        f"New token for {name} (shown once; the old one no longer works):\n  {answer['token']}",
+        f"New token for {name} (shown once; the old one no longer works):\n  {answer['token']}\n"
+        f"Hand it over; {name} should run 'gateway users rotate-token' at once: approvals "
+        "under the two-person rule count only with a token its holder issued.",
+    )
+
+
+@users.command("rotate-token")
+@pass_app
+def rotate_token(app: AppContext) -> None:
+    """Replace your own token and print the new one once; the old one stops working.
+
+    Any role. A token an administrator issued you (users add, users new-token)
+    does not count toward an approval under the two-person rule (k > 1); one
+    you issued yourself does. Store the new token where GATEWAY_TOKEN or
+    --token-file reads it before running another command.
+
+    \b
+    Examples:
+      gateway users rotate-token
+      gateway users rotate-token --json > new-token.json
+    """
+    answer = app.client("users.rotate-token").call("POST", "/api/v1/me/token", {})
+    app.emit(
+        {"name": answer["name"], "token": answer["token"]},
+        f"New token for {answer['name']} (shown once; the old one no longer works):\n"
+        f"  {answer['token']}",
     )

@@ -127,6 +127,10 @@ class EntryKind(StrEnum):
     APPROVAL_EXPIRED = "approval-expired"
     APPROVAL_EXECUTED = "approval-executed"
     APPROVER_CHANGED = "approver-changed"
+    USER_ADDED = "user-added"
+    USER_DISABLED = "user-disabled"
+    TOKEN_REISSUED = "token-reissued"  # noqa: S105 (a ledger kind, not a secret)
+    TOKEN_ROTATED = "token-rotated"  # noqa: S105 (a ledger kind, not a secret)
 
 
 _KINDS = {kind.value: kind for kind in EntryKind}

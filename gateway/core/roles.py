@@ -26,6 +26,7 @@ _A = frozenset({Role.ADMIN})
 _O = frozenset({Role.OFFICER})
 _C = frozenset({Role.COMPLIANCE})
 _AO = frozenset({Role.ADMIN, Role.OFFICER})
+_ALL = frozenset(Role)
 
 ACTIONS: dict[str, frozenset[Role]] = {
     # administrators: keys, peer, users, node
@@ -40,6 +41,8 @@ ACTIONS: dict[str, frozenset[Role]] = {
     "users.list": _A,
     "users.disable": _A,
     "users.approver": _A,
+    # every user replaces their own token (an administrator's copy stops working)
+    "users.rotate-token": _ALL,
     # officers: case handling and consent
     "send": _O,
     "inbox": _O,

@@ -57,6 +57,8 @@ __all__ = [
 ]
 
 THIRD_PARTY = "Aichi Prefectural Police HQ"
+SECOND_APPROVER = "pk-approver"
+"""Islamabad's second officer holding the approver capability."""
 PURPOSE = "criminal investigation of broker fraud against SSW workers in Aichi"
 COMMAND_TIMEOUT = 60.0
 DELIVERY_TIMEOUT = 30.0
@@ -481,8 +483,9 @@ class DemoStory:
             ),
             step(
                 "users",
-                "Add an officer and a compliance officer on each side (through the running node)",
-                ("users add",),
+                "Add officers and compliance officers (through the running node); Islamabad's "
+                "two approvers replace their tokens with their own",
+                ("users add", "users rotate-token"),
                 ("start",),
                 self._users,
             ),
@@ -516,8 +519,8 @@ class DemoStory:
             ),
             step(
                 "consent-grant",
-                "Islamabad grants written consent",
-                ("consent grant", "consent list"),
+                "Islamabad grants written consent: one approver proposes, a second approves",
+                ("consent grant", "approvals approve", "consent list"),
                 ("consent-request",),
                 self._consent_grant,
             ),
@@ -590,16 +593,34 @@ class DemoStory:
         return f"Tokyo on {jp.url}, Islamabad on {pk.url}; homes in {self.root}"
 
     def _users(self) -> str:
+        """One officer and one compliance officer per side; Islamabad, which grants
+        consent under the two-person rule (policy ``[approvals.consent-grant] k = 2``),
+        has a second officer, and both its officers hold the approver capability and
+        replace the token the administrator issued them with their own."""
         made = []
         for node in self.nodes.values():
-            for name, role in (
-                (f"{node.node_id}-officer", "officer"),
-                (f"{node.node_id}-compliance", "compliance"),
-            ):
-                result = self.gateway(node, "admin", "users", "add", name, "--role", role)
-                node.tokens[role] = str(_find(result.data(), "token"))
-                made.append(name)
-        return "added " + ", ".join(made)
+            people = [
+                (f"{node.node_id}-officer", "officer", "officer"),
+                (f"{node.node_id}-compliance", "compliance", "compliance"),
+            ]
+            if node.node_id == "pk":
+                people.append((SECOND_APPROVER, "officer", "approver"))
+            for name, role, key in people:
+                approving = ("--approver",) if node.node_id == "pk" and role == "officer" else ()
+                result = self.gateway(
+                    node, "admin", "users", "add", name, "--role", role, *approving
+                )
+                node.tokens[key] = str(_find(result.data(), "token"))
+                made.append(name + (" (approver)" if approving else ""))
+        pk = self.nodes["pk"]
+        for key in ("officer", "approver"):
+            issued = pk.tokens[key]
+            rotated = self.gateway(pk, key, "users", "rotate-token").data()
+            node_token = str(_find(rotated, "token"))
+            if node_token == issued:
+                raise StepFailed("gateway users rotate-token printed the same token again")
+            pk.tokens[key] = node_token
+        return "added " + ", ".join(made) + "; both Islamabad approvers rotated their tokens"
 
     def _export_manifest(self, node: DemoNode) -> Path:
         """The node's signed key manifest, exported once per key version."""
@@ -765,7 +786,14 @@ class DemoStory:
             "--max-uses",
             "5",
         )
-        consent_id = str(_find(result.data(), "consent_id"))
+        proposed = result.data()
+        if _find(proposed, "state") != "pending":
+            raise StepFailed(f"one officer's grant was not held for a second approval: {proposed}")
+        proposal_id = str(_find(proposed, "proposal_id"))
+        approved = self.gateway(pk, "approver", "approvals", "approve", proposal_id).data()
+        if _find(approved, "state") != "executed":
+            raise StepFailed(f"the second approval did not send the grant: {approved}")
+        consent_id = str(_find(_find(approved, "result"), "consent_id"))
         self._facts["consent_id"] = consent_id
         self._deliver(pk)
         self._wait_for(
@@ -773,7 +801,9 @@ class DemoStory:
             lambda: self._consent_state(jp, consent_id) == "valid",
         )
         return (
-            f"written consent {consent_id} (valid until {valid_until}, 5 uses) signed and delivered"
+            f"proposal {proposal_id} held (1 of 2 approvals), approved by {SECOND_APPROVER}; "
+            f"written consent {consent_id} (valid until {valid_until}, 5 uses) signed and "
+            "delivered"
         )
 
     def _disclose_allowed(self) -> str:

@@ -39,7 +39,15 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateway.core.approvals import Approval, ProposalState, decide, terms_hash
+from gateway.core.approvals import (
+    NOT_OWN_ADVICE,
+    Approval,
+    ProposalState,
+    check_own_token,
+    decide,
+    terms_hash,
+    token_is_own,
+)
 from gateway.core.canonical import canonical_bytes
 from gateway.core.consent import format_time, parse_time, validate_text
 from gateway.core.policy import APPROVER_CAPABILITY, APPROVER_ROLES, ApprovalRule, Policy
@@ -50,7 +58,13 @@ from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent.common import node_policy
 from gateway.node.context import NodeContext
 from gateway.node.runtime import Node
-from gateway.node.users import add_user, check_new_user, is_approver
+from gateway.node.users import (
+    add_user,
+    check_new_user,
+    is_approver,
+    record_user_added,
+    token_issued_by,
+)
 from gateway.store.models_approvals import ApprovalProposal, ApprovalVote
 from gateway.store.models_users import UserRecord
 
@@ -100,10 +114,17 @@ class ProposalView:
     result: dict[str, Any] | None = None
     warning: str | None = None
     """At proposal time: fewer users could ever approve it than it needs."""
+    not_counted: str | None = None
+    """Why the proposer's own approval was not recorded (a token an administrator issued)."""
 
     def to_dict(self) -> dict[str, Any]:
-        extra = {} if self.warning is None else {"warning": self.warning}
+        extra: dict[str, Any] = {}
+        if self.warning is not None:
+            extra["warning"] = self.warning
+        if self.not_counted is not None:
+            extra["proposer_approval"] = self.not_counted
         return {
+            **extra,
             "proposal_id": self.proposal_id,
             "action": self.action,
             "terms": self.terms,
@@ -183,7 +204,12 @@ def _votes(session: Session, proposal_id: str) -> list[ApprovalVote]:
 
 
 def _approvals(session: Session, action: str, votes: list[ApprovalVote]) -> list[Approval]:
-    """The votes as the rule sees them: with each approver's standing *now*."""
+    """The votes as the rule sees them: with each approver's standing *now*.
+
+    ``own_token`` is true for every stored vote: under k > 1 a vote is stored
+    only after :func:`_check_own_token` admitted it, and what it was made with
+    is fixed then (a token reissued later does not undo it, docs/consent.md).
+    """
     names = {v.approver for v in votes}
     users = {
         u.name: u for u in session.scalars(select(UserRecord).where(UserRecord.name.in_(names)))
@@ -320,6 +346,14 @@ def _check_capability(session: Session, actor: Actor, action: str) -> None:
         )
 
 
+def _check_own_token(session: Session, actor: Actor, row: ApprovalProposal) -> None:
+    """Refuse (``approval.token-not-own``) an approval of a k > 1 proposal made with a
+    token someone else issued (:func:`gateway.core.approvals.check_own_token`)."""
+    check_own_token(
+        k=row.needed, approver=actor.name, token_issued_by=token_issued_by(session, actor.name)
+    )
+
+
 def _check_pending(row: ApprovalProposal) -> None:
     if row.state == ProposalState.EXPIRED and row.reason:
         raise RefusedError(
@@ -392,7 +426,11 @@ def _propose(
     approves: bool = True,
 ) -> ProposalView:
     """Store a pending proposal for ``rule``'s k approvals; with ``approves`` the
-    proposer's own approval too. Proposals past their expiry are closed first.
+    proposer's own approval too, when made with a token the proposer issued
+    (:func:`gateway.core.approvals.token_is_own`); otherwise the proposal is
+    stored without it and the view says why (``proposer_approval``), so the
+    proposer can rotate their token and approve it then. Proposals past their
+    expiry are closed first.
 
     A random ``nonce`` joins the terms before they are hashed, so the terms hash
     in the ledger cannot be confirmed by guessing the terms (docs/ledger.md).
@@ -418,7 +456,10 @@ def _propose(
     if isinstance(terms.get("reason"), str):
         proposed["reason"] = terms["reason"][:MAX_REASON]
     _record(session, "approval-proposed", actor, row, now, **proposed)
-    if approves:
+    own = token_is_own(
+        k=rule.k, approver=actor.name, token_issued_by=token_issued_by(session, actor.name)
+    )
+    if approves and own:
         session.add(
             ApprovalVote(
                 proposal_id=row.proposal_id, approver=actor.name, terms_hash=digest, approved_at=now
@@ -426,6 +467,14 @@ def _propose(
         )
         _record(session, "approval-given", actor, row, now, approvals=1)
     view = _view(session, row, policy, now=now)
+    if approves and not own:
+        view = replace(
+            view,
+            not_counted=(
+                f"not counted: {actor.name}'s token was issued by an administrator; "
+                f"{NOT_OWN_ADVICE}"
+            ),
+        )
     able = _could_approve(session, action)
     if able < view.needed:
         view = replace(
@@ -548,8 +597,10 @@ def approve(
     reviewed: a proposal with other terms is refused (``approval.terms-changed``).
     Refused: an unknown proposal (404), one decided or expired already
     (``approval.decided`` 409, ``approval.expired`` 410), an approver of
-    the wrong role (``approval.not-approver`` 403), a second approval by
-    the same user (``approval.already-approved`` 409).
+    the wrong role (``approval.not-approver`` 403), one made with a token
+    someone else issued while k > 1 (``approval.token-not-own`` 403, checked
+    again under the proposal lock before the action executes), a second
+    approval by the same user (``approval.already-approved`` 409).
     """
     node = ctx.node
     policy = ctx.policy
@@ -562,6 +613,7 @@ def approve(
         _check_approver(actor, row.action)
         _check_capability(session, actor, row.action)
         _check_proposer(session, row)
+        _check_own_token(session, actor, row)
         if terms_sha256 is not None and not hmac.compare_digest(terms_sha256, row.terms_hash):
             raise RefusedError(
                 f"proposal {proposal_id} has other terms than the ones you reviewed "
@@ -614,6 +666,9 @@ def approve(
         locked = _proposal(session, proposal_id, lock=True)
         _check_pending(locked)
         _check_proposer(session, locked)
+        # Again under the lock: a token reissued since the first look refuses this
+        # approval; the approvals recorded earlier keep counting (docs/consent.md).
+        _check_own_token(session, actor, locked)
         again = _votes(session, proposal_id)
         if any(v.approver == actor.name for v in again):
             raise RefusedError(
@@ -701,6 +756,7 @@ def _add_admin(
     session.flush()
     name = str(json.loads(row.terms_json)["name"])
     made = add_user(session, name, Role.ADMIN.value, created_by=row.proposer, now=now)
+    record_user_added(session, made, actor=actor, now=now)
     _record(session, "approval-given", actor, row, now, approvals=len(counted))
     row.state = ProposalState.EXECUTED
     row.decided_at = now
@@ -730,6 +786,7 @@ def add_user_or_propose(
     with node.db.transaction() as session:
         if role != Role.ADMIN.value or rule.k == 1:
             made = add_user(session, name, role, created_by=actor.name, now=now, approver=approver)
+            record_user_added(session, made, actor=actor, now=now)
             if approver:
                 ledger.record_event(
                     session,

@@ -32,8 +32,11 @@ __all__ = [
     "disable_user",
     "is_approver",
     "list_users",
+    "record_user_added",
     "reissue_token",
+    "rotate_own_token",
     "set_approver",
+    "token_issued_by",
 ]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
@@ -50,6 +53,8 @@ class UserView:
     created_by: str
     disabled: bool
     approver: bool = False
+    token_issued_by: str = ""
+    """Who issued the user's current token (the user themself after a rotation)."""
 
     def to_dict(self) -> dict[str, Any]:
         """One row of ``gateway users list`` and ``GET /api/v1/users`` (never a token)."""
@@ -60,6 +65,7 @@ class UserView:
             "created_by": self.created_by,
             "disabled": self.disabled,
             "approver": self.approver,
+            "token_issued_by": self.token_issued_by,
         }
 
 
@@ -123,8 +129,10 @@ def add_user(
 
     ``approver`` gives an officer the approver capability (consent grants
     under the two-person rule, docs/consent.md); refused (:class:`InvalidInput`)
-    for another role. The capability given at creation is recorded in the
-    ledger (``approver-changed``) by the caller that records the creation.
+    for another role. The first token counts as issued by ``created_by``
+    (``token_issued_by``): under k > 1 its holder's approvals count only after
+    ``gateway users rotate-token``. The creation is recorded in the ledger
+    (:func:`record_user_added`) by the caller, which knows the acting user.
     """
     _check_name(name)
     chosen = _role(role)
@@ -142,6 +150,7 @@ def add_user(
             created_at=now,
             created_by=created_by,
             token_issued_at=now,
+            token_issued_by=created_by,
             approver=approver,
         )
     )
@@ -150,23 +159,86 @@ def add_user(
     return NewUser(name=name, role=chosen, token=token, approver=approver)
 
 
-def reissue_token(session: Session, name: str, *, now: datetime, by: str) -> IssuedToken:
-    """Replace a user's token: the old one stops working at once."""
-    user = _get(session, name)
+def record_user_added(session: Session, made: NewUser, *, actor: Actor, now: datetime) -> None:
+    """Ledger entry ``user-added``: body ``{"user", "role", "approver", "by"}``, actor
+    ``actor`` (who added the user: the administrator, or the deciding approver of a
+    ``users-add-admin`` proposal). Never the token."""
+    ledger.record_event(
+        session,
+        kind="user-added",
+        actor=actor,
+        now=now,
+        body={
+            "user": made.name,
+            "role": made.role.value,
+            "approver": made.approver,
+            "by": actor.name,
+        },
+    )
+
+
+def _replace_token(user: UserRecord, *, now: datetime, issued_by: str) -> IssuedToken:
     token = issue_token()
     user.token_id = token.token_id
     user.token_hash = token.digest
     user.token_issued_at = now
-    _log.info("user_token_reissued", user=name, by=by)
+    user.token_issued_by = issued_by
     return token
 
 
-def disable_user(session: Session, name: str, *, now: datetime, by: str) -> None:
-    """Disable a user: its token is refused from now on. Idempotent."""
+def reissue_token(session: Session, name: str, *, now: datetime, by: Actor) -> IssuedToken:
+    """An administrator replaces user ``name``'s token: the old one stops working at once.
+
+    The new token counts as issued by ``by`` (``token_issued_by``), so under
+    k > 1 its holder's approvals do not count until they run ``gateway users
+    rotate-token`` (docs/consent.md, "Approvals"): an administrator who learns
+    the token cannot approve in that user's name. Ledger: ``token-reissued``
+    (body ``{"user", "by"}``, actor ``by``; never the token). Raises
+    :class:`NotFound` for an unknown user.
+    """
+    user = _get(session, name)
+    token = _replace_token(user, now=now, issued_by=by.name)
+    ledger.record_event(
+        session, kind="token-reissued", actor=by, now=now, body={"user": name, "by": by.name}
+    )
+    _log.info("user_token_reissued", user=name, by=by.name)
+    return token
+
+
+def rotate_own_token(session: Session, actor: Actor, *, now: datetime) -> IssuedToken:
+    """``gateway users rotate-token``: the acting user replaces their own token.
+
+    The old token stops working when this transaction commits; the new one
+    counts as issued by the user themself (``token_issued_by = actor.name``),
+    which is what makes their approvals count under k > 1. Ledger:
+    ``token-rotated`` (body ``{"user"}``, actor the user; never the token).
+    Raises :class:`NotFound` when the actor is not a user of this node, and
+    :class:`AccessDenied` for a disabled one.
+    """
+    user = _get(session, actor.name)
+    if user.disabled_at is not None:
+        raise AccessDenied(f"user {actor.name!r} is disabled", reason="access.disabled")
+    token = _replace_token(user, now=now, issued_by=actor.name)
+    ledger.record_event(
+        session, kind="token-rotated", actor=actor, now=now, body={"user": actor.name}
+    )
+    _log.info("user_token_rotated", user=actor.name)
+    return token
+
+
+def disable_user(session: Session, name: str, *, now: datetime, by: Actor) -> None:
+    """Disable a user: its token is refused from now on. Idempotent.
+
+    Ledger: ``user-disabled`` (body ``{"user", "by"}``, actor ``by``) when it
+    changes anything. Raises :class:`NotFound` for an unknown user.
+    """
     user = _get(session, name)
     if user.disabled_at is None:
         user.disabled_at = now
-    _log.info("user_disabled", user=name, by=by)
+        ledger.record_event(
+            session, kind="user-disabled", actor=by, now=now, body={"user": name, "by": by.name}
+        )
+    _log.info("user_disabled", user=name, by=by.name)
 
 
 def set_approver(session: Session, name: str, on: bool, *, now: datetime, by: Actor) -> bool:
@@ -196,6 +268,11 @@ def set_approver(session: Session, name: str, on: bool, *, now: datetime, by: Ac
     return True
 
 
+def token_issued_by(session: Session, name: str) -> str | None:
+    """Who issued user ``name``'s current token; ``None`` for an unknown user."""
+    return session.scalar(select(UserRecord.token_issued_by).where(UserRecord.name == name))
+
+
 def is_approver(session: Session, name: str) -> bool:
     """True when ``name`` is an enabled officer holding the approver capability."""
     user = session.scalar(select(UserRecord).where(UserRecord.name == name))
@@ -217,6 +294,7 @@ def list_users(session: Session) -> list[UserView]:
             created_by=row.created_by,
             disabled=row.disabled_at is not None,
             approver=row.approver,
+            token_issued_by=row.token_issued_by,
         )
         for row in rows
     ]

@@ -24,5 +24,8 @@ class UserRecord(Base):
     created_by: Mapped[str] = mapped_column(String(64))
     disabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     token_issued_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    token_issued_by: Mapped[str] = mapped_column(String(64))
+    """Who issued the current token: its creator, the administrator who reissued it, or
+    the user themself after ``gateway users rotate-token`` (migration 0020_token_issuer)."""
     approver: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     """An officer who may approve consent grants (docs/consent.md; migration 0019_approver)."""

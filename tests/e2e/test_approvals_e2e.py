@@ -39,6 +39,7 @@ from tests.nodes import (
     stop,
     wait_ready,
 )
+from tests.policies import set_approvals
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
 EMBASSY = "Embassy of Example"
@@ -94,9 +95,13 @@ def add_user(home: NodeHome, name: str, role: str, *flags: str) -> str:
 
 
 def approver_token(home: NodeHome, name: str) -> str:
-    """An officer holding the approver capability, added by the administrator; the
-    token that officer approves with."""
-    token = add_user(home, name, "officer", "--approver")
+    """An officer holding the approver capability, added by the administrator, who
+    then replaced the issued token with their own: the token they approve with."""
+    issued = add_user(home, name, "officer", "--approver")
+    # the administrator knows the token it issued: an approval under k > 1 counts
+    # only with a token the approver issued themself (docs/consent.md, "Own tokens")
+    token = str(gateway(home, issued, "users", "rotate-token").ok()["token"])
+    assert token != issued
     assert gateway(home, token, "approvals", "list").ok() == []
     return token
 
@@ -124,11 +129,8 @@ def outbox_settled(home: NodeHome, token: str) -> list[dict[str, Any]]:
 
 
 def set_consent_grant_k(home: NodeHome, k: int) -> None:
-    """Append ``[approvals.consent-grant] k`` to the node's policy (before it serves)."""
-    path = load_settings(home.home, environ=home.env()).policy_dir / "policy.toml"
-    text = path.read_text()
-    assert "\n[approvals.consent-grant]" not in text
-    path.write_text(f"{text}\n[approvals.consent-grant]\nk = {k}\nlifetime_hours = 72\n")
+    """Set ``[approvals.consent-grant] k`` in the node's policy (before it serves)."""
+    set_approvals(load_settings(home.home, environ=home.env()).policy_dir, "consent-grant", k)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -223,10 +225,10 @@ def test_a_grant_needs_two_approvers_and_only_then_the_peer_discloses(
     assert gateway(jp, tanaka, "consent", "list").ok()["consents"] == []
 
     # An officer without the capability, and the proposer again, are refused.
-    gateway(pk, clerk, "approvals", "approve", proposal_id).refused(
+    gateway(pk, clerk, "approvals", "approve", proposal_id, "--yes").refused(
         EXIT_ERROR, "approval.not-approver"
     )
-    gateway(pk, asma, "approvals", "approve", proposal_id).refused(
+    gateway(pk, asma, "approvals", "approve", proposal_id, "--yes").refused(
         EXIT_ERROR, "approval.already-approved"
     )
 
@@ -245,7 +247,7 @@ def test_a_grant_needs_two_approvers_and_only_then_the_peer_discloses(
     consent_id = done["result"]["consent_id"]
     # Approving a proposal already executed is refused, whoever tries.
     for token in (bilal, asma):
-        gateway(pk, token, "approvals", "approve", proposal_id).refused(
+        gateway(pk, token, "approvals", "approve", proposal_id, "--yes").refused(
             EXIT_ERROR, "approval.decided"
         )
     grants = [b for b in outbox_settled(pk, clerk_pk) if b["type"] == "consent-grant"]

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.nodes import NodeHome, ServeProcess, init_pair, stop, wait_ready
+from tests.policies import set_approvals
 
 pytestmark = [pytest.mark.slow, pytest.mark.soak, pytest.mark.timeout(1200)]
 
@@ -70,6 +71,9 @@ def served(tmp_path: Path) -> Iterator[Story]:
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     homes = init_pair(tmp_path)
+    for home in homes.values():
+        # the console's story has one officer per side: Tokyo grants alone (k = 1)
+        set_approvals(home.home / "policies", "consent-grant", 1)
     story = Story(homes)  # users are added before the nodes serve
     processes: list[ServeProcess] = []
     try:

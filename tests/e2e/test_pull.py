@@ -29,6 +29,7 @@ from gateway.node.runtime import utc_now
 from tests.conftest import create_pg_database, drop_pg_database, require_postgres
 from tests.e2e.test_exchange import Pair, Side, assert_exactly_once, example, wait_for
 from tests.nodes import init_pair, run_gateway
+from tests.policies import set_approvals
 
 # The module's pair of nodes is made once (init, keys, pinning: minutes on a loaded
 # machine), charged to the first test that runs; slow runs set their own.
@@ -49,6 +50,9 @@ def set_server(home: Path, **values: Any) -> None:
 def make_pull_pair(root: Path, urls: dict[str, str] | None) -> Pair:
     """jp hosts (holds for pk), pk pulls; checkpoints every second, short long polls."""
     homes = init_pair(root, db_urls=urls)
+    for home in homes.values():
+        # these tests are about pulling: one officer grants consent (k = 1)
+        set_approvals(home.home / "policies", "consent-grant", 1)
     set_server(homes["jp"].home, peer_delivery="hold", checkpoint_interval_seconds=1.0)
     set_server(
         homes["pk"].home,

@@ -107,7 +107,7 @@ def make_node(
         tokens["disabled"] = add_user(
             session, "gone", "officer", created_by="test", now=utc_now()
         ).token.text
-        disable_user(session, "gone", now=utc_now(), by="test")
+        disable_user(session, "gone", now=utc_now(), by=Actor(name="test", role=Role.ADMIN))
     return ApiNode(home=home, node=node, environ=env, tokens=tokens)
 
 

@@ -33,7 +33,13 @@ from gateway.node.consent import protocol as consent_protocol
 from gateway.node.consent import queries as consent_queries
 from gateway.node.context import NodeContext
 from gateway.node.runtime import utc_now
-from gateway.node.users import add_user, disable_user, set_approver
+from gateway.node.users import (
+    add_user,
+    disable_user,
+    reissue_token,
+    rotate_own_token,
+    set_approver,
+)
 from gateway.store.models_approvals import ApprovalProposal
 from gateway.store.models_consent import ConsentGrantRecord, ConsentRevocationRecord
 from gateway.store.models_exchange import OutboxEntry
@@ -53,6 +59,7 @@ from tests.integration.test_consent import (  # noqa: F401  (fixtures)
     send_case_to_peer,
 )
 from tests.node_api import serve_node
+from tests.policies import set_approvals as set_policy_approvals
 
 OFFICERS = ("asma", "bilal", "chaudhry", "dur")
 """Officers holding the approver capability; ``clerk`` is an officer without it."""
@@ -60,9 +67,22 @@ ADMIN = Actor(name="root-admin", role=Role.ADMIN)
 
 
 def set_approvals(side: Side, k: int, hours: int = 72) -> None:
-    path = side.node.settings.policy_dir / "policy.toml"
-    text = path.read_text()
-    path.write_text(f"{text}\n[approvals.consent-grant]\nk = {k}\nlifetime_hours = {hours}\n")
+    set_policy_approvals(side.node.settings.policy_dir, "consent-grant", k, hours=hours)
+
+
+def own_officer_env(side: Side, name: str) -> dict[str, str]:
+    """An officer added by an administrator who then replaced the token the
+    administrator issued (``gateway users rotate-token``); the CLI environment
+    with the new token. The old token is refused from then on."""
+    env = _officer_env(side, name)
+    rotated = _run(env, "users", "rotate-token", "--json")
+    assert rotated.exit_code == 0, rotated.output
+    token = json.loads(rotated.stdout)["token"]
+    assert token != env["GATEWAY_TOKEN"]
+    old = _run(env, "approvals", "list", "--json")
+    assert old.exit_code == 1
+    assert "access.token" in old.stdout
+    return {**env, "GATEWAY_TOKEN": token}
 
 
 def officer(name: str) -> Actor:
@@ -70,11 +90,15 @@ def officer(name: str) -> Actor:
 
 
 def add_people(side: Side, now: Any) -> None:
+    """The officers and an administrator; each replaced the token the administrator
+    issued with one of their own (``users rotate-token``), so their approvals count."""
     with side.node.db.transaction() as session:
         for name in OFFICERS:
             add_user(session, name, "officer", created_by="admin", now=now, approver=True)
         add_user(session, "clerk", "officer", created_by="admin", now=now)
         add_user(session, "root-admin", "admin", created_by="admin", now=now)
+        for name in (*OFFICERS, "clerk", "root-admin"):
+            rotate_own_token(session, Actor(name=name, role=None), now=now)
 
 
 def give_approver(side: Side, name: str, on: bool = True) -> None:
@@ -191,7 +215,7 @@ def test_grant_happens_exactly_at_the_kth_distinct_enabled_officer(pair: Pair, k
         # dur approves, then is disabled: dur's approval no longer counts
         assert approve(pair, pid, officer("dur"))["approvals"] == 2
         with pair.pk.node.db.transaction() as session:
-            disable_user(session, "dur", now=NOW, by="root-admin")
+            disable_user(session, "dur", now=NOW, by=ADMIN)
         assert approve(pair, pid, officer("bilal"))["state"] == "pending"
         assert grants(pair.pk) == 0
         done = approve(pair, pid, officer("chaudhry"))
@@ -301,8 +325,8 @@ def test_end_to_end_two_officers_grant_and_tokyo_discloses(pair: Pair, tmp_path:
     set_approvals(pair.pk, 2)
     now = utc_now()
     case_id, request_id = asked_of_pk(pair, when=now)
-    first = _officer_env(pair.pk, "asma")
-    second = _officer_env(pair.pk, "bilal")
+    first = own_officer_env(pair.pk, "asma")
+    second = own_officer_env(pair.pk, "bilal")
     with pair.pk.node.db.transaction() as session:
         # the approver capability, given by an administrator
         for name in ("asma", "bilal"):
@@ -359,8 +383,7 @@ def test_end_to_end_two_officers_grant_and_tokyo_discloses(pair: Pair, tmp_path:
 
 
 def set_rule(side: Side, action: str, k: int) -> None:
-    path = side.node.settings.policy_dir / "policy.toml"
-    path.write_text(f"{path.read_text()}\n[approvals.{action}]\nk = {k}\n")
+    set_policy_approvals(side.node.settings.policy_dir, action, k)
 
 
 def revocations(side: Side) -> tuple[int, int]:
@@ -446,8 +469,8 @@ def test_concurrent_revocation_approvals_execute_once(pair: Pair) -> None:
 def test_cli_revocation_with_k_2_answers_with_the_proposal(pair: Pair) -> None:
     now = utc_now()
     _case_id, request_id = asked_of_pk(pair, when=now)
-    first = _officer_env(pair.pk, "asma")
-    second = _officer_env(pair.pk, "bilal")
+    first = own_officer_env(pair.pk, "asma")
+    second = own_officer_env(pair.pk, "bilal")
     granted = json.loads(_run(first, "consent", "grant", request_id, "--json").stdout)
     assert granted["state"] == "executed"
     set_rule(pair.pk, "consent-revoke", 2)
@@ -509,7 +532,7 @@ def test_proposal_of_a_disabled_proposer_never_executes(pair: Pair) -> None:
     pid = propose(pair, request_id, by="clerk")["proposal_id"]
     assert approve(pair, pid, officer("bilal"))["state"] == "pending"
     with pair.pk.node.db.transaction() as session:
-        disable_user(session, "clerk", now=NOW, by="root-admin")
+        disable_user(session, "clerk", now=NOW, by=ADMIN)
     refused("approval.proposer-disabled", lambda: approve(pair, pid, officer("chaudhry")))
     assert grants(pair.pk) == 0
     assert grant_bundles(pair.pk) == 0
@@ -517,7 +540,7 @@ def test_proposal_of_a_disabled_proposer_never_executes(pair: Pair) -> None:
     # the proposer's own approval stops counting too, like any disabled approver's
     own = propose(pair, request_id, by="asma")["proposal_id"]
     with pair.pk.node.db.transaction() as session:
-        disable_user(session, "asma", now=NOW, by="root-admin")
+        disable_user(session, "asma", now=NOW, by=ADMIN)
     (view,) = [
         v
         for v in approvals.list_proposals(pair.pk.node, officer("dur"), now=NOW)
@@ -613,8 +636,8 @@ def test_api_approval_names_the_reviewed_terms_and_ids_are_uuids(pair: Pair) -> 
     set_approvals(pair.pk, 2)
     now = utc_now()
     _case_id, request_id = asked_of_pk(pair, when=now)
-    first = _officer_env(pair.pk, "asma")
-    second = _officer_env(pair.pk, "bilal")
+    first = own_officer_env(pair.pk, "asma")
+    second = own_officer_env(pair.pk, "bilal")
     with pair.pk.node.db.transaction() as session:
         for name in ("asma", "bilal"):
             set_approver(session, name, True, now=now, by=ADMIN)
@@ -671,8 +694,8 @@ def test_cli_list_and_show_print_every_term_and_approve_asks_on_a_terminal(
     set_approvals(pair.pk, 2)
     now = utc_now()
     _case_id, request_id = asked_of_pk(pair, when=now)
-    first = _officer_env(pair.pk, "asma")
-    second = _officer_env(pair.pk, "bilal")
+    first = own_officer_env(pair.pk, "asma")
+    second = own_officer_env(pair.pk, "bilal")
     with pair.pk.node.db.transaction() as session:
         for name in ("asma", "bilal"):
             set_approver(session, name, True, now=now, by=ADMIN)
@@ -734,3 +757,83 @@ def test_help_says_a_grant_under_the_rule_becomes_a_proposal_and_where_the_reaso
     assert "gateway approvals list" in text
     propose = CliRunner().invoke(cli, ["approvals", "propose", "--help"])
     assert "approval-proposed entry" in " ".join(propose.output.split())
+
+
+# --- own tokens: an administrator who issued a token cannot approve with it ----------------
+
+
+def approval_givers(side: Side) -> list[str]:
+    return [str(e.actor_name) for e in entries(side, "approval-given")]
+
+
+def test_an_administrator_who_adds_an_approver_cannot_grant_consent_as_them(pair: Pair) -> None:
+    """The administrator adding an officer with --approver knows the first token; with
+    it the officer's approval is refused, and counts once the officer rotated it."""
+    set_approvals(pair.pk, 2)
+    add_people(pair.pk, NOW)
+    added = approvals.add_user_or_propose(
+        pair.pk.node, ADMIN, "farah", "officer", now=NOW, approver=True
+    )
+    assert (added["approver"], added["state"]) == (True, "executed")
+    _case_id, request_id = asked_of_pk(pair)
+    pid = propose(pair, request_id)["proposal_id"]  # asma, with her own token: 1 of 2
+
+    refused("approval.token-not-own", lambda: approve(pair, pid, officer("farah")))
+    assert (grants(pair.pk), grant_bundles(pair.pk)) == (0, 0)
+    assert approval_givers(pair.pk) == ["asma"]
+
+    # a proposal made with such a token is stored, without the proposer's approval
+    _case_id, other_request = asked_of_pk(pair)
+    made = propose(pair, other_request, by="farah")
+    assert (made["state"], made["approvals"], made["approvers"]) == ("pending", 0, [])
+    assert "gateway users rotate-token" in made["proposer_approval"]
+
+    with pair.pk.node.db.transaction() as session:
+        rotate_own_token(session, officer("farah"), now=NOW)
+    done = approve(pair, pid, officer("farah"))
+    assert (done["state"], done["counted"]) == ("executed", ["asma", "farah"])
+    assert grants(pair.pk) == 1
+    # and now she approves her own proposal: it counts (1 of 2, nothing granted yet)
+    mine = approve(pair, made["proposal_id"], officer("farah"))
+    assert (mine["state"], mine["counted"]) == ("pending", ["farah"])
+    (added_entry,) = entries(pair.pk, "user-added")
+    assert added_entry.actor_name == ADMIN.name
+    assert json.loads(added_entry.canonical)["body"] == {
+        "user": "farah",
+        "role": "officer",
+        "approver": True,
+        "by": ADMIN.name,
+    }
+    assert added["token"] not in "".join(e.canonical.decode() for e in entries(pair.pk))
+
+
+def test_one_officer_grants_alone_at_k_1_whoever_issued_the_token(pair: Pair) -> None:
+    set_approvals(pair.pk, 1)
+    with pair.pk.node.db.transaction() as session:
+        add_user(session, "solo", "officer", created_by="root-admin", now=NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    made = propose(pair, request_id, by="solo")
+    assert made["state"] == "executed"
+    assert "proposer_approval" not in made
+    assert grants(pair.pk) == 1
+
+
+def test_a_token_reissued_after_approving_leaves_that_approval_counting(pair: Pair) -> None:
+    """An approval is fixed when given: bilal approved with his own token; an
+    administrator reissuing it later does not undo that approval (docs/consent.md),
+    but bilal approves nothing more with the reissued token."""
+    set_approvals(pair.pk, 3)
+    add_people(pair.pk, NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    pid = propose(pair, request_id)["proposal_id"]
+    assert approve(pair, pid, officer("bilal"))["counted"] == ["asma", "bilal"]
+    with pair.pk.node.db.transaction() as session:
+        reissue_token(session, "bilal", now=NOW, by=ADMIN)
+    _case_id, other_request = asked_of_pk(pair)
+    other = propose(pair, other_request, by="chaudhry")["proposal_id"]
+    refused("approval.token-not-own", lambda: approve(pair, other, officer("bilal")))
+    done = approve(pair, pid, officer("chaudhry"))
+    assert (done["state"], done["counted"]) == ("executed", ["asma", "bilal", "chaudhry"])
+    (reissued,) = entries(pair.pk, "token-reissued")
+    assert reissued.actor_name == ADMIN.name
+    assert json.loads(reissued.canonical)["body"] == {"user": "bilal", "by": ADMIN.name}

@@ -44,6 +44,7 @@ from gateway.store.models_consent import DisclosureRecord
 from gateway.store.models_exchange import OutboxEntry, envelope_path
 from tests.node_api import serve_node
 from tests.nodes import open_pinned_pair
+from tests.policies import set_approvals
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "docs" / "examples"
 PASSPHRASE = "correct horse battery staple"
@@ -92,6 +93,9 @@ def pair(
     nodes = open_pinned_pair(tmp_path, urls, env, now=clock)
     keyrings = {}
     for node_id, node in nodes.items():
+        # These tests are about the consent protocol: one officer grants (k = 1);
+        # tests/integration/test_approvals.py sets the two-person rule it tests.
+        set_approvals(node.settings.policy_dir, "consent-grant", 1)
         with node.db.transaction() as session:
             keyrings[node_id] = unlock_keyring(
                 node.settings, PASSPHRASE.encode(), session, now=clock

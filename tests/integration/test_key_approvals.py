@@ -25,6 +25,7 @@ from gateway.node.runtime import Node, utc_now
 from gateway.settings import load_settings
 from tests.integration.test_keys_cli import PASSPHRASE, Home, _pin, make_home
 from tests.node_api import serving_home
+from tests.policies import set_approvals
 
 
 def client(home: Home, token: str, *args: str) -> tuple[int, Any, str]:
@@ -44,8 +45,18 @@ def host(home: Home, *args: str) -> tuple[int, Any, str]:
 
 
 def set_rule(home: Home, action: str, k: int) -> None:
-    path = home.path / "policies" / "policy.toml"
-    path.write_text(path.read_text() + f"\n[approvals.{action}]\nk = {k}\n")
+    set_approvals(home.path / "policies", action, k)
+
+
+def own(home: Home, token: str) -> str:
+    """``gateway users rotate-token`` as ``token``'s user: the new token, issued by the
+    user themself (an approval under k > 1 counts only with such a token)."""
+    code, rotated, err = client(home, token, "users", "rotate-token")
+    assert code == 0, err
+    assert rotated["token"] != token
+    code, _answer, _err = client(home, token, "users", "list")
+    assert code == 1  # the old token stopped working
+    return str(rotated["token"])
 
 
 def peer_version_after_delivery(jp: Home, pk: Home) -> int:
@@ -92,7 +103,9 @@ def test_rotation_with_k_2_waits_for_the_second_administrator(
     set_rule(jp, "keys-rotate", 2)
     code, added, err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
     assert code == 0, err
-    second = added["token"]
+    # each administrator replaces the token issued to them (init, users add)
+    jp.token = own(jp, jp.token)
+    second = own(jp, added["token"])
 
     # one administrator alone: refused without a proposal, nothing changes
     code, answer, _err = host(jp, "keys", "rotate")
@@ -152,6 +165,8 @@ def test_revocation_needs_the_approved_key_and_reason(
     _pin(jp, pk, tmp_path)
     set_rule(jp, "keys-revoke", 2)
     _code, added, _err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
+    jp.token = own(jp, jp.token)
+    second = own(jp, added["token"])
     with Node.open(load_settings(jp.path)) as node, node.db.transaction() as session:
         sign_key = next(k.key_id for k in own_keys.own_manifest(session).keys if k.use == "sign")
     code, made, err = client(
@@ -160,7 +175,7 @@ def test_revocation_needs_the_approved_key_and_reason(
     )  # fmt: skip
     assert code == 0, err
     pid = made["proposal_id"]
-    assert client(jp, added["token"], "approvals", "approve", pid, "--yes")[1]["ready"] is True
+    assert client(jp, second, "approvals", "approve", pid, "--yes")[1]["ready"] is True
     code, answer, _err = host(
         jp, "keys", "revoke", sign_key, "--reason", "other reason", "--yes", "--proposal", pid
     )
@@ -208,6 +223,7 @@ def test_revocation_with_compromised_since_runs_only_with_the_approved_time(
     _pin(jp, pk, tmp_path)
     set_rule(jp, "keys-revoke", 2)
     _code, added, _err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
+    jp.token = own(jp, jp.token)
     with Node.open(load_settings(jp.path)) as node, node.db.transaction() as session:
         sign_key = next(k.key_id for k in own_keys.own_manifest(session).keys if k.use == "sign")
     since = "2026-01-01T00:00:00Z"
@@ -218,11 +234,12 @@ def test_revocation_with_compromised_since_runs_only_with_the_approved_time(
     assert code == 0, err
     pid = made["proposal_id"]
     assert made["terms"]["compromised_since"] == since
-    code, shown, err = client(jp, added["token"], "approvals", "show", pid)
+    second = own(jp, added["token"])
+    code, shown, err = client(jp, second, "approvals", "show", pid)
     assert code == 0, err
     assert shown["terms"]["key_id"] == sign_key
     assert shown["terms_sha256"] == made["terms_sha256"]
-    assert client(jp, added["token"], "approvals", "approve", pid, "--yes")[1]["ready"] is True
+    assert client(jp, second, "approvals", "approve", pid, "--yes")[1]["ready"] is True
     # without the approved --compromised-since: refused, nothing changes
     code, answer, _err = host(
         jp, "keys", "revoke", sign_key, "--reason", "laptop stolen", "--yes", "--proposal", pid
@@ -259,6 +276,8 @@ def test_recovery_is_a_key_change_under_the_rule(homes: tuple[Home, Home], tmp_p
     _pin(jp, pk, tmp_path)
     set_rule(jp, "keys-recover", 2)
     _code, added, _err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
+    jp.token = own(jp, jp.token)
+    second = own(jp, added["token"])
     code, answer, _err = host(jp, "keys", "recover", "--reason", "disk lost")
     assert code == 1
     assert answer["error"]["reason"] == "approval.pending"
@@ -271,7 +290,7 @@ def test_recovery_is_a_key_change_under_the_rule(homes: tuple[Home, Home], tmp_p
     pid = made["proposal_id"]
     code, answer, _err = host(jp, "keys", "recover", "--reason", "disk lost", "--proposal", pid)
     assert answer["error"]["reason"] == "approval.pending"
-    assert client(jp, added["token"], "approvals", "approve", pid, "--yes")[1]["ready"] is True
+    assert client(jp, second, "approvals", "approve", pid, "--yes")[1]["ready"] is True
     code, answer, _err = host(jp, "keys", "recover", "--reason", "other", "--proposal", pid)
     assert answer["error"]["reason"] == "approval.terms-changed"
     assert own_state(jp) == (1, 0)
@@ -291,6 +310,8 @@ def test_root_rotation_with_k_2_writes_nothing_until_approved(
     _pin(jp, pk, tmp_path)
     set_rule(jp, "keys-rotate-root", 2)
     _code, added, _err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
+    jp.token = own(jp, jp.token)
+    second = own(jp, added["token"])
     roots_before = sorted(p.name for p in (jp.path / "keys").glob("root-*.key"))
     code, made, err = client(
         jp, jp.token, "approvals", "propose", "keys-rotate-root", "--reason", "custodian left"
@@ -301,7 +322,7 @@ def test_root_rotation_with_k_2_writes_nothing_until_approved(
     assert answer["error"]["reason"] == "approval.pending"
     assert sorted(p.name for p in (jp.path / "keys").glob("root-*.key")) == roots_before
     assert own_state(jp) == (1, 0)
-    assert client(jp, added["token"], "approvals", "approve", pid, "--yes")[1]["ready"] is True
+    assert client(jp, second, "approvals", "approve", pid, "--yes")[1]["ready"] is True
     code, rooted, err = host(jp, "keys", "rotate-root", "--proposal", pid)
     assert code == 0, err
     assert rooted["version"] == 2
@@ -316,6 +337,8 @@ def test_adding_an_administrator_with_k_2_waits_and_the_deciding_approver_gets_t
     jp, _pk = homes
     # the second administrator is added before the rule is in force
     _code, added, _err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
+    jp.token = own(jp, jp.token)
+    second = own(jp, added["token"])
     set_rule(jp, "users-add-admin", 2)
     # officers are still added by one administrator
     code, clerk, err = client(jp, jp.token, "users", "add", "clerk", "--role", "officer")
@@ -327,9 +350,7 @@ def test_adding_an_administrator_with_k_2_waits_and_the_deciding_approver_gets_t
     assert "token" not in made
     listed = client(jp, jp.token, "users", "list")[1]
     assert "third" not in {u["name"] for u in listed}
-    code, done, err = client(
-        jp, added["token"], "approvals", "approve", made["proposal_id"], "--yes"
-    )
+    code, done, err = client(jp, second, "approvals", "approve", made["proposal_id"], "--yes")
     assert code == 0, err
     assert done["state"] == "executed"
     token = done["result"]["token"]

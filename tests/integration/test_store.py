@@ -92,3 +92,38 @@ def test_sqlite_runs_in_wal_with_full_sync_and_foreign_keys(tmp_path: object) ->
             assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     finally:
         db.dispose()
+
+
+def test_token_issuer_migration_names_each_existing_tokens_creator(database_url: str) -> None:
+    """0020_token_issuer: a token nobody rotated since is the one its creator issued, so
+    existing users' approvals under k > 1 wait for their own rotate-token."""
+    from alembic import command  # noqa: PLC0415
+    from sqlalchemy import text  # noqa: PLC0415
+
+    db = open_database(database_url)
+    try:
+        db.upgrade()
+        command.downgrade(db.alembic_config(), "0020_token_issuer-1")
+        now = datetime(2026, 1, 1, tzinfo=UTC)
+        with db.engine.begin() as connection:
+            for index, (name, by) in enumerate((("admin", "init"), ("asma", "admin"))):
+                connection.execute(
+                    text(
+                        "INSERT INTO users (name, role, token_id, token_hash, created_at, "
+                        "created_by, token_issued_at, approver) VALUES (:name, 'officer', "
+                        ":token_id, :digest, :now, :by, :now, false)"
+                    ),
+                    {
+                        "name": name,
+                        "token_id": f"{index:016x}",
+                        "digest": bytes(32),
+                        "now": now,
+                        "by": by,
+                    },
+                )
+        command.upgrade(db.alembic_config(), "heads")
+        with db.engine.connect() as connection:
+            rows = connection.execute(text("SELECT name, token_issued_by FROM users")).all()
+        assert dict(rows) == {"admin": "init", "asma": "admin"}
+    finally:
+        db.dispose()

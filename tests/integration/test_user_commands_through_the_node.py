@@ -32,6 +32,7 @@ from gateway.node.users import add_user
 from gateway.store.models_ledger import LedgerEntryRow
 from tests.exchange_pair import Pair, Side, example, pair  # noqa: F401 - the fixture
 from tests.nodes import GATEWAY, REPO
+from tests.policies import set_approvals
 
 EMBASSY = "Embassy of Example"
 PURPOSE = "visa screening of the broker's workers"
@@ -72,6 +73,9 @@ def kinds(side: Side, kind: str) -> int:
 
 
 def test_officers_and_compliance_act_with_tokens_only(pair: Pair, tmp_path: Path) -> None:
+    # This test is about commands acting with tokens only, one officer per side: Tokyo
+    # grants with one officer's approval (the two-person rule: test_approvals.py).
+    set_approvals(pair.jp.node.settings.policy_dir, "consent-grant", 1)
     jp_home = client_home(pair.jp, tmp_path)
     pk_home = client_home(pair.pk, tmp_path)
     assert not (jp_home / "keys").exists()

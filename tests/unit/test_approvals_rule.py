@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.core.approvals import Approval, decide, terms_hash
-from gateway.errors import InvalidInput
+from gateway.core.approvals import Approval, check_own_token, decide, terms_hash, token_is_own
+from gateway.errors import InvalidInput, RefusedError
 
 T0 = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
 EXPIRES = T0 + timedelta(hours=72)
@@ -22,6 +22,7 @@ def ok(name: str, *, minutes: int = 0, terms: str = TERMS, **kw: bool) -> Approv
         approved_at=T0 + timedelta(minutes=minutes),
         enabled=kw.get("enabled", True),
         authorised=kw.get("authorised", True),
+        own_token=kw.get("own_token", True),
     )
 
 
@@ -40,6 +41,12 @@ CASES = [
     (3, [ok("ana"), ok("bo"), ok("cy")], True),
     (3, [ok("ana"), ok("bo"), ok("cy", enabled=False), ok("di")], True),
     (3, [ok("ana"), ok("bo"), ok("bo", minutes=5), ok("cy", terms=OTHER)], False),
+    # a token an administrator issued (and may hold a copy of) does not count at k > 1
+    (2, [ok("ana"), ok("bo", own_token=False)], False),
+    (2, [ok("ana", own_token=False), ok("bo", own_token=False)], False),
+    (3, [ok("ana"), ok("bo", own_token=False), ok("cy"), ok("di")], True),
+    # a one-person office keeps working: at k = 1 who issued the token does not matter
+    (1, [ok("ana", own_token=False)], True),
 ]
 
 
@@ -100,3 +107,31 @@ def test_terms_hash_is_canonical_and_sensitive() -> None:
 def test_k_out_of_range_is_refused(k: int) -> None:
     with pytest.raises(InvalidInput, match="approvals needed"):
         decide(k=k, terms=TERMS, approvals=[], expires_at=EXPIRES, now=T0, proposer_enabled=True)
+
+
+OWN_TOKEN_CASES = [
+    # (k, approver, token issued by, counts)
+    (1, "ana", "admin", True),
+    (1, "ana", None, True),
+    (2, "ana", "ana", True),
+    (2, "ana", "admin", False),
+    (2, "ana", "init", False),
+    (2, "ana", None, False),
+    (2, "ana", "Ana", False),
+    (9, "ana", "ana", True),
+]
+
+
+@pytest.mark.parametrize(("k", "approver", "issued_by", "counts"), OWN_TOKEN_CASES)
+def test_an_approval_counts_at_k_above_one_only_with_the_approvers_own_token(
+    k: int, approver: str, issued_by: str | None, counts: bool
+) -> None:
+    assert token_is_own(k=k, approver=approver, token_issued_by=issued_by) is counts
+    if counts:
+        check_own_token(k=k, approver=approver, token_issued_by=issued_by)
+        return
+    with pytest.raises(RefusedError) as caught:
+        check_own_token(k=k, approver=approver, token_issued_by=issued_by)
+    assert caught.value.reason == "approval.token-not-own"
+    assert "run `gateway users rotate-token`" in str(caught.value)
+    assert "then approve again" in str(caught.value)

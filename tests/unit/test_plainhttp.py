@@ -107,9 +107,18 @@ def test_answers_of_every_framing_are_read_whole(
         (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", plainhttp.ProtocolError),
         (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", plainhttp.ProtocolError),
         # int() takes these; the framing does not: a sign, a 0x prefix, an underscore
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+2\r\nab\r\n0\r\n\r\n", plainhttp.ProtocolError),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\nab\r\n0\r\n\r\n", plainhttp.ProtocolError),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0_2\r\nab\r\n0\r\n\r\n", plainhttp.ProtocolError),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n+2\r\nab\r\n0\r\n\r\n",
+            plainhttp.ProtocolError,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x2\r\nab\r\n0\r\n\r\n",
+            plainhttp.ProtocolError,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0_2\r\nab\r\n0\r\n\r\n",
+            plainhttp.ProtocolError,
+        ),
         # str.isdigit() takes a superscript two (latin-1 0xb2); int() refuses it
         (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\nab", plainhttp.ProtocolError),
         (b"HTTP/1.1 2\xb200 OK\r\nContent-Length: 0\r\n\r\n", plainhttp.ProtocolError),

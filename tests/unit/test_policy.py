@@ -191,16 +191,18 @@ def test_policy_model_is_immutable() -> None:
         policy.version = "2"  # type: ignore[misc]
 
 
-def test_approvals_default_to_one_person_and_refuse_unknown_actions() -> None:
+def test_the_shipped_policy_asks_two_officers_for_a_consent_grant_and_one_elsewhere() -> None:
     from gateway.core.policy import Policy  # noqa: PLC0415
     from gateway.node.policy import load_policy_file, shipped_policy_dir  # noqa: PLC0415
 
     shipped = load_policy_file(shipped_policy_dir() / "policy.toml")
-    assert shipped.approval_rule("consent-grant").k == 1
+    # the MOC deployment: written consent signed off by a second person (MOC item 3)
+    assert shipped.approval_rule("consent-grant").k == 2
     assert shipped.approval_rule("keys-rotate").k == 1
     text = (shipped_policy_dir() / "policy.toml").read_text()
-    assert "# [approvals.consent-grant]\n# k = 2" in text
+    assert "\n[approvals.consent-grant]\nk = 2\n" in text
     base = shipped.model_dump()
+    assert Policy.from_data({**base, "approvals": {}}).approval_rule("consent-grant").k == 1
     two = Policy.from_data({**base, "approvals": {"consent-grant": {"k": 2, "lifetime_hours": 24}}})
     assert two.approval_rule("consent-grant").k == 2
     assert two.approval_rule("consent-grant").lifetime.total_seconds() == 24 * 3600
