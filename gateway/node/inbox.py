@@ -767,9 +767,12 @@ def receive_batch(
        file, link or fsync of their own;
     4. ONE transaction for the batch: the ledger lock taken once, reply
        targets, idempotency on (sender, bundle id, envelope hash),
-       equivocation evidence, inbox rows, gap ranges (read and written once
-       per channel), ``bundle-received`` ledger entries and signed receipts
-       (naming the latest checkpoint, read once);
+       equivocation evidence, signed receipts (naming the latest checkpoint,
+       read once), gap ranges (read and written once per channel), the inbox
+       rows in one multi-row insert, and the batch's ``bundle-received`` and
+       ``equivocation`` ledger entries, in the order of the envelopes, in one
+       :func:`gateway.node.ledger.append_entries` call (one head read, one
+       write);
     5. received consent bundles and refusal notices are applied
        (:func:`gateway.node.consent.apply_pending`), once for the batch and
        only when the batch brought one; the receipts stand whatever happens
