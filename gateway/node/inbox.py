@@ -31,7 +31,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, undefer
 
@@ -198,13 +198,6 @@ def _record_gap(session: Session, channel: str, sequence: int, now: datetime) ->
         )
 
 
-def _ledger_event(
-    session: Session, *, kind: str, now: datetime, bundle_id: str, body: dict[str, object]
-) -> None:
-
-    ledger.record_event(session, kind=kind, actor=SYSTEM, now=now, bundle_id=bundle_id, body=body)
-
-
 def ledger_checkpoint(session: Session) -> Checkpoint | None:
     """This node's newest signed ledger checkpoint, as a receipt names it."""
 
@@ -241,8 +234,15 @@ def _replaced_entry(session: Session, facts: EnvelopeFacts) -> InboxEntry | None
 
 
 def _record_equivocation(
-    session: Session, existing: InboxEntry, facts: EnvelopeFacts, sha: str, now: datetime
+    session: Session,
+    existing: InboxEntry,
+    facts: EnvelopeFacts,
+    sha: str,
+    now: datetime,
+    events: list[ledger.Event],
 ) -> Equivocation:
+    """Keep the conflicting envelope's header as evidence (once per envelope hash) and
+    add its ``equivocation`` ledger entry to ``events``, which the caller appends."""
     known = session.scalars(
         select(Equivocation).where(
             Equivocation.sender == facts.sender,
@@ -261,16 +261,18 @@ def _record_equivocation(
         detected_at=now,
     )
     session.add(record)
-    _ledger_event(
-        session,
-        kind="equivocation",
-        now=now,
-        bundle_id=facts.bundle_id,
-        body={
-            "sender": facts.sender,
-            "first_envelope_sha256": existing.envelope_sha256,
-            "other_envelope_sha256": sha,
-        },
+    events.append(
+        ledger.Event(
+            kind="equivocation",
+            actor=SYSTEM,
+            now=now,
+            bundle_id=facts.bundle_id,
+            body={
+                "sender": facts.sender,
+                "first_envelope_sha256": existing.envelope_sha256,
+                "other_envelope_sha256": sha,
+            },
+        )
     )
     session.flush()
     return record
@@ -765,9 +767,12 @@ def receive_batch(
        file, link or fsync of their own;
     4. ONE transaction for the batch: the ledger lock taken once, reply
        targets, idempotency on (sender, bundle id, envelope hash),
-       equivocation evidence, inbox rows, gap ranges (read and written once
-       per channel), ``bundle-received`` ledger entries and signed receipts
-       (naming the latest checkpoint, read once);
+       equivocation evidence, signed receipts (naming the latest checkpoint,
+       read once), gap ranges (read and written once per channel), the inbox
+       rows in one multi-row insert, and the batch's ``bundle-received`` and
+       ``equivocation`` ledger entries, in the order of the envelopes, in one
+       :func:`gateway.node.ledger.append_entries` call (one head read, one
+       write);
     5. received consent bundles and refusal notices are applied
        (:func:`gateway.node.consent.apply_pending`), once for the batch and
        only when the batch brought one; the receipts stand whatever happens
@@ -1010,6 +1015,7 @@ def _commit_batch(
         }
         channels: dict[str, _ChannelGaps] = {}
         fresh: list[InboxEntry] = []
+        events: list[ledger.Event] = []
         checkpoint: list[Checkpoint | None] = []
         for item in accepted:
             facts = item.facts
@@ -1022,22 +1028,25 @@ def _commit_batch(
                     # Evidence is a whole envelope in the store: written and synced
                     # before the row naming it commits.
                     adopt_envelope_file(node.settings.blob_dir, item.path, item.sha)
-                evidence.append((item, _record_equivocation(session, prior, facts, item.sha, now)))
+                record = _record_equivocation(session, prior, facts, item.sha, now, events)
+                evidence.append((item, record))
                 continue
             channel = channel_name(facts.sender, facts.recipient)
-            _ledger_event(
-                session,
-                kind="bundle-received",
-                now=now,
-                bundle_id=facts.bundle_id,
-                body={
-                    "sender": facts.sender,
-                    "type": facts.case_type,
-                    "sequence": facts.sequence,
-                    "marking": facts.marking,
-                    "envelope_sha256": item.sha,
-                    **({"replaces": facts.replaces} if facts.replaces else {}),
-                },
+            events.append(
+                ledger.Event(
+                    kind="bundle-received",
+                    actor=SYSTEM,
+                    now=now,
+                    bundle_id=facts.bundle_id,
+                    body={
+                        "sender": facts.sender,
+                        "type": facts.case_type,
+                        "sequence": facts.sequence,
+                        "marking": facts.marking,
+                        "envelope_sha256": item.sha,
+                        **({"replaces": facts.replaces} if facts.replaces else {}),
+                    },
+                )
             )
             replaced = _replaced_in_batch(session, known, facts)
             if replaced is not None:
@@ -1080,7 +1089,12 @@ def _commit_batch(
             answers[item.index] = ReceiveOutcome(receipt=receipt)
         for channel, gaps in channels.items():
             _write_gaps(session, channel, gaps)
-        session.add_all(fresh)
+        if fresh:
+            # One multi-row insert; the rows were never added to the session (a flush
+            # would insert them one at a time on SQLite, to learn each row's id).
+            session.execute(insert(InboxEntry), [_inbox_row(entry) for entry in fresh])
+        # Every entry of the batch in one append: one head read, one write.
+        ledger.append_entries(session, events)
         session.flush()
     for item, record in evidence:
         _log.warning(
@@ -1099,6 +1113,31 @@ def _commit_batch(
     for index, outcome in answers.items():
         outcomes[index] = outcome
     return stored
+
+
+_INBOX_COLUMNS = (
+    "sender",
+    "bundle_id",
+    "channel",
+    "sequence",
+    "case_type",
+    "marking",
+    "reply_to",
+    "signing_key_id",
+    "created_at",
+    "received_at",
+    "envelope_sha256",
+    "envelope_size",
+    "envelope_body",
+    "receipt",
+    "replaces",
+    "replaced_by",
+)
+
+
+def _inbox_row(entry: InboxEntry) -> dict[str, Any]:
+    """A new inbox row's values, as the batch's multi-row insert takes them."""
+    return {name: getattr(entry, name) for name in _INBOX_COLUMNS}
 
 
 def _replaced_in_batch(

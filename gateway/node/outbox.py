@@ -35,9 +35,9 @@ from contextlib import AbstractAsyncContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, bindparam, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -695,6 +695,31 @@ def _count_queued(node: Node) -> int:
         )
 
 
+_OUTBOX = cast(Table, OutboxEntry.__table__)
+_MARK_DELIVERED = (
+    _OUTBOX.update()
+    .where(_OUTBOX.c.id == bindparam("row_id"), _OUTBOX.c.state == OutboxState.QUEUED)
+    .values(
+        state=OutboxState.DELIVERED,
+        receipt=bindparam("new_receipt"),
+        delivered_at=bindparam("now"),
+        attempts=_OUTBOX.c.attempts + 1,
+        last_error=None,
+    )
+)
+_MARK_RETRY = (
+    _OUTBOX.update()
+    .where(_OUTBOX.c.id == bindparam("row_id"), _OUTBOX.c.state == OutboxState.QUEUED)
+    .values(
+        attempts=_OUTBOX.c.attempts + 1,
+        last_error=bindparam("why"),
+        next_attempt_at=bindparam("next_at"),
+    )
+)
+"""The outcome of one batch, each kind one statement over all its rows (``executemany``:
+psycopg sends the rows in one pipeline, not one round trip per bundle)."""
+
+
 def _store_outcomes(
     node: Node,
     delivered: list[tuple[_Pending, bytes]],
@@ -703,28 +728,24 @@ def _store_outcomes(
     now: datetime,
 ) -> None:
     with node.db.transaction() as session:
-        for item, receipt in delivered:
-            session.execute(
-                update(OutboxEntry)
-                .where(OutboxEntry.id == item.id, OutboxEntry.state == OutboxState.QUEUED)
-                .values(
-                    state=OutboxState.DELIVERED,
-                    receipt=receipt,
-                    delivered_at=now,
-                    attempts=OutboxEntry.attempts + 1,
-                    last_error=None,
-                )
-            )
-        for item, why in failed:
-            delay = retry_delay(item.attempts + 1)
-            session.execute(
-                update(OutboxEntry)
-                .where(OutboxEntry.id == item.id, OutboxEntry.state == OutboxState.QUEUED)
-                .values(
-                    attempts=OutboxEntry.attempts + 1,
-                    last_error=why[:LAST_ERROR_CHARS],
-                    next_attempt_at=now + timedelta(seconds=delay),
-                )
+        connection = session.connection()
+        if delivered:
+            connection.execute(
+                _MARK_DELIVERED,
+                [{"row_id": item.id, "new_receipt": receipt, "now": now}
+                 for item, receipt in delivered],
+            )  # fmt: skip
+        if failed:
+            connection.execute(
+                _MARK_RETRY,
+                [
+                    {
+                        "row_id": item.id,
+                        "why": why[:LAST_ERROR_CHARS],
+                        "next_at": now + timedelta(seconds=retry_delay(item.attempts + 1)),
+                    }
+                    for item, why in failed
+                ],
             )
 
 
@@ -753,17 +774,19 @@ def _record_failed_pass(
         if due_before is not None:
             query = query.where(OutboxEntry.next_attempt_at <= due_before)
         rows = session.execute(query).all()
-        for row_id, attempts in rows:
-            session.execute(
-                update(OutboxEntry)
-                .where(OutboxEntry.id == row_id, OutboxEntry.state == OutboxState.QUEUED)
-                .values(
-                    attempts=OutboxEntry.attempts + 1,
-                    last_error=why[:LAST_ERROR_CHARS],
-                    next_attempt_at=now + timedelta(seconds=_network_retry())
-                    if network
-                    else now + timedelta(seconds=retry_delay(attempts + 1)),
-                )
+        if rows:
+            session.connection().execute(
+                _MARK_RETRY,
+                [
+                    {
+                        "row_id": row_id,
+                        "why": why[:LAST_ERROR_CHARS],
+                        "next_at": now + timedelta(seconds=_network_retry())
+                        if network
+                        else now + timedelta(seconds=retry_delay(attempts + 1)),
+                    }
+                    for row_id, attempts in rows
+                ],
             )
     return len(rows)
 

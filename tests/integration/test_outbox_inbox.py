@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 import gateway.node.policy
 from gateway.core.cases import validate_case
@@ -42,6 +42,7 @@ from gateway.node.inbox import (
     receive_envelope,
 )
 from gateway.node.ledger import read as ledger_read
+from gateway.node.ledger import verify as ledger_verify
 from gateway.node.outbox import (
     Sealed,
     deliver_once,
@@ -1016,6 +1017,96 @@ def test_two_envelopes_under_one_id_in_one_batch_keep_the_first_and_record_the_o
     assert count(pair.pk, InboxEntry) == 1
     assert count(pair.pk, Equivocation) == 1
     assert "equivocation" in ledger_kinds(pair.pk)
+
+
+def _statements_of(side: Side, paths: Sequence[Path]) -> int:
+    """Receive ``paths`` as one batch at ``side``; the SQL statements it sent."""
+    from gateway.node.inbox import receive_batch  # noqa: PLC0415
+
+    sent: list[str] = []
+
+    def note(*args: Any) -> None:
+        sent.append(str(args[2]))
+
+    engine = side.node.db.engine
+    event.listen(engine, "before_cursor_execute", note)
+    try:
+        outcomes = receive_batch(NodeContext(side.node, side.keyring), paths, now=NOW)
+    finally:
+        event.remove(engine, "before_cursor_execute", note)
+    assert all(o.receipt is not None and not o.replayed for o in outcomes)
+    return len(sent)
+
+
+def test_a_batch_is_stored_with_as_many_statements_whatever_its_size(pair: Pair) -> None:
+    """Inbox rows, ledger entries and receipts of a batch go in with multi-row writes:
+    eight new bundles cost the database no more statements than two."""
+    paths = [stored_envelope(pair.jp, send(pair.jp).bundle_id) for _ in range(10)]
+    small = _statements_of(pair.pk, paths[:2])
+    large = _statements_of(pair.pk, paths[2:])
+    assert large == small
+    assert count(pair.pk, InboxEntry) == 10
+    with pair.pk.node.db.transaction() as session:
+        received = [
+            e for e in ledger_read.list_entries(session) if str(e.kind) == "bundle-received"
+        ]
+        report = ledger_verify.verify_ledger(session)
+    assert report.ok, report.problem
+    assert [e.bundle_id for e in received] == [
+        parse_receipt(read).bundle_id for read in _receipts(pair.pk)
+    ]
+
+
+def _receipts(side: Side) -> list[bytes]:
+    with side.node.db.transaction() as session:
+        return [
+            bytes(r) for r in session.scalars(select(InboxEntry.receipt).order_by(InboxEntry.id))
+        ]
+
+
+def test_a_batch_keeps_its_ledger_entries_in_the_order_of_its_envelopes(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """New bundles and equivocation evidence of one batch, appended together, are
+    entered in the order the envelopes came, and the chain verifies."""
+    from gateway.node.inbox import receive_batch  # noqa: PLC0415
+    from gateway.node.policy import load_policy  # noqa: PLC0415
+
+    first = send(pair.jp)
+    receive_envelope(
+        NodeContext(pair.pk.node, pair.pk.keyring), stored_envelope(pair.jp, first.bundle_id),
+        now=NOW,
+    )  # fmt: skip
+    other = tmp_path / "other"
+    with other.open("wb") as out:
+        seal(
+            out,
+            case_type="exam-fraud",
+            case=example("exam-fraud"),
+            keyring=pair.jp.keyring,
+            peer_manifest=pair.pk.keyring.manifest,
+            policy=load_policy(pair.jp.node.settings),
+            sequence=first.sequence,
+            now=NOW,
+            random=_first_draw(uuid.UUID(first.bundle_id).bytes),
+        )
+    before, after = send(pair.jp), send(pair.jp)
+    batch = [
+        stored_envelope(pair.jp, before.bundle_id),
+        other,
+        stored_envelope(pair.jp, after.bundle_id),
+    ]
+    outcomes = receive_batch(NodeContext(pair.pk.node, pair.pk.keyring), batch, now=NOW)
+    assert isinstance(outcomes[1].error, EquivocationRefused)
+    with pair.pk.node.db.transaction() as session:
+        entries = ledger_read.list_entries(session)[-3:]
+        report = ledger_verify.verify_ledger(session)
+    assert report.ok, report.problem
+    assert [(str(e.kind), e.bundle_id) for e in entries] == [
+        ("bundle-received", before.bundle_id),
+        ("equivocation", first.bundle_id),
+        ("bundle-received", after.bundle_id),
+    ]
 
 
 def _first_draw(first: bytes) -> Callable[[int], bytes]:

@@ -23,7 +23,8 @@ an O(log n) fold at any time (docs/ledger.md, "Incremental Merkle state").
 **One lock and one head read per transaction.** The first append (or
 :func:`lock_for_append`) in a transaction takes the lock and reads the head;
 the transaction then remembers both (in ``session.info``), so further appends
-in it (a received batch records one entry per bundle) cost only their writes.
+in it cost only their writes (a received batch appends all its entries with one
+:func:`append_entries` call).
 What is remembered belongs to the innermost transaction it was made in and
 holds there and in the savepoints below it; once that savepoint ends (its
 appends may have rolled back) the next append locks and reads again. On
