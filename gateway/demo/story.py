@@ -790,7 +790,12 @@ class DemoStory:
         if _find(proposed, "state") != "pending":
             raise StepFailed(f"one officer's grant was not held for a second approval: {proposed}")
         proposal_id = str(_find(proposed, "proposal_id"))
-        approved = self.gateway(pk, "approver", "approvals", "approve", proposal_id).data()
+        # the second approver reviews the terms, then approves exactly what was reviewed
+        shown = self.gateway(pk, "approver", "approvals", "show", proposal_id).data()
+        reviewed = str(_find(shown, "terms_sha256"))
+        approved = self.gateway(
+            pk, "approver", "approvals", "approve", proposal_id, "--terms", reviewed
+        ).data()
         if _find(approved, "state") != "executed":
             raise StepFailed(f"the second approval did not send the grant: {approved}")
         consent_id = str(_find(_find(approved, "result"), "consent_id"))
