@@ -39,6 +39,7 @@ from gateway.demo.harness import (
     ServeFailed,
     ServeProcess,
     free_port,
+    milestones,
     start_serve,
     stop_or_kill,
     wait_health,
@@ -883,10 +884,18 @@ class DemoStory:
     def _key_rotation(self) -> str:
         jp, pk = self.nodes["jp"], self.nodes["pk"]
         old_version = _find(self.gateway(pk, "admin", "keys", "show").data(), "version")
+        serving = self._milestone_count(pk, "serving")
         rotated = self.gateway(pk, "admin", "keys", "rotate").data()
         new_version = _find(rotated, "version")
         if new_version == old_version:
             raise StepFailed(f"the manifest version stayed {old_version} after rotation")
+        if pk.process is not None:
+            # The running node sees the new key files and restarts with them; its socket
+            # is gone for that moment, so the officer's next command waits for it.
+            self._wait_for(
+                "Islamabad's node serving again with its new keys",
+                lambda: self._milestone_count(pk, "serving") > serving,
+            )
         # The signed manifest goes to the peer ahead of any bundle.
         self._deliver(pk)
         self._wait_for(
@@ -906,6 +915,11 @@ class DemoStory:
             f"(new keys {', '.join(map(str, rotated.get('added', [])))}); Tokyo pinned it "
             f"and accepted bundle {bundle_id} signed with the new key"
         )
+
+    @staticmethod
+    def _milestone_count(node: DemoNode, event: str) -> int:
+        """How many ``event`` milestone lines (serving, restarting) the node's serve wrote."""
+        return 0 if node.process is None else len(milestones(node.process, event))
 
     def _stop(self) -> str:
         codes = self.stop_nodes()
