@@ -12,11 +12,9 @@ entry naming its actor and never any token material. Both engines.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import select
 
 from gateway.core.tokens import parse_token, token_hash
@@ -24,21 +22,15 @@ from gateway.node.ledger import read as ledger_read
 from gateway.node.runtime import Node
 from gateway.settings import load_settings
 from gateway.store.models_users import UserRecord
-from tests.integration.test_key_approvals import client, host, own, own_state, set_rule
-from tests.integration.test_keys_cli import Home, _pin, make_home
-
-
-@pytest.fixture
-def homes(
-    tmp_path: Path,
-    clean_environ: dict[str, str],
-    migrated_database_factory: Callable[[str], str],
-) -> tuple[Home, Home]:
-    """Tokyo and Islamabad homes, each on its own database of the engine under test."""
-    return (
-        make_home(tmp_path, "jp", migrated_database_factory("jp")),
-        make_home(tmp_path, "pk", migrated_database_factory("pk")),
-    )
+from tests.integration.test_key_approvals import (  # noqa: F401 - homes is a fixture
+    client,
+    homes,
+    host,
+    own,
+    own_state,
+    set_rule,
+)
+from tests.integration.test_keys_cli import Home, _pin
 
 
 def ledger(home: Home, *kinds: str) -> list[tuple[str, str, dict[str, Any], str]]:
