@@ -227,7 +227,7 @@ STATUS_BY_REASON: Mapping[str, int] = MappingProxyType(
         "policy.rate": 429,
         # The two-person rule (docs/consent.md, "Approvals"): the others are 409.
         "approval.not-approver": 403,
-        "approval.token-not-own": 403,
+        "approval.not-distinct": 403,
         "approval.expired": 410,
     }
 )

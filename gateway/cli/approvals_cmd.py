@@ -17,7 +17,7 @@ import click
 
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
-from gateway.cli.display import proposal_text, proposer_note
+from gateway.cli.display import proposal_text
 
 __all__ = ["PROPOSAL_ID", "approvals_group"]
 
@@ -146,7 +146,7 @@ def propose_command(
         made,
         f"proposal {made['proposal_id']} made: {made['approvals']} of {made['needed']} "
         f"approvals; once approved, run 'gateway keys {action.removeprefix('keys-')} ... "
-        f"--proposal {made['proposal_id']}' on the host with the same options{proposer_note(made)}",
+        f"--proposal {made['proposal_id']}' on the host with the same options",
     )
 
 

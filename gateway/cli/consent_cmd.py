@@ -16,7 +16,7 @@ import click
 from gateway.cli.approvals_cmd import warned
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
-from gateway.cli.display import proposer_note, when
+from gateway.cli.display import when
 
 __all__ = ["consent_group"]
 
@@ -104,8 +104,7 @@ def grant_command(
             sent,
             f"proposal {sent['proposal_id']} made for request {request_id}: "
             f"{sent['approvals']} of {sent['needed']} approvals (two-person rule); another "
-            f"approver runs 'gateway approvals approve {sent['proposal_id']}'"
-            f"{proposer_note(sent)}",
+            f"approver runs 'gateway approvals approve {sent['proposal_id']}'",
         )
         return
     uses = "unlimited uses" if sent["max_uses"] is None else f"at most {sent['max_uses']} use(s)"
@@ -143,8 +142,7 @@ def revoke_command(app: AppContext, consent_id: str, reason: str) -> None:
             sent,
             f"proposal {sent['proposal_id']} made to revoke consent {consent_id}: "
             f"{sent['approvals']} of {sent['needed']} approvals (two-person rule); another "
-            f"officer runs 'gateway approvals approve {sent['proposal_id']}'"
-            f"{proposer_note(sent)}",
+            f"officer runs 'gateway approvals approve {sent['proposal_id']}'",
         )
         return
     app.emit(sent, f"consent {consent_id} revoked; queued for the peer")

@@ -15,7 +15,6 @@ __all__ = [
     "day",
     "manifest_text",
     "proposal_text",
-    "proposer_note",
     "when",
 ]
 
@@ -147,10 +146,3 @@ def proposal_text(proposal: dict[str, Any], *, full: bool = False) -> str:
     if proposal.get("warning"):
         lines.append(f"  warning: {proposal['warning']}")
     return "\n".join(lines)
-
-
-def proposer_note(answer: dict[str, Any]) -> str:
-    """The line a proposal's answer adds when the proposer's own approval was not
-    counted (``proposer_approval``: a token an administrator issued); else ``""``."""
-    note = answer.get("proposer_approval")
-    return f"\nyour own approval was {note}" if isinstance(note, str) else ""

@@ -1,7 +1,8 @@
 """``gateway users``: the people who act on this node, one role each.
 
 Thin clients of the running node: an administrator's token, the node's local
-API (:mod:`gateway.client`); no passphrase, no database.
+API (:mod:`gateway.client`); no passphrase, no database. One host operation:
+``users enrol`` (the keystore passphrase and the database, no token).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import click
 
 from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
-from gateway.cli.display import proposer_note, when
+from gateway.cli.display import when
 
 
 def _path(*segments: str) -> str:
@@ -32,7 +33,8 @@ def users() -> None:
       officer     send, inbox, show, consent, disclose
       compliance  ledger list, verify, export, audit-peer (metadata only)
 
-    Runs through the node's local API; needs your token.
+    Runs through the node's local API; needs your token. 'users enrol' is
+    the host operator's: it needs the keystore passphrase instead.
     """
 
 
@@ -69,8 +71,7 @@ def add(app: AppContext, name: str, role: str, approver: bool) -> None:
             created,
             f"proposal {created['proposal_id']} made to add administrator {name}: "
             f"{created['approvals']} of {created['needed']} approvals (two-person rule); the "
-            "administrator whose approval completes it receives the token, once"
-            f"{proposer_note(created)}",
+            "administrator whose approval completes it receives the token, once",
         )
         return
     approving = ", approver" if created.get("approver") else ""
@@ -85,18 +86,28 @@ def add(app: AppContext, name: str, role: str, approver: bool) -> None:
 @users.command("list")
 @pass_app
 def list_(app: AppContext) -> None:
-    """List users with their role and state (never their tokens)."""
+    """List users with their role and state (never their tokens).
+
+    The last column says who issued each user's token and who else could hold
+    it: under the two-person rule two approvals count as two people only when
+    no one could hold both tokens (docs/consent.md, "Token custody").
+    """
     data = app.client("users.list").call("GET", "/api/v1/users")
 
     def human() -> str:
-        lines = [f"{'NAME':<24} {'ROLE':<11} {'APPROVER':<8} {'STATE':<9} CREATED"]
+        lines = [
+            f"{'NAME':<24} {'ROLE':<11} {'APPROVER':<8} {'STATE':<9} {'CREATED':<16}  "
+            "TOKEN ISSUED BY / ALSO HELD BY"
+        ]
         for r in data:
             state = "disabled" if r["disabled"] else "active"
             approver = "yes" if r.get("approver") else "-"
             created = when(r["created_at"])[:16].replace("T", " ")
+            others = [h for h in r.get("token_holders", []) if h != r["name"]]
+            held = ", ".join(others) if others else "no one else"
             lines.append(
-                f"{r['name']:<24} {r['role']:<11} {approver:<8} {state:<9} {created} "
-                f"by {r['created_by']}"
+                f"{r['name']:<24} {r['role']:<11} {approver:<8} {state:<9} {created:<16}  "
+                f"{r.get('token_issued_by', '?')} / {held}"
             )
         return "\n".join(lines)
 
@@ -142,16 +153,17 @@ def approver_(app: AppContext, name: str, state: str) -> None:
 def new_token(app: AppContext, name: str) -> None:
     """Replace a user's token (the old one stops working) and print the new one once.
 
-    The new token counts as issued by you: where the two-person rule asks
-    k > 1, its holder's approvals count again only after they run
-    'gateway users rotate-token' themselves.
+    You could hold the new token too: where the two-person rule asks k > 1,
+    an approval by NAME never counts beside one of yours (or of anyone who
+    could hold your token). To give someone a token only they hold, the host
+    operator runs 'gateway users enrol NAME' on the node host.
     """
     answer = app.client("users.add").call("POST", _path("users", name, "token"), {})
     app.emit(
         {"name": name, "token": answer["token"]},
         f"New token for {name} (shown once; the old one no longer works):\n  {answer['token']}\n"
-        f"Hand it over; {name} should run 'gateway users rotate-token' at once: approvals "
-        "under the two-person rule count only with a token its holder issued.",
+        f"Hand it over. Under the two-person rule an approval by {name} never counts beside "
+        "one of yours: you could hold this token too.",
     )
 
 
@@ -160,10 +172,11 @@ def new_token(app: AppContext, name: str) -> None:
 def rotate_token(app: AppContext) -> None:
     """Replace your own token and print the new one once; the old one stops working.
 
-    Any role. A token an administrator issued you (users add, users new-token)
-    does not count toward an approval under the two-person rule (k > 1); one
-    you issued yourself does. Store the new token where GATEWAY_TOKEN or
-    --token-file reads it before running another command.
+    Any role. A copy of the old token stops working. Who could hold your
+    token for the two-person rule does not change: whoever held the old one
+    could have asked for this one (docs/consent.md, "Token custody"). Store
+    the new token where GATEWAY_TOKEN or --token-file reads it before running
+    another command.
 
     \b
     Examples:
@@ -175,4 +188,50 @@ def rotate_token(app: AppContext) -> None:
         {"name": answer["name"], "token": answer["token"]},
         f"New token for {answer['name']} (shown once; the old one no longer works):\n"
         f"  {answer['token']}",
+    )
+
+
+@users.command("enrol")
+@click.argument("name")
+@click.option(
+    "--role",
+    type=click.Choice(["admin", "officer", "compliance"]),
+    help="The role of a new user (required then; an existing user keeps theirs).",
+)
+@click.option(
+    "--approver",
+    is_flag=True,
+    help="Officers only: give the approver capability (consent grants under the rule).",
+)
+@pass_app
+def enrol(app: AppContext, name: str, role: str | None, approver: bool) -> None:
+    """Issue NAME a token only NAME holds; print it once. Creates NAME when new.
+
+    Host operation: run it on the node host; needs the keystore passphrase
+    (the serving node keeps running). A token an administrator issues
+    ('users add', 'users new-token') is held by that administrator too, so
+    under the two-person rule (k > 1) two approvals count as two people only
+    when no one could hold both tokens; the host operator, who can sign as
+    the node anyway, stands outside the rule. Hand the token over in person.
+    For an existing user the old token stops working. Ledger: user-enrolled.
+
+    \b
+    Examples:
+      gateway users enrol bilal --role officer --approver
+      gateway users enrol second-admin --role admin
+      gateway users enrol asma          # a new token for an existing user
+    """
+    from gateway.node.runtime import utc_now  # noqa: PLC0415 - host operation only
+    from gateway.node.users import enrol_user  # noqa: PLC0415 - host operation only
+
+    node = app.node()
+    app.keyring()  # the passphrase proves the host operator; a wrong one stops here
+    with node.db.transaction() as session:
+        made = enrol_user(session, name, now=utc_now(), role=role, approver=approver)
+    approving = ", approver" if made.approver else ""
+    app.emit(
+        made.to_dict(),
+        f"Enrolled {made.name} ({made.role.value}{approving}); no one else holds this token.\n"
+        "Token (shown once; hand it over in person, keep it in a 0600 file):\n"
+        f"  {made.token.text}",
     )

@@ -23,14 +23,20 @@ the proposer's own approval executes the action at once.
 largest of the ``k`` stored with the proposal and the policy's current one,
 so raising ``k`` also holds back proposals that wait.
 
-**Own tokens** (:func:`token_is_own`, :func:`check_own_token`): where k > 1,
-an approval counts only when the approver's token, at the time of the
-approval, was issued by the approver themself (``gateway users
-rotate-token``), not by an administrator who could have kept a copy (``users
-add``, ``users new-token``). Otherwise one administrator could reissue a
-colleague's token and approve as both, and k = 2 would be one person.
-Whether an approval was made with an own token is fixed when it is given: a
-token reissued later does not undo it (the approval was the person's own).
+**Token custody** (:func:`custody_after_issue`, :func:`check_distinct`): k
+approvals are k people only if no one person could have given two of them. A
+token is known to whoever issued it, so each user carries the set of users
+who could hold their current token (``holders``): themself, and, for a token an
+administrator issued (``users add``, ``users new-token``), that administrator
+and everyone who could hold the administrator's token then. Replacing one's
+own token (``users rotate-token``) changes nothing: the request was made with
+the old token, by any of its holders. A token the host operator issued
+(``init``, ``users enrol`` on the node host, with the keystore passphrase) is
+held by its user alone: the host operator can sign as the node anyway and
+stands outside the rule. Two approvals count as two people exactly when their
+holder sets, fixed when each approval was given, share no one (for k sets, no
+fewer than k people could have given them exactly when they are pairwise
+disjoint). A token reissued after an approval does not undo it.
 """
 
 from __future__ import annotations
@@ -48,19 +54,21 @@ from gateway.errors import InvalidInput, RefusedError
 __all__ = [
     "ACTIONS",
     "MAX_APPROVERS",
-    "NOT_OWN_ADVICE",
+    "NOT_DISTINCT_ADVICE",
     "Approval",
     "Decision",
     "ProposalState",
-    "check_own_token",
+    "check_distinct",
+    "custody_after_issue",
     "decide",
+    "shared_holders",
     "terms_hash",
-    "token_is_own",
 ]
 
-NOT_OWN_ADVICE: Final = (
-    "run `gateway users rotate-token` to replace the token an administrator issued you, "
-    "then approve again"
+NOT_DISTINCT_ADVICE: Final = (
+    "another approver whose token no one of them could hold has to approve; or the host "
+    "operator issues you a token only you hold ('gateway users enrol NAME' on the node "
+    "host) and you approve again"
 )
 
 ACTIONS: Final = (
@@ -108,9 +116,14 @@ class Approval:
     """The approver is still an enabled user now."""
     authorised: bool
     """The approver holds a role (and capability) allowed to approve the action now."""
-    own_token: bool = True
-    """The approver's token was issued by the approver themself when they approved
-    (:func:`token_is_own`); under k > 1 an approval without it does not count."""
+    holders: frozenset[str] = frozenset()
+    """Who could hold the approver's token when they approved (the approver
+    always counts among them, listed or not; :func:`custody_after_issue`)."""
+
+    @property
+    def people(self) -> frozenset[str]:
+        """:attr:`holders` with the approver: the people who could have given it."""
+        return self.holders | {self.approver}
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,27 +141,43 @@ class Decision:
         return max(0, self.needed - len(self.counted))
 
 
-def token_is_own(*, k: int, approver: str, token_issued_by: str | None) -> bool:
-    """Does an approval by ``approver``, whose current token was issued by
-    ``token_issued_by``, count toward a proposal needing ``k`` approvers?
-
-    Always at ``k = 1`` (one person acts alone anyway); for ``k > 1`` exactly
-    when the approver issued their own token (source: the two-person rule
-    needs k *people*; an administrator who issued a token may hold a copy).
-    """
-    return k == 1 or (token_issued_by is not None and token_issued_by == approver)
+def custody_after_issue(user: str, issuer_holders: Iterable[str] | None) -> frozenset[str]:
+    """Who could hold the token just issued to ``user``: ``user``, and every holder
+    of the issuing administrator's token (``issuer_holders``, the administrator
+    among them). ``None`` for a token the host operator issued (``init``, ``users
+    enrol``): ``user`` alone. A rotation by the user keeps the holders as they were
+    (the module docstring says why)."""
+    return frozenset({user, *(issuer_holders or ())})
 
 
-def check_own_token(*, k: int, approver: str, token_issued_by: str | None) -> None:
-    """Refuse (:class:`RefusedError`, ``approval.token-not-own``, 403) an approval
-    that :func:`token_is_own` would not count; the message says what to do."""
-    if not token_is_own(k=k, approver=approver, token_issued_by=token_issued_by):
-        raise RefusedError(
-            f"{approver}'s token was issued by {token_issued_by or 'someone else'}, not by "
-            f"{approver}: under the two-person rule (k = {k}) an approval counts only with "
-            f"a token its holder issued: {NOT_OWN_ADVICE}",
-            reason="approval.token-not-own",
-        )
+def shared_holders(one: Approval, others: Iterable[Approval]) -> tuple[str, frozenset[str]] | None:
+    """The first of ``others`` that one person could have given together with
+    ``one``, and who that could be; ``None`` when ``one`` shares no holder with any."""
+    for other in others:
+        common = one.people & other.people
+        if common and other.approver != one.approver:
+            return other.approver, common
+    return None
+
+
+def check_distinct(*, k: int, approval: Approval, counted: Iterable[Approval]) -> None:
+    """Refuse (:class:`RefusedError`, ``approval.not-distinct``, 403) an approval that
+    one person could have given together with an approval that already counts,
+    when ``k > 1`` (at ``k = 1`` one person acts alone anyway). The message names
+    the approver it overlaps with and who could hold both tokens, never a token."""
+    if k == 1:
+        return
+    found = shared_holders(approval, counted)
+    if found is None:
+        return
+    other, common = found
+    who = ", ".join(sorted(common))
+    raise RefusedError(
+        f"{approval.approver}'s approval would not be a second person's: {who} could hold "
+        f"both {approval.approver}'s token and {other}'s, who approved already, so one "
+        f"person could have given both (two-person rule, k = {k}): {NOT_DISTINCT_ADVICE}",
+        reason="approval.not-distinct",
+    )
 
 
 def decide(
@@ -165,8 +194,10 @@ def decide(
     ``approvals`` are every approval recorded for it (in any order, possibly
     from the same approver twice); only those of enabled, authorised
     approvers, of exactly these terms and given before ``expires_at`` count,
-    each approver once; for ``k > 1`` only those made with an own token
-    (:attr:`Approval.own_token`). Executes when at least ``k`` count and ``now`` is
+    each approver once, taken in order of approval, and each only when no
+    person could hold both its token and the token of one already counted
+    (:attr:`Approval.people` pairwise disjoint; the module docstring says why).
+    Executes when at least ``k`` count and ``now`` is
     before ``expires_at`` and the proposer (``proposer_enabled``) is still
     an enabled user. Raises :class:`InvalidInput` for ``k`` outside
     1..:data:`MAX_APPROVERS`.
@@ -174,17 +205,15 @@ def decide(
     if isinstance(k, bool) or not 1 <= k <= MAX_APPROVERS:
         raise InvalidInput(f"approvals needed must be from 1 to {MAX_APPROVERS}, not {k!r}")
     expired = now >= expires_at
-    counted = sorted(
-        {
-            a.approver
-            for a in approvals
-            if a.enabled
-            and a.authorised
-            and (a.own_token or k == 1)
-            and a.terms_hash == terms
-            and a.approved_at < expires_at
-        }
-    )
+    taken: list[Approval] = []
+    for a in sorted(approvals, key=lambda a: (a.approved_at, a.approver)):
+        if not (a.enabled and a.authorised and a.terms_hash == terms):
+            continue
+        if a.approved_at >= expires_at or any(t.approver == a.approver for t in taken):
+            continue
+        if shared_holders(a, taken) is None:
+            taken.append(a)
+    counted = sorted(a.approver for a in taken)
     return Decision(
         executes=not expired and proposer_enabled and len(counted) >= k,
         counted=tuple(counted),

@@ -131,6 +131,7 @@ class EntryKind(StrEnum):
     USER_DISABLED = "user-disabled"
     TOKEN_REISSUED = "token-reissued"  # noqa: S105 (a ledger kind, not a secret)
     TOKEN_ROTATED = "token-rotated"  # noqa: S105 (a ledger kind, not a secret)
+    USER_ENROLLED = "user-enrolled"
 
 
 _KINDS = {kind.value: kind for kind in EntryKind}

@@ -13,7 +13,7 @@ from enum import StrEnum
 
 from gateway.errors import AccessDenied
 
-__all__ = ["ACTIONS", "SYSTEM", "Actor", "Role", "authorize_role"]
+__all__ = ["ACTIONS", "HOST", "SYSTEM", "Actor", "Role", "authorize_role"]
 
 
 class Role(StrEnum):
@@ -86,6 +86,11 @@ class Actor:
 
 SYSTEM = Actor(name="system", role=None)
 """The node acting on its own: the sender worker, the receiver, migrations."""
+
+HOST = Actor(name="host", role=None)
+"""The host operator, acting with the keystore passphrase on the node host
+(``gateway users enrol``): outside the two-person rule, since they can sign as
+the node anyway (docs/consent.md, "Token custody")."""
 
 
 def authorize_role(role: Role, action: str) -> None:

@@ -485,8 +485,8 @@ class DemoStory:
             step(
                 "users",
                 "Add officers and compliance officers (through the running node); Islamabad's "
-                "two approvers replace their tokens with their own",
-                ("users add", "users rotate-token"),
+                "host operator enrols its two approvers, so no one else holds their tokens",
+                ("users add", "users enrol"),
                 ("start",),
                 self._users,
             ),
@@ -594,34 +594,29 @@ class DemoStory:
         return f"Tokyo on {jp.url}, Islamabad on {pk.url}; homes in {self.root}"
 
     def _users(self) -> str:
-        """One officer and one compliance officer per side; Islamabad, which grants
-        consent under the two-person rule (policy ``[approvals.consent-grant] k = 2``),
-        has a second officer, and both its officers hold the approver capability and
-        replace the token the administrator issued them with their own."""
+        """One officer and one compliance officer per side, added by the administrator
+        through the running node. Islamabad grants consent under the two-person rule
+        (policy ``[approvals.consent-grant] k = 2``): its host operator enrols its two
+        officers holding the approver capability (``users enrol``, with the keystore
+        passphrase), so no one else holds their tokens and their two approvals are
+        two people (docs/consent.md, "Token custody")."""
         made = []
         for node in self.nodes.values():
-            people = [
-                (f"{node.node_id}-officer", "officer", "officer"),
-                (f"{node.node_id}-compliance", "compliance", "compliance"),
-            ]
-            if node.node_id == "pk":
-                people.append((SECOND_APPROVER, "officer", "approver"))
+            people = [(f"{node.node_id}-compliance", "compliance", "compliance")]
+            if node.node_id == "jp":
+                people.insert(0, ("jp-officer", "officer", "officer"))
             for name, role, key in people:
-                approving = ("--approver",) if node.node_id == "pk" and role == "officer" else ()
-                result = self.gateway(
-                    node, "admin", "users", "add", name, "--role", role, *approving
-                )
+                result = self.gateway(node, "admin", "users", "add", name, "--role", role)
                 node.tokens[key] = str(_find(result.data(), "token"))
-                made.append(name + (" (approver)" if approving else ""))
+                made.append(name)
         pk = self.nodes["pk"]
-        for key in ("officer", "approver"):
-            issued = pk.tokens[key]
-            rotated = self.gateway(pk, key, "users", "rotate-token").data()
-            node_token = str(_find(rotated, "token"))
-            if node_token == issued:
-                raise StepFailed("gateway users rotate-token printed the same token again")
-            pk.tokens[key] = node_token
-        return "added " + ", ".join(made) + "; both Islamabad approvers rotated their tokens"
+        for name, key in (("pk-officer", "officer"), (SECOND_APPROVER, "approver")):
+            result = self.gateway(
+                pk, None, "users", "enrol", name, "--role", "officer", "--approver"
+            )
+            pk.tokens[key] = str(_find(result.data(), "token"))
+            made.append(f"{name} (approver, enrolled by the host)")
+        return "added " + ", ".join(made)
 
     def _export_manifest(self, node: DemoNode) -> Path:
         """The node's signed key manifest, exported once per key version."""

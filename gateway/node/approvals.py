@@ -40,13 +40,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gateway.core.approvals import (
-    NOT_OWN_ADVICE,
     Approval,
     ProposalState,
-    check_own_token,
+    check_distinct,
     decide,
     terms_hash,
-    token_is_own,
 )
 from gateway.core.canonical import canonical_bytes
 from gateway.core.consent import format_time, parse_time, validate_text
@@ -63,7 +61,7 @@ from gateway.node.users import (
     check_new_user,
     is_approver,
     record_user_added,
-    token_issued_by,
+    token_holders,
 )
 from gateway.store.models_approvals import ApprovalProposal, ApprovalVote
 from gateway.store.models_users import UserRecord
@@ -114,15 +112,11 @@ class ProposalView:
     result: dict[str, Any] | None = None
     warning: str | None = None
     """At proposal time: fewer users could ever approve it than it needs."""
-    not_counted: str | None = None
-    """Why the proposer's own approval was not recorded (a token an administrator issued)."""
 
     def to_dict(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
         if self.warning is not None:
             extra["warning"] = self.warning
-        if self.not_counted is not None:
-            extra["proposer_approval"] = self.not_counted
         return {
             **extra,
             "proposal_id": self.proposal_id,
@@ -204,12 +198,9 @@ def _votes(session: Session, proposal_id: str) -> list[ApprovalVote]:
 
 
 def _approvals(session: Session, action: str, votes: list[ApprovalVote]) -> list[Approval]:
-    """The votes as the rule sees them: with each approver's standing *now*.
-
-    ``own_token`` is true for every stored vote: under k > 1 a vote is stored
-    only after :func:`_check_own_token` admitted it, and what it was made with
-    is fixed then (a token reissued later does not undo it, docs/consent.md).
-    """
+    """The votes as the rule sees them: with each approver's standing *now*, and who
+    could hold their token when they approved (``holders``, fixed then: a token
+    reissued later does not undo an approval, docs/consent.md "Token custody")."""
     names = {v.approver for v in votes}
     users = {
         u.name: u for u in session.scalars(select(UserRecord).where(UserRecord.name.in_(names)))
@@ -228,9 +219,30 @@ def _approvals(session: Session, action: str, votes: list[ApprovalVote]) -> list
                 authorised=user is not None
                 and user.role == wanted
                 and (user.approver or not capability),
+                holders=_vote_holders(vote),
             )
         )
     return found
+
+
+def _vote_holders(vote: ApprovalVote) -> frozenset[str]:
+    found = json.loads(vote.holders or "[]")
+    if not isinstance(found, list) or not all(isinstance(h, str) for h in found):
+        raise InvalidInput(f"the stored holders of {vote.approver}'s approval are not names")
+    return frozenset({vote.approver, *found})
+
+
+def _vote(session: Session, actor: Actor, row: ApprovalProposal, *, now: datetime) -> ApprovalVote:
+    """A new, unsaved approval of ``row``'s terms by ``actor``, with who could hold
+    ``actor``'s token now."""
+    held = token_holders(session, actor.name) or frozenset({actor.name})
+    return ApprovalVote(
+        proposal_id=row.proposal_id,
+        approver=actor.name,
+        terms_hash=row.terms_hash,
+        approved_at=now,
+        holders=json.dumps(sorted(held)),
+    )
 
 
 def _view(
@@ -346,11 +358,26 @@ def _check_capability(session: Session, actor: Actor, action: str) -> None:
         )
 
 
-def _check_own_token(session: Session, actor: Actor, row: ApprovalProposal) -> None:
-    """Refuse (``approval.token-not-own``) an approval of a k > 1 proposal made with a
-    token someone else issued (:func:`gateway.core.approvals.check_own_token`)."""
-    check_own_token(
-        k=row.needed, approver=actor.name, token_issued_by=token_issued_by(session, actor.name)
+def _check_distinct(
+    session: Session, policy: Policy, row: ApprovalProposal, mine: ApprovalVote
+) -> None:
+    """Refuse (``approval.not-distinct``, 403) an approval of a k > 1 proposal that one
+    person could have given together with an approval that counts already
+    (:func:`gateway.core.approvals.check_distinct`)."""
+    votes = _votes(session, row.proposal_id)
+    counted = decide(
+        k=_needed(policy, row),
+        terms=row.terms_hash,
+        approvals=_approvals(session, row.action, votes),
+        expires_at=row.expires_at,
+        now=mine.approved_at,
+        proposer_enabled=True,
+    ).counted
+    (approval,) = _approvals(session, row.action, [mine])
+    check_distinct(
+        k=_needed(policy, row),
+        approval=approval,
+        counted=[a for a in _approvals(session, row.action, votes) if a.approver in counted],
     )
 
 
@@ -426,11 +453,8 @@ def _propose(
     approves: bool = True,
 ) -> ProposalView:
     """Store a pending proposal for ``rule``'s k approvals; with ``approves`` the
-    proposer's own approval too, when made with a token the proposer issued
-    (:func:`gateway.core.approvals.token_is_own`); otherwise the proposal is
-    stored without it and the view says why (``proposer_approval``), so the
-    proposer can rotate their token and approve it then. Proposals past their
-    expiry are closed first.
+    proposer's own approval too (with who could hold the proposer's token).
+    Proposals past their expiry are closed first.
 
     A random ``nonce`` joins the terms before they are hashed, so the terms hash
     in the ledger cannot be confirmed by guessing the terms (docs/ledger.md).
@@ -456,25 +480,10 @@ def _propose(
     if isinstance(terms.get("reason"), str):
         proposed["reason"] = terms["reason"][:MAX_REASON]
     _record(session, "approval-proposed", actor, row, now, **proposed)
-    own = token_is_own(
-        k=rule.k, approver=actor.name, token_issued_by=token_issued_by(session, actor.name)
-    )
-    if approves and own:
-        session.add(
-            ApprovalVote(
-                proposal_id=row.proposal_id, approver=actor.name, terms_hash=digest, approved_at=now
-            )
-        )
+    if approves:
+        session.add(_vote(session, actor, row, now=now))
         _record(session, "approval-given", actor, row, now, approvals=1)
     view = _view(session, row, policy, now=now)
-    if approves and not own:
-        view = replace(
-            view,
-            not_counted=(
-                f"not counted: {actor.name}'s token was issued by an administrator; "
-                f"{NOT_OWN_ADVICE}"
-            ),
-        )
     able = _could_approve(session, action)
     if able < view.needed:
         view = replace(
@@ -597,10 +606,12 @@ def approve(
     reviewed: a proposal with other terms is refused (``approval.terms-changed``).
     Refused: an unknown proposal (404), one decided or expired already
     (``approval.decided`` 409, ``approval.expired`` 410), an approver of
-    the wrong role (``approval.not-approver`` 403), one made with a token
-    someone else issued while k > 1 (``approval.token-not-own`` 403, checked
-    again under the proposal lock before the action executes), a second
-    approval by the same user (``approval.already-approved`` 409).
+    the wrong role (``approval.not-approver`` 403), one that one person could
+    have given together with an approval counted already while k > 1
+    (``approval.not-distinct`` 403: someone could hold both tokens,
+    docs/consent.md "Token custody"; checked again under the proposal lock
+    before the action executes), a second approval by the same user
+    (``approval.already-approved`` 409).
     """
     node = ctx.node
     policy = ctx.policy
@@ -613,7 +624,6 @@ def approve(
         _check_approver(actor, row.action)
         _check_capability(session, actor, row.action)
         _check_proposer(session, row)
-        _check_own_token(session, actor, row)
         if terms_sha256 is not None and not hmac.compare_digest(terms_sha256, row.terms_hash):
             raise RefusedError(
                 f"proposal {proposal_id} has other terms than the ones you reviewed "
@@ -628,12 +638,8 @@ def approve(
                 "another approver has to approve it",
                 reason="approval.already-approved",
             )
-        mine = ApprovalVote(
-            proposal_id=proposal_id,
-            approver=actor.name,
-            terms_hash=row.terms_hash,
-            approved_at=now,
-        )
+        mine = _vote(session, actor, row, now=now)
+        _check_distinct(session, policy, row, mine)
         approvals = [
             *_approvals(session, row.action, votes),
             *_approvals(session, row.action, [mine]),
@@ -666,23 +672,17 @@ def approve(
         locked = _proposal(session, proposal_id, lock=True)
         _check_pending(locked)
         _check_proposer(session, locked)
-        # Again under the lock: a token reissued since the first look refuses this
-        # approval; the approvals recorded earlier keep counting (docs/consent.md).
-        _check_own_token(session, actor, locked)
         again = _votes(session, proposal_id)
         if any(v.approver == actor.name for v in again):
             raise RefusedError(
                 f"{actor.name} approved proposal {proposal_id} already",
                 reason="approval.already-approved",
             )
-        session.add(
-            ApprovalVote(
-                proposal_id=proposal_id,
-                approver=actor.name,
-                terms_hash=locked.terms_hash,
-                approved_at=now,
-            )
-        )
+        # Again under the lock, with who could hold the token now: a token reissued
+        # since the first look can refuse this approval (docs/consent.md).
+        late = _vote(session, actor, locked, now=now)
+        _check_distinct(session, policy, locked, late)
+        session.add(late)
         session.flush()
         final = decide(
             k=_needed(policy, locked),
@@ -733,6 +733,7 @@ def approve(
             conditions=str(terms["conditions"]),
             now=now,
             approvers=decision.counted,
+            approved=terms,
             in_transaction=decide_here,
         )
     else:  # pragma: no cover - every other action is a ceremony or users-add-admin
@@ -751,11 +752,13 @@ def _add_admin(
     now: datetime,
 ) -> dict[str, Any]:
     """The deciding approval of ``users-add-admin``: add the administrator, in this
-    transaction (the proposal row is locked), and hand its token to this approver once."""
+    transaction (the proposal row is locked), and hand its token to this approver once.
+    The token is issued by this approver (``created_by``): whoever could hold their
+    token could hold the new administrator's too (docs/consent.md, "Token custody")."""
     session.add(mine)
     session.flush()
     name = str(json.loads(row.terms_json)["name"])
-    made = add_user(session, name, Role.ADMIN.value, created_by=row.proposer, now=now)
+    made = add_user(session, name, Role.ADMIN.value, created_by=actor.name, now=now)
     record_user_added(session, made, actor=actor, now=now)
     _record(session, "approval-given", actor, row, now, approvals=len(counted))
     row.state = ProposalState.EXECUTED

@@ -7,6 +7,7 @@ One authorization layer serves the CLI and the local API alike:
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,7 +16,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateway.core.roles import Actor, Role, authorize_role
+from gateway.core.approvals import custody_after_issue
+from gateway.core.roles import HOST, SYSTEM, Actor, Role, authorize_role
 from gateway.core.tokens import IssuedToken, issue_token, parse_token, token_hash, token_matches
 from gateway.errors import AccessDenied, AlreadyExists, InvalidInput, NotFound
 from gateway.log import get_logger
@@ -30,16 +32,21 @@ __all__ = [
     "authorize",
     "check_new_user",
     "disable_user",
+    "enrol_user",
     "is_approver",
     "list_users",
     "record_user_added",
     "reissue_token",
     "rotate_own_token",
     "set_approver",
+    "token_holders",
     "token_issued_by",
 ]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
+# Names the node writes as actors or issuers for itself and its host operator: a user
+# of that name would read as them in the ledger and in token custody.
+RESERVED_NAMES = frozenset({"init", HOST.name, SYSTEM.name})
 # Compared against when the token id is unknown, so both paths cost the same.
 _DUMMY_DIGEST = token_hash("0" * 16, "x" * 43)
 _log = get_logger("users")
@@ -55,6 +62,8 @@ class UserView:
     approver: bool = False
     token_issued_by: str = ""
     """Who issued the user's current token (the user themself after a rotation)."""
+    token_holders: tuple[str, ...] = ()
+    """Who could hold the current token, the user among them (docs/consent.md)."""
 
     def to_dict(self) -> dict[str, Any]:
         """One row of ``gateway users list`` and ``GET /api/v1/users`` (never a token)."""
@@ -66,6 +75,7 @@ class UserView:
             "disabled": self.disabled,
             "approver": self.approver,
             "token_issued_by": self.token_issued_by,
+            "token_holders": list(self.token_holders),
         }
 
 
@@ -91,7 +101,43 @@ def _check_name(name: str) -> str:
         raise InvalidInput(
             f"user name {name!r} is not allowed: use 1-64 lower-case letters, digits, '.', '_', '@', '-'"
         )
+    if name in RESERVED_NAMES:
+        raise InvalidInput(
+            f"user name {name!r} is reserved: the node records its host operator and itself "
+            "under it; choose another name"
+        )
     return name
+
+
+def _holders_text(holders: frozenset[str]) -> str:
+    return json.dumps(sorted(holders))
+
+
+def _parse_holders(text: str, name: str) -> frozenset[str]:
+    """The stored holders of ``name``'s token, always with ``name`` among them."""
+    found = json.loads(text or "[]")
+    if not isinstance(found, list) or not all(isinstance(h, str) for h in found):
+        raise InvalidInput(f"the stored token holders of {name!r} are not a list of names")
+    return frozenset({name, *found})
+
+
+def token_holders(session: Session, name: str) -> frozenset[str] | None:
+    """Who could hold user ``name``'s current token (``name`` among them), from the
+    ``users`` row; ``None`` for an unknown user (docs/consent.md, "Token custody")."""
+    text = session.scalar(select(UserRecord.token_holders).where(UserRecord.name == name))
+    return None if text is None else _parse_holders(text, name)
+
+
+def _issuer_holders(session: Session, issuer: str) -> frozenset[str] | None:
+    """The holders an issued token inherits: ``None`` for the host operator (``init``,
+    ``host``), else the issuing user's holders. Raises :class:`NotFound` for an
+    issuer that is neither (a token must never look issued by no one)."""
+    if issuer in ("init", HOST.name):
+        return None
+    held = token_holders(session, issuer)
+    if held is None:
+        raise NotFound(f"the issuer {issuer!r} of a token is not a user of this node")
+    return held
 
 
 def _role(role: str) -> Role:
@@ -130,9 +176,14 @@ def add_user(
     ``approver`` gives an officer the approver capability (consent grants
     under the two-person rule, docs/consent.md); refused (:class:`InvalidInput`)
     for another role. The first token counts as issued by ``created_by``
-    (``token_issued_by``): under k > 1 its holder's approvals count only after
-    ``gateway users rotate-token``. The creation is recorded in the ledger
+    (``token_issued_by``), a user of this node or ``init``/``host`` (the host
+    operator): it is held by the new user and by every holder of
+    ``created_by``'s token (``token_holders``, docs/consent.md "Token
+    custody"). The creation is recorded in the ledger
     (:func:`record_user_added`) by the caller, which knows the acting user.
+    Raises :class:`InvalidInput` for a malformed or reserved name or role,
+    :class:`AlreadyExists` for a taken name, :class:`NotFound` for an unknown
+    ``created_by``.
     """
     _check_name(name)
     chosen = _role(role)
@@ -140,6 +191,7 @@ def add_user(
         _check_approver_role(name, chosen.value)
     if session.scalar(select(UserRecord.id).where(UserRecord.name == name)) is not None:
         raise AlreadyExists(f"user {name!r} exists already")
+    holders = custody_after_issue(name, _issuer_holders(session, created_by))
     token = issue_token()
     session.add(
         UserRecord(
@@ -151,6 +203,7 @@ def add_user(
             created_by=created_by,
             token_issued_at=now,
             token_issued_by=created_by,
+            token_holders=_holders_text(holders),
             approver=approver,
         )
     )
@@ -177,27 +230,31 @@ def record_user_added(session: Session, made: NewUser, *, actor: Actor, now: dat
     )
 
 
-def _replace_token(user: UserRecord, *, now: datetime, issued_by: str) -> IssuedToken:
+def _replace_token(
+    user: UserRecord, *, now: datetime, issued_by: str, holders: frozenset[str]
+) -> IssuedToken:
     token = issue_token()
     user.token_id = token.token_id
     user.token_hash = token.digest
     user.token_issued_at = now
     user.token_issued_by = issued_by
+    user.token_holders = _holders_text(holders)
     return token
 
 
 def reissue_token(session: Session, name: str, *, now: datetime, by: Actor) -> IssuedToken:
     """An administrator replaces user ``name``'s token: the old one stops working at once.
 
-    The new token counts as issued by ``by`` (``token_issued_by``), so under
-    k > 1 its holder's approvals do not count until they run ``gateway users
-    rotate-token`` (docs/consent.md, "Approvals"): an administrator who learns
-    the token cannot approve in that user's name. Ledger: ``token-reissued``
-    (body ``{"user", "by"}``, actor ``by``; never the token). Raises
+    The new token counts as issued by ``by`` (``token_issued_by``) and is held
+    by ``name`` and every holder of ``by``'s token (``token_holders``): under
+    k > 1 an approval by ``name`` never counts beside one any of them could
+    give (docs/consent.md, "Token custody"). Ledger: ``token-reissued`` (body
+    ``{"user", "by"}``, actor ``by``; never the token). Raises
     :class:`NotFound` for an unknown user.
     """
     user = _get(session, name)
-    token = _replace_token(user, now=now, issued_by=by.name)
+    holders = custody_after_issue(name, _issuer_holders(session, by.name))
+    token = _replace_token(user, now=now, issued_by=by.name, holders=holders)
     ledger.record_event(
         session, kind="token-reissued", actor=by, now=now, body={"user": name, "by": by.name}
     )
@@ -209,21 +266,81 @@ def rotate_own_token(session: Session, actor: Actor, *, now: datetime) -> Issued
     """``gateway users rotate-token``: the acting user replaces their own token.
 
     The old token stops working when this transaction commits; the new one
-    counts as issued by the user themself (``token_issued_by = actor.name``),
-    which is what makes their approvals count under k > 1. Ledger:
-    ``token-rotated`` (body ``{"user"}``, actor the user; never the token).
+    counts as issued by the user themself (``token_issued_by = actor.name``).
+    Whoever could hold the old token could have asked for this one, so the
+    holders (``token_holders``) stay as they were: a rotation keeps a copy
+    from working, it does not make the token more one's own (docs/consent.md,
+    "Token custody"). Ledger: ``token-rotated`` (body ``{"user"}``, actor the
+    user; never the token).
     Raises :class:`NotFound` when the actor is not a user of this node, and
     :class:`AccessDenied` for a disabled one.
     """
     user = _get(session, actor.name)
     if user.disabled_at is not None:
         raise AccessDenied(f"user {actor.name!r} is disabled", reason="access.disabled")
-    token = _replace_token(user, now=now, issued_by=actor.name)
+    holders = _parse_holders(user.token_holders, user.name)
+    token = _replace_token(user, now=now, issued_by=actor.name, holders=holders)
     ledger.record_event(
         session, kind="token-rotated", actor=actor, now=now, body={"user": actor.name}
     )
     _log.info("user_token_rotated", user=actor.name)
     return token
+
+
+def enrol_user(
+    session: Session,
+    name: str,
+    *,
+    now: datetime,
+    role: str | None = None,
+    approver: bool = False,
+) -> NewUser:
+    """The host operator issues ``name`` a token held by ``name`` alone (``gateway
+    users enrol``, a host operation with the keystore passphrase).
+
+    A new user is created with ``role`` (required then) and ``approver``; an
+    existing one keeps role and capability (``role`` must match when given;
+    ``approver`` may add the capability) and gets a new token, the old one
+    stops working. Either way ``token_holders`` becomes ``[name]``: the host
+    operator stands outside the two-person rule (docs/consent.md, "Token
+    custody"). Ledger: ``user-enrolled`` (body ``{"user", "role",
+    "approver", "created"}``, actor ``host``; never the token). Raises
+    :class:`InvalidInput` for a bad name or role, a role that differs from an
+    existing user's, or the capability for a non-officer; :class:`AccessDenied`
+    for a disabled user.
+    """
+    _check_name(name)
+    user = session.scalar(select(UserRecord).where(UserRecord.name == name).with_for_update())
+    created = user is None
+    if user is None:
+        if role is None:
+            raise InvalidInput(f"user {name!r} is new: give --role admin, officer or compliance")
+        made = add_user(session, name, role, created_by=HOST.name, now=now, approver=approver)
+        token = made.token
+        chosen = made.role
+    else:
+        chosen = Role(user.role)
+        if role is not None and _role(role) != chosen:
+            raise InvalidInput(
+                f"user {name!r} exists with role {user.role}, not {role}: a role never changes; "
+                "leave --role out to issue a new token"
+            )
+        if user.disabled_at is not None:
+            raise AccessDenied(f"user {name!r} is disabled", reason="access.disabled")
+        if approver and not user.approver:
+            _check_approver_role(name, user.role)
+            user.approver = True
+        token = _replace_token(user, now=now, issued_by=HOST.name, holders=frozenset({name}))
+    held = approver or bool(user is not None and user.approver)
+    ledger.record_event(
+        session,
+        kind="user-enrolled",
+        actor=HOST,
+        now=now,
+        body={"user": name, "role": chosen.value, "approver": held, "created": created},
+    )
+    _log.info("user_enrolled", user=name, role=chosen.value, created=created)
+    return NewUser(name=name, role=chosen, token=token, approver=held)
 
 
 def disable_user(session: Session, name: str, *, now: datetime, by: Actor) -> None:
@@ -295,6 +412,7 @@ def list_users(session: Session) -> list[UserView]:
             disabled=row.disabled_at is not None,
             approver=row.approver,
             token_issued_by=row.token_issued_by,
+            token_holders=tuple(sorted(_parse_holders(row.token_holders, row.name))),
         )
         for row in rows
     ]

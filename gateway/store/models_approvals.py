@@ -5,7 +5,9 @@
   it, when it expires, its state and, once executed, a reference to what it
   made (a consent id, a key id).
 * ``approval_vote``: one approver's approval of one proposal, with the hash of
-  the terms approved; unique per (proposal, approver), so nobody approves twice.
+  the terms approved and who could hold the approver's token when they approved
+  (``holders``, docs/consent.md "Token custody"); unique per (proposal,
+  approver), so nobody approves twice.
 """
 
 from __future__ import annotations
@@ -56,3 +58,6 @@ class ApprovalVote(Base):
     approver: Mapped[str] = mapped_column(String(64))
     terms_hash: Mapped[str] = mapped_column(String(64))
     approved_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    holders: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+    """JSON list of the users who could hold the approver's token when they approved
+    (the approver among them; migration 0021_token_custody)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import Boolean, Integer, LargeBinary, String, false
+from sqlalchemy import Boolean, Integer, LargeBinary, String, Text, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from gateway.store.base import Base, UTCDateTime
@@ -27,5 +27,9 @@ class UserRecord(Base):
     token_issued_by: Mapped[str] = mapped_column(String(64))
     """Who issued the current token: its creator, the administrator who reissued it, or
     the user themself after ``gateway users rotate-token`` (migration 0020_token_issuer)."""
+    token_holders: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+    """JSON list (sorted) of the users who could hold the current token: the user, and
+    for a token an administrator issued, every holder of that administrator's token
+    then (docs/consent.md, "Token custody"; migration 0021_token_custody)."""
     approver: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     """An officer who may approve consent grants (docs/consent.md; migration 0019_approver)."""

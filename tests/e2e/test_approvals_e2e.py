@@ -95,13 +95,13 @@ def add_user(home: NodeHome, name: str, role: str, *flags: str) -> str:
 
 
 def approver_token(home: NodeHome, name: str) -> str:
-    """An officer holding the approver capability, added by the administrator, who
-    then replaced the issued token with their own: the token they approve with."""
-    issued = add_user(home, name, "officer", "--approver")
-    # the administrator knows the token it issued: an approval under k > 1 counts
-    # only with a token the approver issued themself (docs/consent.md, "Own tokens")
-    token = str(gateway(home, issued, "users", "rotate-token").ok()["token"])
-    assert token != issued
+    """An officer holding the approver capability, enrolled by the host operator
+    (``gateway users enrol``, the passphrase and no token) while the node serves: a
+    token no one else holds, so two such approvals are two people (docs/consent.md,
+    "Token custody"). The token they approve with."""
+    made = host(home, "users", "enrol", name, "--role", "officer", "--approver")
+    assert (made["name"], made["role"], made["approver"]) == (name, "officer", True)
+    token = str(made["token"])
     assert gateway(home, token, "approvals", "list").ok() == []
     return token
 

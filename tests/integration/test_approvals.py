@@ -36,16 +36,23 @@ from gateway.node.runtime import utc_now
 from gateway.node.users import (
     add_user,
     disable_user,
+    enrol_user,
+    list_users,
     reissue_token,
     rotate_own_token,
     set_approver,
 )
 from gateway.store.models_approvals import ApprovalProposal
-from gateway.store.models_consent import ConsentGrantRecord, ConsentRevocationRecord
+from gateway.store.models_consent import (
+    ConsentGrantRecord,
+    ConsentRequestRecord,
+    ConsentRevocationRecord,
+)
 from gateway.store.models_exchange import OutboxEntry
 from tests.integration.test_consent import (  # noqa: F401  (fixtures)
     EMBASSY,
     NOW,
+    PASSPHRASE,
     PURPOSE,
     Pair,
     Side,
@@ -71,18 +78,17 @@ def set_approvals(side: Side, k: int, hours: int = 72) -> None:
 
 
 def own_officer_env(side: Side, name: str) -> dict[str, str]:
-    """An officer added by an administrator who then replaced the token the
-    administrator issued (``gateway users rotate-token``); the CLI environment
-    with the new token. The old token is refused from then on."""
-    env = _officer_env(side, name)
-    rotated = _run(env, "users", "rotate-token", "--json")
-    assert rotated.exit_code == 0, rotated.output
-    token = json.loads(rotated.stdout)["token"]
-    assert token != env["GATEWAY_TOKEN"]
-    old = _run(env, "approvals", "list", "--json")
-    assert old.exit_code == 1
-    assert "access.token" in old.stdout
-    return {**env, "GATEWAY_TOKEN": token}
+    """An officer the host operator enrolled (``gateway users enrol``, with the
+    passphrase and no token), so no one else holds the token; the CLI environment
+    of the officer, with that token and no passphrase."""
+    home = str(side.node.settings.home)
+    host = {"GATEWAY_HOME": home, "GATEWAY_PASSPHRASE": PASSPHRASE}
+    enrolled = _run(host, "users", "enrol", name, "--role", "officer", "--json")
+    assert enrolled.exit_code == 0, enrolled.output
+    made = json.loads(enrolled.stdout)
+    assert (made["name"], made["role"]) == (name, "officer")
+    serve_node(side.node, lambda: side.keyring)  # user commands reach the running node
+    return {"GATEWAY_HOME": home, "GATEWAY_TOKEN": made["token"]}
 
 
 def officer(name: str) -> Actor:
@@ -90,15 +96,14 @@ def officer(name: str) -> Actor:
 
 
 def add_people(side: Side, now: Any) -> None:
-    """The officers and an administrator; each replaced the token the administrator
-    issued with one of their own (``users rotate-token``), so their approvals count."""
+    """The officers and an administrator, each enrolled by the host operator
+    (``users enrol``), so no one else holds their tokens and their approvals count
+    as distinct people."""
     with side.node.db.transaction() as session:
         for name in OFFICERS:
-            add_user(session, name, "officer", created_by="admin", now=now, approver=True)
-        add_user(session, "clerk", "officer", created_by="admin", now=now)
-        add_user(session, "root-admin", "admin", created_by="admin", now=now)
-        for name in (*OFFICERS, "clerk", "root-admin"):
-            rotate_own_token(session, Actor(name=name, role=None), now=now)
+            enrol_user(session, name, now=now, role="officer", approver=True)
+        enrol_user(session, "clerk", now=now, role="officer")
+        enrol_user(session, "root-admin", now=now, role="admin")
 
 
 def give_approver(side: Side, name: str, on: bool = True) -> None:
@@ -759,44 +764,45 @@ def test_help_says_a_grant_under_the_rule_becomes_a_proposal_and_where_the_reaso
     assert "approval-proposed entry" in " ".join(propose.output.split())
 
 
-# --- own tokens: an administrator who issued a token cannot approve with it ----------------
+# --- token custody: one person who could hold two tokens approves once ---------------------
 
 
 def approval_givers(side: Side) -> list[str]:
     return [str(e.actor_name) for e in entries(side, "approval-given")]
 
 
-def test_an_administrator_who_adds_an_approver_cannot_grant_consent_as_them(pair: Pair) -> None:
-    """The administrator adding an officer with --approver knows the first token; with
-    it the officer's approval is refused, and counts once the officer rotated it."""
+def test_an_administrator_who_adds_two_approvers_cannot_grant_consent_as_both(
+    pair: Pair,
+) -> None:
+    """H1 of the attack review: root-admin adds farah and gul with --approver and, before
+    they do, rotates both first tokens. Rotating does not take a token out of its
+    issuer's hands: gul's approval of farah's proposal is refused (root-admin could
+    hold both tokens) and nothing is granted; an approver no one else could stand in
+    for completes it."""
     set_approvals(pair.pk, 2)
     add_people(pair.pk, NOW)
-    added = approvals.add_user_or_propose(
-        pair.pk.node, ADMIN, "farah", "officer", now=NOW, approver=True
-    )
-    assert (added["approver"], added["state"]) == (True, "executed")
+    for name in ("farah", "gul"):
+        added = approvals.add_user_or_propose(
+            pair.pk.node, ADMIN, name, "officer", now=NOW, approver=True
+        )
+        assert (added["approver"], added["state"]) == (True, "executed")
+        with pair.pk.node.db.transaction() as session:
+            rotate_own_token(session, officer(name), now=NOW)
     _case_id, request_id = asked_of_pk(pair)
-    pid = propose(pair, request_id)["proposal_id"]  # asma, with her own token: 1 of 2
+    made = propose(pair, request_id, by="farah")
+    assert (made["state"], made["approvers"]) == ("pending", ["farah"])
+    pid = made["proposal_id"]
 
-    refused("approval.token-not-own", lambda: approve(pair, pid, officer("farah")))
+    refused("approval.not-distinct", lambda: approve(pair, pid, officer("gul")))
     assert (grants(pair.pk), grant_bundles(pair.pk)) == (0, 0)
-    assert approval_givers(pair.pk) == ["asma"]
+    assert approval_givers(pair.pk) == ["farah"]
+    with pytest.raises(RefusedError, match="root-admin could hold both gul's token"):
+        approve(pair, pid, officer("gul"))
 
-    # a proposal made with such a token is stored, without the proposer's approval
-    _case_id, other_request = asked_of_pk(pair)
-    made = propose(pair, other_request, by="farah")
-    assert (made["state"], made["approvals"], made["approvers"]) == ("pending", 0, [])
-    assert "gateway users rotate-token" in made["proposer_approval"]
-
-    with pair.pk.node.db.transaction() as session:
-        rotate_own_token(session, officer("farah"), now=NOW)
-    done = approve(pair, pid, officer("farah"))
+    done = approve(pair, pid, officer("asma"))  # enrolled by the host: hers alone
     assert (done["state"], done["counted"]) == ("executed", ["asma", "farah"])
     assert grants(pair.pk) == 1
-    # and now she approves her own proposal: it counts (1 of 2, nothing granted yet)
-    mine = approve(pair, made["proposal_id"], officer("farah"))
-    assert (mine["state"], mine["counted"]) == ("pending", ["farah"])
-    (added_entry,) = entries(pair.pk, "user-added")
+    (added_entry, _second) = entries(pair.pk, "user-added")
     assert added_entry.actor_name == ADMIN.name
     assert json.loads(added_entry.canonical)["body"] == {
         "user": "farah",
@@ -807,21 +813,112 @@ def test_an_administrator_who_adds_an_approver_cannot_grant_consent_as_them(pair
     assert added["token"] not in "".join(e.canonical.decode() for e in entries(pair.pk))
 
 
+def test_enrolment_by_the_host_gives_a_token_no_one_else_holds(pair: Pair) -> None:
+    """The host operator re-enrols an officer an administrator added: the old token stops
+    working, only the officer holds the new one, and their approval now counts beside
+    one the administrator's other officer gives."""
+    set_approvals(pair.pk, 2)
+    add_people(pair.pk, NOW)
+    for name in ("farah", "gul"):
+        approvals.add_user_or_propose(pair.pk.node, ADMIN, name, "officer", now=NOW, approver=True)
+    with pair.pk.node.db.transaction() as session:
+        again = enrol_user(session, "gul", now=NOW)
+    assert (again.role, again.approver) == (Role.OFFICER, True)
+    with pair.pk.node.db.transaction() as session:
+        views = {v.name: v for v in list_users(session)}
+    assert views["gul"].token_holders == ("gul",)
+    assert views["gul"].token_issued_by == "host"
+    assert views["farah"].token_holders == ("farah", "root-admin")
+    _case_id, request_id = asked_of_pk(pair)
+    pid = propose(pair, request_id, by="farah")["proposal_id"]
+    done = approve(pair, pid, officer("gul"))
+    assert (done["state"], done["counted"]) == ("executed", ["farah", "gul"])
+    enrolled = entries(pair.pk, "user-enrolled")
+    assert len(enrolled) == 7  # the six of add_people, then gul again
+    assert {(e.actor_name, e.actor_role) for e in enrolled} == {("host", None)}
+    assert json.loads(enrolled[-1].canonical)["body"] == {
+        "user": "gul",
+        "role": "officer",
+        "approver": True,
+        "created": False,
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "reason"),
+    [
+        (("nobody-new",), "is new: give --role"),
+        (("asma", "--role", "admin"), "exists with role officer"),
+        (("system", "--role", "officer"), "is reserved"),
+        (("host", "--role", "admin"), "is reserved"),
+        (("root-admin", "--approver"), "only officers hold the approver capability"),
+    ],
+)
+def test_enrolment_refuses_what_it_cannot_do_and_writes_nothing(
+    pair: Pair, args: tuple[str, ...], reason: str
+) -> None:
+    add_people(pair.pk, NOW)
+    before = len(entries(pair.pk))
+    host = {"GATEWAY_HOME": str(pair.pk.node.settings.home), "GATEWAY_PASSPHRASE": PASSPHRASE}
+    result = _run(host, "users", "enrol", *args)
+    assert result.exit_code == 1, result.output  # invalid input (SPEC exit codes)
+    assert reason in result.output
+    assert len(entries(pair.pk)) == before
+
+
+def test_enrolment_needs_the_keystore_passphrase(pair: Pair) -> None:
+    home = str(pair.pk.node.settings.home)
+    wrong = _run(
+        {"GATEWAY_HOME": home, "GATEWAY_PASSPHRASE": "not the passphrase"},
+        "users",
+        "enrol",
+        "zara",
+        "--role",
+        "officer",
+    )
+    assert wrong.exit_code != 0
+    assert "ssw_" not in wrong.output
+    with pair.pk.node.db.transaction() as session:
+        assert "zara" not in {v.name for v in list_users(session)}
+
+
+def test_an_administrator_who_reissues_a_token_cannot_approve_beside_it(pair: Pair) -> None:
+    """H2 of the attack review, for consent grants: a token an administrator reissued
+    is held by that administrator too, so it never counts beside an approval the
+    administrator could give, even after its holder rotated it."""
+    set_approvals(pair.pk, 2)
+    add_people(pair.pk, NOW)
+    with pair.pk.node.db.transaction() as session:
+        reissue_token(session, "bilal", now=NOW, by=officer_admin("root-admin"))
+        reissue_token(session, "chaudhry", now=NOW, by=officer_admin("root-admin"))
+        rotate_own_token(session, officer("bilal"), now=NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    pid = propose(pair, request_id, by="bilal")["proposal_id"]
+    refused("approval.not-distinct", lambda: approve(pair, pid, officer("chaudhry")))
+    assert grants(pair.pk) == 0
+    done = approve(pair, pid, officer("dur"))
+    assert (done["state"], done["counted"]) == ("executed", ["bilal", "dur"])
+
+
+def officer_admin(name: str) -> Actor:
+    return Actor(name=name, role=Role.ADMIN)
+
+
 def test_one_officer_grants_alone_at_k_1_whoever_issued_the_token(pair: Pair) -> None:
     set_approvals(pair.pk, 1)
+    add_people(pair.pk, NOW)
     with pair.pk.node.db.transaction() as session:
         add_user(session, "solo", "officer", created_by="root-admin", now=NOW)
     _case_id, request_id = asked_of_pk(pair)
     made = propose(pair, request_id, by="solo")
     assert made["state"] == "executed"
-    assert "proposer_approval" not in made
     assert grants(pair.pk) == 1
 
 
 def test_a_token_reissued_after_approving_leaves_that_approval_counting(pair: Pair) -> None:
-    """An approval is fixed when given: bilal approved with his own token; an
+    """An approval is fixed when given: bilal approved with a token only he held; an
     administrator reissuing it later does not undo that approval (docs/consent.md),
-    but bilal approves nothing more with the reissued token."""
+    but bilal's later approvals never count beside that administrator's."""
     set_approvals(pair.pk, 3)
     add_people(pair.pk, NOW)
     _case_id, request_id = asked_of_pk(pair)
@@ -829,11 +926,38 @@ def test_a_token_reissued_after_approving_leaves_that_approval_counting(pair: Pa
     assert approve(pair, pid, officer("bilal"))["counted"] == ["asma", "bilal"]
     with pair.pk.node.db.transaction() as session:
         reissue_token(session, "bilal", now=NOW, by=ADMIN)
+        reissue_token(session, "dur", now=NOW, by=ADMIN)
     _case_id, other_request = asked_of_pk(pair)
-    other = propose(pair, other_request, by="chaudhry")["proposal_id"]
-    refused("approval.token-not-own", lambda: approve(pair, other, officer("bilal")))
+    other = propose(pair, other_request, by="dur")["proposal_id"]
+    refused("approval.not-distinct", lambda: approve(pair, other, officer("bilal")))
     done = approve(pair, pid, officer("chaudhry"))
     assert (done["state"], done["counted"]) == ("executed", ["asma", "bilal", "chaudhry"])
-    (reissued,) = entries(pair.pk, "token-reissued")
-    assert reissued.actor_name == ADMIN.name
-    assert json.loads(reissued.canonical)["body"] == {"user": "bilal", "by": ADMIN.name}
+    reissued = entries(pair.pk, "token-reissued")
+    assert [json.loads(e.canonical)["body"] for e in reissued] == [
+        {"user": "bilal", "by": ADMIN.name},
+        {"user": "dur", "by": ADMIN.name},
+    ]
+    assert {e.actor_name for e in reissued} == {ADMIN.name}
+
+
+def test_a_grant_whose_terms_changed_since_approval_is_not_signed(pair: Pair) -> None:
+    """The k-th approval signs the grant only when the terms computed at that moment are
+    the approved ones: a request row changed under a pending proposal (it never is by
+    the node) refuses the execution with approval.terms-changed and sends nothing."""
+    set_approvals(pair.pk, 2)
+    add_people(pair.pk, NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    pid = propose(pair, request_id)["proposal_id"]
+    with pair.pk.node.db.transaction() as session:
+        row = session.scalars(
+            select(ConsentRequestRecord).where(ConsentRequestRecord.request_id == request_id)
+        ).one()
+        row.purpose = "a purpose no approver saw"
+    refused("approval.terms-changed", lambda: approve(pair, pid, officer("bilal")))
+    assert (grants(pair.pk), grant_bundles(pair.pk)) == (0, 0)
+    with pair.pk.node.db.transaction() as session:
+        state = session.scalars(
+            select(ApprovalProposal.state).where(ApprovalProposal.proposal_id == pid)
+        ).one()
+    assert state == "pending"
+    assert approval_givers(pair.pk) == ["asma"]

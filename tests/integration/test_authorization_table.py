@@ -78,6 +78,7 @@ HOST_COMMANDS = {
     ("demo",),
     ("peer", "ping"),
     ("doctor",),
+    ("users", "enrol"),
 }
 """Operations on the host itself: they need the node home and its passphrase,
 not a user token (see gateway.core.roles)."""

@@ -48,15 +48,16 @@ def set_rule(home: Home, action: str, k: int) -> None:
     set_approvals(home.path / "policies", action, k)
 
 
-def own(home: Home, token: str) -> str:
-    """``gateway users rotate-token`` as ``token``'s user: the new token, issued by the
-    user themself (an approval under k > 1 counts only with such a token)."""
-    code, rotated, err = client(home, token, "users", "rotate-token")
+def enrolled(home: Home, name: str, role: str | None = None) -> str:
+    """``gateway users enrol`` on the host (the passphrase, no token): the token of
+    ``name``, which no one else holds, so ``name``'s approval counts beside the init
+    administrator's (docs/consent.md, "Token custody")."""
+    args = ["users", "enrol", name] + (["--role", role] if role else [])
+    code, made, err = home.run(*args, "--json", env={"GATEWAY_TOKEN": ""})
     assert code == 0, err
-    assert rotated["token"] != token
-    code, _answer, _err = client(home, token, "users", "list")
-    assert code == 1  # the old token stopped working
-    return str(rotated["token"])
+    answer = json.loads(made)
+    assert answer["name"] == name
+    return str(answer["token"])
 
 
 def peer_version_after_delivery(jp: Home, pk: Home) -> int:
@@ -101,11 +102,9 @@ def test_rotation_with_k_2_waits_for_the_second_administrator(
     jp, pk = homes
     _pin(jp, pk, tmp_path)
     set_rule(jp, "keys-rotate", 2)
-    code, added, err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
-    assert code == 0, err
-    # each administrator replaces the token issued to them (init, users add)
-    jp.token = own(jp, jp.token)
-    second = own(jp, added["token"])
+    # the second administrator is enrolled by the host operator: no one else holds the
+    # token, so two approvals are two people (docs/consent.md, "Token custody")
+    second = enrolled(jp, "second", "admin")
 
     # one administrator alone: refused without a proposal, nothing changes
     code, answer, _err = host(jp, "keys", "rotate")
@@ -164,9 +163,7 @@ def test_revocation_needs_the_approved_key_and_reason(
     jp, pk = homes
     _pin(jp, pk, tmp_path)
     set_rule(jp, "keys-revoke", 2)
-    _code, added, _err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
-    jp.token = own(jp, jp.token)
-    second = own(jp, added["token"])
+    second = enrolled(jp, "second", "admin")
     with Node.open(load_settings(jp.path)) as node, node.db.transaction() as session:
         sign_key = next(k.key_id for k in own_keys.own_manifest(session).keys if k.use == "sign")
     code, made, err = client(
@@ -222,8 +219,7 @@ def test_revocation_with_compromised_since_runs_only_with_the_approved_time(
     jp, pk = homes
     _pin(jp, pk, tmp_path)
     set_rule(jp, "keys-revoke", 2)
-    _code, added, _err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
-    jp.token = own(jp, jp.token)
+    second = enrolled(jp, "second", "admin")
     with Node.open(load_settings(jp.path)) as node, node.db.transaction() as session:
         sign_key = next(k.key_id for k in own_keys.own_manifest(session).keys if k.use == "sign")
     since = "2026-01-01T00:00:00Z"
@@ -234,7 +230,6 @@ def test_revocation_with_compromised_since_runs_only_with_the_approved_time(
     assert code == 0, err
     pid = made["proposal_id"]
     assert made["terms"]["compromised_since"] == since
-    second = own(jp, added["token"])
     code, shown, err = client(jp, second, "approvals", "show", pid)
     assert code == 0, err
     assert shown["terms"]["key_id"] == sign_key
@@ -275,9 +270,7 @@ def test_recovery_is_a_key_change_under_the_rule(homes: tuple[Home, Home], tmp_p
     jp, pk = homes
     _pin(jp, pk, tmp_path)
     set_rule(jp, "keys-recover", 2)
-    _code, added, _err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
-    jp.token = own(jp, jp.token)
-    second = own(jp, added["token"])
+    second = enrolled(jp, "second", "admin")
     code, answer, _err = host(jp, "keys", "recover", "--reason", "disk lost")
     assert code == 1
     assert answer["error"]["reason"] == "approval.pending"
@@ -309,9 +302,7 @@ def test_root_rotation_with_k_2_writes_nothing_until_approved(
     jp, pk = homes
     _pin(jp, pk, tmp_path)
     set_rule(jp, "keys-rotate-root", 2)
-    _code, added, _err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
-    jp.token = own(jp, jp.token)
-    second = own(jp, added["token"])
+    second = enrolled(jp, "second", "admin")
     roots_before = sorted(p.name for p in (jp.path / "keys").glob("root-*.key"))
     code, made, err = client(
         jp, jp.token, "approvals", "propose", "keys-rotate-root", "--reason", "custodian left"
@@ -336,9 +327,7 @@ def test_adding_an_administrator_with_k_2_waits_and_the_deciding_approver_gets_t
 ) -> None:
     jp, _pk = homes
     # the second administrator is added before the rule is in force
-    _code, added, _err = client(jp, jp.token, "users", "add", "second", "--role", "admin")
-    jp.token = own(jp, jp.token)
-    second = own(jp, added["token"])
+    second = enrolled(jp, "second", "admin")
     set_rule(jp, "users-add-admin", 2)
     # officers are still added by one administrator
     code, clerk, err = client(jp, jp.token, "users", "add", "clerk", "--role", "officer")

@@ -19,7 +19,7 @@ from gateway.settings import load_settings
 from tests.node_api import serving_home
 
 PASSPHRASE = "a passphrase long enough for tests"
-USER_COMMANDS = {("keys", "show"), ("peer", "show"), ("users", "add")}
+USER_COMMANDS = {("keys", "show"), ("peer", "show"), ("users", "add"), ("users", "list")}
 """Commands of this module that are clients of the running node."""
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -125,5 +126,74 @@ def test_token_issuer_migration_names_each_existing_tokens_creator(database_url:
         with db.engine.connect() as connection:
             rows = connection.execute(text("SELECT name, token_issued_by FROM users")).all()
         assert dict(rows) == {"admin": "init", "asma": "admin"}
+    finally:
+        db.dispose()
+
+
+def test_token_custody_migration_gives_every_token_its_possible_holders(
+    database_url: str,
+) -> None:
+    """0021_token_custody: existing users' tokens are held by their creator and issuer,
+    and by whoever could hold those users' tokens, repeated to the end; a rotation
+    does not take a token out of its issuer's hands. ``init`` is the host operator.
+    Existing approvals take their approver's holders."""
+    from alembic import command  # noqa: PLC0415
+    from sqlalchemy import text  # noqa: PLC0415
+
+    db = open_database(database_url)
+    try:
+        db.upgrade()
+        command.downgrade(db.alembic_config(), "0020_token_issuer")  # 0021 merges two branches
+        now = datetime(2026, 1, 1, tzinfo=UTC)
+        people = (
+            ("admin", "init", "admin"),  # rotated its init token
+            ("boss", "admin", "boss"),  # added by admin, rotated
+            ("asma", "boss", "asma"),  # added by boss, rotated
+            ("bilal", "admin", "init"),  # impossible issuer kept as found
+        )
+        with db.engine.begin() as connection:
+            for index, (name, by, issued) in enumerate(people):
+                connection.execute(
+                    text(
+                        "INSERT INTO users (name, role, token_id, token_hash, created_at, "
+                        "created_by, token_issued_at, token_issued_by, approver) VALUES "
+                        "(:name, 'officer', :token_id, :digest, :now, :by, :now, :issued, false)"
+                    ),
+                    {
+                        "name": name,
+                        "token_id": f"{index:016x}",
+                        "digest": bytes(32),
+                        "now": now,
+                        "by": by,
+                        "issued": issued,
+                    },
+                )
+            connection.execute(
+                text(
+                    "INSERT INTO approval_proposal (proposal_id, action, terms_json, terms_hash, "
+                    "needed, proposer, created_at, expires_at, state) VALUES ('p1', "
+                    "'consent-grant', '{}', :h, 2, 'asma', :now, :now, 'pending')"
+                ),
+                {"h": "0" * 64, "now": now},
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO approval_vote (proposal_id, approver, terms_hash, approved_at) "
+                    "VALUES ('p1', 'asma', :h, :now)"
+                ),
+                {"h": "0" * 64, "now": now},
+            )
+        command.upgrade(db.alembic_config(), "heads")
+        with db.engine.connect() as connection:
+            rows = connection.execute(text("SELECT name, token_holders FROM users")).all()
+            (vote,) = connection.execute(text("SELECT holders FROM approval_vote")).all()
+        held = {name: json.loads(value) for name, value in rows}
+        assert held == {
+            "admin": ["admin"],
+            "boss": ["admin", "boss"],
+            "asma": ["admin", "asma", "boss"],
+            "bilal": ["admin", "bilal"],
+        }
+        assert json.loads(vote[0]) == ["admin", "asma", "boss"]
     finally:
         db.dispose()

@@ -6,7 +6,13 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from gateway.core.approvals import Approval, check_own_token, decide, terms_hash, token_is_own
+from gateway.core.approvals import (
+    Approval,
+    check_distinct,
+    custody_after_issue,
+    decide,
+    terms_hash,
+)
 from gateway.errors import InvalidInput, RefusedError
 
 T0 = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
@@ -15,14 +21,21 @@ TERMS = terms_hash({"request_id": "r1", "items": ["b1"], "max_uses": 2})
 OTHER = terms_hash({"request_id": "r1", "items": ["b1"], "max_uses": 3})
 
 
-def ok(name: str, *, minutes: int = 0, terms: str = TERMS, **kw: bool) -> Approval:
+def ok(
+    name: str,
+    *,
+    minutes: int = 0,
+    terms: str = TERMS,
+    held_by: tuple[str, ...] = (),
+    **kw: bool,
+) -> Approval:
     return Approval(
         approver=name,
         terms_hash=terms,
         approved_at=T0 + timedelta(minutes=minutes),
         enabled=kw.get("enabled", True),
         authorised=kw.get("authorised", True),
-        own_token=kw.get("own_token", True),
+        holders=frozenset({name, *held_by}),
     )
 
 
@@ -41,12 +54,19 @@ CASES = [
     (3, [ok("ana"), ok("bo"), ok("cy")], True),
     (3, [ok("ana"), ok("bo"), ok("cy", enabled=False), ok("di")], True),
     (3, [ok("ana"), ok("bo"), ok("bo", minutes=5), ok("cy", terms=OTHER)], False),
-    # a token an administrator issued (and may hold a copy of) does not count at k > 1
-    (2, [ok("ana"), ok("bo", own_token=False)], False),
-    (2, [ok("ana", own_token=False), ok("bo", own_token=False)], False),
-    (3, [ok("ana"), ok("bo", own_token=False), ok("cy"), ok("di")], True),
-    # a one-person office keeps working: at k = 1 who issued the token does not matter
-    (1, [ok("ana", own_token=False)], True),
+    # one person who could hold two approvers' tokens counts once (token custody)
+    (2, [ok("ana", held_by=("adm",)), ok("bo", held_by=("adm",))], False),  # one issuer
+    (2, [ok("ana", held_by=("adm",)), ok("bo", held_by=("ana",))], False),  # issued by ana
+    (2, [ok("ana"), ok("bo", held_by=("ana",))], False),
+    (2, [ok("ana", held_by=("adm",)), ok("bo", held_by=("root",))], True),  # two issuers
+    (2, [ok("ana", held_by=("adm",)), ok("adm")], False),  # adm as themself and as ana
+    (2, [ok("ana", held_by=("adm",)), ok("bo", held_by=("adm",)), ok("cy", minutes=1)], True),
+    (3, [ok("ana", held_by=("x",)), ok("bo", held_by=("y",)), ok("cy", held_by=("x", "y"))], False),
+    (3, [ok("ana"), ok("bo", held_by=("ana",)), ok("cy"), ok("di")], True),
+    # an overlapping approval is skipped, and not itself a blocker for a later one
+    (2, [ok("ana"), ok("bo", held_by=("ana",), minutes=1), ok("cy", minutes=2)], True),
+    # a one-person office keeps working: at k = 1 who could hold the token does not matter
+    (1, [ok("ana", held_by=("adm",))], True),
 ]
 
 
@@ -109,29 +129,54 @@ def test_k_out_of_range_is_refused(k: int) -> None:
         decide(k=k, terms=TERMS, approvals=[], expires_at=EXPIRES, now=T0, proposer_enabled=True)
 
 
-OWN_TOKEN_CASES = [
-    # (k, approver, token issued by, counts)
-    (1, "ana", "admin", True),
-    (1, "ana", None, True),
-    (2, "ana", "ana", True),
-    (2, "ana", "admin", False),
-    (2, "ana", "init", False),
-    (2, "ana", None, False),
-    (2, "ana", "Ana", False),
-    (9, "ana", "ana", True),
+def test_the_approvals_that_count_share_no_holder() -> None:
+    approvals = [
+        ok("ana", held_by=("adm",)),
+        ok("bo", held_by=("adm",), minutes=1),
+        ok("cy", held_by=("root",), minutes=2),
+        ok("di", minutes=3),
+    ]
+    decision = decide(
+        k=3, terms=TERMS, approvals=approvals, expires_at=EXPIRES, now=T0, proposer_enabled=True
+    )
+    assert decision.counted == ("ana", "cy", "di")  # bo shares adm with ana, who came first
+    assert decision.executes
+
+
+def test_custody_after_issue_keeps_every_holder_of_the_issuers_token() -> None:
+    assert custody_after_issue("ana", None) == {"ana"}  # the host operator issued it
+    assert custody_after_issue("ana", ()) == {"ana"}
+    assert custody_after_issue("ana", {"adm"}) == {"ana", "adm"}
+    # adm's own token was issued by root: whoever holds it could hold ana's too
+    assert custody_after_issue("ana", custody_after_issue("adm", {"root"})) == {
+        "ana",
+        "adm",
+        "root",
+    }
+
+
+DISTINCT_CASES = [
+    # (k, approval, counted before it, refused)
+    (1, ok("bo", held_by=("adm",)), [ok("ana", held_by=("adm",))], False),
+    (2, ok("bo", held_by=("adm",)), [ok("ana", held_by=("adm",))], True),
+    (2, ok("bo"), [ok("ana", held_by=("bo",))], True),
+    (2, ok("bo", held_by=("root",)), [ok("ana", held_by=("adm",))], False),
+    (2, ok("bo"), [], False),
+    (3, ok("cy", held_by=("adm",)), [ok("ana"), ok("bo", held_by=("adm",))], True),
+    (9, ok("cy"), [ok("ana"), ok("bo")], False),
 ]
 
 
-@pytest.mark.parametrize(("k", "approver", "issued_by", "counts"), OWN_TOKEN_CASES)
-def test_an_approval_counts_at_k_above_one_only_with_the_approvers_own_token(
-    k: int, approver: str, issued_by: str | None, counts: bool
+@pytest.mark.parametrize(("k", "approval", "counted", "refused"), DISTINCT_CASES)
+def test_an_approval_one_person_could_give_with_a_counted_one_is_refused_at_k_above_one(
+    k: int, approval: Approval, counted: list[Approval], refused: bool
 ) -> None:
-    assert token_is_own(k=k, approver=approver, token_issued_by=issued_by) is counts
-    if counts:
-        check_own_token(k=k, approver=approver, token_issued_by=issued_by)
+    if not refused:
+        check_distinct(k=k, approval=approval, counted=counted)
         return
     with pytest.raises(RefusedError) as caught:
-        check_own_token(k=k, approver=approver, token_issued_by=issued_by)
-    assert caught.value.reason == "approval.token-not-own"
-    assert "run `gateway users rotate-token`" in str(caught.value)
-    assert "then approve again" in str(caught.value)
+        check_distinct(k=k, approval=approval, counted=counted)
+    assert caught.value.reason == "approval.not-distinct"
+    text = str(caught.value)
+    assert f"{approval.approver}'s approval would not be a second person's" in text
+    assert "gateway users enrol" in text

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import tempfile
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -276,12 +276,16 @@ def grant(
     conditions: str,
     now: datetime,
     approvers: tuple[str, ...] = (),
+    approved: Mapping[str, Any] | None = None,
     in_transaction: Callable[[Session, str], None] | None = None,
 ) -> SentConsent:
     """Give the peer written consent for its request ``request_id``; send it signed.
 
     The terms are checked by :func:`grant_terms`. ``approvers`` (sorted names)
     are signed into the document when the grant passed the two-person rule;
+    ``approved`` is then the terms the approvers approved (a proposal's terms):
+    the grant is signed only when the terms computed now are exactly those,
+    else :class:`RefusedError` ``approval.terms-changed`` (nothing is sent);
     ``in_transaction(session, consent_id)`` runs first in the transaction that
     queues the grant (the approvals service records the deciding approval
     there, so the grant is sent exactly when the approval commits).
@@ -295,6 +299,15 @@ def grant(
         conditions=conditions,
         now=now,
     )
+    if approved is not None:
+        computed = terms.to_dict()
+        if any(approved.get(key) != value for key, value in computed.items()):
+            changed = sorted(k for k, v in computed.items() if approved.get(k) != v)
+            raise RefusedError(
+                f"the grant's terms now differ from the approved ones ({', '.join(changed)}): "
+                "nothing was signed; propose the grant again",
+                reason="approval.terms-changed",
+            )
     items, until = terms.items, terms.valid_until
     third_party, purpose = terms.third_party, terms.purpose
     consent_id = str(uuid.uuid4())

@@ -1,0 +1,74 @@
+"""Who could hold each user's token, and each approver's when they approved
+(docs/consent.md, "Token custody": two approvals count as two people only when no
+one could hold both tokens).
+
+``users.token_holders`` is the sorted JSON list of the users who could hold the
+user's current token; ``approval_vote.holders`` the same for the approver's token
+at the time of the approval. Existing rows are given what can be known now, from
+above: the user, whoever created the user or issued the token in use
+(``created_by``, ``token_issued_by``; a rotation does not take a token out of
+its issuer's hands), and, repeated until nothing changes, everyone who could
+hold those users' tokens. ``init`` and ``host`` name the host operator, who
+stands outside the rule. Existing approvals take their approver's holders.
+
+Revision ID: 0021_token_custody
+Revises: 0020_token_issuer, 0015_approvals
+Create Date: 2026-11-30
+"""
+
+from __future__ import annotations
+
+import json
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0021_token_custody"
+down_revision = ("0020_token_issuer", "0015_approvals")
+branch_labels = None
+depends_on = None
+
+_HOST = frozenset({"init", "host", "system"})
+
+
+def _closure(issuers: dict[str, set[str]]) -> dict[str, list[str]]:
+    holders = {name: {name} | (found - _HOST) for name, found in issuers.items()}
+    changed = True
+    while changed:
+        changed = False
+        for held in holders.values():
+            more = set().union(*(holders.get(other, set()) for other in held)) - held
+            if more:
+                held.update(more)
+                changed = True
+    return {name: sorted(held) for name, held in holders.items()}
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("users") as batch:
+        batch.add_column(sa.Column("token_holders", sa.Text(), nullable=False, server_default="[]"))
+    with op.batch_alter_table("approval_vote") as batch:
+        batch.add_column(sa.Column("holders", sa.Text(), nullable=False, server_default="[]"))
+    bind = op.get_bind()
+    rows = bind.execute(sa.text("SELECT name, created_by, token_issued_by FROM users")).all()
+    issuers = {name: {created, issued} for name, created, issued in rows}
+    holders = _closure(issuers)
+    for name, held in holders.items():
+        bind.execute(
+            sa.text("UPDATE users SET token_holders = :held WHERE name = :name"),
+            {"held": json.dumps(held), "name": name},
+        )
+    votes = bind.execute(sa.text("SELECT id, approver FROM approval_vote")).all()
+    for vote_id, approver in votes:
+        held = holders.get(approver, [approver])
+        bind.execute(
+            sa.text("UPDATE approval_vote SET holders = :held WHERE id = :id"),
+            {"held": json.dumps(held), "id": vote_id},
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("approval_vote") as batch:
+        batch.drop_column("holders")
+    with op.batch_alter_table("users") as batch:
+        batch.drop_column("token_holders")
