@@ -37,6 +37,7 @@ from gateway.peer.server import node_services
 from gateway.store.models_exchange import OutboxEntry, envelope_path
 from tests.node_api import RunningApi
 from tests.nodes import open_pinned_pair
+from tests.policies import set_approvals
 
 __all__ = [
     "EXAMPLES",
@@ -163,6 +164,10 @@ def open_pair(root: Path, urls: dict[str, str], environ: dict[str, str]) -> Iter
     names = {"jp": ("tanaka", "sato"), "pk": ("bilal", "ayesha")}
     for node_id, node in nodes.items():
         officer, auditor = names[node_id]
+        # These pairs serve tests of other things: one officer grants consent (k = 1),
+        # on both nodes, which load the same policy (a grant naming fewer approvers than
+        # the receiver's policy asks is refused); test_approvals.py tests the rule.
+        set_approvals(node.settings.policy_dir, "consent-grant", 1)
         with node.db.transaction() as session:
             keyring = unlock_keyring(node.settings, PASSPHRASE.encode(), session, now=now)
             tokens = {

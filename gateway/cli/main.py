@@ -284,7 +284,8 @@ COMMANDS: dict[str, LazyCommand | LazySubgroup] = {
         "  officer     send, inbox, show, consent, disclose\n"
         "  compliance  ledger list, verify, export, audit-peer (metadata only)\n"
         "\n"
-        "Runs through the node's local API; needs your token.",
+        "Runs through the node's local API; needs your token. 'users enrol' is\n"
+        "the host operator's: it needs the keystore passphrase instead.",
         {
             "add": _entry("users_cmd", "add", "Add a user and print its token once."),
             "approver": _entry(
@@ -294,6 +295,11 @@ COMMANDS: dict[str, LazyCommand | LazySubgroup] = {
             ),
             "disable": _entry(
                 "users_cmd", "disable", "Disable a user: its token is refused from now on."
+            ),
+            "enrol": _entry(
+                "users_cmd",
+                "enrol",
+                "Issue NAME a token only NAME holds; print it once. Creates NAME when new.",
             ),
             "list": _entry(
                 "users_cmd",

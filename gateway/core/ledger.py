@@ -132,6 +132,7 @@ class EntryKind(StrEnum):
     TOKEN_REISSUED = "token-reissued"  # noqa: S105 (a ledger kind, not a secret)
     TOKEN_ROTATED = "token-rotated"  # noqa: S105 (a ledger kind, not a secret)
     USER_ENROLLED = "user-enrolled"
+    APPROVAL_RULES = "approval-rules"
 
 
 _KINDS = {kind.value: kind for kind in EntryKind}

@@ -40,6 +40,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gateway.core.approvals import (
+    ACTIONS,
     Approval,
     ProposalState,
     check_distinct,
@@ -64,6 +65,7 @@ from gateway.node.users import (
     token_holders,
 )
 from gateway.store.models_approvals import ApprovalProposal, ApprovalVote
+from gateway.store.models_ledger import LedgerEntryRow
 from gateway.store.models_users import UserRecord
 
 CEREMONY_ACTIONS = ("keys-rotate", "keys-revoke", "keys-rotate-root", "keys-recover")
@@ -297,6 +299,25 @@ def _record(
     ledger.record_event(session, kind=kind, actor=actor, now=now, body=body)
 
 
+def note_rules(session: Session, policy: Policy, *, now: datetime) -> None:
+    """Ledger entry ``approval-rules`` (body ``{"policy_version", "k"}``: k per action
+    under the rule, actor ``system``) when the policy's rules differ from the last
+    entry of that kind, or none exists yet. Called before every action the rule
+    governs, so a policy edit that changes k (lowering it included) is on record
+    before the first action taken under it (docs/consent.md, "Approvals")."""
+    rules = {action: policy.approval_rule(action).k for action in ACTIONS}
+    last = session.scalar(
+        select(LedgerEntryRow.canonical)
+        .where(LedgerEntryRow.kind == "approval-rules")
+        .order_by(LedgerEntryRow.seq.desc())
+        .limit(1)
+    )
+    body = {"policy_version": policy.version, "k": rules}
+    if last is not None and json.loads(last).get("body") == body:
+        return
+    ledger.record_event(session, kind="approval-rules", actor=SYSTEM, now=now, body=body)
+
+
 def _expire_due(session: Session, *, now: datetime) -> None:
     """Mark every pending proposal past its expiry expired (ledger: ``approval-expired``),
     and every pending consent grant whose validity (``valid_until``) has passed: the
@@ -461,6 +482,7 @@ def _propose(
     The answer carries a ``warning`` when fewer users could ever approve the
     proposal than it needs."""
     _expire_due(session, now=now)
+    note_rules(session, policy, now=now)
     terms = {**terms, "nonce": secrets.token_hex(_NONCE_BYTES)}
     digest = terms_hash(terms)
     row = ApprovalProposal(
@@ -520,6 +542,8 @@ def grant_consent(
     """
     node = ctx.node
     rule = ctx.policy.approval_rule("consent-grant")
+    with node.db.transaction() as session:
+        note_rules(session, ctx.policy, now=now)
     if rule.k == 1:
         sent = consent_protocol.grant(
             ctx,
@@ -574,6 +598,8 @@ def revoke_consent(
     (no approver capability is needed: it withdraws, never gives).
     """
     rule = ctx.policy.approval_rule("consent-revoke")
+    with ctx.node.db.transaction() as session:
+        note_rules(session, ctx.policy, now=now)
     if rule.k == 1:
         sent = consent_protocol.revoke(ctx, actor, consent_id, reason=reason, now=now)
         return {**sent.to_dict(), "state": ProposalState.EXECUTED}
@@ -618,6 +644,7 @@ def approve(
     proposal_id = parse_proposal_id(proposal_id)
     with node.db.transaction() as session:
         _expire_due(session, now=now)
+        note_rules(session, policy, now=now)
     with node.db.transaction() as session:
         row = _proposal(session, proposal_id, lock=True)
         _check_pending(row)
@@ -787,6 +814,7 @@ def add_user_or_propose(
     policy = node_policy(node)
     rule = policy.approval_rule("users-add-admin")
     with node.db.transaction() as session:
+        note_rules(session, policy, now=now)
         if role != Role.ADMIN.value or rule.k == 1:
             made = add_user(session, name, role, created_by=actor.name, now=now, approver=approver)
             record_user_added(session, made, actor=actor, now=now)
@@ -943,6 +971,7 @@ def claim_for_ceremony(
     """
     policy = node_policy(node)
     rule = policy.approval_rule(action)
+    note_rules(session, policy, now=now)
     if proposal_id is None:
         if rule.k == 1:
             return ()

@@ -44,6 +44,7 @@ from gateway.node.users import (
 )
 from gateway.store.models_approvals import ApprovalProposal
 from gateway.store.models_consent import (
+    ConsentApplied,
     ConsentGrantRecord,
     ConsentRequestRecord,
     ConsentRevocationRecord,
@@ -234,7 +235,11 @@ def test_grant_happens_exactly_at_the_kth_distinct_enabled_officer(pair: Pair, k
     # never twice
     refused("approval.decided", lambda: approve(pair, pid, officer("dur" if k == 2 else "asma")))
     assert grants(pair.pk) == 1
-    kinds = [str(e.kind) for e in entries(pair.pk) if str(e.kind).startswith("approval-")]
+    kinds = [
+        str(e.kind)
+        for e in entries(pair.pk)
+        if str(e.kind).startswith("approval-") and str(e.kind) != "approval-rules"
+    ]
     assert kinds[0] == "approval-proposed"
     assert kinds[-1] == "approval-executed"
     assert kinds.count("approval-executed") == 1
@@ -961,3 +966,66 @@ def test_a_grant_whose_terms_changed_since_approval_is_not_signed(pair: Pair) ->
         ).one()
     assert state == "pending"
     assert approval_givers(pair.pk) == ["asma"]
+
+
+def test_a_grant_naming_fewer_approvers_than_the_agreed_policy_is_refused_on_arrival(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """Both nodes load the same policy: a grant Islamabad signed alone, arriving where
+    the agreed policy asks two approvers for a consent grant, is refused (fail closed,
+    never used, the sender told) and Tokyo's disclosure stays blocked. A grant the
+    two approvers gave is accepted."""
+    set_approvals(pair.pk, 1)  # Islamabad's copy drifted to one officer...
+    set_approvals(pair.jp, 2)  # ...Tokyo's keeps the agreed two
+    add_people(pair.pk, NOW)
+    case_id, request_id = asked_of_pk(pair)
+    assert propose(pair, request_id)["state"] == "executed"
+    with pair.pk.node.db.transaction() as session:
+        (bundle_id,) = session.scalars(
+            select(OutboxEntry.bundle_id).where(OutboxEntry.case_type == "consent-grant")
+        ).all()
+    deliver(pair.pk, pair.jp, bundle_id)
+    with pytest.raises(ConsentRefused, match="no consent"):
+        do_disclose(pair.jp, [case_id], tmp_path / "blocked")
+    with pair.jp.node.db.transaction() as session:
+        applied = session.scalars(
+            select(ConsentApplied).where(ConsentApplied.bundle_id == bundle_id)
+        ).one()
+        assert applied.outcome == "refused"
+        assert "names 1 approver(s) where the agreed policy asks 2" in applied.detail
+        assert session.scalar(select(func.count()).select_from(ConsentGrantRecord)) == 0
+    assert not (tmp_path / "blocked").exists()
+
+    set_approvals(pair.pk, 2)
+    _case_id, second_request = asked_of_pk(pair)
+    pid = propose(pair, second_request)["proposal_id"]
+    assert approve(pair, pid, officer("bilal"))["state"] == "executed"
+    with pair.pk.node.db.transaction() as session:
+        bundles = session.scalars(
+            select(OutboxEntry.bundle_id).where(
+                OutboxEntry.case_type == "consent-grant", OutboxEntry.bundle_id != bundle_id
+            )
+        ).all()
+    (accepted,) = bundles
+    deliver(pair.pk, pair.jp, accepted)
+    held = consent_queries.list_consents(NodeContext(pair.jp.node, pair.jp.keyring), now=NOW)
+    assert [c["approvers"] for c in held["consents"]] == [["asma", "bilal"]]
+
+
+def test_a_policy_edit_that_lowers_k_is_in_the_ledger_before_the_first_grant_under_it(
+    pair: Pair,
+) -> None:
+    set_approvals(pair.pk, 2)
+    add_people(pair.pk, NOW)
+    _case_id, request_id = asked_of_pk(pair)
+    propose(pair, request_id)
+    set_approvals(pair.pk, 1)  # the edit: one officer grants alone from now on
+    _case_id, other_request = asked_of_pk(pair)
+    assert propose(pair, other_request)["state"] == "executed"
+    _case_id, third_request = asked_of_pk(pair)
+    propose(pair, third_request)  # same rules again: no new entry
+    noted = entries(pair.pk, "approval-rules")
+    assert [json.loads(e.canonical)["body"]["k"]["consent-grant"] for e in noted] == [2, 1]
+    assert {(e.actor_name, e.actor_role) for e in noted} == {("system", None)}
+    first, _second = entries(pair.pk, "consent-granted")
+    assert noted[0].seq < noted[1].seq < first.seq

@@ -75,7 +75,8 @@ def kinds(side: Side, kind: str) -> int:
 def test_officers_and_compliance_act_with_tokens_only(pair: Pair, tmp_path: Path) -> None:
     # This test is about commands acting with tokens only, one officer per side: Tokyo
     # grants with one officer's approval (the two-person rule: test_approvals.py).
-    set_approvals(pair.jp.node.settings.policy_dir, "consent-grant", 1)
+    for side in (pair.jp, pair.pk):  # both nodes load the same policy
+        set_approvals(side.node.settings.policy_dir, "consent-grant", 1)
     jp_home = client_home(pair.jp, tmp_path)
     pk_home = client_home(pair.pk, tmp_path)
     assert not (jp_home / "keys").exists()

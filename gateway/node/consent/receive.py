@@ -130,8 +130,16 @@ def _apply_one(
     case: dict[str, Any],
     attachments: dict[str, bytes],
     now: datetime,
+    policy: Policy,
 ) -> str:
-    """Store one received consent-* bundle; return a one-line summary."""
+    """Store one received consent-* bundle; return a one-line summary.
+
+    A consent grant must name at least as many approvers as the agreed policy's
+    ``[approvals.consent-grant] k`` (both nodes load the same policy; a grant
+    without ``approvers`` was given by its granting officer alone, one person):
+    otherwise :class:`RefusedError` ``consent.too-few-approvers`` (MOC item 3,
+    docs/consent.md "Approvals"), and the grant is never used.
+    """
     kind = entry.case_type
     if kind == "consent-request":
         if session.get(ConsentRequestRecord, entry.bundle_id) is not None:
@@ -199,6 +207,14 @@ def _apply_one(
             granting_node=entry.sender,
         )
         _check_grant_matches_case(written, case)
+        needed = policy.approval_rule("consent-grant").k
+        named = len(written.approvers) or 1
+        if named < needed:
+            raise RefusedError(
+                f"consent grant {written.consent_id} names {named} approver(s) where the agreed "
+                f"policy asks {needed} ([approvals.consent-grant] k): refused and never used",
+                reason="consent.too-few-approvers",
+            )
         request = session.get(ConsentRequestRecord, written.request_id)
         if request is None or request.direction != Direction.OUTGOING:
             raise RefusedError(
@@ -322,7 +338,9 @@ def apply_pending_in(
         try:
             with session.begin_nested():
                 case, attachments = _open_consent_bundle(node, keyring, peer, policy, entry)
-                summary = _apply_one(session, node.node_id, peer, entry, case, attachments, now)
+                summary = _apply_one(
+                    session, node.node_id, peer, entry, case, attachments, now, policy
+                )
                 outcome = "applied"
         except (GatewayError, KeyError, TypeError, ValueError) as exc:
             # Fail closed: a bundle that does not verify or does not fit is
