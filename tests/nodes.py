@@ -422,6 +422,21 @@ class NodeHome:
     def serve(self, **extra: str) -> ServeProcess:
         return start_serve(self.home, env=self.env(**extra), program=self.program)
 
+    def host_operation(self, action: str, work: Callable[..., T], *args: Any) -> T:
+        """``work(session, settings, *args, actor=...)`` run as the host command
+        ``action`` runs it, in this process: the node opened, the administrator's token
+        authorized for ``action``, then one transaction."""
+        from gateway.node.runtime import Node  # noqa: PLC0415
+        from gateway.node.users import authorize  # noqa: PLC0415
+        from gateway.settings import load_settings  # noqa: PLC0415
+
+        settings = load_settings(self.home, environ=self.env())
+        with Node.open(settings) as node:
+            with node.db.transaction() as session:
+                actor = authorize(session, self.admin_token, action)
+            with node.db.transaction() as session:
+                return work(session, settings, *args, actor=actor)
+
     def keyring(self) -> Any:
         """This node's unlocked keyring, in this process (to sign requests by hand)."""
         from gateway.node.own_keys import unlock_keyring  # noqa: PLC0415
@@ -479,14 +494,49 @@ def init_pair(
             node_id, home, ports[node_id][0], ports[node_id][1], passphrase, token, url, program
         )
     fingerprints: dict[str, str] = {}
+    if program != SOURCE:
+        # An installed gateway pins with its own commands.
+        for node_id, peer in (("jp", "pk"), ("pk", "jp")):
+            manifest = root / f"{peer}-manifest.json"
+            if peer not in fingerprints:
+                # A host operation: ``keys show`` would need the node running.
+                exported = nodes[peer].run("keys", "export", "--out", str(manifest))
+                fingerprints[peer] = exported["root_fingerprint"]
+            nodes[node_id].run("peer", "add", str(manifest), "--fingerprint", fingerprints[peer])
+        return nodes
+    # The same two host operations, run in this process (a command each would start
+    # a process that imports the whole gateway for a few milliseconds of work).
     for node_id, peer in (("jp", "pk"), ("pk", "jp")):
         manifest = root / f"{peer}-manifest.json"
         if peer not in fingerprints:
-            # A host operation: ``keys show`` would need the node running.
-            exported = nodes[peer].run("keys", "export", "--out", str(manifest))
-            fingerprints[peer] = exported["root_fingerprint"]
-        nodes[node_id].run("peer", "add", str(manifest), "--fingerprint", fingerprints[peer])
+            fingerprints[peer] = nodes[peer].host_operation(
+                "keys.export", _export_manifest, manifest
+            )
+        nodes[node_id].host_operation("peer.add", _pin_peer, manifest, fingerprints[peer])
     return nodes
+
+
+def _export_manifest(session: Any, settings: Any, out: Path, *, actor: Any) -> str:
+    """What ``gateway keys export --out OUT`` does; the exported root fingerprint."""
+    from gateway.node import own_keys  # noqa: PLC0415
+
+    del settings, actor
+    return str(own_keys.export_manifest(session, out).root_fingerprint)
+
+
+def _pin_peer(session: Any, settings: Any, manifest: Path, fingerprint: str, *, actor: Any) -> None:
+    """What ``gateway peer add MANIFEST --fingerprint FP`` does."""
+    from gateway.node import peer_trust  # noqa: PLC0415
+    from gateway.node.runtime import utc_now  # noqa: PLC0415
+
+    peer_trust.pin_peer(
+        session,
+        manifest.read_bytes(),
+        node=peer_trust.peer_node_of(settings.node_id),
+        expected_fingerprint=fingerprint,
+        now=utc_now(),
+        actor=actor,
+    )
 
 
 # --- two nodes opened in this process, keys exchanged and pinned -----------------------------

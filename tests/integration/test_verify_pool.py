@@ -145,13 +145,16 @@ def test_the_pool_and_the_serving_process_refuse_for_the_same_reasons(
 
 
 def _kill_a_worker(pool: VerifyPool) -> int:
+    executor = pool._executor
+    assert executor is not None
     [victim, *_] = pool.worker_pids()
     os.kill(victim, signal.SIGKILL)
+    # Wait until the pool's manager has seen the death, that is, until the pool knows
+    # it is broken (the dead pid stays in its table until the pool is replaced).
     deadline = time.monotonic() + 30
-    # Gone from the process table only once the pool's manager has reaped it,
-    # that is, once the pool knows it is broken.
-    while victim in pool.worker_pids() and time.monotonic() < deadline:
-        time.sleep(0.02)
+    while not executor._broken and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert executor._broken, "the pool did not notice its killed worker"
     return victim
 
 
