@@ -593,7 +593,7 @@ _SPOOL_AHEAD: Final = 4
 _SYNC_ABOVE: Final = 1 << 20
 """A spooled envelope larger than this is flushed to disk as it is spooled: it can
 never be kept inline in its row (``inline_envelope_max_bytes`` is at most 1 MiB)."""
-_EARLY_SYNC: Final = 16 << 20
+_EARLY_SYNC: Final = 8 << 20
 """While a large envelope spools, its data is flushed every this many bytes in the
 background, so that the sync before its receipt finds little left to write."""
 _DIGEST_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-digest")
