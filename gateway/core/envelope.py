@@ -106,6 +106,7 @@ __all__ = [
     "SIGNATURE_BYTES",
     "AttachmentInfo",
     "AttachmentSource",
+    "CiphertextHasher",
     "EnvelopeCiphertextHashMismatch",
     "EnvelopeContentInvalid",
     "EnvelopeDecryptFailed",
@@ -120,6 +121,7 @@ __all__ = [
     "EnvelopeStale",
     "EnvelopeSuspect",
     "EnvelopeTooLarge",
+    "KnownCiphertext",
     "OpenedAttachment",
     "OpenedEnvelope",
     "SealedEnvelope",
@@ -579,6 +581,67 @@ def read_header(stream: BinaryIO, limits: Limits) -> tuple[EnvelopeHeader, bytes
     return _parse_header(raw, limits), raw
 
 
+@dataclass(frozen=True, slots=True)
+class KnownCiphertext:
+    """The SHA-256 of everything after an envelope's header and signature, taken
+    by a :class:`CiphertextHasher` while the envelope's bytes were written.
+
+    ``offset`` is where that hash starts (prefix, header and signature before
+    it), ``envelope_size`` the number of bytes written in all. The verifier
+    uses it only when ``offset`` is where the header it reads says the
+    ciphertext starts; it then needs no second read of the ciphertext.
+    """
+
+    offset: int
+    sha256: bytes
+    envelope_size: int
+
+
+class CiphertextHasher:
+    """Hashes the ciphertext section of an envelope fed in order, in chunks.
+
+    The prefix (its header length) says where the ciphertext starts; nothing
+    in it is trusted: :func:`verify_envelope` checks the header, its
+    signature, the sizes and then compares this hash with the signed one,
+    exactly as when it reads the ciphertext itself. A prefix that is not an
+    envelope's gives no :meth:`result` (the verifier refuses the file).
+    """
+
+    def __init__(self) -> None:
+        self._prefix = b""
+        self._offset: int | None = None
+        self._valid = True
+        self._hash = hashlib.sha256()
+        self._seen = 0
+
+    def update(self, chunk: bytes) -> None:
+        position = self._seen
+        self._seen += len(chunk)
+        if self._offset is None:
+            if not self._valid:
+                return
+            self._prefix += chunk[: PREFIX_BYTES - len(self._prefix)]
+            if len(self._prefix) < PREFIX_BYTES:
+                return
+            magic, version, header_length = _PREFIX.unpack(self._prefix)
+            if magic != MAGIC or version != FORMAT_VERSION:
+                self._valid = False
+                return
+            self._offset = PREFIX_BYTES + header_length + SIGNATURE_BYTES
+        start = self._offset - position
+        if start <= 0:
+            self._hash.update(chunk)
+        elif start < len(chunk):
+            self._hash.update(memoryview(chunk)[start:])
+
+    def result(self) -> KnownCiphertext | None:
+        """The hash of what followed the signature, or None (not an envelope's
+        prefix, or the bytes ended before the ciphertext)."""
+        if self._offset is None or self._seen < self._offset:
+            return None
+        return KnownCiphertext(self._offset, self._hash.digest(), self._seen)
+
+
 # --- seal --------------------------------------------------------------------------
 
 
@@ -857,8 +920,13 @@ def _check_signed(
     now: datetime,
     stored_at: datetime | None,
     accept_suspect: bool,
+    known: KnownCiphertext | None = None,
 ) -> StoredTrust:
-    """Signature, age and ciphertext hash of an envelope whose header was just read."""
+    """Signature, age and ciphertext hash of an envelope whose header was just read.
+
+    With ``known`` (taken while the envelope was written, and starting where
+    this header says the ciphertext starts) the ciphertext is not read again:
+    its size and hash are checked from ``known``, with the same answers."""
     try:
         if stored_at is None:
             verify_key = signer.signing_key(header.signing_key_id, at=header.created_at)
@@ -894,8 +962,27 @@ def _check_signed(
             f"envelope created at {format_time(header.created_at)} is older than "
             f"{limits.max_envelope_age_seconds} s"
         )
+    if known is not None and known.offset == PREFIX_BYTES + len(raw) + SIGNATURE_BYTES:
+        available = known.envelope_size - known.offset
+        if available < header.ciphertext_size:
+            missing = header.ciphertext_size - available
+            raise _fail_format(f"truncated: {missing} bytes of ciphertext missing")
+        if available > header.ciphertext_size:
+            raise _fail_format("bytes follow the end of the envelope")
+        actual = known.sha256
+    else:
+        actual = _ciphertext_digest(stream, header.ciphertext_size)
+    if not hmac.compare_digest(actual, header.ciphertext_sha256):
+        raise EnvelopeCiphertextHashMismatch(
+            "envelope ciphertext does not match the hash in its signed header"
+        )
+    return trust
+
+
+def _ciphertext_digest(stream: BinaryIO, size: int) -> bytes:
+    """SHA-256 of the ``size`` bytes left in ``stream``, which must end there."""
     digest = hashlib.sha256()
-    remaining = header.ciphertext_size
+    remaining = size
     while remaining:
         block = stream.read(min(remaining, 1 << 20))
         if not block:
@@ -904,11 +991,7 @@ def _check_signed(
         remaining -= len(block)
     if stream.read(1):
         raise _fail_format("bytes follow the end of the envelope")
-    if not hmac.compare_digest(digest.digest(), header.ciphertext_sha256):
-        raise EnvelopeCiphertextHashMismatch(
-            "envelope ciphertext does not match the hash in its signed header"
-        )
-    return trust
+    return digest.digest()
 
 
 def _open_content_key(
@@ -942,6 +1025,7 @@ def _verify(
     allow_archive: bool,
     stored_at: datetime | None = None,
     accept_suspect: bool = False,
+    known: KnownCiphertext | None = None,
 ) -> _Verified:
     limits = policy.limits
     start = stream.tell() if stream.seekable() else 0
@@ -962,6 +1046,7 @@ def _verify(
         now=now,
         stored_at=stored_at,
         accept_suspect=accept_suspect,
+        known=known if start == 0 else None,
     )
     content_key = _open_content_key(header, keyring, our_key_id, sealed)
     return _Verified(
@@ -979,13 +1064,16 @@ def verify_envelope(
     peer_manifest: KeyManifest,
     policy: Policy,
     now: datetime,
+    known: KnownCiphertext | None = None,
 ) -> EnvelopeHeader:
     """Every check a receiver makes before storing; decrypts nothing but the content key.
 
     Reads ``stream`` to its end (it need not be seekable). The envelope must be
     addressed to this node by the pinned peer. The same checks, in the same
     order, as :func:`verify_envelope_signature` followed by
-    :func:`check_content_key`.
+    :func:`check_content_key`. ``known``: the ciphertext's hash and the
+    envelope's size taken while the bytes ``stream`` reads were written
+    (:class:`CiphertextHasher`); the ciphertext is then not read again.
     """
     verified = _verify(
         stream,
@@ -994,6 +1082,7 @@ def verify_envelope(
         policy=policy,
         now=now,
         allow_archive=False,
+        known=known,
     )
     return verified.header
 

@@ -41,6 +41,7 @@ from gateway.core.cases import PROTOCOL_TYPES, REPLY_TARGETS
 from gateway.core.envelope import (
     AttachmentInfo,
     EnvelopeHeader,
+    KnownCiphertext,
     check_content_key,
     open_envelope,
     verify_envelope,
@@ -644,11 +645,17 @@ def _record_read(
 @dataclass(frozen=True, slots=True)
 class SpooledEnvelope:
     """One received envelope file, with the SHA-256 (hex) and size taken while it
-    was spooled; either may be ``None`` and is then computed from the file."""
+    was spooled; either may be ``None`` and is then computed from the file.
+
+    ``ciphertext``: the hash of its ciphertext section, taken while it was
+    spooled (verification then reads only the header and signature);
+    ``synced``: its data was flushed to disk when it was spooled."""
 
     path: Path
     sha256: str | None = None
     size: int | None = None
+    ciphertext: KnownCiphertext | None = None
+    synced: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -795,6 +802,9 @@ def receive_batch(
 
     node, keyring = ctx.node, ctx.keyring
     items = [_spooled(item) for item in envelopes]
+    spooled = [item for item in envelopes if isinstance(item, SpooledEnvelope)]
+    known = {item.path: item.ciphertext for item in spooled if item.ciphertext is not None}
+    synced = {item.path for item in spooled if item.synced}
     outcomes: list[ReceiveOutcome | None] = [None] * len(items)
     if not items:
         return []
@@ -820,7 +830,7 @@ def receive_batch(
     syncing = [
         _SYNC_POOL.submit(_sync_quietly, path)
         for path, sha, size in items
-        if sha not in replays and peer is not None and size > inline_max
+        if sha not in replays and peer is not None and size > inline_max and path not in synced
     ]
     pending: list[tuple[int, Path, str, int]] = []
     for index, (path, sha, size) in enumerate(items):
@@ -842,7 +852,7 @@ def receive_batch(
         pending.append((index, path, sha, size))
     if peer is not None and pending:
         accepted = _verify_pending(
-            node, keyring, policy, pending, outcomes, peer, inline_max, now, verify_pool
+            node, keyring, policy, pending, outcomes, peer, inline_max, now, verify_pool, known
         )
     accepted = _check_replies(node, accepted, outcomes)
     for future in syncing:
@@ -883,6 +893,7 @@ def _verify_pending(
     inline_max: int,
     now: datetime,
     pool: VerifyPool | None,
+    known: dict[Path, KnownCiphertext] | None = None,
 ) -> list[_Accepted]:
     """Step 2 of :func:`receive_batch`: verify each new envelope, in order.
 
@@ -890,8 +901,10 @@ def _verify_pending(
     the public checks run in the pool and the content key is opened here
     afterwards (:func:`~gateway.core.envelope.check_content_key`); otherwise
     :func:`~gateway.core.envelope.verify_envelope` runs here. Both run the same
-    checks in the same order, so the answers are the same. Raises
-    :class:`~gateway.node.verify_pool.VerifyWorkerFailed` if a worker died.
+    checks in the same order, so the answers are the same. ``known``: ciphertext
+    hashes taken while files were spooled, by path (their ciphertext is not read
+    again). Raises :class:`~gateway.node.verify_pool.VerifyWorkerFailed` if a
+    worker died.
     """
     bodies = [path.read_bytes() if size <= inline_max else None for _, path, _, size in pending]
     pooled: list[VerifyResult] | None = None
@@ -920,7 +933,12 @@ def _verify_pending(
             else:
                 with io.BytesIO(body) if body is not None else path.open("rb") as stream:
                     header = verify_envelope(
-                        stream, keyring=keyring, peer_manifest=peer, policy=policy, now=now
+                        stream,
+                        keyring=keyring,
+                        peer_manifest=peer,
+                        policy=policy,
+                        now=now,
+                        known=(known or {}).get(path) if body is None else None,
                     )
             if header.recipient != keyring.node or header.recipient != node.node_id:
                 raise WrongRecipient(

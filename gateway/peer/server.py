@@ -34,7 +34,9 @@ import struct
 import tempfile
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -46,6 +48,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 
 from gateway import log
 from gateway.core.canonical import parse_bounded_json
+from gateway.core.envelope import CiphertextHasher, KnownCiphertext
 from gateway.core.keys import KeyManifest, verify_manifest
 from gateway.core.peer_auth import (
     HEADER_NODE,
@@ -501,15 +504,21 @@ async def _auth_middleware(
 
 
 async def _read_chunk(
-    request: web.Request, size: int, limits: TransportLimits, deadline: float
+    request: web.Request, size: int | None, limits: TransportLimits, deadline: float
 ) -> bytes:
-    """Up to ``size`` bytes; idle and total read timeouts cut slow bodies."""
+    """Up to ``size`` bytes, or with ``None`` the next piece as it arrived (no
+    copy; at most one socket read's worth); idle and total read timeouts cut
+    slow bodies."""
     loop_now = asyncio.get_running_loop().time()
     budget = min(limits.body_idle_timeout, deadline - loop_now)
     if budget <= 0:
         raise _Refusal("limit.timeout", "request body took too long")
     try:
         async with asyncio.timeout(budget):
+            while size is None:
+                piece, end_of_http_chunk = await request.content.readchunk()
+                if piece or not end_of_http_chunk:  # (b"", False) is the end of the body
+                    return piece
             return await request.content.read(size)
     except TimeoutError:
         raise _Refusal("limit.timeout", "request body stalled") from None
@@ -577,6 +586,139 @@ def _spool_file(directory: Path, index: int) -> tuple[Path, Any]:
     return path, os.fdopen(fd, "wb")
 
 
+_SPOOL_GROUP: Final = 1 << 20
+"""Bytes of a lone envelope's body handed to the spool's workers at a time."""
+_SPOOL_AHEAD: Final = 4
+"""Groups in the workers' hands at most, per request (bounded memory)."""
+_SYNC_ABOVE: Final = 1 << 20
+"""A spooled envelope larger than this is flushed to disk as it is spooled: it can
+never be kept inline in its row (``inline_envelope_max_bytes`` is at most 1 MiB)."""
+_EARLY_SYNC: Final = 8 << 20
+"""While a large envelope spools, its data is flushed every this many bytes in the
+background, so that the sync before its receipt finds little left to write."""
+_DIGEST_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-digest")
+_STORE_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-store")
+_FLUSH_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-flush")
+
+
+def _flush_quietly(fd: int) -> None:
+    """Flush a spool file's data so far (a copy of its descriptor, closed here); the
+    sync before the receipt is what counts, so a failure here changes nothing."""
+    try:
+        os.fdatasync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, chunk: bytes) -> None:
+    view = memoryview(chunk)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class _LoneSpool:
+    """The body of a lone envelope, spooled while it arrives: the event loop reads,
+    one worker thread takes the signed body digest, the other the ciphertext's
+    hash and the writes (each in order: one thread each), side by side.
+
+    At most :data:`_SPOOL_AHEAD` groups of :data:`_SPOOL_GROUP` bytes are in
+    the workers' hands. The file is closed by the writing worker after every
+    write it was given, so no write can reach a closed (or reused) descriptor.
+    """
+
+    def __init__(self, fd: int, digest: BodyDigest) -> None:
+        self._fd = fd
+        self._digest = digest
+        self._ciphertext = CiphertextHasher()
+        self._pending: deque[Future[None]] = deque()
+        self._unflushed = 0
+        self.synced = False
+
+    def _hash(self, group: list[bytes]) -> None:
+        for chunk in group:
+            self._digest.update(chunk)
+
+    def _store(self, group: list[bytes]) -> None:
+        for chunk in group:
+            self._ciphertext.update(chunk)
+            _write_all(self._fd, chunk)
+            self._unflushed += len(chunk)
+        if self._unflushed >= _EARLY_SYNC:
+            self._unflushed = 0
+            _FLUSH_WORKER.submit(_flush_quietly, os.dup(self._fd))
+
+    def _sync(self) -> None:
+        # A failure here is found again when the file is stored (synced there).
+        try:
+            os.fsync(self._fd)
+        except OSError:
+            return
+        self.synced = True
+
+    async def feed(self, group: list[bytes]) -> None:
+        self._pending.append(_DIGEST_WORKER.submit(self._hash, group))
+        self._pending.append(_STORE_WORKER.submit(self._store, group))
+        while len(self._pending) > 2 * _SPOOL_AHEAD:
+            await asyncio.wrap_future(self._pending.popleft())
+
+    async def finish(self, *, sync: bool) -> KnownCiphertext | None:
+        """Wait for every group; flush the file's data when ``sync``. The
+        ciphertext's hash, if the body began like an envelope."""
+        if sync:
+            self._pending.append(_STORE_WORKER.submit(self._sync))
+        while self._pending:
+            await asyncio.wrap_future(self._pending.popleft())
+        return self._ciphertext.result()
+
+    async def close(self) -> None:
+        """Close the file once the writing worker is done with it (a refused body too)."""
+        self._pending.clear()
+        closing = _STORE_WORKER.submit(os.close, self._fd)
+        await asyncio.shield(asyncio.wrap_future(closing))
+
+
+async def _spool_lone(
+    request: web.Request,
+    directory: Path,
+    limits: TransportLimits,
+    digest: BodyDigest,
+    deadline: float,
+) -> SpooledEnvelope:
+    """The body of ``application/vnd.ssw-gateway.envelope``: one envelope, spooled
+    while it is hashed twice (signed digest, ciphertext) in worker threads."""
+    path = directory / "envelope-0000"
+    spool = _LoneSpool(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), digest)
+    try:
+        size = 0
+        group: list[bytes] = []
+        grouped = 0
+        while True:
+            chunk = await _read_chunk(request, None, limits, deadline)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > limits.max_body_bytes:
+                raise _Refusal("limit.body", f"body exceeds {limits.max_body_bytes} bytes")
+            if size > limits.max_envelope_bytes:
+                raise _Refusal("limit.envelope", f"envelope exceeds {limits.max_envelope_bytes}")
+            group.append(chunk)
+            grouped += len(chunk)
+            if grouped >= _SPOOL_GROUP:
+                await spool.feed(group)
+                group, grouped = [], 0
+        if size == 0:
+            raise _Refusal("request.framing", "empty request body")
+        if group:
+            await spool.feed(group)
+        known = await spool.finish(sync=size > _SYNC_ABOVE)
+    finally:
+        await spool.close()
+    # The body is the envelope: its signed digest is the envelope's name (one hash).
+    return SpooledEnvelope(path, digest.hexdigest(), digest.size, known, spool.synced)
+
+
 async def _spool_envelopes(
     request: web.Request, directory: Path, limits: TransportLimits
 ) -> list[SpooledEnvelope]:
@@ -590,24 +732,7 @@ async def _spool_envelopes(
     content_type = request.content_type
     paths: list[SpooledEnvelope] = []
     if content_type == ENVELOPE_CONTENT_TYPE:
-        path, handle = _spool_file(directory, 0)
-        with handle:
-            while True:
-                chunk = await _read_chunk(request, _CHUNK, limits, deadline)
-                if not chunk:
-                    break
-                digest.update(chunk)
-                if digest.size > limits.max_body_bytes:
-                    raise _Refusal("limit.body", f"body exceeds {limits.max_body_bytes} bytes")
-                if digest.size > limits.max_envelope_bytes:
-                    raise _Refusal(
-                        "limit.envelope", f"envelope exceeds {limits.max_envelope_bytes}"
-                    )
-                handle.write(chunk)
-        if digest.size == 0:
-            raise _Refusal("request.framing", "empty request body")
-        # The body is the envelope: its signed digest is the envelope's name (one hash).
-        paths.append(SpooledEnvelope(path, digest.hexdigest(), digest.size))
+        paths.append(await _spool_lone(request, directory, limits, digest, deadline))
     elif content_type == BATCH_CONTENT_TYPE:
         preface = await _read_exactly(request, 8, limits, deadline, digest)
         if preface[:4] != BATCH_MAGIC:

@@ -1,0 +1,123 @@
+"""A lone large envelope over the real peer application, on the engine under test.
+
+The receiver spools such a body while worker threads hash it twice (the
+signed body digest, the envelope's ciphertext) and flush it to disk as it
+arrives; verification then reads only the header and signature. The answers
+must be those of reading the file again: the intact envelope is stored byte
+for byte, a tampered one is refused with the same reason and leaves nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from gateway.node.context import NodeContext
+from gateway.node.outbox import send_case
+from gateway.node.policy import load_policy
+from gateway.node.runtime import utc_now
+from gateway.peer.client import EnvelopeResult, PeerClient
+from gateway.peer.server import PeerServer, create_node_peer_app, limits_from_policy
+from gateway.store.models_exchange import InboxEntry, envelope_path
+from tests.exchange_pair import Pair, Side, example, pair  # noqa: F401 - the fixture
+from tests.nodes import free_port
+
+ATTACHMENT_BYTES = 20 * 1024 * 1024  # over the sender's 16 MiB batch: posted alone
+
+
+def _received(side: Side) -> int:
+    with side.node.db.transaction() as session:
+        return int(session.scalar(select(func.count()).select_from(InboxEntry)) or 0)
+
+
+def _queued_envelope(jp: Side, tmp_path: Path) -> Path:
+    attachment = tmp_path / "scan.bin"
+    with attachment.open("wb") as out:
+        block = os.urandom(1 << 20)
+        for _ in range(ATTACHMENT_BYTES >> 20):
+            out.write(block)
+    sent = send_case(
+        NodeContext(jp.node, jp.keyring), jp.officer, "exam-fraud", example("exam-fraud"),
+        [attachment], public=False, reply_to=None, now=utc_now(),
+    )  # fmt: skip
+    return envelope_path(jp.node.settings.blob_dir, sent.envelope_sha256)
+
+
+def _post(pair: Pair, path: Path) -> EnvelopeResult:
+    jp, pk = pair.jp, pair.pk
+
+    async def scenario() -> EnvelopeResult:
+        limits = limits_from_policy(load_policy(pk.node.settings).limits)
+        server = PeerServer(create_node_peer_app(NodeContext(pk.node, pk.keyring), limits), limits)
+        port = await server.start("127.0.0.1", free_port())
+        try:
+            url = f"http://127.0.0.1:{port}"
+            async with PeerClient(jp.node.settings, jp.keyring, peer_url=url) as client:
+                [result] = await client.post_envelopes([path])
+                return result
+        finally:
+            await server.stop()
+
+    return asyncio.run(scenario())
+
+
+def _as_stored(tmp_path: Path, data: bytes) -> Path:
+    """``data`` in a file named by its SHA-256, as the sender's store names envelopes
+    (so the client signs exactly these bytes and posts them as the body)."""
+    path = tmp_path / "forged" / hashlib.sha256(data).hexdigest()
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _spool_empty(pk: Side) -> bool:
+    spool = pk.node.settings.data_dir / "spool"
+    return not any(spool.iterdir()) if spool.exists() else True
+
+
+def test_a_lone_large_envelope_is_stored_byte_for_byte(pair: Pair, tmp_path: Path) -> None:
+    path = _queued_envelope(pair.jp, tmp_path)
+    assert path.stat().st_size > ATTACHMENT_BYTES
+    result = _post(pair, path)
+    assert result.status == "accepted", result
+    stored = envelope_path(pair.pk.node.settings.blob_dir, path.name)
+    assert stored.read_bytes() == path.read_bytes()
+    assert _received(pair.pk) == 1
+    assert _spool_empty(pair.pk)
+
+
+def _flip_last(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])
+
+
+def _flip_in_the_middle(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0x80]) + data[middle + 1 :]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (_flip_last, "envelope.ciphertext-hash"),
+        (_flip_in_the_middle, "envelope.ciphertext-hash"),
+        (lambda data: data[:-1], "envelope.format"),
+        (lambda data: data + b"\x00", "envelope.format"),
+        (lambda data: data[:7] + b"X" + data[8:], "envelope.format"),
+    ],
+    ids=["last byte", "middle byte", "truncated", "appended", "magic"],
+)
+def test_a_tampered_lone_envelope_is_refused_and_leaves_nothing(
+    pair: Pair, tmp_path: Path, tamper: Callable[[bytes], bytes], reason: str
+) -> None:
+    genuine = _queued_envelope(pair.jp, tmp_path)
+    result = _post(pair, _as_stored(tmp_path, tamper(genuine.read_bytes())))
+    assert (result.status, result.reason) == ("refused", reason)
+    assert _received(pair.pk) == 0
+    assert not [p for p in pair.pk.node.settings.blob_dir.rglob("*") if p.is_file()]
+    assert _spool_empty(pair.pk)
