@@ -546,10 +546,11 @@ def _walk(
 class Parallelism:
     """How ``ledger verify`` spreads a large ledger over worker processes.
 
-    ``chunk`` (a power of two) entries per task, ``workers`` processes; a
-    ledger of fewer than ``minimum`` entries (or with fewer than two workers)
-    is walked serially, where starting the processes would cost more than
-    they save.
+    ``chunk`` (a power of two) entries per task, ``workers`` processes in
+    all (the verifying process among them, so ``workers - 1`` are started);
+    a ledger of fewer than ``minimum`` entries (or ``workers`` below two) is
+    walked serially, where starting the processes would cost more than they
+    save.
     """
 
     workers: int
@@ -567,7 +568,7 @@ def _usable_cores() -> int:
 
 
 PARALLEL = Parallelism(workers=min(_usable_cores(), 8))
-"""The default: one worker per usable core (at most 8)."""
+"""The default: as many processes as usable cores (at most 8), the verifying one among them."""
 
 _CHUNK_SQL = (
     "SELECT seq, time, kind, actor_name, actor_role, bundle_id, consent_id, prev_hash, "
@@ -867,9 +868,22 @@ def verify_ledger(
     sizes = frozenset(session.scalars(select(LedgerCheckpointRow.size)).all())
     made_entries: dict[int, dict[str, Any]] = {}
     report = VerifyReport()
-    walk = _walk_parallel(session, sizes, made_entries, progress, parallel)
+    passed = 0
+
+    def parallel_progress(entries: int) -> None:
+        nonlocal passed
+        passed = max(passed, entries)
+        if progress is not None:
+            progress(entries)
+
+    def serial_progress(entries: int) -> None:
+        # After a parallel walk gave up part-way: no count twice.
+        if progress is not None and entries > passed:
+            progress(entries)
+
+    walk = _walk_parallel(session, sizes, made_entries, parallel_progress, parallel)
     if walk is None:
-        walk = _walk(session, sizes, made_entries, progress)
+        walk = _walk(session, sizes, made_entries, serial_progress if progress else None)
     report.entries = walk.size
     report.root = walk.root()
     report.checkpoints = len(sizes)
