@@ -238,9 +238,13 @@ def section_verify(ctx: Context) -> None:
     # process and its worker processes, which waiting for a core on a shared
     # machine does not inflate.
     serial = ledger_verify.Parallelism(workers=1)
+    # The command's processes, whatever the load (the command itself walks
+    # serially while the load average leaves no core free).
+    workers = ledger_verify.PARALLEL.workers
+    parallel = ledger_verify.Parallelism(workers=workers)
     sides: tuple[tuple[str, Callable[[], object]], ...] = (
         ("floor", lambda: bare_chain_walk(ctx.path)),
-        ("verify", lambda: run_verify(ledger_verify.PARALLEL)),
+        ("verify", lambda: run_verify(parallel)),
         ("serial", lambda: run_verify(serial)),
     )
     walls: dict[str, list[float]] = {side: [] for side, _ in sides}
@@ -255,7 +259,6 @@ def section_verify(ctx: Context) -> None:
     cpu = {side: statistics.median(times) for side, times in cpus.items()}
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     n = ctx.entries
-    workers = ledger_verify.PARALLEL.workers
     ctx.results += [
         ("bare hash-chain walk (floor), wall", f"{wall['floor']:8.2f} s  {n / wall['floor']:>10,.0f} entries/s"),
         (f"ledger verify ({workers} processes), wall", f"{wall['verify']:8.2f} s  {n / wall['verify']:>10,.0f} entries/s"),

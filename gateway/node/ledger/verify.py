@@ -550,12 +550,15 @@ class Parallelism:
     all (the verifying process among them, so ``workers - 1`` are started);
     a ledger of fewer than ``minimum`` entries (or ``workers`` below two) is
     walked serially, where starting the processes would cost more than they
-    save.
+    save. With ``spare_cores_only``, no more processes than the cores the
+    1-minute load average leaves free, plus this one: on a machine whose
+    cores are busy a worker gains no wall time and costs its start.
     """
 
     workers: int
     chunk: int = 1 << 16
     minimum: int = 1 << 18
+    spare_cores_only: bool = False
 
     def __post_init__(self) -> None:
         if self.chunk < 1 or self.chunk & (self.chunk - 1):
@@ -567,8 +570,14 @@ def _usable_cores() -> int:
     return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
 
 
-PARALLEL = Parallelism(workers=min(_usable_cores(), 8))
-"""The default: as many processes as usable cores (at most 8), the verifying one among them."""
+def _spare_cores() -> int:
+    """Usable cores the 1-minute load average leaves free, counting this process's own."""
+    return _usable_cores() - int(os.getloadavg()[0]) + 1
+
+
+PARALLEL = Parallelism(workers=min(_usable_cores(), 8), spare_cores_only=True)
+"""The default: as many processes as usable cores (at most 8), the verifying one among them,
+as far as the load leaves cores free."""
 
 _CHUNK_SQL = (
     "SELECT seq, time, kind, actor_name, actor_role, bundle_id, consent_id, prev_hash, "
@@ -710,7 +719,10 @@ def _walk_parallel(
     numbers not exactly ``0..n-1``, a worker that cannot read, or reads less
     than counted here) leaves it to the serial walk, which names it.
     """
-    if parallel.workers < 2:
+    workers = parallel.workers
+    if parallel.spare_cores_only:
+        workers = min(workers, _spare_cores())
+    if workers < 2:
         return None
     count, lowest, highest = (
         session.connection()
@@ -728,7 +740,7 @@ def _walk_parallel(
     ranges = [(start, min(start + chunk, count)) for start in range(0, count, chunk)]
     context = multiprocessing.get_context("spawn")
     try:
-        with ProcessPoolExecutor(min(parallel.workers, len(ranges)) - 1, context) as pool:
+        with ProcessPoolExecutor(min(workers, len(ranges)) - 1, context) as pool:
             # The workers take the chunks from the end, this process from the start:
             # a chunk no worker has taken yet is checked here, in this transaction.
             futures = {
