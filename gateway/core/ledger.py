@@ -66,6 +66,7 @@ __all__ = [
     "StoredEntry",
     "WitnessMismatch",
     "audit_peer_answer",
+    "broken_link",
     "check_checkpoint_root",
     "entry_canonical",
     "format_time",
@@ -463,6 +464,16 @@ class ChainProblem:
         return LedgerVerificationFailed(self.message, check=self.check, seq=self.seq)
 
 
+def broken_link(seq: int) -> ChainProblem:
+    """Entry ``seq`` is intact on its own but does not name the hash of the entry before it."""
+    return ChainProblem(
+        seq,
+        "chain",
+        f"ledger entry {seq} does not follow entry {seq - 1}: the chain breaks "
+        f"between entries {seq - 1} and {seq} (one of them was altered)",
+    )
+
+
 def _column_mismatch(row: StoredEntry, entry: LedgerEntry) -> str | None:
     pairs: Sequence[tuple[str, object, object]] = (
         ("time", row.time, entry.time),
@@ -565,12 +576,7 @@ class ChainVerifier:
                 f"ledger entry {row.seq}: stored {column} differs from the hashed entry",
             )
         if not hmac.compare_digest(entry.prev_hash, self._prev_hash):
-            return ChainProblem(
-                row.seq,
-                "chain",
-                f"ledger entry {row.seq} does not follow entry {row.seq - 1}: the chain breaks "
-                f"between entries {row.seq - 1} and {row.seq} (one of them was altered)",
-            )
+            return broken_link(row.seq)
         self._prev_hash = entry.entry_hash
         self._tree.append_leaf_hash(entry.leaf_hash)
         if self._tree.size in self.root_sizes:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import Connection, make_url
 
 from gateway.cli.main import cli
@@ -28,6 +28,7 @@ from gateway.node import ledger
 from gateway.node.ledger import verify as ledger_verify
 from gateway.node.own_keys import own_manifest
 from gateway.store.db import Database, open_database
+from gateway.store.models_ledger import LedgerCheckpointRow
 from tests.conftest import PG_ADMIN_URL, create_pg_database, drop_pg_database
 from tests.node_api import serving_home
 
@@ -477,3 +478,118 @@ def test_list_refuses_bad_filters(node: LedgerNode, args: list[str], words: str)
     code, _out, err = node.run("ledger", "list", *args)
     assert code == 1
     assert words in err
+
+
+# --- the parallel walk: the same findings as the serial one ------------------------
+
+SERIAL = ledger_verify.Parallelism(workers=1)
+
+
+def _tiny(chunk: int) -> ledger_verify.Parallelism:
+    """Worker processes on chunks of ``chunk`` entries, whatever the ledger's size."""
+    return ledger_verify.Parallelism(workers=2, chunk=chunk, minimum=0)
+
+
+@pytest.fixture
+def ledger_db(
+    template: Template, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Database]:
+    """A copy of the template node's database (no node serving it)."""
+    if template.pg_url is not None:
+        request.applymarker(pytest.mark.postgres)
+        url = _clone_pg(template.pg_url)
+    else:
+        home = tmp_path / "jp"
+        shutil.copytree(template.home, home)
+        url = f"sqlite:///{home / 'data' / 'gateway.sqlite3'}"
+    db = open_database(url)
+    try:
+        yield db
+    finally:
+        db.dispose()
+        if template.pg_url is not None:
+            drop_pg_database(url)
+
+
+def _reports(
+    db: Database, parallel: ledger_verify.Parallelism
+) -> tuple[dict[str, object], list[int]]:
+    passed: list[int] = []
+    with db.transaction() as session:
+        report = ledger_verify.verify_ledger(
+            session, own_keys=own_manifest(session), progress=passed.append, parallel=parallel
+        )
+    return report.to_dict(), passed
+
+
+def _walks(db: Database, parallel: ledger_verify.Parallelism) -> tuple[object, object]:
+    """The serial walk's findings beside the parallel walk's (which must have run)."""
+    with db.transaction() as session:
+        sizes = frozenset(session.scalars(select(LedgerCheckpointRow.size)).all())
+        made: dict[int, dict[str, object]] = {}
+        serial = ledger_verify._walk(session, sizes, made, None)
+        made_parallel: dict[int, dict[str, object]] = {}
+        walk = ledger_verify._walk_parallel(session, sizes, made_parallel, None, parallel)
+    assert walk is not None, "the parallel walk left the ledger to the serial walk"
+
+    def shape(w: ledger_verify._Walk, m: dict[int, dict[str, object]]) -> object:
+        return (w.size, w.root(), w.head_hash, w.roots, w.problem, w.tree.to_bytes(), m)
+
+    return shape(serial, made), shape(walk, made_parallel)
+
+
+@pytest.mark.parametrize(
+    ("tampering", "seq", "check", "words"),
+    [case[1:] for case in CASES],
+    ids=[case[0] for case in CASES],
+)
+def test_parallel_verify_reports_what_the_serial_walk_does(
+    ledger_db: Database,
+    tampering: Callable[[Connection], None],
+    seq: int,
+    check: str,
+    words: str,
+) -> None:
+    tamper(ledger_db, tampering)
+    serial, _ = _reports(ledger_db, SERIAL)
+    assert serial["problem"] is not None
+    for chunk in (1, 4):
+        assert _reports(ledger_db, _tiny(chunk))[0] == serial, f"chunks of {chunk}"
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 8])
+@pytest.mark.parametrize(
+    "tampering",
+    [
+        None,
+        # Entry 7 altered: a later chunk than the first (entries 4-7 with chunks of 4).
+        sql("UPDATE ledger_entry SET entry_hash = :h WHERE seq = 7", h=b"\x02" * 32),
+        # Entry 3 rewritten with its own hash fixed: entry 4, first of a chunk, breaks.
+        rewrite_body(3, rehash=True),
+        # Entry 7 likewise: entry 8 breaks, first of a chunk of 8, 4, 2 or 1.
+        rewrite_body(7, rehash=True),
+        # A locally perfect chain from entry 2: the roots at sizes 6 and 10, inside
+        # chunks, are not the signed ones.
+        rebuild_from(2),
+        sql("UPDATE ledger_checkpoint SET root = :r WHERE size = 10", r=b"\x04" * 32),
+    ],
+    ids=["intact", "later-chunk", "link-at-4", "link-at-8", "rebuilt-roots", "checkpoint-root"],
+)
+def test_parallel_walk_finds_what_the_serial_walk_does(
+    ledger_db: Database, tampering: Callable[[Connection], None] | None, chunk: int
+) -> None:
+    if tampering is not None:
+        tamper(ledger_db, tampering)
+    serial, parallel = _walks(ledger_db, _tiny(chunk))
+    assert parallel == serial
+    assert _reports(ledger_db, _tiny(chunk)) == _reports(ledger_db, SERIAL)
+
+
+def test_parallel_progress_is_the_serial_stream(
+    ledger_db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ledger_verify, "_PROGRESS_EVERY", 3)
+    tamper(ledger_db, rewrite_body(7, rehash=True))
+    serial = _reports(ledger_db, SERIAL)
+    assert serial[1] == [3, 6, 8]
+    assert _reports(ledger_db, _tiny(2)) == serial

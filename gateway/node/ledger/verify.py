@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
+import itertools
+import multiprocessing
+import os
 import re
+import sqlite3
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from json.encoder import encode_basestring
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -26,12 +35,14 @@ from gateway.core.ledger import (
     EntryKind,
     SigningKeyLookup,
     StoredEntry,
+    broken_link,
     format_time,
     verify_checkpoint,
 )
 from gateway.core.times import is_calendar_day, parse_stored_utc, stored_micro_text
 from gateway.errors import GatewayError
 from gateway.node.ledger.checkpoint import node_id, signed_of
+from gateway.store.db import SQLITE_BUSY_TIMEOUT_MS
 from gateway.store.models_ledger import (
     LEDGER_STATE_ID,
     LedgerCheckpointRow,
@@ -39,7 +50,7 @@ from gateway.store.models_ledger import (
     WitnessedCheckpointRow,
 )
 
-__all__ = ["VerifyReport", "verify_ledger", "walk_chain"]
+__all__ = ["PARALLEL", "Parallelism", "VerifyReport", "verify_ledger", "walk_chain"]
 
 
 @dataclass
@@ -296,9 +307,34 @@ class _Walk:
         return self.root_value
 
 
+@dataclass
+class _Span:
+    """What a walk over the entries from ``start`` on established, up to ``size`` (excluded).
+
+    ``first_prev`` is the hash the first entry was taken to follow, ``tree``
+    the compact range over the span's entries alone, ``marks`` that range
+    (copied) at each checkpoint size reached, ``made`` the bodies of the
+    entries recording a checkpoint, ``problem`` the first problem (the span
+    ends before it).
+    """
+
+    start: int
+    first_prev: bytes
+    size: int
+    head_hash: bytes
+    tree: merkle.CompactRange
+    marks: dict[int, merkle.CompactRange]
+    made: dict[int, dict[str, Any]]
+    problem: ChainProblem | None = None
+
+
 @contextmanager
-def _raw_rows(session: Session) -> Iterator[Iterable[tuple[Any, ...]]]:
-    """Every entry row as the driver returns it, in order, in the session's transaction.
+def _raw_rows(
+    session: Session, start: int | None = None, end: int | None = None
+) -> Iterator[Iterable[tuple[Any, ...]]]:
+    """Every entry row (or those of ``start..end-1``) as the driver returns it, in order.
+
+    In the session's transaction.
 
     A plain DB-API cursor, no result processing: on PostgreSQL a named
     (server-side) cursor fetching :data:`_WALK_BATCH` rows at a time; on SQLite
@@ -312,7 +348,11 @@ def _raw_rows(session: Session) -> Iterator[Iterable[tuple[Any, ...]]]:
         cursor = dbapi.cursor()
         cursor.arraysize = _WALK_BATCH
     try:
-        cursor.execute(_WALK_SQL)
+        if start is None or end is None:
+            cursor.execute(_WALK_SQL)
+        else:
+            mark = "%s" if session.get_bind().dialect.name == "postgresql" else "?"
+            cursor.execute(_CHUNK_SQL.format(mark=mark), (start, end))
         yield cursor
     finally:
         cursor.close()
@@ -353,20 +393,34 @@ def _stored(row: tuple[Any, ...]) -> StoredEntry:
     )
 
 
-def _walk(
-    session: Session,
-    sizes: frozenset[int],
-    made_entries: dict[int, dict[str, Any]],
-    progress: Callable[[int], None] | None,
-) -> _Walk:
-    """Check every entry's hash, link and columns on the stored bytes; fold the Merkle tree.
+def _placeholder(size: int) -> merkle.CompactRange:
+    """A compact range of ``size`` leaves with unknown (zero) hashes.
 
-    The fast path compares the stored bytes with the canonical text of the
-    row's own columns around the body, and parses the body once with the C
-    parser (``orjson``, stricter than the standard library's); it accepts
-    only what :meth:`ChainVerifier.feed` accepts. Whenever it is not sure, the row goes to
-    that full check (resumed at the same place), which either names the problem
-    or hands the state back.
+    For a :class:`ChainVerifier` that checks one entry (its sequence number
+    must be ``size``); the span keeps the real tree itself.
+    """
+    return merkle.CompactRange.restore(size, bytes(merkle.HASH_SIZE * size.bit_count()))
+
+
+def _check_rows(
+    rows: Iterable[tuple[Any, ...]],
+    start: int,
+    prev: bytes,
+    sizes: frozenset[int],
+    progress: Callable[[int], None] | None,
+) -> _Span:
+    """Check the entries ``rows`` (from entry ``start`` on, following ``prev``); fold their tree.
+
+    Every entry's hash, link and columns are checked on the stored bytes. The
+    fast path compares the stored bytes with the canonical text of the row's
+    own columns around the body, and parses the body once with the C parser
+    (``orjson``, stricter than the standard library's); it accepts only what
+    :meth:`ChainVerifier.feed` accepts. Whenever it is not sure, the row goes to
+    that full check, which either names the problem or passes the entry.
+
+    The tree is over these entries alone: when ``start`` is a multiple of a
+    power of two no smaller than the number of rows, its subtrees are exactly
+    the ledger's (what the parallel walk joins).
     """
     sha256 = hashlib.sha256
     loads = orjson.loads
@@ -377,95 +431,388 @@ def _walk(
     tree = merkle.CompactRange()
     pending: list[bytes] = []
     room = _BLOCK
-    size = 0
-    prev = GENESIS_PREV_HASH
+    size = start
     prev_hex = prev.hex()
-    walk = _Walk()
-    roots = walk.roots
-    next_progress = _PROGRESS_EVERY
-    with _raw_rows(session) as rows:
-        for row in rows:
-            ok = False
-            seq, moment, kind, name, role, bundle, consent, prev_raw, hash_raw, canonical = row
-            digest = sha256(_ENTRY_PREFIX + canonical).digest()
-            if digest == hash_raw and prev_raw == prev and len(canonical) <= _MAX_ENTRY_BYTES:
-                try:
-                    # The wire time of the stored one: SQLite's text form checked here
-                    # (each calendar day once), anything else by the general function.
-                    if (
-                        type(moment) is str
-                        and len(moment) == 26
-                        and moment[10] == " "
-                        and time_of_day(moment, 11)
-                    ):
-                        day = moment[:10]
-                        known_day = days.get(day)
-                        if known_day is None:
-                            known_day = days[day] = is_calendar_day(day)
-                        wire_time = f"{day}T{moment[11:]}Z" if known_day else None
-                    else:
-                        wire_time = stored_micro_text(_time_text(moment))
-                    if kind in _KNOWN_KINDS and wire_time is not None:
-                        # The entry must be, byte for byte, the canonical form of the
-                        # row's columns around a body that is one JSON object.
-                        text = canonical.decode()
-                        head = heads.get((name, role))
-                        if head is None:
-                            head = heads[(name, role)] = (
-                                f'{{"actor":{{"name":{quote(name)},"role":'
-                                f'{"null" if role is None else quote(role)}}},"body":'
-                            )
-                        tail = (
-                            f',"bundle_id":{"null" if bundle is None else quote(bundle)}'
-                            f',"consent_id":{"null" if consent is None else quote(consent)}'
-                            f',"kind":"{kind}","prev_hash":"{prev_hex}","seq":{size}'
-                            f',"time":"{wire_time}","v":1}}'
+    span = _Span(start, prev, start, prev, tree, {}, {})
+    marks = span.marks
+    made = span.made
+    next_progress = (start // _PROGRESS_EVERY + 1) * _PROGRESS_EVERY
+    for row in rows:
+        ok = False
+        seq, moment, kind, name, role, bundle, consent, prev_raw, hash_raw, canonical = row
+        digest = sha256(_ENTRY_PREFIX + canonical).digest()
+        if digest == hash_raw and prev_raw == prev and len(canonical) <= _MAX_ENTRY_BYTES:
+            try:
+                # The wire time of the stored one: SQLite's text form checked here
+                # (each calendar day once), anything else by the general function.
+                if (
+                    type(moment) is str
+                    and len(moment) == 26
+                    and moment[10] == " "
+                    and time_of_day(moment, 11)
+                ):
+                    day = moment[:10]
+                    known_day = days.get(day)
+                    if known_day is None:
+                        known_day = days[day] = is_calendar_day(day)
+                    wire_time = f"{day}T{moment[11:]}Z" if known_day else None
+                else:
+                    wire_time = stored_micro_text(_time_text(moment))
+                if kind in _KNOWN_KINDS and wire_time is not None:
+                    # The entry must be, byte for byte, the canonical form of the
+                    # row's columns around a body that is one JSON object.
+                    text = canonical.decode()
+                    head = heads.get((name, role))
+                    if head is None:
+                        head = heads[(name, role)] = (
+                            f'{{"actor":{{"name":{quote(name)},"role":'
+                            f'{"null" if role is None else quote(role)}}},"body":'
                         )
-                        if seq == size and text.startswith(head) and text.endswith(tail):
-                            # One parse of the body, by the C parser; a body it refuses
-                            # goes to the full check, which names the problem.
-                            body = loads(text[len(head) : len(text) - len(tail)])
-                            ok = type(body) is dict
-                except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
-                    ok = False
-            if ok:
-                if kind == _MADE:
-                    made_entries[size] = body
-                pending.append(digest)
-                size += 1
-                prev = digest
-                prev_hex = digest.hex()
-                if len(pending) == room:
-                    room = _fold(tree, pending)
-            else:
+                    tail = (
+                        f',"bundle_id":{"null" if bundle is None else quote(bundle)}'
+                        f',"consent_id":{"null" if consent is None else quote(consent)}'
+                        f',"kind":"{kind}","prev_hash":"{prev_hex}","seq":{size}'
+                        f',"time":"{wire_time}","v":1}}'
+                    )
+                    if seq == size and text.startswith(head) and text.endswith(tail):
+                        # One parse of the body, by the C parser; a body it refuses
+                        # goes to the full check, which names the problem.
+                        body = loads(text[len(head) : len(text) - len(tail)])
+                        ok = type(body) is dict
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+                ok = False
+        if ok:
+            if kind == _MADE:
+                made[size] = body
+            pending.append(digest)
+            size += 1
+            prev = digest
+            prev_hex = digest.hex()
+            if len(pending) == room:
                 room = _fold(tree, pending)
-                verifier = ChainVerifier.resume(tree, prev)
-                problem = verifier.feed(_stored(row))
-                if problem is not None:
-                    walk.problem = problem
-                    break
-                last = verifier.last
-                if last is not None and last.kind is EntryKind.CHECKPOINT_MADE:
-                    made_entries[last.seq] = last.body
-                tree = verifier.compact
-                room = _BLOCK - tree.size % _BLOCK
-                size = verifier.size
-                prev = verifier.head_hash
-                prev_hex = prev.hex()
-            if size in sizes:
-                room = _fold(tree, pending)
-                roots[size] = tree.root()
-            if progress is not None and size >= next_progress:
-                progress(size)
-                next_progress += _PROGRESS_EVERY
+        else:
+            room = _fold(tree, pending)
+            verifier = ChainVerifier.resume(_placeholder(size), prev)
+            problem = verifier.feed(_stored(row))
+            entry = verifier.last
+            if problem is not None or entry is None:
+                span.problem = problem
+                break
+            if entry.kind is EntryKind.CHECKPOINT_MADE:
+                made[size] = entry.body
+            tree.append_leaf_hash(entry.leaf_hash)
+            room = _BLOCK - tree.size % _BLOCK
+            size += 1
+            prev = entry.entry_hash
+            prev_hex = prev.hex()
+        if size in sizes:
+            room = _fold(tree, pending)
+            marks[size] = tree.copy()
+        if progress is not None and size >= next_progress:
+            progress(size)
+            next_progress += _PROGRESS_EVERY
     _fold(tree, pending)
-    walk.size = size
-    walk.head_hash = prev
-    walk.root_value = tree.root()
-    walk.tree = tree
+    span.size = size
+    span.head_hash = prev
+    return span
+
+
+def _walk(
+    session: Session,
+    sizes: frozenset[int],
+    made_entries: dict[int, dict[str, Any]],
+    progress: Callable[[int], None] | None,
+) -> _Walk:
+    """The serial walk: every entry checked in order, in the session's transaction."""
+    with _raw_rows(session) as rows:
+        span = _check_rows(rows, 0, GENESIS_PREV_HASH, sizes, progress)
+    made_entries.update(span.made)
     if progress is not None:
-        progress(size)
-    return walk
+        progress(span.size)
+    return _Walk(
+        size=span.size,
+        root_value=span.tree.root(),
+        head_hash=span.head_hash,
+        roots={size: mark.root() for size, mark in span.marks.items()},
+        problem=span.problem,
+        tree=span.tree,
+    )
+
+
+# --- the parallel walk --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    """How ``ledger verify`` spreads a large ledger over worker processes.
+
+    ``chunk`` (a power of two) entries per task, ``workers`` processes in
+    all (the verifying process among them, so ``workers - 1`` are started);
+    a ledger of fewer than ``minimum`` entries (or ``workers`` below two) is
+    walked serially, where starting the processes would cost more than they
+    save. With ``spare_cores_only``, no more processes than the cores the
+    1-minute load average leaves free, plus this one: on a machine whose
+    cores are busy a worker gains no wall time and costs its start.
+    """
+
+    workers: int
+    chunk: int = 1 << 16
+    minimum: int = 1 << 18
+    spare_cores_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1 or self.chunk & (self.chunk - 1):
+            raise ValueError(f"a chunk of {self.chunk} entries is not a power of two")
+
+
+def _usable_cores() -> int:
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
+def _spare_cores() -> int:
+    """Usable cores the 1-minute load average leaves free, counting this process's own."""
+    return _usable_cores() - int(os.getloadavg()[0]) + 1
+
+
+PARALLEL = Parallelism(workers=min(_usable_cores(), 8), spare_cores_only=True)
+"""The default: as many processes as usable cores (at most 8), the verifying one among them,
+as far as the load leaves cores free."""
+
+_CHUNK_SQL = (
+    "SELECT seq, time, kind, actor_name, actor_role, bundle_id, consent_id, prev_hash, "
+    "entry_hash, canonical FROM ledger_entry WHERE seq >= {mark} AND seq < {mark} ORDER BY seq"
+)
+_SNAPSHOT_ID = re.compile(r"[0-9A-F]{1,16}(?:-[0-9A-F]{1,16}){1,2}")
+
+Source = tuple[str, str, str | None]
+"""Where a worker reads: ``("sqlite", file, None)`` or ``("postgresql", conninfo, snapshot)``."""
+
+_WORKER_CONNECTIONS: dict[Source, Any] = {}
+"""A worker process's open connection per source (one process verifies many chunks)."""
+
+
+def _source(session: Session) -> Source | None:
+    """Where worker processes can read what this session's transaction sees, if anywhere.
+
+    SQLite: the database file (the ledger is append-only, so the entries below
+    the size counted here are the same for every reader). PostgreSQL: the
+    server and this transaction's snapshot, exported for the workers to share.
+    An in-memory database or a savepoint gives ``None``: the walk stays serial.
+    """
+    bind = session.get_bind()
+    url = bind.engine.url
+    if bind.dialect.name == "sqlite":
+        database = url.database
+        if not database or database == ":memory:" or database.startswith("file:"):
+            return None
+        return ("sqlite", str(Path(database).resolve()), None)
+    if bind.dialect.name != "postgresql" or session.in_nested_transaction():
+        return None
+    snapshot = session.connection().exec_driver_sql("SELECT pg_export_snapshot()").scalar_one()
+    if not isinstance(snapshot, str) or not _SNAPSHOT_ID.fullmatch(snapshot):
+        return None
+    conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+    return ("postgresql", conninfo, snapshot)
+
+
+def _chunk_rows_sqlite(path: str, start: int, end: int, sizes: frozenset[int]) -> _Span:
+    connection = _WORKER_CONNECTIONS.get(("sqlite", path, None))
+    if connection is None:
+        connection = sqlite3.connect(
+            f"file:{urllib.parse.quote(path)}?mode=ro",
+            uri=True,
+            timeout=SQLITE_BUSY_TIMEOUT_MS / 1000,
+            isolation_level=None,
+        )
+        _WORKER_CONNECTIONS[("sqlite", path, None)] = connection
+    connection.execute("BEGIN")
+    try:
+        cursor = connection.execute(_CHUNK_SQL.format(mark="?"), (start, end))
+        cursor.arraysize = _WALK_BATCH
+        return _span_of(cursor, start, sizes)
+    finally:
+        connection.rollback()
+
+
+def _chunk_rows_postgresql(
+    conninfo: str, snapshot: str, start: int, end: int, sizes: frozenset[int]
+) -> _Span:
+    import psycopg  # noqa: PLC0415 - only a worker on PostgreSQL needs the driver here
+    from psycopg import sql  # noqa: PLC0415
+
+    key: Source = ("postgresql", conninfo, snapshot)
+    connection = _WORKER_CONNECTIONS.get(key)
+    if connection is None:
+        connection = psycopg.connect(conninfo, connect_timeout=10)
+        connection.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+        connection.read_only = True
+        _WORKER_CONNECTIONS[key] = connection
+    try:
+        # The first statement of the transaction: it then sees what the parent's does.
+        connection.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+        with connection.cursor(name="ledger_verify_chunk") as cursor:
+            cursor.itersize = _WALK_BATCH
+            cursor.execute(_CHUNK_SQL.format(mark="%s"), (start, end))
+            return _span_of(cursor, start, sizes)
+    finally:
+        connection.rollback()
+
+
+def _span_of(rows: Iterable[tuple[Any, ...]], start: int, sizes: frozenset[int]) -> _Span:
+    """The span of a chunk, taking its first entry to follow what it names (the parent checks)."""
+    iterator = iter(rows)
+    first = next(iterator, None)
+    if first is None:
+        return _Span(start, b"", start, b"", merkle.CompactRange(), {}, {})
+    prev = first[7] if isinstance(first[7], bytes) else bytes(merkle.HASH_SIZE)
+    return _check_rows(itertools.chain((first,), iterator), start, prev, sizes, None)
+
+
+def _check_chunk(source: Source, start: int, end: int, sizes: frozenset[int]) -> _Span | None:
+    """In a worker process: the span of entries ``start..end-1``; ``None`` if unreadable."""
+    engine, location, snapshot = source
+    if engine == "sqlite":
+        try:
+            return _chunk_rows_sqlite(location, start, end, sizes)
+        except sqlite3.Error:
+            return None
+    import psycopg  # noqa: PLC0415
+
+    try:
+        return _chunk_rows_postgresql(location, snapshot or "", start, end, sizes)
+    except psycopg.Error:
+        return None
+
+
+def _joined(tree: merkle.CompactRange, span_tree: merkle.CompactRange) -> merkle.CompactRange:
+    """``tree`` followed by the leaves of ``span_tree`` (aligned: its subtrees fit as they are)."""
+    joined = tree.copy()
+    nodes = span_tree.to_bytes()
+    bits = [
+        bit for bit in range(span_tree.size.bit_length() - 1, -1, -1) if span_tree.size >> bit & 1
+    ]
+    for index, bit in enumerate(bits):
+        joined.append_subtree(
+            nodes[index * merkle.HASH_SIZE : (index + 1) * merkle.HASH_SIZE], 1 << bit
+        )
+    return joined
+
+
+def _walk_parallel(
+    session: Session,
+    sizes: frozenset[int],
+    made_entries: dict[int, dict[str, Any]],
+    progress: Callable[[int], None] | None,
+    parallel: Parallelism,
+) -> _Walk | None:
+    """The walk spread over worker processes; ``None`` when the serial walk must do it.
+
+    The entries are cut into aligned chunks of ``parallel.chunk`` (a power of
+    two), each checked by a worker as the serial walk would, taking its first
+    entry to follow the hash that entry names. Here the chunks are joined in
+    order: each first entry must follow the last one before it (the serial
+    walk's link check), and the chunks' Merkle subtrees fold into the
+    ledger's tree and the roots at checkpoint sizes. The first problem in
+    ledger order is the serial walk's: the checks of an entry other than its
+    link do not depend on the entry before it. Anything unusual (sequence
+    numbers not exactly ``0..n-1``, a worker that cannot read, or reads less
+    than counted here) leaves it to the serial walk, which names it.
+    """
+    workers = parallel.workers
+    if parallel.spare_cores_only:
+        workers = min(workers, _spare_cores())
+    if workers < 2:
+        return None
+    count, lowest, highest = (
+        session.connection()
+        .exec_driver_sql("SELECT count(*), min(seq), max(seq) FROM ledger_entry")
+        .one()
+    )
+    if count < max(parallel.minimum, 2) or count <= parallel.chunk:
+        return None
+    if (lowest, highest) != (0, count - 1):
+        return None
+    source = _source(session)
+    if source is None:
+        return None
+    chunk = parallel.chunk
+    ranges = [(start, min(start + chunk, count)) for start in range(0, count, chunk)]
+    context = multiprocessing.get_context("spawn")
+    try:
+        with ProcessPoolExecutor(min(workers, len(ranges)) - 1, context) as pool:
+            # The workers take the chunks from the end, this process from the start:
+            # a chunk no worker has taken yet is checked here, in this transaction.
+            futures = {
+                start: pool.submit(_check_chunk, source, start, end, _sizes_in(sizes, start, end))
+                for start, end in reversed(ranges)
+            }
+
+            def span_of(start: int, end: int) -> _Span | None:
+                if futures[start].cancel():
+                    with _raw_rows(session, start, end) as rows:
+                        return _span_of(rows, start, _sizes_in(sizes, start, end))
+                return futures[start].result()
+
+            try:
+                return _join(span_of, ranges, made_entries, progress)
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+    except BrokenProcessPool:
+        return None
+
+
+def _sizes_in(sizes: frozenset[int], start: int, end: int) -> frozenset[int]:
+    return frozenset(size for size in sizes if start < size <= end)
+
+
+def _join(
+    span_of: Callable[[int, int], _Span | None],
+    ranges: list[tuple[int, int]],
+    made_entries: dict[int, dict[str, Any]],
+    progress: Callable[[int], None] | None,
+) -> _Walk | None:
+    """The chunks' spans joined in order into the walk over the whole ledger (see above)."""
+    tree = merkle.CompactRange()
+    head = GENESIS_PREV_HASH
+    roots: dict[int, bytes] = {}
+    made: dict[int, dict[str, Any]] = {}
+    problem: ChainProblem | None = None
+    next_progress = _PROGRESS_EVERY
+    for start, end in ranges:
+        span = span_of(start, end)
+        if span is None or (span.problem is None and span.size != end):
+            return None  # the worker could not read, or saw fewer entries than counted here
+        if (span.problem is None or span.problem.seq != start) and not hmac.compare_digest(
+            span.first_prev, head
+        ):
+            problem = broken_link(start)
+            break
+        for size, mark in span.marks.items():
+            roots[size] = _joined(tree, mark).root()
+        made.update(span.made)
+        tree = _joined(tree, span.tree)
+        head = span.head_hash
+        if span.problem is not None:
+            problem = span.problem
+            break
+        while progress is not None and tree.size >= next_progress:
+            progress(next_progress)
+            next_progress += _PROGRESS_EVERY
+    while progress is not None and tree.size >= next_progress:
+        progress(next_progress)
+        next_progress += _PROGRESS_EVERY
+    made_entries.update(made)
+    if progress is not None:
+        progress(tree.size)
+    return _Walk(
+        size=tree.size,
+        root_value=tree.root(),
+        head_hash=head,
+        roots=roots,
+        problem=problem,
+        tree=tree,
+    )
 
 
 def walk_chain(session: Session) -> tuple[ChainProblem | None, ChainVerifier]:
@@ -514,6 +861,7 @@ def verify_ledger(
     peer_keys: SigningKeyLookup | None = None,
     peer_node: str | None = None,
     progress: Callable[[int], None] | None = None,
+    parallel: Parallelism = PARALLEL,
 ) -> VerifyReport:
     """Check the whole ledger, streaming; the report names the first bad entry.
 
@@ -523,12 +871,31 @@ def verify_ledger(
     signatures of the peer's checkpoints we witnessed (with ``peer_keys``),
     and the head state the appends keep. ``progress(n)`` is called every
     100,000 entries and at the end. Memory does not grow with the ledger.
+
+    A ledger of at least ``parallel.minimum`` entries is walked by worker
+    processes, chunk by chunk (:func:`_walk_parallel`); the report is the
+    one the serial walk gives.
     """
     node = node_id(session)
     sizes = frozenset(session.scalars(select(LedgerCheckpointRow.size)).all())
     made_entries: dict[int, dict[str, Any]] = {}
     report = VerifyReport()
-    walk = _walk(session, sizes, made_entries, progress)
+    passed = 0
+
+    def parallel_progress(entries: int) -> None:
+        nonlocal passed
+        passed = max(passed, entries)
+        if progress is not None:
+            progress(entries)
+
+    def serial_progress(entries: int) -> None:
+        # After a parallel walk gave up part-way: no count twice.
+        if progress is not None and entries > passed:
+            progress(entries)
+
+    walk = _walk_parallel(session, sizes, made_entries, parallel_progress, parallel)
+    if walk is None:
+        walk = _walk(session, sizes, made_entries, serial_progress if progress else None)
     report.entries = walk.size
     report.root = walk.root()
     report.checkpoints = len(sizes)
