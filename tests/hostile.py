@@ -105,11 +105,13 @@ def pinned_pair(
         for node_id, node in nodes.items():
             with node.db.transaction() as session:
                 tokens = {
-                    role: add_user(session, role, role, created_by="host", now=utc_now()).token.text
+                    role: add_user(
+                        session, role, role, created_by="host", by_host=True, now=utc_now()
+                    ).token.text
                     for role in ("officer", "compliance")
                 }
                 tokens["admin"] = add_user(
-                    session, "admin2", "admin", created_by="host", now=utc_now()
+                    session, "admin2", "admin", created_by="host", by_host=True, now=utc_now()
                 ).token.text
             with node.db.transaction() as session:
                 keyring = unlock_keyring(node.settings, PASSPHRASE.encode(), session)

@@ -8,7 +8,7 @@ Operations on the host itself (``init``, ``serve``, ``sync``, ``purge``, ``db up
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from gateway.errors import AccessDenied
@@ -78,6 +78,10 @@ class Actor:
 
     name: str
     role: Role | None
+    token_id: str | None = field(default=None, compare=False, repr=False)
+    """The id (public part) of the token the user authenticated with, when one did:
+    work that depends on what the token is (token custody) checks it is still the
+    user's token in the transaction that relies on it."""
 
     @property
     def label(self) -> str:

@@ -58,11 +58,11 @@ from gateway.node.consent.common import node_policy
 from gateway.node.context import NodeContext
 from gateway.node.runtime import Node
 from gateway.node.users import (
+    actor_holders,
     add_user,
     check_new_user,
     is_approver,
     record_user_added,
-    token_holders,
 )
 from gateway.store.models_approvals import ApprovalProposal, ApprovalVote
 from gateway.store.models_ledger import LedgerEntryRow
@@ -236,8 +236,9 @@ def _vote_holders(vote: ApprovalVote) -> frozenset[str]:
 
 def _vote(session: Session, actor: Actor, row: ApprovalProposal, *, now: datetime) -> ApprovalVote:
     """A new, unsaved approval of ``row``'s terms by ``actor``, with who could hold
-    ``actor``'s token now."""
-    held = token_holders(session, actor.name) or frozenset({actor.name})
+    the token ``actor`` acts with (its user row locked, the token checked:
+    :func:`gateway.node.users.actor_holders`)."""
+    held = actor_holders(session, actor)
     return ApprovalVote(
         proposal_id=row.proposal_id,
         approver=actor.name,
@@ -785,7 +786,7 @@ def _add_admin(
     session.add(mine)
     session.flush()
     name = str(json.loads(row.terms_json)["name"])
-    made = add_user(session, name, Role.ADMIN.value, created_by=actor.name, now=now)
+    made = add_user(session, name, Role.ADMIN.value, created_by=actor.name, now=now, issuer=actor)
     record_user_added(session, made, actor=actor, now=now)
     _record(session, "approval-given", actor, row, now, approvals=len(counted))
     row.state = ProposalState.EXECUTED
@@ -816,7 +817,9 @@ def add_user_or_propose(
     with node.db.transaction() as session:
         note_rules(session, policy, now=now)
         if role != Role.ADMIN.value or rule.k == 1:
-            made = add_user(session, name, role, created_by=actor.name, now=now, approver=approver)
+            made = add_user(
+                session, name, role, created_by=actor.name, now=now, approver=approver, issuer=actor
+            )
             record_user_added(session, made, actor=actor, now=now)
             if approver:
                 ledger.record_event(

@@ -227,7 +227,9 @@ def init_node(
                     importlib.import_module(module)
                 for _order, _name, step in _STEPS:
                     step(settings, session, now, result)
-                admin = add_user(session, admin_name, "admin", created_by="init", now=now)
+                admin = add_user(
+                    session, admin_name, "admin", created_by="init", now=now, by_host=True
+                )
                 result.admin_name = admin.name
                 result.admin_token = admin.token.text
         finally:

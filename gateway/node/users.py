@@ -7,6 +7,7 @@ One authorization layer serves the CLI and the local API alike:
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
 from dataclasses import dataclass
@@ -128,16 +129,35 @@ def token_holders(session: Session, name: str) -> frozenset[str] | None:
     return None if text is None else _parse_holders(text, name)
 
 
-def _issuer_holders(session: Session, issuer: str) -> frozenset[str] | None:
-    """The holders an issued token inherits: ``None`` for the host operator (``init``,
-    ``host``), else the issuing user's holders. Raises :class:`NotFound` for an
-    issuer that is neither (a token must never look issued by no one)."""
-    if issuer in ("init", HOST.name):
-        return None
-    held = token_holders(session, issuer)
-    if held is None:
-        raise NotFound(f"the issuer {issuer!r} of a token is not a user of this node")
-    return held
+def actor_holders(session: Session, actor: Actor) -> frozenset[str]:
+    """Who could hold the token ``actor`` acts with, read from ``actor``'s user row
+    locked for this transaction (so a reissue or an enrolment of that user waits for
+    it, or happened before). Raises :class:`NotFound` for an unknown user and
+    :class:`AccessDenied` (``access.token``) when the row's token is no longer the
+    one ``actor`` authenticated with (``Actor.token_id``): it was replaced meanwhile,
+    and the holders of the new token say nothing about who sent this request."""
+    user = session.scalars(
+        select(UserRecord)
+        .where(UserRecord.name == actor.name)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    ).first()
+    if user is None:
+        raise NotFound(f"{actor.name!r} is not a user of this node")
+    if actor.token_id is not None and not hmac.compare_digest(user.token_id, actor.token_id):
+        raise AccessDenied(
+            f"{actor.name}'s token was replaced while this request ran: "
+            "repeat it with the new token",
+            reason="access.token",
+        )
+    return _parse_holders(user.token_holders, user.name)
+
+
+def _issuer_holders(session: Session, issuer: Actor) -> frozenset[str]:
+    """The holders a token ``issuer`` issues inherits: ``issuer``'s own, from its
+    locked row (:func:`actor_holders`). The host operator issues with
+    ``by_host`` instead, never through a name."""
+    return actor_holders(session, issuer)
 
 
 def _role(role: str) -> Role:
@@ -170,20 +190,24 @@ def add_user(
     created_by: str,
     now: datetime,
     approver: bool = False,
+    by_host: bool = False,
+    issuer: Actor | None = None,
 ) -> NewUser:
     """Create a user and its first token (the caller shows the token once).
 
     ``approver`` gives an officer the approver capability (consent grants
     under the two-person rule, docs/consent.md); refused (:class:`InvalidInput`)
     for another role. The first token counts as issued by ``created_by``
-    (``token_issued_by``), a user of this node or ``init``/``host`` (the host
-    operator): it is held by the new user and by every holder of
-    ``created_by``'s token (``token_holders``, docs/consent.md "Token
-    custody"). The creation is recorded in the ledger
+    (``token_issued_by``). With ``by_host`` (``init``, ``users enrol``: the host
+    operator) it is held by the new user alone; otherwise by the new user and
+    every holder of the issuing user's token (``token_holders``, docs/consent.md
+    "Token custody"): ``issuer`` when the caller has the acting user's
+    :class:`Actor` (its token is checked, :func:`actor_holders`), else the user
+    named ``created_by``. The creation is recorded in the ledger
     (:func:`record_user_added`) by the caller, which knows the acting user.
     Raises :class:`InvalidInput` for a malformed or reserved name or role,
     :class:`AlreadyExists` for a taken name, :class:`NotFound` for an unknown
-    ``created_by``.
+    issuer.
     """
     _check_name(name)
     chosen = _role(role)
@@ -191,7 +215,11 @@ def add_user(
         _check_approver_role(name, chosen.value)
     if session.scalar(select(UserRecord.id).where(UserRecord.name == name)) is not None:
         raise AlreadyExists(f"user {name!r} exists already")
-    holders = custody_after_issue(name, _issuer_holders(session, created_by))
+    if by_host:
+        holders = custody_after_issue(name, None)
+    else:
+        by = issuer if issuer is not None else Actor(name=created_by, role=None)
+        holders = custody_after_issue(name, _issuer_holders(session, by))
     token = issue_token()
     session.add(
         UserRecord(
@@ -253,7 +281,7 @@ def reissue_token(session: Session, name: str, *, now: datetime, by: Actor) -> I
     :class:`NotFound` for an unknown user.
     """
     user = _get(session, name)
-    holders = custody_after_issue(name, _issuer_holders(session, by.name))
+    holders = custody_after_issue(name, _issuer_holders(session, by))
     token = _replace_token(user, now=now, issued_by=by.name, holders=holders)
     ledger.record_event(
         session, kind="token-reissued", actor=by, now=now, body={"user": name, "by": by.name}
@@ -315,7 +343,9 @@ def enrol_user(
     if user is None:
         if role is None:
             raise InvalidInput(f"user {name!r} is new: give --role admin, officer or compliance")
-        made = add_user(session, name, role, created_by=HOST.name, now=now, approver=approver)
+        made = add_user(
+            session, name, role, created_by=HOST.name, now=now, approver=approver, by_host=True
+        )
         token = made.token
         chosen = made.role
     else:
@@ -431,7 +461,7 @@ def authenticate(session: Session, token_text: str | None) -> Actor:
         raise AccessDenied("the token is not valid", reason="access.token")
     if user.disabled_at is not None:
         raise AccessDenied(f"user {user.name!r} is disabled", reason="access.disabled")
-    return Actor(name=user.name, role=Role(user.role))
+    return Actor(name=user.name, role=Role(user.role), token_id=user.token_id)
 
 
 def authorize(session: Session, token_text: str | None, action: str) -> Actor:

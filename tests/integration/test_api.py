@@ -102,10 +102,10 @@ def make_node(
     with node.db.transaction() as session:
         for name, role in (("officer", "officer"), ("compliance", "compliance")):
             tokens[name] = add_user(
-                session, name, role, created_by="host", now=utc_now()
+                session, name, role, created_by="host", by_host=True, now=utc_now()
             ).token.text
         tokens["disabled"] = add_user(
-            session, "gone", "officer", created_by="host", now=utc_now()
+            session, "gone", "officer", created_by="host", by_host=True, now=utc_now()
         ).token.text
         disable_user(session, "gone", now=utc_now(), by=Actor(name="test", role=Role.ADMIN))
     return ApiNode(home=home, node=node, environ=env, tokens=tokens)

@@ -35,6 +35,7 @@ from gateway.node.context import NodeContext
 from gateway.node.runtime import utc_now
 from gateway.node.users import (
     add_user,
+    authenticate,
     disable_user,
     enrol_user,
     list_users,
@@ -1029,3 +1030,23 @@ def test_a_policy_edit_that_lowers_k_is_in_the_ledger_before_the_first_grant_und
     assert {(e.actor_name, e.actor_role) for e in noted} == {("system", None)}
     first, _second = entries(pair.pk, "consent-granted")
     assert noted[0].seq < noted[1].seq < first.seq
+
+
+def test_an_approval_made_with_a_token_replaced_meanwhile_is_refused(pair: Pair) -> None:
+    """The holders an approval records are those of the token it was made with: when the
+    token is replaced between authentication and the approval (here the host operator
+    enrols the officer again, which would make its holders the officer alone), the
+    approval is refused, not recorded with the new token's holders."""
+    set_approvals(pair.pk, 2)
+    add_people(pair.pk, NOW)
+    with pair.pk.node.db.transaction() as session:
+        issued = reissue_token(session, "bilal", now=NOW, by=ADMIN)  # root-admin holds a copy
+    with pair.pk.node.db.transaction() as session:
+        acting = authenticate(session, issued.text)
+    _case_id, request_id = asked_of_pk(pair)
+    pid = propose(pair, request_id, by="dur")["proposal_id"]
+    with pair.pk.node.db.transaction() as session:
+        enrol_user(session, "bilal", now=NOW)  # bilal's token now held by bilal alone
+    refused("access.token", lambda: approve(pair, pid, acting))
+    assert grants(pair.pk) == 0
+    assert approval_givers(pair.pk) == ["dur"]

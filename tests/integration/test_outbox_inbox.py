@@ -742,7 +742,9 @@ def _token(side: Side, name: str, role: str) -> str:
     from gateway.node.users import add_user  # noqa: PLC0415
 
     with side.node.db.transaction() as session:
-        return add_user(session, name, role, created_by="host", now=datetime.now(UTC)).token.text
+        return add_user(
+            session, name, role, created_by="host", by_host=True, now=datetime.now(UTC)
+        ).token.text
 
 
 def _cli(side: Side, token: str, *args: str, stdin: str | None = None) -> tuple[int, str, str]:

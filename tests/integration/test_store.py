@@ -197,3 +197,62 @@ def test_token_custody_migration_gives_every_token_its_possible_holders(
         assert json.loads(vote[0]) == ["admin", "asma", "boss"]
     finally:
         db.dispose()
+
+
+def test_token_custody_migration_keeps_a_reissuer_the_user_rotated_away_from(
+    database_url: str,
+) -> None:
+    """0021_token_custody reads the ledger's token-reissued entries: eve reissued olga's
+    token and rotated it before olga did (so token_issued_by names olga); eve stays a
+    holder, and eve's own officer pat never counts beside olga."""
+    from alembic import command  # noqa: PLC0415
+    from sqlalchemy import text  # noqa: PLC0415
+
+    from gateway.core.roles import Actor, Role  # noqa: PLC0415
+    from gateway.node import ledger  # noqa: PLC0415
+
+    db = open_database(database_url)
+    try:
+        db.upgrade()
+        command.downgrade(db.alembic_config(), "0020_token_issuer")  # 0021 merges branches
+        now = datetime(2026, 1, 1, tzinfo=UTC)
+        people = (
+            ("eve", "init", "init"),
+            ("bob", "init", "init"),
+            ("olga", "bob", "olga"),  # reissued by eve, then rotated
+            ("pat", "eve", "eve"),
+        )
+        with db.engine.begin() as connection:
+            for index, (name, by, issued) in enumerate(people):
+                connection.execute(
+                    text(
+                        "INSERT INTO users (name, role, token_id, token_hash, created_at, "
+                        "created_by, token_issued_at, token_issued_by, approver) VALUES "
+                        "(:name, 'officer', :token_id, :digest, :now, :by, :now, :issued, false)"
+                    ),
+                    {
+                        "name": name,
+                        "token_id": f"{index:016x}",
+                        "digest": bytes(32),
+                        "now": now,
+                        "by": by,
+                        "issued": issued,
+                    },
+                )
+        with db.transaction() as session:
+            ledger.record_event(
+                session,
+                kind="token-reissued",
+                actor=Actor(name="eve", role=Role.ADMIN),
+                now=now,
+                body={"user": "olga", "by": "eve"},
+            )
+        command.upgrade(db.alembic_config(), "heads")
+        with db.engine.connect() as connection:
+            rows = connection.execute(text("SELECT name, token_holders FROM users")).all()
+        held = {name: json.loads(value) for name, value in rows}
+        assert held["olga"] == ["bob", "eve", "olga"]
+        assert held["pat"] == ["eve", "pat"]
+        assert set(held["olga"]) & set(held["pat"]) == {"eve"}
+    finally:
+        db.dispose()

@@ -182,7 +182,9 @@ def test_officers_and_compliance_act_with_tokens_only(pair: Pair, tmp_path: Path
 
     # A disabled user's token is refused.
     with pair.pk.node.db.transaction() as session:
-        admin = add_user(session, "root2", "admin", created_by="host", now=utc_now()).token.text
+        admin = add_user(
+            session, "root2", "admin", created_by="host", by_host=True, now=utc_now()
+        ).token.text
     added = answer(run(pk_home, admin, "users", "add", "kamran", "--role", "officer"))
     assert answer(run(pk_home, added["token"], "inbox"))["bundles"]
     answer(run(pk_home, admin, "users", "disable", "kamran"))

@@ -6,13 +6,16 @@ one could hold both tokens).
 user's current token; ``approval_vote.holders`` the same for the approver's token
 at the time of the approval. Existing rows are given what can be known now, from
 above: the user, whoever created the user or issued the token in use
-(``created_by``, ``token_issued_by``; a rotation does not take a token out of
-its issuer's hands), and, repeated until nothing changes, everyone who could
-hold those users' tokens. ``init`` and ``host`` name the host operator, who
-stands outside the rule. Existing approvals take their approver's holders.
+(``created_by``, ``token_issued_by``), every administrator the ledger names as
+having reissued the user's token (``token-reissued``: a rotation afterwards
+records the user as issuer but does not take the token out of the reissuer's
+hands), and, repeated until nothing changes, everyone who could hold those
+users' tokens. ``init`` names the host operator, who stands outside the rule,
+unless a user of that name exists. Existing approvals take their approver's
+holders.
 
 Revision ID: 0021_token_custody
-Revises: 0020_token_issuer, 0015_approvals
+Revises: 0020_token_issuer, 0015_approvals, 0012_ledger_state
 Create Date: 2026-11-30
 """
 
@@ -24,7 +27,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0021_token_custody"
-down_revision = ("0020_token_issuer", "0015_approvals")
+down_revision = ("0020_token_issuer", "0015_approvals", "0012_ledger_state")
 branch_labels = None
 depends_on = None
 
@@ -32,7 +35,8 @@ _HOST = frozenset({"init", "host", "system"})
 
 
 def _closure(issuers: dict[str, set[str]]) -> dict[str, list[str]]:
-    holders = {name: {name} | (found - _HOST) for name, found in issuers.items()}
+    host = _HOST - set(issuers)  # a user of such a name is a user, not the host
+    holders = {name: {name} | (found - host) for name, found in issuers.items()}
     changed = True
     while changed:
         changed = False
@@ -52,6 +56,14 @@ def upgrade() -> None:
     bind = op.get_bind()
     rows = bind.execute(sa.text("SELECT name, created_by, token_issued_by FROM users")).all()
     issuers = {name: {created, issued} for name, created, issued in rows}
+    reissues = bind.execute(
+        sa.text("SELECT canonical FROM ledger_entry WHERE kind = 'token-reissued'")
+    ).all()
+    for (canonical,) in reissues:
+        body = json.loads(bytes(canonical)).get("body", {})
+        user, by = body.get("user"), body.get("by")
+        if isinstance(user, str) and isinstance(by, str) and user in issuers:
+            issuers[user].add(by)
     holders = _closure(issuers)
     for name, held in holders.items():
         bind.execute(
