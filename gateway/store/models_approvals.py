@@ -58,6 +58,6 @@ class ApprovalVote(Base):
     approver: Mapped[str] = mapped_column(String(64))
     terms_hash: Mapped[str] = mapped_column(String(64))
     approved_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    holders: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+    holders: Mapped[str] = mapped_column(Text)
     """JSON list of the users who could hold the approver's token when they approved
     (the approver among them; migration 0021_token_custody)."""

@@ -27,7 +27,7 @@ class UserRecord(Base):
     token_issued_by: Mapped[str] = mapped_column(String(64))
     """Who issued the current token: its creator, the administrator who reissued it, or
     the user themself after ``gateway users rotate-token`` (migration 0020_token_issuer)."""
-    token_holders: Mapped[str] = mapped_column(Text, default="[]", server_default="[]")
+    token_holders: Mapped[str] = mapped_column(Text)
     """JSON list (sorted) of the users who could hold the current token: the user, and
     for a token an administrator issued, every holder of that administrator's token
     then (docs/consent.md, "Token custody"; migration 0021_token_custody)."""

@@ -256,3 +256,28 @@ def test_token_custody_migration_keeps_a_reissuer_the_user_rotated_away_from(
         assert set(held["olga"]) & set(held["pat"]) == {"eve"}
     finally:
         db.dispose()
+
+
+def test_a_user_or_approval_written_without_its_token_holders_is_refused(
+    database_url: str,
+) -> None:
+    """After 0021_token_custody no default stands in for the holders: a writer that
+    forgets them fails, instead of the row reading as "held by the user alone"."""
+    from sqlalchemy import text  # noqa: PLC0415
+    from sqlalchemy.exc import IntegrityError  # noqa: PLC0415
+
+    db = open_database(database_url)
+    try:
+        db.upgrade()
+        now = datetime(2026, 1, 1, tzinfo=UTC)
+        with pytest.raises(IntegrityError), db.engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO users (name, role, token_id, token_hash, created_at, "
+                    "created_by, token_issued_at, token_issued_by, approver) VALUES ('x', "
+                    "'officer', '0000000000000001', :digest, :now, 'init', :now, 'init', false)"
+                ),
+                {"digest": bytes(32), "now": now},
+            )
+    finally:
+        db.dispose()

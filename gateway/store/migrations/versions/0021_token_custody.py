@@ -77,6 +77,12 @@ def upgrade() -> None:
             sa.text("UPDATE approval_vote SET holders = :held WHERE id = :id"),
             {"held": json.dumps(held), "id": vote_id},
         )
+    # Filled: from now on every writer names the holders; a row without them fails
+    # instead of reading as "held by the user alone".
+    with op.batch_alter_table("users") as batch:
+        batch.alter_column("token_holders", existing_type=sa.Text(), server_default=None)
+    with op.batch_alter_table("approval_vote") as batch:
+        batch.alter_column("holders", existing_type=sa.Text(), server_default=None)
 
 
 def downgrade() -> None:
