@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 from sqlalchemy import func, inspect, select
@@ -152,22 +153,7 @@ def test_token_custody_migration_gives_every_token_its_possible_holders(
             ("bilal", "admin", "init"),  # impossible issuer kept as found
         )
         with db.engine.begin() as connection:
-            for index, (name, by, issued) in enumerate(people):
-                connection.execute(
-                    text(
-                        "INSERT INTO users (name, role, token_id, token_hash, created_at, "
-                        "created_by, token_issued_at, token_issued_by, approver) VALUES "
-                        "(:name, 'officer', :token_id, :digest, :now, :by, :now, :issued, false)"
-                    ),
-                    {
-                        "name": name,
-                        "token_id": f"{index:016x}",
-                        "digest": bytes(32),
-                        "now": now,
-                        "by": by,
-                        "issued": issued,
-                    },
-                )
+            _insert_users_at_0020(connection, people, now)
             connection.execute(
                 text(
                     "INSERT INTO approval_proposal (proposal_id, action, terms_json, terms_hash, "
@@ -223,22 +209,7 @@ def test_token_custody_migration_keeps_a_reissuer_the_user_rotated_away_from(
             ("pat", "eve", "eve"),
         )
         with db.engine.begin() as connection:
-            for index, (name, by, issued) in enumerate(people):
-                connection.execute(
-                    text(
-                        "INSERT INTO users (name, role, token_id, token_hash, created_at, "
-                        "created_by, token_issued_at, token_issued_by, approver) VALUES "
-                        "(:name, 'officer', :token_id, :digest, :now, :by, :now, :issued, false)"
-                    ),
-                    {
-                        "name": name,
-                        "token_id": f"{index:016x}",
-                        "digest": bytes(32),
-                        "now": now,
-                        "by": by,
-                        "issued": issued,
-                    },
-                )
+            _insert_users_at_0020(connection, people, now)
         with db.transaction() as session:
             ledger.record_event(
                 session,
@@ -281,3 +252,25 @@ def test_a_user_or_approval_written_without_its_token_holders_is_refused(
             )
     finally:
         db.dispose()
+
+
+def _insert_users_at_0020(connection: Any, people: Any, now: datetime) -> None:
+    """Users rows as schema 0020 had them: (name, created_by, token_issued_by) each."""
+    from sqlalchemy import text  # noqa: PLC0415
+
+    for index, (name, by, issued) in enumerate(people):
+        connection.execute(
+            text(
+                "INSERT INTO users (name, role, token_id, token_hash, created_at, "
+                "created_by, token_issued_at, token_issued_by, approver) VALUES "
+                "(:name, 'officer', :token_id, :digest, :now, :by, :now, :issued, false)"
+            ),
+            {
+                "name": name,
+                "token_id": f"{index:016x}",
+                "digest": bytes(32),
+                "now": now,
+                "by": by,
+                "issued": issued,
+            },
+        )
