@@ -271,6 +271,7 @@ def test_a_grant_needs_two_approvers_and_only_then_the_peer_discloses(
     # Each node's ledger records the steps with their actors, and verifies.
     pk_entries = gateway(pk, auditors["pk"], "ledger", "list").ok()
     assert kinds_by_actor(pk_entries, "approval-") == [
+        ("approval-rules", "system"),  # k in force, recorded before the first grant
         ("approval-proposed", "asma"),
         ("approval-given", "asma"),
         ("approval-given", "bilal"),
