@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from gateway.core.approvals import custody_after_issue
 from gateway.core.roles import HOST, SYSTEM, Actor, Role, authorize_role
 from gateway.core.tokens import IssuedToken, issue_token, parse_token, token_hash, token_matches
+from gateway.core.usernames import confusable_with
 from gateway.errors import AccessDenied, AlreadyExists, InvalidInput, NotFound
 from gateway.log import get_logger
 from gateway.node import ledger
@@ -168,10 +169,25 @@ def _role(role: str) -> Role:
 
 
 def check_new_user(session: Session, name: str) -> None:
-    """Refuse a name :func:`add_user` would refuse (malformed, or taken); add nothing."""
+    """Refuse a name :func:`add_user` would refuse (malformed, taken, or reading like
+    an existing user's); add nothing."""
     _check_name(name)
     if session.scalar(select(UserRecord.id).where(UserRecord.name == name)) is not None:
         raise AlreadyExists(f"user {name!r} exists already")
+    _check_not_confusable(session, name)
+
+
+def _check_not_confusable(session: Session, name: str) -> None:
+    """Refuse (:class:`InvalidInput`) a new name that reads like an existing user's
+    (:func:`gateway.core.usernames.confusable_with`): the ledger names actors, and
+    its account of who did what must not be ambiguous (MOC item 8)."""
+    other = confusable_with(name, session.scalars(select(UserRecord.name)))
+    if other is not None:
+        raise InvalidInput(
+            f"user name {name!r} reads like the existing user {other!r} (digits for "
+            "letters, 'rn' for 'm', separators): the ledger names every actor, so choose "
+            "a name no reader can take for another"
+        )
 
 
 def _check_approver_role(name: str, role: str) -> None:
@@ -205,7 +221,8 @@ def add_user(
     :class:`Actor` (its token is checked, :func:`actor_holders`), else the user
     named ``created_by``. The creation is recorded in the ledger
     (:func:`record_user_added`) by the caller, which knows the acting user.
-    Raises :class:`InvalidInput` for a malformed or reserved name or role,
+    Raises :class:`InvalidInput` for a malformed or reserved name or role, or a name
+    that reads like an existing user's (``gateway.core.usernames``),
     :class:`AlreadyExists` for a taken name, :class:`NotFound` for an unknown
     issuer.
     """
@@ -215,6 +232,7 @@ def add_user(
         _check_approver_role(name, chosen.value)
     if session.scalar(select(UserRecord.id).where(UserRecord.name == name)) is not None:
         raise AlreadyExists(f"user {name!r} exists already")
+    _check_not_confusable(session, name)
     if by_host:
         holders = custody_after_issue(name, None)
     else:

@@ -216,3 +216,21 @@ def test_a_rotated_token_replaces_the_old_one_at_once(homes: tuple[Home, Home]) 
     assert issuers(jp)["tanaka"] == "tanaka"
     # whoever held the first token could have rotated it: the holders stay
     assert holders(jp)["tanaka"] == ["admin", "tanaka"]
+
+
+def test_a_name_that_reads_like_an_existing_users_is_refused(homes: tuple[Home, Home]) -> None:
+    """The ledger names every actor: 'bi1al' beside 'bilal' would make it ambiguous. Refused
+    through the API and on the host alike, and nothing is written."""
+    jp, _pk = homes
+    code, _added, err = client(jp, jp.token, "users", "add", "bilal", "--role", "officer")
+    assert code == 0, err
+    before = len(every_entry_text(jp).splitlines())
+    code, answer, _err = client(jp, jp.token, "users", "add", "bi1al", "--role", "officer")
+    assert code == 1
+    assert "reads like the existing user 'bilal'" in answer["error"]["message"]
+    code, _out, err = jp.run("users", "enrol", "b.ilal", "--role", "officer", "--json")
+    assert code == 1
+    assert "reads like the existing user 'bilal'" in err
+    listed = client(jp, jp.token, "users", "list")[1]
+    assert {u["name"] for u in listed} == {"admin", "bilal"}
+    assert len(every_entry_text(jp).splitlines()) == before
