@@ -42,6 +42,7 @@ disjoint). A token reissued after an approval does not undo it.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -61,6 +62,8 @@ __all__ = [
     "check_distinct",
     "custody_after_issue",
     "decide",
+    "holders_json",
+    "parse_holders",
     "shared_holders",
     "terms_hash",
 ]
@@ -148,6 +151,22 @@ def custody_after_issue(user: str, issuer_holders: Iterable[str] | None) -> froz
     enrol``): ``user`` alone. A rotation by the user keeps the holders as they were
     (the module docstring says why)."""
     return frozenset({user, *(issuer_holders or ())})
+
+
+def holders_json(holders: Iterable[str]) -> str:
+    """The stored form of a holder set (``users.token_holders``,
+    ``approval_vote.holders``): a sorted JSON list of names."""
+    return json.dumps(sorted(set(holders)))
+
+
+def parse_holders(text: str, owner: str) -> frozenset[str]:
+    """A holder set as :func:`holders_json` stored it, always with ``owner`` (the
+    user whose token it is) among them. Raises :class:`InvalidInput` for text that
+    is not a JSON list of names."""
+    found = json.loads(text or "[]")
+    if not isinstance(found, list) or not all(isinstance(h, str) for h in found):
+        raise InvalidInput(f"the stored token holders of {owner!r} are not a list of names")
+    return frozenset({owner, *found})
 
 
 def shared_holders(one: Approval, others: Iterable[Approval]) -> tuple[str, frozenset[str]] | None:

@@ -45,6 +45,8 @@ from gateway.core.approvals import (
     ProposalState,
     check_distinct,
     decide,
+    holders_json,
+    parse_holders,
     terms_hash,
 )
 from gateway.core.canonical import canonical_bytes
@@ -221,17 +223,10 @@ def _approvals(session: Session, action: str, votes: list[ApprovalVote]) -> list
                 authorised=user is not None
                 and user.role == wanted
                 and (user.approver or not capability),
-                holders=_vote_holders(vote),
+                holders=parse_holders(vote.holders, vote.approver),
             )
         )
     return found
-
-
-def _vote_holders(vote: ApprovalVote) -> frozenset[str]:
-    found = json.loads(vote.holders or "[]")
-    if not isinstance(found, list) or not all(isinstance(h, str) for h in found):
-        raise InvalidInput(f"the stored holders of {vote.approver}'s approval are not names")
-    return frozenset({vote.approver, *found})
 
 
 def _vote(session: Session, actor: Actor, row: ApprovalProposal, *, now: datetime) -> ApprovalVote:
@@ -244,7 +239,7 @@ def _vote(session: Session, actor: Actor, row: ApprovalProposal, *, now: datetim
         approver=actor.name,
         terms_hash=row.terms_hash,
         approved_at=now,
-        holders=json.dumps(sorted(held)),
+        holders=holders_json(held),
     )
 
 
@@ -381,26 +376,29 @@ def _check_capability(session: Session, actor: Actor, action: str) -> None:
 
 
 def _check_distinct(
-    session: Session, policy: Policy, row: ApprovalProposal, mine: ApprovalVote
-) -> None:
-    """Refuse (``approval.not-distinct``, 403) an approval of a k > 1 proposal that one
-    person could have given together with an approval that counts already
-    (:func:`gateway.core.approvals.check_distinct`)."""
-    votes = _votes(session, row.proposal_id)
+    session: Session,
+    policy: Policy,
+    row: ApprovalProposal,
+    votes: list[ApprovalVote],
+    mine: ApprovalVote,
+) -> list[Approval]:
+    """Refuse (``approval.not-distinct``, 403) an approval ``mine`` of a k > 1 proposal
+    that one person could have given together with one of the recorded ``votes``
+    that counts already (:func:`gateway.core.approvals.check_distinct`). Returns the
+    approvals as the rule sees them: the recorded ones, then ``mine``."""
+    k = _needed(policy, row)
+    existing = _approvals(session, row.action, votes)
+    (approval,) = _approvals(session, row.action, [mine])
     counted = decide(
-        k=_needed(policy, row),
+        k=k,
         terms=row.terms_hash,
-        approvals=_approvals(session, row.action, votes),
+        approvals=existing,
         expires_at=row.expires_at,
         now=mine.approved_at,
         proposer_enabled=True,
     ).counted
-    (approval,) = _approvals(session, row.action, [mine])
-    check_distinct(
-        k=_needed(policy, row),
-        approval=approval,
-        counted=[a for a in _approvals(session, row.action, votes) if a.approver in counted],
-    )
+    check_distinct(k=k, approval=approval, counted=[a for a in existing if a.approver in counted])
+    return [*existing, approval]
 
 
 def _check_pending(row: ApprovalProposal) -> None:
@@ -483,7 +481,6 @@ def _propose(
     The answer carries a ``warning`` when fewer users could ever approve the
     proposal than it needs."""
     _expire_due(session, now=now)
-    note_rules(session, policy, now=now)
     terms = {**terms, "nonce": secrets.token_hex(_NONCE_BYTES)}
     digest = terms_hash(terms)
     row = ApprovalProposal(
@@ -667,11 +664,7 @@ def approve(
                 reason="approval.already-approved",
             )
         mine = _vote(session, actor, row, now=now)
-        _check_distinct(session, policy, row, mine)
-        approvals = [
-            *_approvals(session, row.action, votes),
-            *_approvals(session, row.action, [mine]),
-        ]
+        approvals = _check_distinct(session, policy, row, votes, mine)
         decision = decide(
             k=_needed(policy, row),
             terms=row.terms_hash,
@@ -709,7 +702,7 @@ def approve(
         # Again under the lock, with who could hold the token now: a token reissued
         # since the first look can refuse this approval (docs/consent.md).
         late = _vote(session, actor, locked, now=now)
-        _check_distinct(session, policy, locked, late)
+        _check_distinct(session, policy, locked, again, late)
         session.add(late)
         session.flush()
         final = decide(
@@ -926,6 +919,7 @@ def propose_key_change(
             f"{action.removeprefix('keys-')}' on the host without a proposal"
         )
     with node.db.transaction() as session:
+        note_rules(session, policy, now=now)
         if action == "keys-revoke" and key_id is not None:
             # checked as the ceremony will check it, so a doomed proposal is never made
             own_keys.preview_revocation(

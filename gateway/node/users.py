@@ -8,7 +8,6 @@ One authorization layer serves the CLI and the local API alike:
 from __future__ import annotations
 
 import hmac
-import json
 import re
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,7 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gateway.core.approvals import custody_after_issue
+from gateway.core.approvals import custody_after_issue, holders_json, parse_holders
 from gateway.core.roles import HOST, SYSTEM, Actor, Role, authorize_role
 from gateway.core.tokens import IssuedToken, issue_token, parse_token, token_hash, token_matches
 from gateway.core.usernames import confusable_with
@@ -41,8 +40,6 @@ __all__ = [
     "reissue_token",
     "rotate_own_token",
     "set_approver",
-    "token_holders",
-    "token_issued_by",
 ]
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._@-]{0,63}$")
@@ -111,25 +108,6 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _holders_text(holders: frozenset[str]) -> str:
-    return json.dumps(sorted(holders))
-
-
-def _parse_holders(text: str, name: str) -> frozenset[str]:
-    """The stored holders of ``name``'s token, always with ``name`` among them."""
-    found = json.loads(text or "[]")
-    if not isinstance(found, list) or not all(isinstance(h, str) for h in found):
-        raise InvalidInput(f"the stored token holders of {name!r} are not a list of names")
-    return frozenset({name, *found})
-
-
-def token_holders(session: Session, name: str) -> frozenset[str] | None:
-    """Who could hold user ``name``'s current token (``name`` among them), from the
-    ``users`` row; ``None`` for an unknown user (docs/consent.md, "Token custody")."""
-    text = session.scalar(select(UserRecord.token_holders).where(UserRecord.name == name))
-    return None if text is None else _parse_holders(text, name)
-
-
 def actor_holders(session: Session, actor: Actor) -> frozenset[str]:
     """Who could hold the token ``actor`` acts with, read from ``actor``'s user row
     locked for this transaction (so a reissue or an enrolment of that user waits for
@@ -151,14 +129,7 @@ def actor_holders(session: Session, actor: Actor) -> frozenset[str]:
             "repeat it with the new token",
             reason="access.token",
         )
-    return _parse_holders(user.token_holders, user.name)
-
-
-def _issuer_holders(session: Session, issuer: Actor) -> frozenset[str]:
-    """The holders a token ``issuer`` issues inherits: ``issuer``'s own, from its
-    locked row (:func:`actor_holders`). The host operator issues with
-    ``by_host`` instead, never through a name."""
-    return actor_holders(session, issuer)
+    return parse_holders(user.token_holders, user.name)
 
 
 def _role(role: str) -> Role:
@@ -237,7 +208,7 @@ def add_user(
         holders = custody_after_issue(name, None)
     else:
         by = issuer if issuer is not None else Actor(name=created_by, role=None)
-        holders = custody_after_issue(name, _issuer_holders(session, by))
+        holders = custody_after_issue(name, actor_holders(session, by))
     token = issue_token()
     session.add(
         UserRecord(
@@ -249,7 +220,7 @@ def add_user(
             created_by=created_by,
             token_issued_at=now,
             token_issued_by=created_by,
-            token_holders=_holders_text(holders),
+            token_holders=holders_json(holders),
             approver=approver,
         )
     )
@@ -284,7 +255,7 @@ def _replace_token(
     user.token_hash = token.digest
     user.token_issued_at = now
     user.token_issued_by = issued_by
-    user.token_holders = _holders_text(holders)
+    user.token_holders = holders_json(holders)
     return token
 
 
@@ -299,7 +270,7 @@ def reissue_token(session: Session, name: str, *, now: datetime, by: Actor) -> I
     :class:`NotFound` for an unknown user.
     """
     user = _get(session, name)
-    holders = custody_after_issue(name, _issuer_holders(session, by))
+    holders = custody_after_issue(name, actor_holders(session, by))
     token = _replace_token(user, now=now, issued_by=by.name, holders=holders)
     ledger.record_event(
         session, kind="token-reissued", actor=by, now=now, body={"user": name, "by": by.name}
@@ -324,7 +295,7 @@ def rotate_own_token(session: Session, actor: Actor, *, now: datetime) -> Issued
     user = _get(session, actor.name)
     if user.disabled_at is not None:
         raise AccessDenied(f"user {actor.name!r} is disabled", reason="access.disabled")
-    holders = _parse_holders(user.token_holders, user.name)
+    holders = parse_holders(user.token_holders, user.name)
     token = _replace_token(user, now=now, issued_by=actor.name, holders=holders)
     ledger.record_event(
         session, kind="token-rotated", actor=actor, now=now, body={"user": actor.name}
@@ -433,11 +404,6 @@ def set_approver(session: Session, name: str, on: bool, *, now: datetime, by: Ac
     return True
 
 
-def token_issued_by(session: Session, name: str) -> str | None:
-    """Who issued user ``name``'s current token; ``None`` for an unknown user."""
-    return session.scalar(select(UserRecord.token_issued_by).where(UserRecord.name == name))
-
-
 def is_approver(session: Session, name: str) -> bool:
     """True when ``name`` is an enabled officer holding the approver capability."""
     user = session.scalar(select(UserRecord).where(UserRecord.name == name))
@@ -460,7 +426,7 @@ def list_users(session: Session) -> list[UserView]:
             disabled=row.disabled_at is not None,
             approver=row.approver,
             token_issued_by=row.token_issued_by,
-            token_holders=tuple(sorted(_parse_holders(row.token_holders, row.name))),
+            token_holders=tuple(sorted(parse_holders(row.token_holders, row.name))),
         )
         for row in rows
     ]
