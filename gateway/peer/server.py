@@ -580,9 +580,15 @@ async def _health(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def _spool_file(directory: Path, index: int) -> tuple[Path, Any]:
+def _spool_fd(directory: Path, index: int) -> tuple[Path, int]:
+    """A new spool file for the ``index``-th envelope of a body (0600, never an existing
+    one) and its descriptor, open for writing."""
     path = directory / f"envelope-{index:04d}"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+
+def _spool_file(directory: Path, index: int) -> tuple[Path, Any]:
+    path, fd = _spool_fd(directory, index)
     return path, os.fdopen(fd, "wb")
 
 
@@ -688,8 +694,8 @@ async def _spool_lone(
 ) -> SpooledEnvelope:
     """The body of ``application/vnd.ssw-gateway.envelope``: one envelope, spooled
     while it is hashed twice (signed digest, ciphertext) in worker threads."""
-    path = directory / "envelope-0000"
-    spool = _LoneSpool(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), digest)
+    path, fd = _spool_fd(directory, 0)
+    spool = _LoneSpool(fd, digest)
     try:
         size = 0
         group: list[bytes] = []
