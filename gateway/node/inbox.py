@@ -26,7 +26,7 @@ import os
 import secrets
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -236,7 +236,7 @@ def _replaced_entry(session: Session, facts: EnvelopeFacts) -> InboxEntry | None
 
 def _record_equivocation(
     session: Session,
-    existing: InboxEntry,
+    existing: InboxEntry | _FreshRow,
     facts: EnvelopeFacts,
     sha: str,
     now: datetime,
@@ -656,6 +656,10 @@ class SpooledEnvelope:
     size: int | None = None
     ciphertext: KnownCiphertext | None = None
     synced: bool = False
+    body: bytes | None = None
+    """The envelope's bytes, when the spool kept a small envelope in memory: then
+    no file exists at ``path`` (it is written there only if the envelope has to
+    become a file of the store), and ``sha256`` and ``size`` must be given."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -739,13 +743,37 @@ def _write_gaps(session: Session, channel: str, gaps: _ChannelGaps) -> None:
     )
 
 
-def _spooled(item: SpooledEnvelope | Path) -> tuple[Path, str, int]:
+def _spooled(item: SpooledEnvelope | Path) -> SpooledEnvelope:
     if isinstance(item, Path):
         item = SpooledEnvelope(item)
+    if item.body is not None:
+        if item.sha256 is None or item.size != len(item.body):
+            raise ValueError("an envelope spooled in memory needs its SHA-256 and size")
+        return item
     if item.sha256 is None or item.size is None:
         sha, size = _hash_file(item.path)
-        return item.path, sha, size
-    return item.path, item.sha256, item.size
+        return SpooledEnvelope(item.path, sha, size, item.ciphertext, item.synced)
+    return item
+
+
+def write_spooled_envelope(path: Path, body: bytes) -> None:
+    """Write an envelope the spool kept in memory (:attr:`SpooledEnvelope.body`) to its
+    spool path, a new 0600 file, for a handler that needs it as a file."""
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
+        handle.write(body)
+
+
+@dataclass
+class PreparedBatch:
+    """A batch of envelopes checked and their files stored, not yet recorded:
+    what :func:`prepare_batch` hands to :func:`commit_batch`.
+
+    Nothing of it is visible to anyone before the commit: its files are in the
+    envelope store under their hashes, which no row names yet."""
+
+    outcomes: list[ReceiveOutcome | None]
+    accepted: list[_Accepted]
+    copies: dict[int, int]
 
 
 def receive_batch(
@@ -758,8 +786,10 @@ def receive_batch(
 ) -> list[ReceiveOutcome]:
     """Check, store and receipt the envelopes of one request; one outcome each, in order.
 
-    What the peer server's ``POST /v1/envelopes`` calls (in one worker thread)
-    for the whole request, and what any other way of receiving must call:
+    What the peer server's ``POST /v1/envelopes`` runs for each request (as
+    its two halves, :func:`prepare_batch` then :func:`commit_batch`, so that
+    one request is verified while the one before it commits), and what any
+    other way of receiving must call:
 
     1. one short read: receipts already stored for these SHA-256s (replays
        are answered with the stored receipt, byte for byte, before any
@@ -770,8 +800,8 @@ def receive_batch(
     3. the verified files enter the envelope store, synced
        (:func:`~gateway.store.models_exchange.adopt_envelope_files`), except
        envelopes of at most ``[database] inline_envelope_max_bytes``: those are
-       read once (verified from memory) and kept in their inbox row, with no
-       file, link or fsync of their own;
+       verified from memory and kept in their inbox row, with no file, link or
+       fsync of their own;
     4. ONE transaction for the batch: the ledger lock taken once, reply
        targets, idempotency on (sender, bundle id, envelope hash),
        equivocation evidence, signed receipts (naming the latest checkpoint,
@@ -785,6 +815,7 @@ def receive_batch(
        only when the batch brought one; the receipts stand whatever happens
        there (it runs again before the next consent decision).
 
+    Steps 1 to 3 are :func:`prepare_batch`, 4 and 5 :func:`commit_batch`.
     A crash between any two steps loses nothing and doubles nothing: before
     the commit nothing names the stored files (the sender resends, the same
     bytes are verified again); after it, a resend is a replay. Crash points:
@@ -799,18 +830,34 @@ def receive_batch(
     (:class:`~gateway.node.verify_pool.VerifyWorkerFailed`): nothing of the
     batch is stored; every envelope may be retried. Source of the rules: docs/sync.md, SPEC §6 and §9.
     """
+    prepared = prepare_batch(ctx, envelopes, now=now, verify_pool=verify_pool)
+    return commit_batch(ctx, prepared, now=now, dispatch=dispatch)
+
+
+def prepare_batch(
+    ctx: NodeContext,
+    envelopes: Sequence[SpooledEnvelope | Path],
+    *,
+    now: datetime,
+    verify_pool: VerifyPool | None = None,
+) -> PreparedBatch:
+    """Steps 1 to 3 of :func:`receive_batch`: replays, verification at ``now``, the
+    verified files synced into the envelope store. Records nothing.
+
+    Safe to run while an earlier batch of the same peer commits: a bundle that
+    batch stores is found again under the ledger lock by :func:`commit_batch`
+    (a replay there, or equivocation), so the order of the commits alone
+    decides. Raises as :func:`receive_batch`; nothing is recorded then.
+    """
 
     node, keyring = ctx.node, ctx.keyring
     items = [_spooled(item) for item in envelopes]
-    spooled = [item for item in envelopes if isinstance(item, SpooledEnvelope)]
-    known = {item.path: item.ciphertext for item in spooled if item.ciphertext is not None}
-    synced = {item.path for item in spooled if item.synced}
     outcomes: list[ReceiveOutcome | None] = [None] * len(items)
     if not items:
-        return []
+        return PreparedBatch(outcomes, [], {})
     policy = ctx.policy
     inline_max = node.settings.database.inline_envelope_max_bytes
-    shas = sorted({sha for _, sha, _ in items})
+    shas = sorted({item.sha256 for item in items if item.sha256 is not None})
     with node.db.transaction() as session:
         replays = {
             str(sha): bytes(receipt)
@@ -821,19 +868,13 @@ def receive_batch(
             )
         }
         peer = pinned_peer_manifest(session)
-    accepted: list[_Accepted] = []
     first_of: dict[str, int] = {}
     copies: dict[int, int] = {}
-    # The files' data syncs run while the envelopes are verified (disk beside CPU);
-    # storing them below then finds nothing left to write.
-    # Envelopes kept inline are never files of the store: nothing of theirs to sync.
-    syncing = [
-        _SYNC_POOL.submit(_sync_quietly, path)
-        for path, sha, size in items
-        if sha not in replays and peer is not None and size > inline_max and path not in synced
-    ]
-    pending: list[tuple[int, Path, str, int]] = []
-    for index, (path, sha, size) in enumerate(items):
+    pending: list[tuple[int, SpooledEnvelope]] = []
+    for index, item in enumerate(items):
+        sha = item.sha256
+        assert sha is not None
+        assert item.size is not None
         if sha in replays:
             _log.info("envelope_replayed", envelope_sha256=sha)
             outcomes[index] = ReceiveOutcome(receipt=replays[sha], replayed=True)
@@ -849,10 +890,24 @@ def receive_batch(
                 )
             )
             continue
-        pending.append((index, path, sha, size))
+        if item.body is not None and item.size > inline_max:
+            # Kept in memory by the spool but too large to live in its row: a file.
+            write_spooled_envelope(item.path, item.body)
+            pending.append((index, replace(item, body=None)))
+            continue
+        pending.append((index, item))
+    # The files' data syncs run while the envelopes are verified (disk beside CPU);
+    # storing them below then finds nothing left to write.
+    # Envelopes kept inline are never files of the store: nothing of theirs to sync.
+    syncing = [
+        _SYNC_POOL.submit(_sync_quietly, item.path)
+        for _, item in pending
+        if item.size is not None and item.size > inline_max and not item.synced
+    ]
+    accepted: list[_Accepted] = []
     if peer is not None and pending:
         accepted = _verify_pending(
-            node, keyring, policy, pending, outcomes, peer, inline_max, now, verify_pool, known
+            node, keyring, policy, pending, outcomes, peer, inline_max, now, verify_pool
         )
     accepted = _check_replies(node, accepted, outcomes)
     for future in syncing:
@@ -862,22 +917,41 @@ def receive_batch(
     if files:
         adopt_envelope_files(node.settings.blob_dir, files)
     crash_point("after-batch-adopt")
+    return PreparedBatch(outcomes, accepted, copies)
+
+
+def commit_batch(
+    ctx: NodeContext, prepared: PreparedBatch, *, now: datetime, dispatch: bool = True
+) -> list[ReceiveOutcome]:
+    """Steps 4 and 5 of :func:`receive_batch`: record a prepared batch in one
+    transaction (receipts and ledger entries dated ``now``); one outcome per
+    envelope, in order. Batches of one peer must commit in the order they
+    were sent. Raises as :func:`receive_batch`; nothing is recorded then."""
+
+    node, keyring = ctx.node, ctx.keyring
+    outcomes = list(prepared.outcomes)
     stored: list[_Accepted] = []
     for attempt in range(2):
         try:
-            stored = _commit_batch(node, keyring, accepted, outcomes, now=now)
+            stored = _commit_batch(node, keyring, prepared.accepted, outcomes, now=now)
             break
         except IntegrityError:
             # A concurrent receive of one of these bundle ids committed first (SQLite
             # only serialises at BEGIN): the second pass finds its rows.
             if attempt:
                 raise
-    if accepted:
+    if prepared.accepted:
         crash_point("after-inbox-commit")
-    for index, first in copies.items():
+    for index, first in prepared.copies.items():
         outcomes[index] = outcomes[first]
-    for entry in stored:
-        _log.info("envelope_received", sender=entry.facts.sender, bundle_id=entry.facts.bundle_id)
+    if stored:
+        # One line per batch; each bundle is named by its ledger entry too.
+        _log.info(
+            "envelopes_received",
+            sender=stored[0].facts.sender,
+            count=len(stored),
+            bundle_ids=[entry.facts.bundle_id for entry in stored],
+        )
     if dispatch and any(entry.facts.case_type in PROTOCOL_TYPES for entry in stored):
         _dispatch_protocol_bundles(ctx, now=now)
     return [outcome if outcome is not None else _lost() for outcome in outcomes]
@@ -887,13 +961,12 @@ def _verify_pending(
     node: Node,
     keyring: NodeKeyring,
     policy: Policy,
-    pending: Sequence[tuple[int, Path, str, int]],
+    pending: Sequence[tuple[int, SpooledEnvelope]],
     outcomes: list[ReceiveOutcome | None],
     peer: KeyManifest,
     inline_max: int,
     now: datetime,
     pool: VerifyPool | None,
-    known: dict[Path, KnownCiphertext] | None = None,
 ) -> list[_Accepted]:
     """Step 2 of :func:`receive_batch`: verify each new envelope, in order.
 
@@ -901,18 +974,24 @@ def _verify_pending(
     the public checks run in the pool and the content key is opened here
     afterwards (:func:`~gateway.core.envelope.check_content_key`); otherwise
     :func:`~gateway.core.envelope.verify_envelope` runs here. Both run the same
-    checks in the same order, so the answers are the same. ``known``: ciphertext
-    hashes taken while files were spooled, by path (their ciphertext is not read
-    again). Raises :class:`~gateway.node.verify_pool.VerifyWorkerFailed` if a
-    worker died.
+    checks in the same order, so the answers are the same. A file whose
+    ciphertext hash was taken while it was spooled (``ciphertext``) is not read
+    again past its header. Envelopes of at most ``inline_max`` bytes are
+    verified from memory (read once, or as the spool kept them). Raises
+    :class:`~gateway.node.verify_pool.VerifyWorkerFailed` if a worker died.
     """
-    bodies = [path.read_bytes() if size <= inline_max else None for _, path, _, size in pending]
+    bodies = [
+        item.body
+        if item.body is not None
+        else (item.path.read_bytes() if (item.size or 0) <= inline_max else None)
+        for _, item in pending
+    ]
     pooled: list[VerifyResult] | None = None
     if pool is not None and pool.worth_it(len(pending)):
         pooled = pool.verify(
             [
-                body if body is not None else path
-                for body, (_, path, _, _) in zip(bodies, pending, strict=True)
+                body if body is not None else item.path
+                for body, (_, item) in zip(bodies, pending, strict=True)
             ],
             node=keyring.node,
             held_key_ids=frozenset(keyring.encryption_keys),
@@ -921,8 +1000,9 @@ def _verify_pending(
             now=now,
         )
     accepted: list[_Accepted] = []
-    for position, (index, path, sha, size) in enumerate(pending):
+    for position, (index, item) in enumerate(pending):
         body = bodies[position]
+        path, sha, size = item.path, item.sha256 or "", item.size or 0
         try:
             if pooled is not None:
                 result = pooled[position]
@@ -938,7 +1018,7 @@ def _verify_pending(
                         peer_manifest=peer,
                         policy=policy,
                         now=now,
-                        known=(known or {}).get(path) if body is None else None,
+                        known=item.ciphertext if body is None else None,
                     )
             if header.recipient != keyring.node or header.recipient != node.node_id:
                 raise WrongRecipient(
@@ -1027,12 +1107,12 @@ def _commit_batch(
     with node.db.transaction() as session, session.no_autoflush:
         ledger.lock_for_append(session)  # serialises receivers: one lock for the batch
         ids = sorted({a.facts.bundle_id for a in accepted})
-        known: dict[tuple[str, str], InboxEntry] = {
+        known: dict[tuple[str, str], InboxEntry | _FreshRow] = {
             (row.sender, row.bundle_id): row
             for row in session.scalars(select(InboxEntry).where(InboxEntry.bundle_id.in_(ids)))
         }
         channels: dict[str, _ChannelGaps] = {}
-        fresh: list[InboxEntry] = []
+        fresh: list[_FreshRow] = []
         events: list[ledger.Event] = []
         checkpoint: list[Checkpoint | None] = []
         for item in accepted:
@@ -1045,6 +1125,8 @@ def _commit_batch(
                 if item.body is not None:
                     # Evidence is a whole envelope in the store: written and synced
                     # before the row naming it commits.
+                    if not item.path.exists():
+                        write_spooled_envelope(item.path, item.body)  # the spool kept it in memory
                     adopt_envelope_file(node.settings.blob_dir, item.path, item.sha)
                 record = _record_equivocation(session, prior, facts, item.sha, now, events)
                 evidence.append((item, record))
@@ -1084,7 +1166,7 @@ def _commit_batch(
                 sender=facts.sender,
                 checkpoint=checkpoint[0],
             )
-            entry = InboxEntry(
+            entry = _FreshRow(
                 sender=facts.sender,
                 bundle_id=facts.bundle_id,
                 channel=channel,
@@ -1100,6 +1182,7 @@ def _commit_batch(
                 envelope_body=item.body,
                 receipt=receipt,
                 replaces=facts.replaces,
+                replaced_by=None,
             )
             known[(facts.sender, facts.bundle_id)] = entry
             fresh.append(entry)
@@ -1110,7 +1193,7 @@ def _commit_batch(
         if fresh:
             # One multi-row insert; the rows were never added to the session (a flush
             # would insert them one at a time on SQLite, to learn each row's id).
-            session.execute(insert(InboxEntry), [_inbox_row(entry) for entry in fresh])
+            session.execute(insert(InboxEntry), fresh)
         # Every entry of the batch in one append: one head read, one write.
         ledger.append_entries(session, events)
         session.flush()
@@ -1133,34 +1216,28 @@ def _commit_batch(
     return stored
 
 
-_INBOX_COLUMNS = (
-    "sender",
-    "bundle_id",
-    "channel",
-    "sequence",
-    "case_type",
-    "marking",
-    "reply_to",
-    "signing_key_id",
-    "created_at",
-    "received_at",
-    "envelope_sha256",
-    "envelope_size",
-    "envelope_body",
-    "receipt",
-    "replaces",
-    "replaced_by",
-)
+class _FreshRow(dict[str, Any]):
+    """A new inbox row of the batch being committed: the values its multi-row insert
+    takes, read (and, for ``replaced_by``, written) like a stored
+    :class:`InboxEntry`. Cheaper than a mapped object, which the insert never needs."""
 
+    id = None
 
-def _inbox_row(entry: InboxEntry) -> dict[str, Any]:
-    """A new inbox row's values, as the batch's multi-row insert takes them."""
-    return {name: getattr(entry, name) for name in _INBOX_COLUMNS}
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name not in self:
+            raise AttributeError(name)
+        self[name] = value
 
 
 def _replaced_in_batch(
-    session: Session, known: dict[tuple[str, str], InboxEntry], facts: EnvelopeFacts
-) -> InboxEntry | None:
+    session: Session, known: dict[tuple[str, str], InboxEntry | _FreshRow], facts: EnvelopeFacts
+) -> InboxEntry | _FreshRow | None:
     """:func:`_replaced_entry`, also finding an original stored earlier in the same batch."""
     if facts.replaces is None:
         return None

@@ -679,7 +679,7 @@ async def take_peer_results(
     The pull route (``POST /v1/pull/receipts``) calls it."""
     report = DeliveryReport()
     manifest = await asyncio.to_thread(_pinned_peer, node)
-    await _take_results(node, batch, results, manifest, report, now_fn=now_fn)
+    await asyncio.to_thread(_take_results, node, batch, results, manifest, report, now=now_fn())
     return report
 
 
@@ -837,7 +837,9 @@ async def deliver_pending(
         manifest = await asyncio.to_thread(peer_manifest, node)
         fetched = 0
         exhausted = False
-        while True:
+
+        async def fill() -> None:
+            nonlocal fetched, exhausted
             while not exhausted and len(in_flight) < max(1, pipeline):
                 batch = await asyncio.to_thread(
                     _next_batch,
@@ -848,18 +850,26 @@ async def deliver_pending(
                 )
                 if not batch:
                     exhausted = True
-                    break
+                    return
                 fetched = batch[-1].id
                 node.metrics.envelopes_sent.inc(len(batch))
                 paths = [item.path for item in batch]
                 in_flight.append((batch, asyncio.ensure_future(client.post_envelopes(paths))))
+
+        while True:
+            await fill()
             if not in_flight:
                 break
             batch, posted = in_flight.popleft()
             results = await posted
             answered = True
+            # The next batch goes out before this one's receipts are checked and
+            # stored, so the peer always has work while this side writes.
+            await fill()
+            await asyncio.to_thread(
+                _take_results, node, batch, results, manifest, report, now=now_fn()
+            )
             after = batch[-1].id
-            await _take_results(node, batch, results, manifest, report, now_fn=now_fn)
             if progress is not None:
                 progress(report)
     except GatewayError as exc:
@@ -907,16 +917,17 @@ async def _abandon(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _take_results(
+def _take_results(
     node: Node,
     batch: list[_Pending],
     results: Sequence[EnvelopeOutcome],
     manifest: ReceiptVerifyKeys,
     report: DeliveryReport,
     *,
-    now_fn: Callable[[], datetime],
+    now: datetime,
 ) -> None:
-    """Verify the receipts of one batch and store every bundle's outcome."""
+    """Verify the receipts of one batch and store every bundle's outcome (in a worker
+    thread: the signature checks and the commit stay off the event loop)."""
     crash_point("after-send")
     metrics = node.metrics
     delivered: list[tuple[_Pending, bytes]] = []
@@ -950,7 +961,7 @@ async def _take_results(
                 report.retry_later[item.bundle_id] = why
                 metrics.delivery_failed("retry", result.reason)
     crash_point("before-receipt-store")
-    await asyncio.to_thread(_store_outcomes, node, delivered, failed, now=now_fn())
+    _store_outcomes(node, delivered, failed, now=now)
 
 
 async def run_sender_loop(

@@ -40,7 +40,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
@@ -77,7 +77,16 @@ from gateway.errors import (
 from gateway.metrics import NodeMetrics
 from gateway.node.consent.receive import apply_pending
 from gateway.node.context import NodeContext
-from gateway.node.inbox import ReceiveOutcome, SpooledEnvelope, receive_batch, receive_envelope
+from gateway.node.inbox import (
+    PreparedBatch,
+    ReceiveOutcome,
+    SpooledEnvelope,
+    commit_batch,
+    prepare_batch,
+    receive_batch,
+    receive_envelope,
+    write_spooled_envelope,
+)
 from gateway.node.peer_trust import (
     PeerNotPinned,
     apply_peer_manifest,
@@ -104,6 +113,7 @@ __all__ = [
     "PING_PATH",
     "TRANSPORT_LIMITS",
     "BatchHandler",
+    "BatchPhases",
     "EnvelopeHandler",
     "ManifestHandler",
     "ManifestPreview",
@@ -188,6 +198,17 @@ class BatchHandler(Protocol):
     ) -> Sequence[ReceiveOutcome]: ...
 
 
+@dataclass(frozen=True)
+class BatchPhases:
+    """A batch handler in two halves (:func:`gateway.node.inbox.prepare_batch` and
+    :func:`gateway.node.inbox.commit_batch`), so that one request is verified while
+    the request before it commits. Each runs in a worker thread; an exception from
+    either answers every envelope of the request as a retryable error."""
+
+    prepare: Callable[[Sequence[SpooledEnvelope], datetime], PreparedBatch]
+    commit: Callable[[PreparedBatch, datetime], Sequence[ReceiveOutcome]]
+
+
 class ManifestHandler(Protocol):
     """Verifies the peer's new manifest against the pinned one and pins it.
 
@@ -229,6 +250,10 @@ class PeerServices:
     receive_batch: BatchHandler | None = None
     """When set, a request's envelopes are received in one call (:func:`gateway.node.inbox.receive_batch`);
     else one :attr:`receive_envelope` call each."""
+    receive_phases: BatchPhases | None = None
+    """When set (the node's server), a request's envelopes are received in two calls:
+    ``prepare`` as soon as the body is spooled, ``commit`` once every earlier request
+    has committed; it takes precedence over :attr:`receive_batch`."""
 
 
 def database_nonce_recorder(
@@ -580,10 +605,22 @@ async def _health(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+_MEMORY_ENVELOPE: Final = 64 * 1024
+"""An envelope of a batch body up to this size is kept in memory, not spooled to a file
+(the size an envelope may have to be kept inline in its inbox row by default)."""
+_MEMORY_BUDGET: Final = 16 << 20
+"""Bytes of one request's envelopes kept in memory at most; the rest go to files."""
+
+
+def _spool_path(directory: Path, index: int) -> Path:
+    """Where the ``index``-th envelope of a request's body is spooled."""
+    return directory / f"envelope-{index:04d}"
+
+
 def _spool_fd(directory: Path, index: int) -> tuple[Path, int]:
     """A new spool file for the ``index``-th envelope of a body (0600, never an existing
     one) and its descriptor, open for writing."""
-    path = directory / f"envelope-{index:04d}"
+    path = _spool_path(directory, index)
     return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
 
 
@@ -751,6 +788,7 @@ async def _spool_envelopes(
                 "limit.batch",
                 f"batch of {count} envelopes exceeds {limits.max_batch_envelopes}",
             )
+        in_memory = 0
         for index in range(count):
             (length,) = struct.unpack(
                 ">Q", await _read_exactly(request, 8, limits, deadline, digest)
@@ -764,6 +802,20 @@ async def _spool_envelopes(
                 )
             if digest.size + length > limits.max_body_bytes:
                 raise _Refusal("limit.body", f"body exceeds {limits.max_body_bytes} bytes")
+            if length <= _MEMORY_ENVELOPE and in_memory + length <= _MEMORY_BUDGET:
+                # A small envelope stays in memory: no spool file to write, read back
+                # and remove (its path is where it is written if it must be a file).
+                body = await _read_exactly(request, length, limits, deadline, digest)
+                in_memory += length
+                paths.append(
+                    SpooledEnvelope(
+                        _spool_path(directory, index),
+                        hashlib.sha256(body).hexdigest(),
+                        length,
+                        body=body,
+                    )
+                )
+                continue
             path, handle = _spool_file(directory, index)
             own = hashlib.sha256()
             with handle:
@@ -839,15 +891,49 @@ def _refused_or_failed(index: int, exc: BaseException) -> dict[str, Any]:
     }
 
 
+_T = TypeVar("_T")
+
+
+class _Failed:
+    """The answers of a request whose batch handler raised: every envelope retryable."""
+
+    def __init__(self, count: int, exc: BaseException) -> None:
+        self.results = [_refused_or_failed(index, exc) for index in range(count)]
+
+
+def _guarded(count: int, work: Callable[[], _T]) -> _T | _Failed:
+    """``work()``, or, if it raises, the retryable answers of the ``count`` envelopes."""
+    try:
+        return work()
+    except Exception as exc:  # noqa: BLE001 - a failed batch is answered per envelope, retryable
+        return _Failed(count, exc)
+
+
 def _receive_all(
     services: PeerServices, receive: BatchHandler, spooled: list[SpooledEnvelope]
 ) -> list[dict[str, Any]]:
     """The whole request in one call of the node's batch handler (one thread hop)."""
-    try:
-        outcomes = receive(spooled, now=services.clock())
-    except Exception as exc:  # noqa: BLE001 - a failed batch is answered per envelope, retryable
-        return [_refused_or_failed(index, exc) for index in range(len(spooled))]
-    if len(outcomes) != len(spooled):
+    outcomes = _guarded(len(spooled), lambda: receive(spooled, now=services.clock()))
+    return outcomes.results if isinstance(outcomes, _Failed) else _results(outcomes, len(spooled))
+
+
+def _prepare_all(
+    services: PeerServices, phases: BatchPhases, spooled: list[SpooledEnvelope]
+) -> PreparedBatch | _Failed:
+    """The first half of a request (verification, files stored)."""
+    return _guarded(len(spooled), lambda: phases.prepare(spooled, services.clock()))
+
+
+def _commit_all(
+    services: PeerServices, phases: BatchPhases, prepared: PreparedBatch, count: int
+) -> list[dict[str, Any]]:
+    """The second half of a request, in its turn: one transaction, the answers."""
+    outcomes = _guarded(count, lambda: phases.commit(prepared, services.clock()))
+    return outcomes.results if isinstance(outcomes, _Failed) else _results(outcomes, count)
+
+
+def _results(outcomes: Sequence[ReceiveOutcome], count: int) -> list[dict[str, Any]]:
+    if len(outcomes) != count:
         raise RuntimeError("the batch handler answered a different number of envelopes")
     results: list[dict[str, Any]] = []
     for index, outcome in enumerate(outcomes):
@@ -894,14 +980,29 @@ async def _post_envelopes(request: web.Request) -> web.Response:
     directory = Path(tempfile.mkdtemp(prefix="req-", dir=services.spool_dir))
     try:
         spooled = await _spool_envelopes(request, directory, limits)
-        if previous is not None:
-            await asyncio.shield(previous)
-        batch = services.receive_batch
-        if batch is not None:
+        phases, batch = services.receive_phases, services.receive_batch
+        if phases is not None:
+            # Verified while the request before it commits; committed in its turn.
+            prepared = await asyncio.to_thread(_prepare_all, services, phases, spooled)
+            if previous is not None:
+                await asyncio.shield(previous)
+            if isinstance(prepared, _Failed):
+                results = prepared.results
+            else:
+                results = await asyncio.to_thread(
+                    _commit_all, services, phases, prepared, len(spooled)
+                )
+        elif batch is not None:
+            if previous is not None:
+                await asyncio.shield(previous)
             results = await asyncio.to_thread(_receive_all, services, batch, spooled)
         else:
+            if previous is not None:
+                await asyncio.shield(previous)
             results = []
             for index, item in enumerate(spooled):
+                if item.body is not None:  # kept in memory: this handler takes files
+                    await asyncio.to_thread(write_spooled_envelope, item.path, item.body)
                 results.append(await asyncio.to_thread(receive_one, services, item.path, index))
     finally:
         if not mine.done():
@@ -1173,14 +1274,15 @@ def node_services(
         envelopes: Sequence[SpooledEnvelope], *, now: datetime
     ) -> Sequence[ReceiveOutcome]:
         outcomes = receive_batch(ctx, envelopes, now=now, verify_pool=verify_pool)
-        for outcome in outcomes:
-            error = outcome.error
-            if error is None:
-                node.metrics.envelopes_received.inc()
-            elif isinstance(error, VerificationError):
-                node.metrics.envelope_refused(error.check)
-            else:
-                node.metrics.envelope_refused(error.reason)
+        _count_outcomes(node, outcomes)
+        return outcomes
+
+    def prepare(envelopes: Sequence[SpooledEnvelope], now: datetime) -> PreparedBatch:
+        return prepare_batch(ctx, envelopes, now=now, verify_pool=verify_pool)
+
+    def commit(prepared: PreparedBatch, now: datetime) -> Sequence[ReceiveOutcome]:
+        outcomes = commit_batch(ctx, prepared, now=now)
+        _count_outcomes(node, outcomes)
         return outcomes
 
     def preview(raw: bytes, *, now: datetime) -> KeyLookup:
@@ -1206,11 +1308,23 @@ def node_services(
         remember_nonce=database_nonce_recorder(node.db, skew=skew),
         receive_envelope=receive,
         receive_batch=receive_many,
+        receive_phases=BatchPhases(prepare, commit),
         apply_manifest=apply,
         preview_manifest=preview,
         pinned_peer_version=pinned_version,
         modes=Modes(node.settings.server.peer_mode, node.settings.server.peer_delivery),
     )
+
+
+def _count_outcomes(node: Node, outcomes: Sequence[ReceiveOutcome]) -> None:
+    for outcome in outcomes:
+        error = outcome.error
+        if error is None:
+            node.metrics.envelopes_received.inc()
+        elif isinstance(error, VerificationError):
+            node.metrics.envelope_refused(error.check)
+        else:
+            node.metrics.envelope_refused(error.reason)
 
 
 NODE: Final[web.AppKey[Node]] = web.AppKey("node")

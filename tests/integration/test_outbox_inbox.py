@@ -1123,3 +1123,107 @@ def _first_draw(first: bytes) -> Callable[[int], bytes]:
         return os.urandom(size)
 
     return draw
+
+
+def _equivocating_copy(pair: Pair, first: Any, out: Path) -> Path:
+    """A second, validly signed envelope under ``first``'s bundle id and sequence."""
+    from gateway.node.policy import load_policy  # noqa: PLC0415
+
+    with out.open("wb") as handle:
+        seal(
+            handle,
+            case_type="exam-fraud",
+            case=example("exam-fraud"),
+            keyring=pair.jp.keyring,
+            peer_manifest=pair.pk.keyring.manifest,
+            policy=load_policy(pair.jp.node.settings),
+            sequence=first.sequence,
+            now=NOW,
+            random=_first_draw(uuid.UUID(first.bundle_id).bytes),
+        )
+    return out
+
+
+def test_a_batch_verified_while_an_earlier_one_commits_is_decided_by_the_commit_order(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """The server verifies a request while the one before it commits: a bundle both
+    carry is answered as a replay of the first, and a different envelope under an id the
+    first stores is equivocation, exactly as if the second had come after the first."""
+    from gateway.node.inbox import commit_batch, prepare_batch  # noqa: PLC0415
+
+    ctx = NodeContext(pair.pk.node, pair.pk.keyring)
+    sent = [send(pair.jp) for _ in range(3)]
+    paths = [stored_envelope(pair.jp, s.bundle_id) for s in sent]
+    other = _equivocating_copy(pair, sent[0], tmp_path / "other")
+    earlier = prepare_batch(ctx, [paths[0], paths[1]], now=NOW)
+    later = prepare_batch(ctx, [paths[1], other, paths[2]], now=NOW)
+    assert count(pair.pk, InboxEntry) == 0  # prepared batches record nothing
+    first = commit_batch(ctx, earlier, now=NOW)
+    second = commit_batch(ctx, later, now=NOW)
+    assert all(o.receipt is not None and not o.replayed for o in first)
+    assert second[0].replayed
+    assert second[0].receipt == first[1].receipt
+    assert isinstance(second[1].error, EquivocationRefused)
+    assert second[2].receipt is not None
+    assert not second[2].replayed
+    assert {r.bundle_id for r in list_inbox(pair.pk.node)} == {s.bundle_id for s in sent}
+    assert count(pair.pk, Equivocation) == 1
+    assert ledger_kinds(pair.pk).count("bundle-received") == 3
+    with pair.pk.node.db.transaction() as session:
+        report = ledger_verify.verify_ledger(session)
+    assert report.ok, report.problem
+
+
+@pytest.mark.parametrize("inline_max", [0, 64 * 1024])
+def test_envelopes_the_spool_kept_in_memory_are_received_as_files_are(
+    pair: Pair, tmp_path: Path, inline_max: int
+) -> None:
+    """A request's small envelopes reach the batch as bytes, with no spool file: kept in
+    their rows when small enough, else written out and stored as files; equivocation
+    evidence is always a file of the store."""
+    from gateway.node.inbox import SpooledEnvelope, receive_batch  # noqa: PLC0415
+
+    database = pair.pk.node.settings.database.model_copy(
+        update={"inline_envelope_max_bytes": inline_max}
+    )
+    pair.pk.node.settings = pair.pk.node.settings.model_copy(update={"database": database})
+    first = send(pair.jp)
+    receive_envelope(
+        NodeContext(pair.pk.node, pair.pk.keyring), stored_envelope(pair.jp, first.bundle_id),
+        now=NOW,
+    )  # fmt: skip
+    sent = [send(pair.jp) for _ in range(3)]
+    sources = [stored_envelope(pair.jp, s.bundle_id) for s in sent]
+    sources.append(_equivocating_copy(pair, first, tmp_path / "other"))
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    batch = []
+    for index, source in enumerate(sources):
+        body = source.read_bytes()
+        digest = hashlib.sha256(body).hexdigest()
+        batch.append(SpooledEnvelope(spool / f"e{index}", digest, len(body), body=body))
+    outcomes = receive_batch(NodeContext(pair.pk.node, pair.pk.keyring), batch, now=NOW)
+    assert [o.receipt is not None for o in outcomes] == [True, True, True, False]
+    assert isinstance(outcomes[3].error, EquivocationRefused)
+    blob_dir = pair.pk.node.settings.blob_dir
+    for item in batch[:3]:
+        assert item.sha256 is not None
+        assert envelope_path(blob_dir, item.sha256).exists() == (inline_max == 0)
+        [entry] = [r for r in list_inbox(pair.pk.node) if r.envelope_sha256 == item.sha256]
+        read = read_bundle(
+            NodeContext(pair.pk.node, pair.pk.keyring), PK_OFFICER, entry.bundle_id,
+            out_dir=None, now=NOW,
+        )  # fmt: skip
+        assert read.case == validate_case("exam-fraud", example("exam-fraud")).model_dump(
+            mode="json"
+        )
+    assert batch[3].sha256 is not None
+    evidence = envelope_path(blob_dir, batch[3].sha256)
+    assert evidence.read_bytes() == sources[3].read_bytes()
+    with pytest.raises(ValueError, match="SHA-256 and size"):
+        receive_batch(
+            NodeContext(pair.pk.node, pair.pk.keyring),
+            [SpooledEnvelope(spool / "x", None, 3, body=b"abc")],
+            now=NOW,
+        )

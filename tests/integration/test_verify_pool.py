@@ -105,10 +105,12 @@ def test_a_mixed_batch_gets_the_same_answers_and_ledger_with_and_without_the_poo
 def test_the_pool_and_the_serving_process_refuse_for_the_same_reasons(
     pair: Pair, tmp_path: Path, pool: VerifyPool
 ) -> None:
-    from gateway.node.inbox import _verify_pending  # noqa: PLC0415
+    from gateway.node.inbox import SpooledEnvelope, _verify_pending  # noqa: PLC0415
 
     batch = _mixed_batch(pair, tmp_path)
-    pending = [(i, p, f"sha-{i}", p.stat().st_size) for i, p in enumerate(batch[:6])]
+    pending = [
+        (i, SpooledEnvelope(p, f"sha-{i}", p.stat().st_size)) for i, p in enumerate(batch[:6])
+    ]
     answers = []
     for chosen in (None, pool):
         outcomes: list[ReceiveOutcome | None] = [None] * len(pending)
@@ -125,7 +127,7 @@ def test_the_pool_and_the_serving_process_refuse_for_the_same_reasons(
             outcomes,
             peer,
             # Half of them inline (bytes sent to the pool), half as files (paths).
-            int(sorted(size for *_, size in pending)[2]),
+            int(sorted(item.size or 0 for _, item in pending)[2]),
             NOW,
             chosen,
         )
