@@ -33,7 +33,13 @@ from typing import Any, Protocol
 import nacl.signing
 from sqlalchemy import func, insert, select
 
-from gateway.core.consent import ConsentGrant, DisclosureItem, decide_disclosure, sign_grant
+from gateway.core.consent import (
+    ConsentGrant,
+    DisclosureItem,
+    decide_disclosure,
+    sign_grant,
+    terms_record,
+)
 from gateway.node.consent.queries import check_consent_states
 from gateway.store.db import Database, open_database
 from gateway.store.models import NodeRecord
@@ -67,7 +73,10 @@ class Context:
 
 
 def populate(db: Database, consents: int, *, seed: int = 7) -> list[str]:
-    """``consents`` received grants from pk (signed), a tenth revoked, some uses; return bundle ids."""
+    """``consents`` received grants from pk (signed), a tenth revoked, some uses; return bundle ids.
+
+    Each grant row is written as ``store_grant`` writes it, with its terms record.
+    """
     rng = random.Random(seed)
     key = nacl.signing.SigningKey(bytes(32))
     bundles = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(consents * 2)]
@@ -107,6 +116,7 @@ def populate(db: Database, consents: int, *, seed: int = 7) -> list[str]:
                 "bundle_id": str(uuid.uuid4()),
                 "recorded_at": T0,
                 "actor": "system",
+                "terms": terms_record(written, signed.document),
             }
         )
         items += [{"consent_id": consent_id, "bundle_id": b} for b in chosen]
