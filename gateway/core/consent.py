@@ -457,14 +457,7 @@ def terms_from_record(record: object, *, consent_id: str, document: bytes) -> Gr
     if valid_from is None or valid_until is None or not valid_from < valid_until:
         return None
     return GrantTerms(
-        consent_id=consent_id,
-        granting_node=node,
-        items=tuple(items),
-        third_party=third_party,
-        purpose=purpose,
-        valid_from=valid_from,
-        valid_until=valid_until,
-        max_uses=max_uses,
+        consent_id, node, tuple(items), third_party, purpose, valid_from, valid_until, max_uses
     )
 
 

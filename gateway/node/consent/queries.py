@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import weakref
@@ -66,6 +67,12 @@ _STATES_SQL = (
 """Every received consent naming one of the asked bundles, with what its state needs."""
 _MAX_ASK = 1000
 """Bundle ids per statement (well below both engines' parameter limits)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _states_sql(mark: str, count: int) -> str:
+    """:data:`_STATES_SQL` for ``count`` bundle ids (the same text each time: prepared once)."""
+    return _STATES_SQL.format(mark=mark, marks=", ".join([mark] * count))
 
 
 def _stored_time(value: Any) -> datetime | None:
@@ -195,7 +202,7 @@ def _read_states(
     states: dict[str, ConsentState] = {}
     for start in range(0, len(bundle_ids), _MAX_ASK):
         chunk = list(bundle_ids[start : start + _MAX_ASK])
-        sql = _STATES_SQL.format(mark=mark, marks=", ".join([mark] * len(chunk)))
+        sql = _states_sql(mark, len(chunk))
         cursor.execute(sql, [Direction.RECEIVED, *chunk])
         for bundle_id, consent_id, document, terms, revoked_at, uses, marked in cursor.fetchall():
             state = states.get(consent_id)
@@ -208,9 +215,9 @@ def _read_states(
                 )
                 state = states[consent_id] = ConsentState(
                     cache.grant(consent_id, signed) if grant is None else grant,
-                    revoked_at=_stored_time(revoked_at),
-                    uses_spent=int(uses or 0),
-                    suspect=bool(marked),
+                    None if revoked_at is None else _stored_time(revoked_at),
+                    int(uses or 0),
+                    bool(marked),
                 )
             naming[bundle_id].append(state)
     return {b: tuple(found) for b, found in naming.items()}
