@@ -2,8 +2,9 @@
 
 Claim measured here: deciding a disclosure (the check ``gateway disclose``
 runs: in a read transaction, the consent generation, then every received
-consent naming the items with its revocation and uses, grants read from the
-signed documents and cached by consent id, then the rule) costs a small
+consent naming the items with its revocation and uses, each grant's terms
+read from its compact record (bound to the signed document by its digest),
+then the rule) costs a small
 constant factor over the floor, a bare indexed lookup of the consent ids
 naming one bundle with the plain driver (``sqlite3``, ``psycopg``).
 
@@ -196,9 +197,9 @@ def section_consent_check(ctx: _Ctx, *, consents: int = 20_000, checks: int = 2_
     (``thread_time_ns``), which time spent waiting for a core does not
     inflate. On SQLite all the work runs in this thread; on PostgreSQL the
     server's share is in the wall clock only. Two passes over the
-    same asks: *cold* (the first check of each ask reads and parses its
-    grants; the consent generation has not moved) and *warm* (the same asks
-    again: the generation read and the cached states).
+    same asks: *cold* (the first check of each ask reads its grants' rows
+    and terms records; the consent generation has not moved) and *warm*
+    (the same asks again: the generation read and the cached states).
     """
     with ctx.db.transaction() as session:
         held = int(session.scalar(select(func.count()).select_from(ConsentGrantRecord)) or 0)

@@ -9,6 +9,7 @@ document decides), and that the migration fills the record of existing rows.
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 from collections.abc import Iterator
@@ -18,8 +19,8 @@ import nacl.signing
 import pytest
 from sqlalchemy import select, text, update
 
-from gateway.core.canonical import canonical_bytes
 from gateway.core.consent import (
+    MAX_GRANT_BYTES,
     ConsentGrant,
     DisclosureItem,
     GrantTerms,
@@ -184,15 +185,6 @@ def test_the_check_reads_the_records_and_decides_as_the_documents_do(db: Databas
         )
 
 
-def _other_recipient_record(written: ConsentGrant, document: bytes) -> bytes:
-    """A record bound to ``document`` by its digest but naming another recipient."""
-    import json  # noqa: PLC0415
-
-    value = json.loads(terms_record(written, document) or b"")
-    value[5] = "Press Agency"
-    return canonical_bytes(value)
-
-
 @pytest.mark.parametrize(
     "damage",
     ["missing", "garbage", "another grant's", "wrong version", "bad time", "bool uses"],
@@ -323,3 +315,46 @@ def test_the_migration_fills_the_records_of_existing_grants(database_url: str) -
         command.upgrade(db.alembic_config(), "heads")
     finally:
         db.dispose()
+
+
+def test_a_record_of_any_shape_gives_terms_or_none_and_never_raises() -> None:
+    written = written_grant(("b-1", "b-2"), max_uses=2)
+    document = written.document_bytes()
+    record = terms_record(written, document)
+    assert record is not None
+    good = json.loads(record)
+    assert terms_from_record(memoryview(record), consent_id=written.consent_id, document=document)
+    assert terms_from_record(record.decode(), consent_id=written.consent_id, document=document)
+
+    def with_field(index: int, value: object) -> bytes:
+        changed = list(good)
+        changed[index] = value
+        return json.dumps(changed).encode()
+
+    shapes: list[object] = [
+        None,
+        123,
+        b"",
+        b"[]",
+        b"{}",
+        b"[" * 5000,
+        json.dumps(good[:9]).encode(),
+        json.dumps([*good, None]).encode(),
+        b" " * (MAX_GRANT_BYTES + 1) + record,
+        with_field(0, True),
+        with_field(1, "\u00e9" * 64),
+        with_field(1, None),
+        with_field(3, "xx"),
+        with_field(4, "b-1"),
+        with_field(4, []),
+        with_field(4, ["b-1", 2]),
+        with_field(5, ""),
+        with_field(6, ["visa"]),
+        with_field(7, "2026-11-25T00:00:00Z"),
+        with_field(7, good[8]),
+        with_field(8, "9999-99-99T00:00:00.000000+00:00"),
+        with_field(9, 0),
+        with_field(9, 1.5),
+    ]
+    for shape in shapes:
+        assert terms_from_record(shape, consent_id=written.consent_id, document=document) is None
