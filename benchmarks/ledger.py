@@ -550,6 +550,9 @@ def main(argv: list[str] | None = None) -> None:
         path = args.db or Path(scratch) / "ledger-bench.sqlite3"
         if path.exists():
             db = open_database(f"sqlite:///{path}")
+            applied = db.upgrade()  # a file built by an older tree: this tree's schema
+            if applied:
+                print(f"migrated {path}: {', '.join(applied)}", file=sys.stderr)
             with db.transaction() as session:
                 existing = ledger.ledger_size(session)
             if existing < entries:

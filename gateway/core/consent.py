@@ -46,6 +46,8 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
+import hmac
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
@@ -59,7 +61,15 @@ import nacl.signing
 
 from gateway.core.canonical import canonical_bytes, parse_canonical
 from gateway.core.domain import Purpose, tagged
-from gateway.core.times import DateMeans, Precision, format_utc, parse_user_time, parse_utc
+from gateway.core.times import (
+    DateMeans,
+    Precision,
+    format_utc,
+    parse_record_utc,
+    parse_user_time,
+    parse_utc,
+    record_utc_text,
+)
 from gateway.errors import InvalidInput, VerificationError
 
 __all__ = [
@@ -76,6 +86,7 @@ __all__ = [
     "Decision",
     "DisclosureItem",
     "EntryKind",
+    "GrantTerms",
     "ItemDecision",
     "Missing",
     "SignedGrant",
@@ -86,6 +97,8 @@ __all__ = [
     "parse_time",
     "parse_valid_until",
     "sign_grant",
+    "terms_from_record",
+    "terms_record",
     "validate_items",
     "validate_text",
     "verify_grant",
@@ -259,6 +272,19 @@ class ConsentGrant:
     def document_bytes(self) -> bytes:
         return canonical_bytes(self.document())
 
+    def terms(self) -> GrantTerms:
+        """What :func:`decide_disclosure` reads of this grant."""
+        return GrantTerms(
+            consent_id=self.consent_id,
+            granting_node=self.granting_node,
+            items=self.items,
+            third_party=self.third_party,
+            purpose=self.purpose,
+            valid_from=self.valid_from,
+            valid_until=self.valid_until,
+            max_uses=self.max_uses,
+        )
+
     @classmethod
     def from_document(cls, value: object) -> ConsentGrant:
         """Read a grant document; every field is checked and named on failure."""
@@ -320,6 +346,119 @@ _EXAMPLE = (
     "jp",
     "k",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class GrantTerms:
+    """The terms of a grant that :func:`decide_disclosure` reads, and nothing else.
+
+    Kept beside each stored grant as a compact record (:func:`terms_record`),
+    written from the verified grant in the transaction that stores it, so a
+    consent check reads them without parsing the signed document again. The
+    document stays the source of truth: :func:`terms_from_record` gives
+    ``None`` for a record that is not bound to the stored document's exact
+    bytes or not well formed, and the caller then parses the document.
+    """
+
+    consent_id: str
+    granting_node: str
+    items: tuple[str, ...]
+    third_party: str
+    purpose: str
+    valid_from: datetime
+    valid_until: datetime
+    max_uses: int | None
+
+    @property
+    def third_party_key(self) -> str:
+        return normalise_name(self.third_party)
+
+    @property
+    def purpose_key(self) -> str:
+        return normalise_name(self.purpose)
+
+
+TERMS_VERSION: Final = 1
+
+
+def terms_record(grant: ConsentGrant, document: bytes) -> bytes | None:
+    """The compact record of ``grant``'s terms, bound to the signed ``document`` it was read from.
+
+    Canonical JSON, one array: the record's version, the SHA-256 (hex) of the
+    document's exact bytes, then consent id, granting node, items, third
+    party, purpose, valid from and valid until (ISO 8601 in UTC with
+    microseconds, one fixed length: read back by the C parser of
+    :meth:`datetime.fromisoformat`) and maximum uses.
+    ``None`` unless ``grant`` writes exactly ``document`` (a grant read from
+    a canonical document does): a record is never bound to a document that
+    says anything else.
+    """
+    if not hmac.compare_digest(grant.document_bytes(), document):
+        return None
+    return canonical_bytes(
+        [
+            TERMS_VERSION,
+            hashlib.sha256(document).hexdigest(),
+            grant.consent_id,
+            grant.granting_node,
+            list(grant.items),
+            grant.third_party,
+            grant.purpose,
+            record_utc_text(grant.valid_from),
+            record_utc_text(grant.valid_until),
+            grant.max_uses,
+        ]
+    )
+
+
+def terms_from_record(record: object, *, consent_id: str, document: bytes) -> GrantTerms | None:
+    """The terms a stored record holds, or ``None`` when it may not be used as they are.
+
+    ``None`` (the caller then reads the signed document itself) for a record
+    that is missing, not a record of this version, not bound to ``document``
+    (its digest differs: the document was replaced after the record was
+    written), for another consent than ``consent_id``, or with a value the
+    grant itself could not hold. Never raises for a bad record: a record only
+    ever spares a parse of the document, it never decides anything itself.
+    """
+    if isinstance(record, memoryview):
+        record = bytes(record)
+    if not isinstance(record, (bytes, str)) or len(record) > MAX_GRANT_BYTES:
+        return None
+    import orjson  # noqa: PLC0415 - loaded by the first check, as canonical parsing does
+
+    try:
+        value = orjson.loads(record)
+    except orjson.JSONDecodeError:
+        return None
+    if type(value) is not list or len(value) != 10:
+        return None
+    version, digest, named, node, items, third_party, purpose, start, end, max_uses = value
+    # ``type(x) is int`` rules out ``bool`` too.
+    if (
+        type(version) is not int
+        or version != TERMS_VERSION
+        or type(digest) is not str
+        or not digest.isascii()
+        or not hmac.compare_digest(digest, hashlib.sha256(document).hexdigest())
+        or named != consent_id
+        or node not in _NODES
+        or type(items) is not list
+        or not 0 < len(items) <= MAX_ITEMS
+        or not all(type(item) is str for item in items)
+        or type(third_party) is not str
+        or not third_party.strip()
+        or type(purpose) is not str
+        or not purpose.strip()
+        or not (max_uses is None or (type(max_uses) is int and 1 <= max_uses <= 1_000_000))
+    ):
+        return None
+    valid_from, valid_until = parse_record_utc(start), parse_record_utc(end)
+    if valid_from is None or valid_until is None or not valid_from < valid_until:
+        return None
+    return GrantTerms(
+        consent_id, node, tuple(items), third_party, purpose, valid_from, valid_until, max_uses
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,9 +609,14 @@ class DisclosureItem:
 
 @dataclass(frozen=True, slots=True)
 class ConsentState:
-    """A verified grant as this node holds it: revocation and uses spent so far."""
+    """A verified grant as this node holds it: revocation and uses spent so far.
 
-    grant: ConsentGrant
+    ``grant`` is the grant read from its signed document, or (a consent check
+    that records nothing) only the terms the rule reads, from the compact
+    record stored beside it (:class:`GrantTerms`).
+    """
+
+    grant: ConsentGrant | GrantTerms
     revoked_at: datetime | None = None
     uses_spent: int = 0
     suspect: bool = False

@@ -37,9 +37,11 @@ __all__ = [
     "Precision",
     "format_utc",
     "is_calendar_day",
+    "parse_record_utc",
     "parse_stored_utc",
     "parse_user_time",
     "parse_utc",
+    "record_utc_text",
     "stored_micro_text",
 ]
 
@@ -266,3 +268,34 @@ def parse_stored_utc(text: str) -> datetime | None:
     except ValueError:
         return None
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+_RECORD_SUFFIX: Final = "+00:00"
+_RECORD_CHARS: Final = len("2026-11-25T00:00:00.000000+00:00")
+
+
+def record_utc_text(moment: datetime) -> str:
+    """``moment`` (timezone-aware) as a compact record of this node keeps it.
+
+    ISO 8601 in UTC, always with microseconds and ``+00:00``: one fixed
+    length, read back by :func:`parse_record_utc` with the C parser of
+    :meth:`datetime.fromisoformat` (a hot read path, not a wire format).
+    """
+    if moment.tzinfo is None:
+        raise InvalidInput("times must be timezone-aware to be written: pass an aware UTC time")
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def parse_record_utc(value: object) -> datetime | None:
+    """A time written by :func:`record_utc_text`, or ``None`` for anything else."""
+    if (
+        type(value) is not str
+        or len(value) != _RECORD_CHARS
+        or not value.endswith(_RECORD_SUFFIX)
+        or not value.isascii()
+    ):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None

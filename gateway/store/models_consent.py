@@ -10,7 +10,9 @@ Both directions live in the same tables, told apart by ``direction``:
 
 A grant keeps its signed document and signature exactly as signed (or as
 received); the other columns are copies for lookup and are never trusted
-over the signed bytes. Revocations carry no foreign key: a revocation that
+over the signed bytes. ``terms`` is the one copy a consent check reads in
+place of the document, and only while it is bound to the document's exact
+bytes (:func:`gateway.core.consent.terms_from_record`). Revocations carry no foreign key: a revocation that
 arrives before its grant is kept, and the grant is revoked the moment it is
 stored. Every disclosure attempt leaves a row in ``consent_disclosure``.
 """
@@ -103,6 +105,11 @@ class ConsentGrantRecord(Base):
     bundle_id: Mapped[str] = mapped_column(String(64))
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
     actor: Mapped[str] = mapped_column(String(160))
+    terms: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True, default=None)
+    """The terms the disclosure rule reads, as :func:`gateway.core.consent.terms_record`
+    wrote them from the verified grant, bound to ``document`` by its digest
+    (migration ``0022_consent_terms``). Only spares a consent check the parse
+    of the document: a missing or unbound record means the document is read."""
 
 
 class ConsentGrantItem(Base):

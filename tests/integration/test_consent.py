@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 
 from gateway.cli.main import cli
+from gateway.core.canonical import canonical_bytes
 from gateway.core.consent import ConsentGrant, sign_grant
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
@@ -40,7 +41,7 @@ from gateway.node.own_keys import unlock_keyring
 from gateway.node.runtime import Node, utc_now
 from gateway.node.users import add_user
 from gateway.peer.server import node_services
-from gateway.store.models_consent import DisclosureRecord
+from gateway.store.models_consent import ConsentGrantRecord, DisclosureRecord
 from gateway.store.models_exchange import OutboxEntry, envelope_path
 from tests.node_api import serve_node
 from tests.nodes import open_pinned_pair
@@ -712,7 +713,8 @@ def test_grant_arriving_between_first_look_and_decision_is_honoured(
     pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first look (no lock) finds no consent; the grant lands in the inbox right
-    after; the locked decision sees it, and the disclosure is made with the files."""
+    after; the locked decision sees it, and the disclosure is made with the files
+    (straight from there: the first look is not asked again)."""
     case_id = send_case_to_peer(pair.jp, pair.pk)
     _asked, granted = grant_undelivered(pair, [case_id], conditions="")
     first_look = consent_disclosure._foresee
@@ -727,10 +729,48 @@ def test_grant_arriving_between_first_look_and_decision_is_honoured(
 
     monkeypatch.setattr(consent_disclosure, "_foresee", then_the_grant_arrives)
     result = do_disclose(pair.pk, [case_id], tmp_path / "out")
-    assert looks == [False, True]
+    assert looks == [False]
     assert result.consent_id == granted.consent_id
     assert (tmp_path / "out" / case_id / "case.json").is_file()
     assert entries(pair.pk, "disclosure-blocked") == []
+    assert len(entries(pair.pk, "disclosure-made")) == 1
+
+
+def test_a_terms_record_that_disagrees_with_its_document_decides_nothing(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """A grant's terms record rewritten in the database, its digest kept (only someone
+    writing to the database could): the first look reads it, the recorded decision
+    reads the signed document. Naming another recipient, it refuses the first look,
+    and the locked decision still makes the disclosure, once; naming the asked
+    recipient for a grant whose document names another, it passes the first look and
+    the locked decision refuses."""
+    case_id = send_case_to_peer(pair.jp, pair.pk)
+    granted = grant_for(pair, [case_id], max_uses=5)
+    consent_receive.apply_pending(NodeContext(pair.pk.node, pair.pk.keyring), now=NOW)
+
+    def rewrite(recipient: str) -> None:
+        with pair.pk.node.db.transaction() as session:
+            row = session.get(ConsentGrantRecord, granted.consent_id)
+            assert row is not None
+            assert row.terms is not None
+            value = json.loads(bytes(row.terms))
+            value[5] = recipient
+            row.terms = canonical_bytes(value)
+
+    rewrite("Press Agency")
+    (state,) = consent_queries.check_consent_states(pair.pk.node.db, [case_id])
+    assert state.grant.third_party == "Press Agency"  # the record was read
+    result = do_disclose(pair.pk, [case_id], tmp_path / "out1")
+    assert result.consent_id == granted.consent_id
+    assert (tmp_path / "out1" / case_id / "case.json").is_file()
+    assert len(entries(pair.pk, "disclosure-made")) == 1
+
+    # The record (still) names the Press, the document the Embassy: the first look
+    # lets the Press through to the files, the locked decision refuses and records it.
+    assert_blocked(
+        pair.pk, [case_id], tmp_path / "out2", "another recipient", recipient="Press Agency"
+    )
     assert len(entries(pair.pk, "disclosure-made")) == 1
 
 

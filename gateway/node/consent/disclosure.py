@@ -368,7 +368,7 @@ def disclose(
     returns (a delivery cut off mid-way records nothing), and nothing stays on
     the node afterwards.
     """
-    node, keyring = ctx.node, ctx.keyring
+    _require_keys = ctx.keyring  # raises ``keys.locked`` before anything is read
     ids = list(validate_items(bundle_ids, field="bundle ids"))
     validate_text(recipient, field="recipient", max_chars=500)
     validate_text(purpose, field="purpose", max_chars=MAX_REASON)
@@ -381,6 +381,23 @@ def disclose(
         return _decide_and_record(
             ctx, policy, actor, items, recipient, purpose, now, None, target, deliver
         )
+    return _stage_and_record(ctx, policy, actor, items, recipient, purpose, now, target, deliver)
+
+
+def _stage_and_record(
+    ctx: NodeContext,
+    policy: Policy,
+    actor: Actor,
+    items: list[_Item],
+    recipient: str,
+    purpose: str,
+    now: datetime,
+    target: Path,
+    deliver: Callable[[Path, DisclosureResult], None] | None,
+) -> DisclosureResult:
+    """Decrypt ``items`` into a private staging folder, then decide under the lock and record."""
+    node, keyring = ctx.node, ctx.keyring
+    ids = [entry.item.bundle_id for entry in items]
     staging = Path(tempfile.mkdtemp(prefix=_PARTIAL_PREFIX, dir=target.parent))
     try:
         staging.chmod(PRIVATE_DIR_MODE)  # becomes the output folder: 0700 whatever the umask
@@ -508,8 +525,11 @@ def _decide_and_record(
             shutil.rmtree(target, ignore_errors=True)
         raise
     if again:
-        ids = [i.item.bundle_id for i in items]
-        return disclose(ctx, actor, ids, recipient, purpose, target, now=now, deliver=deliver)
+        # Straight to the files: the locked decision allowed it, and the first look
+        # (which may read other copies of the grants' terms) is not asked again.
+        return _stage_and_record(
+            ctx, policy, actor, items, recipient, purpose, now, target, deliver
+        )
     if refused is not None:
         _log.info("disclosure_blocked", recipient=recipient, items=len(items))
         raise _refusal(refused)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 import weakref
@@ -17,6 +18,8 @@ from gateway.core.consent import (
     MAX_GRANT_BYTES,
     ConsentGrant,
     ConsentState,
+    GrantTerms,
+    terms_from_record,
 )
 from gateway.core.times import parse_stored_utc
 from gateway.errors import InvalidInput, StorageError
@@ -52,7 +55,7 @@ _GENERATION_SQL = (
     f"WHERE id = {CONSENT_GENERATION_ID}"
 )
 _STATES_SQL = (
-    "SELECT i.bundle_id, g.consent_id, g.document, r.revoked_at,"
+    "SELECT i.bundle_id, g.consent_id, g.document, g.terms, r.revoked_at,"
     " (SELECT count(*) FROM consent_use u WHERE u.consent_id = g.consent_id),"
     " (SELECT count(*) FROM inbox x WHERE x.bundle_id = g.bundle_id"
     " AND x.sender = g.granting_node AND x.suspect_since IS NOT NULL)"
@@ -64,6 +67,12 @@ _STATES_SQL = (
 """Every received consent naming one of the asked bundles, with what its state needs."""
 _MAX_ASK = 1000
 """Bundle ids per statement (well below both engines' parameter limits)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _states_sql(mark: str, count: int) -> str:
+    """:data:`_STATES_SQL` for ``count`` bundle ids (the same text each time: prepared once)."""
+    return _STATES_SQL.format(mark=mark, marks=", ".join([mark] * count))
 
 
 def _stored_time(value: Any) -> datetime | None:
@@ -175,23 +184,40 @@ def state_cache(engine: Engine) -> ConsentStateCache:
 
 
 def _read_states(
-    cursor: Any, cache: ConsentStateCache, bundle_ids: Sequence[str], mark: str
+    cursor: Any,
+    cache: ConsentStateCache,
+    bundle_ids: Sequence[str],
+    mark: str,
+    *,
+    stored_terms: bool,
 ) -> dict[str, tuple[ConsentState, ...]]:
-    """Every asked bundle id -> the received consents naming it, read in ``cursor``'s transaction."""
+    """Every asked bundle id -> the received consents naming it, read in ``cursor``'s transaction.
+
+    With ``stored_terms``, a grant's terms come from its compact record
+    where that is bound to the stored document (:func:`terms_from_record`);
+    any other grant, and every grant without ``stored_terms``, is read from
+    its signed document.
+    """
     naming: dict[str, list[ConsentState]] = {b: [] for b in bundle_ids}
     states: dict[str, ConsentState] = {}
     for start in range(0, len(bundle_ids), _MAX_ASK):
         chunk = list(bundle_ids[start : start + _MAX_ASK])
-        sql = _STATES_SQL.format(mark=mark, marks=", ".join([mark] * len(chunk)))
+        sql = _states_sql(mark, len(chunk))
         cursor.execute(sql, [Direction.RECEIVED, *chunk])
-        for bundle_id, consent_id, document, revoked_at, uses, marked in cursor.fetchall():
+        for bundle_id, consent_id, document, terms, revoked_at, uses, marked in cursor.fetchall():
             state = states.get(consent_id)
             if state is None:
+                signed = bytes(document)
+                grant: ConsentGrant | GrantTerms | None = (
+                    terms_from_record(terms, consent_id=consent_id, document=signed)
+                    if stored_terms
+                    else None
+                )
                 state = states[consent_id] = ConsentState(
-                    cache.grant(consent_id, bytes(document)),
-                    revoked_at=_stored_time(revoked_at),
-                    uses_spent=int(uses or 0),
-                    suspect=bool(marked),
+                    cache.grant(consent_id, signed) if grant is None else grant,
+                    None if revoked_at is None else _stored_time(revoked_at),
+                    int(uses or 0),
+                    bool(marked),
                 )
             naming[bundle_id].append(state)
     return {b: tuple(found) for b, found in naming.items()}
@@ -222,11 +248,11 @@ def _consent_states(
             known = cache.states(generation, asked)
             missing = [b for b in asked if b not in known]
             if missing:
-                found = _read_states(cursor, cache, missing, mark)
+                found = _read_states(cursor, cache, missing, mark, stored_terms=True)
                 cache.store(generation, found)
                 known.update(found)
         else:
-            known = _read_states(cursor, cache, asked, mark)
+            known = _read_states(cursor, cache, asked, mark, stored_terms=False)
     finally:
         cursor.close()
     by_id = {state.consent_id: state for b in asked for state in known[b]}
@@ -248,7 +274,8 @@ def load_consent_states(session: Session, bundle_ids: Sequence[str]) -> list[Con
     under the ledger lock and recorded, and the session may itself have just
     applied a revocation (on PostgreSQL the generation moves only at commit).
     Grants come from the signed documents as received (the lookup columns
-    only find them), parsed once per consent id and stored bytes;
+    only find them, and the compact terms records are not read), parsed
+    once per consent id and stored bytes;
     revocations, uses and suspect marks as the transaction sees them. Sorted
     by consent id. Raises :class:`StorageError` for a document that names
     another consent.
@@ -270,9 +297,16 @@ def check_consent_states(db: Database, bundle_ids: Sequence[str]) -> list[Consen
     read first, and the states of bundles already read at that generation
     served from :class:`ConsentStateCache`. A grant, revocation, use or
     suspect mark committed by any connection or process before the call has
-    moved the generation, so it is always seen. Raises :class:`StorageError`
-    as :func:`load_consent_states` does, and for a database without
-    migration ``0016_consent_generation``.
+    moved the generation, so it is always seen.
+
+    The grants' terms come from their compact records (``consent_grant.terms``,
+    migration ``0022_consent_terms``), written from each verified grant when
+    it was stored, so a bundle read for the first time costs no parse of the
+    signed document. A record that is missing or not bound to the stored
+    document's exact bytes is not used: that grant is read from its document,
+    as :func:`load_consent_states` reads every grant. Raises
+    :class:`StorageError` as :func:`load_consent_states` does, and for a
+    database without migration ``0016_consent_generation``.
     """
     with db.read_connection() as driver:
         return _consent_states(

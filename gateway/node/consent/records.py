@@ -16,6 +16,7 @@ from gateway.core.consent import (
     ConsentGrant,
     SignedGrant,
     format_time,
+    terms_record,
 )
 from gateway.core.roles import Actor
 from gateway.errors import AlreadyExists
@@ -63,6 +64,7 @@ def store_grant(
             bundle_id=bundle_id,
             recorded_at=now,
             actor=actor.label,
+            terms=terms_record(written, signed.document),
         )
     )
     session.flush()
