@@ -188,8 +188,24 @@ def validate_items(items: Iterable[object], *, field: str = "items") -> tuple[st
 # -- the grant ---------------------------------------------------------------
 
 
+class _NamedParties:
+    """The rule's keys of a grant's recipient and purpose (:func:`normalise_name`)."""
+
+    __slots__ = ()
+    third_party: str
+    purpose: str
+
+    @property
+    def third_party_key(self) -> str:
+        return normalise_name(self.third_party)
+
+    @property
+    def purpose_key(self) -> str:
+        return normalise_name(self.purpose)
+
+
 @dataclass(frozen=True, slots=True)
-class ConsentGrant:
+class ConsentGrant(_NamedParties):
     """The content of a written consent, as both sides read it."""
 
     consent_id: str
@@ -240,14 +256,6 @@ class ConsentGrant:
             or not 1 <= self.max_uses <= 1_000_000
         ):
             raise InvalidInput("max_uses: must be a whole number from 1 to 1000000, or absent")
-
-    @property
-    def third_party_key(self) -> str:
-        return normalise_name(self.third_party)
-
-    @property
-    def purpose_key(self) -> str:
-        return normalise_name(self.purpose)
 
     def document(self) -> dict[str, Any]:
         """The JSON object that is signed."""
@@ -349,7 +357,7 @@ _EXAMPLE = (
 
 
 @dataclass(frozen=True, slots=True)
-class GrantTerms:
+class GrantTerms(_NamedParties):
     """The terms of a grant that :func:`decide_disclosure` reads, and nothing else.
 
     Kept beside each stored grant as a compact record (:func:`terms_record`),
@@ -368,14 +376,6 @@ class GrantTerms:
     valid_from: datetime
     valid_until: datetime
     max_uses: int | None
-
-    @property
-    def third_party_key(self) -> str:
-        return normalise_name(self.third_party)
-
-    @property
-    def purpose_key(self) -> str:
-        return normalise_name(self.purpose)
 
 
 TERMS_VERSION: Final = 1

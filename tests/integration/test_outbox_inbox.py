@@ -998,21 +998,8 @@ def test_two_envelopes_under_one_id_in_one_batch_keep_the_first_and_record_the_o
     first = send(pair.jp)
     original = stored_envelope(pair.jp, first.bundle_id)
     # The same bundle id sealed again: a second, validly signed, different envelope.
-    from gateway.node.policy import load_policy  # noqa: PLC0415
 
-    other = tmp_path / "other"
-    with other.open("wb") as out:
-        seal(
-            out,
-            case_type="exam-fraud",
-            case=example("exam-fraud"),
-            keyring=pair.jp.keyring,
-            peer_manifest=pair.pk.keyring.manifest,
-            policy=load_policy(pair.jp.node.settings),
-            sequence=first.sequence,
-            now=NOW,
-            random=_first_draw(uuid.UUID(first.bundle_id).bytes),
-        )
+    other = _equivocating_copy(pair, first, tmp_path / "other")
     outcomes = receive_batch(NodeContext(pair.pk.node, pair.pk.keyring), [original, other], now=NOW)
     assert outcomes[0].receipt is not None
     assert isinstance(outcomes[1].error, EquivocationRefused)
@@ -1072,26 +1059,13 @@ def test_a_batch_keeps_its_ledger_entries_in_the_order_of_its_envelopes(
     """New bundles and equivocation evidence of one batch, appended together, are
     entered in the order the envelopes came, and the chain verifies."""
     from gateway.node.inbox import receive_batch  # noqa: PLC0415
-    from gateway.node.policy import load_policy  # noqa: PLC0415
 
     first = send(pair.jp)
     receive_envelope(
         NodeContext(pair.pk.node, pair.pk.keyring), stored_envelope(pair.jp, first.bundle_id),
         now=NOW,
     )  # fmt: skip
-    other = tmp_path / "other"
-    with other.open("wb") as out:
-        seal(
-            out,
-            case_type="exam-fraud",
-            case=example("exam-fraud"),
-            keyring=pair.jp.keyring,
-            peer_manifest=pair.pk.keyring.manifest,
-            policy=load_policy(pair.jp.node.settings),
-            sequence=first.sequence,
-            now=NOW,
-            random=_first_draw(uuid.UUID(first.bundle_id).bytes),
-        )
+    other = _equivocating_copy(pair, first, tmp_path / "other")
     before, after = send(pair.jp), send(pair.jp)
     batch = [
         stored_envelope(pair.jp, before.bundle_id),
