@@ -744,6 +744,15 @@ class _SpoolWriter:
             os.close(self._fd)
 
 
+async def _done(work: Future[None]) -> None:
+    """Wait for a worker's ``work`` (its error raised here); one that is done already
+    costs no trip around the event loop (most are, while the workers keep up)."""
+    if work.done():
+        work.result()
+    else:
+        await asyncio.wrap_future(work)
+
+
 class _LoneSpool:
     """The body of a lone envelope, spooled while it arrives: the event loop reads,
     three worker threads take the signed body digest, the ciphertext's hash and
@@ -789,14 +798,14 @@ class _LoneSpool:
         self._pending.append(_CIPHERTEXT_WORKER.submit(self._hash_ciphertext, group))
         self._pending.append(_STORE_WORKER.submit(self._store, group))
         while len(self._pending) > 3 * _SPOOL_AHEAD:
-            await asyncio.wrap_future(self._pending.popleft())
+            await _done(self._pending.popleft())
 
     async def finish(self, *, sync: bool) -> KnownCiphertext | None:
         """Wait for every group; flush the file's data when ``sync``. The
         ciphertext's hash, if the body began like an envelope."""
         self._pending.append(_STORE_WORKER.submit(self._sync if sync else self._writer.finish))
         while self._pending:
-            await asyncio.wrap_future(self._pending.popleft())
+            await _done(self._pending.popleft())
         return self._ciphertext.result()
 
     async def close(self) -> None:
