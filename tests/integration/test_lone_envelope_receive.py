@@ -1,10 +1,11 @@
 """A lone large envelope over the real peer application, on the engine under test.
 
 The receiver spools such a body while worker threads hash it twice (the
-signed body digest, the envelope's ciphertext) and flush it to disk as it
-arrives; verification then reads only the header and signature. The answers
-must be those of reading the file again: the intact envelope is stored byte
-for byte, a tampered one is refused with the same reason and leaves nothing.
+signed body digest, the envelope's ciphertext) and write it to disk as it
+arrives (past the page cache where the file system allows it); verification
+then reads only the header and signature. The answers must be those of
+reading the file again: the intact envelope is stored byte for byte, a
+tampered one is refused with the same reason and leaves nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from gateway.node.context import NodeContext
 from gateway.node.outbox import send_case
 from gateway.node.policy import load_policy
 from gateway.node.runtime import utc_now
+from gateway.peer import server as peer_server
 from gateway.peer.client import EnvelopeResult, PeerClient
 from gateway.peer.server import PeerServer, create_node_peer_app, limits_from_policy
 from gateway.store.models_exchange import InboxEntry, envelope_path
@@ -84,6 +86,21 @@ def _spool_empty(pk: Side) -> bool:
 def test_a_lone_large_envelope_is_stored_byte_for_byte(pair: Pair, tmp_path: Path) -> None:
     path = _queued_envelope(pair.jp, tmp_path)
     assert path.stat().st_size > ATTACHMENT_BYTES
+    result = _post(pair, path)
+    assert result.status == "accepted", result
+    stored = envelope_path(pair.pk.node.settings.blob_dir, path.name)
+    assert stored.read_bytes() == path.read_bytes()
+    assert _received(pair.pk) == 1
+    assert _spool_empty(pair.pk)
+
+
+def test_without_direct_writes_the_envelope_is_stored_byte_for_byte(
+    pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spool on a file system that refuses O_DIRECT is written plainly (and flushed
+    as it arrives): the same answer and the same stored bytes."""
+    monkeypatch.setattr(peer_server, "_direct_io", lambda _fd, _on: False)
+    path = _queued_envelope(pair.jp, tmp_path)
     result = _post(pair, path)
     assert result.status == "accepted", result
     stored = envelope_path(pair.pk.node.settings.blob_dir, path.name)
