@@ -27,9 +27,9 @@ import secrets
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Final, Protocol
 
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
@@ -67,7 +67,11 @@ from gateway.node.context import NodeContext
 from gateway.node.crash import crash_point
 from gateway.node.ledger.checkpoint import latest_checkpoint
 from gateway.node.outbox import check_reply_target
-from gateway.node.peer_trust import pinned_peer_manifest, require_pinned_peer
+from gateway.node.peer_trust import (
+    pinned_manifest_id,
+    pinned_peer_manifest,
+    require_pinned_peer,
+)
 from gateway.node.retention import WrittenOutput, ensure_not_purged, record_outputs
 from gateway.node.runtime import Node
 from gateway.node.verify_pool import VerifyPool, VerifyResult
@@ -774,6 +778,22 @@ class PreparedBatch:
     outcomes: list[ReceiveOutcome | None]
     accepted: list[_Accepted]
     copies: dict[int, int]
+    manifest_id: int | None = None
+    """The pinned peer manifest the envelopes were verified against (its row id)."""
+    verified_at: datetime | None = None
+    """The time the envelopes were verified at."""
+
+
+class BatchOutdated(StorageError):
+    """A prepared batch no longer stands: the peer's pinned manifest changed (a key may
+    have been revoked) or too long passed since it was verified. Nothing of it is
+    recorded; the sender sends it again and it is verified afresh."""
+
+    reason = "receive.batch-outdated"
+
+
+PREPARED_BATCH_MAX_AGE: Final = timedelta(seconds=60)
+"""How long a prepared batch may wait for its commit before it is verified again."""
 
 
 def receive_batch(
@@ -868,6 +888,7 @@ def prepare_batch(
             )
         }
         peer = pinned_peer_manifest(session)
+        manifest_id = pinned_manifest_id(session)
     first_of: dict[str, int] = {}
     copies: dict[int, int] = {}
     pending: list[tuple[int, SpooledEnvelope]] = []
@@ -917,7 +938,7 @@ def prepare_batch(
     if files:
         adopt_envelope_files(node.settings.blob_dir, files)
     crash_point("after-batch-adopt")
-    return PreparedBatch(outcomes, accepted, copies)
+    return PreparedBatch(outcomes, accepted, copies, manifest_id, now)
 
 
 def commit_batch(
@@ -930,10 +951,18 @@ def commit_batch(
 
     node, keyring = ctx.node, ctx.keyring
     outcomes = list(prepared.outcomes)
+    if prepared.verified_at is not None and now - prepared.verified_at > PREPARED_BATCH_MAX_AGE:
+        raise BatchOutdated(
+            f"the batch waited more than {PREPARED_BATCH_MAX_AGE.seconds} s for its turn "
+            "after it was verified; send it again"
+        )
     stored: list[_Accepted] = []
     for attempt in range(2):
         try:
-            stored = _commit_batch(node, keyring, prepared.accepted, outcomes, now=now)
+            stored = _commit_batch(
+                node, keyring, prepared.accepted, outcomes, now=now,
+                manifest_id=prepared.manifest_id,
+            )  # fmt: skip
             break
         except IntegrityError:
             # A concurrent receive of one of these bundle ids committed first (SQLite
@@ -1096,8 +1125,14 @@ def _commit_batch(
     outcomes: list[ReceiveOutcome | None],
     *,
     now: datetime,
+    manifest_id: int | None,
 ) -> list[_Accepted]:
-    """The one transaction of a batch; fills ``outcomes`` and returns what was stored."""
+    """The one transaction of a batch; fills ``outcomes`` and returns what was stored.
+
+    Raises :class:`BatchOutdated` when the pinned peer manifest is no longer the one
+    the batch was verified against (read under a shared lock of the pinned row, which
+    a pin locks for update: a pin that comes later waits, and then marks this batch's
+    rows as it marks every stored row)."""
 
     if not accepted:
         return []
@@ -1105,7 +1140,14 @@ def _commit_batch(
     evidence: list[tuple[_Accepted, Equivocation]] = []
     stored: list[_Accepted] = []
     with node.db.transaction() as session, session.no_autoflush:
-        ledger.lock_for_append(session)  # serialises receivers: one lock for the batch
+        # The pinned manifest held first (a pin locks it, then the ledger), then the
+        # ledger lock, which serialises receivers: one of each for the batch.
+        current_manifest = pinned_manifest_id(session, hold=True)
+        ledger.lock_for_append(session)
+        if current_manifest != manifest_id:
+            raise BatchOutdated(
+                "the peer's key manifest changed while the batch was being verified; send it again"
+            )
         ids = sorted({a.facts.bundle_id for a in accepted})
         known: dict[tuple[str, str], InboxEntry | _FreshRow] = {
             (row.sender, row.bundle_id): row

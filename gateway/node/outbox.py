@@ -865,11 +865,14 @@ async def deliver_pending(
             answered = True
             # The next batch goes out before this one's receipts are checked and
             # stored, so the peer always has work while this side writes.
-            await fill()
-            await asyncio.to_thread(
-                _take_results, node, batch, results, manifest, report, now=now_fn()
-            )
-            after = batch[-1].id
+            try:
+                await fill()
+            finally:
+                # Stored even when the next batch could not be taken: it was answered.
+                await asyncio.to_thread(
+                    _take_results, node, batch, results, manifest, report, now=now_fn()
+                )
+                after = batch[-1].id
             if progress is not None:
                 progress(report)
     except GatewayError as exc:

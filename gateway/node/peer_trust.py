@@ -16,7 +16,7 @@ import hmac
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gateway.core.keys import (
@@ -69,6 +69,24 @@ def pinned_peer_manifest(session: Session) -> KeyManifest | None:
         select(PeerManifestRecord).order_by(PeerManifestRecord.id.desc()).limit(1)
     ).first()
     return None if row is None else parse_manifest(bytes(row.raw))
+
+
+def pinned_manifest_id(session: Session, *, hold: bool = False) -> int | None:
+    """The row id of the peer's pinned manifest (:func:`pinned_peer_manifest`); it changes
+    with every manifest pinned, revocations included. None before ``peer add``.
+
+    ``hold``: first take a shared lock on that row, which a transaction pinning a
+    new manifest takes for update before anything else (:func:`_peer_locked`): the
+    id read after it is final until this transaction ends, and a pin waits for it.
+    Take it before the ledger lock, in the order a pin takes both."""
+    if hold:
+        session.execute(
+            select(PeerManifestRecord.id)
+            .order_by(PeerManifestRecord.id.desc())
+            .limit(1)
+            .with_for_update(read=True)
+        ).first()
+    return session.scalar(select(func.max(PeerManifestRecord.id)))
 
 
 class PeerNotPinned(RefusedError):

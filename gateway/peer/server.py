@@ -611,8 +611,10 @@ async def _health(_request: web.Request) -> web.Response:
 _MEMORY_ENVELOPE: Final = 64 * 1024
 """An envelope of a batch body up to this size is kept in memory, not spooled to a file
 (the size an envelope may have to be kept inline in its inbox row by default)."""
-_MEMORY_BUDGET: Final = 16 << 20
+_MEMORY_PER_REQUEST: Final = 16 << 20
 """Bytes of one request's envelopes kept in memory at most; the rest go to files."""
+_MEMORY_TOTAL: Final = 64 << 20
+"""Bytes of envelopes kept in memory by all requests together at most."""
 
 
 def _spool_path(directory: Path, index: int) -> Path:
@@ -864,7 +866,11 @@ async def _spool_lone(
     path, fd = _spool_fd(directory, 0)
     # Past the page cache only what is declared large: a small envelope may be kept
     # inline in its row and is read back at once.
-    spool = _LoneSpool(fd, digest, direct=(request.content_length or 0) > _SYNC_ABOVE)
+    try:
+        spool = _LoneSpool(fd, digest, direct=(request.content_length or 0) > _SYNC_ABOVE)
+    except BaseException:
+        os.close(fd)
+        raise
     try:
         size = 0
         group: list[bytes] = []
@@ -894,14 +900,37 @@ async def _spool_lone(
     return SpooledEnvelope(path, digest.hexdigest(), digest.size, known, spool.synced)
 
 
+class _MemoryBudget:
+    """Bytes of small envelopes the server holds in memory across all requests at once
+    (event loop only). A request that finds the budget spent spools to files."""
+
+    def __init__(self, total: int) -> None:
+        self.free = total
+
+    def take(self, size: int) -> bool:
+        if size > self.free:
+            return False
+        self.free -= size
+        return True
+
+    def give(self, size: int) -> None:
+        self.free += size
+
+
+MEMORY_BUDGET: Final = web.AppKey("memory_budget", _MemoryBudget)
+
+
 async def _spool_envelopes(
-    request: web.Request, directory: Path, limits: TransportLimits
+    request: web.Request, directory: Path, limits: TransportLimits, held: list[int]
 ) -> list[SpooledEnvelope]:
     """Stream the body into one spool file per envelope; check digest and framing.
 
     Each envelope is hashed (SHA-256) as it is written, so the receiver never
-    reads a spooled file again to name it.
+    reads a spooled file again to name it. Small envelopes of a batch are kept in
+    memory while the server's :class:`_MemoryBudget` allows; ``held`` gets the
+    bytes taken from it, which the caller gives back when the request is done.
     """
+    budget = request.app[MEMORY_BUDGET]
     digest = BodyDigest(_expected_digest(request))
     deadline = asyncio.get_running_loop().time() + limits.body_total_timeout
     content_type = request.content_type
@@ -934,9 +963,14 @@ async def _spool_envelopes(
                 )
             if digest.size + length > limits.max_body_bytes:
                 raise _Refusal("limit.body", f"body exceeds {limits.max_body_bytes} bytes")
-            if length <= _MEMORY_ENVELOPE and in_memory + length <= _MEMORY_BUDGET:
+            if (
+                length <= _MEMORY_ENVELOPE
+                and in_memory + length <= _MEMORY_PER_REQUEST
+                and budget.take(length)
+            ):
                 # A small envelope stays in memory: no spool file to write, read back
                 # and remove (its path is where it is written if it must be a file).
+                held[0] += length
                 body = await _read_exactly(request, length, limits, deadline, digest)
                 in_memory += length
                 paths.append(
@@ -1094,12 +1128,16 @@ class _ReceiveOrder:
 
     def __init__(self) -> None:
         self._last: asyncio.Future[None] | None = None
+        self._before_last: asyncio.Future[None] | None = None
 
-    def take(self) -> tuple[asyncio.Future[None] | None, asyncio.Future[None]]:
-        previous = self._last
+    def take(
+        self,
+    ) -> tuple[asyncio.Future[None] | None, asyncio.Future[None] | None, asyncio.Future[None]]:
+        """(the request two before this one, the one just before, this one's own)."""
+        ahead, previous = self._before_last, self._last
         mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._last = mine
-        return previous, mine
+        self._before_last, self._last = previous, mine
+        return ahead, previous, mine
 
 
 RECEIVE_ORDER: Final = web.AppKey("receive_order", _ReceiveOrder)
@@ -1108,26 +1146,35 @@ RECEIVE_ORDER: Final = web.AppKey("receive_order", _ReceiveOrder)
 async def _post_envelopes(request: web.Request) -> web.Response:
     services = request.app[PEER_SERVICES]
     limits = request.app[TRANSPORT_LIMITS]
-    previous, mine = request.app[RECEIVE_ORDER].take()
+    ahead, previous, mine = request.app[RECEIVE_ORDER].take()
     directory = Path(tempfile.mkdtemp(prefix="req-", dir=services.spool_dir))
+    held = [0]
+    storing: asyncio.Future[list[dict[str, Any]]] | None = None
     try:
-        spooled = await _spool_envelopes(request, directory, limits)
+        spooled = await _spool_envelopes(request, directory, limits, held)
         phases, batch = services.receive_phases, services.receive_batch
         if phases is not None:
-            # Verified while the request before it commits; committed in its turn.
+            # Verified while the request before it commits (never more than one
+            # ahead of the committing one); committed in its turn.
+            if ahead is not None:
+                await asyncio.shield(ahead)
             prepared = await asyncio.to_thread(_prepare_all, services, phases, spooled)
             if previous is not None:
                 await asyncio.shield(previous)
             if isinstance(prepared, _Failed):
                 results = prepared.results
             else:
-                results = await asyncio.to_thread(
-                    _commit_all, services, phases, prepared, len(spooled)
+                storing = asyncio.ensure_future(
+                    asyncio.to_thread(_commit_all, services, phases, prepared, len(spooled))
                 )
+                results = await asyncio.shield(storing)
         elif batch is not None:
             if previous is not None:
                 await asyncio.shield(previous)
-            results = await asyncio.to_thread(_receive_all, services, batch, spooled)
+            storing = asyncio.ensure_future(
+                asyncio.to_thread(_receive_all, services, batch, spooled)
+            )
+            results = await asyncio.shield(storing)
         else:
             if previous is not None:
                 await asyncio.shield(previous)
@@ -1137,9 +1184,21 @@ async def _post_envelopes(request: web.Request) -> web.Response:
                     await asyncio.to_thread(write_spooled_envelope, item.path, item.body)
                 results.append(await asyncio.to_thread(receive_one, services, item.path, index))
     finally:
-        if not mine.done():
-            mine.set_result(None)
-        await asyncio.to_thread(shutil.rmtree, directory, True)
+        request.app[MEMORY_BUDGET].give(held[0])
+
+        def release(_: object = None) -> None:
+            if not mine.done():
+                mine.set_result(None)
+
+        if storing is not None and not storing.done():
+            # Cancelled while its batch commits (a stop): the next request waits for
+            # the commit, not for this handler, and the spool stays until it is done
+            # (a spool left by a stop is removed when the server starts again).
+            storing.add_done_callback(release)
+            storing.add_done_callback(lambda _: shutil.rmtree(directory, True))
+        else:
+            release()
+            await asyncio.to_thread(shutil.rmtree, directory, True)
     accepted = sum(1 for result in results if result["status"] == "accepted")
     request[_REASON] = f"accepted {accepted}/{len(results)}"
     return web.json_response({"results": results})
@@ -1228,6 +1287,7 @@ def create_peer_app(
     app[RATE_LIMITER] = _RateLimiter(limits.rate_per_second, limits.rate_burst)
     app[IN_FLIGHT] = _InFlight()
     app[RECEIVE_ORDER] = _ReceiveOrder()
+    app[MEMORY_BUDGET] = _MemoryBudget(_MEMORY_TOTAL)
     app.cleanup_ctx.append(_spool_context)
     app.router.add_get(HEALTH_PATH, _health, allow_head=False)
     app.router.add_post("/v1/envelopes", _post_envelopes)

@@ -1201,3 +1201,60 @@ def test_envelopes_the_spool_kept_in_memory_are_received_as_files_are(
             [SpooledEnvelope(spool / "x", None, 3, body=b"abc")],
             now=NOW,
         )
+
+
+def test_a_prepared_batch_that_waited_too_long_is_verified_again(pair: Pair) -> None:
+    """A batch verified more than a minute before its turn to commit is not stored
+    on that verification: the sender is told to send it again."""
+    from gateway.node.inbox import (  # noqa: PLC0415
+        PREPARED_BATCH_MAX_AGE,
+        BatchOutdated,
+        commit_batch,
+        prepare_batch,
+    )
+
+    ctx = NodeContext(pair.pk.node, pair.pk.keyring)
+    path = stored_envelope(pair.jp, send(pair.jp).bundle_id)
+    late = prepare_batch(ctx, [path], now=NOW)
+    with pytest.raises(BatchOutdated):
+        commit_batch(ctx, late, now=NOW + PREPARED_BATCH_MAX_AGE + timedelta(seconds=1))
+    assert count(pair.pk, InboxEntry) == 0
+    [outcome] = commit_batch(ctx, prepare_batch(ctx, [path], now=NOW), now=NOW)
+    assert outcome.receipt is not None
+    assert count(pair.pk, InboxEntry) == 1
+
+
+def test_an_answered_batch_is_stored_even_when_the_next_cannot_be_taken(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The next batch is taken before an answer's receipts are stored; if taking it
+    fails, the answered batch is still stored as delivered (not charged an attempt)."""
+    import gateway.node.outbox as outbox_module  # noqa: PLC0415
+
+    sent = [send(pair.jp) for _ in range(4)]
+    original = outbox_module._next_batch
+    taken: list[int] = []
+
+    def failing_second(node: Node, **kw: Any) -> Any:
+        taken.append(1)
+        if len(taken) == 2:
+            raise StorageError("database is locked")
+        return original(node, **kw)
+
+    monkeypatch.setattr(outbox_module, "_next_batch", failing_second)
+    with pytest.raises(StorageError):
+        asyncio.run(
+            deliver_pending(
+                pair.jp.node,
+                DirectClient(pair.pk),
+                peer_manifest=lambda node: pair.pk.keyring.manifest,
+                pending_manifests=lambda node: [],
+                mark_manifest_delivered=lambda node, handle, now: None,
+                now_fn=lambda: NOW,
+                batch_size=2,
+                pipeline=1,
+            )
+        )
+    rows = {r.bundle_id: r for r in list_outbox(pair.jp.node)}
+    assert [rows[s.bundle_id].state for s in sent] == ["delivered", "delivered", "queued", "queued"]
+    assert [rows[s.bundle_id].attempts for s in sent[2:]] == [1, 1]

@@ -277,3 +277,44 @@ def test_a_bundle_sealed_before_the_compromise_but_stored_after_it_is_suspect_on
         }
     assert marked[late] is True
     assert marked[early] is False
+
+
+def test_a_batch_verified_before_a_revocation_is_pinned_is_not_stored_after_it(
+    exchanged: tuple[ApiNode, ApiNode, str],
+) -> None:
+    """The server verifies a request while earlier ones commit. A manifest revoking
+    the signing key pinned in between makes the prepared batch outdated: nothing of
+    it is stored, and the resend is judged against the new manifest."""
+    from gateway.errors import VerificationError  # noqa: PLC0415
+    from gateway.node.inbox import BatchOutdated, commit_batch, prepare_batch  # noqa: PLC0415
+
+    jp, pk, delivered = exchanged
+    receipted(jp, pk, delivered)
+    old_key = jp.keyring().signing_key_id
+    bundle = send_case(
+        NodeContext(jp.node, jp.keyring()), OFFICER, "exam-fraud",
+        json.loads((EXAMPLES / "exam-fraud.json").read_text()), [],
+        public=False, reply_to=None, now=utc_now(),
+    ).bundle_id  # fmt: skip
+    with jp.node.db.transaction() as session:
+        sha = session.scalars(
+            select(OutboxEntry.envelope_sha256).where(OutboxEntry.bundle_id == bundle)
+        ).one()
+    path = envelope_path(jp.node.settings.blob_dir, sha)
+    ctx = NodeContext(pk.node, pk.keyring())
+    prepared = prepare_batch(ctx, [path], now=utc_now())
+    with jp.node.db.transaction() as session:
+        change = own_keys.revoke_key(
+            jp.node.settings, session, PASSPHRASE.encode(), old_key, "laptop lost",
+            now=utc_now(), actor=ADMIN, compromised_since=utc_now() - timedelta(hours=1),
+        )  # fmt: skip
+    with pk.node.db.transaction() as session:
+        peer_trust.apply_peer_manifest(session, change.manifest.raw, node="jp", now=utc_now())
+    with pytest.raises(BatchOutdated):
+        commit_batch(ctx, prepared, now=utc_now())
+    with pk.node.db.transaction() as session:
+        stored = set(session.scalars(select(InboxEntry.bundle_id)))
+    assert bundle not in stored
+    assert delivered in stored
+    [again] = commit_batch(ctx, prepare_batch(ctx, [path], now=utc_now()), now=utc_now())
+    assert isinstance(again.error, VerificationError)
