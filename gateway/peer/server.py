@@ -86,7 +86,6 @@ from gateway.node.inbox import (
     SpooledEnvelope,
     commit_batch,
     prepare_batch,
-    receive_batch,
     receive_envelope,
     write_spooled_envelope,
 )
@@ -115,7 +114,6 @@ __all__ = [
     "PEER_SERVICES",
     "PING_PATH",
     "TRANSPORT_LIMITS",
-    "BatchHandler",
     "BatchPhases",
     "EnvelopeHandler",
     "ManifestHandler",
@@ -187,20 +185,6 @@ class EnvelopeHandler(Protocol):
     def __call__(self, path: Path, *, now: datetime) -> bytes: ...
 
 
-class BatchHandler(Protocol):
-    """Receives every spooled envelope of one request; one outcome each, in order.
-
-    Each outcome holds the signed receipt, or the
-    :class:`VerificationError` / :class:`RefusedError` that refused that
-    envelope; an exception raised answers every envelope as a retryable
-    error. Runs in one worker thread for the whole request.
-    """
-
-    def __call__(
-        self, envelopes: Sequence[SpooledEnvelope], *, now: datetime
-    ) -> Sequence[ReceiveOutcome]: ...
-
-
 @dataclass(frozen=True)
 class BatchPhases:
     """A batch handler in two halves (:func:`gateway.node.inbox.prepare_batch` and
@@ -250,13 +234,11 @@ class PeerServices:
     """The version of the peer's manifest this node has pinned (``POST /v1/ping``)."""
     modes: Modes = field(default_factory=Modes)
     """This node's ``[server] peer_mode`` and ``peer_delivery`` (``POST /v1/ping``)."""
-    receive_batch: BatchHandler | None = None
-    """When set, a request's envelopes are received in one call (:func:`gateway.node.inbox.receive_batch`);
-    else one :attr:`receive_envelope` call each."""
     receive_phases: BatchPhases | None = None
-    """When set (the node's server), a request's envelopes are received in two calls:
-    ``prepare`` as soon as the body is spooled, ``commit`` once every earlier request
-    has committed; it takes precedence over :attr:`receive_batch`."""
+    """When set (the node's server), a request's envelopes are received in two calls
+    (:func:`gateway.node.inbox.receive_batch` in its halves): ``prepare`` as soon as
+    the body is spooled, ``commit`` once every earlier request has committed; else
+    one :attr:`receive_envelope` call each."""
 
 
 def database_nonce_recorder(
@@ -949,7 +931,6 @@ async def _spool_envelopes(
                 "limit.batch",
                 f"batch of {count} envelopes exceeds {limits.max_batch_envelopes}",
             )
-        in_memory = 0
         for index in range(count):
             (length,) = struct.unpack(
                 ">Q", await _read_exactly(request, 8, limits, deadline, digest)
@@ -965,14 +946,13 @@ async def _spool_envelopes(
                 raise _Refusal("limit.body", f"body exceeds {limits.max_body_bytes} bytes")
             if (
                 length <= _MEMORY_ENVELOPE
-                and in_memory + length <= _MEMORY_PER_REQUEST
+                and held[0] + length <= _MEMORY_PER_REQUEST
                 and budget.take(length)
             ):
                 # A small envelope stays in memory: no spool file to write, read back
                 # and remove (its path is where it is written if it must be a file).
                 held[0] += length
                 body = await _read_exactly(request, length, limits, deadline, digest)
-                in_memory += length
                 paths.append(
                     SpooledEnvelope(
                         _spool_path(directory, index),
@@ -1075,14 +1055,6 @@ def _guarded(count: int, work: Callable[[], _T]) -> _T | _Failed:
         return _Failed(count, exc)
 
 
-def _receive_all(
-    services: PeerServices, receive: BatchHandler, spooled: list[SpooledEnvelope]
-) -> list[dict[str, Any]]:
-    """The whole request in one call of the node's batch handler (one thread hop)."""
-    outcomes = _guarded(len(spooled), lambda: receive(spooled, now=services.clock()))
-    return outcomes.results if isinstance(outcomes, _Failed) else _results(outcomes, len(spooled))
-
-
 def _prepare_all(
     services: PeerServices, phases: BatchPhases, spooled: list[SpooledEnvelope]
 ) -> PreparedBatch | _Failed:
@@ -1152,7 +1124,7 @@ async def _post_envelopes(request: web.Request) -> web.Response:
     storing: asyncio.Future[list[dict[str, Any]]] | None = None
     try:
         spooled = await _spool_envelopes(request, directory, limits, held)
-        phases, batch = services.receive_phases, services.receive_batch
+        phases = services.receive_phases
         if phases is not None:
             # Verified while the request before it commits (never more than one
             # ahead of the committing one); committed in its turn.
@@ -1168,13 +1140,6 @@ async def _post_envelopes(request: web.Request) -> web.Response:
                     asyncio.to_thread(_commit_all, services, phases, prepared, len(spooled))
                 )
                 results = await asyncio.shield(storing)
-        elif batch is not None:
-            if previous is not None:
-                await asyncio.shield(previous)
-            storing = asyncio.ensure_future(
-                asyncio.to_thread(_receive_all, services, batch, spooled)
-            )
-            results = await asyncio.shield(storing)
         else:
             if previous is not None:
                 await asyncio.shield(previous)
@@ -1462,13 +1427,6 @@ def node_services(
             _log.warning("consent_apply_deferred", error=type(exc).__name__, reason=exc.reason)
         return receipt
 
-    def receive_many(
-        envelopes: Sequence[SpooledEnvelope], *, now: datetime
-    ) -> Sequence[ReceiveOutcome]:
-        outcomes = receive_batch(ctx, envelopes, now=now, verify_pool=verify_pool)
-        _count_outcomes(node, outcomes)
-        return outcomes
-
     def prepare(envelopes: Sequence[SpooledEnvelope], now: datetime) -> PreparedBatch:
         return prepare_batch(ctx, envelopes, now=now, verify_pool=verify_pool)
 
@@ -1499,7 +1457,6 @@ def node_services(
         lookup_key=lookup_key,
         remember_nonce=database_nonce_recorder(node.db, skew=skew),
         receive_envelope=receive,
-        receive_batch=receive_many,
         receive_phases=BatchPhases(prepare, commit),
         apply_manifest=apply,
         preview_manifest=preview,
