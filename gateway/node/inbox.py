@@ -756,7 +756,7 @@ def _spooled(item: SpooledEnvelope | Path) -> SpooledEnvelope:
         return item
     if item.sha256 is None or item.size is None:
         sha, size = _hash_file(item.path)
-        return SpooledEnvelope(item.path, sha, size, item.ciphertext, item.synced)
+        return replace(item, sha256=sha, size=size)
     return item
 
 

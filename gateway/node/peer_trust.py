@@ -80,13 +80,19 @@ def pinned_manifest_id(session: Session, *, hold: bool = False) -> int | None:
     id read after it is final until this transaction ends, and a pin waits for it.
     Take it before the ledger lock, in the order a pin takes both."""
     if hold:
-        session.execute(
-            select(PeerManifestRecord.id)
-            .order_by(PeerManifestRecord.id.desc())
-            .limit(1)
-            .with_for_update(read=True)
-        ).first()
+        _lock_pinned_row(session, shared=True)
     return session.scalar(select(func.max(PeerManifestRecord.id)))
+
+
+def _lock_pinned_row(session: Session, *, shared: bool) -> None:
+    """Lock the pinned manifest's row (shared or for update) until the transaction ends;
+    SQLite serialises writers at ``BEGIN IMMEDIATE`` instead."""
+    session.execute(
+        select(PeerManifestRecord.id)
+        .order_by(PeerManifestRecord.id.desc())
+        .limit(1)
+        .with_for_update(read=shared)
+    ).first()
 
 
 class PeerNotPinned(RefusedError):
@@ -114,12 +120,7 @@ def require_pinned_peer(session: Session, *, needed_for: str) -> KeyManifest:
 
 def _peer_locked(session: Session) -> KeyManifest | None:
     """The pinned peer manifest, read after locking as :func:`_current_locked` does."""
-    session.execute(
-        select(PeerManifestRecord.id)
-        .order_by(PeerManifestRecord.id.desc())
-        .limit(1)
-        .with_for_update()
-    ).first()
+    _lock_pinned_row(session, shared=False)
     return pinned_peer_manifest(session)
 
 

@@ -215,7 +215,7 @@ def _read_states(
                 )
                 state = states[consent_id] = ConsentState(
                     cache.grant(consent_id, signed) if grant is None else grant,
-                    None if revoked_at is None else _stored_time(revoked_at),
+                    _stored_time(revoked_at),
                     int(uses or 0),
                     bool(marked),
                 )
