@@ -331,7 +331,10 @@ def test_a_thousand_bundles_arrive_exactly_once_with_verified_receipts(pair: Pai
 def test_killing_receiver_and_sender_mid_delivery_loses_and_doubles_nothing(pair: Pair) -> None:
     pair.jp.stop()
     pair.pk.start()
-    sent = [pair.jp.send() for _ in range(300)]
+    # Enough that the sender is still delivering when it is killed: with several
+    # requests in flight and one verified while another commits, 300 could all
+    # arrive between the poll that sees delivery resume and the kill.
+    sent = [pair.jp.send() for _ in range(1000)]
     pair.jp.start()
     wait_for("the receiver is in the middle", lambda: pair.pk.received(sent) >= 20)
     pair.pk.kill()
