@@ -38,6 +38,7 @@ from gateway.store.base import Base, UTCDateTime
 __all__ = [
     "CONSENT_GENERATION_ID",
     "ConsentApplied",
+    "ConsentCheckRow",
     "ConsentDenialRecord",
     "ConsentGenerationRow",
     "ConsentGrantItem",
@@ -88,7 +89,11 @@ class ConsentGrantRecord(Base):
     """A written consent: the signed document and signature, plus lookup copies."""
 
     __tablename__ = "consent_grant"
-    __table_args__ = (Index("ix_consent_grant_request_id", "request_id"),)
+    __table_args__ = (
+        Index("ix_consent_grant_request_id", "request_id"),
+        # 0023_consent_check: the grants a suspect mark on their bundle touches
+        Index("ix_consent_grant_bundle_id", "bundle_id"),
+    )
 
     consent_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     request_id: Mapped[str] = mapped_column(String(128))
@@ -216,3 +221,27 @@ class ConsentGenerationRow(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     generation: Mapped[int] = mapped_column(BigInteger)
+
+
+class ConsentCheckRow(Base):
+    """What a consent check reads of one received consent naming one bundle.
+
+    Migration ``0023_consent_check`` installs the triggers that keep these
+    rows in the writing transaction of every grant, grant item, revocation,
+    use and suspect mark, from the base tables: a copy for the check that
+    records nothing, never written by the application. ``document`` and
+    ``terms`` are the grant's own (the record is used only while bound to the
+    document); ``uses`` counts ``consent_use`` rows; ``suspect`` is set while
+    the grant's bundle is marked suspect in the inbox.
+    """
+
+    __tablename__ = "consent_check"
+    __table_args__ = (Index("ix_consent_check_consent_id", "consent_id"),)
+
+    bundle_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    consent_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    document: Mapped[bytes] = mapped_column(LargeBinary)
+    terms: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    uses: Mapped[int] = mapped_column(Integer)
+    suspect: Mapped[bool] = mapped_column(Boolean)

@@ -1,5 +1,6 @@
-"""The receive and send paths' lookups use indexes, and PostgreSQL transactions
-start without a ping yet survive a connection the server dropped.
+"""The lookups of the receive and send paths and of the consent check use indexes,
+and PostgreSQL transactions start without a ping yet survive a connection the
+server dropped.
 
 Query plans are read from each engine (SQLite ``EXPLAIN QUERY PLAN``,
 PostgreSQL ``EXPLAIN`` with sequential scans priced out) for the very
@@ -16,6 +17,7 @@ import pytest
 from sqlalchemy import Select, event, func, select, text
 
 from gateway.store.db import Database, open_database
+from gateway.store.models_consent import ConsentCheckRow, ConsentGrantRecord
 from gateway.store.models_exchange import InboxEntry, OutboxEntry, OutboxState
 
 NOW = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
@@ -53,6 +55,16 @@ HOT_QUERIES: dict[str, tuple[Select[tuple[object, ...]], tuple[str, ...]]] = {
         .order_by(OutboxEntry.next_attempt_at),
         ("ix_outbox_state_next_attempt",),
     ),
+    "consent check rows by bundle (disclose, the first check of an ask)": (
+        select(ConsentCheckRow).where(ConsentCheckRow.bundle_id.in_([BUNDLE, SHA])),
+        ("pk_consent_check", "sqlite_autoindex_consent_check"),
+    ),
+    "received grants by their bundle (a suspect mark's trigger)": (
+        select(ConsentGrantRecord.consent_id).where(
+            ConsentGrantRecord.bundle_id == BUNDLE, ConsentGrantRecord.granting_node == "pk"
+        ),
+        ("ix_consent_grant_bundle_id",),
+    ),
     "outbox by bundle id (receipt, resend)": (
         select(OutboxEntry).where(OutboxEntry.bundle_id == BUNDLE),
         ("uq_outbox_bundle_id", "sqlite_autoindex_outbox"),
@@ -88,6 +100,8 @@ def test_hot_lookups_use_their_index(database: Database, name: str) -> None:
     assert any(index in shown for index in indexes), f"{name}: {shown}"
     assert "SCAN inbox\n" not in shown + "\n"
     assert "SCAN outbox\n" not in shown + "\n"
+    assert "SCAN consent_check\n" not in shown + "\n"
+    assert "SCAN consent_grant\n" not in shown + "\n"
     assert "Seq Scan" not in shown
 
 
@@ -95,7 +109,12 @@ def test_the_migration_and_the_models_name_the_same_indexes(database: Database) 
     from sqlalchemy import inspect  # noqa: PLC0415
 
     found = inspect(database.engine)
-    for table, model in (("inbox", InboxEntry), ("outbox", OutboxEntry)):
+    for table, model in (
+        ("inbox", InboxEntry),
+        ("outbox", OutboxEntry),
+        ("consent_check", ConsentCheckRow),
+        ("consent_grant", ConsentGrantRecord),
+    ):
         declared = {index.name for index in model.__table__.indexes}  # type: ignore[attr-defined]
         present = {index["name"] for index in found.get_indexes(table)}
         assert declared <= present, (table, declared - present)

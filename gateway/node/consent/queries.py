@@ -64,7 +64,15 @@ _STATES_SQL = (
     " LEFT OUTER JOIN consent_revocation r ON r.consent_id = g.consent_id"
     " WHERE g.direction = {mark} AND i.bundle_id IN ({marks})"
 )
-"""Every received consent naming one of the asked bundles, with what its state needs."""
+"""Every received consent naming one of the asked bundles, with what its state needs,
+from the base tables: what the recorded decision reads."""
+_CHECK_SQL = (
+    "SELECT bundle_id, consent_id, document, terms, revoked_at, uses, suspect"
+    " FROM consent_check WHERE bundle_id IN ({marks})"
+)
+"""The same rows from ``consent_check`` (migration ``0023_consent_check``): one indexed
+range, kept by the database's triggers in the transaction of every change to the
+tables :data:`_STATES_SQL` joins."""
 _MAX_ASK = 1000
 """Bundle ids per statement (well below both engines' parameter limits)."""
 
@@ -73,6 +81,12 @@ _MAX_ASK = 1000
 def _states_sql(mark: str, count: int) -> str:
     """:data:`_STATES_SQL` for ``count`` bundle ids (the same text each time: prepared once)."""
     return _STATES_SQL.format(mark=mark, marks=", ".join([mark] * count))
+
+
+@functools.lru_cache(maxsize=64)
+def _check_sql(mark: str, count: int) -> str:
+    """:data:`_CHECK_SQL` for ``count`` bundle ids (the same text each time: prepared once)."""
+    return _CHECK_SQL.format(marks=", ".join([mark] * count))
 
 
 def _stored_time(value: Any) -> datetime | None:
@@ -193,17 +207,20 @@ def _read_states(
 ) -> dict[str, tuple[ConsentState, ...]]:
     """Every asked bundle id -> the received consents naming it, read in ``cursor``'s transaction.
 
-    With ``stored_terms``, a grant's terms come from its compact record
-    where that is bound to the stored document (:func:`terms_from_record`);
-    any other grant, and every grant without ``stored_terms``, is read from
-    its signed document.
+    With ``stored_terms``, the rows come from ``consent_check`` and a
+    grant's terms from its compact record where that is bound to the stored
+    document (:func:`terms_from_record`); any other grant is read from its
+    signed document. Without ``stored_terms``, the rows come from the base
+    tables and every grant from its signed document.
     """
     naming: dict[str, list[ConsentState]] = {b: [] for b in bundle_ids}
     states: dict[str, ConsentState] = {}
     for start in range(0, len(bundle_ids), _MAX_ASK):
         chunk = list(bundle_ids[start : start + _MAX_ASK])
-        sql = _states_sql(mark, len(chunk))
-        cursor.execute(sql, [Direction.RECEIVED, *chunk])
+        if stored_terms:
+            cursor.execute(_check_sql(mark, len(chunk)), chunk)
+        else:
+            cursor.execute(_states_sql(mark, len(chunk)), [Direction.RECEIVED, *chunk])
         for bundle_id, consent_id, document, terms, revoked_at, uses, marked in cursor.fetchall():
             state = states.get(consent_id)
             if state is None:
@@ -304,9 +321,16 @@ def check_consent_states(db: Database, bundle_ids: Sequence[str]) -> list[Consen
     it was stored, so a bundle read for the first time costs no parse of the
     signed document. A record that is missing or not bound to the stored
     document's exact bytes is not used: that grant is read from its document,
-    as :func:`load_consent_states` reads every grant. Raises
-    :class:`StorageError` as :func:`load_consent_states` does, and for a
-    database without migration ``0016_consent_generation``.
+    as :func:`load_consent_states` reads every grant.
+
+    The rows come from ``consent_check`` (migration ``0023_consent_check``):
+    one row per (bundle, received consent) with the grant's document and
+    record, revocation time, uses and suspect mark, which the database's
+    triggers rewrite from the base tables in the transaction of every change
+    to them; one indexed range per call instead of a join per item.
+    Raises :class:`StorageError` as :func:`load_consent_states` does, and for
+    a database without migrations ``0016_consent_generation`` and
+    ``0023_consent_check``.
     """
     with db.read_connection() as driver:
         return _consent_states(
