@@ -204,11 +204,11 @@ def upgrade() -> None:
     postgresql = op.get_bind().dialect.name == "postgresql"
     if postgresql:
         # An earlier migration of the same run (0022's fill) may have left deferred
-        # generation triggers pending on consent_grant, which forbids indexing it.
+        # generation triggers pending on consent_grant, which forbids indexing it:
+        # they fire now, and the rest of this transaction's fire at once (the
+        # generation moves all the same).
         op.execute("SET CONSTRAINTS ALL IMMEDIATE")
     op.create_index("ix_consent_grant_bundle_id", "consent_grant", ["bundle_id"])
-    if postgresql:
-        op.execute("SET CONSTRAINTS ALL DEFERRED")
     op.execute(_insert("1 = 1"))
     for statement in _postgresql_triggers() if postgresql else _sqlite_triggers():
         op.execute(statement)
