@@ -2,9 +2,10 @@
 
 Claim measured here: deciding a disclosure (the check ``gateway disclose``
 runs: in a read transaction, the consent generation, then every received
-consent naming the items with its revocation and uses, each grant's terms
-read from its compact record (bound to the signed document by its digest),
-then the rule) costs a small
+consent naming the items with its revocation and uses, from the rows the
+database keeps for the check (``consent_check``), each grant's terms read
+from its compact record (bound to the signed document by its digest), then
+the rule) costs a small
 constant factor over the floor, a bare indexed lookup of the consent ids
 naming one bundle with the plain driver (``sqlite3``, ``psycopg``).
 
