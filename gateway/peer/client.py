@@ -243,7 +243,11 @@ async def _send_file(writer: AbstractStreamWriter, handle: BinaryIO, length: int
         and transport is not None
         and transport.get_extra_info("sslcontext") is None
     ):
-        writer.send_headers()  # they are otherwise held back to go out with the body
+        # aiohttp from 3.11 holds the headers back to send them with the first body
+        # write; earlier versions have sent them already.
+        send_headers = getattr(writer, "send_headers", None)
+        if send_headers is not None:
+            send_headers()
         await writer.drain()
         sent = await asyncio.get_running_loop().sendfile(transport, handle, 0, length)
         writer.output_size += sent
