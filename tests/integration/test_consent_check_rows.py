@@ -412,14 +412,14 @@ def test_the_triggers_take_the_ledger_lock_of_today() -> None:
     assert _migration().LEDGER_LOCK_KEY == ledger._LOCK_KEY
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("engine_name", ["postgresql"])  # SQLite serialises its writers
 def test_a_revocation_committed_while_a_grant_is_stored_is_kept(
     database_url: str, db: Database
 ) -> None:
     """PostgreSQL, READ COMMITTED: the revocation's trigger waits for the grant's
     transaction (the ledger lock) and then sees its rows; without the lock the grant's
     rows, written from a snapshot without the revocation, would stay unrevoked."""
-    if not database_url.startswith("postgresql"):
-        pytest.skip("SQLite serialises writers: no interleaving to test")
     consent_id = str(uuid.uuid4())
     row, items = grant_row(consent_id, ("b-1",))
     other = open_database(database_url)
