@@ -29,13 +29,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Final, Literal
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 import aiohttp
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http_writer import StreamWriter
-from aiohttp.payload import Payload
 
 from gateway.core.canonical import parse_bounded_json
 from gateway.core.peer_auth import NONCE_BYTES, RequestSigner, sign_request
@@ -227,79 +224,18 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
 
-async def _send_file(writer: AbstractStreamWriter, handle: BinaryIO, length: int) -> int:
-    """Send ``length`` bytes of ``handle`` from its start as the request body; the
-    bytes sent (fewer when the file is shorter).
+async def _stored_body(path: Path, length: int) -> AsyncIterator[bytes]:
+    """A stored envelope file in chunks; refuses one whose length changed meanwhile.
 
-    On a plain connection the kernel sends the file itself (``sendfile``): its
-    bytes are never copied through this process, which on loopback takes five
-    sixths of the sender's CPU off a large envelope. Over TLS (the bytes must be
-    encrypted here) it is read in blocks of :data:`_STREAM_CHUNK` and written.
-    Raises :class:`OSError` from the file or the connection."""
-    transport = writer.transport
-    if (
-        isinstance(writer, StreamWriter)
-        and not writer.chunked
-        and transport is not None
-        and transport.get_extra_info("sslcontext") is None
-    ):
-        # aiohttp from 3.11 holds the headers back to send them with the first body
-        # write; earlier versions have sent them already.
-        send_headers = getattr(writer, "send_headers", None)
-        if send_headers is not None:
-            send_headers()
-        await writer.drain()
-        sent = await asyncio.get_running_loop().sendfile(transport, handle, 0, length)
-        writer.output_size += sent
-        if writer.length is not None:
-            writer.length = max(0, writer.length - sent)
-        return sent
+    Raises :class:`TransportError` (``transport.file``), or :class:`OSError`
+    from the read."""
     sent = 0
-    while sent < length:
-        chunk = await asyncio.to_thread(handle.read, min(_STREAM_CHUNK, length - sent))
-        if not chunk:
-            break
-        sent += len(chunk)
-        await writer.write(chunk)
-    return sent
-
-
-class _StoredEnvelopeBody(Payload):
-    """A stored envelope file of ``length`` bytes as a request body (see
-    :func:`_send_file`). ``on_done`` is called once the body is sent or has
-    failed. Writing raises :class:`TransportError` (``transport.file``) when
-    the file's length is not ``length``, before or after it is sent, and
-    :class:`OSError` from the file or the connection."""
-
-    def __init__(self, path: Path, length: int, on_done: Callable[[], None]) -> None:
-        super().__init__(path, content_type=ENVELOPE_CONTENT_TYPE)
-        self._path = path
-        self._size = length
-        self._on_done = on_done
-
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        raise TypeError("an envelope body is binary")
-
-    async def write(self, writer: AbstractStreamWriter) -> None:
-        await self.write_with_length(writer, None)
-
-    async def write_with_length(
-        self, writer: AbstractStreamWriter, content_length: int | None
-    ) -> None:
-        path, length = self._path, self._size or 0
-        try:
-            with path.open("rb") as handle:
-                if os.fstat(handle.fileno()).st_size != length:
-                    raise TransportError(
-                        f"{path} changed before it was sent", reason="transport.file"
-                    )
-                sent = await _send_file(writer, handle, length)
-            if sent != length:
-                raise TransportError(
-                    f"{path} changed while it was being sent", reason="transport.file"
-                )
-        finally:
-            self._on_done()
+    with path.open("rb") as handle:
+        while chunk := await asyncio.to_thread(handle.read, _STREAM_CHUNK):
+            sent += len(chunk)
+            yield chunk
+    if sent != length:
+        raise TransportError(f"{path} changed while it was being sent", reason="transport.file")
 
 
 class PeerClient:
@@ -524,11 +460,10 @@ class PeerClient:
         self, path: Path, digest: bytes, length: int
     ) -> list[EnvelopeResult]:
         """One large envelope of the store posted as the body itself: its file name is
-        the SHA-256 the request signs, so it is never read to be digested, and it
-        is sent by the kernel where the connection allows (:func:`_send_file`)."""
+        the SHA-256 the request signs, so it is read once, while it streams."""
         try:
             answer = await self._post_envelopes(
-                (path, length), digest, length, ENVELOPE_CONTENT_TYPE
+                _stored_body(path, length), digest, length, ENVELOPE_CONTENT_TYPE
             )
         except OSError as exc:
             raise TransportError(
@@ -537,14 +472,9 @@ class PeerClient:
         return _parse_results(answer, [path])
 
     async def _post_envelopes(
-        self,
-        source: AsyncIterator[bytes] | tuple[Path, int],
-        digest: bytes,
-        length: int,
-        content_type: str,
+        self, source: AsyncIterator[bytes], digest: bytes, length: int, content_type: str
     ) -> bytes:
-        """``POST /v1/envelopes`` with ``source`` as the signed body: chunks, or a
-        stored envelope file and its length (:class:`_StoredEnvelopeBody`).
+        """``POST /v1/envelopes`` with ``source`` as the signed body.
 
         Holds the client's body turn until the body is sent or the request
         ends, so the bodies of calls made side by side go out one after the
@@ -560,9 +490,9 @@ class PeerClient:
                 released = True
                 turn.release()
 
-        async def body(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async def body() -> AsyncIterator[bytes]:
             try:
-                async for chunk in chunks:
+                async for chunk in source:
                     yield chunk
             finally:
                 release()
@@ -571,12 +501,7 @@ class PeerClient:
             headers = self._signed_headers("POST", "/v1/envelopes", digest)
             headers["Content-Type"] = content_type
             headers["Content-Length"] = str(length)
-            data = (
-                _StoredEnvelopeBody(*source, on_done=release)
-                if isinstance(source, tuple)
-                else body(source)
-            )
-            return await self._send("POST", "/v1/envelopes", headers=headers, data=data)
+            return await self._send("POST", "/v1/envelopes", headers=headers, data=body())
         finally:
             release()
 
