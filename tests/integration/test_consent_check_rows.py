@@ -412,6 +412,42 @@ def test_the_triggers_take_the_ledger_lock_of_today() -> None:
     assert _migration().LEDGER_LOCK_KEY == ledger._LOCK_KEY
 
 
+def test_every_trigger_is_in_place_at_the_head(database_url: str, db: Database) -> None:
+    """A later migration that rebuilt one of the five tables (SQLite rebuilds a table
+    to alter it) would drop its triggers, and the rows would go stale unnoticed; on
+    PostgreSQL every trigger function takes today's ledger lock."""
+    migration = _migration()
+    postgresql = database_url.startswith("postgresql")
+    expected = {
+        statement.split()[2]
+        for statement in (
+            migration._postgresql_triggers() if postgresql else migration._sqlite_triggers()
+        )
+        if statement.startswith("CREATE TRIGGER")
+    }
+    assert len(expected) == (4 + 3 if postgresql else 15)  # 3 on inbox, by operation
+    with db.transaction() as session:
+        if postgresql:
+            present = set(
+                session.scalars(text("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal"))
+            )
+            bodies = list(
+                session.scalars(
+                    text(
+                        "SELECT pg_get_functiondef(p.oid) FROM pg_proc p"
+                        " WHERE p.proname LIKE 'consent_check_%'"
+                    )
+                )
+            )
+            assert len(bodies) == len(migration._CHANGES)
+            assert all(f"pg_advisory_xact_lock({ledger._LOCK_KEY})" in body for body in bodies)
+        else:
+            present = set(
+                session.scalars(text("SELECT name FROM sqlite_master WHERE type = 'trigger'"))
+            )
+    assert expected <= present, expected - present
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("engine_name", ["postgresql"])  # SQLite serialises its writers
 def test_a_revocation_committed_while_a_grant_is_stored_is_kept(

@@ -209,6 +209,10 @@ def upgrade() -> None:
         # generation moves all the same).
         op.execute("SET CONSTRAINTS ALL IMMEDIATE")
     op.create_index("ix_consent_grant_bundle_id", "consent_grant", ["bundle_id"])
+    if postgresql:
+        # No write to a table the rows are made from between the fill's snapshot and
+        # the triggers (a node is stopped to upgrade, but nothing relies on it).
+        op.execute(f"LOCK TABLE {', '.join(_CHANGES)} IN SHARE ROW EXCLUSIVE MODE")
     op.execute(_insert("1 = 1"))
     for statement in _postgresql_triggers() if postgresql else _sqlite_triggers():
         op.execute(statement)
