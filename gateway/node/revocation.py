@@ -41,7 +41,7 @@ from gateway.core.receipt import ReceiptInvalid, parse_receipt
 from gateway.core.roles import SYSTEM
 from gateway.errors import StorageError
 from gateway.log import get_logger
-from gateway.node.ledger import record_event
+from gateway.node.ledger import lock_for_append, record_event
 from gateway.node.policy import load_policy
 from gateway.settings import Settings
 from gateway.store.models_exchange import InboxEntry, OutboxEntry, OutboxState, envelope_path
@@ -211,8 +211,15 @@ def mark_peer_revocations(
     ``suspect_since = now`` and a ``bundle-suspect`` ledger entry; a
     ``key-event`` entry (``peer-key-revoked``) counts those and the ones that
     stay readable as verified while trusted. Runs in the caller's transaction.
+
+    Takes the ledger's append lock before it changes any inbox row, the order a
+    batch commit and a retention purge lock in (ledger, then inbox rows): a row
+    changed first would be flushed, and so locked, by the lock's own statement,
+    and a purge holding the ledger lock and waiting for that row would deadlock
+    with this transaction on PostgreSQL.
     """
     reports: list[PeerRevocation] = []
+    lock_for_append(session)
     for revocation in after.revocations:
         if before is not None and before.revocation(revocation.key_id) is not None:
             continue

@@ -10,15 +10,17 @@ API. Times derive from the real clock, as the keys do.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text, update
 
 from gateway.core.roles import Actor, Role
-from gateway.node import own_keys, peer_trust
+from gateway.node import ledger, own_keys, peer_trust
 from gateway.node.context import NodeContext
 from gateway.node.inbox import receive_envelope
 from gateway.node.ledger.read import list_entries
@@ -318,3 +320,65 @@ def test_a_batch_verified_before_a_revocation_is_pinned_is_not_stored_after_it(
     assert delivered in stored
     [again] = commit_batch(ctx, prepare_batch(ctx, [path], now=utc_now()), now=utc_now())
     assert isinstance(again.error, VerificationError)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("engine_name", ["postgresql"])  # SQLite serialises its writers
+def test_a_pin_marking_suspects_waits_for_the_ledger_before_it_locks_an_inbox_row(
+    exchanged: tuple[ApiNode, ApiNode, str],
+) -> None:
+    """A purge holds the ledger lock and then changes inbox rows; a pin that marks
+    those rows suspect must take the ledger lock before it touches them, or the two
+    transactions deadlock (PostgreSQL then aborts one of them)."""
+    jp, pk, bundle_id = exchanged
+    receipted(jp, pk, bundle_id)
+    with jp.node.db.transaction() as session:
+        change = own_keys.revoke_key(
+            jp.node.settings, session, PASSPHRASE.encode(), jp.keyring().signing_key_id,
+            "laptop lost", now=utc_now(), actor=ADMIN,
+            compromised_since=utc_now() - timedelta(hours=1),
+        )  # fmt: skip
+    failures: list[BaseException] = []
+
+    def pin() -> None:
+        try:
+            with pk.node.db.transaction() as session:
+                peer_trust.apply_peer_manifest(
+                    session, change.manifest.raw, node="jp", now=utc_now()
+                )
+        except BaseException as exc:
+            failures.append(exc)
+
+    pinning = threading.Thread(target=pin)
+    with pk.node.db.transaction() as purge:
+        ledger.lock_for_append(purge)
+        pinning.start()
+        deadline = time.monotonic() + 30
+        while not _waits_for_an_advisory_lock(pk) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _waits_for_an_advisory_lock(pk), "the pin never waited for the ledger lock"
+        purge.execute(text("SET LOCAL lock_timeout = '5s'"))
+        purge.execute(
+            update(InboxEntry)
+            .where(InboxEntry.bundle_id == bundle_id)
+            .values(envelope_body=InboxEntry.envelope_body)
+        )  # the row is free: the pin has not locked it
+    pinning.join(timeout=60)
+    assert not pinning.is_alive()
+    assert failures == []
+    with pk.node.db.transaction() as session:
+        row = session.scalars(select(InboxEntry).where(InboxEntry.bundle_id == bundle_id)).one()
+    assert row.suspect_since is not None
+
+
+def _waits_for_an_advisory_lock(node: ApiNode) -> bool:
+    with node.node.db.transaction() as session:
+        return bool(
+            session.scalar(
+                text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    " AND database = (SELECT oid FROM pg_database"
+                    " WHERE datname = current_database())"
+                )
+            )
+        )
