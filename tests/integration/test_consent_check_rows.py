@@ -23,11 +23,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import nacl.signing
 import pytest
 from sqlalchemy import delete, insert, select, text, update
 
-from gateway.core.consent import ConsentGrant, sign_grant, terms_record
+from gateway.core.consent import terms_record
 from gateway.node import ledger
 from gateway.node.consent.queries import (
     _stored_time,
@@ -45,9 +44,9 @@ from gateway.store.models_consent import (
     DisclosureRecord,
 )
 from gateway.store.models_exchange import InboxEntry
+from tests.consent_store import node_database, signed_grant
 
 T0 = datetime(2026, 11, 25, tzinfo=UTC)
-KEY = nacl.signing.SigningKey(bytes(range(32)))
 MIGRATION = Path(__file__).parents[2] / "gateway/store/migrations/versions/0023_consent_check.py"
 
 # What the check's rows must be: every (bundle, received consent) pair from the base tables.
@@ -76,12 +75,7 @@ def _migration() -> ModuleType:
 
 @pytest.fixture
 def db(database_url: str) -> Iterator[Database]:
-    database = open_database(database_url)
-    database.upgrade()
-    with database.transaction() as session:
-        session.add(NodeRecord(node_id="jp", created_at=T0, software_version="test"))
-    yield database
-    database.dispose()
+    yield from node_database(database_url, created_at=T0)
 
 
 def _time(value: Any) -> datetime | None:
@@ -108,21 +102,9 @@ def assert_rows_match(db: Database) -> set[tuple[object, ...]]:
 def grant_row(
     consent_id: str, items: tuple[str, ...], *, direction: str = "received", purpose: str = "visa"
 ) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    written = ConsentGrant(
-        consent_id=consent_id,
-        request_id=str(uuid.uuid4()),
-        items=tuple(sorted(items)),
-        third_party="Embassy of Example",
-        purpose=purpose,
-        valid_from=T0,
-        valid_until=T0 + timedelta(days=30),
-        max_uses=None,
-        conditions="",
-        granting_officer="bilal",
-        granting_node="pk",
-        key_id="k-test",
+    written, signed = signed_grant(
+        consent_id, items, valid_from=T0, third_party="Embassy of Example", purpose=purpose
     )
-    signed = sign_grant(written, lambda message: KEY.sign(message).signature)
     row = {
         "consent_id": consent_id, "request_id": written.request_id, "direction": direction,
         "granting_node": "pk", "key_id": "k-test", "document": signed.document,

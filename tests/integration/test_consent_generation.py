@@ -18,17 +18,14 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import nacl.signing
 import pytest
 from sqlalchemy import select, text, update
 
 from gateway.core.consent import (
-    ConsentGrant,
     DisclosureItem,
     Missing,
     consent_problem,
     decide_disclosure,
-    sign_grant,
 )
 from gateway.errors import StorageError
 from gateway.node.consent.queries import (
@@ -49,41 +46,29 @@ from gateway.store.models_consent import (
     DisclosureRecord,
 )
 from gateway.store.models_exchange import InboxEntry
+from tests.consent_store import node_database, signed_grant
 
 T0 = datetime(2026, 11, 25, tzinfo=UTC)
 NOW = T0 + timedelta(days=1)
 RECIPIENT = "Embassy of Example"
 PURPOSE = "visa screening"
-KEY = nacl.signing.SigningKey(bytes(range(32)))
 
 
 @pytest.fixture
 def db(database_url: str) -> Iterator[Database]:
-    database = open_database(database_url)
-    database.upgrade()
-    with database.transaction() as session:
-        session.add(NodeRecord(node_id="jp", created_at=T0, software_version="test"))
-    yield database
-    database.dispose()
+    yield from node_database(database_url, created_at=T0)
 
 
 def add_grant(db: Database, bundle_id: str, *, max_uses: int | None = None) -> str:
     """A received grant from pk naming ``bundle_id``; returns its consent id."""
-    written = ConsentGrant(
-        consent_id=str(uuid.uuid4()),
-        request_id=str(uuid.uuid4()),
-        items=(bundle_id,),
+    written, signed = signed_grant(
+        str(uuid.uuid4()),
+        (bundle_id,),
+        valid_from=T0,
         third_party=RECIPIENT,
         purpose=PURPOSE,
-        valid_from=T0,
-        valid_until=T0 + timedelta(days=30),
         max_uses=max_uses,
-        conditions="",
-        granting_officer="bilal",
-        granting_node="pk",
-        key_id="k-test",
     )
-    signed = sign_grant(written, lambda message: KEY.sign(message).signature)
     with db.transaction() as session:
         session.add(
             ConsentGrantRecord(

@@ -15,7 +15,6 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import nacl.signing
 import pytest
 from sqlalchemy import select, text, update
 
@@ -40,22 +39,18 @@ from gateway.store.models_consent import (
     ConsentGrantRecord,
     ConsentRevocationRecord,
 )
+from tests.consent_store import GRANT_KEY, node_database
 
 T0 = datetime(2026, 11, 25, tzinfo=UTC)
 NOW = T0 + timedelta(days=3)
 RECIPIENTS = ("Embassy of Example", "  embassy OF  example ", "Press Agency")
 PURPOSES = ("visa screening", "Visa Screening", "broker investigation")
-KEY = nacl.signing.SigningKey(bytes(range(32)))
+KEY = GRANT_KEY
 
 
 @pytest.fixture
 def db(database_url: str) -> Iterator[Database]:
-    database = open_database(database_url)
-    database.upgrade()
-    with database.transaction() as session:
-        session.add(NodeRecord(node_id="jp", created_at=T0, software_version="test"))
-    yield database
-    database.dispose()
+    yield from node_database(database_url, created_at=T0)
 
 
 def written_grant(
