@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import random
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -468,7 +469,13 @@ def test_a_revocation_committed_while_a_grant_is_stored_is_kept(
             connection.execute(insert(ConsentGrantItem), items)
             worker = threading.Thread(target=revoke)
             worker.start()
-            assert not done.wait(1.0)  # held by the grant's transaction
+            # Held by the grant's transaction: seen as the revocation waiting for a lock
+            # (polled; a timed wait meant to run out does not end under a shifted clock).
+            deadline = time.monotonic() + 30
+            while not _waiting_for_a_lock(db) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert _waiting_for_a_lock(db), "the revocation never waited for the grant"
+            assert not done.is_set()
         worker.join(30)
         assert done.is_set()
         assert not failure
@@ -480,3 +487,16 @@ def test_a_revocation_committed_while_a_grant_is_stored_is_kept(
         assert_rows_match(db)
     finally:
         other.dispose()
+
+
+def _waiting_for_a_lock(db: Database) -> bool:
+    """Whether another session of this database waits for a lock (PostgreSQL)."""
+    with db.engine.connect() as connection:
+        return bool(
+            connection.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND wait_event_type = 'Lock'"
+                )
+            )
+        )
