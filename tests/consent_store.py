@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 import nacl.signing
@@ -17,14 +18,17 @@ GRANT_KEY = nacl.signing.SigningKey(bytes(range(32)))
 """The key the test grants are signed with (``key_id`` ``k-test``)."""
 
 
+@contextmanager
 def node_database(url: str, *, created_at: datetime) -> Iterator[Database]:
-    """``url`` migrated to the head, holding node ``jp``; disposed after the test."""
+    """``url`` migrated to the head, holding node ``jp``; disposed on leaving."""
     database = open_database(url)
-    database.upgrade()
-    with database.transaction() as session:
-        session.add(NodeRecord(node_id="jp", created_at=created_at, software_version="test"))
-    yield database
-    database.dispose()
+    try:
+        database.upgrade()
+        with database.transaction() as session:
+            session.add(NodeRecord(node_id="jp", created_at=created_at, software_version="test"))
+        yield database
+    finally:
+        database.dispose()
 
 
 def signed_grant(

@@ -35,7 +35,6 @@ from gateway.node.consent.queries import (
     load_consent_states,
 )
 from gateway.store.db import Database, open_database
-from gateway.store.models import NodeRecord
 from gateway.store.models_consent import (
     ConsentCheckRow,
     ConsentGrantItem,
@@ -76,7 +75,8 @@ def _migration() -> ModuleType:
 
 @pytest.fixture
 def db(database_url: str) -> Iterator[Database]:
-    yield from node_database(database_url, created_at=T0)
+    with node_database(database_url, created_at=T0) as database:
+        yield database
 
 
 def _time(value: Any) -> datetime | None:
@@ -363,11 +363,7 @@ def test_the_check_reads_the_rows_and_the_recorded_decision_the_base_tables(
 def test_the_migration_fills_the_rows_and_goes_down_and_up(database_url: str) -> None:
     from alembic import command  # noqa: PLC0415
 
-    db = open_database(database_url)
-    try:
-        db.upgrade()
-        with db.transaction() as session:
-            session.add(NodeRecord(node_id="jp", created_at=T0, software_version="test"))
+    with node_database(database_url, created_at=T0) as db:
         command.downgrade(db.alembic_config(), "0022_consent_terms")
         world = World(db, random.Random(3))
         for _ in range(60):
@@ -387,8 +383,6 @@ def test_the_migration_fills_the_rows_and_goes_down_and_up(database_url: str) ->
             world.step()  # no triggers left behind that name a dropped table
         command.upgrade(db.alembic_config(), "heads")
         assert_rows_match(db)
-    finally:
-        db.dispose()
 
 
 def test_the_triggers_take_the_ledger_lock_of_today() -> None:

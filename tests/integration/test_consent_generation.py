@@ -56,7 +56,8 @@ PURPOSE = "visa screening"
 
 @pytest.fixture
 def db(database_url: str) -> Iterator[Database]:
-    yield from node_database(database_url, created_at=T0)
+    with node_database(database_url, created_at=T0) as database:
+        yield database
 
 
 def add_grant(db: Database, bundle_id: str, *, max_uses: int | None = None) -> str:

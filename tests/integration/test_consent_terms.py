@@ -32,8 +32,7 @@ from gateway.core.roles import SYSTEM
 from gateway.errors import InvalidInput
 from gateway.node.consent.queries import check_consent_states, load_consent_states
 from gateway.node.consent.records import store_grant
-from gateway.store.db import Database, open_database
-from gateway.store.models import NodeRecord
+from gateway.store.db import Database
 from gateway.store.models_consent import (
     ConsentGrantItem,
     ConsentGrantRecord,
@@ -50,7 +49,8 @@ KEY = GRANT_KEY
 
 @pytest.fixture
 def db(database_url: str) -> Iterator[Database]:
-    yield from node_database(database_url, created_at=T0)
+    with node_database(database_url, created_at=T0) as database:
+        yield database
 
 
 def written_grant(
@@ -252,11 +252,7 @@ def test_the_migration_fills_the_records_of_existing_grants(database_url: str) -
     whose document does not read as its grant gets none (and is then parsed, and refused)."""
     from alembic import command  # noqa: PLC0415
 
-    db = open_database(database_url)
-    try:
-        db.upgrade()
-        with db.transaction() as session:
-            session.add(NodeRecord(node_id="jp", created_at=T0, software_version="test"))
+    with node_database(database_url, created_at=T0) as db:
         command.downgrade(db.alembic_config(), "0016_consent_generation")
         grants = [written_grant((f"b-{n}",), max_uses=n or None) for n in range(3)]
         with db.engine.begin() as connection:
@@ -308,8 +304,6 @@ def test_the_migration_fills_the_records_of_existing_grants(database_url: str) -
         with db.transaction() as session:
             assert session.scalar(select(ConsentGrantItem.bundle_id).limit(1)) is not None
         command.upgrade(db.alembic_config(), "heads")
-    finally:
-        db.dispose()
 
 
 def test_a_record_of_any_shape_gives_terms_or_none_and_never_raises() -> None:
