@@ -189,26 +189,30 @@ class Database:
 
     @contextmanager
     def read_connection(self) -> Iterator[Any]:
-        """A DB-API connection inside one read transaction, for hot read paths.
+        """A DB-API connection for hot read paths; each statement reads committed data.
 
         The driver's own connection (``sqlite3`` or ``psycopg``), no ORM
         session: statements are plain SQL strings the driver prepares once and
-        keeps (SQLite's statement cache; psycopg's automatic prepare). On
-        SQLite each thread keeps one connection of its own for this (opened
-        with the engine's pragmas, closed by :meth:`dispose`) and the
-        transaction is a deferred ``BEGIN``: no write lock, one snapshot. On
-        PostgreSQL a pooled connection, READ COMMITTED. Always rolled back:
-        nothing may be written through it. Driver errors become
-        :class:`StorageError`.
+        keeps (SQLite's statement cache; psycopg's automatic prepare). Each
+        statement reads what was committed when it started, on both engines:
+        a caller that needs two statements to agree orders them so that it
+        does not matter (as the consent check does). On SQLite each thread
+        keeps one connection of its own for this (opened with the engine's
+        pragmas and ``PRAGMA query_only``, closed by :meth:`dispose`) and no
+        transaction is opened: a statement takes no write lock and no
+        ``BEGIN``/``ROLLBACK`` pair is spent per call. On PostgreSQL a pooled
+        connection, READ COMMITTED, rolled back after use. Nothing may be
+        written through it: SQLite refuses any write on it, and a write on
+        PostgreSQL is rolled back. Driver errors become :class:`StorageError`.
         """
         if self.is_sqlite:
             driver = self._sqlite_reader()
             try:
-                driver.execute("BEGIN")
                 try:
                     yield driver
                 finally:
-                    driver.rollback()
+                    if driver.in_transaction:  # only if a caller opened one itself
+                        driver.rollback()
             except sqlite3.Error as exc:
                 raise StorageError(f"database unavailable or locked: {exc!s}".strip()) from exc
             return
@@ -241,6 +245,7 @@ class Database:
                 database, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000, check_same_thread=False
             )
             _sqlite_pragmas(reader, None)
+            reader.execute("PRAGMA query_only=ON")
         except sqlite3.Error as exc:
             raise StorageError(f"database unavailable: {exc!s}".strip()) from exc
         with self._readers_lock:

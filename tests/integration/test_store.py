@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, inspect, select
 
+from gateway.errors import StorageError
 from gateway.store.db import open_database
 from gateway.store.models import NodeRecord
 
@@ -81,6 +82,48 @@ def test_naive_times_are_refused(database_url: str) -> None:
 
         with pytest.raises(Exception, match="naive datetime"):
             write_naive()
+    finally:
+        db.dispose()
+
+
+def test_the_read_connection_writes_nothing_and_each_statement_sees_what_was_committed(
+    database_url: str,
+) -> None:
+    db = open_database(database_url)
+    try:
+        db.upgrade()
+        now = datetime(2026, 1, 1, tzinfo=UTC)
+        count = "SELECT count(*) FROM node"
+        with db.read_connection() as reader:
+            cursor = reader.cursor()
+            cursor.execute(count)
+            assert cursor.fetchone()[0] == 0
+            # A commit made between two statements of one read is seen by the second.
+            with db.transaction() as session:
+                session.add(NodeRecord(node_id="jp", created_at=now, software_version="t"))
+            cursor.execute(count)
+            assert cursor.fetchone()[0] == 1
+            cursor.close()
+        insert = (
+            "INSERT INTO node (node_id, created_at, software_version) VALUES ('pk', {}, 't')"
+        ).format("'2026-01-01 00:00:00.000000'" if db.is_sqlite else "now()")
+
+        def write_through_the_reader() -> None:
+            with db.read_connection() as reader:
+                reader.cursor().execute(insert)
+
+        if db.is_sqlite:
+            with pytest.raises(StorageError, match="readonly"):  # query_only refuses it ...
+                write_through_the_reader()
+        else:
+            write_through_the_reader()  # ... PostgreSQL takes it and rolls it back on leaving
+        with db.read_connection() as reader:
+            if db.is_sqlite:
+                assert not reader.in_transaction
+            cursor = reader.cursor()
+            cursor.execute("SELECT node_id FROM node")
+            assert [row[0] for row in cursor.fetchall()] == ["jp"]  # ... and nothing was kept
+            cursor.close()
     finally:
         db.dispose()
 
