@@ -30,7 +30,11 @@ from gateway.core.consent import (
 )
 from gateway.core.roles import SYSTEM
 from gateway.errors import InvalidInput
-from gateway.node.consent.queries import check_consent_states, load_consent_states
+from gateway.node.consent.queries import (
+    ConsentStateCache,
+    check_consent_states,
+    load_consent_states,
+)
 from gateway.node.consent.records import store_grant
 from gateway.store.db import Database
 from gateway.store.models_consent import (
@@ -207,6 +211,8 @@ def test_a_record_that_is_missing_or_not_bound_to_the_document_is_not_used(
             "bad time": record.replace(b"+00:00", b"+09:00", 1),
             "bool uses": record.replace(b",null]", b",true]"),
         }
+    (before,) = check_consent_states(db, ["b-1"])
+    assert isinstance(before.grant, GrantTerms)  # the record, now kept by the cache
     set_terms(db, written.consent_id, records[damage])
     (state,) = check_consent_states(db, ["b-1"])
     assert isinstance(state.grant, ConsentGrant)  # read from the document
@@ -221,6 +227,8 @@ def test_a_replaced_document_is_read_not_its_old_record(db: Database) -> None:
     """The record of the old bytes no longer matches: the new document is parsed."""
     written = written_grant(("b-1",))
     store(db, written)
+    (before,) = check_consent_states(db, ["b-1"])  # the record's terms, now kept by the cache
+    assert before.grant == written.terms()
     replacement = written_grant(("b-1",), third_party="Press Agency")
     replacement = ConsentGrant(**{**_fields(replacement), "consent_id": written.consent_id})
     signed = sign_grant(replacement, lambda message: KEY.sign(message).signature)
@@ -347,3 +355,30 @@ def test_a_record_of_any_shape_gives_terms_or_none_and_never_raises() -> None:
     ]
     for shape in shapes:
         assert terms_from_record(shape, consent_id=written.consent_id, document=document) is None
+
+
+def test_the_cache_keeps_checked_terms_only_for_the_exact_bytes_they_came_from() -> None:
+    written = written_grant(("b-1", "b-2"))
+    signed = sign_grant(written, lambda message: KEY.sign(message).signature)
+    record = terms_record(written, signed.document)
+    assert record is not None
+    cache = ConsentStateCache()
+    first = cache.terms(written.consent_id, record, signed.document)
+    assert first == written.terms()
+    assert cache.terms(written.consent_id, bytes(record), bytes(signed.document)) is first
+    assert cache.terms(written.consent_id, memoryview(record), signed.document) is first
+    # One byte of either differs: checked again, and refused.
+    assert cache.terms(written.consent_id, record, signed.document + b" ") is None
+    assert (
+        cache.terms(written.consent_id, record.replace(b"[1,", b"[2,", 1), signed.document) is None
+    )
+    assert cache.terms("another", record, signed.document) is None
+    # Bounded by the bytes it keeps: past the bound it starts empty.
+    cache.MAX_TERMS_BYTES = len(record) + len(signed.document)
+    other = written_grant(("b-3",))
+    other_signed = sign_grant(other, lambda message: KEY.sign(message).signature)
+    other_record = terms_record(other, other_signed.document)
+    assert other_record is not None
+    kept = cache.terms(other.consent_id, other_record, other_signed.document)
+    assert kept == other.terms()
+    assert cache.terms(written.consent_id, record, signed.document) is not first  # dropped

@@ -112,6 +112,10 @@ class ConsentStateCache:
     * the parsed grant of each consent id, with the exact stored bytes it was
       read from. Signed documents never change, so a parse is reused for as
       long as the row holds the same bytes, across generations;
+    * the same for the terms read from each consent's compact record
+      (:func:`terms_from_record`), kept with the exact record and document
+      bytes they were read and checked from: a record or document rewritten
+      in any byte is read and checked again;
     * the states naming each bundle id (grant, revocation, uses, suspect
       mark), kept only while the database's generation equals
       :attr:`generation`. The triggers of migration ``0016_consent_generation``
@@ -119,18 +123,22 @@ class ConsentStateCache:
       suspect mark, by any connection or process, so a check that reads a
       new value drops them all and reads again.
 
-    Bounded: past :data:`MAX_BUNDLES` bundles or :data:`MAX_GRANTS` parsed
-    grants a level starts empty again.
+    Bounded: past :data:`MAX_BUNDLES` bundles, :data:`MAX_GRANTS` parsed
+    grants or :data:`MAX_TERMS_BYTES` of kept records and documents a level
+    starts empty again.
     """
 
     MAX_BUNDLES = 200_000
     MAX_GRANTS = 200_000
+    MAX_TERMS_BYTES = 64 << 20
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.generation: int | None = None
         self._by_bundle: dict[str, tuple[ConsentState, ...]] = {}
         self._grants: dict[str, tuple[bytes, ConsentGrant]] = {}
+        self._terms: dict[str, tuple[bytes, bytes, GrantTerms]] = {}
+        self._terms_bytes = 0
 
     def states(
         self, generation: int, bundle_ids: Sequence[str]
@@ -171,6 +179,29 @@ class ConsentStateCache:
                 self._grants.clear()
             self._grants[consent_id] = (document, written)
         return written
+
+    def terms(self, consent_id: str, record: Any, document: bytes) -> GrantTerms | None:
+        """The terms ``record`` holds for ``document`` (:func:`terms_from_record`), checked once
+        per consent id and exact stored bytes; ``None`` when the record may not be used."""
+        if isinstance(record, memoryview):
+            record = bytes(record)
+        with self._lock:
+            held = self._terms.get(consent_id)
+        if held is not None and held[0] == record and held[1] == document:
+            return held[2]
+        terms = terms_from_record(record, consent_id=consent_id, document=document)
+        if terms is not None and isinstance(record, bytes):
+            size = len(record) + len(document)
+            with self._lock:
+                if self._terms_bytes + size > self.MAX_TERMS_BYTES:
+                    self._terms.clear()
+                    self._terms_bytes = 0
+                old = self._terms.get(consent_id)
+                if old is not None:
+                    self._terms_bytes -= len(old[0]) + len(old[1])
+                self._terms[consent_id] = (record, document, terms)
+                self._terms_bytes += size
+        return terms
 
 
 def _parse_document(document: bytes) -> Any:
@@ -226,9 +257,7 @@ def _read_states(
             if state is None:
                 signed = bytes(document)
                 grant: ConsentGrant | GrantTerms | None = (
-                    terms_from_record(terms, consent_id=consent_id, document=signed)
-                    if stored_terms
-                    else None
+                    cache.terms(consent_id, terms, signed) if stored_terms else None
                 )
                 state = states[consent_id] = ConsentState(
                     cache.grant(consent_id, signed) if grant is None else grant,
@@ -253,8 +282,8 @@ def _consent_states(
     try:
         if cached_states:
             # The generation first: rows read after it are at least as new, so what
-            # is kept under it is never older than it says (PostgreSQL reads each
-            # statement at its own snapshot; SQLite's read transaction has one).
+            # is kept under it is never older than it says (each statement reads at
+            # its own snapshot, on both engines: Database.read_connection).
             cursor.execute(_GENERATION_SQL)
             row = cursor.fetchone()
             if row is None:
@@ -306,11 +335,12 @@ def load_consent_states(session: Session, bundle_ids: Sequence[str]) -> list[Con
 
 
 def check_consent_states(db: Database, bundle_ids: Sequence[str]) -> list[ConsentState]:
-    """The states :func:`load_consent_states` returns, in a read transaction of its own.
+    """The states :func:`load_consent_states` returns, read outside any write transaction.
 
     For a check that records nothing (the first look before decrypting; a
     decision that is recorded is taken again under the ledger lock):
-    :meth:`Database.read_connection` (no write lock), the consent generation
+    :meth:`Database.read_connection` (no write lock, no transaction: each
+    statement reads what was committed when it started), the consent generation
     read first, and the states of bundles already read at that generation
     served from :class:`ConsentStateCache`. A grant, revocation, use or
     suspect mark committed by any connection or process before the call has
