@@ -507,7 +507,7 @@ def section_consent(ctx: Context) -> None:
     """Consent-check latency beside a bare indexed lookup (``benchmarks/consent.py``)."""
     from consent import section_consent_check  # noqa: PLC0415 - the script beside this one
 
-    section_consent_check(ctx)
+    section_consent_check(ctx, repeats=ctx.repeats)
 
 
 SECTIONS: dict[str, Callable[[Context], None]] = {
