@@ -356,7 +356,18 @@ _EXAMPLE = (
 )
 
 
-class GrantTerms(NamedTuple):
+class _TermsFields(NamedTuple):
+    consent_id: str
+    granting_node: str
+    items: tuple[str, ...]
+    third_party: str
+    purpose: str
+    valid_from: datetime
+    valid_until: datetime
+    max_uses: int | None
+
+
+class GrantTerms(_TermsFields, _NamedParties):
     """The terms of a grant that :func:`decide_disclosure` reads, and nothing else.
 
     Kept beside each stored grant as a compact record (:func:`terms_record`),
@@ -371,23 +382,7 @@ class GrantTerms(NamedTuple):
     a frozen dataclass's time.
     """
 
-    consent_id: str
-    granting_node: str
-    items: tuple[str, ...]
-    third_party: str
-    purpose: str
-    valid_from: datetime
-    valid_until: datetime
-    max_uses: int | None
-
-    # The keys :class:`_NamedParties` gives a grant (a named tuple takes no base class).
-    @property
-    def third_party_key(self) -> str:
-        return normalise_name(self.third_party)
-
-    @property
-    def purpose_key(self) -> str:
-        return normalise_name(self.purpose)
+    __slots__ = ()
 
 
 TERMS_VERSION: Final = 1
