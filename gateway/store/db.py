@@ -202,8 +202,11 @@ class Database:
         transaction is opened: a statement takes no write lock and no
         ``BEGIN``/``ROLLBACK`` pair is spent per call. On PostgreSQL a pooled
         connection, READ COMMITTED, rolled back after use. Nothing may be
-        written through it: SQLite refuses any write on it, and a write on
-        PostgreSQL is rolled back. Driver errors become :class:`StorageError`.
+        written through it: SQLite refuses any write on it; on PostgreSQL a
+        write (never to be committed here) is rolled back on leaving. Close
+        every cursor or read it to the end before leaving: on SQLite an
+        unfinished statement keeps its snapshot, and the connection is the
+        thread's for its next use. Driver errors become :class:`StorageError`.
         """
         if self.is_sqlite:
             driver = self._sqlite_reader()

@@ -373,12 +373,17 @@ def test_the_cache_keeps_checked_terms_only_for_the_exact_bytes_they_came_from()
         cache.terms(written.consent_id, record.replace(b"[1,", b"[2,", 1), signed.document) is None
     )
     assert cache.terms("another", record, signed.document) is None
-    # Bounded by the bytes it keeps: past the bound it starts empty.
-    cache.MAX_TERMS_BYTES = len(record) + len(signed.document)
-    other = written_grant(("b-3",))
-    other_signed = sign_grant(other, lambda message: KEY.sign(message).signature)
-    other_record = terms_record(other, other_signed.document)
-    assert other_record is not None
-    kept = cache.terms(other.consent_id, other_record, other_signed.document)
-    assert kept == other.terms()
+    # Bounded by the bytes it keeps: the oldest entry goes first to make room.
+    cache.MAX_TERMS_BYTES = 2 * (len(record) + len(signed.document))
+    later = []
+    for items in (("b-3",), ("b-4",)):
+        grant = written_grant(items)
+        grant_signed = sign_grant(grant, lambda message: KEY.sign(message).signature)
+        grant_record = terms_record(grant, grant_signed.document)
+        assert grant_record is not None
+        kept = cache.terms(grant.consent_id, grant_record, grant_signed.document)
+        assert kept == grant.terms()
+        later.append((grant.consent_id, grant_record, grant_signed.document, kept))
     assert cache.terms(written.consent_id, record, signed.document) is not first  # dropped
+    newest = later[-1]
+    assert cache.terms(*newest[:3]) is newest[3]  # the newest stayed

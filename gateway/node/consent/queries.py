@@ -106,7 +106,7 @@ def _stored_time(value: Any) -> datetime | None:
 class ConsentStateCache:
     """Consent states of one database, valid for one value of its consent generation.
 
-    Two levels, both guarded by one lock (the local API's worker threads
+    Three levels, all guarded by one lock (the local API's worker threads
     share a node's cache):
 
     * the parsed grant of each consent id, with the exact stored bytes it was
@@ -123,9 +123,10 @@ class ConsentStateCache:
       suspect mark, by any connection or process, so a check that reads a
       new value drops them all and reads again.
 
-    Bounded: past :data:`MAX_BUNDLES` bundles, :data:`MAX_GRANTS` parsed
-    grants or :data:`MAX_TERMS_BYTES` of kept records and documents a level
-    starts empty again.
+    Bounded: past :data:`MAX_BUNDLES` bundles or :data:`MAX_GRANTS` parsed
+    grants a level starts empty again; the terms level drops its oldest
+    entries to keep about :data:`MAX_TERMS_BYTES` of records and documents
+    (the bytes counted, not the objects around them).
     """
 
     MAX_BUNDLES = 200_000
@@ -193,12 +194,13 @@ class ConsentStateCache:
         if terms is not None and isinstance(record, bytes):
             size = len(record) + len(document)
             with self._lock:
-                if self._terms_bytes + size > self.MAX_TERMS_BYTES:
-                    self._terms.clear()
-                    self._terms_bytes = 0
-                old = self._terms.get(consent_id)
+                old = self._terms.pop(consent_id, None)
                 if old is not None:
                     self._terms_bytes -= len(old[0]) + len(old[1])
+                # Oldest first out until the new entry fits (a dict keeps insertion order).
+                while self._terms and self._terms_bytes + size > self.MAX_TERMS_BYTES:
+                    gone = self._terms.pop(next(iter(self._terms)))
+                    self._terms_bytes -= len(gone[0]) + len(gone[1])
                 self._terms[consent_id] = (record, document, terms)
                 self._terms_bytes += size
         return terms
@@ -236,7 +238,9 @@ def _read_states(
     *,
     stored_terms: bool,
 ) -> dict[str, tuple[ConsentState, ...]]:
-    """Every asked bundle id -> the received consents naming it, read in ``cursor``'s transaction.
+    """Every asked bundle id -> the received consents naming it: one statement per chunk
+    of :data:`_MAX_ASK` ids, each reading at its own snapshot (or in the caller's
+    transaction, when ``cursor`` is inside one).
 
     With ``stored_terms``, the rows come from ``consent_check`` and a
     grant's terms from its compact record where that is bound to the stored
@@ -293,15 +297,20 @@ def _consent_states(
             generation = int(row[0])
             known = cache.states(generation, asked)
             missing = [b for b in asked if b not in known]
+            fresh = set(missing)
             if missing:
                 found = _read_states(cursor, cache, missing, mark, stored_terms=True)
                 cache.store(generation, found)
                 known.update(found)
         else:
             known = _read_states(cursor, cache, asked, mark, stored_terms=False)
+            fresh = set(asked)
     finally:
         cursor.close()
-    by_id = {state.consent_id: state for b in asked for state in known[b]}
+    # A consent met both in the cached states (read at the generation) and in rows
+    # read just now: the fresh state wins (each statement reads at its own snapshot).
+    by_id = {state.consent_id: state for b in asked if b not in fresh for state in known[b]}
+    by_id.update((state.consent_id, state) for b in asked if b in fresh for state in known[b])
     return [by_id[consent_id] for consent_id in sorted(by_id)]
 
 
