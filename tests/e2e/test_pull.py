@@ -327,7 +327,9 @@ def test_killing_puller_and_host_mid_pull_loses_and_doubles_nothing(pair: Pair) 
     midway = pair.pk.received(sent["jp"])
     assert midway < len(sent["jp"])
     pair.pk.start()
-    wait_for("pulling resumed", lambda: pair.pk.received(sent["jp"]) >= midway + 20)
+    # Killed at the first sign that pulling resumed (see the same test in
+    # test_exchange.py: waiting for more could let the pull finish before the kill).
+    wait_for("pulling resumed", lambda: pair.pk.received(sent["jp"]) > midway)
     pair.jp.kill()
     assert pair.jp.queued(sent["jp"]) > 0
     pair.jp.start()
