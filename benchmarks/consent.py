@@ -247,11 +247,39 @@ def section_consent_check(
             now=NOW,
         ).allowed
 
+    wall = time.perf_counter_ns
+    cpu = time.thread_time_ns
+
+    def one_pass(db: Database) -> tuple[tuple[list[float], ...], list[bool]]:
+        """Floor and check times (seconds) of every ask (wall floor, wall check, CPU
+        floor, CPU check), and whether each check allowed its ask."""
+        times: tuple[list[float], ...] = ([], [], [], [])
+        allowed: list[bool] = []
+        for ask, (recipient, purpose) in zip(asks, wanted, strict=True):
+            # Both clocks around each call: the wall clock includes any wait for a
+            # core (which a shared machine's scheduler adds to either side at
+            # random); this thread's CPU time does not.
+            wall_start, cpu_start = wall(), cpu()
+            floor(ask)
+            cpu_middle, wall_middle = cpu(), wall()
+            allowed.append(check(db, ask, recipient, purpose))
+            cpu_end, wall_end = cpu(), wall()
+            for samples, seconds in zip(
+                times,
+                (
+                    wall_middle - wall_start,
+                    wall_end - wall_middle,
+                    cpu_middle - cpu_start,
+                    cpu_end - cpu_middle,
+                ),
+                strict=True,
+            ):
+                samples.append(seconds / 1e9)
+        return times, allowed
+
     # Per pass and clock: one (floor p50, floor p99, check p50, check p99) per repetition.
     passes: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
     outcomes = {True: 0, False: 0}
-    wall = time.perf_counter_ns
-    cpu = time.thread_time_ns
     try:
         for repetition in range(repeats):
             db = open_database(ctx.db.url)
@@ -260,25 +288,10 @@ def section_consent_check(
                     if name == "moved":
                         with ctx.db.transaction() as session:
                             session.execute(text(MOVE_GENERATION))
-                    floor_wall: list[float] = []
-                    check_wall: list[float] = []
-                    floor_cpu: list[float] = []
-                    check_cpu: list[float] = []
-                    for ask, (recipient, purpose) in zip(asks, wanted, strict=True):
-                        # Both clocks around each call: the wall clock includes any wait
-                        # for a core (which a shared machine's scheduler adds to either
-                        # side at random); this thread's CPU time does not.
-                        wall_start, cpu_start = wall(), cpu()
-                        floor(ask)
-                        cpu_middle, wall_middle = cpu(), wall()
-                        allowed = check(db, ask, recipient, purpose)
-                        cpu_end, wall_end = cpu(), wall()
-                        floor_wall.append((wall_middle - wall_start) / 1e9)
-                        check_wall.append((wall_end - wall_middle) / 1e9)
-                        floor_cpu.append((cpu_middle - cpu_start) / 1e9)
-                        check_cpu.append((cpu_end - cpu_middle) / 1e9)
-                        if name == "cold" and repetition == 0:
-                            outcomes[allowed] += 1
+                    (floor_wall, check_wall, floor_cpu, check_cpu), allowed = one_pass(db)
+                    if name == "cold" and repetition == 0:
+                        for answer in allowed:
+                            outcomes[answer] += 1
                     for clock, floor_times, check_times in (
                         ("wall", floor_wall, check_wall),
                         ("cpu", floor_cpu, check_cpu),
