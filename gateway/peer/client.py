@@ -138,12 +138,27 @@ class EnvelopeResult:
 
 @dataclass(frozen=True, slots=True)
 class PulledItem:
-    """One item of a pull answer: an envelope spooled to ``path``, or the bytes of a
-    manifest or checkpoint in ``data``."""
+    """One item of a pull answer.
+
+    A manifest or checkpoint: its bytes in ``data``. An envelope: its SHA-256
+    (hex) and size, taken as it was read, and either its bytes in ``data``
+    (an envelope of at most :data:`PULL_MEMORY_ENVELOPE` bytes, while the
+    answer's envelopes kept in memory stay within :data:`PULL_MEMORY_PER_ANSWER`;
+    no file exists at ``path`` then) or a 0600 file at ``path``.
+    """
 
     kind: ItemKind
     path: Path | None = None
     data: bytes | None = None
+    sha256: str | None = None
+    size: int | None = None
+
+
+PULL_MEMORY_ENVELOPE: Final = 64 * 1024
+"""A pulled envelope up to this size is kept in memory, not spooled to a file (as the
+peer server keeps a pushed one: it may be kept inline in its inbox row)."""
+PULL_MEMORY_PER_ANSWER: Final = 16 << 20
+"""Bytes of one pull answer's envelopes kept in memory at most; the rest go to files."""
 
 
 def _default_timeout() -> aiohttp.ClientTimeout:
@@ -517,9 +532,10 @@ class PeerClient:
     ) -> list[PulledItem]:
         """A signed pull (``POST /v1/pull``): the host's answer read as it streams.
 
-        Envelopes are written to 0600 files in ``directory`` (the caller removes
-        it); manifests and the checkpoint are kept in memory, each at most
-        ``max_small_bytes``. Every bound is checked before the bytes it guards
+        Envelopes are hashed as they are read; small ones are kept in memory,
+        the others written to 0600 files in ``directory`` (the caller removes
+        it; :class:`PulledItem`); manifests and the checkpoint are kept in
+        memory, each at most ``max_small_bytes``. Every bound is checked before the bytes it guards
         are read: at most ``max_items`` items, envelopes of at most
         ``max_envelope_bytes``. A malformed or short answer raises
         :class:`~gateway.errors.TransportError` (``transport.answer``) and the
@@ -599,6 +615,7 @@ async def _read_pull(
 ) -> list[PulledItem]:
     count = parse_preface(await _read_exactly(stream, PULL_PREFACE), max_items=max_items)
     items: list[PulledItem] = []
+    held = 0
     for index in range(count):
         kind, length = parse_item_preface(
             await _read_exactly(stream, ITEM_PREFACE),
@@ -617,14 +634,23 @@ async def _read_pull(
             items.append(PulledItem(kind, data=await _read_exactly(stream, length)))
             continue
         target = directory / f"envelope-{index:04d}"
+        if length <= PULL_MEMORY_ENVELOPE and held + length <= PULL_MEMORY_PER_ANSWER:
+            # A small envelope stays in memory: no file to write, read back and remove.
+            body = await _read_exactly(stream, length)
+            held += length
+            digest = hashlib.sha256(body).hexdigest()
+            items.append(PulledItem(kind, path=target, data=body, sha256=digest, size=length))
+            continue
+        hashed = hashlib.sha256()
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
             remaining = length
             while remaining:
                 chunk = await _read_exactly(stream, min(remaining, _CHUNK))
+                hashed.update(chunk)
                 await asyncio.to_thread(handle.write, chunk)
                 remaining -= len(chunk)
-        items.append(PulledItem(kind, path=target))
+        items.append(PulledItem(kind, path=target, sha256=hashed.hexdigest(), size=length))
     if await stream.read(1):
         raise TransportError("bytes after the last pulled item", reason="transport.answer")
     return items

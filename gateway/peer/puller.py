@@ -12,11 +12,13 @@ async component beside the sender (:func:`run_puller`, stopped by the same
    ``max_envelope_bytes`` each, ``peer_body_bytes`` in all; the answer streams to
    spool files under ``<home>/data/spool/pull-*``.
 2. In the answer's order: pin each host manifest (verified against the pinned
-   one, as ``POST /v1/manifests`` does); take each envelope exactly as the
-   peer server takes a pushed one (verify, store, sign the receipt, apply
-   protocol bundles; the inbox is idempotent, so an envelope pulled again gets
-   the identical receipt and stores nothing); keep the host's checkpoint as its
-   witness.
+   one, as ``POST /v1/manifests`` does); take each run of envelopes between
+   them exactly as the peer server takes a pushed batch
+   (:func:`gateway.peer.server.receive_spooled`: every envelope verified, then
+   one transaction for the run's inbox rows, receipts and ledger entries,
+   then protocol bundles applied; the inbox is idempotent, so an envelope
+   pulled again gets the identical receipt and stores nothing); keep the
+   host's checkpoint as its witness.
 3. ``POST /v1/pull/receipts``: the receipts (and refusals) by envelope hash,
    and the hashes of the manifests pinned. The host marks a bundle delivered
    only when the receipt verifies. A lost answer or a crash before this step
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import random
 import shutil
@@ -47,6 +50,7 @@ from gateway.core.pull import ItemKind
 from gateway.errors import GatewayError
 from gateway.node.context import NodeContext
 from gateway.node.crash import crash_point
+from gateway.node.inbox import SpooledEnvelope
 from gateway.node.ledger import witness as ledger_witness
 from gateway.node.outbox import run_sender_loop
 from gateway.node.peer_trust import apply_peer_manifest, pinned_peer_manifest
@@ -54,7 +58,7 @@ from gateway.node.runtime import Node, utc_now
 from gateway.peer.client import PeerClient, PulledItem
 from gateway.peer.ledger_routes import witness_checkpoint
 from gateway.peer.pull_routes import PULL_PATH, RECEIPTS_PATH
-from gateway.peer.server import node_services, receive_one
+from gateway.peer.server import node_services, receive_spooled
 
 __all__ = ["PullReport", "pull_once", "run_puller", "start_puller", "sweep_pull_spool"]
 
@@ -117,14 +121,6 @@ def _pin_manifest(node: Node, raw: bytes, peer: str, now: datetime) -> None:
         apply_peer_manifest(session, raw, node=peer, now=now)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _take(
     ctx: NodeContext,
     items: list[PulledItem],
@@ -132,14 +128,40 @@ def _take(
     *,
     now_fn: Callable[[], datetime],
 ) -> tuple[list[dict[str, Any]], list[str]]:
-    """Apply one answer in order; the receipts post's results and manifest hashes."""
+    """Apply one answer in order; the receipts post's results and manifest hashes.
+
+    Consecutive envelopes are taken as one batch (:func:`receive_spooled`); a
+    manifest or checkpoint between them ends the run before it, so an envelope
+    signed with a key only a manifest of the answer lists is verified after
+    that manifest is pinned."""
     node = ctx.node
     peer = "pk" if node.node_id == "jp" else "jp"
     skew = ctx.policy.limits.clock_skew
-    services = node_services(ctx, skew=skew)
+    # One clock for the whole answer: receipts are dated by it as manifests are pinned.
+    services = dataclasses.replace(node_services(ctx, skew=skew), clock=now_fn)
     results: list[dict[str, Any]] = []
     manifests: list[str] = []
-    for index, item in enumerate(items):
+    run: list[SpooledEnvelope] = []
+
+    def take_run() -> None:
+        for item, outcome in zip(run, receive_spooled(services, run), strict=True):
+            outcome.pop("index", None)
+            outcome["envelope_sha256"] = item.sha256
+            if outcome["status"] == "accepted":
+                report.accepted.append(str(item.sha256))
+            else:
+                report.refused[str(item.sha256)] = str(outcome.get("reason"))
+            results.append(outcome)
+        run.clear()
+
+    for item in items:
+        if item.kind is ItemKind.ENVELOPE:
+            if item.path is not None and item.sha256 is not None and item.size is not None:
+                # Hashed and measured as it was read; its bytes when kept in memory.
+                run.append(SpooledEnvelope(item.path, item.sha256, item.size, body=item.data))
+            continue
+        if run:
+            take_run()
         if item.kind is ItemKind.MANIFEST and item.data is not None:
             try:
                 _pin_manifest(node, item.data, peer, now_fn())
@@ -150,16 +172,6 @@ def _take(
                 continue
             manifests.append(hashlib.sha256(item.data).hexdigest())
             report.manifests += 1
-        elif item.kind is ItemKind.ENVELOPE and item.path is not None:
-            sha = _sha256_file(item.path)
-            outcome = receive_one(services, item.path, index)
-            outcome.pop("index", None)
-            outcome["envelope_sha256"] = sha
-            if outcome["status"] == "accepted":
-                report.accepted.append(sha)
-            else:
-                report.refused[sha] = str(outcome.get("reason"))
-            results.append(outcome)
         elif item.kind is ItemKind.CHECKPOINT and item.data is not None:
             try:
                 witnessed = witness_checkpoint(node.db, item.data, peer, now_fn())
@@ -167,6 +179,8 @@ def _take(
                 _log.warning("pulled_checkpoint_refused", reason=exc.reason, detail=exc.message)
                 continue
             report.checkpoint = int(witnessed["size"])
+    if run:
+        take_run()
     return results, manifests
 
 

@@ -128,6 +128,7 @@ __all__ = [
     "node_services",
     "read_signed_body",
     "receive_one",
+    "receive_spooled",
     "set_summary",
 ]
 
@@ -1068,6 +1069,31 @@ def _commit_all(
     """The second half of a request, in its turn: one transaction, the answers."""
     outcomes = _guarded(count, lambda: phases.commit(prepared, services.clock()))
     return outcomes.results if isinstance(outcomes, _Failed) else _results(outcomes, count)
+
+
+def receive_spooled(
+    services: PeerServices, spooled: Sequence[SpooledEnvelope]
+) -> list[dict[str, Any]]:
+    """Take a run of spooled envelopes as one batch, as a pushed request is taken:
+    verified, then recorded in one transaction (:func:`gateway.node.inbox.receive_batch`).
+
+    Returns one result object of ``POST /v1/envelopes`` per envelope, in order
+    (``accepted`` with the receipt in base64, ``refused`` with its reason, or a
+    retryable ``error``; ``index`` is the position in ``spooled``). A failure of
+    the batch as a whole (the database or the envelope store) answers every
+    envelope with a retryable ``error`` and records nothing. The pull worker
+    takes each answer's envelopes through it. Raises :class:`RuntimeError` for
+    services without batch phases (:func:`node_services` always has them).
+    """
+    phases = services.receive_phases
+    if phases is None:
+        raise RuntimeError("these peer services take no batches")
+    if not spooled:
+        return []
+    prepared = _prepare_all(services, phases, list(spooled))
+    if isinstance(prepared, _Failed):
+        return prepared.results
+    return _commit_all(services, phases, prepared, len(spooled))
 
 
 def _results(outcomes: Sequence[ReceiveOutcome], count: int) -> list[dict[str, Any]]:

@@ -19,19 +19,20 @@ import pytest
 import tomli_w
 from sqlalchemy import select
 
-from gateway.core.receipt import verify_receipt
+from gateway.core.receipt import parse_receipt, verify_receipt
 from gateway.node.context import NodeContext
 from gateway.node.outbox import send_case
 from gateway.node.own_keys import own_manifest, unlock_keyring
 from gateway.node.peer_trust import pin_peer, pinned_peer_manifest
 from gateway.node.runtime import Node
 from gateway.node.setup import init_node
-from gateway.peer.client import PeerClient, PeerRefused
+from gateway.peer import client as peer_client
+from gateway.peer.client import PeerClient, PeerRefused, PulledItem
 from gateway.peer.pull_routes import PULL_PATH, add_pull_routes
 from gateway.peer.puller import PullReport, pull_once
 from gateway.peer.server import create_node_peer_app
 from gateway.settings import Settings, load_settings
-from gateway.store.models_exchange import InboxEntry, OutboxEntry
+from gateway.store.models_exchange import InboxEntry, OutboxEntry, envelope_path
 from tests.exchange_pair import PASSPHRASE, example, second_url
 from tests.integration.test_peer_ping import ADMIN, Side
 from tests.nodes import TEST_LIMITS, ServerThread
@@ -297,3 +298,86 @@ def test_a_host_that_holds_makes_no_client_toward_its_peer(
     with pytest.raises(ConfigError, match='peer_delivery = "hold"'):
         PeerClient(toward, jp.keyring)
     assert PeerClient(toward, jp.keyring, link_test=True).base_url == "http://127.0.0.1:9"
+
+
+def test_the_envelopes_of_one_answer_are_recorded_as_one_batch(
+    make_pair: Callable[..., tuple[Side, Side]],
+) -> None:
+    # Taken as the peer server takes a pushed batch: verified, then one transaction
+    # dated once, so every receipt of the answer bears the same time.
+    jp, pk = make_pair()
+    sent = _send(jp, 4)
+    with _serve(jp) as running:
+        report = _pull(pk, running.url)
+    assert len(report.accepted) == 4
+    received = _inbox(pk)
+    assert len({parse_receipt(received[bundle_id]).received_at for bundle_id in sent}) == 1
+
+
+def test_a_refused_envelope_of_a_pulled_batch_refuses_only_itself(
+    make_pair: Callable[..., tuple[Side, Side]],
+) -> None:
+    jp, pk = make_pair()
+    sent = _send(jp, 3)
+    damaged = _outbox(jp)[sent[1]]
+    path = envelope_path(jp.node.settings.blob_dir, damaged.envelope_sha256)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # one bit of its ciphertext flipped, as a faulty disk would
+    path.write_bytes(bytes(data))
+    with _serve(jp) as running:
+        report = _pull(pk, running.url)
+    assert len(report.accepted) == 2
+    assert list(report.refused.values()) == ["envelope.ciphertext-hash"]
+    assert set(_inbox(pk)) == {sent[0], sent[2]}  # nothing of the refused one stored
+    rows = _outbox(jp)
+    assert [rows[b].state for b in sent] == ["delivered", "queued", "delivered"]
+
+
+@pytest.mark.parametrize("in_memory", [4, 1, 0])
+def test_pulled_envelopes_are_hashed_as_read_and_kept_in_memory_within_the_bound(
+    make_pair: Callable[..., tuple[Side, Side]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    in_memory: int,
+) -> None:
+    # The first ``in_memory`` envelopes of the answer fit the memory bound; the
+    # others are spooled to files. Either way each arrives with its hash and is stored.
+    jp, pk = make_pair()
+    sent = _send(jp, 4)
+    rows = _outbox(jp)
+    sizes = [rows[bundle_id].envelope_size for bundle_id in sent]
+    monkeypatch.setattr(peer_client, "PULL_MEMORY_PER_ANSWER", sum(sizes[:in_memory]))
+    with _serve(jp) as running:
+
+        async def pull_and_take() -> tuple[list[PulledItem], PullReport]:
+            from gateway.peer.puller import _take  # noqa: PLC0415
+
+            async with PeerClient(_toward(pk, running.url), pk.keyring) as client:
+                spool = tmp_path / "spool"
+                spool.mkdir()
+                ask = {"wait_seconds": 0, "max_envelopes": 4, "max_bytes": 1 << 20}
+                items = await client.pull(
+                    PULL_PATH, ask, spool, max_items=8, max_envelope_bytes=1 << 20,
+                    max_small_bytes=1 << 20,
+                )  # fmt: skip
+                shapes = [
+                    (item.data is not None, item.path is not None and item.path.exists())
+                    for item in items
+                ]
+                assert shapes == [(True, False)] * in_memory + [(False, True)] * (4 - in_memory)
+                report = PullReport()
+                await asyncio.to_thread(
+                    _take,
+                    NodeContext(pk.node, pk.keyring),
+                    items,
+                    report,
+                    now_fn=lambda: datetime.now(UTC),
+                )
+                return items, report
+
+        items, report = asyncio.run(pull_and_take())
+    hashes = [rows[bundle_id].envelope_sha256 for bundle_id in sent]
+    assert [item.sha256 for item in items] == hashes
+    assert [item.size for item in items] == sizes
+    assert report.accepted == hashes
+    assert set(_inbox(pk)) == set(sent)
