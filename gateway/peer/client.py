@@ -159,6 +159,9 @@ PULL_MEMORY_ENVELOPE: Final = 64 * 1024
 peer server keeps a pushed one: it may be kept inline in its inbox row)."""
 PULL_MEMORY_PER_ANSWER: Final = 16 << 20
 """Bytes of one pull answer's envelopes kept in memory at most; the rest go to files."""
+PULL_MAX_SMALL_TOTAL: Final = 16 << 20
+"""Bytes of one pull answer's manifests and checkpoint together at most (each is small:
+a manifest is about 1 KiB; the host sends those not yet acknowledged)."""
 
 
 def _default_timeout() -> aiohttp.ClientTimeout:
@@ -535,9 +538,12 @@ class PeerClient:
         Envelopes are hashed as they are read; small ones are kept in memory,
         the others written to 0600 files in ``directory`` (the caller removes
         it; :class:`PulledItem`); manifests and the checkpoint are kept in
-        memory, each at most ``max_small_bytes``. Every bound is checked before the bytes it guards
-        are read: at most ``max_items`` items, envelopes of at most
-        ``max_envelope_bytes``. A malformed or short answer raises
+        memory, each at most ``max_small_bytes`` and together at most
+        :data:`PULL_MAX_SMALL_TOTAL`. Every bound is checked before the bytes it
+        guards are read: at most ``max_items`` items, envelopes of at most
+        ``max_envelope_bytes`` each, and no more envelopes or envelope bytes
+        than ``ask`` asked for (its ``max_envelopes`` and ``max_bytes``, which
+        the host must keep to). A malformed, short or oversized answer raises
         :class:`~gateway.errors.TransportError` (``transport.answer``) and the
         caller stores nothing of it; failures as for every request.
         """
@@ -560,6 +566,8 @@ class PeerClient:
                     response.content,
                     directory,
                     max_items=max_items,
+                    max_envelopes=int(ask["max_envelopes"]),
+                    max_envelope_total=int(ask["max_bytes"]),
                     max_envelope_bytes=max_envelope_bytes,
                     max_small_bytes=max_small_bytes,
                 )
@@ -610,29 +618,41 @@ async def _read_pull(
     directory: Path,
     *,
     max_items: int,
+    max_envelopes: int,
+    max_envelope_total: int,
     max_envelope_bytes: int,
     max_small_bytes: int,
 ) -> list[PulledItem]:
     count = parse_preface(await _read_exactly(stream, PULL_PREFACE), max_items=max_items)
     items: list[PulledItem] = []
-    held = 0
+    held = 0  # envelope bytes kept in memory
+    envelopes = envelope_total = small_total = 0
     for index in range(count):
         kind, length = parse_item_preface(
             await _read_exactly(stream, ITEM_PREFACE),
             max_length=max(max_envelope_bytes, max_small_bytes),
         )
-        if kind is ItemKind.ENVELOPE and length > max_envelope_bytes:
-            raise TransportError(
-                f"pulled envelope {index} of {length} bytes exceeds {max_envelope_bytes}",
-                reason="transport.answer",
-            )
         if kind is not ItemKind.ENVELOPE:
-            if length > max_small_bytes:
+            small_total += length
+            if length > max_small_bytes or small_total > PULL_MAX_SMALL_TOTAL:
                 raise TransportError(
                     f"pulled item {index} of {length} bytes is too large", reason="transport.answer"
                 )
             items.append(PulledItem(kind, data=await _read_exactly(stream, length)))
             continue
+        envelopes += 1
+        envelope_total += length
+        if length > max_envelope_bytes:
+            raise TransportError(
+                f"pulled envelope {index} of {length} bytes exceeds {max_envelope_bytes}",
+                reason="transport.answer",
+            )
+        if envelopes > max_envelopes or envelope_total > max_envelope_total:
+            raise TransportError(
+                f"the pull answer holds more than the {max_envelopes} envelopes or "
+                f"{max_envelope_total} bytes asked for",
+                reason="transport.answer",
+            )
         target = directory / f"envelope-{index:04d}"
         if length <= PULL_MEMORY_ENVELOPE and held + length <= PULL_MEMORY_PER_ANSWER:
             # A small envelope stays in memory: no file to write, read back and remove.

@@ -9,8 +9,9 @@ async component beside the sender (:func:`run_puller`, stopped by the same
 1. ``POST /v1/pull``: a long poll; the host answers at once when it holds
    something, or after ``[server] pull_wait_seconds`` with what it has (maybe
    nothing). Bounded by this node's policy: ``peer_batch_size`` envelopes,
-   ``max_envelope_bytes`` each, ``peer_body_bytes`` in all; the answer streams to
-   spool files under ``<home>/data/spool/pull-*``.
+   ``max_envelope_bytes`` each, ``peer_body_bytes`` in all; each envelope is
+   hashed as it is read, and kept in memory when small or spooled to a file
+   under ``<home>/data/spool/pull-*``.
 2. In the answer's order: pin each host manifest (verified against the pinned
    one, as ``POST /v1/manifests`` does); take each run of envelopes between
    them exactly as the peer server takes a pushed batch

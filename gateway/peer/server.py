@@ -992,9 +992,8 @@ async def _spool_envelopes(
 
 def receive_one(services: PeerServices, path: Path, index: int) -> dict[str, Any]:
     """Take one spooled envelope: its result object of ``POST /v1/envelopes``
-    (``accepted`` with the receipt in base64, ``refused`` or ``error`` with a reason).
-
-    The pull worker takes pulled envelopes through it too."""
+    (``accepted`` with the receipt in base64, ``refused`` or ``error`` with a reason),
+    through the one-envelope handler (peer services without batch phases)."""
     try:
         receipt = services.receive_envelope(path, now=services.clock())
     except (VerificationError, RefusedError, InvalidInput) as exc:
@@ -1057,17 +1056,17 @@ def _guarded(count: int, work: Callable[[], _T]) -> _T | _Failed:
 
 
 def _prepare_all(
-    services: PeerServices, phases: BatchPhases, spooled: list[SpooledEnvelope]
+    phases: BatchPhases, spooled: list[SpooledEnvelope], now: datetime
 ) -> PreparedBatch | _Failed:
-    """The first half of a request (verification, files stored)."""
-    return _guarded(len(spooled), lambda: phases.prepare(spooled, services.clock()))
+    """The first half of a request (verification at ``now``, files stored)."""
+    return _guarded(len(spooled), lambda: phases.prepare(spooled, now))
 
 
 def _commit_all(
-    services: PeerServices, phases: BatchPhases, prepared: PreparedBatch, count: int
+    phases: BatchPhases, prepared: PreparedBatch, count: int, now: datetime
 ) -> list[dict[str, Any]]:
-    """The second half of a request, in its turn: one transaction, the answers."""
-    outcomes = _guarded(count, lambda: phases.commit(prepared, services.clock()))
+    """The second half of a request, in its turn: one transaction dated ``now``, the answers."""
+    outcomes = _guarded(count, lambda: phases.commit(prepared, now))
     return outcomes.results if isinstance(outcomes, _Failed) else _results(outcomes, count)
 
 
@@ -1090,10 +1089,13 @@ def receive_spooled(
         raise RuntimeError("these peer services take no batches")
     if not spooled:
         return []
-    prepared = _prepare_all(services, phases, list(spooled))
+    # One time for both halves, as receive_batch takes it: nothing runs between them
+    # here, so the batch cannot be outdated by its own verification, however long.
+    now = services.clock()
+    prepared = _prepare_all(phases, list(spooled), now)
     if isinstance(prepared, _Failed):
         return prepared.results
-    return _commit_all(services, phases, prepared, len(spooled))
+    return _commit_all(phases, prepared, len(spooled), now)
 
 
 def _results(outcomes: Sequence[ReceiveOutcome], count: int) -> list[dict[str, Any]]:
@@ -1156,14 +1158,14 @@ async def _post_envelopes(request: web.Request) -> web.Response:
             # ahead of the committing one); committed in its turn.
             if ahead is not None:
                 await asyncio.shield(ahead)
-            prepared = await asyncio.to_thread(_prepare_all, services, phases, spooled)
+            prepared = await asyncio.to_thread(_prepare_all, phases, spooled, services.clock())
             if previous is not None:
                 await asyncio.shield(previous)
             if isinstance(prepared, _Failed):
                 results = prepared.results
             else:
                 storing = asyncio.ensure_future(
-                    asyncio.to_thread(_commit_all, services, phases, prepared, len(spooled))
+                    asyncio.to_thread(_commit_all, phases, prepared, len(spooled), services.clock())
                 )
                 results = await asyncio.shield(storing)
         else:

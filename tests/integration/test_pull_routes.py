@@ -8,9 +8,11 @@ run on the engine under test (SQLite and PostgreSQL).
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import itertools
 import tomllib
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from sqlalchemy import select
 
 from gateway.core.receipt import parse_receipt, verify_receipt
 from gateway.node.context import NodeContext
+from gateway.node.inbox import PREPARED_BATCH_MAX_AGE
 from gateway.node.outbox import send_case
 from gateway.node.own_keys import own_manifest, unlock_keyring
 from gateway.node.peer_trust import pin_peer, pinned_peer_manifest
@@ -327,8 +330,10 @@ def test_a_refused_envelope_of_a_pulled_batch_refuses_only_itself(
     with _serve(jp) as running:
         report = _pull(pk, running.url)
     assert len(report.accepted) == 2
-    assert list(report.refused.values()) == ["envelope.ciphertext-hash"]
-    assert set(_inbox(pk)) == {sent[0], sent[2]}  # nothing of the refused one stored
+    # Refused under the hash of the bytes that came (the host knows no such envelope,
+    # so its row stays queued), and nothing of it stored.
+    assert report.refused == {hashlib.sha256(data).hexdigest(): "envelope.ciphertext-hash"}
+    assert set(_inbox(pk)) == {sent[0], sent[2]}
     rows = _outbox(jp)
     assert [rows[b].state for b in sent] == ["delivered", "queued", "delivered"]
 
@@ -381,3 +386,39 @@ def test_pulled_envelopes_are_hashed_as_read_and_kept_in_memory_within_the_bound
     assert [item.size for item in items] == sizes
     assert report.accepted == hashes
     assert set(_inbox(pk)) == set(sent)
+
+
+def test_a_run_is_verified_and_recorded_at_one_time_however_long_it_takes(
+    make_pair: Callable[..., tuple[Side, Side]], tmp_path: Path
+) -> None:
+    # A clock that moves past the age a verified batch may wait for its turn at
+    # every reading: a run read it twice would be refused as outdated, every try.
+    jp, pk = make_pair()
+    _send(jp, 2)
+    start = datetime.now(UTC)
+    readings = itertools.count()
+
+    def slow_clock() -> datetime:
+        return start + next(readings) * (PREPARED_BATCH_MAX_AGE + timedelta(seconds=1))
+
+    with _serve(jp) as running:
+
+        async def pull_and_take() -> PullReport:
+            from gateway.peer.puller import _take  # noqa: PLC0415
+
+            async with PeerClient(_toward(pk, running.url), pk.keyring) as client:
+                spool = tmp_path / "spool"
+                spool.mkdir()
+                ask = {"wait_seconds": 0, "max_envelopes": 4, "max_bytes": 1 << 20}
+                items = await client.pull(
+                    PULL_PATH, ask, spool, max_items=8, max_envelope_bytes=1 << 20,
+                    max_small_bytes=1 << 20,
+                )  # fmt: skip
+                report = PullReport()
+                ctx = NodeContext(pk.node, pk.keyring)
+                await asyncio.to_thread(_take, ctx, items, report, now_fn=slow_clock)
+                return report
+
+        report = asyncio.run(pull_and_take())
+    assert report.refused == {}
+    assert len(report.accepted) == 2
