@@ -16,8 +16,8 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -181,6 +181,20 @@ def api_call(
 
 
 # --- the peer API -------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def bare_host(app: web.Application) -> AsyncIterator[str]:
+    """``app`` served on a loopback port in the running loop, as a hostile peer that
+    answers whatever a test wrote; yields its base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from gateway.store.models_ledger import WitnessedCheckpointRow
 from tests.hostile import (
     Side,
     api_call,
+    bare_host,
     pair,  # noqa: F401 - the shared fixture
     peer_server,
     post_signed,
@@ -183,18 +184,13 @@ def test_a_peer_answering_numbers_we_cannot_hold_is_a_transport_error(
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", answer)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        settings = Settings.model_validate(
-            {"home": tmp_path / "jp", "node": {"id": "jp"}, "server": {"peer_url": url}}
-        )
         errors: list[BaseException] = []
         envelope_file = tmp_path / "one.env"
         envelope_file.write_bytes(b"envelope")
-        try:
+        async with bare_host(app) as url:
+            settings = Settings.model_validate(
+                {"home": tmp_path / "jp", "node": {"id": "jp"}, "server": {"peer_url": url}}
+            )
             async with PeerClient(settings, RawSigner.make("jp", "jp-op-1")) as client:
                 for call in (
                     client.health(),
@@ -206,8 +202,6 @@ def test_a_peer_answering_numbers_we_cannot_hold_is_a_transport_error(
                         await call
                     except BaseException as exc:
                         errors.append(exc)
-        finally:
-            await runner.cleanup()
         return errors
 
     errors = asyncio.run(main())

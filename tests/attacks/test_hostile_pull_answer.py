@@ -23,6 +23,7 @@ from gateway.peer import client as peer_client
 from gateway.peer.client import PeerClient, PulledItem
 from gateway.peer.pull_routes import PULL_PATH
 from gateway.settings import Settings
+from tests.hostile import bare_host
 from tests.nodes import RawSigner
 
 
@@ -37,6 +38,8 @@ def _pull(
 ) -> list[PulledItem]:
     """What the client makes of ``items`` answered to an ask of ``max_envelopes`` and
     ``max_bytes``; raises as the client does."""
+    spool = tmp_path / "spool"
+    spool.mkdir(exist_ok=True)
 
     async def main() -> list[PulledItem]:
         async def answer(_request: web.Request) -> web.Response:
@@ -44,25 +47,16 @@ def _pull(
 
         app = web.Application()
         app.router.add_post(PULL_PATH, answer)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        settings = Settings.model_validate(
-            {"home": tmp_path / "pk", "node": {"id": "pk"}, "server": {"peer_url": url}}
-        )
-        spool = tmp_path / "spool"
-        spool.mkdir(exist_ok=True)
         ask = {"wait_seconds": 0, "max_envelopes": max_envelopes, "max_bytes": max_bytes}
-        try:
+        async with bare_host(app) as url:
+            settings = Settings.model_validate(
+                {"home": tmp_path / "pk", "node": {"id": "pk"}, "server": {"peer_url": url}}
+            )
             async with PeerClient(settings, RawSigner.make("pk", "pk-op-1")) as client:
                 return await client.pull(
                     PULL_PATH, ask, spool, max_items=max_envelopes + 65,
                     max_envelope_bytes=1 << 20, max_small_bytes=1 << 20,
                 )  # fmt: skip
-        finally:
-            await runner.cleanup()
 
     return asyncio.run(main())
 

@@ -32,7 +32,7 @@ from gateway.node.setup import init_node
 from gateway.peer import client as peer_client
 from gateway.peer.client import PeerClient, PeerRefused, PulledItem
 from gateway.peer.pull_routes import PULL_PATH, add_pull_routes
-from gateway.peer.puller import PullReport, pull_once
+from gateway.peer.puller import PullReport, _take, pull_once
 from gateway.peer.server import create_node_peer_app
 from gateway.settings import Settings, load_settings
 from gateway.store.models_exchange import InboxEntry, OutboxEntry, envelope_path
@@ -123,6 +123,32 @@ def _pull(pk: Side, url: str, *, wait: float = 0.0) -> PullReport:
     return asyncio.run(run())
 
 
+def _answer(pk: Side, url: str, spool: Path) -> list[PulledItem]:
+    """One pull answer read into ``spool`` (small envelopes in memory), not taken: no
+    receipts are posted."""
+
+    spool.mkdir()
+
+    async def run() -> list[PulledItem]:
+        async with PeerClient(_toward(pk, url), pk.keyring) as client:
+            ask = {"wait_seconds": 0, "max_envelopes": 4, "max_bytes": 1 << 20}
+            return await client.pull(
+                PULL_PATH, ask, spool, max_items=8, max_envelope_bytes=1 << 20,
+                max_small_bytes=1 << 20,
+            )  # fmt: skip
+
+    return asyncio.run(run())
+
+
+def _take_answer(
+    pk: Side, items: list[PulledItem], now_fn: Callable[[], datetime] = lambda: datetime.now(UTC)
+) -> PullReport:
+    """``items`` stored as the puller stores an answer (:func:`_take`)."""
+    report = PullReport()
+    _take(NodeContext(pk.node, pk.keyring), items, report, now_fn=now_fn)
+    return report
+
+
 def _send(jp: Side, count: int) -> list[str]:
     return [
         send_case(
@@ -183,26 +209,7 @@ def test_a_lost_receipt_means_the_same_envelope_again_and_the_identical_receipt(
     [bundle_id] = _send(jp, 1)
     with _serve(jp) as running:
         # The answer arrives and is stored, but the receipts never reach the host.
-        async def pull_without_receipts() -> None:
-            from gateway.peer.puller import _take  # noqa: PLC0415
-
-            async with PeerClient(_toward(pk, running.url), pk.keyring) as client:
-                spool = tmp_path / "spool"
-                spool.mkdir()
-                ask = {"wait_seconds": 0, "max_envelopes": 4, "max_bytes": 1 << 20}
-                items = await client.pull(
-                    PULL_PATH, ask, spool, max_items=8, max_envelope_bytes=1 << 20,
-                    max_small_bytes=1 << 20,
-                )  # fmt: skip
-                await asyncio.to_thread(
-                    _take,
-                    NodeContext(pk.node, pk.keyring),
-                    items,
-                    PullReport(),
-                    now_fn=lambda: datetime.now(UTC),
-                )
-
-        asyncio.run(pull_without_receipts())
+        _take_answer(pk, _answer(pk, running.url, tmp_path / "spool"))
         stored = _inbox(pk)[bundle_id]
         assert _outbox(jp)[bundle_id].state == "queued"
         again = _pull(pk, running.url)
@@ -353,34 +360,12 @@ def test_pulled_envelopes_are_hashed_as_read_and_kept_in_memory_within_the_bound
     sizes = [rows[bundle_id].envelope_size for bundle_id in sent]
     monkeypatch.setattr(peer_client, "PULL_MEMORY_PER_ANSWER", sum(sizes[:in_memory]))
     with _serve(jp) as running:
-
-        async def pull_and_take() -> tuple[list[PulledItem], PullReport]:
-            from gateway.peer.puller import _take  # noqa: PLC0415
-
-            async with PeerClient(_toward(pk, running.url), pk.keyring) as client:
-                spool = tmp_path / "spool"
-                spool.mkdir()
-                ask = {"wait_seconds": 0, "max_envelopes": 4, "max_bytes": 1 << 20}
-                items = await client.pull(
-                    PULL_PATH, ask, spool, max_items=8, max_envelope_bytes=1 << 20,
-                    max_small_bytes=1 << 20,
-                )  # fmt: skip
-                shapes = [
-                    (item.data is not None, item.path is not None and item.path.exists())
-                    for item in items
-                ]
-                assert shapes == [(True, False)] * in_memory + [(False, True)] * (4 - in_memory)
-                report = PullReport()
-                await asyncio.to_thread(
-                    _take,
-                    NodeContext(pk.node, pk.keyring),
-                    items,
-                    report,
-                    now_fn=lambda: datetime.now(UTC),
-                )
-                return items, report
-
-        items, report = asyncio.run(pull_and_take())
+        items = _answer(pk, running.url, tmp_path / "spool")
+        shapes = [
+            (item.data is not None, item.path is not None and item.path.exists()) for item in items
+        ]
+        assert shapes == [(True, False)] * in_memory + [(False, True)] * (4 - in_memory)
+        report = _take_answer(pk, items)
     hashes = [rows[bundle_id].envelope_sha256 for bundle_id in sent]
     assert [item.sha256 for item in items] == hashes
     assert [item.size for item in items] == sizes
@@ -402,23 +387,6 @@ def test_a_run_is_verified_and_recorded_at_one_time_however_long_it_takes(
         return start + next(readings) * (PREPARED_BATCH_MAX_AGE + timedelta(seconds=1))
 
     with _serve(jp) as running:
-
-        async def pull_and_take() -> PullReport:
-            from gateway.peer.puller import _take  # noqa: PLC0415
-
-            async with PeerClient(_toward(pk, running.url), pk.keyring) as client:
-                spool = tmp_path / "spool"
-                spool.mkdir()
-                ask = {"wait_seconds": 0, "max_envelopes": 4, "max_bytes": 1 << 20}
-                items = await client.pull(
-                    PULL_PATH, ask, spool, max_items=8, max_envelope_bytes=1 << 20,
-                    max_small_bytes=1 << 20,
-                )  # fmt: skip
-                report = PullReport()
-                ctx = NodeContext(pk.node, pk.keyring)
-                await asyncio.to_thread(_take, ctx, items, report, now_fn=slow_clock)
-                return report
-
-        report = asyncio.run(pull_and_take())
+        report = _take_answer(pk, _answer(pk, running.url, tmp_path / "spool"), slow_clock)
     assert report.refused == {}
     assert len(report.accepted) == 2
