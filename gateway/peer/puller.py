@@ -56,6 +56,7 @@ from gateway.node.ledger import witness as ledger_witness
 from gateway.node.outbox import run_sender_loop
 from gateway.node.peer_trust import apply_peer_manifest, pinned_peer_manifest
 from gateway.node.runtime import Node, utc_now
+from gateway.node.verify_pool import VerifyPool
 from gateway.peer.client import PeerClient, PulledItem
 from gateway.peer.ledger_routes import witness_checkpoint
 from gateway.peer.pull_routes import PULL_PATH, RECEIPTS_PATH
@@ -128,6 +129,7 @@ def _take(
     report: PullReport,
     *,
     now_fn: Callable[[], datetime],
+    verify_pool: VerifyPool | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """Apply one answer in order; the receipts post's results and manifest hashes.
 
@@ -139,7 +141,9 @@ def _take(
     peer = "pk" if node.node_id == "jp" else "jp"
     skew = ctx.policy.limits.clock_skew
     # One clock for the whole answer: receipts are dated by it as manifests are pinned.
-    services = dataclasses.replace(node_services(ctx, skew=skew), clock=now_fn)
+    services = dataclasses.replace(
+        node_services(ctx, skew=skew, verify_pool=verify_pool), clock=now_fn
+    )
     results: list[dict[str, Any]] = []
     manifests: list[str] = []
     run: list[SpooledEnvelope] = []
@@ -192,10 +196,13 @@ async def pull_once(
     wait: float | None = None,
     now_fn: Callable[[], datetime] = utc_now,
     stop: asyncio.Event | None = None,
+    verify_pool: VerifyPool | None = None,
 ) -> PullReport:
     """One pull pass (see the module notes); returns what it did.
 
     ``wait`` is the long poll in seconds (default ``[server] pull_wait_seconds``).
+    ``verify_pool``: the serving node's pool, used for a large answer as the peer
+    server uses it for a large pushed batch.
     Raises :class:`~gateway.errors.TransportError` when the host cannot be
     reached or answers badly, :class:`~gateway.peer.client.PeerRefused` when it
     refuses (``config.peer-mode``: the host pushes instead of holding); nothing
@@ -242,7 +249,9 @@ async def pull_once(
         if not items:
             return report
         crash_point("after-pull-answer")
-        results, manifests = await asyncio.to_thread(_take, ctx, items, report, now_fn=now_fn)
+        results, manifests = await asyncio.to_thread(
+            _take, ctx, items, report, now_fn=now_fn, verify_pool=verify_pool
+        )
     finally:
         await asyncio.to_thread(shutil.rmtree, directory, True)
     crash_point("after-pull-store")
@@ -262,8 +271,10 @@ async def run_puller(
     *,
     now_fn: Callable[[], datetime] = utc_now,
     rng: Callable[[], float] = random.random,
+    verify_pool: VerifyPool | None = None,
 ) -> None:
-    """The puller worker of ``gateway serve`` in pull mode: pull until ``stop`` is set.
+    """The puller worker of ``gateway serve`` in pull mode: pull until ``stop`` is set
+    (``verify_pool``: the serving node's, as for :func:`pull_once`).
 
     Pulls again at once after each answer (the host's long poll paces an idle
     link); backs off exponentially with jitter (1 s doubling to 5 min) while the
@@ -275,7 +286,7 @@ async def run_puller(
     await asyncio.to_thread(sweep_pull_spool, node)
 
     async def one(client: PeerClient) -> None:
-        report = await pull_once(ctx, client, now_fn=now_fn, stop=stop)
+        report = await pull_once(ctx, client, now_fn=now_fn, stop=stop, verify_pool=verify_pool)
         node.metrics.peer.record(True)
         if report.items or report.checkpoint is not None:
             _log.info(

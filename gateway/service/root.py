@@ -313,7 +313,9 @@ class Service:
             factory: Callable[[], AbstractAsyncContextManager[Any]] = shared_client
             workers["sender"] = lambda: run_sender(ctx, factory, stop)
             if server.peer_mode == "pull":
-                workers["puller"] = lambda: run_puller(ctx, factory, stop)
+                workers["puller"] = lambda: run_puller(
+                    ctx, factory, stop, verify_pool=self.verify_pool
+                )
         workers["checkpoints"] = lambda: publish_checkpoints(
             ctx, client, stop, interval=server.checkpoint_interval_seconds
         )

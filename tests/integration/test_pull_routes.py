@@ -29,6 +29,7 @@ from gateway.node.own_keys import own_manifest, unlock_keyring
 from gateway.node.peer_trust import pin_peer, pinned_peer_manifest
 from gateway.node.runtime import Node
 from gateway.node.setup import init_node
+from gateway.node.verify_pool import VerifyPool
 from gateway.peer import client as peer_client
 from gateway.peer.client import PeerClient, PeerRefused, PulledItem
 from gateway.peer.pull_routes import PULL_PATH, add_pull_routes
@@ -141,11 +142,14 @@ def _answer(pk: Side, url: str, spool: Path) -> list[PulledItem]:
 
 
 def _take_answer(
-    pk: Side, items: list[PulledItem], now_fn: Callable[[], datetime] = lambda: datetime.now(UTC)
+    pk: Side,
+    items: list[PulledItem],
+    now_fn: Callable[[], datetime] = lambda: datetime.now(UTC),
+    verify_pool: VerifyPool | None = None,
 ) -> PullReport:
     """``items`` stored as the puller stores an answer (:func:`_take`)."""
     report = PullReport()
-    _take(NodeContext(pk.node, pk.keyring), items, report, now_fn=now_fn)
+    _take(NodeContext(pk.node, pk.keyring), items, report, now_fn=now_fn, verify_pool=verify_pool)
     return report
 
 
@@ -390,3 +394,21 @@ def test_a_run_is_verified_and_recorded_at_one_time_however_long_it_takes(
         report = _take_answer(pk, _answer(pk, running.url, tmp_path / "spool"), slow_clock)
     assert report.refused == {}
     assert len(report.accepted) == 2
+
+
+def test_a_large_answer_is_checked_in_the_serving_nodes_verification_pool(
+    make_pair: Callable[..., tuple[Side, Side]], tmp_path: Path
+) -> None:
+    # As the peer server checks a large pushed batch: here "large" is two envelopes.
+    jp, pk = make_pair()
+    sent = _send(jp, 4)
+    pool = VerifyPool(workers=1, min_envelopes=2)
+    try:
+        with _serve(jp) as running:
+            items = _answer(pk, running.url, tmp_path / "spool")
+            report = _take_answer(pk, items, verify_pool=pool)
+        assert len(pool.worker_pids()) == 1  # its process starts at the first batch it checks
+    finally:
+        pool.shutdown()
+    assert len(report.accepted) == 4
+    assert set(_inbox(pk)) == set(sent)
