@@ -13,7 +13,7 @@ sentence in ``message``) whenever the log format is JSON, so that every line
 of stderr is JSON; as the bare sentence on a terminal.
 
 In pull mode (``[server] peer_mode = "pull"``) no peer port is bound: the
-puller worker (:mod:`gateway.peer.puller`, started by :func:`_start_puller`)
+puller worker (:func:`gateway.peer.puller.run_puller`, started by the service root)
 fetches what the host holds, beside the sender, and the sentence reads
 ``serving pk with no peer listener, pulling from URL (...)``. A host whose
 peer pulls (``peer_delivery = "hold"``) starts no sender and never calls the

@@ -107,6 +107,7 @@ class VerifyPool:
         self.min_envelopes = max(2, min_envelopes)
         self._lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = None
+        self._closed = False
 
     def worth_it(self, count: int) -> bool:
         """Whether a batch with ``count`` envelopes to verify should use the pool."""
@@ -114,6 +115,11 @@ class VerifyPool:
 
     def _pool(self) -> ProcessPoolExecutor:
         with self._lock:
+            if self._closed:
+                raise VerifyWorkerFailed(
+                    "the node is stopping; nothing of the batch was stored and the peer "
+                    "will send it again"
+                )
             if self._executor is None:
                 self._executor = ProcessPoolExecutor(
                     max_workers=self.workers, mp_context=multiprocessing.get_context("spawn")
@@ -148,7 +154,7 @@ class VerifyPool:
 
         Each source is an envelope's bytes or the path of its spooled file.
         Raises :class:`VerifyWorkerFailed` when a worker process died (the pool
-        is replaced for the next call).
+        is replaced for the next call), or after :meth:`close`.
         """
         if not sources:
             return []
@@ -182,3 +188,12 @@ class VerifyPool:
             executor, self._executor = self._executor, None
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        """Stop the workers for good, as the serving node stops: a batch still
+        being received then (a worker thread outlives its cancelled task) gets
+        :class:`VerifyWorkerFailed`, a retryable answer that stores nothing,
+        instead of starting worker processes nothing would stop."""
+        with self._lock:
+            self._closed = True
+        self.shutdown()

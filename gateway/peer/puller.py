@@ -38,8 +38,8 @@ import hashlib
 import random
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -62,7 +62,7 @@ from gateway.peer.ledger_routes import witness_checkpoint
 from gateway.peer.pull_routes import PULL_PATH, RECEIPTS_PATH
 from gateway.peer.server import node_services, receive_spooled
 
-__all__ = ["PullReport", "pull_once", "run_puller", "start_puller", "sweep_pull_spool"]
+__all__ = ["PullReport", "pull_once", "run_puller", "sweep_pull_spool"]
 
 _log = log.get_logger("peer.puller")
 SMALL_ITEM_BYTES = 4 * 1024 * 1024
@@ -306,14 +306,3 @@ async def run_puller(
         interval=0.01,
         rng=rng,
     )
-
-
-def start_puller(ctx: NodeContext, client: PeerClient, stop: asyncio.Event) -> asyncio.Task[None]:
-    """Start the puller worker on an open ``client`` (shared with the sender): the
-    task ends after ``stop`` is set. What ``gateway serve`` does in pull mode."""
-
-    @asynccontextmanager
-    async def shared() -> AsyncIterator[PeerClient]:
-        yield client
-
-    return asyncio.create_task(run_puller(ctx, shared, stop), name="puller")

@@ -384,7 +384,7 @@ class Service:
 
         async with AsyncExitStack() as stack:
             # Last out: the pool's workers stop once nothing can post a batch.
-            stack.push_async_callback(asyncio.to_thread, self.verify_pool.shutdown)
+            stack.push_async_callback(asyncio.to_thread, self.verify_pool.close)
             await stack.enter_async_context(self._signal_handlers())
             client = await stack.enter_async_context(self._peer_client())
             # The listeners close when the stop event is set, concurrently with

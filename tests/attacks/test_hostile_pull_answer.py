@@ -27,14 +27,23 @@ from tests.hostile import bare_host
 from tests.nodes import RawSigner
 
 
-def _frame(items: Sequence[tuple[ItemKind, bytes]]) -> bytes:
-    return preface(len(items)) + b"".join(
+def _frame(items: Sequence[tuple[ItemKind, bytes]], *, cut: bool = False) -> bytes:
+    """The answer of ``items``; with ``cut``, it ends right after the last item's
+    preface (a bound checked before reading says so; one checked after reading would
+    find the answer ended early)."""
+    frame = preface(len(items)) + b"".join(
         item_preface(kind, len(data)) + data for kind, data in items
     )
+    return frame[: -len(items[-1][1])] if cut else frame
 
 
 def _pull(
-    tmp_path: Path, items: Sequence[tuple[ItemKind, bytes]], *, max_envelopes: int, max_bytes: int
+    tmp_path: Path,
+    items: Sequence[tuple[ItemKind, bytes]],
+    *,
+    max_envelopes: int,
+    max_bytes: int,
+    cut: bool = False,
 ) -> list[PulledItem]:
     """What the client makes of ``items`` answered to an ask of ``max_envelopes`` and
     ``max_bytes``; raises as the client does."""
@@ -43,7 +52,7 @@ def _pull(
 
     async def main() -> list[PulledItem]:
         async def answer(_request: web.Request) -> web.Response:
-            return web.Response(body=_frame(items), content_type=PULL_CONTENT_TYPE)
+            return web.Response(body=_frame(items, cut=cut), content_type=PULL_CONTENT_TYPE)
 
         app = web.Application()
         app.router.add_post(PULL_PATH, answer)
@@ -73,12 +82,13 @@ def test_an_answer_within_the_ask_is_read_whole(tmp_path: Path) -> None:
     [(2, 1 << 20), (3, 179)],
     ids=["one envelope more than asked", "one byte more than asked"],
 )
+@pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut after the preface"])
 def test_an_answer_beyond_the_ask_is_refused_whole(
-    tmp_path: Path, max_envelopes: int, max_bytes: int
+    tmp_path: Path, max_envelopes: int, max_bytes: int, cut: bool
 ) -> None:
     items = [(ItemKind.ENVELOPE, b"e" * 60)] * 3
     with pytest.raises(TransportError, match="asked for") as refused:
-        _pull(tmp_path, items, max_envelopes=max_envelopes, max_bytes=max_bytes)
+        _pull(tmp_path, items, max_envelopes=max_envelopes, max_bytes=max_bytes, cut=cut)
     assert refused.value.reason == "transport.answer"
 
 
@@ -89,6 +99,7 @@ def test_manifests_and_checkpoint_are_bounded_together(
     within = [(ItemKind.MANIFEST, b"m" * 400)] * 2 + [(ItemKind.CHECKPOINT, b"c" * 200)]
     assert len(_pull(tmp_path, within, max_envelopes=1, max_bytes=1)) == 3
     beyond = [(ItemKind.MANIFEST, b"m" * 400)] * 2 + [(ItemKind.CHECKPOINT, b"c" * 201)]
-    with pytest.raises(TransportError, match="too large") as refused:
-        _pull(tmp_path, beyond, max_envelopes=1, max_bytes=1)
-    assert refused.value.reason == "transport.answer"
+    for cut in (False, True):
+        with pytest.raises(TransportError, match="too large") as refused:
+            _pull(tmp_path, beyond, max_envelopes=1, max_bytes=1, cut=cut)
+        assert refused.value.reason == "transport.answer"

@@ -206,3 +206,22 @@ def test_the_pool_is_used_only_for_batches_that_reach_its_threshold() -> None:
     assert VerifyPool(workers=2, min_envelopes=0).worth_it(2)
     assert not VerifyPool(workers=0, min_envelopes=2).worth_it(1000)
     assert pool.worker_pids() == []  # nothing started by asking
+
+
+def test_a_closed_pool_refuses_work_and_starts_no_worker(tmp_path: Path) -> None:
+    # As serve stops, a receive thread that outlived its task may still reach the
+    # pool: it gets a retryable failure, and no process is left behind.
+    closed = VerifyPool(workers=1, min_envelopes=2)
+    closed.close()
+    source = tmp_path / "envelope"
+    source.write_bytes(b"SSWG-ENV")
+    with pytest.raises(VerifyWorkerFailed, match="stopping"):
+        closed.verify(
+            [source, source],
+            node="jp",
+            held_key_ids=(),
+            peer_manifest=None,  # type: ignore[arg-type] - refused before it is read
+            limits=None,  # type: ignore[arg-type]
+            now=NOW,
+        )
+    assert closed.worker_pids() == []
