@@ -52,6 +52,8 @@ from gateway.peer.server import (
     BATCH_MAGIC,
     ENVELOPE_CONTENT_TYPE,
     MANIFEST_CONTENT_TYPE,
+    MEMORY_ENVELOPE_BYTES,
+    MEMORY_PER_REQUEST_BYTES,
     PING_PATH,
 )
 from gateway.settings import Settings
@@ -142,9 +144,11 @@ class PulledItem:
 
     A manifest or checkpoint: its bytes in ``data``. An envelope: its SHA-256
     (hex) and size, taken as it was read, and either its bytes in ``data``
-    (an envelope of at most :data:`PULL_MEMORY_ENVELOPE` bytes, while the
-    answer's envelopes kept in memory stay within :data:`PULL_MEMORY_PER_ANSWER`;
-    no file exists at ``path`` then) or a 0600 file at ``path``.
+    (an envelope of at most :data:`~gateway.peer.server.MEMORY_ENVELOPE_BYTES`,
+    while the answer's envelopes kept in memory stay within
+    :data:`~gateway.peer.server.MEMORY_PER_REQUEST_BYTES`, the bounds the peer
+    server keeps for a pushed batch; no file exists at ``path`` then) or a 0600
+    file at ``path``.
     """
 
     kind: ItemKind
@@ -154,11 +158,6 @@ class PulledItem:
     size: int | None = None
 
 
-PULL_MEMORY_ENVELOPE: Final = 64 * 1024
-"""A pulled envelope up to this size is kept in memory, not spooled to a file (as the
-peer server keeps a pushed one: it may be kept inline in its inbox row)."""
-PULL_MEMORY_PER_ANSWER: Final = 16 << 20
-"""Bytes of one pull answer's envelopes kept in memory at most; the rest go to files."""
 PULL_MAX_SMALL_TOTAL: Final = 16 << 20
 """Bytes of one pull answer's manifests and checkpoint together at most (each is small:
 a manifest is about 1 KiB; the host sends those not yet acknowledged)."""
@@ -654,7 +653,7 @@ async def _read_pull(
                 reason="transport.answer",
             )
         target = directory / f"envelope-{index:04d}"
-        if length <= PULL_MEMORY_ENVELOPE and held + length <= PULL_MEMORY_PER_ANSWER:
+        if length <= MEMORY_ENVELOPE_BYTES and held + length <= MEMORY_PER_REQUEST_BYTES:
             # A small envelope stays in memory: no file to write, read back and remove.
             body = await _read_exactly(stream, length)
             held += length

@@ -108,6 +108,8 @@ __all__ = [
     "CONTEXT",
     "ENVELOPE_CONTENT_TYPE",
     "MANIFEST_CONTENT_TYPE",
+    "MEMORY_ENVELOPE_BYTES",
+    "MEMORY_PER_REQUEST_BYTES",
     "METRICS",
     "NODE",
     "PEER_AUTH",
@@ -591,11 +593,13 @@ async def _health(_request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-_MEMORY_ENVELOPE: Final = 64 * 1024
-"""An envelope of a batch body up to this size is kept in memory, not spooled to a file
-(the size an envelope may have to be kept inline in its inbox row by default)."""
-_MEMORY_PER_REQUEST: Final = 16 << 20
-"""Bytes of one request's envelopes kept in memory at most; the rest go to files."""
+MEMORY_ENVELOPE_BYTES: Final = 64 * 1024
+"""An envelope of a batch body (or of a pull answer, read by the client) up to this size
+is kept in memory, not spooled to a file (the size an envelope may have to be kept
+inline in its inbox row by default)."""
+MEMORY_PER_REQUEST_BYTES: Final = 16 << 20
+"""Bytes of one request's (or pull answer's) envelopes kept in memory at most; the rest
+go to files."""
 _MEMORY_TOTAL: Final = 64 << 20
 """Bytes of envelopes kept in memory by all requests together at most."""
 
@@ -946,8 +950,8 @@ async def _spool_envelopes(
             if digest.size + length > limits.max_body_bytes:
                 raise _Refusal("limit.body", f"body exceeds {limits.max_body_bytes} bytes")
             if (
-                length <= _MEMORY_ENVELOPE
-                and held[0] + length <= _MEMORY_PER_REQUEST
+                length <= MEMORY_ENVELOPE_BYTES
+                and held[0] + length <= MEMORY_PER_REQUEST_BYTES
                 and budget.take(length)
             ):
                 # A small envelope stays in memory: no spool file to write, read back

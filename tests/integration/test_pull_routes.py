@@ -362,7 +362,7 @@ def test_pulled_envelopes_are_hashed_as_read_and_kept_in_memory_within_the_bound
     sent = _send(jp, 4)
     rows = _outbox(jp)
     sizes = [rows[bundle_id].envelope_size for bundle_id in sent]
-    monkeypatch.setattr(peer_client, "PULL_MEMORY_PER_ANSWER", sum(sizes[:in_memory]))
+    monkeypatch.setattr(peer_client, "MEMORY_PER_REQUEST_BYTES", sum(sizes[:in_memory]))
     with _serve(jp) as running:
         items = _answer(pk, running.url, tmp_path / "spool")
         shapes = [
