@@ -9,9 +9,10 @@ puller must apply them::
     "SGP1" (4 bytes) || count (uint32, big-endian)
     then count times: kind (uint8) || length (uint64, big-endian) || bytes (length bytes)
 
-``kind`` is :class:`ItemKind`: a key manifest of the host (always first), an
-envelope (in the host's per-channel order), or the host's newest signed
-checkpoint (last), in the body form of ``POST /v1/checkpoints``.
+``kind`` is :class:`ItemKind`: a key manifest of the host (always first, at
+most :data:`MAX_ANSWER_MANIFESTS` of them), an envelope (in the host's
+per-channel order), or the host's newest signed checkpoint (last), in the body
+form of ``POST /v1/checkpoints``.
 
 The pairing rule (:func:`mode_mismatch`) is the one ``gateway peer ping``
 checks on both sides: a node that pulls needs a peer that holds
@@ -30,6 +31,7 @@ from gateway.errors import InvalidInput
 
 __all__ = [
     "ITEM_PREFACE",
+    "MAX_ANSWER_MANIFESTS",
     "PULL_CONTENT_TYPE",
     "PULL_MAGIC",
     "PULL_PREFACE",
@@ -48,6 +50,15 @@ PULL_PREFACE: Final = 8
 """Bytes of the answer's preface: magic and count."""
 ITEM_PREFACE: Final = 9
 """Bytes before each item: kind and length."""
+MAX_ANSWER_MANIFESTS: Final = 64
+"""The most key manifests one pull answer carries, and one receipts post acknowledges.
+
+The puller bounds an answer's items before it reads one (the envelopes it asked
+for, this many manifests and a checkpoint) and the host bounds the manifest
+hashes of a receipts post, so both sides keep to this one number. 64
+manifests of at most 64 KiB each (``gateway.core.keys.MAX_MANIFEST_BYTES``)
+stay within what a puller holds of an answer in memory.
+"""
 
 PeerMode = Literal["push", "pull"]
 PeerDelivery = Literal["push", "hold"]

@@ -44,7 +44,14 @@ from aiohttp import web
 
 from gateway import log
 from gateway.core.canonical import canonical_bytes, parse_bounded_json
-from gateway.core.pull import PULL_CONTENT_TYPE, ItemKind, Modes, item_preface, preface
+from gateway.core.pull import (
+    MAX_ANSWER_MANIFESTS,
+    PULL_CONTENT_TYPE,
+    ItemKind,
+    Modes,
+    item_preface,
+    preface,
+)
 from gateway.errors import InvalidInput, RefusedError
 from gateway.node.ledger import checkpoint as ledger_checkpoint
 from gateway.node.outbox import (
@@ -296,8 +303,8 @@ def _parse_receipts(raw: bytes) -> tuple[list[tuple[str, PullOutcome]], list[str
     manifests = value.get("manifests", [])
     if not isinstance(items, list) or len(items) > _MAX_RESULTS:
         raise InvalidInput(f"results is not a list of at most {_MAX_RESULTS}")
-    if not isinstance(manifests, list) or len(manifests) > 64:
-        raise InvalidInput("manifests is not a list of at most 64 hashes")
+    if not isinstance(manifests, list) or len(manifests) > MAX_ANSWER_MANIFESTS:
+        raise InvalidInput(f"manifests is not a list of at most {MAX_ANSWER_MANIFESTS} hashes")
     outcomes: list[tuple[str, PullOutcome]] = []
     for index, item in enumerate(items):
         if not isinstance(item, dict):

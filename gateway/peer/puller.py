@@ -47,7 +47,7 @@ from typing import Any
 
 from gateway import log
 from gateway.core.keys import parse_manifest
-from gateway.core.pull import ItemKind
+from gateway.core.pull import MAX_ANSWER_MANIFESTS, ItemKind
 from gateway.errors import GatewayError
 from gateway.node.context import NodeContext
 from gateway.node.crash import crash_point
@@ -219,6 +219,8 @@ async def pull_once(
         "max_bytes": limits.peer_body_bytes,
         "witnessed_size": await asyncio.to_thread(_witnessed_size, node, peer),
     }
+    # What the host may answer: these envelopes, its oldest manifests, one checkpoint.
+    max_items = max_envelopes + MAX_ANSWER_MANIFESTS + 1
     root = _spool_root(node)
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     directory = Path(tempfile.mkdtemp(prefix="pull-", dir=root))
@@ -229,7 +231,7 @@ async def pull_once(
                 PULL_PATH,
                 ask,
                 directory,
-                max_items=max_envelopes + 64 + 1,
+                max_items=max_items,
                 max_envelope_bytes=limits.max_envelope_bytes,
                 max_small_bytes=SMALL_ITEM_BYTES,
             )
