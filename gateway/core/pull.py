@@ -55,9 +55,13 @@ MAX_ANSWER_MANIFESTS: Final = 64
 
 The puller bounds an answer's items before it reads one (the envelopes it asked
 for, this many manifests and a checkpoint) and the host bounds the manifest
-hashes of a receipts post, so both sides keep to this one number. 64
-manifests of at most 64 KiB each (``gateway.core.keys.MAX_MANIFEST_BYTES``)
-stay within what a puller holds of an answer in memory.
+hashes of a receipts post, so both sides keep to this one number. A host with
+more manifests its peer has not acknowledged (many key changes while the peer
+was away) hands out the oldest this many, lowest version first, and nothing
+else: the envelopes and checkpoint behind them may be signed by keys only a
+later manifest lists. The next pull gets the next ones. 64 manifests of at most
+64 KiB each (``gateway.core.keys.MAX_MANIFEST_BYTES``) stay within what a
+puller holds of an answer in memory.
 """
 
 PeerMode = Literal["push", "pull"]

@@ -102,14 +102,17 @@ def own_manifest(session: Session) -> KeyManifest:
     return parse_manifest(bytes(row.raw))
 
 
-def pending_manifests(session: Session) -> list[tuple[int, bytes]]:
-    """Manifests the peer has not accepted yet, oldest first: ``(id, raw)``."""
-    rows = session.execute(
+def pending_manifests(session: Session, *, limit: int | None = None) -> list[tuple[int, bytes]]:
+    """Manifests the peer has not accepted yet, oldest (lowest version) first:
+    ``(id, raw)``; with ``limit``, only the oldest ``limit`` of them."""
+    query = (
         select(OwnManifestRecord.id, OwnManifestRecord.raw)
         .where(OwnManifestRecord.delivered_at.is_(None))
         .order_by(OwnManifestRecord.version)
-    ).all()
-    return [(int(row.id), bytes(row.raw)) for row in rows]
+    )
+    if limit is not None:
+        query = query.limit(limit)
+    return [(int(row.id), bytes(row.raw)) for row in session.execute(query).all()]
 
 
 def mark_manifest_delivered(session: Session, manifest_id: int, now: datetime) -> None:

@@ -14,7 +14,10 @@ fetches it (docs/protocol.md, "Pull mode"):
   one the puller says it witnessed (with the consistency proof from that size).
   When no envelope is due, it waits up to ``wait_seconds`` (at most
   :data:`MAX_WAIT_SECONDS`) for one to be queued, then answers what it has
-  (manifests and a checkpoint, or an empty frame).
+  (manifests and a checkpoint, or an empty frame). When more manifests wait
+  than one answer carries (:data:`~gateway.core.pull.MAX_ANSWER_MANIFESTS`),
+  the answer is the oldest of them alone, at once: the envelopes and
+  checkpoint may be signed by keys only a later manifest lists.
 - ``POST /v1/pull/receipts`` (signed; JSON ``{"results": [...], "manifests": [...]}``):
   the signed receipts of what the puller stored, by envelope SHA-256. A bundle
   counts as delivered only when its receipt verifies, exactly as after a push
@@ -162,6 +165,8 @@ class _Answer:
     manifests: list[bytes]
     envelopes: list[Any]
     checkpoint: bytes | None
+    more_manifests: bool = False
+    """More manifests wait than this answer carries: it carries nothing else."""
 
     @property
     def count(self) -> int:
@@ -191,9 +196,18 @@ def _checkpoint_item(node: Node, witnessed: int | None) -> bytes | None:
 
 
 def _gather(node: Node, ask: _PullRequest, batch_limit: int, now: datetime) -> _Answer:
+    """What one answer hands out now (see the module notes).
 
+    At most :data:`MAX_ANSWER_MANIFESTS` manifests, the oldest. When more wait,
+    the answer is those alone: an envelope or checkpoint behind them may be
+    signed by a key only a later manifest lists, which the puller cannot know
+    yet; the next pull hands out the next manifests.
+    """
     with node.db.transaction() as session:
-        manifests = [raw for _id, raw in pending_manifests(session)]
+        pending = pending_manifests(session, limit=MAX_ANSWER_MANIFESTS + 1)
+    manifests = [raw for _id, raw in pending[:MAX_ANSWER_MANIFESTS]]
+    if len(pending) > MAX_ANSWER_MANIFESTS:
+        return _Answer(manifests, [], None, more_manifests=True)
     batch = next_batch(node, due_before=now, limit=min(batch_limit, ask.max_envelopes))
     envelopes: list[Any] = []
     total = 0
@@ -234,10 +248,12 @@ async def _post_pull(request: web.Request) -> web.StreamResponse:
             answer = await asyncio.to_thread(
                 _gather, node, ask, limits.max_batch_envelopes, services.clock()
             )
-            # Only envelopes end the wait early. A manifest or a newer checkpoint goes
-            # out with the answer at the end of it: an idle pair exchanges one answer
-            # per wait, even when the puller cannot use what it is offered.
-            if answer.envelopes:
+            # Only envelopes, or more manifests than one answer carries, end the wait
+            # early. A few manifests or a newer checkpoint go out with the answer at the
+            # end of it: an idle pair exchanges one answer per wait, even when the
+            # puller cannot use what it is offered. Manifests beyond one answer hold
+            # back the envelopes behind them, so the next answer must come soon.
+            if answer.envelopes or answer.more_manifests:
                 break
             left = deadline - loop.time()
             if left <= 0:
@@ -330,10 +346,19 @@ def _parse_receipts(raw: bytes) -> tuple[list[tuple[str, PullOutcome]], list[str
 
 
 def _acknowledge_manifests(node: Node, hashes: list[str], now: datetime) -> int:
+    """Mark delivered each waiting manifest whose SHA-256 (hex) is in ``hashes``;
+    how many were.
 
+    A puller acknowledges only manifests an answer carried, and an answer carries
+    the oldest :data:`MAX_ANSWER_MANIFESTS` waiting: a manifest made since joins
+    the queue behind them and one acknowledged since leaves it, so those carried
+    are still among the oldest that many, and only those are read.
+    """
+    if not hashes:
+        return 0
     done = 0
     with node.db.transaction() as session:
-        for manifest_id, raw in pending_manifests(session):
+        for manifest_id, raw in pending_manifests(session, limit=MAX_ANSWER_MANIFESTS):
             digest = hashlib.sha256(raw).hexdigest()
             if any(hmac.compare_digest(digest, wanted) for wanted in hashes):
                 mark_manifest_delivered(session, manifest_id, now)

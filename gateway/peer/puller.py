@@ -108,8 +108,9 @@ def _witnessed_size(node: Node, peer: str) -> int | None:
 
 def _pin_manifest(node: Node, raw: bytes, peer: str, now: datetime) -> None:
     """Pin a manifest of the host; an older one than the pinned (the host offers
-    every manifest it has not seen acknowledged, and an acknowledgement may have
-    been lost after a newer one was pinned) is superseded: acknowledged, not pinned."""
+    the manifests it has not seen acknowledged, oldest first, and an
+    acknowledgement may have been lost after a newer one was pinned) is
+    superseded: acknowledged, not pinned."""
 
     with node.db.transaction() as session:
         pinned = pinned_peer_manifest(session)

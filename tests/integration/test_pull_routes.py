@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import time
 import tomllib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,7 +22,10 @@ import pytest
 import tomli_w
 from sqlalchemy import select
 
+from gateway.core.keys import parse_manifest
+from gateway.core.pull import MAX_ANSWER_MANIFESTS, ItemKind
 from gateway.core.receipt import parse_receipt, verify_receipt
+from gateway.node import own_keys
 from gateway.node.context import NodeContext
 from gateway.node.inbox import PREPARED_BATCH_MAX_AGE
 from gateway.node.outbox import send_case
@@ -32,7 +36,7 @@ from gateway.node.setup import init_node
 from gateway.node.verify_pool import VerifyPool
 from gateway.peer import client as peer_client
 from gateway.peer.client import PeerClient, PeerRefused, PulledItem
-from gateway.peer.pull_routes import PULL_PATH, add_pull_routes
+from gateway.peer.pull_routes import PULL_PATH, RECEIPTS_PATH, add_pull_routes
 from gateway.peer.puller import PullReport, _take, pull_once
 from gateway.peer.server import create_node_peer_app
 from gateway.settings import Settings, load_settings
@@ -124,7 +128,7 @@ def _pull(pk: Side, url: str, *, wait: float = 0.0) -> PullReport:
     return asyncio.run(run())
 
 
-def _answer(pk: Side, url: str, spool: Path) -> list[PulledItem]:
+def _answer(pk: Side, url: str, spool: Path, *, max_items: int = 8) -> list[PulledItem]:
     """One pull answer read into ``spool`` (small envelopes in memory), not taken: no
     receipts are posted."""
 
@@ -134,7 +138,7 @@ def _answer(pk: Side, url: str, spool: Path) -> list[PulledItem]:
         async with PeerClient(_toward(pk, url), pk.keyring) as client:
             ask = {"wait_seconds": 0, "max_envelopes": 4, "max_bytes": 1 << 20}
             return await client.pull(
-                PULL_PATH, ask, spool, max_items=8, max_envelope_bytes=1 << 20,
+                PULL_PATH, ask, spool, max_items=max_items, max_envelope_bytes=1 << 20,
                 max_small_bytes=1 << 20,
             )  # fmt: skip
 
@@ -171,6 +175,44 @@ def _outbox(jp: Side) -> dict[str, OutboxEntry]:
 def _inbox(pk: Side) -> dict[str, bytes]:
     with pk.node.db.transaction() as session:
         return {row.bundle_id: row.receipt for row in session.scalars(select(InboxEntry))}
+
+
+def _rotate(side: Side, *, roots: int = 0, keys: int = 0) -> Side:
+    """``side`` after ``roots`` root rotations, then ``keys`` rotations of its operational
+    keys: one manifest each, all waiting for the peer. The returned side holds the
+    keyring of the newest manifest, whose signing key no earlier manifest lists.
+
+    A root rotation lists no new key. An operational one lists two more, and the
+    manifest's list is bounded (``MAX_KEYS``), so a node can make only some 31 of them
+    at one time."""
+    now = datetime.now(UTC)
+    settings = side.node.settings
+    for change in [own_keys.rotate_root] * roots + [own_keys.rotate_keys] * keys:
+        with side.node.db.transaction() as session:
+            change(settings, session, PASSPHRASE.encode(), now=now, actor=ADMIN)
+    with side.node.db.transaction() as session:
+        keyring = unlock_keyring(settings, PASSPHRASE.encode(), session, now=now)
+    return Side(side.node, keyring)
+
+
+def _pending_versions(jp: Side) -> list[int]:
+    """The versions of the host's manifests its peer has not acknowledged, oldest first."""
+    with jp.node.db.transaction() as session:
+        return [parse_manifest(raw).version for _id, raw in own_keys.pending_manifests(session)]
+
+
+def _pinned_version(pk: Side) -> int:
+    with pk.node.db.transaction() as session:
+        pinned = pinned_peer_manifest(session)
+    assert pinned is not None
+    return pinned.version
+
+
+def _timed_pull(pk: Side, url: str, *, wait: float) -> tuple[PullReport, float]:
+    """:func:`_pull` and how many seconds it took."""
+    started = time.monotonic()
+    report = _pull(pk, url, wait=wait)
+    return report, time.monotonic() - started
 
 
 def test_a_pull_hands_out_a_batch_in_order_and_a_verified_receipt_delivers_it(
@@ -412,3 +454,112 @@ def test_a_large_answer_is_checked_in_the_serving_nodes_verification_pool(
         pool.shutdown()
     assert len(report.accepted) == 4
     assert set(_inbox(pk)) == set(sent)
+
+
+def test_a_host_with_more_manifests_than_an_answer_carries_hands_out_the_oldest_alone(
+    make_pair: Callable[..., tuple[Side, Side]], tmp_path: Path
+) -> None:
+    # 65 key changes while the peer was away: versions 2 to 66 wait. The envelopes
+    # are signed with the key only version 66 lists.
+    jp, pk = make_pair()
+    jp = _rotate(jp, roots=MAX_ANSWER_MANIFESTS + 1 - 31, keys=31)
+    assert _pending_versions(jp) == list(range(2, MAX_ANSWER_MANIFESTS + 3))
+    sent = _send(jp, 3)
+    with _serve(jp) as running:
+        items = _answer(pk, running.url, tmp_path / "spool", max_items=MAX_ANSWER_MANIFESTS + 5)
+        assert [item.kind for item in items] == [ItemKind.MANIFEST] * MAX_ANSWER_MANIFESTS
+        versions = [parse_manifest(item.data or b"").version for item in items]
+        assert versions == list(range(2, MAX_ANSWER_MANIFESTS + 2))  # the oldest, in order
+        # Answered at once: an answer that cannot carry every manifest is not held
+        # for the wait, though it hands out no envelope.
+        first, elapsed = _timed_pull(pk, running.url, wait=20.0)
+        assert elapsed < 10
+        assert (first.manifests, first.accepted, first.refused) == (MAX_ANSWER_MANIFESTS, [], {})
+        assert first.checkpoint is None
+        assert _pinned_version(pk) == MAX_ANSWER_MANIFESTS + 1
+        assert _pending_versions(jp) == [MAX_ANSWER_MANIFESTS + 2]
+        assert {row.state for row in _outbox(jp).values()} == {"queued"}
+        second = _pull(pk, running.url)
+        assert second.manifests == 1
+        assert len(second.accepted) == 3
+        assert second.refused == {}
+        assert second.delivered_at_host == 3
+        assert _pull(pk, running.url).items == 0
+    assert _pinned_version(pk) == MAX_ANSWER_MANIFESTS + 2
+    assert _pending_versions(jp) == []
+    rows = _outbox(jp)
+    received = _inbox(pk)
+    with pk.node.db.transaction() as session:
+        assert len(session.scalars(select(InboxEntry)).all()) == len(sent)  # each once
+    assert set(received) == set(sent)
+    for bundle_id in sent:
+        assert rows[bundle_id].state == "delivered"
+        assert rows[bundle_id].receipt == received[bundle_id]
+
+
+@pytest.mark.parametrize(
+    ("roots", "keys"),
+    [(0, 3), (MAX_ANSWER_MANIFESTS - 31, 31)],
+    ids=["a few manifests", "as many manifests as an answer carries"],
+)
+def test_manifests_an_answer_can_carry_go_out_with_the_envelopes_behind_them(
+    make_pair: Callable[..., tuple[Side, Side]], tmp_path: Path, roots: int, keys: int
+) -> None:
+    jp, pk = make_pair()
+    jp = _rotate(jp, roots=roots, keys=keys)
+    waiting = roots + keys
+    sent = _send(jp, 2)  # signed with the key only the newest manifest lists
+    with _serve(jp) as running:
+        items = _answer(pk, running.url, tmp_path / "spool", max_items=waiting + 5)
+        kinds = [item.kind for item in items]
+        assert kinds[: waiting + 2] == [ItemKind.MANIFEST] * waiting + [ItemKind.ENVELOPE] * 2
+        assert set(kinds[waiting + 2 :]) <= {ItemKind.CHECKPOINT}
+        report = _pull(pk, running.url)
+    assert report.manifests == waiting
+    assert len(report.accepted) == 2
+    assert report.delivered_at_host == 2
+    assert _pinned_version(pk) == waiting + 1
+    assert _pending_versions(jp) == []
+    assert set(_inbox(pk)) == set(sent)
+    assert {row.state for row in _outbox(jp).values()} == {"delivered"}
+
+
+def test_manifests_alone_under_the_bound_still_wait_out_the_long_poll(
+    make_pair: Callable[..., tuple[Side, Side]],
+) -> None:
+    # Only envelopes, or more manifests than one answer carries, end the wait early:
+    # an idle pair exchanges one answer per wait.
+    jp, pk = make_pair()
+    jp = _rotate(jp, keys=1)
+    with _serve(jp) as running:
+        report, elapsed = _timed_pull(pk, running.url, wait=1.0)
+    assert elapsed >= 1.0
+    assert report.manifests == 1
+    assert _pinned_version(pk) == 2
+    assert _pending_versions(jp) == []
+
+
+def test_a_receipts_post_acknowledges_at_most_the_manifests_of_one_answer(
+    make_pair: Callable[..., tuple[Side, Side]],
+) -> None:
+    jp, pk = make_pair()
+    jp = _rotate(jp, keys=2)
+    with jp.node.db.transaction() as session:
+        [(_id, oldest), _newest] = own_keys.pending_manifests(session)
+    digest = hashlib.sha256(oldest).hexdigest()
+    others = [hashlib.sha256(b"%d" % n).hexdigest() for n in range(MAX_ANSWER_MANIFESTS)]
+    with _serve(jp) as running:
+
+        async def post(manifests: list[str]) -> Any:
+            async with PeerClient(_toward(pk, running.url), pk.keyring) as client:
+                return await client.request_json(
+                    "POST", RECEIPTS_PATH, {"results": [], "manifests": manifests}
+                )
+
+        with pytest.raises(PeerRefused) as refused:
+            asyncio.run(post([digest, *others]))
+        assert refused.value.status in (400, 422)
+        assert _pending_versions(jp) == [2, 3]  # nothing of a refused post is taken
+        answer = asyncio.run(post([*others[1:], digest]))
+    assert answer["manifests"] == 1
+    assert _pending_versions(jp) == [3]
