@@ -38,6 +38,7 @@ from gateway.core.canonical import parse_bounded_json
 from gateway.core.peer_auth import NONCE_BYTES, RequestSigner, sign_request
 from gateway.core.pull import (
     ITEM_PREFACE,
+    MAX_ANSWER_MANIFESTS,
     PULL_CONTENT_TYPE,
     PULL_PREFACE,
     ItemKind,
@@ -539,7 +540,9 @@ class PeerClient:
         it; :class:`PulledItem`); manifests and the checkpoint are kept in
         memory, each at most ``max_small_bytes`` and together at most
         :data:`PULL_MAX_SMALL_TOTAL`. Every bound is checked before the bytes it
-        guards are read: at most ``max_items`` items, envelopes of at most
+        guards are read: at most ``max_items`` items, of them at most
+        :data:`~gateway.core.pull.MAX_ANSWER_MANIFESTS` manifests (no more than
+        one receipts post acknowledges), envelopes of at most
         ``max_envelope_bytes`` each, and no more envelopes or envelope bytes
         than ``ask`` asked for (its ``max_envelopes`` and ``max_bytes``, which
         the host must keep to). A malformed, short or oversized answer raises
@@ -625,12 +628,19 @@ async def _read_pull(
     count = parse_preface(await _read_exactly(stream, PULL_PREFACE), max_items=max_items)
     items: list[PulledItem] = []
     held = 0  # envelope bytes kept in memory
-    envelopes = envelope_total = small_total = 0
+    envelopes = envelope_total = small_total = manifests = 0
     for index in range(count):
         kind, length = parse_item_preface(
             await _read_exactly(stream, ITEM_PREFACE),
             max_length=max(max_envelope_bytes, max_small_bytes),
         )
+        if kind is ItemKind.MANIFEST:
+            manifests += 1
+            if manifests > MAX_ANSWER_MANIFESTS:
+                raise TransportError(
+                    f"the pull answer holds more than {MAX_ANSWER_MANIFESTS} manifests",
+                    reason="transport.answer",
+                )
         if kind is not ItemKind.ENVELOPE:
             small_total += length
             if length > max_small_bytes or small_total > PULL_MAX_SMALL_TOTAL:

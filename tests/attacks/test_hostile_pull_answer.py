@@ -4,8 +4,9 @@ of the answer is taken.
 A bare aiohttp server plays the host and answers ``POST /v1/pull`` with a
 crafted frame (``application/vnd.ssw-gateway.pull``); the real client reads
 it. The count of envelopes and their bytes may not exceed what the ask named,
-and the manifests and checkpoint together are bounded, each checked from the
-item prefaces before the bytes they announce are read.
+the count of manifests what one answer carries, and the manifests and
+checkpoint together are bounded, each checked from the item prefaces before
+the bytes they announce are read.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from gateway.core.pull import PULL_CONTENT_TYPE, ItemKind, item_preface, preface
+from gateway.core.pull import (
+    MAX_ANSWER_MANIFESTS,
+    PULL_CONTENT_TYPE,
+    ItemKind,
+    item_preface,
+    preface,
+)
 from gateway.errors import TransportError
 from gateway.peer import client as peer_client
 from gateway.peer.client import PeerClient, PulledItem
@@ -63,7 +70,7 @@ def _pull(
             )
             async with PeerClient(settings, RawSigner.make("pk", "pk-op-1")) as client:
                 return await client.pull(
-                    PULL_PATH, ask, spool, max_items=max_envelopes + 65,
+                    PULL_PATH, ask, spool, max_items=max_envelopes + MAX_ANSWER_MANIFESTS + 1,
                     max_envelope_bytes=1 << 20, max_small_bytes=1 << 20,
                 )  # fmt: skip
 
@@ -103,3 +110,16 @@ def test_manifests_and_checkpoint_are_bounded_together(
         with pytest.raises(TransportError, match="too large") as refused:
             _pull(tmp_path, beyond, max_envelopes=1, max_bytes=1, cut=cut)
         assert refused.value.reason == "transport.answer"
+
+
+@pytest.mark.parametrize("cut", [False, True], ids=["whole", "cut after the preface"])
+def test_more_manifests_than_one_answer_carries_are_refused_whole(
+    tmp_path: Path, cut: bool
+) -> None:
+    # Within the item count asked for, but more than one receipts post could acknowledge.
+    within = [(ItemKind.MANIFEST, b"m" * 100)] * MAX_ANSWER_MANIFESTS
+    assert len(_pull(tmp_path, within, max_envelopes=2, max_bytes=1)) == MAX_ANSWER_MANIFESTS
+    beyond = [*within, (ItemKind.MANIFEST, b"m" * 100)]
+    with pytest.raises(TransportError, match="manifests") as refused:
+        _pull(tmp_path, beyond, max_envelopes=2, max_bytes=1, cut=cut)
+    assert refused.value.reason == "transport.answer"
