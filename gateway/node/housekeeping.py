@@ -36,7 +36,7 @@ from gateway.errors import GatewayError
 from gateway.log import get_logger
 from gateway.node.context import NodeContext
 from gateway.node.ledger import checkpoint as ledger_checkpoint
-from gateway.node.own_keys import own_manifest, pending_manifests
+from gateway.node.own_keys import own_manifest, pending_manifest_count
 from gateway.node.policy import load_policy
 from gateway.node.retention import PurgeReport, purge
 from gateway.node.runtime import Node, utc_now
@@ -111,7 +111,7 @@ async def enforce_retention(
 def manifests_pending(node: Node) -> bool:
     """True while a manifest of this node has not been accepted by the peer yet."""
     with node.db.transaction() as session:
-        return bool(pending_manifests(session))
+        return pending_manifest_count(session) > 0
 
 
 def manifest_changed(ctx: NodeContext) -> bool:

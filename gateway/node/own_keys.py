@@ -20,7 +20,7 @@ from typing import Any
 
 import nacl.public
 import nacl.signing
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gateway.core.keys import (
@@ -63,6 +63,7 @@ __all__ = [
     "export_manifest",
     "mark_manifest_delivered",
     "own_manifest",
+    "pending_manifest_count",
     "pending_manifests",
     "preview_revocation",
     "recover_keys",
@@ -113,6 +114,16 @@ def pending_manifests(session: Session, *, limit: int | None = None) -> list[tup
     if limit is not None:
         query = query.limit(limit)
     return [(int(row.id), bytes(row.raw)) for row in session.execute(query).all()]
+
+
+def pending_manifest_count(session: Session) -> int:
+    """How many manifests the peer has not accepted yet (counted, none read)."""
+    count = session.scalar(
+        select(func.count())
+        .select_from(OwnManifestRecord)
+        .where(OwnManifestRecord.delivered_at.is_(None))
+    )
+    return int(count or 0)
 
 
 def mark_manifest_delivered(session: Session, manifest_id: int, now: datetime) -> None:
@@ -731,7 +742,7 @@ def describe_own_keys(session: Session, *, now: datetime) -> dict[str, Any]:
     accepted yet.
     """
     data = describe_manifest(own_manifest(session), now=now)
-    data["pending_delivery"] = len(pending_manifests(session))
+    data["pending_delivery"] = pending_manifest_count(session)
     return data
 
 

@@ -42,7 +42,7 @@ from gateway.core.pull import Modes, mode_mismatch
 from gateway.core.times import Precision, parse_utc
 from gateway.errors import GatewayError, TransportError
 from gateway.node.context import NodeContext
-from gateway.node.own_keys import own_manifest, pending_manifests
+from gateway.node.own_keys import own_manifest, pending_manifest_count
 from gateway.node.peer_trust import pinned_peer_manifest
 from gateway.node.policy import load_policy
 from gateway.node.runtime import utc_now
@@ -241,7 +241,7 @@ async def ping_peer(
     with node.db.transaction() as session:
         our_version = own_manifest(session).version
         pinned = pinned_peer_manifest(session)
-        waiting = our_version if pending_manifests(session) else None
+        waiting = our_version if pending_manifest_count(session) else None
     limit = limits or aiohttp.ClientTimeout(total=None, connect=10, sock_connect=10, sock_read=20)
     client = PeerClient(chosen, keyring, clock=clock, timeout=limit, link_test=True)
     report = PingReport(

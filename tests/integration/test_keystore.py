@@ -384,6 +384,8 @@ def test_peer_applies_rotation_revocation_and_root_rotation_in_order(
     with jp.db.transaction() as session:
         own_keys.rotate_root(jp.settings, session, PASSPHRASE, now=t, actor=ADMIN)
         pending = own_keys.pending_manifests(session)
+        assert own_keys.pending_manifests(session, limit=2) == pending[:2]  # the oldest
+        assert own_keys.pending_manifest_count(session) == 3
     assert len(pending) == 3
     for manifest_id, raw in pending:
         with pk.db.transaction() as session:
