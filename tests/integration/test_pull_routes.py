@@ -27,6 +27,7 @@ from gateway.core.pull import MAX_ANSWER_MANIFESTS, ItemKind
 from gateway.core.receipt import parse_receipt, verify_receipt
 from gateway.node import own_keys
 from gateway.node.context import NodeContext
+from gateway.node.housekeeping import checkpoint_once
 from gateway.node.inbox import PREPARED_BATCH_MAX_AGE
 from gateway.node.outbox import send_case
 from gateway.node.own_keys import own_manifest, unlock_keyring
@@ -460,11 +461,13 @@ def test_a_host_with_more_manifests_than_an_answer_carries_hands_out_the_oldest_
     make_pair: Callable[..., tuple[Side, Side]], tmp_path: Path
 ) -> None:
     # 65 key changes while the peer was away: versions 2 to 66 wait. The envelopes
-    # are signed with the key only version 66 lists.
+    # and the checkpoint are signed with the key only version 66 lists.
     jp, pk = make_pair()
     jp = _rotate(jp, roots=MAX_ANSWER_MANIFESTS + 1 - 31, keys=31)
     assert _pending_versions(jp) == list(range(2, MAX_ANSWER_MANIFESTS + 3))
     sent = _send(jp, 3)
+    checkpoint = checkpoint_once(NodeContext(jp.node, jp.keyring), now=datetime.now(UTC))
+    assert checkpoint is not None
     with _serve(jp) as running:
         items = _answer(pk, running.url, tmp_path / "spool", max_items=MAX_ANSWER_MANIFESTS + 5)
         assert [item.kind for item in items] == [ItemKind.MANIFEST] * MAX_ANSWER_MANIFESTS
@@ -484,6 +487,7 @@ def test_a_host_with_more_manifests_than_an_answer_carries_hands_out_the_oldest_
         assert len(second.accepted) == 3
         assert second.refused == {}
         assert second.delivered_at_host == 3
+        assert second.checkpoint == checkpoint.checkpoint.size
         assert _pull(pk, running.url).items == 0
     assert _pinned_version(pk) == MAX_ANSWER_MANIFESTS + 2
     assert _pending_versions(jp) == []
