@@ -41,7 +41,7 @@ import nacl.exceptions
 import nacl.pwhash
 
 from gateway.core.canonical import canonical_bytes, parse_canonical
-from gateway.core.domain import Purpose, tagged
+from gateway.core.domain import SHA256_HEX, Purpose, tagged
 from gateway.core.times import Precision, format_utc
 from gateway.errors import InvalidInput, VerificationError
 
@@ -313,7 +313,7 @@ def _file_entry(raw: object) -> ArchiveFile:
         or isinstance(size, bool)
         or size < 0
         or not isinstance(digest, str)
-        or re.fullmatch(r"[0-9a-f]{64}", digest) is None
+        or SHA256_HEX.fullmatch(digest) is None
         or not isinstance(mode, int)
         or isinstance(mode, bool)
         or not 0 <= mode <= 0o777

@@ -7,9 +7,14 @@ message is ``b"ssw-gateway/<purpose>/v<N>" || 0x00 || payload``.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Final
 
-__all__ = ["Purpose", "tagged", "tagged_sha256"]
+__all__ = ["SHA256_HEX", "Purpose", "tagged", "tagged_sha256"]
+
+SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
+"""A SHA-256 digest as the wire and the ledger write it: 64 lowercase hex digits
+(use with ``fullmatch``)."""
 
 
 class Purpose:

@@ -74,7 +74,7 @@ from pydantic import BaseModel
 
 from gateway.core.canonical import canonical_bytes, parse_canonical
 from gateway.core.cases import CASE_TYPES, InvalidCase, case_type_for, validate_case
-from gateway.core.domain import Purpose, tagged
+from gateway.core.domain import SHA256_HEX, Purpose, tagged
 from gateway.core.keys import (
     KeyManifest,
     KeyNotUsable,
@@ -149,7 +149,6 @@ _PER_ATTACHMENT_OVERHEAD: Final = MAX_NAME_BYTES * 6 + 64  # JSON escaping of th
 STREAM_KEY_PURPOSE: Final = b"ssw-gateway/envelope-stream-key/v1"
 
 _BUNDLE_ID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
-_HEX64_RE = re.compile(r"[0-9a-f]{64}")
 _KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
 _VERSION_RE = re.compile(r"[0-9A-Za-z][0-9A-Za-z.\-]{0,31}")
 _NODES = frozenset({"jp", "pk"})
@@ -536,11 +535,11 @@ def _parse_header(raw: bytes, limits: Limits) -> EnvelopeHeader:
         archive_sealed_key=_bytes_field(body, "archive_sealed_key", SEALED_KEY_BYTES),
         marking=body["marking"],
         reply_to=reply_to,
-        key_commitment=bytes.fromhex(_str_field(body, "key_commitment", _HEX64_RE)),
+        key_commitment=bytes.fromhex(_str_field(body, "key_commitment", SHA256_HEX)),
         chunk_size=chunk_size,
         content_size=content_size,
         attachment_sizes=tuple(attachment_sizes),
-        ciphertext_sha256=bytes.fromhex(_str_field(body, "ciphertext_sha256", _HEX64_RE)),
+        ciphertext_sha256=bytes.fromhex(_str_field(body, "ciphertext_sha256", SHA256_HEX)),
         raw=raw,
         replaces=replaces,
     )

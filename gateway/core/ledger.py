@@ -42,7 +42,7 @@ from nacl.signing import VerifyKey
 
 from gateway.core import merkle
 from gateway.core.canonical import canonical_bytes, parse_canonical
-from gateway.core.domain import Purpose, tagged, tagged_sha256
+from gateway.core.domain import SHA256_HEX, Purpose, tagged, tagged_sha256
 from gateway.core.roles import Actor
 from gateway.core.times import Precision, format_utc, parse_utc
 from gateway.errors import GatewayError, InvalidInput, VerificationError
@@ -90,7 +90,6 @@ MAX_CHECKPOINT_BYTES = 4 * 1024
 MAX_ID_LENGTH = 128
 
 _ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@/+=-]{0,127}")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _ENTRY_KEYS = frozenset(
     {"v", "seq", "time", "kind", "actor", "bundle_id", "consent_id", "body", "prev_hash"}
 )
@@ -413,7 +412,7 @@ def parse_entry(canonical: bytes) -> LedgerEntry:
     if not isinstance(actor, dict) or set(actor) != {"name", "role"}:
         raise InvalidInput("entry actor is not {name, role}")
     prev = fields["prev_hash"]
-    if not isinstance(prev, str) or not _HEX64.fullmatch(prev):
+    if not isinstance(prev, str) or not SHA256_HEX.fullmatch(prev):
         raise InvalidInput("entry prev_hash is not 64 hex digits")
     body = fields["body"]
     if not isinstance(body, dict):
@@ -668,7 +667,7 @@ def _parse_checkpoint_body(body: bytes) -> Checkpoint:
     size, root, node, key_id = fields["size"], fields["root"], fields["node"], fields["key_id"]
     if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size < 2**63:
         raise CheckpointInvalid("checkpoint size is not a non-negative integer")
-    if not isinstance(root, str) or not _HEX64.fullmatch(root):
+    if not isinstance(root, str) or not SHA256_HEX.fullmatch(root):
         raise CheckpointInvalid("checkpoint root is not 64 hex digits")
     if node not in ("jp", "pk"):
         raise CheckpointInvalid("checkpoint node is not jp or pk")

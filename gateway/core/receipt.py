@@ -35,7 +35,7 @@ from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.signing import VerifyKey
 
 from gateway.core.canonical import canonical_bytes, parse_canonical
-from gateway.core.domain import Purpose, tagged
+from gateway.core.domain import SHA256_HEX, Purpose, tagged
 from gateway.core.times import Precision, format_utc, parse_utc
 from gateway.errors import InvalidInput, VerificationError
 
@@ -58,7 +58,6 @@ RECEIPT_FORMAT = "ssw-gateway/receipt/v1"
 RECEIPT_VERSION = 1
 MAX_RECEIPT_BYTES = 4096
 _MAX_PAYLOAD_BYTES = 2048
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _NODE = re.compile(r"[a-z]{2}")
 _PAYLOAD_KEYS = frozenset(
@@ -171,12 +170,12 @@ def receipt_payload(
     """The canonical payload bytes a receiver signs."""
     if not _ID.fullmatch(bundle_id):
         raise InvalidInput("receipt bundle id is malformed")
-    if not _HEX64.fullmatch(envelope_hash):
+    if not SHA256_HEX.fullmatch(envelope_hash):
         raise InvalidInput("receipt envelope hash must be 64 lowercase hex digits")
     if not (_NODE.fullmatch(receiver) and _NODE.fullmatch(sender)):
         raise InvalidInput("receipt node ids must be two lowercase letters")
     if checkpoint is not None and (
-        checkpoint.size < 0 or not re.fullmatch(r"[0-9a-f]{64}", checkpoint.root)
+        checkpoint.size < 0 or not SHA256_HEX.fullmatch(checkpoint.root)
     ):
         raise InvalidInput("receipt checkpoint needs a size >= 0 and a 64-hex root")
     body: dict[str, Any] = {
@@ -252,7 +251,7 @@ def parse_receipt(raw: bytes) -> Receipt:
         raise ReceiptInvalid("receipt version is not 1", check="receipt-format")
     for key, pattern in (
         ("bundle_id", _ID),
-        ("envelope_sha256", _HEX64),
+        ("envelope_sha256", SHA256_HEX),
         ("receiver", _NODE),
         ("sender", _NODE),
         ("receiver_key_id", _ID),
@@ -270,7 +269,7 @@ def parse_receipt(raw: bytes) -> Receipt:
             or isinstance(raw_cp["size"], bool)
             or raw_cp["size"] < 0
             or not isinstance(raw_cp["root"], str)
-            or not _HEX64.fullmatch(raw_cp["root"])
+            or not SHA256_HEX.fullmatch(raw_cp["root"])
         ):
             raise ReceiptInvalid("receipt checkpoint is malformed", check="receipt-format")
         checkpoint = Checkpoint(size=raw_cp["size"], root=raw_cp["root"])
