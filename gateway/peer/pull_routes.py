@@ -47,6 +47,7 @@ from aiohttp import web
 
 from gateway import log
 from gateway.core.canonical import canonical_bytes, parse_bounded_json
+from gateway.core.domain import SHA256_HEX
 from gateway.core.pull import (
     MAX_ANSWER_MANIFESTS,
     PULL_CONTENT_TYPE,
@@ -325,8 +326,8 @@ def _parse_receipts(raw: bytes) -> tuple[list[tuple[str, PullOutcome]], list[str
     for index, item in enumerate(items):
         if not isinstance(item, dict):
             raise InvalidInput(f"result {index} is not an object")
-        sha = item.get("envelope_sha256")
-        if not isinstance(sha, str) or len(sha) != 64:
+        sha = _sha256_hex(item.get("envelope_sha256"))
+        if sha is None:
             raise InvalidInput(f"result {index}: envelope_sha256 is not a SHA-256 in hex")
         status = item.get("status")
         if status == "accepted":
@@ -338,11 +339,20 @@ def _parse_receipts(raw: bytes) -> tuple[list[tuple[str, PullOutcome]], list[str
             )
         else:
             raise InvalidInput(f"result {index} has unknown status")
-        outcomes.append((sha.lower(), outcome))
-    hashes = [m.lower() for m in manifests if isinstance(m, str) and len(m) == 64]
+        outcomes.append((sha, outcome))
+    hashes = [h for h in map(_sha256_hex, manifests) if h is not None]
     if len(hashes) != len(manifests):
         raise InvalidInput("a manifest hash is not a SHA-256 in hex")
     return outcomes, hashes
+
+
+def _sha256_hex(value: object) -> str | None:
+    """``value`` as 64 lowercase hex digits, or None when it is anything else
+    (any other character, non-ASCII included, or another length)."""
+    if not isinstance(value, str) or len(value) != 64:
+        return None
+    lowered = value.lower()
+    return lowered if SHA256_HEX.fullmatch(lowered) else None
 
 
 def _acknowledge_manifests(node: Node, hashes: list[str], now: datetime) -> int:
