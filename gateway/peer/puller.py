@@ -48,7 +48,7 @@ from typing import Any
 from gateway import log
 from gateway.core.keys import parse_manifest
 from gateway.core.pull import MAX_ANSWER_MANIFESTS, ItemKind
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, RefusedError
 from gateway.node.context import NodeContext
 from gateway.node.crash import crash_point
 from gateway.node.inbox import SpooledEnvelope
@@ -80,6 +80,16 @@ class PullReport:
     refused: dict[str, str] = field(default_factory=dict)
     checkpoint: int | None = None
     delivered_at_host: int = 0
+    manifests_refused: int = 0
+    """Manifests of the answer that could not be pinned (not acknowledged)."""
+
+    @property
+    def stalled(self) -> bool:
+        """Manifests were refused and nothing else moved: the host will offer the
+        same answer again, so the next pass should wait (:func:`run_puller`)."""
+        return bool(self.manifests_refused) and not (
+            self.manifests or self.accepted or self.checkpoint is not None
+        )
 
     @property
     def items(self) -> int:
@@ -175,6 +185,7 @@ def _take(
                 # Not acknowledged: the host offers it again; envelopes signed with
                 # keys only it lists are refused meanwhile and retried by the host.
                 _log.warning("pulled_manifest_refused", reason=exc.reason, detail=exc.message)
+                report.manifests_refused += 1
                 continue
             manifests.append(hashlib.sha256(item.data).hexdigest())
             report.manifests += 1
@@ -281,7 +292,9 @@ async def run_puller(
 
     Pulls again at once after each answer (the host's long poll paces an idle
     link); backs off exponentially with jitter (1 s doubling to 5 min) while the
-    host cannot be reached or refuses, and never gives up. A pass in flight
+    host cannot be reached or refuses, or while an answer's manifests are all
+    refused and nothing else arrives (:attr:`PullReport.stalled`), and never
+    gives up. A pass in flight
     when ``stop`` is set finishes first (at most one long poll).
     """
     node = ctx.node
@@ -299,6 +312,15 @@ async def run_puller(
                 refused=len(report.refused),
                 delivered_at_host=report.delivered_at_host,
                 checkpoint=report.checkpoint,
+            )
+        if report.stalled:
+            # The host answers at once while more manifests wait than one answer
+            # carries; pulling again at once would fetch the same refused ones.
+            raise RefusedError(
+                f"{report.manifests_refused} manifest(s) of the host could not be pinned and "
+                "nothing else arrived (see the pulled_manifest_refused lines); "
+                "pulling again after a pause",
+                reason="pull.manifests-refused",
             )
 
     await run_sender_loop(
