@@ -12,7 +12,8 @@ import hashlib
 import itertools
 import time
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import aiohttp
 import pytest
 import tomli_w
 from sqlalchemy import select
+from structlog.testing import capture_logs
 
 from gateway.core.keys import parse_manifest
 from gateway.core.pull import MAX_ANSWER_MANIFESTS, ItemKind
@@ -38,7 +40,7 @@ from gateway.node.verify_pool import VerifyPool
 from gateway.peer import client as peer_client
 from gateway.peer.client import PeerClient, PeerRefused, PulledItem
 from gateway.peer.pull_routes import PULL_PATH, RECEIPTS_PATH, add_pull_routes
-from gateway.peer.puller import PullReport, _take, pull_once
+from gateway.peer.puller import PullReport, _take, pull_once, run_puller
 from gateway.peer.server import create_node_peer_app
 from gateway.settings import Settings, load_settings
 from gateway.store.models_exchange import InboxEntry, OutboxEntry, envelope_path
@@ -567,3 +569,101 @@ def test_a_receipts_post_acknowledges_at_most_the_manifests_of_one_answer(
         answer = asyncio.run(post([*others[1:], digest]))
     assert answer["manifests"] == 1
     assert _pending_versions(jp) == [3]
+
+
+def test_a_puller_that_cannot_pin_any_manifest_of_an_at_once_answer_waits_before_pulling_again(
+    make_pair: Callable[..., tuple[Side, Side]],
+) -> None:
+    # More manifests wait than one answer carries, so the host answers at once with the
+    # oldest of them alone. A puller whose clock is a day behind finds each issued in
+    # the future and pins none: the pass moved nothing, and pulling again at once would
+    # fetch the same answer in a tight loop. The puller backs off instead.
+    jp, pk = make_pair()
+    jp = _rotate(jp, roots=MAX_ANSWER_MANIFESTS + 1 - 31, keys=31)
+    waiting = _pending_versions(jp)
+
+    def behind() -> datetime:
+        return datetime.now(UTC) - timedelta(days=1)
+
+    ctx = NodeContext(pk.node, pk.keyring)
+    with _serve(jp) as running:
+
+        async def one_pass() -> PullReport:
+            async with PeerClient(_toward(pk, running.url), pk.keyring) as client:
+                return await pull_once(ctx, client, wait=20.0, now_fn=behind)
+
+        report = asyncio.run(one_pass())
+        assert (report.manifests, report.manifests_refused) == (0, MAX_ANSWER_MANIFESTS)
+        assert report.stalled
+
+        passes = 0
+
+        @asynccontextmanager
+        async def counted() -> AsyncIterator[PeerClient]:
+            nonlocal passes
+            passes += 1
+            async with PeerClient(_toward(pk, running.url), pk.keyring) as client:
+                yield client
+
+        async def run_for(seconds: float) -> None:
+            stop = asyncio.Event()
+            worker = asyncio.create_task(
+                run_puller(ctx, counted, stop, now_fn=behind, rng=lambda: 0.5)
+            )
+            await asyncio.sleep(seconds)
+            stop.set()
+            await asyncio.wait_for(worker, timeout=30)
+
+        with capture_logs() as logs:
+            asyncio.run(run_for(2.0))
+    # Without the back-off the worker pulls again 10 ms after each answer and logs no
+    # failure. With it, each stalled pass is a failure that names its reason, and the
+    # waits before the next pass grow (1 s, then 2 s, at half jitter 0.75 s, 1.5 s).
+    failed = [line for line in logs if line["event"] == "delivery_failed"]
+    assert failed
+    assert {line["reason"] for line in failed} == {"pull.manifests-refused"}
+    assert [line["retry_in"] for line in failed] == [0.75, 1.5, 3.0][: len(failed)]
+    assert passes == len(failed)
+    assert _pending_versions(jp) == waiting
+    assert _pinned_version(pk) == 1
+    # The stalled report is not a stall when anything else moved.
+    assert not PullReport(manifests=1, manifests_refused=2).stalled
+    assert not PullReport(manifests_refused=2, checkpoint=5).stalled
+    assert not PullReport(manifests_refused=2, accepted=["a" * 64]).stalled
+    assert not PullReport().stalled
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["manifests", "envelope_sha256"],
+)
+def test_a_receipts_post_with_a_hash_that_is_not_hex_is_refused_as_bad_input(
+    make_pair: Callable[..., tuple[Side, Side]], field: str
+) -> None:
+    # 64 characters, not hex: some not even ASCII (which hmac.compare_digest refuses
+    # with a TypeError, an internal error, had the check been on length alone).
+    jp, pk = make_pair()
+    jp = _rotate(jp, keys=1)
+    bad = "\u00e9" * 64
+    if field == "manifests":
+        body: dict[str, Any] = {"results": [], "manifests": [bad]}
+    else:
+        body = {
+            "results": [{"envelope_sha256": bad, "status": "refused", "reason": "x"}],
+            "manifests": [],
+        }
+    with _serve(jp) as running:
+
+        async def post() -> Any:
+            async with PeerClient(_toward(pk, running.url), pk.keyring) as client:
+                return await client.request_json("POST", RECEIPTS_PATH, body)
+
+        with pytest.raises(PeerRefused) as refused:
+            asyncio.run(post())
+        assert refused.value.status in (400, 422)
+        # "g" is ASCII but not hex: refused the same way.
+        body = {"results": [], "manifests": ["g" * 64]}
+        with pytest.raises(PeerRefused) as refused:
+            asyncio.run(post())
+        assert refused.value.status in (400, 422)
+    assert _pending_versions(jp) == [2]
