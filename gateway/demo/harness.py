@@ -14,6 +14,7 @@ when asked (:func:`kill`) or when a stop takes too long (:func:`stop_or_kill`).
 from __future__ import annotations
 
 import json
+import random
 import signal
 import socket
 import subprocess
@@ -75,8 +76,39 @@ class ServeProcess:
         return self.process.poll() is None
 
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PORT = 10_000
+
+
+def _ephemeral_low() -> int:
+    """The first port the kernel hands to outgoing connections (Linux; 32768 by
+    default, and the IANA range's 49152 where it cannot be read)."""
+    try:
+        return int(_EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 49152
+
+
 def free_port() -> int:
-    """A TCP port on loopback that is free right now."""
+    """A TCP port on loopback that is free right now, chosen below the ephemeral range.
+
+    The port is bound later, by a ``gateway serve`` started after this returns (and
+    again after each restart). A port from the ephemeral range (what binding port 0
+    gives) can meanwhile become the local end of any outgoing connection, a
+    database client's say, and stay taken for as long as it lives; the kernel never
+    hands out a port below the range that way. Falls back to port 0's choice when
+    the range leaves no room below it.
+    """
+    low = _ephemeral_low()
+    chooser = random.SystemRandom()
+    for _ in range(100 if low > _LOWEST_PORT + 1000 else 0):
+        port = chooser.randrange(_LOWEST_PORT, low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
