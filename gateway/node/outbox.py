@@ -1035,6 +1035,7 @@ async def run_sender_loop(
                     reason=reason,
                     detail=str(exc)[:LAST_ERROR_CHARS],
                     failures=failures,
+                    local_failures=local_failures,
                     retry_in=round(delay, 2),
                 )
             due = loop.time() + delay

@@ -82,14 +82,17 @@ class PullReport:
     delivered_at_host: int = 0
     manifests_refused: int = 0
     """Manifests of the answer that could not be pinned (not acknowledged)."""
+    answered_at_once: bool = False
+    """The answer was the one a host gives at once when more manifests wait than an
+    answer carries: :data:`MAX_ANSWER_MANIFESTS` manifests and nothing else."""
 
     @property
     def stalled(self) -> bool:
-        """Manifests were refused and nothing else moved: the host will offer the
-        same answer again, so the next pass should wait (:func:`run_puller`)."""
-        return bool(self.manifests_refused) and not (
-            self.manifests or self.accepted or self.checkpoint is not None
-        )
+        """An at-once answer whose manifests were all refused: the host will give the
+        same answer again without waiting, so the next pass should wait
+        (:func:`run_puller`). An answer the host gave after its long poll paces
+        itself and never stalls."""
+        return self.answered_at_once and not self.manifests and not self.accepted
 
     @property
     def items(self) -> int:
@@ -262,6 +265,9 @@ async def pull_once(
         items = await fetch
         if not items:
             return report
+        report.answered_at_once = len(items) == MAX_ANSWER_MANIFESTS and all(
+            item.kind is ItemKind.MANIFEST for item in items
+        )
         crash_point("after-pull-answer")
         results, manifests = await asyncio.to_thread(
             _take, ctx, items, report, now_fn=now_fn, verify_pool=verify_pool
