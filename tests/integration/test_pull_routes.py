@@ -594,42 +594,48 @@ def test_a_puller_that_cannot_pin_any_manifest_of_an_at_once_answer_waits_before
 
         report = asyncio.run(one_pass())
         assert (report.manifests, report.manifests_refused) == (0, MAX_ANSWER_MANIFESTS)
+        assert report.answered_at_once
         assert report.stalled
 
-        passes = 0
+        starts: list[float] = []
 
         @asynccontextmanager
         async def counted() -> AsyncIterator[PeerClient]:
-            nonlocal passes
-            passes += 1
+            starts.append(time.monotonic())
             async with PeerClient(_toward(pk, running.url), pk.keyring) as client:
                 yield client
 
-        async def run_for(seconds: float) -> None:
+        async def until_two_failures() -> list[dict[str, Any]]:
             stop = asyncio.Event()
-            worker = asyncio.create_task(
-                run_puller(ctx, counted, stop, now_fn=behind, rng=lambda: 0.5)
-            )
-            await asyncio.sleep(seconds)
-            stop.set()
-            await asyncio.wait_for(worker, timeout=30)
+            with capture_logs() as logs:
+                worker = asyncio.create_task(
+                    run_puller(ctx, counted, stop, now_fn=behind, rng=lambda: 0.5)
+                )
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    failed = [line for line in logs if line["event"] == "delivery_failed"]
+                    if len(failed) >= 2:
+                        break
+                    await asyncio.sleep(0.05)
+                stop.set()
+                await asyncio.wait_for(worker, timeout=60)
+            return [line for line in logs if line["event"] == "delivery_failed"]
 
-        with capture_logs() as logs:
-            asyncio.run(run_for(2.0))
+        failed = asyncio.run(until_two_failures())
     # Without the back-off the worker pulls again 10 ms after each answer and logs no
     # failure. With it, each stalled pass is a failure that names its reason, and the
-    # waits before the next pass grow (1 s, then 2 s, at half jitter 0.75 s, 1.5 s).
-    failed = [line for line in logs if line["event"] == "delivery_failed"]
-    assert failed
+    # next pass starts only after a wait that grows (1 s, then 2 s, at half jitter
+    # 0.75 s, then 1.5 s).
+    assert len(failed) >= 2
     assert {line["reason"] for line in failed} == {"pull.manifests-refused"}
-    assert [line["retry_in"] for line in failed] == [0.75, 1.5, 3.0][: len(failed)]
-    assert passes == len(failed)
+    assert [line["retry_in"] for line in failed[:2]] == [0.75, 1.5]
+    assert starts[1] - starts[0] >= 0.75
     assert _pending_versions(jp) == waiting
     assert _pinned_version(pk) == 1
-    # The stalled report is not a stall when anything else moved.
-    assert not PullReport(manifests=1, manifests_refused=2).stalled
-    assert not PullReport(manifests_refused=2, checkpoint=5).stalled
-    assert not PullReport(manifests_refused=2, accepted=["a" * 64]).stalled
+    # Only an at-once answer stalls, and only when nothing of it moved.
+    assert PullReport(manifests_refused=64, answered_at_once=True).stalled
+    assert not PullReport(manifests=1, manifests_refused=63, answered_at_once=True).stalled
+    assert not PullReport(manifests_refused=1).stalled  # given after the long poll
     assert not PullReport().stalled
 
 
@@ -667,3 +673,33 @@ def test_a_receipts_post_with_a_hash_that_is_not_hex_is_refused_as_bad_input(
             asyncio.run(post())
         assert refused.value.status in (400, 422)
     assert _pending_versions(jp) == [2]
+
+
+def test_a_refusal_reason_is_kept_only_as_a_reason_code(
+    make_pair: Callable[..., tuple[Side, Side]],
+) -> None:
+    # The reason of a refused result becomes the bundle's last error: a lone surrogate
+    # (valid JSON, refused by the database's text encoding) or free text is not kept.
+    jp, pk = make_pair()
+    [bundle_id] = _send(jp, 1)
+    sha = _outbox(jp)[bundle_id].envelope_sha256
+    with _serve(jp) as running:
+
+        async def post(reason: str) -> Any:
+            async with PeerClient(_toward(pk, running.url), pk.keyring) as client:
+                return await client.request_json(
+                    "POST",
+                    RECEIPTS_PATH,
+                    {"results": [{"envelope_sha256": sha, "status": "refused", "reason": reason}]},
+                )
+
+        asyncio.run(post("\ud800 not a code"))
+        first = _outbox(jp)[bundle_id]
+        asyncio.run(post("envelope.signature"))
+        second = _outbox(jp)[bundle_id]
+    assert first.state == second.state == "queued"
+    assert first.last_error is not None
+    assert "\ud800" not in first.last_error
+    assert "not a code" not in first.last_error
+    assert second.last_error is not None
+    assert "envelope.signature" in second.last_error
