@@ -37,6 +37,7 @@ __all__ = [
     "NodeMetrics",
     "PeerContact",
     "bounded_label",
+    "peer_reason",
 ]
 
 NAMESPACE: Final = "ssw_gateway"
@@ -81,6 +82,14 @@ def bounded_label(value: str | None) -> str:
     """``value`` if it looks like a reason code (lower case, dots, dashes), else ``other``."""
     text = (value or "").strip().lower()
     return text if _LABEL.fullmatch(text) else OTHER
+
+
+def peer_reason(value: object) -> str:
+    """A refusal reason the peer sent, as this node keeps and shows it (a bundle's
+    last error, a log line, a metric label): :func:`bounded_label` of it, or
+    ``unknown`` when it is not text. No free text of the peer's, and no character a
+    database refuses (a lone surrogate is valid JSON), gets further."""
+    return bounded_label(value) if isinstance(value, str) else "unknown"
 
 
 class PeerContact:

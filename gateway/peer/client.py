@@ -46,6 +46,7 @@ from gateway.core.pull import (
     parse_preface,
 )
 from gateway.errors import ConfigError, InvalidInput, RefusedError, TransportError
+from gateway.metrics import peer_reason
 from gateway.node.runtime import utc_now
 from gateway.peer.failures import Failure, classify_client_error, diagnose_disconnect
 from gateway.peer.server import (
@@ -724,7 +725,7 @@ def _reason_from(body: bytes) -> str:
         return "unknown"
     if not isinstance(reason, str) or len(reason) > 64:
         return "unknown"
-    return reason
+    return peer_reason(reason)
 
 
 def _parse_results(answer: bytes, paths: Sequence[Path]) -> list[EnvelopeResult]:
@@ -755,14 +756,9 @@ def _parse_results(answer: bytes, paths: Sequence[Path]) -> list[EnvelopeResult]
                 raise bad(f"result {index} receipt is not base64") from None
             results.append(EnvelopeResult(path, "accepted", receipt, None, False))
         elif status in ("refused", "error"):
-            reason = item.get("reason")
             results.append(
                 EnvelopeResult(
-                    path,
-                    status,
-                    None,
-                    reason if isinstance(reason, str) else "unknown",
-                    status == "error",
+                    path, status, None, peer_reason(item.get("reason")), status == "error"
                 )
             )
         else:

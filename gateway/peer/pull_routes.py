@@ -57,7 +57,7 @@ from gateway.core.pull import (
     preface,
 )
 from gateway.errors import InvalidInput, RefusedError
-from gateway.metrics import bounded_label
+from gateway.metrics import peer_reason
 from gateway.node.ledger import checkpoint as ledger_checkpoint
 from gateway.node.outbox import (
     next_batch,
@@ -334,13 +334,7 @@ def _parse_receipts(raw: bytes) -> tuple[list[tuple[str, PullOutcome]], list[str
         if status == "accepted":
             outcome = PullOutcome("accepted", _decode_receipt(item.get("receipt"), index), None)
         elif status in ("refused", "error"):
-            # Stored as the bundle's last error and counted as a metric label: a
-            # reason code or nothing (no free text of the peer's, no character a
-            # database refuses).
-            reason = item.get("reason")
-            outcome = PullOutcome(
-                str(status), None, bounded_label(reason) if isinstance(reason, str) else "unknown"
-            )
+            outcome = PullOutcome(str(status), None, peer_reason(item.get("reason")))
         else:
             raise InvalidInput(f"result {index} has unknown status")
         outcomes.append((sha, outcome))
