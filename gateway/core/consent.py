@@ -785,11 +785,15 @@ def decide_disclosure(
         return state.grant.granting_node == item.origin_node and item.bundle_id in state.grant.items
 
     purpose_key = normalise_name(purpose)
-    problems = {
-        state.grant.consent_id: _problem(state, recipient_key, purpose_key, now)
-        for state in consents
-    }
-    valid = sorted((s for s in consents if problems[s.consent_id] is None), key=_ends_first)
+    problems: dict[str, Missing | None] = {}
+    valid: list[ConsentState] = []
+    for state in consents:
+        problem = problems[state.grant.consent_id] = _problem(
+            state, recipient_key, purpose_key, now
+        )
+        if problem is None:
+            valid.append(state)
+    valid.sort(key=_ends_first)
     chosen: ConsentState | None = None
     if needed:
         chosen = next((s for s in valid if all(covers(s, item) for item in needed)), None)

@@ -294,3 +294,43 @@ def test_a_stored_document_naming_another_consent_is_refused(db: Database) -> No
         )
     with pytest.raises(StorageError, match="another consent's document"):
         check_consent_states(db, [bundle])
+
+
+def test_a_check_reads_the_generation_and_any_uncached_rows_in_one_statement(
+    tmp_path: Path,
+) -> None:
+    """First check of a bundle: one statement (generation and rows at one snapshot);
+    a check served from the cache: one (the generation); after the generation moved:
+    two (the generation, then the rows). Counted on SQLite's read connection."""
+    with node_database(f"sqlite:///{tmp_path / 'node.sqlite3'}", created_at=T0) as db:
+        first = add_grant(db, "b-1")
+        statements: list[str] = []
+        reader = db._sqlite_reader()
+        reader.set_trace_callback(statements.append)
+        try:
+            (state,) = check_consent_states(db, ["b-1"])
+            assert state.consent_id == first
+            assert len(statements) == 1, statements
+            assert "UNION ALL" in statements[0]
+            assert state_cache(db.engine).generation == generation(db)
+
+            statements.clear()
+            assert check_consent_states(db, ["b-1"]) == [state]
+            assert len(statements) == 1, statements
+            assert "UNION ALL" not in statements[0]
+
+            second = add_grant(db, "b-1")  # moves the generation
+            statements.clear()
+            moved = check_consent_states(db, ["b-1"])
+            assert sorted(s.consent_id for s in moved) == sorted([first, second])
+            assert len(statements) == 2, statements
+
+            # A bundle not cached beside a cached one: one statement reads both again.
+            add_grant(db, "b-2")
+            check_consent_states(db, ["b-1"])
+            statements.clear()
+            both = check_consent_states(db, ["b-1", "b-2"])
+            assert len(both) == 3
+            assert len(statements) == 1, statements
+        finally:
+            reader.set_trace_callback(None)

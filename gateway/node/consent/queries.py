@@ -6,7 +6,7 @@ import functools
 import json
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,10 +50,6 @@ __all__ = [
 ]
 
 
-_GENERATION_SQL = (
-    f"SELECT generation FROM {ConsentGenerationRow.__tablename__} "  # noqa: S608 - constants
-    f"WHERE id = {CONSENT_GENERATION_ID}"
-)
 _STATES_SQL = (
     "SELECT i.bundle_id, g.consent_id, g.document, g.terms, r.revoked_at,"
     " (SELECT count(*) FROM consent_use u WHERE u.consent_id = g.consent_id),"
@@ -73,6 +69,19 @@ _CHECK_SQL = (
 """The same rows from ``consent_check`` (migration ``0023_consent_check``): one indexed
 range, kept by the database's triggers in the transaction of every change to the
 tables :data:`_STATES_SQL` joins."""
+_GENERATION_SQL = (
+    f"SELECT generation FROM {ConsentGenerationRow.__tablename__} "  # noqa: S608 - constants
+    f"WHERE id = {CONSENT_GENERATION_ID}"
+)
+"""The consent generation alone: what a check whose asked bundles are all cached reads."""
+_GENERATION_CHECK_SQL = (
+    "SELECT NULL, NULL, NULL, NULL, NULL, generation, NULL"  # noqa: S608 - constants
+    f" FROM {ConsentGenerationRow.__tablename__} WHERE id = {CONSENT_GENERATION_ID}"
+    " UNION ALL " + _CHECK_SQL
+)
+"""The consent generation (the row whose bundle id is NULL: ``consent_check.bundle_id``
+is never NULL) and the rows of :data:`_CHECK_SQL`: one statement, so both are read at
+one snapshot on both engines. What a check reads when any asked bundle is not cached."""
 _MAX_ASK = 1000
 """Bundle ids per statement (well below both engines' parameter limits)."""
 
@@ -87,6 +96,12 @@ def _states_sql(mark: str, count: int) -> str:
 def _check_sql(mark: str, count: int) -> str:
     """:data:`_CHECK_SQL` for ``count`` bundle ids (the same text each time: prepared once)."""
     return _CHECK_SQL.format(marks=", ".join([mark] * count))
+
+
+@functools.lru_cache(maxsize=64)
+def _generation_check_sql(mark: str, count: int) -> str:
+    """:data:`_GENERATION_CHECK_SQL` for ``count`` bundle ids (prepared once, as above)."""
+    return _GENERATION_CHECK_SQL.format(marks=", ".join([mark] * count))
 
 
 def _stored_time(value: Any) -> datetime | None:
@@ -152,6 +167,15 @@ class ConsentStateCache:
                 return {}
             known = self._by_bundle
             return {b: known[b] for b in bundle_ids if b in known}
+
+    def held_at(self, bundle_ids: Sequence[str]) -> int | None:
+        """The generation the states of all of ``bundle_ids`` are cached at, else ``None``
+        (a check then reads their rows with the generation: see ``_cached_consent_states``)."""
+        with self._lock:
+            known = self._by_bundle
+            if self.generation is None or not all(b in known for b in bundle_ids):
+                return None
+            return self.generation
 
     def store(self, generation: int, found: dict[str, tuple[ConsentState, ...]]) -> None:
         """Keep ``found`` (read at ``generation``) unless the generation has moved since."""
@@ -230,6 +254,33 @@ def state_cache(engine: Engine) -> ConsentStateCache:
         return cache
 
 
+def _add_states(
+    rows: Iterable[Sequence[Any]],
+    cache: ConsentStateCache,
+    naming: dict[str, list[ConsentState]],
+    states: dict[str, ConsentState],
+    *,
+    stored_terms: bool,
+) -> None:
+    """Add each row's consent (bundle id, consent id, document, terms record, revocation
+    time, uses, suspect mark) to the states naming its bundle in ``naming``; ``states``
+    keeps one state per consent id across rows and chunks."""
+    for bundle_id, consent_id, document, terms, revoked_at, uses, marked in rows:
+        state = states.get(consent_id)
+        if state is None:
+            signed = bytes(document)
+            grant: ConsentGrant | GrantTerms | None = (
+                cache.terms(consent_id, terms, signed) if stored_terms else None
+            )
+            state = states[consent_id] = ConsentState(
+                cache.grant(consent_id, signed) if grant is None else grant,
+                _stored_time(revoked_at),
+                int(uses or 0),
+                bool(marked),
+            )
+        naming[bundle_id].append(state)
+
+
 def _read_states(
     cursor: Any,
     cache: ConsentStateCache,
@@ -237,6 +288,7 @@ def _read_states(
     mark: str,
     *,
     stored_terms: bool,
+    first_rows: Sequence[Sequence[Any]] | None = None,
 ) -> dict[str, tuple[ConsentState, ...]]:
     """Every asked bundle id -> the received consents naming it: one statement per chunk
     of :data:`_MAX_ASK` ids, each reading at its own snapshot (or in the caller's
@@ -246,31 +298,70 @@ def _read_states(
     grant's terms from its compact record where that is bound to the stored
     document (:func:`terms_from_record`); any other grant is read from its
     signed document. Without ``stored_terms``, the rows come from the base
-    tables and every grant from its signed document.
+    tables and every grant from its signed document. ``first_rows``: the
+    first chunk's rows, read already (by :data:`_GENERATION_CHECK_SQL`).
     """
     naming: dict[str, list[ConsentState]] = {b: [] for b in bundle_ids}
     states: dict[str, ConsentState] = {}
     for start in range(0, len(bundle_ids), _MAX_ASK):
-        chunk = list(bundle_ids[start : start + _MAX_ASK])
-        if stored_terms:
-            cursor.execute(_check_sql(mark, len(chunk)), chunk)
+        if start == 0 and first_rows is not None:
+            rows = first_rows
         else:
-            cursor.execute(_states_sql(mark, len(chunk)), [Direction.RECEIVED, *chunk])
-        for bundle_id, consent_id, document, terms, revoked_at, uses, marked in cursor.fetchall():
-            state = states.get(consent_id)
-            if state is None:
-                signed = bytes(document)
-                grant: ConsentGrant | GrantTerms | None = (
-                    cache.terms(consent_id, terms, signed) if stored_terms else None
-                )
-                state = states[consent_id] = ConsentState(
-                    cache.grant(consent_id, signed) if grant is None else grant,
-                    _stored_time(revoked_at),
-                    int(uses or 0),
-                    bool(marked),
-                )
-            naming[bundle_id].append(state)
+            chunk = list(bundle_ids[start : start + _MAX_ASK])
+            if stored_terms:
+                cursor.execute(_check_sql(mark, len(chunk)), chunk)
+            else:
+                cursor.execute(_states_sql(mark, len(chunk)), [Direction.RECEIVED, *chunk])
+            rows = cursor.fetchall()
+        _add_states(rows, cache, naming, states, stored_terms=stored_terms)
     return {b: tuple(found) for b, found in naming.items()}
+
+
+def _cached_consent_states(
+    cursor: Any, cache: ConsentStateCache, asked: list[str], mark: str
+) -> tuple[dict[str, tuple[ConsentState, ...]], set[str]]:
+    """The states of every asked bundle, and the bundles among them read just now.
+
+    When every asked bundle is cached, the generation alone is read
+    (:data:`_GENERATION_SQL`), then, only if it moved, the rows. Otherwise
+    one statement reads the generation and the first chunk's rows
+    (:data:`_GENERATION_CHECK_SQL`): a first check costs one statement, not
+    two. What the generation says is never older than the rows kept under
+    it: they are read at its snapshot or after it.
+    """
+    if cache.held_at(asked) is not None:
+        cursor.execute(_GENERATION_SQL)
+        row = cursor.fetchone()
+        if row is None:
+            raise StorageError("the consent generation row is missing: run `gateway db upgrade`")
+        generation = int(row[0])
+        known = cache.states(generation, asked)  # empty if the generation moved
+        missing = [b for b in asked if b not in known]
+        if missing:
+            found = _read_states(cursor, cache, missing, mark, stored_terms=True)
+            cache.store(generation, found)
+            known.update(found)
+        return known, set(missing)
+    first = asked[:_MAX_ASK]
+    cursor.execute(_generation_check_sql(mark, len(first)), first)
+    rows = cursor.fetchall()
+    read: int | None = None
+    for row in rows:
+        if row[0] is None:
+            read = int(row[5])
+    if read is None:
+        raise StorageError("the consent generation row is missing: run `gateway db upgrade`")
+    cache.states(read, ())  # a moved generation drops what was cached under the old one
+    found = _read_states(
+        cursor,
+        cache,
+        asked,
+        mark,
+        stored_terms=True,
+        first_rows=[row for row in rows if row[0] is not None],
+    )
+    cache.store(read, found)
+    return found, set(asked)
 
 
 def _consent_states(
@@ -285,23 +376,7 @@ def _consent_states(
     cursor = driver.cursor()
     try:
         if cached_states:
-            # The generation first: rows read after it are at least as new, so what
-            # is kept under it is never older than it says (each statement reads at
-            # its own snapshot, on both engines: Database.read_connection).
-            cursor.execute(_GENERATION_SQL)
-            row = cursor.fetchone()
-            if row is None:
-                raise StorageError(
-                    "the consent generation row is missing: run `gateway db upgrade`"
-                )
-            generation = int(row[0])
-            known = cache.states(generation, asked)
-            missing = [b for b in asked if b not in known]
-            fresh = set(missing)
-            if missing:
-                found = _read_states(cursor, cache, missing, mark, stored_terms=True)
-                cache.store(generation, found)
-                known.update(found)
+            known, fresh = _cached_consent_states(cursor, cache, asked, mark)
         else:
             known = _read_states(cursor, cache, asked, mark, stored_terms=False)
             fresh = set(asked)
@@ -350,10 +425,11 @@ def check_consent_states(db: Database, bundle_ids: Sequence[str]) -> list[Consen
     decision that is recorded is taken again under the ledger lock):
     :meth:`Database.read_connection` (no write lock, no transaction: each
     statement reads what was committed when it started), the consent generation
-    read first, and the states of bundles already read at that generation
-    served from :class:`ConsentStateCache`. A grant, revocation, use or
-    suspect mark committed by any connection or process before the call has
-    moved the generation, so it is always seen.
+    read first (with the rows, in one statement, when an asked bundle is not
+    cached), and the states of bundles already read at that generation
+    served from :class:`ConsentStateCache`. A grant, revocation, use or suspect mark
+    committed by any connection or process before the call has moved the
+    generation, so it is always seen.
 
     The grants' terms come from their compact records (``consent_grant.terms``,
     migration ``0022_consent_terms``), written from each verified grant when
