@@ -744,7 +744,8 @@ def _name_keys(names: tuple[str, ...]) -> frozenset[str]:
 
 
 def _ends_first(state: ConsentState) -> tuple[datetime, str]:
-    return (state.grant.valid_until, state.consent_id)
+    grant = state.grant
+    return (grant.valid_until, grant.consent_id)
 
 
 def decide_disclosure(
@@ -785,14 +786,11 @@ def decide_disclosure(
         return state.grant.granting_node == item.origin_node and item.bundle_id in state.grant.items
 
     purpose_key = normalise_name(purpose)
-    problems: dict[str, Missing | None] = {}
-    valid: list[ConsentState] = []
-    for state in consents:
-        problem = problems[state.grant.consent_id] = _problem(
-            state, recipient_key, purpose_key, now
-        )
-        if problem is None:
-            valid.append(state)
+    problems = {
+        state.grant.consent_id: _problem(state, recipient_key, purpose_key, now)
+        for state in consents
+    }
+    valid = [s for s in consents if problems[s.grant.consent_id] is None]
     valid.sort(key=_ends_first)
     chosen: ConsentState | None = None
     if needed:

@@ -28,6 +28,7 @@ from gateway.core.consent import (
     decide_disclosure,
 )
 from gateway.errors import StorageError
+from gateway.node.consent import queries as consent_queries
 from gateway.node.consent.queries import (
     ConsentStateCache,
     check_consent_states,
@@ -334,3 +335,38 @@ def test_a_check_reads_the_generation_and_any_uncached_rows_in_one_statement(
             assert len(statements) == 1, statements
         finally:
             reader.set_trace_callback(None)
+
+
+def test_an_empty_ask_reads_nothing_on_a_new_cache(db: Database) -> None:
+    """No bundle asked, before any check filled the cache: no rows, no statement with an
+    empty IN list (which PostgreSQL refuses)."""
+    add_grant(db, "b-1")
+    assert state_cache(db.engine).generation is None
+    assert check_consent_states(db, []) == []
+    (state,) = check_consent_states(db, ["b-1"])
+    assert check_consent_states(db, []) == []
+    assert check_consent_states(db, ["b-1"]) == [state]
+
+
+def test_an_ask_past_one_statement_reads_every_chunk(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunks of ``_MAX_ASK`` ids: the first read with the generation, the others after
+    it; every bundle's consents come back, as the recorded decision reads them, when
+    nothing is cached, when part is, and after the generation moved."""
+    monkeypatch.setattr(consent_queries, "_MAX_ASK", 2)
+    bundles = [f"b-{n}" for n in range(5)]
+    first, last = add_grant(db, "b-0"), add_grant(db, "b-4")
+    both = add_grant(db, "b-2")
+
+    def recorded(asked: list[str]) -> list[str]:
+        with db.transaction() as session:
+            return [s.consent_id for s in load_consent_states(session, asked)]
+
+    checked = [s.consent_id for s in check_consent_states(db, bundles)]
+    assert checked == sorted([first, last, both]) == recorded(bundles)
+    assert [s.consent_id for s in check_consent_states(db, ["b-4", "b-9"])] == [last]
+    assert [s.consent_id for s in check_consent_states(db, bundles)] == recorded(bundles)
+    moved = add_grant(db, "b-3")
+    checked = [s.consent_id for s in check_consent_states(db, bundles)]
+    assert checked == sorted([first, last, both, moved]) == recorded(bundles)

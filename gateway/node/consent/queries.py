@@ -329,6 +329,8 @@ def _cached_consent_states(
     two. What the generation says is never older than the rows kept under
     it: they are read at its snapshot or after it.
     """
+    if not asked:
+        return {}, set()
     if cache.held_at(asked) is not None:
         cursor.execute(_GENERATION_SQL)
         row = cursor.fetchone()
