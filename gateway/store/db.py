@@ -111,6 +111,13 @@ def _drop_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
         raise DisconnectionError("the server closed the connection")
 
 
+POSTGRES_READ_POOL = 4
+"""Connections kept for :meth:`Database.read_connection` on PostgreSQL (as many again
+are opened for a burst and closed after it)."""
+_READ_ONLY_SESSION = "-c default_transaction_read_only=on"
+"""Startup option of a PostgreSQL read connection: the server refuses any write on it."""
+
+
 def _normalise_url(url: str) -> str:
     if url.startswith("postgresql://"):
         return "postgresql+psycopg://" + url[len("postgresql://") :]
@@ -140,11 +147,13 @@ class Database:
             self.engine: Engine = create_engine(self.url, **options)
         except (SQLAlchemyError, ValueError) as exc:
             raise StorageError(f"database URL not usable: {type(exc).__name__}") from None
+        self._read_engine: Engine | None = None
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
         else:
             event.listen(self.engine, "checkout", _drop_if_closed)
+            self._read_engine = self._postgres_read_engine(options)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._serializable = sessionmaker(
             self.engine.execution_options(isolation_level="SERIALIZABLE")
@@ -158,6 +167,28 @@ class Database:
         self._readers = sessionmaker(
             self.engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False
         )
+
+    def _postgres_read_engine(self, options: dict[str, Any]) -> Engine:
+        """The pool behind :meth:`read_connection` on PostgreSQL: autocommit (each
+        statement its own READ COMMITTED transaction: one round trip), every
+        transaction read-only (the server refuses a write), at most
+        :data:`POSTGRES_READ_POOL` connections plus as many again for a burst."""
+        url = self.engine.url
+        startup = " ".join(
+            part for part in (url.query.get("options"), _READ_ONLY_SESSION) if isinstance(part, str)
+        )
+        engine = create_engine(
+            url,
+            **{
+                **options,
+                "connect_args": {**options["connect_args"], "options": startup},
+                "isolation_level": "AUTOCOMMIT",
+                "pool_size": POSTGRES_READ_POOL,
+                "max_overflow": POSTGRES_READ_POOL,
+            },
+        )
+        event.listen(engine, "checkout", _drop_if_closed)
+        return engine
 
     @property
     def dialect(self) -> str:
@@ -192,21 +223,26 @@ class Database:
         """A DB-API connection for hot read paths; each statement reads committed data.
 
         The driver's own connection (``sqlite3`` or ``psycopg``), no ORM
-        session: statements are plain SQL strings the driver prepares once and
-        keeps (SQLite's statement cache; psycopg's automatic prepare). Each
-        statement reads what was committed when it started, on both engines:
-        a caller that needs two statements to agree orders them so that it
-        does not matter (as the consent check does). On SQLite each thread
-        keeps one connection of its own for this (opened with the engine's
-        pragmas and ``PRAGMA query_only``, closed by :meth:`dispose`) and no
-        transaction is opened: a statement takes no write lock and no
-        ``BEGIN``/``ROLLBACK`` pair is spent per call. On PostgreSQL a pooled
-        connection, READ COMMITTED, rolled back after use. Nothing may be
-        written through it: SQLite refuses any write on it; on PostgreSQL a
-        write (never to be committed here) is rolled back on leaving. Close
-        every cursor or read it to the end before leaving: on SQLite an
-        unfinished statement keeps its snapshot, and the connection is the
-        thread's for its next use. Driver errors become :class:`StorageError`.
+        session: on SQLite each thread keeps one connection of its own for
+        this (opened on first use, closed by :meth:`dispose`); on PostgreSQL
+        one of a pool of its own (:data:`POSTGRES_READ_POOL`). Statements are plain
+        SQL strings the driver prepares once and keeps (SQLite's statement
+        cache; psycopg's automatic prepare). No transaction is opened: each
+        statement reads what was committed when it started, on both engines
+        (SQLite autocommit; PostgreSQL autocommit, READ COMMITTED), so no
+        ``BEGIN``/``ROLLBACK`` pair is spent per call, and on PostgreSQL a
+        one-statement read is one round trip. A caller that needs two
+        statements to agree orders them so that it does not matter, or reads
+        both in one statement (as the consent check does). Nothing may be
+        written through it, and the database itself refuses: SQLite's
+        ``PRAGMA query_only``; PostgreSQL's ``default_transaction_read_only``,
+        set when the connection is opened. Close every cursor or read it to
+        the end before leaving: on SQLite an unfinished statement keeps its
+        snapshot, and the connection is the thread's for its next use. A
+        PostgreSQL connection the server has closed is replaced before use
+        (the local look of :func:`_drop_if_closed`), and one that failed is
+        dropped from the pool, so the next call opens another. Driver errors
+        become :class:`StorageError`.
         """
         if self.is_sqlite:
             driver = self._sqlite_reader()
@@ -220,17 +256,17 @@ class Database:
                 raise StorageError(f"database unavailable or locked: {exc!s}".strip()) from exc
             return
         dbapi: Any = self.engine.dialect.dbapi
+        assert self._read_engine is not None
         try:
-            pooled = self.engine.raw_connection()
+            pooled = self._read_engine.raw_connection()
         except OperationalError as exc:
             raise StorageError(f"database unavailable or locked: {exc.orig!s}".strip()) from exc
         try:
-            postgres: Any = pooled.driver_connection
-            try:
-                yield postgres
-            finally:
-                postgres.rollback()
+            yield pooled.driver_connection
         except dbapi.Error as exc:
+            postgres: Any = pooled.driver_connection
+            if postgres.closed or postgres.broken:
+                pooled.invalidate()  # the pool opens another for the next read
             raise StorageError(f"database unavailable or locked: {exc!s}".strip()) from exc
         finally:
             pooled.close()
@@ -330,6 +366,8 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._read_engine is not None:
+            self._read_engine.dispose()
         with self._readers_lock:
             readers, self._reader_connections = self._reader_connections, []
             self._readers_local = threading.local()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import func, inspect, select
+from sqlalchemy import func, inspect, select, text
 
 from gateway.errors import StorageError
 from gateway.store.db import open_database
@@ -112,18 +115,70 @@ def test_the_read_connection_writes_nothing_and_each_statement_sees_what_was_com
             with db.read_connection() as reader:
                 reader.cursor().execute(insert)
 
-        if db.is_sqlite:
-            with pytest.raises(StorageError, match="readonly"):  # query_only refuses it ...
-                write_through_the_reader()
-        else:
-            write_through_the_reader()  # ... PostgreSQL takes it and rolls it back on leaving
+        # SQLite's query_only and PostgreSQL's default_transaction_read_only refuse it ...
+        with pytest.raises(StorageError, match="readonly" if db.is_sqlite else "read-only"):
+            write_through_the_reader()
         with db.read_connection() as reader:
-            if db.is_sqlite:
-                assert not reader.in_transaction
+            assert not (reader.in_transaction if db.is_sqlite else reader.info.transaction_status)
             cursor = reader.cursor()
             cursor.execute("SELECT node_id FROM node")
             assert [row[0] for row in cursor.fetchall()] == ["jp"]  # ... and nothing was kept
             cursor.close()
+    finally:
+        db.dispose()
+
+
+def test_the_read_connection_is_kept_and_replaced_when_the_server_closed_it(
+    database_url: str,
+) -> None:
+    """The read connection is kept across calls (SQLite: one per thread; PostgreSQL: a
+    pool of its own); on PostgreSQL one the server terminated is replaced before use,
+    and a read that failed on one is a StorageError after which the next read works."""
+    db = open_database(database_url)
+    try:
+        db.upgrade()
+        with db.read_connection() as reader:
+            first = reader
+        with db.read_connection() as reader:
+            assert reader is first
+        if db.is_sqlite:
+            others: list[object] = []
+
+            def read_in_another_thread() -> None:
+                with db.read_connection() as reader:
+                    others.append(reader)
+
+            worker = threading.Thread(target=read_in_another_thread)
+            worker.start()
+            worker.join()
+            assert len(others) == 1
+            assert others[0] is not first
+            return
+        assert first.autocommit
+        pid = first.info.backend_pid
+        with db.transaction() as session:
+            session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        deadline = time.monotonic() + 10
+        while not first.closed and time.monotonic() < deadline:
+            try:
+                first.execute("SELECT 1")  # until the client sees the termination
+            except Exception:
+                break
+        with db.read_connection() as reader:
+            assert reader is not first
+            assert reader.execute("SELECT count(*) FROM node").fetchone() == (0,)
+            failed = reader
+        with db.transaction() as session:
+            session.execute(
+                text("SELECT pg_terminate_backend(:pid)"), {"pid": failed.info.backend_pid}
+            )
+        # The termination may not be visible yet to the poll before use: the read fails
+        # (StorageError) or sees the closed socket and reconnects; either way the next works.
+        with contextlib.suppress(StorageError), db.read_connection() as reader:
+            reader.execute("SELECT 1").fetchone()
+        with db.read_connection() as reader:
+            assert reader is not failed
+            assert reader.execute("SELECT 1").fetchone() == (1,)
     finally:
         db.dispose()
 
