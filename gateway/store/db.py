@@ -114,8 +114,21 @@ def _drop_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
 POSTGRES_READ_POOL = 4
 """Connections kept for :meth:`Database.read_connection` on PostgreSQL (as many again
 are opened for a burst and closed after it)."""
-_READ_ONLY_SESSION = "-c default_transaction_read_only=on"
-"""Startup option of a PostgreSQL read connection: the server refuses any write on it."""
+
+
+def _read_only_session(dbapi_connection: Any, _record: Any) -> None:
+    """Make a new PostgreSQL read connection's transactions read-only by default.
+
+    Set once the connection is open (one round trip per connection), not as
+    a startup option: an ``options`` parameter would replace the ones of
+    ``PGOPTIONS`` or a service file, and libpq would take the session for a
+    read-only server and refuse it under ``target_session_attrs=read-write``.
+    A guard against a write by mistake (the server refuses it), not a
+    barrier: a ``SET`` can lift it, and nothing here issues one.
+    """
+    dbapi_connection.execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+    if not dbapi_connection.autocommit:
+        dbapi_connection.commit()
 
 
 def _normalise_url(url: str) -> str:
@@ -170,23 +183,20 @@ class Database:
 
     def _postgres_read_engine(self, options: dict[str, Any]) -> Engine:
         """The pool behind :meth:`read_connection` on PostgreSQL: autocommit (each
-        statement its own READ COMMITTED transaction: one round trip), every
-        transaction read-only (the server refuses a write), at most
-        :data:`POSTGRES_READ_POOL` connections plus as many again for a burst."""
-        url = self.engine.url
-        startup = " ".join(
-            part for part in (url.query.get("options"), _READ_ONLY_SESSION) if isinstance(part, str)
-        )
+        statement its own READ COMMITTED transaction: one round trip), transactions
+        read-only by default (:func:`_read_only_session`), at most
+        :data:`POSTGRES_READ_POOL` connections plus as many again for a burst.
+        The URL and its parameters are the main engine's, unchanged."""
         engine = create_engine(
-            url,
+            self.engine.url,
             **{
                 **options,
-                "connect_args": {**options["connect_args"], "options": startup},
                 "isolation_level": "AUTOCOMMIT",
                 "pool_size": POSTGRES_READ_POOL,
                 "max_overflow": POSTGRES_READ_POOL,
             },
         )
+        event.listen(engine, "connect", _read_only_session)
         event.listen(engine, "checkout", _drop_if_closed)
         return engine
 
@@ -234,9 +244,9 @@ class Database:
         one-statement read is one round trip. A caller that needs two
         statements to agree orders them so that it does not matter, or reads
         both in one statement (as the consent check does). Nothing may be
-        written through it, and the database itself refuses: SQLite's
-        ``PRAGMA query_only``; PostgreSQL's ``default_transaction_read_only``,
-        set when the connection is opened. Close every cursor or read it to
+        written through it, and the database refuses a write by mistake:
+        SQLite's ``PRAGMA query_only``; on PostgreSQL, transactions read-only
+        by default, set when the connection is opened. Close every cursor or read it to
         the end before leaving: on SQLite an unfinished statement keeps its
         snapshot, and the connection is the thread's for its next use. A
         PostgreSQL connection the server has closed is replaced before use
@@ -259,8 +269,10 @@ class Database:
         assert self._read_engine is not None
         try:
             pooled = self._read_engine.raw_connection()
-        except OperationalError as exc:
-            raise StorageError(f"database unavailable or locked: {exc.orig!s}".strip()) from exc
+        except (SQLAlchemyError, dbapi.Error) as exc:
+            # The pool raises the driver's own errors when it cannot connect.
+            cause = exc.orig if isinstance(exc, OperationalError) else exc
+            raise StorageError(f"database unavailable or locked: {cause!s}".strip()) from exc
         try:
             yield pooled.driver_connection
         except dbapi.Error as exc:

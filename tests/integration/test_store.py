@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
-import time
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -155,30 +153,55 @@ def test_the_read_connection_is_kept_and_replaced_when_the_server_closed_it(
             assert others[0] is not first
             return
         assert first.autocommit
-        pid = first.info.backend_pid
+        terminate = text("SELECT pg_terminate_backend(:pid, 5000)")  # waits for its exit
+
+        # Terminated while idle in the pool: seen at checkout, replaced before use.
         with db.transaction() as session:
-            session.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-        deadline = time.monotonic() + 10
-        while not first.closed and time.monotonic() < deadline:
-            try:
-                first.execute("SELECT 1")  # until the client sees the termination
-            except Exception:
-                break
+            assert session.scalar(terminate, {"pid": first.info.backend_pid})
         with db.read_connection() as reader:
             assert reader is not first
             assert reader.execute("SELECT count(*) FROM node").fetchone() == (0,)
-            failed = reader
-        with db.transaction() as session:
-            session.execute(
-                text("SELECT pg_terminate_backend(:pid)"), {"pid": failed.info.backend_pid}
-            )
-        # The termination may not be visible yet to the poll before use: the read fails
-        # (StorageError) or sees the closed socket and reconnects; either way the next works.
-        with contextlib.suppress(StorageError), db.read_connection() as reader:
-            reader.execute("SELECT 1").fetchone()
+            second = reader
+
+        # Terminated while in use: the read fails as a StorageError; the next gets another.
+        def read_through_a_terminated_backend() -> None:
+            with db.read_connection() as reader:
+                assert reader is second
+                with db.transaction() as session:
+                    assert session.scalar(terminate, {"pid": reader.info.backend_pid})
+                reader.execute("SELECT 1")
+
+        with pytest.raises(StorageError, match="database unavailable"):
+            read_through_a_terminated_backend()
         with db.read_connection() as reader:
-            assert reader is not failed
+            assert reader is not second
             assert reader.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        db.dispose()
+
+
+def test_the_postgresql_read_connection_keeps_the_url_parameters(database_url: str) -> None:
+    """The read pool connects with the URL's own parameters: its ``options`` (a
+    statement timeout here) still apply, and ``target_session_attrs=read-write``
+    (a primary of a replicated server) still finds the server writable; its
+    transactions are read-only all the same."""
+    if not database_url.startswith("postgresql"):
+        return  # SQLite has no connection parameters of this kind
+    url = (
+        database_url
+        + ("&" if "?" in database_url else "?")
+        + "options=-c%20statement_timeout%3D4321&target_session_attrs=read-write"
+    )
+    db = open_database(url)
+    try:
+        db.upgrade()
+        with db.read_connection() as reader:
+            assert reader.execute("SHOW statement_timeout").fetchone() == ("4321ms",)
+            assert reader.execute("SHOW transaction_read_only").fetchone() == ("on",)
+        with pytest.raises(StorageError, match="read-only"), db.read_connection() as reader:
+            reader.execute("CREATE TABLE read_pool_probe (x int)")
+        with db.transaction() as session:
+            assert session.scalar(text("SHOW transaction_read_only")) == "off"
     finally:
         db.dispose()
 
