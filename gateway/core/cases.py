@@ -42,6 +42,7 @@ from pydantic import (
 )
 
 from gateway.core.canonical import canonical_bytes
+from gateway.core.domain import SHA256_HEX
 from gateway.errors import InvalidInput
 
 __all__ = [
@@ -138,6 +139,8 @@ class InvalidCase(InvalidInput):
 
 ShortText = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 LongText = Annotated[str, StringConstraints(min_length=1, max_length=20_000)]
+Sha256Hex = Annotated[str, StringConstraints(pattern=rf"^{SHA256_HEX.pattern}$")]
+"""A SHA-256 in hex: 64 lower-case hex digits (:data:`gateway.core.domain.SHA256_HEX`)."""
 CountryCode = Annotated[str, StringConstraints(pattern=r"^[A-Z]{3}$")]
 """ISO 3166-1 alpha-3 country code (``JPN``, ``PAK``), as in passports."""
 PassportNumber = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9]{5,20}$")]
@@ -486,7 +489,7 @@ class ConsentUseNotice(_Case):
     used_at: AwareDatetime
     use_number: Annotated[int, Field(ge=1, le=1_000_000_000)]
     ledger_seq: Annotated[int, Field(ge=0, le=2**62)]
-    ledger_entry_hash: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    ledger_entry_hash: Sha256Hex
 
 
 class BundleRefusal(_Case):
@@ -501,7 +504,7 @@ class BundleRefusal(_Case):
     schema_version: ClassVar[str] = "1"
 
     refused_bundle_id: BundleId
-    envelope_sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    envelope_sha256: Sha256Hex
     reason: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9.-]{0,63}$")]
     detail: Annotated[str, StringConstraints(min_length=1, max_length=500)]
 

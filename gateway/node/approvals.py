@@ -51,6 +51,7 @@ from gateway.core.approvals import (
 )
 from gateway.core.canonical import canonical_bytes
 from gateway.core.consent import format_time, parse_time, validate_text
+from gateway.core.domain import SHA256_HEX
 from gateway.core.policy import APPROVER_CAPABILITY, APPROVER_ROLES, ApprovalRule, Policy
 from gateway.core.roles import SYSTEM, Actor, Role
 from gateway.errors import InvalidInput, NotFound, RefusedError
@@ -1046,10 +1047,6 @@ def parse_terms_hash(value: object) -> str | None:
     """An optional ``terms_sha256`` field: 64 lower-case hex digits or absent."""
     if value is None:
         return None
-    if (
-        not isinstance(value, str)
-        or len(value) != 64
-        or not all(c in "0123456789abcdef" for c in value)
-    ):
+    if not isinstance(value, str) or not SHA256_HEX.fullmatch(value):
         raise InvalidInput("field 'terms_sha256' must be 64 lower-case hex digits")
     return value

@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from gateway.core.canonical import parse_bounded_json
+from gateway.core.domain import SHA256_HEX
 from gateway.core.peer_auth import NONCE_BYTES, RequestSigner, sign_request
 from gateway.core.pull import (
     ITEM_PREFACE,
@@ -219,7 +220,7 @@ def _stored_single(paths: Sequence[Path]) -> tuple[bytes, int] | None:
     if len(paths) != 1:
         return None
     name = paths[0].name
-    if len(name) != 64 or name.strip("0123456789abcdef"):
+    if not SHA256_HEX.fullmatch(name):
         return None
     try:
         size = paths[0].stat().st_size

@@ -33,6 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, Session, mapped_column
 
+from gateway.core.domain import SHA256_HEX
 from gateway.errors import StorageError
 from gateway.store.base import Base, UTCDateTime
 
@@ -55,7 +56,6 @@ __all__ = [
 
 ENVELOPE_DIR = "envelopes"
 _CHUNK = 1 << 20
-_HEX64 = frozenset("0123456789abcdef")
 _ENVELOPE_MAGIC = b"SSWG-ENV"
 _PREFIX_BYTES = 14  # magic (8), format version (2), header length (4): docs/envelope.md
 _SIGNATURE_BYTES = 64
@@ -206,7 +206,7 @@ def _envelope_dir(blob_dir: Path) -> Path:
 
 def envelope_path(blob_dir: Path, sha256_hex: str) -> Path:
     """Where the envelope with this SHA-256 lives (the name is checked, never a path)."""
-    if len(sha256_hex) != 64 or not set(sha256_hex) <= _HEX64:
+    if not SHA256_HEX.fullmatch(sha256_hex):
         raise StorageError("envelope reference is not a SHA-256 hex digest")
     return _envelope_dir(blob_dir) / sha256_hex[:2] / sha256_hex
 
