@@ -33,7 +33,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import DisconnectionError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 import gateway.store as package
@@ -271,7 +271,7 @@ class Database:
             pooled = self._read_engine.raw_connection()
         except (SQLAlchemyError, dbapi.Error) as exc:
             # The pool raises the driver's own errors when it cannot connect.
-            cause = exc.orig if isinstance(exc, OperationalError) else exc
+            cause = exc.orig if isinstance(exc, DBAPIError) else exc
             raise StorageError(f"database unavailable or locked: {cause!s}".strip()) from exc
         try:
             yield pooled.driver_connection

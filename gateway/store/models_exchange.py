@@ -206,7 +206,7 @@ def _envelope_dir(blob_dir: Path) -> Path:
 
 def envelope_path(blob_dir: Path, sha256_hex: str) -> Path:
     """Where the envelope with this SHA-256 lives (the name is checked, never a path)."""
-    if not SHA256_HEX.fullmatch(sha256_hex):
+    if not isinstance(sha256_hex, str) or not SHA256_HEX.fullmatch(sha256_hex):
         raise StorageError("envelope reference is not a SHA-256 hex digest")
     return _envelope_dir(blob_dir) / sha256_hex[:2] / sha256_hex
 

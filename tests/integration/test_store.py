@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -180,18 +181,17 @@ def test_the_read_connection_is_kept_and_replaced_when_the_server_closed_it(
         db.dispose()
 
 
-def test_the_postgresql_read_connection_keeps_the_url_parameters(database_url: str) -> None:
-    """The read pool connects with the URL's own parameters: its ``options`` (a
-    statement timeout here) still apply, and ``target_session_attrs=read-write``
-    (a primary of a replicated server) still finds the server writable; its
-    transactions are read-only all the same."""
+def test_the_postgresql_read_connection_keeps_the_connection_parameters(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read pool connects as the main pool does: options from ``PGOPTIONS`` (a
+    statement timeout here) still apply, and ``target_session_attrs=read-write`` (a
+    replicated server's primary) still finds the server writable; its transactions
+    are read-only all the same."""
     if not database_url.startswith("postgresql"):
         return  # SQLite has no connection parameters of this kind
-    url = (
-        database_url
-        + ("&" if "?" in database_url else "?")
-        + "options=-c%20statement_timeout%3D4321&target_session_attrs=read-write"
-    )
+    monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=4321")
+    url = database_url + ("&" if "?" in database_url else "?") + "target_session_attrs=read-write"
     db = open_database(url)
     try:
         db.upgrade()
@@ -202,6 +202,25 @@ def test_the_postgresql_read_connection_keeps_the_url_parameters(database_url: s
             reader.execute("CREATE TABLE read_pool_probe (x int)")
         with db.transaction() as session:
             assert session.scalar(text("SHOW transaction_read_only")) == "off"
+            assert session.scalar(text("SHOW statement_timeout")) == "4321ms"
+    finally:
+        db.dispose()
+
+
+def test_a_read_connection_that_cannot_be_opened_is_a_storage_error(database_url: str) -> None:
+    """A database that does not exist: the read connection's failure to connect is a
+    StorageError naming the cause, as every other database failure is."""
+    if database_url.startswith("postgresql"):
+        base, _, _name = database_url.rpartition("/")
+        url = f"{base}/ssw_no_such_database_{uuid.uuid4().hex[:8]}"
+        match = "does not exist"
+    else:
+        url = "sqlite:////nonexistent-directory/node.sqlite3"
+        match = "unable to open"
+    db = open_database(url)
+    try:
+        with pytest.raises(StorageError, match=match), db.read_connection():
+            pass
     finally:
         db.dispose()
 
