@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -182,15 +183,14 @@ def test_the_read_connection_is_kept_and_replaced_when_the_server_closed_it(
 
 
 def test_the_postgresql_read_connection_keeps_the_connection_parameters(
-    database_url: str, monkeypatch: pytest.MonkeyPatch
+    pg_database_factory: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The read pool connects as the main pool does: options from ``PGOPTIONS`` (a
     statement timeout here) still apply, and ``target_session_attrs=read-write`` (a
     replicated server's primary) still finds the server writable; its transactions
     are read-only all the same."""
-    if not database_url.startswith("postgresql"):
-        return  # SQLite has no connection parameters of this kind
     monkeypatch.setenv("PGOPTIONS", "-c statement_timeout=4321")
+    database_url = pg_database_factory()
     url = database_url + ("&" if "?" in database_url else "?") + "target_session_attrs=read-write"
     db = open_database(url)
     try:

@@ -82,6 +82,7 @@ _GENERATION_CHECK_SQL = (
 """The consent generation (the row whose bundle id is NULL: ``consent_check.bundle_id``
 is never NULL) and the rows of :data:`_CHECK_SQL`: one statement, so both are read at
 one snapshot on both engines. What a check reads when any asked bundle is not cached."""
+_NO_GENERATION_ROW = "the consent generation row is missing: run `gateway db upgrade`"
 _MAX_ASK = 1000
 """Bundle ids per statement (well below both engines' parameter limits)."""
 
@@ -168,14 +169,13 @@ class ConsentStateCache:
             known = self._by_bundle
             return {b: known[b] for b in bundle_ids if b in known}
 
-    def held_at(self, bundle_ids: Sequence[str]) -> int | None:
-        """The generation the states of all of ``bundle_ids`` are cached at, else ``None``
-        (a check then reads their rows with the generation: see ``_cached_consent_states``)."""
+    def holds(self, bundle_ids: Sequence[str]) -> bool:
+        """Whether the states of all of ``bundle_ids`` are cached (at :attr:`generation`;
+        otherwise a check reads their rows with the generation: see
+        ``_cached_consent_states``)."""
         with self._lock:
             known = self._by_bundle
-            if self.generation is None or not all(b in known for b in bundle_ids):
-                return None
-            return self.generation
+            return all(b in known for b in bundle_ids)
 
     def store(self, generation: int, found: dict[str, tuple[ConsentState, ...]]) -> None:
         """Keep ``found`` (read at ``generation``) unless the generation has moved since."""
@@ -331,11 +331,11 @@ def _cached_consent_states(
     """
     if not asked:
         return {}, set()
-    if cache.held_at(asked) is not None:
+    if cache.holds(asked):
         cursor.execute(_GENERATION_SQL)
         row = cursor.fetchone()
         if row is None:
-            raise StorageError("the consent generation row is missing: run `gateway db upgrade`")
+            raise StorageError(_NO_GENERATION_ROW)
         generation = int(row[0])
         known = cache.states(generation, asked)  # empty if the generation moved
         missing = [b for b in asked if b not in known]
@@ -352,7 +352,7 @@ def _cached_consent_states(
         if row[0] is None:
             read = int(row[5])
     if read is None:
-        raise StorageError("the consent generation row is missing: run `gateway db upgrade`")
+        raise StorageError(_NO_GENERATION_ROW)
     cache.states(read, ())  # a moved generation drops what was cached under the old one
     found = _read_states(
         cursor,
