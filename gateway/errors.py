@@ -45,6 +45,7 @@ __all__ = [
     "VerificationError",
     "exit_code_for",
     "http_status_for",
+    "message_for_client",
 ]
 
 EXIT_OK = 0
@@ -245,3 +246,23 @@ def http_status_for(error: BaseException) -> int:
     if not isinstance(error, GatewayError):
         return 500
     return STATUS_BY_REASON.get(error.reason, type(error).http_status)
+
+
+def message_for_client(error: GatewayError, request_id: str | None) -> str:
+    """The message a remote user of the local API or the console is shown for ``error``.
+
+    The error's own message when the fault is the request's (a 4xx status) or
+    the peer's (:class:`TransportError`). For the node's own faults (any other
+    5xx: :class:`StorageError`, :class:`ConfigError`) a fixed text naming the
+    reason code and the request id: their messages carry the database
+    driver's text (server address, port, database and user names) and paths
+    of the node home, which are the administrator's to read, in the log line
+    of the same request id, not a remote user's.
+    """
+    if http_status_for(error) < 500 or isinstance(error, TransportError):
+        return error.message
+    quoted = f"request id {request_id}" if request_id else "the time of this request"
+    return (
+        f"the node could not answer ({error.reason}); the administrator finds the"
+        f" cause in the node's log: quote {quoted}"
+    )

@@ -52,6 +52,7 @@ from gateway.errors import (
     GatewayError,
     VerificationError,
     http_status_for,
+    message_for_client,
 )
 from gateway.log import get_logger
 from gateway.node.context import NodeContext
@@ -192,9 +193,13 @@ async def _errors(
         extra: dict[str, Any] = {}
         if isinstance(exc, VerificationError):
             extra["check"] = exc.check
-        log = _log.warning if status >= 500 else _log.info
-        log("api_refused", reason=exc.reason, status=status)
-        return _error(status, exc.reason, exc.diagnostics(), **extra)
+        if status >= 500:
+            # The cause stays in the log; the answer names the request (message_for_client).
+            _log.warning("api_refused", reason=exc.reason, status=status, detail=exc.diagnostics())
+        else:
+            _log.info("api_refused", reason=exc.reason, status=status)
+        message = message_for_client(exc, request.get(REQUEST_ID_KEY))
+        return _error(status, exc.reason, message, **extra)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

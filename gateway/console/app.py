@@ -44,7 +44,7 @@ from gateway.core.keys import NodeKeyring
 from gateway.core.ledger import EntryKind
 from gateway.core.roles import Actor, Role, authorize_role
 from gateway.core.times import DateMeans, parse_user_time
-from gateway.errors import AccessDenied, GatewayError
+from gateway.errors import AccessDenied, GatewayError, http_status_for, message_for_client
 from gateway.log import get_logger
 from gateway.node import accounting
 from gateway.node.context import NodeContext
@@ -206,10 +206,16 @@ async def _guard(
             if isinstance(exc, AccessDenied)
             else 422
             if exc.reason.startswith(("input", "request"))
-            else 400
+            else max(400, http_status_for(exc))
         )
-        _log.info("console_refused", reason=exc.reason, status=status)
-        response = _refusal_page(request, status, exc.message)
+        if status >= 500:
+            # The node's own fault: the cause to the log, a fixed text to the page.
+            _log.warning(
+                "console_refused", reason=exc.reason, status=status, detail=exc.diagnostics()
+            )
+        else:
+            _log.info("console_refused", reason=exc.reason, status=status)
+        response = _refusal_page(request, status, message_for_client(exc, None))
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.status != 405:
             response = _refusal_page(request, exc.status, exc.reason)
@@ -460,7 +466,11 @@ async def audit_run(request: web.Request) -> web.StreamResponse:
             ))  # fmt: skip
             outcome = result.to_dict()
         except GatewayError as exc:
-            outcome = {"consistent": False, "message": exc.message, "reason": exc.reason}
+            outcome = {
+                "consistent": False,
+                "message": message_for_client(exc, None),
+                "reason": exc.reason,
+            }
     request.app[STATUS]["audit"] = {"time": utc_now(), "by": session.user, "result": outcome}
     _log.info("console_audit_peer", user=session.user, consistent=outcome.get("consistent"))
     return _see_other(f"{CONSOLE_PREFIX}/verify")

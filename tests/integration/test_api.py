@@ -23,6 +23,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 from structlog.testing import capture_logs
 
 import gateway.node.own_keys
@@ -62,6 +63,7 @@ from gateway.node.users import add_user, disable_user
 from gateway.settings import load_settings
 from gateway.store.models_exchange import envelope_path
 from gateway.store.models_users import UserRecord
+from tests.conftest import _pg_admin, create_pg_database, drop_pg_database
 from tests.node_api import running_api
 from tests.nodes import free_port, gateway_env, start_serve, stop, wait_ready
 
@@ -1087,3 +1089,88 @@ def test_a_stalled_body_is_refused_and_writes_nothing(
     asyncio.run(main())
     assert replies[0].startswith(b"HTTP/1.1 408")
     assert user_count(sqlite_api_node) == before
+
+
+def test_the_nodes_own_faults_answer_a_fixed_text_and_log_the_cause(
+    sqlite_api_node: ApiNode,
+) -> None:
+    """A storage or configuration fault's message (driver text, paths of the home)
+    goes to the log line of its request id; the answer names the reason and that id.
+    A request's own fault and a peer's keep their message."""
+    detail = 'connection to server at "db.internal", port 6543 failed: /srv/gw/home'
+
+    def raising(error: GatewayError) -> Callable[[Call], Awaitable[web.StreamResponse]]:
+        async def handler(_call: Call) -> web.StreamResponse:
+            raise error
+
+        return handler
+
+    routes = (
+        *all_routes(),
+        ApiRoute("GET", "/api/v1/test-storage", None, raising(StorageError(detail)), "fails"),
+        ApiRoute("GET", "/api/v1/test-config", None, raising(ConfigError(detail)), "fails"),
+        ApiRoute("GET", "/api/v1/test-peer", None, raising(TransportError("peer down")), "fails"),
+        ApiRoute("GET", "/api/v1/test-input", None, raising(InvalidInput("bad field")), "fails"),
+    )
+    seen: dict[str, Answer] = {}
+
+    async def scenario(client: Client) -> None:
+        for name in ("storage", "config", "peer", "input"):
+            seen[name] = await client.call(
+                "GET", f"/api/v1/test-{name}", token=sqlite_api_node.tokens["officer"]
+            )
+
+    log.configure(level="info")
+    with capture_logs() as logs:
+        run_api(sqlite_api_node, scenario, routes=routes)
+    for name, status in (("storage", 503), ("config", 500)):
+        answer = seen[name]
+        request_id = answer.headers["X-Request-Id"]
+        assert (answer.status, answer.reason) == (status, name)
+        assert "db.internal" not in answer.content.decode()
+        assert "/srv/gw" not in answer.content.decode()
+        assert request_id in answer.body["error"]["message"]
+        refused = [e for e in logs if e["event"] == "api_refused" and e["reason"] == name]
+        assert [e["detail"] for e in refused] == [detail]
+    assert seen["peer"].body["error"]["message"] == "peer down"
+    assert seen["input"].body["error"]["message"] == "bad field"
+
+
+@pytest.mark.postgres
+def test_a_database_that_went_away_is_a_503_that_does_not_name_the_server(
+    tmp_path: Path, clean_environ: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real fault: the node's PostgreSQL database disappears under it. libpq's
+    text (server address, port, database name) reaches the log, not the answer."""
+    monkeypatch.setenv("GATEWAY_PASSPHRASE", PASSPHRASE)
+    url = create_pg_database()
+    name = str(make_url(url).database)
+    made = make_node(tmp_path, url, clean_environ)
+    answers: list[Answer] = []
+
+    async def scenario(client: Client) -> None:
+        answers.append(await client.call("GET", "/api/v1/whoami", token=made.tokens["officer"]))
+
+    try:
+        _pg_admin(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = :name AND pid <> pg_backend_pid()",
+            name=name,
+        )
+        _pg_admin(f'ALTER DATABASE "{name}" RENAME TO "{name}_gone"')
+        try:
+            log.configure(level="info")
+            with capture_logs() as logs:
+                run_api(made, scenario)
+        finally:
+            _pg_admin(f'ALTER DATABASE "{name}_gone" RENAME TO "{name}"')
+    finally:
+        made.node.close()
+        drop_pg_database(url)
+    (answer,) = answers
+    assert (answer.status, answer.reason) == (503, "storage")
+    for told in ("5432", "127.0.0.1", name):
+        assert told not in answer.content.decode()
+    assert answer.headers["X-Request-Id"] in answer.body["error"]["message"]
+    (refused,) = [e for e in logs if e["event"] == "api_refused"]
+    assert name in refused["detail"]
