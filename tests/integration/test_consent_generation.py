@@ -279,6 +279,18 @@ def test_states_read_at_an_old_generation_are_not_kept_after_it_moved() -> None:
     assert cache.states(5, ["b"]) == {}  # and an older generation is not served either
 
 
+def test_a_late_check_at_an_older_generation_does_not_take_the_cache_back() -> None:
+    """Thread A reads generation 7 and caches; thread B, whose statement began
+    before the move, then asks at 6: B finds nothing, and A's states stay."""
+    cache = ConsentStateCache()
+    cache.states(7, ())
+    cache.store(7, {"b": ()})
+    assert cache.states(6, ["b"]) == {}
+    cache.store(6, {"b": (), "c": ()})  # B's rows, read at 6, are not kept
+    assert cache.generation == 7
+    assert cache.states(7, ["b", "c"]) == {"b": ()}
+
+
 def test_a_stored_document_naming_another_consent_is_refused(db: Database) -> None:
     bundle = str(uuid.uuid4())
     consent_id = add_grant(db, bundle)

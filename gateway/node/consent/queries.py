@@ -160,8 +160,17 @@ class ConsentStateCache:
     def states(
         self, generation: int, bundle_ids: Sequence[str]
     ) -> dict[str, tuple[ConsentState, ...]]:
-        """The cached states of those of ``bundle_ids`` known at ``generation``."""
+        """The cached states of those of ``bundle_ids`` known at ``generation``.
+
+        A higher generation than the cache's drops every kept state and becomes
+        the cache's. A lower one (a check whose statement began before another
+        thread read the newer value) finds nothing and changes nothing: the
+        cache never goes back to an older generation, so checks that began
+        late do not make it drop what the newer one kept.
+        """
         with self._lock:
+            if self.generation is not None and generation < self.generation:
+                return {}
             if generation != self.generation:
                 self._by_bundle.clear()
                 self.generation = generation
