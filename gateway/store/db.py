@@ -224,6 +224,15 @@ class Database:
             factory = self._sessions
         try:
             with factory() as session, session.begin():
+                try:
+                    session.connection()  # connect now: a failure here is the database's
+                except DBAPIError as exc:
+                    # Any driver error while connecting or beginning (a server down, a
+                    # database or role that does not exist, a URL option the driver
+                    # refuses, SQLite's write lock held past the busy timeout).
+                    raise StorageError(
+                        f"database unavailable or locked: {exc.orig!s}".strip()
+                    ) from exc
                 yield session
         except OperationalError as exc:
             raise StorageError(f"database unavailable or locked: {exc.orig!s}".strip()) from exc
