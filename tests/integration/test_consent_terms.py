@@ -362,7 +362,8 @@ def test_the_cache_keeps_checked_terms_only_for_the_exact_bytes_they_came_from()
     signed = sign_grant(written, lambda message: KEY.sign(message).signature)
     record = terms_record(written, signed.document)
     assert record is not None
-    cache = ConsentStateCache()
+    # Bounded by the bytes it keeps: room for two entries of this size.
+    cache = ConsentStateCache(max_terms_bytes=2 * (len(record) + len(signed.document)))
     first = cache.terms(written.consent_id, record, signed.document)
     assert first == written.terms()
     assert cache.terms(written.consent_id, bytes(record), bytes(signed.document)) is first
@@ -373,8 +374,7 @@ def test_the_cache_keeps_checked_terms_only_for_the_exact_bytes_they_came_from()
         cache.terms(written.consent_id, record.replace(b"[1,", b"[2,", 1), signed.document) is None
     )
     assert cache.terms("another", record, signed.document) is None
-    # Bounded by the bytes it keeps: the oldest entry goes first to make room.
-    cache.MAX_TERMS_BYTES = 2 * (len(record) + len(signed.document))
+    # The least recently used entry goes first to make room.
     later = []
     for items in (("b-3",), ("b-4",)):
         grant = written_grant(items)
@@ -387,3 +387,20 @@ def test_the_cache_keeps_checked_terms_only_for_the_exact_bytes_they_came_from()
     assert cache.terms(written.consent_id, record, signed.document) is not first  # dropped
     newest = later[-1]
     assert cache.terms(*newest[:3]) is newest[3]  # the newest stayed
+
+
+def test_parsed_grants_are_kept_within_a_bound_of_their_documents_bytes() -> None:
+    """The parsed-grant level counts the bytes of the documents it keeps, not the
+    entries: a few large grants cannot hold more than the bound."""
+    grants = [written_grant((f"b-{n}",)) for n in range(3)]
+    signed = [sign_grant(one, lambda message: KEY.sign(message).signature) for one in grants]
+    ids = [one.consent_id for one in grants]
+    largest = max(len(one.document) for one in signed)
+    cache = ConsentStateCache(max_grant_bytes=2 * largest)
+    first = cache.grant(ids[0], signed[0].document)
+    assert cache.grant(ids[0], signed[0].document) is first  # kept
+    for consent_id, one in zip(ids[1:], signed[1:], strict=True):
+        cache.grant(consent_id, one.document)
+    again = cache.grant(ids[0], signed[0].document)
+    assert again == first
+    assert again is not first  # parsed again: it had to go to keep within the bound

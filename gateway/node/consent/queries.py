@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import cachetools
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.orm import Session
 
@@ -139,23 +140,34 @@ class ConsentStateCache:
       suspect mark, by any connection or process, so a check that reads a
       new value drops them all and reads again.
 
-    Bounded: past :data:`MAX_BUNDLES` bundles or :data:`MAX_GRANTS` parsed
-    grants a level starts empty again; the terms level drops its oldest
-    entries to keep about :data:`MAX_TERMS_BYTES` of records and documents
-    (the bytes counted, not the objects around them).
+    Bounded: past :data:`MAX_BUNDLES` bundles the states level starts empty
+    again; the parsed grants and the checked terms are each kept in a
+    least-recently-used cache bounded by the bytes of the stored documents
+    (and records) they hold: :data:`MAX_GRANT_BYTES_KEPT` and
+    :data:`MAX_TERMS_BYTES` (64 MiB each by default), the bytes counted, not
+    the objects around them. A document may be 64 KiB
+    (:data:`~gateway.core.consent.MAX_GRANT_BYTES`), so a count alone would let
+    a few hundred thousand large grants hold gigabytes.
     """
 
     MAX_BUNDLES = 200_000
-    MAX_GRANTS = 200_000
+    MAX_GRANT_BYTES_KEPT = 64 << 20
     MAX_TERMS_BYTES = 64 << 20
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, max_grant_bytes: int | None = None, max_terms_bytes: int | None = None
+    ) -> None:
         self._lock = threading.Lock()
         self.generation: int | None = None
         self._by_bundle: dict[str, tuple[ConsentState, ...]] = {}
-        self._grants: dict[str, tuple[bytes, ConsentGrant]] = {}
-        self._terms: dict[str, tuple[bytes, bytes, GrantTerms]] = {}
-        self._terms_bytes = 0
+        self._grants: cachetools.LRUCache[str, tuple[bytes, ConsentGrant]] = cachetools.LRUCache(
+            max_grant_bytes or self.MAX_GRANT_BYTES_KEPT, getsizeof=_kept_grant_bytes
+        )
+        self._terms: cachetools.LRUCache[str, tuple[bytes, bytes, GrantTerms]] = (
+            cachetools.LRUCache(
+                max_terms_bytes or self.MAX_TERMS_BYTES, getsizeof=_kept_terms_bytes
+            )
+        )
 
     def states(
         self, generation: int, bundle_ids: Sequence[str]
@@ -209,9 +221,7 @@ class ConsentStateCache:
         if written.consent_id != consent_id:
             raise StorageError(f"stored consent {consent_id} holds another consent's document")
         with self._lock:
-            if len(self._grants) >= self.MAX_GRANTS:
-                self._grants.clear()
-            self._grants[consent_id] = (document, written)
+            self._grants[consent_id] = (document, written)  # the least recently used go
         return written
 
     def terms(self, consent_id: str, record: Any, document: bytes) -> GrantTerms | None:
@@ -225,18 +235,17 @@ class ConsentStateCache:
             return held[2]
         terms = terms_from_record(record, consent_id=consent_id, document=document)
         if terms is not None and isinstance(record, bytes):
-            size = len(record) + len(document)
             with self._lock:
-                old = self._terms.pop(consent_id, None)
-                if old is not None:
-                    self._terms_bytes -= len(old[0]) + len(old[1])
-                # Oldest first out until the new entry fits (a dict keeps insertion order).
-                while self._terms and self._terms_bytes + size > self.MAX_TERMS_BYTES:
-                    gone = self._terms.pop(next(iter(self._terms)))
-                    self._terms_bytes -= len(gone[0]) + len(gone[1])
-                self._terms[consent_id] = (record, document, terms)
-                self._terms_bytes += size
+                self._terms[consent_id] = (record, document, terms)  # the least recently used go
         return terms
+
+
+def _kept_grant_bytes(kept: tuple[bytes, ConsentGrant]) -> int:
+    return len(kept[0])
+
+
+def _kept_terms_bytes(kept: tuple[bytes, bytes, GrantTerms]) -> int:
+    return len(kept[0]) + len(kept[1])
 
 
 def _parse_document(document: bytes) -> Any:
