@@ -363,11 +363,12 @@ def cli(
     Pakistan (pk) contact points of the Specified Skilled Worker cooperation.
 
     \b
-    User commands (send, inbox, outbox, show, resend, consent, disclose, ledger
-    list|verify|export|audit-peer, users, peer show, keys show) run through the
-    running node's local API and need only your token. Host operations (init,
-    serve, sync, db, keys rotate|revoke|export|..., peer add, purge, backup,
-    restore, demo, doctor, ledger checkpoint) need the keystore passphrase.
+    User commands (send, inbox, outbox, show, resend, consent, approvals,
+    disclose, ledger list|verify|export|audit-peer|account, users, peer show,
+    keys show) run through the running node's local API and need only your
+    token. Host operations (init, serve, sync, db, keys rotate|revoke|export|...,
+    peer add, peer ping, users enrol, purge, backup, restore, demo, doctor,
+    ledger checkpoint) run on the node host; most need the keystore passphrase.
 
     \b
     Exit codes: 0 done, 1 error, 2 usage, 3 refused by the consent ledger,
