@@ -15,7 +15,8 @@ __all__ = ["db"]
 def db() -> None:
     """Database schema maintenance (migrations run by init and on serve start).
 
-    Host operation: needs the keystore passphrase.
+    Host operation: run it on the node host with its home; it does not read the
+    keystore passphrase.
     """
 
 

@@ -209,7 +209,7 @@ def demo(ctx: click.Context, app: AppContext, base: Path | None, keep: bool) -> 
       gateway demo --keep --dir ./demo-homes
       gateway demo --json
 
-    Host operation: needs the keystore passphrase.
+    Runs on this host in a scratch folder; it does not read any keystore passphrase.
     """
     root, made_root = _prepare_root(base)
     cli_root = ctx.find_root().command

@@ -39,7 +39,8 @@ def doctor(app: AppContext) -> None:
     Nothing is sent to the peer ('gateway peer ping' tests the link) and no key
     is unlocked.
 
-    Host operation: needs the keystore passphrase.
+    Host operation: run it on the node host with its home; it does not read the
+    keystore passphrase.
     """
     report = examine_home(app.home(), app.environ, now=utc_now())
     app.emit(report.to_dict(), lambda: doctor_text(report))

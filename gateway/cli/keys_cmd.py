@@ -79,7 +79,8 @@ def export(app: AppContext, out: Path) -> None:
     Send the file by any channel; read the root fingerprint to the peer's
     administrator by another one (telephone, in person).
 
-    Host operation: needs the keystore passphrase.
+    Host operation: run it on the node host with its home and an administrator's token;
+    it does not read the keystore passphrase.
     """
     from gateway.node import own_keys  # noqa: PLC0415 - host commands only
 

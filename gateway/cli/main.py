@@ -99,7 +99,8 @@ COMMANDS: dict[str, LazyCommand | LazySubgroup] = {
         "gateway.cli.db_cmd:db",
         "Database schema maintenance (migrations run by init and on serve start).\n"
         "\n"
-        "Host operation: needs the keystore passphrase.",
+        "Host operation: run it on the node host with its home; it does not read the\n"
+        "keystore passphrase.",
         {
             "status": _entry(
                 "db_cmd",

@@ -59,7 +59,8 @@ def add(app: AppContext, manifest_file: Path, expected: str, replace: bool) -> N
     """Pin the peer's key manifest after checking its root fingerprint.
 
     A fingerprint that does not match refuses the import (exit 4) and pins
-    nothing. Host operation: needs the keystore passphrase.
+    nothing. Host operation: run it on the node host with its home and an
+    administrator's token; it does not read the keystore passphrase.
 
     \b
     Example:
