@@ -68,6 +68,11 @@ def manifest_text(data: dict[str, Any], title: str) -> str:
         f"  issued:           {when(data['issued_at'])}",
         f"  expires:          {when(data['expires_at'])}"
         + ("  (EXPIRED)" if data["expired"] else ""),
+    ]
+    if "keys_limit" in data:
+        # Signing keys stay listed for good: each rotation uses one place (docs/keys.md).
+        lines.append(f"  keys listed:      {len(data['keys'])} of at most {data['keys_limit']}")
+    lines += [
         "",
         f"  {'KEY ID':<17} {'USE':<8} {'STATE':<14} {'VALID FROM':<21} VALID UNTIL",
     ]

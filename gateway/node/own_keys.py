@@ -24,6 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gateway.core.keys import (
+    MAX_KEYS,
     KeyManifest,
     KeyNotUsable,
     ManifestKey,
@@ -37,7 +38,14 @@ from gateway.core.keys import (
     sign_manifest,
 )
 from gateway.core.roles import SYSTEM, Actor
-from gateway.errors import AlreadyExists, ConfigError, InvalidInput, NotFound, StorageError
+from gateway.errors import (
+    AlreadyExists,
+    ConfigError,
+    InvalidInput,
+    NotFound,
+    RefusedError,
+    StorageError,
+)
 from gateway.log import get_logger
 from gateway.node import keystore
 from gateway.node.keystore import OPERATIONAL_FILE, OperationalKeys, Strength
@@ -306,6 +314,27 @@ def _prune(
     return kept, [r for r in revocations if r.key_id in ids]
 
 
+def _room_for(keys: list[ManifestKey], revocations: list[Revocation], issued: datetime) -> None:
+    """Refuse, before anything is written, a change whose manifest would list more keys
+    than a manifest may (:data:`~gateway.core.keys.MAX_KEYS`).
+
+    Signing keys stay listed for good (:func:`_prune`), so each rotation or
+    replacement adds one; docs/keys.md ("How many key changes a node can make").
+    """
+    kept, _ = _prune(keys, revocations, issued)
+    if len(kept) <= MAX_KEYS:
+        return
+    signing = sum(1 for k in kept if k.use == "sign")
+    raise RefusedError(
+        f"this key change would list {len(kept)} keys in the manifest, and a manifest "
+        f"lists at most {MAX_KEYS}. Every signing key this node has used stays listed "
+        f"({signing} now), so that what it signed still verifies at the peer and can "
+        "still be revoked. Nothing was changed; see docs/keys.md, 'How many key changes "
+        "a node can make'",
+        reason="keys.manifest-full",
+    )
+
+
 def _publish(
     settings: Settings,
     session: Session,
@@ -329,6 +358,7 @@ def _publish(
     <the new version>, **details(manifest)}``, so a manifest is never published
     without its entry (or the other way round).
     """
+    _room_for(keys, revocations, issued)
     keys, revocations = _prune(keys, revocations, issued)
     expires = max(k.not_after for k in keys)
     expires = max(expires, issued + MANIFEST_VALIDITY)
@@ -374,6 +404,7 @@ def rotate_keys(
     start = _second(now)
     signing, box, new = _new_keys(start, start + MANIFEST_VALIDITY)
     keys = _retire(current.keys, start + ROTATION_OVERLAP) + new
+    _room_for(keys, list(current.revocations), start)
     # Keep the signing keys a running process may still use, and every encryption key.
     held.signing = {
         kid: k
@@ -461,6 +492,7 @@ def revoke_key(
             held.signing[pick.key_id] = signing
         else:
             held.encryption[pick.key_id] = box
+    _room_for(keys, revocations, start)
     write_held = OperationalKeys(
         signing={k: v for k, v in held.signing.items() if k != kid},
         encryption=held.encryption,
@@ -595,6 +627,7 @@ def recover_keys(
     lost = [k.key_id for k in current.keys if current.revocation(k.key_id) is None]
     revocations.extend(Revocation(kid, start, reason) for kid in lost)
     signing, box, new = _new_keys(start, start + MANIFEST_VALIDITY)
+    _room_for([*current.keys, *new], revocations, start)
     ops, mem = keystore.root_limits(root_path, passphrase, node=settings.node_id)
     keystore.write_operational(
         ops_path,

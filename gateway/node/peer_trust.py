@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from gateway.core.keys import (
+    MAX_KEYS,
     KeyManifest,
     parse_manifest,
     verify_manifest,
@@ -255,4 +256,5 @@ def describe_manifest(manifest: KeyManifest, *, now: datetime) -> dict[str, Any]
         "root_key_id": manifest.root_key_id,
         "root_fingerprint": manifest.root_fingerprint,
         "keys": keys,
+        "keys_limit": MAX_KEYS,
     }
