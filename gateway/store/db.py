@@ -82,6 +82,17 @@ def _sqlite_begin(connection: Any) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def _failed_to_connect(context: Any) -> None:
+    """A driver error raised while a connection was being opened is a :class:`StorageError`
+    whatever its class: a server down or a database that does not exist
+    (``OperationalError``), and a URL option the driver refuses (psycopg's
+    ``ProgrammingError``), alike. SQLAlchemy's ``handle_error`` event names no
+    connection only for such a failure; errors of statements stay as they are."""
+    if context.connection is None and context.original_exception is not None:
+        cause = context.original_exception
+        raise StorageError(f"database unavailable: {cause!s}".strip()) from cause
+
+
 POSTGRES_POOL_RECYCLE_S = 1800
 """Seconds a pooled PostgreSQL connection is used before it is replaced."""
 
@@ -161,6 +172,7 @@ class Database:
         except (SQLAlchemyError, ValueError) as exc:
             raise StorageError(f"database URL not usable: {type(exc).__name__}") from None
         self._read_engine: Engine | None = None
+        event.listen(self.engine, "handle_error", _failed_to_connect)
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             event.listen(self.engine, "begin", _sqlite_begin)
@@ -224,15 +236,6 @@ class Database:
             factory = self._sessions
         try:
             with factory() as session, session.begin():
-                try:
-                    session.connection()  # connect now: a failure here is the database's
-                except DBAPIError as exc:
-                    # Any driver error while connecting or beginning (a server down, a
-                    # database or role that does not exist, a URL option the driver
-                    # refuses, SQLite's write lock held past the busy timeout).
-                    raise StorageError(
-                        f"database unavailable or locked: {exc.orig!s}".strip()
-                    ) from exc
                 yield session
         except OperationalError as exc:
             raise StorageError(f"database unavailable or locked: {exc.orig!s}".strip()) from exc
@@ -377,8 +380,13 @@ class Database:
                     raw.close()
             with self.engine.connect() as connection:
                 return [str(row[0]) for row in connection.exec_driver_sql(query)]
-        except (SQLAlchemyError, sqlite3.Error) as exc:
-            cause = exc.orig if isinstance(exc, SQLAlchemyError) and hasattr(exc, "orig") else exc
+        except (SQLAlchemyError, sqlite3.Error, StorageError) as exc:
+            if isinstance(exc, StorageError):  # failed to connect (_failed_to_connect)
+                cause: BaseException = exc.__cause__ or exc
+            elif isinstance(exc, SQLAlchemyError) and hasattr(exc, "orig"):
+                cause = exc.orig
+            else:
+                cause = exc
             first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
             raise StorageError(
                 f"database does not answer: {type(cause).__name__}: {first}".rstrip(": ")[:300],

@@ -221,8 +221,8 @@ def test_a_read_connection_that_cannot_be_opened_is_a_storage_error(database_url
     try:
         with pytest.raises(StorageError, match=match), db.read_connection():
             pass
-        with pytest.raises(StorageError, match=match), db.transaction():
-            pass
+        with pytest.raises(StorageError, match=match), db.transaction() as session:
+            session.execute(text("SELECT 1"))
         with pytest.raises(StorageError, match=match):
             db.probe()
     finally:
@@ -238,8 +238,8 @@ def test_a_url_option_the_driver_refuses_is_a_storage_error_on_every_way_in(
     connection and the readiness probe alike."""
     db = open_database(f"{pg_database_factory()}?no_such_option=1")
     try:
-        with pytest.raises(StorageError, match="no_such_option"), db.transaction():
-            pass
+        with pytest.raises(StorageError, match="no_such_option"), db.transaction() as session:
+            session.execute(text("SELECT 1"))  # what every real transaction does first
         with pytest.raises(StorageError, match="no_such_option"), db.read_connection():
             pass
         with pytest.raises(StorageError, match="no_such_option"):
