@@ -251,18 +251,19 @@ def http_status_for(error: BaseException) -> int:
 def message_for_client(error: GatewayError, request_id: str | None) -> str:
     """The message a remote user of the local API or the console is shown for ``error``.
 
-    The error's own message when the fault is the request's (a 4xx status) or
-    the peer's (:class:`TransportError`). For the node's own faults (any other
-    5xx: :class:`StorageError`, :class:`ConfigError`) a fixed text naming the
-    reason code and the request id: their messages carry the database
-    driver's text (server address, port, database and user names) and paths
-    of the node home, which are the administrator's to read, in the log line
-    of the same request id, not a remote user's.
+    The error's own message, except for a :class:`StorageError`: its message
+    carries the database driver's text (the server's address and port, the
+    database and user names) and paths under the node home, which are the
+    administrator's to read, in the log line of the same request id. The user
+    is shown a fixed text naming the reason code and that id (none for text
+    stored for later, such as an outbox entry's last error). Every other
+    error's message is written by the gateway itself for the person who
+    acted (a configuration error names the setting to fix).
     """
-    if http_status_for(error) < 500 or isinstance(error, TransportError):
+    if not isinstance(error, StorageError):
         return error.message
-    quoted = f"request id {request_id}" if request_id else "the time of this request"
+    where = f" under request id {request_id}" if request_id else ""
     return (
-        f"the node could not answer ({error.reason}); the administrator finds the"
-        f" cause in the node's log: quote {quoted}"
+        f"the node's storage failed ({error.reason}); its administrator finds the cause"
+        f" in the node's log{where}"
     )

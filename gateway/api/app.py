@@ -52,12 +52,12 @@ from gateway.errors import (
     GatewayError,
     VerificationError,
     http_status_for,
-    message_for_client,
 )
 from gateway.log import get_logger
 from gateway.node.context import NodeContext
 from gateway.node.runtime import Node
 from gateway.node.users import authenticate
+from gateway.request_context import REQUEST_ID_KEY, refusal_message
 
 __all__ = [
     "ACTOR_KEY",
@@ -76,7 +76,6 @@ NODE_KEY = web.AppKey("node", Node)
 EXECUTOR_KEY = web.AppKey("executor", Executor)
 ROUTES_KEY = web.AppKey("routes", tuple[ApiRoute, ...])
 ACTOR_KEY = web.RequestKey("actor", Actor)
-REQUEST_ID_KEY = web.RequestKey("request_id", str)
 
 _log = get_logger("api")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -193,12 +192,7 @@ async def _errors(
         extra: dict[str, Any] = {}
         if isinstance(exc, VerificationError):
             extra["check"] = exc.check
-        if status >= 500:
-            # The cause stays in the log; the answer names the request (message_for_client).
-            _log.warning("api_refused", reason=exc.reason, status=status, detail=exc.diagnostics())
-        else:
-            _log.info("api_refused", reason=exc.reason, status=status)
-        message = message_for_client(exc, request.get(REQUEST_ID_KEY))
+        message = refusal_message(exc, request, event="api_refused")
         return _error(status, exc.reason, message, **extra)
     except web.HTTPException as exc:
         if exc.status < 400:

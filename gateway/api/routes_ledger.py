@@ -24,6 +24,7 @@ from gateway.node.peer_trust import peer_node_of, require_pinned_peer
 from gateway.node.runtime import utc_now
 from gateway.peer.client import PeerClient
 from gateway.peer.ledger_client import fetch_consistency
+from gateway.request_context import refusal_message
 
 __all__ = ["DEFAULT_LIST_LIMIT", "ROUTES"]
 
@@ -67,8 +68,9 @@ def _line(item: dict[str, Any]) -> bytes:
     return json.dumps(to_jsonable(item), sort_keys=True, separators=(",", ":")).encode() + b"\n"
 
 
-def _error_line(exc: BaseException) -> dict[str, Any]:
-    """The ``{"error": ...}`` line of a streamed answer: what the plain answer's body holds.
+def _error_line(exc: BaseException, request: web.Request) -> dict[str, Any]:
+    """The ``{"error": ...}`` line of a streamed answer: what the plain answer's body holds,
+    logged as the plain answer is (:func:`~gateway.api.routes_common.refusal_message`).
 
     ``status`` is the HTTP status the plain answer would have had (the stream's
     own status, 200, was sent before the outcome was known).
@@ -78,7 +80,7 @@ def _error_line(exc: BaseException) -> dict[str, Any]:
         return {"error": {"reason": "internal", "message": "internal error", "status": 500}}
     error: dict[str, Any] = {
         "reason": exc.reason,
-        "message": exc.diagnostics(),
+        "message": refusal_message(exc, request, event="api_refused"),
         "status": http_status_for(exc),
     }
     if isinstance(exc, VerificationError):
@@ -136,7 +138,7 @@ async def ledger_verify(call: Call) -> web.StreamResponse:
         report = walk.result()
         report.raise_for_problem()
     except Exception as exc:  # noqa: BLE001 - the outcome goes into the stream, as its last line
-        last = _error_line(exc)
+        last = _error_line(exc, call.request)
     else:
         last = {"result": report.to_dict()}
     await response.write(_line(last))

@@ -44,7 +44,7 @@ from gateway.core.keys import NodeKeyring
 from gateway.core.ledger import EntryKind
 from gateway.core.roles import Actor, Role, authorize_role
 from gateway.core.times import DateMeans, parse_user_time
-from gateway.errors import AccessDenied, GatewayError, http_status_for, message_for_client
+from gateway.errors import AccessDenied, GatewayError, http_status_for
 from gateway.log import get_logger
 from gateway.node import accounting
 from gateway.node.context import NodeContext
@@ -55,6 +55,7 @@ from gateway.node.runtime import Node, utc_now
 from gateway.node.users import authenticate
 from gateway.peer.client import PeerClient
 from gateway.peer.ledger_client import fetch_consistency
+from gateway.request_context import refusal_message
 from gateway.store.models_users import UserRecord
 
 __all__ = [
@@ -208,14 +209,9 @@ async def _guard(
             if exc.reason.startswith(("input", "request"))
             else max(400, http_status_for(exc))
         )
-        if status >= 500:
-            # The node's own fault: the cause to the log, a fixed text to the page.
-            _log.warning(
-                "console_refused", reason=exc.reason, status=status, detail=exc.diagnostics()
-            )
-        else:
-            _log.info("console_refused", reason=exc.reason, status=status)
-        response = _refusal_page(request, status, message_for_client(exc, None))
+        response = _refusal_page(
+            request, status, refusal_message(exc, request, event="console_refused")
+        )
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.status != 405:
             response = _refusal_page(request, exc.status, exc.reason)
@@ -468,7 +464,7 @@ async def audit_run(request: web.Request) -> web.StreamResponse:
         except GatewayError as exc:
             outcome = {
                 "consistent": False,
-                "message": message_for_client(exc, None),
+                "message": refusal_message(exc, request, event="console_audit_failed"),
                 "reason": exc.reason,
             }
     request.app[STATUS]["audit"] = {"time": utc_now(), "by": session.user, "result": outcome}

@@ -61,6 +61,7 @@ from gateway.errors import (
     RefusedError,
     StorageError,
     TransportError,
+    message_for_client,
 )
 from gateway.node import ledger
 from gateway.node.context import NodeContext
@@ -885,7 +886,7 @@ async def deliver_pending(
                 node,
                 after=after,
                 due_before=now_fn() if due_only else None,
-                why=exc.message,
+                why=message_for_client(exc, None),  # shown to users: no driver text
                 now=now_fn(),
                 network=isinstance(exc, TransportError),
             )

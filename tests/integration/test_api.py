@@ -708,6 +708,45 @@ def test_verify_streams_progress_lines_then_the_report_or_the_first_bad_entry(
     run_api(api_node, broken)
 
 
+def test_a_storage_fault_in_a_streamed_verify_is_told_as_the_plain_answer_tells_it(
+    sqlite_api_node: ApiNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last line of a streamed answer holds what the plain answer's body holds: for
+    a storage fault the fixed text with the request id, the detail in the log."""
+    from gateway.api import routes_ledger  # noqa: PLC0415
+
+    detail = 'connection to server at "db.internal", port 6543 failed'
+
+    def failing(*_args: Any, **_kwargs: Any) -> Any:
+        raise StorageError(detail)
+
+    monkeypatch.setattr(routes_ledger, "verify_ledger_with_keys", failing)
+    token = sqlite_api_node.tokens["compliance"]
+    answers: dict[str, Answer] = {}
+
+    async def scenario(client: Client) -> None:
+        for name, accept in (("plain", "application/json"), ("streamed", "application/x-ndjson")):
+            answers[name] = await client.call(
+                "POST",
+                "/api/v1/ledger/verify",
+                token=token,
+                headers={"Accept": accept, "X-Request-Id": f"verify-{name}"},
+            )
+
+    log.configure(level="info")
+    with capture_logs() as logs:
+        run_api(sqlite_api_node, scenario)
+    plain, streamed = answers["plain"], answers["streamed"]
+    assert (plain.status, plain.reason) == (503, "storage")
+    last = json.loads(streamed.content.splitlines()[-1])["error"]
+    assert (last["status"], last["reason"]) == (503, "storage")
+    for answer, request_id in ((plain, "verify-plain"), (streamed, "verify-streamed")):
+        assert "db.internal" not in answer.content.decode()
+        assert request_id in answer.content.decode()
+    refused = [e for e in logs if e["event"] == "api_refused"]
+    assert [e["detail"] for e in refused] == [detail, detail]
+
+
 @pytest.fixture
 def exchanged(
     tmp_path: Path,
@@ -1091,12 +1130,12 @@ def test_a_stalled_body_is_refused_and_writes_nothing(
     assert user_count(sqlite_api_node) == before
 
 
-def test_the_nodes_own_faults_answer_a_fixed_text_and_log_the_cause(
+def test_a_storage_fault_answers_a_fixed_text_and_logs_the_cause(
     sqlite_api_node: ApiNode,
 ) -> None:
-    """A storage or configuration fault's message (driver text, paths of the home)
-    goes to the log line of its request id; the answer names the reason and that id.
-    A request's own fault and a peer's keep their message."""
+    """A storage fault's message (driver text, paths of the home) goes to the log line
+    of its request id; the answer names the reason and that id. Every other error
+    keeps its message."""
     detail = 'connection to server at "db.internal", port 6543 failed: /srv/gw/home'
 
     def raising(error: GatewayError) -> Callable[[Call], Awaitable[web.StreamResponse]]:
@@ -1123,7 +1162,7 @@ def test_the_nodes_own_faults_answer_a_fixed_text_and_log_the_cause(
     log.configure(level="info")
     with capture_logs() as logs:
         run_api(sqlite_api_node, scenario, routes=routes)
-    for name, status in (("storage", 503), ("config", 500)):
+    for name, status in (("storage", 503),):
         answer = seen[name]
         request_id = answer.headers["X-Request-Id"]
         assert (answer.status, answer.reason) == (status, name)
@@ -1132,6 +1171,8 @@ def test_the_nodes_own_faults_answer_a_fixed_text_and_log_the_cause(
         assert request_id in answer.body["error"]["message"]
         refused = [e for e in logs if e["event"] == "api_refused" and e["reason"] == name]
         assert [e["detail"] for e in refused] == [detail]
+    # A configuration error names the setting to fix: its message is kept, and logged.
+    assert (seen["config"].status, seen["config"].body["error"]["message"]) == (500, detail)
     assert seen["peer"].body["error"]["message"] == "peer down"
     assert seen["input"].body["error"]["message"] == "bad field"
 
@@ -1149,7 +1190,15 @@ def test_a_database_that_went_away_is_a_503_that_does_not_name_the_server(
     answers: list[Answer] = []
 
     async def scenario(client: Client) -> None:
-        answers.append(await client.call("GET", "/api/v1/whoami", token=made.tokens["officer"]))
+        # A fixed request id: a random one could hold the digits looked for below.
+        answers.append(
+            await client.call(
+                "GET",
+                "/api/v1/whoami",
+                token=made.tokens["officer"],
+                headers={"X-Request-Id": "went-away-1"},
+            )
+        )
 
     try:
         _pg_admin(
@@ -1171,6 +1220,6 @@ def test_a_database_that_went_away_is_a_503_that_does_not_name_the_server(
     assert (answer.status, answer.reason) == (503, "storage")
     for told in ("5432", "127.0.0.1", name):
         assert told not in answer.content.decode()
-    assert answer.headers["X-Request-Id"] in answer.body["error"]["message"]
+    assert "went-away-1" in answer.body["error"]["message"]
     (refused,) = [e for e in logs if e["event"] == "api_refused"]
     assert name in refused["detail"]
