@@ -13,6 +13,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -251,7 +252,7 @@ def test_the_cache_never_serves_states_after_the_generation_moved(db: Database) 
     (first,) = check_consent_states(db, [bundle])
     held = cache.generation
     assert held == generation(db)
-    assert cache.states(held, [bundle]) == {bundle: (first,)}
+    assert cache.states(held, [bundle], began=time.monotonic()) == {bundle: (first,)}
     (again,) = check_consent_states(db, [bundle])
     assert again is first  # the same generation: the cached state itself
 
@@ -270,25 +271,37 @@ def test_the_cache_never_serves_states_after_the_generation_moved(db: Database) 
 
 def test_states_read_at_an_old_generation_are_not_kept_after_it_moved() -> None:
     cache = ConsentStateCache()
-    assert cache.states(5, ["b"]) == {}
+    assert cache.states(5, ["b"], began=time.monotonic()) == {}
     cache.store(5, {"b": ()})
-    assert cache.states(5, ["b"]) == {"b": ()}
-    assert cache.states(6, ["b"]) == {}  # moved: everything dropped
+    assert cache.states(5, ["b"], began=time.monotonic()) == {"b": ()}
+    assert cache.states(6, ["b"], began=time.monotonic()) == {}  # moved: everything dropped
     cache.store(5, {"b": ()})  # a reader that started before the move
-    assert cache.states(6, ["b"]) == {}
-    assert cache.states(5, ["b"]) == {}  # and an older generation is not served either
+    assert cache.states(6, ["b"], began=time.monotonic()) == {}
 
 
 def test_a_late_check_at_an_older_generation_does_not_take_the_cache_back() -> None:
-    """Thread A reads generation 7 and caches; thread B, whose statement began
-    before the move, then asks at 6: B finds nothing, and A's states stay."""
+    """Thread B's statement began before thread A read generation 7 and cached; B then
+    asks at 6: B finds nothing, and A's states stay."""
     cache = ConsentStateCache()
-    cache.states(7, ())
+    began_b = time.monotonic()
+    cache.states(7, (), began=time.monotonic())  # thread A
     cache.store(7, {"b": ()})
-    assert cache.states(6, ["b"]) == {}
+    assert cache.states(6, ["b"], began=began_b) == {}
     cache.store(6, {"b": (), "c": ()})  # B's rows, read at 6, are not kept
     assert cache.generation == 7
-    assert cache.states(7, ["b", "c"]) == {"b": ()}
+    assert cache.states(7, ["b", "c"], began=time.monotonic()) == {"b": ()}
+
+
+def test_a_database_that_went_back_is_never_served_states_kept_under_a_reused_number() -> None:
+    """A restore into the running node's database: a statement that began after the
+    cache took 100 reads 50, so the database went back; when its number climbs to 100
+    again, nothing kept under the old 100 is served."""
+    cache = ConsentStateCache()
+    cache.states(100, (), began=time.monotonic())
+    cache.store(100, {"bundle-x": ()})
+    assert cache.states(50, ["bundle-x"], began=time.monotonic()) == {}
+    assert cache.generation == 50
+    assert cache.states(100, ["bundle-x"], began=time.monotonic()) == {}
 
 
 def test_a_stored_document_naming_another_consent_is_refused(db: Database) -> None:

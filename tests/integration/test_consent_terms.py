@@ -391,7 +391,7 @@ def test_the_cache_keeps_checked_terms_only_for_the_exact_bytes_they_came_from()
 
 def test_parsed_grants_are_kept_within_a_bound_of_their_documents_bytes() -> None:
     """The parsed-grant level counts the bytes of the documents it keeps, not the
-    entries: a few large grants cannot hold more than the bound."""
+    entries: a few large grants cannot make that level hold more than its bound."""
     grants = [written_grant((f"b-{n}",)) for n in range(3)]
     signed = [sign_grant(one, lambda message: KEY.sign(message).signature) for one in grants]
     ids = [one.consent_id for one in grants]
@@ -404,3 +404,9 @@ def test_parsed_grants_are_kept_within_a_bound_of_their_documents_bytes() -> Non
     again = cache.grant(ids[0], signed[0].document)
     assert again == first
     assert again is not first  # parsed again: it had to go to keep within the bound
+    # Least recently used first out: the grant just asked for stays, the older goes.
+    second = cache.grant(ids[1], signed[1].document)
+    assert cache.grant(ids[0], signed[0].document) is again
+    cache.grant(ids[2], signed[2].document)
+    assert cache.grant(ids[0], signed[0].document) is again
+    assert cache.grant(ids[1], signed[1].document) is not second

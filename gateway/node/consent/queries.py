@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -159,6 +160,8 @@ class ConsentStateCache:
     ) -> None:
         self._lock = threading.Lock()
         self.generation: int | None = None
+        self._adopted_at = float("-inf")
+        """When (``time.monotonic()``) the cache took :attr:`generation` as its own."""
         self._by_bundle: dict[str, tuple[ConsentState, ...]] = {}
         self._grants: cachetools.LRUCache[str, tuple[bytes, ConsentGrant]] = cachetools.LRUCache(
             max_grant_bytes or self.MAX_GRANT_BYTES_KEPT, getsizeof=_kept_grant_bytes
@@ -170,22 +173,31 @@ class ConsentStateCache:
         )
 
     def states(
-        self, generation: int, bundle_ids: Sequence[str]
+        self, generation: int, bundle_ids: Sequence[str], *, began: float
     ) -> dict[str, tuple[ConsentState, ...]]:
-        """The cached states of those of ``bundle_ids`` known at ``generation``.
+        """The cached states of those of ``bundle_ids`` known at ``generation``, read by a
+        statement that began at ``began`` (``time.monotonic()``, taken before it was sent).
 
-        A higher generation than the cache's drops every kept state and becomes
-        the cache's. A lower one (a check whose statement began before another
-        thread read the newer value) finds nothing and changes nothing: the
-        cache never goes back to an older generation, so checks that began
-        late do not make it drop what the newer one kept.
+        A generation other than the cache's drops every kept state and becomes
+        the cache's, with one exception: a lower one read by a statement that
+        began before the cache took its own finds nothing and changes nothing
+        (a check that began before another thread read the newer value, whose
+        states it would otherwise throw away). A lower one read by a statement
+        that began later means the database itself went back (a restore into
+        it while the node runs): the cache starts again from it, so it never
+        serves states kept under a number the database has since reused.
         """
         with self._lock:
-            if self.generation is not None and generation < self.generation:
+            if (
+                self.generation is not None
+                and generation < self.generation
+                and began < self._adopted_at
+            ):
                 return {}
             if generation != self.generation:
                 self._by_bundle.clear()
                 self.generation = generation
+                self._adopted_at = time.monotonic()
                 return {}
             known = self._by_bundle
             return {b: known[b] for b in bundle_ids if b in known}
@@ -349,13 +361,14 @@ def _cached_consent_states(
     """
     if not asked:
         return {}, set()
+    began = time.monotonic()
     if cache.holds(asked):
         cursor.execute(_GENERATION_SQL)
         row = cursor.fetchone()
         if row is None:
             raise StorageError(_NO_GENERATION_ROW)
         generation = int(row[0])
-        known = cache.states(generation, asked)  # empty if the generation moved
+        known = cache.states(generation, asked, began=began)  # empty if it moved
         missing = [b for b in asked if b not in known]
         if missing:
             found = _read_states(cursor, cache, missing, mark, stored_terms=True)
@@ -371,7 +384,7 @@ def _cached_consent_states(
             read = int(row[5])
     if read is None:
         raise StorageError(_NO_GENERATION_ROW)
-    cache.states(read, ())  # a moved generation drops what was cached under the old one
+    cache.states(read, (), began=began)  # a moved generation drops what was kept under the old
     found = _read_states(
         cursor,
         cache,
