@@ -335,6 +335,48 @@ def test_denial_reaches_the_requester(pair: Pair) -> None:
         )
 
 
+def test_a_storage_fault_of_ours_defers_a_consent_bundle_and_refuses_nothing(
+    pair: Pair,
+) -> None:
+    """jp's ledger head is damaged when pk's request arrives: applying it fails with
+    jp's own StorageError. The bundle stays pending (no refusal recorded, nothing told
+    to pk), the cause is logged; once the head is repaired the same bundle applies."""
+    from sqlalchemy import func, text  # noqa: PLC0415
+    from structlog.testing import capture_logs  # noqa: PLC0415
+
+    from gateway import log  # noqa: PLC0415
+    from gateway.store.models_consent import ConsentApplied  # noqa: PLC0415
+    from gateway.store.models_refusal import BundleRefusalRecord  # noqa: PLC0415
+
+    case_id = send_case_to_peer(pair.jp, pair.pk)
+    asked = consent_protocol.request_consent(
+        NodeContext(pair.pk.node, pair.pk.keyring), PK_OFFICER, [case_id], EMBASSY, PURPOSE, now=NOW
+    )
+    deliver(pair.pk, pair.jp, asked.bundle_id)
+    with pair.jp.node.db.transaction() as session:
+        kept = session.execute(text("SELECT head_hash FROM ledger_state")).scalar_one()
+        session.execute(text("UPDATE ledger_state SET head_hash = :bad"), {"bad": b"\x00"})
+    ctx = NodeContext(pair.jp.node, pair.jp.keyring)
+    log.configure(level="info")
+    with capture_logs() as logs:
+        done = consent_receive.apply_pending(ctx, now=NOW)
+    assert [line.split(": ", 1)[0] for line in done] == [asked.bundle_id]
+    assert "deferred" in done[0]
+    assert "malformed" not in done[0]  # the cause is for the log
+    (deferred,) = [e for e in logs if e["event"] == "consent_bundle_deferred"]
+    assert "malformed" in deferred["detail"]
+    with pair.jp.node.db.transaction() as session:
+        for table in (ConsentApplied, BundleRefusalRecord):
+            assert session.scalar(select(func.count()).select_from(table)) == 0
+        session.execute(text("UPDATE ledger_state SET head_hash = :good"), {"good": kept})
+    applied = consent_receive.apply_pending(ctx, now=NOW)
+    assert [line.split(": ", 1)[0] for line in applied] == [asked.bundle_id]
+    assert "deferred" not in applied[0]
+    listing = consent_queries.list_consents(ctx, now=NOW)
+    assert [r["request_id"] for r in listing["requests"]] == [asked.request_id]
+    assert listing["refused_bundles"] == []
+
+
 def test_validity_beyond_policy_maximum_is_refused(pair: Pair) -> None:
     case_id = send_case_to_peer(pair.jp, pair.pk)
     asked = consent_protocol.request_consent(

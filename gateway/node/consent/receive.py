@@ -40,6 +40,8 @@ from gateway.errors import (
     GatewayError,
     InvalidInput,
     RefusedError,
+    StorageError,
+    message_for_client,
 )
 from gateway.node import ledger
 from gateway.node.consent import uses as consent_uses
@@ -342,6 +344,19 @@ def apply_pending_in(
                     session, node.node_id, peer, entry, case, attachments, now, policy
                 )
                 outcome = "applied"
+        except StorageError as exc:
+            # The node's own fault (its database or blob store), not the bundle's: the
+            # bundle stays pending, untouched, and the next pass tries it again; the
+            # peer is told nothing (docs/consent.md, "A fault of ours refuses nothing").
+            _log.error(
+                "consent_bundle_deferred",
+                bundle_id=entry.bundle_id,
+                type=entry.case_type,
+                reason=exc.reason,
+                detail=exc.diagnostics(),
+            )
+            done.append(f"{entry.bundle_id}: deferred: {message_for_client(exc, None)}")
+            continue
         except (GatewayError, KeyError, TypeError, ValueError) as exc:
             # Fail closed: a bundle that does not verify or does not fit is
             # kept in the inbox as received, marked refused, and never used;
