@@ -26,7 +26,7 @@ from gateway.core.canonical import canonical_bytes
 from gateway.core.consent import ConsentGrant, sign_grant
 from gateway.core.keys import NodeKeyring
 from gateway.core.roles import Actor, Role
-from gateway.errors import ConsentRefused, InvalidInput, NotFound, PolicyRefused
+from gateway.errors import ConsentRefused, InvalidInput, NotFound, PolicyRefused, StorageError
 from gateway.node import own_keys, peer_trust
 from gateway.node.consent import common as consent_common
 from gateway.node.consent import disclosure as consent_disclosure
@@ -375,6 +375,51 @@ def test_a_storage_fault_of_ours_defers_a_consent_bundle_and_refuses_nothing(
     listing = consent_queries.list_consents(ctx, now=NOW)
     assert [r["request_id"] for r in listing["requests"]] == [asked.request_id]
     assert listing["refused_bundles"] == []
+
+
+@pytest.mark.parametrize("where", ["first look", "locked decision"])
+def test_a_revocation_kept_pending_by_a_storage_fault_blocks_every_disclosure(
+    pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A revocation is in pk's inbox, but applying it fails with a (transient) storage
+    fault of pk's, at the first look or under the ledger lock: no disclosure is
+    decided or recorded while it is pending; once it applies, the consent is revoked."""
+    case_id = send_case_to_peer(pair.jp, pair.pk)
+    granted = grant_for(pair, [case_id], max_uses=5)
+    assert granted.consent_id is not None
+    revoked = consent_protocol.revoke(
+        NodeContext(pair.jp.node, pair.jp.keyring),
+        JP_OFFICER,
+        granted.consent_id,
+        reason="the investigation is still open",
+        now=NOW,
+    )
+    deliver(pair.jp, pair.pk, revoked.bundle_id)
+    real = consent_receive.store_revocation
+    failures = {"first look": 1, "locked decision": 2}[where]  # the n-th application fails
+    calls = []
+
+    def failing_once(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == failures:
+            raise StorageError("canceling statement due to statement timeout")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(consent_receive, "store_revocation", failing_once)
+    if where == "locked decision":
+        # The first look applies the revocation for real but in a transaction we undo,
+        # so the locked decision meets it pending again: make the first look see none.
+        monkeypatch.setattr(consent_disclosure, "apply_pending", lambda *_a, **_k: [])
+        calls.append(1)
+    before = entries(pair.pk, None)
+    with pytest.raises(StorageError, match="could not be applied"):
+        do_disclose(pair.pk, [case_id], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # Nothing decided or recorded (the grant, pending until now, may have been applied).
+    added = {str(e.kind) for e in entries(pair.pk, None)[len(before) :]}
+    assert added <= {"consent-granted"}
+    monkeypatch.undo()
+    assert_blocked(pair.pk, [case_id], tmp_path / "out2", "consent revoked")
 
 
 def test_validity_beyond_policy_maximum_is_refused(pair: Pair) -> None:

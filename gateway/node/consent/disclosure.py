@@ -62,7 +62,11 @@ from gateway.node.consent.common import (
     peer_manifest,
 )
 from gateway.node.consent.queries import check_consent_states, load_consent_states
-from gateway.node.consent.receive import apply_pending, apply_pending_in
+from gateway.node.consent.receive import (
+    apply_pending,
+    apply_pending_in,
+    refuse_to_decide_with,
+)
 from gateway.node.context import NodeContext
 from gateway.node.inbox import check_reply_matches_case
 from gateway.node.retention import WrittenOutput, ensure_not_purged, record_outputs
@@ -333,7 +337,9 @@ def _foresee(
 ) -> tuple[list[_Item], Decision]:
     """The first look, without the lock: is there any point in decrypting?"""
     node = ctx.node
-    apply_pending(ctx, now=now)
+    deferred: list[str] = []
+    apply_pending(ctx, now=now, deferred=deferred)
+    refuse_to_decide_with(deferred)
     with node.db.transaction(read_only=True) as session:  # writes nothing: no write lock
         items = _locate(session, node.node_id, ids)
     return items, _decide(None, node, policy, items, recipient, purpose, now)
@@ -435,7 +441,9 @@ def _decide_and_record(
     try:
         with node.db.transaction() as session:
             ledger.lock_for_append(session)  # the linearisation point of consent decisions
-            apply_pending_in(session, node, keyring, policy, now)
+            deferred: list[str] = []
+            apply_pending_in(session, node, keyring, policy, now, deferred=deferred)
+            refuse_to_decide_with(deferred)  # nothing recorded: the transaction rolls back
             decision = _decide(session, node, policy, items, recipient, purpose, now)
             if not decision.allowed:
                 _record_attempt(session, decision=decision, actor=actor, now=now, files=None)

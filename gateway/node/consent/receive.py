@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, BinaryIO
 
@@ -71,6 +72,7 @@ from gateway.store.models_refusal import BundleRefusalRecord, RefusalDirection
 __all__ = [
     "apply_pending",
     "apply_pending_in",
+    "refuse_to_decide_with",
     "send_refusal_notices",
 ]
 
@@ -329,7 +331,13 @@ def _pending_entries(session: Session, node_id: str) -> list[InboxEntry]:
 
 
 def apply_pending_in(
-    session: Session, node: Node, keyring: NodeKeyring, policy: Policy, now: datetime
+    session: Session,
+    node: Node,
+    keyring: NodeKeyring,
+    policy: Policy,
+    now: datetime,
+    *,
+    deferred: list[str] | None = None,
 ) -> list[str]:
     entries = _pending_entries(session, node.node_id)
     if not entries:
@@ -356,6 +364,8 @@ def apply_pending_in(
                 detail=exc.diagnostics(),
             )
             done.append(f"{entry.bundle_id}: deferred: {message_for_client(exc, None)}")
+            if deferred is not None:
+                deferred.append(entry.bundle_id)
             continue
         except (GatewayError, KeyError, TypeError, ValueError) as exc:
             # Fail closed: a bundle that does not verify or does not fit is
@@ -385,13 +395,19 @@ def apply_pending_in(
     return done
 
 
-def apply_pending(ctx: NodeContext, *, now: datetime) -> list[str]:
-    """Apply every received consent-* bundle not applied yet; return what happened to each."""
+def apply_pending(
+    ctx: NodeContext, *, now: datetime, deferred: list[str] | None = None
+) -> list[str]:
+    """Apply every received consent-* bundle not applied yet; return what happened to each.
+
+    ``deferred`` gets the bundle ids that a storage fault of ours kept pending
+    (:func:`apply_pending_in`); what else was applied is committed.
+    """
     node, keyring = ctx.node, ctx.keyring
     policy = ctx.policy
     with node.db.transaction() as session:
         ledger.lock_for_append(session)  # the linearisation point of consent decisions
-        done = apply_pending_in(session, node, keyring, policy, now)
+        done = apply_pending_in(session, node, keyring, policy, now, deferred=deferred)
     try:
         send_refusal_notices(ctx, now=now)
     except GatewayError as exc:
@@ -399,6 +415,22 @@ def apply_pending(ctx: NodeContext, *, now: datetime) -> list[str]:
         _log.warning("refusal_notice_deferred", error=type(exc).__name__, reason=exc.reason)
     consent_uses.notify_uses(ctx, now=now)
     return done
+
+
+def refuse_to_decide_with(deferred: Sequence[str]) -> None:
+    """Raise :class:`StorageError` when received consent bundles are still pending after
+    a storage fault of ours (``deferred``, from :func:`apply_pending_in`).
+
+    Any of them may be a revocation, a use or a suspect mark that the decision
+    must see first (docs/consent.md, "Limits": a revocation in the inbox blocks
+    the next disclosure), so no disclosure is decided until they are applied.
+    """
+    if deferred:
+        raise StorageError(
+            f"{len(deferred)} received consent bundle(s) could not be applied (a storage "
+            "fault of this node; its cause is in the node's log): no disclosure is decided "
+            "until they are. Try again once the node's storage answers"
+        )
 
 
 def _record_issued_refusal(
