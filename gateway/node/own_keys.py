@@ -28,6 +28,7 @@ from gateway.core.keys import (
     KeyManifest,
     KeyNotUsable,
     ManifestKey,
+    ManifestRejected,
     NodeKeyring,
     Revocation,
     fingerprint,
@@ -314,30 +315,21 @@ def _prune(
     return kept, [r for r in revocations if r.key_id in ids]
 
 
-def _room_for(keys: list[ManifestKey], revocations: list[Revocation], issued: datetime) -> None:
-    """Refuse, before anything is written, a change whose manifest would list more keys
-    than a manifest may (:data:`~gateway.core.keys.MAX_KEYS`).
-
-    Signing keys stay listed for good (:func:`_prune`), so each rotation or
-    replacement adds one; docs/keys.md ("How many key changes a node can make").
-    """
-    kept, _ = _prune(keys, revocations, issued)
-    if len(kept) <= MAX_KEYS:
-        return
-    signing = sum(1 for k in kept if k.use == "sign")
-    raise RefusedError(
-        f"this key change would list {len(kept)} keys in the manifest, and a manifest "
-        f"lists at most {MAX_KEYS}. Every signing key this node has used stays listed "
-        f"({signing} now), so that what it signed still verifies at the peer and can "
-        "still be revoked. Nothing was changed; see docs/keys.md, 'How many key changes "
-        "a node can make'",
-        reason="keys.manifest-full",
-    )
+ROTATION_RESERVE = 2
+"""Places of the manifest's key list a routine rotation leaves free, so that a revocation
+(one replacement key) or a recovery (two new keys) can always follow it."""
 
 
-def _publish(
+@dataclass(frozen=True)
+class _Prepared:
+    """The next own manifest, built, signed and checked, and nothing written yet."""
+
+    raw: bytes
+    manifest: KeyManifest
+
+
+def _prepare(
     settings: Settings,
-    session: Session,
     *,
     current: KeyManifest,
     signers: list[nacl.signing.SigningKey],
@@ -346,21 +338,36 @@ def _publish(
     keys: list[ManifestKey],
     revocations: list[Revocation],
     issued: datetime,
-    event: str,
-    actor: Actor,
-    now: datetime,
-    key_event: str,
-    details: Callable[[KeyManifest], dict[str, Any]],
-) -> KeyManifest:
-    """Publish the next own manifest and record its key event, in the caller's transaction.
+    reserve: int = 0,
+) -> _Prepared:
+    """Build, sign and parse the next own manifest, before any file or row is written.
 
-    The ledger's ``key-event`` body is ``{"event": key_event, "manifest_version":
-    <the new version>, **details(manifest)}``, so a manifest is never published
-    without its entry (or the other way round).
+    Raises :class:`RefusedError` when the manifest would not be one the peer
+    accepts, so that a key change is refused before it touches a key file:
+    ``keys.manifest-full`` when it would list more than :data:`MAX_KEYS` keys
+    less ``reserve`` (signing keys stay listed for good, :func:`_prune`; each
+    rotation or replacement adds one: docs/keys.md, "How many key changes a
+    node can make"), ``keys.manifest-refused`` for any other bound of the
+    manifest format (its 64 KiB, say).
     """
-    _room_for(keys, revocations, issued)
-    keys, revocations = _prune(keys, revocations, issued)
-    expires = max(k.not_after for k in keys)
+    kept, kept_revocations = _prune(keys, revocations, issued)
+    limit = MAX_KEYS - reserve
+    if len(kept) > limit:
+        signing = sum(1 for k in kept if k.use == "sign")
+        kept_free = (
+            f" (a routine rotation leaves the last {reserve} for a revocation or a recovery)"
+            if reserve
+            else ""
+        )
+        raise RefusedError(
+            f"this key change would list {len(kept)} keys in the manifest, and it may list "
+            f"{limit}{kept_free}. Every signing key this node has used stays listed "
+            f"({signing} now), so that what it signed still verifies at the peer and can "
+            "still be revoked. Nothing was changed; see docs/keys.md, 'How many key "
+            "changes a node can make'",
+            reason="keys.manifest-full",
+        )
+    expires = max(k.not_after for k in kept)
     expires = max(expires, issued + MANIFEST_VALIDITY)
     payload = manifest_payload(
         node=settings.node_id,
@@ -368,12 +375,39 @@ def _publish(
         issued_at=issued,
         expires_at=expires,
         root_public=root_public,
-        keys=keys,
-        revocations=revocations,
+        keys=kept,
+        revocations=kept_revocations,
         previous_root_public=previous_root_public,
     )
     raw = sign_manifest(payload, signers)
-    manifest = _store_own(session, raw, event=event, actor=actor, now=now, delivered=False)
+    try:
+        manifest = parse_manifest(raw)
+    except ManifestRejected as exc:
+        raise RefusedError(
+            f"this key change would make a manifest the peer refuses ({exc.message}). "
+            "Nothing was changed; see docs/keys.md, 'How many key changes a node can make'",
+            reason="keys.manifest-refused",
+        ) from None
+    return _Prepared(raw, manifest)
+
+
+def _publish(
+    session: Session,
+    prepared: _Prepared,
+    *,
+    event: str,
+    actor: Actor,
+    now: datetime,
+    key_event: str,
+    details: Callable[[KeyManifest], dict[str, Any]],
+) -> KeyManifest:
+    """Publish a prepared manifest and record its key event, in the caller's transaction.
+
+    The ledger's ``key-event`` body is ``{"event": key_event, "manifest_version":
+    <the new version>, **details(manifest)}``, so a manifest is never published
+    without its entry (or the other way round).
+    """
+    manifest = _store_own(session, prepared.raw, event=event, actor=actor, now=now, delivered=False)
     record_key_event(
         session,
         actor,
@@ -404,7 +438,17 @@ def rotate_keys(
     start = _second(now)
     signing, box, new = _new_keys(start, start + MANIFEST_VALIDITY)
     keys = _retire(current.keys, start + ROTATION_OVERLAP) + new
-    _room_for(keys, list(current.revocations), start)
+    prepared = _prepare(
+        settings,
+        current=current,
+        signers=[root],
+        root_public=current.root_public,
+        previous_root_public=None,
+        keys=keys,
+        revocations=list(current.revocations),
+        issued=start,
+        reserve=ROTATION_RESERVE,
+    )
     # Keep the signing keys a running process may still use, and every encryption key.
     held.signing = {
         kid: k
@@ -415,15 +459,8 @@ def rotate_keys(
     held.encryption[new[1].key_id] = box
     keystore.write_operational(ops_path, held, node=settings.node_id, passphrase=passphrase)
     manifest = _publish(
-        settings,
         session,
-        current=current,
-        signers=[root],
-        root_public=current.root_public,
-        previous_root_public=None,
-        keys=keys,
-        revocations=list(current.revocations),
-        issued=start,
+        prepared,
         event="rotate",
         actor=actor,
         now=now,
@@ -492,7 +529,16 @@ def revoke_key(
             held.signing[pick.key_id] = signing
         else:
             held.encryption[pick.key_id] = box
-    _room_for(keys, revocations, start)
+    prepared = _prepare(
+        settings,
+        current=current,
+        signers=[root],
+        root_public=current.root_public,
+        previous_root_public=None,
+        keys=keys,
+        revocations=revocations,
+        issued=start,
+    )
     write_held = OperationalKeys(
         signing={k: v for k, v in held.signing.items() if k != kid},
         encryption=held.encryption,
@@ -501,15 +547,8 @@ def revoke_key(
     )
     keystore.write_operational(ops_path, write_held, node=settings.node_id, passphrase=passphrase)
     manifest = _publish(
-        settings,
         session,
-        current=current,
-        signers=[root],
-        root_public=current.root_public,
-        previous_root_public=None,
-        keys=keys,
-        revocations=revocations,
-        issued=start,
+        prepared,
         event="revoke",
         actor=actor,
         now=now,
@@ -611,13 +650,12 @@ def recover_keys(
     root = _load_root(settings, current, passphrase, root_key_file)
     ops_path = settings.keys_dir / OPERATIONAL_FILE
     start = _second(now)
+    aside: Path | None = None
     if ops_path.exists():
         try:
             keystore.read_operational(ops_path, passphrase, node=settings.node_id)
         except (keystore.KeystoreCorrupt, keystore.KeystoreLocked, ConfigError):
             aside = ops_path.with_name(f"{OPERATIONAL_FILE}.damaged-{start:%Y%m%dT%H%M%SZ}")
-            ops_path.rename(aside)
-            _log.warning("damaged_key_file_kept_aside", path=str(aside))
         else:
             raise InvalidInput(
                 f"{ops_path} opens with this passphrase: nothing to recover "
@@ -627,8 +665,20 @@ def recover_keys(
     lost = [k.key_id for k in current.keys if current.revocation(k.key_id) is None]
     revocations.extend(Revocation(kid, start, reason) for kid in lost)
     signing, box, new = _new_keys(start, start + MANIFEST_VALIDITY)
-    _room_for([*current.keys, *new], revocations, start)
+    prepared = _prepare(
+        settings,
+        current=current,
+        signers=[root],
+        root_public=current.root_public,
+        previous_root_public=None,
+        keys=[*current.keys, *new],
+        revocations=revocations,
+        issued=start,
+    )
     ops, mem = keystore.root_limits(root_path, passphrase, node=settings.node_id)
+    if aside is not None:  # only now: a refused recovery leaves the damaged file in place
+        ops_path.rename(aside)
+        _log.warning("damaged_key_file_kept_aside", path=str(aside))
     keystore.write_operational(
         ops_path,
         OperationalKeys(
@@ -641,15 +691,8 @@ def recover_keys(
         passphrase=passphrase,
     )
     manifest = _publish(
-        settings,
         session,
-        current=current,
-        signers=[root],
-        root_public=current.root_public,
-        previous_root_public=None,
-        keys=[*current.keys, *new],
-        revocations=revocations,
-        issued=start,
+        prepared,
         event="revoke",
         actor=actor,
         now=now,
@@ -686,17 +729,9 @@ def rotate_root(
     )
     new_root = nacl.signing.SigningKey.generate()
     new_id = key_id(bytes(new_root.verify_key))
-    keystore.write_root(
-        settings.keys_dir / keystore.root_file_name(new_id),
-        new_root,
-        node=settings.node_id,
-        passphrase=passphrase,
-        strength=(held.opslimit, held.memlimit),
-    )
     start = _second(now)
-    manifest = _publish(
+    prepared = _prepare(
         settings,
-        session,
         current=current,
         signers=[new_root, old_root],
         root_public=bytes(new_root.verify_key),
@@ -704,6 +739,17 @@ def rotate_root(
         keys=list(current.keys),
         revocations=list(current.revocations),
         issued=start,
+    )
+    keystore.write_root(
+        settings.keys_dir / keystore.root_file_name(new_id),
+        new_root,
+        node=settings.node_id,
+        passphrase=passphrase,
+        strength=(held.opslimit, held.memlimit),
+    )
+    manifest = _publish(
+        session,
+        prepared,
         event="rotate-root",
         actor=actor,
         now=now,

@@ -5,7 +5,7 @@ key changes a node can make")."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -52,53 +52,101 @@ def _written(node: Node) -> tuple[bytes, int, int]:
     return keys_file, int(manifests or 0), int(entries or 0)
 
 
-def test_a_key_change_past_the_manifests_bound_is_refused_and_writes_nothing(node: Node) -> None:
+def _rotate(node: Node, now: datetime) -> None:
+    with node.db.transaction() as session:
+        own_keys.rotate_keys(node.settings, session, PASSPHRASE.encode(), now=now, actor=ADMIN)
+
+
+def _listed(node: Node) -> own_keys.KeyManifest:
+    with node.db.transaction() as session:
+        return own_keys.own_manifest(session)
+
+
+def test_rotations_stop_short_of_the_bound_and_leave_room_to_revoke(node: Node) -> None:
     """Monthly rotations: each leaves one more signing key listed for good (retired
-    encryption keys leave once their overlap ends). The change that would list
-    MAX_KEYS + 1 keys is refused by its cause; the rotation before it fills the list."""
+    encryption keys leave once their overlap ends). A rotation that would take one of
+    the last ROTATION_RESERVE places is refused by its cause and writes nothing; a
+    revocation of the key in use still has room. A recovery that would pass the bound
+    is refused too, and leaves the damaged key file where it was."""
     now = utc_now()
-
-    def rotate() -> None:
-        with node.db.transaction() as session:
-            own_keys.rotate_keys(node.settings, session, PASSPHRASE.encode(), now=now, actor=ADMIN)
-
-    def listed() -> int:
-        with node.db.transaction() as session:
-            return len(own_keys.own_manifest(session).keys)
-
+    limit = MAX_KEYS - own_keys.ROTATION_RESERVE
     rotations = 0
-    while listed() < MAX_KEYS:
+    while len(_listed(node).keys) < limit:
         now += timedelta(days=30)
-        rotate()
+        _rotate(node, now)
         rotations += 1
-    assert rotations == MAX_KEYS - 3  # two keys at creation, one kept in its overlap
-    now += timedelta(days=30)
-    before = _written(node)
-    with pytest.raises(RefusedError) as refused:
-        rotate()
-    assert refused.value.reason == "keys.manifest-full"
-    assert f"at most {MAX_KEYS}" in refused.value.message
-    assert "Nothing was changed" in refused.value.message
-    assert _written(node) == before
+    assert rotations == limit - 3  # two keys at creation, one kept in its overlap
     with node.db.transaction() as session:
         full = own_keys.describe_own_keys(session, now=now)
-    assert len(full["keys"]) == MAX_KEYS  # the last rotation that fitted filled the list
     assert full["keys_limit"] == MAX_KEYS
-    assert f"keys listed:      {MAX_KEYS} of at most {MAX_KEYS}" in manifest_text(full, "Keys")
+    assert f"keys listed:      {limit} of at most {MAX_KEYS}" in manifest_text(full, "Keys")
 
-    # A revocation that needs a replacement key is refused the same way, as is recovery.
-    current_signing = next(
-        k["key_id"] for k in full["keys"] if k["use"] == "sign" and k["state"] == "valid"
-    )
     before = _written(node)
-    with pytest.raises(RefusedError, match="at most"), node.db.transaction() as session:
+    with pytest.raises(RefusedError) as refused:
+        _rotate(node, now + timedelta(days=30))
+    assert refused.value.reason == "keys.manifest-full"
+    assert f"it may list {limit}" in refused.value.message
+    assert "Nothing was changed" in refused.value.message
+    assert _written(node) == before
+
+    # The key in use was stolen: its revocation, with a replacement, still fits.
+    in_use = max((k for k in _listed(node).keys if k.use == "sign"), key=lambda k: k.not_before)
+    with node.db.transaction() as session:
         own_keys.revoke_key(
             node.settings,
             session,
             PASSPHRASE.encode(),
-            current_signing,
+            in_use.key_id,
             "laptop lost",
-            now=now - timedelta(days=30) + timedelta(hours=1),  # in the last overlap
+            now=now + timedelta(hours=1),
             actor=ADMIN,
         )
+    assert len(_listed(node).keys) == limit + 1  # its replacement
+
+    # A recovery now would list two keys more, 65: refused, and the damaged file stays.
+    keys_file = node.settings.keys_dir / OPERATIONAL_FILE
+    keys_file.write_bytes(b"damaged")
+    before = _written(node)
+    with pytest.raises(RefusedError, match="it may list"), node.db.transaction() as session:
+        own_keys.recover_keys(
+            node.settings,
+            session,
+            PASSPHRASE.encode(),
+            "disk failure",
+            now=now + timedelta(hours=2),
+            actor=ADMIN,
+        )
+    assert _written(node) == before
+    assert sorted(p.name for p in node.settings.keys_dir.glob("operational.key*")) == [
+        OPERATIONAL_FILE
+    ]
+
+
+def test_a_manifest_past_its_byte_bound_is_refused_before_the_key_file_is_written(
+    node: Node,
+) -> None:
+    """Revocations carry reasons of up to 500 characters, two bytes each here: enough
+    of them make the next manifest larger than a manifest may be. The revocation that
+    would do so is refused by that cause, and the key file and the manifests stay."""
+    now = utc_now()
+    for _ in range(45):
+        now += timedelta(days=30)
+        _rotate(node, now)
+    retired = [k.key_id for k in _listed(node).keys if k.use == "sign" and not k.valid_at(now)]
+    reason = "é" * 500
+    for key in retired:
+        now += timedelta(hours=1)
+        before = _written(node)
+        try:
+            with node.db.transaction() as session:
+                own_keys.revoke_key(
+                    node.settings, session, PASSPHRASE.encode(), key, reason, now=now, actor=ADMIN
+                )
+        except RefusedError as refused:
+            failure = refused
+            break
+    else:
+        pytest.fail("no revocation was refused")
+    assert failure.reason == "keys.manifest-refused"
+    assert "Nothing was changed" in failure.message
     assert _written(node) == before
