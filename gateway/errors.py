@@ -251,19 +251,20 @@ def http_status_for(error: BaseException) -> int:
 def message_for_client(error: GatewayError, request_id: str | None) -> str:
     """The message a remote user of the local API or the console is shown for ``error``.
 
-    The error's own message, except for a :class:`StorageError`: its message
-    carries the database driver's text (the server's address and port, the
-    database and user names) and paths under the node home, which are the
-    administrator's to read, in the log line of the same request id. The user
-    is shown a fixed text naming the reason code and that id (none for text
-    stored for later, such as an outbox entry's last error). Every other
-    error's message is written by the gateway itself for the person who
-    acted (a configuration error names the setting to fix).
+    The error's own message when the fault is the request's (a 4xx status) or
+    the peer's (:class:`TransportError`). The node's own faults (any other
+    5xx: a :class:`StorageError`, whose message carries the database driver's
+    text, the server's address and port, the database and user names; a
+    :class:`ConfigError` or a keystore error, whose messages name files of the
+    node home) are refused by default: the user is shown a fixed text naming
+    the reason code and the request id (none for text stored for later, such
+    as an outbox entry's last error), and the administrator reads the cause
+    in the node's log under that id.
     """
-    if not isinstance(error, StorageError):
+    if http_status_for(error) < 500 or isinstance(error, TransportError):
         return error.message
     where = f" under request id {request_id}" if request_id else ""
     return (
-        f"the node's storage failed ({error.reason}); its administrator finds the cause"
+        f"the node could not do this ({error.reason}); its administrator finds the cause"
         f" in the node's log{where}"
     )

@@ -48,7 +48,6 @@ DEFAULT_MAX_BODY = 64 * 1024
 BODY_TIMEOUT_SECONDS = 60.0
 """A request body must arrive whole within this time (a stalled client is refused)."""
 
-
 KeyringProvider = Callable[[], NodeKeyring]
 """Gives the node's unlocked keyring (private keys) to routes that seal or open
 bundles; ``gateway serve`` unlocks it once at start with the node passphrase."""

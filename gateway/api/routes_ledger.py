@@ -70,7 +70,7 @@ def _line(item: dict[str, Any]) -> bytes:
 
 def _error_line(exc: BaseException, request: web.Request) -> dict[str, Any]:
     """The ``{"error": ...}`` line of a streamed answer: what the plain answer's body holds,
-    logged as the plain answer is (:func:`~gateway.api.routes_common.refusal_message`).
+    logged as the plain answer is (:func:`~gateway.request_context.refusal_message`).
 
     ``status`` is the HTTP status the plain answer would have had (the stream's
     own status, 200, was sent before the outcome was known).

@@ -210,7 +210,9 @@ async def _guard(
             else max(400, http_status_for(exc))
         )
         response = _refusal_page(
-            request, status, refusal_message(exc, request, event="console_refused")
+            request,
+            status,
+            refusal_message(exc, request, event="console_refused", component="console"),
         )
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.status != 405:
@@ -464,7 +466,9 @@ async def audit_run(request: web.Request) -> web.StreamResponse:
         except GatewayError as exc:
             outcome = {
                 "consistent": False,
-                "message": refusal_message(exc, request, event="console_audit_failed"),
+                "message": refusal_message(
+                    exc, request, event="console_audit_failed", component="console"
+                ),
                 "reason": exc.reason,
             }
     request.app[STATUS]["audit"] = {"time": utc_now(), "by": session.user, "result": outcome}

@@ -87,7 +87,10 @@ def _failed_to_connect(context: Any) -> None:
     whatever its class: a server down or a database that does not exist
     (``OperationalError``), and a URL option the driver refuses (psycopg's
     ``ProgrammingError``), alike. SQLAlchemy's ``handle_error`` event names no
-    connection only for such a failure; errors of statements stay as they are."""
+    connection for such a failure and for a failed pool pre-ping (left to the
+    pool, which then connects anew); errors of statements stay as they are."""
+    if context.is_pre_ping:
+        return  # a failed liveness check: the pool discards the connection and opens another
     if context.connection is None and context.original_exception is not None:
         cause = context.original_exception
         raise StorageError(f"database unavailable: {cause!s}".strip()) from cause

@@ -1130,12 +1130,12 @@ def test_a_stalled_body_is_refused_and_writes_nothing(
     assert user_count(sqlite_api_node) == before
 
 
-def test_a_storage_fault_answers_a_fixed_text_and_logs_the_cause(
+def test_the_nodes_own_faults_answer_a_fixed_text_and_log_the_cause(
     sqlite_api_node: ApiNode,
 ) -> None:
-    """A storage fault's message (driver text, paths of the home) goes to the log line
-    of its request id; the answer names the reason and that id. Every other error
-    keeps its message."""
+    """A storage or configuration fault's message (driver text, paths of the home)
+    goes to the log line of its request id; the answer names the reason and that id.
+    A request's own fault and a peer's keep their message."""
     detail = 'connection to server at "db.internal", port 6543 failed: /srv/gw/home'
 
     def raising(error: GatewayError) -> Callable[[Call], Awaitable[web.StreamResponse]]:
@@ -1162,7 +1162,7 @@ def test_a_storage_fault_answers_a_fixed_text_and_logs_the_cause(
     log.configure(level="info")
     with capture_logs() as logs:
         run_api(sqlite_api_node, scenario, routes=routes)
-    for name, status in (("storage", 503),):
+    for name, status in (("storage", 503), ("config", 500)):
         answer = seen[name]
         request_id = answer.headers["X-Request-Id"]
         assert (answer.status, answer.reason) == (status, name)
@@ -1171,8 +1171,6 @@ def test_a_storage_fault_answers_a_fixed_text_and_logs_the_cause(
         assert request_id in answer.body["error"]["message"]
         refused = [e for e in logs if e["event"] == "api_refused" and e["reason"] == name]
         assert [e["detail"] for e in refused] == [detail]
-    # A configuration error names the setting to fix: its message is kept, and logged.
-    assert (seen["config"].status, seen["config"].body["error"]["message"]) == (500, detail)
     assert seen["peer"].body["error"]["message"] == "peer down"
     assert seen["input"].body["error"]["message"] == "bad field"
 
