@@ -391,6 +391,30 @@ def _prepare(
     return _Prepared(raw, manifest)
 
 
+def _prepare_same_root(
+    settings: Settings,
+    current: KeyManifest,
+    root: nacl.signing.SigningKey,
+    keys: list[ManifestKey],
+    revocations: list[Revocation],
+    issued: datetime,
+    *,
+    reserve: int = 0,
+) -> _Prepared:
+    """:func:`_prepare` for a change of operational keys, signed by the current root."""
+    return _prepare(
+        settings,
+        current=current,
+        signers=[root],
+        root_public=current.root_public,
+        previous_root_public=None,
+        keys=keys,
+        revocations=revocations,
+        issued=issued,
+        reserve=reserve,
+    )
+
+
 def _publish(
     session: Session,
     prepared: _Prepared,
@@ -438,16 +462,8 @@ def rotate_keys(
     start = _second(now)
     signing, box, new = _new_keys(start, start + MANIFEST_VALIDITY)
     keys = _retire(current.keys, start + ROTATION_OVERLAP) + new
-    prepared = _prepare(
-        settings,
-        current=current,
-        signers=[root],
-        root_public=current.root_public,
-        previous_root_public=None,
-        keys=keys,
-        revocations=list(current.revocations),
-        issued=start,
-        reserve=ROTATION_RESERVE,
+    prepared = _prepare_same_root(
+        settings, current, root, keys, list(current.revocations), start, reserve=ROTATION_RESERVE
     )
     # Keep the signing keys a running process may still use, and every encryption key.
     held.signing = {
@@ -529,16 +545,7 @@ def revoke_key(
             held.signing[pick.key_id] = signing
         else:
             held.encryption[pick.key_id] = box
-    prepared = _prepare(
-        settings,
-        current=current,
-        signers=[root],
-        root_public=current.root_public,
-        previous_root_public=None,
-        keys=keys,
-        revocations=revocations,
-        issued=start,
-    )
+    prepared = _prepare_same_root(settings, current, root, keys, revocations, start)
     write_held = OperationalKeys(
         signing={k: v for k, v in held.signing.items() if k != kid},
         encryption=held.encryption,
@@ -665,15 +672,8 @@ def recover_keys(
     lost = [k.key_id for k in current.keys if current.revocation(k.key_id) is None]
     revocations.extend(Revocation(kid, start, reason) for kid in lost)
     signing, box, new = _new_keys(start, start + MANIFEST_VALIDITY)
-    prepared = _prepare(
-        settings,
-        current=current,
-        signers=[root],
-        root_public=current.root_public,
-        previous_root_public=None,
-        keys=[*current.keys, *new],
-        revocations=revocations,
-        issued=start,
+    prepared = _prepare_same_root(
+        settings, current, root, [*current.keys, *new], revocations, start
     )
     ops, mem = keystore.root_limits(root_path, passphrase, node=settings.node_id)
     if aside is not None:  # only now: a refused recovery leaves the damaged file in place

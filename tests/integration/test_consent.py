@@ -192,6 +192,16 @@ def grant_for(pair: Pair, ids: list[str], **kw: Any) -> consent_common.SentConse
     return granted
 
 
+def revoke_at_jp(
+    pair: Pair, consent_id: str | None, reason: str = "r"
+) -> consent_common.SentConsent:
+    """jp's officer revokes the consent jp granted; the revocation waits in jp's outbox."""
+    assert consent_id is not None
+    return consent_protocol.revoke(
+        NodeContext(pair.jp.node, pair.jp.keyring), JP_OFFICER, consent_id, reason=reason, now=NOW
+    )
+
+
 def assert_blocked(side: Side, ids: list[str], out: Path, missing: str, **kw: Any) -> None:
     before = len(entries(side, "disclosure-blocked"))
     with pytest.raises(ConsentRefused, match=missing) as caught:
@@ -230,14 +240,7 @@ def test_disclosure_blocked_until_consent_then_allowed_then_blocked_after_revoca
     assert made[0].actor_name == "bilal"
     assert made[0].consent_id == granted.consent_id
 
-    assert granted.consent_id is not None
-    revoked = consent_protocol.revoke(
-        NodeContext(pair.jp.node, pair.jp.keyring),
-        JP_OFFICER,
-        granted.consent_id,
-        reason="the investigation is still open",
-        now=NOW,
-    )
+    revoked = revoke_at_jp(pair, granted.consent_id, reason="the investigation is still open")
     deliver(pair.jp, pair.pk, revoked.bundle_id)
     assert_blocked(pair.pk, [case_id], tmp_path / "out2", "consent revoked")
     # the disclosure before the revocation stays on record as allowed
@@ -386,14 +389,7 @@ def test_a_revocation_kept_pending_by_a_storage_fault_blocks_every_disclosure(
     decided or recorded while it is pending; once it applies, the consent is revoked."""
     case_id = send_case_to_peer(pair.jp, pair.pk)
     granted = grant_for(pair, [case_id], max_uses=5)
-    assert granted.consent_id is not None
-    revoked = consent_protocol.revoke(
-        NodeContext(pair.jp.node, pair.jp.keyring),
-        JP_OFFICER,
-        granted.consent_id,
-        reason="the investigation is still open",
-        now=NOW,
-    )
+    revoked = revoke_at_jp(pair, granted.consent_id, reason="the investigation is still open")
     deliver(pair.jp, pair.pk, revoked.bundle_id)
     real = consent_receive.store_revocation
     failures = {"first look": 1, "locked decision": 2}[where]  # the n-th application fails
@@ -521,14 +517,7 @@ def test_grant_signed_by_another_key_is_refused_and_never_used(pair: Pair, tmp_p
 def test_revocation_before_its_grant_revokes_it_on_arrival(pair: Pair, tmp_path: Path) -> None:
     case_id = send_case_to_peer(pair.jp, pair.pk)
     _asked, granted = grant_undelivered(pair, [case_id], conditions="")
-    assert granted.consent_id is not None
-    revoked = consent_protocol.revoke(
-        NodeContext(pair.jp.node, pair.jp.keyring),
-        JP_OFFICER,
-        granted.consent_id,
-        reason="r",
-        now=NOW,
-    )
+    revoked = revoke_at_jp(pair, granted.consent_id)
     deliver(pair.jp, pair.pk, revoked.bundle_id)
     deliver(pair.jp, pair.pk, granted.bundle_id)
     assert_blocked(pair.pk, [case_id], tmp_path / "out", "consent revoked")
@@ -580,14 +569,7 @@ def test_revocation_concurrent_with_disclosures_never_follows_a_recorded_disclos
     """Disclosures run in a loop while the revocation arrives: none is made after it."""
     case_id = send_case_to_peer(pair.jp, pair.pk)
     granted = grant_for(pair, [case_id])
-    assert granted.consent_id is not None
-    revoked = consent_protocol.revoke(
-        NodeContext(pair.jp.node, pair.jp.keyring),
-        JP_OFFICER,
-        granted.consent_id,
-        reason="r",
-        now=NOW,
-    )
+    revoked = revoke_at_jp(pair, granted.consent_id)
     # A second connection pool to pk's database, as a separate receiver would have.
     receiver = Side(Node.open(pair.pk.node.settings), pair.pk.keyring, PK_OFFICER)
     outcomes: list[str] = []
