@@ -3,6 +3,8 @@ refusal is logged and told to the user (one place for both servers)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from aiohttp import web
 
 from gateway.errors import GatewayError, http_status_for, message_for_client
@@ -18,7 +20,11 @@ for every request, the console's included."""
 
 
 def refusal_message(
-    exc: GatewayError, request: web.Request, *, event: str, component: str = "api"
+    exc: GatewayError,
+    request: web.Request,
+    *,
+    event: str,
+    component: Literal["api", "console"] = "api",
 ) -> str:
     """Log a refused request once as ``event`` and return the message its answer carries.
 

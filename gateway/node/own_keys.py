@@ -317,7 +317,8 @@ def _prune(
 
 ROTATION_RESERVE = 2
 """Places of the manifest's key list a routine rotation leaves free, so that a revocation
-(one replacement key) or a recovery (two new keys) can always follow it."""
+(one replacement key) or a recovery (two new keys) can follow it (within the manifest's
+64 KiB, which long revocation reasons also use)."""
 
 
 @dataclass(frozen=True)
@@ -342,8 +343,8 @@ def _prepare(
 ) -> _Prepared:
     """Build, sign and parse the next own manifest, before any file or row is written.
 
-    Raises :class:`RefusedError` when the manifest would not be one the peer
-    accepts, so that a key change is refused before it touches a key file:
+    Raises :class:`RefusedError` when the manifest would be outside the bounds of
+    the manifest format, so that a key change is refused before it touches a key file:
     ``keys.manifest-full`` when it would list more than :data:`MAX_KEYS` keys
     less ``reserve`` (signing keys stay listed for good, :func:`_prune`; each
     rotation or replacement adds one: docs/keys.md, "How many key changes a
@@ -369,23 +370,25 @@ def _prepare(
         )
     expires = max(k.not_after for k in kept)
     expires = max(expires, issued + MANIFEST_VALIDITY)
-    payload = manifest_payload(
-        node=settings.node_id,
-        version=current.version + 1,
-        issued_at=issued,
-        expires_at=expires,
-        root_public=root_public,
-        keys=kept,
-        revocations=kept_revocations,
-        previous_root_public=previous_root_public,
-    )
-    raw = sign_manifest(payload, signers)
     try:
+        payload = manifest_payload(
+            node=settings.node_id,
+            version=current.version + 1,
+            issued_at=issued,
+            expires_at=expires,
+            root_public=root_public,
+            keys=kept,
+            revocations=kept_revocations,
+            previous_root_public=previous_root_public,
+        )
+        raw = sign_manifest(payload, signers)
         manifest = parse_manifest(raw)
     except ManifestRejected as exc:
         raise RefusedError(
-            f"this key change would make a manifest the peer refuses ({exc.message}). "
-            "Nothing was changed; see docs/keys.md, 'How many key changes a node can make'",
+            f"this key change would make a manifest outside the format's bounds "
+            f"({exc.message}). Nothing was changed. Revocation reasons are kept in the "
+            "manifest for good: a shorter --reason may fit; see docs/keys.md, 'How many "
+            "key changes a node can make'",
             reason="keys.manifest-refused",
         ) from None
     return _Prepared(raw, manifest)

@@ -88,8 +88,8 @@ def _failed_to_connect(context: Any) -> None:
     (``OperationalError``), and a URL option the driver refuses (psycopg's
     ``ProgrammingError``), alike. SQLAlchemy's ``handle_error`` event names no
     connection for such a failure and for a failed pool pre-ping (left to the
-    pool, which then connects anew); errors of statements stay as they are."""
-    if context.is_pre_ping:
+    pool, should pre-ping ever be turned on); errors of statements stay as they are."""
+    if getattr(context, "is_pre_ping", False):  # SQLAlchemy 2.0.5 and later
         return  # a failed liveness check: the pool discards the connection and opens another
     if context.connection is None and context.original_exception is not None:
         cause = context.original_exception

@@ -380,40 +380,42 @@ def test_a_storage_fault_of_ours_defers_a_consent_bundle_and_refuses_nothing(
     assert listing["refused_bundles"] == []
 
 
-@pytest.mark.parametrize("where", ["first look", "locked decision"])
+@pytest.mark.parametrize("arrives", ["before the disclosure", "while it decrypts"])
 def test_a_revocation_kept_pending_by_a_storage_fault_blocks_every_disclosure(
-    pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+    pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arrives: str
 ) -> None:
-    """A revocation is in pk's inbox, but applying it fails with a (transient) storage
-    fault of pk's, at the first look or under the ledger lock: no disclosure is
-    decided or recorded while it is pending; once it applies, the consent is revoked."""
+    """pk holds a valid consent; jp's revocation of it reaches pk's inbox before the
+    disclosure (seen at the first look) or while the disclosure decrypts (seen only
+    under the ledger lock), and applying it fails with a storage fault of pk's for
+    as long as it lasts. No disclosure is decided or recorded meanwhile; once the
+    fault passes, the revocation applies and the disclosure is refused."""
     case_id = send_case_to_peer(pair.jp, pair.pk)
     granted = grant_for(pair, [case_id], max_uses=5)
+    consent_queries.list_consents(NodeContext(pair.pk.node, pair.pk.keyring), now=NOW)
     revoked = revoke_at_jp(pair, granted.consent_id, reason="the investigation is still open")
-    deliver(pair.jp, pair.pk, revoked.bundle_id)
-    real = consent_receive.store_revocation
-    failures = {"first look": 1, "locked decision": 2}[where]  # the n-th application fails
-    calls = []
 
-    def failing_once(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        if len(calls) == failures:
-            raise StorageError("canceling statement due to statement timeout")
-        return real(*args, **kwargs)
+    def storage_fault(*_args: Any, **_kwargs: Any) -> Any:
+        raise StorageError("canceling statement due to statement timeout")
 
-    monkeypatch.setattr(consent_receive, "store_revocation", failing_once)
-    if where == "locked decision":
-        # The first look applies the revocation for real but in a transaction we undo,
-        # so the locked decision meets it pending again: make the first look see none.
-        monkeypatch.setattr(consent_disclosure, "apply_pending", lambda *_a, **_k: [])
-        calls.append(1)
+    monkeypatch.setattr(consent_receive, "store_revocation", storage_fault)
+    if arrives == "before the disclosure":
+        deliver(pair.jp, pair.pk, revoked.bundle_id)
+    else:
+        decrypt = consent_disclosure._decrypt_items
+
+        def revocation_arrives(*args: Any, **kwargs: Any) -> Any:
+            deliver(pair.jp, pair.pk, revoked.bundle_id)
+            return decrypt(*args, **kwargs)
+
+        monkeypatch.setattr(consent_disclosure, "_decrypt_items", revocation_arrives)
     before = entries(pair.pk, None)
-    with pytest.raises(StorageError, match="could not be applied"):
+    with pytest.raises(StorageError, match="could not be applied") as refused:
         do_disclose(pair.pk, [case_id], tmp_path / "out")
+    assert refused.value.reason == "consent.bundle-deferred"
     assert not (tmp_path / "out").exists()
-    # Nothing decided or recorded (the grant, pending until now, may have been applied).
-    added = {str(e.kind) for e in entries(pair.pk, None)[len(before) :]}
-    assert added <= {"consent-granted"}
+    # Nothing decided or recorded (receiving the revocation is, as ever).
+    added = [str(e.kind) for e in entries(pair.pk, None)[len(before) :]]
+    assert added == ([] if arrives == "before the disclosure" else ["bundle-received"])
     monkeypatch.undo()
     assert_blocked(pair.pk, [case_id], tmp_path / "out2", "consent revoked")
 

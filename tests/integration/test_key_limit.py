@@ -150,3 +150,28 @@ def test_a_manifest_past_its_byte_bound_is_refused_before_the_key_file_is_writte
     assert failure.reason == "keys.manifest-refused"
     assert "Nothing was changed" in failure.message
     assert _written(node) == before
+
+
+def test_a_recovery_whose_reasons_pass_the_byte_bound_is_refused_as_such(node: Node) -> None:
+    """A recovery revokes every key still listed, each revocation carrying its reason:
+    four-byte characters take the manifest past its bytes at once. Refused by that
+    cause (not as a tampered manifest), and the damaged key file stays in place."""
+    now = utc_now()
+    for _ in range(40):
+        now += timedelta(days=30)
+        _rotate(node, now)
+    keys_file = node.settings.keys_dir / OPERATIONAL_FILE
+    keys_file.write_bytes(b"damaged")
+    before = _written(node)
+    with pytest.raises(RefusedError) as refused, node.db.transaction() as session:
+        own_keys.recover_keys(
+            node.settings,
+            session,
+            PASSPHRASE.encode(),
+            "\U0001f600" * 500,
+            now=now + timedelta(days=2),
+            actor=ADMIN,
+        )
+    assert refused.value.reason == "keys.manifest-refused"
+    assert "shorter --reason" in refused.value.message
+    assert _written(node) == before

@@ -429,7 +429,8 @@ def refuse_to_decide_with(deferred: Sequence[str]) -> None:
         raise StorageError(
             f"{len(deferred)} received consent bundle(s) could not be applied (a storage "
             "fault of this node; its cause is in the node's log): no disclosure is decided "
-            "until they are. Try again once the node's storage answers"
+            "until they are. Try again once the node's storage answers",
+            reason="consent.bundle-deferred",
         )
 
 
