@@ -71,6 +71,7 @@ __all__ = [
     "ManifestKey",
     "ManifestRejected",
     "ManifestSignature",
+    "ManifestTooLarge",
     "NodeKeyring",
     "Revocation",
     "SignatureSuspect",
@@ -250,6 +251,18 @@ def check_public_key(public: bytes, use: str, name: str) -> None:
 
 def _weak(message: str) -> ManifestRejected:
     return ManifestRejected(f"key manifest refused: {message}", check="manifest-weak-key")
+
+
+class ManifestTooLarge(ManifestRejected):
+    """A manifest, or its payload, larger than :data:`MAX_MANIFEST_BYTES` (check
+    ``manifest-format``, as every bound of the format)."""
+
+
+def _too_large(what: str, size: int) -> ManifestTooLarge:
+    return ManifestTooLarge(
+        f"key manifest refused: {what}{size} bytes exceed the limit of {MAX_MANIFEST_BYTES}",
+        check="manifest-format",
+    )
 
 
 def _format(message: str) -> ManifestRejected:
@@ -568,6 +581,8 @@ def sign_manifest(payload: bytes, signers: Sequence[nacl.signing.SigningKey]) ->
 
 
 def _parse_payload(payload: bytes) -> dict[str, Any]:
+    if len(payload) > MAX_MANIFEST_BYTES:
+        raise _too_large("payload: ", len(payload))
     try:
         value = parse_canonical(payload, max_bytes=MAX_MANIFEST_BYTES, max_depth=6)
     except InvalidInput as exc:
@@ -598,7 +613,7 @@ def parse_manifest(raw: bytes) -> KeyManifest:
     signing or encryption key.
     """
     if len(raw) > MAX_MANIFEST_BYTES:
-        raise _format(f"{len(raw)} bytes exceed the limit of {MAX_MANIFEST_BYTES}")
+        raise _too_large("", len(raw))
     try:
         outer = parse_canonical(raw, max_bytes=MAX_MANIFEST_BYTES, max_depth=4)
     except InvalidInput as exc:

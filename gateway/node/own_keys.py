@@ -28,7 +28,7 @@ from gateway.core.keys import (
     KeyManifest,
     KeyNotUsable,
     ManifestKey,
-    ManifestRejected,
+    ManifestTooLarge,
     NodeKeyring,
     Revocation,
     fingerprint,
@@ -351,6 +351,12 @@ def _prepare(
     node can make"), ``keys.manifest-refused`` for any other bound of the
     manifest format (its 64 KiB, say).
     """
+    if issued < current.issued_at:
+        raise InvalidInput(
+            f"this node's clock says {format_time(issued)}, before its current key "
+            f"manifest was issued ({format_time(current.issued_at)}): set the clock right "
+            "(NTP) before changing keys. Nothing was changed"
+        )
     kept, kept_revocations = _prune(keys, revocations, issued)
     limit = MAX_KEYS - reserve
     if len(kept) > limit:
@@ -383,12 +389,12 @@ def _prepare(
         )
         raw = sign_manifest(payload, signers)
         manifest = parse_manifest(raw)
-    except ManifestRejected as exc:
+    except ManifestTooLarge as exc:
         raise RefusedError(
-            f"this key change would make a manifest outside the format's bounds "
-            f"({exc.message}). Nothing was changed. Revocation reasons are kept in the "
-            "manifest for good: a shorter --reason may fit; see docs/keys.md, 'How many "
-            "key changes a node can make'",
+            f"this key change would make a manifest larger than the format allows "
+            f"({exc.message}). Nothing was changed. Revocation reasons, those listed and "
+            "any given now, stay in the manifest for good and use most of its bytes; see "
+            "docs/keys.md, 'How many key changes a node can make'",
             reason="keys.manifest-refused",
         ) from None
     return _Prepared(raw, manifest)

@@ -16,7 +16,7 @@ import gateway.node.policy
 from gateway.cli.display import manifest_text
 from gateway.core.keys import MAX_KEYS
 from gateway.core.roles import Actor, Role
-from gateway.errors import RefusedError
+from gateway.errors import InvalidInput, RefusedError
 from gateway.node import own_keys
 from gateway.node.keystore import OPERATIONAL_FILE
 from gateway.node.runtime import Node, utc_now
@@ -173,5 +173,18 @@ def test_a_recovery_whose_reasons_pass_the_byte_bound_is_refused_as_such(node: N
             actor=ADMIN,
         )
     assert refused.value.reason == "keys.manifest-refused"
-    assert "shorter --reason" in refused.value.message
+    assert "larger than the format allows" in refused.value.message
+    assert _written(node) == before
+
+
+def test_a_key_change_dated_before_the_current_manifest_is_refused_by_the_clock(
+    node: Node,
+) -> None:
+    """The host's clock went back: the rotation would be issued before the manifest in
+    force. Refused as bad input naming both times; nothing is written."""
+    later = utc_now() + timedelta(days=30)
+    _rotate(node, later)
+    before = _written(node)
+    with pytest.raises(InvalidInput, match="set the clock right"):
+        _rotate(node, later - timedelta(hours=1))
     assert _written(node) == before
