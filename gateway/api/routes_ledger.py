@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import tempfile
+from collections.abc import Callable
 from typing import Any, BinaryIO, cast
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from gateway.node.ledger import export as export_service
 from gateway.node.ledger import ledger_size
 from gateway.node.ledger import read as ledger_read
 from gateway.node.ledger import witness as ledger_witness
+from gateway.node.ledger.verify import VerifyReport
 from gateway.node.own_keys import verify_ledger_with_keys
 from gateway.node.peer_trust import peer_node_of, require_pinned_peer
 from gateway.node.runtime import utc_now
@@ -88,6 +90,15 @@ def _error_line(exc: BaseException, request: web.Request) -> dict[str, Any]:
     return {"error": error}
 
 
+def _verify_in_snapshot(
+    call: Call, node_id: str, progress: Callable[[int], None] | None
+) -> VerifyReport:
+    """The whole ledger checked as of one moment (``Database.transaction(snapshot=True)``):
+    appends committed meanwhile by the running node are not half seen."""
+    with call.node.db.transaction(snapshot=True) as session:
+        return verify_ledger_with_keys(session, node_id=node_id, progress=progress)
+
+
 async def ledger_verify(call: Call) -> web.StreamResponse:
     """The whole ledger checked: one JSON answer, or NDJSON progress lines then the outcome.
 
@@ -99,9 +110,7 @@ async def ledger_verify(call: Call) -> web.StreamResponse:
     """
     node_id = call.node.node_id
     if not _wants_lines(call.request):
-        report = await call.in_transaction(
-            lambda session: verify_ledger_with_keys(session, node_id=node_id)
-        )
+        report = await call.run(lambda: _verify_in_snapshot(call, node_id, None))
         report.raise_for_problem()
         return json_response(report.to_dict())
     total = await call.in_transaction(ledger_size)
@@ -115,11 +124,7 @@ async def ledger_verify(call: Call) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": f"{_NDJSON}; charset=utf-8"})
     await response.prepare(call.request)
     await response.write(_line({"progress": {"entries": 0, "total": total}}))
-    walk = asyncio.ensure_future(
-        call.in_transaction(
-            lambda session: verify_ledger_with_keys(session, node_id=node_id, progress=progress)
-        )
-    )
+    walk = asyncio.ensure_future(call.run(lambda: _verify_in_snapshot(call, node_id, progress)))
     # A client gone mid-walk ends this handler; the walk still ends on its thread,
     # and its outcome is taken here so that it is not reported as never retrieved.
     walk.add_done_callback(lambda done: done.cancelled() or done.exception())

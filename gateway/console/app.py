@@ -420,7 +420,7 @@ async def verify_run(request: web.Request) -> web.StreamResponse:
     session = request[SESSION]
 
     def run() -> dict[str, Any]:
-        with node.db.transaction() as db:
+        with node.db.transaction(snapshot=True) as db:  # one moment: the node appends meanwhile
             return verify_ledger_with_keys(db, node_id=node.node_id).to_dict()
 
     request.app[STATUS]["verify"] = {

@@ -195,6 +195,14 @@ class Database:
         self._readers = sessionmaker(
             self.engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False
         )
+        self._snapshots = (
+            self._readers
+            if self.is_sqlite
+            else sessionmaker(
+                self.engine.execution_options(isolation_level="REPEATABLE READ"),
+                expire_on_commit=False,
+            )
+        )
 
     def _postgres_read_engine(self, options: dict[str, Any]) -> Engine:
         """The pool behind :meth:`read_connection` on PostgreSQL: autocommit (each
@@ -221,7 +229,7 @@ class Database:
 
     @contextmanager
     def transaction(
-        self, *, serializable: bool = False, read_only: bool = False
+        self, *, serializable: bool = False, read_only: bool = False, snapshot: bool = False
     ) -> Iterator[Session]:
         """One unit of work: commit on normal exit, roll back on any exception.
 
@@ -230,9 +238,19 @@ class Database:
         so it waits for no writer and blocks none; a write inside it would
         have to take the lock part-way, so only reads belong there. On
         PostgreSQL it is the ordinary READ COMMITTED transaction.
+
+        ``snapshot``: for a read that must see the database as of one moment
+        across many statements while others write (``ledger verify``: its
+        walk, the head state and the checkpoints must agree). On PostgreSQL a
+        REPEATABLE READ transaction (one snapshot, taken at its first
+        statement; READ COMMITTED would give each statement its own); on
+        SQLite the deferred read transaction of ``read_only``, which in WAL
+        mode keeps the snapshot of its first read until it ends.
         """
         if serializable:
             factory = self._serializable
+        elif snapshot:
+            factory = self._snapshots
         elif read_only:
             factory = self._readers
         else:

@@ -172,7 +172,7 @@ def test_checkpoints_are_witnessed_both_ways(pair: Pair) -> None:
     wait_for("pk witnesses a larger, proven checkpoint", lambda: witnessed(pair.pk, "jp") > first)
     # Each side's ledger verifies, witnesses of the other's checkpoints included.
     for side in (pair.jp, pair.pk):
-        with side.node.db.transaction() as session:
+        with side.node.db.transaction(snapshot=True) as session:  # both nodes run on
             report = verify_ledger_with_keys(session, node_id=side.node_id)
         assert report.ok, report.problem
         assert report.witnessed >= 1

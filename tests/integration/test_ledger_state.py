@@ -198,3 +198,40 @@ def test_verify_takes_every_well_formed_entry_whatever_its_characters(db: Databa
     assert report.ok, report.problem
     assert report.entries == 4
     assert report.root == _entries_root(db)[2]
+
+
+@pytest.mark.parametrize("meanwhile", ["an append", "a checkpoint"])
+def test_verify_sees_one_moment_while_the_node_appends(db: Database, meanwhile: str) -> None:
+    """The running node appends (or checkpoints) after the verify's walk and before it
+    reads the head state and the checkpoints: the verify in a snapshot transaction
+    (as `ledger verify` and the console run it) is intact on both engines. On
+    PostgreSQL a READ COMMITTED transaction would read the newer head state or
+    checkpoint beside the older walk and report entries added around the service."""
+    fill(db, 5)
+    _checkpoint(db, 10)
+    fill(db, 3, start=6)
+    done: list[int] = []
+
+    def the_node_writes(entries: int) -> None:
+        if done:
+            return
+        done.append(entries)
+        if meanwhile == "an append":
+            fill(db, 1, start=100)
+        else:
+            _checkpoint(db, 20)
+
+    def verify(**options: bool) -> ledger_verify.VerifyReport:
+        done.clear()
+        with db.transaction(**options) as session:
+            return ledger_verify.verify_ledger(
+                session, own_keys=RawKeys(SIGNER), progress=the_node_writes
+            )
+
+    report = verify(snapshot=True)
+    assert done, "the walk reported its progress"
+    assert report.ok, report.problem
+    if db.dialect == "postgresql" and meanwhile == "an append":
+        assert not verify().ok  # the same moment, read committed: a false alarm
+    with db.transaction(snapshot=True) as session:  # and the ledger is intact
+        assert ledger_verify.verify_ledger(session, own_keys=RawKeys(SIGNER)).ok

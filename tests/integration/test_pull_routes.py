@@ -186,8 +186,8 @@ def _rotate(side: Side, *, roots: int = 0, keys: int = 0) -> Side:
     keyring of the newest manifest, whose signing key no earlier manifest lists.
 
     A root rotation lists no new key. An operational one lists two more, and the
-    manifest's list is bounded (``MAX_KEYS``), so a node can make only some 31 of them
-    at one time."""
+    manifest's list is bounded (``MAX_KEYS``, less the places a routine rotation leaves
+    free), so a node can make only 30 of them at one time."""
     now = datetime.now(UTC)
     settings = side.node.settings
     for change in [own_keys.rotate_root] * roots + [own_keys.rotate_keys] * keys:
@@ -465,7 +465,7 @@ def test_a_host_with_more_manifests_than_an_answer_carries_hands_out_the_oldest_
     # 65 key changes while the peer was away: versions 2 to 66 wait. The envelopes
     # and the checkpoint are signed with the key only version 66 lists.
     jp, pk = make_pair()
-    jp = _rotate(jp, roots=MAX_ANSWER_MANIFESTS + 1 - 31, keys=31)
+    jp = _rotate(jp, roots=MAX_ANSWER_MANIFESTS + 1 - 30, keys=30)
     assert _pending_versions(jp) == list(range(2, MAX_ANSWER_MANIFESTS + 3))
     sent = _send(jp, 3)
     checkpoint = checkpoint_once(NodeContext(jp.node, jp.keyring), now=datetime.now(UTC))
@@ -505,7 +505,7 @@ def test_a_host_with_more_manifests_than_an_answer_carries_hands_out_the_oldest_
 
 @pytest.mark.parametrize(
     ("roots", "keys"),
-    [(0, 3), (MAX_ANSWER_MANIFESTS - 31, 31)],
+    [(0, 3), (MAX_ANSWER_MANIFESTS - 30, 30)],
     ids=["a few manifests", "as many manifests as an answer carries"],
 )
 def test_manifests_an_answer_can_carry_go_out_with_the_envelopes_behind_them(
@@ -579,7 +579,7 @@ def test_a_puller_that_cannot_pin_any_manifest_of_an_at_once_answer_waits_before
     # the future and pins none: the pass moved nothing, and pulling again at once would
     # fetch the same answer in a tight loop. The puller backs off instead.
     jp, pk = make_pair()
-    jp = _rotate(jp, roots=MAX_ANSWER_MANIFESTS + 1 - 31, keys=31)
+    jp = _rotate(jp, roots=MAX_ANSWER_MANIFESTS + 1 - 30, keys=30)
     waiting = _pending_versions(jp)
 
     def behind() -> datetime:
