@@ -348,8 +348,10 @@ def _prepare(
     ``keys.manifest-full`` when it would list more than :data:`MAX_KEYS` keys
     less ``reserve`` (signing keys stay listed for good, :func:`_prune`; each
     rotation or replacement adds one: docs/keys.md, "How many key changes a
-    node can make"), ``keys.manifest-refused`` for any other bound of the
-    manifest format (its 64 KiB, say).
+    node can make"), ``keys.manifest-refused`` when it would be larger than the
+    format's 64 KiB (:class:`~gateway.core.keys.ManifestTooLarge`); any other
+    refusal of the format is raised as it is. :class:`InvalidInput` when
+    ``issued`` lies before the current manifest's issue time (the clock went back).
     """
     if issued < current.issued_at:
         raise InvalidInput(

@@ -184,8 +184,10 @@ class ConsentStateCache:
         (a check that began before another thread read the newer value, whose
         states it would otherwise throw away). A lower one read by a statement
         that began later means the database itself went back (a restore into
-        it while the node runs): the cache starts again from it, so it never
-        serves states kept under a number the database has since reused.
+        it while the node runs): the cache starts again from it. Left: a database
+        that went back and climbs to exactly the cached number before any check
+        reads a lower one (docs/consent.md); the recorded decision never reads
+        the cache.
         """
         with self._lock:
             if (
