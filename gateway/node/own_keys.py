@@ -162,9 +162,18 @@ def _new_keys(
 
 
 def _store_own(
-    session: Session, raw: bytes, *, event: str, actor: Actor, now: datetime, delivered: bool
+    session: Session,
+    raw: bytes,
+    *,
+    event: str,
+    actor: Actor,
+    now: datetime,
+    delivered: bool,
+    parsed: KeyManifest | None = None,
 ) -> KeyManifest:
-    manifest = parse_manifest(raw)
+    """Store ``raw`` as this node's next manifest; ``parsed`` is ``raw`` parsed already
+    (:func:`_prepare` does), else it is parsed here."""
+    manifest = parse_manifest(raw) if parsed is None else parsed
     session.add(
         OwnManifestRecord(
             node=manifest.node,
@@ -442,7 +451,15 @@ def _publish(
     <the new version>, **details(manifest)}``, so a manifest is never published
     without its entry (or the other way round).
     """
-    manifest = _store_own(session, prepared.raw, event=event, actor=actor, now=now, delivered=False)
+    manifest = _store_own(
+        session,
+        prepared.raw,
+        event=event,
+        actor=actor,
+        now=now,
+        delivered=False,
+        parsed=prepared.manifest,
+    )
     record_key_event(
         session,
         actor,
