@@ -196,6 +196,101 @@ def test_batch_delivered_with_one_receipt_per_envelope(
     assert budget.free == (0 if spent else total)
 
 
+def _chunked(body: bytes, piece: int) -> bytes:
+    """``body`` in HTTP chunks of ``piece`` bytes (the server reads it piece by piece)."""
+    parts = [body[i : i + piece] for i in range(0, len(body), piece)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("piece", [1, 7, 4096, None], ids=["1-byte", "7-byte", "4k", "whole"])
+def test_batch_frames_are_taken_whatever_pieces_the_body_arrives_in(
+    harness: Harness, piece: int | None
+) -> None:
+    """The server takes a batch's frames out of the pieces its body arrives in: a
+    length or an envelope split across pieces, several in one piece, envelopes kept
+    in memory and (once the memory budget is spent) spooled to files, all give the
+    same answers and the same stored bytes."""
+    from gateway.peer.server import MEMORY_BUDGET  # noqa: PLC0415
+
+    budget = harness.server.app[MEMORY_BUDGET]
+    total = budget.free
+    envelopes = [
+        b"a" * 5,
+        b"second REFUSE envelope",
+        bytes(range(256)) * 20,  # 5 KiB: in memory while the budget lasts
+        b"c" * 9000,  # past the budget below: spooled to a file
+    ]
+    budget.free = 5 + 22 + 5120  # the first three fit; the last goes to a file
+    body = batch(*envelopes)
+    if piece is None:
+        head = signed_head(JP, body, content_type=BATCH_CONTENT_TYPE)
+        sent = body
+    else:
+        head = signed_head(
+            JP, body, content_type=BATCH_CONTENT_TYPE, length=False,
+            extra="Transfer-Encoding: chunked\r\n",
+        )  # fmt: skip
+        sent = _chunked(body, piece)
+    status, response, _ = harness.raw(head, sent)
+    assert status == 200, response
+    results = json.loads(response.partition(b"\r\n\r\n")[2])["results"]
+    assert [r["status"] for r in results] == [
+        "accepted", "refused", "accepted", "accepted",
+    ]  # fmt: skip
+    assert sorted(harness.store.stored()) == sorted(e for e in envelopes if b"REFUSE" not in e)
+    assert harness.spool_empty()
+    assert budget.free == 5 + 22 + 5120
+    budget.free = total
+
+
+@pytest.mark.parametrize("piece", [3, None], ids=["3-byte", "whole"])
+@pytest.mark.parametrize(
+    ("case", "tail"),
+    [("trailing bytes", b"x"), ("a length cut short", b"\x00\x00\x00")],
+)
+def test_bytes_past_the_last_envelope_are_refused_in_any_pieces(
+    harness: Harness, piece: int | None, case: str, tail: bytes
+) -> None:
+    """What follows the last envelope is refused whether it arrives with it or later."""
+    body = batch(b"abc", b"defgh") + tail
+    if piece is None:
+        head, sent = signed_head(JP, body, content_type=BATCH_CONTENT_TYPE), body
+    else:
+        head = signed_head(
+            JP, body, content_type=BATCH_CONTENT_TYPE, length=False,
+            extra="Transfer-Encoding: chunked\r\n",
+        )  # fmt: skip
+        sent = _chunked(body, piece)
+    status, response, _ = harness.raw(head, sent)
+    assert status == 400, case
+    assert error_reason(response) == "request.framing", case
+    harness.assert_nothing_stored()
+
+
+@pytest.mark.parametrize("piece", [1000, None], ids=["1000-byte", "whole"])
+def test_a_batch_body_past_the_limit_is_refused_in_any_pieces(
+    harness: Harness, piece: int | None
+) -> None:
+    """Envelopes each within their limit whose batch passes the body limit: refused
+    as ``limit.body`` however the body arrives, nothing stored."""
+    size = TEST_LIMITS.max_envelope_bytes
+    count = TEST_LIMITS.max_body_bytes // size  # with the frames, just past the limit
+    body = batch(*[bytes([65 + i]) * size for i in range(count)])
+    assert len(body) > TEST_LIMITS.max_body_bytes
+    if piece is None:
+        head, sent = signed_head(JP, body, content_type=BATCH_CONTENT_TYPE), body
+    else:
+        head = signed_head(
+            JP, body, content_type=BATCH_CONTENT_TYPE, length=False,
+            extra="Transfer-Encoding: chunked\r\n",
+        )  # fmt: skip
+        sent = _chunked(body, piece)
+    status, response, _ = harness.raw(head, sent)
+    assert status == 413
+    assert error_reason(response) == "limit.body"
+    harness.assert_nothing_stored()
+
+
 def test_a_lone_large_stored_envelope_is_posted_as_itself_under_its_name(
     harness: Harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
