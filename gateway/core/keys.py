@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hmac
 import re
 from collections.abc import Sequence
@@ -84,6 +85,7 @@ __all__ = [
     "manifest_payload",
     "normalise_fingerprint",
     "parse_manifest",
+    "parse_stored_manifest",
     "parse_time",
     "sign_manifest",
     "verify_manifest",
@@ -637,6 +639,20 @@ def parse_manifest(raw: bytes) -> KeyManifest:
     if len({s.key_id for s in signatures}) != len(signatures):
         raise _format("two signatures by the same key")
     return _manifest_from_payload(payload_bytes, raw=raw, signatures=tuple(signatures))
+
+
+@functools.lru_cache(maxsize=16)
+def parse_stored_manifest(raw: bytes) -> KeyManifest:
+    """:func:`parse_manifest` of a manifest this node stores, once per exact bytes.
+
+    Parsing is a function of the bytes alone and a :class:`KeyManifest` is
+    immutable, so equal bytes share one parsed manifest: the peer server reads
+    the pinned manifest for every request and every batch, and a parse costs
+    about 0.2 ms (canonical JSON, base64, every key's fields). At most 16
+    manifests (each at most :data:`MAX_MANIFEST_BYTES`) are kept. Raises as
+    :func:`parse_manifest`, every time: a refusal is not kept.
+    """
+    return parse_manifest(raw)
 
 
 def _manifest_from_payload(

@@ -36,6 +36,7 @@ from gateway.core.keys import (
     key_id,
     manifest_payload,
     parse_manifest,
+    parse_stored_manifest,
     sign_manifest,
 )
 from gateway.core.roles import SYSTEM, Actor
@@ -109,7 +110,7 @@ def own_manifest(session: Session) -> KeyManifest:
     ).first()
     if row is None:
         raise NotFound("this node has no keys: its home was made without the keys step")
-    return parse_manifest(bytes(row.raw))
+    return parse_stored_manifest(bytes(row.raw))
 
 
 def pending_manifests(session: Session, *, limit: int | None = None) -> list[tuple[int, bytes]]:

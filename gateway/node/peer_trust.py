@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from gateway.core.keys import (
     MAX_KEYS,
     KeyManifest,
-    parse_manifest,
+    parse_stored_manifest,
     verify_manifest,
 )
 from gateway.core.ledger import EntryKind
@@ -69,7 +69,7 @@ def pinned_peer_manifest(session: Session) -> KeyManifest | None:
     row = session.scalars(
         select(PeerManifestRecord).order_by(PeerManifestRecord.id.desc()).limit(1)
     ).first()
-    return None if row is None else parse_manifest(bytes(row.raw))
+    return None if row is None else parse_stored_manifest(bytes(row.raw))
 
 
 def pinned_manifest_id(session: Session, *, hold: bool = False) -> int | None:

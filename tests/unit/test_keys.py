@@ -27,6 +27,7 @@ from gateway.core.keys import (
     manifest_payload,
     normalise_fingerprint,
     parse_manifest,
+    parse_stored_manifest,
     sign_manifest,
     verify_manifest,
 )
@@ -159,6 +160,23 @@ def test_manifest_round_trip_keeps_exact_bytes() -> None:
     assert manifest.issued_at == T0
     assert manifest.expires_at == T0 + YEAR
     assert [k.use for k in manifest.keys] == ["sign", "encrypt"]
+
+
+def test_a_stored_manifest_is_parsed_once_per_exact_bytes() -> None:
+    """Equal bytes share one parsed manifest; other bytes are parsed on their own; a
+    refused document is refused at every call, never kept."""
+    builder = Builder()
+    raw = builder.manifest(1)
+    first = parse_stored_manifest(bytes(raw))
+    assert parse_stored_manifest(bytes(bytearray(raw))) is first  # equal bytes, new object
+    assert first == parse_manifest(raw)
+    other = parse_stored_manifest(builder.manifest(2, issued=T0 + timedelta(days=1)))
+    assert other is not first
+    assert other.version == 2
+    damaged = raw[:-2] + b"x}"
+    for _ in range(2):
+        with pytest.raises(ManifestRejected):
+            parse_stored_manifest(damaged)
 
 
 def test_first_pin_with_matching_fingerprint_is_accepted() -> None:
