@@ -26,14 +26,20 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError, DisconnectionError, OperationalError, SQLAlchemyError
+from sqlalchemy import Engine, create_engine, event, make_url
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    OperationalError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 import gateway.store as package
@@ -151,13 +157,33 @@ def _normalise_url(url: str) -> str:
     return url
 
 
+POOL_TIMEOUT_S: Final = 30.0
+"""Seconds a transaction waits for a free connection of the pool by default."""
+
+
+def _pool_busy(seconds: float) -> StorageError:
+    """The error of a checkout that found no free connection in a pool for ``seconds``."""
+    return StorageError(
+        f"no database connection of its pool became free for this work within "
+        f"{seconds:g} s: the node is overloaded; retry shortly",
+        reason="storage.busy",
+    )
+
+
 class Database:
     """A node's database: engine, sessions and migrations."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(self, url: str, *, echo: bool = False, pool_timeout: float | None = None) -> None:
+        """``pool_timeout``: seconds a transaction waits for a free connection of the
+        pool before it fails with :class:`StorageError` (reason ``storage.busy``);
+        ``None`` keeps :data:`POOL_TIMEOUT_S`. An in-memory SQLite database has
+        no pool of its own and ignores it."""
         self.url = _normalise_url(url)
         self.is_sqlite = self.url.startswith("sqlite")
         options: dict[str, Any] = {"echo": echo, "future": True}
+        self._pool_timeout = POOL_TIMEOUT_S if pool_timeout is None else pool_timeout
+        if not (self.is_sqlite and make_url(self.url).database in (None, "", ":memory:")):
+            options["pool_timeout"] = self._pool_timeout
         if self.is_sqlite:
             options["connect_args"] = {
                 "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
@@ -260,6 +286,8 @@ class Database:
                 yield session
         except OperationalError as exc:
             raise StorageError(f"database unavailable or locked: {exc.orig!s}".strip()) from exc
+        except PoolTimeout as exc:
+            raise _pool_busy(self._pool_timeout) from exc
 
     @contextmanager
     def read_connection(self) -> Iterator[Any]:
@@ -302,6 +330,8 @@ class Database:
         assert self._read_engine is not None
         try:
             pooled = self._read_engine.raw_connection()
+        except PoolTimeout as exc:
+            raise _pool_busy(self._pool_timeout) from exc
         except (SQLAlchemyError, dbapi.Error) as exc:
             # The pool raises the driver's own errors when it cannot connect.
             cause = exc.orig if isinstance(exc, DBAPIError) else exc
@@ -425,10 +455,11 @@ class Database:
             reader.close()
 
 
-def open_database(url: str, *, echo: bool = False) -> Database:
-    """Build the database object for ``url`` (nothing is connected yet)."""
+def open_database(url: str, *, echo: bool = False, pool_timeout: float | None = None) -> Database:
+    """Build the database object for ``url`` (nothing is connected yet); ``pool_timeout``
+    as :class:`Database` takes it."""
     load_models()
-    return Database(url, echo=echo)
+    return Database(url, echo=echo, pool_timeout=pool_timeout)
 
 
 __all__ += ["Base"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import uuid
@@ -245,6 +246,50 @@ def test_a_url_option_the_driver_refuses_is_a_storage_error_on_every_way_in(
         with pytest.raises(StorageError, match="no_such_option"):
             db.probe()
     finally:
+        db.dispose()
+
+
+def test_a_pool_with_no_free_connection_is_a_storage_error_and_recovers(
+    database_url: str,
+) -> None:
+    """Every connection of the pool held (a node overloaded): a transaction waits the
+    pool's timeout, then fails as ``StorageError`` (``storage.busy``, a 503 that
+    names the cause) rather than an unexpected error; once one connection is given
+    back, transactions run again."""
+    from sqlalchemy.exc import TimeoutError as PoolTimeout  # noqa: PLC0415
+
+    db = open_database(database_url, pool_timeout=0.2)
+    held = []
+    try:
+        while True:
+            try:
+                held.append(db.engine.connect())
+            except PoolTimeout:
+                break
+            assert len(held) < 100, "the pool never ran out"
+        with pytest.raises(StorageError) as caught, db.transaction() as session:
+            session.execute(text("SELECT 1"))
+        assert caught.value.reason == "storage.busy"
+        assert caught.value.http_status == 503
+        assert "became free for this work within 0.2 s" in caught.value.message
+        held.pop().close()
+        with db.transaction() as session:
+            assert session.execute(text("SELECT 1")).scalar() == 1
+        if not db.is_sqlite:  # the consent check's read pool runs out the same way
+            with contextlib.ExitStack() as reads:
+
+                def hold_reads() -> None:
+                    for _ in range(100):
+                        reads.enter_context(db.read_connection())
+
+                with pytest.raises(StorageError) as caught:
+                    hold_reads()
+                assert caught.value.reason == "storage.busy"
+            with db.read_connection() as driver:
+                assert driver.execute("SELECT 1").fetchone() == (1,)
+    finally:
+        for connection in held:
+            connection.close()
         db.dispose()
 
 
