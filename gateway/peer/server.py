@@ -519,19 +519,19 @@ async def _auth_middleware(
 async def _read_chunk(
     request: web.Request, size: int | None, limits: TransportLimits, deadline: float
 ) -> bytes:
-    """Up to ``size`` bytes, or with ``None`` the next piece as it arrived (no
-    copy; at most one socket read's worth); idle and total read timeouts cut
-    slow bodies."""
+    """Up to ``size`` bytes, or with ``None`` whatever has arrived (at least one
+    byte; ``b""`` at the end of the body): no copy when one piece is waiting,
+    and never more than the stream buffers (its high-water mark and one socket
+    read), however small the HTTP chunks it came in. Idle and total read
+    timeouts cut slow bodies."""
     loop_now = asyncio.get_running_loop().time()
     budget = min(limits.body_idle_timeout, deadline - loop_now)
     if budget <= 0:
         raise _Refusal("limit.timeout", "request body took too long")
     try:
         async with asyncio.timeout(budget):
-            while size is None:
-                piece, end_of_http_chunk = await request.content.readchunk()
-                if piece or not end_of_http_chunk:  # (b"", False) is the end of the body
-                    return piece
+            if size is None:
+                return await request.content.readany()
             return await request.content.read(size)
     except TimeoutError:
         raise _Refusal("limit.timeout", "request body stalled") from None
