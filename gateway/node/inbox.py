@@ -29,9 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO, Final, Protocol
+from typing import Any, BinaryIO, Final, Protocol, cast
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import Table, delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, undefer
 
@@ -1234,8 +1234,9 @@ def _commit_batch(
             _write_gaps(session, channel, gaps)
         if fresh:
             # One multi-row insert; the rows were never added to the session (a flush
-            # would insert them one at a time on SQLite, to learn each row's id).
-            session.execute(insert(InboxEntry), fresh)
+            # would insert them one at a time on SQLite, to learn each row's id), and
+            # into the table itself: the ORM's bulk path adds nothing the rows need.
+            session.execute(insert(_INBOX), fresh)
         # Every entry of the batch in one append: one head read, one write.
         ledger.append_entries(session, events)
         session.flush()
@@ -1256,6 +1257,9 @@ def _commit_batch(
     for index, outcome in answers.items():
         outcomes[index] = outcome
     return stored
+
+
+_INBOX: Final = cast(Table, InboxEntry.__table__)
 
 
 class _FreshRow(dict[str, Any]):
