@@ -242,6 +242,9 @@ class PeerServices:
     (:func:`gateway.node.inbox.receive_batch` in its halves): ``prepare`` as soon as
     the body is spooled, ``commit`` once every earlier request has committed; else
     one :attr:`receive_envelope` call each."""
+    spool_direct: bool = False
+    """Write lone envelopes larger than 1 MiB past the page cache (``[server]
+    spool_direct_io``; :class:`_SpoolWriter`)."""
 
 
 def database_nonce_recorder(
@@ -903,7 +906,10 @@ async def _spool_lone(
     # Past the page cache only what is declared large: a small envelope may be kept
     # inline in its row and is read back at once.
     try:
-        spool = _LoneSpool(fd, digest, direct=(request.content_length or 0) > _SYNC_ABOVE)
+        direct = request.app[PEER_SERVICES].spool_direct
+        spool = _LoneSpool(
+            fd, digest, direct=direct and (request.content_length or 0) > _SYNC_ABOVE
+        )
     except BaseException:
         os.close(fd)
         raise
@@ -1538,6 +1544,7 @@ def node_services(
         preview_manifest=preview,
         pinned_peer_version=pinned_version,
         modes=Modes(node.settings.server.peer_mode, node.settings.server.peer_delivery),
+        spool_direct=node.settings.server.spool_direct_io,
     )
 
 

@@ -2,8 +2,8 @@
 
 The receiver spools such a body while worker threads hash it twice (the
 signed body digest, the envelope's ciphertext) and write it to disk as it
-arrives (past the page cache where the file system allows it); verification
-then reads only the header and signature. The answers must be those of
+arrives (through the page cache by default, past it with ``[server]
+spool_direct_io``); verification then reads only the header and signature. The answers must be those of
 reading the file again: the intact envelope is stored byte for byte, a
 tampered one is refused with the same reason and leaves nothing.
 """
@@ -51,12 +51,18 @@ def _queued_envelope(jp: Side, tmp_path: Path) -> Path:
     return envelope_path(jp.node.settings.blob_dir, sent.envelope_sha256)
 
 
-def _post(pair: Pair, path: Path) -> EnvelopeResult:
+def _post(pair: Pair, path: Path, *, direct: bool = False) -> EnvelopeResult:
+    """Post ``path`` to pk's peer application, with ``[server] spool_direct_io`` as
+    ``direct`` says."""
     jp, pk = pair.jp, pair.pk
+    server_settings = pk.node.settings.server.model_copy(update={"spool_direct_io": direct})
+    pk.node.settings = pk.node.settings.model_copy(update={"server": server_settings})
 
     async def scenario() -> EnvelopeResult:
         limits = limits_from_policy(load_policy(pk.node.settings).limits)
-        server = PeerServer(create_node_peer_app(NodeContext(pk.node, pk.keyring), limits), limits)
+        app = create_node_peer_app(NodeContext(pk.node, pk.keyring), limits)
+        assert app[peer_server.PEER_SERVICES].spool_direct is direct
+        server = PeerServer(app, limits)
         port = await server.start("127.0.0.1", free_port())
         try:
             url = f"http://127.0.0.1:{port}"
@@ -83,17 +89,32 @@ def _spool_empty(pk: Side) -> bool:
     return not any(spool.iterdir()) if spool.exists() else True
 
 
-@pytest.mark.parametrize("direct", [True, False], ids=["direct", "refused"])
+@pytest.mark.parametrize(
+    ("direct", "refused"),
+    [(False, False), (True, False), (True, True)],
+    ids=["page-cache", "direct", "direct-refused"],
+)
 def test_a_lone_large_envelope_is_stored_byte_for_byte(
-    pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
+    pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool, refused: bool
 ) -> None:
-    """Written past the page cache, or plainly (and flushed as it arrives) on a file
+    """Written through the page cache and flushed as it arrives (the default), past
+    the page cache (``[server] spool_direct_io``), or plainly after all on a file
     system that refuses O_DIRECT: the same answer and the same stored bytes."""
-    if not direct:
+    modes: list[bool] = []
+    writer = peer_server._SpoolWriter
+
+    class Watched(writer):  # type: ignore[misc,valid-type]
+        def __init__(self, fd: int, *, direct: bool = True) -> None:
+            super().__init__(fd, direct=direct)
+            modes.append(self.direct)
+
+    monkeypatch.setattr(peer_server, "_SpoolWriter", Watched)
+    if refused:
         monkeypatch.setattr(peer_server, "_direct_io", lambda _fd, _on: False)
     path = _queued_envelope(pair.jp, tmp_path)
     assert path.stat().st_size > ATTACHMENT_BYTES
-    result = _post(pair, path)
+    result = _post(pair, path, direct=direct)
+    assert modes == [direct and not refused]
     assert result.status == "accepted", result
     stored = envelope_path(pair.pk.node.settings.blob_dir, path.name)
     assert stored.read_bytes() == path.read_bytes()
