@@ -202,6 +202,18 @@ def _chunked(body: bytes, piece: int) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
 
 
+def _signed_batch(body: bytes, piece: int | None) -> tuple[str, bytes]:
+    """The signed head and the bytes to send for a batch ``body``: whole with its
+    length, or (``piece``) in HTTP chunks of that many bytes."""
+    if piece is None:
+        return signed_head(JP, body, content_type=BATCH_CONTENT_TYPE), body
+    head = signed_head(
+        JP, body, content_type=BATCH_CONTENT_TYPE, length=False,
+        extra="Transfer-Encoding: chunked\r\n",
+    )  # fmt: skip
+    return head, _chunked(body, piece)
+
+
 @pytest.mark.parametrize("piece", [1, 7, 4096, None], ids=["1-byte", "7-byte", "4k", "whole"])
 def test_batch_frames_are_taken_whatever_pieces_the_body_arrives_in(
     harness: Harness, piece: int | None
@@ -222,15 +234,7 @@ def test_batch_frames_are_taken_whatever_pieces_the_body_arrives_in(
     ]
     budget.free = 5 + 22 + 5120  # the first three fit; the last goes to a file
     body = batch(*envelopes)
-    if piece is None:
-        head = signed_head(JP, body, content_type=BATCH_CONTENT_TYPE)
-        sent = body
-    else:
-        head = signed_head(
-            JP, body, content_type=BATCH_CONTENT_TYPE, length=False,
-            extra="Transfer-Encoding: chunked\r\n",
-        )  # fmt: skip
-        sent = _chunked(body, piece)
+    head, sent = _signed_batch(body, piece)
     status, response, _ = harness.raw(head, sent)
     assert status == 200, response
     results = json.loads(response.partition(b"\r\n\r\n")[2])["results"]
@@ -253,14 +257,7 @@ def test_bytes_past_the_last_envelope_are_refused_in_any_pieces(
 ) -> None:
     """What follows the last envelope is refused whether it arrives with it or later."""
     body = batch(b"abc", b"defgh") + tail
-    if piece is None:
-        head, sent = signed_head(JP, body, content_type=BATCH_CONTENT_TYPE), body
-    else:
-        head = signed_head(
-            JP, body, content_type=BATCH_CONTENT_TYPE, length=False,
-            extra="Transfer-Encoding: chunked\r\n",
-        )  # fmt: skip
-        sent = _chunked(body, piece)
+    head, sent = _signed_batch(body, piece)
     status, response, _ = harness.raw(head, sent)
     assert status == 400, case
     assert error_reason(response) == "request.framing", case
@@ -277,14 +274,7 @@ def test_a_batch_body_past_the_limit_is_refused_in_any_pieces(
     count = TEST_LIMITS.max_body_bytes // size  # with the frames, just past the limit
     body = batch(*[bytes([65 + i]) * size for i in range(count)])
     assert len(body) > TEST_LIMITS.max_body_bytes
-    if piece is None:
-        head, sent = signed_head(JP, body, content_type=BATCH_CONTENT_TYPE), body
-    else:
-        head = signed_head(
-            JP, body, content_type=BATCH_CONTENT_TYPE, length=False,
-            extra="Transfer-Encoding: chunked\r\n",
-        )  # fmt: skip
-        sent = _chunked(body, piece)
+    head, sent = _signed_batch(body, piece)
     status, response, _ = harness.raw(head, sent)
     assert status == 413
     assert error_reason(response) == "limit.body"
