@@ -76,6 +76,7 @@ from gateway.store.models_exchange import (
     OutboxState,
     SequenceCounter,
     envelope_path,
+    make_store_folder,
     sweep_orphan_envelopes,
 )
 from gateway.store.models_refusal import BundleRefusalRecord, RefusalDirection
@@ -262,7 +263,7 @@ class Sealer(Protocol):
 
 def _write_envelope(blob_dir: Path, seal: Sealer, sequence: int) -> tuple[Path, Sealed]:
     directory = blob_dir / ENVELOPE_DIR
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_store_folder(directory)
     tmp = directory / f".tmp-{secrets.token_hex(8)}"
     try:
         with tmp.open("x+b") as out:
@@ -285,7 +286,7 @@ def _commit_envelope_file(blob_dir: Path, tmp: Path) -> tuple[str, int]:
             size += len(chunk)
     sha = digest.hexdigest()
     final = envelope_path(blob_dir, sha)
-    final.parent.mkdir(exist_ok=True, mode=0o700)
+    make_store_folder(final.parent)
     tmp.replace(final)
     fd = os.open(final.parent, os.O_RDONLY)
     try:

@@ -49,6 +49,7 @@ __all__ = [
     "adopt_envelope_files",
     "destroy_envelope_file",
     "envelope_path",
+    "make_store_folder",
     "open_stored_envelope",
     "store_envelope_file",
     "sweep_orphan_envelopes",
@@ -229,6 +230,22 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_store_folder(folder: Path) -> None:
+    """Create ``folder`` of the envelope store (0700, with any missing parents)
+    durably: each folder made here is synced into its parent, so that a crash
+    cannot take away the folder of a file already synced into it (a file's sync
+    and its folder's sync do not make the folder's own entry durable).
+    Raises :class:`OSError`."""
+    missing: list[Path] = []
+    current = folder
+    while not current.is_dir():
+        missing.append(current)
+        current = current.parent
+    for made in reversed(missing):
+        made.mkdir(exist_ok=True, mode=0o700)
+        _fsync_dir(made.parent)
+
+
 def store_envelope_file(blob_dir: Path, source: BinaryIO) -> tuple[str, int, Path]:
     """Copy an envelope into the store, durably; return (sha256 hex, size, path).
 
@@ -236,7 +253,10 @@ def store_envelope_file(blob_dir: Path, source: BinaryIO) -> tuple[str, int, Pat
     the file is renamed to its hash. Storing the same bytes twice is a no-op.
     """
     target_dir = _envelope_dir(blob_dir)
-    target_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        make_store_folder(target_dir)
+    except OSError as exc:
+        raise StorageError(f"envelope could not be stored: {exc.strerror}") from None
     tmp = target_dir / f".tmp-{secrets.token_hex(8)}"
     digest = hashlib.sha256()
     size = 0
@@ -250,7 +270,7 @@ def store_envelope_file(blob_dir: Path, source: BinaryIO) -> tuple[str, int, Pat
             os.fsync(out.fileno())
         sha = digest.hexdigest()
         final = envelope_path(blob_dir, sha)
-        final.parent.mkdir(exist_ok=True, mode=0o700)
+        make_store_folder(final.parent)
         tmp.replace(final)
         _fsync_dir(final.parent)
     except OSError as exc:
@@ -270,7 +290,10 @@ def adopt_envelope_file(blob_dir: Path, source: Path, sha256_hex: str) -> Path:
     hash. The caller must not change ``source`` afterwards.
     """
     final = envelope_path(blob_dir, sha256_hex)
-    final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        make_store_folder(final.parent)
+    except OSError as exc:
+        raise StorageError(f"envelope could not be stored: {exc.strerror}") from None
     tmp = final.parent / f".tmp-{secrets.token_hex(8)}"
     try:
         try:
@@ -424,7 +447,7 @@ def adopt_envelope_files(blob_dir: Path, files: Sequence[tuple[Path, str]]) -> N
     try:
         for source, sha in files:
             final = envelope_path(blob_dir, sha)
-            final.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            make_store_folder(final.parent)
             tmp = final.parent / f".tmp-{secrets.token_hex(8)}"
             try:
                 os.link(source, tmp)

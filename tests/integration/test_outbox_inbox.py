@@ -60,6 +60,7 @@ from gateway.store.models_exchange import (
     InboxEntry,
     OutboxEntry,
     adopt_envelope_file,
+    adopt_envelope_files,
     envelope_path,
     store_envelope_file,
     sweep_orphan_envelopes,
@@ -282,6 +283,44 @@ def test_a_fresh_orphan_is_kept_during_the_grace_period(jp_node: Node, tmp_path:
     with jp_node.db.transaction() as session:
         assert sweep_orphan_envelopes(session, jp_node.settings.blob_dir) == []
     assert path.is_file()
+
+
+@pytest.mark.parametrize("way", ["adopt", "adopt-batch", "store"])
+def test_a_store_folder_made_for_a_file_is_synced_into_its_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str
+) -> None:
+    """A file's sync and its folder's sync leave the folder's own entry in its parent
+    unsynced: every store folder made for a file is synced into its parent before
+    the file is named there, whichever way the file enters the store."""
+    blob_dir = tmp_path / "blobs"
+    blob_dir.mkdir()
+    source = tmp_path / "spooled"
+    source.write_bytes(b"envelope bytes " * 100)
+    sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    if way == "adopt":
+        final = adopt_envelope_file(blob_dir, source, sha)
+    elif way == "adopt-batch":
+        adopt_envelope_files(blob_dir, [(source, sha)])
+        final = blob_dir / "envelopes" / sha[:2] / sha
+    else:
+        with source.open("rb") as handle:
+            _, _, final = store_envelope_file(blob_dir, handle)
+    made = [blob_dir / "envelopes", final.parent]
+    for folder in made:
+        assert str(folder.parent) in synced, (folder, synced)
+        assert (folder.stat().st_mode & 0o777) == 0o700
+    # each parent is synced after its folder exists and before the file is named
+    assert synced.index(str(made[0].parent)) < synced.index(str(made[1].parent))
+    assert synced.index(str(made[1].parent)) < len(synced) - 1
+    assert final.read_bytes() == source.read_bytes()
 
 
 def test_a_received_file_is_adopted_by_link_or_by_checked_copy(tmp_path: Path) -> None:
