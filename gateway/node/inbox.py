@@ -921,7 +921,7 @@ def prepare_batch(
     # storing them below then finds nothing left to write.
     # Envelopes kept inline are never files of the store: nothing of theirs to sync.
     syncing = [
-        _SYNC_POOL.submit(_sync_quietly, item.path)
+        _SYNC_POOL.submit(_sync_spooled, item.path)
         for _, item in pending
         if item.size is not None and item.size > inline_max and not item.synced
     ]
@@ -1089,18 +1089,30 @@ def _check_replies(
 _SYNC_POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="inbox-sync")
 
 
-def _sync_quietly(path: Path) -> None:
-    """Flush a spooled file's data to disk; a failure is found again when it is stored."""
+def _sync_spooled(path: Path) -> None:
+    """Flush a spooled file's data to disk.
+
+    Raises :class:`StorageError` when the disk did not take it: the kernel
+    reports a failed write-back once per open file and not to a later open, so
+    storing the file would not hear of it again (nothing of the batch is then
+    accepted; the sender tries again)."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise envelope_not_written(exc) from exc
+
+
+def envelope_not_written(exc: OSError) -> StorageError:
+    """The error of a received envelope whose bytes the disk did not take (``exc``,
+    from a write, flush or sync): retryable, and nothing of it is accepted."""
+    return StorageError(
+        f"a received envelope could not be written to disk ({exc.strerror or exc}); "
+        "nothing of it was accepted and the sender tries again"
+    )
 
 
 def _lost() -> ReceiveOutcome:

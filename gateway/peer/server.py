@@ -85,6 +85,7 @@ from gateway.node.inbox import (
     ReceiveOutcome,
     SpooledEnvelope,
     commit_batch,
+    envelope_not_written,
     prepare_batch,
     receive_envelope,
     write_spooled_envelope,
@@ -694,13 +695,15 @@ _STORE_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-stor
 _FLUSH_WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-flush")
 
 
-def _flush_quietly(fd: int) -> None:
-    """Flush a spool file's data so far (a copy of its descriptor, closed here); the
-    sync before the receipt is what counts, so a failure here changes nothing."""
+def _flush(fd: int) -> None:
+    """Flush a spool file's data so far (a copy of its descriptor, closed here).
+
+    A failure is raised, to be reported with the file (:meth:`_SpoolWriter.finish`):
+    the kernel reports a failed write-back once per open file, which the copy
+    shares, so neither the sync before the receipt nor a later open would hear
+    of it again."""
     try:
         os.fdatasync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
 
@@ -728,25 +731,26 @@ def _direct_io(fd: int, on: bool) -> bool:
 class _SpoolWriter:
     """Writes one spool file in order (called from one worker thread only).
 
-    Where the file system allows it, the bytes go past the page cache
-    (``O_DIRECT``): they are gathered into an aligned buffer and written in
-    whole blocks of :data:`_DIRECT_BLOCK`, so the file's data is on the device
-    as it arrives and the sync before the receipt only has the last partial
-    block, the size and the device's cache left to flush; a large envelope
-    also no longer fills the page cache, nor costs the CPU to copy it there.
-    The last bytes (less than :data:`_DIRECT_ALIGN`) are written plainly. A
-    file system that refuses it, at the start or at any write, gets plain
-    writes from there on, flushed in the background every :data:`_EARLY_SYNC`
-    bytes; the file's bytes are the same either way.
+    By default the bytes go through the page cache, flushed in the background
+    every :data:`_EARLY_SYNC` bytes, so that the sync before the receipt finds
+    little left to write; a failed flush fails :meth:`finish`. With ``direct``
+    (``[server] spool_direct_io``), where the file system allows it, they go
+    past the page cache (``O_DIRECT``): gathered into an aligned buffer and
+    written in whole blocks of :data:`_DIRECT_BLOCK`, one at a time, so the
+    file's data is on the device as it arrives. The last bytes (less than
+    :data:`_DIRECT_ALIGN`) are written plainly. A file system that refuses it,
+    at the start or at any write, gets plain writes from there on, flushed as
+    by default; the file's bytes are the same either way.
     """
 
-    def __init__(self, fd: int, *, direct: bool = True) -> None:
+    def __init__(self, fd: int, *, direct: bool = False) -> None:
         self._fd = fd
         self._block: mmap.mmap | None = None
         if direct and _direct_io(fd, True):
             self._block = mmap.mmap(-1, _DIRECT_BLOCK)  # page aligned
         self._filled = 0
         self._unflushed = 0
+        self._flushes: list[Future[None]] = []
 
     @property
     def direct(self) -> bool:
@@ -759,7 +763,8 @@ class _SpoolWriter:
             self._unflushed += len(chunk)
             if self._unflushed >= _EARLY_SYNC:
                 self._unflushed = 0
-                _FLUSH_WORKER.submit(_flush_quietly, os.dup(self._fd))
+                self._flushes = [f for f in self._flushes if not f.done() or f.exception()]
+                self._flushes.append(_FLUSH_WORKER.submit(_flush, os.dup(self._fd)))
             return
         with memoryview(chunk) as view:
             position = 0
@@ -796,7 +801,14 @@ class _SpoolWriter:
         return False
 
     def finish(self) -> None:
-        """Write what the buffer still holds (plainly, its unaligned end)."""
+        """Write what the buffer still holds (plainly, its unaligned end), and wait for
+        the background flushes: raises :class:`StorageError` if one failed."""
+        for flush in self._flushes:
+            try:
+                flush.result()
+            except OSError as exc:
+                raise envelope_not_written(exc) from exc
+        self._flushes.clear()
         if self._block is None:
             return
         aligned = self._filled - self._filled % _DIRECT_ALIGN
@@ -864,11 +876,12 @@ class _LoneSpool:
 
     def _sync(self) -> None:
         self._writer.finish()
-        # A failure here is found again when the file is stored (synced there).
+        # A failure is raised here: the kernel reports it once, and a later open of
+        # the file (to store it) would not hear of it.
         try:
             os.fsync(self._fd)
-        except OSError:
-            return
+        except OSError as exc:
+            raise envelope_not_written(exc) from exc
         self.synced = True
 
     async def feed(self, group: list[bytes]) -> None:

@@ -11,6 +11,7 @@ tampered one is refused with the same reason and leaves nothing.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from gateway.errors import TransportError
 from gateway.node.context import NodeContext
 from gateway.node.outbox import send_case
 from gateway.node.policy import load_policy
@@ -38,11 +40,11 @@ def _received(side: Side) -> int:
         return int(session.scalar(select(func.count()).select_from(InboxEntry)) or 0)
 
 
-def _queued_envelope(jp: Side, tmp_path: Path) -> Path:
+def _queued_envelope(jp: Side, tmp_path: Path, size: int = ATTACHMENT_BYTES) -> Path:
     attachment = tmp_path / "scan.bin"
     with attachment.open("wb") as out:
         block = os.urandom(1 << 20)
-        for _ in range(ATTACHMENT_BYTES >> 20):
+        for _ in range(size >> 20):
             out.write(block)
     sent = send_case(
         NodeContext(jp.node, jp.keyring), jp.officer, "exam-fraud", example("exam-fraud"),
@@ -89,6 +91,16 @@ def _spool_empty(pk: Side) -> bool:
     return not any(spool.iterdir()) if spool.exists() else True
 
 
+def _takes_direct_io(directory: Path) -> bool:
+    probe = directory / "direct-probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        return peer_server._direct_io(fd, True)
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
 @pytest.mark.parametrize(
     ("direct", "refused"),
     [(False, False), (True, False), (True, True)],
@@ -100,6 +112,8 @@ def test_a_lone_large_envelope_is_stored_byte_for_byte(
     """Written through the page cache and flushed as it arrives (the default), past
     the page cache (``[server] spool_direct_io``), or plainly after all on a file
     system that refuses O_DIRECT: the same answer and the same stored bytes."""
+    if direct and not refused and not _takes_direct_io(tmp_path):
+        pytest.skip("this file system does not take O_DIRECT")
     modes: list[bool] = []
     writer = peer_server._SpoolWriter
 
@@ -151,3 +165,60 @@ def test_a_tampered_lone_envelope_is_refused_and_leaves_nothing(
     assert _received(pair.pk) == 0
     assert not [p for p in pair.pk.node.settings.blob_dir.rglob("*") if p.is_file()]
     assert _spool_empty(pair.pk)
+
+
+def _failing_sync(
+    real: Callable[[int], None], under: Path, failed: list[str]
+) -> Callable[[int], None]:
+    """``real`` (``os.fsync`` or ``os.fdatasync``), failing with EIO, as a disk that lost
+    the write-back reports it, for the files under ``under``."""
+
+    def sync(fd: int) -> None:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+        if target.startswith(f"{under}{os.sep}"):
+            failed.append(target)
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    return sync
+
+
+def _nothing_kept(pk: Side) -> bool:
+    stored = [p for p in pk.node.settings.blob_dir.rglob("*") if p.is_file()]
+    return _received(pk) == 0 and not stored and _spool_empty(pk)
+
+
+@pytest.mark.parametrize("call", ["fdatasync", "fsync"], ids=["background-flush", "final-sync"])
+def test_a_lone_envelope_the_disk_did_not_take_is_not_accepted(
+    pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """The kernel reports a failed write-back once per open file, and not to a later
+    open: a lone envelope whose background flush (every 8 MiB) or final sync fails
+    with EIO is not accepted (the sender gets a retryable failure) and nothing of
+    it is kept, where the failure used to be passed over and the file stored and
+    acknowledged. The failure is injected at the system call: this machine has no
+    failing disk to give a real one."""
+    failed: list[str] = []
+    spool = pair.pk.node.settings.data_dir / "spool"
+    monkeypatch.setattr(os, call, _failing_sync(getattr(os, call), spool, failed))
+    path = _queued_envelope(pair.jp, tmp_path)
+    with pytest.raises(TransportError):
+        _post(pair, path)
+    assert failed
+    assert _nothing_kept(pair.pk)
+
+
+def test_a_batch_envelope_the_disk_did_not_take_fails_the_batch(
+    pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An envelope of a batch too large to be held in memory is spooled to a file and
+    synced before it is stored; when that sync fails with EIO, the envelope is
+    answered as a retryable error and nothing of it is kept."""
+    failed: list[str] = []
+    spool = pair.pk.node.settings.data_dir / "spool"
+    monkeypatch.setattr(os, "fsync", _failing_sync(os.fsync, spool, failed))
+    path = _queued_envelope(pair.jp, tmp_path, size=1 << 20)  # a batch of one, as a file
+    result = _post(pair, path)
+    assert (result.status, result.retryable) == ("error", True), result
+    assert failed
+    assert _nothing_kept(pair.pk)
