@@ -17,7 +17,7 @@ Baselines, each measured in the same repetition as the product, in turn:
 
 Prints the median over the repetitions of each figure and the ratios.
 Run: ``.venv/bin/python benchmarks/sync.py [--quick] [--engine sqlite|postgresql]
-[--count 2000] [--mib 64] [--reps 5]``.
+[--count 2000] [--mib 64] [--reps 5] [--spool-direct-io]``.
 """
 
 from __future__ import annotations
@@ -242,7 +242,9 @@ def line(label: str, ours: float, unit: str, base: str, floor: float) -> None:
     )
 
 
-def run(engine: str, count: int, mib: int, reps: int, gpg_count: int) -> None:
+def run(
+    engine: str, count: int, mib: int, reps: int, gpg_count: int, *, spool_direct_io: bool = False
+) -> None:
     from tests.conftest import create_pg_database, drop_pg_database  # noqa: PLC0415
 
     with tempfile.TemporaryDirectory(prefix="ssw-sync-bench-") as tmp:
@@ -258,7 +260,9 @@ def run(engine: str, count: int, mib: int, reps: int, gpg_count: int) -> None:
         floor_port = free_port()
         floor = subprocess.Popen([sys.executable, __file__, "--floor-server", str(floor_port)],
                                  stdout=subprocess.PIPE, text=True)  # fmt: skip
-        receiver = homes["pk"].serve()
+        receiver = homes["pk"].serve(
+            **({"GATEWAY_SERVER_SPOOL_DIRECT_IO": "true"} if spool_direct_io else {})
+        )
         gpg_home = root / "gnupg"
         case_file = root / "case.json"
         case_file.write_text(json.dumps(case_of_about_4k()))
@@ -322,6 +326,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="repetitions (medians)")
     parser.add_argument("--gpg", type=int, default=40, help="gpg runs per repetition")
     parser.add_argument("--engine", choices=("sqlite", "postgresql", "both"), default="both")
+    parser.add_argument(
+        "--spool-direct-io",
+        action="store_true",
+        help="the receiver writes large envelopes past the page cache ([server] spool_direct_io)",
+    )
     parser.add_argument("--quick", action="store_true", help="300 bundles, 3 repetitions")
     parser.add_argument("--floor-server", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
@@ -337,7 +346,7 @@ def main() -> None:
         args.count, args.reps, args.gpg = min(args.count, 300), 3, 15
     engines = ("sqlite", "postgresql") if args.engine == "both" else (args.engine,)
     for engine in engines:
-        run(engine, args.count, args.mib, args.reps, args.gpg)
+        run(engine, args.count, args.mib, args.reps, args.gpg, spool_direct_io=args.spool_direct_io)
 
 
 if __name__ == "__main__":

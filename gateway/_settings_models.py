@@ -89,9 +89,11 @@ class ServerSettings(_Section):
     (``O_DIRECT``, one 1 MiB block at a time) instead of through it with
     background flushes; the sync before its receipt is the same either way.
     Off by default: on the reference machine the page cache path was 1.3x
-    faster at 64 MiB (docs/performance.md, "Lone envelopes through the page
-    cache again"); storage whose buffered writeback competes with other work
-    may do better with it on."""
+    faster at 64 MiB (docs/performance.md, "The receiver's event loop, and large
+    envelopes through the page cache"); storage whose buffered writeback
+    competes with other work may do better with it on. Pushed envelopes only,
+    posted with their length (the peer client always sends it); envelopes a
+    pulling node fetches are written through the page cache."""
     peer_delivery: Literal["push", "hold"] = "push"
     """How this node delivers to its peer: ``push`` (it posts to ``peer_url``) or
     ``hold`` (the peer pulls: its traffic waits in the outbox for the peer's pulls,
