@@ -263,7 +263,7 @@ class Sealer(Protocol):
 
 def _write_envelope(blob_dir: Path, seal: Sealer, sequence: int) -> tuple[Path, Sealed]:
     directory = blob_dir / ENVELOPE_DIR
-    make_store_folder(directory)
+    make_store_folder(directory, root=blob_dir)
     tmp = directory / f".tmp-{secrets.token_hex(8)}"
     try:
         with tmp.open("x+b") as out:
@@ -286,7 +286,7 @@ def _commit_envelope_file(blob_dir: Path, tmp: Path) -> tuple[str, int]:
             size += len(chunk)
     sha = digest.hexdigest()
     final = envelope_path(blob_dir, sha)
-    make_store_folder(final.parent)
+    make_store_folder(final.parent, root=blob_dir)
     tmp.replace(final)
     fd = os.open(final.parent, os.O_RDONLY)
     try:

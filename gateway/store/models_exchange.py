@@ -16,6 +16,7 @@ import hashlib
 import io
 import os
 import secrets
+import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
@@ -230,20 +231,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def make_store_folder(folder: Path) -> None:
-    """Create ``folder`` of the envelope store (0700, with any missing parents)
-    durably: each folder made here is synced into its parent, so that a crash
-    cannot take away the folder of a file already synced into it (a file's sync
-    and its folder's sync do not make the folder's own entry durable).
-    Raises :class:`OSError`."""
-    missing: list[Path] = []
-    current = folder
-    while not current.is_dir():
-        missing.append(current)
-        current = current.parent
-    for made in reversed(missing):
-        made.mkdir(exist_ok=True, mode=0o700)
-        _fsync_dir(made.parent)
+_DURABLE_FOLDERS: set[Path] = set()
+_FOLDERS_LOCK = threading.Lock()
+
+
+def make_store_folder(folder: Path, *, root: Path) -> None:
+    """Create ``folder`` of the envelope store (0700, with any missing folders between
+    it and ``root``, the store's top) and make its entry durable, with every entry
+    from ``root`` down: each of those folders is synced into its parent once per
+    process, whoever created it, before this process names a file in it. A file's
+    sync and its folder's sync do not make the folder's own entry durable, and a
+    folder another thread or process has just made may not be synced yet.
+    Raises :class:`OSError`; :class:`ValueError` if ``folder`` is not within ``root``.
+    """
+    if folder in _DURABLE_FOLDERS:
+        return
+    chain = [folder]
+    while chain[-1] != root:
+        if chain[-1] == chain[-1].parent:
+            raise ValueError(f"{folder} is not within {root}")
+        chain.append(chain[-1].parent)
+    with _FOLDERS_LOCK:
+        for made in reversed(chain):  # the top first
+            if made in _DURABLE_FOLDERS:
+                continue
+            made.mkdir(parents=made == root, exist_ok=True, mode=0o700)
+            _fsync_dir(made.parent)
+            _DURABLE_FOLDERS.add(made)
 
 
 def store_envelope_file(blob_dir: Path, source: BinaryIO) -> tuple[str, int, Path]:
@@ -254,7 +268,7 @@ def store_envelope_file(blob_dir: Path, source: BinaryIO) -> tuple[str, int, Pat
     """
     target_dir = _envelope_dir(blob_dir)
     try:
-        make_store_folder(target_dir)
+        make_store_folder(target_dir, root=blob_dir)
     except OSError as exc:
         raise StorageError(f"envelope could not be stored: {exc.strerror}") from None
     tmp = target_dir / f".tmp-{secrets.token_hex(8)}"
@@ -270,7 +284,7 @@ def store_envelope_file(blob_dir: Path, source: BinaryIO) -> tuple[str, int, Pat
             os.fsync(out.fileno())
         sha = digest.hexdigest()
         final = envelope_path(blob_dir, sha)
-        make_store_folder(final.parent)
+        make_store_folder(final.parent, root=blob_dir)
         tmp.replace(final)
         _fsync_dir(final.parent)
     except OSError as exc:
@@ -291,7 +305,7 @@ def adopt_envelope_file(blob_dir: Path, source: Path, sha256_hex: str) -> Path:
     """
     final = envelope_path(blob_dir, sha256_hex)
     try:
-        make_store_folder(final.parent)
+        make_store_folder(final.parent, root=blob_dir)
     except OSError as exc:
         raise StorageError(f"envelope could not be stored: {exc.strerror}") from None
     tmp = final.parent / f".tmp-{secrets.token_hex(8)}"
@@ -447,7 +461,7 @@ def adopt_envelope_files(blob_dir: Path, files: Sequence[tuple[Path, str]]) -> N
     try:
         for source, sha in files:
             final = envelope_path(blob_dir, sha)
-            make_store_folder(final.parent)
+            make_store_folder(final.parent, root=blob_dir)
             tmp = final.parent / f".tmp-{secrets.token_hex(8)}"
             try:
                 os.link(source, tmp)

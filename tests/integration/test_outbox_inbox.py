@@ -285,18 +285,23 @@ def test_a_fresh_orphan_is_kept_during_the_grace_period(jp_node: Node, tmp_path:
     assert path.is_file()
 
 
+@pytest.mark.parametrize("made_by_another", [False, True], ids=["new", "made-by-another"])
 @pytest.mark.parametrize("way", ["adopt", "adopt-batch", "store"])
 def test_a_store_folder_made_for_a_file_is_synced_into_its_parent(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, way: str, made_by_another: bool
 ) -> None:
     """A file's sync and its folder's sync leave the folder's own entry in its parent
-    unsynced: every store folder made for a file is synced into its parent before
-    the file is named there, whichever way the file enters the store."""
+    unsynced: every store folder a file goes into is synced into its parent before
+    the file is named there, whichever way the file enters the store, and also when
+    another process (or thread) made the folder and may not have synced it yet."""
     blob_dir = tmp_path / "blobs"
     blob_dir.mkdir()
     source = tmp_path / "spooled"
     source.write_bytes(b"envelope bytes " * 100)
     sha = hashlib.sha256(source.read_bytes()).hexdigest()
+    if made_by_another:
+        (blob_dir / "envelopes").mkdir(mode=0o700)
+        (blob_dir / "envelopes" / sha[:2]).mkdir(mode=0o700)
     synced: list[str] = []
     real_fsync = os.fsync
 
