@@ -1093,9 +1093,9 @@ def _sync_spooled(path: Path) -> None:
     """Flush a spooled file's data to disk.
 
     Raises :class:`StorageError` when the disk did not take it: the kernel
-    reports a failed write-back once per open file and not to a later open, so
-    storing the file would not hear of it again (nothing of the batch is then
-    accepted; the sender tries again)."""
+    reports a failed write-back to the first sync that asks after it and not
+    again, so the sync that stores the file would not hear of it (nothing of
+    the batch is then accepted; the sender tries again)."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:

@@ -699,9 +699,8 @@ def _flush(fd: int) -> None:
     """Flush a spool file's data so far (a copy of its descriptor, closed here).
 
     A failure is raised, to be reported with the file (:meth:`_SpoolWriter.finish`):
-    the kernel reports a failed write-back once per open file, which the copy
-    shares, so neither the sync before the receipt nor a later open would hear
-    of it again."""
+    the kernel reports a failed write-back to the first sync that asks after it,
+    and not again, so the sync before the receipt would not hear of it."""
     try:
         os.fdatasync(fd)
     finally:
@@ -876,8 +875,8 @@ class _LoneSpool:
 
     def _sync(self) -> None:
         self._writer.finish()
-        # A failure is raised here: the kernel reports it once, and a later open of
-        # the file (to store it) would not hear of it.
+        # A failure is raised here: the kernel reports it to the first sync only, and
+        # the sync that stores the file would not hear of it.
         try:
             os.fsync(self._fd)
         except OSError as exc:
@@ -1214,11 +1213,17 @@ async def _post_envelopes(request: web.Request) -> web.Response:
     services = request.app[PEER_SERVICES]
     limits = request.app[TRANSPORT_LIMITS]
     ahead, previous, mine = request.app[RECEIVE_ORDER].take()
-    directory = Path(tempfile.mkdtemp(prefix="req-", dir=services.spool_dir))
+    directory: Path | None = None
     held = [0]
     storing: asyncio.Future[list[dict[str, Any]]] | None = None
     try:
-        spooled = await _spool_envelopes(request, directory, limits, held)
+        try:
+            directory = Path(tempfile.mkdtemp(prefix="req-", dir=services.spool_dir))
+            spooled = await _spool_envelopes(request, directory, limits, held)
+        except (TimeoutError, ConnectionError):
+            raise
+        except OSError as exc:  # the spool's own files: a full or failing disk
+            raise envelope_not_written(exc) from exc
         phases = services.receive_phases
         if phases is not None:
             # Verified while the request before it commits (never more than one
@@ -1255,10 +1260,12 @@ async def _post_envelopes(request: web.Request) -> web.Response:
             # the commit, not for this handler, and the spool stays until it is done
             # (a spool left by a stop is removed when the server starts again).
             storing.add_done_callback(release)
-            storing.add_done_callback(lambda _: shutil.rmtree(directory, True))
+            spool = directory
+            storing.add_done_callback(lambda _: shutil.rmtree(spool, True) if spool else None)
         else:
             release()
-            await asyncio.to_thread(shutil.rmtree, directory, True)
+            if directory is not None:
+                await asyncio.to_thread(shutil.rmtree, directory, True)
     accepted = sum(1 for result in results if result["status"] == "accepted")
     request[_REASON] = f"accepted {accepted}/{len(results)}"
     return web.json_response({"results": results})

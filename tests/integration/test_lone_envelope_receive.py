@@ -16,6 +16,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -168,19 +169,20 @@ def test_a_tampered_lone_envelope_is_refused_and_leaves_nothing(
 
 
 def _failing_sync(
-    real: Callable[[int], None], under: Path, failed: list[str]
-) -> Callable[[int], None]:
-    """``real`` (``os.fsync`` or ``os.fdatasync``), failing with EIO, as a disk that lost
-    the write-back reports it, for the files under ``under``."""
+    real: Callable[..., Any], under: Path, failed: list[str], code: int = errno.EIO
+) -> Callable[..., Any]:
+    """``real`` (``os.fsync``, ``os.fdatasync`` or ``os.write``) failing with ``code`` (EIO,
+    as a disk that lost the write-back reports it; ENOSPC, a full disk) for the files
+    under ``under``."""
 
-    def sync(fd: int) -> None:
+    def call(fd: int, *args: Any) -> Any:
         target = os.readlink(f"/proc/self/fd/{fd}")
         if target.startswith(f"{under}{os.sep}"):
             failed.append(target)
-            raise OSError(errno.EIO, "Input/output error")
-        real(fd)
+            raise OSError(code, os.strerror(code))
+        return real(fd, *args)
 
-    return sync
+    return call
 
 
 def _nothing_kept(pk: Side) -> bool:
@@ -188,24 +190,35 @@ def _nothing_kept(pk: Side) -> bool:
     return _received(pk) == 0 and not stored and _spool_empty(pk)
 
 
-@pytest.mark.parametrize("call", ["fdatasync", "fsync"], ids=["background-flush", "final-sync"])
+@pytest.mark.parametrize(
+    ("call", "code"),
+    [("fdatasync", errno.EIO), ("fsync", errno.EIO), ("write", errno.ENOSPC)],
+    ids=["background-flush", "final-sync", "disk-full"],
+)
 def test_a_lone_envelope_the_disk_did_not_take_is_not_accepted(
-    pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str
+    pair: Pair, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str, code: int
 ) -> None:
-    """The kernel reports a failed write-back once per open file, and not to a later
-    open: a lone envelope whose background flush (every 8 MiB) or final sync fails
-    with EIO is not accepted (the sender gets a retryable failure) and nothing of
+    """The kernel reports a failed write-back to the first sync that asks after it,
+    and not again: a lone envelope whose background flush (every 8 MiB) or final
+    sync fails with EIO is not accepted (the sender gets a retryable failure) and nothing of
     it is kept, where the failure used to be passed over and the file stored and
-    acknowledged. The failure is injected at the system call: this machine has no
-    failing disk to give a real one."""
+    acknowledged. A full disk is the same retryable failure (it was an internal
+    error). Once the disk takes writes again, the same envelope is accepted. The
+    failure is injected at the system call: this machine has no failing or full
+    disk to give a real one."""
     failed: list[str] = []
     spool = pair.pk.node.settings.data_dir / "spool"
-    monkeypatch.setattr(os, call, _failing_sync(getattr(os, call), spool, failed))
+    real = getattr(os, call)
+    monkeypatch.setattr(os, call, _failing_sync(real, spool, failed, code))
     path = _queued_envelope(pair.jp, tmp_path)
-    with pytest.raises(TransportError):
+    with pytest.raises(TransportError) as caught:
         _post(pair, path)
+    assert "storage" in str(caught.value), caught.value
     assert failed
     assert _nothing_kept(pair.pk)
+    monkeypatch.setattr(os, call, real)
+    assert _post(pair, path).status == "accepted"
+    assert _received(pair.pk) == 1
 
 
 def test_a_batch_envelope_the_disk_did_not_take_fails_the_batch(
