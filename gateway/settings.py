@@ -117,6 +117,8 @@ def write_config(home: Path, config: Mapping[str, Mapping[str, Any]]) -> Path:
                 "# ssw-gateway node settings; GATEWAY_<SECTION>_<KEY> variables override.\n"
             )
             handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())  # its name is synced with the new home's (init)
     except FileExistsError:
         raise ConfigError(
             f"{path} exists already: a node lives here", reason="config.exists"

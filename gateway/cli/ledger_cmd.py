@@ -23,6 +23,7 @@ from gateway.cli.base import GatewayGroup
 from gateway.cli.context import AppContext, pass_app
 from gateway.cli.display import when
 from gateway.errors import AlreadyExists, InvalidInput, StorageError, TransportError
+from gateway.files import sync_file, sync_folder
 
 if TYPE_CHECKING:
     from gateway.client.transport import ApiClient
@@ -165,7 +166,8 @@ def _write_new_file(out: Path, write: Any) -> int:
     """Write through a temp file in the same folder, then link it into place.
 
     ``os.link`` fails if ``out`` exists, so an existing file is never
-    overwritten, even if one appears while the export runs.
+    overwritten, even if one appears while the export runs. The file is
+    synced, and its folder once it is named, before the export says done.
     """
     if out.exists() or out.is_symlink():
         raise AlreadyExists(f"{out} exists; exports never overwrite a file")
@@ -177,8 +179,7 @@ def _write_new_file(out: Path, write: Any) -> int:
     try:
         with os.fdopen(handle, "wb") as stream:
             count = int(write(stream))
-            stream.flush()
-            os.fsync(stream.fileno())
+            sync_file(stream)
         try:
             os.link(temp, out)
         except FileExistsError:
@@ -188,6 +189,11 @@ def _write_new_file(out: Path, write: Any) -> int:
     finally:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
+    try:
+        sync_folder(directory)
+    except OSError as exc:
+        out.unlink(missing_ok=True)  # a name that may not survive is not left behind
+        raise StorageError(f"cannot write {out}: {exc.strerror}; nothing was kept") from None
     return count
 
 

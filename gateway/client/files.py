@@ -32,17 +32,22 @@ from gateway.client.framing import (
     check_member_name,
 )
 from gateway.errors import AlreadyExists, InvalidInput, TransportError, VerificationError
+from gateway.files import (
+    PRIVATE_DIR_MODE,
+    create_private_file,
+    make_private_folders,
+    sync_file,
+    sync_folder,
+    sync_folders,
+    sync_tree,
+)
 
 __all__ = [
-    "PRIVATE_DIR_MODE",
-    "PRIVATE_FILE_MODE",
     "Received",
     "check_destination",
     "receive_files",
 ]
 
-PRIVATE_DIR_MODE = 0o700
-PRIVATE_FILE_MODE = 0o600
 _CHUNK = 64 * 1024
 _PARTIAL_PREFIX = ".ssw-partial-"
 _DRAIN_LIMIT = 1024 * 1024
@@ -82,24 +87,10 @@ def check_destination(out_dir: Path, *, must_be_empty: bool) -> None:
 
 def _make_private_parents(folder: Path) -> None:
     """Make ``folder`` and each missing one above it, 0700 whatever the umask."""
-    missing: list[Path] = []
-    here = folder
-    while not os.path.lexists(here):
-        missing.append(here)
-        here = here.parent
     try:
-        for made in reversed(missing):
-            made.mkdir(mode=PRIVATE_DIR_MODE)
-            made.chmod(PRIVATE_DIR_MODE)
+        make_private_folders(folder)
     except OSError as exc:
         raise InvalidInput(f"{folder}: cannot be made ({exc.strerror})") from None
-
-
-def _private_file(path: Path) -> IO[bytes]:
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, flags, PRIVATE_FILE_MODE)
-    os.fchmod(fd, PRIVATE_FILE_MODE)
-    return os.fdopen(fd, "wb")
 
 
 def _cut(exc: BaseException) -> TransportError:
@@ -166,15 +157,14 @@ def _unpack(
                     folder.chmod(PRIVATE_DIR_MODE)
             digest = hashlib.sha256()
             size = 0
-            with _private_file(folder / parts[-1]) as out:
+            with create_private_file(folder / parts[-1]) as out:
                 while chunk := source.read(_CHUNK):
                     out.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
                     if progress is not None:
                         progress(len(chunk))
-                out.flush()
-                os.fsync(out.fileno())
+                sync_file(out)
             seen[member.name] = (digest.hexdigest(), size)
     if end is None:
         raise TransportError(
@@ -209,12 +199,23 @@ def _unpack(
 
 
 def _place(staging: Path, out_dir: Path, names: list[str]) -> dict[str, Path]:
-    """Move the checked files to ``out_dir``: the whole folder if it is new or empty."""
+    """Move the checked files to ``out_dir``: the whole folder if it is new or empty.
+    Every name is synced into its folder before this returns (:mod:`gateway.files`);
+    if the disk fails meanwhile, nothing is left in ``out_dir`` (:class:`InvalidInput`)."""
     target = out_dir.absolute()
     if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        try:
+            sync_tree(staging)
+        except OSError as exc:
+            raise _not_written(target, exc) from None
         if target.exists():
             target.rmdir()
         staging.rename(target)
+        try:
+            sync_folder(target.parent)
+        except OSError as exc:
+            target.rename(staging)  # back where it came from: removed with the staging
+            raise _not_written(target, exc) from None
         return {name: target / name for name in names}
     # An existing folder with files of its own (``show --out``): add, never overwrite.
     clashes = [name for name in names if os.path.lexists(target / name)]
@@ -224,14 +225,30 @@ def _place(staging: Path, out_dir: Path, names: list[str]) -> dict[str, Path]:
             "give another folder"
         )
     placed: dict[str, Path] = {}
-    for name in names:
-        destination = target / name
-        if not destination.parent.exists():
-            destination.parent.mkdir(mode=PRIVATE_DIR_MODE)
-            destination.parent.chmod(PRIVATE_DIR_MODE)
-        os.link(staging / name, destination)
-        placed[name] = destination
+    made: list[Path] = []
+    try:
+        for name in names:
+            destination = target / name
+            if not destination.parent.exists():
+                made.extend(make_private_folders(destination.parent, sync=False))
+            os.link(staging / name, destination)
+            placed[name] = destination
+        sync_folders([*(path.parent for path in placed.values()), *(f.parent for f in made)])
+    except OSError as exc:
+        for path in placed.values():
+            path.unlink(missing_ok=True)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise _not_written(target, exc) from None
     return placed
+
+
+def _not_written(target: Path, exc: OSError) -> InvalidInput:
+    return InvalidInput(
+        f"cannot write into {target}: {exc.strerror or exc}; nothing was kept there, "
+        "though the node has recorded the command (see the ledger)"
+    )
 
 
 def receive_files(

@@ -68,6 +68,14 @@ from gateway.core.backup import (
     seal_file,
 )
 from gateway.errors import AlreadyExists, ConfigError, InvalidInput, StorageError
+from gateway.files import (
+    create_private_file,
+    make_private_folders,
+    sync_file,
+    sync_folder,
+    sync_folders,
+    sync_tree,
+)
 from gateway.node.keystore import STRENGTHS, strength_from_environ
 from gateway.node.own_keys import unlock_keyring, verify_ledger_with_keys
 from gateway.settings import CONFIG_FILE, Settings, default_sqlite_url, load_settings
@@ -158,14 +166,6 @@ def _run_pg(argv: list[str], what: str) -> None:
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         first = lines[0] if lines else f"exit code {done.returncode}"
         raise StorageError(f"{what} failed: {first}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- backup ------------------------------------------------------------------------------
@@ -400,7 +400,7 @@ def _publish(temp: Path, out: Path) -> None:
         except FileExistsError:
             raise AlreadyExists(f"{out} exists; a backup never overwrites a file") from None
         temp.replace(out)
-    _fsync_dir(out.parent)
+    sync_folder(out.parent)
 
 
 def _archive_file(
@@ -628,13 +628,15 @@ def _set_database_url(config: Path, url: str | None) -> None:
     else:
         data.pop("database", None)
     temp = config.with_name(config.name + ".part")
-    temp.write_text(
-        "# ssw-gateway node settings; GATEWAY_<SECTION>_<KEY> variables override.\n"
-        "# Database URL set by 'gateway restore'.\n" + tomli_w.dumps(data),
-        encoding="utf-8",
-    )
-    temp.chmod(0o600)
-    temp.replace(config)
+    with create_private_file(temp) as out:
+        out.write(
+            (
+                "# ssw-gateway node settings; GATEWAY_<SECTION>_<KEY> variables override.\n"
+                "# Database URL set by 'gateway restore'.\n" + tomli_w.dumps(data)
+            ).encode("utf-8")
+        )
+        sync_file(out)
+    temp.replace(config)  # its name is synced with the restored home's
 
 
 def _check_new_home(home: Path) -> None:
@@ -710,6 +712,7 @@ def _restore_from(
         staging = home.parent / f".{home.name}.restoring-{secrets.token_hex(6)}"
         staging.mkdir(mode=0o700)
         database_part: Path | None = None
+        database_folders: list[Path] = []
         postgres_touched = False
         try:
             say(f"[restore] {len(manifest.files)} files ...")
@@ -726,6 +729,8 @@ def _restore_from(
                     url = default_sqlite_url(home)
                     working_url = default_sqlite_url(staging)
                 else:
+                    made = make_private_folders(sqlite_target.parent, sync=False)
+                    database_folders = [sqlite_target.parent, *(path.parent for path in made)]
                     database_part = sqlite_target.with_name(
                         f".{sqlite_target.name}.{secrets.token_hex(6)}.part"
                     )
@@ -754,13 +759,18 @@ def _restore_from(
                 url = working_url = recorded = db_url
             _set_database_url(staging / CONFIG_FILE, recorded)
             report = _check_restored(staging, working_url, passphrase, manifest, say)
+            # Every restored name durable before the home takes its own, and the home's
+            # before this says done; a failure up to the last sync undoes everything.
+            sync_tree(staging)
             if database_part is not None and sqlite_target is not None:
                 database_part.replace(sqlite_target)
-                database_part = None
+                database_part = sqlite_target  # what an undo removes from here on
+                sync_folders(database_folders)
             if home.exists():
                 home.rmdir()
             staging.replace(home)
-            _fsync_dir(home.parent)
+            staging = home  # what an undo removes from here on
+            sync_folder(home.parent)
         except zipfile.BadZipFile as exc:
             _undo(staging, database_part, db_url if postgres_touched else None)
             raise BackupDamaged(f"the archive cannot be read: {exc}", check="members") from None

@@ -6,9 +6,9 @@ only; this shell opens the files.
 * :func:`seal_to_file` writes an envelope to a temporary file beside the
   target, flushes it to disk and only then links it into place; a failure
   leaves nothing behind, and an existing file is never overwritten.
-* :func:`make_private_dir` and :func:`create_private_file` are the one way
-  decrypted case data reaches the disk: folders 0700 and files 0600, set
-  explicitly so that no umask (not even 0) widens them.
+* decrypted case data reaches the disk only through :mod:`gateway.files`:
+  folders 0700 and files 0600, set explicitly so that no umask (not even 0)
+  widens them, and every name synced into its folder.
 * :func:`open_to_dir` decrypts an envelope's attachments into temporary files
   in the output folder and moves each into place (under a sanitised name that
   cannot leave the folder, never overwriting) only after the whole envelope
@@ -43,63 +43,18 @@ from gateway.core.filenames import sanitise_attachment_name
 from gateway.core.keys import KeyManifest, NodeKeyring
 from gateway.core.policy import Marking, Policy
 from gateway.errors import AlreadyExists, InvalidInput
+from gateway.files import PRIVATE_FILE_MODE, sync_file, sync_folder
 
 __all__ = [
-    "PRIVATE_DIR_MODE",
-    "PRIVATE_FILE_MODE",
     "OpenedToDisk",
     "WrittenAttachment",
     "attachment_sources",
-    "create_private_file",
-    "make_private_dir",
     "open_to_dir",
     "safe_output_path",
     "seal_to_file",
 ]
 
 _PARTIAL_PREFIX = ".ssw-partial-"
-PRIVATE_DIR_MODE = 0o700
-"""Mode of every folder the gateway makes to hold decrypted case data."""
-PRIVATE_FILE_MODE = 0o600
-"""Mode of every file the gateway writes with decrypted case data."""
-
-
-def make_private_dir(path: Path) -> Path:
-    """Make ``path`` and each missing folder above it with mode 0700; return ``path``.
-
-    Folders that exist already are left as they are (they are the caller's).
-    The mode is set with ``chmod`` after ``mkdir``, so the process umask
-    neither widens nor narrows it. Raises :class:`OSError` as ``mkdir`` does.
-    """
-    missing: list[Path] = []
-    here = path.absolute()
-    while not os.path.lexists(here):
-        missing.append(here)
-        here = here.parent
-    for folder in reversed(missing):
-        folder.mkdir(PRIVATE_DIR_MODE)
-        folder.chmod(PRIVATE_DIR_MODE)
-    return path
-
-
-def private_file_mode(fd: int) -> None:
-    """Set an open file to mode 0600, whatever the umask made it."""
-    os.fchmod(fd, PRIVATE_FILE_MODE)
-
-
-def create_private_file(path: Path) -> BinaryIO:
-    """Create ``path`` for writing, mode 0600; never an existing file, never through a link.
-
-    Raises :class:`FileExistsError` if anything (also a dangling link) has that name.
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, flags, PRIVATE_FILE_MODE)
-    try:
-        private_file_mode(fd)
-        return os.fdopen(fd, "wb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def safe_output_path(out_dir: Path, name: str) -> Path:
@@ -146,14 +101,6 @@ def attachment_sources(paths: Sequence[Path]) -> Iterator[list[AttachmentSource]
         yield sources
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _place(temp: Path, final: Path) -> None:
     """Link ``temp`` to ``final`` (fails if ``final`` exists), then drop ``temp``."""
     try:
@@ -198,10 +145,9 @@ def seal_to_file(
                 marking=marking,
                 reply_to=reply_to,
             )
-            out.flush()
-            os.fsync(out.fileno())
+            sync_file(out)
         _place(temp, target)  # mkstemp made it 0600
-        _fsync_dir(target.parent)
+        sync_folder(target.parent)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -250,7 +196,7 @@ def open_to_dir(
     def sink_factory(info: AttachmentInfo) -> BinaryIO:
         assert out_dir is not None
         fd, name = tempfile.mkstemp(dir=out_dir, prefix=_PARTIAL_PREFIX)
-        private_file_mode(fd)
+        os.fchmod(fd, PRIVATE_FILE_MODE)
         handle = os.fdopen(fd, "wb")
         temps[info.index] = (Path(name), handle)
         return handle
@@ -270,8 +216,7 @@ def open_to_dir(
         except FileNotFoundError:
             raise InvalidInput(f"{envelope_path}: no such envelope file") from None
         for _path, handle in temps.values():
-            handle.flush()
-            os.fsync(handle.fileno())
+            sync_file(handle)
             handle.close()
         files: list[WrittenAttachment] = []
         if out_dir is not None:
@@ -288,7 +233,7 @@ def open_to_dir(
                         sha256=item.sha256,
                     )
                 )
-            _fsync_dir(out_dir)
+            sync_folder(out_dir)
     except BaseException:
         for temp, handle in temps.values():
             handle.close()

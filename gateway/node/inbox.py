@@ -60,8 +60,9 @@ from gateway.errors import (
     StorageError,
     VerificationError,
 )
+from gateway.files import create_private_file, sync_file, sync_folder
 from gateway.node import ledger
-from gateway.node.bundles import create_private_file, safe_output_path
+from gateway.node.bundles import safe_output_path
 from gateway.node.consent.receive import apply_pending
 from gateway.node.context import NodeContext
 from gateway.node.crash import crash_point
@@ -533,6 +534,9 @@ def read_bundle(
                     stored_at=opened_at,
                     accept_suspect=accept_suspect,
                 )
+            if track_outputs:  # files that stay: synced before they are named
+                for handle in handles:
+                    sync_file(handle)
         except (FileNotFoundError, VerificationError):
             # A purge that committed while this read began destroys the file under it:
             # say so, rather than "missing" or "tampered".
@@ -548,12 +552,16 @@ def read_bundle(
             case_path = safe_output_path(out_dir, f"{header.bundle_id}.json")
             with create_private_file(case_path) as out:
                 out.write(canonical_bytes(opened.case_data))
+                if track_outputs:
+                    sync_file(out)
             written.append(case_path)
             for tmp, info in temps:
                 target = safe_output_path(out_dir, info.name)
                 tmp.rename(target)
                 written.append(target)
             temps.clear()
+            if track_outputs:
+                sync_folder(out_dir)
         with node.db.transaction() as session:
             if opened.trust == StoredTrust.SUSPECT_ACCEPTED:
                 _record_read(

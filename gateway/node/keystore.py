@@ -49,6 +49,7 @@ from gateway.core.canonical import canonical_bytes, parse_canonical
 from gateway.core.domain import Purpose, tagged
 from gateway.core.keys import key_id
 from gateway.errors import ConfigError, GatewayError, InvalidInput
+from gateway.files import sync_folder
 from gateway.log import get_logger
 from gateway.node.passphrase import (
     MIN_PASSPHRASE_BYTES,
@@ -264,11 +265,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    sync_folder(directory)
 
 
 def _limits(strength: Strength | tuple[int, int]) -> tuple[int, int]:

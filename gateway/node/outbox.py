@@ -63,6 +63,7 @@ from gateway.errors import (
     TransportError,
     message_for_client,
 )
+from gateway.files import sync_folder
 from gateway.node import ledger
 from gateway.node.context import NodeContext
 from gateway.node.crash import crash_point
@@ -288,11 +289,7 @@ def _commit_envelope_file(blob_dir: Path, tmp: Path) -> tuple[str, int]:
     final = envelope_path(blob_dir, sha)
     make_store_folder(final.parent, root=blob_dir)
     tmp.replace(final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    sync_folder(final.parent)
     return sha, size
 
 

@@ -15,6 +15,7 @@ that already holds ``policy.toml`` is used as it is.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tomllib
 from datetime import datetime
@@ -26,6 +27,7 @@ from sqlalchemy.orm import Session
 import gateway
 from gateway.core.policy import Policy
 from gateway.errors import ConfigError
+from gateway.files import make_private_folders, sync_folder
 from gateway.node.setup import InitResult, register_init_step
 from gateway.settings import Settings
 
@@ -111,22 +113,27 @@ def install_policies(target: Path, *, source: Path | None = None) -> list[Path]:
     """Copy the shipped policy files into ``target`` unless it holds a policy already.
 
     The copy is validated before anything is written, so a broken shipped file
-    never lands in a home. Returns the files written (empty when kept as is).
+    never lands in a home. Every file is synced, then ``target`` (and each
+    folder made above it) into its parent (:mod:`gateway.files`). Returns the
+    files written (empty when kept as is).
     """
     if (target / POLICY_FILE).exists():
         load_policy_file(target / POLICY_FILE)
         return []
     origin = source if source is not None else shipped_policy_dir()
     load_policy_file(origin / POLICY_FILE)
-    target.mkdir(mode=0o700, parents=True, exist_ok=True)
     written: list[Path] = []
     try:
+        make_private_folders(target)
         for item in sorted(origin.iterdir()):
             if item.is_file() and item.suffix in (".toml", ".md"):
                 destination = target / item.name
                 shutil.copyfile(item, destination)
                 destination.chmod(0o644)
                 written.append(destination)
+                with destination.open("rb+") as copied:
+                    os.fsync(copied.fileno())
+        sync_folder(target)
     except OSError as exc:
         for path in written:
             path.unlink(missing_ok=True)

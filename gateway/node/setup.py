@@ -20,10 +20,11 @@ from sqlalchemy.orm import Session
 
 import gateway
 from gateway.errors import AlreadyExists, ConfigError
+from gateway.files import sync_file, sync_folder, sync_folders
 from gateway.node.certs import check_node_certificate, names_to_check
 from gateway.node.users import add_user
 from gateway.settings import CONFIG_FILE, Settings, load_settings, parse_host_port, write_config
-from gateway.store.db import open_database
+from gateway.store.db import Database, open_database
 from gateway.store.models import NodeRecord
 from gateway.tls import require_peer_tls
 
@@ -108,14 +109,22 @@ def _check_tls(tls: TlsFiles, listen_host: str, now: datetime) -> None:
 
 
 def _copy_private(source: Path, target: Path, mode: int) -> None:
-    """Copy a file into the home with ``mode``, synced; never overwrites."""
+    """Copy a file into the home with ``mode``, synced (its folder is synced after the
+    copies); never overwrites."""
     data = source.read_bytes()
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        sync_file(handle)
     target.chmod(mode)
+
+
+def _sqlite_folder(db: Database) -> list[Path]:
+    """The folder of the database's SQLite file (none for PostgreSQL or in memory)."""
+    url = db.engine.url
+    if url.get_backend_name() != "sqlite" or not url.database or url.database == ":memory:":
+        return []
+    return [Path(url.database).absolute().parent]
 
 
 def _install_tls(home: Path, tls: TlsFiles) -> dict[str, str]:
@@ -129,6 +138,7 @@ def _install_tls(home: Path, tls: TlsFiles) -> dict[str, str]:
     if tls.ca is not None:
         _copy_private(tls.ca, folder / "ca.crt", 0o644)
         settings["tls_ca"] = f"{TLS_DIR}/ca.crt"
+    sync_folder(folder)
     return settings
 
 
@@ -167,6 +177,7 @@ def init_node(
     if home.exists() and not home.is_dir():
         raise ConfigError(f"{home} exists and is not a directory")
     made_paths: list[Path] = []
+    missing = [p for p in (home.absolute(), *home.absolute().parents) if not os.path.lexists(p)]
     try:
         home.mkdir(mode=HOME_MODE, parents=True, exist_ok=True)
         for sub in ("keys", "data", "data/blobs"):
@@ -232,6 +243,17 @@ def init_node(
                 )
                 result.admin_name = admin.name
                 result.admin_token = admin.token.text
+                # The names init made, durable before the node is recorded (the key
+                # files, TLS copies and policies sync their own folders): the data
+                # folder, a SQLite file's folder, the home, and any folder made above it.
+                sync_folders(
+                    [
+                        home / "data",
+                        *_sqlite_folder(db),
+                        home,
+                        *(path.parent for path in missing),
+                    ]
+                )
         finally:
             db.dispose()
     except BaseException:

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from gateway.core.domain import SHA256_HEX
 from gateway.errors import StorageError
+from gateway.files import sync_folder
 from gateway.store.base import Base, UTCDateTime
 
 __all__ = [
@@ -223,14 +224,6 @@ def open_stored_envelope(blob_dir: Path, sha256_hex: str, body: bytes | None) ->
     return envelope_path(blob_dir, sha256_hex).open("rb")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 _DURABLE_FOLDERS: set[Path] = set()
 _FOLDERS_LOCK = threading.Lock()
 
@@ -256,7 +249,7 @@ def make_store_folder(folder: Path, *, root: Path) -> None:
             if made in _DURABLE_FOLDERS:
                 continue
             made.mkdir(parents=made == root, exist_ok=True, mode=0o700)
-            _fsync_dir(made.parent)
+            sync_folder(made.parent)
             _DURABLE_FOLDERS.add(made)
 
 
@@ -286,7 +279,7 @@ def store_envelope_file(blob_dir: Path, source: BinaryIO) -> tuple[str, int, Pat
         final = envelope_path(blob_dir, sha)
         make_store_folder(final.parent, root=blob_dir)
         tmp.replace(final)
-        _fsync_dir(final.parent)
+        sync_folder(final.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise StorageError(f"envelope could not be stored: {exc.strerror}") from None
@@ -324,7 +317,7 @@ def adopt_envelope_file(blob_dir: Path, source: Path, sha256_hex: str) -> Path:
         finally:
             os.close(fd)
         tmp.replace(final)
-        _fsync_dir(final.parent)
+        sync_folder(final.parent)
     except OSError as exc:
         raise StorageError(f"envelope could not be stored: {exc.strerror}") from None
     finally:
@@ -377,7 +370,7 @@ def destroy_envelope_file(blob_dir: Path, sha256_hex: str) -> bool:
             handle.flush()
             os.fsync(handle.fileno())
         path.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        sync_folder(path.parent)
     except OSError as exc:
         raise StorageError(
             f"envelope {sha256_hex[:12]} cannot be destroyed: {exc.strerror}"
@@ -474,7 +467,7 @@ def adopt_envelope_files(blob_dir: Path, files: Sequence[tuple[Path, str]]) -> N
             list(pool.map(_fsync_file, [tmp for tmp, _ in staged]))
             for tmp, final in staged:
                 tmp.replace(final)
-            list(pool.map(_fsync_dir, sorted(folders)))
+            list(pool.map(sync_folder, sorted(folders)))
     except OSError as exc:
         raise StorageError(f"envelope could not be stored: {exc.strerror}") from None
     finally:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import uuid
@@ -47,13 +46,16 @@ from gateway.errors import (
     NotFound,
     VerificationError,
 )
-from gateway.node import ledger
-from gateway.node.bundles import (
+from gateway.files import (
     PRIVATE_DIR_MODE,
     create_private_file,
-    make_private_dir,
-    open_to_dir,
+    make_private_folders,
+    sync_file,
+    sync_folder,
+    sync_tree,
 )
+from gateway.node import ledger
+from gateway.node.bundles import open_to_dir
 from gateway.node.consent import uses as consent_uses
 from gateway.node.consent.common import (
     MAX_REASON,
@@ -283,17 +285,25 @@ class _Staged:
 
 
 def _decrypt_items(
-    node: Node, keyring: NodeKeyring, policy: Policy, items: list[_Item], staging: Path
+    node: Node,
+    keyring: NodeKeyring,
+    policy: Policy,
+    items: list[_Item],
+    staging: Path,
+    *,
+    durable: bool,
 ) -> _Staged:
     """Decrypt every item into ``staging/<bundle id>/``: ``case.json`` and the
-    attachments under ``attachments/``."""
+    attachments under ``attachments/``; with ``durable`` (a package that stays on
+    disk), each item's folder synced whole, before the decision takes the lock."""
     with node.db.transaction() as session:
         peer = peer_manifest(session)
     files: dict[str, str] = {}
     disclosed: list[DisclosedFile] = []
     for entry in items:
         folder = staging / entry.item.bundle_id
-        attachments = make_private_dir(folder / "attachments")
+        attachments = folder / "attachments"
+        make_private_folders(attachments, sync=False)  # synced below with the item's folder
         opened = open_to_dir(
             envelope_path(node.settings.blob_dir, entry.envelope_sha256),
             attachments,
@@ -311,8 +321,7 @@ def _decrypt_items(
             attachments.rmdir()
         with create_private_file(folder / "case.json") as out:
             out.write(canonical_bytes(opened.envelope.case_data))
-            out.flush()
-            os.fsync(out.fileno())
+            sync_file(out)
         bundle_id = entry.item.bundle_id
         case_path = folder / "case.json"
         case_sha = _sha256_file(case_path)
@@ -324,6 +333,8 @@ def _decrypt_items(
             disclosed.append(
                 DisclosedFile(bundle_id, "attachment", written.index, written.size, sha)
             )
+        if durable:
+            sync_tree(folder)
     return _Staged(staging, files, disclosed)
 
 
@@ -408,7 +419,7 @@ def _stage_and_record(
     try:
         staging.chmod(PRIVATE_DIR_MODE)  # becomes the output folder: 0700 whatever the umask
         try:
-            staged = _decrypt_items(node, keyring, policy, items, staging)
+            staged = _decrypt_items(node, keyring, policy, items, staging, durable=deliver is None)
         except (InvalidInput, VerificationError):
             # A purge that committed meanwhile destroys envelopes under the reader: say so.
             with node.db.transaction() as session:
@@ -479,8 +490,7 @@ def _decide_and_record(
                 }
                 with create_private_file(staging / MANIFEST_NAME) as out:
                     out.write(json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n")
-                    out.flush()
-                    os.fsync(out.fileno())
+                    sync_file(out)
                 if deliver is not None:
                     result = DisclosureResult(
                         disclosure_id=disclosure_id,
@@ -497,10 +507,15 @@ def _decide_and_record(
                     # Recorded only if the whole package reached the caller.
                     deliver(staging, result)
                 else:
+                    # Every name in the package durable before it is given its own (the
+                    # items' folders were synced before the lock), and that one before
+                    # the disclosure is recorded.
+                    sync_folder(staging)
                     if target.exists():
                         target.rmdir()  # empty, checked before; replaced by the staged folder
                     staging.rename(target)
                     placed = True
+                    sync_folder(target.parent)
                     # What stays on this node is tracked for the retention of decrypted
                     # outputs; the package handed to the recipient is the recipient's.
                     record_outputs(
