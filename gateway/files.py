@@ -14,7 +14,10 @@ Light on purpose (standard library only): the command-line client imports it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -71,13 +74,44 @@ def make_private_folders(folder: Path, *, sync: bool = True) -> list[Path]:
         missing.append(here)
         here = here.parent
     made: list[Path] = []
-    for new in reversed(missing):
-        new.mkdir(mode=PRIVATE_DIR_MODE)
-        new.chmod(PRIVATE_DIR_MODE)
-        made.append(new)
-    if sync:
-        sync_folders(new.parent for new in made)
+    try:
+        for new in reversed(missing):
+            new.mkdir(mode=PRIVATE_DIR_MODE)
+            made.append(new)
+            new.chmod(PRIVATE_DIR_MODE)
+        if sync:
+            sync_folders(new.parent for new in made)
+    except OSError:
+        remove_made_folders(made)  # all or nothing
+        raise
     return made
+
+
+def remove_made_folders(made: Iterable[Path]) -> None:
+    """Remove folders a failed step made (innermost first), each only if still empty."""
+    for folder in sorted(made, key=lambda path: len(path.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def empty_folder_mode(path: Path) -> int | None:
+    """The permission bits of ``path`` if it is a folder (not a link) now, else None:
+    what :func:`take_back` puts back when a placement over that empty folder fails."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return None
+    return stat.S_IMODE(info.st_mode) if stat.S_ISDIR(info.st_mode) else None
+
+
+def take_back(path: Path, *, empty_mode: int | None) -> None:
+    """Remove what a step that then failed placed at ``path``, and put back the empty
+    folder that was there before it (``empty_mode``, from :func:`empty_folder_mode`)."""
+    shutil.rmtree(path, ignore_errors=True)
+    if empty_mode is not None:
+        with contextlib.suppress(OSError):
+            path.mkdir(mode=empty_mode)
+            path.chmod(empty_mode)
 
 
 def create_private_file(path: Path) -> BinaryIO:

@@ -35,11 +35,14 @@ from gateway.errors import AlreadyExists, InvalidInput, TransportError, Verifica
 from gateway.files import (
     PRIVATE_DIR_MODE,
     create_private_file,
+    empty_folder_mode,
     make_private_folders,
+    remove_made_folders,
     sync_file,
     sync_folder,
     sync_folders,
     sync_tree,
+    take_back,
 )
 
 __all__ = [
@@ -204,17 +207,19 @@ def _place(staging: Path, out_dir: Path, names: list[str]) -> dict[str, Path]:
     if the disk fails meanwhile, nothing is left in ``out_dir`` (:class:`InvalidInput`)."""
     target = out_dir.absolute()
     if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        empty_mode = empty_folder_mode(target)
+        removed = renamed = False
         try:
             sync_tree(staging)
-        except OSError as exc:
-            raise _not_written(target, exc) from None
-        if target.exists():
-            target.rmdir()
-        staging.rename(target)
-        try:
+            if empty_mode is not None:
+                target.rmdir()
+                removed = True
+            staging.rename(target)
+            renamed = True
             sync_folder(target.parent)
         except OSError as exc:
-            target.rename(staging)  # back where it came from: removed with the staging
+            if removed or renamed:
+                take_back(target, empty_mode=empty_mode)  # the user's empty folder stays
             raise _not_written(target, exc) from None
         return {name: target / name for name in names}
     # An existing folder with files of its own (``show --out``): add, never overwrite.
@@ -237,9 +242,7 @@ def _place(staging: Path, out_dir: Path, names: list[str]) -> dict[str, Path]:
     except OSError as exc:
         for path in placed.values():
             path.unlink(missing_ok=True)
-        for folder in reversed(made):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        remove_made_folders(made)
         raise _not_written(target, exc) from None
     return placed
 

@@ -70,11 +70,14 @@ from gateway.core.backup import (
 from gateway.errors import AlreadyExists, ConfigError, InvalidInput, StorageError
 from gateway.files import (
     create_private_file,
+    empty_folder_mode,
     make_private_folders,
+    remove_made_folders,
     sync_file,
     sync_folder,
     sync_folders,
     sync_tree,
+    take_back,
 )
 from gateway.node.keystore import STRENGTHS, strength_from_environ
 from gateway.node.own_keys import unlock_keyring, verify_ledger_with_keys
@@ -713,6 +716,8 @@ def _restore_from(
         staging.mkdir(mode=0o700)
         database_part: Path | None = None
         database_folders: list[Path] = []
+        made: list[Path] = []
+        home_mode = empty_folder_mode(home)
         postgres_touched = False
         try:
             say(f"[restore] {len(manifest.files)} files ...")
@@ -766,20 +771,38 @@ def _restore_from(
                 database_part.replace(sqlite_target)
                 database_part = sqlite_target  # what an undo removes from here on
                 sync_folders(database_folders)
-            if home.exists():
+            if home_mode is not None:
                 home.rmdir()
             staging.replace(home)
             staging = home  # what an undo removes from here on
             sync_folder(home.parent)
         except zipfile.BadZipFile as exc:
             _undo(staging, database_part, db_url if postgres_touched else None)
+            _put_back(home, home_mode, made)
             raise BackupDamaged(f"the archive cannot be read: {exc}", check="members") from None
+        except OSError as exc:
+            _undo(staging, database_part, db_url if postgres_touched else None)
+            _put_back(home, home_mode, made)
+            raise StorageError(
+                f"restore into {home} failed: {exc.strerror or exc}"
+                + (f" ({exc.filename})" if exc.filename else "")
+                + "; nothing was restored"
+            ) from None
         except BaseException:
             _undo(staging, database_part, db_url if postgres_touched else None)
+            _put_back(home, home_mode, made)
             raise
     report.home = home
     report.database_url = _safe_url(url)
     return report
+
+
+def _put_back(home: Path, home_mode: int | None, made: list[Path]) -> None:
+    """After an undo: the empty home folder the restore found (it was replaced), and
+    no folder the restore made for a SQLite file."""
+    if home_mode is not None and not home.exists():
+        take_back(home, empty_mode=home_mode)
+    remove_made_folders(made)
 
 
 def _undo(staging: Path, database_part: Path | None, postgres_url: str | None) -> None:

@@ -454,6 +454,12 @@ class ReadBundle:
         }
 
 
+def _output_not_written(folder: Path | None, exc: OSError) -> StorageError:
+    return StorageError(
+        f"cannot write into {folder}: {exc.strerror or exc}; nothing was kept or recorded"
+    )
+
+
 def read_bundle(
     ctx: NodeContext,
     actor: Actor,
@@ -535,8 +541,11 @@ def read_bundle(
                     accept_suspect=accept_suspect,
                 )
             if track_outputs:  # files that stay: synced before they are named
-                for handle in handles:
-                    sync_file(handle)
+                try:
+                    for handle in handles:
+                        sync_file(handle)
+                except OSError as exc:
+                    raise _output_not_written(out_dir, exc) from None
         except (FileNotFoundError, VerificationError):
             # A purge that committed while this read began destroys the file under it:
             # say so, rather than "missing" or "tampered".
@@ -553,7 +562,10 @@ def read_bundle(
             with create_private_file(case_path) as out:
                 out.write(canonical_bytes(opened.case_data))
                 if track_outputs:
-                    sync_file(out)
+                    try:
+                        sync_file(out)
+                    except OSError as exc:
+                        raise _output_not_written(out_dir, exc) from None
             written.append(case_path)
             for tmp, info in temps:
                 target = safe_output_path(out_dir, info.name)
@@ -561,7 +573,10 @@ def read_bundle(
                 written.append(target)
             temps.clear()
             if track_outputs:
-                sync_folder(out_dir)
+                try:
+                    sync_folder(out_dir)
+                except OSError as exc:
+                    raise _output_not_written(out_dir, exc) from None
         with node.db.transaction() as session:
             if opened.trust == StoredTrust.SUSPECT_ACCEPTED:
                 _record_read(

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 import gateway
-from gateway.errors import AlreadyExists, ConfigError
+from gateway.errors import AlreadyExists, ConfigError, StorageError
 from gateway.files import sync_file, sync_folder, sync_folders
 from gateway.node.certs import check_node_certificate, names_to_check
 from gateway.node.users import add_user
@@ -165,8 +165,10 @@ def init_node(
     ``tls`` is copied into ``<home>/keys/tls`` and checked offline (validity at
     ``now``, key match, usages, the effective listen host among the names)
     (key 0600); an ``https://`` peer URL without TLS settings (flags or
-    ``GATEWAY_SERVER_TLS_*``) is refused unless ``insecure_http``. Raises
-    :class:`ConfigError` or :class:`AlreadyExists`; leaves nothing behind then.
+    ``GATEWAY_SERVER_TLS_*``) is refused unless ``insecure_http``. Every name
+    init makes is synced into its folder before the node is recorded. Raises
+    :class:`ConfigError`, :class:`AlreadyExists` or :class:`StorageError` (the
+    disk); leaves nothing behind then.
     """
     _validate_inputs(node_id, listen, peer_url)
     if (home / CONFIG_FILE).exists():
@@ -256,7 +258,7 @@ def init_node(
                 )
         finally:
             db.dispose()
-    except BaseException:
+    except BaseException as exc:
         if created_home:
             shutil.rmtree(home, ignore_errors=True)
         else:
@@ -265,5 +267,10 @@ def init_node(
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
+        if isinstance(exc, OSError):  # the disk or the file system, not a bug
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise StorageError(
+                f"cannot make the node home {home}: {exc.strerror or exc}{where}; nothing was kept"
+            ) from None
         raise
     return result

@@ -29,6 +29,7 @@ from gateway.node.backup import make_backup, restore_backup
 from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.context import NodeContext
 from gateway.node.inbox import read_bundle
+from gateway.node.ledger.read import list_entries
 from gateway.node.outbox import send_case
 from gateway.node.runtime import utc_now
 from gateway.node.setup import init_node
@@ -188,6 +189,12 @@ def test_received_files_whose_folder_cannot_be_synced_are_not_kept(
     with pytest.raises(InvalidInput, match="nothing was kept"):
         receive_files(_stream({"case.json": b"{}"}), parent / "fresh")
     assert list(parent.iterdir()) == []  # neither the folder nor a staging folder
+    (parent / "empty").mkdir(mode=0o750)  # an empty folder of the user's stays as it was
+    with pytest.raises(InvalidInput, match="nothing was kept"):
+        receive_files(_stream({"case.json": b"{}"}), parent / "empty")
+    assert [p.name for p in parent.iterdir()] == ["empty"]
+    assert list((parent / "empty").iterdir()) == []
+    assert stat.S_IMODE((parent / "empty").stat().st_mode) == 0o750
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "mine.txt").write_bytes(b"mine")
@@ -250,6 +257,7 @@ def test_a_restored_home_is_named_durably(tmp_path: Path, folder_syncs: FolderSy
     )
     for path in (database, database.parent, database.parent.parent):
         assert folder_syncs.named(path), path
+    assert folder_syncs.synced(tmp_path / "other" / CONFIG_FILE)  # rewritten to name it
 
 
 def test_a_restore_whose_home_cannot_be_named_durably_leaves_nothing(
@@ -269,13 +277,19 @@ def test_a_restore_whose_home_cannot_be_named_durably_leaves_nothing(
     target.mkdir()
     database = tmp_path / "databases" / "made" / "pk.sqlite3"
     folder_syncs.fail(target)
-    with pytest.raises(OSError, match="Input/output error"):
+    with pytest.raises(StorageError, match=r"Input/output error.*nothing was restored"):
         restore_backup(
             archive, target / "pk", passphrase=PASSPHRASE.encode(), db_url=f"sqlite:///{database}"
         )
     assert list(target.iterdir()) == []
-    assert not database.exists()
-    assert list(database.parent.iterdir()) == []
+    assert not (tmp_path / "databases").exists()  # the folders made for it too
+    # Into an empty folder of the user's: the folder is there again, empty, as it was.
+    (target / "pk").mkdir(mode=0o750)
+    with pytest.raises(StorageError, match="nothing was restored"):
+        restore_backup(archive, target / "pk", passphrase=PASSPHRASE.encode(), db_url=None)
+    assert [p.name for p in target.iterdir()] == ["pk"]
+    assert list((target / "pk").iterdir()) == []
+    assert stat.S_IMODE((target / "pk").stat().st_mode) == 0o750
 
 
 def test_a_disclosure_package_and_a_shown_bundle_are_named_durably(
@@ -308,3 +322,31 @@ def test_a_disclosure_package_and_a_shown_bundle_are_named_durably(
     read_bundle(ctx, pair.pk.officer, sent.bundle_id, out_dir=shown, now=utc_now())
     for path in (shown / f"{sent.bundle_id}.json", shown / "scan.pdf"):
         assert folder_syncs.named(path), path
+
+
+def test_a_disclosure_whose_package_cannot_be_named_durably_records_nothing(
+    pair: Pair,
+    tmp_path: Path,
+    folder_syncs: FolderSyncs,
+) -> None:
+    sent = send_case(
+        NodeContext(pair.jp.node, pair.jp.keyring), pair.jp.officer, "exam-fraud",
+        example("exam-fraud"), [], public=False, reply_to=None, now=utc_now(),
+    )  # fmt: skip
+    pair.pk.receive_from(pair.jp, sent.bundle_id)
+    ctx = NodeContext(pair.pk.node, pair.pk.keyring)
+    parent = tmp_path / "parent"
+    (parent / "package").mkdir(parents=True, mode=0o750)
+    folder_syncs.fail(parent)
+    with pytest.raises(StorageError, match="nothing was disclosed or recorded"):
+        consent_disclosure.disclose(
+            ctx, pair.pk.officer, [sent.bundle_id], "beoe", "case follow-up",
+            parent / "package", now=utc_now(),
+        )  # fmt: skip
+    assert [p.name for p in parent.iterdir()] == ["package"]  # no staging folder left
+    assert list((parent / "package").iterdir()) == []
+    assert stat.S_IMODE((parent / "package").stat().st_mode) == 0o750
+    with ctx.node.db.transaction() as session:
+        kinds = {entry.kind.value for entry in list_entries(session)}
+    assert "internal-share" not in kinds
+    assert "disclosure-made" not in kinds

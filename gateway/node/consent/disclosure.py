@@ -44,15 +44,18 @@ from gateway.errors import (
     ConsentRefused,
     InvalidInput,
     NotFound,
+    StorageError,
     VerificationError,
 )
 from gateway.files import (
     PRIVATE_DIR_MODE,
     create_private_file,
+    empty_folder_mode,
     make_private_folders,
     sync_file,
     sync_folder,
     sync_tree,
+    take_back,
 )
 from gateway.node import ledger
 from gateway.node.bundles import open_to_dir
@@ -265,6 +268,13 @@ def _check_out_dir(out_dir: Path) -> Path:
     return target
 
 
+def _package_not_written(target: Path, exc: OSError) -> StorageError:
+    return StorageError(
+        f"cannot write the package into {target}: {exc.strerror or exc}; nothing was "
+        "disclosed or recorded"
+    )
+
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -425,6 +435,8 @@ def _stage_and_record(
             with node.db.transaction() as session:
                 _locate(session, node.node_id, ids)
             raise
+        except OSError as exc:  # the disk under the staging folder: nothing is recorded
+            raise _package_not_written(target, exc) from None
         return _decide_and_record(
             ctx, policy, actor, items, recipient, purpose, now, staged, target, deliver
         )
@@ -448,6 +460,7 @@ def _decide_and_record(
     node, keyring = ctx.node, ctx.keyring
     refused: Decision | None = None
     placed = False
+    empty_mode = empty_folder_mode(target)
     again = False
     try:
         with node.db.transaction() as session:
@@ -510,12 +523,16 @@ def _decide_and_record(
                     # Every name in the package durable before it is given its own (the
                     # items' folders were synced before the lock), and that one before
                     # the disclosure is recorded.
-                    sync_folder(staging)
-                    if target.exists():
-                        target.rmdir()  # empty, checked before; replaced by the staged folder
-                    staging.rename(target)
-                    placed = True
-                    sync_folder(target.parent)
+                    try:
+                        sync_folder(staging)
+                        if empty_mode is not None:
+                            target.rmdir()  # empty, checked before; put back on a failure
+                            placed = True
+                        staging.rename(target)
+                        placed = True
+                        sync_folder(target.parent)
+                    except OSError as exc:
+                        raise _package_not_written(target, exc) from None
                     # What stays on this node is tracked for the retention of decrypted
                     # outputs; the package handed to the recipient is the recipient's.
                     record_outputs(
@@ -544,8 +561,8 @@ def _decide_and_record(
                         decision=decision,
                     )
     except BaseException:
-        if placed:
-            shutil.rmtree(target, ignore_errors=True)
+        if placed:  # the package, or the empty folder it was to replace
+            take_back(target, empty_mode=empty_mode)
         raise
     if again:
         # Straight to the files: the locked decision allowed it, and the first look
