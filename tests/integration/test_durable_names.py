@@ -25,7 +25,7 @@ from gateway.client.files import receive_files
 from gateway.client.framing import END_MEMBER
 from gateway.errors import InvalidInput, StorageError
 from gateway.files import make_private_folders, sync_tree
-from gateway.node.backup import make_backup, restore_backup
+from gateway.node.backup import restore_backup
 from gateway.node.consent import disclosure as consent_disclosure
 from gateway.node.context import NodeContext
 from gateway.node.inbox import read_bundle
@@ -33,7 +33,9 @@ from gateway.node.ledger.read import list_entries
 from gateway.node.outbox import send_case
 from gateway.node.runtime import utc_now
 from gateway.node.setup import init_node
-from gateway.settings import CONFIG_FILE, load_settings
+from gateway.settings import CONFIG_FILE
+from tests.e2e.test_backup_restore import PASSPHRASE as BACKUP_TEXT
+from tests.e2e.test_backup_restore import _made as backed_up
 from tests.exchange_pair import (
     Pair,
     example,
@@ -41,6 +43,7 @@ from tests.exchange_pair import (
 )
 
 PASSPHRASE = "correct horse battery staple for durable names"
+BACKUP_PASSPHRASE = BACKUP_TEXT.encode()
 
 
 class FolderSyncs:
@@ -232,20 +235,10 @@ def test_a_new_home_is_named_durably(tmp_path: Path, folder_syncs: FolderSyncs) 
 
 
 def test_a_restored_home_is_named_durably(tmp_path: Path, folder_syncs: FolderSyncs) -> None:
-    environ = {"GATEWAY_PASSPHRASE": PASSPHRASE, "GATEWAY_KEYSTORE_STRENGTH": "min"}
-    home = tmp_path / "pk"
-    init_node(home, "pk", now=utc_now(), environ=environ)
-    archive = tmp_path / "pk.gwbackup"
-    make_backup(
-        load_settings(home, environ={}),
-        passphrase=PASSPHRASE.encode(),
-        out=archive,
-        now=utc_now(),
-        environ=environ,
-    )
+    archive = backed_up(tmp_path, "pk").archive
     assert folder_syncs.named(archive)
     restored = tmp_path / "restored"
-    restore_backup(archive, restored, passphrase=PASSPHRASE.encode(), db_url=None)
+    restore_backup(archive, restored, passphrase=BACKUP_PASSPHRASE, db_url=None)
     for path in (restored, restored / CONFIG_FILE, restored / "keys", restored / "data"):
         assert folder_syncs.named(path), path
     assert folder_syncs.named(restored / "data" / "gateway.sqlite3")
@@ -253,7 +246,7 @@ def test_a_restored_home_is_named_durably(tmp_path: Path, folder_syncs: FolderSy
     # A SQLite file given with --db, in folders the restore makes.
     database = tmp_path / "databases" / "made" / "pk.sqlite3"
     restore_backup(
-        archive, tmp_path / "other", passphrase=PASSPHRASE.encode(), db_url=f"sqlite:///{database}"
+        archive, tmp_path / "other", passphrase=BACKUP_PASSPHRASE, db_url=f"sqlite:///{database}"
     )
     for path in (database, database.parent, database.parent.parent):
         assert folder_syncs.named(path), path
@@ -263,30 +256,21 @@ def test_a_restored_home_is_named_durably(tmp_path: Path, folder_syncs: FolderSy
 def test_a_restore_whose_home_cannot_be_named_durably_leaves_nothing(
     tmp_path: Path, folder_syncs: FolderSyncs
 ) -> None:
-    environ = {"GATEWAY_PASSPHRASE": PASSPHRASE, "GATEWAY_KEYSTORE_STRENGTH": "min"}
-    init_node(tmp_path / "pk", "pk", now=utc_now(), environ=environ)
-    archive = tmp_path / "pk.gwbackup"
-    make_backup(
-        load_settings(tmp_path / "pk", environ={}),
-        passphrase=PASSPHRASE.encode(),
-        out=archive,
-        now=utc_now(),
-        environ=environ,
-    )
+    archive = backed_up(tmp_path, "pk").archive
     target = tmp_path / "target"
     target.mkdir()
     database = tmp_path / "databases" / "made" / "pk.sqlite3"
     folder_syncs.fail(target)
     with pytest.raises(StorageError, match=r"Input/output error.*nothing was restored"):
         restore_backup(
-            archive, target / "pk", passphrase=PASSPHRASE.encode(), db_url=f"sqlite:///{database}"
+            archive, target / "pk", passphrase=BACKUP_PASSPHRASE, db_url=f"sqlite:///{database}"
         )
     assert list(target.iterdir()) == []
     assert not (tmp_path / "databases").exists()  # the folders made for it too
     # Into an empty folder of the user's: the folder is there again, empty, as it was.
     (target / "pk").mkdir(mode=0o750)
     with pytest.raises(StorageError, match="nothing was restored"):
-        restore_backup(archive, target / "pk", passphrase=PASSPHRASE.encode(), db_url=None)
+        restore_backup(archive, target / "pk", passphrase=BACKUP_PASSPHRASE, db_url=None)
     assert [p.name for p in target.iterdir()] == ["pk"]
     assert list((target / "pk").iterdir()) == []
     assert stat.S_IMODE((target / "pk").stat().st_mode) == 0o750
