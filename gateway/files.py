@@ -96,7 +96,7 @@ def remove_made_folders(made: Iterable[Path]) -> None:
 
 def empty_folder_mode(path: Path) -> int | None:
     """The permission bits of ``path`` if it is a folder (not a link) now, else None:
-    what :func:`take_back` puts back when a placement over that empty folder fails."""
+    what :func:`take_back` puts back when a placement over that (empty) folder fails."""
     try:
         info = path.lstat()
     except FileNotFoundError:
@@ -104,11 +104,14 @@ def empty_folder_mode(path: Path) -> int | None:
     return stat.S_IMODE(info.st_mode) if stat.S_ISDIR(info.st_mode) else None
 
 
-def take_back(path: Path, *, empty_mode: int | None) -> None:
-    """Remove what a step that then failed placed at ``path``, and put back the empty
-    folder that was there before it (``empty_mode``, from :func:`empty_folder_mode`)."""
-    shutil.rmtree(path, ignore_errors=True)
-    if empty_mode is not None:
+def take_back(path: Path, *, placed: bool, empty_mode: int | None) -> None:
+    """Undo a placement at ``path`` that failed: remove what it put there (``placed``:
+    only once its rename succeeded, so nothing another process made is touched), and
+    put back the empty folder that was there before it (``empty_mode``, from
+    :func:`empty_folder_mode`) unless something else has taken the name meanwhile."""
+    if placed:
+        shutil.rmtree(path, ignore_errors=True)
+    if empty_mode is not None and not os.path.lexists(path):
         with contextlib.suppress(OSError):
             path.mkdir(mode=empty_mode)
             path.chmod(empty_mode)

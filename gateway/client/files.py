@@ -218,8 +218,8 @@ def _place(staging: Path, out_dir: Path, names: list[str]) -> dict[str, Path]:
             renamed = True
             sync_folder(target.parent)
         except OSError as exc:
-            if removed or renamed:
-                take_back(target, empty_mode=empty_mode)  # the user's empty folder stays
+            if removed or renamed:  # the user's empty folder stays
+                take_back(target, placed=renamed, empty_mode=empty_mode)
             raise _not_written(target, exc) from None
         return {name: target / name for name in names}
     # An existing folder with files of its own (``show --out``): add, never overwrite.

@@ -800,8 +800,8 @@ def _restore_from(
 def _put_back(home: Path, home_mode: int | None, made: list[Path]) -> None:
     """After an undo: the empty home folder the restore found (it was replaced), and
     no folder the restore made for a SQLite file."""
-    if home_mode is not None and not home.exists():
-        take_back(home, empty_mode=home_mode)
+    if home_mode is not None:
+        take_back(home, placed=False, empty_mode=home_mode)  # the undo removed the placed one
     remove_made_folders(made)
 
 

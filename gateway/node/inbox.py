@@ -560,13 +560,13 @@ def read_bundle(
         if out_dir is not None:
             case_path = safe_output_path(out_dir, f"{header.bundle_id}.json")
             with create_private_file(case_path) as out:
+                written.append(case_path)  # removed with the rest if anything fails
                 out.write(canonical_bytes(opened.case_data))
                 if track_outputs:
                     try:
                         sync_file(out)
                     except OSError as exc:
                         raise _output_not_written(out_dir, exc) from None
-            written.append(case_path)
             for tmp, info in temps:
                 target = safe_output_path(out_dir, info.name)
                 tmp.rename(target)

@@ -195,7 +195,8 @@ def init_node(
             "insecure_http": True if insecure_http else None,
         }
         if tls is not None:
-            made_paths.append(home / TLS_DIR)
+            if not (home / TLS_DIR).exists():
+                made_paths.append(home / TLS_DIR)  # never the user's own folder
             server |= _install_tls(home, tls)
         config_path = write_config(
             home,
@@ -267,6 +268,10 @@ def init_node(
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
+        if isinstance(exc, FileExistsError):
+            raise AlreadyExists(
+                f"{exc.filename} exists already; init never overwrites a file"
+            ) from None
         if isinstance(exc, OSError):  # the disk or the file system, not a bug
             where = f" ({exc.filename})" if exc.filename else ""
             raise StorageError(

@@ -23,7 +23,7 @@ import pytest
 from gateway.cli.ledger_cmd import _write_new_file
 from gateway.client.files import receive_files
 from gateway.client.framing import END_MEMBER
-from gateway.errors import InvalidInput, StorageError
+from gateway.errors import AlreadyExists, InvalidInput, StorageError
 from gateway.files import make_private_folders, sync_tree
 from gateway.node.backup import restore_backup
 from gateway.node.consent import disclosure as consent_disclosure
@@ -32,7 +32,7 @@ from gateway.node.inbox import read_bundle
 from gateway.node.ledger.read import list_entries
 from gateway.node.outbox import send_case
 from gateway.node.runtime import utc_now
-from gateway.node.setup import init_node
+from gateway.node.setup import TlsFiles, init_node
 from gateway.settings import CONFIG_FILE
 from tests.e2e.test_backup_restore import PASSPHRASE as BACKUP_TEXT
 from tests.e2e.test_backup_restore import _made as backed_up
@@ -56,6 +56,7 @@ class FolderSyncs:
         self.order: list[tuple[int, int]] = []
         self.files: set[tuple[int, int]] = set()
         self._failing: set[tuple[int, int]] = set()
+        self._failing_files_in: set[tuple[int, int]] = set()
 
     def __call__(self, fd: int) -> None:
         info = os.fstat(fd)
@@ -67,11 +68,18 @@ class FolderSyncs:
                 raise OSError(errno.EIO, os.strerror(errno.EIO))
         else:
             self.files.add(key)
+            folder = os.stat(Path(os.readlink(f"/proc/self/fd/{fd}")).parent)
+            if (folder.st_dev, folder.st_ino) in self._failing_files_in:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
         self._real(fd)
 
     def fail(self, folder: Path) -> None:
         info = os.stat(folder)
         self._failing.add((info.st_dev, info.st_ino))
+
+    def fail_files_in(self, folder: Path) -> None:
+        info = os.stat(folder)
+        self._failing_files_in.add((info.st_dev, info.st_ino))
 
     def named(self, path: Path) -> bool:
         """True if ``path``'s folder was synced while it held ``path``'s name."""
@@ -225,6 +233,23 @@ def test_init_into_a_folder_with_files_of_its_own_syncs_only_what_it_made(
         assert folder_syncs.named(path), path
 
 
+def test_init_never_overwrites_nor_removes_tls_files_of_the_users(tmp_path: Path) -> None:
+    home = tmp_path / "jp"
+    (home / "keys" / "tls").mkdir(parents=True)
+    (home / "keys" / "tls" / "node.crt").write_bytes(b"the user's own")
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "cert.pem").write_bytes(b"cert")
+    (source / "key.pem").write_bytes(b"key")
+    environ = {"GATEWAY_PASSPHRASE": PASSPHRASE, "GATEWAY_KEYSTORE_STRENGTH": "min"}
+    with pytest.raises(AlreadyExists, match=r"node\.crt exists already"):
+        init_node(
+            home, "jp", now=utc_now(), environ=environ,
+            tls=TlsFiles(source / "cert.pem", source / "key.pem"),
+        )  # fmt: skip
+    assert (home / "keys" / "tls" / "node.crt").read_bytes() == b"the user's own"
+
+
 def test_a_new_home_is_named_durably(tmp_path: Path, folder_syncs: FolderSyncs) -> None:
     home = tmp_path / "made" / "above" / "jp"
     environ = {"GATEWAY_PASSPHRASE": PASSPHRASE, "GATEWAY_KEYSTORE_STRENGTH": "min"}
@@ -334,3 +359,12 @@ def test_a_disclosure_whose_package_cannot_be_named_durably_records_nothing(
         kinds = {entry.kind.value for entry in list_entries(session)}
     assert "internal-share" not in kinds
     assert "disclosure-made" not in kinds
+    # A shown case whose file cannot be synced is not left behind, nor recorded as read.
+    shown = tmp_path / "shown"
+    shown.mkdir()
+    folder_syncs.fail_files_in(shown)
+    with pytest.raises(StorageError, match="nothing was kept or recorded"):
+        read_bundle(ctx, pair.pk.officer, sent.bundle_id, out_dir=shown, now=utc_now())
+    assert list(shown.iterdir()) == []
+    with ctx.node.db.transaction() as session:
+        assert "bundle-read" not in {entry.kind.value for entry in list_entries(session)}

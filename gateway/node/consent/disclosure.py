@@ -459,7 +459,7 @@ def _decide_and_record(
 ) -> DisclosureResult:
     node, keyring = ctx.node, ctx.keyring
     refused: Decision | None = None
-    placed = False
+    placed = removed = False
     empty_mode = empty_folder_mode(target)
     again = False
     try:
@@ -527,7 +527,7 @@ def _decide_and_record(
                         sync_folder(staging)
                         if empty_mode is not None:
                             target.rmdir()  # empty, checked before; put back on a failure
-                            placed = True
+                            removed = True
                         staging.rename(target)
                         placed = True
                         sync_folder(target.parent)
@@ -561,8 +561,8 @@ def _decide_and_record(
                         decision=decision,
                     )
     except BaseException:
-        if placed:  # the package, or the empty folder it was to replace
-            take_back(target, empty_mode=empty_mode)
+        if placed or removed:  # the package, and the empty folder it was to replace
+            take_back(target, placed=placed, empty_mode=empty_mode)
         raise
     if again:
         # Straight to the files: the locked decision allowed it, and the first look
