@@ -15,7 +15,6 @@ that already holds ``policy.toml`` is used as it is.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tomllib
 from datetime import datetime
@@ -27,7 +26,7 @@ from sqlalchemy.orm import Session
 import gateway
 from gateway.core.policy import Policy
 from gateway.errors import ConfigError
-from gateway.files import make_private_folders, sync_folder
+from gateway.files import make_private_folders, sync_file, sync_folder
 from gateway.node.setup import InitResult, register_init_step
 from gateway.settings import Settings
 
@@ -132,7 +131,7 @@ def install_policies(target: Path, *, source: Path | None = None) -> list[Path]:
                 destination.chmod(0o644)
                 written.append(destination)
                 with destination.open("rb+") as copied:
-                    os.fsync(copied.fileno())
+                    sync_file(copied)
         sync_folder(target)
     except OSError as exc:
         for path in written:
